@@ -1,0 +1,35 @@
+# The two commands: `make run` and `make test`. Both bootstrap .venv first (`make install`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run migrate test lint bench clean
+
+install: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes; the stamp makes a second `make install` instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+migrate: install
+	$(VENV)/bin/alembic upgrade head
+
+run: migrate
+	$(VENV)/bin/mnist-service run
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,19 @@
+"""Time and identifiers shared by the API and the workers."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A 32-hex-digit id whose first 12 digits are the creation time in ms (ids sort by age)."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"

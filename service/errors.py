@@ -1,0 +1,67 @@
+"""Domain errors: each carries its HTTP status, and one handler turns them into one envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error a client can cause or should see; ``status_code`` is the HTTP status."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON body sent to the client."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+
+class NotFound(ServiceError):
+    """The resource does not exist."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The request does not fit the resource's current state."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidInput(ServiceError):
+    """The request is well-formed HTTP but its content is unusable."""
+
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body is larger than the service accepts."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The request body is of a kind the service does not read."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class LeaseLost(Exception):
+    """A worker's write was refused: another attempt (or a cancel) now owns the job."""
+
+
+class CancelRequested(Exception):
+    """The job was cancelled while its worker trained it."""

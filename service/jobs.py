@@ -1,0 +1,78 @@
+"""The jobs service layer: what the routes ask for, in domain terms, over the repository."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from service import repository
+from service.clock import utcnow
+from service.errors import Conflict
+from service.models import Job, JobStatus
+from service.schemas import EpochRead, JobCreate, JobList, JobRead, MetricsRead, StepRead
+
+
+def to_read(job: Job) -> JobRead:
+    """A job row as the API shows it."""
+    return JobRead(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        params=JobCreate(
+            epochs=job.epochs,
+            batch_size=job.batch_size,
+            learning_rate=job.learning_rate,
+            trainset_size=job.trainset_size,
+            testset_size=job.testset_size,
+            seed=job.seed,
+        ),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        epoch=job.epoch,
+        step=job.step,
+        total_steps=job.total_steps,
+        accuracy=job.accuracy,
+        device=job.device,
+        error=job.error,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        worker=job.worker_id,
+        heartbeat_at=job.heartbeat_at if job.status == JobStatus.RUNNING else None,
+    )
+
+
+def submit(session: Session, params: JobCreate, *, max_attempts: int) -> JobRead:
+    """Queue a training job."""
+    job = repository.create_job(session, params, max_attempts=max_attempts, now=utcnow())
+    session.commit()
+    return to_read(job)
+
+
+def list_page(session: Session, *, status: str | None, limit: int, cursor: str | None) -> JobList:
+    """A page of jobs, newest first."""
+    jobs, next_cursor = repository.list_jobs(session, status=status, limit=limit, cursor=cursor)
+    return JobList(jobs=[to_read(j) for j in jobs], next=next_cursor)
+
+
+def metrics(session: Session, job: Job, *, after_step: int, limit: int) -> MetricsRead:
+    """Steps after ``after_step`` and every epoch, read in one snapshot with the job's status.
+
+    The status is read first: if it says the job has ended, the steps read after it are all
+    there are, so a client that stops polling on a terminal status misses none.
+    """
+    steps = repository.read_steps(session, job.id, after_step=after_step, limit=limit)
+    return MetricsRead(
+        job_id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        steps=[StepRead(**s) for s in steps],
+        epochs=[EpochRead(**e) for e in repository.read_epochs(session, job.id)],
+        next_after_step=steps[-1]["step"] if steps else after_step,
+    )
+
+
+def cancel(session: Session, job: Job) -> JobRead:
+    """Cancel a queued job now, or ask a running job's worker to stop; 409 once it has ended."""
+    if job.status in JobStatus.TERMINAL:
+        raise Conflict(f"job {job.id} has already ended ({job.status}); nothing to cancel")
+    job = repository.request_cancel(session, job, now=utcnow())
+    session.commit()
+    return to_read(job)

@@ -1,0 +1,91 @@
+"""The model, MNIST's normalisation, devices and checkpoints: shared by training and predict."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+IMAGE_SIDE_PX = 28
+NUM_CLASSES = 10
+
+
+class SimpleMLP(nn.Module):
+    """The tutorial's model: Flatten → Linear(784, 100) → ReLU → Linear(100, 10), logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(IMAGE_SIDE_PX * IMAGE_SIDE_PX, 100),
+            nn.ReLU(),
+            nn.Linear(100, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalised 1×28×28 images."""
+        logits: torch.Tensor = self.net(x)
+        return logits
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N×28×28) → float32 N×1×28×28, exactly as ``ToTensor()`` + ``Normalize``.
+
+    ToTensor divides by 255 in float32; Normalize subtracts and divides by float32 tensors.
+    The same operations on the whole tensor give bit-identical values, image by image.
+    """
+    mean = torch.as_tensor(MNIST_MEAN, dtype=torch.float32, device=images.device)
+    std = torch.as_tensor(MNIST_STD, dtype=torch.float32, device=images.device)
+    x = images.to(torch.float32).div(255)
+    return x.sub_(mean).div_(std).unsqueeze(1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit name must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("MNIST_DEVICE=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("MNIST_DEVICE=mps but MPS is not available")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def checkpoint_path(checkpoint_dir: Path, job_id: str) -> Path:
+    """Where a job's weights live (the id is validated hex, never a path)."""
+    return checkpoint_dir / f"{job_id}.pt"
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write the state_dict atomically: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> SimpleMLP:
+    """A SimpleMLP in eval mode with the weights at ``path``, loaded without unpickling code."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    model = SimpleMLP().to(device)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,75 @@
+"""Jobs: submit, list, read, cancel, and their metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response, status
+
+from service import jobs
+from service.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
+from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, JobStatusName, MetricsRead
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorEnvelope, "description": "No job with this id."}
+}
+MAX_PAGE = 100
+MAX_STEPS_PAGE = 10_000
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses={422: {"model": ErrorEnvelope, "description": "A field is invalid."}},
+)
+def submit_job(
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    response: Response,
+    params: Annotated[JobCreate, Body()] = JobCreate(),  # noqa: B008 - an empty body means defaults
+) -> JobRead:
+    """Queue a training job; a worker picks it up. Poll ``Location`` or its metrics."""
+    job = jobs.submit(session, params, max_attempts=settings.max_attempts)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatusName | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobList:
+    """Jobs, newest first; pass ``next`` back as ``cursor`` for the following page."""
+    return jobs.list_page(session, status=status_, limit=limit, cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead, responses=NOT_FOUND)
+def get_job(job: JobDep) -> JobRead:
+    """One job."""
+    return jobs.to_read(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    responses={**NOT_FOUND, 409: {"model": ErrorEnvelope, "description": "Already ended."}},
+)
+def cancel_job(job: JobForUpdateDep, session: WriteSessionDep) -> JobRead:
+    """Cancel: a queued job at once; a running one within about a second."""
+    return jobs.cancel(session, job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsRead, responses=NOT_FOUND)
+def get_metrics(
+    job: JobDep,
+    session: SessionDep,
+    after_step: Annotated[int, Query(ge=0, description="Only steps numbered above this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = 1000,
+) -> MetricsRead:
+    """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
+    return jobs.metrics(session, job, after_step=after_step, limit=limit)

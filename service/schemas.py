@@ -1,0 +1,124 @@
+"""Pydantic request and response models: the API's contract with its clients."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+MAX_SEED = 2**63 - 1
+
+
+class JobCreate(BaseModel):
+    """The body of ``POST /jobs``: every field optional, the tutorial's values by default."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"epochs": 3, "batch_size": 64, "seed": 42}]},
+    )
+
+    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training set.")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Images per optimiser step.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1, description="Adam's learning rate.")
+    trainset_size: int = Field(
+        default=10_000, ge=1, le=60_000, description="The first N images of MNIST's train split."
+    )
+    testset_size: int = Field(
+        default=1_000, ge=1, le=10_000, description="The first N images of MNIST's test split."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Makes the run reproducible (same seed and parameters, same losses on CPU).",
+    )
+
+
+class JobRead(BaseModel):
+    """A job as clients see it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: JobStatusName
+    params: JobCreate
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    epoch: int = Field(description="Epochs finished.")
+    step: int = Field(description="Training steps finished.")
+    total_steps: int
+    accuracy: float | None = Field(description="The latest validation accuracy.")
+    device: str | None = Field(description="Where the job ran, e.g. cpu or cuda:0.")
+    error: str | None
+    attempt: int
+    max_attempts: int
+    worker: str | None = Field(description="The worker holding (or that last held) the job.")
+    heartbeat_at: datetime | None
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first; pass ``next`` as ``cursor`` for the following page."""
+
+    jobs: list[JobRead]
+    next: str | None
+
+
+class StepRead(BaseModel):
+    """The loss of one training step."""
+
+    step: int
+    epoch: int
+    loss: float
+    examples_seen: int
+
+
+class EpochRead(BaseModel):
+    """The test accuracy after one epoch."""
+
+    epoch: int
+    accuracy: float
+    examples_seen: int
+
+
+class MetricsRead(BaseModel):
+    """Steps after ``after_step`` (in order, at most ``limit``) and every finished epoch."""
+
+    job_id: str
+    status: JobStatusName
+    steps: list[StepRead]
+    epochs: list[EpochRead]
+    next_after_step: int = Field(description="Pass as after_step to get only newer steps.")
+
+
+class Prediction(BaseModel):
+    """The digit a model sees in an image."""
+
+    digit: int = Field(ge=0, le=9)
+    probabilities: list[float] = Field(min_length=10, max_length=10)
+    job_id: str
+
+
+class ErrorBody(BaseModel):
+    """What went wrong, for people and for programs."""
+
+    code: str
+    message: str
+    details: list[dict[str, object]] | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    """Liveness."""
+
+    status: Literal["ok"]

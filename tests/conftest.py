@@ -1,0 +1,127 @@
+"""Fixtures: migrated databases (SQLite always, PostgreSQL when configured), MNIST data."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from alembic import command
+from service.db import make_engine, make_sessionmaker
+from tests.support import REPO_ROOT, make_small_mnist
+
+POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"
+DATA_ENV = "MNIST_DATA_DIR"
+TABLES = ("train_steps", "epoch_metrics", "jobs")
+
+
+def migrate(url: str) -> None:
+    """Build the schema the only way the app knows: ``alembic upgrade head``."""
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite file migrated to head per test session; tests get copies of it."""
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database migrated to head, dropped after the session."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(
+            f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )
+    name = f"mnist_test_{secrets.token_hex(4)}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means: no server here
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {exc}")
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> Iterator[str]:
+    """A migrated, empty database of each backend; emptied again after the test."""
+    if request.param == "sqlite":
+        path = tmp_path / "mnist.db"
+        shutil.copy(sqlite_template, path)
+        yield f"sqlite:///{path}"
+        return
+    url: str = request.getfixturevalue("postgres_url")
+    yield url
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A migrated, empty SQLite database for tests that need only one backend."""
+    path = tmp_path / "mnist.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on :func:`db_url`."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    """Write sessions on :func:`db_url`."""
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated MNIST (640 train, 200 test images of a learnable pattern) for fast tests."""
+    return make_small_mnist(tmp_path_factory.mktemp("small-mnist"))
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    """The official MNIST files named by MNIST_DATA_DIR; skips with the reason when unset."""
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        pytest.skip(f"real-data test: set {DATA_ENV} to the folder holding MNIST/raw (CI does)")
+    root = Path(value).resolve()
+    raw = root / "MNIST" / "raw"
+    missing = [
+        f
+        for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte")
+        if not (raw / f).exists()
+    ]
+    if missing:
+        pytest.skip(f"real-data test: {DATA_ENV}={value} lacks MNIST/raw/{', '.join(missing)}")
+    return root

@@ -1,0 +1,103 @@
+"""The model, the fast normalisation, devices and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from service.ml import (
+    MNIST_MEAN,
+    MNIST_STD,
+    SimpleMLP,
+    load_model,
+    normalize_uint8,
+    resolve_device,
+    save_checkpoint,
+)
+
+TUTORIAL_TRANSFORM = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+)
+
+
+def assert_matches_tutorial_transform(root: Path, *, train: bool, count: int) -> None:
+    reference = MNIST(str(root), train=train, download=False, transform=TUTORIAL_TRANSFORM)
+    expected = torch.stack([reference[i][0] for i in range(count)])
+    fast = normalize_uint8(reference.data[:count])
+    torch.testing.assert_close(fast, expected)
+    assert torch.equal(fast, expected)  # not only close: bit for bit
+
+
+def test_simple_mlp_is_the_tutorials_model() -> None:
+    layers = list(SimpleMLP().net)
+    assert [type(m) for m in layers] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    first, last = layers[1], layers[3]
+    assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+    assert (first.in_features, first.out_features) == (784, 100)
+    assert (last.in_features, last.out_features) == (100, 10)
+    assert SimpleMLP()(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_fast_path_equals_the_tutorial_transform_on_generated_images(small_mnist: Path) -> None:
+    assert_matches_tutorial_transform(small_mnist, train=True, count=640)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+def test_fast_path_equals_the_tutorial_transform_on_real_mnist(
+    real_mnist: Path, train: bool
+) -> None:
+    assert_matches_tutorial_transform(real_mnist, train=train, count=3000)
+
+
+def test_checkpoints_round_trip_without_unpickling_code(tmp_path: Path) -> None:
+    model = SimpleMLP()
+    path = tmp_path / "ckpt" / "job.pt"
+    save_checkpoint(model, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["job.pt"]  # no temporary left over
+    loaded = load_model(path)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert not loaded.training
+
+
+def test_a_checkpoint_with_code_in_it_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"net.1.weight": torch.zeros(1), "hook": print}, path)
+    with pytest.raises(Exception, match=r"(?i)weights_only|unsupported global"):
+        load_model(path)
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "job.pt"
+    first = SimpleMLP()
+    save_checkpoint(first, path)
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(SimpleMLP(), path)
+    monkeypatch.undo()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(load_model(path)(x), first(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["job.pt"]
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    if torch.cuda.is_available():
+        assert auto.type == "cuda"
+    elif not torch.backends.mps.is_available():
+        assert auto == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -1,0 +1,126 @@
+"""Helpers the tests share: synthetic MNIST files, waiting on conditions, running processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+SMALL_TRAIN = 640
+SMALL_TEST = 200
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable 28×28 uint8 images: digit d is a bright bar at row band d, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for i, d in enumerate(labels):
+        top = 2 + 2 * int(d)
+        images[i, top : top + 3, 4:24] = rng.integers(200, 256, size=(3, 20), dtype=np.uint8)
+    return images, labels
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    """MNIST's IDX3 format: magic 2051, count, rows, cols, then the bytes."""
+    n, rows, cols = images.shape
+    path.write_bytes(struct.pack(">IIII", 2051, n, rows, cols) + images.tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    """MNIST's IDX1 format: magic 2049, count, then the bytes."""
+    path.write_bytes(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+
+
+def make_small_mnist(root: Path) -> Path:
+    """A small MNIST in torchvision's layout (root/MNIST/raw), readable with download=False."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", SMALL_TRAIN, 1), ("t10k", SMALL_TEST, 2)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def wait_for(
+    probe: Callable[[], T | None], *, timeout_s: float, what: str, every_s: float = 0.05
+) -> T:
+    """Poll ``probe`` until it returns something other than None/False, or fail after a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value not in (None, False):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    """The environment for a service process: MNIST_* settings, never downloading."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+    env.update({"MNIST_DOWNLOAD": "false", "PYTHONUNBUFFERED": "1"})
+    env.update({f"MNIST_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@contextmanager
+def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
+    """A real uvicorn serving the app (``python -m service``); yields a client for it."""
+    port = free_port()
+    env = {**env, "MNIST_PORT": str(port), "MNIST_HOST": "127.0.0.1"}
+    with (
+        process(["-m", "service"], env, log) as proc,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+    ):
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"API exited early:\n{log.read_text()}")
+            try:
+                return client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout_s=60, what="the API to answer /healthz")
+        yield client

@@ -1,0 +1,182 @@
+"""A worker in this process against a real migrated database (both backends)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository
+from service.clock import utcnow
+from service.errors import CancelRequested
+from service.models import Job, JobStatus
+from service.schemas import JobCreate
+from service.settings import Settings
+from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
+from workers.progress import Claim, Diverged, Reporter, Shutdown
+from workers.worker import Worker
+
+
+@pytest.fixture
+def settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=db_url,
+        data_dir=small_mnist,
+        download=False,
+        checkpoint_dir=tmp_path / "models",
+        device="cpu",
+        poll_interval_s=0.05,
+        flush_interval_s=0.05,
+    )
+
+
+def submit(sessions: sessionmaker[Session], **params: int | float) -> str:
+    defaults = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
+    job_params = JobCreate.model_validate({**defaults, **params})
+    with sessions.begin() as session:
+        job = repository.create_job(session, job_params, max_attempts=3, now=utcnow())
+        return job.id
+
+
+def read(sessions: sessionmaker[Session], job_id: str) -> Job:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_job_trains_and_records_every_step_and_epoch(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit(sessions, batch_size=50)
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+
+    job = read(sessions, job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.total_steps == 2 * 13 and job.step == job.total_steps and job.epoch == 2
+    assert job.device == "cpu" and job.attempt == 1 and job.finished_at is not None
+    with sessions() as session:
+        steps = repository.read_steps(session, job_id, after_step=0, limit=10_000)
+        epochs = repository.read_epochs(session, job_id)
+    assert [s["step"] for s in steps] == list(range(1, 27))
+    assert [s["epoch"] for s in steps] == [1] * 13 + [2] * 13
+    assert steps[0]["examples_seen"] == 50 and steps[12]["examples_seen"] == SMALL_TRAIN
+    assert steps[-1]["examples_seen"] == 2 * SMALL_TRAIN
+    assert [(e["epoch"], e["examples_seen"]) for e in epochs] == [(1, 640), (2, 1280)]
+    assert job.accuracy == epochs[-1]["accuracy"] > 0.9
+    assert job.checkpoint is not None
+    assert (settings.checkpoint_dir / job.checkpoint).is_file()
+
+
+def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    bad = submit(sessions, trainset_size=60_000)
+    good = submit(sessions, epochs=1)
+    Worker(settings, sessions, show_progress=False).run(max_jobs=2)
+    failed = read(sessions, bad)
+    assert failed.status == JobStatus.FAILED
+    assert failed.error == "trainset_size is 60000 but the data set holds only 640 images"
+    assert read(sessions, good).status == JobStatus.SUCCEEDED
+
+
+def test_same_seed_gives_the_same_recorded_losses(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    ids = [submit(sessions, seed=123, epochs=1) for _ in range(2)]
+    Worker(settings, sessions, show_progress=False).run(max_jobs=2)
+    with sessions() as session:
+        a, b = (
+            [s["loss"] for s in repository.read_steps(session, i, after_step=0, limit=100)]
+            for i in ids
+        )
+    assert len(a) == 10 and a == b
+
+
+def test_a_running_job_stops_when_cancelled(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit(sessions, epochs=100, batch_size=8)
+    worker = Worker(settings, sessions, show_progress=False)
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1})
+    thread.start()
+    wait_for(lambda: read(sessions, job_id).step > 0, timeout_s=60, what="training to start")
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        repository.request_cancel(session, job, now=utcnow())
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    job = read(sessions, job_id)
+    assert job.status == JobStatus.CANCELLED
+    assert job.step < job.total_steps
+
+
+def test_a_stopping_worker_hands_its_job_back(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit(sessions, epochs=100, batch_size=8)
+    stop = threading.Event()
+    worker = Worker(settings, sessions, stop=stop, show_progress=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_for(lambda: read(sessions, job_id).step > 0, timeout_s=60, what="training to start")
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+
+
+def make_reporter(
+    sessions: sessionmaker[Session], stop: threading.Event | None = None
+) -> tuple[Reporter, str]:
+    job_id = submit(sessions, epochs=1, batch_size=64)
+    with sessions.begin() as session:
+        job = repository.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
+        assert job is not None
+    reporter = Reporter(
+        claim=Claim(job_id, 1, "w"),
+        params=JobCreate(epochs=1, batch_size=64, trainset_size=SMALL_TRAIN),
+        sessions=sessions,
+        lease_s=30,
+        flush_interval_s=3600,
+        stop=stop or threading.Event(),
+        show_progress=False,
+    )
+    return reporter, job_id
+
+
+def test_the_reporter_refuses_a_non_finite_loss(sessions: sessionmaker[Session]) -> None:
+    reporter, _ = make_reporter(sessions)
+    reporter.step(torch.tensor(2.3))
+    reporter.step(torch.tensor(float("nan")))
+    with pytest.raises(Diverged, match="loss is nan at step 2"):
+        reporter.flush()
+
+
+def test_the_reporter_writes_only_at_flushes(sessions: sessionmaker[Session]) -> None:
+    reporter, job_id = make_reporter(sessions)
+    for _ in range(5):
+        reporter.step(torch.tensor(1.0))
+    assert read(sessions, job_id).step == 0  # buffered, nothing written yet
+    reporter.flush()
+    assert read(sessions, job_id).step == 5
+
+
+def test_the_reporter_raises_on_cancel_and_on_shutdown(sessions: sessionmaker[Session]) -> None:
+    stop = threading.Event()
+    reporter, job_id = make_reporter(sessions, stop)
+    stop.set()
+    with pytest.raises(Shutdown):
+        reporter.flush()
+    stop.clear()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        repository.request_cancel(session, job, now=utcnow())
+    with pytest.raises(CancelRequested):
+        reporter.flush()

@@ -1,0 +1,1 @@
+"""Worker processes: claim queued jobs from the database and train them."""

@@ -1,0 +1,49 @@
+"""``python -m workers``: one worker process with the service's settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+from service.db import make_engine, make_sessionmaker
+from service.settings import get_settings
+from workers.worker import Worker
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGINT/SIGTERM: stop claiming and hand the running job back. Second: exit now."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        logging.getLogger("workers").info("signal %d: stopping (again to exit at once)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker until signalled."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        Worker(settings, make_sessionmaker(engine), stop=stop).run()
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

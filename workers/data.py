@@ -1,0 +1,76 @@
+"""MNIST, decoded and normalised once per process and kept on the training device."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import MNIST
+
+from service.ml import normalize_uint8
+
+
+@dataclass(frozen=True)
+class Split:
+    """One MNIST split as tensors: normalised N×1×28×28 float32 images and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def first(self, n: int, what: str) -> Split:
+        """The first ``n`` examples; a clear error when the split holds fewer."""
+        if n > len(self.labels):
+            raise ValueError(f"{what} is {n} but the data set holds only {len(self.labels)} images")
+        return Split(self.images[:n], self.labels[:n])
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """Both splits, on one device."""
+
+    train: Split
+    test: Split
+
+
+_cache: dict[tuple[str, bool, str], Split] = {}
+_cache_lock = threading.Lock()
+
+
+def _read_split(root: Path, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        ds = MNIST(root=str(root), train=train, download=download)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"MNIST not found under {root}/MNIST/raw; set MNIST_DATA_DIR to the folder holding "
+            "MNIST/raw, or MNIST_DOWNLOAD=true to fetch it"
+        ) from exc
+    return ds.data, ds.targets
+
+
+def load_split(root: Path, *, train: bool, device: torch.device, download: bool) -> Split:
+    """One split, read and normalised on first use, then served from the process cache.
+
+    Normalisation runs on the CPU, exactly as the tutorial's per-image transform, before the
+    tensor moves to the device, so every device trains on identical inputs.
+    """
+    key = (str(root.resolve()), train, str(device))
+    with _cache_lock:
+        split = _cache.get(key)
+        if split is None:
+            images, labels = _read_split(root, train=train, download=download)
+            split = Split(
+                normalize_uint8(images).to(device),
+                labels.to(device=device, dtype=torch.int64),
+            )
+            _cache[key] = split
+    return split
+
+
+def load_mnist(root: Path, *, device: torch.device, download: bool) -> Mnist:
+    """Both splits of MNIST on ``device``."""
+    return Mnist(
+        train=load_split(root, train=True, device=device, download=download),
+        test=load_split(root, train=False, device=device, download=download),
+    )

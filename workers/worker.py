@@ -1,0 +1,186 @@
+"""The worker: claim → train → report, one job at a time, until asked to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository
+from service.clock import utcnow
+from service.errors import CancelRequested, LeaseLost
+from service.ml import checkpoint_path, resolve_device, save_checkpoint
+from service.models import Job, JobStatus
+from service.schemas import JobCreate
+from service.settings import Settings
+from workers.data import load_mnist
+from workers.progress import Claim, Diverged, LeaseKeeper, Reporter, Shutdown
+from workers.train import train
+
+log = logging.getLogger("workers")
+
+ERROR_MAX_CHARS = 2000
+
+
+def new_worker_id() -> str:
+    """host:pid:random, unique per worker process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def job_params(job: Job) -> JobCreate:
+    """The hyperparameters stored on a job row."""
+    return JobCreate(
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        learning_rate=job.learning_rate,
+        trainset_size=job.trainset_size,
+        testset_size=job.testset_size,
+        seed=job.seed,
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one claimed job ended, as far as this worker knows."""
+
+    job_id: str
+    status: str  # a terminal status, "released" or "lost"
+    flush_seconds: float = 0.0
+
+
+class Worker:
+    """Claims jobs from the database and trains them on one device."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        stop: threading.Event | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.stop = stop or threading.Event()
+        self.show_progress = show_progress
+        self.worker_id = new_worker_id()
+        self.device = resolve_device(settings.device)
+        if settings.torch_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(settings.torch_threads)
+
+    def run(self, *, max_jobs: int | None = None) -> None:
+        """Serve the queue until :attr:`stop` is set (or ``max_jobs`` jobs are done)."""
+        log.info("worker %s ready on %s", self.worker_id, self.device)
+        done = 0
+        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+            job = self.claim()
+            if job is None:
+                self.stop.wait(self.settings.poll_interval_s)
+                continue
+            self.run_job(job)
+            done += 1
+        log.info("worker %s stopped", self.worker_id)
+
+    def claim(self) -> Job | None:
+        """Take the oldest claimable job, or None."""
+        with self.sessions.begin() as session:
+            return repository.claim_job(
+                session,
+                worker_id=self.worker_id,
+                lease_s=self.settings.lease_s,
+                device=str(self.device),
+                now=utcnow(),
+            )
+
+    def run_job(self, job: Job) -> Outcome:
+        """Train a claimed job and record how it ended; never raises for the job's own faults."""
+        claim = Claim(job.id, job.attempt, self.worker_id)
+        params = job_params(job)
+        seed = job.seed if job.seed is not None else secrets.randbits(63)
+        log.info("job %s attempt %d: training %s on %s", job.id, job.attempt, params, self.device)
+        reporter = Reporter(
+            claim=claim,
+            params=params,
+            sessions=self.sessions,
+            lease_s=self.settings.lease_s,
+            flush_interval_s=self.settings.flush_interval_s,
+            stop=self.stop,
+            show_progress=self.show_progress,
+        )
+        keeper = LeaseKeeper(
+            reporter,
+            self.sessions,
+            heartbeat_s=self.settings.heartbeat_s,
+            lease_s=self.settings.lease_s,
+        )
+        keeper.start()
+        try:
+            data = load_mnist(
+                self.settings.data_dir, device=self.device, download=self.settings.download
+            )
+            model = train(params, data, self.device, seed, reporter)
+            path = checkpoint_path(self.settings.checkpoint_dir, f"{job.id}-{job.attempt}")
+            save_checkpoint(model, path)
+            return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=path.name)
+        except CancelRequested:
+            return self._finish(claim, JobStatus.CANCELLED, reporter)
+        except LeaseLost:
+            log.warning("job %s attempt %d: lease lost, stopping", job.id, job.attempt)
+            return Outcome(job.id, "lost", reporter.flush_seconds)
+        except Shutdown:
+            return self._release(claim, reporter)
+        except (Diverged, ValueError) as exc:
+            return self._finish(claim, JobStatus.FAILED, reporter, error=str(exc))
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            error = f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
+            return self._finish(claim, JobStatus.FAILED, reporter, error=error)
+        finally:
+            keeper.stop()
+            reporter.close()
+
+    def _finish(
+        self,
+        claim: Claim,
+        status: str,
+        reporter: Reporter,
+        *,
+        error: str | None = None,
+        checkpoint: str | None = None,
+    ) -> Outcome:
+        try:
+            with self.sessions.begin() as session:
+                repository.finish_job(
+                    session,
+                    job_id=claim.job_id,
+                    attempt=claim.attempt,
+                    worker_id=claim.worker_id,
+                    status=status,
+                    now=utcnow(),
+                    error=error,
+                    checkpoint=checkpoint,
+                )
+        except LeaseLost:
+            log.warning(
+                "job %s attempt %d: lease lost before it ended", claim.job_id, claim.attempt
+            )
+            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
+        log.info("job %s %s%s", claim.job_id, status, f": {error}" if error else "")
+        return Outcome(claim.job_id, status, reporter.flush_seconds)
+
+    def _release(self, claim: Claim, reporter: Reporter) -> Outcome:
+        try:
+            with self.sessions.begin() as session:
+                repository.release_job(
+                    session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
+                )
+        except LeaseLost:
+            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
+        log.info("job %s released back to the queue", claim.job_id)
+        return Outcome(claim.job_id, "released", reporter.flush_seconds)
