@@ -11,19 +11,25 @@ from service.models import Job, JobStatus
 from service.schemas import EpochRead, JobCreate, JobList, JobRead, MetricsRead, StepRead
 
 
+def params_of(job: Job) -> JobCreate:
+    """The hyperparameters stored on a job row."""
+    return JobCreate(
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        learning_rate=job.learning_rate,
+        trainset_size=job.trainset_size,
+        testset_size=job.testset_size,
+        seed=job.seed,
+        max_runtime_s=job.max_runtime_s,
+    )
+
+
 def to_read(job: Job) -> JobRead:
     """A job row as the API shows it."""
     return JobRead(
         id=job.id,
         status=job.status,  # type: ignore[arg-type]
-        params=JobCreate(
-            epochs=job.epochs,
-            batch_size=job.batch_size,
-            learning_rate=job.learning_rate,
-            trainset_size=job.trainset_size,
-            testset_size=job.testset_size,
-            seed=job.seed,
-        ),
+        params=params_of(job),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

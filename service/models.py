@@ -94,6 +94,10 @@ class Job(Base):
     device: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    max_runtime_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The last finished epoch's training state (model, optimizer, RNG): a retry resumes here.
+    resume_checkpoint: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    resume_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     # The queue: who holds the job, for which attempt, until when.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -131,3 +135,32 @@ class EpochMetric(Base):
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     accuracy: Mapped[float] = mapped_column(Float)
     examples_seen: Mapped[int] = mapped_column(Integer)
+
+
+class WorkerRow(Base):
+    """A worker process: where it runs, when it last spoke, what it is running."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True
+    )
+
+    __table_args__ = (Index("ix_workers_heartbeat_at", "heartbeat_at"),)
+
+
+class ModelAlias(Base):
+    """A name (e.g. ``production``) pointing at the model of one succeeded job."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

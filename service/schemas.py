@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 MAX_SEED = 2**63 - 1
+MAX_RUNTIME_S = 7 * 24 * 3600.0
 
 
 class JobCreate(BaseModel):
@@ -36,6 +37,12 @@ class JobCreate(BaseModel):
         ge=0,
         le=MAX_SEED,
         description="Makes the run reproducible (same seed and parameters, same losses on CPU).",
+    )
+    max_runtime_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_RUNTIME_S,
+        description="Fail the job when it has run this long (default: the server's limit).",
     )
 
 

@@ -20,7 +20,7 @@ from tests.support import REPO_ROOT, make_small_mnist
 
 POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"
 DATA_ENV = "MNIST_DATA_DIR"
-TABLES = ("train_steps", "epoch_metrics", "jobs")
+TABLES = ("train_steps", "epoch_metrics", "model_aliases", "workers", "jobs")
 
 
 def migrate(url: str) -> None:

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import repository
 from service.clock import utcnow
 from service.errors import CancelRequested, LeaseLost
+from service.jobs import params_of
 from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.models import Job, JobStatus
-from service.schemas import JobCreate
 from service.settings import Settings
 from workers.data import load_mnist
 from workers.progress import Claim, Diverged, LeaseKeeper, Reporter, Shutdown
@@ -31,18 +31,6 @@ ERROR_MAX_CHARS = 2000
 def new_worker_id() -> str:
     """host:pid:random, unique per worker process."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def job_params(job: Job) -> JobCreate:
-    """The hyperparameters stored on a job row."""
-    return JobCreate(
-        epochs=job.epochs,
-        batch_size=job.batch_size,
-        learning_rate=job.learning_rate,
-        trainset_size=job.trainset_size,
-        testset_size=job.testset_size,
-        seed=job.seed,
-    )
 
 
 @dataclass(frozen=True)
@@ -101,7 +89,7 @@ class Worker:
     def run_job(self, job: Job) -> Outcome:
         """Train a claimed job and record how it ended; never raises for the job's own faults."""
         claim = Claim(job.id, job.attempt, self.worker_id)
-        params = job_params(job)
+        params = params_of(job)
         seed = job.seed if job.seed is not None else secrets.randbits(63)
         log.info("job %s attempt %d: training %s on %s", job.id, job.attempt, params, self.device)
         reporter = Reporter(

@@ -19,6 +19,7 @@ DEFAULTS = {
     "trainset_size": 10000,
     "testset_size": 1000,
     "seed": None,
+    "max_runtime_s": None,
 }
 
 
