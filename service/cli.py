@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from service.settings import get_settings
 
-SHUTDOWN_GRACE_S = 10.0
-ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
+ALEMBIC_INI = "alembic.ini"
 
 
 def migrate() -> int:
@@ -22,16 +18,19 @@ def migrate() -> int:
 
     from alembic import command
 
-    command.upgrade(Config(str(ALEMBIC_INI)), "head")
+    # The project's alembic.ini: in the working folder (a container's /app), else the checkout.
+    ini = Path(ALEMBIC_INI)
+    if not ini.is_file():
+        ini = Path(__file__).resolve().parent.parent / ALEMBIC_INI
+    command.upgrade(Config(str(ini)), "head")
     return 0
 
 
 def run_all(workers: int) -> int:
     """Start the API and ``workers`` worker processes; Ctrl-C stops them all cleanly."""
+    from workers.supervisor import supervise
+
     settings = get_settings()
-    python = sys.executable
-    procs = [subprocess.Popen([python, "-m", "service"])]
-    procs += [subprocess.Popen([python, "-m", "workers"]) for _ in range(workers)]
     base = f"http://{settings.host}:{settings.port}"
     print(
         f"\nMNIST service: API {base}  docs {base}/docs  "
@@ -40,34 +39,7 @@ def run_all(workers: int) -> int:
         "  Ctrl-C stops the API and the worker.\n",
         flush=True,
     )
-    interrupted = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        while all(p.poll() is None for p in procs) and not interrupted:
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-    failed = [
-        p.returncode for p in procs if p.returncode not in (0, -signal.SIGINT, -signal.SIGTERM)
-    ]
-    return 0 if interrupted or not failed else 1
+    return supervise([["-m", "service"]] + [["-m", "workers"] for _ in range(workers)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="serve the API (python -m service)")
-    sub.add_parser("worker", help="run one worker (python -m workers)")
+    worker = sub.add_parser("worker", help="run workers (python -m workers)")
+    worker.add_argument("--concurrency", type=int, default=1, metavar="N", help="processes")
     sub.add_parser("migrate", help="alembic upgrade head")
     run = sub.add_parser("run", help="the API and workers together (what `make run` starts)")
     run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -88,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from workers.__main__ import main as worker_main
 
-        return worker_main()
+        return worker_main(["--concurrency", str(args.concurrency)])
     if args.command == "migrate":
         return migrate()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -67,20 +67,27 @@ def checkpoint_path(checkpoint_dir: Path, job_id: str) -> Path:
     return checkpoint_dir / f"{job_id}.pt"
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Write the state_dict atomically: a temporary file in the same folder, then rename."""
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous file or the new one, never a torn one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write the model's weights (a plain state_dict on the CPU) atomically."""
+    atomic_torch_save({k: v.detach().to("cpu") for k, v in model.state_dict().items()}, path)
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> SimpleMLP:

@@ -17,10 +17,11 @@ from typing import Any
 
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.clock import new_job_id
 from service.errors import InvalidInput, LeaseLost
-from service.models import EpochMetric, Job, JobStatus, TrainStep
+from service.models import EpochMetric, Job, JobStatus, TrainStep, WorkerRow
 from service.schemas import JobCreate
 
 
@@ -132,6 +133,11 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     return int(cancelled.rowcount or 0) + int(failed.rowcount or 0)  # type: ignore[attr-defined]
 
 
+def steps_per_epoch(job: Job) -> int:
+    """Optimiser steps in one epoch of ``job``."""
+    return math.ceil(job.trainset_size / job.batch_size)
+
+
 def claim_job(
     session: Session, *, worker_id: str, lease_s: float, device: str, now: datetime
 ) -> Job | None:
@@ -139,8 +145,11 @@ def claim_job(
 
     Claimable: queued, or running with an expired lease and attempts left. One UPDATE whose
     subquery picks the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's IMMEDIATE
-    transaction serialises claims), so two workers never take the same attempt. A retried job
-    starts over: an earlier attempt's metrics are removed in the same transaction.
+    transaction serialises claims), so two workers never take the same attempt.
+
+    A retried job resumes after its last finished epoch (``resume_epoch``, whose training state
+    an earlier attempt saved): the metrics past that point are removed in the same transaction,
+    so the series stays one consistent run with no duplicated and no missing steps.
     """
     expire_lost_jobs(session, now=now)
     claimable = and_(
@@ -167,19 +176,51 @@ def claim_job(
             started_at=now,
             heartbeat_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
-            epoch=0,
-            step=0,
-            accuracy=None,
             error=None,
         )
         .returning(Job)
         .execution_options(synchronize_session=False)
     )
     job = session.scalars(stmt).one_or_none()
-    if job is not None:
-        session.execute(delete(TrainStep).where(TrainStep.job_id == job.id))
-        session.execute(delete(EpochMetric).where(EpochMetric.job_id == job.id))
+    if job is None:
+        return None
+    rewind_to_epoch(session, job, job.resume_epoch)
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(job_id=job.id, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
     return job
+
+
+def rewind_to_epoch(session: Session, job: Job, epoch: int) -> None:
+    """Drop the metrics recorded after ``epoch`` and set the job's progress back to it."""
+    keep_steps = epoch * steps_per_epoch(job)
+    session.execute(
+        delete(TrainStep).where(TrainStep.job_id == job.id, TrainStep.step > keep_steps)
+    )
+    session.execute(
+        delete(EpochMetric).where(EpochMetric.job_id == job.id, EpochMetric.epoch > epoch)
+    )
+    accuracy = None
+    if epoch > 0:
+        accuracy = session.scalar(
+            select(EpochMetric.accuracy).where(
+                EpochMetric.job_id == job.id, EpochMetric.epoch == epoch
+            )
+        )
+    values: dict[str, Any] = {"step": keep_steps, "epoch": epoch, "accuracy": accuracy}
+    if epoch == 0:
+        values.update(resume_epoch=0, resume_checkpoint=None)
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    for key, value in values.items():
+        set_committed_value(job, key, value)
 
 
 def _fence(job_id: str, attempt: int, worker_id: str) -> Any:
@@ -200,6 +241,7 @@ class Progress:
     step: int
     epoch: int
     accuracy: float | None
+    resume_checkpoint: str | None = None  # saved with the state after ``epoch``
 
 
 def record_progress(
@@ -224,6 +266,9 @@ def record_progress(
     }
     if progress.accuracy is not None:
         values["accuracy"] = progress.accuracy
+    if progress.resume_checkpoint is not None:
+        values["resume_checkpoint"] = progress.resume_checkpoint
+        values["resume_epoch"] = progress.epoch
     row = session.execute(
         update(Job)
         .where(_fence(job_id, attempt, worker_id))
@@ -279,14 +324,17 @@ def finish_job(
     result = session.execute(
         update(Job)
         .where(_fence(job_id, attempt, worker_id))
-        .values(**values)
+        .values(**values, resume_checkpoint=None)
         .execution_options(synchronize_session=False)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
+    _worker_idle(session, worker_id, now)
 
 
-def release_job(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:
+def release_job(
+    session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime
+) -> None:
     """Give a running job back to the queue (a worker shutting down). Fenced.
 
     The attempt is not counted against ``max_attempts``: the worker left on purpose.
@@ -305,6 +353,15 @@ def release_job(session: Session, *, job_id: str, attempt: int, worker_id: str) 
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
+    _worker_idle(session, worker_id, now)
+
+
+def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:
+    """Start a retried job over (its saved training state is gone). Fenced."""
+    job = session.scalars(select(Job).where(_fence(job_id, attempt, worker_id))).one_or_none()
+    if job is None:
+        raise LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
+    rewind_to_epoch(session, job, 0)
 
 
 def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
@@ -326,6 +383,86 @@ def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
     )
     session.refresh(job)
     return job
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def register_worker(
+    session: Session, *, worker_id: str, host: str, pid: int, device: str, now: datetime
+) -> None:
+    """Record a worker process that has started."""
+    session.add(
+        WorkerRow(id=worker_id, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now)
+    )
+
+
+def _worker_idle(session: Session, worker_id: str, now: datetime) -> None:
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(job_id=None, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def worker_heartbeat(session: Session, *, worker_id: str, now: datetime) -> None:
+    """The worker process is alive."""
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def worker_stopped(session: Session, *, worker_id: str, now: datetime) -> None:
+    """The worker process has exited cleanly."""
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(stopped_at=now, job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def workers_on_host(session: Session, host: str) -> list[WorkerRow]:
+    """Workers on ``host`` that never said they stopped."""
+    stmt = select(WorkerRow).where(WorkerRow.host == host, WorkerRow.stopped_at.is_(None))
+    return list(session.scalars(stmt))
+
+
+def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> int:
+    """Mark a worker known to be dead as stopped and end its jobs' leases now; returns how many.
+
+    Its jobs become claimable at once (as retries) instead of after their leases run out.
+    """
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(stopped_at=now, job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(lease_expires_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[WorkerRow]:
+    """Workers that have not stopped and were heard from within one lease."""
+    stmt = (
+        select(WorkerRow)
+        .where(
+            WorkerRow.stopped_at.is_(None),
+            WorkerRow.heartbeat_at >= now - timedelta(seconds=lease_s),
+        )
+        .order_by(WorkerRow.started_at, WorkerRow.id)
+    )
+    return list(session.scalars(stmt))
 
 
 # --- metrics ---------------------------------------------------------------------------------

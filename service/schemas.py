@@ -129,3 +129,23 @@ class Health(BaseModel):
     """Liveness."""
 
     status: Literal["ok"]
+
+
+class WorkerRead(BaseModel):
+    """A live worker process and the job it is running (if any)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    host: str
+    pid: int
+    device: str
+    started_at: datetime
+    heartbeat_at: datetime
+    job_id: str | None
+
+
+class WorkerList(BaseModel):
+    """Workers heard from within one lease."""
+
+    workers: list[WorkerRead]

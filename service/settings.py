@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     torch_threads: int | None = Field(default=None, ge=1, le=256)
+    max_runtime_s: float | None = Field(
+        default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long a worker may take to finish the current epoch.",
+    )
 
     # API behaviour.
     model_cache_size: int = Field(default=8, ge=1, le=1024)

@@ -110,6 +110,12 @@ def small_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def medium_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated MNIST with 8,000 training images: jobs long enough to interrupt."""
+    return make_small_mnist(tmp_path_factory.mktemp("medium-mnist"), train=8000, test=200)
+
+
+@pytest.fixture(scope="session")
 def real_mnist() -> Path:
     """The official MNIST files named by MNIST_DATA_DIR; skips with the reason when unset."""
     value = os.environ.get(DATA_ENV)

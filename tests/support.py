@@ -45,11 +45,11 @@ def write_idx_labels(path: Path, labels: np.ndarray) -> None:
     path.write_bytes(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
 
 
-def make_small_mnist(root: Path) -> Path:
+def make_small_mnist(root: Path, train: int = SMALL_TRAIN, test: int = SMALL_TEST) -> Path:
     """A small MNIST in torchvision's layout (root/MNIST/raw), readable with download=False."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", SMALL_TRAIN, 1), ("t10k", SMALL_TEST, 2)):
+    for split, n, seed in (("train", train, 1), ("t10k", test, 2)):
         images, labels = synthetic_digits(n, seed)
         write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
@@ -63,7 +63,7 @@ def wait_for(
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()
-        if value not in (None, False):
+        if value is not None and value is not False:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

@@ -1,7 +1,8 @@
-"""``python -m workers``: one worker process with the service's settings."""
+"""``python -m workers``: worker processes with the service's settings."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from types import FrameType
 
 from service.db import make_engine, make_sessionmaker
 from service.settings import get_settings
+from workers.supervisor import supervise
 from workers.worker import Worker
 
 
@@ -28,7 +30,20 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one worker until signalled."""
+    """Run one worker until signalled, or ``--concurrency N`` worker processes."""
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the queue (default 1)",
+    )
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if args.concurrency > 1:
+        return supervise([["-m", "workers"] for _ in range(args.concurrency)])
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from service import repository
 from service.clock import utcnow
-from service.errors import CancelRequested, LeaseLost
+from service.errors import CancelRequested
 from service.schemas import JobCreate
+from workers.resume import TrainingState, resume_path
 
 
 class Shutdown(Exception):
@@ -31,6 +33,10 @@ class Shutdown(Exception):
 
 class Diverged(Exception):
     """A step's loss was not finite; training cannot meaningfully go on."""
+
+
+class RuntimeLimitExceeded(Exception):
+    """The job ran longer than its ``max_runtime_s``."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,16 @@ class Claim:
     worker_id: str
 
 
+@dataclass(frozen=True)
+class Limits:
+    """When a worker stops a job on its own account."""
+
+    lease_s: float
+    flush_interval_s: float
+    max_runtime_s: float | None = None  # fail the job past this
+    shutdown_grace_s: float = 30.0  # after a stop request, finish the epoch within this
+
+
 class Reporter:
     """Turns the loop's ``step``/``epoch`` calls into database rows and a tqdm bar."""
 
@@ -51,18 +67,18 @@ class Reporter:
         claim: Claim,
         params: JobCreate,
         sessions: sessionmaker[Session],
-        lease_s: float,
-        flush_interval_s: float,
+        limits: Limits,
         stop: threading.Event,
+        checkpoint_dir: Path,
         show_progress: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.claim = claim
         self._params = params
         self._sessions = sessions
-        self._lease_s = lease_s
-        self._flush_interval_s = flush_interval_s
+        self._limits = limits
         self._stop = stop
+        self._checkpoint_dir = checkpoint_dir
         self._clock = clock
         self._show_progress = show_progress
         self.steps_per_epoch = math.ceil(params.trainset_size / params.batch_size)
@@ -73,11 +89,20 @@ class Reporter:
         self._epoch = 0
         self._accuracy: float | None = None
         self._epoch_rows: list[dict[str, Any]] = []
-        self._next_flush = clock() + flush_interval_s
-        self.last_renewal = clock()
+        self._resume_file: str | None = None
+        self._started = clock()
+        self._stop_seen_at: float | None = None
+        self._next_flush = self._started + limits.flush_interval_s
+        self.last_renewal = self._started
         self.flush_seconds = 0.0  # time spent in flushes: what persistence costs the job
         self._bar: tqdm[Any] | None = None
         self._last_loss: float | None = None
+
+    def resume_at(self, epoch: int, accuracy: float | None) -> None:
+        """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
+        self._epoch = epoch
+        self._step = self._flushed_step = epoch * self.steps_per_epoch
+        self._accuracy = accuracy
 
     # --- called by the training loop ---------------------------------------------------------
 
@@ -90,17 +115,27 @@ class Reporter:
         if self._clock() >= self._next_flush:
             self.flush()
 
-    def epoch(self, epoch: int, accuracy: float) -> None:
-        """Record an epoch's accuracy and flush at once, so clients see it promptly."""
+    def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
+        """Record an epoch's accuracy (and the state to resume from) and flush at once.
+
+        A stop request waits for this point, so the job goes back to the queue with its
+        finished epochs kept.
+        """
         self._epoch = epoch
         self._accuracy = accuracy
         self._epoch_rows.append(
             {"epoch": epoch, "accuracy": accuracy, "examples_seen": self.examples_seen(self._step)}
         )
+        if epoch < self._params.epochs:
+            path = resume_path(self._checkpoint_dir, self.claim.job_id, self.claim.attempt)
+            state.save(path, epoch)
+            self._resume_file = path.name
         self.flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._stop.is_set() and epoch < self._params.epochs:
+            raise Shutdown("worker is shutting down; the job resumes after this epoch")
 
     # --- bookkeeping -------------------------------------------------------------------------
 
@@ -140,7 +175,12 @@ class Reporter:
         rows = self._step_rows()
         epochs, self._epoch_rows = self._epoch_rows, []
         progress = repository.Progress(
-            steps=rows, epochs=epochs, step=self._step, epoch=self._epoch, accuracy=self._accuracy
+            steps=rows,
+            epochs=epochs,
+            step=self._step,
+            epoch=self._epoch,
+            accuracy=self._accuracy,
+            resume_checkpoint=self._resume_file if epochs else None,
         )
         with self._sessions.begin() as session:
             cancel = repository.record_progress(
@@ -149,21 +189,30 @@ class Reporter:
                 attempt=self.claim.attempt,
                 worker_id=self.claim.worker_id,
                 progress=progress,
-                lease_s=self._lease_s,
+                lease_s=self._limits.lease_s,
                 now=utcnow(),
             )
         self._flushed_step = self._step
         now = self._clock()
         self.last_renewal = now
-        self._next_flush = now + self._flush_interval_s
+        self._next_flush = now + self._limits.flush_interval_s
         self.flush_seconds += now - started
         if rows:
             self._last_loss = rows[-1]["loss"]
         self._update_bar(len(rows))
+        self._check_limits(cancel, now)
+
+    def _check_limits(self, cancel: bool, now: float) -> None:
         if cancel:
             raise CancelRequested(f"job {self.claim.job_id} was cancelled")
+        limit = self._limits.max_runtime_s
+        if limit is not None and now - self._started > limit:
+            raise RuntimeLimitExceeded(f"the job ran longer than its max_runtime_s of {limit:g} s")
         if self._stop.is_set():
-            raise Shutdown("worker is shutting down")
+            if self._stop_seen_at is None:
+                self._stop_seen_at = now
+            if now - self._stop_seen_at >= self._limits.shutdown_grace_s:
+                raise Shutdown("worker is shutting down; the epoch did not end within the grace")
 
     def _open_bar(self) -> None:
         self._bar = tqdm(
@@ -190,53 +239,3 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews the lease while the loop is silent (loading data, evaluating), off the loop's path.
-
-    Flushes renew the lease too; this only writes when none has for ``heartbeat_s``. What it
-    learns (cancel asked, lease lost) it leaves for the reporter's next flush to act on.
-    """
-
-    def __init__(
-        self,
-        reporter: Reporter,
-        sessions: sessionmaker[Session],
-        *,
-        heartbeat_s: float,
-        lease_s: float,
-    ) -> None:
-        super().__init__(name=f"lease-{reporter.claim.job_id[:8]}", daemon=True)
-        self._reporter = reporter
-        self._sessions = sessions
-        self._heartbeat_s = heartbeat_s
-        self._lease_s = lease_s
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        """Heartbeat until stopped or the lease is gone."""
-        claim = self._reporter.claim
-        while not self._done.wait(self._heartbeat_s / 2):
-            if time.monotonic() - self._reporter.last_renewal < self._heartbeat_s:
-                continue
-            try:
-                with self._sessions.begin() as session:
-                    repository.heartbeat(
-                        session,
-                        job_id=claim.job_id,
-                        attempt=claim.attempt,
-                        worker_id=claim.worker_id,
-                        lease_s=self._lease_s,
-                        now=utcnow(),
-                    )
-                self._reporter.last_renewal = time.monotonic()
-            except LeaseLost:
-                return
-            except Exception:  # noqa: BLE001 - a missed heartbeat is retried; the lease has slack
-                continue
-
-    def stop(self) -> None:
-        """Stop heartbeating and wait for the thread."""
-        self._done.set()
-        self.join()

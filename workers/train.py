@@ -7,6 +7,7 @@ DataLoader) and that each loss goes to ``report.step`` instead of ``loss.item()`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist, Split
+from workers.resume import TrainingState
 
 
 class TrainingReport(Protocol):
@@ -23,8 +25,8 @@ class TrainingReport(Protocol):
     def step(self, loss: torch.Tensor) -> None:
         """One optimiser step's loss, still on the device."""
 
-    def epoch(self, epoch: int, accuracy: float) -> None:
-        """The test accuracy after an epoch."""
+    def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
+        """The test accuracy after an epoch, and the state a retry would resume from."""
 
 
 def make_optimizer(model: SimpleMLP, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -42,9 +44,14 @@ def evaluate(model: SimpleMLP, test: Split) -> float:
 
 
 def train(
-    params: JobCreate, data: Mnist, device: torch.device, seed: int, report: TrainingReport
+    params: JobCreate,
+    data: Mnist,
+    device: torch.device,
+    seed: int,
+    report: TrainingReport,
+    resume_from: Path | None = None,
 ) -> SimpleMLP:
-    """Train a SimpleMLP as the tutorial does and return it."""
+    """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run."""
     torch.manual_seed(seed)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     trainset = data.train.first(params.trainset_size, "trainset_size")
@@ -53,8 +60,10 @@ def train(
 
     model = SimpleMLP().to(device)
     optimizer = make_optimizer(model, params.learning_rate, device)
+    state = TrainingState(model, optimizer, shuffle)
+    done_epochs = state.restore(resume_from) if resume_from is not None else 0
 
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(done_epochs + 1, params.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=shuffle, device=device)  # reshuffled every epoch
         for start in range(0, n, batch_size):
@@ -65,5 +74,5 @@ def train(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             report.step(loss.detach())
-        report.epoch(epoch, evaluate(model, testset))
+        report.epoch(epoch, evaluate(model, testset), state)
     return model

@@ -8,6 +8,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +21,16 @@ from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.models import Job, JobStatus
 from service.settings import Settings
 from workers.data import load_mnist
-from workers.progress import Claim, Diverged, LeaseKeeper, Reporter, Shutdown
+from workers.heartbeat import Heartbeat
+from workers.progress import (
+    Claim,
+    Diverged,
+    Limits,
+    Reporter,
+    RuntimeLimitExceeded,
+    Shutdown,
+)
+from workers.resume import remove_resume_files
 from workers.train import train
 
 log = logging.getLogger("workers")
@@ -31,6 +41,17 @@ ERROR_MAX_CHARS = 2000
 def new_worker_id() -> str:
     """host:pid:random, unique per worker process."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,62 +78,104 @@ class Worker:
         self.sessions = sessions
         self.stop = stop or threading.Event()
         self.show_progress = show_progress
+        self.host = socket.gethostname()
         self.worker_id = new_worker_id()
         self.device = resolve_device(settings.device)
         if settings.torch_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(settings.torch_threads)
+        self.heartbeat = Heartbeat(
+            sessions,
+            worker_id=self.worker_id,
+            heartbeat_s=settings.heartbeat_s,
+            lease_s=settings.lease_s,
+        )
 
     def run(self, *, max_jobs: int | None = None) -> None:
         """Serve the queue until :attr:`stop` is set (or ``max_jobs`` jobs are done)."""
+        self.register()
+        self.heartbeat.start()
         log.info("worker %s ready on %s", self.worker_id, self.device)
         done = 0
-        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-            job = self.claim()
-            if job is None:
-                self.stop.wait(self.settings.poll_interval_s)
-                continue
-            self.run_job(job)
-            done += 1
-        log.info("worker %s stopped", self.worker_id)
+        try:
+            while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                job = self.claim()
+                if job is None:
+                    self.stop.wait(self.settings.poll_interval_s)
+                    continue
+                self.run_job(job)
+                done += 1
+        finally:
+            self.heartbeat.stop()
+            with self.sessions.begin() as session:
+                repository.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
+            log.info("worker %s stopped", self.worker_id)
+
+    def register(self) -> None:
+        """Record this worker, and recover the jobs of workers on this host that died."""
+        now = utcnow()
+        with self.sessions.begin() as session:
+            for row in repository.workers_on_host(session, self.host):
+                if not pid_alive(row.pid) or row.pid == os.getpid():
+                    jobs = repository.recover_dead_worker(session, worker_id=row.id, now=now)
+                    log.info("worker %s is gone; %d of its jobs are claimable again", row.id, jobs)
+            repository.register_worker(
+                session,
+                worker_id=self.worker_id,
+                host=self.host,
+                pid=os.getpid(),
+                device=str(self.device),
+                now=now,
+            )
 
     def claim(self) -> Job | None:
         """Take the oldest claimable job, or None."""
         with self.sessions.begin() as session:
-            return repository.claim_job(
+            job = repository.claim_job(
                 session,
                 worker_id=self.worker_id,
                 lease_s=self.settings.lease_s,
                 device=str(self.device),
                 now=utcnow(),
             )
+        if job is not None:
+            log.info("claimed job %s attempt %d", job.id, job.attempt)
+        return job
 
     def run_job(self, job: Job) -> Outcome:
         """Train a claimed job and record how it ended; never raises for the job's own faults."""
         claim = Claim(job.id, job.attempt, self.worker_id)
         params = params_of(job)
         seed = job.seed if job.seed is not None else secrets.randbits(63)
-        log.info("job %s attempt %d: training %s on %s", job.id, job.attempt, params, self.device)
+        max_runtime_s = job.max_runtime_s or self.settings.max_runtime_s
         reporter = Reporter(
             claim=claim,
             params=params,
             sessions=self.sessions,
-            lease_s=self.settings.lease_s,
-            flush_interval_s=self.settings.flush_interval_s,
+            limits=Limits(
+                lease_s=self.settings.lease_s,
+                flush_interval_s=self.settings.flush_interval_s,
+                max_runtime_s=max_runtime_s,
+                shutdown_grace_s=self.settings.shutdown_grace_s,
+            ),
             stop=self.stop,
+            checkpoint_dir=self.settings.checkpoint_dir,
             show_progress=self.show_progress,
         )
-        keeper = LeaseKeeper(
-            reporter,
-            self.sessions,
-            heartbeat_s=self.settings.heartbeat_s,
-            lease_s=self.settings.lease_s,
-        )
-        keeper.start()
+        self.heartbeat.reporter = reporter
         try:
+            resume_from = self._resume_point(job, claim, reporter)
+            log.info(
+                "job %s attempt %d: training %s on %s%s",
+                job.id,
+                job.attempt,
+                params,
+                self.device,
+                f", resuming after epoch {job.resume_epoch}" if resume_from else "",
+            )
             data = load_mnist(
                 self.settings.data_dir, device=self.device, download=self.settings.download
             )
-            model = train(params, data, self.device, seed, reporter)
+            model = train(params, data, self.device, seed, reporter, resume_from)
             path = checkpoint_path(self.settings.checkpoint_dir, f"{job.id}-{job.attempt}")
             save_checkpoint(model, path)
             return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=path.name)
@@ -121,17 +184,33 @@ class Worker:
         except LeaseLost:
             log.warning("job %s attempt %d: lease lost, stopping", job.id, job.attempt)
             return Outcome(job.id, "lost", reporter.flush_seconds)
-        except Shutdown:
+        except Shutdown as exc:
+            log.info("job %s: %s", job.id, exc)
             return self._release(claim, reporter)
-        except (Diverged, ValueError) as exc:
+        except (Diverged, RuntimeLimitExceeded, ValueError) as exc:
             return self._finish(claim, JobStatus.FAILED, reporter, error=str(exc))
         except Exception as exc:
             log.exception("job %s failed", job.id)
             error = f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
             return self._finish(claim, JobStatus.FAILED, reporter, error=error)
         finally:
-            keeper.stop()
+            self.heartbeat.reporter = None
             reporter.close()
+
+    def _resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Path | None:
+        """The saved state a retried job continues from; None to start at epoch 1."""
+        if job.resume_epoch == 0 or job.resume_checkpoint is None:
+            return None
+        path = self.settings.checkpoint_dir / Path(job.resume_checkpoint).name
+        if path.is_file():
+            reporter.resume_at(job.resume_epoch, job.accuracy)
+            return path
+        log.warning("job %s: %s is missing, starting over", job.id, path)
+        with self.sessions.begin() as session:
+            repository.forget_resume_point(
+                session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
+            )
+        return None
 
     def _finish(
         self,
@@ -155,10 +234,9 @@ class Worker:
                     checkpoint=checkpoint,
                 )
         except LeaseLost:
-            log.warning(
-                "job %s attempt %d: lease lost before it ended", claim.job_id, claim.attempt
-            )
+            log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
+        remove_resume_files(self.settings.checkpoint_dir, claim.job_id)
         log.info("job %s %s%s", claim.job_id, status, f": {error}" if error else "")
         return Outcome(claim.job_id, status, reporter.flush_seconds)
 
@@ -166,7 +244,11 @@ class Worker:
         try:
             with self.sessions.begin() as session:
                 repository.release_job(
-                    session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
+                    session,
+                    job_id=claim.job_id,
+                    attempt=claim.attempt,
+                    worker_id=claim.worker_id,
+                    now=utcnow(),
                 )
         except LeaseLost:
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)

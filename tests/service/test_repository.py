@@ -163,7 +163,7 @@ def test_release_requeues_without_spending_an_attempt(sessions: sessionmaker[Ses
     job = claim(sessions, "w")
     assert job is not None
     with sessions.begin() as session:
-        repository.release_job(session, job_id=job.id, attempt=1, worker_id="w")
+        repository.release_job(session, job_id=job.id, attempt=1, worker_id="w", now=utcnow())
     again = claim(sessions, "w2")
     assert again is not None and again.id == job.id and again.attempt == 1
 

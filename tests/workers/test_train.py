@@ -9,6 +9,7 @@ import torch
 
 from service.schemas import JobCreate
 from workers.data import load_mnist
+from workers.resume import TrainingState
 from workers.train import evaluate, make_optimizer, train
 
 CPU = torch.device("cpu")
@@ -24,8 +25,9 @@ class Recorder:
     def step(self, loss: torch.Tensor) -> None:
         self.losses.append(float(loss))
 
-    def epoch(self, epoch: int, accuracy: float) -> None:
+    def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
         self.accuracies.append((epoch, accuracy))
+        self.state = state
 
 
 def test_one_loss_per_step_and_one_accuracy_per_epoch(small_mnist: Path) -> None:
@@ -92,3 +94,28 @@ def test_adam_uses_the_requested_learning_rate() -> None:
     optimizer = make_optimizer(SimpleMLP(), 0.01, CPU)
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_resuming_from_a_saved_epoch_continues_the_run_exactly(
+    small_mnist: Path, tmp_path: Path
+) -> None:
+    data = load_mnist(small_mnist, device=CPU, download=False)
+    params = JobCreate(epochs=3, batch_size=64, trainset_size=640, testset_size=200)
+    whole = Recorder()
+    train(params, data, CPU, seed=5, report=whole)
+
+    class StopAfterOne(Recorder):
+        def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
+            super().epoch(epoch, accuracy, state)
+            state.save(tmp_path / "state.pt", epoch)
+            raise KeyboardInterrupt  # the worker dies here
+
+    first = StopAfterOne()
+    with pytest.raises(KeyboardInterrupt):
+        train(params, data, CPU, seed=5, report=first)
+    rest = Recorder()
+    torch.manual_seed(999)  # a new process: the global RNG is elsewhere; the state restores it
+    train(params, data, CPU, seed=77, report=rest, resume_from=tmp_path / "state.pt")
+
+    assert first.losses + rest.losses == whole.losses
+    assert first.accuracies + rest.accuracies == whole.accuracies

@@ -16,7 +16,7 @@ from service.models import Job, JobStatus
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
-from workers.progress import Claim, Diverged, Reporter, Shutdown
+from workers.progress import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
 
@@ -129,10 +129,14 @@ def test_a_stopping_worker_hands_its_job_back(
     assert not thread.is_alive()
     job = read(sessions, job_id)
     assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+    # It finished the epoch it was in, so a later attempt resumes after it.
+    assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 80
+    assert job.resume_checkpoint is not None
+    assert (settings.checkpoint_dir / job.resume_checkpoint).is_file()
 
 
 def make_reporter(
-    sessions: sessionmaker[Session], stop: threading.Event | None = None
+    sessions: sessionmaker[Session], tmp_path: Path, stop: threading.Event | None = None
 ) -> tuple[Reporter, str]:
     job_id = submit(sessions, epochs=1, batch_size=64)
     with sessions.begin() as session:
@@ -142,24 +146,28 @@ def make_reporter(
         claim=Claim(job_id, 1, "w"),
         params=JobCreate(epochs=1, batch_size=64, trainset_size=SMALL_TRAIN),
         sessions=sessions,
-        lease_s=30,
-        flush_interval_s=3600,
+        limits=Limits(lease_s=30, flush_interval_s=3600, shutdown_grace_s=0.0),
         stop=stop or threading.Event(),
+        checkpoint_dir=tmp_path,
         show_progress=False,
     )
     return reporter, job_id
 
 
-def test_the_reporter_refuses_a_non_finite_loss(sessions: sessionmaker[Session]) -> None:
-    reporter, _ = make_reporter(sessions)
+def test_the_reporter_refuses_a_non_finite_loss(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    reporter, _ = make_reporter(sessions, tmp_path)
     reporter.step(torch.tensor(2.3))
     reporter.step(torch.tensor(float("nan")))
     with pytest.raises(Diverged, match="loss is nan at step 2"):
         reporter.flush()
 
 
-def test_the_reporter_writes_only_at_flushes(sessions: sessionmaker[Session]) -> None:
-    reporter, job_id = make_reporter(sessions)
+def test_the_reporter_writes_only_at_flushes(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    reporter, job_id = make_reporter(sessions, tmp_path)
     for _ in range(5):
         reporter.step(torch.tensor(1.0))
     assert read(sessions, job_id).step == 0  # buffered, nothing written yet
@@ -167,9 +175,11 @@ def test_the_reporter_writes_only_at_flushes(sessions: sessionmaker[Session]) ->
     assert read(sessions, job_id).step == 5
 
 
-def test_the_reporter_raises_on_cancel_and_on_shutdown(sessions: sessionmaker[Session]) -> None:
+def test_the_reporter_raises_on_cancel_and_on_shutdown(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
     stop = threading.Event()
-    reporter, job_id = make_reporter(sessions, stop)
+    reporter, job_id = make_reporter(sessions, tmp_path, stop)
     stop.set()
     with pytest.raises(Shutdown):
         reporter.flush()

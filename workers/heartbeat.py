@@ -1,0 +1,72 @@
+"""The worker's heartbeat: a side thread that keeps the worker row and the job's lease fresh.
+
+Flushes renew the lease while the loop trains; this thread covers the silent stretches (data
+loading, evaluation, saving) and says the worker process itself is alive (``GET /workers``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository
+from service.clock import utcnow
+from service.errors import LeaseLost
+from workers.progress import Reporter
+
+log = logging.getLogger("workers")
+
+
+class Heartbeat(threading.Thread):
+    """Every ``heartbeat_s``: the worker row's heartbeat, and the job's lease if no flush did."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, worker_id: str, heartbeat_s: float, lease_s: float
+    ) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self._sessions = sessions
+        self._worker_id = worker_id
+        self._heartbeat_s = heartbeat_s
+        self._lease_s = lease_s
+        self._done = threading.Event()
+        self.reporter: Reporter | None = None  # the job being trained, set by the worker
+
+    def run(self) -> None:
+        """Beat until stopped; a failed beat is retried at the next one (leases have slack)."""
+        while not self._done.wait(self._heartbeat_s):
+            try:
+                self.beat()
+            except Exception:  # the database may be briefly unreachable: try at the next beat
+                log.warning(
+                    "heartbeat failed; retrying in %.1f s", self._heartbeat_s, exc_info=True
+                )
+
+    def beat(self) -> None:
+        """One heartbeat."""
+        with self._sessions.begin() as session:
+            repository.worker_heartbeat(session, worker_id=self._worker_id, now=utcnow())
+        reporter = self.reporter
+        if reporter is None or time.monotonic() - reporter.last_renewal < self._heartbeat_s:
+            return
+        claim = reporter.claim
+        try:
+            with self._sessions.begin() as session:
+                repository.heartbeat(
+                    session,
+                    job_id=claim.job_id,
+                    attempt=claim.attempt,
+                    worker_id=claim.worker_id,
+                    lease_s=self._lease_s,
+                    now=utcnow(),
+                )
+            reporter.last_renewal = time.monotonic()
+        except LeaseLost:
+            pass  # the reporter's next flush finds out too, and stops the job
+
+    def stop(self) -> None:
+        """Stop beating and wait for the thread."""
+        self._done.set()
+        self.join()

@@ -1,0 +1,58 @@
+"""Training state saved after each epoch, so a retried job resumes instead of starting over.
+
+The state is the model, the optimizer (Adam's moments and step counts) and the random
+generators (the epoch shuffle's and torch's global one): restoring it continues the run
+exactly, step for step, as if it had never stopped. Files are plain tensors and containers,
+written atomically and read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.ml import SimpleMLP, atomic_torch_save
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Live references to what a resumed run needs; captured (copied) only when saved."""
+
+    model: SimpleMLP
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+
+    def save(self, path: Path, epoch: int) -> None:
+        """Write the state after ``epoch`` to ``path`` atomically."""
+        atomic_torch_save(
+            {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "shuffle_rng": self.shuffle.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            path,
+        )
+
+    def restore(self, path: Path) -> int:
+        """Load the state at ``path`` into this run; returns the epoch it was saved after."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.shuffle.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        return int(saved["epoch"])
+
+
+def resume_path(checkpoint_dir: Path, job_id: str, attempt: int) -> Path:
+    """Where an attempt keeps its latest training state."""
+    return checkpoint_dir / f"{job_id}-{attempt}.resume.pt"
+
+
+def remove_resume_files(checkpoint_dir: Path, job_id: str) -> None:
+    """Delete every attempt's training state of a job that has ended."""
+    for path in checkpoint_dir.glob(f"{job_id}-*.resume.pt"):
+        path.unlink(missing_ok=True)
