@@ -38,9 +38,9 @@ class Service:
     logs: Path
 
 
-def start_service(sqlite_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Service]:
+def start_service(db_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Service]:
     env = service_env(
-        database_url=sqlite_url,
+        database_url=db_url,
         data_dir=str(data_dir),
         checkpoint_dir=str(tmp_path / "models"),
         device="cpu",
@@ -54,13 +54,13 @@ def start_service(sqlite_url: str, data_dir: Path, tmp_path: Path) -> Iterator[S
 
 
 @pytest.fixture
-def small_service(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[Service]:
-    yield from start_service(sqlite_url, small_mnist, tmp_path)
+def small_service(db_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[Service]:
+    yield from start_service(db_url, small_mnist, tmp_path)
 
 
 @pytest.fixture
-def real_service(sqlite_url: str, real_mnist: Path, tmp_path: Path) -> Iterator[Service]:
-    yield from start_service(sqlite_url, real_mnist, tmp_path)
+def real_service(db_url: str, real_mnist: Path, tmp_path: Path) -> Iterator[Service]:
+    yield from start_service(db_url, real_mnist, tmp_path)
 
 
 def follow_metrics(service: Service, job_id: str, timeout_s: float) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from service.ml import (
     resolve_device,
     save_checkpoint,
 )
+from tests.support import REPO_ROOT
 
 TUTORIAL_TRANSFORM = transforms.Compose(
     [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
@@ -101,3 +104,38 @@ def test_device_resolution() -> None:
         assert auto == torch.device("cpu")
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+SAVER = """
+import sys, torch
+from pathlib import Path
+from service.ml import atomic_torch_save
+path = Path(sys.argv[1])
+i = 0
+while True:
+    i += 1
+    atomic_torch_save({"version": torch.full((2_000_000,), float(i))}, path)
+    print(i, flush=True)
+"""
+
+
+def test_a_process_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    for saves in (1, 2, 3, 5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for _ in range(saves):
+            proc.stdout.readline()  # a save has completed and the next one begins at once
+        proc.kill()  # so the kill lands inside a save, while the temporary file is written
+        proc.wait()
+        state = torch.load(path, weights_only=True)
+        version = state["version"]
+        assert torch.equal(version, torch.full_like(version, version[0].item()))
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name != "state.pt"]
+        for name in leftovers:  # a torn temporary may stay behind; it is never the checkpoint
+            assert name.startswith(".state.pt.") and name.endswith(".tmp")
