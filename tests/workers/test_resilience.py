@@ -252,3 +252,18 @@ def test_sqlite_storm_of_writers_and_pollers_never_sees_a_locked_database(
     logs = (tmp_path / "api.log").read_text() + (tmp_path / "workers.log").read_text()
     assert "database is locked" not in logs
     assert os.path.getsize(tmp_path / "workers.log") > 0
+
+
+def test_a_second_signal_exits_at_once_and_the_lease_brings_the_job_back(
+    sessions: sessionmaker[Session], workers: WorkerPool
+) -> None:
+    job_id = submit(sessions, epochs=50)
+    proc, log = workers.start()
+    wait_training(sessions, job_id, attempt=1, past_step=100)
+    proc.send_signal(signal.SIGTERM)
+    # Signals do not queue: send the second only once the first was handled.
+    wait_for(lambda: "stopping" in log.read_text(), timeout_s=30, what="the first signal")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    workers.start()  # the dead worker's job is taken over, not left running
+    wait_training(sessions, job_id, attempt=2, past_step=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -190,3 +192,41 @@ def test_the_reporter_raises_on_cancel_and_on_shutdown(
         repository.request_cancel(session, job, now=utcnow())
     with pytest.raises(CancelRequested):
         reporter.flush()
+
+
+def test_a_job_past_its_runtime_limit_fails_with_the_reason(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit(sessions, epochs=100, batch_size=8, max_runtime_s=0.3)
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error == "the job ran longer than its max_runtime_s of 0.3 s"
+    assert 0 < job.step < job.total_steps
+
+
+def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit(sessions, epochs=1)
+    dead_pid = int(subprocess.check_output(["sh", "-c", "echo $$"]).strip())  # exited already
+    now = utcnow()
+    with sessions.begin() as session:
+        repository.register_worker(
+            session,
+            worker_id="ghost",
+            host=socket.gethostname(),
+            pid=dead_pid,
+            device="cpu",
+            now=now,
+        )
+    with sessions.begin() as session:
+        job = repository.claim_job(session, worker_id="ghost", lease_s=3600, device="cpu", now=now)
+        assert job is not None and job.id == job_id
+
+    worker = Worker(settings, sessions, show_progress=False)
+    worker.register()  # long before the ghost's hour-long lease ends
+    retried = worker.claim()
+    assert retried is not None and (retried.id, retried.attempt) == (job_id, 2)
+    with sessions() as session:
+        assert repository.live_workers(session, now=utcnow(), lease_s=30)[0].id == worker.worker_id

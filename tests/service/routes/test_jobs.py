@@ -218,3 +218,24 @@ def test_health_and_docs(client: TestClient) -> None:
     assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/metrics", "/predict"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
     assert client.get("/no-such-route").json()["error"]["code"] == "http_404"
+
+
+def test_workers_lists_live_workers_and_their_jobs(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    assert client.get("/workers").json() == {"workers": []}
+    job_id = client.post("/jobs", json={}).json()["id"]
+    now = utcnow()
+    with sessions.begin() as session:
+        for name in ("busy", "gone"):
+            repository.register_worker(
+                session, worker_id=name, host="h", pid=1, device="cpu", now=now
+            )
+        repository.worker_stopped(session, worker_id="gone", now=now)
+    with sessions.begin() as session:
+        assert repository.claim_job(session, worker_id="busy", lease_s=30, device="cpu", now=now)
+    workers = client.get("/workers").json()["workers"]
+    assert [(w["id"], w["job_id"], w["device"]) for w in workers] == [("busy", job_id, "cpu")]
+    job = client.get(f"/jobs/{job_id}").json()
+    assert (job["worker"], job["attempt"]) == ("busy", 1)
+    assert job["heartbeat_at"] is not None
