@@ -129,3 +129,18 @@ class Health(BaseModel):
     """Liveness."""
 
     status: Literal["ok"]
+
+
+class ReadinessCheck(BaseModel):
+    """One thing readiness depends on."""
+
+    name: Literal["database", "migrations", "workers"]
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """Every readiness check passed; a failing one answers 503 with the checks as details."""
+
+    status: Literal["ready"]
+    checks: list[ReadinessCheck]

@@ -16,6 +16,7 @@ from service import repository
 from service.clock import utcnow
 from service.errors import CancelRequested, LeaseLost
 from service.jobs import params_of
+from service.logs import log_context
 from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.models import Job, JobStatus
 from service.settings import Settings
@@ -64,16 +65,18 @@ class Worker:
 
     def run(self, *, max_jobs: int | None = None) -> None:
         """Serve the queue until :attr:`stop` is set (or ``max_jobs`` jobs are done)."""
-        log.info("worker %s ready on %s", self.worker_id, self.device)
-        done = 0
-        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-            job = self.claim()
-            if job is None:
-                self.stop.wait(self.settings.poll_interval_s)
-                continue
-            self.run_job(job)
-            done += 1
-        log.info("worker %s stopped", self.worker_id)
+        with log_context(worker_id=self.worker_id):
+            log.info("worker %s ready on %s", self.worker_id, self.device)
+            done = 0
+            while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                job = self.claim()
+                if job is None:
+                    self.stop.wait(self.settings.poll_interval_s)
+                    continue
+                with log_context(job_id=job.id, attempt=job.attempt):
+                    self.run_job(job)
+                done += 1
+            log.info("worker %s stopped", self.worker_id)
 
     def claim(self) -> Job | None:
         """Take the oldest claimable job, or None."""
