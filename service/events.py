@@ -125,9 +125,9 @@ def poll(session: Session, state: StreamState) -> Poll:
     per_epoch = steps_per_epoch(job)
     finished = job.status in JobStatus.TERMINAL and not out.more
 
-    def send_due_epochs(sent_step: int) -> None:
+    def send_due_epochs(sent_step: int, *, all_left: bool = False) -> None:
         # An epoch's accuracy goes out after its last step, so clients see them in order.
-        while epochs and (finished or sent_step >= epochs[0]["epoch"] * per_epoch):
+        while epochs and (all_left or sent_step >= epochs[0]["epoch"] * per_epoch):
             row = epochs.pop(0)
             state.cursor = replace(state.cursor, epoch=row["epoch"])
             state.emit(out, "epoch", row)
@@ -143,7 +143,8 @@ def poll(session: Session, state: StreamState) -> Poll:
     if batch:
         state.cursor = replace(state.cursor, step=batch[-1]["step"])
         state.emit(out, "step", {"steps": batch})
-    send_due_epochs(state.cursor.step)
+    # Once the job has ended and every step is out, whatever epochs are left go too.
+    send_due_epochs(state.cursor.step, all_left=finished)
 
     # A terminal status goes out once, last, flagged final: clients close on it (a browser's
     # EventSource would otherwise reconnect to a stream that has ended).
