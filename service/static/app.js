@@ -271,6 +271,7 @@ function chartLayout() {
       tick0: 0.1, dtick: 0.1, tickformat: ".0%", showgrid: false,
     },
     legend: { orientation: "h", x: 0, y: 1.08 },
+    showlegend: true,
     uirevision: "keep", // keep the user's zoom while points stream in
   };
 }
@@ -340,12 +341,12 @@ function followJob(jobId) {
   source.addEventListener("step", (event) => {
     const { steps } = JSON.parse(event.data);
     Plotly.extendTraces("chart", { x: [steps.map((s) => s.examples_seen)], y: [steps.map((s) => s.loss)] }, [0]);
-    const last = steps[steps.length - 1];
-    if (currentJob) setProgress(last.step, currentJob.total_steps);
+    if (currentJob) renderJob({ ...currentJob, step: steps[steps.length - 1].step });
   });
   source.addEventListener("epoch", (event) => {
     const epoch = JSON.parse(event.data);
     Plotly.extendTraces("chart", { x: [[epoch.examples_seen]], y: [[epoch.accuracy]] }, [1]);
+    if (currentJob) renderJob({ ...currentJob, epoch: epoch.epoch, accuracy: epoch.accuracy });
   });
   source.addEventListener("error", () => {
     // EventSource reconnects by itself, sending Last-Event-ID: nothing is lost or repeated.
