@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support import REPO_ROOT, api_server, process, service_env, wait_for
+from tests.support import REPO_ROOT, wait_for
+from tests.test_end_to_end import start_service
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -59,19 +60,9 @@ def mnist_dir(small_mnist: Path) -> Path:
 @pytest.fixture
 def dashboard(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[str]:
     """The API and one worker; yields the dashboard's URL."""
-    env = service_env(
-        database_url=sqlite_url,
-        data_dir=str(mnist_dir(small_mnist)),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
-        poll_interval_s="0.1",
-        events_poll_s="0.2",
-    )
-    with (
-        api_server(env, tmp_path / "api.log") as client,
-        process(["-m", "workers"], env, tmp_path / "worker.log"),
-    ):
-        yield f"{client.base_url}/"
+    data_dir = mnist_dir(small_mnist)
+    for service in start_service(sqlite_url, data_dir, tmp_path, events_poll_s="0.2"):
+        yield f"{service.client.base_url}/"
 
 
 @pytest.fixture

@@ -14,16 +14,8 @@ import httpx
 import pytest
 
 from service import sse
-from tests.support import (
-    REPO_ROOT,
-    SMALL_TEST,
-    SMALL_TRAIN,
-    api_server,
-    process,
-    service_env,
-    wait_for,
-)
-from tests.test_end_to_end import Service, check_series
+from tests.support import REPO_ROOT, SMALL_TEST, SMALL_TRAIN, wait_for
+from tests.test_end_to_end import Service, check_series, start_service
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +25,8 @@ def json_service(
     """One API and one worker for this module, logging JSON; the stream polls often."""
     tmp_path = tmp_path_factory.mktemp("live")
     shutil.copy(sqlite_template, tmp_path / "mnist.db")
-    env = service_env(
-        database_url=f"sqlite:///{tmp_path / 'mnist.db'}",
-        data_dir=str(small_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
-        poll_interval_s="0.1",
-        events_poll_s="0.1",
-        log_format="json",
-    )
-    with (
-        api_server(env, tmp_path / "api.log") as client,
-        process(["-m", "workers"], env, tmp_path / "worker.log"),
-    ):
-        yield Service(client, env, tmp_path)
+    url = f"sqlite:///{tmp_path / 'mnist.db'}"
+    yield from start_service(url, small_mnist, tmp_path, events_poll_s="0.1", log_format="json")
 
 
 def read_events(

@@ -29,9 +29,9 @@ COMMANDS = ["submit", "jobs", "metrics", "predict", "cancel", "api", "worker", "
 
 
 @pytest.fixture
-def sqlite_only(db_url: str) -> None:
-    if not db_url.startswith("sqlite"):
-        pytest.skip("the CLI is the same on every backend: SQLite is enough")
+def db_url(sqlite_url: str) -> str:
+    """The CLI works the same on every backend: SQLite only."""
+    return sqlite_url
 
 
 def run(client: TestClient, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -82,7 +82,6 @@ def test_the_url_comes_from_the_flag_the_environment_or_the_default(
     assert cli.build_parser().parse_args(["--url", "http://x", "jobs"]).url == "http://x"
 
 
-@pytest.mark.usefixtures("sqlite_only")
 def test_submit_sends_only_the_given_fields(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -92,7 +91,6 @@ def test_submit_sends_only_the_given_fields(
     assert job["params"] == {**JobCreate().model_dump(), "epochs": 2, "seed": 5}
 
 
-@pytest.mark.usefixtures("sqlite_only")
 def test_the_apis_refusal_is_shown_with_the_field(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,7 +106,7 @@ def test_an_unreachable_api_is_reported(capsys: pytest.CaptureFixture[str]) -> N
     assert "cannot reach the API" in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures("sqlite_only", "worker_thread")
+@pytest.mark.usefixtures("worker_thread")
 def test_watch_shows_a_bar_per_epoch_until_success(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,7 +124,6 @@ def test_watch_shows_a_bar_per_epoch_until_success(
     assert "loss=" in err and "acc=" in err
 
 
-@pytest.mark.usefixtures("sqlite_only")
 def test_watch_exits_non_zero_when_the_job_fails(
     client: TestClient,
     capsys: pytest.CaptureFixture[str],
@@ -144,7 +141,6 @@ def test_watch_exits_non_zero_when_the_job_fails(
     assert "failed:" in err
 
 
-@pytest.mark.usefixtures("sqlite_only")
 def test_jobs_metrics_and_cancel(
     client: TestClient, capsys: pytest.CaptureFixture[str], sessions: sessionmaker[Session]
 ) -> None:
@@ -180,7 +176,6 @@ def test_jobs_metrics_and_cancel(
     assert code == cli.EXIT_API_ERROR and "no job with id" in err
 
 
-@pytest.mark.usefixtures("sqlite_only")
 def test_predict_prints_the_digit_and_its_probabilities(
     client: TestClient,
     capsys: pytest.CaptureFixture[str],
