@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db import make_engine, make_sessionmaker
 from service.errors import ServiceError
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.predict import ModelCache
-from service.routes import health, jobs, predict, workers
+from service.routes import dashboard, events, health, jobs, ops, predict, workers
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
@@ -95,4 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(predict.router)
     app.include_router(workers.router)
+    app.include_router(events.router)
+    app.include_router(ops.router)
+    app.include_router(dashboard.router)
+    app.state.metrics = ServiceMetrics()
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     return app

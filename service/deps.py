@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.clock import JOB_ID_PATTERN
@@ -34,6 +34,12 @@ def get_write_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_read_sessions(request: Request) -> sessionmaker[Session]:
+    """The read-session factory, for routes that open short sessions themselves (streams)."""
+    sessions: sessionmaker[Session] = request.app.state.read_sessions
+    return sessions
+
+
 def get_model_cache(request: Request) -> ModelCache:
     """The process's cache of loaded models."""
     cache: ModelCache = request.app.state.model_cache
@@ -43,6 +49,7 @@ def get_model_cache(request: Request) -> ModelCache:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 ModelCacheDep = Annotated[ModelCache, Depends(get_model_cache)]
 JobIdPath = Annotated[
     str, Path(pattern=JOB_ID_PATTERN, description="A job id: 32 lowercase hex digits.")

@@ -65,3 +65,10 @@ class LeaseLost(Exception):
 
 class CancelRequested(Exception):
     """The job was cancelled while its worker trained it."""
+
+
+class NotReady(ServiceError):
+    """The service cannot do its work yet (database, schema or workers missing)."""
+
+    status_code = 503
+    code = "not_ready"

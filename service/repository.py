@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -489,3 +489,57 @@ def read_epochs(session: Session, job_id: str) -> list[dict[str, Any]]:
         .order_by(EpochMetric.epoch)
     )
     return [row._asdict() for row in session.execute(stmt)]
+
+
+def read_epochs_after(session: Session, job_id: str, *, after_epoch: int) -> list[dict[str, Any]]:
+    """The recorded epoch accuracies of a job numbered above ``after_epoch``, in order."""
+    stmt = (
+        select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
+        .order_by(EpochMetric.epoch)
+    )
+    return [row._asdict() for row in session.execute(stmt)]
+
+
+# --- operations: readiness and Prometheus ----------------------------------------------------
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database; raises when it cannot be reached."""
+    session.execute(text("SELECT 1"))
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    """How many jobs are in each state; every state is present, 0 when none."""
+    counts = dict.fromkeys(JobStatus.ALL, 0)
+    stmt = select(Job.status, func.count()).group_by(Job.status)
+    for status, count in session.execute(stmt):
+        counts[status] = int(count)
+    return counts
+
+
+@dataclass(frozen=True)
+class RunningSample:
+    """Where a running attempt stood at its last write: images trained and when."""
+
+    job_id: str
+    attempt: int
+    examples_seen: int
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+def running_samples(session: Session) -> list[RunningSample]:
+    """Each running job's examples seen at its latest recorded step, with its write times."""
+    stmt = (
+        select(
+            Job.id,
+            Job.attempt,
+            func.coalesce(TrainStep.examples_seen, 0),
+            Job.started_at,
+            Job.heartbeat_at,
+        )
+        .outerjoin(TrainStep, and_(TrainStep.job_id == Job.id, TrainStep.step == Job.step))
+        .where(Job.status == JobStatus.RUNNING)
+    )
+    return [RunningSample(*row) for row in session.execute(stmt)]

@@ -149,3 +149,18 @@ class WorkerList(BaseModel):
     """Workers heard from within one lease."""
 
     workers: list[WorkerRead]
+
+
+class ReadinessCheck(BaseModel):
+    """One thing readiness depends on."""
+
+    name: Literal["database", "migrations", "workers"]
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """Every readiness check passed; a failing one answers 503 with the checks as details."""
+
+    status: Literal["ready"]
+    checks: list[ReadinessCheck]

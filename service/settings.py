@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,22 @@ class Settings(BaseSettings):
     # API behaviour.
     model_cache_size: int = Field(default=8, ge=1, le=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    events_poll_s: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=10,
+        description="How often an open /jobs/{id}/events stream reads the database for news.",
+    )
+    ready_requires_worker: bool = Field(
+        default=False,
+        description="/readyz fails unless a worker has sent a heartbeat within MNIST_LEASE_S.",
+    )
+
+    # Both sides.
+    log_format: LogFormat = Field(
+        default="text", description="text for people, json for one JSON object per line."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("database_url")
     @classmethod
@@ -60,6 +77,11 @@ class Settings(BaseSettings):
         if not url.startswith(("sqlite", "postgresql")):
             raise ValueError("MNIST_DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return url
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
 
     @field_validator("heartbeat_s")
     @classmethod

@@ -38,13 +38,17 @@ class Service:
     logs: Path
 
 
-def start_service(db_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Service]:
+def start_service(
+    db_url: str, data_dir: Path, tmp_path: Path, **settings: str
+) -> Iterator[Service]:
+    """The API and one worker on CPU; ``settings`` adds MNIST_* settings for both."""
     env = service_env(
         database_url=db_url,
         data_dir=str(data_dir),
         checkpoint_dir=str(tmp_path / "models"),
         device="cpu",
         poll_interval_s="0.1",
+        **settings,
     )
     with (
         api_server(env, tmp_path / "api.log") as client,

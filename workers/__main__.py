@@ -11,6 +11,7 @@ import threading
 from types import FrameType
 
 from service.db import make_engine, make_sessionmaker
+from service.logs import configure_logging
 from service.settings import get_settings
 from workers.supervisor import supervise
 from workers.worker import Worker
@@ -44,17 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must be at least 1")
     if args.concurrency > 1:
         return supervise([["-m", "workers"] for _ in range(args.concurrency)])
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     settings = get_settings()
+    configure_logging(settings)
     engine = make_engine(settings.database_url)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:
-        Worker(settings, make_sessionmaker(engine), stop=stop).run()
+        # tqdm bars would break one-JSON-object-per-line logs: JSON logs get a line per epoch.
+        show_progress = settings.log_format == "text"
+        Worker(settings, make_sessionmaker(engine), stop=stop, show_progress=show_progress).run()
     finally:
         engine.dispose()
     return 0

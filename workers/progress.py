@@ -7,6 +7,7 @@ The loop itself never waits on the database or on the host between flushes.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
@@ -25,6 +26,8 @@ from service.clock import utcnow
 from service.errors import CancelRequested
 from service.schemas import JobCreate
 from workers.resume import TrainingState, resume_path
+
+log = logging.getLogger("workers")
 
 
 class Shutdown(Exception):
@@ -134,6 +137,15 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif not self._show_progress:  # no bar (e.g. JSON logs): one log line per epoch instead
+            log.info(
+                "epoch %d/%d: loss %.4f, test accuracy %.4f",
+                epoch,
+                self._params.epochs,
+                self._last_loss if self._last_loss is not None else math.nan,
+                accuracy,
+                extra={"epoch": epoch, "loss": self._last_loss, "accuracy": accuracy},
+            )
         if self._stop.is_set() and epoch < self._params.epochs:
             raise Shutdown("worker is shutting down; the job resumes after this epoch")
 

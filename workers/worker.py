@@ -17,6 +17,7 @@ from service import repository
 from service.clock import utcnow
 from service.errors import CancelRequested, LeaseLost
 from service.jobs import params_of
+from service.logs import log_context
 from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.models import Job, JobStatus
 from service.settings import Settings
@@ -94,21 +95,23 @@ class Worker:
         """Serve the queue until :attr:`stop` is set (or ``max_jobs`` jobs are done)."""
         self.register()
         self.heartbeat.start()
-        log.info("worker %s ready on %s", self.worker_id, self.device)
-        done = 0
-        try:
-            while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-                job = self.claim()
-                if job is None:
-                    self.stop.wait(self.settings.poll_interval_s)
-                    continue
-                self.run_job(job)
-                done += 1
-        finally:
-            self.heartbeat.stop()
-            with self.sessions.begin() as session:
-                repository.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
-            log.info("worker %s stopped", self.worker_id)
+        with log_context(worker_id=self.worker_id):
+            log.info("worker %s ready on %s", self.worker_id, self.device)
+            done = 0
+            try:
+                while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                    job = self.claim()
+                    if job is None:
+                        self.stop.wait(self.settings.poll_interval_s)
+                        continue
+                    with log_context(job_id=job.id, attempt=job.attempt):
+                        self.run_job(job)
+                    done += 1
+            finally:
+                self.heartbeat.stop()
+                with self.sessions.begin() as session:
+                    repository.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
+                log.info("worker %s stopped", self.worker_id)
 
     def register(self) -> None:
         """Record this worker, and recover the jobs of workers on this host that died."""

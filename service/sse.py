@@ -1,0 +1,72 @@
+"""Server-Sent Events on the wire: written by the API, read by the CLI and the tests.
+
+The format is the HTML standard's ``text/event-stream``: fields ``id``, ``event``, ``data``
+and ``retry``, a blank line ending each event, lines starting with ``:`` being comments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+MEDIA_TYPE = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One dispatched event: its type, its data (JSON here) and the stream's last event id."""
+
+    event: str
+    data: str
+    id: str | None = None
+
+    def json(self) -> Any:
+        """The data decoded as JSON (every event this service sends carries JSON)."""
+        return json.loads(self.data)
+
+
+def encode(event: str, data: Any, *, event_id: str | None = None) -> str:
+    """One event with a JSON payload; compact JSON never contains a newline, so one data line."""
+    lines = [] if event_id is None else [f"id: {event_id}"]
+    lines.append(f"event: {event}")
+    lines.append("data: " + json.dumps(data, separators=(",", ":"), allow_nan=False))
+    return "\n".join(lines) + "\n\n"
+
+
+def comment(text: str) -> str:
+    """A comment line: ignored by clients, it keeps idle connections (and proxies) open."""
+    return f": {text}\n\n"
+
+
+def retry(milliseconds: int) -> str:
+    """Tell the client how long to wait before reconnecting after a dropped connection."""
+    return f"retry: {milliseconds}\n\n"
+
+
+def parse(lines: Iterable[str]) -> Iterator[Event]:
+    """Events from a stream's lines (line endings removed), by the standard's rules.
+
+    The last event id persists from event to event until a new ``id`` field sets it, as in a
+    browser's ``EventSource``; an event with no ``data`` is not dispatched.
+    """
+    event_type = ""
+    data: list[str] = []
+    last_id: str | None = None
+    for line in lines:
+        if not line:
+            if data:
+                yield Event(event_type or "message", "\n".join(data), last_id)
+            event_type, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event_type = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id" and "\0" not in value:
+            last_id = value

@@ -1,0 +1,90 @@
+"""GET /jobs/{id}/events over HTTP: the stream, resume by header or query, 404 and 422."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import sse
+from service.schemas import JobCreate
+from service.settings import Settings
+from tests.records import FakeTraining
+
+UNKNOWN = "0" * 32
+
+
+@pytest.fixture
+def api_settings(api_settings: Settings) -> Settings:
+    return api_settings.model_copy(update={"events_poll_s": 0.05})
+
+
+def read_stream(client: TestClient, path: str, **kwargs: object) -> list[sse.Event]:
+    with client.stream("GET", path, **kwargs) as response:  # type: ignore[arg-type]
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        return list(sse.parse(response.iter_lines()))
+
+
+def test_a_live_job_streams_until_it_ends(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=30))
+    job_id = training.submit()
+    training.claim()
+    received: list[sse.Event] = []
+    first_step = threading.Event()
+
+    def follow() -> None:
+        with client.stream("GET", f"/jobs/{job_id}/events") as response:
+            for event in sse.parse(response.iter_lines()):
+                received.append(event)
+                if event.event == "step":
+                    first_step.set()
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    training.advance(2)
+    assert first_step.wait(timeout=30), "no step event arrived"
+    training.advance(1, end_epoch=0.4)
+    training.run_epoch(0.9)
+    training.finish()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the stream did not end with the job"
+    steps = [s["step"] for e in received if e.event == "step" for s in e.json()["steps"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [e.json()["epoch"] for e in received if e.event == "epoch"] == [1, 2]
+    assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
+
+
+def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Session]) -> None:
+    training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=20))
+    job_id = training.submit()
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.7)
+    training.finish()
+    everything = read_stream(client, f"/jobs/{job_id}/events")
+    epoch_one = next(e for e in everything if e.event == "epoch")
+    by_header = read_stream(
+        client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": epoch_one.id}
+    )
+    by_query = read_stream(client, f"/jobs/{job_id}/events?last_event_id={epoch_one.id}")
+    for resumed in (by_header, by_query):
+        steps = [s["step"] for e in resumed if e.event == "step" for s in e.json()["steps"]]
+        assert steps == [3, 4]
+        assert [e.json()["epoch"] for e in resumed if e.event == "epoch"] == [2]
+
+
+def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient) -> None:
+    response = client.get(f"/jobs/{UNKNOWN}/events")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert client.get("/jobs/nope/events").status_code == 422
+    job_id = client.post("/jobs", json={}).json()["id"]
+    response = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "garbage"})
+    assert response.status_code == 422
+    assert "Last-Event-ID" in response.json()["error"]["message"]

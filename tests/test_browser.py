@@ -1,0 +1,182 @@
+"""The dashboard in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+Start a job from the form (after the API has refused bad values), watch the chart gain
+points while it trains, draw a digit and get a prediction, cancel a job. Screenshots go to
+tests/artifacts/ (CI keeps them). Skips, saying why, only where Chromium or Playwright is
+missing; CI installs both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support import REPO_ROOT, wait_for
+from tests.test_end_to_end import start_service
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1280, "height": 900}
+TIMEOUT_MS = 120_000
+
+
+def _skip_reason() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "browser test: Playwright's Python package is not installed (pip install -e .[dev])"
+    if not CHROMIUM.exists():
+        return f"browser test: no Chromium at {CHROMIUM} (apt-get install chromium; CI does)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+def mnist_dir(small_mnist: Path) -> Path:
+    """The official files when CI names them (a drawn 7 then reads as a 7), else generated ones."""
+    value = os.environ.get("MNIST_DATA_DIR")
+    if value and (Path(value) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        return Path(value)
+    return small_mnist
+
+
+@pytest.fixture
+def dashboard(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[str]:
+    """The API and one worker; yields the dashboard's URL."""
+    data_dir = mnist_dir(small_mnist)
+    for service in start_service(sqlite_url, data_dir, tmp_path, events_poll_s="0.2"):
+        yield f"{service.client.base_url}/"
+
+
+@pytest.fixture
+def page(dashboard: str) -> Iterator[Page]:
+    """A Chromium page on the dashboard; fails the test on any script error."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(dashboard)
+            yield page
+        finally:
+            browser.close()
+    assert errors == [], f"script errors on the page: {errors}"
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def chart_points(page: Page) -> tuple[int, int, str]:
+    """(loss points, accuracy points, the status shown) on the job page."""
+    value: Any = page.evaluate(
+        """() => {
+            const chart = document.getElementById("chart");
+            const data = chart.data || [{x: []}, {x: []}];
+            return [data[0].x.length, data[1].x.length,
+                    document.getElementById("job-status").textContent];
+        }"""
+    )
+    return int(value[0]), int(value[1]), str(value[2])
+
+
+def submit_form(page: Page, **fields: str) -> str:
+    """Fill the new-job form, submit it, and return the id of the job page it opens."""
+    page.goto(page.url.split("#")[0] + "#/")
+    for name, value in fields.items():
+        page.fill(f"#field-{name}", value)
+    page.click("#submit-job")
+    page.wait_for_url("**/#/jobs/*")
+    return page.url.rsplit("/", 1)[-1]
+
+
+def test_train_watch_draw_predict_and_cancel(page: Page) -> None:
+    started = time.monotonic()
+    page.wait_for_selector("#field-epochs")
+
+    # The API validates; its messages land next to the fields they name.
+    page.fill("#field-epochs", "0")
+    page.fill("#field-learning_rate", "abc")
+    page.click("#submit-job")
+    page.wait_for_selector(".field.invalid")
+    assert page.text_content("#error-epochs") == "Input should be greater than or equal to 1"
+    assert page.text_content("#error-learning_rate") == "Input should be a valid number"
+    assert page.text_content("#error-batch_size") == ""
+    shot(page, "01-form-errors")
+
+    # A job from the form: its page shows the chart filling in while the job runs.
+    page.fill("#field-learning_rate", "")
+    job_id = submit_form(page, epochs="4", seed="7")
+    samples: list[tuple[int, int, str]] = []
+
+    def finished() -> bool:
+        samples.append(chart_points(page))
+        points, _, status = samples[-1]
+        if status == "running" and points > 1:
+            shot(page, "02-job-running")  # the last one taken shows the job well under way
+        return status == "succeeded"
+
+    wait_for(
+        finished,
+        timeout_s=TIMEOUT_MS / 1000,
+        every_s=0.5,
+        what=f"job {job_id} to succeed on its page",
+    )
+    step_text = page.text_content("#job-meta div:nth-child(2) dd") or ""
+    total_steps = int(step_text.split("/")[1])
+    live = [n for n, _, status in samples if status == "running" and 0 < n < total_steps]
+    assert live, f"the chart never showed a partly trained job: {samples[:5]}…{samples[-5:]}"
+    loss_points, accuracy_points, _ = samples[-1]
+    assert (loss_points, accuracy_points) == (total_steps, 4)
+    shot(page, "03-job-succeeded")
+
+    # Draw a 7 with the mouse; the prediction comes back as ten bars.
+    page.goto(page.url.split("#")[0] + "#/")
+    pad = page.locator("#pad").bounding_box()
+    assert pad is not None
+    x, y = pad["x"], pad["y"]
+    page.mouse.move(x + 90, y + 70)
+    page.mouse.down()
+    page.mouse.move(x + 190, y + 70, steps=10)
+    page.mouse.move(x + 125, y + 230, steps=15)
+    page.mouse.up()
+    page.wait_for_function("document.querySelectorAll('#bars li').length === 10")
+    values = page.eval_on_selector_all("#bars li", "els => els.map(e => e.dataset.p)")
+    probabilities = [float(v) for v in values]
+    digit = int(page.text_content("#digit") or "-1")
+    assert abs(sum(probabilities) - 1) < 1e-4
+    assert digit == probabilities.index(max(probabilities))
+    assert page.get_attribute("#bars li.top", "data-digit") == str(digit)
+    assert job_id[:8] in (page.text_content("#predict-model") or "")
+    shot(page, "04-prediction")
+
+    # A long job from the form, cancelled from its page.
+    submit_form(page, epochs="100")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'running'")
+    page.click("#cancel-job")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
+    assert page.is_disabled("#cancel-job")
+    shot(page, "05-cancelled")
+    print(f"browser test took {time.monotonic() - started:.1f} s")
