@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.db import make_engine, make_sessionmaker
 from service.errors import ServiceError
 from service.predict import ModelCache
-from service.routes import health, jobs, predict
+from service.routes import health, jobs, models, predict
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
@@ -94,4 +94,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(predict.router)
+    app.include_router(models.router)
     return app

@@ -10,6 +10,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+# Bounds of MNIST_MAX_IMAGE_PIXELS. The ceiling is also Pillow's bomb guard in the API process
+# (service/imaging.py), far below Pillow's default of 89 Mpx.
+IMAGE_PIXELS_FLOOR = 28 * 28
+IMAGE_PIXELS_CEILING = 32_000_000
 
 
 class Settings(BaseSettings):
@@ -45,6 +49,13 @@ class Settings(BaseSettings):
     # API behaviour.
     model_cache_size: int = Field(default=8, ge=1, le=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(
+        default=16_000_000,
+        ge=IMAGE_PIXELS_FLOOR,
+        le=IMAGE_PIXELS_CEILING,
+        description="Largest image (width × height) predict decodes; larger ones get 413.",
+    )
+    max_images_per_request: int = Field(default=16, ge=1, le=1024)
 
     @field_validator("database_url")
     @classmethod
