@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -76,16 +77,26 @@ def rgba_png(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     return png(rgba)
 
 
+@functools.cache
+def _paper() -> np.ndarray:
+    """Noisy cream paper, twice a photo's size: each photo is a random window of it."""
+    rng = np.random.default_rng(1234)
+    paper = np.full((800, 1200, 3), (235, 228, 210), np.float32)
+    paper += rng.normal(0, 6, paper.shape).astype(np.float32)
+    return np.clip(paper, 0, 255).astype(np.uint8)
+
+
 def phone_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """A 600×400 JPEG: dark blue ink, 6× larger, somewhere on noisy cream paper."""
     ink = np.asarray(Image.fromarray(digit).resize((168, 168), Image.Resampling.BICUBIC))
     alpha = ink.astype(np.float32)[..., None] / 255
-    paper = np.full((400, 600, 3), (235, 228, 210), np.float32)
-    paper += rng.normal(0, 6, paper.shape).astype(np.float32)
+    y, x = int(rng.integers(0, 400)), int(rng.integers(0, 600))
+    photo = _paper()[y : y + 400, x : x + 600].copy()
     top, left = int(rng.integers(10, 400 - 178)), int(rng.integers(10, 600 - 178))
-    region = paper[top : top + 168, left : left + 168]
-    region[:] = region * (1 - alpha) + np.array((30, 40, 90), np.float32) * alpha
-    return encode(Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8)), "JPEG", quality=85)
+    region = photo[top : top + 168, left : left + 168].astype(np.float32)
+    blended = region * (1 - alpha) + np.array((30, 40, 90), np.float32) * alpha
+    photo[top : top + 168, left : left + 168] = np.rint(blended).astype(np.uint8)
+    return encode(Image.fromarray(photo), "JPEG", quality=85)
 
 
 Variant = Callable[[np.ndarray, np.random.Generator], bytes]
