@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from service import repository
 from service.clock import utcnow
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, ServiceError
 from service.jobs import params_of
 from service.models import Job, JobStatus, ModelAlias
 from service.schemas import AliasList, AliasRead, ModelList, ModelRead
@@ -61,14 +61,20 @@ def list_page(
     )
 
 
-def model_or_404(session: Session, job_id: str) -> Job:
-    """The succeeded job ``job_id``; 404 when there is no such job or it is not a model."""
+def model_of(session: Session, job_id: str, *, not_a_model: type[ServiceError] = Conflict) -> Job:
+    """The succeeded job ``job_id``: 404 when there is no such job, ``not_a_model`` (409 by
+    default) when it has no trained model."""
     job = repository.get_job(session, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     if not is_model(job):
-        raise NotFound(f"job {job_id} is not a model: it is {job.status}, not succeeded")
+        raise not_a_model(f"job {job_id} has no trained model (status {job.status})")
     return job
+
+
+def model_or_404(session: Session, job_id: str) -> Job:
+    """The succeeded job ``job_id``; 404 when there is no such job or it is not a model."""
+    return model_of(session, job_id, not_a_model=NotFound)
 
 
 def get(session: Session, checkpoint_dir: Path, job_id: str) -> ModelRead:
@@ -105,11 +111,7 @@ def get_alias(session: Session, name: str) -> AliasRead:
 
 def set_alias(session: Session, name: str, job_id: str) -> AliasRead:
     """Point ``name`` at the model of ``job_id`` (404 unknown job, 409 not a model)."""
-    job = repository.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"no job with id {job_id}")
-    if not is_model(job):
-        raise Conflict(f"job {job_id} has no trained model (status {job.status})")
+    model_of(session, job_id)
     alias = repository.set_alias(session, name=name, job_id=job_id, now=utcnow())
     read = _alias_read(alias)
     session.commit()
@@ -146,9 +148,4 @@ def resolve(session: Session, *, job_id: str | None = None, alias: str | None = 
         if job is None or job.checkpoint is None:
             raise Conflict("no trained model yet: POST /jobs and wait for a job to succeed")
         return job
-    job = repository.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"no job with id {job_id}")
-    if not is_model(job):
-        raise Conflict(f"job {job_id} has no trained model (status {job.status})")
-    return job
+    return model_of(session, job_id)

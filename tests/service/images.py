@@ -10,6 +10,14 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+from torchvision import transforms
+
+from service.ml import MNIST_MEAN, MNIST_STD
+
+# The tutorial's transform: what a 28×28 MNIST digit must become, bit for bit.
+TUTORIAL = transforms.Compose(
+    [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+)
 
 SVG = (
     b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="28" height="28">'

@@ -8,28 +8,23 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from service import imaging
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.ml import MNIST_MEAN, MNIST_STD
 from service.predict import image_to_tensor, pixels_to_tensor
 from service.settings import IMAGE_PIXELS_CEILING
 from tests.service.images import (
     EXTRA_VARIANTS,
     SVG,
     TEXT,
+    TUTORIAL,
     encode,
     png,
     png_claiming_size,
     rgba_png,
 )
 from tests.support import synthetic_digits
-
-TUTORIAL = transforms.Compose(
-    [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
-)
 
 
 def layout(data: bytes) -> np.ndarray:

@@ -155,7 +155,7 @@ def test_a_job_that_is_not_a_model_is_404_under_models(
     running = add_model(sessions, finished_ago_s=0, status=JobStatus.RUNNING)
     model = add_model(sessions, finished_ago_s=0)
     with sessions() as session:
-        with pytest.raises(NotFound, match="is not a model: it is running"):
+        with pytest.raises(NotFound, match="has no trained model \\(status running\\)"):
             model_registry.get(session, tmp_path, running)
         with pytest.raises(NotFound, match="no job with id"):
             model_registry.get(session, tmp_path, MISSING)

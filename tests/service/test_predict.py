@@ -12,22 +12,17 @@ import pytest
 import torch
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
-from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from service import repository
 from service.clock import utcnow
 from service.errors import Conflict, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.ml import MNIST_MEAN, MNIST_STD, SimpleMLP, load_model, save_checkpoint
+from service.ml import SimpleMLP, load_model, save_checkpoint
 from service.models import JobStatus
 from service.predict import ModelCache, ModelChoice, image_to_tensor, images_to_tensor, predict
 from service.schemas import JobCreate
-from tests.service.images import encode, png_claiming_size
+from tests.service.images import TUTORIAL, encode, png_claiming_size
 from tests.support import synthetic_digits
-
-TUTORIAL = transforms.Compose(
-    [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
-)
 
 
 def test_a_28x28_mnist_png_gives_exactly_the_tutorial_tensor(small_mnist: Path) -> None:

@@ -55,7 +55,7 @@ def test_a_job_that_is_not_a_model_is_404(client: TestClient) -> None:
     queued = client.post("/jobs", json={}).json()["id"]
     response = client.get(f"/models/{queued}")
     assert response.status_code == 404
-    assert "is not a model" in response.json()["error"]["message"]
+    assert "has no trained model" in response.json()["error"]["message"]
     assert client.get(f"/models/{MISSING}").status_code == 404
     assert client.get(f"/models/{queued}/checkpoint").status_code == 404
     assert client.get("/models/not-an-id").status_code == 422

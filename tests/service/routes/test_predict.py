@@ -321,3 +321,12 @@ def test_each_bad_input_gets_its_4xx_and_the_server_keeps_answering(
     svg = served_model.post("/predict", content=SVG, headers={"content-type": "image/svg+xml"})
     assert "accepted: PNG, JPEG, BMP, GIF (first frame), WebP" in svg.json()["error"]["message"]
     assert served_model.get("/healthz").status_code == 200
+
+
+def test_the_api_documents_every_way_to_send_images(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "image/*", "application/json"}
+    assert set(body["multipart/form-data"]["schema"]["properties"]) == {"file", "files"}
+    params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
+    assert params == {"job_id", "model", "top_k"}
