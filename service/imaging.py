@@ -103,9 +103,13 @@ def _grayscale(image: Image.Image) -> Gray:
     return over_white.astype(np.uint8)
 
 
+def _border(gray: NDArray[Any]) -> NDArray[Any]:
+    """The outermost pixels: the background, unless the ink touches every edge."""
+    return np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]))
+
+
 def _border_median(gray: NDArray[Any]) -> float:
-    border = np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]))
-    return float(np.median(border))
+    return float(np.median(_border(gray)))
 
 
 def dark_background(gray: NDArray[Any]) -> NDArray[Any]:
@@ -133,7 +137,7 @@ def _ink(gray: Gray) -> Gray | None:
     deviation); ink is what stands out from both, so paper texture and sensor noise in a
     photo do not stretch the box to the whole picture.
     """
-    border = np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1])).astype(np.float32)
+    border = _border(gray).astype(np.float32)
     background = float(np.median(border))
     noise = MAD_TO_SIGMA * float(np.median(np.abs(border - background)))
     top = float(gray.max())
