@@ -17,7 +17,7 @@ from service.db import make_engine, make_sessionmaker
 from service.errors import ServiceError
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.predict import ModelCache
-from service.routes import dashboard, events, health, jobs, ops, predict, workers
+from service.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(predict.router)
+    app.include_router(models.router)
     app.include_router(workers.router)
     app.include_router(events.router)
     app.include_router(ops.router)

@@ -1,68 +1,83 @@
-"""Predict: an uploaded image → a normalised 28×28 tensor → a cached model's answer."""
+"""Predict: images → MNIST-layout tensors → a cached model's probabilities."""
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
-from service import repository
-from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service import imaging, model_registry
+from service.errors import Conflict, ServiceError
 from service.ml import IMAGE_SIDE_PX, SimpleMLP, load_model, normalize_uint8
-from service.models import Job, JobStatus
-from service.schemas import Prediction
+from service.schemas import DigitProbability, Prediction
 
-MAX_IMAGE_PIXELS = 25_000_000  # decoded size cap: far below Pillow's bomb threshold
-ACCEPTED_FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF"
+# Re-exported: what the predict route tells clients it accepts.
+ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
+DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
 
 
-def image_to_tensor(data: bytes) -> torch.Tensor:
-    """Image bytes → a 1×1×28×28 float32 tensor normalised as MNIST's training data.
+def image_to_tensor(
+    data: bytes, *, max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Image bytes → a 1×1×28×28 float32 tensor in MNIST's layout and normalisation.
 
-    Colour and alpha become grayscale; other sizes are resized to 28×28. A 28×28 grayscale
-    image gives exactly the tutorial's ``ToTensor()`` + ``Normalize`` tensor.
+    See :mod:`service.imaging`. A 28×28 grayscale MNIST digit gives exactly the tutorial's
+    ``ToTensor()`` + ``Normalize`` tensor.
     """
-    if not data:
-        raise InvalidInput("the uploaded file is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise UnsupportedMediaType(
-            f"the file is not an image; accepted: {ACCEPTED_FORMATS}"
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"the image has more than {MAX_IMAGE_PIXELS} pixels") from exc
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise PayloadTooLarge(
-            f"the image is {image.width}×{image.height} pixels; "
-            f"at most {MAX_IMAGE_PIXELS} pixels allowed"
-        )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"the image could not be decoded (truncated or corrupt): {exc}") from exc
-    gray = image.convert("L")
-    if gray.size != (IMAGE_SIDE_PX, IMAGE_SIDE_PX):
-        gray = gray.resize((IMAGE_SIDE_PX, IMAGE_SIDE_PX), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy())
-    return normalize_uint8(pixels.unsqueeze(0))
+    return images_to_tensor([data], max_pixels=max_pixels)
+
+
+def images_to_tensor(
+    images: Sequence[bytes], *, max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Several images → one N×1×28×28 batch; an error names the image (``files[i]``)."""
+    fields = np.empty((len(images), IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
+    for i, data in enumerate(images):
+        try:
+            fields[i] = imaging.mnist_layout(imaging.decode(data, max_pixels=max_pixels))
+        except ServiceError as exc:
+            if len(images) == 1:
+                raise
+            raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
+    return normalize_uint8(torch.from_numpy(fields))
+
+
+def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
+    """A validated 28×28 list of 0–255 values → a 1×1×28×28 tensor (inverted when light).
+
+    Integer values give exactly the tutorial's tensor for the same uint8 image.
+    """
+    array = imaging.pixels_layout(np.asarray(pixels, dtype=np.float32))
+    return normalize_uint8(torch.from_numpy(array).unsqueeze(0))
 
 
 class ModelCache:
-    """Loaded models by checkpoint file, least recently used evicted; each file loaded once."""
+    """Loaded models by checkpoint file, least recently used evicted.
+
+    Each file is loaded once even when many requests ask for it at the same moment: the
+    first one loads it while the others wait on that load alone; loads of different files
+    run in parallel, and cached models are served while any load runs. A load that fails is
+    not remembered: the next request tries again.
+    """
 
     def __init__(self, checkpoint_dir: Path, capacity: int) -> None:
         self._dir = checkpoint_dir
         self._capacity = capacity
         self._models: OrderedDict[str, SimpleMLP] = OrderedDict()
-        self._lock = threading.Lock()
+        self._loading: dict[str, Future[SimpleMLP]] = {}
+        self._lock = threading.Lock()  # guards the two dicts; never held while loading
         self.loads = 0  # how many times a checkpoint was read from disk
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
 
     def get(self, checkpoint: str) -> SimpleMLP:
         """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
@@ -71,40 +86,73 @@ class ModelCache:
             if model is not None:
                 self._models.move_to_end(checkpoint)
                 return model
-            path = self._dir / Path(checkpoint).name
-            if not path.is_file():
-                raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
-            model = load_model(path)
-            self.loads += 1
+            pending = self._loading.get(checkpoint)
+            owner = pending is None
+            if pending is None:
+                pending = self._loading[checkpoint] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            model = self._load(checkpoint)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[checkpoint]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[checkpoint]
             self._models[checkpoint] = model
-            if len(self._models) > self._capacity:
+            while len(self._models) > self._capacity:
                 self._models.popitem(last=False)
-            return model
+        pending.set_result(model)
+        return model
+
+    def _load(self, checkpoint: str) -> SimpleMLP:
+        # Workers write checkpoints to a temporary name and rename them into place, and record
+        # the name only after that: a file found under its recorded name is whole. A file that
+        # still does not load (damaged on disk) is refused, never half-used.
+        path = self._dir / Path(checkpoint).name
+        if not path.is_file():
+            raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
+        try:
+            model = load_model(path)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise Conflict(f"the checkpoint {path.name} cannot be loaded: {exc}") from exc
+        with self._lock:
+            self.loads += 1
+        return model
 
 
-def resolve_model_job(session: Session, job_id: str | None) -> Job:
-    """The job whose model answers: the one asked for, else the latest succeeded job."""
-    if job_id is None:
-        job = repository.latest_succeeded_job(session)
-        if job is None:
-            raise Conflict("no trained model yet: POST /jobs and wait for a job to succeed")
-        return job
-    job = repository.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"no job with id {job_id}")
-    if job.status != JobStatus.SUCCEEDED or job.checkpoint is None:
-        raise Conflict(f"job {job_id} has no trained model (status {job.status})")
-    return job
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model answers: by job id, by alias, or (neither) the default."""
+
+    job_id: str | None = None
+    alias: str | None = None
 
 
-def predict(session: Session, cache: ModelCache, image: bytes, job_id: str | None) -> Prediction:
-    """The digit in ``image`` according to the chosen job's model."""
-    x = image_to_tensor(image)
-    job = resolve_model_job(session, job_id)
+def predict(
+    session: Session,
+    cache: ModelCache,
+    x: torch.Tensor,
+    choice: ModelChoice,
+    *,
+    top_k: int | None = None,
+) -> list[Prediction]:
+    """One prediction per image of the batch ``x`` (N×1×28×28), by the chosen model."""
+    job = model_registry.resolve(session, job_id=choice.job_id, alias=choice.alias)
     assert job.checkpoint is not None
     model = cache.get(job.checkpoint)
     with torch.inference_mode():
-        probabilities = torch.softmax(model(x), dim=1)[0]
-    return Prediction(
-        digit=int(probabilities.argmax()), probabilities=probabilities.tolist(), job_id=job.id
-    )
+        logits = model(x)
+    # Softmax in float64: the ten probabilities then sum to 1 within 1e-15.
+    probabilities = torch.softmax(logits.double(), dim=1)
+    rows: list[list[float]] = probabilities.tolist()
+    predictions = []
+    for row in rows:
+        ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)
+        top = None
+        if top_k is not None:
+            top = [DigitProbability(digit=d, probability=row[d]) for d in ranked[:top_k]]
+        predictions.append(Prediction(digit=ranked[0], probabilities=row, job_id=job.id, top_k=top))
+    return predictions

@@ -16,12 +16,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.clock import new_job_id
 from service.errors import InvalidInput, LeaseLost
-from service.models import EpochMetric, Job, JobStatus, TrainStep, WorkerRow
+from service.models import EpochMetric, Job, JobStatus, ModelAlias, TrainStep, WorkerRow
 from service.schemas import JobCreate
 
 
@@ -54,19 +55,19 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+def _encode_cursor(when: datetime, key: str) -> str:
+    raw = f"{when.isoformat()}|{key}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _decode_cursor(cursor: str, source: str = "GET /jobs") -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, job_id = raw.split("|", 1)
         return datetime.fromisoformat(created), job_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInput(
-            "cursor is not a value returned as 'next' by GET /jobs",
+            f"cursor is not a value returned as 'next' by {source}",
             details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
         ) from exc
 
@@ -85,7 +86,7 @@ def list_jobs(
         )
     jobs = list(session.scalars(stmt))
     if len(jobs) > limit:
-        return jobs[:limit], _encode_cursor(jobs[limit - 1])
+        return jobs[:limit], _encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id)
     return jobs, None
 
 
@@ -543,3 +544,75 @@ def running_samples(session: Session) -> list[RunningSample]:
         .where(Job.status == JobStatus.RUNNING)
     )
     return [RunningSample(*row) for row in session.execute(stmt)]
+
+
+# --- models and aliases ----------------------------------------------------------------------
+
+_is_model = and_(Job.status == JobStatus.SUCCEEDED, Job.checkpoint.is_not(None))
+
+
+def list_models(
+    session: Session, *, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """A page of succeeded jobs with weights, most recently finished first, and the next cursor."""
+    stmt = (
+        select(Job)
+        .where(_is_model)
+        .order_by(Job.finished_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    )
+    if cursor is not None:
+        finished, job_id = _decode_cursor(cursor, "GET /models")
+        stmt = stmt.where(
+            or_(Job.finished_at < finished, and_(Job.finished_at == finished, Job.id < job_id))
+        )
+    jobs = list(session.scalars(stmt))
+    if len(jobs) > limit:
+        last = jobs[limit - 1]
+        assert last.finished_at is not None
+        return jobs[:limit], _encode_cursor(last.finished_at, last.id)
+    return jobs, None
+
+
+def get_alias(session: Session, name: str) -> ModelAlias | None:
+    """The alias with this name, or None."""
+    return session.get(ModelAlias, name)
+
+
+def list_aliases(session: Session) -> list[ModelAlias]:
+    """Every alias, by name."""
+    return list(session.scalars(select(ModelAlias).order_by(ModelAlias.name)))
+
+
+def aliases_of(session: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """The alias names pointing at each of these jobs (jobs without one are left out)."""
+    if not job_ids:
+        return {}
+    stmt = (
+        select(ModelAlias.job_id, ModelAlias.name)
+        .where(ModelAlias.job_id.in_(job_ids))
+        .order_by(ModelAlias.name)
+    )
+    found: dict[str, list[str]] = {}
+    for job_id, name in session.execute(stmt):
+        found.setdefault(job_id, []).append(name)
+    return found
+
+
+def set_alias(session: Session, *, name: str, job_id: str, now: datetime) -> ModelAlias:
+    """Point ``name`` at ``job_id``: one upsert, so concurrent PUTs of a new name never collide."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(ModelAlias).values(name=name, job_id=job_id, updated_at=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[ModelAlias.name], set_={"job_id": job_id, "updated_at": now}
+    )
+    session.execute(stmt)
+    alias = session.get(ModelAlias, name, populate_existing=True)
+    assert alias is not None
+    return alias
+
+
+def delete_alias(session: Session, name: str) -> bool:
+    """Remove an alias; False when there was none."""
+    result = session.execute(delete(ModelAlias).where(ModelAlias.name == name))
+    return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.clock import JOB_ID_PATTERN
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -103,12 +105,53 @@ class MetricsRead(BaseModel):
     next_after_step: int = Field(description="Pass as after_step to get only newer steps.")
 
 
+class DigitProbability(BaseModel):
+    """One digit and how probable the model finds it."""
+
+    digit: int = Field(ge=0, le=9)
+    probability: float
+
+
 class Prediction(BaseModel):
     """The digit a model sees in an image."""
 
     digit: int = Field(ge=0, le=9)
-    probabilities: list[float] = Field(min_length=10, max_length=10)
-    job_id: str
+    probabilities: list[float] = Field(
+        min_length=10, max_length=10, description="Digit 0 to 9; they sum to 1."
+    )
+    job_id: str = Field(description="The job whose model answered.")
+    top_k: list[DigitProbability] | None = Field(
+        default=None, description="With ?top_k=k: the k most probable digits, most probable first."
+    )
+
+
+class PredictionBatch(BaseModel):
+    """One prediction per uploaded image (the multipart ``files`` field), in upload order."""
+
+    job_id: str = Field(description="The job whose model answered them all.")
+    predictions: list[Prediction]
+
+
+PixelRow = Annotated[
+    list[Annotated[float, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)
+]
+
+
+class PixelsInput(BaseModel):
+    """The JSON body of ``POST /predict``: one 28×28 image as rows of numbers 0–255."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"pixels": [[0] * 28] * 28}]},
+    )
+
+    pixels: list[PixelRow] = Field(
+        min_length=28,
+        max_length=28,
+        description="28 rows of 28 numbers, 0 (black) to 255 (white), in MNIST's layout.",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -164,3 +207,56 @@ class Readiness(BaseModel):
 
     status: Literal["ready"]
     checks: list[ReadinessCheck]
+
+
+# --- models and aliases ----------------------------------------------------------------------
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ModelRead(BaseModel):
+    """A model version: a succeeded job and its trained weights."""
+
+    job_id: str
+    params: JobCreate
+    accuracy: float | None = Field(description="The last epoch's validation accuracy.")
+    created_at: datetime
+    finished_at: datetime
+    device: str | None = Field(description="Where it was trained.")
+    checkpoint_bytes: int | None = Field(
+        description="The size of the weights file; null when the file is missing."
+    )
+    aliases: list[str] = Field(description="The aliases that point at this model.")
+
+
+class ModelList(BaseModel):
+    """A page of models, newest first; pass ``next`` as ``cursor`` for the following page."""
+
+    models: list[ModelRead]
+    next: str | None
+
+
+class AliasWrite(BaseModel):
+    """The body of ``PUT /models/aliases/{name}``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"job_id": "0192a3b4c5d6e7f8091a2b3c4d5e6f70"}]},
+    )
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="A succeeded job.")
+
+
+class AliasRead(BaseModel):
+    """A name pointing at a model."""
+
+    name: str
+    job_id: str
+    updated_at: datetime
+
+
+class AliasList(BaseModel):
+    """Every alias, by name."""
+
+    aliases: list[AliasRead]

@@ -12,6 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 LogFormat = Literal["text", "json"]
 
+# Bounds of MNIST_MAX_IMAGE_PIXELS. The ceiling is also Pillow's bomb guard in the API process
+# (service/imaging.py), far below Pillow's default of 89 Mpx.
+IMAGE_PIXELS_FLOOR = 28 * 28
+IMAGE_PIXELS_CEILING = 32_000_000
+
 
 class Settings(BaseSettings):
     """Every knob of the service; one instance is shared by the API and the worker processes."""
@@ -70,6 +75,14 @@ class Settings(BaseSettings):
         default="text", description="text for people, json for one JSON object per line."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    max_image_pixels: int = Field(
+        default=16_000_000,
+        ge=IMAGE_PIXELS_FLOOR,
+        le=IMAGE_PIXELS_CEILING,
+        description="Largest image (width × height) predict decodes; larger ones get 413.",
+    )
+    max_images_per_request: int = Field(default=16, ge=1, le=1024)
 
     @field_validator("database_url")
     @classmethod

@@ -21,7 +21,8 @@ from service.client import DEFAULT_URL
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
-from tests.service.routes.test_predict import png, train_job
+from tests.service.images import png
+from tests.service.routes.test_predict import train_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
 from workers.worker import Worker
 

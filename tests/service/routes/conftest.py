@@ -1,15 +1,23 @@
-"""An in-process app (real migrated database, real lifespan) and a client for it."""
+"""An in-process app (real migrated database, real lifespan), a client, a real trained model."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service import repository
 from service.app import create_app
+from service.clock import utcnow
+from service.db import make_engine, make_sessionmaker
+from service.models import Job, JobStatus
+from service.schemas import JobCreate
 from service.settings import Settings
+from workers.worker import Worker
 
 
 @pytest.fixture
@@ -29,3 +37,47 @@ def api_settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
 def client(api_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(api_settings)) as client:
         yield client
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model a real worker trained on real MNIST, in a SQLite database of its own."""
+
+    settings: Settings
+    job_id: str
+    accuracy: float  # its validation accuracy: the first ``testset_size`` test images
+
+
+# The validation images: MNIST's test split is never trained on, and predicting these same
+# images through the API must reproduce the accuracy the worker measured on them.
+REAL_VALIDATION_IMAGES = 2000
+
+
+@pytest.fixture(scope="session")
+def real_model(
+    real_mnist: Path, sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TrainedModel:
+    """One model trained once per test session (the tutorial's defaults, a few seconds on CPU)."""
+    root = tmp_path_factory.mktemp("real-model")
+    shutil.copy(sqlite_template, root / "mnist.db")
+    settings = Settings(
+        database_url=f"sqlite:///{root / 'mnist.db'}",
+        data_dir=real_mnist,
+        download=False,
+        checkpoint_dir=root / "models",
+        device="cpu",
+        max_images_per_request=100,
+    )
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    params = JobCreate(seed=0, testset_size=REAL_VALIDATION_IMAGES)
+    with sessions.begin() as session:
+        job_id = repository.create_job(session, params, max_attempts=1, now=utcnow()).id
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.SUCCEEDED, job and job.error
+        assert job.accuracy is not None
+        accuracy = job.accuracy
+    engine.dispose()
+    return TrainedModel(settings, job_id, accuracy)

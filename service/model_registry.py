@@ -1,0 +1,151 @@
+"""Models: every succeeded job is a version; aliases name versions; which one answers predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service import repository
+from service.clock import utcnow
+from service.errors import Conflict, NotFound, ServiceError
+from service.jobs import params_of
+from service.models import Job, JobStatus, ModelAlias
+from service.schemas import AliasList, AliasRead, ModelList, ModelRead
+
+DEFAULT_ALIAS = "production"
+
+
+def is_model(job: Job) -> bool:
+    """A job is a model version once it has succeeded and recorded its weights file."""
+    return job.status == JobStatus.SUCCEEDED and job.checkpoint is not None
+
+
+def checkpoint_file(checkpoint_dir: Path, job: Job) -> Path:
+    """The weights file of a model (only its name is taken from the database, never a path)."""
+    assert job.checkpoint is not None
+    return checkpoint_dir / Path(job.checkpoint).name
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def to_read(job: Job, checkpoint_dir: Path, aliases: list[str]) -> ModelRead:
+    """A model as the API shows it."""
+    assert job.finished_at is not None
+    return ModelRead(
+        job_id=job.id,
+        params=params_of(job),
+        accuracy=job.accuracy,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        device=job.device,
+        checkpoint_bytes=_size(checkpoint_file(checkpoint_dir, job)),
+        aliases=aliases,
+    )
+
+
+def list_page(
+    session: Session, checkpoint_dir: Path, *, limit: int, cursor: str | None
+) -> ModelList:
+    """A page of models, most recently finished first."""
+    jobs, next_cursor = repository.list_models(session, limit=limit, cursor=cursor)
+    aliases = repository.aliases_of(session, [job.id for job in jobs])
+    return ModelList(
+        models=[to_read(job, checkpoint_dir, aliases.get(job.id, [])) for job in jobs],
+        next=next_cursor,
+    )
+
+
+def model_of(session: Session, job_id: str, *, not_a_model: type[ServiceError] = Conflict) -> Job:
+    """The succeeded job ``job_id``: 404 when there is no such job, ``not_a_model`` (409 by
+    default) when it has no trained model."""
+    job = repository.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    if not is_model(job):
+        raise not_a_model(f"job {job_id} has no trained model (status {job.status})")
+    return job
+
+
+def model_or_404(session: Session, job_id: str) -> Job:
+    """The succeeded job ``job_id``; 404 when there is no such job or it is not a model."""
+    return model_of(session, job_id, not_a_model=NotFound)
+
+
+def get(session: Session, checkpoint_dir: Path, job_id: str) -> ModelRead:
+    """One model."""
+    job = model_or_404(session, job_id)
+    aliases = repository.aliases_of(session, [job.id]).get(job.id, [])
+    return to_read(job, checkpoint_dir, aliases)
+
+
+def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> Path:
+    """The weights file of a model, for download; 409 when it is gone from the disk."""
+    path = checkpoint_file(checkpoint_dir, model_or_404(session, job_id))
+    if not path.is_file():
+        raise Conflict(f"the checkpoint of model {job_id} is missing from {checkpoint_dir.name}/")
+    return path
+
+
+def _alias_read(alias: ModelAlias) -> AliasRead:
+    return AliasRead(name=alias.name, job_id=alias.job_id, updated_at=alias.updated_at)
+
+
+def list_aliases(session: Session) -> AliasList:
+    """Every alias."""
+    return AliasList(aliases=[_alias_read(a) for a in repository.list_aliases(session)])
+
+
+def get_alias(session: Session, name: str) -> AliasRead:
+    """One alias, or 404."""
+    alias = repository.get_alias(session, name)
+    if alias is None:
+        raise NotFound(f"no model alias named {name!r}")
+    return _alias_read(alias)
+
+
+def set_alias(session: Session, name: str, job_id: str) -> AliasRead:
+    """Point ``name`` at the model of ``job_id`` (404 unknown job, 409 not a model)."""
+    model_of(session, job_id)
+    alias = repository.set_alias(session, name=name, job_id=job_id, now=utcnow())
+    read = _alias_read(alias)
+    session.commit()
+    return read
+
+
+def delete_alias(session: Session, name: str) -> None:
+    """Remove an alias, or 404."""
+    if not repository.delete_alias(session, name):
+        raise NotFound(f"no model alias named {name!r}")
+    session.commit()
+
+
+def resolve(session: Session, *, job_id: str | None = None, alias: str | None = None) -> Job:
+    """The job whose model answers a prediction.
+
+    ``job_id`` names it; ``alias`` names an alias; with neither, the ``production`` alias if
+    it is set, else the most recently finished succeeded job. 404 for an unknown job or
+    alias, 409 when the job has no model or there is no model at all.
+    """
+    if job_id is not None and alias is not None:
+        raise ValueError("name the model by job_id or by alias, not both")
+    if alias is not None:
+        named = repository.get_alias(session, alias)
+        if named is None:
+            raise NotFound(f"no model alias named {alias!r}")
+        job_id = named.job_id
+    elif job_id is None:
+        default = repository.get_alias(session, DEFAULT_ALIAS)
+        if default is not None:
+            job_id = default.job_id
+    if job_id is None:
+        job = repository.latest_succeeded_job(session)
+        if job is None or job.checkpoint is None:
+            raise Conflict("no trained model yet: POST /jobs and wait for a job to succeed")
+        return job
+    return model_of(session, job_id)
