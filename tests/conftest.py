@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from alembic import command
 from service.db import make_engine, make_sessionmaker
+from service.settings import Settings
 from tests.support import REPO_ROOT, make_small_mnist
 
 POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"
@@ -101,6 +102,20 @@ def engine(db_url: str) -> Iterator[Engine]:
 def sessions(engine: Engine) -> sessionmaker[Session]:
     """Write sessions on :func:`db_url`."""
     return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
+    """Settings for an in-process app or worker: the test's database, the small data set."""
+    return Settings(
+        database_url=db_url,
+        data_dir=small_mnist,
+        download=False,
+        checkpoint_dir=tmp_path / "models",
+        device="cpu",
+        poll_interval_s=0.05,
+        flush_interval_s=0.05,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
-from service.clock import utcnow
 from service.models import Job, JobStatus
-from service.schemas import JobCreate
+from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, process, service_env, wait_for
 
 LEASE_S = 2.0
@@ -66,19 +65,11 @@ class WorkerPool:
 
 
 def submit(sessions: sessionmaker[Session], **params: int) -> str:
-    body = {"epochs": 3, "batch_size": 2, "trainset_size": 8000, "testset_size": 200, **params}
-    with sessions.begin() as session:
-        job = repository.create_job(
-            session, JobCreate.model_validate(body), max_attempts=3, now=utcnow()
-        )
-        return job.id
+    body = {"epochs": 3, "batch_size": 2, "trainset_size": 8000, "testset_size": 200}
+    return queue_job(sessions, {**body, **params})
 
 
-def read(sessions: sessionmaker[Session], job_id: str) -> Job:
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
+read = read_job
 
 
 def series(

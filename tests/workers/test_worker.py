@@ -17,37 +17,18 @@ from service.errors import CancelRequested
 from service.models import Job, JobStatus
 from service.schemas import JobCreate
 from service.settings import Settings
+from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
 from workers.progress import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
 
-@pytest.fixture
-def settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=db_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-        poll_interval_s=0.05,
-        flush_interval_s=0.05,
-    )
-
-
 def submit(sessions: sessionmaker[Session], **params: int | float) -> str:
     defaults = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
-    job_params = JobCreate.model_validate({**defaults, **params})
-    with sessions.begin() as session:
-        job = repository.create_job(session, job_params, max_attempts=3, now=utcnow())
-        return job.id
+    return queue_job(sessions, {**defaults, **params})
 
 
-def read(sessions: sessionmaker[Session], job_id: str) -> Job:
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
+read = read_job
 
 
 def test_a_job_trains_and_records_every_step_and_epoch(

@@ -21,16 +21,8 @@ from workers.worker import Worker
 
 
 @pytest.fixture
-def api_settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=db_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-        poll_interval_s=0.05,
-        flush_interval_s=0.05,
-    )
+def api_settings(settings: Settings) -> Settings:
+    return settings
 
 
 @pytest.fixture
