@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
 
 SHUTDOWN_GRACE_S = 10.0
@@ -29,6 +30,10 @@ def migrate() -> int:
 def run_all(workers: int) -> int:
     """Start the API and ``workers`` worker processes; Ctrl-C stops them all cleanly."""
     settings = get_settings()
+    problem = exposure_problem(settings)
+    if problem is not None:  # before any worker starts, not when the API exits early
+        print(f"mnist-service: {problem}", file=sys.stderr)
+        return REFUSED_EXIT_STATUS
     python = sys.executable
     procs = [subprocess.Popen([python, "-m", "service"])]
     procs += [subprocess.Popen([python, "-m", "workers"]) for _ in range(workers)]

@@ -7,18 +7,17 @@ anything else of the transaction is written.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.clock import new_job_id
+from service.clock import CURSOR_PATTERN, new_job_id
 from service.errors import InvalidInput, LeaseLost
 from service.models import EpochMetric, Job, JobStatus, TrainStep
 from service.schemas import JobCreate
@@ -53,21 +52,22 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{(job.created_at - _EPOCH) // _MICROSECOND}-{job.id}"
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    if re.fullmatch(CURSOR_PATTERN, cursor) is None:
         raise InvalidInput(
             "cursor is not a value returned as 'next' by GET /jobs",
             details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
-        ) from exc
+        )
+    micros, _, job_id = cursor.partition("-")
+    return _EPOCH + int(micros) * _MICROSECOND, job_id
 
 
 def list_jobs(
@@ -86,6 +86,11 @@ def list_jobs(
     if len(jobs) > limit:
         return jobs[:limit], _encode_cursor(jobs[limit - 1])
     return jobs, None
+
+
+def count_jobs(session: Session, *, status: str) -> int:
+    """How many jobs are in ``status``."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == status)) or 0
 
 
 def latest_succeeded_job(session: Session) -> Job | None:

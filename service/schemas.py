@@ -3,50 +3,63 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-MAX_SEED = 2**63 - 1
+# The largest integer every JSON reader (JavaScript's included) holds exactly.
+MAX_SEED = 2**53 - 1
 MAX_RUNTIME_S = 7 * 24 * 3600.0
 
 
-class JobCreate(BaseModel):
+def _integral(value: object) -> object:
+    # JSON Schema counts 3.0 as an integer, so a client may send it and mean 3; strict models
+    # still refuse 2.5, "3" and true.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
+class StrictModel(BaseModel):
+    """Base of every API model: unknown fields are refused and floats must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class JobCreate(StrictModel):
     """The body of ``POST /jobs``: every field optional, the tutorial's values by default."""
 
     model_config = ConfigDict(
-        extra="forbid",
         strict=True,
-        allow_inf_nan=False,
         json_schema_extra={"examples": [{"epochs": 3, "batch_size": 64, "seed": 42}]},
     )
 
-    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training set.")
-    batch_size: int = Field(default=64, ge=1, le=4096, description="Images per optimiser step.")
+    epochs: JsonInt = Field(default=3, ge=1, le=100, description="Passes over the training set.")
+    batch_size: JsonInt = Field(default=64, ge=1, le=4096, description="Images per optimiser step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=1, description="Adam's learning rate.")
-    trainset_size: int = Field(
+    trainset_size: JsonInt = Field(
         default=10_000, ge=1, le=60_000, description="The first N images of MNIST's train split."
     )
-    testset_size: int = Field(
+    testset_size: JsonInt = Field(
         default=1_000, ge=1, le=10_000, description="The first N images of MNIST's test split."
     )
-    seed: int | None = Field(
+    # The bounds sit on the integer, not the union, so the JSON schema carries them.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_SEED,
         description="Makes the run reproducible (same seed and parameters, same losses on CPU).",
     )
-    max_runtime_s: float | None = Field(
+    max_runtime_s: Annotated[float, Field(gt=0, le=MAX_RUNTIME_S)] | None = Field(
         default=None,
-        gt=0,
-        le=MAX_RUNTIME_S,
         description="Fail the job when it has run this long (default: the server's limit).",
     )
 
 
-class JobRead(BaseModel):
+class JobRead(StrictModel):
     """A job as clients see it."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -69,14 +82,14 @@ class JobRead(BaseModel):
     heartbeat_at: datetime | None
 
 
-class JobList(BaseModel):
+class JobList(StrictModel):
     """A page of jobs, newest first; pass ``next`` as ``cursor`` for the following page."""
 
     jobs: list[JobRead]
     next: str | None
 
 
-class StepRead(BaseModel):
+class StepRead(StrictModel):
     """The loss of one training step."""
 
     step: int
@@ -85,7 +98,7 @@ class StepRead(BaseModel):
     examples_seen: int
 
 
-class EpochRead(BaseModel):
+class EpochRead(StrictModel):
     """The test accuracy after one epoch."""
 
     epoch: int
@@ -93,7 +106,7 @@ class EpochRead(BaseModel):
     examples_seen: int
 
 
-class MetricsRead(BaseModel):
+class MetricsRead(StrictModel):
     """Steps after ``after_step`` (in order, at most ``limit``) and every finished epoch."""
 
     job_id: str
@@ -103,7 +116,7 @@ class MetricsRead(BaseModel):
     next_after_step: int = Field(description="Pass as after_step to get only newer steps.")
 
 
-class Prediction(BaseModel):
+class Prediction(StrictModel):
     """The digit a model sees in an image."""
 
     digit: int = Field(ge=0, le=9)
@@ -111,21 +124,24 @@ class Prediction(BaseModel):
     job_id: str
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(StrictModel):
     """What went wrong, for people and for programs."""
 
     code: str
     message: str
     details: list[dict[str, object]] | None = None
+    request_id: str | None = Field(
+        default=None, description="On 500s: the id the server logged the error under."
+    )
 
 
-class ErrorEnvelope(BaseModel):
+class ErrorEnvelope(StrictModel):
     """Every error response has this shape."""
 
     error: ErrorBody
 
 
-class Health(BaseModel):
+class Health(StrictModel):
     """Liveness."""
 
     status: Literal["ok"]

@@ -6,10 +6,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+MIN_API_KEY_CHARS = 16
+MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -44,7 +47,64 @@ class Settings(BaseSettings):
 
     # API behaviour.
     model_cache_size: int = Field(default=8, ge=1, le=1024)
-    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
+
+    # Who may call the API (service/security.py) and how much they may send (service/limits.py).
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key for all but health, readiness and the dashboard's files.",
+    )
+    readonly_api_key: SecretStr | None = Field(
+        default=None,
+        description="A second key that may read everything and predict, but not start or cancel.",
+    )
+    allow_no_auth: bool = Field(
+        default=False,
+        description="Serve on a non-loopback address without a key (behind an auth proxy).",
+    )
+    docs_public: bool = Field(
+        default=True, description="/docs, /redoc and /openapi.json answer without a key."
+    )
+    max_request_bytes: int = Field(
+        default=16 * MIB, ge=4096, description="Largest request body, counted as it streams in."
+    )
+    max_form_parts: int = Field(default=16, ge=1, le=1000)
+    max_form_field_bytes: int = Field(default=64 * 1024, ge=1, le=MIB)
+    max_queued_jobs: int = Field(
+        default=1000, ge=1, description="POST /jobs answers 429 while this many jobs wait."
+    )
+
+    @field_validator("api_key", "readonly_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        # `MNIST_API_KEY=` (e.g. compose's ${MNIST_API_KEY:-}) means "not set", not "the empty key".
+        return None if value == "" else value
+
+    @field_validator("api_key", "readonly_api_key")
+    @classmethod
+    def _usable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if len(value) < MIN_API_KEY_CHARS:
+            raise ValueError(f"API keys must be at least {MIN_API_KEY_CHARS} characters long")
+        if not all("!" <= ch <= "~" for ch in value):
+            raise ValueError("API keys must be printable ASCII without spaces")
+        return key
+
+    @model_validator(mode="after")
+    def _consistent_limits_and_keys(self) -> Settings:
+        if self.readonly_api_key is not None:
+            if self.api_key is None:
+                raise ValueError("MNIST_READONLY_API_KEY needs MNIST_API_KEY (the full key) too")
+            if self.readonly_api_key.get_secret_value() == self.api_key.get_secret_value():
+                raise ValueError("MNIST_READONLY_API_KEY must differ from MNIST_API_KEY")
+        if self.max_request_bytes <= self.max_upload_bytes:
+            raise ValueError(
+                "MNIST_MAX_REQUEST_BYTES must be larger than MNIST_MAX_UPLOAD_BYTES "
+                "(an upload travels with its multipart framing)"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod
