@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Route
 
 from service import openapi
 from service.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
@@ -56,11 +56,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def _allowed_methods(request: Request) -> str:
     # Starlette's 405 names the methods of the first route on the path only (POST for /jobs,
-    # which GET serves too); Allow must list every method the path answers.
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE and isinstance(route, Route) and route.methods:
+    # which GET serves too); Allow must list every method the path answers: the documented
+    # operations, and the app's own undocumented routes.
+    methods = openapi.methods_for(request.app.openapi(), request.url.path)
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
             methods |= route.methods
     return ", ".join(sorted(methods))
 

@@ -105,13 +105,15 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 @contextmanager
-def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
-    """A real uvicorn serving the app (``python -m service``); yields a client for it."""
+def api_process(
+    env: dict[str, str], log: Path, headers: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """A real uvicorn serving the app (``python -m service``): the process and a client for it."""
     port = free_port()
     env = {**env, "MNIST_PORT": str(port), "MNIST_HOST": "127.0.0.1"}
     with (
         process(["-m", "service"], env, log) as proc,
-        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client,
     ):
 
         def healthy() -> bool:
@@ -123,4 +125,11 @@ def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
                 return False
 
         wait_for(healthy, timeout_s=60, what="the API to answer /healthz")
+        yield proc, client
+
+
+@contextmanager
+def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
+    """A real uvicorn serving the app (``python -m service``); yields a client for it."""
+    with api_process(env, log) as (_proc, client):
         yield client

@@ -22,6 +22,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
+from pydantic import SecretStr
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.transport.serialization import Binary
@@ -59,8 +60,8 @@ SETTINGS = Settings(
     device="cpu",
     poll_interval_s=0.05,
     flush_interval_s=0.05,
-    api_key=FULL_KEY,
-    readonly_api_key=READONLY_KEY,
+    api_key=SecretStr(FULL_KEY),
+    readonly_api_key=SecretStr(READONLY_KEY),
     max_queued_jobs=MAX_QUEUED,
 )
 APP = create_app(SETTINGS)
@@ -79,6 +80,7 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
     elapsed_s = time.monotonic() - STATS["started"]
     statuses = ", ".join(f"{code}: {n}" for code, n in sorted(STATS["statuses"].items()))
     capture = request.config.pluginmanager.get_plugin("capturemanager")
+    assert capture is not None
     with capture.global_and_fixture_disabled():
         print(f"\nschemathesis: {STATS['cases']} cases in {elapsed_s:.1f} s ({statuses})")
 
@@ -127,6 +129,7 @@ def _make_positive_uploads_images(case: Any) -> None:
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
     derandomize=True,
+    database=None,  # no replay of examples saved by earlier runs: every run is the same
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
