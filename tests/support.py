@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+
+from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -54,6 +56,24 @@ def make_small_mnist(root: Path) -> Path:
         write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+def app_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an app under test: this database, checkpoints in ``tmp_path``, CPU, fast
+    polling, never downloading, and no API keys unless given (whatever the environment says)."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": tmp_path / "data",
+        "download": False,
+        "checkpoint_dir": tmp_path / "models",
+        "device": "cpu",
+        "poll_interval_s": 0.05,
+        "flush_interval_s": 0.05,
+        "api_key": None,
+        "readonly_api_key": None,
+        "allow_no_auth": False,
+    }
+    return Settings(**{**values, **overrides})
 
 
 def wait_for(

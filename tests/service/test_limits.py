@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.limits import BodyLimitMiddleware
 from service.settings import Settings
+from tests.support import app_settings
 
 CAP = 64 * 1024
 BOUNDARY = "limit-test-boundary"
@@ -148,13 +149,10 @@ def test_a_huge_boundary_is_refused() -> None:
 
 
 @pytest.fixture
-def small_limits(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
+def small_limits(sqlite_url: str, tmp_path: Path) -> Settings:
+    return app_settings(
+        sqlite_url,
+        tmp_path,
         max_upload_bytes=16 * 1024,
         max_request_bytes=32 * 1024,
         max_form_parts=3,
@@ -199,14 +197,8 @@ def test_the_app_enforces_the_form_limits(limited_client: TestClient) -> None:
     assert big_file.status_code == 413 and "file" in big_file.json()["error"]["message"]
 
 
-def test_the_queue_is_capped(db_url: str, small_mnist: Path, tmp_path: Path) -> None:
-    settings = Settings(
-        database_url=db_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        max_queued_jobs=2,
-    )
+def test_the_queue_is_capped(db_url: str, tmp_path: Path) -> None:
+    settings = app_settings(db_url, tmp_path, max_queued_jobs=2)
     with TestClient(create_app(settings)) as client:
         first = client.post("/jobs", json={}).json()["id"]
         assert client.post("/jobs", json={}).status_code == 202

@@ -28,6 +28,7 @@ from service.security import (
     required_access,
 )
 from service.settings import Settings
+from tests.support import app_settings
 
 FULL_KEY = "full-key-for-the-tests-0001"
 READONLY_KEY = "readonly-key-for-tests-0002"
@@ -87,7 +88,7 @@ def operations() -> list[tuple[str, str]]:
     so ``app.routes`` lists them only since some versions); the app's own undocumented routes
     (the docs pages) from ``app.routes``.
     """
-    app = create_app(Settings(api_key=SecretStr(FULL_KEY)))
+    app = create_app(app_settings("sqlite://", Path("."), api_key=SecretStr(FULL_KEY)))
     found = {
         (method.upper(), path) for path, item in app.openapi()["paths"].items() for method in item
     }
@@ -105,13 +106,10 @@ def concrete(path: str) -> str:
 
 
 @pytest.fixture
-def keyed_settings(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
+def keyed_settings(sqlite_url: str, tmp_path: Path) -> Settings:
+    return app_settings(
+        sqlite_url,
+        tmp_path,
         api_key=SecretStr(FULL_KEY),
         readonly_api_key=SecretStr(READONLY_KEY),
     )
@@ -288,11 +286,56 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def test_a_public_address_needs_a_key_or_an_explicit_opt_out() -> None:
-    problem = exposure_problem(Settings(host="0.0.0.0"))
+def test_a_public_address_needs_a_key_or_an_explicit_opt_out(tmp_path: Path) -> None:
+    def settings(**values: Any) -> Settings:
+        return app_settings("sqlite://", tmp_path, **values)
+
+    problem = exposure_problem(settings(host="0.0.0.0"))
     assert problem is not None
     for hint in ("MNIST_API_KEY", "MNIST_HOST=127.0.0.1", "MNIST_ALLOW_NO_AUTH=true"):
         assert hint in problem
-    assert exposure_problem(Settings(host="0.0.0.0", api_key=SecretStr(FULL_KEY))) is None
-    assert exposure_problem(Settings(host="0.0.0.0", allow_no_auth=True)) is None
-    assert exposure_problem(Settings(host="127.0.0.1")) is None
+    assert exposure_problem(settings(host="0.0.0.0", api_key=SecretStr(FULL_KEY))) is None
+    assert exposure_problem(settings(host="0.0.0.0", allow_no_auth=True)) is None
+    assert exposure_problem(settings(host="127.0.0.1")) is None
+
+
+def test_a_websocket_without_the_key_is_closed_before_the_app_sees_it() -> None:
+    reached: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
+    anyio.run(guarded, {"type": "websocket", "path": "/jobs/x/ws", "headers": []}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+    auth = [(b"authorization", f"Bearer {FULL_KEY}".encode())]
+    anyio.run(guarded, {"type": "websocket", "path": "/jobs/x/ws", "headers": auth}, receive, send)
+    assert reached == ["/jobs/x/ws"]
+
+
+def test_rules_apply_to_the_path_inside_the_app_when_mounted_under_a_prefix() -> None:
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for path, status in (("/mnist/healthz", 200), ("/mnist/jobs", 401)):
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/mnist"}
+        anyio.run(guarded, {**scope, "headers": []}, receive, send)
+        assert sent[-2]["status"] == status

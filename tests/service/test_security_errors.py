@@ -11,21 +11,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
+from tests.support import app_settings
 
 SECRET_PATH = "/srv/secret/internal/module.py"
 
 
 @pytest.fixture
-def app(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> FastAPI:
-    settings = Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-    )
-    app = create_app(settings)
+def app(sqlite_url: str, tmp_path: Path) -> FastAPI:
+    app = create_app(app_settings(sqlite_url, tmp_path))
 
     @app.get("/boom", include_in_schema=False)
     def boom() -> None:

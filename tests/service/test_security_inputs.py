@@ -18,7 +18,7 @@ from service.app import create_app
 from service.errors import Conflict
 from service.ml import SimpleMLP
 from service.predict import ModelCache
-from service.settings import Settings
+from tests.support import app_settings
 
 
 def api_models() -> list[type[BaseModel]]:
@@ -67,7 +67,7 @@ def _strings(schema: dict[str, Any], components: dict[str, Any], where: str) -> 
 
 
 def test_every_string_a_client_sends_is_bounded(tmp_path: Path) -> None:
-    document = create_app(Settings(checkpoint_dir=tmp_path)).openapi()
+    document = create_app(app_settings("sqlite://", tmp_path)).openapi()
     components = document["components"]["schemas"]
     unbounded = []
     for path, item in document["paths"].items():
@@ -94,8 +94,7 @@ def test_every_string_a_client_sends_is_bounded(tmp_path: Path) -> None:
 
 @pytest.fixture
 def client(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(database_url=sqlite_url, checkpoint_dir=tmp_path / "models")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(app_settings(sqlite_url, tmp_path))) as client:
         yield client
 
 

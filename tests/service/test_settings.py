@@ -65,6 +65,8 @@ def test_bad_values_fail_at_start(
 def test_bad_keys_and_limits_fail_at_start(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
 ) -> None:
+    for name in ("MNIST_API_KEY", "MNIST_READONLY_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
