@@ -240,27 +240,34 @@ def test_the_schema_declares_the_scheme_and_the_refusals(keyed_client: TestClien
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
-def call_raw(app: Callable[..., Any], path: str, headers: list[tuple[bytes, bytes]]) -> int:
-    """Send one GET with a raw path (no client normalises it) through ``app``; the status."""
+def call(app: Callable[..., Any], scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one request (a raw scope: no client normalises its path) through ``app``."""
     sent: list[dict[str, Any]] = []
+    first = {"type": "websocket.connect" if scope["type"] == "websocket" else "http.request"}
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
+        return first
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": headers}
-    anyio.run(app, scope, receive, send)
-    return int(sent[0]["status"])
+    anyio.run(app, {"headers": [], "root_path": "", "method": "GET", **scope}, receive, send)
+    return sent
+
+
+def call_raw(app: Callable[..., Any], path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """The status of a GET of ``path`` through ``app``."""
+    return int(call(app, {"type": "http", "path": path, "headers": headers})[0]["status"])
+
+
+async def ok(scope: Any, receive: Any, send: Any) -> None:
+    """An app that answers 200 to everything."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def test_dot_segments_do_not_ride_a_public_prefix() -> None:
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
+    guarded = ApiKeyMiddleware(ok, keys=KeyRing(FULL_KEY), docs_public=True)
     assert call_raw(guarded, "/static/app.js", []) == 200
     assert call_raw(guarded, "/static/../jobs", []) == 401
     assert call_raw(guarded, "/static/./../jobs", []) == 401
@@ -305,37 +312,16 @@ def test_a_websocket_without_the_key_is_closed_before_the_app_sees_it() -> None:
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         reached.append(scope["path"])
 
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
-    anyio.run(guarded, {"type": "websocket", "path": "/jobs/x/ws", "headers": []}, receive, send)
-    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+    refused = call(guarded, {"type": "websocket", "path": "/jobs/x/ws"})
+    assert refused == [{"type": "websocket.close", "code": 1008}] and reached == []
     auth = [(b"authorization", f"Bearer {FULL_KEY}".encode())]
-    anyio.run(guarded, {"type": "websocket", "path": "/jobs/x/ws", "headers": auth}, receive, send)
+    assert call(guarded, {"type": "websocket", "path": "/jobs/x/ws", "headers": auth}) == []
     assert reached == ["/jobs/x/ws"]
 
 
 def test_rules_apply_to_the_path_inside_the_app_when_mounted_under_a_prefix() -> None:
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
+    guarded = ApiKeyMiddleware(ok, keys=KeyRing(FULL_KEY), docs_public=True)
     for path, status in (("/mnist/healthz", 200), ("/mnist/jobs", 401)):
-        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/mnist"}
-        anyio.run(guarded, {**scope, "headers": []}, receive, send)
-        assert sent[-2]["status"] == status
+        sent = call(guarded, {"type": "http", "path": path, "root_path": "/mnist"})
+        assert sent[0]["status"] == status
