@@ -11,6 +11,11 @@ Rules (``required_access``), so that a route added later is covered without an e
 - write: everything else (``POST /jobs``, ``POST /jobs/{id}/cancel``, ``PUT``/``DELETE``
   ``/models/aliases/…``, …): the full key only; the read-only key gets 403.
 
+The key travels as ``Authorization: Bearer <key>``. A browser's ``EventSource`` cannot set
+headers, so a ``GET`` that asks for ``text/event-stream`` may carry it as ``?access_token=``
+instead (RFC 6750 §2.3); that parameter is cut out of the request before anything else (the
+app, the access log) sees it, and is honoured nowhere else.
+
 With no ``MNIST_API_KEY`` the API is open, which ``python -m service`` allows only on a
 loopback address unless ``MNIST_ALLOW_NO_AUTH=true`` says so on purpose.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import enum
 import hmac
 import ipaddress
+from urllib.parse import unquote_to_bytes
 
 from service.asgi import ASGIApp, Receive, Scope, Send, header, send_error
 from service.errors import Forbidden, ServiceError, Unauthorized
@@ -109,11 +115,43 @@ def _challenge(error: str | None = None) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
-def check(keys: KeyRing, needed: Access, authorization: bytes | None) -> ServiceError | None:
-    """Why a request with this ``Authorization`` header may not have ``needed``, or None."""
+QUERY_TOKEN = b"access_token"
+EVENT_STREAM = b"text/event-stream"
+
+
+def _take_query_token(scope: Scope) -> bytes | None:
+    """Remove ``access_token`` from the scope's query string (in place); its value, if any."""
+    query: bytes = scope.get("query_string", b"")
+    if QUERY_TOKEN not in query:
+        return None
+    kept, token = [], None
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == QUERY_TOKEN:
+            token = unquote_to_bytes(value.replace(b"+", b" "))
+        else:
+            kept.append(pair)
+    # Mutated, not replaced: uvicorn logs the request from this very scope.
+    scope["query_string"] = b"&".join(kept)
+    return token
+
+
+def request_token(scope: Scope) -> bytes | None:
+    """The key a request presents: its bearer header, or an event stream's ``access_token``."""
+    query_token = _take_query_token(scope)
+    token = bearer_token(header(scope, b"authorization"))
+    if token is not None:
+        return token
+    accept = header(scope, b"accept") or b""
+    if scope.get("method") == "GET" and EVENT_STREAM in accept.lower():
+        return query_token or None
+    return None
+
+
+def check(keys: KeyRing, needed: Access, token: bytes | None) -> ServiceError | None:
+    """Why a request presenting ``token`` may not have ``needed``, or None."""
     if needed is Access.PUBLIC:
         return None
-    token = bearer_token(authorization)
     if token is None:
         return Unauthorized(
             "this endpoint needs an API key: send 'Authorization: Bearer <key>'",
@@ -155,7 +193,7 @@ class ApiKeyMiddleware:
         needed = required_access(
             scope.get("method", "GET"), app_path(scope), docs_public=self.docs_public
         )
-        refusal = check(self.keys, needed, header(scope, b"authorization"))
+        refusal = check(self.keys, needed, request_token(scope))
         if refusal is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":

@@ -325,3 +325,29 @@ def test_rules_apply_to_the_path_inside_the_app_when_mounted_under_a_prefix() ->
     for path, status in (("/mnist/healthz", 200), ("/mnist/jobs", 401)):
         sent = call(guarded, {"type": "http", "path": path, "root_path": "/mnist"})
         assert sent[0]["status"] == status
+
+
+def test_an_event_stream_may_carry_the_key_in_the_query_and_nothing_else_may() -> None:
+    seen: list[bytes] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["query_string"])
+        await ok(scope, receive, send)
+
+    guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
+    stream = [(b"accept", b"text/event-stream")]
+    query = f"after=3&access_token={FULL_KEY}&x=1".encode()
+
+    def status(method: str, headers: list[tuple[bytes, bytes]], query_string: bytes) -> int:
+        scope = {"type": "http", "method": method, "path": "/jobs/x/events", "headers": headers}
+        return int(call(guarded, {**scope, "query_string": query_string})[0]["status"])
+
+    assert status("GET", stream, query) == 200
+    # The app (and uvicorn's access log, which reads the same scope) never sees the key.
+    assert seen == [b"after=3&x=1"]
+    assert status("GET", [], query) == 401  # not an event stream
+    assert status("POST", stream, query) == 401  # not a read
+    assert status("GET", stream, b"access_token=" + WRONG_KEY.encode()) == 401
+    escaped = b"access_token=" + FULL_KEY.replace("-", "%2D").encode()
+    assert status("GET", stream, escaped) == 200
+    assert all(b"access_token" not in q for q in seen)
