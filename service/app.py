@@ -152,7 +152,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 routes=app.routes,
             )
             app.openapi_schema = openapi.complete(
-                schema, auth=keys is not None, docs_public=settings.docs_public
+                schema,
+                auth=keys is not None,
+                docs_public=settings.docs_public,
+                max_form_parts=settings.max_form_parts,
             )
         return app.openapi_schema
 

@@ -8,7 +8,9 @@ so memory stays flat however much a client sends.
 
 Multipart bodies are also read by a :class:`MultipartGuard` as they pass: at most
 ``max_form_parts`` parts, text fields of at most ``max_form_field_bytes``, and python-multipart's
-own bounds on part headers (at most 8 per part, about 4 KiB each). The limits hold for every
+own bounds on part headers (at most 8 per part, about 4 KiB each). A form over these gets 400,
+as Starlette answers for its own form limits: the form is malformed for this API, not merely
+large (413 stays the answer to the byte caps). The limits hold for every
 route, whatever its parameters; Starlette's per-call ``request.form()`` limits would need each
 route to parse its own form.
 """
@@ -61,7 +63,7 @@ class MultipartGuard:
     def _part_begin(self) -> None:
         self.parts += 1
         if self.parts > self.max_parts:
-            raise PayloadTooLarge(f"the form has more than {self.max_parts} parts")
+            raise BadRequest(f"the form has more than {self.max_parts} parts")
         self._is_file = False
         self._field_bytes = 0
 
@@ -83,7 +85,7 @@ class MultipartGuard:
             return  # files are bounded by the body cap and by the route (MNIST_MAX_UPLOAD_BYTES)
         self._field_bytes += end - start
         if self._field_bytes > self.max_field_bytes:
-            raise PayloadTooLarge(f"a form field is longer than {self.max_field_bytes} bytes")
+            raise BadRequest(f"a form field is longer than {self.max_field_bytes} bytes")
 
 
 def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> MultipartGuard | None:
@@ -102,7 +104,7 @@ def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> Mu
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_body_bytes`` and for forms over the multipart limits."""
+    """413 for bodies over ``max_body_bytes``, 400 for forms over the multipart limits."""
 
     def __init__(
         self, app: ASGIApp, *, max_body_bytes: int, max_form_parts: int, max_form_field_bytes: int

@@ -63,15 +63,23 @@ def _document_auth(path: str, method: str, operation: dict[str, Any], docs_publi
         forbidden.setdefault("headers", {})["WWW-Authenticate"] = _header("BearerChallenge")
 
 
-def _document_limits(method: str, operation: dict[str, Any]) -> None:
+def _document_limits(
+    method: str, operation: dict[str, Any], definitions: dict[str, Any], max_form_parts: int
+) -> None:
     if method not in BODY_METHODS:
         return
     responses = operation["responses"]
-    responses.setdefault("413", error_response("The body is over the size or multipart limits."))
+    responses.setdefault("413", error_response("The body is over MNIST_MAX_REQUEST_BYTES."))
     if "requestBody" in operation:
         responses.setdefault(
-            "400", error_response("The body cannot be read (not UTF-8, a broken multipart form).")
+            "400",
+            error_response("The body cannot be read (not UTF-8; a broken or too big form)."),
         )
+    form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+    if form is not None:
+        ref = form.get("schema", {}).get("$ref", "")
+        body = definitions.get(ref.rsplit("/", 1)[-1], form.get("schema", {}))
+        body["maxProperties"] = max_form_parts  # a field per part
 
 
 def _without_null(parameter: dict[str, Any]) -> None:
@@ -110,7 +118,9 @@ def _is_referenced(schema: dict[str, Any], name: str) -> bool:
     return f'"#/components/schemas/{name}"' in json.dumps(schema)
 
 
-def complete(schema: dict[str, Any], *, auth: bool, docs_public: bool) -> dict[str, Any]:
+def complete(
+    schema: dict[str, Any], *, auth: bool, docs_public: bool, max_form_parts: int
+) -> dict[str, Any]:
     """``schema`` (as FastAPI generated it) with the common answers added; returns it."""
     components = schema.setdefault("components", {})
     definitions = components.setdefault("schemas", {})
@@ -137,7 +147,7 @@ def complete(schema: dict[str, Any], *, auth: bool, docs_public: bool) -> dict[s
             responses["422"]["content"] = error_response("")["content"]
         if auth:
             _document_auth(path, method, operation, docs_public)
-        _document_limits(method, operation)
+        _document_limits(method, operation, definitions, max_form_parts)
         responses.setdefault("500", error_response("Unexpected; the body has the request id."))
         for response in responses.values():
             response.setdefault("headers", {})["X-Request-ID"] = _header("RequestId")

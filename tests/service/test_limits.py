@@ -118,13 +118,13 @@ def test_multipart_part_count_is_capped() -> None:
     assert run(limited(Recorder()), [ok], FORM)[0] == 200
     too_many = multipart([(f"f{i}", b"v") for i in range(5)])
     status, _, body, _ = run(limited(Recorder()), [too_many], FORM)
-    assert status == 413 and b"more than 4 parts" in body
+    assert status == 400 and b"more than 4 parts" in body
 
 
 def test_multipart_text_fields_are_capped_but_files_only_by_the_body_cap() -> None:
     field = multipart([("note", b"n" * 1025)])
     status, _, body, _ = run(limited(Recorder()), [field], FORM)
-    assert status == 413 and b"form field" in body
+    assert status == 400 and b"form field" in body
     file = multipart([("file", b"n" * 10_000)], filename="d.png")
     assert run(limited(Recorder()), [file], FORM)[0] == 200
 
@@ -187,9 +187,9 @@ def test_the_app_answers_413_in_its_envelope(limited_client: TestClient) -> None
 def test_the_app_enforces_the_form_limits(limited_client: TestClient) -> None:
     files = {"file": ("d.png", b"x")}
     too_many = limited_client.post("/predict", files=files, data={"a": "1", "b": "2", "c": "3"})
-    assert too_many.status_code == 413 and "parts" in too_many.json()["error"]["message"]
+    assert too_many.status_code == 400 and "parts" in too_many.json()["error"]["message"]
     long_field = limited_client.post("/predict", files=files, data={"a": "x" * 300})
-    assert long_field.status_code == 413 and "field" in long_field.json()["error"]["message"]
+    assert long_field.status_code == 400 and "field" in long_field.json()["error"]["message"]
     long_header = limited_client.post("/predict", files={"file": ("n" * 5000, b"x")})
     assert long_header.status_code == 400
     # A file over MNIST_MAX_UPLOAD_BYTES but under the body cap: the route's own 413.
