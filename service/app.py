@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import fastapi.routing
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from service import openapi
 from service.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
@@ -54,13 +55,21 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "validation_error", message or "invalid request", details)
 
 
+def all_routes(app: FastAPI) -> list[BaseRoute]:
+    """Every route of the app, flat: newer FastAPI nests included routers in ``app.routes``."""
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    if iterate is None:
+        return list(app.routes)
+    return [context.route for context in iterate(app.routes)]
+
+
 def _allowed_methods(request: Request) -> str:
     # Starlette's 405 names the methods of the first route on the path only (POST for /jobs,
-    # which GET serves too); Allow must list every method the path answers: the documented
-    # operations, and the app's own undocumented routes.
-    methods = openapi.methods_for(request.app.openapi(), request.url.path)
-    for route in request.app.routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+    # which GET serves too); Allow must list every method the path answers.
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in all_routes(request.app):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
             methods |= route.methods
     return ", ".join(sorted(methods))
 

@@ -10,14 +10,12 @@ response.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from service.schemas import ErrorEnvelope
 from service.security import Access, required_access
 
 BODY_METHODS = frozenset({"post", "put", "patch"})
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 ENVELOPE_REF = "#/components/schemas/ErrorEnvelope"
 # FastAPI's own 422 models, unused once every 422 is declared as the envelope.
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
@@ -93,25 +91,6 @@ def _without_null(parameter: dict[str, Any]) -> None:
     if len(kept) == 1 and len(kept) < len(options):
         del schema["anyOf"]
         schema.update(kept[0])
-
-
-def path_regex(template: str) -> re.Pattern[str]:
-    """A regex matching the request paths of an OpenAPI path template (``/jobs/{job_id}``)."""
-    parts = re.split(r"(\{[^}]+\})", template)
-    return re.compile(
-        "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts) + "$"
-    )
-
-
-def methods_for(schema: dict[str, Any], path: str) -> set[str]:
-    """The methods the documented operations on ``path`` answer (HEAD with GET, as served)."""
-    methods: set[str] = set()
-    for template, item in schema.get("paths", {}).items():
-        if path_regex(template).match(path):
-            methods |= {method.upper() for method in item if method.upper() in HTTP_METHODS}
-    if "GET" in methods:
-        methods.add("HEAD")
-    return methods
 
 
 def _is_referenced(schema: dict[str, Any], name: str) -> bool:

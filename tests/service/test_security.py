@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 from starlette.routing import Route
 
-from service.app import create_app
+from service.app import all_routes, create_app
 from service.db import make_engine
 from service.models import Job
 from service.security import (
@@ -82,17 +82,13 @@ EXPECTED_ACCESS: dict[tuple[str, str], Access] = {
 
 
 def operations() -> list[tuple[str, str]]:
-    """(method, path template) of every route of the app, including ones added later.
-
-    The documented operations come from the OpenAPI document (FastAPI nests included routers,
-    so ``app.routes`` lists them only since some versions); the app's own undocumented routes
-    (the docs pages) from ``app.routes``.
-    """
+    """(method, path template) of every route of the app, including ones added later, and
+    every documented operation (the two should agree)."""
     app = create_app(app_settings("sqlite://", Path("."), api_key=SecretStr(FULL_KEY)))
     found = {
         (method.upper(), path) for path, item in app.openapi()["paths"].items() for method in item
     }
-    for route in app.routes:
+    for route in all_routes(app):
         if isinstance(route, Route) and route.methods:
             found |= {(method, route.path) for method in route.methods if method != "HEAD"}
     assert ("POST", "/jobs") in found
