@@ -8,20 +8,30 @@ import uvicorn
 
 from service.app import create_app
 from service.logs import configure_logging
+from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve the API on MNIST_HOST:MNIST_PORT until interrupted."""
+    """Serve the API on MNIST_HOST:MNIST_PORT until interrupted.
+
+    Refuses (exit status 2, with how to fix it) to serve without an API key on an address
+    other machines can reach, unless MNIST_ALLOW_NO_AUTH=true.
+    """
     settings = get_settings()
     configure_logging(settings)
     # log_config=None: uvicorn's loggers propagate to the root handler set up above.
+    problem = exposure_problem(settings)
+    if problem is not None:
+        print(f"mnist-service: {problem}", file=sys.stderr)
+        return REFUSED_EXIT_STATUS
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,
         log_level=settings.log_level.lower(),
+        server_header=False,  # no need to tell every client which server version to probe
     )
     return 0
 

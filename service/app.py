@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import fastapi.routing
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Route
 
+from service import openapi
+from service.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
 from service.db import make_engine, make_sessionmaker
+from service.deps import forbid_unknown_query
 from service.errors import ServiceError
+from service.limits import BodyLimitMiddleware
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.predict import ModelCache
 from service.routes import dashboard, events, health, jobs, models, ops, predict, workers
+from service.security import ApiKeyMiddleware, keys_from
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
 
 
-def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
+def _error(status: int, code: str, message: str, details: Any = None, **extra: str) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, **extra}
     if details is not None:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status)
@@ -36,7 +45,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return JSONResponse(exc.envelope(), status_code=exc.status_code)
+    return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -48,17 +57,54 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "validation_error", message or "invalid request", details)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def all_routes(app: FastAPI) -> list[BaseRoute]:
+    """Every route of the app, flat: newer FastAPI nests included routers in ``app.routes``."""
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    if iterate is None:
+        return list(app.routes)
+    return [context.route for context in iterate(app.routes)]
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette's 405 names the methods of the first route on the path only (POST for /jobs,
+    # which GET serves too); Allow must list every method the path answers.
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in all_routes(request.app):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     response = _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
     if exc.headers:
         response.headers.update(exc.headers)
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
     return response
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal_error", "internal server error")
+    # The client learns only the request id; the log has the traceback under that id. This
+    # handler runs outside the middlewares, so it sets X-Request-ID itself.
+    rid = request_id(request.scope) or secrets.token_hex(16)
+    log.error(
+        "unhandled error on %s %s [request %s]",
+        request.method,
+        request.url.path,
+        rid,
+        exc_info=exc,
+    )
+    response = _error(
+        500,
+        "internal_error",
+        f"internal server error; quote request id {rid} when you report it",
+        request_id=rid,
+    )
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -87,7 +133,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "predict digits with the trained SimpleMLP."
         ),
         lifespan=lifespan,
+        dependencies=[Depends(forbid_unknown_query)],
     )
+    keys = keys_from(settings)
+    # Added innermost first: a request meets the request id, then the key check (so an
+    # unauthenticated client is turned away before its body is read), then the body limits.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        max_form_parts=settings.max_form_parts,
+        max_form_field_bytes=settings.max_form_field_bytes,
+    )
+    if keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, docs_public=settings.docs_public)
+    app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -102,4 +161,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.state.metrics = ServiceMetrics()
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+
+    def complete_openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            app.openapi_schema = openapi.complete(
+                schema,
+                auth=keys is not None,
+                docs_public=settings.docs_public,
+                max_form_parts=settings.max_form_parts,
+            )
+        return app.openapi_schema
+
+    app.openapi = complete_openapi  # type: ignore[method-assign]
     return app

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from service import migrations
 from service.client import API_KEY_ENV, DEFAULT_URL, URL_ENV, ApiError, Client
 from service.schemas import JobCreate, JobStatusName
+from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
 
 EXIT_OK = 0
@@ -52,6 +53,10 @@ def migrate() -> int:
 def run_all(workers: int) -> int:
     """Start the API and ``workers`` worker processes; Ctrl-C stops them all cleanly."""
     settings = get_settings()
+    problem = exposure_problem(settings)
+    if problem is not None:  # before any worker starts, not when the API exits early
+        print(f"mnist-service: {problem}", file=sys.stderr)
+        return REFUSED_EXIT_STATUS
     from workers.supervisor import supervise
 
     base = f"http://{settings.host}:{settings.port}"

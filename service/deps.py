@@ -6,11 +6,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.clock import JOB_ID_PATTERN
-from service.errors import NotFound
+from service.errors import InvalidInput, NotFound
 from service.models import Job
 from service.predict import ModelCache
 from service.settings import Settings
@@ -75,3 +77,47 @@ def job_for_update_or_404(job_id: JobIdPath, session: WriteSessionDep) -> Job:
 
 JobDep = Annotated[Job, Depends(job_or_404)]
 JobForUpdateDep = Annotated[Job, Depends(job_for_update_or_404)]
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _declared_query_names(route: APIRoute) -> frozenset[str]:
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
+    return names
+
+
+async def forbid_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not declare, or one given twice.
+
+    A misspelt parameter (``?limt=5``) would otherwise be ignored without a word, and of a
+    repeated one (``?limit=5&limit=500``) only the last would count. Every query parameter
+    of this API is a single value.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    query = request.query_params
+    unknown = sorted(set(query) - _declared_query_names(route))
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameter {unknown[0]!r}",
+            details=[
+                {"loc": ["query", name], "msg": "not a parameter of this route"} for name in unknown
+            ],
+        )
+    repeated = sorted(name for name in set(query) if len(query.getlist(name)) > 1)
+    if repeated:
+        raise InvalidInput(
+            f"query parameter {repeated[0]!r} is given more than once",
+            details=[{"loc": ["query", name], "msg": "given more than once"} for name in repeated],
+        )

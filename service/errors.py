@@ -11,10 +11,17 @@ class ServiceError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        self.headers = headers or {}
 
     def envelope(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
@@ -22,6 +29,27 @@ class ServiceError(Exception):
         if self.details is not None:
             body["details"] = self.details
         return {"error": body}
+
+
+class BadRequest(ServiceError):
+    """The request cannot be read at all (e.g. a malformed multipart body)."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or not one the server knows; ``headers`` carries ``WWW-Authenticate``."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A valid key that may not do this (the read-only key starting or cancelling a job)."""
+
+    status_code = 403
+    code = "forbidden"
 
 
 class NotFound(ServiceError):
@@ -57,6 +85,13 @@ class UnsupportedMediaType(ServiceError):
 
     status_code = 415
     code = "unsupported_media_type"
+
+
+class TooManyRequests(ServiceError):
+    """The server is at a limit for now; ``headers`` carries ``Retry-After``."""
+
+    status_code = 429
+    code = "too_many_requests"
 
 
 class LeaseLost(Exception):

@@ -130,14 +130,15 @@ def resolve(session: Session, *, job_id: str | None = None, alias: str | None = 
 
     ``job_id`` names it; ``alias`` names an alias; with neither, the ``production`` alias if
     it is set, else the most recently finished succeeded job. 404 for an unknown job or
-    alias, 409 when the job has no model or there is no model at all.
+    alias, 409 when the job has no model, there is no model at all, or ``job_id`` and
+    ``alias`` (both given) name different models.
     """
-    if job_id is not None and alias is not None:
-        raise ValueError("name the model by job_id or by alias, not both")
     if alias is not None:
         named = repository.get_alias(session, alias)
         if named is None:
             raise NotFound(f"no model alias named {alias!r}")
+        if job_id is not None and job_id != named.job_id:
+            raise Conflict(f"model alias {alias!r} points at job {named.job_id}, not at {job_id}")
         job_id = named.job_id
     elif job_id is None:
         default = repository.get_alias(session, DEFAULT_ALIAS)

@@ -7,12 +7,11 @@ anything else of the transaction is written.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, text, update
@@ -20,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service.clock import new_job_id
+from service.clock import CURSOR_PATTERN, new_job_id
 from service.errors import InvalidInput, LeaseLost
 from service.models import EpochMetric, Job, JobStatus, ModelAlias, TrainStep, WorkerRow
 from service.schemas import JobCreate
@@ -55,21 +54,22 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _encode_cursor(when: datetime, key: str) -> str:
-    raw = f"{when.isoformat()}|{key}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{(when - _EPOCH) // _MICROSECOND}-{key}"
 
 
 def _decode_cursor(cursor: str, source: str = "GET /jobs") -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    if re.fullmatch(CURSOR_PATTERN, cursor) is None:
         raise InvalidInput(
             f"cursor is not a value returned as 'next' by {source}",
             details=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
-        ) from exc
+        )
+    micros, _, job_id = cursor.partition("-")
+    return _EPOCH + int(micros) * _MICROSECOND, job_id
 
 
 def list_jobs(
@@ -88,6 +88,11 @@ def list_jobs(
     if len(jobs) > limit:
         return jobs[:limit], _encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id)
     return jobs, None
+
+
+def count_jobs(session: Session, *, status: str) -> int:
+    """How many jobs are in ``status``."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == status)) or 0
 
 
 def latest_succeeded_job(session: Session) -> Job | None:

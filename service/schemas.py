@@ -5,50 +5,63 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.clock import JOB_ID_PATTERN
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-MAX_SEED = 2**63 - 1
+# The largest integer every JSON reader (JavaScript's included) holds exactly.
+MAX_SEED = 2**53 - 1
 MAX_RUNTIME_S = 7 * 24 * 3600.0
 
 
-class JobCreate(BaseModel):
+def _integral(value: object) -> object:
+    # JSON Schema counts 3.0 as an integer, so a client may send it and mean 3; strict models
+    # still refuse 2.5, "3" and true.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
+class StrictModel(BaseModel):
+    """Base of every API model: unknown fields are refused and floats must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class JobCreate(StrictModel):
     """The body of ``POST /jobs``: every field optional, the tutorial's values by default."""
 
     model_config = ConfigDict(
-        extra="forbid",
         strict=True,
-        allow_inf_nan=False,
         json_schema_extra={"examples": [{"epochs": 3, "batch_size": 64, "seed": 42}]},
     )
 
-    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training set.")
-    batch_size: int = Field(default=64, ge=1, le=4096, description="Images per optimiser step.")
+    epochs: JsonInt = Field(default=3, ge=1, le=100, description="Passes over the training set.")
+    batch_size: JsonInt = Field(default=64, ge=1, le=4096, description="Images per optimiser step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=1, description="Adam's learning rate.")
-    trainset_size: int = Field(
+    trainset_size: JsonInt = Field(
         default=10_000, ge=1, le=60_000, description="The first N images of MNIST's train split."
     )
-    testset_size: int = Field(
+    testset_size: JsonInt = Field(
         default=1_000, ge=1, le=10_000, description="The first N images of MNIST's test split."
     )
-    seed: int | None = Field(
+    # The bounds sit on the integer, not the union, so the JSON schema carries them.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_SEED,
         description="Makes the run reproducible (same seed and parameters, same losses on CPU).",
     )
-    max_runtime_s: float | None = Field(
+    max_runtime_s: Annotated[float, Field(gt=0, le=MAX_RUNTIME_S)] | None = Field(
         default=None,
-        gt=0,
-        le=MAX_RUNTIME_S,
         description="Fail the job when it has run this long (default: the server's limit).",
     )
 
 
-class JobRead(BaseModel):
+class JobRead(StrictModel):
     """A job as clients see it."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -71,14 +84,14 @@ class JobRead(BaseModel):
     heartbeat_at: datetime | None
 
 
-class JobList(BaseModel):
+class JobList(StrictModel):
     """A page of jobs, newest first; pass ``next`` as ``cursor`` for the following page."""
 
     jobs: list[JobRead]
     next: str | None
 
 
-class StepRead(BaseModel):
+class StepRead(StrictModel):
     """The loss of one training step."""
 
     step: int
@@ -87,7 +100,7 @@ class StepRead(BaseModel):
     examples_seen: int
 
 
-class EpochRead(BaseModel):
+class EpochRead(StrictModel):
     """The test accuracy after one epoch."""
 
     epoch: int
@@ -95,7 +108,7 @@ class EpochRead(BaseModel):
     examples_seen: int
 
 
-class MetricsRead(BaseModel):
+class MetricsRead(StrictModel):
     """Steps after ``after_step`` (in order, at most ``limit``) and every finished epoch."""
 
     job_id: str
@@ -105,14 +118,14 @@ class MetricsRead(BaseModel):
     next_after_step: int = Field(description="Pass as after_step to get only newer steps.")
 
 
-class DigitProbability(BaseModel):
+class DigitProbability(StrictModel):
     """One digit and how probable the model finds it."""
 
     digit: int = Field(ge=0, le=9)
     probability: float
 
 
-class Prediction(BaseModel):
+class Prediction(StrictModel):
     """The digit a model sees in an image."""
 
     digit: int = Field(ge=0, le=9)
@@ -125,7 +138,7 @@ class Prediction(BaseModel):
     )
 
 
-class PredictionBatch(BaseModel):
+class PredictionBatch(StrictModel):
     """One prediction per uploaded image (the multipart ``files`` field), in upload order."""
 
     job_id: str = Field(description="The job whose model answered them all.")
@@ -137,7 +150,7 @@ PixelRow = Annotated[
 ]
 
 
-class PixelsInput(BaseModel):
+class PixelsInput(StrictModel):
     """The JSON body of ``POST /predict``: one 28×28 image as rows of numbers 0–255."""
 
     model_config = ConfigDict(
@@ -154,27 +167,30 @@ class PixelsInput(BaseModel):
     )
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(StrictModel):
     """What went wrong, for people and for programs."""
 
     code: str
     message: str
     details: list[dict[str, object]] | None = None
+    request_id: str | None = Field(
+        default=None, description="On 500s: the id the server logged the error under."
+    )
 
 
-class ErrorEnvelope(BaseModel):
+class ErrorEnvelope(StrictModel):
     """Every error response has this shape."""
 
     error: ErrorBody
 
 
-class Health(BaseModel):
+class Health(StrictModel):
     """Liveness."""
 
     status: Literal["ok"]
 
 
-class WorkerRead(BaseModel):
+class WorkerRead(StrictModel):
     """A live worker process and the job it is running (if any)."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -188,13 +204,13 @@ class WorkerRead(BaseModel):
     job_id: str | None
 
 
-class WorkerList(BaseModel):
+class WorkerList(StrictModel):
     """Workers heard from within one lease."""
 
     workers: list[WorkerRead]
 
 
-class ReadinessCheck(BaseModel):
+class ReadinessCheck(StrictModel):
     """One thing readiness depends on."""
 
     name: Literal["database", "migrations", "workers"]
@@ -202,7 +218,7 @@ class ReadinessCheck(BaseModel):
     detail: str
 
 
-class Readiness(BaseModel):
+class Readiness(StrictModel):
     """Every readiness check passed; a failing one answers 503 with the checks as details."""
 
     status: Literal["ready"]
@@ -214,7 +230,7 @@ class Readiness(BaseModel):
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class ModelRead(BaseModel):
+class ModelRead(StrictModel):
     """A model version: a succeeded job and its trained weights."""
 
     job_id: str
@@ -229,14 +245,14 @@ class ModelRead(BaseModel):
     aliases: list[str] = Field(description="The aliases that point at this model.")
 
 
-class ModelList(BaseModel):
+class ModelList(StrictModel):
     """A page of models, newest first; pass ``next`` as ``cursor`` for the following page."""
 
     models: list[ModelRead]
     next: str | None
 
 
-class AliasWrite(BaseModel):
+class AliasWrite(StrictModel):
     """The body of ``PUT /models/aliases/{name}``."""
 
     model_config = ConfigDict(
@@ -248,7 +264,7 @@ class AliasWrite(BaseModel):
     job_id: str = Field(pattern=JOB_ID_PATTERN, description="A succeeded job.")
 
 
-class AliasRead(BaseModel):
+class AliasRead(StrictModel):
     """A name pointing at a model."""
 
     name: str
@@ -256,7 +272,7 @@ class AliasRead(BaseModel):
     updated_at: datetime
 
 
-class AliasList(BaseModel):
+class AliasList(StrictModel):
     """Every alias, by name."""
 
     aliases: list[AliasRead]

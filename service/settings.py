@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -16,6 +16,9 @@ LogFormat = Literal["text", "json"]
 # (service/imaging.py), far below Pillow's default of 89 Mpx.
 IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
+
+MIN_API_KEY_CHARS = 16
+MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -58,7 +61,7 @@ class Settings(BaseSettings):
 
     # API behaviour.
     model_cache_size: int = Field(default=8, ge=1, le=1024)
-    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     events_poll_s: float = Field(
         default=0.5,
         ge=0.05,
@@ -83,6 +86,68 @@ class Settings(BaseSettings):
         description="Largest image (width × height) predict decodes; larger ones get 413.",
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
+
+    # Who may call the API (service/security.py) and how much they may send (service/limits.py).
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key for all but health, readiness and the dashboard's files.",
+    )
+    readonly_api_key: SecretStr | None = Field(
+        default=None,
+        description="A second key that may read everything and predict, but not start or cancel.",
+    )
+    allow_no_auth: bool = Field(
+        default=False,
+        description="Serve on a non-loopback address without a key (behind an auth proxy).",
+    )
+    docs_public: bool = Field(
+        default=True, description="/docs, /redoc and /openapi.json answer without a key."
+    )
+    max_request_bytes: int = Field(
+        default=16 * MIB, ge=4096, description="Largest request body, counted as it streams in."
+    )
+    max_form_parts: int = Field(default=32, ge=2, le=1000)
+    max_form_field_bytes: int = Field(default=64 * 1024, ge=1, le=MIB)
+    max_queued_jobs: int = Field(
+        default=1000, ge=1, description="POST /jobs answers 429 while this many jobs wait."
+    )
+
+    @field_validator("api_key", "readonly_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        # `MNIST_API_KEY=` (e.g. compose's ${MNIST_API_KEY:-}) means "not set", not "the empty key".
+        return None if value == "" else value
+
+    @field_validator("api_key", "readonly_api_key")
+    @classmethod
+    def _usable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if len(value) < MIN_API_KEY_CHARS:
+            raise ValueError(f"API keys must be at least {MIN_API_KEY_CHARS} characters long")
+        if not all("!" <= ch <= "~" for ch in value):
+            raise ValueError("API keys must be printable ASCII without spaces")
+        return key
+
+    @model_validator(mode="after")
+    def _consistent_limits_and_keys(self) -> Settings:
+        if self.readonly_api_key is not None:
+            if self.api_key is None:
+                raise ValueError("MNIST_READONLY_API_KEY needs MNIST_API_KEY (the full key) too")
+            if self.readonly_api_key.get_secret_value() == self.api_key.get_secret_value():
+                raise ValueError("MNIST_READONLY_API_KEY must differ from MNIST_API_KEY")
+        if self.max_form_parts <= self.max_images_per_request:
+            raise ValueError(
+                "MNIST_MAX_FORM_PARTS must be larger than MNIST_MAX_IMAGES_PER_REQUEST "
+                "(so a predict request over the image count gets predict's own answer)"
+            )
+        if self.max_request_bytes <= self.max_upload_bytes:
+            raise ValueError(
+                "MNIST_MAX_REQUEST_BYTES must be larger than MNIST_MAX_UPLOAD_BYTES "
+                "(an upload travels with its multipart framing)"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod

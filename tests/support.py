@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+
+from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -54,6 +56,24 @@ def make_small_mnist(root: Path, train: int = SMALL_TRAIN, test: int = SMALL_TES
         write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+def app_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an app under test: this database, checkpoints in ``tmp_path``, CPU, fast
+    polling, never downloading, and no API keys unless given (whatever the environment says)."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": tmp_path / "data",
+        "download": False,
+        "checkpoint_dir": tmp_path / "models",
+        "device": "cpu",
+        "poll_interval_s": 0.05,
+        "flush_interval_s": 0.05,
+        "api_key": None,
+        "readonly_api_key": None,
+        "allow_no_auth": False,
+    }
+    return Settings(**{**values, **overrides})
 
 
 def wait_for(
@@ -105,13 +125,15 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 @contextmanager
-def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
-    """A real uvicorn serving the app (``python -m service``); yields a client for it."""
+def api_process(
+    env: dict[str, str], log: Path, headers: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """A real uvicorn serving the app (``python -m service``): the process and a client for it."""
     port = free_port()
     env = {**env, "MNIST_PORT": str(port), "MNIST_HOST": "127.0.0.1"}
     with (
         process(["-m", "service"], env, log) as proc,
-        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client,
     ):
 
         def healthy() -> bool:
@@ -123,4 +145,11 @@ def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
                 return False
 
         wait_for(healthy, timeout_s=60, what="the API to answer /healthz")
+        yield proc, client
+
+
+@contextmanager
+def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
+    """A real uvicorn serving the app (``python -m service``); yields a client for it."""
+    with api_process(env, log) as (_proc, client):
         yield client

@@ -12,6 +12,9 @@ from service import events, sse
 from service.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.schemas import ErrorEnvelope
 
+# attempt:step:epoch, as the stream numbers its events; empty means "from the start".
+EVENT_ID_PATTERN = r"^([0-9]{1,18}:[0-9]{1,18}:[0-9]{1,18})?$"
+
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
@@ -33,13 +36,17 @@ async def job_events(
     sessions: ReadSessionsDep,
     settings: SettingsDep,
     last_event_id: Annotated[
-        str | None, Header(description="Resume after this event (browsers send it).")
+        str | None,
+        Header(
+            pattern=EVENT_ID_PATTERN,
+            description="Resume after this event (browsers send it).",
+        ),
     ] = None,
     after: Annotated[
         str | None,
         Query(
             alias="last_event_id",
-            max_length=64,
+            pattern=EVENT_ID_PATTERN,
             description="The same as the Last-Event-ID header, for clients that cannot set it.",
         ),
     ] = None,

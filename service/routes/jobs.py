@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response, status
 
 from service import jobs
+from service.clock import CURSOR_PATTERN
 from service.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, JobStatusName, MetricsRead
 
@@ -23,7 +24,20 @@ MAX_STEPS_PAGE = 10_000
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
-    responses={422: {"model": ErrorEnvelope, "description": "A field is invalid."}},
+    responses={
+        422: {"model": ErrorEnvelope, "description": "A field is invalid."},
+        429: {
+            "model": ErrorEnvelope,
+            "description": "MNIST_MAX_QUEUED_JOBS jobs are already waiting.",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait.",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                }
+            },
+        },
+    },
 )
 def submit_job(
     session: WriteSessionDep,
@@ -32,7 +46,9 @@ def submit_job(
     params: Annotated[JobCreate, Body()] = JobCreate(),  # noqa: B008 - an empty body means defaults
 ) -> JobRead:
     """Queue a training job; a worker picks it up. Poll ``Location`` or its metrics."""
-    job = jobs.submit(session, params, max_attempts=settings.max_attempts)
+    job = jobs.submit(
+        session, params, max_attempts=settings.max_attempts, max_queued=settings.max_queued_jobs
+    )
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
@@ -42,7 +58,9 @@ def list_jobs(
     session: SessionDep,
     status_: Annotated[JobStatusName | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
+    ] = None,
 ) -> JobList:
     """Jobs, newest first; pass ``next`` back as ``cursor`` for the following page."""
     return jobs.list_page(session, status=status_, limit=limit, cursor=cursor)

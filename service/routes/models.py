@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Path, Query, status
 from fastapi.responses import FileResponse
 
 from service import model_registry
+from service.clock import CURSOR_PATTERN
 from service.deps import JobIdPath, SessionDep, SettingsDep, WriteSessionDep
 from service.schemas import (
     ALIAS_PATTERN,
@@ -35,7 +36,9 @@ def list_models(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
+    ] = None,
 ) -> ModelList:
     """Every succeeded job's model, most recently finished first; ``next`` pages on."""
     return model_registry.list_page(session, settings.checkpoint_dir, limit=limit, cursor=cursor)

@@ -95,13 +95,9 @@ async def predict(
     Images (PNG, JPEG, BMP, GIF, WebP) are brought to MNIST's layout first: grayscale on
     white, inverted when the background is light, the ink's box scaled to 20 px and centred
     by mass in 28×28. The model is ``job_id``'s, or ``model``'s (an alias); with neither, the
-    ``production`` alias's, else the most recently finished succeeded job's.
+    ``production`` alias's, else the most recently finished succeeded job's. Given both,
+    they must name the same model (409 otherwise).
     """
-    if job_id is not None and model is not None:
-        raise InvalidInput(
-            "give either job_id or model, not both",
-            details=[{"loc": ["query", "model"], "msg": "job_id is given too"}],
-        )
     choice = predict_service.ModelChoice(job_id=job_id, alias=model)
     kind, payload = await _read_input(request, settings)
 

@@ -72,7 +72,7 @@ def test_unknown_and_untrained_choices_are_refused(sessions: sessionmaker[Sessio
         resolve(sessions, job_id=queued)
     with pytest.raises(NotFound, match="no model alias"):
         resolve(sessions, alias="nope")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(NotFound, match="no model alias"):
         resolve(sessions, job_id=queued, alias="nope")
 
 

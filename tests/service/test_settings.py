@@ -46,3 +46,48 @@ def test_bad_values_fail_at_start(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MNIST_API_KEY": "short"}, "at least 16 characters"),
+        ({"MNIST_API_KEY": "has a space in the key!"}, "printable ASCII without spaces"),
+        ({"MNIST_READONLY_API_KEY": "readonly-key-0123456789"}, "needs MNIST_API_KEY"),
+        (
+            {"MNIST_API_KEY": "same-key-012345678", "MNIST_READONLY_API_KEY": "same-key-012345678"},
+            "must differ",
+        ),
+        ({"MNIST_MAX_REQUEST_BYTES": "20000", "MNIST_MAX_UPLOAD_BYTES": "20000"}, "larger than"),
+        ({"MNIST_MAX_QUEUED_JOBS": "0"}, "max_queued_jobs"),
+    ],
+)
+def test_bad_keys_and_limits_fail_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name in ("MNIST_API_KEY", "MNIST_READONLY_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_keys_are_secret_and_an_empty_one_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MNIST_API_KEY", "the-full-key-0123456789")
+    monkeypatch.setenv("MNIST_READONLY_API_KEY", "")
+    settings = Settings()
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "the-full-key-0123456789"
+    assert "the-full-key" not in repr(settings) and "the-full-key" not in str(settings)
+    assert settings.readonly_api_key is None
+    assert settings.allow_no_auth is False and settings.docs_public is True
+
+
+def test_form_parts_must_leave_room_for_predicts_image_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MNIST_MAX_IMAGES_PER_REQUEST", "16")
+    monkeypatch.setenv("MNIST_MAX_FORM_PARTS", "16")
+    with pytest.raises(ValidationError, match="MNIST_MAX_FORM_PARTS must be larger"):
+        Settings()

@@ -59,6 +59,7 @@ def real_model(
         checkpoint_dir=root / "models",
         device="cpu",
         max_images_per_request=100,
+        max_form_parts=128,
     )
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)

@@ -87,4 +87,4 @@ def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient
     job_id = client.post("/jobs", json={}).json()["id"]
     response = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "garbage"})
     assert response.status_code == 422
-    assert "Last-Event-ID" in response.json()["error"]["message"]
+    assert "last-event-id" in response.json()["error"]["message"].lower()

@@ -239,3 +239,13 @@ def test_workers_lists_live_workers_and_their_jobs(
     job = client.get(f"/jobs/{job_id}").json()
     assert (job["worker"], job["attempt"]) == ("busy", 1)
     assert job["heartbeat_at"] is not None
+
+
+def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None:
+    response = client.get("/jobs?limt=5")
+    assert response.status_code == 422
+    assert "unknown query parameter 'limt'" in response.json()["error"]["message"]
+    assert client.get("/jobs?limit=5").status_code == 200
+    repeated = client.get("/jobs?limit=5&limit=50")
+    assert repeated.status_code == 422
+    assert "'limit' is given more than once" in repeated.json()["error"]["message"]

@@ -96,6 +96,13 @@ def test_aliases_choose_the_model_and_deleting_production_falls_back(
 
     assert client.put("/models/aliases/canary", json={"job_id": newer}).status_code == 200
     assert answered_by(client, "?model=canary") == newer
+    assert answered_by(client, f"?model=canary&job_id={newer}") == newer  # both, agreeing
+    disagree = client.post(
+        f"/predict?model=canary&job_id={older}",
+        files={"file": ("d.png", png(np.zeros((28, 28), np.uint8)))},
+    )
+    assert disagree.status_code == 409
+    assert f"points at job {newer}, not at {older}" in disagree.json()["error"]["message"]
     assert client.get("/models/aliases/canary").json()["job_id"] == newer
     names = [a["name"] for a in client.get("/models/aliases").json()["aliases"]]
     assert names == ["canary", "production"]

@@ -174,7 +174,13 @@ def test_request_shapes_that_are_not_understood_are_4xx(client: TestClient, trai
     )
     refused(415, "cannot read a body without a content type", content=data)
     refused(422, "malformed", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
-    refused(422, "not both", params={"job_id": trained, "model": "production"}, content=data)
+    refused(
+        404,
+        "no model alias",
+        params={"job_id": trained, "model": "production"},
+        content=data,
+        headers={"content-type": "image/png"},
+    )
     refused(422, "model", params={"model": "no spaces"}, content=data)
 
 
