@@ -234,7 +234,11 @@ def record_progress(
     if row is None:
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
     if progress.steps:
-        session.execute(insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps])
+        # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
+        # which took more time than the SQL itself (docs/benchmarks.md).
+        session.connection().execute(
+            insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps]
+        )
     if progress.epochs:
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
     return bool(row[0])
