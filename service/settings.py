@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=1, ge=1, le=256)
 
     # API behaviour.
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API server processes; one per core serves predictions fastest.",
+    )
+    access_log: bool = Field(default=True, description="uvicorn's line per request.")
     model_cache_size: int = Field(default=8, ge=1, le=1024)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
 

@@ -46,3 +46,16 @@ def test_bad_values_fail_at_start(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("API_WORKERS", "ACCESS_LOG", "TORCH_THREADS"):
+        monkeypatch.delenv(f"MNIST_{name}", raising=False)
+    defaults = Settings()
+    assert (defaults.api_workers, defaults.access_log, defaults.torch_threads) == (1, True, 1)
+    monkeypatch.setenv("MNIST_API_WORKERS", "2")
+    monkeypatch.setenv("MNIST_ACCESS_LOG", "false")
+    assert (Settings().api_workers, Settings().access_log) == (2, False)
+    monkeypatch.setenv("MNIST_API_WORKERS", "0")
+    with pytest.raises(ValidationError, match="api_workers"):
+        Settings()
