@@ -15,7 +15,6 @@ from service.models import Job
 from service.predict import ModelCache
 from service.settings import Settings
 
-
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
 # the thread pool, and each such hand-off cost more than a whole prediction (py-spy under load,
 # docs/benchmarks.md). A Session does no I/O until it is used; closing it returns its
