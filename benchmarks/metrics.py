@@ -6,21 +6,25 @@ and read through the service as deployed (``python -m service``), over real HTTP
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import Workspace, make_workspace
 from benchmarks.jobs import recorded, submit
 from benchmarks.predict import server
+from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
@@ -37,7 +41,8 @@ PAGE_LIMIT = 10_000  # the API's largest page
 WHOLE_GOAL_MS = 100.0
 TAIL_GOAL_MS = 5.0
 POLL_RATE_HZ = 200.0
-POLLERS = 4  # client threads sharing the rate: one alone waits on each answer
+POLLERS = 4  # client connections sharing the rate
+CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 SLOWDOWN_GOAL = 0.10
 METRICS_PARTS = {
     "SQL (SQLAlchemy + sqlite3)": "/sqlalchemy/",
@@ -109,57 +114,88 @@ def read_whole_series(client: httpx.Client, job_id: str) -> int:
     while True:
         r = client.get(f"/jobs/{job_id}/metrics", params={"after_step": after, "limit": PAGE_LIMIT})
         r.raise_for_status()
-        body = r.json()
+        body = orjson.loads(r.content)
         total += len(body["steps"])
         if not body["steps"]:
             return total
         after = body["next_after_step"]
 
 
-def timed_ms(fn: object) -> float:
-    """Milliseconds one call of ``fn`` takes."""
-    assert callable(fn)
-    started = time.perf_counter()
-    fn()
-    return (time.perf_counter() - started) * 1000
+def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[Series, float]:
+    """``n`` calls of ``fn``: their wall times (ms), and the server's CPU ms per call."""
+    series = Series(name, "ms")
+    cpu_before = cpu_seconds(pid)
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        series.add((time.perf_counter() - started) * 1000)
+    return series, (cpu_seconds(pid) - cpu_before) / n * 1000
 
 
 class Poller(threading.Thread):
-    """Polls a job's new steps at a fixed rate, as a live loss chart would."""
+    """Polls a job's new steps at a fixed rate, as live loss charts would.
 
-    def __init__(self, base_url: str, job_id: str, rate_hz: float) -> None:
+    ``connections`` keep-alive connections share the rate, each asking for the steps after the
+    last one it saw. A bare asyncio HTTP/1.1 client: the poller runs on the same cores as the
+    job, so it should cost as little CPU as a client on another machine would cost them.
+    """
+
+    def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
         super().__init__(daemon=True, name="poller")
-        self._url = base_url
+        url = httpx.URL(base_url)
+        self._host, self._port = url.host, url.port or 80
         self._job_id = job_id
-        self._period_s = 1 / rate_hz
+        self._period_s = connections / rate_hz
+        self._connections = connections
         self._done = threading.Event()
         self.polls = 0
         self.latencies_ms: list[float] = []
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        """Poll until stopped; each poll asks only for steps after the last one seen."""
-        after = 0
-        next_at = time.perf_counter()
-        with httpx.Client(base_url=self._url, timeout=10) as client:
-            while not self._done.is_set():
-                started = time.perf_counter()
-                r = client.get(f"/jobs/{self._job_id}/metrics", params={"after_step": after})
-                self.latencies_ms.append((time.perf_counter() - started) * 1000)
-                r.raise_for_status()
-                after = r.json()["next_after_step"]
-                self.polls += 1
-                next_at += self._period_s
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    self._done.wait(delay)
-                else:
-                    next_at = time.perf_counter()  # fell behind: don't burst to catch up
+        """Poll until stopped."""
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
 
-    def stop(self) -> float:
-        """Stop; the achieved polls per second are computed by the caller."""
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._poll(i) for i in range(self._connections)))
+
+    async def _poll(self, index: int) -> None:
+        reader, writer = await asyncio.open_connection(self._host, self._port)
+        after = 0
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + index * self._period_s / self._connections  # spread them out
+        try:
+            while not self._done.is_set():
+                delay = next_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = max(next_at + self._period_s, loop.time())  # behind: no bursts
+                started = time.perf_counter()
+                writer.write(
+                    f"GET /jobs/{self._job_id}/metrics?after_step={after} HTTP/1.1\r\n"
+                    f"Host: {self._host}\r\n\r\n".encode()
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = CONTENT_LENGTH.search(head)
+                if not head.startswith(b"HTTP/1.1 200") or length is None:
+                    raise RuntimeError(f"unexpected answer to a poll: {head[:200]!r}")
+                body = await reader.readexactly(int(length[1]))
+                self.latencies_ms.append((time.perf_counter() - started) * 1000)
+                after = orjson.loads(body)["next_after_step"]
+                self.polls += 1
+        finally:
+            writer.close()
+
+    def stop(self) -> int:
+        """Stop polling; how many polls were answered."""
         self._done.set()
         self.join()
-        return float(self.polls)
+        if self.error is not None:
+            raise RuntimeError("the poller failed") from self.error
+        return self.polls
 
 
 @contextlib.contextmanager
@@ -210,30 +246,28 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         write_s = time.perf_counter() - started
         with server(["-m", "service"], ws.env(), root / "api.log") as (url, pid):
             client = httpx.Client(base_url=url, timeout=30)
-            assert read_whole_series(client, job_id) == SERIES_STEPS
-            whole = Series("whole series", "ms")
-            page = Series("one 10,000-step page", "ms")
-            tail = Series("after_step poll near the end", "ms")
-            for _ in range(max(runs, 5) * 2):
-                whole.add(timed_ms(lambda: read_whole_series(client, job_id)))
-                page.add(
-                    timed_ms(
-                        lambda: client.get(
-                            f"/jobs/{job_id}/metrics",
-                            params={"after_step": 20_000, "limit": PAGE_LIMIT},
-                        ).raise_for_status()
-                    )
-                )
-            tail_values = [
-                timed_ms(
-                    lambda: client.get(
-                        f"/jobs/{job_id}/metrics", params={"after_step": SERIES_STEPS - 10}
-                    ).raise_for_status()
-                )
-                for _ in range(300)
-            ]
-            for v in tail_values:
-                tail.add(v)
+            if read_whole_series(client, job_id) != SERIES_STEPS:
+                raise RuntimeError("the API did not return the whole series")
+            reads = max(runs, 5) * 2
+            whole, whole_cpu = timed_calls(
+                "whole series", lambda: read_whole_series(client, job_id), reads, pid
+            )
+            page, page_cpu = timed_calls(
+                "one 10,000-step page",
+                lambda: client.get(
+                    f"/jobs/{job_id}/metrics", params={"after_step": 20_000, "limit": PAGE_LIMIT}
+                ).raise_for_status(),
+                reads,
+                pid,
+            )
+            tail, tail_cpu = timed_calls(
+                "after_step poll near the end",
+                lambda: client.get(
+                    f"/jobs/{job_id}/metrics", params={"after_step": SERIES_STEPS - 10}
+                ).raise_for_status(),
+                300,
+                pid,
+            )
             prof: Profile | None = None
             if profile:
                 out = root / "metrics-profile.txt"
@@ -258,17 +292,14 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                         what="the job to start",
                         every_s=0.005,
                     )
-                    pollers = [
-                        Poller(url, polled_id, POLL_RATE_HZ / POLLERS) for _ in range(POLLERS)
-                    ]
+                    poller = Poller(url, polled_id, POLL_RATE_HZ, POLLERS)
                     t0 = time.perf_counter()
-                    for p in pollers:
-                        p.start()
+                    poller.start()
                     seconds = job_seconds(sessions, polled_id)
-                    polls = sum(p.stop() for p in pollers)
+                    polls = poller.stop()
                     polled.add(seconds)
                     achieved.append(polls / (time.perf_counter() - t0))
-                    poll_p50.append(median([ms for p in pollers for ms in p.latencies_ms]))
+                    poll_p50.append(median(poller.latencies_ms))
                     print(
                         f"  metrics round {r + 1}/{runs}: job {quiet.values[-1]:.2f} s, "
                         f"with polls {seconds:.2f} s ({achieved[-1]:.0f} polls/s)",
@@ -288,22 +319,23 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"largest page ({PAGE_LIMIT:,} steps) followed to the end, as a client reads it."
     )
     section.table(
-        ["figure", "p50", "p90", "runs"],
+        ["figure", "p50", "p90", "the API's CPU per call", "runs"],
         [
             [
                 s.name,
                 fmt(percentile(s.values, 50), "ms"),
                 fmt(percentile(s.values, 90), "ms"),
+                fmt(cpu, "ms"),
                 len(s.values),
             ]
-            for s in (whole, page, tail)
+            for s, cpu in ((whole, whole_cpu), (page, page_cpu), (tail, tail_cpu))
         ],
     )
     section.para(
         f"Polling during training: a worker process (`python -m workers`, data warm) runs "
         f"10,000-image × 3-epoch jobs, alternately left alone and polled by a client at "
-        f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} client threads, each asking for the "
-        f"steps after the last one it saw); job time is "
+        f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} keep-alive connections of a bare asyncio "
+        f"client, each asking for the steps after the last one it saw); job time is "
         f"claim → finish from the database, median of {runs}."
     )
     section.table(
