@@ -101,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sections = args.only or list(SECTIONS)
     command = (
-        "make bench` (`python -m benchmarks"
+        "`make bench` (`python -m benchmarks`)"
         if argv is None and len(sys.argv) == 1
-        else shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        else "`"
+        + shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        + "`"
     )
     report = Report("Benchmarks")
     started = time.monotonic()
     load_before = load_average()
     report.preamble += [
-        f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Every figure is "
+        f"Written by {command} on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Every figure is "
         "the median of several runs, each compared with its baseline measured in the same "
         "run on the same machine; compare figures only within one document.",
         "",

@@ -181,7 +181,9 @@ class TrainingBench:
             bare = self.job(images=images, seed=r, persist=False)
             unpersisted.record(bare.seconds, bare.accuracy)
             print(
-                f"  {images} images, round {r + 1}/{runs}: job {run.seconds:.2f} s",
+                f"  {images} images, round {r + 1}/{runs}: job {run.seconds:.2f} s, floor "
+                f"{floors[floor_threads[0]].times.values[-1]:.2f} s, baseline "
+                f"{baseline.times.values[-1]:.2f} s",
                 file=sys.stderr,
                 flush=True,
             )
