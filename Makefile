@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run migrate test lint bench clean
+.PHONY: install run migrate test lint bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Not part of `make test`: measures against baselines and writes docs/benchmarks.md (needs wrk).
 bench: install
 	$(PY) -m benchmarks
+
+# On a machine with a CUDA card: writes docs/benchmarks-gpu.md.
+bench-gpu: install
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache tests/artifacts

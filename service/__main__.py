@@ -6,10 +6,11 @@ import sys
 
 import uvicorn
 
-from service.app import create_app
 from service.logs import configure_logging
 from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
+
+APP_FACTORY = "service.app:create_app"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,15 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     settings = get_settings()
     configure_logging(settings)
-    # log_config=None: uvicorn's loggers propagate to the root handler set up above.
     problem = exposure_problem(settings)
     if problem is not None:
         print(f"mnist-service: {problem}", file=sys.stderr)
         return REFUSED_EXIT_STATUS
+    # By import string: with several workers each process builds its own app (and engine,
+    # model cache) from the same MNIST_* settings. uvicorn picks uvloop and httptools.
+    # log_config=None: uvicorn's loggers propagate to the root handler set up above.
     uvicorn.run(
-        create_app(settings),
+        APP_FACTORY,
+        factory=True,
         host=settings.host,
         port=settings.port,
+        workers=settings.api_workers,
+        access_log=settings.access_log,
         log_config=None,
         log_level=settings.log_level.lower(),
         server_header=False,  # no need to tell every client which server version to probe

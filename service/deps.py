@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -17,20 +17,25 @@ from service.models import Job
 from service.predict import ModelCache
 from service.settings import Settings
 
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
+# the thread pool, and each such hand-off cost more than a whole prediction (py-spy under load,
+# docs/benchmarks.md). A Session does no I/O until it is used; closing it returns its
+# connection to the pool (a rollback: microseconds on SQLite, one round trip on PostgreSQL).
 
-def get_app_settings(request: Request) -> Settings:
+
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """A read session (DEFERRED on SQLite: a snapshot that never waits for writers)."""
     with request.app.state.read_sessions() as session:
         yield session
 
 
-def get_write_session(request: Request) -> Iterator[Session]:
+async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """A write session (IMMEDIATE on SQLite: takes the write lock up front)."""
     with request.app.state.write_sessions() as session:
         yield session
@@ -42,7 +47,7 @@ def get_read_sessions(request: Request) -> sessionmaker[Session]:
     return sessions
 
 
-def get_model_cache(request: Request) -> ModelCache:
+async def get_model_cache(request: Request) -> ModelCache:
     """The process's cache of loaded models."""
     cache: ModelCache = request.app.state.model_cache
     return cache

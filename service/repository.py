@@ -285,7 +285,11 @@ def record_progress(
     if row is None:
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
     if progress.steps:
-        session.execute(insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps])
+        # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
+        # which took more time than the SQL itself (docs/benchmarks.md).
+        session.connection().execute(
+            insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps]
+        )
     if progress.epochs:
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
     return bool(row[0])
@@ -484,7 +488,10 @@ def read_steps(
         .order_by(TrainStep.step)
         .limit(limit)
     )
-    return [row._asdict() for row in session.execute(stmt)]
+    # Core rows fetched at once, then plain dicts: on a 10,000-step page the ORM result,
+    # row-by-row fetching and Row._asdict() cost several times the query (docs/benchmarks.md).
+    rows = session.connection().execute(stmt).all()
+    return [{"step": s, "epoch": e, "loss": x, "examples_seen": n} for s, e, x, n in rows]
 
 
 def read_epochs(session: Session, job_id: str) -> list[dict[str, Any]]:

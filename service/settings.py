@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
-    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    # One intra-op thread: a batch of 64 through a 784-100-10 MLP is too small to split, and
+    # a second OpenMP thread spin-waits against every other process on a small shared CPU
+    # (3-20x slower jobs measured on 2 loaded cores; docs/benchmarks.md).
+    torch_threads: int | None = Field(default=1, ge=1, le=256)
     max_runtime_s: float | None = Field(
         default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
     )
@@ -60,6 +63,13 @@ class Settings(BaseSettings):
     )
 
     # API behaviour.
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API server processes; one per core serves predictions fastest.",
+    )
+    access_log: bool = Field(default=True, description="uvicorn's line per request.")
     model_cache_size: int = Field(default=8, ge=1, le=1024)
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     events_poll_s: float = Field(

@@ -88,6 +88,7 @@ def get_metrics(
     session: SessionDep,
     after_step: Annotated[int, Query(ge=0, description="Only steps numbered above this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = 1000,
-) -> MetricsRead:
+) -> Response:
     """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
-    return jobs.metrics(session, job, after_step=after_step, limit=limit)
+    body = jobs.metrics_json(session, job, after_step=after_step, limit=limit)
+    return Response(body, media_type="application/json")

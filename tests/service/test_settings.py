@@ -91,3 +91,16 @@ def test_form_parts_must_leave_room_for_predicts_image_count(
     monkeypatch.setenv("MNIST_MAX_FORM_PARTS", "16")
     with pytest.raises(ValidationError, match="MNIST_MAX_FORM_PARTS must be larger"):
         Settings()
+
+
+def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("API_WORKERS", "ACCESS_LOG", "TORCH_THREADS"):
+        monkeypatch.delenv(f"MNIST_{name}", raising=False)
+    defaults = Settings()
+    assert (defaults.api_workers, defaults.access_log, defaults.torch_threads) == (1, True, 1)
+    monkeypatch.setenv("MNIST_API_WORKERS", "2")
+    monkeypatch.setenv("MNIST_ACCESS_LOG", "false")
+    assert (Settings().api_workers, Settings().access_log) == (2, False)
+    monkeypatch.setenv("MNIST_API_WORKERS", "0")
+    with pytest.raises(ValidationError, match="api_workers"):
+        Settings()

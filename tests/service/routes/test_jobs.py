@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import repository
 from service.clock import utcnow
 from service.models import Job
+from service.schemas import MetricsRead
 
 DEFAULTS = {
     "epochs": 3,
@@ -191,6 +192,20 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     assert first == {"step": 1, "epoch": 1, "loss": 2.0, "examples_seen": 64}
     assert client.get(f"/jobs/{job_id}/metrics?limit=10001").status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
+
+
+def test_the_metrics_body_is_exactly_the_documented_schema(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    # The route serialises rows itself (orjson), bypassing response_model: hold it to it.
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 3)
+    response = client.get(f"/jobs/{job_id}/metrics")
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert MetricsRead.model_validate(body).model_dump(mode="json") == body
+    assert [s["loss"] for s in body["steps"]] == [2.0, 1.0, 2.0 / 3]
+    assert body["next_after_step"] == 3
 
 
 def test_cancel(client: TestClient, sessions: sessionmaker[Session]) -> None:

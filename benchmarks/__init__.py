@@ -1,0 +1,1 @@
+"""Benchmarks of the MNIST service against the tutorial and the hardware: `make bench`."""

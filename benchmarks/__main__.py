@@ -1,0 +1,138 @@
+"""``python -m benchmarks`` (``make bench``): measure, then write docs/benchmarks.md.
+
+Options pick sections and shorten runs while developing; the committed document comes from a
+plain ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
+from benchmarks.report import Report, Section
+
+SECTIONS = ("training", "predict", "metrics", "gpu")
+DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def _training(section: Section, root: Path, args: argparse.Namespace) -> None:
+    from benchmarks.training import run_training
+
+    run_training(
+        section,
+        root,
+        runs=args.runs,
+        big_runs=args.big_runs,
+        cold_runs=args.cold_runs,
+        profile=not args.no_profile,
+    )
+
+
+def _predict(section: Section, root: Path, args: argparse.Namespace) -> None:
+    from benchmarks.predict import run_predict
+
+    run_predict(section, root, runs=args.runs, seconds=args.duration, profile=not args.no_profile)
+
+
+def _metrics(section: Section, root: Path, args: argparse.Namespace) -> None:
+    from benchmarks.metrics import run_metrics
+
+    run_metrics(section, root, runs=args.runs, profile=not args.no_profile)
+
+
+def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> None:
+    gpu = gpu_name()
+    if gpu is not None:
+        section.para(
+            f"A GPU is here ({gpu}): `make bench-gpu` (`python -m benchmarks.gpu`) writes its "
+            "figures to docs/benchmarks-gpu.md."
+        )
+        return
+    section.para(
+        "No GPU on this machine, so no GPU figures here. The same code trains on `cuda` "
+        "(MNIST_DEVICE=cuda or auto) with no per-step host synchronisation: the loop keeps "
+        "each loss on the device and the reporter copies them to the host once per flush "
+        "(tests/workers/test_host_sync.py counts the host copies of a real job: at most one "
+        "per flush and one per epoch). On a machine with a CUDA card, `make bench-gpu` "
+        "(`python -m benchmarks.gpu`) runs the baseline, the floor and the worker on the card "
+        "in one short run, counts synchronisations with torch.cuda.set_sync_debug_mode, checks "
+        "the goals (≥ 30× the baseline, 60,000 images × 3 epochs under 1 s) and writes "
+        "docs/benchmarks-gpu.md."
+    )
+
+
+Runner = Callable[[Section, Path, argparse.Namespace], None]
+RUNNERS: dict[str, tuple[str, Runner]] = {
+    "training": ("Training (CPU)", _training),
+    "predict": ("Predict under load", _predict),
+    "metrics": ("Metrics polling", _metrics),
+    "gpu": ("GPU", _gpu),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (median of them)")
+    parser.add_argument(
+        "--big-runs", type=int, default=3, help="runs of the 60,000-image figures (0: skip)"
+    )
+    parser.add_argument("--cold-runs", type=int, default=3, help="fresh-worker runs")
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds of load per predict measurement"
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen sections and write the report."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sections = args.only or list(SECTIONS)
+    command = (
+        "`make bench` (`python -m benchmarks`)"
+        if argv is None and len(sys.argv) == 1
+        else "`"
+        + shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        + "`"
+    )
+    report = Report("Benchmarks")
+    started = time.monotonic()
+    load_before = load_average()
+    report.preamble += [
+        f"Written by {command} on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Every figure is "
+        "the median of several runs, each compared with its baseline measured in the same "
+        "run on the same machine; compare figures only within one document.",
+        "",
+        *machine_lines(),
+    ]
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
+        for name in SECTIONS:
+            if name in sections:
+                title, run = RUNNERS[name]
+                print(f"{name} …", file=sys.stderr, flush=True)
+                run(report.section(title), Path(tmp) / name, args)
+    elapsed = time.monotonic() - started
+    report.preamble += [
+        f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_average()} "
+        f"(other processes shared these cores); the whole run took {elapsed:.0f} s.",
+        "",
+    ]
+    report.write(args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The floor: the bare training loop on cached tensors, with nothing recorded or persisted.
+
+Written out here rather than calling :func:`workers.train.train`, so that the reference the
+service is measured against cannot move when the service's loop changes. With the same seed
+it takes the same steps as the worker (same initialisation, same shuffles), so its accuracy
+is the worker's exactly when the worker's loop is faithful.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.tutorial import Trained
+from service.ml import SimpleMLP
+from service.schemas import JobCreate
+from workers.data import Mnist
+from workers.train import evaluate
+
+
+def floor_train(
+    data: Mnist, params: JobCreate, *, seed: int = 0, device: torch.device | None = None
+) -> Trained:
+    """Fused Adam, no per-step host copy, accuracy after each epoch; losses are not kept."""
+    device = device or torch.device("cpu")
+    trainset_size, batch_size = params.trainset_size, params.batch_size
+    x, y = data.train.images[:trainset_size], data.train.labels[:trainset_size]
+    test = data.test.first(params.testset_size, "testset_size")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    shuffle = torch.Generator(device=device).manual_seed(seed)
+    model = SimpleMLP().to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=params.learning_rate, fused=device.type in ("cpu", "cuda")
+    )
+    accuracy = 0.0
+    for _epoch in range(params.epochs):
+        model.train()
+        order = torch.randperm(trainset_size, generator=shuffle, device=device)
+        for start in range(0, trainset_size, batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        accuracy = evaluate(model, test)
+    return Trained(time.perf_counter() - started, accuracy, [])

@@ -1,0 +1,380 @@
+"""Metrics polling: reading a long series from the API, and polling it while a job trains.
+
+The series is written the way workers write it (``record_progress`` in flush-sized batches),
+and read through the service as deployed (``python -m service``), over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.env import Workspace, make_workspace
+from benchmarks.jobs import recorded, submit
+from benchmarks.predict import server
+from benchmarks.procs import cpu_seconds
+from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
+from benchmarks.report import Section
+from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
+from service import repository
+from service.clock import utcnow
+from service.db import make_engine, make_sessionmaker
+from service.models import JobStatus
+from service.schemas import JobCreate
+from tests.support import process, wait_for
+
+SERIES_STEPS = 50_000
+FLUSH_ROWS = 250  # steps per simulated flush
+PAGE_LIMIT = 10_000  # the API's largest page
+WHOLE_GOAL_MS = 100.0
+TAIL_GOAL_MS = 5.0
+POLL_RATE_HZ = 200.0
+POLLERS = 4  # client connections sharing the rate
+CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
+SLOWDOWN_GOAL = 0.10
+METRICS_PARTS = {
+    "SQL (SQLAlchemy + sqlite3)": "/sqlalchemy/",
+    "rows → JSON (service/jobs.py, orjson)": "metrics_json (",
+    "validation (pydantic)": "/pydantic/",
+    "thread-pool hand-offs (anyio, threading)": "/anyio/",
+    "FastAPI / Starlette": "/starlette/",
+    "HTTP server (uvicorn)": "/uvicorn/",
+}
+
+
+def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -> str:
+    """A succeeded job with ``steps`` steps and ``epochs`` epochs, written as a worker would."""
+    params = JobCreate(trainset_size=60_000, batch_size=64, epochs=epochs)
+    with sessions.begin() as session:
+        job = repository.create_job(session, params, max_attempts=3, now=utcnow())
+        job_id = job.id
+    with sessions.begin() as session:
+        claimed = repository.claim_job(
+            session, worker_id="bench", lease_s=600, device="cpu", now=utcnow()
+        )
+        if claimed is None or claimed.id != job_id:
+            raise RuntimeError(f"expected to claim job {job_id}")
+    per_epoch = -(-steps // epochs)
+    for first in range(1, steps + 1, FLUSH_ROWS):
+        numbers = range(first, min(first + FLUSH_ROWS, steps + 1))
+        last, epoch = numbers[-1], (numbers[-1] - 1) // per_epoch + 1
+        rows = [
+            {"step": s, "epoch": (s - 1) // per_epoch + 1, "loss": 2.3 / s, "examples_seen": s * 64}
+            for s in numbers
+        ]
+        epoch_rows = (
+            [{"epoch": epoch, "accuracy": 0.9, "examples_seen": last * 64}]
+            if last % per_epoch == 0 or last == steps
+            else []
+        )
+        progress = repository.Progress(
+            steps=rows,
+            epochs=epoch_rows,
+            step=last,
+            epoch=epoch,
+            accuracy=0.9 if epoch_rows else None,
+        )
+        with sessions.begin() as session:
+            repository.record_progress(
+                session,
+                job_id=job_id,
+                attempt=1,
+                worker_id="bench",
+                progress=progress,
+                lease_s=600,
+                now=utcnow(),
+            )
+    with sessions.begin() as session:
+        repository.finish_job(
+            session,
+            job_id=job_id,
+            attempt=1,
+            worker_id="bench",
+            status=JobStatus.SUCCEEDED,
+            now=utcnow(),
+        )
+    return job_id
+
+
+def read_whole_series(client: httpx.Client, job_id: str) -> int:
+    """Every step of a job, page after page as a client reads it; how many steps."""
+    after, total = 0, 0
+    while True:
+        r = client.get(f"/jobs/{job_id}/metrics", params={"after_step": after, "limit": PAGE_LIMIT})
+        r.raise_for_status()
+        body = orjson.loads(r.content)
+        total += len(body["steps"])
+        if not body["steps"]:
+            return total
+        after = body["next_after_step"]
+
+
+def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[Series, float]:
+    """``n`` calls of ``fn``: their wall times (ms), and the server's CPU ms per call."""
+    series = Series(name, "ms")
+    cpu_before = cpu_seconds(pid)
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        series.add((time.perf_counter() - started) * 1000)
+    return series, (cpu_seconds(pid) - cpu_before) / n * 1000
+
+
+class Poller(threading.Thread):
+    """Polls a job's new steps at a fixed rate, as live loss charts would.
+
+    ``connections`` keep-alive connections share the rate, each asking for the steps after the
+    last one it saw. A bare asyncio HTTP/1.1 client: the poller runs on the same cores as the
+    job, so it should cost as little CPU as a client on another machine would cost them.
+    """
+
+    def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
+        super().__init__(daemon=True, name="poller")
+        url = httpx.URL(base_url)
+        self._host, self._port = url.host, url.port or 80
+        self._job_id = job_id
+        self._period_s = connections / rate_hz
+        self._connections = connections
+        self._done = threading.Event()
+        self.polls = 0
+        self.latencies_ms: list[float] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Poll until stopped."""
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._poll(i) for i in range(self._connections)))
+
+    async def _poll(self, index: int) -> None:
+        reader, writer = await asyncio.open_connection(self._host, self._port)
+        after = 0
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + index * self._period_s / self._connections  # spread them out
+        try:
+            while not self._done.is_set():
+                delay = next_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = max(next_at + self._period_s, loop.time())  # behind: no bursts
+                started = time.perf_counter()
+                writer.write(
+                    f"GET /jobs/{self._job_id}/metrics?after_step={after} HTTP/1.1\r\n"
+                    f"Host: {self._host}\r\n\r\n".encode()
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = CONTENT_LENGTH.search(head)
+                if not head.startswith(b"HTTP/1.1 200") or length is None:
+                    raise RuntimeError(f"unexpected answer to a poll: {head[:200]!r}")
+                body = await reader.readexactly(int(length[1]))
+                self.latencies_ms.append((time.perf_counter() - started) * 1000)
+                after = orjson.loads(body)["next_after_step"]
+                self.polls += 1
+        finally:
+            writer.close()
+
+    def stop(self) -> int:
+        """Stop polling; how many polls were answered."""
+        self._done.set()
+        self.join()
+        if self.error is not None:
+            raise RuntimeError("the poller failed") from self.error
+        return self.polls
+
+
+@contextlib.contextmanager
+def worker_process(ws: Workspace, log: Path) -> Iterator[None]:
+    """``python -m workers`` on the workspace, for as long as the block runs."""
+    with process(["-m", "workers"], ws.env(poll_interval_s="0.05"), log):
+        yield
+
+
+def job_seconds(sessions: sessionmaker[Session], job_id: str) -> float:
+    """Wait for a job to succeed; its claim → finish time from the database."""
+
+    def done() -> bool:
+        job, _, _ = recorded(sessions, job_id)
+        if job.status in JobStatus.TERMINAL and job.status != JobStatus.SUCCEEDED:
+            raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
+        return job.status == JobStatus.SUCCEEDED
+
+    wait_for(done, timeout_s=600, what=f"job {job_id}", every_s=0.1)
+    job, _, _ = recorded(sessions, job_id)
+    if job.started_at is None or job.finished_at is None:
+        raise RuntimeError(f"job {job_id} has no start or finish time")
+    return (job.finished_at - job.started_at).total_seconds()
+
+
+def started_running(sessions: sessionmaker[Session], job_id: str) -> bool:
+    """Whether a worker has claimed the job."""
+    return recorded(sessions, job_id)[0].status != JobStatus.QUEUED
+
+
+@dataclass
+class MetricsResult:
+    """The goal figures."""
+
+    whole_ms: float
+    tail_ms: float
+    slowdown: float
+
+
+def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> MetricsResult:
+    """Measure and write the metrics section."""
+    ws = make_workspace(root)
+    engine = make_engine(ws.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        started = time.perf_counter()
+        job_id = write_series(sessions, SERIES_STEPS)
+        write_s = time.perf_counter() - started
+        with server(["-m", "service"], ws.env(), root / "api.log") as (url, pid):
+            client = httpx.Client(base_url=url, timeout=30)
+            if read_whole_series(client, job_id) != SERIES_STEPS:
+                raise RuntimeError("the API did not return the whole series")
+            reads = max(runs, 5) * 2
+            whole, whole_cpu = timed_calls(
+                "whole series", lambda: read_whole_series(client, job_id), reads, pid
+            )
+            page, page_cpu = timed_calls(
+                "one 10,000-step page",
+                lambda: client.get(
+                    f"/jobs/{job_id}/metrics", params={"after_step": 20_000, "limit": PAGE_LIMIT}
+                ).raise_for_status(),
+                reads,
+                pid,
+            )
+            tail, tail_cpu = timed_calls(
+                "after_step poll near the end",
+                lambda: client.get(
+                    f"/jobs/{job_id}/metrics", params={"after_step": SERIES_STEPS - 10}
+                ).raise_for_status(),
+                300,
+                pid,
+            )
+            prof: Profile | None = None
+            if profile:
+                out = root / "metrics-profile.txt"
+                spy = py_spy(pid, 5, out, subprocesses=True)
+                deadline = time.monotonic() + 6
+                while time.monotonic() < deadline:
+                    read_whole_series(client, job_id)
+                prof = read_py_spy(spy, out)
+
+            # Polling while a job trains: alternate jobs with and without 200 polls/s.
+            quiet, polled = Series("job, no polls", "s"), Series("job, 200 polls/s", "s")
+            achieved: list[float] = []
+            poll_p50: list[float] = []
+            with worker_process(ws, root / "worker.log"):
+                job_seconds(sessions, submit(sessions, seed=0))  # warm the worker's data
+                for r in range(runs):
+                    quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
+                    polled_id = submit(sessions, seed=r)
+                    wait_for(
+                        functools.partial(started_running, sessions, polled_id),
+                        timeout_s=60,
+                        what="the job to start",
+                        every_s=0.005,
+                    )
+                    poller = Poller(url, polled_id, POLL_RATE_HZ, POLLERS)
+                    t0 = time.perf_counter()
+                    poller.start()
+                    seconds = job_seconds(sessions, polled_id)
+                    polls = poller.stop()
+                    polled.add(seconds)
+                    achieved.append(polls / (time.perf_counter() - t0))
+                    poll_p50.append(median(poller.latencies_ms))
+                    print(
+                        f"  metrics round {r + 1}/{runs}: job {quiet.values[-1]:.2f} s, "
+                        f"with polls {seconds:.2f} s ({achieved[-1]:.0f} polls/s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            client.close()
+    finally:
+        engine.dispose()
+
+    slowdown = ratio(polled.median, quiet.median) - 1
+    tail_p50 = percentile(tail.values, 50)
+    section.para(
+        f"A succeeded job with {SERIES_STEPS:,} steps, written by `record_progress` in "
+        f"batches of {FLUSH_ROWS} ({write_s:.1f} s), read from `python -m service` over HTTP "
+        f"with one client. The whole series is every page of `GET /jobs/{{id}}/metrics` at the "
+        f"largest page ({PAGE_LIMIT:,} steps) followed to the end, as a client reads it."
+    )
+    section.table(
+        ["figure", "p50", "p90", "the API's CPU per call", "runs"],
+        [
+            [
+                s.name,
+                fmt(percentile(s.values, 50), "ms"),
+                fmt(percentile(s.values, 90), "ms"),
+                fmt(cpu, "ms"),
+                len(s.values),
+            ]
+            for s, cpu in ((whole, whole_cpu), (page, page_cpu), (tail, tail_cpu))
+        ],
+    )
+    section.para(
+        f"Polling during training: a worker process (`python -m workers`, data warm) runs "
+        f"10,000-image × 3-epoch jobs, alternately left alone and polled by a client at "
+        f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} keep-alive connections of a bare asyncio "
+        f"client, each asking for the steps after the last one it saw); job time is "
+        f"claim → finish from the database, median of {runs}."
+    )
+    section.table(
+        ["figure", "median", "min–max"],
+        [
+            [quiet.name, fmt(quiet.median, "s"), f"{fmt(quiet.spread[0])}–{fmt(quiet.spread[1])}"],
+            [
+                polled.name,
+                fmt(polled.median, "s"),
+                f"{fmt(polled.spread[0])}–{fmt(polled.spread[1])}",
+            ],
+            ["polls/s achieved", fmt(median(achieved)), ""],
+            ["a poll's latency during training, p50", fmt(median(poll_p50), "ms"), ""],
+        ],
+    )
+    section.goal_table(
+        [
+            [
+                f"whole series p50 ≤ {WHOLE_GOAL_MS:.0f} ms",
+                fmt(whole.median, "ms"),
+                verdict(whole.median <= WHOLE_GOAL_MS),
+            ],
+            [
+                f"after_step poll near the end p50 ≤ {TAIL_GOAL_MS:.0f} ms",
+                fmt(tail_p50, "ms"),
+                verdict(tail_p50 <= TAIL_GOAL_MS),
+            ],
+            [
+                f"{POLL_RATE_HZ:.0f} polls/s slow a job by ≤ {SLOWDOWN_GOAL:.0%}",
+                f"{slowdown:+.1%} ({fmt_ratio(ratio(polled.median, quiet.median))})",
+                verdict(slowdown <= SLOWDOWN_GOAL),
+            ],
+        ],
+    )
+    if prof is not None:
+        section.para(f"Profile of the API reading whole series (py-spy, {prof.samples} samples):")
+        section.table(
+            ["where the server's time goes", "share"],
+            share_rows(prof.inclusive_shares(METRICS_PARTS).items()),
+        )
+        section.table(["hottest functions (self time)", "share"], share_rows(prof.self_shares(6)))
+    return MetricsResult(whole.median, tail_p50, slowdown)
