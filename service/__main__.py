@@ -5,12 +5,25 @@ from __future__ import annotations
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
+from service.app import create_app
 from service.logs import configure_logging
 from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
 
-APP_FACTORY = "service.app:create_app"
+APP_FACTORY = "service.__main__:serving_app"
+
+
+def serving_app() -> FastAPI:
+    """The app as ``python -m service`` serves it, logging set up in this process too.
+
+    uvicorn's worker processes start afresh and build their own app through this factory:
+    without it their log records (and uvicorn's) would have no handler.
+    """
+    settings = get_settings()
+    configure_logging(settings)
+    return create_app(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
