@@ -77,7 +77,8 @@ def _document_limits(
     if form is not None:
         ref = form.get("schema", {}).get("$ref", "")
         body = definitions.get(ref.rsplit("/", 1)[-1], form.get("schema", {}))
-        body["maxProperties"] = max_form_parts  # a field per part
+        # A field takes a part at least; a route's own tighter bound stays.
+        body["maxProperties"] = min(body.get("maxProperties", max_form_parts), max_form_parts)
 
 
 def _without_null(parameter: dict[str, Any]) -> None:

@@ -109,9 +109,10 @@ def _make_positive_uploads_images(case: Any) -> None:
     """A positive case's upload becomes an image made of the fuzzed bytes.
 
     The schema can say "a file" but not "a decodable image", and a positive case must be one
-    the API accepts; negative cases keep their garbage. The edit is made in place before the
-    call, which schemathesis takes as the case's starting state (assigning a new body would
-    make it an edited, unvalidated case).
+    the API accepts; negative cases keep their garbage. The new body is recorded as the case's
+    starting state, not as an edit: schemathesis revalidates an edited component, cannot
+    validate bytes, and so would relabel every edited upload (and with it the whole case)
+    negative, then expect the API to refuse a valid image.
     """
     meta = case.meta
     if meta is None or meta.generation.mode is not GenerationMode.POSITIVE:
@@ -125,6 +126,9 @@ def _make_positive_uploads_images(case: Any) -> None:
         # Binary is how schemathesis carries file bytes in a string-typed schema slot.
         # A new dict: generated cases may share one body, and a negative case must keep its own.
         case.body = {**case.body, "file": Binary(_as_image(raw))}
+        # What schemathesis itself does after writing auth and overrides into a generated case
+        # (there is no public call for it): the containers as they are now are the baseline.
+        case._record_starting_state()
 
 
 @schema.parametrize()

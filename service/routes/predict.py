@@ -44,14 +44,19 @@ REQUEST_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "description": "Exactly one of `file` and `files`, nothing else.",
                     "properties": {
                         "file": {**_binary, "description": "One image."},
                         "files": {
                             "type": "array",
                             "items": _binary,
+                            "minItems": 1,  # no part at all is an empty form
                             "description": "Several images: one prediction each, in order.",
                         },
                     },
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                    "maxProperties": 1,
                 }
             },
             "image/*": {"schema": _binary},

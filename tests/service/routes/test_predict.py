@@ -333,6 +333,11 @@ def test_the_api_documents_every_way_to_send_images(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "image/*", "application/json"}
-    assert set(body["multipart/form-data"]["schema"]["properties"]) == {"file", "files"}
+    form = body["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {"file", "files"}
+    # Exactly one of the two and nothing else, as the route reads the form (422 otherwise).
+    assert (form["minProperties"], form["maxProperties"]) == (1, 1)
+    assert form["additionalProperties"] is False
+    assert form["properties"]["files"]["minItems"] == 1
     params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
     assert params == {"job_id", "model", "top_k"}
