@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
-from types import FrameType
 
 from service.db import make_engine, make_sessionmaker
 from service.logs import configure_logging
 from service.settings import get_settings
+from workers.signals import on_signals
 from workers.supervisor import supervise
 from workers.worker import Worker
 
@@ -20,14 +19,14 @@ from workers.worker import Worker
 def install_signal_handlers(stop: threading.Event) -> None:
     """First SIGINT/SIGTERM: stop claiming and hand the running job back. Second: exit now."""
 
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            os._exit(128 + signum)
+    def stopping(signum: int) -> None:
         logging.getLogger("workers").info("signal %d: stopping (again to exit at once)", signum)
         stop.set()
 
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
+    def exit_now(signum: int) -> None:
+        os._exit(128 + signum)
+
+    on_signals(stopping, exit_now)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ import signal
 import subprocess
 import sys
 import threading
-from types import FrameType
+
+from workers.signals import on_signals
 
 SHUTDOWN_WAIT_S = 60.0
 
@@ -18,35 +19,33 @@ def supervise(commands: list[list[str]]) -> int:
     one kills them. When one child exits on its own, the others are asked to stop too.
     Returns 0 when every child exited cleanly or by our signal, else 1.
     """
-    procs = [subprocess.Popen([sys.executable, *args]) for args in commands]
+    # Each child in a process group of its own: a terminal's Ctrl-C reaches this process alone,
+    # which passes it on once (a second signal would make the children exit at once).
+    procs = [subprocess.Popen([sys.executable, *args], process_group=0) for args in commands]
     signalled = threading.Event()
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        if signalled.is_set():
-            for p in procs:
-                p.kill()
-            return
+    def forward(signum: int) -> None:
         signalled.set()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not signalled.wait(0.2):
-            if any(p.poll() is not None for p in procs):
-                break
+    def kill(_signum: int) -> None:
         for p in procs:
-            if p.poll() is None and not signalled.is_set():
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=SHUTDOWN_WAIT_S)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+            p.kill()
+
+    on_signals(forward, kill)
+    while not signalled.wait(0.2):
+        if any(p.poll() is not None for p in procs):
+            break
+    for p in procs:
+        if p.poll() is None and not signalled.is_set():
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     clean = (0, -signal.SIGINT, -signal.SIGTERM)
     return 0 if all(p.returncode in clean for p in procs) else 1
