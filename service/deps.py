@@ -84,7 +84,7 @@ JobDep = Annotated[Job, Depends(job_or_404)]
 JobForUpdateDep = Annotated[Job, Depends(job_for_update_or_404)]
 
 
-_QUERY_NAMES: dict[int, frozenset[str]] = {}
+QUERY_NAMES_ATTR = "_mnist_query_names"
 
 
 def _query_names(dependant: Dependant) -> set[str]:
@@ -95,9 +95,12 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 
 def _declared_query_names(route: APIRoute) -> frozenset[str]:
-    names = _QUERY_NAMES.get(id(route))
+    # Kept on the route itself: a table keyed by id(route) would outlive the routes of apps
+    # that are gone, and hand a new route at the same address the old one's names.
+    names: frozenset[str] | None = getattr(route, QUERY_NAMES_ATTR, None)
     if names is None:
-        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
+        names = frozenset(_query_names(route.dependant))
+        setattr(route, QUERY_NAMES_ATTR, names)
     return names
 
 
