@@ -19,12 +19,15 @@ from starlette.routing import BaseRoute, Route
 
 from service import openapi
 from service.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
+from service.batching import ForwardBatcher
 from service.db import make_engine, make_sessionmaker
 from service.deps import forbid_unknown_query
 from service.errors import ServiceError
 from service.limits import BodyLimitMiddleware
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.predict import ModelCache
+from service.model_registry import ResolutionCache
+from service.predict import ModelCache, Predictor
+from service.predict_lane import PREDICT_PATH, PredictLane
 from service.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.security import ApiKeyMiddleware, keys_from
 from service.settings import Settings, get_settings
@@ -63,6 +66,14 @@ def all_routes(app: FastAPI) -> list[BaseRoute]:
     if iterate is None:
         return list(app.routes)
     return [context.route for context in iterate(app.routes)]
+
+
+def _route(app: FastAPI, method: str, path: str) -> Route:
+    """The route that answers ``method path`` (a template, as declared)."""
+    for route in all_routes(app):
+        if isinstance(route, Route) and route.path == path and method in (route.methods or ()):
+            return route
+    raise LookupError(f"no route answers {method} {path}")
 
 
 def _allowed_methods(request: Request) -> str:
@@ -119,7 +130,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
-        app.state.model_cache = ModelCache(settings.checkpoint_dir, settings.model_cache_size)
+        app.state.predictor = Predictor(
+            app.state.read_sessions,
+            ModelCache(settings.checkpoint_dir, settings.model_cache_size),
+            ResolutionCache(settings.model_resolve_ttl_s),
+            ForwardBatcher(),
+        )
         try:
             yield
         finally:
@@ -135,18 +151,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(forbid_unknown_query)],
     )
-    keys = keys_from(settings)
-    # Added innermost first: a request meets the request id, then the key check (so an
-    # unauthenticated client is turned away before its body is read), then the body limits.
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.max_request_bytes,
-        max_form_parts=settings.max_form_parts,
-        max_form_field_bytes=settings.max_form_field_bytes,
-    )
-    if keys is not None:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, docs_public=settings.docs_public)
-    app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -159,6 +163,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(ops.router)
     app.include_router(dashboard.router)
+    keys = keys_from(settings)
+    # Added innermost first: a request meets the request id, then the key check (so an
+    # unauthenticated client is turned away before its body is read), then predict's fast
+    # lane, then the body limits (which see whatever the lane passes on).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        max_form_parts=settings.max_form_parts,
+        max_form_field_bytes=settings.max_form_field_bytes,
+    )
+    app.add_middleware(PredictLane, route=_route(app, "POST", PREDICT_PATH), settings=settings)
+    if keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, docs_public=settings.docs_public)
+    app.add_middleware(RequestIdMiddleware)
     app.state.metrics = ServiceMetrics()
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
 

@@ -14,7 +14,7 @@ from service import repository
 from service.clock import JOB_ID_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.models import Job
-from service.predict import ModelCache
+from service.predict import Predictor
 from service.settings import Settings
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
@@ -47,17 +47,17 @@ def get_read_sessions(request: Request) -> sessionmaker[Session]:
     return sessions
 
 
-async def get_model_cache(request: Request) -> ModelCache:
-    """The process's cache of loaded models."""
-    cache: ModelCache = request.app.state.model_cache
-    return cache
+async def get_predictor(request: Request) -> Predictor:
+    """The process's predictor (model resolutions, loaded models, batched forward passes)."""
+    predictor: Predictor = request.app.state.predictor
+    return predictor
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
-ModelCacheDep = Annotated[ModelCache, Depends(get_model_cache)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 JobIdPath = Annotated[
     str, Path(pattern=JOB_ID_PATTERN, description="A job id: 32 lowercase hex digits.")
 ]

@@ -92,7 +92,7 @@ def _grayscale(image: Image.Image) -> Gray:
         return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
-        return np.asarray(image.convert("L"), dtype=np.uint8)
+        return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
     if image.mode not in ("LA", "RGBA"):
         image = image.convert("RGBA")
     la = np.asarray(image.convert("LA"), dtype=np.uint16)
@@ -109,7 +109,14 @@ def _border(gray: NDArray[Any]) -> NDArray[Any]:
 
 
 def _border_median(gray: NDArray[Any]) -> float:
-    return float(np.median(_border(gray)))
+    border = _border(gray)
+    if border.dtype != np.uint8:
+        return float(np.median(border))
+    # np.median's value (the mean of the two middle values, in float64) without its overhead,
+    # which is most of the cost of a 28×28 image's preprocessing.
+    ordered = np.sort(border)
+    n = len(ordered)
+    return (float(ordered[(n - 1) // 2]) + float(ordered[n // 2])) / 2
 
 
 def dark_background(gray: NDArray[Any]) -> NDArray[Any]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 MNIST_MEAN = 0.1307
@@ -43,6 +46,16 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     std = torch.as_tensor(MNIST_STD, dtype=torch.float32, device=images.device)
     x = images.to(torch.float32).div(255)
     return x.sub_(mean).div_(std).unsqueeze(1)
+
+
+@functools.cache
+def normalization_table() -> NDArray[np.float32]:
+    """The 256 values :func:`normalize_uint8` gives a uint8 pixel, computed by it: indexing
+    this table normalises an image bit-identically at the cost of one lookup per pixel."""
+    values = normalize_uint8(torch.arange(256, dtype=torch.uint8).unsqueeze(0))
+    table: NDArray[np.float32] = values.reshape(256).numpy()
+    table.flags.writeable = False
+    return table
 
 
 def resolve_device(name: str) -> torch.device:

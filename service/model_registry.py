@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -12,8 +17,26 @@ from service.errors import Conflict, NotFound, ServiceError
 from service.jobs import params_of
 from service.models import Job, JobStatus, ModelAlias
 from service.schemas import AliasList, AliasRead, ModelList, ModelRead
+from service.single_flight import SingleFlight
 
 DEFAULT_ALIAS = "production"
+RESOLUTION_CACHE_ENTRIES = 1024  # distinct (job_id, alias) choices remembered per process
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model answers: by job id, by alias, or (neither) the default."""
+
+    job_id: str | None = None
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a choice resolved to: its job and its weights file's name."""
+
+    job_id: str
+    checkpoint: str
 
 
 def is_model(job: Job) -> bool:
@@ -150,3 +173,93 @@ def resolve(session: Session, *, job_id: str | None = None, alias: str | None = 
             raise Conflict("no trained model yet: POST /jobs and wait for a job to succeed")
         return job
     return model_of(session, job_id)
+
+
+def resolve_choice(session: Session, choice: ModelChoice) -> ResolvedModel:
+    """:func:`resolve` for a :class:`ModelChoice`, reduced to what predict needs."""
+    job = resolve(session, job_id=choice.job_id, alias=choice.alias)
+    assert job.checkpoint is not None
+    return ResolvedModel(job_id=job.id, checkpoint=job.checkpoint)
+
+
+class ResolutionCache:
+    """Resolved choices remembered for ``ttl_s`` seconds (0: not at all).
+
+    Resolving costs one to three queries, a prediction well under a millisecond: under load
+    the queries would be most of predict's work. A succeeded job never changes, so what can
+    go stale is only which job an alias or the default names: an alias written through this
+    process clears the cache at once (:meth:`clear`); one written elsewhere, or a newer job
+    becoming the default, is seen within ``ttl_s``. Errors (unknown alias, no model) are
+    never remembered.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        capacity: int = RESOLUTION_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self._capacity = capacity
+        self._clock = clock
+        self._entries: OrderedDict[ModelChoice, tuple[float, ResolvedModel]] = OrderedDict()
+        self._lock = threading.Lock()  # resolutions are stored from the thread pool
+        # Bumped by clear(): a resolution read before an alias changed is not stored after it.
+        self._generation = 0
+        self.resolving: SingleFlight[ModelChoice, ResolvedModel] = SingleFlight()
+
+    def get(self, choice: ModelChoice) -> ResolvedModel | None:
+        """The remembered resolution of ``choice``, unless older than ``ttl_s``."""
+        with self._lock:
+            entry = self._entries.get(choice)
+            if entry is None:
+                return None
+            expires, resolved = entry
+            if self._clock() >= expires:
+                del self._entries[choice]
+                return None
+            return resolved
+
+    def put(self, choice: ModelChoice, resolved: ResolvedModel, *, generation: int) -> None:
+        """Remember ``resolved`` for ``ttl_s`` seconds, unless the cache was cleared since
+        ``generation`` (:attr:`generation` when the resolution was read); the oldest entries
+        are evicted past capacity."""
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._entries[choice] = (self._clock() + self.ttl_s, resolved)
+            self._entries.move_to_end(choice)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything: an alias changed."""
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    @property
+    def generation(self) -> int:
+        """How many times the cache was cleared (see :meth:`put`)."""
+        with self._lock:
+            return self._generation
+
+    def resolve(self, session: Session, choice: ModelChoice) -> ResolvedModel:
+        """The cached resolution, or :func:`resolve_choice` in ``session`` (then remembered)."""
+        resolved = self.get(choice)
+        if resolved is None:
+            # When an entry expires under load, every request in flight misses at once: one
+            # of them reads the database and the others wait for its answer.
+            resolved = self.resolving.run(choice, lambda: self._read_and_keep(session, choice))
+        return resolved
+
+    def _read_and_keep(self, session: Session, choice: ModelChoice) -> ResolvedModel:
+        resolved = self.get(choice)
+        if resolved is None:
+            generation = self.generation
+            resolved = resolve_choice(session, choice)
+            self.put(choice, resolved, generation=generation)
+        return resolved

@@ -5,18 +5,26 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import anyio.to_thread
 import numpy as np
+import orjson
 import torch
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import imaging, model_registry
+from service.batching import ForwardBatcher
 from service.errors import Conflict, ServiceError
-from service.ml import IMAGE_SIDE_PX, SimpleMLP, load_model, normalize_uint8
-from service.schemas import DigitProbability, Prediction
+from service.ml import (
+    IMAGE_SIDE_PX,
+    SimpleMLP,
+    load_model,
+    normalization_table,
+    normalize_uint8,
+)
+from service.single_flight import SingleFlight
 
 # Re-exported: what the predict route tells clients it accepts.
 ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
@@ -46,7 +54,7 @@ def images_to_tensor(
             if len(images) == 1:
                 raise
             raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
-    return normalize_uint8(torch.from_numpy(fields))
+    return torch.from_numpy(normalization_table()[fields]).unsqueeze(1)
 
 
 def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
@@ -71,40 +79,38 @@ class ModelCache:
         self._dir = checkpoint_dir
         self._capacity = capacity
         self._models: OrderedDict[str, SimpleMLP] = OrderedDict()
-        self._loading: dict[str, Future[SimpleMLP]] = {}
-        self._lock = threading.Lock()  # guards the two dicts; never held while loading
+        self._loads: SingleFlight[str, SimpleMLP] = SingleFlight()
+        self._lock = threading.Lock()  # guards the dict; never held while loading
         self.loads = 0  # how many times a checkpoint was read from disk
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._models)
 
-    def get(self, checkpoint: str) -> SimpleMLP:
-        """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
+    def peek(self, checkpoint: str) -> SimpleMLP | None:
+        """The model of ``checkpoint`` if it is loaded (marked as just used), else None."""
         with self._lock:
             model = self._models.get(checkpoint)
             if model is not None:
                 self._models.move_to_end(checkpoint)
-                return model
-            pending = self._loading.get(checkpoint)
-            owner = pending is None
-            if pending is None:
-                pending = self._loading[checkpoint] = Future()
-        if not owner:
-            return pending.result()
-        try:
-            model = self._load(checkpoint)
-        except BaseException as exc:
-            with self._lock:
-                del self._loading[checkpoint]
-            pending.set_exception(exc)
-            raise
+            return model
+
+    def get(self, checkpoint: str) -> SimpleMLP:
+        """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
+        model = self.peek(checkpoint)
+        if model is not None:
+            return model
+        return self._loads.run(checkpoint, lambda: self._load_and_keep(checkpoint))
+
+    def _load_and_keep(self, checkpoint: str) -> SimpleMLP:
+        model = self.peek(checkpoint)  # loaded by the call that finished just before this one
+        if model is not None:
+            return model
+        model = self._load(checkpoint)
         with self._lock:
-            del self._loading[checkpoint]
             self._models[checkpoint] = model
             while len(self._models) > self._capacity:
                 self._models.popitem(last=False)
-        pending.set_result(model)
         return model
 
     def _load(self, checkpoint: str) -> SimpleMLP:
@@ -123,36 +129,62 @@ class ModelCache:
         return model
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which model answers: by job id, by alias, or (neither) the default."""
+class Predictor:
+    """Answers predictions: which model (resolutions cached), the model itself (loaded once),
+    and the forward pass (batched with the other requests of the same event-loop turn).
 
-    job_id: str | None = None
-    alias: str | None = None
+    Only a cache miss leaves the event loop: resolving a choice reads the database and loading
+    a model reads a file, both in the thread pool; a hit costs microseconds.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        models: ModelCache,
+        resolutions: model_registry.ResolutionCache,
+        batcher: ForwardBatcher,
+    ) -> None:
+        self.sessions = sessions
+        self.models = models
+        self.resolutions = resolutions
+        self.batcher = batcher
+
+    async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:
+        """The job and weights file that answer ``choice`` (404/409 as :func:`resolve`)."""
+        resolved = self.resolutions.get(choice)
+        if resolved is None:
+            resolved = await anyio.to_thread.run_sync(self._resolve_in_session, choice)
+        return resolved
+
+    def _resolve_in_session(
+        self, choice: model_registry.ModelChoice
+    ) -> model_registry.ResolvedModel:
+        with self.sessions() as session:
+            return self.resolutions.resolve(session, choice)
+
+    async def predict(
+        self, images: torch.Tensor, choice: model_registry.ModelChoice, *, top_k: int | None
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The answering job's id, and one prediction (as :class:`Prediction` serialises) per
+        image of the batch ``images`` (N×1×28×28)."""
+        resolved = await self.resolve(choice)
+        model = self.models.peek(resolved.checkpoint)
+        if model is None:
+            model = await anyio.to_thread.run_sync(self.models.get, resolved.checkpoint)
+        rows = await self.batcher.probabilities(resolved.checkpoint, model, images)
+        return resolved.job_id, [prediction_body(row, resolved.job_id, top_k) for row in rows]
 
 
-def predict(
-    session: Session,
-    cache: ModelCache,
-    x: torch.Tensor,
-    choice: ModelChoice,
-    *,
-    top_k: int | None = None,
-) -> list[Prediction]:
-    """One prediction per image of the batch ``x`` (N×1×28×28), by the chosen model."""
-    job = model_registry.resolve(session, job_id=choice.job_id, alias=choice.alias)
-    assert job.checkpoint is not None
-    model = cache.get(job.checkpoint)
-    with torch.inference_mode():
-        logits = model(x)
-    # Softmax in float64: the ten probabilities then sum to 1 within 1e-15.
-    probabilities = torch.softmax(logits.double(), dim=1)
-    rows: list[list[float]] = probabilities.tolist()
-    predictions = []
-    for row in rows:
-        ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)
-        top = None
-        if top_k is not None:
-            top = [DigitProbability(digit=d, probability=row[d]) for d in ranked[:top_k]]
-        predictions.append(Prediction(digit=ranked[0], probabilities=row, job_id=job.id, top_k=top))
-    return predictions
+def prediction_body(row: list[float], job_id: str, top_k: int | None) -> dict[str, Any]:
+    """One image's answer, as the :class:`Prediction` schema serialises it (no ``top_k`` key
+    unless asked for)."""
+    ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)
+    body: dict[str, Any] = {"digit": ranked[0], "probabilities": row, "job_id": job_id}
+    if top_k is not None:
+        body["top_k"] = [{"digit": d, "probability": row[d]} for d in ranked[:top_k]]
+    return body
+
+
+def json_bytes(body: object) -> bytes:
+    """A response body as JSON (orjson: several times faster than the standard library)."""
+    return orjson.dumps(body)

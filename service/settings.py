@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(default=True, description="uvicorn's line per request.")
     model_cache_size: int = Field(default=8, ge=1, le=1024)
+    model_resolve_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description=(
+            "How long predict remembers which job an alias or the default names (0: ask the "
+            "database every time). Aliases set through this process apply at once."
+        ),
+    )
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     events_poll_s: float = Field(
         default=0.5,

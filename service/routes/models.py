@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from service import model_registry
 from service.clock import CURSOR_PATTERN
-from service.deps import JobIdPath, SessionDep, SettingsDep, WriteSessionDep
+from service.deps import JobIdPath, PredictorDep, SessionDep, SettingsDep, WriteSessionDep
 from service.schemas import (
     ALIAS_PATTERN,
     AliasList,
@@ -66,16 +66,22 @@ def get_alias(name: AliasName, session: SessionDep) -> AliasRead:
     },
 )
 def put_alias(
-    name: AliasName, body: Annotated[AliasWrite, Body()], session: WriteSessionDep
+    name: AliasName,
+    body: Annotated[AliasWrite, Body()],
+    session: WriteSessionDep,
+    predictor: PredictorDep,
 ) -> AliasRead:
     """Point an alias (e.g. ``production``) at a model; it answers ``/predict?model=name``."""
-    return model_registry.set_alias(session, name, body.job_id)
+    alias = model_registry.set_alias(session, name, body.job_id)
+    predictor.resolutions.clear()  # committed: this process's predictions follow at once
+    return alias
 
 
 @router.delete("/aliases/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-def delete_alias(name: AliasName, session: WriteSessionDep) -> None:
+def delete_alias(name: AliasName, session: WriteSessionDep, predictor: PredictorDep) -> None:
     """Remove an alias. Without ``production``, predict falls back to the newest model."""
     model_registry.delete_alias(session, name)
+    predictor.resolutions.clear()
 
 
 @router.get("/{job_id}", response_model=ModelRead, responses=NOT_FOUND)

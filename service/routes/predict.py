@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+import torch
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -14,9 +15,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import predict as predict_service
 from service.clock import JOB_ID_PATTERN
-from service.deps import ModelCacheDep, SessionDep, SettingsDep
+from service.deps import PredictorDep, SettingsDep
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import NUM_CLASSES
+from service.model_registry import ModelChoice
 from service.schemas import (
     ALIAS_PATTERN,
     ErrorEnvelope,
@@ -81,8 +83,7 @@ REQUEST_BODY: dict[str, Any] = {
 )
 async def predict(
     request: Request,
-    session: SessionDep,
-    cache: ModelCacheDep,
+    predictor: PredictorDep,
     settings: SettingsDep,
     job_id: Annotated[
         str | None, Query(pattern=JOB_ID_PATTERN, description="The model of this job.")
@@ -94,7 +95,7 @@ async def predict(
     top_k: Annotated[
         int | None, Query(ge=1, le=NUM_CLASSES, description="Also list the k best digits.")
     ] = None,
-) -> Prediction | PredictionBatch:
+) -> Response:
     """The digit in each image, its ten probabilities, and the job whose model answered.
 
     Images (PNG, JPEG, BMP, GIF, WebP) are brought to MNIST's layout first: grayscale on
@@ -103,20 +104,21 @@ async def predict(
     ``production`` alias's, else the most recently finished succeeded job's. Given both,
     they must name the same model (409 otherwise).
     """
-    choice = predict_service.ModelChoice(job_id=job_id, alias=model)
+    choice = ModelChoice(job_id=job_id, alias=model)
     kind, payload = await _read_input(request, settings)
 
-    def work() -> list[Prediction]:
+    def to_tensor() -> torch.Tensor:
         if isinstance(payload, PixelsInput):
-            x = predict_service.pixels_to_tensor(payload.pixels)
-        else:
-            x = predict_service.images_to_tensor(payload, max_pixels=settings.max_image_pixels)
-        return predict_service.predict(session, cache, x, choice, top_k=top_k)
+            return predict_service.pixels_to_tensor(payload.pixels)
+        return predict_service.images_to_tensor(payload, max_pixels=settings.max_image_pixels)
 
-    predictions = await run_in_threadpool(work)
-    if kind == "files":
-        return PredictionBatch(job_id=predictions[0].job_id, predictions=predictions)
-    return predictions[0]
+    # Decoding may be slow (a large photo): off the loop. The model answers on it, batched.
+    x = await run_in_threadpool(to_tensor)
+    answering, predictions = await predictor.predict(x, choice, top_k=top_k)
+    body = {"job_id": answering, "predictions": predictions} if kind == "files" else predictions[0]
+    # Built to the Prediction/PredictionBatch schema directly: validating our own output
+    # again per request would cost more than the prediction.
+    return Response(predict_service.json_bytes(body), media_type="application/json")
 
 
 async def _read_input(

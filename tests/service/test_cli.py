@@ -22,7 +22,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
 from tests.service.images import png
-from tests.service.routes.test_predict import train_job
+from tests.service.routes.conftest import train_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
 from workers.worker import Worker
 

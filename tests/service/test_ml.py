@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torchvision import transforms
 from torchvision.datasets import MNIST
@@ -17,6 +18,7 @@ from service.ml import (
     MNIST_STD,
     SimpleMLP,
     load_model,
+    normalization_table,
     normalize_uint8,
     resolve_device,
     save_checkpoint,
@@ -34,6 +36,13 @@ def assert_matches_tutorial_transform(root: Path, *, train: bool, count: int) ->
     fast = normalize_uint8(reference.data[:count])
     torch.testing.assert_close(fast, expected)
     assert torch.equal(fast, expected)  # not only close: bit for bit
+
+
+def test_the_normalisation_table_gives_the_tutorial_value_of_every_pixel() -> None:
+    every_value = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    expected = TUTORIAL_TRANSFORM(Image.fromarray(every_value.numpy(), mode="L"))
+    table = torch.from_numpy(normalization_table())
+    assert torch.equal(table[every_value.long()].unsqueeze(0), expected)
 
 
 def test_simple_mlp_is_the_tutorials_model() -> None:

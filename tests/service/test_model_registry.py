@@ -14,6 +14,7 @@ from service.clock import utcnow
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Job, JobStatus
 from service.schemas import JobCreate
+from tests.support import wait_for
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -175,3 +176,118 @@ def test_deleting_a_job_deletes_its_aliases(sessions: sessionmaker[Session]) -> 
         session.delete(session.get(Job, model))
     with sessions() as session:
         assert model_registry.list_aliases(session).aliases == []
+
+
+# --- remembering resolutions -----------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached_job(
+    cache: model_registry.ResolutionCache,
+    sessions: sessionmaker[Session],
+    choice: model_registry.ModelChoice,
+) -> str:
+    with sessions() as session:
+        return cache.resolve(session, choice).job_id
+
+
+def test_a_resolution_is_remembered_for_its_ttl_then_read_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    clock = FakeClock()
+    cache = model_registry.ResolutionCache(1.0, clock=clock)
+    default = model_registry.ModelChoice()
+    old = add_model(sessions, finished_ago_s=60)
+    assert cached_job(cache, sessions, default) == old
+    new = add_model(sessions, finished_ago_s=1)  # a worker finished a newer job elsewhere
+    clock.now = 0.99
+    assert cached_job(cache, sessions, default) == old  # within the TTL: remembered
+    clock.now = 1.0
+    assert cached_job(cache, sessions, default) == new  # expired: read again
+
+    with sessions() as session:
+        model_registry.set_alias(session, "production", old)
+    assert cached_job(cache, sessions, default) == new  # an alias set elsewhere: not yet...
+    cache.clear()  # ...and at once when set through this process (the route clears it)
+    assert cached_job(cache, sessions, default) == old
+
+
+def test_errors_are_never_remembered_and_ttl_0_remembers_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    cache = model_registry.ResolutionCache(60.0)
+    with pytest.raises(Conflict, match="no trained model yet"):
+        cached_job(cache, sessions, model_registry.ModelChoice())
+    first = add_model(sessions, finished_ago_s=5)
+    assert cached_job(cache, sessions, model_registry.ModelChoice()) == first
+
+    never = model_registry.ResolutionCache(0.0)
+    assert cached_job(never, sessions, model_registry.ModelChoice()) == first
+    second = add_model(sessions, finished_ago_s=1)
+    assert cached_job(never, sessions, model_registry.ModelChoice()) == second
+    assert never.get(model_registry.ModelChoice()) is None
+
+
+def test_a_resolution_read_before_a_clear_is_not_kept_after_it(
+    sessions: sessionmaker[Session],
+) -> None:
+    cache = model_registry.ResolutionCache(60.0)
+    choice = model_registry.ModelChoice(alias="production")
+    resolved = model_registry.ResolvedModel(job_id=MISSING, checkpoint="x.pt")
+    generation = cache.generation  # a request starts reading the alias...
+    cache.clear()  # ...the alias is moved and the cache cleared...
+    cache.put(choice, resolved, generation=generation)  # ...then the old answer arrives
+    assert cache.get(choice) is None
+    cache.put(choice, resolved, generation=cache.generation)
+    assert cache.get(choice) == resolved
+
+
+def test_the_oldest_resolutions_are_evicted_past_capacity() -> None:
+    cache = model_registry.ResolutionCache(60.0, capacity=2)
+    choices = [model_registry.ModelChoice(job_id=f"{i:032x}") for i in range(3)]
+    for i, choice in enumerate(choices):
+        cache.put(choice, model_registry.ResolvedModel(f"{i:032x}", "m.pt"), generation=0)
+    assert cache.get(choices[0]) is None
+    assert cache.get(choices[1]) is not None and cache.get(choices[2]) is not None
+
+
+def test_concurrent_misses_read_the_database_once(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = add_model(sessions, finished_ago_s=1)
+    cache = model_registry.ResolutionCache(60.0)
+    reads: list[str] = []
+    release = threading.Event()
+    real = model_registry.resolve_choice
+
+    def slow_resolve(
+        session: Session, choice: model_registry.ModelChoice
+    ) -> model_registry.ResolvedModel:
+        reads.append("read")
+        release.wait(timeout=10)  # every other request arrives while this one reads
+        return real(session, choice)
+
+    monkeypatch.setattr(model_registry, "resolve_choice", slow_resolve)
+    answers: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(cached_job(cache, sessions, model_registry.ModelChoice()))
+        )
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    choice = model_registry.ModelChoice()
+    wait_for(lambda: cache.resolving.waiting(choice) == 7, timeout_s=30, what="7 waiting on 1 read")
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert answers == [job_id] * 8
+    assert reads == ["read"]

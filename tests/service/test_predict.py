@@ -6,7 +6,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 import torch
@@ -15,12 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from torchvision.datasets import MNIST
 
 from service import repository
+from service.batching import ForwardBatcher
 from service.clock import utcnow
 from service.errors import Conflict, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import SimpleMLP, load_model, save_checkpoint
+from service.model_registry import ModelChoice, ResolutionCache
 from service.models import JobStatus
-from service.predict import ModelCache, ModelChoice, image_to_tensor, images_to_tensor, predict
-from service.schemas import JobCreate
+from service.predict import ModelCache, Predictor, image_to_tensor, images_to_tensor
+from service.schemas import JobCreate, Prediction
 from tests.service.images import TUTORIAL, encode, png_claiming_size
 from tests.support import synthetic_digits
 
@@ -217,16 +221,21 @@ def test_probabilities_sum_to_1_and_top_k_is_ranked(
     images, _ = synthetic_digits(5, seed=6)
     x = images_to_tensor([encode(Image.fromarray(i)) for i in images])
     assert x.shape == (5, 1, 28, 28)
-    with sessions() as session:
-        answers = predict(session, ModelCache(tmp_path, 2), x, ModelChoice(), top_k=3)
+    predictor = Predictor(sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher())
+
+    async def ask() -> tuple[str, list[dict[str, Any]]]:
+        return await predictor.predict(x, ModelChoice(), top_k=3)
+
+    answering, answers = anyio.run(ask)
+    assert answering == job_id
     assert len(answers) == 5
     for answer in answers:
-        assert answer.job_id == job_id
-        assert abs(sum(answer.probabilities) - 1) < 1e-12
-        assert answer.top_k is not None and len(answer.top_k) == 3
-        assert answer.top_k[0].digit == answer.digit
-        ranked = [p.probability for p in answer.top_k]
-        assert ranked == sorted(answer.probabilities, reverse=True)[:3]
+        assert answer["job_id"] == job_id
+        Prediction.model_validate(answer)  # the schema the API documents
+        assert abs(sum(answer["probabilities"]) - 1) < 1e-12
+        ranked = [p["probability"] for p in answer["top_k"]]
+        assert len(ranked) == 3 and answer["top_k"][0]["digit"] == answer["digit"]
+        assert ranked == sorted(answer["probabilities"], reverse=True)[:3]
 
 
 def test_a_bad_image_in_a_batch_is_named_by_its_index() -> None:

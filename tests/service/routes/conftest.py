@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.app import create_app
@@ -17,6 +18,7 @@ from service.db import make_engine, make_sessionmaker
 from service.models import Job, JobStatus
 from service.schemas import JobCreate
 from service.settings import Settings
+from tests.support import SMALL_TEST, SMALL_TRAIN
 from workers.worker import Worker
 
 
@@ -29,6 +31,21 @@ def api_settings(settings: Settings) -> Settings:
 def client(api_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(api_settings)) as client:
         yield client
+
+
+def train_job(client: TestClient, sessions: sessionmaker[Session], settings: Settings) -> str:
+    """Queue a job through the API and train it with a real worker (the generated digits)."""
+    body = {"epochs": 2, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "seed": 3}
+    job_id: str = client.post("/jobs", json=body).json()["id"]
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
+    return job_id
+
+
+@pytest.fixture
+def trained(client: TestClient, sessions: sessionmaker[Session], api_settings: Settings) -> str:
+    """The id of a job trained (by a real worker) on the generated digits."""
+    return train_job(client, sessions, api_settings)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.ml import SimpleMLP
 from service.settings import Settings
 from tests.service.images import png
-from tests.service.routes.test_predict import train_job
+from tests.service.routes.conftest import train_job
 from tests.support import synthetic_digits
 
 MISSING = "0123456789abcdef0123456789abcdef"

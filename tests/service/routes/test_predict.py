@@ -19,16 +19,9 @@ from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.service.images import SVG, TEXT, png, png_claiming_size
+from tests.service.routes.conftest import train_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, service_env, synthetic_digits
 from workers.worker import Worker
-
-
-def train_job(client: TestClient, sessions: sessionmaker[Session], settings: Settings) -> str:
-    body = {"epochs": 2, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "seed": 3}
-    job_id: str = client.post("/jobs", json=body).json()["id"]
-    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
-    assert client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
-    return job_id
 
 
 def test_no_model_yet_is_409(client: TestClient) -> None:
@@ -98,12 +91,6 @@ def test_uploads_over_the_cap_are_413(client: TestClient, api_settings: Settings
 
 
 # --- every way to send images ----------------------------------------------------------------
-
-
-@pytest.fixture
-def trained(client: TestClient, sessions: sessionmaker[Session], api_settings: Settings) -> str:
-    """The id of a job trained (by a real worker) on the generated digits."""
-    return train_job(client, sessions, api_settings)
 
 
 def test_file_files_raw_body_and_pixels_give_the_same_answer(
@@ -248,7 +235,7 @@ def test_concurrent_requests_load_each_checkpoint_once(
 ) -> None:
     first = train_job(client, sessions, api_settings)
     second = train_job(client, sessions, api_settings)
-    cache = client.app.state.model_cache  # type: ignore[attr-defined]
+    cache = client.app.state.predictor.models  # type: ignore[attr-defined]
     data = png(synthetic_digits(1, seed=26)[0][0])
     start = threading.Barrier(16)
     answers: list[str] = []
@@ -295,6 +282,31 @@ def served_model(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator
     )
     with api_server(env, tmp_path / "api.log") as client:
         yield client
+
+
+def test_concurrent_requests_each_get_their_own_answer(served_model: httpx.Client) -> None:
+    # Requests that reach the server together share forward passes: none may get another's rows.
+    images, _ = synthetic_digits(24, seed=40)
+    bodies = [png(image) for image in images]
+    raw = {"content-type": "image/png"}
+    alone = [served_model.post("/predict", content=b, headers=raw).json() for b in bodies]
+    start = threading.Barrier(len(bodies))
+    together: dict[int, dict[str, Any]] = {}
+
+    def ask(i: int) -> None:
+        start.wait()
+        together[i] = served_model.post("/predict", content=bodies[i], headers=raw).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(together) == list(range(len(bodies)))
+    for i, want in enumerate(alone):
+        assert together[i]["digit"] == want["digit"]
+        assert together[i]["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+    assert len({tuple(a["probabilities"]) for a in alone}) == len(bodies)  # all told apart
 
 
 def test_each_bad_input_gets_its_4xx_and_the_server_keeps_answering(
