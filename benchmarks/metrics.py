@@ -32,12 +32,13 @@ from service import repository
 from service.clock import utcnow
 from service.db import make_engine, make_sessionmaker
 from service.models import JobStatus
+from service.routes.jobs import MAX_STEPS_PAGE
 from service.schemas import JobCreate
 from tests.support import process, wait_for
 
 SERIES_STEPS = 50_000
 FLUSH_ROWS = 250  # steps per simulated flush
-PAGE_LIMIT = 10_000  # the API's largest page
+PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"
 WHOLE_GOAL_MS = 100.0
 TAIL_GOAL_MS = 5.0
 POLL_RATE_HZ = 200.0
@@ -45,8 +46,9 @@ POLLERS = 4  # client connections sharing the rate
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 SLOWDOWN_GOAL = 0.10
 METRICS_PARTS = {
-    "SQL (SQLAlchemy + sqlite3)": "/sqlalchemy/",
-    "rows → JSON (service/jobs.py, orjson)": "metrics_json (",
+    "steps: the driver's fetch and the rows' dicts (repository.read_steps)": "read_steps (",
+    "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
+    "dicts → JSON (service/jobs.py, orjson)": "metrics_json (",
     "validation (pydantic)": "/pydantic/",
     "thread-pool hand-offs (anyio, threading)": "/anyio/",
     "FastAPI / Starlette": "/starlette/",
@@ -112,7 +114,9 @@ def read_whole_series(client: httpx.Client, job_id: str) -> int:
     """Every step of a job, page after page as a client reads it; how many steps."""
     after, total = 0, 0
     while True:
-        r = client.get(f"/jobs/{job_id}/metrics", params={"after_step": after, "limit": PAGE_LIMIT})
+        r = client.get(
+            f"/jobs/{job_id}/metrics", params={"after_step": after, "limit": MAX_STEPS_PAGE}
+        )
         r.raise_for_status()
         body = orjson.loads(r.content)
         total += len(body["steps"])
@@ -255,7 +259,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             page, page_cpu = timed_calls(
                 "one 10,000-step page",
                 lambda: client.get(
-                    f"/jobs/{job_id}/metrics", params={"after_step": 20_000, "limit": PAGE_LIMIT}
+                    f"/jobs/{job_id}/metrics", params={"after_step": 20_000, "limit": PAGE_STEPS}
                 ).raise_for_status(),
                 reads,
                 pid,
@@ -316,7 +320,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"A succeeded job with {SERIES_STEPS:,} steps, written by `record_progress` in "
         f"batches of {FLUSH_ROWS} ({write_s:.1f} s), read from `python -m service` over HTTP "
         f"with one client. The whole series is every page of `GET /jobs/{{id}}/metrics` at the "
-        f"largest page ({PAGE_LIMIT:,} steps) followed to the end, as a client reads it."
+        f"largest page ({MAX_STEPS_PAGE:,} steps) followed to the end (an empty page), as a "
+        "client reads it."
     )
     section.table(
         ["figure", "p50", "p90", "the API's CPU per call", "runs"],

@@ -43,11 +43,26 @@ SERVICE_VARIANTS: list[tuple[str, dict[str, str]]] = [
         {"MNIST_API_WORKERS": "2", "MNIST_ACCESS_LOG": "false"},
     ),
 ]
+# The floor: the fast lane's work with no service around it (benchmarks/floor_predict_app.py).
+FLOOR_CMD = [
+    "-m",
+    "uvicorn",
+    "benchmarks.floor_predict_app:app",
+    "--port",
+    "{port}",
+    "--workers",
+    "2",
+    "--no-access-log",
+    "--log-level",
+    "warning",
+]
 # Where a predict request's CPU goes: the first label found on a sampled stack wins.
 PREDICT_PARTS = {
     "multipart parsing (python-multipart)": "/python_multipart/",
-    "model forward (torch)": "/torch/",
+    "model forward (torch, batched)": "/torch/",
     "image decode (PIL)": "/PIL/",
+    "layout, normalisation (numpy: service/imaging.py, predict.py)": "/service/imaging.py",
+    "the fast lane's own code (service/predict_lane.py)": "/service/predict_lane.py",
     "database (SQLAlchemy)": "/sqlalchemy/",
     "validation, JSON (pydantic)": "/pydantic/",
     "thread-pool hand-offs (anyio, threading)": "/anyio/",
@@ -224,6 +239,19 @@ def run_predict(
                         pid,
                     )
                 )
+        floor_url, floor_pid = stack.enter_context(
+            server(FLOOR_CMD, {**env, "BENCH_CHECKPOINT": str(checkpoint)}, root / "floor.log")
+        )
+        targets.append(
+            Target(
+                "floor: the lane's work alone, bare ASGI (2 uvicorn processes), raw image body",
+                "floor",
+                f"{floor_url}/predict",
+                root / "raw.body",
+                "image/png",
+                floor_pid,
+            )
+        )
         for t in targets:
             if t.kind == "multipart" and not accepts(t.url, multipart, multipart_type):
                 raise RuntimeError(f"{t.label} does not answer a multipart PNG with a digit")
@@ -317,6 +345,19 @@ def _write(
             ]
         )
     section.goal_table(goals)
+    floor = next((m for m in measured if m.target.kind == "floor"), None)
+    raw = next((m for m in measured if m.target.pid == production and m.target.kind == "raw"), None)
+    if floor is not None and raw is not None:
+        section.para(
+            f"How far from the limit: the production raw route served "
+            f"{ratio(raw.rps.median, floor.rps.median):.0%} of the floor's requests/s "
+            f"({fmt(raw.rps.median, 'req/s')} vs {fmt(floor.rps.median, 'req/s')}), at "
+            f"{fmt(raw.cpu_us.median, 'µs')} of server CPU per request against the floor's "
+            f"{fmt(floor.cpu_us.median, 'µs')}: the difference is what the service's features "
+            "cost per request (routing to the lane, request ids, metrics, API-key and body-limit "
+            "checks, model resolution). The floor itself is bound by the 2 cores it shares with "
+            "wrk."
+        )
     for label, prof in profiles.items():
         if prof is None:
             continue

@@ -120,15 +120,25 @@ def _make_positive_uploads_images(case: Any) -> None:
     body = meta.components.get(ParameterLocation.BODY)
     if body is not None and body.mode is not GenerationMode.POSITIVE:
         return  # a negative body stays as generated
-    if isinstance(case.body, dict) and isinstance(case.body.get("file"), str):
-        data = case.body["file"]
-        raw = data.data if isinstance(data, Binary) else data.encode()
-        # Binary is how schemathesis carries file bytes in a string-typed schema slot.
+    if not isinstance(case.body, dict):
+        return
+    single, several = case.body.get("file"), case.body.get("files")
+    if isinstance(single, str):
         # A new dict: generated cases may share one body, and a negative case must keep its own.
-        case.body = {**case.body, "file": Binary(_as_image(raw))}
-        # What schemathesis itself does after writing auth and overrides into a generated case
-        # (there is no public call for it): the containers as they are now are the baseline.
-        case._record_starting_state()
+        case.body = {**case.body, "file": _image_upload(single)}
+    elif isinstance(several, list) and all(isinstance(f, str) for f in several):
+        case.body = {**case.body, "files": [_image_upload(f) for f in several]}
+    else:
+        return
+    # What schemathesis itself does after writing auth and overrides into a generated case
+    # (there is no public call for it): the containers as they are now are the baseline.
+    case._record_starting_state()
+
+
+def _image_upload(data: str) -> Binary:
+    # Binary is how schemathesis carries file bytes in a string-typed schema slot.
+    raw = data.data if isinstance(data, Binary) else data.encode()
+    return Binary(_as_image(raw))
 
 
 @schema.parametrize()

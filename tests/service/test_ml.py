@@ -41,7 +41,7 @@ def assert_matches_tutorial_transform(root: Path, *, train: bool, count: int) ->
 def test_the_normalisation_table_gives_the_tutorial_value_of_every_pixel() -> None:
     every_value = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
     expected = TUTORIAL_TRANSFORM(Image.fromarray(every_value.numpy(), mode="L"))
-    table = torch.from_numpy(normalization_table())
+    table = torch.tensor(normalization_table())
     assert torch.equal(table[every_value.long()].unsqueeze(0), expected)
 
 
