@@ -30,6 +30,7 @@ from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
 from service.settings import Settings
 from workers.data import Mnist, load_mnist
+from workers.threads import process_tuner
 
 DEFAULT_THREADS = torch.get_num_threads()  # what torch picks in a fresh process
 JOB_GOAL = 1.2  # a job's time / the floor's
@@ -103,16 +104,22 @@ class TrainingBench:
 
     @property
     def threads(self) -> int:
-        """The intra-op threads the service's worker trains with."""
-        return self.settings.torch_threads or DEFAULT_THREADS
+        """The baseline's intra-op threads: the worker's fixed count, or 1 where the worker
+        chooses its own (``auto``, the default)."""
+        fixed = self.settings.torch_threads
+        if isinstance(fixed, int):
+            return fixed
+        return 1 if fixed == "auto" else DEFAULT_THREADS
 
     def close(self) -> None:
         """Release the database."""
         self.engine.dispose()
 
     def job(self, *, images: int, seed: int, persist: bool = True) -> JobRun:
-        """One worker job with the service's settings (thread setting included)."""
-        torch.set_num_threads(self.threads)
+        """One worker job with the service's settings (thread setting included: a fixed
+        count, or the process's tuner that the worker applies as each job starts)."""
+        if isinstance(self.settings.torch_threads, int):
+            torch.set_num_threads(self.settings.torch_threads)
         run = run_one_job(
             self.settings,
             self.sessions,
@@ -289,18 +296,24 @@ def run_training(
         section.para(
             f"3 epochs, batch 64, Adam 1e-3, the first N training images and 1,000 test images; "
             f"run *r* uses seed *r* everywhere. The worker uses the service's defaults "
-            f"(MNIST_TORCH_THREADS → {threads} intra-op thread(s), flush every "
+            f"(MNIST_TORCH_THREADS={bench.settings.torch_threads}, flush every "
             f"{bench.settings.flush_interval_s} s) on a migrated SQLite file; its time runs from "
             f"`claim` to `succeeded` (checkpoint written) and every job was checked to have "
-            f"every step's loss and every epoch's accuracy in the database. Baseline and floor "
-            f"time the epochs (training + evaluation), not reading the files. The baseline runs "
-            f"with the worker's thread setting, so that it differs from the worker only in code "
-            f"(torch's default of {DEFAULT_THREADS} threads is slower still whenever other "
-            f"processes share the cores)."
+            f"every step's loss and every epoch's accuracy in the database. With `auto` the "
+            f"worker process times its own steps at 1 and 2 threads and keeps the faster "
+            f"(workers/threads.py), as the floor below is the faster of the two. Baseline and "
+            f"floor time the epochs (training + evaluation), not reading the files. The baseline "
+            f"runs with {threads} thread(s) (torch's default of {DEFAULT_THREADS} is slower "
+            f"whenever other processes share the cores)."
         )
         cases = bench.measure(10_000, runs, runs, cold_runs)
         section.para("**10,000 images × 3 epochs** (the tutorial's job)")
         section.table(HEADERS, _rows(cases))
+        if bench.settings.torch_threads == "auto":
+            section.para(
+                f"After the last job the worker's thread tuner held {process_tuner().threads} "
+                f"thread(s), chosen from {process_tuner().candidates}."
+            )
 
         floor, job, unpersisted = _floor(cases), cases[3], cases[4]
         job_vs_floor = ratio(job.times.median, floor.times.median)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,10 +49,10 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
-    # One intra-op thread: a batch of 64 through a 784-100-10 MLP is too small to split, and
-    # a second OpenMP thread spin-waits against every other process on a small shared CPU
-    # (3-20x slower jobs measured on 2 loaded cores; docs/benchmarks.md).
-    torch_threads: int | None = Field(default=1, ge=1, le=256)
+    # "auto": the worker times its own steps at 1, 2, 4… threads and keeps the fastest
+    # (workers/threads.py). Two threads are ~15% faster on 2 idle cores and several times
+    # slower when another process wants a core; a fixed count is right only some of the time.
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = "auto"
     max_runtime_s: float | None = Field(
         default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
     )

@@ -26,6 +26,7 @@ from service.clock import utcnow
 from service.errors import CancelRequested
 from service.schemas import JobCreate
 from workers.resume import TrainingState, resume_path
+from workers.threads import ThreadTuner
 
 log = logging.getLogger("workers")
 
@@ -74,9 +75,12 @@ class Reporter:
         stop: threading.Event,
         checkpoint_dir: Path,
         show_progress: bool = True,
+        threads: ThreadTuner | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.claim = claim
+        self._threads = threads  # told of every step, to time them
+        self._timing = False
         self._params = params
         self._sessions = sessions
         self._limits = limits
@@ -115,8 +119,17 @@ class Reporter:
             self._open_bar()
         self._losses.append(loss)
         self._step += 1
+        if self._threads is not None:
+            # The first step of a job or an epoch follows setup or evaluation: not timed.
+            if self._timing:
+                self._threads.step()
+            else:
+                self._threads.begin()
+                self._timing = True
         if self._clock() >= self._next_flush:
             self.flush()
+            if self._threads is not None:
+                self._threads.resume_timing()
 
     def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
         """Record an epoch's accuracy (and the state to resume from) and flush at once.
@@ -134,6 +147,7 @@ class Reporter:
             state.save(path, epoch)
             self._resume_file = path.name
         self.flush()
+        self._timing = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None

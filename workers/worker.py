@@ -32,6 +32,7 @@ from workers.progress import (
     Shutdown,
 )
 from workers.resume import remove_resume_files
+from workers.threads import ThreadTuner, process_tuner
 from workers.train import train
 
 log = logging.getLogger("workers")
@@ -82,7 +83,11 @@ class Worker:
         self.host = socket.gethostname()
         self.worker_id = new_worker_id()
         self.device = resolve_device(settings.device)
-        if settings.torch_threads is not None and self.device.type == "cpu":
+        # On a CPU, "auto" lets the process's tuner pick the thread count step by step.
+        self.threads: ThreadTuner | None = None
+        if self.device.type == "cpu" and settings.torch_threads == "auto":
+            self.threads = process_tuner()
+        elif self.device.type == "cpu" and isinstance(settings.torch_threads, int):
             torch.set_num_threads(settings.torch_threads)
         self.heartbeat = Heartbeat(
             sessions,
@@ -163,6 +168,7 @@ class Worker:
             stop=self.stop,
             checkpoint_dir=self.settings.checkpoint_dir,
             show_progress=self.show_progress,
+            threads=self.threads,
         )
         self.heartbeat.reporter = reporter
         try:

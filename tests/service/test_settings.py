@@ -97,7 +97,14 @@ def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("API_WORKERS", "ACCESS_LOG", "TORCH_THREADS"):
         monkeypatch.delenv(f"MNIST_{name}", raising=False)
     defaults = Settings()
-    assert (defaults.api_workers, defaults.access_log, defaults.torch_threads) == (1, True, 1)
+    assert (defaults.api_workers, defaults.access_log, defaults.torch_threads) == (1, True, "auto")
+    monkeypatch.setenv("MNIST_TORCH_THREADS", "2")
+    assert Settings().torch_threads == 2
+    for wrong in ("0", "two", "300"):
+        monkeypatch.setenv("MNIST_TORCH_THREADS", wrong)
+        with pytest.raises(ValidationError, match="torch_threads"):
+            Settings()
+    monkeypatch.delenv("MNIST_TORCH_THREADS")
     monkeypatch.setenv("MNIST_API_WORKERS", "2")
     monkeypatch.setenv("MNIST_ACCESS_LOG", "false")
     assert (Settings().api_workers, Settings().access_log) == (2, False)

@@ -1,0 +1,144 @@
+"""The thread tuner: it times steps at each count, keeps the fastest, and checks again later."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.models import JobStatus
+from service.settings import Settings
+from tests.jobs import queue_job, read_job
+from tests.support import SMALL_TEST, SMALL_TRAIN
+from workers.threads import ThreadTuner, candidate_threads, process_tuner
+from workers.worker import Worker
+
+
+class Cores:
+    """A fake machine: each thread count's step time (seconds), and a clock steps advance."""
+
+    def __init__(self, step_s: dict[int, float]) -> None:
+        self.step_s = step_s
+        self.now = 0.0
+        self.threads = 0
+        self.switches: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+        self.switches.append(n)
+
+    def train(self, tuner: ThreadTuner, steps: int) -> None:
+        for _ in range(steps):
+            self.now += self.step_s[self.threads]
+            tuner.step()
+
+
+def tuner_on(cores: Cores, candidates: tuple[int, ...] = (1, 2)) -> ThreadTuner:
+    return ThreadTuner(
+        candidates,
+        probe_steps=4,
+        recheck_s=1.0,
+        clock=cores.clock,
+        set_threads=cores.set_threads,
+    )
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"),
+    [(1, (1,)), (2, (1, 2)), (4, (1, 2, 4)), (6, (1, 2, 4, 6)), (64, (1, 2, 4, 8))],
+)
+def test_the_candidates_are_powers_of_two_up_to_the_cores(
+    cores: int, expected: tuple[int, ...]
+) -> None:
+    assert candidate_threads(cores) == expected
+
+
+def test_the_faster_count_is_kept_until_the_next_check() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})  # two idle cores: two threads win
+    tuner = tuner_on(cores)
+    cores.train(tuner, 12)  # 1 untimed + 4 timed at each count, then the choice
+    assert tuner.threads == cores.threads == 2
+    assert cores.switches == [1, 2]
+    cores.train(tuner, 100)  # 60 ms: well within the hold
+    assert cores.switches == [1, 2]
+
+    cores.step_s[2] = 0.0050  # another process takes a core: two threads collapse
+    cores.train(tuner, 300)  # past the hold: timed again, one thread now wins
+    assert tuner.threads == cores.threads == 1
+    assert cores.switches[-1] == 1
+
+
+def test_what_is_not_a_step_is_not_timed() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = tuner_on(cores)
+    cores.train(tuner, 6)  # count 1 timed; count 2 begins
+    for _ in range(3):
+        cores.now += 0.5  # a flush, an evaluation: far longer than a step
+        tuner.resume_timing()
+        cores.train(tuner, 2)
+    assert tuner.threads == 2
+
+
+def test_a_slow_step_among_fast_ones_does_not_decide() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = tuner_on(cores)
+    cores.train(tuner, 7)
+    cores.now += 0.1  # one step of count 2 is slow (the OS ran something else)
+    cores.train(tuner, 5)
+    assert tuner.threads == 2  # the median of the timed steps stands for the count
+
+
+def test_begin_applies_the_count_whatever_set_torch_meanwhile() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = tuner_on(cores)
+    cores.train(tuner, 12)
+    cores.threads = 1  # e.g. a benchmark's floor run in the same process
+    tuner.begin()
+    assert cores.threads == 2
+
+
+def test_one_core_has_nothing_to_choose() -> None:
+    cores = Cores({1: 0.001})
+    tuner = tuner_on(cores, candidates=(1,))
+    cores.train(tuner, 10_000)
+    assert cores.switches == [1]
+
+
+def test_a_worker_on_auto_reports_every_step_to_its_tuner(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told: list[str] = []
+
+    class Counting(ThreadTuner):
+        def step(self) -> None:
+            told.append("step")
+            super().step()
+
+        def begin(self) -> None:
+            told.append("begin")
+            super().begin()
+
+    tuner = Counting(candidate_threads(2), probe_steps=3)
+    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    job_id = queue_job(
+        sessions, {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
+    )
+    threads_before = torch.get_num_threads()
+    try:
+        Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    finally:
+        torch.set_num_threads(threads_before)
+    job = read_job(sessions, job_id)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    # Each epoch's first step begins the timing (it follows setup or evaluation); the rest
+    # are timed.
+    assert told.count("begin") == 2
+    assert told.count("step") == job.total_steps - 2
+    assert tuner.threads in (1, 2)
+
+
+def test_the_process_has_one_tuner() -> None:
+    assert process_tuner() is process_tuner()

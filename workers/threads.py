@@ -1,0 +1,135 @@
+"""How many intra-op threads a CPU worker trains with: whichever count its own steps run fastest at.
+
+On a quiet 2-core machine two threads train the small MLP ~15% faster than one; when another
+process wants one of the cores, two OpenMP threads that spin-wait on each other make every step
+several times slower, while one thread hardly notices (docs/benchmarks.md). Neither count is
+right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,
+then the fastest count until the next check. Intervals that hold anything but training steps
+(a flush, an evaluation, a checkpoint) are not timed, and a step's median stands for the count,
+so a stray slow step does not decide it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger("workers")
+
+PROBE_STEPS = 12  # timed steps per candidate count (a 10,000-image epoch has 157)
+RECHECK_S = 5.0  # how long a choice holds before the counts are timed again
+MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def candidate_threads(cores: int) -> tuple[int, ...]:
+    """1, 2, 4 … up to ``cores`` (and ``cores`` itself), at most :data:`MAX_THREADS`."""
+    top = max(1, min(cores, MAX_THREADS))
+    counts = {1, top}
+    n = 2
+    while n < top:
+        counts.add(n)
+        n *= 2
+    return tuple(sorted(counts))
+
+
+class ThreadTuner:
+    """Times training steps at each candidate thread count and keeps the fastest.
+
+    The reporter calls :meth:`step` once per training step and :meth:`resume_timing` after
+    anything between steps that is not a step (it must not count against the thread count).
+    """
+
+    def __init__(
+        self,
+        candidates: tuple[int, ...],
+        *,
+        probe_steps: int = PROBE_STEPS,
+        recheck_s: float = RECHECK_S,
+        clock: Callable[[], float] = time.perf_counter,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ) -> None:
+        if not candidates:
+            raise ValueError("no thread counts to choose from")
+        self.candidates = candidates
+        self._probe_steps = probe_steps
+        self._recheck_s = recheck_s
+        self._clock = clock
+        self._set_threads = set_threads
+        self._probing: int | None = 0  # index of the count being timed; None: holding
+        self._timed: list[float] = []
+        self._medians: dict[int, float] = {}
+        self._hold_until = 0.0
+        if len(candidates) == 1:  # one core: nothing to choose, ever
+            self._probing, self._hold_until = None, float("inf")
+        self._last: float | None = None
+        self.threads = candidates[0]
+        set_threads(self.threads)
+
+    def step(self) -> None:
+        """One training step has just ended."""
+        now = self._clock()
+        if self._probing is None:
+            if now >= self._hold_until:
+                self._probe(0)
+                return
+        elif self._last is not None:
+            self._timed.append(now - self._last)
+            if len(self._timed) >= self._probe_steps:
+                self._medians[self.threads] = statistics.median(self._timed)
+                if self._probing + 1 < len(self.candidates):
+                    self._probe(self._probing + 1)
+                    return
+                self._choose()
+        self._last = self._clock()
+
+    def resume_timing(self) -> None:
+        """Training steps resume now: the time since the last step is not one."""
+        self._last = self._clock()
+
+    def begin(self) -> None:
+        """A job's or an epoch's steps begin: the tuner's count applies (whatever else in the
+        process set torch's since), and timing resumes."""
+        self._set_threads(self.threads)
+        self.resume_timing()
+
+    def _probe(self, index: int) -> None:
+        self._probing = index
+        self._timed = []
+        self._switch(self.candidates[index])
+        self._last = None  # the first step at a new count warms its threads up: not timed
+
+    def _choose(self) -> None:
+        fastest = min(self._medians, key=self._medians.__getitem__)
+        log.debug(
+            "torch threads: %s",
+            ", ".join(f"{n}: {s * 1e6:.0f} µs/step" for n, s in sorted(self._medians.items())),
+        )
+        self._probing = None
+        self._medians = {}
+        self._switch(fastest)
+        self._hold_until = self._clock() + self._recheck_s
+
+    def _switch(self, threads: int) -> None:
+        if threads != self.threads:
+            self._set_threads(threads)
+            self.threads = threads
+
+
+@functools.cache
+def process_tuner() -> ThreadTuner:
+    """The tuner of this process: the thread count is the process's, whatever job it trains."""
+    return ThreadTuner(candidate_threads(usable_cores()))
