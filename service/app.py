@@ -20,12 +20,13 @@ from starlette.routing import BaseRoute, Route
 from service import openapi
 from service.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
 from service.batching import ForwardBatcher
-from service.db import make_engine, make_sessionmaker
+from service.db import make_engine, make_sessionmaker, read_engine
 from service.deps import forbid_unknown_query
 from service.errors import ServiceError
 from service.limits import BodyLimitMiddleware
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_registry import ResolutionCache
+from service.poll_lane import MetricsPollLane
 from service.predict import ModelCache, Predictor
 from service.predict_lane import PREDICT_PATH, PredictLane
 from service.routes import dashboard, events, health, jobs, models, ops, predict, workers
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(1)
         engine = make_engine(settings.database_url)
         app.state.settings = settings
+        app.state.read_engine = read_engine(engine)
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
         app.state.predictor = Predictor(
@@ -165,8 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     keys = keys_from(settings)
     # Added innermost first: a request meets the request id, then the key check (so an
-    # unauthenticated client is turned away before its body is read), then predict's fast
-    # lane, then the body limits (which see whatever the lane passes on).
+    # unauthenticated client is turned away before its body is read), then the fast lanes of
+    # metrics polls and predict, then the body limits (which see whatever the lanes pass on).
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_request_bytes,
@@ -174,6 +176,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_form_field_bytes=settings.max_form_field_bytes,
     )
     app.add_middleware(PredictLane, route=_route(app, "POST", PREDICT_PATH), settings=settings)
+    app.add_middleware(
+        MetricsPollLane,
+        route=_route(app, "GET", "/jobs/{job_id}/metrics"),
+        default_limit=jobs.DEFAULT_STEPS_PAGE,
+        max_limit=jobs.MAX_STEPS_PAGE,
+    )
     if keys is not None:
         app.add_middleware(ApiKeyMiddleware, keys=keys, docs_public=settings.docs_public)
     app.add_middleware(RequestIdMiddleware)

@@ -64,6 +64,21 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_json(send: Send, payload: bytes) -> None:
+    """Answer 200 with ``payload``, a JSON document already encoded."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
 class RequestIdMiddleware:
     """Gives every request an id and every response an ``X-Request-ID`` header.
 

@@ -58,6 +58,12 @@ def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmake
     Write sessions begin IMMEDIATE on SQLite; read-only ones begin DEFERRED, so that polling
     clients read a WAL snapshot without queueing behind the workers' writes.
     """
-    if read_only and engine.dialect.name == "sqlite":
-        engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(read_engine(engine) if read_only else engine, expire_on_commit=False)
+
+
+def read_engine(engine: Engine) -> Engine:
+    """``engine`` for reading: on SQLite its transactions begin DEFERRED (a WAL snapshot that
+    never waits for a writer)."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+    return engine

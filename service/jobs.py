@@ -74,22 +74,29 @@ def list_page(session: Session, *, status: str | None, limit: int, cursor: str |
     return JobList(jobs=[to_read(j) for j in jobs], next=next_cursor)
 
 
-def metrics_json(session: Session, job: Job, *, after_step: int, limit: int) -> bytes:
-    """Steps after ``after_step`` and every epoch, as the JSON of :class:`MetricsRead`.
+def metrics_json(
+    db: repository.Reader, job_id: str, *, after_step: int, limit: int
+) -> bytes | None:
+    """Steps after ``after_step`` and every epoch, as the JSON of :class:`MetricsRead`; None
+    when there is no such job.
 
-    Read in one snapshot with the job's status. The status is read first: if it says the job
-    has ended, the steps read after it are all there are, so a client that stops polling on a
-    terminal status misses none. Serialised straight from the rows with orjson: on a
-    10,000-step page, building and validating the Pydantic models took most of the request's
-    time (docs/benchmarks.md). Tests check the body against :class:`MetricsRead`.
+    The status is read first: if it says the job has ended, the steps read after it are all
+    there are, so a client that stops polling on a terminal status misses none. Serialised
+    straight from the driver's rows with orjson: on a 10,000-step page, building and
+    validating the Pydantic models took most of the request's time (docs/benchmarks.md).
+    Tests check the body against :class:`MetricsRead`. The route and the polls' fast lane
+    (:mod:`service.poll_lane`) both answer with this.
     """
-    steps = repository.read_steps(session, job.id, after_step=after_step, limit=limit)
+    status = repository.job_status(db, job_id)
+    if status is None:
+        return None
+    steps = repository.read_steps(db, job_id, after_step=after_step, limit=limit)
     return orjson.dumps(
         {
-            "job_id": job.id,
-            "status": job.status,
+            "job_id": job_id,
+            "status": status,
             "steps": steps,
-            "epochs": repository.read_epochs(session, job.id),
+            "epochs": repository.read_epochs(db, job_id),
             "next_after_step": steps[-1]["step"] if steps else after_step,
         }
     )

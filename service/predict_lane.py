@@ -25,7 +25,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.routing import BaseRoute
 
 from service import predict as predict_service
-from service.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from service.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json
 from service.clock import JOB_ID_PATTERN
 from service.errors import ServiceError
 from service.model_registry import ModelChoice
@@ -145,7 +145,7 @@ class PredictLane:
                 answer = await self._predict(scope, data, choice, top_k)
                 if answer is not None:
                     scope["route"] = self.route
-                    await _send_json(send, answer)
+                    await send_json(send, predict_service.json_bytes(answer))
                     return
         await self.app(scope, _replaying(received, receive), send)
 
@@ -214,18 +214,3 @@ def _replaying(received: list[Message], receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-async def _send_json(send: Send, body: object) -> None:
-    payload = predict_service.json_bytes(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})

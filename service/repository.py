@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -482,12 +482,22 @@ def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[Wor
 # --- metrics ---------------------------------------------------------------------------------
 
 
+_JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"))
 _STEPS_PAGE = (
     select(TrainStep.step, TrainStep.epoch, TrainStep.loss, TrainStep.examples_seen)
     .where(TrainStep.job_id == bindparam("job_id"), TrainStep.step > bindparam("after_step"))
     .order_by(TrainStep.step)
     .limit(bindparam("limit"))
 )
+_EPOCHS = (
+    select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
+    .where(EpochMetric.job_id == bindparam("job_id"))
+    .order_by(EpochMetric.epoch)
+)
+
+# The metrics reads take a Session (the routes) or a Connection (predict's and the polls' fast
+# lanes, which skip the ORM altogether).
+Reader = Session | Connection
 
 
 @functools.lru_cache(maxsize=8)  # one per engine's dialect
@@ -497,48 +507,45 @@ def _compiled(dialect: Dialect, stmt: ClauseElement) -> SQLCompiler:
     return compiled
 
 
-def _driver_call(dialect: Dialect, stmt: ClauseElement, values: dict[str, Any]) -> tuple[str, Any]:
-    """``stmt`` (compiled once per dialect) as the driver takes it: SQL text and parameters,
-    by position or by name as its paramstyle says, defaults (SQLite's OFFSET) filled in."""
-    compiled = _compiled(dialect, stmt)
+def _driver_rows(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> list[Any]:
+    """``stmt``'s rows, fetched with the driver's own cursor in ``db``'s transaction.
+
+    For a 10,000-step page, SQLAlchemy's result rows cost as much again as the driver's fetch
+    (docs/benchmarks.md), and these plain columns need none of their processing. The statement
+    is compiled once per dialect; its parameters go by position or by name as the driver's
+    paramstyle says, defaults (SQLite's OFFSET) filled in.
+    """
+    connection = db.connection() if isinstance(db, Session) else db
+    compiled = _compiled(connection.dialect, stmt)
     params = compiled.construct_params(values)
     if compiled.positional:
-        return str(compiled), tuple(params[name] for name in compiled.positiontup or ())
-    return str(compiled), params
-
-
-def read_steps(
-    session: Session, job_id: str, *, after_step: int, limit: int
-) -> list[dict[str, Any]]:
-    """Steps numbered above ``after_step``, in order, at most ``limit``.
-
-    Read with the driver's own cursor, in the session's transaction: for a 10,000-step page,
-    SQLAlchemy's result rows cost as much again as the driver's fetch (docs/benchmarks.md),
-    and these four plain columns need none of their processing.
-    """
-    connection = session.connection()
-    sql, params = _driver_call(
-        connection.dialect,
-        _STEPS_PAGE,
-        {"job_id": job_id, "after_step": after_step, "limit": limit},
-    )
+        params = tuple(params[name] for name in compiled.positiontup or ())  # type: ignore[assignment]
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+        cursor.execute(str(compiled), params)
+        return list(cursor.fetchall())
     finally:
         cursor.close()
+
+
+def job_status(db: Reader, job_id: str) -> str | None:
+    """A job's status, or None when there is no such job."""
+    rows = _driver_rows(db, _JOB_STATUS, {"job_id": job_id})
+    return str(rows[0][0]) if rows else None
+
+
+def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[dict[str, Any]]:
+    """Steps numbered above ``after_step``, in order, at most ``limit``."""
+    rows = _driver_rows(
+        db, _STEPS_PAGE, {"job_id": job_id, "after_step": after_step, "limit": limit}
+    )
     return [{"step": s, "epoch": e, "loss": x, "examples_seen": n} for s, e, x, n in rows]
 
 
-def read_epochs(session: Session, job_id: str) -> list[dict[str, Any]]:
+def read_epochs(db: Reader, job_id: str) -> list[dict[str, Any]]:
     """Every recorded epoch accuracy of a job, in order."""
-    stmt = (
-        select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
-        .where(EpochMetric.job_id == job_id)
-        .order_by(EpochMetric.epoch)
-    )
-    return [row._asdict() for row in session.execute(stmt)]
+    rows = _driver_rows(db, _EPOCHS, {"job_id": job_id})
+    return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]
 
 
 def read_epochs_after(session: Session, job_id: str, *, after_epoch: int) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ several times slower, while one thread hardly notices (docs/benchmarks.md). Neit
 right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,
 then the fastest count until the next check. Intervals that hold anything but training steps
 (a flush, an evaluation, a checkpoint) are not timed, and a step's median stands for the count,
-so a stray slow step does not decide it.
+so a stray slow step does not decide it. While a count holds, its steps are still timed: when
+they run well slower than when it was chosen, the counts are timed again at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 log = logging.getLogger("workers")
 
 PROBE_STEPS = 12  # timed steps per candidate count (a 10,000-image epoch has 157)
-RECHECK_S = 5.0  # how long a choice holds before the counts are timed again
+RECHECK_S = 5.0  # how long a choice holds before the counts are timed again...
+SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
 
 
@@ -73,6 +75,7 @@ class ThreadTuner:
         self._timed: list[float] = []
         self._medians: dict[int, float] = {}
         self._hold_until = 0.0
+        self._chosen_s = float("inf")  # the held count's step time when it was chosen
         if len(candidates) == 1:  # one core: nothing to choose, ever
             self._probing, self._hold_until = None, float("inf")
         self._last: float | None = None
@@ -83,18 +86,42 @@ class ThreadTuner:
         """One training step has just ended."""
         now = self._clock()
         if self._probing is None:
+            slowed = self._slowed_down(now)
+            if slowed is not None:
+                # What the held count does now is known: time only the others.
+                self._medians = {self.threads: slowed}
+                self._probe_next(-1)
+                return
             if now >= self._hold_until:
-                self._probe(0)
+                self._probe_next(-1)
                 return
         elif self._last is not None:
             self._timed.append(now - self._last)
             if len(self._timed) >= self._probe_steps:
                 self._medians[self.threads] = statistics.median(self._timed)
-                if self._probing + 1 < len(self.candidates):
-                    self._probe(self._probing + 1)
-                    return
-                self._choose()
+                self._probe_next(self._probing)
+                return
         self._last = self._clock()
+
+    def _slowed_down(self, now: float) -> float | None:
+        """The held count's recent step time if it runs well slower than when it was chosen
+        (another process took a core), else None."""
+        if self._last is None:
+            return None
+        self._timed.append(now - self._last)
+        if len(self._timed) < self._probe_steps:
+            return None
+        recent = statistics.median(self._timed)
+        self._timed = []
+        return recent if recent > self._chosen_s * SLOWDOWN_FACTOR else None
+
+    def _probe_next(self, after: int) -> None:
+        """Time the next candidate after index ``after`` not timed yet; choose when none is left."""
+        for index in range(after + 1, len(self.candidates)):
+            if self.candidates[index] not in self._medians:
+                self._probe(index)
+                return
+        self._choose()
 
     def resume_timing(self) -> None:
         """Training steps resume now: the time since the last step is not one."""
@@ -119,9 +146,12 @@ class ThreadTuner:
             ", ".join(f"{n}: {s * 1e6:.0f} µs/step" for n, s in sorted(self._medians.items())),
         )
         self._probing = None
+        self._chosen_s = self._medians[fastest]
         self._medians = {}
+        self._timed = []
         self._switch(fastest)
         self._hold_until = self._clock() + self._recheck_s
+        self._last = self._clock()
 
     def _switch(self, threads: int) -> None:
         if threads != self.threads:

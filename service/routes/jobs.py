@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Query, Response, status
 from service import jobs
 from service.clock import CURSOR_PATTERN
 from service.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
+from service.errors import NotFound
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, JobStatusName, MetricsRead
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -19,6 +20,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 MAX_PAGE = 100
 # A 60,000-image job of 10 epochs fits one page (~8 MB of JSON): a chart reads it in one request.
 MAX_STEPS_PAGE = 100_000
+DEFAULT_STEPS_PAGE = 1000
 
 
 @router.post(
@@ -88,8 +90,10 @@ def get_metrics(
     job: JobDep,
     session: SessionDep,
     after_step: Annotated[int, Query(ge=0, description="Only steps numbered above this.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = DEFAULT_STEPS_PAGE,
 ) -> Response:
     """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
-    body = jobs.metrics_json(session, job, after_step=after_step, limit=limit)
+    body = jobs.metrics_json(session, job.id, after_step=after_step, limit=limit)
+    if body is None:  # deleted since JobDep read it
+        raise NotFound(f"no job with id {job.id}")
     return Response(body, media_type="application/json")

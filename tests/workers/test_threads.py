@@ -71,6 +71,21 @@ def test_the_faster_count_is_kept_until_the_next_check() -> None:
     assert cores.switches[-1] == 1
 
 
+def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = ThreadTuner(
+        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
+    )
+    cores.train(tuner, 12)
+    assert tuner.threads == 2
+    cores.step_s[2] = 0.0007  # a little slower: not worth a check
+    cores.train(tuner, 40)
+    assert cores.switches == [1, 2]
+    cores.step_s[2] = 0.0030  # much slower, long before the hour is up
+    cores.train(tuner, 20)
+    assert tuner.threads == cores.threads == 1
+
+
 def test_what_is_not_a_step_is_not_timed() -> None:
     cores = Cores({1: 0.0010, 2: 0.0006})
     tuner = tuner_on(cores)

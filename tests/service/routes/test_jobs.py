@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import repository
 from service.clock import utcnow
 from service.models import Job
+from service.routes import jobs as jobs_routes
 from service.schemas import MetricsRead
 
 DEFAULTS = {
@@ -190,7 +191,8 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     assert page["status"] == "running"
     first = client.get(f"/jobs/{job_id}/metrics?limit=1").json()["steps"][0]
     assert first == {"step": 1, "epoch": 1, "loss": 2.0, "examples_seen": 64}
-    assert client.get(f"/jobs/{job_id}/metrics?limit=10001").status_code == 422
+    too_many = jobs_routes.MAX_STEPS_PAGE + 1
+    assert client.get(f"/jobs/{job_id}/metrics?limit={too_many}").status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
 
 
