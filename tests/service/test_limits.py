@@ -219,7 +219,7 @@ def test_the_queue_is_capped(db_url: str, tmp_path: Path) -> None:
     [
         "/jobs?limit=101",
         "/jobs?limit=0",
-        "/jobs/{job}/metrics?limit=10001",
+        "/jobs/{job}/metrics?limit=100001",
         "/jobs/{job}/metrics?after_step=-1",
         "/jobs?cursor=not-a-cursor",
         f"/jobs?cursor={'9' * 17}-{'0' * 32}",
