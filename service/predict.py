@@ -87,6 +87,10 @@ class ModelCache:
         with self._lock:
             return len(self._models)
 
+    def waiting(self, checkpoint: str) -> int:
+        """How many callers wait for the load of ``checkpoint`` under way."""
+        return self._loads.waiting(checkpoint)
+
     def peek(self, checkpoint: str) -> SimpleMLP | None:
         """The model of ``checkpoint`` if it is loaded (marked as just used), else None."""
         with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from service.models import JobStatus
 from service.predict import ModelCache, Predictor, image_to_tensor, images_to_tensor
 from service.schemas import JobCreate, Prediction
 from tests.service.images import TUTORIAL, encode, png_claiming_size
-from tests.support import synthetic_digits
+from tests.support import synthetic_digits, wait_for
 
 
 def test_a_28x28_mnist_png_gives_exactly_the_tutorial_tensor(small_mnist: Path) -> None:
@@ -84,13 +83,33 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     )
 
 
-def run_threads(targets: list[Callable[[], object]]) -> None:
+def run_threads(
+    targets: list[Callable[[], object]], *, meanwhile: Callable[[], object] = lambda: None
+) -> None:
     threads = [threading.Thread(target=t) for t in targets]
     for t in threads:
         t.start()
+    meanwhile()
     for t in threads:
         t.join(timeout=JOIN_S)
         assert not t.is_alive(), "a thread is stuck"
+
+
+def release_when_all_wait(
+    cache: ModelCache, checkpoint: str, waiters: int, release: threading.Event
+) -> Callable[[], None]:
+    """Let the load finish once the other callers all wait for it (no sleeping on a hunch)."""
+
+    def check() -> None:
+        wait_for(
+            lambda: cache.waiting(checkpoint) == waiters,
+            timeout_s=JOIN_S,
+            what=f"{waiters} callers waiting for the load",
+            every_s=0.01,
+        )
+        release.set()
+
+    return check
 
 
 def test_the_cache_keeps_the_most_recently_used_models(tmp_path: Path) -> None:
@@ -112,12 +131,12 @@ def test_concurrent_requests_load_a_checkpoint_once(
 ) -> None:
     saved = save(tmp_path, "m.pt", seed=1)
     callers = 8
-    started = threading.Barrier(callers)
     disk_reads: list[str] = []
+    release = threading.Event()
 
     def slow_load(path: Path, device: str = "cpu") -> SimpleMLP:
         disk_reads.append(path.name)
-        time.sleep(0.2)  # widen the window in which the other callers arrive
+        assert release.wait(JOIN_S)  # until every other caller waits for this load
         return load_model(path, device)
 
     monkeypatch.setattr("service.predict.load_model", slow_load)
@@ -125,10 +144,11 @@ def test_concurrent_requests_load_a_checkpoint_once(
     got: list[SimpleMLP] = []
 
     def ask() -> None:
-        started.wait()
         got.append(cache.get("m.pt"))
 
-    run_threads([ask] * callers)
+    run_threads(
+        [ask] * callers, meanwhile=release_when_all_wait(cache, "m.pt", callers - 1, release)
+    )
     assert disk_reads == ["m.pt"] and cache.loads == 1
     assert len(got) == callers and all(m is got[0] for m in got)
     assert same_weights(got[0], saved)
@@ -164,12 +184,12 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
 ) -> None:
     save(tmp_path, "m.pt", seed=1)
     callers = 4
-    started = threading.Barrier(callers)
     attempts: list[int] = []
+    release = threading.Event()
 
     def failing(path: Path, device: str = "cpu") -> SimpleMLP:
         attempts.append(1)
-        time.sleep(0.2)
+        assert release.wait(JOIN_S)  # until every other caller waits for this load
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr("service.predict.load_model", failing)
@@ -177,13 +197,14 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
     errors: list[str] = []
 
     def ask() -> None:
-        started.wait()
         try:
             cache.get("m.pt")
         except Conflict as exc:
             errors.append(exc.message)
 
-    run_threads([ask] * callers)
+    run_threads(
+        [ask] * callers, meanwhile=release_when_all_wait(cache, "m.pt", callers - 1, release)
+    )
     assert len(attempts) == 1 and len(errors) == callers
     assert all("cannot be loaded: disk on fire" in e for e in errors)
     monkeypatch.setattr("service.predict.load_model", load_model)
