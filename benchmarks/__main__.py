@@ -83,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)"
     )
-    parser.add_argument("--runs", type=int, default=5, help="runs per figure (median of them)")
+    parser.add_argument("--runs", type=int, default=7, help="runs per figure (median of them)")
     parser.add_argument(
         "--big-runs", type=int, default=3, help="runs of the 60,000-image figures (0: skip)"
     )
