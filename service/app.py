@@ -130,6 +130,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         app.state.settings = settings
         app.state.read_engine = read_engine(engine)
+        # SQLite: the polls' fast lane reads on the event loop through a connection of its own;
+        # from the pool it could wait for one that only the loop itself would give back.
+        app.state.loop_connection = (
+            app.state.read_engine.connect() if engine.dialect.name == "sqlite" else None
+        )
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
         app.state.predictor = Predictor(
@@ -141,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if app.state.loop_connection is not None:
+                app.state.loop_connection.close()
             engine.dispose()
 
     app = FastAPI(

@@ -14,10 +14,11 @@ and the route gives its answer.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import BaseRoute
 
@@ -55,9 +56,10 @@ def poll_query(
 class MetricsPollLane:
     """ASGI middleware: answers well-formed metrics polls itself (see the module docstring).
 
-    On SQLite the read runs on the event loop: a WAL snapshot read of a few rows never waits
-    for a writer and takes tens of microseconds, less than a hand-off to a thread. On another
-    database it goes through the thread pool, as the network may be slow.
+    On SQLite the read runs on the event loop, through a connection kept for it alone: a WAL
+    snapshot read of a few rows never waits for a writer and takes tens of microseconds, less
+    than a hand-off to a thread. On another database it goes through the thread pool and the
+    connection pool, as the network may be slow.
     """
 
     def __init__(
@@ -78,21 +80,29 @@ class MetricsPollLane:
                 max_limit=self.max_limit,
             )
             if path is not None and query is not None:
-                body = await self._read(scope["app"].state.read_engine, path[1], *query)
+                body = await self._read(scope["app"].state, path[1], *query)
                 if body is not None:
                     scope["route"] = self.route
                     await send_json(send, body)
                     return
         await self.app(scope, receive, send)
 
-    async def _read(self, engine: Engine, job_id: str, after_step: int, limit: int) -> bytes | None:
-        def read() -> bytes | None:
+    async def _read(self, state: Any, job_id: str, after_step: int, limit: int) -> bytes | None:
+        engine: Engine = state.read_engine
+        loop_connection: Connection | None = state.loop_connection
+
+        def read(connection: Connection) -> bytes | None:
             try:
-                with engine.connect() as connection, connection.begin():
+                with connection.begin():
                     return jobs.metrics_json(connection, job_id, after_step=after_step, limit=limit)
             except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error):
                 return None  # the route meets the same error and answers it its own way
 
-        if engine.dialect.name == "sqlite":
-            return read()
-        return await anyio.to_thread.run_sync(read)
+        if loop_connection is not None:
+            return read(loop_connection)
+
+        def read_pooled() -> bytes | None:
+            with engine.connect() as connection:
+                return read(connection)
+
+        return await anyio.to_thread.run_sync(read_pooled)

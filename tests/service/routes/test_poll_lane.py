@@ -108,3 +108,25 @@ def test_the_lane_is_behind_the_api_key(keyed_client: TestClient) -> None:
         f"/jobs/{job_id}/metrics", headers={"authorization": "Bearer " + "k" * 32}
     )
     assert answered.status_code == 200 and answered.json()["status"] == "queued"
+
+
+def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
+    client: TestClient, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("on PostgreSQL the lane reads in the thread pool, through the pool")
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 3)
+    engine = client.app.state.read_engine  # type: ignore[attr-defined]
+    pool = engine.pool
+    # The lane reads on the event loop: from the pool it would wait (30 s) for a connection
+    # that, in a busy server, only requests the loop itself finishes would give back.
+    free = pool.size() + pool._max_overflow - pool.checkedout()  # the lane's own is out
+    held = [engine.connect() for _ in range(free)]
+    try:
+        answer = client.get(f"/jobs/{job_id}/metrics?after_step=1")
+    finally:
+        for connection in held:
+            connection.close()
+    assert answer.status_code == 200
+    assert [s["step"] for s in answer.json()["steps"]] == [2, 3]
