@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from sqlalchemy.pool import StaticPool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Route
 
@@ -130,11 +131,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         app.state.settings = settings
         app.state.read_engine = read_engine(engine)
-        # SQLite: the polls' fast lane reads on the event loop through a connection of its own;
-        # from the pool it could wait for one that only the loop itself would give back.
-        app.state.loop_connection = (
-            app.state.read_engine.connect() if engine.dialect.name == "sqlite" else None
+        # SQLite: the polls' fast lane reads on the event loop through one connection of its
+        # own (opened at its first poll); from the shared pool it could wait for a connection
+        # that only the loop itself would give back.
+        loop_engine = (
+            make_engine(settings.database_url, poolclass=StaticPool)
+            if engine.dialect.name == "sqlite"
+            else None
         )
+        app.state.loop_engine = None if loop_engine is None else read_engine(loop_engine)
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
         app.state.predictor = Predictor(
@@ -146,8 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if app.state.loop_connection is not None:
-                app.state.loop_connection.close()
+            if loop_engine is not None:
+                loop_engine.dispose()
             engine.dispose()
 
     app = FastAPI(

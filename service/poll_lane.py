@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import BaseRoute
 
@@ -56,10 +56,11 @@ def poll_query(
 class MetricsPollLane:
     """ASGI middleware: answers well-formed metrics polls itself (see the module docstring).
 
-    On SQLite the read runs on the event loop, through a connection kept for it alone: a WAL
-    snapshot read of a few rows never waits for a writer and takes tens of microseconds, less
-    than a hand-off to a thread. On another database it goes through the thread pool and the
-    connection pool, as the network may be slow.
+    On SQLite the read runs on the event loop, through an engine whose one connection is the
+    lane's alone (it never waits for the shared pool): a WAL snapshot read of a few rows never
+    waits for a writer and takes tens of microseconds, less than a hand-off to a thread. On
+    another database it goes through the thread pool and the shared pool, as the network may
+    be slow.
     """
 
     def __init__(
@@ -88,21 +89,16 @@ class MetricsPollLane:
         await self.app(scope, receive, send)
 
     async def _read(self, state: Any, job_id: str, after_step: int, limit: int) -> bytes | None:
-        engine: Engine = state.read_engine
-        loop_connection: Connection | None = state.loop_connection
+        loop_engine: Engine | None = state.loop_engine
+        engine: Engine = loop_engine or state.read_engine
 
-        def read(connection: Connection) -> bytes | None:
+        def read() -> bytes | None:
             try:
-                with connection.begin():
+                with engine.connect() as connection, connection.begin():
                     return jobs.metrics_json(connection, job_id, after_step=after_step, limit=limit)
             except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error):
                 return None  # the route meets the same error and answers it its own way
 
-        if loop_connection is not None:
-            return read(loop_connection)
-
-        def read_pooled() -> bytes | None:
-            with engine.connect() as connection:
-                return read(connection)
-
-        return await anyio.to_thread.run_sync(read_pooled)
+        if loop_engine is not None:
+            return read()
+        return await anyio.to_thread.run_sync(read)

@@ -121,7 +121,7 @@ def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
     pool = engine.pool
     # The lane reads on the event loop: from the pool it would wait (30 s) for a connection
     # that, in a busy server, only requests the loop itself finishes would give back.
-    free = pool.size() + pool._max_overflow - pool.checkedout()  # the lane's own is out
+    free = pool.size() + pool._max_overflow - pool.checkedout()
     held = [engine.connect() for _ in range(free)]
     try:
         answer = client.get(f"/jobs/{job_id}/metrics?after_step=1")
