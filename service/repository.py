@@ -489,9 +489,9 @@ _STEPS_PAGE = (
     .order_by(TrainStep.step)
     .limit(bindparam("limit"))
 )
-_EPOCHS = (
+_EPOCHS_AFTER = (
     select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
-    .where(EpochMetric.job_id == bindparam("job_id"))
+    .where(EpochMetric.job_id == bindparam("job_id"), EpochMetric.epoch > bindparam("after"))
     .order_by(EpochMetric.epoch)
 )
 
@@ -543,19 +543,14 @@ def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[
 
 
 def read_epochs(db: Reader, job_id: str) -> list[dict[str, Any]]:
-    """Every recorded epoch accuracy of a job, in order."""
-    rows = _driver_rows(db, _EPOCHS, {"job_id": job_id})
-    return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]
+    """Every recorded epoch accuracy of a job, in order (epochs are numbered from 1)."""
+    return read_epochs_after(db, job_id, after_epoch=0)
 
 
-def read_epochs_after(session: Session, job_id: str, *, after_epoch: int) -> list[dict[str, Any]]:
+def read_epochs_after(db: Reader, job_id: str, *, after_epoch: int) -> list[dict[str, Any]]:
     """The recorded epoch accuracies of a job numbered above ``after_epoch``, in order."""
-    stmt = (
-        select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
-        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
-        .order_by(EpochMetric.epoch)
-    )
-    return [row._asdict() for row in session.execute(stmt)]
+    rows = _driver_rows(db, _EPOCHS_AFTER, {"job_id": job_id, "after": after_epoch})
+    return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]
 
 
 # --- operations: readiness and Prometheus ----------------------------------------------------
