@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # (workers/threads.py). Two threads are ~15% faster on 2 idle cores and several times
     # slower when another process wants a core; a fixed count is right only some of the time.
     torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = "auto"
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On a CUDA device, replay each full batch's training step from a CUDA graph.",
+    )
     max_runtime_s: float | None = Field(
         default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
     )

@@ -15,6 +15,11 @@ import torch
 
 from service.ml import SimpleMLP, atomic_torch_save
 
+# How the optimizer computes, not what it has learned: a state saved on one device (or in
+# eager mode) resumes with the implementation chosen for this run (fused, capturable for a
+# CUDA graph), not the saved one.
+OPTIMIZER_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
 
 @dataclass(frozen=True)
 class TrainingState:
@@ -41,6 +46,9 @@ class TrainingState:
         """Load the state at ``path`` into this run; returns the epoch it was saved after."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(saved["model"])
+        groups = saved["optimizer"]["param_groups"]
+        for group, live in zip(groups, self.optimizer.param_groups, strict=True):
+            group.update({k: live[k] for k in OPTIMIZER_IMPLEMENTATION if k in live})
         self.optimizer.load_state_dict(saved["optimizer"])
         self.shuffle.set_state(saved["shuffle_rng"])
         torch.set_rng_state(saved["torch_rng"])

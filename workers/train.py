@@ -2,7 +2,8 @@
 
 Read it beside the tutorial: the same model, optimiser, loss, batch order and evaluation. The
 differences are only where the data comes from (one normalised tensor instead of a per-image
-DataLoader) and that each loss goes to ``report.step`` instead of ``loss.item()``.
+DataLoader), that each loss goes to ``report.step`` instead of ``loss.item()``, and that on a
+GPU the step may be replayed from a CUDA graph (:mod:`workers.graphs`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist, Split
+from workers.graphs import GraphBackend, graphed
 from workers.resume import TrainingState
 
 
@@ -29,10 +31,27 @@ class TrainingReport(Protocol):
         """The test accuracy after an epoch, and the state a retry would resume from."""
 
 
-def make_optimizer(model: SimpleMLP, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam; the fused kernel where the device has one (same algorithm, fewer kernel launches)."""
+def make_optimizer(
+    model: SimpleMLP, lr: float, device: torch.device, *, capturable: bool = False
+) -> torch.optim.Adam:
+    """Adam; the fused kernel where the device has one (same algorithm, fewer kernel launches).
+
+    ``capturable`` keeps Adam's step counts on the device, as a CUDA graph of the step needs.
+    """
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused, capturable=capturable)
+
+
+def train_step(
+    model: SimpleMLP, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """One step of the tutorial's loop; the loss is returned still on the device."""
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    return loss.detach()
 
 
 @torch.inference_mode()
@@ -50,8 +69,12 @@ def train(
     seed: int,
     report: TrainingReport,
     resume_from: Path | None = None,
+    graphs: GraphBackend | None = None,
 ) -> SimpleMLP:
-    """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run."""
+    """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run.
+
+    With ``graphs`` (:func:`workers.graphs.graph_backend`) full batches replay a captured step.
+    """
     torch.manual_seed(seed)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     trainset = data.train.first(params.trainset_size, "trainset_size")
@@ -59,20 +82,28 @@ def train(
     n, batch_size = params.trainset_size, params.batch_size
 
     model = SimpleMLP().to(device)
-    optimizer = make_optimizer(model, params.learning_rate, device)
+    # A captured CUDA step needs Adam's step counts on the card (a stand-in backend does not).
+    capturable = graphs is not None and device.type == "cuda"
+    optimizer = make_optimizer(model, params.learning_rate, device, capturable=capturable)
     state = TrainingState(model, optimizer, shuffle)
     done_epochs = state.restore(resume_from) if resume_from is not None else 0
 
+    def eager_step(batch: torch.Tensor) -> torch.Tensor:
+        return train_step(model, optimizer, trainset.images[batch], trainset.labels[batch])
+
+    step = graphed(
+        eager_step,
+        batch_size=batch_size,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        backend=graphs,
+    )
     for epoch in range(done_epochs + 1, params.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=shuffle, device=device)  # reshuffled every epoch
         for start in range(0, n, batch_size):
             batch = order[start : start + batch_size]
-            logits = model(trainset.images[batch])
-            loss = F.cross_entropy(logits, trainset.labels[batch])
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            report.step(loss.detach())
+            report.step(step(batch))
         report.epoch(epoch, evaluate(model, testset), state)
     return model

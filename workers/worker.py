@@ -22,6 +22,7 @@ from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.models import Job, JobStatus
 from service.settings import Settings
 from workers.data import load_mnist
+from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
 from workers.progress import (
     Claim,
@@ -184,7 +185,8 @@ class Worker:
             data = load_mnist(
                 self.settings.data_dir, device=self.device, download=self.settings.download
             )
-            model = train(params, data, self.device, seed, reporter, resume_from)
+            graphs = graph_backend(self.device, self.settings.cuda_graphs)
+            model = train(params, data, self.device, seed, reporter, resume_from, graphs)
             path = checkpoint_path(self.settings.checkpoint_dir, f"{job.id}-{job.attempt}")
             save_checkpoint(model, path)
             return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=path.name)

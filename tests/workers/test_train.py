@@ -8,26 +8,11 @@ import pytest
 import torch
 
 from service.schemas import JobCreate
+from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
-from workers.resume import TrainingState
 from workers.train import evaluate, make_optimizer, train
 
 CPU = torch.device("cpu")
-
-
-class Recorder:
-    """A report that keeps everything in memory."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.accuracies: list[tuple[int, float]] = []
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.losses.append(float(loss))
-
-    def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
-        self.accuracies.append((epoch, accuracy))
-        self.state = state
 
 
 def test_one_loss_per_step_and_one_accuracy_per_epoch(small_mnist: Path) -> None:
@@ -104,13 +89,7 @@ def test_resuming_from_a_saved_epoch_continues_the_run_exactly(
     whole = Recorder()
     train(params, data, CPU, seed=5, report=whole)
 
-    class StopAfterOne(Recorder):
-        def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
-            super().epoch(epoch, accuracy, state)
-            state.save(tmp_path / "state.pt", epoch)
-            raise KeyboardInterrupt  # the worker dies here
-
-    first = StopAfterOne()
+    first = DiesAfterFirstEpoch(tmp_path / "state.pt")
     with pytest.raises(KeyboardInterrupt):
         train(params, data, CPU, seed=5, report=first)
     rest = Recorder()
