@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 from torchvision.datasets import MNIST
 
 from service import imaging
@@ -141,6 +143,47 @@ def test_the_exif_orientation_of_a_photo_is_applied() -> None:
     data = encode(Image.fromarray(canvas), "JPEG", exif=exif)
     height, width = ink_box(layout(data))
     assert width == 20 and height < 5
+
+
+XMP_ROTATED = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _rotated_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def _xmp_png_info() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_ROTATED)
+    return info
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("PNG", lambda: {"exif": _rotated_exif()}),
+        ("WEBP", lambda: {"exif": _rotated_exif(), "lossless": True}),
+        ("JPEG", lambda: {"xmp": XMP_ROTATED.encode()}),
+        ("WEBP", lambda: {"xmp": XMP_ROTATED.encode(), "lossless": True}),
+        ("PNG", lambda: {"pnginfo": _xmp_png_info()}),
+    ],
+    ids=["png-exif", "webp-exif", "jpeg-xmp", "webp-xmp", "png-xmp"],
+)
+def test_every_orientation_pillow_reads_is_applied(
+    fmt: str, options: Callable[[], dict[str, Any]]
+) -> None:
+    canvas = np.zeros((20, 40), np.uint8)
+    canvas[5:8, 2:30] = 255
+    data = encode(Image.fromarray(canvas), fmt, **options())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("L"))
+    assert expected.shape == (40, 20)  # Pillow reads the orientation...
+    assert np.array_equal(imaging.decode(data), expected)  # ...and so does decode
 
 
 def test_a_big_jpeg_is_decoded_at_reduced_scale() -> None:

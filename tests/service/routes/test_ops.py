@@ -125,6 +125,17 @@ def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
     assert sample(text, latency, method="GET", route="/jobs/{job_id}") == 3
 
 
+def test_metrics_count_unknown_methods_under_one_label(client: TestClient) -> None:
+    for method in ("BREW", "PROPFIND", "X" * 40):
+        client.request(method, "/jobs")
+    client.request("DELETE", "/jobs")
+    text = client.get("/metrics").text
+    requests = "mnist_http_requests_total"
+    assert sample(text, requests, method="other", route="/jobs", status="405") == 3
+    assert sample(text, requests, method="DELETE", route="/jobs", status="405") == 1
+    assert "BREW" not in text and "PROPFIND" not in text  # a client cannot grow the label set
+
+
 def test_metrics_report_jobs_queue_workers_and_throughput(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
