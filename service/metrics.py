@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from service.asgi import Receive, Scope, Send
 from service.ops import StoreFigures, Throughput
 
 UNMATCHED_ROUTE = "<unmatched>"  # one label for every unknown path: bounded cardinality
@@ -77,7 +78,7 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-def route_template(scope: dict[str, Any]) -> str:
+def route_template(scope: Scope) -> str:
     """The matched route's path template (``/jobs/{job_id}``), never the raw path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -112,7 +113,7 @@ class RequestMetricsMiddleware:
             self._requests[method, route, status] = child
         child.inc()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)

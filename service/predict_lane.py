@@ -116,8 +116,9 @@ def single_file_part(body: bytes, boundary: bytes) -> bytes | None:
 class PredictLane:
     """ASGI middleware: answers the common ``POST /predict`` itself (see the module docstring).
 
-    Sits inside the request-id, metrics and API-key middlewares (they apply as to any route)
-    and outside the body limits, which see every request the lane passes on, replayed or not.
+    Sits behind the request-id, metrics and API-key layers (they apply as to any route) and in
+    front of FastAPI and its body limits, which see every request the lane passes on, replayed
+    or not (``ServiceApp`` in :mod:`service.app`).
     """
 
     def __init__(self, app: ASGIApp, *, route: BaseRoute, settings: Settings) -> None:

@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from service import predict_lane
 from service.app import create_app
 from tests.support import app_settings
 
@@ -50,6 +51,26 @@ def test_a_500_carries_a_request_id_and_nothing_else(
     logged = [r for r in caplog.records if rid in r.getMessage()]
     assert logged and logged[0].exc_info is not None
     assert SECRET_PATH in str(logged[0].exc_info[1])
+
+
+def test_an_error_in_the_services_own_layers_is_a_500_with_a_request_id(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fault in a fast lane (in front of FastAPI, see ServiceApp) and not in a route.
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(f"lane failed at {SECRET_PATH}")
+
+    monkeypatch.setattr(predict_lane.PredictLane, "_eligible", broken)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        response = client.post(
+            "/predict", content=b"\x89PNG", headers={"content-type": "image/png"}
+        )
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal_error"
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert SECRET_PATH not in response.text
+    assert any(error["request_id"] in r.getMessage() for r in caplog.records)
 
 
 def test_every_response_has_a_request_id(client: TestClient) -> None:

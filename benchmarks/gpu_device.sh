@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU part of `make bench` as one prepared run on a lent CUDA machine (the device tool).
+#
+#   bash benchmarks/gpu_device.sh prepare     here, where pip reaches the package index
+#   bash benchmarks/gpu_device.sh run         there: device run, carry [".device"]
+#
+# The card's image has Python 3.12 with PyTorch, numpy, Pillow, httpx, tqdm and pytest, but not
+# the service's database and settings packages, and MNIST's files do not travel with the
+# checkout. "prepare" puts both in .device/ (git-ignored, ~20 MB): the wheels, at the versions
+# this checkout's .venv runs, and the four IDX files gzipped. "run" installs and unpacks them,
+# runs the tests that need a card (the CUDA graph against eager training) and the training
+# tests, then `python -m benchmarks.gpu`; everything it prints lands in $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-settings
+    python-dotenv annotated-types typing-inspection typing-extensions orjson)
+
+case "${1:-}" in
+prepare)
+    rm -rf .device
+    mkdir -p .device/wheels .device/mnist
+    pins=()
+    for name in "${PACKAGES[@]}"; do
+        pins+=("$name==$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))")")
+    done
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+        --python-version "${DEVICE_PYTHON:-3.12}" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any -d .device/wheels "${pins[@]}"
+    raw="${MNIST_DATA_DIR:-../shared/datasets}/MNIST/raw"
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
+        t10k-labels-idx1-ubyte; do
+        gzip -c "$raw/$f" >".device/mnist/$f.gz"
+    done
+    du -sh .device
+    ;;
+run)
+    out="${OUT:-/tmp/gpu-device-out}"
+    mkdir -p "$out" /tmp/mnist/MNIST/raw
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .device/wheels/*.whl
+    for f in .device/mnist/*.gz; do
+        gunzip -c "$f" >"/tmp/mnist/MNIST/raw/$(basename "$f" .gz)"
+    done
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MNIST_DATA_DIR=/tmp/mnist
+    nvidia-smi -L | tee "$out/card.txt" || true
+    status=0
+    python3 -m pytest -q -p no:cacheprovider tests/workers/test_graphs.py \
+        tests/workers/test_host_sync.py tests/workers/test_train.py 2>&1 | tee "$out/tests.log" ||
+        status=1
+    python3 -m benchmarks.gpu --output "$out/benchmarks-gpu.md" 2>&1 | tee "$out/bench.log" ||
+        status=1
+    exit "$status"
+    ;;
+*)
+    echo "usage: $0 prepare|run" >&2
+    exit 2
+    ;;
+esac
