@@ -74,6 +74,7 @@ class TrainingResult:
     job_vs_floor: float
     metric_writes_share: float
     accuracy_gap: float
+    baseline_s: float  # the tutorial's loop, 10,000 images: how fast this host ran today
 
 
 def _with_threads(threads: int, fn: Callable[[], Trained]) -> Trained:
@@ -364,6 +365,13 @@ def run_training(
                 "longest; the floor at the thread count that won on 10,000 images)"
             )
             section.table(HEADERS, _rows(big))
-        return TrainingResult(floor.times.median, job.times.median, job_vs_floor, writes_share, gap)
+        return TrainingResult(
+            floor.times.median,
+            job.times.median,
+            job_vs_floor,
+            writes_share,
+            gap,
+            cases[0].times.median,
+        )
     finally:
         bench.close()

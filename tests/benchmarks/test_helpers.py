@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.__main__ import QUIET_BASELINE_S, host_speed_line
 from benchmarks.load import multipart_body, parse_wrk
 from benchmarks.profiling import parse_collapsed, short_frame
 from benchmarks.report import Report, table
@@ -99,3 +100,10 @@ def test_collapsed_stacks_give_self_and_inclusive_shares() -> None:
     assert shares == {"multipart": 0.3, "torch": 0.6, "other": pytest.approx(0.1)}
     assert short_frame("f (/a/b/c.py:3)") == "f (c.py)"
     assert short_frame("<idle>") == "<idle>"
+
+
+def test_the_host_speed_line_says_how_much_slower_the_host_ran() -> None:
+    quiet = host_speed_line(QUIET_BASELINE_S)
+    assert quiet.endswith("(issue #7).") and "slower" not in quiet
+    busy = host_speed_line(QUIET_BASELINE_S * 3)
+    assert "about 3.0× slower" in busy and "Ratios to a baseline of the same run hold" in busy
