@@ -45,6 +45,7 @@ from service.security import ApiKeyMiddleware, keys_from
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")
+ERROR_LOGGED_SCOPE_KEY = "mnist.error_logged"
 
 
 def _error(status: int, code: str, message: str, details: Any = None, **extra: str) -> JSONResponse:
@@ -114,13 +115,17 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # error in the service's own layers reaches this handler outside the request-id layer, so
     # it sets X-Request-ID itself.
     rid = request_id(request.scope) or secrets.token_hex(16)
-    log.error(
-        "unhandled error on %s %s [request %s]",
-        request.method,
-        request.url.path,
-        rid,
-        exc_info=exc,
-    )
+    # Two layers call this handler for an error in a route (FastAPI's own, which answers, and
+    # the one in front of the service's layers, which sees the error go by): log it once.
+    if not request.scope.get(ERROR_LOGGED_SCOPE_KEY):
+        request.scope[ERROR_LOGGED_SCOPE_KEY] = True
+        log.error(
+            "unhandled error on %s %s [request %s]",
+            request.method,
+            request.url.path,
+            rid,
+            exc_info=exc,
+        )
     response = _error(
         500,
         "internal_error",

@@ -50,16 +50,26 @@ class CudaGraphs:
         """Run on a side stream, as a capture requires of the work before it."""
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(times):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(times):
+                    run()
+        finally:
+            # Also when a run fails: what follows (the restore of the model) must come after
+            # every kernel the side stream was given.
+            torch.cuda.current_stream().wait_stream(side)
 
     def capture(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Callable[[], None]]:
         """One graph; the tensors it allocates stay in its private memory pool."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph):
+                output = run()
+        finally:
+            # A capture that fails can leave its own stream current (torch.cuda.graph ends the
+            # capture before it restores the stream): the eager fallback runs on this one.
+            torch.cuda.set_stream(stream)
         return output, graph.replay
 
 

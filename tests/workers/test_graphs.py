@@ -161,18 +161,47 @@ def test_graphs_are_used_on_cuda_devices_when_enabled_only() -> None:
     assert isinstance(graph_backend(torch.device("cuda"), True), CudaGraphs)
 
 
-@pytest.mark.skipif(
+NEEDS_CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it)"
 )
-def test_cuda_graph_training_matches_eager_training_on_the_card(small_mnist: Path) -> None:
+
+
+@NEEDS_CUDA
+def test_cuda_graph_training_matches_eager_training_on_the_card(
+    small_mnist: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cuda = torch.device("cuda")
     data = load_mnist(small_mnist, device=cuda, download=False)
     eager, graphed = Recorder(), Recorder()
     train(PARAMS, data, cuda, seed=3, report=eager)
-    train(PARAMS, data, cuda, seed=3, report=graphed, graphs=CudaGraphs())
+    with caplog.at_level(logging.WARNING, logger="workers"):
+        train(PARAMS, data, cuda, seed=3, report=graphed, graphs=CudaGraphs())
+    assert "could not capture" not in caplog.text  # the graph ran, not the eager fallback
     # Capturable Adam computes its bias corrections on the card: the same sums, other roundings.
     torch.testing.assert_close(
         torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-5
     )
     assert [e for e, _ in graphed.accuracies] == [1, 2]
     assert graphed.accuracies[-1][1] == pytest.approx(eager.accuracies[-1][1], abs=0.01)
+
+
+@NEEDS_CUDA
+def test_a_graphed_run_on_the_card_resumes_an_eager_one(
+    small_mnist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cuda = torch.device("cuda")
+    data = load_mnist(small_mnist, device=cuda, download=False)
+    params = PARAMS.model_copy(update={"epochs": 3})
+    whole = Recorder()
+    train(params, data, cuda, seed=8, report=whole)
+    path = tmp_path / "state.pt"
+    first = DiesAfterFirstEpoch(path)  # saved by eager (non-capturable) Adam
+    with pytest.raises(KeyboardInterrupt):
+        train(params, data, cuda, seed=8, report=first)
+    rest = Recorder()
+    with caplog.at_level(logging.WARNING, logger="workers"):
+        train(params, data, cuda, seed=0, report=rest, resume_from=path, graphs=CudaGraphs())
+    assert "could not capture" not in caplog.text
+    torch.testing.assert_close(
+        torch.tensor(first.losses + rest.losses), torch.tensor(whole.losses), rtol=1e-4, atol=1e-5
+    )
