@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from service.asgi import send_json
 from service.batching import ForwardBatcher
 from service.ml import load_model
 from service.predict import images_to_tensor, json_bytes, prediction_body
@@ -43,7 +44,4 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body", False):
             break
     rows = await batcher.probabilities("model", model, images_to_tensor([b"".join(chunks)]))
-    payload = json_bytes(prediction_body(rows[0], JOB_ID, None))
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    await send_json(send, json_bytes(prediction_body(rows[0], JOB_ID, None)))

@@ -97,21 +97,17 @@ class RequestMetricsMiddleware:
         self.metrics = metrics
         # Each label set's child, looked up once: prometheus_client's labels() validates and
         # locks on every call, a few microseconds on each request.
-        self._latency: dict[tuple[str, str], Any] = {}
-        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[tuple[str, ...], Any] = {}
+        self._requests: dict[tuple[str, ...], Any] = {}
 
-    def _observe_latency(self, method: str, route: str, seconds: float) -> None:
-        child = self._latency.get((method, route))
+    @staticmethod
+    def _child(
+        children: dict[tuple[str, ...], Any], metric: Counter | Histogram, *labels: str
+    ) -> Any:
+        child = children.get(labels)
         if child is None:
-            child = self._latency[method, route] = self.metrics.latency.labels(method, route)
-        child.observe(seconds)
-
-    def _count(self, method: str, route: str, status: str) -> None:
-        child = self._requests.get((method, route, status))
-        if child is None:
-            child = self.metrics.requests.labels(method, route, status)
-            self._requests[method, route, status] = child
-        child.inc()
+            child = children[labels] = metric.labels(*labels)
+        return child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
@@ -127,7 +123,9 @@ class RequestMetricsMiddleware:
             nonlocal timed
             if not timed:
                 timed = True
-                self._observe_latency(method, route_template(scope), time.perf_counter() - started)
+                route = route_template(scope)
+                latency = self._child(self._latency, self.metrics.latency, method, route)
+                latency.observe(time.perf_counter() - started)
 
         async def send_and_time(message: dict[str, Any]) -> None:
             nonlocal status
@@ -140,4 +138,5 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_time)
         finally:
             observe_latency()
-            self._count(method, route_template(scope), str(status))
+            route = route_template(scope)
+            self._child(self._requests, self.metrics.requests, method, route, str(status)).inc()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -23,12 +22,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import BaseRoute
 
 from service import jobs
-from service.asgi import ASGIApp, Receive, Scope, Send, send_json
+from service.asgi import ASGIApp, Receive, Scope, Send, send_json, strict_query
 
 METRICS_PATH = re.compile(r"/jobs/([0-9a-f]{32})/metrics")
 # Plain decimal numbers only, small enough for a 64-bit column; the route reads the rest.
-_AFTER_STEP = re.compile(r"0|[1-9][0-9]{0,17}")
-_LIMIT = re.compile(r"[1-9][0-9]{0,8}")
+_QUERY_PATTERNS = {
+    "after_step": re.compile(r"0|[1-9][0-9]{0,17}"),
+    "limit": re.compile(r"[1-9][0-9]{0,8}"),
+}
 
 
 def poll_query(
@@ -38,19 +39,11 @@ def poll_query(
 
     Well-formed: only ``after_step`` and ``limit``, each at most once, plain numbers in range.
     """
-    after_step, limit = 0, default_limit
-    seen: set[str] = set()
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if name in seen:
-            return None
-        seen.add(name)
-        if name == "after_step" and _AFTER_STEP.fullmatch(value):
-            after_step = int(value)
-        elif name == "limit" and _LIMIT.fullmatch(value) and int(value) <= max_limit:
-            limit = int(value)
-        else:
-            return None
-    return after_step, limit
+    values = strict_query(query_string, _QUERY_PATTERNS)
+    if values is None:
+        return None
+    limit = int(values.get("limit", default_limit))
+    return (int(values.get("after_step", 0)), limit) if limit <= max_limit else None
 
 
 class MetricsPollLane:
@@ -73,20 +66,27 @@ class MetricsPollLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the poll here, or pass the request on."""
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path = METRICS_PATH.fullmatch(scope["path"])
-            query = poll_query(
-                scope.get("query_string", b""),
-                default_limit=self.default_limit,
-                max_limit=self.max_limit,
-            )
-            if path is not None and query is not None:
-                body = await self._read(scope["app"].state, path[1], *query)
-                if body is not None:
-                    scope["route"] = self.route
-                    await send_json(send, body)
-                    return
-        await self.app(scope, receive, send)
+        is_get = scope["type"] == "http" and scope["method"] == "GET"
+        body = await self._poll(scope) if is_get else None
+        if body is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route
+        await send_json(send, body)
+
+    async def _poll(self, scope: Scope) -> bytes | None:
+        """A well-formed poll's answer; None for any other GET (the route's to answer)."""
+        path = METRICS_PATH.fullmatch(scope["path"])
+        if path is None:
+            return None
+        query = poll_query(
+            scope.get("query_string", b""),
+            default_limit=self.default_limit,
+            max_limit=self.max_limit,
+        )
+        if query is None:
+            return None
+        return await self._read(scope["app"].state, path[1], *query)
 
     async def _read(self, state: Any, job_id: str, after_step: int, limit: int) -> bytes | None:
         loop_engine: Engine | None = state.loop_engine

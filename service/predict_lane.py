@@ -19,13 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 from python_multipart.multipart import parse_options_header
 from starlette.routing import BaseRoute
 
 from service import predict as predict_service
-from service.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json
+from service.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json, strict_query
 from service.clock import JOB_ID_PATTERN
 from service.errors import ServiceError
 from service.model_registry import ModelChoice
@@ -58,14 +57,9 @@ def query_choice(query_string: bytes) -> tuple[ModelChoice, int | None] | None:
     route answers every other query string (a 422 that names the parameter, or its own reading
     of a value the lane does not take, such as ``top_k=+3``).
     """
-    if not query_string:
-        return ModelChoice(), None
-    values: dict[str, str] = {}
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        pattern = _QUERY_PATTERNS.get(name)
-        if pattern is None or name in values or not pattern.fullmatch(value):
-            return None
-        values[name] = value
+    values = strict_query(query_string, _QUERY_PATTERNS)
+    if values is None:
+        return None
     top_k = values.get("top_k")
     return (
         ModelChoice(job_id=values.get("job_id"), alias=values.get("model")),

@@ -495,12 +495,12 @@ _EPOCHS_AFTER = (
     .order_by(EpochMetric.epoch)
 )
 
-# The metrics reads take a Session (the routes) or a Connection (predict's and the polls' fast
-# lanes, which skip the ORM altogether).
+# The metrics reads take a Session (the route) or a Connection (the polls' fast lane, which
+# skips the ORM altogether).
 Reader = Session | Connection
 
 
-@functools.lru_cache(maxsize=8)  # one per engine's dialect
+@functools.lru_cache(maxsize=8)  # one per statement and engine (each has its own dialect)
 def _compiled(dialect: Dialect, stmt: ClauseElement) -> SQLCompiler:
     compiled = stmt.compile(dialect=dialect)
     assert isinstance(compiled, SQLCompiler)
