@@ -70,6 +70,8 @@ def _metrics(section: Section, root: Path, args: argparse.Namespace) -> str | No
 
 
 def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None:
+    from benchmarks.gpu import card_summary
+
     gpu = gpu_name()
     if gpu is not None:
         section.para(
@@ -77,21 +79,32 @@ def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None
             "figures to docs/benchmarks-gpu.md."
         )
         return None
+    quoted = card_summary()
+    if quoted is None:
+        section.para("No GPU on this machine, and no figures measured on a card yet.")
+    else:
+        written, card, *summary = quoted
+        section.para(
+            "No GPU on this machine. docs/benchmarks-gpu.md holds the figures measured on a "
+            f"lent card ({card.removeprefix('- GPU: ')}) by `bash benchmarks/gpu_device.sh "
+            f"run`, {written[0].lower()}{written[1:]} Its summary:"
+        )
+        section.lines += [*summary, ""]
     section.para(
-        "No GPU on this machine, so no GPU figures here. The same code trains on `cuda` "
-        "(MNIST_DEVICE=cuda or auto) with no per-step host synchronisation: the loop keeps "
-        "each loss on the device and the reporter copies them to the host once per flush "
-        "(tests/workers/test_host_sync.py counts the host copies of a real job: at most one "
-        "per flush and one per epoch). There every full batch replays the step from a CUDA "
-        "graph captured once per job (MNIST_CUDA_GRAPHS, workers/graphs.py): one launch "
-        "instead of ~25 kernels launched from Python. Without a card this is checked against "
-        "the eager loop, bit for bit, through a stand-in that keeps a graph's contract "
-        "(tests/workers/test_graphs.py); the test that compares real graphs with eager "
-        "training on a card is skipped here. On a machine with a CUDA card, `make bench-gpu` "
-        "(`python -m benchmarks.gpu`) runs the baseline, the floor and the worker (with and "
-        "without the graph) on the card in one short run, counts synchronisations with "
-        "torch.cuda.set_sync_debug_mode, checks the goals (≥ 30× the baseline, 60,000 images "
-        "× 3 epochs under 1 s) and writes docs/benchmarks-gpu.md."
+        "The same code trains on `cuda` (MNIST_DEVICE=cuda or auto) with no per-step host "
+        "synchronisation: the loop keeps each loss on the device and the reporter copies them "
+        "to the host once per flush (tests/workers/test_host_sync.py counts the host copies of "
+        "a real job: at most one per flush and one per epoch). There every full batch replays "
+        "the step from a CUDA graph captured once per job (MNIST_CUDA_GRAPHS, "
+        "workers/graphs.py): one launch instead of ~25 kernels launched from Python. Without "
+        "a card this is checked against the eager loop, bit for bit, through a stand-in that "
+        "keeps a graph's contract (tests/workers/test_graphs.py); the tests that compare real "
+        "graphs with eager training on a card run on the lent machine. On a machine with a "
+        "CUDA card, `make bench-gpu` (`python -m benchmarks.gpu`) runs the baseline, the floor "
+        "and the worker (with and without the graph) on the card in one short run, counts "
+        "synchronisations with torch.cuda.set_sync_debug_mode by the line that made them, "
+        "checks the goals (≥ 30× the baseline, 60,000 images × 3 epochs under 1 s) and "
+        "writes docs/benchmarks-gpu.md."
     )
     return None
 

@@ -3,13 +3,15 @@
 #
 #   bash benchmarks/gpu_device.sh prepare     here, where pip reaches the package index
 #   bash benchmarks/gpu_device.sh run         there: device run, carry [".device"]
+#   bash benchmarks/gpu_device.sh tests       there: the card's tests alone (a minute less)
 #
 # The card's image has Python 3.12 with PyTorch, numpy, Pillow, httpx, tqdm and pytest, but not
 # the service's database and settings packages, and MNIST's files do not travel with the
 # checkout. "prepare" puts both in .device/ (git-ignored, ~20 MB): the wheels, at the versions
 # this checkout's .venv runs, and the four IDX files gzipped. "run" installs and unpacks them,
-# runs the tests that need a card (the CUDA graph against eager training) and the training
-# tests, then `python -m benchmarks.gpu`; everything it prints lands in $OUT.
+# runs the tests that need a card (the CUDA graph against eager training, one wait per
+# checkpoint) and the training tests, then `python -m benchmarks.gpu`; everything it prints
+# lands in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-settings
@@ -34,7 +36,7 @@ prepare)
     done
     du -sh .device
     ;;
-run)
+run | tests)
     out="${OUT:-/tmp/gpu-device-out}"
     mkdir -p "$out" /tmp/mnist/MNIST/raw
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -48,12 +50,14 @@ run)
     python3 -m pytest -q -p no:cacheprovider tests/workers/test_graphs.py \
         tests/workers/test_host_sync.py tests/workers/test_train.py 2>&1 | tee "$out/tests.log" ||
         status=1
-    python3 -m benchmarks.gpu --output "$out/benchmarks-gpu.md" 2>&1 | tee "$out/bench.log" ||
-        status=1
+    if [ "$1" = run ]; then
+        python3 -m benchmarks.gpu --runs "${RUNS:-5}" --output "$out/benchmarks-gpu.md" 2>&1 |
+            tee "$out/bench.log" || status=1
+    fi
     exit "$status"
     ;;
 *)
-    echo "usage: $0 prepare|run" >&2
+    echo "usage: $0 prepare|run|tests" >&2
     exit 2
     ;;
 esac

@@ -15,11 +15,18 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import pytest
+import torch
 
 from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+# Tests that need a card: skipped here, run on the lent GPU machine (benchmarks/gpu_device.sh).
+NEEDS_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it)"
+)
 
 SMALL_TRAIN = 640
 SMALL_TEST = 200

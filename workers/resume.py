@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from service.ml import SimpleMLP, atomic_torch_save
+from service.ml import SimpleMLP, atomic_torch_save, to_host
 
 # How the optimizer computes, not what it has learned: a state saved on one device (or in
 # eager mode) resumes with the implementation chosen for this run (fused, capturable for a
@@ -31,16 +31,14 @@ class TrainingState:
 
     def save(self, path: Path, epoch: int) -> None:
         """Write the state after ``epoch`` to ``path`` atomically."""
-        atomic_torch_save(
-            {
-                "epoch": epoch,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "shuffle_rng": self.shuffle.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            path,
-        )
+        state = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "shuffle_rng": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        atomic_torch_save(to_host(state), path)
 
     def restore(self, path: Path) -> int:
         """Load the state at ``path`` into this run; returns the epoch it was saved after."""

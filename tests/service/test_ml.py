@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from service.ml import (
     normalize_uint8,
     resolve_device,
     save_checkpoint,
+    to_host,
 )
 from tests.support import REPO_ROOT
 
@@ -78,6 +80,21 @@ def test_checkpoints_round_trip_without_unpickling_code(tmp_path: Path) -> None:
     assert not loaded.training
 
 
+def test_to_host_keeps_the_structure_and_every_value() -> None:
+    model = SimpleMLP()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    state: dict[str, Any] = {
+        "epoch": 2,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+    host = to_host(state)
+    torch.testing.assert_close(host, state, rtol=0, atol=0)
+    assert host["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+
+
 def test_a_checkpoint_with_code_in_it_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"net.1.weight": torch.zeros(1), "hook": print}, path)
@@ -118,6 +135,7 @@ def test_device_resolution() -> None:
 SAVER = """
 import sys, torch
 from pathlib import Path
+from typing import Any
 from service.ml import atomic_torch_save
 path = Path(sys.argv[1])
 i = 0

@@ -19,6 +19,7 @@ import torch
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
+from tests.support import NEEDS_CUDA
 from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
 from workers.graphs import WARMUP_STEPS, CudaGraphs, GraphedStep, graph_backend
@@ -159,11 +160,6 @@ def test_graphs_are_used_on_cuda_devices_when_enabled_only() -> None:
     assert graph_backend(torch.device("mps"), True) is None
     assert graph_backend(torch.device("cuda"), False) is None
     assert isinstance(graph_backend(torch.device("cuda"), True), CudaGraphs)
-
-
-NEEDS_CUDA = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine runs it)"
-)
 
 
 @NEEDS_CUDA
