@@ -45,7 +45,9 @@ BIG_GOAL_S = 1.0
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks-gpu.md"
 
 
-def count_syncs(sessions: sessionmaker[Session], device: torch.device, params: JobCreate) -> Syncs:
+def count_syncs(
+    sessions: sessionmaker[Session], device: torch.device, params: JobCreate, checkpoints: Path
+) -> Syncs:
     """The synchronising calls one job makes on ``device`` (``torch.cuda.set_sync_debug_mode``)."""
     params = params.model_copy(update={"seed": 0})
     job_id = submit(sessions, **params.model_dump())
@@ -61,7 +63,7 @@ def count_syncs(sessions: sessionmaker[Session], device: torch.device, params: J
         sessions=sessions,
         limits=Limits(lease_s=600, flush_interval_s=0.25),
         stop=threading.Event(),
-        checkpoint_dir=Path(tempfile.mkdtemp(prefix="mnist-gpu-bench-")),
+        checkpoint_dir=checkpoints,
         show_progress=False,
     )
     flushes = 0
@@ -78,7 +80,8 @@ def count_syncs(sessions: sessionmaker[Session], device: torch.device, params: J
         train(params, data, device, 0, reporter, graphs=graph_backend(device, True))
     synchronize(device)
     steps = reporter.steps_per_epoch * params.epochs
-    return Syncs(steps, flushes + params.epochs, sites if device.type == "cuda" else None)
+    counted = sites if device.type == "cuda" else None
+    return Syncs(steps, params.epochs, flushes + params.epochs, counted)
 
 
 def synchronize(device: torch.device) -> None:
@@ -116,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     catcher = logging.Handler(logging.WARNING)
     catcher.emit = lambda record: fallbacks.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("workers").addHandler(catcher)
+    try:
+        return measure(args, device, command, fallbacks)
+    finally:
+        logging.getLogger("workers").removeHandler(catcher)
+
+
+def measure(
+    args: argparse.Namespace, device: torch.device, command: str, fallbacks: list[str]
+) -> int:
+    """Run every figure on ``device`` and write the report; ``fallbacks`` holds the warnings
+    of steps that could not be captured."""
     report = Report("GPU benchmarks")
     report.preamble += [
         f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             big_floor.add(floor_train(data, big, seed=r, device=device).seconds)
             big_job.add(run_one_job(settings, sessions, seed=r, **big_sizes).seconds)
             big_eager.add(run_one_job(eager, sessions, seed=r, **big_sizes).seconds)
-        syncs = count_syncs(sessions, device, params)
+        syncs = count_syncs(sessions, device, params, ws.checkpoint_dir)
         engine.dispose()
     n = params.trainset_size
     s = report.section(f"Training on {device_name(device)}")
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     # What limits a job: a step's launches (graphed against eager, against the bare loop), or
     # the database (the flushes' share of the job).
     s.para(
-        f"Per training step: {fmt(job.median / syncs.steps * 1e6, 'µs')} in a graphed job, "
+        f"Job time ÷ training steps: {fmt(job.median / syncs.steps * 1e6, 'µs')} in a graphed "
+        "job, "
         f"{fmt(job_eager.median / syncs.steps * 1e6, 'µs')} with eager steps, "
         f"{fmt(floor.median / syncs.steps * 1e6, 'µs')} in the floor's bare loop "
         f"({syncs.steps} steps). The job's metric flushes took {fmt(flush.median, 's')} of its "
@@ -231,10 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def card_summary(path: Path = DEFAULT_OUTPUT) -> list[str] | None:
     """From a document this module wrote on a card: its "Written by" line, its GPU line and
     its summary table, for the CPU document to quote; None if there is none."""
@@ -248,3 +259,7 @@ def card_summary(path: Path = DEFAULT_OUTPUT) -> list[str] | None:
     start = lines.index("## Summary") + 2
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return [written, card, *lines[start:end]]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

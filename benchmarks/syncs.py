@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,13 +28,21 @@ class Syncs:
     """The host synchronisations of one job, by the line of our code that made them."""
 
     steps: int
+    epochs: int
     flushes_and_epochs: int
     sites: Counter[str] | None  # None: not counted (only CUDA reports them)
 
     @property
     def per_step(self) -> bool:
-        """Whether some line synchronised more often than once per flush or epoch."""
-        return self.sites is None or any(n > self.flushes_and_epochs for n in self.sites.values())
+        """Whether some line synchronised as often as an epoch has steps (or nothing was counted).
+
+        Lines that wait once per job (the model's copy to the card, one per tensor), per epoch
+        or per flush stay far below that; a line in the step's path reaches it.
+        """
+        if self.sites is None:
+            return True
+        steps_per_epoch = max(1, self.steps // max(1, self.epochs))
+        return any(n >= steps_per_epoch for n in self.sites.values())
 
     def describe(self) -> str:
         """The count and where it comes from, most frequent line first."""
@@ -73,18 +82,23 @@ def synchronisations(device: torch.device) -> Iterator[Counter[str]]:
     """
     sites: Counter[str] = Counter()
 
-    def record(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+    shown = warnings.showwarning
+
+    def record(message: Warning | str, *args: Any, **kwargs: Any) -> None:
         if "synchroniz" in str(message):
             sites[our_caller()] += 1  # called while the warning is raised: the stack is the op's
+        else:
+            shown(message, *args, **kwargs)  # any other warning is shown as it would have been
 
-    cuda = device.type == "cuda"
     with warnings.catch_warnings():  # restores showwarning too
         warnings.simplefilter("always")
         warnings.showwarning = record
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
+        if device.type != "cuda":
+            yield sites
+            return
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
         try:
             yield sites
         finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)

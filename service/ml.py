@@ -105,7 +105,8 @@ def to_host(obj: T) -> T:
     """``obj`` (tensors in dicts, lists and tuples) with every tensor on the CPU.
 
     From a CUDA card the copies are queued together and waited for once: copying tensor by
-    tensor would stop the card's queue once per tensor (a checkpoint has 16 of them).
+    tensor would stop the card's queue once per tensor (a checkpoint has 16 of them). Each
+    tensor is copied on its own, as ``torch.save`` of a view writes only the view's elements.
     """
     cards: set[torch.device] = set()
 
@@ -119,7 +120,9 @@ def to_host(obj: T) -> T:
         if isinstance(value, dict):
             return {k: copy(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return type(value)(copy(v) for v in value)
+            items = [copy(v) for v in value]
+            # A named tuple's constructor takes its fields one by one.
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         return value
 
     copied = copy(obj)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -26,6 +26,14 @@ from service.ml import (
     to_host,
 )
 from tests.support import REPO_ROOT
+
+
+class Point(NamedTuple):
+    """A named tuple inside a state, as some optimizers keep."""
+
+    x: torch.Tensor
+    n: int
+
 
 TUTORIAL_TRANSFORM = transforms.Compose(
     [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]
@@ -89,10 +97,24 @@ def test_to_host_keeps_the_structure_and_every_value() -> None:
         "epoch": 2,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "pair": (torch.ones(2), [torch.zeros(1)]),
+        "point": Point(torch.ones(1), 3),
     }
     host = to_host(state)
+    assert type(host["pair"]) is tuple and type(host["pair"][1]) is list
+    assert host["point"] == Point(host["point"].x, 3) and isinstance(host["point"], Point)
+    assert type(host["optimizer"]["param_groups"][0]["betas"]) is tuple
     torch.testing.assert_close(host, state, rtol=0, atol=0)
-    assert host["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+    # What a resumed run loads: the copies restore a fresh model and optimizer exactly.
+    restored = SimpleMLP()
+    restored.load_state_dict(host["model"])
+    fresh_optimizer = torch.optim.Adam(restored.parameters())
+    fresh_optimizer.load_state_dict(host["optimizer"])
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    for mine, theirs in zip(restored.parameters(), model.parameters(), strict=True):
+        for key, value in optimizer.state[theirs].items():
+            assert torch.equal(fresh_optimizer.state[mine][key], value)
 
 
 def test_a_checkpoint_with_code_in_it_is_refused(tmp_path: Path) -> None:
@@ -135,7 +157,6 @@ def test_device_resolution() -> None:
 SAVER = """
 import sys, torch
 from pathlib import Path
-from typing import Any
 from service.ml import atomic_torch_save
 path = Path(sys.argv[1])
 i = 0

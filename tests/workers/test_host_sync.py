@@ -110,6 +110,11 @@ def test_saving_the_training_state_waits_for_the_card_once(tmp_path: Path) -> No
         to_host([torch.ones(10, device=cuda)])
     with synchronisations(cuda) as sixteen:
         to_host([torch.full((10,), float(i), device=cuda) for i in range(16)])
+    # Keep the card busy, then queue a write: the save must wait for both, or it reads stale
+    # or half-copied weights (an idle card would finish every copy before anyone looked).
+    torch.cuda._sleep(100_000_000)  # type: ignore[no-untyped-call]  # ~50 ms of card cycles
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
     with synchronisations(cuda) as saving:
         state.save(tmp_path / "state.pt", epoch=1)
     # Copied tensor by tensor, 16 tensors would wait 16 times; the state has 16 too (4 weights,
