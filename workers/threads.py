@@ -5,9 +5,11 @@ process wants one of the cores, two OpenMP threads that spin-wait on each other 
 several times slower, while one thread hardly notices (docs/benchmarks.md). Neither count is
 right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,
 then the fastest count until the next check. Intervals that hold anything but training steps
-(a flush, an evaluation, a checkpoint) are not timed, and a step's median stands for the count,
-so a stray slow step does not decide it. While a count holds, its steps are still timed: when
-they run well slower than when it was chosen, the counts are timed again at once.
+(a flush, an evaluation, a checkpoint) are not timed. A count's mean step time stands for it,
+without its slowest few steps, so a stray slow step does not decide it; a median would not do:
+a process that takes a core now and then (an API answering 200 polls a second) stalls one step
+in several at two threads, and those stalls are the cost. While a count holds, its steps are
+still timed: when they run well slower than when it was chosen, the counts are timed again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 log = logging.getLogger("workers")
 
-PROBE_STEPS = 12  # timed steps per candidate count (a 10,000-image epoch has 157)
+PROBE_STEPS = 16  # timed steps per candidate count (a 10,000-image epoch has 157)
+TRIMMED = 8  # one timed step in this many, the slowest, is left out of a count's time
 RECHECK_S = 5.0  # how long a choice holds before the counts are timed again...
 SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
@@ -35,6 +38,12 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def typical_step_s(timed: list[float]) -> float:
+    """The mean step time without the slowest ``len // TRIMMED`` steps (at least one)."""
+    kept = sorted(timed)[: len(timed) - max(1, len(timed) // TRIMMED)] or timed
+    return statistics.fmean(kept)
 
 
 def candidate_threads(cores: int) -> tuple[int, ...]:
@@ -73,7 +82,7 @@ class ThreadTuner:
         self._set_threads = set_threads
         self._probing: int | None = 0  # index of the count being timed; None: holding
         self._timed: list[float] = []
-        self._medians: dict[int, float] = {}
+        self._step_s: dict[int, float] = {}
         self._hold_until = 0.0
         self._chosen_s = float("inf")  # the held count's step time when it was chosen
         if len(candidates) == 1:  # one core: nothing to choose, ever
@@ -89,7 +98,7 @@ class ThreadTuner:
             slowed = self._slowed_down(now)
             if slowed is not None:
                 # What the held count does now is known: time only the others.
-                self._medians = {self.threads: slowed}
+                self._step_s = {self.threads: slowed}
                 self._probe_next(-1)
                 return
             if now >= self._hold_until:
@@ -98,7 +107,7 @@ class ThreadTuner:
         elif self._last is not None:
             self._timed.append(now - self._last)
             if len(self._timed) >= self._probe_steps:
-                self._medians[self.threads] = statistics.median(self._timed)
+                self._step_s[self.threads] = typical_step_s(self._timed)
                 self._probe_next(self._probing)
                 return
         self._last = self._clock()
@@ -111,14 +120,14 @@ class ThreadTuner:
         self._timed.append(now - self._last)
         if len(self._timed) < self._probe_steps:
             return None
-        recent = statistics.median(self._timed)
+        recent = typical_step_s(self._timed)
         self._timed = []
         return recent if recent > self._chosen_s * SLOWDOWN_FACTOR else None
 
     def _probe_next(self, after: int) -> None:
         """Time the next candidate after index ``after`` not timed yet; choose when none is left."""
         for index in range(after + 1, len(self.candidates)):
-            if self.candidates[index] not in self._medians:
+            if self.candidates[index] not in self._step_s:
                 self._probe(index)
                 return
         self._choose()
@@ -140,14 +149,14 @@ class ThreadTuner:
         self._last = None  # the first step at a new count warms its threads up: not timed
 
     def _choose(self) -> None:
-        fastest = min(self._medians, key=self._medians.__getitem__)
+        fastest = min(self._step_s, key=self._step_s.__getitem__)
         log.debug(
             "torch threads: %s",
-            ", ".join(f"{n}: {s * 1e6:.0f} µs/step" for n, s in sorted(self._medians.items())),
+            ", ".join(f"{n}: {s * 1e6:.0f} µs/step" for n, s in sorted(self._step_s.items())),
         )
         self._probing = None
-        self._chosen_s = self._medians[fastest]
-        self._medians = {}
+        self._chosen_s = self._step_s[fastest]
+        self._step_s = {}
         self._timed = []
         self._switch(fastest)
         self._hold_until = self._clock() + self._recheck_s

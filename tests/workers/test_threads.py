@@ -10,18 +10,20 @@ from service.models import JobStatus
 from service.settings import Settings
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
-from workers.threads import ThreadTuner, candidate_threads, process_tuner
+from workers.threads import ThreadTuner, candidate_threads, process_tuner, typical_step_s
 from workers.worker import Worker
 
 
 class Cores:
-    """A fake machine: each thread count's step time (seconds), and a clock steps advance."""
+    """A fake machine: each thread count's step time (seconds, or a cycle of them), and a
+    clock steps advance."""
 
-    def __init__(self, step_s: dict[int, float]) -> None:
+    def __init__(self, step_s: dict[int, float | list[float]]) -> None:
         self.step_s = step_s
         self.now = 0.0
         self.threads = 0
         self.switches: list[int] = []
+        self.steps = 0
 
     def clock(self) -> float:
         return self.now
@@ -32,7 +34,9 @@ class Cores:
 
     def train(self, tuner: ThreadTuner, steps: int) -> None:
         for _ in range(steps):
-            self.now += self.step_s[self.threads]
+            step_s = self.step_s[self.threads]
+            self.now += step_s[self.steps % len(step_s)] if isinstance(step_s, list) else step_s
+            self.steps += 1
             tuner.step()
 
 
@@ -103,7 +107,26 @@ def test_a_slow_step_among_fast_ones_does_not_decide() -> None:
     cores.train(tuner, 7)
     cores.now += 0.1  # one step of count 2 is slow (the OS ran something else)
     cores.train(tuner, 5)
-    assert tuner.threads == 2  # the median of the timed steps stands for the count
+    assert tuner.threads == 2  # the slowest timed step is left out of the count's time
+
+
+def test_stalls_that_recur_count_against_the_count_they_stall() -> None:
+    # Another process wakes every few milliseconds (an API answering polls): at two threads
+    # one step in three waits for the core it took; one thread is steady. The median step
+    # favours two threads (0.6 ms against 0.8 ms); what a job takes favours one.
+    cores = Cores({1: 0.0008, 2: [0.0006, 0.0006, 0.0030]})
+    tuner = ThreadTuner(
+        (1, 2), probe_steps=12, recheck_s=1.0, clock=cores.clock, set_threads=cores.set_threads
+    )
+    cores.train(tuner, 2 * (12 + 1))
+    assert tuner.threads == cores.threads == 1
+
+
+def test_the_typical_step_leaves_out_the_slowest_few() -> None:
+    assert typical_step_s([1.0, 1.0, 1.0, 9.0]) == 1.0  # one of four: left out
+    assert typical_step_s([1.0] * 14 + [9.0, 9.0]) == 1.0  # two of sixteen
+    assert typical_step_s([1.0] * 13 + [9.0] * 3) == pytest.approx((13 + 9) / 14)
+    assert typical_step_s([2.0]) == 2.0
 
 
 def test_begin_applies_the_count_whatever_set_torch_meanwhile() -> None:
