@@ -19,7 +19,6 @@ import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +34,7 @@ from service import repository
 from service.clock import utcnow
 from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
-from workers.data import load_mnist
+from workers.data import Mnist, load_mnist
 from workers.graphs import graph_backend
 from workers.progress import Claim, Limits, Reporter
 from workers.train import train
@@ -43,12 +42,18 @@ from workers.train import train
 SPEEDUP_GOAL = 30.0
 BIG_GOAL_S = 1.0
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks-gpu.md"
+SIZES = {"trainset_size", "testset_size"}  # what a figure's jobs are given of its parameters
 
 
 def count_syncs(
-    sessions: sessionmaker[Session], device: torch.device, params: JobCreate, checkpoints: Path
+    sessions: sessionmaker[Session],
+    data: Mnist,
+    device: torch.device,
+    params: JobCreate,
+    checkpoints: Path,
 ) -> Syncs:
-    """The synchronising calls one job makes on ``device`` (``torch.cuda.set_sync_debug_mode``)."""
+    """The synchronising calls one job on ``data`` (already on ``device``) makes there
+    (``torch.cuda.set_sync_debug_mode``)."""
     params = params.model_copy(update={"seed": 0})
     job_id = submit(sessions, **params.model_dump())
     with sessions.begin() as session:
@@ -75,7 +80,6 @@ def count_syncs(
         flush()
 
     reporter.flush = counted_flush  # type: ignore[method-assign]
-    data = load_mnist(data_dir(), device=device, download=False)
     with synchronisations(device) as sites:
         train(params, data, device, 0, reporter, graphs=graph_backend(device, True))
     synchronize(device)
@@ -149,11 +153,8 @@ def measure(
         data = load_mnist(data_dir(), device=device, download=False)
         params = JobCreate(trainset_size=args.trainset_size, testset_size=args.testset_size)
         big = params.model_copy(update={"trainset_size": args.big_trainset_size})
-        sizes: dict[str, Any] = {
-            "trainset_size": params.trainset_size,
-            "testset_size": params.testset_size,
-        }
-        big_sizes = {**sizes, "trainset_size": big.trainset_size}
+        sizes = params.model_dump(include=SIZES)
+        big_sizes = big.model_dump(include=SIZES)
         run_one_job(settings, sessions, seed=0, **sizes)  # warm: context, kernels, cached data
         run_one_job(eager, sessions, seed=0, **sizes)
         baseline, floor, job = Series("baseline", "s"), Series("floor", "s"), Series("job", "s")
@@ -180,7 +181,7 @@ def measure(
             big_floor.add(floor_train(data, big, seed=r, device=device).seconds)
             big_job.add(run_one_job(settings, sessions, seed=r, **big_sizes).seconds)
             big_eager.add(run_one_job(eager, sessions, seed=r, **big_sizes).seconds)
-        syncs = count_syncs(sessions, device, params, ws.checkpoint_dir)
+        syncs = count_syncs(sessions, data, device, params, ws.checkpoint_dir)
         engine.dispose()
     n = params.trainset_size
     s = report.section(f"Training on {device_name(device)}")
