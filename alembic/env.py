@@ -5,9 +5,9 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from service.db import make_engine
-from service.models import Base
 from service.settings import get_settings
+from service.store.engines import make_engine
+from service.store.tables import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -11,8 +11,8 @@ import json
 import sys
 
 from benchmarks.jobs import claim_and_run
-from service.db import make_engine, make_sessionmaker
 from service.settings import get_settings
+from service.store.engines import make_engine, make_sessionmaker
 from workers.worker import Worker
 
 

@@ -1,10 +1,11 @@
 """The predict floor: the service's own work for one raw image, with nothing around it.
 
 A bare ASGI app (no framework, middlewares, database or validation) that does what the
-service's fast lane does for an image — decode and lay it out (:mod:`service.imaging`), the
-forward pass batched per event-loop turn (:class:`service.batching.ForwardBatcher`), the JSON
-answer — served like the service in production: ``uvicorn benchmarks.floor_predict_app:app
---workers 2``. What the service serves beyond this is what its features cost.
+service's fast lane does for an image — decode and lay it out
+(:mod:`service.serving.imaging`), the forward pass batched per event-loop turn
+(:class:`service.serving.batching.ForwardBatcher`), the JSON answer — served like the
+service in production: ``uvicorn benchmarks.floor_predict_app:app --workers 2``.
+What the service serves beyond this is what its features cost.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 import torch
 
-from service.asgi import send_json
-from service.batching import ForwardBatcher
+from service.api.asgi import send_json
 from service.ml import load_model
-from service.predict import images_to_tensor, json_bytes, prediction_body
+from service.serving.batching import ForwardBatcher
+from service.serving.predictor import images_to_tensor, json_bytes, prediction_body
 
 torch.set_num_threads(1)
 model = load_model(Path(os.environ["BENCH_CHECKPOINT"]))

@@ -30,13 +30,13 @@ from benchmarks.report import Report
 from benchmarks.stats import Series, fmt, fmt_ratio, ratio, verdict
 from benchmarks.syncs import Syncs, synchronisations
 from benchmarks.tutorial import tutorial_data, tutorial_train
-from service import repository
 from service.clock import utcnow
-from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
+from service.store import queue_repo
+from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist, load_mnist
 from workers.graphs import graph_backend
-from workers.progress import Claim, Limits, Reporter
+from workers.reporting import Claim, Limits, Reporter
 from workers.train import train
 
 SPEEDUP_GOAL = 30.0
@@ -57,7 +57,7 @@ def count_syncs(
     params = params.model_copy(update={"seed": 0})
     job_id = submit(sessions, **params.model_dump())
     with sessions.begin() as session:
-        claimed = repository.claim_job(
+        claimed = queue_repo.claim_job(
             session, worker_id="gpu-bench", lease_s=600, device=str(device), now=utcnow()
         )
         if claimed is None or claimed.id != job_id:

@@ -13,11 +13,11 @@ from unittest import mock
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
-from service.models import EpochMetric, Job, TrainStep
 from service.schemas import JobCreate
 from service.settings import Settings
+from service.store import job_repo, queue_repo
+from service.store.tables import EpochMetric, Job, TrainStep
 from workers.worker import Outcome, Worker
 
 
@@ -38,7 +38,7 @@ class JobRun:
 def submit(sessions: sessionmaker[Session], **params: Any) -> str:
     """Queue a job with these parameters; returns its id."""
     with sessions.begin() as session:
-        job = repository.create_job(
+        job = job_repo.create_job(
             session, JobCreate.model_validate(params), max_attempts=3, now=utcnow()
         )
         return job.id
@@ -65,7 +65,7 @@ def without_persistence() -> Iterator[None]:
     Its sessions begin lazily, so with ``record_progress`` stubbed a flush touches no database:
     the difference to a normal job is the cost of the metric writes.
     """
-    with mock.patch.object(repository, "record_progress", _no_record_progress):
+    with mock.patch.object(queue_repo, "record_progress", _no_record_progress):
         yield
 
 

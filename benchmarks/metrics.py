@@ -28,12 +28,12 @@ from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
-from service import repository
+from service.api.routes.jobs import MAX_STEPS_PAGE
 from service.clock import utcnow
-from service.db import make_engine, make_sessionmaker
-from service.models import JobStatus
-from service.routes.jobs import MAX_STEPS_PAGE
 from service.schemas import JobCreate
+from service.status import TERMINAL, JobStatus
+from service.store import job_repo, queue_repo
+from service.store.engines import make_engine, make_sessionmaker
 from tests.support import process, wait_for
 
 SERIES_STEPS = 50_000
@@ -46,9 +46,9 @@ POLLERS = 4  # client connections sharing the rate
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 SLOWDOWN_GOAL = 0.10
 METRICS_PARTS = {
-    "steps: the driver's fetch and the rows' dicts (repository.read_steps)": "read_steps (",
+    "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
     "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
-    "dicts → JSON (service/jobs.py, orjson)": "metrics_json (",
+    "dicts → JSON (service/domain/jobs.py, orjson)": "metrics_json (",
     "validation (pydantic)": "/pydantic/",
     "thread-pool hand-offs (anyio, threading)": "/anyio/",
     "FastAPI / Starlette": "/starlette/",
@@ -60,10 +60,10 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
     """A succeeded job with ``steps`` steps and ``epochs`` epochs, written as a worker would."""
     params = JobCreate(trainset_size=60_000, batch_size=64, epochs=epochs)
     with sessions.begin() as session:
-        job = repository.create_job(session, params, max_attempts=3, now=utcnow())
+        job = job_repo.create_job(session, params, max_attempts=3, now=utcnow())
         job_id = job.id
     with sessions.begin() as session:
-        claimed = repository.claim_job(
+        claimed = queue_repo.claim_job(
             session, worker_id="bench", lease_s=600, device="cpu", now=utcnow()
         )
         if claimed is None or claimed.id != job_id:
@@ -81,7 +81,7 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
             if last % per_epoch == 0 or last == steps
             else []
         )
-        progress = repository.Progress(
+        progress = queue_repo.Progress(
             steps=rows,
             epochs=epoch_rows,
             step=last,
@@ -89,7 +89,7 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
             accuracy=0.9 if epoch_rows else None,
         )
         with sessions.begin() as session:
-            repository.record_progress(
+            queue_repo.record_progress(
                 session,
                 job_id=job_id,
                 attempt=1,
@@ -99,7 +99,7 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
                 now=utcnow(),
             )
     with sessions.begin() as session:
-        repository.finish_job(
+        queue_repo.finish_job(
             session,
             job_id=job_id,
             attempt=1,
@@ -273,7 +273,7 @@ def job_seconds(sessions: sessionmaker[Session], job_id: str) -> float:
 
     def done() -> bool:
         job, _, _ = recorded(sessions, job_id)
-        if job.status in JobStatus.TERMINAL and job.status != JobStatus.SUCCEEDED:
+        if job.status in TERMINAL and job.status != JobStatus.SUCCEEDED:
             raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
         return job.status == JobStatus.SUCCEEDED
 

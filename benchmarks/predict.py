@@ -27,8 +27,8 @@ from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
 from benchmarks.stats import Series, fmt, fmt_ratio, median, ratio, verdict
-from service.db import make_engine, make_sessionmaker
-from service.models import Job
+from service.store.engines import make_engine, make_sessionmaker
+from service.store.tables import Job
 from tests.support import free_port, process, wait_for
 
 P99_GOAL_MS = 15.0
@@ -63,8 +63,8 @@ PREDICT_PARTS = {
     "multipart parsing (python-multipart)": "/python_multipart/",
     "model forward (torch, batched)": "/torch/",
     "image decode (PIL)": "/PIL/",
-    "layout, normalisation (numpy: service/imaging.py, predict.py)": "/service/imaging.py",
-    "the fast lane's own code (service/predict_lane.py)": "/service/predict_lane.py",
+    "layout, normalisation (numpy: service/serving/imaging.py)": "/service/serving/imaging.py",
+    "the fast lane's own code (service/api/lanes/predict.py)": "/service/api/lanes/predict.py",
     "database (SQLAlchemy)": "/sqlalchemy/",
     "validation, JSON (pydantic)": "/pydantic/",
     "thread-pool hand-offs (anyio, threading)": "/anyio/",

@@ -26,9 +26,9 @@ from benchmarks.profiling import in_process, share_rows
 from benchmarks.report import Section
 from benchmarks.stats import Series, fmt, fmt_ratio, median, ratio, verdict
 from benchmarks.tutorial import Trained, TutorialData, tutorial_data, tutorial_train
-from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
 from service.settings import Settings
+from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist, load_mnist
 from workers.threads import process_tuner
 

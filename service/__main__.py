@@ -8,9 +8,9 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
+from service.api.app import create_app
+from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.logs import configure_logging
-from service.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.settings import get_settings
 
 APP_FACTORY = "service.__main__:serving_app"

@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.clock import JOB_ID_PATTERN
-
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from service.status import JobStatus
 
 # The largest integer every JSON reader (JavaScript's included) holds exactly.
 MAX_SEED = 2**53 - 1
@@ -67,7 +66,7 @@ class JobRead(StrictModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
-    status: JobStatusName
+    status: JobStatus
     params: JobCreate
     created_at: datetime
     started_at: datetime | None
@@ -112,7 +111,7 @@ class MetricsRead(StrictModel):
     """Steps after ``after_step`` (in order, at most ``limit``) and every finished epoch."""
 
     job_id: str
-    status: JobStatusName
+    status: JobStatus
     steps: list[StepRead]
     epochs: list[EpochRead]
     next_after_step: int = Field(description="Pass as after_step to get only newer steps.")

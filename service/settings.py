@@ -13,7 +13,7 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 LogFormat = Literal["text", "json"]
 
 # Bounds of MNIST_MAX_IMAGE_PIXELS. The ceiling is also Pillow's bomb guard in the API process
-# (service/imaging.py), far below Pillow's default of 89 Mpx.
+# (service/serving/imaging.py), far below Pillow's default of 89 Mpx.
 IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
 
@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
 
-    # Who may call the API (service/security.py) and how much they may send (service/limits.py).
+    # Who may call the API (service/api/security.py) and how much they may send
+    # (service/api/limits.py).
     api_key: SecretStr | None = Field(
         default=None,
         description="Bearer key for all but health, readiness and the dashboard's files.",

@@ -15,8 +15,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from alembic import command
-from service.db import make_engine, make_sessionmaker
 from service.settings import Settings
+from service.store.engines import make_engine, make_sessionmaker
 from tests.support import REPO_ROOT, make_small_mnist
 
 POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"

@@ -6,16 +6,16 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
-from service.models import Job
 from service.schemas import JobCreate
+from service.store import job_repo
+from service.store.tables import Job
 
 
 def queue_job(sessions: sessionmaker[Session], params: dict[str, Any]) -> str:
     """Insert a queued job with these parameters (validated as the API does); its id."""
     with sessions.begin() as session:
-        job = repository.create_job(
+        job = job_repo.create_job(
             session, JobCreate.model_validate(params), max_attempts=3, now=utcnow()
         )
         return job.id

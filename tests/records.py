@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
-from service.models import Job, JobStatus
 from service.schemas import JobCreate
+from service.status import JobStatus
+from service.steps import StepPlan
+from service.store import job_repo, queue_repo
+from service.store.tables import Job
 
 LEASE_S = 30.0
 
@@ -32,46 +33,38 @@ class FakeTraining:
     clock: datetime = field(default_factory=utcnow)
 
     @property
+    def plan(self) -> StepPlan:
+        """The job's step arithmetic (the same the worker uses)."""
+        return StepPlan.of(self.params)
+
+    @property
     def steps_per_epoch(self) -> int:
         """Optimiser steps per epoch."""
-        return math.ceil(self.params.trainset_size / self.params.batch_size)
+        return self.plan.steps_per_epoch
 
     def submit(self) -> str:
         """Queue the job."""
         with self.sessions.begin() as session:
-            job = repository.create_job(session, self.params, max_attempts=3, now=self.clock)
+            job = job_repo.create_job(session, self.params, max_attempts=3, now=self.clock)
             self.job_id = job.id
         return self.job_id
 
     def claim(self, *, lease_s: float = LEASE_S) -> Job:
         """Claim it (a new attempt: the recorded steps start over)."""
         with self.sessions.begin() as session:
-            job = repository.claim_job(
+            job = queue_repo.claim_job(
                 session, worker_id=self.worker_id, lease_s=lease_s, device="cpu", now=self.clock
             )
         assert job is not None and job.id == self.job_id
         self.attempt, self.step, self.epoch = job.attempt, 0, 0
         return job
 
-    def examples_seen(self, step: int) -> int:
-        """Images seen after ``step`` steps (as the worker's reporter counts them)."""
-        full, in_epoch = divmod(step - 1, self.steps_per_epoch)
-        n = self.params.trainset_size
-        return full * n + min((in_epoch + 1) * self.params.batch_size, n)
-
     def advance(self, steps: int, *, seconds: float = 1.0, end_epoch: float | None = None) -> None:
         """Record ``steps`` more steps (and an epoch's accuracy), ``seconds`` later."""
         rows: list[dict[str, Any]] = []
         for _ in range(steps):
             self.step += 1
-            rows.append(
-                {
-                    "step": self.step,
-                    "epoch": (self.step - 1) // self.steps_per_epoch + 1,
-                    "loss": 2.3 / self.step,
-                    "examples_seen": self.examples_seen(self.step),
-                }
-            )
+            rows.append(self.plan.step_row(self.step, 2.3 / self.step))
         epochs = []
         if end_epoch is not None:
             self.epoch += 1
@@ -80,17 +73,17 @@ class FakeTraining:
                 {
                     "epoch": self.epoch,
                     "accuracy": end_epoch,
-                    "examples_seen": self.examples_seen(self.step),
+                    "examples_seen": self.plan.examples_seen(self.step),
                 }
             )
         self.clock += timedelta(seconds=seconds)
         with self.sessions.begin() as session:
-            repository.record_progress(
+            queue_repo.record_progress(
                 session,
                 job_id=self.job_id,
                 attempt=self.attempt,
                 worker_id=self.worker_id,
-                progress=repository.Progress(
+                progress=queue_repo.Progress(
                     steps=rows,
                     epochs=epochs,
                     step=self.step,
@@ -107,10 +100,10 @@ class FakeTraining:
         self.advance(half)
         self.advance(self.steps_per_epoch - half, end_epoch=accuracy)
 
-    def finish(self, status: str = JobStatus.SUCCEEDED, error: str | None = None) -> None:
+    def finish(self, status: JobStatus = JobStatus.SUCCEEDED, error: str | None = None) -> None:
         """End the job."""
         with self.sessions.begin() as session:
-            repository.finish_job(
+            queue_repo.finish_job(
                 session,
                 job_id=self.job_id,
                 attempt=self.attempt,

@@ -28,11 +28,11 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.transport.serialization import Binary
 
-from service import repository
-from service.app import create_app
+from service.api.app import create_app
 from service.clock import utcnow
-from service.db import make_engine, make_sessionmaker
 from service.schemas import JobCreate
+from service.store import job_repo
+from service.store.engines import make_engine, make_sessionmaker
 from tests.support import SMALL_TEST, SMALL_TRAIN, app_settings
 from workers.worker import Worker
 
@@ -92,7 +92,7 @@ def trained_model(sqlite_template: Path, small_mnist: Path) -> None:
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         params = JobCreate(epochs=1, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST, seed=1)
-        repository.create_job(session, params, max_attempts=1, now=utcnow())
+        job_repo.create_job(session, params, max_attempts=1, now=utcnow())
     Worker(train_settings, sessions, show_progress=False).run(max_jobs=1)
     engine.dispose()
 

@@ -8,9 +8,9 @@ import os
 import sys
 import threading
 
-from service.db import make_engine, make_sessionmaker
 from service.logs import configure_logging
 from service.settings import get_settings
+from service.store.engines import make_engine, make_sessionmaker
 from workers.signals import on_signals
 from workers.supervisor import supervise
 from workers.worker import Worker

@@ -12,10 +12,10 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
 from service.errors import LeaseLost
-from workers.progress import Reporter
+from service.store import queue_repo, worker_repo
+from workers.reporting import Reporter
 
 log = logging.getLogger("workers")
 
@@ -47,14 +47,14 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         """One heartbeat."""
         with self._sessions.begin() as session:
-            repository.worker_heartbeat(session, worker_id=self._worker_id, now=utcnow())
+            worker_repo.worker_heartbeat(session, worker_id=self._worker_id, now=utcnow())
         reporter = self.reporter
         if reporter is None or time.monotonic() - reporter.last_renewal < self._heartbeat_s:
             return
         claim = reporter.claim
         try:
             with self._sessions.begin() as session:
-                repository.heartbeat(
+                queue_repo.heartbeat(
                     session,
                     job_id=claim.job_id,
                     attempt=claim.attempt,

@@ -22,7 +22,7 @@ from workers.resume import TrainingState
 
 
 class TrainingReport(Protocol):
-    """Where the loop sends its numbers (the worker's :class:`workers.progress.Reporter`)."""
+    """Where the loop sends its numbers (the worker's :class:`workers.reporting.Reporter`)."""
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimiser step's loss, still on the device."""

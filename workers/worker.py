@@ -9,22 +9,24 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
+from service.domain.jobs import params_of
 from service.errors import CancelRequested, LeaseLost
-from service.jobs import params_of
 from service.logs import log_context
 from service.ml import checkpoint_path, resolve_device, save_checkpoint
-from service.models import Job, JobStatus
 from service.settings import Settings
+from service.status import JobStatus
+from service.store import queue_repo, worker_repo
+from service.store.tables import Job
 from workers.data import load_mnist
 from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
-from workers.progress import (
+from workers.reporting import (
     Claim,
     Diverged,
     Limits,
@@ -62,7 +64,7 @@ class Outcome:
     """How one claimed job ended, as far as this worker knows."""
 
     job_id: str
-    status: str  # a terminal status, "released" or "lost"
+    status: JobStatus | Literal["released", "lost"]
     flush_seconds: float = 0.0
 
 
@@ -116,18 +118,18 @@ class Worker:
             finally:
                 self.heartbeat.stop()
                 with self.sessions.begin() as session:
-                    repository.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
+                    worker_repo.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
                 log.info("worker %s stopped", self.worker_id)
 
     def register(self) -> None:
         """Record this worker, and recover the jobs of workers on this host that died."""
         now = utcnow()
         with self.sessions.begin() as session:
-            for row in repository.workers_on_host(session, self.host):
+            for row in worker_repo.workers_on_host(session, self.host):
                 if not pid_alive(row.pid) or row.pid == os.getpid():
-                    jobs = repository.recover_dead_worker(session, worker_id=row.id, now=now)
+                    jobs = worker_repo.recover_dead_worker(session, worker_id=row.id, now=now)
                     log.info("worker %s is gone; %d of its jobs are claimable again", row.id, jobs)
-            repository.register_worker(
+            worker_repo.register_worker(
                 session,
                 worker_id=self.worker_id,
                 host=self.host,
@@ -139,7 +141,7 @@ class Worker:
     def claim(self) -> Job | None:
         """Take the oldest claimable job, or None."""
         with self.sessions.begin() as session:
-            job = repository.claim_job(
+            job = queue_repo.claim_job(
                 session,
                 worker_id=self.worker_id,
                 lease_s=self.settings.lease_s,
@@ -218,7 +220,7 @@ class Worker:
             return path
         log.warning("job %s: %s is missing, starting over", job.id, path)
         with self.sessions.begin() as session:
-            repository.forget_resume_point(
+            queue_repo.forget_resume_point(
                 session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
             )
         return None
@@ -226,7 +228,7 @@ class Worker:
     def _finish(
         self,
         claim: Claim,
-        status: str,
+        status: JobStatus,
         reporter: Reporter,
         *,
         error: str | None = None,
@@ -234,7 +236,7 @@ class Worker:
     ) -> Outcome:
         try:
             with self.sessions.begin() as session:
-                repository.finish_job(
+                queue_repo.finish_job(
                     session,
                     job_id=claim.job_id,
                     attempt=claim.attempt,
@@ -254,7 +256,7 @@ class Worker:
     def _release(self, claim: Claim, reporter: Reporter) -> Outcome:
         try:
             with self.sessions.begin() as session:
-                repository.release_job(
+                queue_repo.release_job(
                     session,
                     job_id=claim.job_id,
                     attempt=claim.attempt,

@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.syncs import synchronisations
-from service import repository
 from service.clock import utcnow
 from service.ml import SimpleMLP, to_host
 from service.schemas import JobCreate
+from service.store import job_repo, metric_repo, queue_repo
 from tests.support import NEEDS_CUDA, SMALL_TEST, SMALL_TRAIN
 from workers.data import load_mnist
-from workers.progress import Claim, Limits, Reporter
+from workers.reporting import Claim, Limits, Reporter
 from workers.resume import TrainingState
 from workers.train import train
 
@@ -66,9 +66,9 @@ def test_host_copies_do_not_grow_with_the_steps(
         epochs=epochs, batch_size=batch_size, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST
     )
     with sessions.begin() as session:
-        job = repository.create_job(session, params, max_attempts=3, now=utcnow())
+        job = job_repo.create_job(session, params, max_attempts=3, now=utcnow())
     with sessions.begin() as session:
-        claimed = repository.claim_job(
+        claimed = queue_repo.claim_job(
             session, worker_id="w", lease_s=60, device="cpu", now=utcnow()
         )
         assert claimed is not None
@@ -90,7 +90,7 @@ def test_host_copies_do_not_grow_with_the_steps(
     # One copy of the buffered losses per flush and one accuracy per epoch: 2 per epoch.
     assert sum(counter.calls.values()) <= 2 * epochs, counter.calls
     with sessions() as session:
-        assert len(repository.read_steps(session, job.id, after_step=0, limit=1000)) == steps
+        assert len(metric_repo.read_steps(session, job.id, after_step=0, limit=1000)) == steps
 
 
 def ours(sites: Counter[str]) -> Counter[str]:

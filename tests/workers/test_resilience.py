@@ -19,8 +19,9 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
-from service.models import Job, JobStatus
+from service.status import TERMINAL, JobStatus
+from service.store import metric_repo
+from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, process, service_env, wait_for
 
@@ -76,8 +77,8 @@ def series(
     sessions: sessionmaker[Session], job_id: str
 ) -> tuple[list[int], list[float], list[int]]:
     with sessions() as session:
-        steps = repository.read_steps(session, job_id, after_step=0, limit=100_000)
-        epochs = repository.read_epochs(session, job_id)
+        steps = metric_repo.read_steps(session, job_id, after_step=0, limit=100_000)
+        epochs = metric_repo.read_epochs(session, job_id)
     return [s["step"] for s in steps], [s["loss"] for s in steps], [e["epoch"] for e in epochs]
 
 
@@ -235,7 +236,7 @@ def test_sqlite_storm_of_writers_and_pollers_never_sees_a_locked_database(
                     continue
                 polls += 1
                 errors += response.status_code != 200
-            return all(read(sessions, j).status in JobStatus.TERMINAL for j in ids)
+            return all(read(sessions, j).status in TERMINAL for j in ids)
 
         wait_for(all_done, timeout_s=TIMEOUT_S, what="the storm's jobs to end", every_s=0)
     assert {read(sessions, j).status for j in ids} == {JobStatus.SUCCEEDED}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.models import JobStatus
 from service.settings import Settings
+from service.status import JobStatus
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
 from workers.threads import ThreadTuner, candidate_threads, process_tuner, typical_step_s

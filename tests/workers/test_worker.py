@@ -11,15 +11,16 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
 from service.clock import utcnow
 from service.errors import CancelRequested
-from service.models import Job, JobStatus
 from service.schemas import JobCreate
 from service.settings import Settings
+from service.status import JobStatus
+from service.store import job_repo, metric_repo, queue_repo, worker_repo
+from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
-from workers.progress import Claim, Diverged, Limits, Reporter, Shutdown
+from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
 
@@ -42,8 +43,8 @@ def test_a_job_trains_and_records_every_step_and_epoch(
     assert job.total_steps == 2 * 13 and job.step == job.total_steps and job.epoch == 2
     assert job.device == "cpu" and job.attempt == 1 and job.finished_at is not None
     with sessions() as session:
-        steps = repository.read_steps(session, job_id, after_step=0, limit=10_000)
-        epochs = repository.read_epochs(session, job_id)
+        steps = metric_repo.read_steps(session, job_id, after_step=0, limit=10_000)
+        epochs = metric_repo.read_epochs(session, job_id)
     assert [s["step"] for s in steps] == list(range(1, 27))
     assert [s["epoch"] for s in steps] == [1] * 13 + [2] * 13
     assert steps[0]["examples_seen"] == 50 and steps[12]["examples_seen"] == SMALL_TRAIN
@@ -73,7 +74,7 @@ def test_same_seed_gives_the_same_recorded_losses(
     Worker(settings, sessions, show_progress=False).run(max_jobs=2)
     with sessions() as session:
         a, b = (
-            [s["loss"] for s in repository.read_steps(session, i, after_step=0, limit=100)]
+            [s["loss"] for s in metric_repo.read_steps(session, i, after_step=0, limit=100)]
             for i in ids
         )
     assert len(a) == 10 and a == b
@@ -90,7 +91,7 @@ def test_a_running_job_stops_when_cancelled(
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        repository.request_cancel(session, job, now=utcnow())
+        job_repo.request_cancel(session, job, now=utcnow())
     thread.join(timeout=30)
     assert not thread.is_alive()
     job = read(sessions, job_id)
@@ -123,7 +124,7 @@ def make_reporter(
 ) -> tuple[Reporter, str]:
     job_id = submit(sessions, epochs=1, batch_size=64)
     with sessions.begin() as session:
-        job = repository.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
+        job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
         assert job is not None
     reporter = Reporter(
         claim=Claim(job_id, 1, "w"),
@@ -170,7 +171,7 @@ def test_the_reporter_raises_on_cancel_and_on_shutdown(
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        repository.request_cancel(session, job, now=utcnow())
+        job_repo.request_cancel(session, job, now=utcnow())
     with pytest.raises(CancelRequested):
         reporter.flush()
 
@@ -193,7 +194,7 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
     dead_pid = int(subprocess.check_output(["sh", "-c", "echo $$"]).strip())  # exited already
     now = utcnow()
     with sessions.begin() as session:
-        repository.register_worker(
+        worker_repo.register_worker(
             session,
             worker_id="ghost",
             host=socket.gethostname(),
@@ -202,7 +203,7 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
             now=now,
         )
     with sessions.begin() as session:
-        job = repository.claim_job(session, worker_id="ghost", lease_s=3600, device="cpu", now=now)
+        job = queue_repo.claim_job(session, worker_id="ghost", lease_s=3600, device="cpu", now=now)
         assert job is not None and job.id == job_id
 
     worker = Worker(settings, sessions, show_progress=False)
@@ -210,4 +211,4 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
     retried = worker.claim()
     assert retried is not None and (retried.id, retried.attempt) == (job_id, 2)
     with sessions() as session:
-        assert repository.live_workers(session, now=utcnow(), lease_s=30)[0].id == worker.worker_id
+        assert worker_repo.live_workers(session, now=utcnow(), lease_s=30)[0].id == worker.worker_id

@@ -1,0 +1,256 @@
+"""The FastAPI application: ``create_app()`` wires settings, database, routes and errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import fastapi.routing
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from sqlalchemy.pool import StaticPool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api import openapi
+from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
+from service.api.deps import forbid_unknown_query
+from service.api.lanes.polls import MetricsPollLane
+from service.api.lanes.predict import PREDICT_PATH, PredictLane
+from service.api.limits import BodyLimitMiddleware
+from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
+from service.api.security import ApiKeyMiddleware, keys_from
+from service.errors import ServiceError
+from service.serving.batching import ForwardBatcher
+from service.serving.predictor import ModelCache, Predictor
+from service.serving.registry import ResolutionCache
+from service.settings import Settings, get_settings
+from service.store.engines import make_engine, make_sessionmaker, read_engine
+
+log = logging.getLogger("service")
+ERROR_LOGGED_SCOPE_KEY = "mnist.error_logged"
+
+
+def _error(status: int, code: str, message: str, details: Any = None, **extra: str) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, **extra}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in exc.errors()
+    ]
+    message = "; ".join(f"{_field(d['loc'])}: {d['msg']}" for d in details)
+    return _error(422, "validation_error", message or "invalid request", details)
+
+
+def all_routes(app: FastAPI) -> list[BaseRoute]:
+    """Every route of the app, flat: newer FastAPI nests included routers in ``app.routes``."""
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    if iterate is None:
+        return list(app.routes)
+    return [context.route for context in iterate(app.routes)]
+
+
+def _route(app: FastAPI, method: str, path: str) -> Route:
+    """The route that answers ``method path`` (a template, as declared)."""
+    for route in all_routes(app):
+        if isinstance(route, Route) and route.path == path and method in (route.methods or ()):
+            return route
+    raise LookupError(f"no route answers {method} {path}")
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette's 405 names the methods of the first route on the path only (POST for /jobs,
+    # which GET serves too); Allow must list every method the path answers.
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in all_routes(request.app):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    response = _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The client learns only the request id; the log has the traceback under that id. An
+    # error in the service's own layers reaches this handler outside the request-id layer, so
+    # it sets X-Request-ID itself.
+    rid = request_id(request.scope) or secrets.token_hex(16)
+    # Two layers call this handler for an error in a route (FastAPI's own, which answers, and
+    # the one in front of the service's layers, which sees the error go by): log it once.
+    if not request.scope.get(ERROR_LOGGED_SCOPE_KEY):
+        request.scope[ERROR_LOGGED_SCOPE_KEY] = True
+        log.error(
+            "unhandled error on %s %s [request %s]",
+            request.method,
+            request.url.path,
+            rid,
+            exc_info=exc,
+        )
+    response = _error(
+        500,
+        "internal_error",
+        f"internal server error; quote request id {rid} when you report it",
+        request_id=rid,
+    )
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
+
+
+class ServiceApp(FastAPI):
+    """FastAPI behind the service's own ASGI layers (``edge``), which every request meets first.
+
+    The layers (metrics, request ids, the API key, the fast lanes) sit in front of FastAPI
+    rather than among its middlewares: a request a fast lane answers then skips FastAPI's
+    and Starlette's own layers (OpenTelemetry's per-request provider lookups, error and body
+    guards), about a quarter of its CPU. An unexpected error in these layers still gets the
+    service's 500 envelope; FastAPI's native OpenTelemetry sees the requests that reach it.
+    """
+
+    edge: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan to FastAPI; every request through ``edge``, which hands on to FastAPI."""
+        if self.edge is None or scope["type"] == "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await self.edge(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; the engine and the model cache live for the app's lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One small MLP per request: extra intra-op threads only contend with the server's.
+        torch.set_num_threads(1)
+        engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.read_engine = read_engine(engine)
+        # SQLite: the polls' fast lane reads on the event loop through one connection of its
+        # own (opened at its first poll); from the shared pool it could wait for a connection
+        # that only the loop itself would give back.
+        loop_engine = (
+            make_engine(settings.database_url, poolclass=StaticPool)
+            if engine.dialect.name == "sqlite"
+            else None
+        )
+        app.state.loop_engine = None if loop_engine is None else read_engine(loop_engine)
+        app.state.read_sessions = make_sessionmaker(engine, read_only=True)
+        app.state.write_sessions = make_sessionmaker(engine)
+        app.state.predictor = Predictor(
+            app.state.read_sessions,
+            ModelCache(settings.checkpoint_dir, settings.model_cache_size),
+            ResolutionCache(settings.model_resolve_ttl_s),
+            ForwardBatcher(),
+        )
+        try:
+            yield
+        finally:
+            if loop_engine is not None:
+                loop_engine.dispose()
+            engine.dispose()
+
+    app = ServiceApp(
+        title="MNIST training service",
+        version="0.1.0",
+        description=(
+            "Start training jobs, watch every step's loss and every epoch's accuracy, and "
+            "predict digits with the trained SimpleMLP."
+        ),
+        lifespan=lifespan,
+        dependencies=[Depends(forbid_unknown_query)],
+    )
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(workers.router)
+    app.include_router(events.router)
+    app.include_router(ops.router)
+    app.include_router(dashboard.router)
+    keys = keys_from(settings)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        max_form_parts=settings.max_form_parts,
+        max_form_field_bytes=settings.max_form_field_bytes,
+    )
+    app.state.metrics = ServiceMetrics()
+    # Built innermost first: a request meets the metrics, the request id, then the key check
+    # (so an unauthenticated client is turned away before its body is read), then the fast
+    # lanes of metrics polls and predict, then FastAPI with the body limits in front of the
+    # routes (they see whatever the lanes pass on).
+    edge: ASGIApp = PredictLane(
+        functools.partial(FastAPI.__call__, app),
+        route=_route(app, "POST", PREDICT_PATH),
+        settings=settings,
+    )
+    edge = MetricsPollLane(
+        edge,
+        route=_route(app, "GET", "/jobs/{job_id}/metrics"),
+        default_limit=jobs.DEFAULT_STEPS_PAGE,
+        max_limit=jobs.MAX_STEPS_PAGE,
+    )
+    if keys is not None:
+        edge = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)
+    edge = RequestIdMiddleware(edge)
+    edge = RequestMetricsMiddleware(edge, metrics=app.state.metrics)
+    app.edge = ServerErrorMiddleware(edge, handler=_unexpected_error)
+
+    def complete_openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            app.openapi_schema = openapi.complete(
+                schema,
+                auth=keys is not None,
+                docs_public=settings.docs_public,
+                max_form_parts=settings.max_form_parts,
+            )
+        return app.openapi_schema
+
+    app.openapi = complete_openapi  # type: ignore[method-assign]
+    return app

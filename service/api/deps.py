@@ -1,0 +1,131 @@
+"""FastAPI dependencies: settings, database sessions, and lookup-or-404."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import JOB_ID_PATTERN
+from service.errors import InvalidInput, NotFound
+from service.serving.predictor import Predictor
+from service.settings import Settings
+from service.store import job_repo
+from service.store.tables import Job
+
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
+# the thread pool, and each such hand-off cost more than a whole prediction (py-spy under load,
+# docs/benchmarks.md). A Session does no I/O until it is used; closing it returns its
+# connection to the pool (a rollback: microseconds on SQLite, one round trip on PostgreSQL).
+
+
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A read session (DEFERRED on SQLite: a snapshot that never waits for writers)."""
+    with request.app.state.read_sessions() as session:
+        yield session
+
+
+async def get_write_session(request: Request) -> AsyncIterator[Session]:
+    """A write session (IMMEDIATE on SQLite: takes the write lock up front)."""
+    with request.app.state.write_sessions() as session:
+        yield session
+
+
+def get_read_sessions(request: Request) -> sessionmaker[Session]:
+    """The read-session factory, for routes that open short sessions themselves (streams)."""
+    sessions: sessionmaker[Session] = request.app.state.read_sessions
+    return sessions
+
+
+async def get_predictor(request: Request) -> Predictor:
+    """The process's predictor (model resolutions, loaded models, batched forward passes)."""
+    predictor: Predictor = request.app.state.predictor
+    return predictor
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+JobIdPath = Annotated[
+    str, Path(pattern=JOB_ID_PATTERN, description="A job id: 32 lowercase hex digits.")
+]
+
+
+def _job_or_404(session: Session, job_id: str) -> Job:
+    job = job_repo.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    return job
+
+
+def job_or_404(job_id: JobIdPath, session: SessionDep) -> Job:
+    """The job named in the path, read in the request's read session, or 404."""
+    return _job_or_404(session, job_id)
+
+
+def job_for_update_or_404(job_id: JobIdPath, session: WriteSessionDep) -> Job:
+    """The job named in the path, read in the request's write session, or 404."""
+    return _job_or_404(session, job_id)
+
+
+JobDep = Annotated[Job, Depends(job_or_404)]
+JobForUpdateDep = Annotated[Job, Depends(job_for_update_or_404)]
+
+
+QUERY_NAMES_ATTR = "_mnist_query_names"
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _declared_query_names(route: APIRoute) -> frozenset[str]:
+    # Kept on the route itself: a table keyed by id(route) would outlive the routes of apps
+    # that are gone, and hand a new route at the same address the old one's names.
+    names: frozenset[str] | None = getattr(route, QUERY_NAMES_ATTR, None)
+    if names is None:
+        names = frozenset(_query_names(route.dependant))
+        setattr(route, QUERY_NAMES_ATTR, names)
+    return names
+
+
+async def forbid_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not declare, or one given twice.
+
+    A misspelt parameter (``?limt=5``) would otherwise be ignored without a word, and of a
+    repeated one (``?limit=5&limit=500``) only the last would count. Every query parameter
+    of this API is a single value.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    query = request.query_params
+    unknown = sorted(set(query) - _declared_query_names(route))
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameter {unknown[0]!r}",
+            details=[
+                {"loc": ["query", name], "msg": "not a parameter of this route"} for name in unknown
+            ],
+        )
+    repeated = sorted(name for name in set(query) if len(query.getlist(name)) > 1)
+    if repeated:
+        raise InvalidInput(
+            f"query parameter {repeated[0]!r} is given more than once",
+            details=[{"loc": ["query", name], "msg": "given more than once"} for name in repeated],
+        )

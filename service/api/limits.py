@@ -1,0 +1,178 @@
+"""How much a client may send: the body cap and the multipart limits, enforced as bytes arrive.
+
+``BodyLimitMiddleware`` counts the body as it streams in, whatever ``Content-Length`` says
+(and for chunked uploads, which have none): a declared length over the cap is refused before
+a byte of the body is read, and a body that grows past it is cut off at the first chunk too
+many. Either way the client gets 413 in the service's envelope and the connection is closed,
+so memory stays flat however much a client sends.
+
+Multipart bodies are also read by a :class:`MultipartGuard` as they pass: at most
+``max_form_parts`` parts, text fields of at most ``max_form_field_bytes``, and python-multipart's
+own bounds on part headers (at most 8 per part, about 4 KiB each). A form over these gets 400,
+as Starlette answers for its own form limits: the form is malformed for this API, not merely
+large (413 stays the answer to the byte caps). The limits hold for every
+route, whatever its parameters; Starlette's per-call ``request.form()`` limits would need each
+route to parse its own form.
+"""
+
+from __future__ import annotations
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.asgi import header, send_error
+from service.errors import BadRequest, PayloadTooLarge, ServiceError
+
+
+class _Refused(Exception):
+    """Raised from ``receive`` to stop the app reading a body the middleware has refused."""
+
+
+class MultipartGuard:
+    """Counts the parts of one multipart body and the bytes of its text fields as they stream."""
+
+    def __init__(self, boundary: bytes, *, max_parts: int, max_field_bytes: int) -> None:
+        self.max_parts = max_parts
+        self.max_field_bytes = max_field_bytes
+        self.parts = 0
+        self._field_bytes = 0
+        self._is_file = False
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value_data,
+                "on_header_end": self._header_end,
+                "on_part_data": self._part_data,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        """Parse the next chunk; raises a :class:`ServiceError` as soon as a limit is passed."""
+        if not chunk:
+            return
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise BadRequest(f"the multipart body cannot be read: {exc}") from exc
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise BadRequest(f"the form has more than {self.max_parts} parts")
+        self._is_file = False
+        self._field_bytes = 0
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if bytes(self._header_name).strip().lower() == b"content-disposition":
+            _, params = parse_options_header(bytes(self._header_value))
+            self._is_file = b"filename" in params or b"filename*" in params
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            return  # files are bounded by the body cap and by the route (MNIST_MAX_UPLOAD_BYTES)
+        self._field_bytes += end - start
+        if self._field_bytes > self.max_field_bytes:
+            raise BadRequest(f"a form field is longer than {self.max_field_bytes} bytes")
+
+
+def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> MultipartGuard | None:
+    """A guard for a ``multipart/form-data`` request with a boundary, else None."""
+    content_type = header(scope, b"content-type")
+    if content_type is None:
+        return None
+    kind, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        return None  # the app answers a multipart body without a boundary with its own 400
+    try:
+        return MultipartGuard(boundary, max_parts=max_parts, max_field_bytes=max_field_bytes)
+    except (FormParserError, ValueError) as exc:  # e.g. a boundary over 256 bytes
+        raise BadRequest(f"the multipart boundary is not usable: {exc}") from exc
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_body_bytes``, 400 for forms over the multipart limits."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, max_form_parts: int, max_form_field_bytes: int
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_form_parts = max_form_parts
+        self.max_form_field_bytes = max_form_field_bytes
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on with a ``receive`` that counts, and answer 413 when it refuses."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await send_error(send, self._too_large(), close=True)  # not a byte of it read
+            return
+        try:
+            guard = multipart_guard(
+                scope, max_parts=self.max_form_parts, max_field_bytes=self.max_form_field_bytes
+            )
+        except ServiceError as exc:
+            await send_error(send, exc, close=True)
+            return
+
+        received = 0
+        refusal: ServiceError | None = None
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refusal
+            if refusal is not None:
+                raise _Refused
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_body_bytes:
+                refusal = self._too_large()
+            elif guard is not None:
+                try:
+                    guard.feed(chunk)
+                except ServiceError as exc:
+                    refusal = exc
+            if refusal is not None:
+                raise _Refused
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if refusal is not None:
+                return  # whatever the app makes of the aborted read, the answer is ours
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            # The app may wrap _Refused in its own errors (FastAPI turns a failed body read into
+            # a 400); when we refused, any of them is the consequence, not a fault.
+            if refusal is None:
+                raise
+        if refusal is not None and not response_started:
+            await send_error(send, refusal, close=True)

@@ -1,0 +1,100 @@
+"""Jobs: submit, list, read, cancel, and their metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response, status
+
+from service.api.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
+from service.clock import CURSOR_PATTERN
+from service.domain import jobs
+from service.errors import NotFound
+from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
+from service.status import JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorEnvelope, "description": "No job with this id."}
+}
+MAX_PAGE = 100
+# A 60,000-image job of 10 epochs fits one page (~8 MB of JSON): a chart reads it in one request.
+MAX_STEPS_PAGE = 100_000
+DEFAULT_STEPS_PAGE = 1000
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses={
+        422: {"model": ErrorEnvelope, "description": "A field is invalid."},
+        429: {
+            "model": ErrorEnvelope,
+            "description": "MNIST_MAX_QUEUED_JOBS jobs are already waiting.",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait.",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                }
+            },
+        },
+    },
+)
+def submit_job(
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    response: Response,
+    params: Annotated[JobCreate, Body()] = JobCreate(),  # noqa: B008 - an empty body means defaults
+) -> JobRead:
+    """Queue a training job; a worker picks it up. Poll ``Location`` or its metrics."""
+    job = jobs.submit(
+        session, params, max_attempts=settings.max_attempts, max_queued=settings.max_queued_jobs
+    )
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
+    ] = None,
+) -> JobList:
+    """Jobs, newest first; pass ``next`` back as ``cursor`` for the following page."""
+    return jobs.list_page(session, status=status_, limit=limit, cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead, responses=NOT_FOUND)
+def get_job(job: JobDep) -> JobRead:
+    """One job."""
+    return jobs.to_read(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    responses={**NOT_FOUND, 409: {"model": ErrorEnvelope, "description": "Already ended."}},
+)
+def cancel_job(job: JobForUpdateDep, session: WriteSessionDep) -> JobRead:
+    """Cancel: a queued job at once; a running one within about a second."""
+    return jobs.cancel(session, job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsRead, responses=NOT_FOUND)
+def get_metrics(
+    job: JobDep,
+    session: SessionDep,
+    after_step: Annotated[int, Query(ge=0, description="Only steps numbered above this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = DEFAULT_STEPS_PAGE,
+) -> Response:
+    """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
+    body = jobs.metrics_json(session, job.id, after_step=after_step, limit=limit)
+    if body is None:  # deleted since JobDep read it
+        raise NotFound(f"no job with id {job.id}")
+    return Response(body, media_type="application/json")

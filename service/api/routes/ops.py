@@ -1,0 +1,40 @@
+"""Operations: readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.api.deps import SessionDep, SettingsDep
+from service.api.metrics import CONTENT_TYPE, ServiceMetrics
+from service.clock import utcnow
+from service.domain import ops
+from service.schemas import ErrorEnvelope, Readiness
+
+router = APIRouter(tags=["health"])
+log = logging.getLogger("service.domain.ops")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": ErrorEnvelope, "description": "A check failed (see details)."}},
+)
+def readyz(session: SessionDep, settings: SettingsDep) -> Readiness:
+    """Ready to serve: database reachable, schema at head, a live worker if required."""
+    return ops.readiness(session, settings, now=utcnow())
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+def metrics(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s."""
+    service_metrics: ServiceMetrics = request.app.state.metrics
+    try:
+        figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
+    except SQLAlchemyError as exc:
+        log.warning("metrics: database unreadable: %s", exc)
+        figures = None
+    service_metrics.observe_store(figures)
+    return Response(service_metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,189 @@
+"""A job's live event stream: ``status``, ``step`` (batched) and ``epoch`` events from the database.
+
+The stream is a loop of short polls, each in its own read session (a long-lived one would pin
+one snapshot and never see news). Every event carries an id ``attempt:step:epoch``: the last
+step and epoch the client has been sent. A client that reconnects with it as
+``Last-Event-ID`` is sent only what comes after; a new attempt (a retried job starts over)
+resets the position, and the ``status`` event that announces it comes before its steps.
+The last event is a ``status`` with ``"final": true``, after every step and epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import sse
+from service.domain.jobs import to_read
+from service.errors import InvalidInput, NotFound
+from service.status import TERMINAL
+from service.steps import StepPlan
+from service.store import job_repo, metric_repo
+
+STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
+KEEPALIVE_S = 15.0  # a comment after this long without events keeps proxies from hanging up
+RETRY_MS = 1000  # how long a browser waits before reconnecting
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What a client has been sent: an attempt, and its steps and epochs up to these numbers."""
+
+    attempt: int = 0
+    step: int = 0
+    epoch: int = 0
+
+    def encode(self) -> str:
+        """The event id: ``attempt:step:epoch``."""
+        return f"{self.attempt}:{self.step}:{self.epoch}"
+
+    @classmethod
+    def parse(cls, raw: str | None) -> Cursor:
+        """A cursor from a ``Last-Event-ID``; None or empty means from the start."""
+        if not raw:
+            return cls()
+        parts = raw.strip().split(":")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 3 or min(numbers) < 0:
+            raise InvalidInput(
+                f"Last-Event-ID {raw!r} is not an id this stream sent "
+                "(attempt:step:epoch, three numbers ≥ 0)",
+                details=[{"loc": ["header", "last-event-id"], "msg": "invalid event id"}],
+            )
+        return cls(*numbers)
+
+
+@dataclass
+class Poll:
+    """What one poll found: encoded events to send, and whether the stream is over."""
+
+    chunks: list[str] = field(default_factory=list)
+    done: bool = False
+    more: bool = False  # the step limit was hit: poll again at once
+
+
+@dataclass
+class StreamState:
+    """A stream's position between polls."""
+
+    cursor: Cursor
+    job_id: str
+    status: str | None = None  # the last status sent (None: nothing sent yet)
+
+    def emit(self, poll: Poll, event: str, data: Any) -> None:
+        """Append an event whose id is the current cursor."""
+        poll.chunks.append(sse.encode(event, data, event_id=self.cursor.encode()))
+
+
+def find_job(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Raise :class:`NotFound` unless the job exists (checked before a stream starts)."""
+    with sessions() as session:
+        if job_repo.get_job(session, job_id) is None:
+            raise NotFound(f"no job with id {job_id}")
+
+
+def poll(session: Session, state: StreamState) -> Poll:
+    """Read what is new for the stream and advance its state.
+
+    Reads in this order: the job, then its epochs, then its steps. An epoch row is written
+    in the same transaction as its last steps, so every epoch read here has its steps visible
+    to the read that follows; and once the job's status is terminal, the steps read after it
+    are all there will ever be.
+    """
+    out = Poll()
+    job = job_repo.get_job(session, state.job_id)
+    if job is None:  # deleted under the stream
+        out.done = True
+        return out
+    status_data = to_read(job).model_dump(mode="json")
+    status_data["steps_per_epoch"] = StepPlan.of(job).steps_per_epoch
+    new_attempt = job.attempt != state.cursor.attempt
+    if new_attempt:
+        state.cursor = Cursor(attempt=job.attempt)
+    if new_attempt or state.status is None:
+        state.status = job.status
+        state.emit(out, "status", {**status_data, "final": False})
+
+    epochs = metric_repo.read_epochs(session, job.id, after_epoch=state.cursor.epoch)
+    steps = metric_repo.read_steps(
+        session, job.id, after_step=state.cursor.step, limit=STEPS_PER_POLL
+    )
+    out.more = len(steps) == STEPS_PER_POLL
+    per_epoch = StepPlan.of(job).steps_per_epoch
+    finished = job.status in TERMINAL and not out.more
+
+    def send_due_epochs(sent_step: int, *, all_left: bool = False) -> None:
+        # An epoch's accuracy goes out after its last step, so clients see them in order.
+        while epochs and (all_left or sent_step >= epochs[0]["epoch"] * per_epoch):
+            row = epochs.pop(0)
+            state.cursor = replace(state.cursor, epoch=row["epoch"])
+            state.emit(out, "epoch", row)
+
+    batch: list[dict[str, Any]] = []
+    for row in steps:
+        batch.append(row)
+        if epochs and row["step"] >= epochs[0]["epoch"] * per_epoch:
+            state.cursor = replace(state.cursor, step=row["step"])
+            state.emit(out, "step", {"steps": batch})
+            batch = []
+            send_due_epochs(row["step"])
+    if batch:
+        state.cursor = replace(state.cursor, step=batch[-1]["step"])
+        state.emit(out, "step", {"steps": batch})
+    # Once the job has ended and every step is out, whatever epochs are left go too.
+    send_due_epochs(state.cursor.step, all_left=finished)
+
+    # A terminal status goes out once, last, flagged final: clients close on it (a browser's
+    # EventSource would otherwise reconnect to a stream that has ended).
+    changed = job.status != state.status and job.status not in TERMINAL
+    if changed or finished:
+        state.status = job.status
+        state.emit(out, "status", {**status_data, "final": finished})
+    out.done = finished
+    return out
+
+
+def _poll_once(sessions: sessionmaker[Session], state: StreamState) -> Poll:
+    with sessions() as session:
+        return poll(session, state)
+
+
+async def stream(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    cursor: Cursor,
+    *,
+    poll_s: float,
+    keepalive_s: float = KEEPALIVE_S,
+) -> AsyncIterator[str]:
+    """The encoded stream of one job, until the job has ended and everything has been sent.
+
+    Each poll's database reads run in a worker thread, so an open stream never blocks the
+    event loop; between polls it sleeps ``poll_s``.
+    """
+    state = StreamState(cursor=cursor, job_id=job_id)
+    yield sse.retry(RETRY_MS)
+    last_sent = time.monotonic()
+    while True:
+        result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+        for chunk in result.chunks:
+            yield chunk
+        if result.done:
+            return
+        now = time.monotonic()
+        if result.chunks:
+            last_sent = now
+        elif now - last_sent >= keepalive_s:
+            last_sent = now
+            yield sse.comment("keep-alive")
+        if not result.more:
+            await anyio.sleep(poll_s)

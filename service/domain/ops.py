@@ -1,0 +1,131 @@
+"""Operations: readiness checks and the figures behind the Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from service.errors import NotReady
+from service.schemas import Readiness, ReadinessCheck
+from service.settings import Settings
+from service.status import JobStatus
+from service.store import engines, job_repo, migrations, worker_repo
+
+log = logging.getLogger("service.domain.ops")
+
+
+def _revisions(revisions: frozenset[str]) -> str:
+    return ", ".join(sorted(revisions)) or "no revision"
+
+
+def _check_migrations(session: Session) -> ReadinessCheck:
+    try:
+        heads = migrations.head_revisions()
+    except FileNotFoundError as exc:
+        return ReadinessCheck(name="migrations", ok=False, detail=str(exc))
+    current = migrations.current_revisions(session.connection())
+    if current == heads:
+        return ReadinessCheck(name="migrations", ok=True, detail=f"at head {_revisions(heads)}")
+    return ReadinessCheck(
+        name="migrations",
+        ok=False,
+        detail=f"database at {_revisions(current)}, code expects {_revisions(heads)}: "
+        "run `mnist-service migrate`",
+    )
+
+
+def readiness(session: Session, settings: Settings, *, now: datetime) -> Readiness:
+    """Database reachable, schema at the migrations' head, a live worker if one is required.
+
+    Raises :class:`NotReady` (503) naming what failed, with every check as details.
+    """
+    checks: list[ReadinessCheck] = []
+    try:
+        engines.ping(session)
+        checks.append(ReadinessCheck(name="database", ok=True, detail="reachable"))
+        checks.append(_check_migrations(session))
+        live = len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s))
+        required = settings.ready_requires_worker
+        checks.append(
+            ReadinessCheck(
+                name="workers",
+                ok=live > 0 or not required,
+                detail=f"{live} live (heartbeat within {settings.lease_s:g} s); "
+                + ("at least one required" if required else "none required"),
+            )
+        )
+    except SQLAlchemyError as exc:
+        log.warning("readiness: database error: %s", exc)
+        checks.append(
+            ReadinessCheck(name="database", ok=False, detail=f"unreachable: {type(exc).__name__}")
+        )
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise NotReady(
+            "not ready: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
+            details=[c.model_dump() for c in checks],
+        )
+    return Readiness(status="ready", checks=checks)
+
+
+@dataclass(frozen=True)
+class StoreFigures:
+    """What the database says at one scrape."""
+
+    jobs_by_status: dict[JobStatus, int]
+    queue_depth: int
+    live_workers: int
+    images_per_second: float
+
+
+class Throughput:
+    """Training images per second across running jobs, from their recorded steps.
+
+    Each running attempt's newest step (its examples seen) and the time the worker wrote it
+    form a sample; the rate is the difference to the previous scrape's sample, so it covers
+    the interval between scrapes. An attempt seen for the first time is rated from its start.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (job id, attempt) → (examples seen, written at, images/s)
+        self._last: dict[tuple[str, int], tuple[int, datetime, float]] = {}
+
+    def update(self, samples: list[job_repo.RunningSample]) -> float:
+        """Take this scrape's samples; the summed rate of the running attempts."""
+        with self._lock:
+            current: dict[tuple[str, int], tuple[int, datetime, float]] = {}
+            for s in samples:
+                if s.heartbeat_at is None:
+                    continue
+                key = (s.job_id, s.attempt)
+                previous = self._last.get(key)
+                if previous is not None and s.heartbeat_at <= previous[1]:
+                    current[key] = previous  # nothing written since: the last rate stands
+                    continue
+                base_examples, base_time = (
+                    (previous[0], previous[1]) if previous else (0, s.started_at or s.heartbeat_at)
+                )
+                seconds = (s.heartbeat_at - base_time).total_seconds()
+                rate = (s.examples_seen - base_examples) / seconds if seconds > 0 else 0.0
+                current[key] = (s.examples_seen, s.heartbeat_at, max(rate, 0.0))
+            self._last = current
+            return sum(rate for _, _, rate in current.values())
+
+
+def store_figures(
+    session: Session, settings: Settings, throughput: Throughput, *, now: datetime
+) -> StoreFigures:
+    """Jobs by status, queue depth, live workers and training throughput."""
+    by_status = job_repo.count_jobs_by_status(session)
+    return StoreFigures(
+        jobs_by_status=by_status,
+        queue_depth=by_status[JobStatus.QUEUED],
+        live_workers=len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s)),
+        images_per_second=throughput.update(job_repo.running_samples(session)),
+    )

@@ -1,0 +1,195 @@
+"""Predict: images → MNIST-layout tensors → a cached model's probabilities."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+import orjson
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import Conflict, ServiceError
+from service.ml import (
+    IMAGE_SIDE_PX,
+    SimpleMLP,
+    load_model,
+    normalization_table,
+    normalize_uint8,
+)
+from service.serving import imaging
+from service.serving import registry as model_registry
+from service.serving.batching import ForwardBatcher
+from service.serving.single_flight import SingleFlight
+
+# Re-exported: what the predict route tells clients it accepts.
+ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
+DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def image_to_tensor(
+    data: bytes, *, max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Image bytes → a 1×1×28×28 float32 tensor in MNIST's layout and normalisation.
+
+    See :mod:`service.serving.imaging`. A 28×28 grayscale MNIST digit gives exactly the tutorial's
+    ``ToTensor()`` + ``Normalize`` tensor.
+    """
+    return images_to_tensor([data], max_pixels=max_pixels)
+
+
+def images_to_tensor(
+    images: Sequence[bytes], *, max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Several images → one N×1×28×28 batch; an error names the image (``files[i]``)."""
+    fields = np.empty((len(images), IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
+    for i, data in enumerate(images):
+        try:
+            fields[i] = imaging.mnist_layout(imaging.decode(data, max_pixels=max_pixels))
+        except ServiceError as exc:
+            if len(images) == 1:
+                raise
+            raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
+    return torch.from_numpy(normalization_table()[fields]).unsqueeze(1)
+
+
+def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
+    """A validated 28×28 list of 0–255 values → a 1×1×28×28 tensor (inverted when light).
+
+    Integer values give exactly the tutorial's tensor for the same uint8 image.
+    """
+    array = imaging.pixels_layout(np.asarray(pixels, dtype=np.float32))
+    return normalize_uint8(torch.from_numpy(array).unsqueeze(0))
+
+
+class ModelCache:
+    """Loaded models by checkpoint file, least recently used evicted.
+
+    Each file is loaded once even when many requests ask for it at the same moment: the
+    first one loads it while the others wait on that load alone; loads of different files
+    run in parallel, and cached models are served while any load runs. A load that fails is
+    not remembered: the next request tries again.
+    """
+
+    def __init__(self, checkpoint_dir: Path, capacity: int) -> None:
+        self._dir = checkpoint_dir
+        self._capacity = capacity
+        self._models: OrderedDict[str, SimpleMLP] = OrderedDict()
+        self._loads: SingleFlight[str, SimpleMLP] = SingleFlight()
+        self._lock = threading.Lock()  # guards the dict; never held while loading
+        self.loads = 0  # how many times a checkpoint was read from disk
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    def waiting(self, checkpoint: str) -> int:
+        """How many callers wait for the load of ``checkpoint`` under way."""
+        return self._loads.waiting(checkpoint)
+
+    def peek(self, checkpoint: str) -> SimpleMLP | None:
+        """The model of ``checkpoint`` if it is loaded (marked as just used), else None."""
+        with self._lock:
+            model = self._models.get(checkpoint)
+            if model is not None:
+                self._models.move_to_end(checkpoint)
+            return model
+
+    def get(self, checkpoint: str) -> SimpleMLP:
+        """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
+        model = self.peek(checkpoint)
+        if model is not None:
+            return model
+        return self._loads.run(checkpoint, lambda: self._load_and_keep(checkpoint))
+
+    def _load_and_keep(self, checkpoint: str) -> SimpleMLP:
+        model = self.peek(checkpoint)  # loaded by the call that finished just before this one
+        if model is not None:
+            return model
+        model = self._load(checkpoint)
+        with self._lock:
+            self._models[checkpoint] = model
+            while len(self._models) > self._capacity:
+                self._models.popitem(last=False)
+        return model
+
+    def _load(self, checkpoint: str) -> SimpleMLP:
+        # Workers write checkpoints to a temporary name and rename them into place, and record
+        # the name only after that: a file found under its recorded name is whole. A file that
+        # still does not load (damaged on disk) is refused, never half-used.
+        path = self._dir / Path(checkpoint).name
+        if not path.is_file():
+            raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
+        try:
+            model = load_model(path)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise Conflict(f"the checkpoint {path.name} cannot be loaded: {exc}") from exc
+        with self._lock:
+            self.loads += 1
+        return model
+
+
+class Predictor:
+    """Answers predictions: which model (resolutions cached), the model itself (loaded once),
+    and the forward pass (batched with the other requests of the same event-loop turn).
+
+    Only a cache miss leaves the event loop: resolving a choice reads the database and loading
+    a model reads a file, both in the thread pool; a hit costs microseconds.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        models: ModelCache,
+        resolutions: model_registry.ResolutionCache,
+        batcher: ForwardBatcher,
+    ) -> None:
+        self.sessions = sessions
+        self.models = models
+        self.resolutions = resolutions
+        self.batcher = batcher
+
+    async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:
+        """The job and weights file that answer ``choice`` (404/409 as :func:`resolve`)."""
+        resolved = self.resolutions.get(choice)
+        if resolved is None:
+            resolved = await anyio.to_thread.run_sync(self._resolve_in_session, choice)
+        return resolved
+
+    def _resolve_in_session(
+        self, choice: model_registry.ModelChoice
+    ) -> model_registry.ResolvedModel:
+        with self.sessions() as session:
+            return self.resolutions.resolve(session, choice)
+
+    async def predict(
+        self, images: torch.Tensor, choice: model_registry.ModelChoice, *, top_k: int | None
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The answering job's id, and one prediction (as :class:`Prediction` serialises) per
+        image of the batch ``images`` (N×1×28×28)."""
+        resolved = await self.resolve(choice)
+        model = self.models.peek(resolved.checkpoint)
+        if model is None:
+            model = await anyio.to_thread.run_sync(self.models.get, resolved.checkpoint)
+        rows = await self.batcher.probabilities(resolved.checkpoint, model, images)
+        return resolved.job_id, [prediction_body(row, resolved.job_id, top_k) for row in rows]
+
+
+def prediction_body(row: list[float], job_id: str, top_k: int | None) -> dict[str, Any]:
+    """One image's answer, as the :class:`Prediction` schema serialises it (no ``top_k`` key
+    unless asked for)."""
+    ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)
+    body: dict[str, Any] = {"digit": ranked[0], "probabilities": row, "job_id": job_id}
+    if top_k is not None:
+        body["top_k"] = [{"digit": d, "probability": row[d]} for d in ranked[:top_k]]
+    return body
+
+
+def json_bytes(body: object) -> bytes:
+    """A response body as JSON (orjson: several times faster than the standard library)."""
+    return orjson.dumps(body)

@@ -1,0 +1,266 @@
+"""Models: every succeeded job is a version; aliases name versions; which one answers predict."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.clock import utcnow
+from service.domain.jobs import params_of
+from service.errors import Conflict, NotFound, ServiceError
+from service.schemas import AliasList, AliasRead, ModelList, ModelRead
+from service.serving.single_flight import SingleFlight
+from service.status import JobStatus
+from service.store import job_repo, model_repo
+from service.store.tables import Job, ModelAlias
+
+DEFAULT_ALIAS = "production"
+RESOLUTION_CACHE_ENTRIES = 1024  # distinct (job_id, alias) choices remembered per process
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model answers: by job id, by alias, or (neither) the default."""
+
+    job_id: str | None = None
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a choice resolved to: its job and its weights file's name."""
+
+    job_id: str
+    checkpoint: str
+
+
+def is_model(job: Job) -> bool:
+    """A job is a model version once it has succeeded and recorded its weights file."""
+    return job.status == JobStatus.SUCCEEDED and job.checkpoint is not None
+
+
+def checkpoint_file(checkpoint_dir: Path, job: Job) -> Path:
+    """The weights file of a model (only its name is taken from the database, never a path)."""
+    assert job.checkpoint is not None
+    return checkpoint_dir / Path(job.checkpoint).name
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def to_read(job: Job, checkpoint_dir: Path, aliases: list[str]) -> ModelRead:
+    """A model as the API shows it."""
+    assert job.finished_at is not None
+    return ModelRead(
+        job_id=job.id,
+        params=params_of(job),
+        accuracy=job.accuracy,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        device=job.device,
+        checkpoint_bytes=_size(checkpoint_file(checkpoint_dir, job)),
+        aliases=aliases,
+    )
+
+
+def list_page(
+    session: Session, checkpoint_dir: Path, *, limit: int, cursor: str | None
+) -> ModelList:
+    """A page of models, most recently finished first."""
+    jobs, next_cursor = model_repo.list_models(session, limit=limit, cursor=cursor)
+    aliases = model_repo.aliases_of(session, [job.id for job in jobs])
+    return ModelList(
+        models=[to_read(job, checkpoint_dir, aliases.get(job.id, [])) for job in jobs],
+        next=next_cursor,
+    )
+
+
+def model_of(session: Session, job_id: str, *, not_a_model: type[ServiceError] = Conflict) -> Job:
+    """The succeeded job ``job_id``: 404 when there is no such job, ``not_a_model`` (409 by
+    default) when it has no trained model."""
+    job = job_repo.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    if not is_model(job):
+        raise not_a_model(f"job {job_id} has no trained model (status {job.status})")
+    return job
+
+
+def model_or_404(session: Session, job_id: str) -> Job:
+    """The succeeded job ``job_id``; 404 when there is no such job or it is not a model."""
+    return model_of(session, job_id, not_a_model=NotFound)
+
+
+def get(session: Session, checkpoint_dir: Path, job_id: str) -> ModelRead:
+    """One model."""
+    job = model_or_404(session, job_id)
+    aliases = model_repo.aliases_of(session, [job.id]).get(job.id, [])
+    return to_read(job, checkpoint_dir, aliases)
+
+
+def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> Path:
+    """The weights file of a model, for download; 409 when it is gone from the disk."""
+    path = checkpoint_file(checkpoint_dir, model_or_404(session, job_id))
+    if not path.is_file():
+        raise Conflict(f"the checkpoint of model {job_id} is missing from {checkpoint_dir.name}/")
+    return path
+
+
+def _alias_read(alias: ModelAlias) -> AliasRead:
+    return AliasRead(name=alias.name, job_id=alias.job_id, updated_at=alias.updated_at)
+
+
+def list_aliases(session: Session) -> AliasList:
+    """Every alias."""
+    return AliasList(aliases=[_alias_read(a) for a in model_repo.list_aliases(session)])
+
+
+def get_alias(session: Session, name: str) -> AliasRead:
+    """One alias, or 404."""
+    alias = model_repo.get_alias(session, name)
+    if alias is None:
+        raise NotFound(f"no model alias named {name!r}")
+    return _alias_read(alias)
+
+
+def set_alias(session: Session, name: str, job_id: str) -> AliasRead:
+    """Point ``name`` at the model of ``job_id`` (404 unknown job, 409 not a model)."""
+    model_of(session, job_id)
+    alias = model_repo.set_alias(session, name=name, job_id=job_id, now=utcnow())
+    read = _alias_read(alias)
+    session.commit()
+    return read
+
+
+def delete_alias(session: Session, name: str) -> None:
+    """Remove an alias, or 404."""
+    if not model_repo.delete_alias(session, name):
+        raise NotFound(f"no model alias named {name!r}")
+    session.commit()
+
+
+def resolve(session: Session, *, job_id: str | None = None, alias: str | None = None) -> Job:
+    """The job whose model answers a prediction.
+
+    ``job_id`` names it; ``alias`` names an alias; with neither, the ``production`` alias if
+    it is set, else the most recently finished succeeded job. 404 for an unknown job or
+    alias, 409 when the job has no model, there is no model at all, or ``job_id`` and
+    ``alias`` (both given) name different models.
+    """
+    if alias is not None:
+        named = model_repo.get_alias(session, alias)
+        if named is None:
+            raise NotFound(f"no model alias named {alias!r}")
+        if job_id is not None and job_id != named.job_id:
+            raise Conflict(f"model alias {alias!r} points at job {named.job_id}, not at {job_id}")
+        job_id = named.job_id
+    elif job_id is None:
+        default = model_repo.get_alias(session, DEFAULT_ALIAS)
+        if default is not None:
+            job_id = default.job_id
+    if job_id is None:
+        job = job_repo.latest_succeeded_job(session)
+        if job is None or job.checkpoint is None:
+            raise Conflict("no trained model yet: POST /jobs and wait for a job to succeed")
+        return job
+    return model_of(session, job_id)
+
+
+def resolve_choice(session: Session, choice: ModelChoice) -> ResolvedModel:
+    """:func:`resolve` for a :class:`ModelChoice`, reduced to what predict needs."""
+    job = resolve(session, job_id=choice.job_id, alias=choice.alias)
+    assert job.checkpoint is not None
+    return ResolvedModel(job_id=job.id, checkpoint=job.checkpoint)
+
+
+class ResolutionCache:
+    """Resolved choices remembered for ``ttl_s`` seconds (0: not at all).
+
+    Resolving costs one to three queries, a prediction well under a millisecond: under load
+    the queries would be most of predict's work. A succeeded job never changes, so what can
+    go stale is only which job an alias or the default names: an alias written through this
+    process clears the cache at once (:meth:`clear`); one written elsewhere, or a newer job
+    becoming the default, is seen within ``ttl_s``. Errors (unknown alias, no model) are
+    never remembered.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        capacity: int = RESOLUTION_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self._capacity = capacity
+        self._clock = clock
+        self._entries: OrderedDict[ModelChoice, tuple[float, ResolvedModel]] = OrderedDict()
+        self._lock = threading.Lock()  # resolutions are stored from the thread pool
+        # Bumped by clear(): a resolution read before an alias changed is not stored after it.
+        self._generation = 0
+        self.resolving: SingleFlight[ModelChoice, ResolvedModel] = SingleFlight()
+
+    def get(self, choice: ModelChoice) -> ResolvedModel | None:
+        """The remembered resolution of ``choice``, unless older than ``ttl_s``."""
+        with self._lock:
+            entry = self._entries.get(choice)
+            if entry is None:
+                return None
+            expires, resolved = entry
+            if self._clock() >= expires:
+                del self._entries[choice]
+                return None
+            return resolved
+
+    def put(self, choice: ModelChoice, resolved: ResolvedModel, *, generation: int) -> None:
+        """Remember ``resolved`` for ``ttl_s`` seconds, unless the cache was cleared since
+        ``generation`` (:attr:`generation` when the resolution was read); the oldest entries
+        are evicted past capacity."""
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._entries[choice] = (self._clock() + self.ttl_s, resolved)
+            self._entries.move_to_end(choice)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything: an alias changed."""
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    @property
+    def generation(self) -> int:
+        """How many times the cache was cleared (see :meth:`put`)."""
+        with self._lock:
+            return self._generation
+
+    def resolve(self, session: Session, choice: ModelChoice) -> ResolvedModel:
+        """The cached resolution, or :func:`resolve_choice` in ``session`` (then remembered)."""
+        resolved = self.get(choice)
+        if resolved is None:
+            # When an entry expires under load, every request in flight misses at once: one
+            # of them reads the database and the others wait for its answer.
+            resolved = self.resolving.run(choice, lambda: self._read_and_keep(session, choice))
+        return resolved
+
+    def _read_and_keep(self, session: Session, choice: ModelChoice) -> ResolvedModel:
+        resolved = self.get(choice)
+        if resolved is None:
+            generation = self.generation
+            resolved = resolve_choice(session, choice)
+            self.put(choice, resolved, generation=generation)
+        return resolved

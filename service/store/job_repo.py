@@ -1,0 +1,131 @@
+"""The jobs' own rows: create, read, list, count and cancel (the API's side of a job)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.clock import new_job_id
+from service.schemas import JobCreate
+from service.status import JobStatus
+from service.steps import StepPlan
+from service.store.cursors import decode_cursor, encode_cursor
+from service.store.tables import Job, TrainStep
+
+
+def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: datetime) -> Job:
+    """Insert a queued job."""
+    job = Job(
+        id=new_job_id(),
+        status=JobStatus.QUEUED,
+        created_at=now,
+        total_steps=StepPlan.of(params).total_steps,
+        max_attempts=max_attempts,
+        epoch=0,
+        step=0,
+        attempt=0,
+        cancel_requested=False,
+        **params.model_dump(),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    """The job with this id, or None."""
+    return session.get(Job, job_id)
+
+
+def list_jobs(
+    session: Session, *, status: JobStatus | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
+    stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if cursor is not None:
+        created, job_id = decode_cursor(cursor, "GET /jobs")
+        stmt = stmt.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    jobs = list(session.scalars(stmt))
+    if len(jobs) > limit:
+        return jobs[:limit], encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id)
+    return jobs, None
+
+
+def count_jobs(session: Session, *, status: JobStatus) -> int:
+    """How many jobs are in ``status``."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == status)) or 0
+
+
+def count_jobs_by_status(session: Session) -> dict[JobStatus, int]:
+    """How many jobs are in each state; every state is present, 0 when none."""
+    counts = dict.fromkeys(JobStatus, 0)
+    stmt = select(Job.status, func.count()).group_by(Job.status)
+    for status, count in session.execute(stmt):
+        counts[JobStatus(status)] = int(count)
+    return counts
+
+
+def latest_succeeded_job(session: Session) -> Job | None:
+    """The most recently finished succeeded job: the default model."""
+    stmt = (
+        select(Job)
+        .where(Job.status == JobStatus.SUCCEEDED)
+        .order_by(Job.finished_at.desc(), Job.id.desc())
+        .limit(1)
+    )
+    return session.scalars(stmt).first()
+
+
+def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
+    """Cancel a queued job at once, or flag a running one for its worker to stop.
+
+    Returns the job as it now is; the caller checks that it was not already finished.
+    """
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return job
+
+
+@dataclass(frozen=True)
+class RunningSample:
+    """Where a running attempt stood at its last write: images trained and when."""
+
+    job_id: str
+    attempt: int
+    examples_seen: int
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+def running_samples(session: Session) -> list[RunningSample]:
+    """Each running job's examples seen at its latest recorded step, with its write times."""
+    stmt = (
+        select(
+            Job.id,
+            Job.attempt,
+            func.coalesce(TrainStep.examples_seen, 0),
+            Job.started_at,
+            Job.heartbeat_at,
+        )
+        .outerjoin(TrainStep, and_(TrainStep.job_id == Job.id, TrainStep.step == Job.step))
+        .where(Job.status == JobStatus.RUNNING)
+    )
+    return [RunningSample(*row) for row in session.execute(stmt)]

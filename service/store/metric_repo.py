@@ -1,0 +1,82 @@
+"""The metrics series: every step's loss and every epoch's accuracy, read a page at a time.
+
+The reads take a Session (the route) or a Connection (the polls' fast lane, which skips the
+ORM altogether); the series is written by :func:`service.store.queue_repo.record_progress`,
+fenced with the job's progress.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+
+from service.store.tables import EpochMetric, Job, TrainStep
+
+_JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"))
+_STEPS_PAGE = (
+    select(TrainStep.step, TrainStep.epoch, TrainStep.loss, TrainStep.examples_seen)
+    .where(TrainStep.job_id == bindparam("job_id"), TrainStep.step > bindparam("after_step"))
+    .order_by(TrainStep.step)
+    .limit(bindparam("limit"))
+)
+_EPOCHS_AFTER = (
+    select(EpochMetric.epoch, EpochMetric.accuracy, EpochMetric.examples_seen)
+    .where(EpochMetric.job_id == bindparam("job_id"), EpochMetric.epoch > bindparam("after"))
+    .order_by(EpochMetric.epoch)
+)
+
+Reader = Session | Connection
+
+
+@functools.lru_cache(maxsize=8)  # one per statement and engine (each has its own dialect)
+def _compiled(dialect: Dialect, stmt: ClauseElement) -> SQLCompiler:
+    compiled = stmt.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    return compiled
+
+
+def _driver_rows(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> list[Any]:
+    """``stmt``'s rows, fetched with the driver's own cursor in ``db``'s transaction.
+
+    For a large page SQLAlchemy's result rows cost as much again as the driver's fetch, and
+    these plain columns need none of their processing. The statement is compiled once per
+    dialect; its parameters go by position or by name as the driver's paramstyle says,
+    defaults (SQLite's OFFSET) filled in.
+    """
+    connection = db.connection() if isinstance(db, Session) else db
+    compiled = _compiled(connection.dialect, stmt)
+    params = compiled.construct_params(values)
+    if compiled.positional:
+        params = tuple(params[name] for name in compiled.positiontup or ())  # type: ignore[assignment]
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(str(compiled), params)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def job_status(db: Reader, job_id: str) -> str | None:
+    """A job's status, or None when there is no such job."""
+    rows = _driver_rows(db, _JOB_STATUS, {"job_id": job_id})
+    return str(rows[0][0]) if rows else None
+
+
+def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[dict[str, Any]]:
+    """Steps numbered above ``after_step``, in order, at most ``limit``."""
+    rows = _driver_rows(
+        db, _STEPS_PAGE, {"job_id": job_id, "after_step": after_step, "limit": limit}
+    )
+    return [{"step": s, "epoch": e, "loss": x, "examples_seen": n} for s, e, x, n in rows]
+
+
+def read_epochs(db: Reader, job_id: str, *, after_epoch: int = 0) -> list[dict[str, Any]]:
+    """The recorded epoch accuracies of a job numbered above ``after_epoch``, in order."""
+    rows = _driver_rows(db, _EPOCHS_AFTER, {"job_id": job_id, "after": after_epoch})
+    return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]

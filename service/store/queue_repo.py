@@ -1,0 +1,287 @@
+"""The queue protocol: claim, fenced progress, lease renewal, finish, release, rewind.
+
+Writes a worker makes for a job are fenced on ``(id, attempt, worker, status='running')``:
+when the fence matches no row, the worker has lost the job and :class:`LeaseLost` is raised
+before anything else of the transaction is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from service.errors import LeaseLost
+from service.status import JobStatus
+from service.steps import StepPlan
+from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
+from service.store.worker_repo import worker_idle
+
+
+def _lease_expired(now: datetime) -> Any:
+    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+
+
+def _fence(job_id: str, attempt: int, worker_id: str) -> Any:
+    return and_(
+        Job.id == job_id,
+        Job.attempt == attempt,
+        Job.worker_id == worker_id,
+        Job.status == JobStatus.RUNNING,
+    )
+
+
+def _lost(job_id: str, attempt: int) -> LeaseLost:
+    return LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
+
+
+def expire_lost_jobs(session: Session, *, now: datetime) -> int:
+    """End jobs whose worker vanished and that may not run again; returns how many.
+
+    A cancelled-while-running job whose worker died ends ``cancelled``; one that has used up
+    its attempts ends ``failed``. The others are left for :func:`claim_job` to retry.
+    """
+    cancelled = session.execute(
+        update(Job)
+        .where(_lease_expired(now), Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    failed = session.execute(
+        update(Job)
+        .where(_lease_expired(now), Job.attempt >= Job.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            lease_expires_at=None,
+            error="worker lost " + Job.attempt.cast(Job.error.type) + " times",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(cancelled.rowcount or 0) + int(failed.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def claim_job(
+    session: Session, *, worker_id: str, lease_s: float, device: str, now: datetime
+) -> Job | None:
+    """Atomically take the oldest claimable job for this worker, or None.
+
+    Claimable: queued, or running with an expired lease and attempts left. One UPDATE whose
+    subquery picks the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's IMMEDIATE
+    transaction serialises claims), so two workers never take the same attempt.
+
+    A retried job resumes after its last finished epoch (``resume_epoch``, whose training state
+    an earlier attempt saved): the metrics past that point are removed in the same transaction,
+    so the series stays one consistent run with no duplicated and no missing steps.
+    """
+    expire_lost_jobs(session, now=now)
+    claimable = and_(
+        or_(Job.status == JobStatus.QUEUED, _lease_expired(now)),
+        Job.attempt < Job.max_attempts,
+        Job.cancel_requested.is_(False),
+    )
+    pick = (
+        select(Job.id)
+        .where(claimable)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Job)
+        .where(Job.id == pick, claimable)
+        .values(
+            status=JobStatus.RUNNING,
+            attempt=Job.attempt + 1,
+            worker_id=worker_id,
+            device=device,
+            started_at=now,
+            heartbeat_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            error=None,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False)
+    )
+    job = session.scalars(stmt).one_or_none()
+    if job is None:
+        return None
+    rewind_to_epoch(session, job, job.resume_epoch)
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(job_id=job.id, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return job
+
+
+def rewind_to_epoch(session: Session, job: Job, epoch: int) -> None:
+    """Drop the metrics recorded after ``epoch`` and set the job's progress back to it."""
+    keep_steps = StepPlan.of(job).steps_before(epoch)
+    session.execute(
+        delete(TrainStep).where(TrainStep.job_id == job.id, TrainStep.step > keep_steps)
+    )
+    session.execute(
+        delete(EpochMetric).where(EpochMetric.job_id == job.id, EpochMetric.epoch > epoch)
+    )
+    accuracy = None
+    if epoch > 0:
+        accuracy = session.scalar(
+            select(EpochMetric.accuracy).where(
+                EpochMetric.job_id == job.id, EpochMetric.epoch == epoch
+            )
+        )
+    values: dict[str, Any] = {"step": keep_steps, "epoch": epoch, "accuracy": accuracy}
+    if epoch == 0:
+        values.update(resume_epoch=0, resume_checkpoint=None)
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    for key, value in values.items():
+        set_committed_value(job, key, value)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a worker reports in one flush."""
+
+    steps: Sequence[dict[str, Any]]  # rows for train_steps: step, epoch, loss, examples_seen
+    epochs: Sequence[dict[str, Any]]  # rows for epoch_metrics: epoch, accuracy, examples_seen
+    step: int
+    epoch: int
+    accuracy: float | None
+    resume_checkpoint: str | None = None  # saved with the state after ``epoch``
+
+
+def record_progress(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    progress: Progress,
+    lease_s: float,
+    now: datetime,
+) -> bool:
+    """Write buffered metrics, advance progress and renew the lease; True if cancel was asked.
+
+    Raises :class:`LeaseLost` (writing nothing) when this attempt no longer owns the job.
+    """
+    values: dict[str, Any] = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(seconds=lease_s),
+    }
+    if progress.accuracy is not None:
+        values["accuracy"] = progress.accuracy
+    if progress.resume_checkpoint is not None:
+        values["resume_checkpoint"] = progress.resume_checkpoint
+        values["resume_epoch"] = progress.epoch
+    row = session.execute(
+        update(Job)
+        .where(_fence(job_id, attempt, worker_id))
+        .values(**values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise _lost(job_id, attempt)
+    if progress.steps:
+        # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
+        # which costs more than the SQL itself.
+        session.connection().execute(
+            insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps]
+        )
+    if progress.epochs:
+        session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
+    return bool(row[0])
+
+
+def heartbeat(
+    session: Session, *, job_id: str, attempt: int, worker_id: str, lease_s: float, now: datetime
+) -> bool:
+    """Renew the lease without other progress; True if cancel was asked. Fenced."""
+    row = session.execute(
+        update(Job)
+        .where(_fence(job_id, attempt, worker_id))
+        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise _lost(job_id, attempt)
+    return bool(row[0])
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    status: JobStatus,
+    now: datetime,
+    error: str | None = None,
+    checkpoint: str | None = None,
+) -> None:
+    """Move a running job to a terminal state. Fenced: raises :class:`LeaseLost`."""
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "error": error,
+    }
+    if checkpoint is not None:
+        values["checkpoint"] = checkpoint
+    result = session.execute(
+        update(Job)
+        .where(_fence(job_id, attempt, worker_id))
+        .values(**values, resume_checkpoint=None)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise _lost(job_id, attempt)
+    worker_idle(session, worker_id, now)
+
+
+def release_job(
+    session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime
+) -> None:
+    """Give a running job back to the queue (a worker shutting down). Fenced.
+
+    The attempt is not counted against ``max_attempts``: the worker left on purpose.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_fence(job_id, attempt, worker_id))
+        .values(
+            status=JobStatus.QUEUED,
+            attempt=Job.attempt - 1,
+            worker_id=None,
+            lease_expires_at=None,
+            heartbeat_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise _lost(job_id, attempt)
+    worker_idle(session, worker_id, now)
+
+
+def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:
+    """Start a retried job over (its saved training state is gone). Fenced."""
+    job = session.scalars(select(Job).where(_fence(job_id, attempt, worker_id))).one_or_none()
+    if job is None:
+        raise _lost(job_id, attempt)
+    rewind_to_epoch(session, job, 0)

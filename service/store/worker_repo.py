@@ -1,0 +1,84 @@
+"""The worker processes' rows: registration, liveness, the job each runs, dead-worker recovery."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.status import JobStatus
+from service.store.tables import Job, WorkerRow
+
+
+def register_worker(
+    session: Session, *, worker_id: str, host: str, pid: int, device: str, now: datetime
+) -> None:
+    """Record a worker process that has started."""
+    session.add(
+        WorkerRow(id=worker_id, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now)
+    )
+
+
+def worker_idle(session: Session, worker_id: str, now: datetime) -> None:
+    """The worker runs no job now (it finished or released one)."""
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(job_id=None, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def worker_heartbeat(session: Session, *, worker_id: str, now: datetime) -> None:
+    """The worker process is alive."""
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def worker_stopped(session: Session, *, worker_id: str, now: datetime) -> None:
+    """The worker process has exited cleanly."""
+    session.execute(
+        update(WorkerRow)
+        .where(WorkerRow.id == worker_id)
+        .values(stopped_at=now, job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def workers_on_host(session: Session, host: str) -> list[WorkerRow]:
+    """Workers on ``host`` that never said they stopped."""
+    stmt = select(WorkerRow).where(WorkerRow.host == host, WorkerRow.stopped_at.is_(None))
+    return list(session.scalars(stmt))
+
+
+def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> int:
+    """Mark a worker known to be dead as stopped and end its jobs' leases now; returns how many.
+
+    Its jobs become claimable at once (as retries) instead of after their leases run out.
+    """
+    worker_stopped(session, worker_id=worker_id, now=now)
+    result = session.execute(
+        update(Job)
+        .where(Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(lease_expires_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[WorkerRow]:
+    """Workers that have not stopped and were heard from within one lease."""
+    stmt = (
+        select(WorkerRow)
+        .where(
+            WorkerRow.stopped_at.is_(None),
+            WorkerRow.heartbeat_at >= now - timedelta(seconds=lease_s),
+        )
+        .order_by(WorkerRow.started_at, WorkerRow.id)
+    )
+    return list(session.scalars(stmt))

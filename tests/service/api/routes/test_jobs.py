@@ -1,0 +1,268 @@
+"""The jobs API: validation, the job document, paging, metrics, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.routes import jobs as jobs_routes
+from service.clock import utcnow
+from service.schemas import MetricsRead
+from service.store import queue_repo, worker_repo
+from service.store.tables import Job
+
+DEFAULTS = {
+    "epochs": 3,
+    "batch_size": 64,
+    "learning_rate": 0.001,
+    "trainset_size": 10000,
+    "testset_size": 1000,
+    "seed": None,
+    "max_runtime_s": None,
+}
+
+
+def test_submit_fills_in_defaults_and_points_to_the_job(client: TestClient) -> None:
+    response = client.post("/jobs", json={})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['id']}"
+    assert job["params"] == DEFAULTS
+    assert job["status"] == "queued"
+    assert (job["epoch"], job["step"], job["total_steps"]) == (0, 0, 471)
+    for key in ("started_at", "finished_at", "accuracy", "device", "error"):
+        assert job[key] is None
+    assert job["created_at"].endswith("Z") or job["created_at"].endswith("+00:00")
+    assert client.get(response.headers["location"]).json() == job
+
+
+def test_a_request_without_a_body_means_defaults(client: TestClient) -> None:
+    response = client.post("/jobs")
+    assert response.status_code == 202
+    assert response.json()["params"] == DEFAULTS
+
+
+def test_given_fields_are_kept(client: TestClient) -> None:
+    body = {"epochs": 1, "batch_size": 128, "learning_rate": 0.5, "seed": 0, "testset_size": 10}
+    job = client.post("/jobs", json=body).json()
+    assert job["params"] == {**DEFAULTS, **body}
+    assert job["total_steps"] == 79
+
+
+BAD_PAYLOADS: list[tuple[str, Any, str]] = [
+    ("epochs zero", {"epochs": 0}, "epochs"),
+    ("epochs too many", {"epochs": 101}, "epochs"),
+    ("epochs fractional", {"epochs": 2.5}, "epochs"),
+    ("epochs as text", {"epochs": "3"}, "epochs"),
+    ("epochs as bool", {"epochs": True}, "epochs"),
+    ("epochs null", {"epochs": None}, "epochs"),
+    ("batch_size zero", {"batch_size": 0}, "batch_size"),
+    ("batch_size too big", {"batch_size": 4097}, "batch_size"),
+    ("learning_rate zero", {"learning_rate": 0}, "learning_rate"),
+    ("learning_rate negative", {"learning_rate": -0.1}, "learning_rate"),
+    ("learning_rate above one", {"learning_rate": 1.5}, "learning_rate"),
+    ("learning_rate as text", {"learning_rate": "fast"}, "learning_rate"),
+    ("trainset_size zero", {"trainset_size": 0}, "trainset_size"),
+    ("trainset_size too big", {"trainset_size": 60001}, "trainset_size"),
+    ("testset_size too big", {"testset_size": 10001}, "testset_size"),
+    ("seed negative", {"seed": -1}, "seed"),
+    ("seed too big", {"seed": 2**63}, "seed"),
+    ("seed as float", {"seed": 1.5}, "seed"),
+    ("unknown field", {"lr": 0.1}, "lr"),
+    ("body a list", [1, 2], "body"),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [(p, f) for _, p, f in BAD_PAYLOADS],
+    ids=[name for name, _, _ in BAD_PAYLOADS],
+)
+def test_bad_payloads_get_422_naming_the_field(
+    client: TestClient, payload: Any, field: str
+) -> None:
+    response = client.post("/jobs", json=payload)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    assert field in error["message"]
+    assert any(field in map(str, d["loc"]) for d in error["details"])
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client: TestClient, literal: str) -> None:
+    response = client.post(
+        "/jobs",
+        content=f'{{"learning_rate": {literal}}}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert "learning_rate" in response.json()["error"]["message"]
+
+
+def test_malformed_json_is_a_422_not_a_crash(client: TestClient) -> None:
+    response = client.post(
+        "/jobs", content=b'{"epochs": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "validation_error"
+
+
+def test_unknown_and_malformed_ids(client: TestClient) -> None:
+    missing = client.get("/jobs/0123456789abcdef0123456789abcdef")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    malformed = client.get("/jobs/../../etc/passwd")
+    assert malformed.status_code in (404, 422)
+    assert client.get("/jobs/XYZ").status_code == 422
+    assert client.get("/jobs/0123456789abcdef0123456789abcdef/metrics").status_code == 404
+
+
+def test_list_is_newest_first_and_paginated(client: TestClient) -> None:
+    ids = [client.post("/jobs", json={"epochs": 1}).json()["id"] for _ in range(5)]
+    seen: list[str] = []
+    url = "/jobs?limit=2"
+    while True:
+        page = client.get(url).json()
+        assert len(page["jobs"]) <= 2
+        seen += [j["id"] for j in page["jobs"]]
+        if page["next"] is None:
+            break
+        url = f"/jobs?limit=2&cursor={page['next']}"
+    assert seen == ids[::-1]
+    assert client.get("/jobs?status=queued").json()["jobs"][0]["id"] == ids[-1]
+    assert client.get("/jobs?status=succeeded").json() == {"jobs": [], "next": None}
+    assert client.get("/jobs?status=bogus").status_code == 422
+    assert client.get("/jobs?limit=0").status_code == 422
+    assert client.get("/jobs?limit=101").status_code == 422
+    assert client.get("/jobs?cursor=garbage!").status_code == 422
+
+
+def _record_steps(sessions: sessionmaker[Session], job_id: str, count: int) -> None:
+    with sessions.begin() as session:
+        job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
+        assert job is not None and job.id == job_id
+        rows = [
+            {"step": s, "epoch": 1, "loss": 2.0 / s, "examples_seen": 64 * s}
+            for s in range(1, count + 1)
+        ]
+        queue_repo.record_progress(
+            session,
+            job_id=job_id,
+            attempt=1,
+            worker_id="w",
+            progress=queue_repo.Progress(
+                steps=rows,
+                epochs=[{"epoch": 1, "accuracy": 0.5, "examples_seen": 64 * count}],
+                step=count,
+                epoch=1,
+                accuracy=0.5,
+            ),
+            lease_s=30,
+            now=utcnow(),
+        )
+
+
+def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[Session]) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    empty = client.get(f"/jobs/{job_id}/metrics").json()
+    assert empty == {
+        "job_id": job_id,
+        "status": "queued",
+        "steps": [],
+        "epochs": [],
+        "next_after_step": 0,
+    }
+    _record_steps(sessions, job_id, 25)
+    seen: list[int] = []
+    after = 0
+    while True:
+        page = client.get(f"/jobs/{job_id}/metrics?after_step={after}&limit=10").json()
+        if not page["steps"]:
+            break
+        seen += [s["step"] for s in page["steps"]]
+        after = page["next_after_step"]
+    assert seen == list(range(1, 26))
+    assert page["next_after_step"] == 25
+    assert page["epochs"] == [{"epoch": 1, "accuracy": 0.5, "examples_seen": 1600}]
+    assert page["status"] == "running"
+    first = client.get(f"/jobs/{job_id}/metrics?limit=1").json()["steps"][0]
+    assert first == {"step": 1, "epoch": 1, "loss": 2.0, "examples_seen": 64}
+    too_many = jobs_routes.MAX_STEPS_PAGE + 1
+    assert client.get(f"/jobs/{job_id}/metrics?limit={too_many}").status_code == 422
+    assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
+
+
+def test_the_metrics_body_is_exactly_the_documented_schema(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    # The route serialises rows itself (orjson), bypassing response_model: hold it to it.
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 3)
+    response = client.get(f"/jobs/{job_id}/metrics")
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert MetricsRead.model_validate(body).model_dump(mode="json") == body
+    assert [s["loss"] for s in body["steps"]] == [2.0, 1.0, 2.0 / 3]
+    assert body["next_after_step"] == 3
+
+
+def test_cancel(client: TestClient, sessions: sessionmaker[Session]) -> None:
+    queued = client.post("/jobs", json={}).json()["id"]
+    response = client.post(f"/jobs/{queued}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+    again = client.post(f"/jobs/{queued}/cancel")
+    assert again.status_code == 409
+    assert "already ended" in again.json()["error"]["message"]
+
+    running = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, running, 1)
+    assert client.post(f"/jobs/{running}/cancel").json()["status"] == "running"
+    with sessions() as session:
+        job = session.get(Job, running)
+        assert job is not None and job.cancel_requested
+    assert client.post("/jobs/0123456789abcdef0123456789abcdef/cancel").status_code == 404
+
+
+def test_health_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    schema = client.get("/openapi.json").json()
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/metrics", "/predict"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+    assert client.get("/no-such-route").json()["error"]["code"] == "http_404"
+
+
+def test_workers_lists_live_workers_and_their_jobs(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    assert client.get("/workers").json() == {"workers": []}
+    job_id = client.post("/jobs", json={}).json()["id"]
+    now = utcnow()
+    with sessions.begin() as session:
+        for name in ("busy", "gone"):
+            worker_repo.register_worker(
+                session, worker_id=name, host="h", pid=1, device="cpu", now=now
+            )
+        worker_repo.worker_stopped(session, worker_id="gone", now=now)
+    with sessions.begin() as session:
+        assert queue_repo.claim_job(session, worker_id="busy", lease_s=30, device="cpu", now=now)
+    workers = client.get("/workers").json()["workers"]
+    assert [(w["id"], w["job_id"], w["device"]) for w in workers] == [("busy", job_id, "cpu")]
+    job = client.get(f"/jobs/{job_id}").json()
+    assert (job["worker"], job["attempt"]) == ("busy", 1)
+    assert job["heartbeat_at"] is not None
+
+
+def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None:
+    response = client.get("/jobs?limt=5")
+    assert response.status_code == 422
+    assert "unknown query parameter 'limt'" in response.json()["error"]["message"]
+    assert client.get("/jobs?limit=5").status_code == 200
+    repeated = client.get("/jobs?limit=5&limit=50")
+    assert repeated.status_code == 422
+    assert "'limit' is given more than once" in repeated.json()["error"]["message"]

@@ -1,0 +1,164 @@
+"""/readyz and /metrics: what they check, what they count."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from alembic import command
+from service.api.app import create_app
+from service.clock import utcnow
+from service.schemas import JobCreate
+from service.settings import Settings
+from service.store import migrations
+from service.store.tables import WorkerRow
+from tests.records import FakeTraining
+
+
+def add_worker(sessions: sessionmaker[Session], *, age_s: float, stopped: bool = False) -> None:
+    now = utcnow()
+    with sessions.begin() as session:
+        session.add(
+            WorkerRow(
+                id=f"host:{age_s}:{stopped}",
+                host="host",
+                pid=1,
+                device="cpu",
+                started_at=now - timedelta(seconds=age_s + 60),
+                heartbeat_at=now - timedelta(seconds=age_s),
+                stopped_at=now if stopped else None,
+            )
+        )
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from the exposition text."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name + (f"{{{label_text}}}" if labels else "")) + r" (\S+)"
+    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+    assert match, f"no sample {name} {labels} in:\n{text}"
+    return float(match.group(1))
+
+
+def test_ready_when_the_database_is_migrated(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert {c["name"]: c["ok"] for c in body["checks"]} == {
+        "database": True,
+        "migrations": True,
+        "workers": True,
+    }
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_not_ready_when_the_schema_is_behind(sqlite_url: str, api_settings: Settings) -> None:
+    config = migrations.alembic_config(sqlite_url)
+    config.attributes["configure_logger"] = False
+    command.downgrade(config, "0001")
+    settings = api_settings.model_copy(update={"database_url": sqlite_url})
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "not_ready"
+    assert "database at 0001" in error["message"] and "mnist-service migrate" in error["message"]
+    assert {d["name"]: d["ok"] for d in error["details"]}["migrations"] is False
+
+
+def test_not_ready_when_the_database_cannot_be_opened(
+    tmp_path: Path, api_settings: Settings
+) -> None:
+    # A folder is no database file: SQLite cannot open it.
+    settings = api_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}"})
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["error"]["details"] == [
+            {"name": "database", "ok": False, "detail": "unreachable: OperationalError"}
+        ]
+        metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert sample(metrics.text, "mnist_database_up") == 0
+
+
+def test_a_live_worker_is_required_only_when_configured(
+    api_settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    settings = api_settings.model_copy(update={"ready_requires_worker": True})
+    with TestClient(create_app(settings)) as client:
+        add_worker(sessions, age_s=settings.lease_s + 5)  # too old
+        add_worker(sessions, age_s=0, stopped=True)  # stopped
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert "workers: 0 live" in response.json()["error"]["message"]
+        add_worker(sessions, age_s=1)
+        response = client.get("/readyz")
+        assert response.status_code == 200
+        workers = next(c for c in response.json()["checks"] if c["name"] == "workers")
+        assert workers["detail"].startswith("1 live") and "required" in workers["detail"]
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    client.get(f"/jobs/{job_id}")
+    client.get(f"/jobs/{job_id}")
+    client.get("/jobs/" + "0" * 32)
+    client.get("/no/such/path")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    requests = "mnist_http_requests_total"
+    assert sample(text, requests, method="GET", route="/jobs/{job_id}", status="200") == 2
+    assert sample(text, requests, method="GET", route="/jobs/{job_id}", status="404") == 1
+    assert sample(text, requests, method="POST", route="/jobs", status="202") == 1
+    assert sample(text, requests, method="GET", route="<unmatched>", status="404") == 1
+    assert job_id not in text  # templates, never raw paths
+    latency = "mnist_http_request_duration_seconds_count"
+    assert sample(text, latency, method="GET", route="/jobs/{job_id}") == 3
+
+
+def test_metrics_count_unknown_methods_under_one_label(client: TestClient) -> None:
+    for method in ("BREW", "PROPFIND", "X" * 40):
+        client.request(method, "/jobs")
+    client.request("DELETE", "/jobs")
+    text = client.get("/metrics").text
+    requests = "mnist_http_requests_total"
+    assert sample(text, requests, method="other", route="/jobs", status="405") == 3
+    assert sample(text, requests, method="DELETE", route="/jobs", status="405") == 1
+    assert "BREW" not in text and "PROPFIND" not in text  # a client cannot grow the label set
+
+
+def test_metrics_report_jobs_queue_workers_and_throughput(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=100))
+    training.submit()
+    training.claim()
+    for _ in range(2):
+        client.post("/jobs", json={})
+    add_worker(sessions, age_s=1)
+    training.advance(5, seconds=1.0)  # 50 images in the second since the claim
+    first = client.get("/metrics").text
+    assert sample(first, "mnist_jobs", status="queued") == 2
+    assert sample(first, "mnist_jobs", status="running") == 1
+    assert sample(first, "mnist_jobs", status="succeeded") == 0
+    assert sample(first, "mnist_queue_depth") == 2
+    assert sample(first, "mnist_workers_live") == 1
+    assert sample(first, "mnist_database_up") == 1
+    assert sample(first, "mnist_training_images_per_second") == pytest.approx(50.0)
+
+    training.advance(5, seconds=0.25)  # 50 more images in a quarter second
+    second = client.get("/metrics").text
+    assert sample(second, "mnist_training_images_per_second") == pytest.approx(200.0)
+    training.finish()
+    third = client.get("/metrics").text
+    assert sample(third, "mnist_training_images_per_second") == 0
+    assert sample(third, "mnist_jobs", status="succeeded") == 1

@@ -1,0 +1,132 @@
+"""The metrics polls' fast lane in the app: the route's answer, without the route."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.app import create_app
+from service.api.routes import jobs as jobs_routes
+from service.domain import jobs
+from service.settings import Settings
+from tests.service.api.routes.test_jobs import _record_steps
+
+MISSING = "0123456789abcdef0123456789abcdef"
+
+
+class CountingJobs:
+    """``service.domain.jobs`` as the route sees it, counting the route's metrics reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(jobs, name)
+
+    def metrics_json(self, *args: Any, **kwargs: Any) -> bytes | None:
+        self.reads += 1
+        return jobs.metrics_json(*args, **kwargs)
+
+
+@pytest.fixture
+def route_jobs(monkeypatch: pytest.MonkeyPatch) -> CountingJobs:
+    counting = CountingJobs()
+    monkeypatch.setattr(jobs_routes, "jobs", counting)
+    return counting
+
+
+def test_the_lane_answers_polls_with_the_routes_bytes(
+    client: TestClient, sessions: sessionmaker[Session], route_jobs: CountingJobs
+) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 25)
+    polls = ["", "?after_step=20", "?limit=3", "?after_step=5&limit=10", "?limit=7&after_step=0"]
+    by_lane = [client.get(f"/jobs/{job_id}/metrics{q}") for q in polls]
+    assert [r.status_code for r in by_lane] == [200] * len(polls)
+    assert route_jobs.reads == 0
+    # The same queries written so that the lane leaves them to the route, which reads them
+    # the same way (a leading zero).
+    routed = [
+        "?after_step=00",
+        "?after_step=020",
+        "?limit=03",
+        "?after_step=05&limit=010",
+        "?limit=07&after_step=00",
+    ]
+    by_route = [client.get(f"/jobs/{job_id}/metrics{q}") for q in routed]
+    assert route_jobs.reads == len(routed)
+    for lane, route in zip(by_lane, by_route, strict=True):
+        assert lane.content == route.content
+        assert lane.headers["content-type"] == route.headers["content-type"]
+    assert [s["step"] for s in by_lane[1].json()["steps"]] == [21, 22, 23, 24, 25]
+    assert by_lane[3].json()["next_after_step"] == 15
+    assert by_lane[0].headers["x-request-id"]  # the middlewares apply as to any route
+
+
+def test_what_the_lane_does_not_take_the_route_answers(
+    client: TestClient, sessions: sessionmaker[Session], route_jobs: CountingJobs
+) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    assert client.get(f"/jobs/{MISSING}/metrics").status_code == 404  # the lane found none
+    assert client.get(f"/jobs/{job_id}/metrics?limt=5").status_code == 422
+    assert client.get(f"/jobs/{job_id}/metrics?limit=5&limit=6").status_code == 422
+    too_many = jobs_routes.MAX_STEPS_PAGE + 1
+    assert client.get(f"/jobs/{job_id}/metrics?limit={too_many}").status_code == 422
+    assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
+    assert client.get("/jobs/NOT-AN-ID/metrics").status_code == 422
+    assert route_jobs.reads == 0  # all refused before reading
+    head = client.head(f"/jobs/{job_id}/metrics")
+    assert head.status_code in (200, 405)  # whatever the route says: the lane takes only GET
+
+
+def test_lane_polls_are_counted_under_the_metrics_route(client: TestClient) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    for _ in range(4):
+        assert client.get(f"/jobs/{job_id}/metrics?after_step=0").status_code == 200
+    exposition = client.get("/metrics").text
+    line = 'mnist_http_requests_total{method="GET",route="/jobs/{job_id}/metrics",status="200"} 4.0'
+    assert line in exposition
+
+
+@pytest.fixture
+def keyed_client(api_settings: Settings) -> Iterator[TestClient]:
+    settings = Settings.model_validate({**api_settings.model_dump(), "api_key": "k" * 32})
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_the_lane_is_behind_the_api_key(keyed_client: TestClient) -> None:
+    job_id = keyed_client.post(
+        "/jobs", json={}, headers={"authorization": "Bearer " + "k" * 32}
+    ).json()["id"]
+    assert keyed_client.get(f"/jobs/{job_id}/metrics").status_code == 401
+    answered = keyed_client.get(
+        f"/jobs/{job_id}/metrics", headers={"authorization": "Bearer " + "k" * 32}
+    )
+    assert answered.status_code == 200 and answered.json()["status"] == "queued"
+
+
+def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
+    client: TestClient, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("on PostgreSQL the lane reads in the thread pool, through the pool")
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 3)
+    engine = client.app.state.read_engine  # type: ignore[attr-defined]
+    pool = engine.pool
+    # The lane reads on the event loop: from the pool it would wait (30 s) for a connection
+    # that, in a busy server, only requests the loop itself finishes would give back.
+    free = pool.size() + pool._max_overflow - pool.checkedout()
+    held = [engine.connect() for _ in range(free)]
+    try:
+        answer = client.get(f"/jobs/{job_id}/metrics?after_step=1")
+    finally:
+        for connection in held:
+            connection.close()
+    assert answer.status_code == 200
+    assert [s["step"] for s in answer.json()["steps"]] == [2, 3]

@@ -1,0 +1,51 @@
+"""Starting the API where others can reach it, without a key, is refused with the way out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import commands as cli
+from service.settings import get_settings
+from tests.support import REPO_ROOT, service_env
+
+STARTUP_TIMEOUT_S = 60
+
+
+def start_api(**settings: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=REPO_ROOT,
+        env=service_env(**settings),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_python_m_service_refuses_a_public_address_without_a_key() -> None:
+    result = start_api(host="0.0.0.0", port="1")  # port 1: it must not even try to bind
+    assert result.returncode == 2, result.stderr
+    for hint in ("refusing", "0.0.0.0", "MNIST_API_KEY", "MNIST_ALLOW_NO_AUTH=true"):
+        assert hint in result.stderr
+    assert "Uvicorn running" not in result.stderr
+
+
+def test_mnist_service_run_refuses_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MNIST_HOST", "::")
+    monkeypatch.delenv("MNIST_API_KEY", raising=False)
+    monkeypatch.delenv("MNIST_ALLOW_NO_AUTH", raising=False)
+    started: list[object] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["run"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert started == []
+    assert "MNIST_API_KEY" in capsys.readouterr().err

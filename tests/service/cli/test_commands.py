@@ -1,0 +1,207 @@
+"""The command line against a real app: submit (and watch), jobs, metrics, predict, cancel."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.cli import commands as cli
+from service.cli.client import DEFAULT_URL
+from service.schemas import JobCreate
+from service.settings import Settings
+from tests.records import FakeTraining
+from tests.service.api.routes.conftest import train_job
+from tests.service.images import png
+from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
+from workers.worker import Worker
+
+COMMANDS = ["submit", "jobs", "metrics", "predict", "cancel", "api", "worker", "migrate", "run"]
+
+
+@pytest.fixture
+def db_url(sqlite_url: str) -> str:
+    """The CLI works the same on every backend: SQLite only."""
+    return sqlite_url
+
+
+def run(client: TestClient, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv), http=cast(httpx.Client, client))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def worker_thread(
+    api_settings: Settings, sessions: sessionmaker[Session]
+) -> Iterator[threading.Thread]:
+    """A worker that trains the next job in the background."""
+    worker = Worker(api_settings, sessions, show_progress=False)
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1}, daemon=True)
+    thread.start()
+    yield thread
+    worker.stop.set()
+    thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: mnist-service {command}")
+    assert "MNIST_URL" in out
+
+
+def test_submit_offers_every_field_of_the_api() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["submit", "--learning-rate", "0.01", "--max-runtime-s", "60"])
+    assert set(JobCreate.model_fields) <= set(vars(args))
+    assert (args.learning_rate, args.max_runtime_s, args.epochs) == (0.01, 60.0, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["submit", "--epochs", "two"])
+
+
+def test_the_url_comes_from_the_flag_the_environment_or_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MNIST_URL", raising=False)
+    assert cli.build_parser().parse_args(["jobs"]).url == DEFAULT_URL
+    monkeypatch.setenv("MNIST_URL", "http://api:9000")
+    assert cli.build_parser().parse_args(["jobs"]).url == "http://api:9000"
+    assert cli.build_parser().parse_args(["--url", "http://x", "jobs"]).url == "http://x"
+
+
+def test_submit_sends_only_the_given_fields(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(client, capsys, "submit", "--epochs", "2", "--seed", "5")
+    assert code == cli.EXIT_OK
+    job = client.get(f"/jobs/{out.strip()}").json()
+    assert job["params"] == {**JobCreate().model_dump(), "epochs": 2, "seed": 5}
+
+
+def test_the_apis_refusal_is_shown_with_the_field(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(client, capsys, "submit", "--epochs", "0", "--learning-rate", "2")
+    assert code == cli.EXIT_API_ERROR and out == ""
+    assert "epochs: Input should be greater than or equal to 1" in err
+    assert "learning_rate: Input should be less than or equal to 1" in err
+
+
+def test_an_unreachable_api_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["--url", f"http://127.0.0.1:{free_port()}", "jobs"])
+    assert code == cli.EXIT_API_ERROR
+    assert "cannot reach the API" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("worker_thread")
+def test_watch_shows_a_bar_per_epoch_until_success(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        client,
+        capsys,
+        *("submit", "--epochs", "2", "--trainset-size", str(SMALL_TRAIN)),
+        *("--testset-size", str(SMALL_TEST), "--seed", "1", "--watch"),
+    )
+    assert code == cli.EXIT_OK, err
+    job_id, summary = out.strip().splitlines()
+    assert summary.startswith(f"job {job_id} succeeded: test accuracy")
+    assert "epoch 1/2" in err and "epoch 2/2" in err
+    assert "10/10" in err  # 640 images, batch 64: ten steps per epoch
+    assert "loss=" in err and "acc=" in err
+
+
+def test_watch_exits_non_zero_when_the_job_fails(
+    client: TestClient,
+    capsys: pytest.CaptureFixture[str],
+    api_settings: Settings,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+) -> None:
+    no_data = api_settings.model_copy(update={"data_dir": tmp_path / "empty"})
+    worker = Worker(no_data, sessions, show_progress=False)
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1}, daemon=True)
+    thread.start()
+    code, _, err = run(client, capsys, "submit", "--epochs", "1", "--watch")
+    thread.join(timeout=30)
+    assert code == cli.EXIT_JOB_FAILED
+    assert "failed:" in err
+
+
+def test_jobs_metrics_and_cancel(
+    client: TestClient, capsys: pytest.CaptureFixture[str], sessions: sessionmaker[Session]
+) -> None:
+    training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=25))
+    job_id = training.submit()
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.75)
+    training.finish()
+    queued = client.post("/jobs", json={}).json()["id"]
+
+    code, out, _ = run(client, capsys, "jobs")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "STATUS", "EPOCH", "STEP", "ACCURACY", "DEVICE", "AGE"]
+    assert rows[0].split()[:2] == [queued, "queued"]
+    assert rows[1].split()[:5] == [job_id, "succeeded", "2/2", "6/6", "75.00%"]
+
+    code, out, _ = run(client, capsys, "metrics", job_id)
+    assert "succeeded, 6 steps recorded" in out and "epoch 2: test accuracy 75.00%" in out
+
+    code, out, _ = run(client, capsys, "metrics", job_id, "--csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [int(r["step"]) for r in table] == [1, 2, 3, 4, 5, 6]
+    assert [r["test_accuracy"] for r in table] == ["", "", "0.5", "", "", "0.75"]
+    assert float(table[0]["loss"]) == pytest.approx(2.3)
+
+    code, out, _ = run(client, capsys, "cancel", queued)
+    assert code == 0 and out.strip() == f"job {queued} cancelled"
+    code, _, err = run(client, capsys, "cancel", queued)
+    assert code == cli.EXIT_API_ERROR and "already ended" in err
+    code, _, err = run(client, capsys, "metrics", "f" * 32)
+    assert code == cli.EXIT_API_ERROR and "no job with id" in err
+
+
+def test_predict_prints_the_digit_and_its_probabilities(
+    client: TestClient,
+    capsys: pytest.CaptureFixture[str],
+    sessions: sessionmaker[Session],
+    api_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    job_id = train_job(client, sessions, api_settings)
+    images, labels = synthetic_digits(1, seed=5)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(images[0]))
+
+    code, out, _ = run(client, capsys, "predict", str(image))
+    assert code == 0
+    first, *bars = out.splitlines()
+    assert first.startswith(f"digit {labels[0]} (") and first.endswith(job_id)
+    assert len(bars) == 10 and bars[int(labels[0])].endswith("←")
+
+    code, out, _ = run(client, capsys, "predict", str(image), "--model", job_id, "--json")
+    answer = json.loads(out)
+    assert answer["job_id"] == job_id and answer["digit"] == int(np.argmax(answer["probabilities"]))
+
+    code, _, err = run(client, capsys, "predict", str(tmp_path / "missing.png"))
+    assert code == cli.EXIT_USAGE and "cannot read" in err
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    code, _, err = run(client, capsys, "predict", str(not_an_image))
+    assert code == cli.EXIT_API_ERROR and "not an image" in err

@@ -1,0 +1,177 @@
+"""The event stream's polls on both backends: order, batching, ids, resume, retries, the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import sse
+from service.domain import events
+from service.domain.events import Cursor, StreamState
+from service.errors import InvalidInput
+from service.schemas import JobCreate
+from service.status import JobStatus
+from service.store.tables import Job
+from tests.records import FakeTraining
+
+PARAMS = JobCreate(epochs=2, batch_size=10, trainset_size=50, testset_size=10)  # 5 steps/epoch
+
+
+def poll(sessions: sessionmaker[Session], state: StreamState) -> tuple[list[sse.Event], bool]:
+    with sessions() as session:
+        result = events.poll(session, state)
+    parsed = list(sse.parse("".join(result.chunks).split("\n")))
+    return parsed, result.done
+
+
+def kinds(evs: list[sse.Event]) -> list[str]:
+    return [e.event for e in evs]
+
+
+def steps_of(evs: list[sse.Event]) -> list[int]:
+    return [s["step"] for e in evs if e.event == "step" for s in e.json()["steps"]]
+
+
+@pytest.fixture
+def training(sessions: sessionmaker[Session]) -> FakeTraining:
+    training = FakeTraining(sessions, PARAMS)
+    training.submit()
+    return training
+
+
+def test_cursor_round_trips_and_rejects_what_it_did_not_send() -> None:
+    assert Cursor.parse(Cursor(2, 17, 1).encode()) == Cursor(2, 17, 1)
+    assert Cursor.parse(None) == Cursor.parse("") == Cursor()
+    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c"):
+        with pytest.raises(InvalidInput, match="Last-Event-ID"):
+            Cursor.parse(bad)
+
+
+def test_a_queued_job_gets_its_status_then_nothing_until_it_changes(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    state = StreamState(cursor=Cursor(), job_id=training.job_id)
+    evs, done = poll(sessions, state)
+    assert kinds(evs) == ["status"] and not done
+    first = evs[0].json()
+    assert (first["status"], first["final"], first["steps_per_epoch"]) == ("queued", False, 5)
+    assert first["params"]["epochs"] == 2
+    assert poll(sessions, state) == ([], False)
+
+    training.claim()
+    evs, done = poll(sessions, state)
+    # The attempt changed (0 → 1): announced first, and the position starts over.
+    assert kinds(evs) == ["status"] and evs[0].json()["attempt"] == 1
+    assert evs[0].id == "1:0:0"
+
+
+def test_steps_are_batched_and_each_epoch_follows_its_last_step(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    training.claim()
+    state = StreamState(cursor=Cursor(), job_id=training.job_id)
+    poll(sessions, state)
+    training.advance(3)
+    evs, _ = poll(sessions, state)
+    assert kinds(evs) == ["step"] and steps_of(evs) == [1, 2, 3]
+    assert evs[0].id == "1:3:0"
+
+    # The rest of epoch 1 and part of epoch 2 arrive in one poll: split at the epoch's end.
+    training.advance(2, end_epoch=0.5)
+    training.advance(2)
+    evs, _ = poll(sessions, state)
+    assert kinds(evs) == ["step", "epoch", "step"]
+    assert steps_of(evs[:1]) == [4, 5] and steps_of(evs[2:]) == [6, 7]
+    assert evs[1].json() == {"epoch": 1, "accuracy": 0.5, "examples_seen": 50}
+    assert [e.id for e in evs] == ["1:5:0", "1:5:1", "1:7:1"]
+
+    training.advance(3, end_epoch=0.75)
+    training.finish()
+    evs, done = poll(sessions, state)
+    assert kinds(evs) == ["step", "epoch", "status"] and done
+    final = evs[-1].json()
+    assert (final["status"], final["final"], final["accuracy"]) == ("succeeded", True, 0.75)
+    assert evs[-1].id == "1:10:2"
+
+
+def test_resuming_from_an_id_sends_only_what_came_after(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.8)
+    training.finish()
+    everything, done = poll(sessions, StreamState(cursor=Cursor(), job_id=training.job_id))
+    assert done and steps_of(everything) == list(range(1, 11))
+    assert kinds(everything) == ["status", "step", "epoch", "step", "epoch", "status"]
+
+    # Resume from the id of the first epoch event: epoch 2's steps, its accuracy, the end.
+    resumed, done = poll(
+        sessions, StreamState(cursor=Cursor.parse(everything[2].id), job_id=training.job_id)
+    )
+    assert done and kinds(resumed) == ["status", "step", "epoch", "status"]
+    assert steps_of(resumed) == [6, 7, 8, 9, 10] and resumed[2].json()["epoch"] == 2
+
+    # An id from an attempt that is gone: everything again, for the current attempt.
+    stale, _ = poll(sessions, StreamState(cursor=Cursor(7, 99, 9), job_id=training.job_id))
+    assert steps_of(stale) == list(range(1, 11))
+
+
+def test_a_retried_job_starts_the_stream_over(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    training.claim(lease_s=0.001)
+    training.advance(4)
+    state = StreamState(cursor=Cursor(), job_id=training.job_id)
+    evs, _ = poll(sessions, state)
+    assert steps_of(evs) == [1, 2, 3, 4]
+
+    training.clock = training.clock.replace(year=training.clock.year + 1)  # the lease expired
+    training.worker_id = "second-worker"
+    training.claim()
+    training.advance(2)
+    evs, _ = poll(sessions, state)
+    assert kinds(evs) == ["status", "step"]
+    assert evs[0].json()["attempt"] == 2 and steps_of(evs) == [1, 2]
+    assert evs[-1].id == "2:2:0"
+
+
+def test_the_step_limit_holds_back_epochs_and_the_end(
+    sessions: sessionmaker[Session], training: FakeTraining, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "STEPS_PER_POLL", 3)
+    training.claim()
+    training.run_epoch(0.5)
+    training.finish(JobStatus.FAILED, error="boom")
+    state = StreamState(cursor=Cursor(), job_id=training.job_id)
+    first, done = poll(sessions, state)
+    assert kinds(first) == ["status", "step"] and not done  # 3 of 5 steps: no epoch, no end yet
+    second, done = poll(sessions, state)
+    assert kinds(second) == ["step", "epoch", "status"] and done
+    assert steps_of(second) == [4, 5]
+    assert second[-1].json()["error"] == "boom"
+
+
+def test_the_stream_sends_keepalives_and_ends_with_the_job(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    async def collect() -> list[str]:
+        chunks = []
+        async for chunk in events.stream(
+            sessions, training.job_id, Cursor(), poll_s=0.01, keepalive_s=0.0
+        ):
+            chunks.append(chunk)
+            if len(chunks) == 4:  # retry, status, and at least one keep-alive while queued
+                with sessions.begin() as session:
+                    job: Any = session.get(Job, training.job_id)
+                    job.status = JobStatus.CANCELLED
+        return chunks
+
+    chunks = anyio.run(collect)
+    assert chunks[0].startswith("retry:")
+    assert any(c.startswith(": keep-alive") for c in chunks)
+    parsed = list(sse.parse("".join(chunks).split("\n")))
+    assert parsed[-1].event == "status" and parsed[-1].json()["final"] is True

@@ -1,0 +1,243 @@
+"""Any image → MNIST's layout: formats, polarity, the 20 px box, centring by mass, refusals."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+from torchvision.datasets import MNIST
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.serving import imaging
+from service.serving.predictor import image_to_tensor, pixels_to_tensor
+from service.settings import IMAGE_PIXELS_CEILING
+from tests.service.images import (
+    EXTRA_VARIANTS,
+    SVG,
+    TEXT,
+    TUTORIAL,
+    encode,
+    png,
+    png_claiming_size,
+    rgba_png,
+)
+from tests.support import synthetic_digits
+
+
+def layout(data: bytes) -> np.ndarray:
+    field: np.ndarray = imaging.mnist_layout(imaging.decode(data))
+    return field
+
+
+def a_digit() -> np.ndarray:
+    """A 28×28 MNIST-like digit: a thick ring, bright on black."""
+    y, x = np.mgrid[0:28, 0:28]
+    radius = np.hypot(y - 14, x - 14)
+    ring: np.ndarray = np.clip((1 - np.abs(radius - 7) / 3) * 255, 0, 255).astype(np.uint8)
+    return ring
+
+
+def ink_box(field: np.ndarray) -> tuple[int, int]:
+    rows = np.flatnonzero(field.any(axis=1))
+    cols = np.flatnonzero(field.any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def centre_of_mass(field: np.ndarray) -> tuple[float, float]:
+    weights = field.astype(np.float64)
+    total = weights.sum()
+    return (
+        float((weights.sum(axis=1) * np.arange(28)).sum() / total),
+        float((weights.sum(axis=0) * np.arange(28)).sum() / total),
+    )
+
+
+@pytest.mark.real_data
+def test_real_mnist_test_digits_pass_through_bit_for_bit(real_mnist: object) -> None:
+    dataset = MNIST(str(real_mnist), train=False, download=False)
+    for i in range(0, 10_000, 5):  # 2000 digits spread over the test split
+        image, _ = dataset[i]
+        assert torch.equal(image_to_tensor(encode(image))[0], TUTORIAL(image)), i
+
+
+def test_28x28_digits_in_any_accepted_format_and_polarity_are_exact() -> None:
+    digit = synthetic_digits(1, seed=7)[0][0]
+    expected = TUTORIAL(Image.fromarray(digit))
+    rgb = Image.fromarray(digit).convert("RGB")
+    exact = {
+        "png": png(digit),
+        "inverted png": png(255 - digit),
+        "rgba png (black ink, alpha = the digit)": rgba_png(digit, np.random.default_rng(0)),
+        "la png (white ink on transparent over black)": png(
+            np.dstack([digit, np.full_like(digit, 255)])
+        ),
+        "rgb png": encode(rgb),
+        "bmp": encode(Image.fromarray(digit), "BMP"),
+        "gif": encode(Image.fromarray(digit), "GIF"),
+        "lossless webp": encode(Image.fromarray(digit), "WEBP", lossless=True),
+        "16-bit png": encode(Image.fromarray(digit.astype(np.uint16) * 257)),
+    }
+    for name, data in exact.items():
+        assert torch.equal(image_to_tensor(data)[0], expected), name
+
+
+def test_a_gif_is_read_from_its_first_frame() -> None:
+    first, second = a_digit(), np.zeros((28, 28), np.uint8)
+    second[:, 10:14] = 255
+    frames = [Image.fromarray(first), Image.fromarray(second)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    assert np.array_equal(layout(data), first)
+
+
+def test_json_pixels_are_exact_and_inverted_when_light() -> None:
+    digit = synthetic_digits(1, seed=8)[0][0]
+    expected = TUTORIAL(Image.fromarray(digit))
+    assert torch.equal(pixels_to_tensor(digit.tolist())[0], expected)
+    assert torch.equal(pixels_to_tensor((255 - digit).astype(float).tolist())[0], expected)
+
+
+def test_a_large_drawing_is_cropped_scaled_to_20px_and_centred_by_mass() -> None:
+    canvas = np.full((400, 600), 250, np.uint8)  # white paper
+    canvas[50:170, 400:460] = 40  # a dark bar, 120 tall and 60 wide, off-centre
+    field = layout(png(canvas))
+    assert field.shape == (28, 28) and field.dtype == np.uint8
+    assert ink_box(field) == (20, 10)  # the longer side is 20 px, the aspect ratio kept
+    assert field.max() == 255 and field[0].max() == 0  # light ink on a black field
+    com_y, com_x = centre_of_mass(field)
+    assert abs(com_y - 14) <= 0.5 and abs(com_x - 14) <= 0.5
+
+
+def test_a_small_digit_is_scaled_up_to_the_20px_box() -> None:
+    canvas = np.zeros((100, 100), np.uint8)
+    canvas[10:18, 70:74] = 255
+    assert ink_box(layout(png(canvas))) == (20, 10)
+
+
+def test_an_mnist_digit_scaled_up_comes_back_close_to_itself() -> None:
+    digit = a_digit()  # a ring centred in 28×28: nearly MNIST's layout already
+    big = encode(Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC))
+    back = layout(big).astype(np.float64)
+    assert np.corrcoef(back.ravel(), digit.astype(np.float64).ravel())[0, 1] > 0.9
+
+
+def test_a_noisy_photo_is_cropped_to_the_ink_not_the_noise() -> None:
+    digit = a_digit()
+    photo = EXTRA_VARIANTS["phone_photo"](digit, np.random.default_rng(1))
+    assert Image.open(io.BytesIO(photo)).size == (600, 400)
+    field = layout(photo).astype(np.float64)
+    assert ink_box(field > 0) == (20, 20)
+    assert np.corrcoef(field.ravel(), digit.astype(np.float64).ravel())[0, 1] > 0.9
+
+
+def test_the_exif_orientation_of_a_photo_is_applied() -> None:
+    canvas = np.full((300, 200), 255, np.uint8)
+    canvas[50:250, 90:110] = 0  # a tall bar as stored...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...shown rotated by 90°: a wide bar
+    data = encode(Image.fromarray(canvas), "JPEG", exif=exif)
+    height, width = ink_box(layout(data))
+    assert width == 20 and height < 5
+
+
+XMP_ROTATED = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _rotated_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def _xmp_png_info() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_ROTATED)
+    return info
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("PNG", lambda: {"exif": _rotated_exif()}),
+        ("WEBP", lambda: {"exif": _rotated_exif(), "lossless": True}),
+        ("JPEG", lambda: {"xmp": XMP_ROTATED.encode()}),
+        ("WEBP", lambda: {"xmp": XMP_ROTATED.encode(), "lossless": True}),
+        ("PNG", lambda: {"pnginfo": _xmp_png_info()}),
+    ],
+    ids=["png-exif", "webp-exif", "jpeg-xmp", "webp-xmp", "png-xmp"],
+)
+def test_every_orientation_pillow_reads_is_applied(
+    fmt: str, options: Callable[[], dict[str, Any]]
+) -> None:
+    canvas = np.zeros((20, 40), np.uint8)
+    canvas[5:8, 2:30] = 255
+    data = encode(Image.fromarray(canvas), fmt, **options())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("L"))
+    assert expected.shape == (40, 20)  # Pillow reads the orientation...
+    assert np.array_equal(imaging.decode(data), expected)  # ...and so does decode
+
+
+def test_a_big_jpeg_is_decoded_at_reduced_scale() -> None:
+    canvas = np.full((2400, 3200), 255, np.uint8)
+    canvas[600:1800, 1400:1700] = 0
+    gray = imaging.decode(encode(Image.fromarray(canvas).convert("RGB"), "JPEG"))
+    assert gray.shape == (300, 400)  # 1/8 scale: both sides still ≥ 256 px
+    assert ink_box(imaging.mnist_layout(gray)) == (20, 5)
+
+
+def test_blank_and_flat_images_give_an_empty_field() -> None:
+    for data in (
+        png(np.full((50, 40), 255, np.uint8)),
+        png(np.full((50, 40), 0, np.uint8)),
+        png(np.full((50, 40), 120, np.uint8) + np.eye(50, 40, dtype=np.uint8) * 10),
+        encode(Image.new("RGBA", (30, 30), (0, 0, 0, 0))),
+    ):
+        assert not layout(data).any()
+
+
+def test_formats_other_than_the_accepted_ones_are_415_naming_them() -> None:
+    tiff = encode(Image.fromarray(a_digit()), "TIFF")
+    for data in (SVG, TEXT, tiff, b"\x89PNG\r\n\x1a\n"):
+        with pytest.raises(UnsupportedMediaType) as caught:
+            imaging.decode(data)
+        assert "PNG, JPEG, BMP, GIF (first frame), WebP" in caught.value.message
+
+
+def test_empty_and_corrupt_images_are_422() -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        imaging.decode(b"")
+    noisy = png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    middle = len(noisy) // 2
+    scrambled = (
+        noisy[:middle] + bytes(255 - b for b in noisy[middle : middle + 64]) + noisy[middle + 64 :]
+    )
+    for broken in (noisy[:middle], noisy[:60], scrambled):
+        with pytest.raises(InvalidInput, match="truncated or corrupt"):
+            imaging.decode(broken)
+    jpeg = encode(Image.fromarray(a_digit()), "JPEG")
+    with pytest.raises(InvalidInput):
+        imaging.decode(jpeg[:200])
+
+
+def test_images_with_too_many_pixels_are_refused_before_decoding() -> None:
+    bomb = png_claiming_size(20_000, 20_000)  # 400 Mpx claimed in a few dozen bytes
+    assert len(bomb) < 100
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        imaging.decode(bomb)
+    with pytest.raises(PayloadTooLarge, match="at most 10000 pixels"):
+        imaging.decode(png(np.zeros((101, 100), np.uint8)), max_pixels=10_000)
+    assert imaging.decode(png(np.zeros((100, 100), np.uint8)), max_pixels=10_000).shape == (
+        100,
+        100,
+    )
+    # Pillow's own guard in this process is far below its default of 89 Mpx.
+    assert Image.MAX_IMAGE_PIXELS == IMAGE_PIXELS_CEILING < 89_000_000

@@ -1,0 +1,209 @@
+"""The repository on both backends: queue claims, fencing, expiry, paging, metrics."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.errors import InvalidInput, LeaseLost
+from service.schemas import JobCreate
+from service.status import JobStatus
+from service.steps import StepPlan
+from service.store import job_repo, metric_repo, queue_repo
+from service.store.tables import Job, TrainStep
+
+LEASE_S = 30.0
+
+
+def add_job(sessions: sessionmaker[Session], **params: int) -> str:
+    with sessions.begin() as session:
+        return job_repo.create_job(session, JobCreate(**params), max_attempts=3, now=utcnow()).id
+
+
+def claim(sessions: sessionmaker[Session], worker: str, **kw: object) -> Job | None:
+    with sessions.begin() as session:
+        return queue_repo.claim_job(
+            session,
+            worker_id=worker,
+            lease_s=float(kw.get("lease_s", LEASE_S)),  # type: ignore[arg-type]
+            device="cpu",
+            now=kw.get("now", utcnow()),  # type: ignore[arg-type]
+        )
+
+
+def flush(
+    sessions: sessionmaker[Session], job: Job, worker: str, steps: range, epoch: int = 1
+) -> bool:
+    rows = [{"step": s, "epoch": epoch, "loss": 1.0 / s, "examples_seen": 64 * s} for s in steps]
+    with sessions.begin() as session:
+        return queue_repo.record_progress(
+            session,
+            job_id=job.id,
+            attempt=job.attempt,
+            worker_id=worker,
+            progress=queue_repo.Progress(
+                steps=rows, epochs=[], step=steps.stop - 1, epoch=0, accuracy=None
+            ),
+            lease_s=LEASE_S,
+            now=utcnow(),
+        )
+
+
+def test_total_steps_round_up_per_epoch() -> None:
+    assert StepPlan.of(JobCreate()).total_steps == 157 * 3
+    assert StepPlan.of(JobCreate(trainset_size=64, batch_size=64, epochs=2)).total_steps == 2
+    assert StepPlan.of(JobCreate(trainset_size=65, batch_size=64, epochs=1)).total_steps == 2
+
+
+def test_claim_takes_the_oldest_queued_job_once(sessions: sessionmaker[Session]) -> None:
+    first, second = add_job(sessions), add_job(sessions)
+    a, b = claim(sessions, "w1"), claim(sessions, "w2")
+    assert a is not None and b is not None
+    assert (a.id, a.attempt, a.worker_id, a.status) == (first, 1, "w1", JobStatus.RUNNING)
+    assert (b.id, b.worker_id) == (second, "w2")
+    assert claim(sessions, "w3") is None
+
+
+def test_concurrent_claims_never_share_a_job(sessions: sessionmaker[Session]) -> None:
+    ids = {add_job(sessions) for _ in range(12)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def grab(worker: str) -> None:
+        while (job := claim(sessions, worker)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=grab, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_fenced_writes_refuse_a_worker_that_lost_the_job(sessions: sessionmaker[Session]) -> None:
+    add_job(sessions)
+    start = utcnow()
+    job = claim(sessions, "old", now=start)
+    assert job is not None
+    flush(sessions, job, "old", range(1, 4))
+
+    # The lease expires; another worker takes the job over as attempt 2 and starts over.
+    later = start + timedelta(seconds=LEASE_S + 1)
+    retry = claim(sessions, "new", now=later)
+    assert retry is not None and retry.id == job.id and retry.attempt == 2
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(TrainStep)) == 0
+
+    with pytest.raises(LeaseLost):
+        flush(sessions, job, "old", range(4, 6))
+    with pytest.raises(LeaseLost), sessions.begin() as session:
+        queue_repo.finish_job(
+            session,
+            job_id=job.id,
+            attempt=job.attempt,
+            worker_id="old",
+            status=JobStatus.SUCCEEDED,
+            now=utcnow(),
+        )
+    # The late writes left nothing behind; the new owner writes normally.
+    flush(sessions, retry, "new", range(1, 3))
+    with sessions() as session:
+        steps = session.scalars(select(TrainStep.step).order_by(TrainStep.step)).all()
+        assert steps == [1, 2]
+        assert session.get(Job, job.id).status == JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_duplicate_steps_are_rejected_by_the_schema(sessions: sessionmaker[Session]) -> None:
+    add_job(sessions)
+    job = claim(sessions, "w")
+    assert job is not None
+    flush(sessions, job, "w", range(1, 3))
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        flush(sessions, job, "w", range(2, 4))
+
+
+def test_a_job_out_of_attempts_fails_with_the_reason(sessions: sessionmaker[Session]) -> None:
+    job_id = add_job(sessions)
+    now = utcnow()
+    for attempt in (1, 2, 3):
+        job = claim(sessions, f"w{attempt}", now=now)
+        assert job is not None and job.attempt == attempt
+        now += timedelta(seconds=LEASE_S + 1)
+    assert claim(sessions, "w4", now=now) is None
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.status == JobStatus.FAILED
+        assert job.error == "worker lost 3 times"
+
+
+def test_cancel_a_queued_job_and_flag_a_running_one(sessions: sessionmaker[Session]) -> None:
+    queued_id, running_id = add_job(sessions), add_job(sessions)
+    with sessions.begin() as session:
+        queued = session.get(Job, queued_id)
+        assert queued is not None
+        assert job_repo.request_cancel(session, queued, now=utcnow()).status == "cancelled"
+    running = claim(sessions, "w")
+    assert running is not None and running.id == running_id
+    with sessions.begin() as session:
+        job = session.get(Job, running_id)
+        assert job is not None
+        assert job_repo.request_cancel(session, job, now=utcnow()).status == "running"
+    assert flush(sessions, running, "w", range(1, 2)) is True
+    assert claim(sessions, "w2") is None  # the cancelled job never starts
+
+
+def test_release_requeues_without_spending_an_attempt(sessions: sessionmaker[Session]) -> None:
+    add_job(sessions)
+    job = claim(sessions, "w")
+    assert job is not None
+    with sessions.begin() as session:
+        queue_repo.release_job(session, job_id=job.id, attempt=1, worker_id="w", now=utcnow())
+    again = claim(sessions, "w2")
+    assert again is not None and again.id == job.id and again.attempt == 1
+
+
+def test_list_jobs_pages_newest_first(sessions: sessionmaker[Session]) -> None:
+    ids = [add_job(sessions) for _ in range(5)]
+    seen: list[str] = []
+    cursor = None
+    with sessions() as session:
+        while True:
+            page, cursor = job_repo.list_jobs(session, status=None, limit=2, cursor=cursor)
+            seen += [j.id for j in page]
+            if cursor is None:
+                break
+        assert seen == ids[::-1]
+        queued, _ = job_repo.list_jobs(session, status=JobStatus.RUNNING, limit=10, cursor=None)
+        assert queued == []
+        with pytest.raises(InvalidInput):
+            job_repo.list_jobs(session, status=None, limit=2, cursor="not-a-cursor")
+
+
+def test_read_steps_after_a_step_in_order(sessions: sessionmaker[Session]) -> None:
+    add_job(sessions)
+    job = claim(sessions, "w")
+    assert job is not None
+    flush(sessions, job, "w", range(1, 11))
+    with sessions() as session:
+        assert [
+            r["step"] for r in metric_repo.read_steps(session, job.id, after_step=7, limit=10)
+        ] == [
+            8,
+            9,
+            10,
+        ]
+        assert [
+            r["step"] for r in metric_repo.read_steps(session, job.id, after_step=0, limit=3)
+        ] == [
+            1,
+            2,
+            3,
+        ]

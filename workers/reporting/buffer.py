@@ -1,0 +1,114 @@
+"""Buffering and persistence: step losses kept on the device, written in fenced batches.
+
+A flush is one transaction (:func:`service.store.queue_repo.record_progress`): insert the
+buffered steps and epochs, advance the job's progress, renew its lease, read
+``cancel_requested``. The losses stay on the device between flushes, so the loop never waits
+for the host, and one ``tolist`` per flush brings them over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.steps import StepPlan
+from service.store import queue_repo
+from workers.reporting.policy import Diverged
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The attempt a worker holds: every write it makes is fenced on these."""
+
+    job_id: str
+    attempt: int
+    worker_id: str
+
+
+class ProgressBuffer:
+    """The steps and epochs not yet written, and the fenced write that stores them."""
+
+    def __init__(
+        self, *, claim: Claim, plan: StepPlan, sessions: sessionmaker[Session], lease_s: float
+    ) -> None:
+        self.claim = claim
+        self.plan = plan
+        self._sessions = sessions
+        self._lease_s = lease_s
+        self._losses: list[torch.Tensor] = []
+        self.step = 0  # steps taken
+        self.flushed_step = 0  # steps written
+        self.epoch = 0
+        self.accuracy: float | None = None
+        self._epoch_rows: list[dict[str, Any]] = []
+        self.resume_file: str | None = None
+        self.last_loss: float | None = None
+
+    def resume_at(self, epoch: int, accuracy: float | None) -> None:
+        """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
+        self.epoch = epoch
+        self.step = self.flushed_step = self.plan.steps_before(epoch)
+        self.accuracy = accuracy
+
+    def add_step(self, loss: torch.Tensor) -> None:
+        """Keep one step's loss (a device tensor) until the next flush."""
+        self._losses.append(loss)
+        self.step += 1
+
+    def add_epoch(self, epoch: int, accuracy: float, resume_file: str | None) -> None:
+        """Keep an epoch's accuracy (and the state file it can be resumed from)."""
+        self.epoch = epoch
+        self.accuracy = accuracy
+        self._epoch_rows.append(self.plan.epoch_row(epoch, accuracy))
+        if resume_file is not None:
+            self.resume_file = resume_file
+
+    def _step_rows(self) -> list[dict[str, Any]]:
+        if not self._losses:
+            return []
+        losses = torch.stack(self._losses).tolist()  # the one host copy per flush
+        self._losses.clear()
+        rows = []
+        for step, loss in enumerate(losses, start=self.flushed_step + 1):
+            if not math.isfinite(loss):
+                raise Diverged(
+                    f"training diverged: the loss is {loss} at step {step}; "
+                    "try a smaller learning_rate"
+                )
+            rows.append(self.plan.step_row(step, loss))
+        return rows
+
+    def flush(self) -> tuple[int, bool]:
+        """Write what is buffered in one fenced transaction: (steps written, cancel asked).
+
+        Raises :class:`~service.errors.LeaseLost` (nothing written) once the job is not ours.
+        """
+        rows = self._step_rows()
+        epochs, self._epoch_rows = self._epoch_rows, []
+        progress = queue_repo.Progress(
+            steps=rows,
+            epochs=epochs,
+            step=self.step,
+            epoch=self.epoch,
+            accuracy=self.accuracy,
+            resume_checkpoint=self.resume_file if epochs else None,
+        )
+        with self._sessions.begin() as session:
+            cancel = queue_repo.record_progress(
+                session,
+                job_id=self.claim.job_id,
+                attempt=self.claim.attempt,
+                worker_id=self.claim.worker_id,
+                progress=progress,
+                lease_s=self._lease_s,
+                now=utcnow(),
+            )
+        self.flushed_step = self.step
+        if rows:
+            self.last_loss = float(rows[-1]["loss"])
+        return len(rows), cancel
