@@ -18,9 +18,9 @@ from service.store import job_repo
 from service.store.tables import Job
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
-# the thread pool, and each such hand-off cost more than a whole prediction (py-spy under load,
+# the thread pool, and such a hand-off costs more than a whole prediction (measured in
 # docs/benchmarks.md). A Session does no I/O until it is used; closing it returns its
-# connection to the pool (a rollback: microseconds on SQLite, one round trip on PostgreSQL).
+# connection to the pool (a rollback).
 
 
 async def get_app_settings(request: Request) -> Settings:

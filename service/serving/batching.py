@@ -6,8 +6,8 @@ batch costs barely more than one of a single image (the MLP is tiny; torch's per
 dominates), so the batcher gathers the images of every request that asks during the current
 turn of the loop, runs each model once over its share of them at the end of the turn, and
 hands every request its own rows. A request alone in its turn waits for nothing: its batch is
-itself. The forward runs on the loop: for at most :data:`MAX_BATCH_IMAGES` 28×28 images it takes
-tens of microseconds, less than a hand-off to a thread.
+itself. The forward runs on the loop: for at most :data:`MAX_BATCH_IMAGES` 28×28 images it is
+cheaper than a hand-off to a thread.
 """
 
 from __future__ import annotations

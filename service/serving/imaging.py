@@ -36,7 +36,7 @@ DEFAULT_MAX_IMAGE_PIXELS = Settings.model_fields["max_image_pixels"].default
 DIGIT_BOX_PX = 20  # MNIST's digits fit a 20×20 box...
 FIELD_CENTRE_PX = 14.0  # ...whose centre of mass lands on pixel 14 (measured: 14.00 ± 0.29)
 # JPEG photos decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this long:
-# a digit needs far fewer pixels than a phone camera gives, and a reduced decode is ~10× faster.
+# a digit needs far fewer pixels than a phone camera gives, and a reduced decode is much cheaper.
 JPEG_DRAFT_MIN_SIDE_PX = 256
 # Light background ↔ the border's median is at least this bright.
 LIGHT_BACKGROUND_MIN = 128
@@ -92,7 +92,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
 def _upright(image: Image.Image) -> Image.Image:
     """The image as it is meant to be shown: its EXIF or XMP orientation applied."""
     if not any(source in image.info for source in ORIENTATION_SOURCES):
-        # Most uploads: no metadata to parse (getexif, ~30 µs) and no copy to make.
+        # Most uploads: no metadata to parse (getexif) and no copy to make.
         return image
     return ImageOps.exif_transpose(image)
 
