@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
 from service.schemas import JobCreate
 from service.status import JobStatus
 from service.steps import StepPlan
-from service.store.cursors import decode_cursor, encode_cursor
+from service.store.cursors import newest_first
 from service.store.tables import Job, TrainStep
 
 
@@ -44,18 +44,12 @@ def list_jobs(
     session: Session, *, status: JobStatus | None, limit: int, cursor: str | None
 ) -> tuple[list[Job], str | None]:
     """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
-    stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    stmt = select(Job)
     if status is not None:
         stmt = stmt.where(Job.status == status)
-    if cursor is not None:
-        created, job_id = decode_cursor(cursor, "GET /jobs")
-        stmt = stmt.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
-        )
-    jobs = list(session.scalars(stmt))
-    if len(jobs) > limit:
-        return jobs[:limit], encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id)
-    return jobs, None
+    return newest_first(
+        session, stmt, Job.created_at, limit=limit, cursor=cursor, source="GET /jobs"
+    )
 
 
 def count_jobs(session: Session, *, status: JobStatus) -> int:

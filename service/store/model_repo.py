@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.status import JobStatus
-from service.store.cursors import decode_cursor, encode_cursor
+from service.store.cursors import newest_first
 from service.store.tables import Job, ModelAlias
 
 _is_model = and_(Job.status == JobStatus.SUCCEEDED, Job.checkpoint.is_not(None))
@@ -20,23 +20,10 @@ def list_models(
     session: Session, *, limit: int, cursor: str | None
 ) -> tuple[list[Job], str | None]:
     """A page of succeeded jobs with weights, most recently finished first, and the next cursor."""
-    stmt = (
-        select(Job)
-        .where(_is_model)
-        .order_by(Job.finished_at.desc(), Job.id.desc())
-        .limit(limit + 1)
+    stmt = select(Job).where(_is_model)
+    return newest_first(
+        session, stmt, Job.finished_at, limit=limit, cursor=cursor, source="GET /models"
     )
-    if cursor is not None:
-        finished, job_id = decode_cursor(cursor, "GET /models")
-        stmt = stmt.where(
-            or_(Job.finished_at < finished, and_(Job.finished_at == finished, Job.id < job_id))
-        )
-    jobs = list(session.scalars(stmt))
-    if len(jobs) > limit:
-        last = jobs[limit - 1]
-        assert last.finished_at is not None
-        return jobs[:limit], encode_cursor(last.finished_at, last.id)
-    return jobs, None
 
 
 def get_alias(session: Session, name: str) -> ModelAlias | None:
