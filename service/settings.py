@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         le=10,
         description="How often an open /jobs/{id}/events stream reads the database for news.",
     )
+    fast_lanes: bool = Field(
+        default=True,
+        description=(
+            "Answer plain predictions and metrics polls in plain ASGI ahead of FastAPI "
+            "(service/api/lanes/); false leaves every request to the routes."
+        ),
+    )
     ready_requires_worker: bool = Field(
         default=False,
         description="/readyz fails unless a worker has sent a heartbeat within MNIST_LEASE_S.",

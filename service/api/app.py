@@ -132,11 +132,12 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 class ServiceApp(FastAPI):
     """FastAPI behind the service's own ASGI layers (``edge``), which every request meets first.
 
-    The layers (metrics, request ids, the API key, the fast lanes) sit in front of FastAPI
-    rather than among its middlewares: a request a fast lane answers then skips FastAPI's
-    and Starlette's own layers (OpenTelemetry's per-request provider lookups, error and body
-    guards), about a quarter of its CPU. An unexpected error in these layers still gets the
-    service's 500 envelope; FastAPI's native OpenTelemetry sees the requests that reach it.
+    The layers (metrics, request ids, the API key, the body limits, the fast lanes) sit in front
+    of FastAPI rather than among its middlewares: a request a fast lane answers then skips
+    FastAPI's and Starlette's own layers (OpenTelemetry's per-request provider lookups, error
+    guards), about a quarter of its CPU, and the body limits see every body before a lane or a
+    route reads it. An unexpected error in these layers still gets the service's 500 envelope;
+    FastAPI's native OpenTelemetry sees the requests that reach it.
     """
 
     edge: ASGIApp | None = None
@@ -208,27 +209,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(dashboard.router)
     keys = keys_from(settings)
-    app.add_middleware(
-        BodyLimitMiddleware,
+    app.state.metrics = ServiceMetrics()
+    # Built innermost first: a request meets the metrics, the request id, then the key check
+    # (so an unauthenticated client is turned away before its body is read), then the body
+    # limits (before anything reads a byte of the body), then the fast lanes of metrics polls
+    # and predict, then FastAPI.
+    edge: ASGIApp = functools.partial(FastAPI.__call__, app)
+    if settings.fast_lanes:
+        edge = PredictLane(edge, route=_route(app, "POST", PREDICT_PATH), settings=settings)
+        edge = MetricsPollLane(edge, route=_route(app, "GET", "/jobs/{job_id}/metrics"))
+    edge = BodyLimitMiddleware(
+        edge,
         max_body_bytes=settings.max_request_bytes,
         max_form_parts=settings.max_form_parts,
         max_form_field_bytes=settings.max_form_field_bytes,
-    )
-    app.state.metrics = ServiceMetrics()
-    # Built innermost first: a request meets the metrics, the request id, then the key check
-    # (so an unauthenticated client is turned away before its body is read), then the fast
-    # lanes of metrics polls and predict, then FastAPI with the body limits in front of the
-    # routes (they see whatever the lanes pass on).
-    edge: ASGIApp = PredictLane(
-        functools.partial(FastAPI.__call__, app),
-        route=_route(app, "POST", PREDICT_PATH),
-        settings=settings,
-    )
-    edge = MetricsPollLane(
-        edge,
-        route=_route(app, "GET", "/jobs/{job_id}/metrics"),
-        default_limit=jobs.DEFAULT_STEPS_PAGE,
-        max_limit=jobs.MAX_STEPS_PAGE,
     )
     if keys is not None:
         edge = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)

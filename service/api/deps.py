@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.asgi import query_names
 from service.clock import JOB_ID_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.serving.predictor import Predictor
@@ -88,7 +90,14 @@ QUERY_NAMES_ATTR = "_mnist_query_names"
 
 
 def _query_names(dependant: Dependant) -> set[str]:
-    names = {param.alias for param in dependant.query_params}
+    names: set[str] = set()
+    for param in dependant.query_params:
+        # A route may declare its query as one Pydantic model: its fields are the parameters.
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names |= query_names(model)
+        else:
+            names.add(param.alias)
     for sub in dependant.dependencies:
         names |= _query_names(sub)
     return names

@@ -13,9 +13,16 @@ as Starlette answers for its own form limits: the form is malformed for this API
 large (413 stays the answer to the byte caps). The limits hold for every
 route, whatever its parameters; Starlette's per-call ``request.form()`` limits would need each
 route to parse its own form.
+
+The middleware stands in front of everything that reads a body, the fast lanes included
+(``ServiceApp`` in :mod:`service.api.app`), and is the service's one multipart parser besides
+Starlette's own: it leaves its guard in the scope, and a fast lane may ask it to keep the parts
+of a small form (:meth:`MultipartGuard.collect`) instead of parsing the body a second time.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
@@ -25,18 +32,41 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.asgi import header, send_error
 from service.errors import BadRequest, PayloadTooLarge, ServiceError
 
+MULTIPART_GUARD_SCOPE_KEY = "mnist.multipart_guard"
 
-class _Refused(Exception):
-    """Raised from ``receive`` to stop the app reading a body the middleware has refused."""
+
+@dataclass(slots=True)
+class Part:
+    """One part of a form, as a collecting guard kept it."""
+
+    # The parameters of its last Content-Disposition header (the one Starlette reads), or None.
+    disposition: dict[bytes, bytes] | None = None
+    chunks: list[bytes] = field(default_factory=list)
 
 
 class MultipartGuard:
-    """Counts the parts of one multipart body and the bytes of its text fields as they stream."""
+    """Counts the parts of one multipart body and the bytes of its text fields as they stream.
 
-    def __init__(self, boundary: bytes, *, max_parts: int, max_field_bytes: int) -> None:
+    Asked to (:meth:`collect`), it also keeps every part's disposition and data, and says when
+    the closing delimiter was read (``ended``): what Starlette's parser, the same
+    python-multipart over the same bytes, would hand the route.
+    """
+
+    def __init__(
+        self,
+        boundary: bytes,
+        *,
+        max_parts: int,
+        max_field_bytes: int,
+        charset: bytes | None = None,
+    ) -> None:
         self.max_parts = max_parts
         self.max_field_bytes = max_field_bytes
+        self.charset = charset  # the form's declared charset: Starlette decodes names with it
         self.parts = 0
+        self.ended = False
+        self.collected: list[Part] | None = None
+        self._collect_budget = 0
         self._field_bytes = 0
         self._is_file = False
         self._header_name = bytearray()
@@ -49,8 +79,16 @@ class MultipartGuard:
                 "on_header_value": self._header_value_data,
                 "on_header_end": self._header_end,
                 "on_part_data": self._part_data,
+                "on_end": self._end,
             },
         )
+
+    def collect(self, max_bytes: int) -> None:
+        """Keep the parts fed from now on in ``collected``; give up (None) past ``max_bytes``
+        of part data. Asked before the first byte is fed, by a fast lane that answers small
+        forms itself."""
+        self.collected = []
+        self._collect_budget = max_bytes
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next chunk; raises a :class:`ServiceError` as soon as a limit is passed."""
@@ -67,6 +105,8 @@ class MultipartGuard:
             raise BadRequest(f"the form has more than {self.max_parts} parts")
         self._is_file = False
         self._field_bytes = 0
+        if self.collected is not None:
+            self.collected.append(Part())
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -75,18 +115,31 @@ class MultipartGuard:
         self._header_value += data[start:end]
 
     def _header_end(self) -> None:
-        if bytes(self._header_name).strip().lower() == b"content-disposition":
+        # Header names are tokens (python-multipart refuses anything else): lowercased, as
+        # Starlette compares them.
+        if self._header_name.lower() == b"content-disposition":
             _, params = parse_options_header(bytes(self._header_value))
             self._is_file = b"filename" in params or b"filename*" in params
+            if self.collected is not None:
+                self.collected[-1].disposition = params
         self._header_name.clear()
         self._header_value.clear()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.collected is not None:
+            self._collect_budget -= end - start
+            if self._collect_budget < 0:
+                self.collected = None  # too large to keep: whoever asked reads it otherwise
+            else:
+                self.collected[-1].chunks.append(data[start:end])
         if self._is_file:
             return  # files are bounded by the body cap and by the route (MNIST_MAX_UPLOAD_BYTES)
         self._field_bytes += end - start
         if self._field_bytes > self.max_field_bytes:
             raise BadRequest(f"a form field is longer than {self.max_field_bytes} bytes")
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> MultipartGuard | None:
@@ -99,7 +152,12 @@ def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> Mu
     if kind != b"multipart/form-data" or not boundary:
         return None  # the app answers a multipart body without a boundary with its own 400
     try:
-        return MultipartGuard(boundary, max_parts=max_parts, max_field_bytes=max_field_bytes)
+        return MultipartGuard(
+            boundary,
+            max_parts=max_parts,
+            max_field_bytes=max_field_bytes,
+            charset=params.get(b"charset"),
+        )
     except (FormParserError, ValueError) as exc:  # e.g. a boundary over 256 bytes
         raise BadRequest(f"the multipart boundary is not usable: {exc}") from exc
 
@@ -134,15 +192,19 @@ class BodyLimitMiddleware:
         except ServiceError as exc:
             await send_error(send, exc, close=True)
             return
+        if guard is not None:
+            scope[MULTIPART_GUARD_SCOPE_KEY] = guard
 
         received = 0
         refusal: ServiceError | None = None
         response_started = False
 
+        # A refusal is raised from ``receive`` to stop the app reading: as a ServiceError, which
+        # the app's own handlers answer (into ``guarded_send``) instead of taking it for a fault.
         async def counting_receive() -> Message:
             nonlocal received, refusal
             if refusal is not None:
-                raise _Refused
+                raise refusal
             message = await receive()
             if message["type"] != "http.request":
                 return message
@@ -156,7 +218,7 @@ class BodyLimitMiddleware:
                 except ServiceError as exc:
                     refusal = exc
             if refusal is not None:
-                raise _Refused
+                raise refusal
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -170,9 +232,15 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counting_receive, guarded_send)
         except Exception:
-            # The app may wrap _Refused in its own errors (FastAPI turns a failed body read into
-            # a 400); when we refused, any of them is the consequence, not a fault.
+            # The app may let the refusal through or wrap it in its own errors (FastAPI turns a
+            # failed body read into a 400); when we refused, any of them is the consequence.
             if refusal is None:
                 raise
         if refusal is not None and not response_started:
             await send_error(send, refusal, close=True)
+
+
+def guard_of(scope: Scope) -> MultipartGuard | None:
+    """The guard that reads this request's multipart body, if the middleware made one."""
+    guard = scope.get(MULTIPART_GUARD_SCOPE_KEY)
+    return guard if isinstance(guard, MultipartGuard) else None

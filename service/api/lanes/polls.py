@@ -6,45 +6,42 @@ trains on the same machine: every poll's CPU is taken from the training. Through
 lane answers a well-formed poll with one read transaction on the driver's cursor and the same
 JSON (:func:`service.domain.jobs.metrics_json`, which the route answers with too).
 
-The route (:mod:`service.api.routes.jobs`) stays the reference: any other query string, an unknown
-job, a database error — the lane passes the request on untouched (a GET has no body to replay)
-and the route gives its answer.
+The route (:mod:`service.api.routes.jobs`) stays the reference, and the lane re-states none of
+its rules: it matches the path with the route's own pattern, checks the job id with the type
+the route's dependency declares (``JobIdPath``) and reads the query with the route's model
+(``MetricsQuery``). Any other request, an unknown job, a database error — the lane passes the
+request on untouched (a GET has no body to replay) and the route gives its answer.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import anyio.to_thread
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.routing import BaseRoute
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.asgi import send_json, strict_query
+from service.api.asgi import RouteQuery, send_json
+from service.api.deps import JobIdPath
+from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
 
-METRICS_PATH = re.compile(r"/jobs/([0-9a-f]{32})/metrics")
-# Plain decimal numbers only, small enough for a 64-bit column; the route reads the rest.
-_QUERY_PATTERNS = {
-    "after_step": re.compile(r"0|[1-9][0-9]{0,17}"),
-    "limit": re.compile(r"[1-9][0-9]{0,8}"),
-}
+QUERY = RouteQuery(MetricsQuery)
+JOB_ID: TypeAdapter[str] = TypeAdapter(JobIdPath)
 
 
-def poll_query(
-    query_string: bytes, *, default_limit: int, max_limit: int
-) -> tuple[int, int] | None:
-    """(after_step, limit) of a well-formed query string, else None (the route's to answer).
-
-    Well-formed: only ``after_step`` and ``limit``, each at most once, plain numbers in range.
-    """
-    values = strict_query(query_string, _QUERY_PATTERNS)
-    if values is None:
+def job_id_of(route: Route, path: str) -> str | None:
+    """The job id of a metrics path, as the route matches and validates it, else None."""
+    match = route.path_regex.match(path)
+    if match is None:
         return None
-    limit = int(values.get("limit", default_limit))
-    return (int(values.get("after_step", 0)), limit) if limit <= max_limit else None
+    try:
+        return JOB_ID.validate_python(match["job_id"])
+    except ValidationError:
+        return None
 
 
 class MetricsPollLane:
@@ -57,13 +54,9 @@ class MetricsPollLane:
     be slow.
     """
 
-    def __init__(
-        self, app: ASGIApp, *, route: BaseRoute, default_limit: int, max_limit: int
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, route: Route) -> None:
         self.app = app
-        self.route = route  # what the metrics middleware labels the lane's answers with
-        self.default_limit = default_limit
-        self.max_limit = max_limit
+        self.route = route  # its path pattern; and what the metrics middleware labels answers with
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the poll here, or pass the request on."""
@@ -77,17 +70,13 @@ class MetricsPollLane:
 
     async def _poll(self, scope: Scope) -> bytes | None:
         """A well-formed poll's answer; None for any other GET (the route's to answer)."""
-        path = METRICS_PATH.fullmatch(scope["path"])
-        if path is None:
+        job_id = job_id_of(self.route, scope["path"])
+        if job_id is None:
             return None
-        query = poll_query(
-            scope.get("query_string", b""),
-            default_limit=self.default_limit,
-            max_limit=self.max_limit,
-        )
+        query = QUERY.read(scope.get("query_string", b""))
         if query is None:
             return None
-        return await self._read(scope["app"].state, path[1], *query)
+        return await self._read(scope["app"].state, job_id, query.after_step, query.limit)
 
     async def _read(self, state: Any, job_id: str, after_step: int, limit: int) -> bytes | None:
         loop_engine: Engine | None = state.loop_engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
+from pydantic import BaseModel, Field
 
 from service.api.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
 from service.clock import CURSOR_PATTERN
@@ -22,6 +23,19 @@ MAX_PAGE = 100
 # A 60,000-image job of 10 epochs fits one page (~8 MB of JSON): a chart reads it in one request.
 MAX_STEPS_PAGE = 100_000
 DEFAULT_STEPS_PAGE = 1000
+# Steps are numbered in an INTEGER column, 32 bits on PostgreSQL; a larger ``after_step`` names
+# no step, and SQLite cannot even compare past 64 bits.
+MAX_STEP = 2**31 - 1
+
+
+class MetricsQuery(BaseModel):
+    """The query parameters of a metrics poll: the route declares them, and the polls' fast lane
+    reads a query string with this same model (:mod:`service.api.lanes.polls`)."""
+
+    after_step: int = Field(
+        default=0, ge=0, le=MAX_STEP, description="Only steps numbered above this."
+    )
+    limit: int = Field(default=DEFAULT_STEPS_PAGE, ge=1, le=MAX_STEPS_PAGE)
 
 
 @router.post(
@@ -88,13 +102,10 @@ def cancel_job(job: JobForUpdateDep, session: WriteSessionDep) -> JobRead:
 
 @router.get("/{job_id}/metrics", response_model=MetricsRead, responses=NOT_FOUND)
 def get_metrics(
-    job: JobDep,
-    session: SessionDep,
-    after_step: Annotated[int, Query(ge=0, description="Only steps numbered above this.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_STEPS_PAGE)] = DEFAULT_STEPS_PAGE,
+    job: JobDep, session: SessionDep, query: Annotated[MetricsQuery, Query()]
 ) -> Response:
     """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
-    body = jobs.metrics_json(session, job.id, after_step=after_step, limit=limit)
+    body = jobs.metrics_json(session, job.id, after_step=query.after_step, limit=query.limit)
     if body is None:  # deleted since JobDep read it
         raise NotFound(f"no job with id {job.id}")
     return Response(body, media_type="application/json")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -68,6 +68,31 @@ REQUEST_BODY: dict[str, Any] = {
 }
 
 
+class PredictQuery(BaseModel):
+    """Predict's query parameters: the route declares them, and the fast lane reads a query
+    string with this same model (:mod:`service.api.lanes.predict`), so both take the same."""
+
+    job_id: str | None = Field(
+        default=None, pattern=JOB_ID_PATTERN, description="The model of this job."
+    )
+    model: str | None = Field(
+        default=None, pattern=ALIAS_PATTERN, description="The model this alias points at."
+    )
+    top_k: int | None = Field(
+        default=None, ge=1, le=NUM_CLASSES, description="Also list the k best digits."
+    )
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type value, as predict tells its inputs apart by it."""
+    return content_type.split(";")[0].strip().lower()
+
+
+def multipart_cap(settings: Settings) -> int:
+    """The most bytes a multipart request may carry: every image it may hold, and framing."""
+    return settings.max_upload_bytes * settings.max_images_per_request + MULTIPART_OVERHEAD_BYTES
+
+
 @router.post(
     "/predict",
     response_model=Prediction | PredictionBatch,
@@ -85,16 +110,7 @@ async def predict(
     request: Request,
     predictor: PredictorDep,
     settings: SettingsDep,
-    job_id: Annotated[
-        str | None, Query(pattern=JOB_ID_PATTERN, description="The model of this job.")
-    ] = None,
-    model: Annotated[
-        str | None,
-        Query(pattern=ALIAS_PATTERN, description="The model this alias points at."),
-    ] = None,
-    top_k: Annotated[
-        int | None, Query(ge=1, le=NUM_CLASSES, description="Also list the k best digits.")
-    ] = None,
+    query: Annotated[PredictQuery, Query()],
 ) -> Response:
     """The digit in each image, its ten probabilities, and the job whose model answered.
 
@@ -104,7 +120,7 @@ async def predict(
     ``production`` alias's, else the most recently finished succeeded job's. Given both,
     they must name the same model (409 otherwise).
     """
-    choice = ModelChoice(job_id=job_id, alias=model)
+    choice = ModelChoice(job_id=query.job_id, alias=query.model)
     kind, payload = await _read_input(request, settings)
 
     def to_tensor() -> torch.Tensor:
@@ -114,7 +130,7 @@ async def predict(
 
     # Decoding may be slow (a large photo): off the loop. The model answers on it, batched.
     x = await run_in_threadpool(to_tensor)
-    answering, predictions = await predictor.predict(x, choice, top_k=top_k)
+    answering, predictions = await predictor.predict(x, choice, top_k=query.top_k)
     body = {"job_id": answering, "predictions": predictions} if kind == "files" else predictions[0]
     # Built to the Prediction/PredictionBatch schema directly: validating our own output
     # again per request would cost more than the prediction.
@@ -125,7 +141,7 @@ async def _read_input(
     request: Request, settings: Settings
 ) -> tuple[str, list[bytes] | PixelsInput]:
     """What the client sent: ("file" | "files" | "body", images) or ("pixels", PixelsInput)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request.headers.get("content-type", ""))
     if content_type == "multipart/form-data":
         return await _read_multipart(request, settings)
     if content_type.startswith("image/"):
@@ -177,10 +193,9 @@ async def _read_multipart(
     request: Request, settings: Settings
 ) -> tuple[str, list[bytes] | PixelsInput]:
     limit = settings.max_images_per_request
-    cap = settings.max_upload_bytes * limit + MULTIPART_OVERHEAD_BYTES
     parser = MultiPartParser(
         request.headers,
-        _capped(request, cap, "the request"),
+        _capped(request, multipart_cap(settings), "the request"),
         max_files=limit,
         max_fields=MAX_FORM_FIELDS,
     )

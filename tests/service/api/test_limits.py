@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.api.limits import BodyLimitMiddleware
+from service.api.limits import BodyLimitMiddleware, MultipartGuard, guard_of
 from service.settings import Settings
 from tests.support import app_settings
 
@@ -138,6 +138,31 @@ def test_multipart_part_headers_are_bounded() -> None:
     many += b'Content-Disposition: form-data; name="f"\r\n\r\nv\r\n'
     many += f"--{BOUNDARY}--\r\n".encode()
     assert run(limited(Recorder()), [many], FORM)[0] == 400
+
+
+def test_the_guard_of_a_form_is_left_in_the_scope_for_the_layers_behind() -> None:
+    guards: list[MultipartGuard | None] = []
+
+    class Collecting(Recorder):
+        """A layer behind the limits that takes the form's parts from their guard."""
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            guard = guard_of(scope)
+            guards.append(guard)
+            if guard is not None:
+                guard.collect(1 << 20)
+            await super().__call__(scope, receive, send)
+
+    body = multipart([("file", b"\r\n--not-the-boundary\r\n")], filename="d.png")
+    assert run(limited(Collecting()), [body[:10], body[10:]], FORM)[0] == 200
+    (guard,) = guards
+    assert guard is not None and guard.ended and guard.collected is not None
+    (part,) = guard.collected
+    assert part.disposition == {b"name": b"file", b"filename": b"d.png"}
+    assert b"".join(part.chunks) == b"\r\n--not-the-boundary\r\n"
+    # A body that is not a form has no guard.
+    assert run(limited(Collecting()), [b"{}"], [(b"content-type", b"application/json")])[0] == 200
+    assert guards[1:] == [None]
 
 
 def test_a_huge_boundary_is_refused() -> None:

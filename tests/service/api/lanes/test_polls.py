@@ -1,14 +1,19 @@
-"""Which metrics polls the fast lane reads itself."""
+"""Which metrics polls the fast lane reads itself: those the route reads the same way."""
 
 from __future__ import annotations
 
 import pytest
+from starlette.routing import Route
 
-from service.api.lanes.polls import METRICS_PATH, poll_query
+from service.api.lanes.polls import QUERY, job_id_of
+from service.api.routes import jobs as jobs_routes
+
+JOB = "0123456789abcdef0123456789abcdef"
 
 
 def read(query: bytes) -> tuple[int, int] | None:
-    return poll_query(query, default_limit=1000, max_limit=100_000)
+    parsed = QUERY.read(query)
+    return None if parsed is None else (parsed.after_step, parsed.limit)
 
 
 @pytest.mark.parametrize(
@@ -19,9 +24,15 @@ def read(query: bytes) -> tuple[int, int] | None:
         (b"after_step=4711", (4711, 1000)),
         (b"limit=1", (0, 1)),
         (b"limit=100000&after_step=9", (9, 100_000)),
+        (b"limit=010", (0, 10)),  # as the route reads them: the same model
+        (b"after_step=+1", (1, 1000)),
+        (b"after_step=1.0", (1, 1000)),
+        (f"after_step={jobs_routes.MAX_STEP}".encode(), (jobs_routes.MAX_STEP, 1000)),
     ],
 )
-def test_plain_polls_are_read(query: bytes, expected: tuple[int, int]) -> None:
+def test_polls_the_route_takes_are_read_as_it_reads_them(
+    query: bytes, expected: tuple[int, int]
+) -> None:
     assert read(query) == expected
 
 
@@ -30,12 +41,10 @@ def test_plain_polls_are_read(query: bytes, expected: tuple[int, int]) -> None:
     [
         b"limit=0",
         b"limit=100001",
-        b"limit=010",
         b"after_step=-1",
-        b"after_step=+1",
-        b"after_step=1.0",
+        b"after_step=1.5",
         b"after_step=",
-        b"after_step=" + b"9" * 19,  # past a 64-bit column: the route's to judge
+        f"after_step={jobs_routes.MAX_STEP + 1}".encode(),
         b"after_step=1&after_step=2",
         b"limt=5",
         b"after_step=1&x=",
@@ -45,8 +54,23 @@ def test_every_other_query_is_left_to_the_route(query: bytes) -> None:
     assert read(query) is None
 
 
-def test_only_a_job_ids_metrics_path_is_matched() -> None:
-    job = "0123456789abcdef0123456789abcdef"
-    assert METRICS_PATH.fullmatch(f"/jobs/{job}/metrics")
-    for path in (f"/jobs/{job}/metrics/", f"/jobs/{job.upper()}/metrics", "/jobs/x/metrics"):
-        assert METRICS_PATH.fullmatch(path) is None
+def metrics_route() -> Route:
+    (route,) = [
+        r
+        for r in jobs_routes.router.routes
+        if isinstance(r, Route) and r.path == "/jobs/{job_id}/metrics"
+    ]
+    return route
+
+
+def test_a_metrics_path_is_matched_and_its_id_checked_as_the_route_does() -> None:
+    route = metrics_route()
+    assert job_id_of(route, f"/jobs/{JOB}/metrics") == JOB
+    for path in (
+        f"/jobs/{JOB}/metrics/",
+        f"/jobs/{JOB.upper()}/metrics",
+        f"/jobs/{JOB}\n/metrics",
+        "/jobs/x/metrics",
+        f"/jobs/{JOB}",
+    ):
+        assert job_id_of(route, path) is None, path

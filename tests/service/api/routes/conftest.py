@@ -24,8 +24,22 @@ from workers.worker import Worker
 
 
 @pytest.fixture
-def api_settings(settings: Settings) -> Settings:
-    return settings
+def fast_lanes(request: pytest.FixtureRequest) -> bool:
+    """Whether the app answers plain predictions and polls in its fast lanes (the default), or
+    leaves them to the routes; ``BOTH_WAYS`` runs a test each way."""
+    return bool(getattr(request, "param", True))
+
+
+# The tests of the routes the fast lanes stand in front of run both ways: the answers must not
+# depend on who gives them.
+BOTH_WAYS = pytest.mark.parametrize(
+    "fast_lanes", [True, False], ids=["lanes", "routes"], indirect=True
+)
+
+
+@pytest.fixture
+def api_settings(settings: Settings, fast_lanes: bool) -> Settings:
+    return settings.model_copy(update={"fast_lanes": fast_lanes})
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from service.clock import utcnow
 from service.schemas import MetricsRead
 from service.store import queue_repo, worker_repo
 from service.store.tables import Job
+from tests.service.api.routes.conftest import BOTH_WAYS
 
 DEFAULTS = {
     "epochs": 3,
@@ -111,6 +112,7 @@ def test_malformed_json_is_a_422_not_a_crash(client: TestClient) -> None:
     assert response.json()["error"]["code"] == "validation_error"
 
 
+@BOTH_WAYS
 def test_unknown_and_malformed_ids(client: TestClient) -> None:
     missing = client.get("/jobs/0123456789abcdef0123456789abcdef")
     assert missing.status_code == 404
@@ -166,6 +168,7 @@ def _record_steps(sessions: sessionmaker[Session], job_id: str, count: int) -> N
         )
 
 
+@BOTH_WAYS
 def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[Session]) -> None:
     job_id = client.post("/jobs", json={}).json()["id"]
     empty = client.get(f"/jobs/{job_id}/metrics").json()
@@ -194,8 +197,15 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     too_many = jobs_routes.MAX_STEPS_PAGE + 1
     assert client.get(f"/jobs/{job_id}/metrics?limit={too_many}").status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
+    # Past the steps column's range: no step has such a number, and SQLite could not compare.
+    past = client.get(f"/jobs/{job_id}/metrics?after_step={jobs_routes.MAX_STEP + 1}")
+    assert past.status_code == 422
+    assert "after_step" in past.json()["error"]["message"]
+    last = client.get(f"/jobs/{job_id}/metrics?after_step={jobs_routes.MAX_STEP}").json()
+    assert last["steps"] == [] and last["next_after_step"] == jobs_routes.MAX_STEP
 
 
+@BOTH_WAYS
 def test_the_metrics_body_is_exactly_the_documented_schema(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:

@@ -1,4 +1,8 @@
-"""The metrics polls' fast lane in the app: the route's answer, without the route."""
+"""The metrics polls' fast lane in the app: the route's answer, without the route.
+
+Every test runs with the lanes on and off (``BOTH_WAYS``): the answers are the same, and only
+who gives them differs.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ from service.api.app import create_app
 from service.api.routes import jobs as jobs_routes
 from service.domain import jobs
 from service.settings import Settings
+from tests.service.api.routes.conftest import BOTH_WAYS
 from tests.service.api.routes.test_jobs import _record_steps
+
+pytestmark = BOTH_WAYS
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -40,31 +47,33 @@ def route_jobs(monkeypatch: pytest.MonkeyPatch) -> CountingJobs:
 
 
 def test_the_lane_answers_polls_with_the_routes_bytes(
-    client: TestClient, sessions: sessionmaker[Session], route_jobs: CountingJobs
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    route_jobs: CountingJobs,
+    fast_lanes: bool,
 ) -> None:
     job_id = client.post("/jobs", json={}).json()["id"]
     _record_steps(sessions, job_id, 25)
     polls = ["", "?after_step=20", "?limit=3", "?after_step=5&limit=10", "?limit=7&after_step=0"]
-    by_lane = [client.get(f"/jobs/{job_id}/metrics{q}") for q in polls]
-    assert [r.status_code for r in by_lane] == [200] * len(polls)
-    assert route_jobs.reads == 0
-    # The same queries written so that the lane leaves them to the route, which reads them
-    # the same way (a leading zero).
-    routed = [
+    plain = [client.get(f"/jobs/{job_id}/metrics{q}") for q in polls]
+    # The same polls written otherwise: the lane reads them with the route's model, as the
+    # route does (a leading zero, a plus sign, a whole float).
+    spelt = [
         "?after_step=00",
         "?after_step=020",
         "?limit=03",
-        "?after_step=05&limit=010",
-        "?limit=07&after_step=00",
+        "?after_step=%2B5&limit=010",
+        "?limit=7.0&after_step=00",
     ]
-    by_route = [client.get(f"/jobs/{job_id}/metrics{q}") for q in routed]
-    assert route_jobs.reads == len(routed)
-    for lane, route in zip(by_lane, by_route, strict=True):
-        assert lane.content == route.content
-        assert lane.headers["content-type"] == route.headers["content-type"]
-    assert [s["step"] for s in by_lane[1].json()["steps"]] == [21, 22, 23, 24, 25]
-    assert by_lane[3].json()["next_after_step"] == 15
-    assert by_lane[0].headers["x-request-id"]  # the middlewares apply as to any route
+    other = [client.get(f"/jobs/{job_id}/metrics{q}") for q in spelt]
+    assert [r.status_code for r in plain + other] == [200] * (len(polls) + len(spelt))
+    assert route_jobs.reads == (0 if fast_lanes else len(polls) + len(spelt))
+    for one, same in zip(plain, other, strict=True):
+        assert one.content == same.content
+        assert one.headers["content-type"] == same.headers["content-type"] == "application/json"
+    assert [s["step"] for s in plain[1].json()["steps"]] == [21, 22, 23, 24, 25]
+    assert plain[3].json()["next_after_step"] == 15
+    assert plain[0].headers["x-request-id"]  # the middlewares apply as to any route
 
 
 def test_what_the_lane_does_not_take_the_route_answers(
@@ -77,6 +86,7 @@ def test_what_the_lane_does_not_take_the_route_answers(
     too_many = jobs_routes.MAX_STEPS_PAGE + 1
     assert client.get(f"/jobs/{job_id}/metrics?limit={too_many}").status_code == 422
     assert client.get(f"/jobs/{job_id}/metrics?after_step=-1").status_code == 422
+    assert client.get(f"/jobs/{job_id}/metrics?after_step={'9' * 19}").status_code == 422
     assert client.get("/jobs/NOT-AN-ID/metrics").status_code == 422
     assert route_jobs.reads == 0  # all refused before reading
     head = client.head(f"/jobs/{job_id}/metrics")
@@ -111,10 +121,12 @@ def test_the_lane_is_behind_the_api_key(keyed_client: TestClient) -> None:
 
 
 def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
-    client: TestClient, sessions: sessionmaker[Session], db_url: str
+    client: TestClient, sessions: sessionmaker[Session], db_url: str, fast_lanes: bool
 ) -> None:
     if not db_url.startswith("sqlite"):
         pytest.skip("on PostgreSQL the lane reads in the thread pool, through the pool")
+    if not fast_lanes:
+        pytest.skip("the route reads through the pool, as every route does")
     job_id = client.post("/jobs", json={}).json()["id"]
     _record_steps(sessions, job_id, 3)
     engine = client.app.state.read_engine  # type: ignore[attr-defined]

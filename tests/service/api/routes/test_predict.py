@@ -18,10 +18,12 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import job_repo
 from service.store.engines import make_engine, make_sessionmaker
-from tests.service.api.routes.conftest import train_job
+from tests.service.api.routes.conftest import BOTH_WAYS, train_job
 from tests.service.images import SVG, TEXT, png, png_claiming_size
 from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, service_env, synthetic_digits
 from workers.worker import Worker
+
+pytestmark = BOTH_WAYS
 
 
 def test_no_model_yet_is_409(client: TestClient) -> None:
@@ -258,7 +260,9 @@ def test_concurrent_requests_load_each_checkpoint_once(
 
 
 @pytest.fixture
-def served_model(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[httpx.Client]:
+def served_model(
+    sqlite_url: str, small_mnist: Path, tmp_path: Path, fast_lanes: bool
+) -> Iterator[httpx.Client]:
     """A real uvicorn serving a model that a real worker trained on the generated digits."""
     settings = Settings(
         database_url=sqlite_url,
@@ -279,6 +283,7 @@ def served_model(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator
         data_dir=str(small_mnist),
         checkpoint_dir=str(tmp_path / "models"),
         max_images_per_request="4",
+        fast_lanes=str(fast_lanes).lower(),
     )
     with api_server(env, tmp_path / "api.log") as client:
         yield client
