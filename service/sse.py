@@ -1,7 +1,9 @@
-"""Server-Sent Events on the wire: written by the API, read by the CLI and the tests.
+"""Server-Sent Events read back: the CLI's (and the tests') parser of ``text/event-stream``.
 
-The format is the HTML standard's ``text/event-stream``: fields ``id``, ``event``, ``data``
-and ``retry``, a blank line ending each event, lines starting with ``:`` being comments.
+The API's side is FastAPI's (``fastapi.sse``); reading is ours, since no dependency of the
+project parses the format. The rules are the HTML standard's: fields ``id``, ``event``,
+``data`` and ``retry``, a blank line ending each event, lines starting with ``:`` being
+comments.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-MEDIA_TYPE = "text/event-stream"
 
 
 @dataclass(frozen=True)
@@ -25,24 +25,6 @@ class Event:
     def json(self) -> Any:
         """The data decoded as JSON (every event this service sends carries JSON)."""
         return json.loads(self.data)
-
-
-def encode(event: str, data: Any, *, event_id: str | None = None) -> str:
-    """One event with a JSON payload; compact JSON never contains a newline, so one data line."""
-    lines = [] if event_id is None else [f"id: {event_id}"]
-    lines.append(f"event: {event}")
-    lines.append("data: " + json.dumps(data, separators=(",", ":"), allow_nan=False))
-    return "\n".join(lines) + "\n\n"
-
-
-def comment(text: str) -> str:
-    """A comment line: ignored by clients, it keeps idle connections (and proxies) open."""
-    return f": {text}\n\n"
-
-
-def retry(milliseconds: int) -> str:
-    """Tell the client how long to wait before reconnecting after a dropped connection."""
-    return f"retry: {milliseconds}\n\n"
 
 
 def parse(lines: Iterable[str]) -> Iterator[Event]:

@@ -1,17 +1,17 @@
-"""A job's live event stream (Server-Sent Events)."""
+"""A job's live event stream: Server-Sent Events, written by FastAPI's EventSourceResponse."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from service import sse
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
+from service.api.openapi import error_response
 from service.domain import events
-from service.schemas import ErrorEnvelope
 
 # attempt:step:epoch, as the stream numbers its events; empty means "from the start".
 EVENT_ID_PATTERN = r"^([0-9]{1,18}:[0-9]{1,18}:[0-9]{1,18})?$"
@@ -19,23 +19,9 @@ EVENT_ID_PATTERN = r"^([0-9]{1,18}:[0-9]{1,18}:[0-9]{1,18})?$"
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get(
-    "/{job_id}/events",
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {sse.MEDIA_TYPE: {}},
-            "description": "`status`, `step` (batched) and `epoch` events; the last is a "
-            '`status` with `"final": true`.',
-        },
-        404: {"model": ErrorEnvelope, "description": "No job with this id."},
-        422: {"model": ErrorEnvelope, "description": "Last-Event-ID is not one this sent."},
-    },
-)
-async def job_events(
+async def stream_start(
     job_id: JobIdPath,
     sessions: ReadSessionsDep,
-    settings: SettingsDep,
     last_event_id: Annotated[
         str | None,
         Header(
@@ -51,13 +37,36 @@ async def job_events(
             description="The same as the Last-Event-ID header, for clients that cannot set it.",
         ),
     ] = None,
-) -> StreamingResponse:
-    """Follow a job as it trains: events as they are recorded, until the job has ended."""
+) -> events.Cursor:
+    """Where the stream starts; 422 for an id it did not send, 404 for an unknown job.
+
+    A dependency, because a streaming route's own body runs only once the 200 has gone out:
+    these answers must come before it.
+    """
     cursor = events.Cursor.parse(last_event_id or after)
     await run_in_threadpool(events.find_job, sessions, job_id)
-    return StreamingResponse(
-        events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s),
-        media_type=sse.MEDIA_TYPE,
-        # A proxy must neither store a live stream nor buffer it (X-Accel-Buffering: nginx).
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return cursor
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "`status`, `step` (batched) and `epoch` events; the last is a "
+            '`status` with `"final": true`.',
+        },
+        # Spelt out: a ``model`` here would be documented as the stream's media type.
+        404: error_response("No job with this id."),
+        422: error_response("Last-Event-ID is not one this sent."),
+    },
+)
+async def job_events(
+    job_id: JobIdPath,
+    sessions: ReadSessionsDep,
+    settings: SettingsDep,
+    cursor: Annotated[events.Cursor, Depends(stream_start)],
+) -> AsyncIterator[ServerSentEvent]:
+    """Follow a job as it trains: events as they are recorded, until the job has ended."""
+    async for event in events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s):
+        yield event

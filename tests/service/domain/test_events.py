@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
 import pytest
+from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
@@ -23,8 +25,13 @@ PARAMS = JobCreate(epochs=2, batch_size=10, trainset_size=50, testset_size=10)  
 def poll(sessions: sessionmaker[Session], state: StreamState) -> tuple[list[sse.Event], bool]:
     with sessions() as session:
         result = events.poll(session, state)
-    parsed = list(sse.parse("".join(result.chunks).split("\n")))
-    return parsed, result.done
+    return [read(e) for e in result.events], result.done
+
+
+def read(event: ServerSentEvent) -> sse.Event:
+    """An event as a client reads it (FastAPI writes ``raw_data`` as it is)."""
+    assert event.event is not None and event.raw_data is not None and event.data is None
+    return sse.Event(event.event, event.raw_data, event.id)
 
 
 def kinds(evs: list[sse.Event]) -> list[str]:
@@ -155,23 +162,32 @@ def test_the_step_limit_holds_back_epochs_and_the_end(
     assert second[-1].json()["error"] == "boom"
 
 
-def test_the_stream_sends_keepalives_and_ends_with_the_job(
+def test_the_stream_says_how_to_reconnect_then_ends_with_the_job(
     sessions: sessionmaker[Session], training: FakeTraining
 ) -> None:
-    async def collect() -> list[str]:
-        chunks = []
-        async for chunk in events.stream(
-            sessions, training.job_id, Cursor(), poll_s=0.01, keepalive_s=0.0
-        ):
-            chunks.append(chunk)
-            if len(chunks) == 4:  # retry, status, and at least one keep-alive while queued
+    async def collect() -> list[ServerSentEvent]:
+        sent = []
+        async for event in events.stream(sessions, training.job_id, Cursor(), poll_s=0.01):
+            sent.append(event)
+            if len(sent) == 2:  # retry, then the queued status: the job is cancelled
                 with sessions.begin() as session:
                     job: Any = session.get(Job, training.job_id)
                     job.status = JobStatus.CANCELLED
-        return chunks
+        return sent
 
-    chunks = anyio.run(collect)
-    assert chunks[0].startswith("retry:")
-    assert any(c.startswith(": keep-alive") for c in chunks)
-    parsed = list(sse.parse("".join(chunks).split("\n")))
-    assert parsed[-1].event == "status" and parsed[-1].json()["final"] is True
+    sent = anyio.run(collect)
+    assert sent[0] == ServerSentEvent(retry=events.RETRY_MS)
+    received = [read(e) for e in sent[1:]]
+    assert [(e.event, e.json()["status"]) for e in received] == [
+        ("status", "queued"),
+        ("status", "cancelled"),
+    ]
+    assert received[-1].json()["final"] is True
+
+
+def test_payloads_are_one_line_and_never_nan() -> None:
+    assert (
+        events.json_data({"text": "two\nlines", "x": [1, 2]}) == '{"text":"two\\nlines","x":[1,2]}'
+    )
+    with pytest.raises(ValueError):
+        events.json_data({"loss": math.nan})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import fastapi.routing
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,7 @@ from service import sse
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
+from tests.support import wait_for
 
 UNKNOWN = "0" * 32
 
@@ -58,6 +60,35 @@ def test_a_live_job_streams_until_it_ends(
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [e.json()["epoch"] for e in received if e.event == "epoch"] == [1, 2]
     assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
+
+
+def test_a_quiet_stream_is_kept_alive_by_comments(
+    client: TestClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FastAPI sends a comment after this long without an event (15 s unless patched).
+    monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.05)
+    training = FakeTraining(sessions, JobCreate(epochs=1, batch_size=10, trainset_size=20))
+    job_id = training.submit()
+    lines: list[str] = []
+
+    def follow() -> None:
+        with client.stream("GET", f"/jobs/{job_id}/events") as response:
+            lines.extend(response.iter_lines())
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    try:
+        # A queued job: its status, then nothing to say for a while.
+        wait_for(lambda: any(line.startswith(":") for line in lines), timeout_s=30, what="a ping")
+    finally:
+        training.claim()
+        training.finish()
+        reader.join(timeout=30)
+    assert not reader.is_alive(), "the stream did not end with the job"
+    assert lines[0] == "retry: 1000"
+    received = list(sse.parse(lines))
+    assert received[0].json()["status"] == "queued"
+    assert received[-1].json()["status"] == "succeeded" and received[-1].json()["final"]
 
 
 def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Session]) -> None:
