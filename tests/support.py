@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 import numpy as np
 import pytest
@@ -95,6 +96,17 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(every_s)
+
+
+async def wait_until(
+    probe: Callable[[], bool], *, timeout_s: float, what: str, every_s: float = 0.01
+) -> None:
+    """:func:`wait_for` inside an event loop: polls without blocking the loop it waits on."""
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await anyio.sleep(every_s)
 
 
 def free_port() -> int:

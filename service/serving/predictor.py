@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import anyio.to_thread
 import numpy as np
 import orjson
 import torch
+from cachetools import LRUCache
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import Conflict, ServiceError
@@ -68,25 +67,24 @@ def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
 
 
 class ModelCache:
-    """Loaded models by checkpoint file, least recently used evicted.
+    """Loaded models by checkpoint file, least recently used evicted (``cachetools.LRUCache``).
 
     Each file is loaded once even when many requests ask for it at the same moment: the
-    first one loads it while the others wait on that load alone; loads of different files
-    run in parallel, and cached models are served while any load runs. A load that fails is
-    not remembered: the next request tries again.
+    first one starts the load (in a thread: ``torch.load`` blocks) and all of them await it
+    on the event loop, so they hold one thread between them; loads of different files run in
+    parallel, and cached models are served while any load runs. A load that fails is not
+    remembered: the next request tries again. Used from the API's event loop only, so the
+    cache needs no lock.
     """
 
     def __init__(self, checkpoint_dir: Path, capacity: int) -> None:
         self._dir = checkpoint_dir
-        self._capacity = capacity
-        self._models: OrderedDict[str, SimpleMLP] = OrderedDict()
+        self._models: LRUCache[str, SimpleMLP] = LRUCache(maxsize=capacity)
         self._loads: SingleFlight[str, SimpleMLP] = SingleFlight()
-        self._lock = threading.Lock()  # guards the dict; never held while loading
         self.loads = 0  # how many times a checkpoint was read from disk
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._models)
+        return len(self._models)
 
     def waiting(self, checkpoint: str) -> int:
         """How many callers wait for the load of ``checkpoint`` under way."""
@@ -94,28 +92,19 @@ class ModelCache:
 
     def peek(self, checkpoint: str) -> SimpleMLP | None:
         """The model of ``checkpoint`` if it is loaded (marked as just used), else None."""
-        with self._lock:
-            model = self._models.get(checkpoint)
-            if model is not None:
-                self._models.move_to_end(checkpoint)
-            return model
+        return self._models.get(checkpoint)
 
-    def get(self, checkpoint: str) -> SimpleMLP:
+    async def get(self, checkpoint: str) -> SimpleMLP:
         """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
-        model = self.peek(checkpoint)
+        model = self._models.get(checkpoint)
         if model is not None:
             return model
-        return self._loads.run(checkpoint, lambda: self._load_and_keep(checkpoint))
+        return await self._loads.run(checkpoint, lambda: self._load_and_keep(checkpoint))
 
-    def _load_and_keep(self, checkpoint: str) -> SimpleMLP:
-        model = self.peek(checkpoint)  # loaded by the call that finished just before this one
-        if model is not None:
-            return model
-        model = self._load(checkpoint)
-        with self._lock:
-            self._models[checkpoint] = model
-            while len(self._models) > self._capacity:
-                self._models.popitem(last=False)
+    async def _load_and_keep(self, checkpoint: str) -> SimpleMLP:
+        model = await anyio.to_thread.run_sync(self._load, checkpoint)
+        self.loads += 1
+        self._models[checkpoint] = model
         return model
 
     def _load(self, checkpoint: str) -> SimpleMLP:
@@ -126,12 +115,9 @@ class ModelCache:
         if not path.is_file():
             raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
         try:
-            model = load_model(path)
+            return load_model(path)
         except Exception as exc:  # torch raises many types for a damaged file
             raise Conflict(f"the checkpoint {path.name} cannot be loaded: {exc}") from exc
-        with self._lock:
-            self.loads += 1
-        return model
 
 
 class Predictor:
@@ -156,16 +142,7 @@ class Predictor:
 
     async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:
         """The job and weights file that answer ``choice`` (404/409 as :func:`resolve`)."""
-        resolved = self.resolutions.get(choice)
-        if resolved is None:
-            resolved = await anyio.to_thread.run_sync(self._resolve_in_session, choice)
-        return resolved
-
-    def _resolve_in_session(
-        self, choice: model_registry.ModelChoice
-    ) -> model_registry.ResolvedModel:
-        with self.sessions() as session:
-            return self.resolutions.resolve(session, choice)
+        return await self.resolutions.resolve(self.sessions, choice)
 
     async def predict(
         self, images: torch.Tensor, choice: model_registry.ModelChoice, *, top_k: int | None
@@ -173,9 +150,7 @@ class Predictor:
         """The answering job's id, and one prediction (as :class:`Prediction` serialises) per
         image of the batch ``images`` (N×1×28×28)."""
         resolved = await self.resolve(choice)
-        model = self.models.peek(resolved.checkpoint)
-        if model is None:
-            model = await anyio.to_thread.run_sync(self.models.get, resolved.checkpoint)
+        model = await self.models.get(resolved.checkpoint)
         rows = await self.batcher.probabilities(resolved.checkpoint, model, images)
         return resolved.job_id, [prediction_body(row, resolved.job_id, top_k) for row in rows]
 

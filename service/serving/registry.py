@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
+import anyio.to_thread
+from cachetools import TTLCache
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.domain.jobs import params_of
@@ -184,7 +185,8 @@ def resolve_choice(session: Session, choice: ModelChoice) -> ResolvedModel:
 
 
 class ResolutionCache:
-    """Resolved choices remembered for ``ttl_s`` seconds (0: not at all).
+    """Resolved choices remembered for ``ttl_s`` seconds (0: not at all), in a
+    ``cachetools.TTLCache`` of ``capacity`` entries (least recently used evicted).
 
     Resolving costs one to three queries, a prediction well under a millisecond: under load
     the queries would be most of predict's work. A succeeded job never changes, so what can
@@ -202,10 +204,11 @@ class ResolutionCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
-        self._capacity = capacity
-        self._clock = clock
-        self._entries: OrderedDict[ModelChoice, tuple[float, ResolvedModel]] = OrderedDict()
-        self._lock = threading.Lock()  # resolutions are stored from the thread pool
+        self._entries: TTLCache[ModelChoice, ResolvedModel] = TTLCache(
+            maxsize=capacity, ttl=ttl_s, timer=clock
+        )
+        # Lookups run on the event loop, clear() also in the thread pool (sync alias routes).
+        self._lock = threading.Lock()
         # Bumped by clear(): a resolution read before an alias changed is not stored after it.
         self._generation = 0
         self.resolving: SingleFlight[ModelChoice, ResolvedModel] = SingleFlight()
@@ -213,28 +216,14 @@ class ResolutionCache:
     def get(self, choice: ModelChoice) -> ResolvedModel | None:
         """The remembered resolution of ``choice``, unless older than ``ttl_s``."""
         with self._lock:
-            entry = self._entries.get(choice)
-            if entry is None:
-                return None
-            expires, resolved = entry
-            if self._clock() >= expires:
-                del self._entries[choice]
-                return None
-            return resolved
+            return self._entries.get(choice)
 
     def put(self, choice: ModelChoice, resolved: ResolvedModel, *, generation: int) -> None:
         """Remember ``resolved`` for ``ttl_s`` seconds, unless the cache was cleared since
-        ``generation`` (:attr:`generation` when the resolution was read); the oldest entries
-        are evicted past capacity."""
-        if self.ttl_s <= 0:
-            return
+        ``generation`` (:attr:`generation` when the resolution was read)."""
         with self._lock:
-            if generation != self._generation:
-                return
-            self._entries[choice] = (self._clock() + self.ttl_s, resolved)
-            self._entries.move_to_end(choice)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+            if generation == self._generation:
+                self._entries[choice] = resolved
 
     def clear(self) -> None:
         """Forget everything: an alias changed."""
@@ -248,19 +237,28 @@ class ResolutionCache:
         with self._lock:
             return self._generation
 
-    def resolve(self, session: Session, choice: ModelChoice) -> ResolvedModel:
-        """The cached resolution, or :func:`resolve_choice` in ``session`` (then remembered)."""
+    async def resolve(self, sessions: sessionmaker[Session], choice: ModelChoice) -> ResolvedModel:
+        """The cached resolution, or :func:`resolve_choice` in a read session (then remembered).
+
+        When an entry expires under load, every request in flight misses at once: one of them
+        reads the database (in a thread) and the others await its answer on the event loop.
+        """
         resolved = self.get(choice)
         if resolved is None:
-            # When an entry expires under load, every request in flight misses at once: one
-            # of them reads the database and the others wait for its answer.
-            resolved = self.resolving.run(choice, lambda: self._read_and_keep(session, choice))
+            resolved = await self.resolving.run(
+                choice, lambda: self._read_and_keep(sessions, choice)
+            )
         return resolved
 
-    def _read_and_keep(self, session: Session, choice: ModelChoice) -> ResolvedModel:
-        resolved = self.get(choice)
-        if resolved is None:
-            generation = self.generation
-            resolved = resolve_choice(session, choice)
-            self.put(choice, resolved, generation=generation)
+    async def _read_and_keep(
+        self, sessions: sessionmaker[Session], choice: ModelChoice
+    ) -> ResolvedModel:
+        generation = self.generation
+        resolved = await anyio.to_thread.run_sync(_resolve_in_session, sessions, choice)
+        self.put(choice, resolved, generation=generation)
         return resolved
+
+
+def _resolve_in_session(sessions: sessionmaker[Session], choice: ModelChoice) -> ResolvedModel:
+    with sessions() as session:
+        return resolve_choice(session, choice)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -12,49 +11,54 @@ V = TypeVar("V")
 
 
 class SingleFlight(Generic[K, V]):
-    """While one thread computes a key's value, other threads asking for that key wait for it.
+    """While one computation of a key runs, every caller asking for that key awaits it.
 
-    Computations of different keys run in parallel. A failure reaches every waiter and is not
-    remembered: the next call computes again. Callers that cache the value should store it
-    inside ``compute`` and look it up there first, so that a call arriving just after a
-    computation finished finds its value rather than computing it again.
+    Callers wait on the event loop, not in threads: a hundred predict requests for a model
+    being loaded hold the one thread that reads its file, and the thread pool stays free for
+    everything else (``compute`` itself may hand its blocking part to a thread).
+
+    The computation is a task of its own, not the first caller's: a caller that goes away
+    (its client hung up) neither cancels it nor fails the others. Computations of different
+    keys run in parallel. A failure reaches every waiter and is not remembered: the next call
+    computes again. Callers that cache the value should store it inside ``compute``, so that
+    the value is in the cache by the time the key leaves :meth:`waiting`.
+
+    Not thread-safe: use it from one event loop (the API process's).
     """
 
     def __init__(self) -> None:
-        self._pending: dict[K, Future[V]] = {}
+        self._pending: dict[K, asyncio.Task[V]] = {}
         self._waiting: dict[K, int] = {}
-        self._lock = threading.Lock()
 
     def waiting(self, key: K) -> int:
         """How many calls are waiting for the computation of ``key`` under way."""
-        with self._lock:
-            return self._waiting.get(key, 0)
+        return self._waiting.get(key, 0)
 
-    def run(self, key: K, compute: Callable[[], V]) -> V:
-        """``compute()``, or the result of the call for ``key`` already under way."""
-        with self._lock:
-            pending = self._pending.get(key)
-            owner = pending is None
-            if pending is None:
-                pending = self._pending[key] = Future()
-            else:
-                self._waiting[key] = self._waiting.get(key, 0) + 1
-        if not owner:
-            try:
-                return pending.result()
-            finally:
-                with self._lock:
-                    self._waiting[key] -= 1
-                    if not self._waiting[key]:
-                        del self._waiting[key]
+    async def run(self, key: K, compute: Callable[[], Awaitable[V]]) -> V:
+        """``await compute()``, or the result of the computation for ``key`` under way."""
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._compute(key, compute))
+            task.add_done_callback(_retrieve)
+            self._pending[key] = task
+        self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
-            value = compute()
-        except BaseException as exc:
-            with self._lock:
-                del self._pending[key]
-            pending.set_exception(exc)
-            raise
-        with self._lock:
+            # shield: a waiter's cancellation ends its own wait, never the shared computation.
+            return await asyncio.shield(task)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+
+    async def _compute(self, key: K, compute: Callable[[], Awaitable[V]]) -> V:
+        try:
+            return await compute()
+        finally:
+            # In the same step as the result: a call after this one computes afresh.
             del self._pending[key]
-        pending.set_result(value)
-        return value
+
+
+def _retrieve(task: asyncio.Task[V]) -> None:
+    # Every waiter may have gone: mark a failure as seen so asyncio does not log it as lost.
+    if not task.cancelled():
+        task.exception()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from service.serving.registry import ModelChoice, ResolutionCache
 from service.status import JobStatus
 from service.store import job_repo
 from tests.service.images import TUTORIAL, encode, png_claiming_size
-from tests.support import synthetic_digits, wait_for
+from tests.support import synthetic_digits, wait_until
 
 
 def test_a_28x28_mnist_png_gives_exactly_the_tutorial_tensor(small_mnist: Path) -> None:
@@ -83,46 +83,43 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     )
 
 
-def run_threads(
-    targets: list[Callable[[], object]], *, meanwhile: Callable[[], object] = lambda: None
+def get(cache: ModelCache, checkpoint: str) -> SimpleMLP:
+    """One request for a model, on an event loop of its own."""
+    return anyio.run(cache.get, checkpoint)
+
+
+async def gather(calls: int, ask: Callable[[], Coroutine[Any, Any, object]]) -> None:
+    async with anyio.create_task_group() as tasks:
+        for _ in range(calls):
+            tasks.start_soon(ask)
+
+
+async def release_when_all_wait(
+    cache: ModelCache, checkpoint: str, callers: int, release: threading.Event
 ) -> None:
-    threads = [threading.Thread(target=t) for t in targets]
-    for t in threads:
-        t.start()
-    meanwhile()
-    for t in threads:
-        t.join(timeout=JOIN_S)
-        assert not t.is_alive(), "a thread is stuck"
-
-
-def release_when_all_wait(
-    cache: ModelCache, checkpoint: str, waiters: int, release: threading.Event
-) -> Callable[[], None]:
-    """Let the load finish once the other callers all wait for it (no sleeping on a hunch)."""
-
-    def check() -> None:
-        wait_for(
-            lambda: cache.waiting(checkpoint) == waiters,
+    """Let the load finish once every caller waits for it (no sleeping on a hunch)."""
+    try:
+        await wait_until(
+            lambda: cache.waiting(checkpoint) == callers,
             timeout_s=JOIN_S,
-            what=f"{waiters} callers waiting for the load",
-            every_s=0.01,
+            what=f"{callers} callers waiting for the load",
         )
-        release.set()
-
-    return check
+    finally:
+        release.set()  # even on failure: a load left blocked would hang the test's end
 
 
 def test_the_cache_keeps_the_most_recently_used_models(tmp_path: Path) -> None:
     for i in range(3):
         save(tmp_path, f"m{i}.pt", seed=i)
     cache = ModelCache(tmp_path, capacity=2)
-    m0 = cache.get("m0.pt")
-    cache.get("m1.pt")
-    assert cache.get("m0.pt") is m0  # a hit: m0 is now the most recent
-    cache.get("m2.pt")  # evicts m1, the least recently used
+    m0 = get(cache, "m0.pt")
+    get(cache, "m1.pt")
+    assert get(cache, "m0.pt") is m0  # a hit: m0 is now the most recent
+    get(cache, "m2.pt")  # evicts m1, the least recently used
     assert len(cache) == 2 and cache.loads == 3
-    assert cache.get("m0.pt") is m0 and cache.loads == 3
-    cache.get("m1.pt")
+    assert cache.peek("m1.pt") is None
+    assert get(cache, "m0.pt") is m0 and cache.loads == 3
+    get(cache, "m1.pt")
     assert cache.loads == 4
 
 
@@ -136,22 +133,26 @@ def test_concurrent_requests_load_a_checkpoint_once(
 
     def slow_load(path: Path, device: str = "cpu") -> SimpleMLP:
         disk_reads.append(path.name)
-        assert release.wait(JOIN_S)  # until every other caller waits for this load
+        assert release.wait(JOIN_S)  # until every caller waits for this load
         return load_model(path, device)
 
     monkeypatch.setattr("service.serving.predictor.load_model", slow_load)
     cache = ModelCache(tmp_path, capacity=4)
     got: list[SimpleMLP] = []
 
-    def ask() -> None:
-        got.append(cache.get("m.pt"))
+    async def ask() -> None:
+        got.append(await cache.get("m.pt"))
 
-    run_threads(
-        [ask] * callers, meanwhile=release_when_all_wait(cache, "m.pt", callers - 1, release)
-    )
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(gather, callers, ask)
+            tasks.start_soon(release_when_all_wait, cache, "m.pt", callers, release)
+
+    anyio.run(main)
     assert disk_reads == ["m.pt"] and cache.loads == 1
     assert len(got) == callers and all(m is got[0] for m in got)
     assert same_weights(got[0], saved)
+    assert cache.waiting("m.pt") == 0
 
 
 def test_loading_one_checkpoint_does_not_hold_up_another(
@@ -171,11 +172,16 @@ def test_loading_one_checkpoint_does_not_hold_up_another(
     monkeypatch.setattr("service.serving.predictor.load_model", load)
     cache = ModelCache(tmp_path, capacity=4)
 
-    def fast() -> None:
-        cache.get("fast.pt")
+    async def fast() -> None:
+        await cache.get("fast.pt")
         fast_loaded.set()
 
-    run_threads([lambda: cache.get("slow.pt"), fast])
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(cache.get, "slow.pt")
+            tasks.start_soon(fast)
+
+    anyio.run(main)
     assert cache.loads == 2
 
 
@@ -189,26 +195,29 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
 
     def failing(path: Path, device: str = "cpu") -> SimpleMLP:
         attempts.append(1)
-        assert release.wait(JOIN_S)  # until every other caller waits for this load
+        assert release.wait(JOIN_S)  # until every caller waits for this load
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr("service.serving.predictor.load_model", failing)
     cache = ModelCache(tmp_path, capacity=4)
     errors: list[str] = []
 
-    def ask() -> None:
+    async def ask() -> None:
         try:
-            cache.get("m.pt")
+            await cache.get("m.pt")
         except Conflict as exc:
             errors.append(exc.message)
 
-    run_threads(
-        [ask] * callers, meanwhile=release_when_all_wait(cache, "m.pt", callers - 1, release)
-    )
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(gather, callers, ask)
+            tasks.start_soon(release_when_all_wait, cache, "m.pt", callers, release)
+
+    anyio.run(main)
     assert len(attempts) == 1 and len(errors) == callers
     assert all("cannot be loaded: disk on fire" in e for e in errors)
     monkeypatch.setattr("service.serving.predictor.load_model", load_model)
-    cache.get("m.pt")  # not remembered as failed
+    get(cache, "m.pt")  # not remembered as failed
     assert cache.loads == 1
 
 
@@ -218,27 +227,32 @@ def test_a_half_written_checkpoint_is_never_served(tmp_path: Path) -> None:
     (tmp_path / "m.pt").write_bytes(whole[: len(whole) // 2])
     cache = ModelCache(tmp_path, capacity=2)
     with pytest.raises(Conflict, match="cannot be loaded"):
-        cache.get("m.pt")
+        get(cache, "m.pt")
     with pytest.raises(Conflict, match="missing"):
-        cache.get("absent.pt")
+        get(cache, "absent.pt")
     assert len(cache) == 0 and cache.loads == 0
     # The worker's way: a temporary file renamed into place; then the whole model loads.
     save_checkpoint(model, tmp_path / "m.pt")
-    assert same_weights(cache.get("m.pt"), model)
-    assert cache.get("../whole.pt") is not None  # only a name inside the folder is ever read
+    assert same_weights(get(cache, "m.pt"), model)
+    assert get(cache, "../whole.pt") is not None  # only a name inside the folder is ever read
 
 
 # --- predict over a batch --------------------------------------------------------------------
 
 
-def test_probabilities_sum_to_1_and_top_k_is_ranked(
-    sessions: sessionmaker[Session], tmp_path: Path
-) -> None:
+def add_model(sessions: sessionmaker[Session], tmp_path: Path) -> str:
+    """A succeeded job whose weights are ``m.pt`` in ``tmp_path``: the default model."""
     save(tmp_path, "m.pt", seed=4)
     with sessions.begin() as session:
         job = job_repo.create_job(session, JobCreate(), max_attempts=1, now=utcnow())
         job.status, job.finished_at, job.checkpoint = JobStatus.SUCCEEDED, utcnow(), "m.pt"
-        job_id = job.id
+        return job.id
+
+
+def test_probabilities_sum_to_1_and_top_k_is_ranked(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = add_model(sessions, tmp_path)
     images, _ = synthetic_digits(5, seed=6)
     x = images_to_tensor([encode(Image.fromarray(i)) for i in images])
     assert x.shape == (5, 1, 28, 28)
@@ -257,6 +271,51 @@ def test_probabilities_sum_to_1_and_top_k_is_ranked(
         ranked = [p["probability"] for p in answer["top_k"]]
         assert len(ranked) == 3 and answer["top_k"][0]["digit"] == answer["digit"]
         assert ranked == sorted(answer["probabilities"], reverse=True)[:3]
+
+
+def test_requests_waiting_for_a_load_hold_no_threads(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 predictions of a model being loaded hold one thread between them: with the pool
+    limited to three, other work still gets a thread while they wait."""
+    job_id = add_model(sessions, tmp_path)
+    callers = 20
+    release = threading.Event()
+
+    def held_load(path: Path, device: str = "cpu") -> SimpleMLP:
+        assert release.wait(JOIN_S)  # until the other work has had its thread
+        return load_model(path, device)
+
+    monkeypatch.setattr("service.serving.predictor.load_model", held_load)
+    predictor = Predictor(sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher())
+    x = images_to_tensor([encode(Image.new("L", (28, 28)))])
+    answered: list[str] = []
+
+    async def ask() -> None:
+        answered.append((await predictor.predict(x, ModelChoice(), top_k=None))[0])
+
+    async def other_work() -> str:
+        try:
+            await wait_until(
+                lambda: predictor.models.waiting("m.pt") == callers,
+                timeout_s=JOIN_S,
+                what=f"{callers} predictions waiting for the load",
+            )
+            with anyio.fail_after(JOIN_S):  # blocked behind the waiters, this would time out
+                return await anyio.to_thread.run_sync(lambda: "ran")
+        finally:
+            release.set()
+
+    async def main() -> str:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 3
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(gather, callers, ask)
+            ran = await other_work()
+        return ran
+
+    assert anyio.run(main) == "ran"
+    assert answered == [job_id] * callers
+    assert predictor.models.loads == 1
 
 
 def test_a_bad_image_in_a_batch_is_named_by_its_index() -> None:

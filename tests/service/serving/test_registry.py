@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,7 +17,7 @@ from service.serving import registry as model_registry
 from service.status import TERMINAL, JobStatus
 from service.store import job_repo
 from service.store.tables import Job
-from tests.support import wait_for
+from tests.support import wait_until
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -199,8 +200,7 @@ def cached_job(
     sessions: sessionmaker[Session],
     choice: model_registry.ModelChoice,
 ) -> str:
-    with sessions() as session:
-        return cache.resolve(session, choice).job_id
+    return anyio.run(cache.resolve, sessions, choice).job_id
 
 
 def test_a_resolution_is_remembered_for_its_ttl_then_read_again(
@@ -276,23 +276,29 @@ def test_concurrent_misses_read_the_database_once(
         session: Session, choice: model_registry.ModelChoice
     ) -> model_registry.ResolvedModel:
         reads.append("read")
-        release.wait(timeout=10)  # every other request arrives while this one reads
+        release.wait(timeout=30)  # every other request arrives while this one reads
         return real(session, choice)
 
     monkeypatch.setattr(model_registry, "resolve_choice", slow_resolve)
-    answers: list[str] = []
-    threads = [
-        threading.Thread(
-            target=lambda: answers.append(cached_job(cache, sessions, model_registry.ModelChoice()))
-        )
-        for _ in range(8)
-    ]
-    for t in threads:
-        t.start()
     choice = model_registry.ModelChoice()
-    wait_for(lambda: cache.resolving.waiting(choice) == 7, timeout_s=30, what="7 waiting on 1 read")
-    release.set()
-    for t in threads:
-        t.join(timeout=30)
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append((await cache.resolve(sessions, choice)).job_id)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            for _ in range(8):
+                tasks.start_soon(ask)
+            try:
+                await wait_until(
+                    lambda: cache.resolving.waiting(choice) == 8,
+                    timeout_s=30,
+                    what="8 waiting on 1 read",
+                )
+            finally:
+                release.set()
+
+    anyio.run(main)
     assert answers == [job_id] * 8
     assert reads == ["read"]
