@@ -6,19 +6,15 @@ and read through the service as deployed (``python -m service``), over real HTTP
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import Workspace, make_workspace
@@ -27,6 +23,12 @@ from benchmarks.predict import PRODUCTION_SETTINGS, server
 from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
+from benchmarks.series_clients import (
+    PROBE_PERIOD_S,
+    Poller,
+    healthz_under_reads,
+    read_whole_series,
+)
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.api.routes.jobs import MAX_STEPS_PAGE
 from service.clock import utcnow
@@ -41,9 +43,11 @@ FLUSH_ROWS = 250  # steps per simulated flush
 PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"
 WHOLE_GOAL_MS = 100.0
 TAIL_GOAL_MS = 5.0
+HEALTH_READERS = 2  # clients reading the whole series while /healthz is probed
+HEALTH_SECONDS = 5.0
+HEALTH_GOAL_MS = 50.0
 POLL_RATE_HZ = 200.0
 POLLERS = 4  # client connections sharing the rate
-CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 SLOWDOWN_GOAL = 0.10
 METRICS_PARTS = {
     "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
@@ -110,21 +114,6 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
     return job_id
 
 
-def read_whole_series(client: httpx.Client, job_id: str) -> int:
-    """Every step of a job, page after page as a client reads it; how many steps."""
-    after, total = 0, 0
-    while True:
-        r = client.get(
-            f"/jobs/{job_id}/metrics", params={"after_step": after, "limit": MAX_STEPS_PAGE}
-        )
-        r.raise_for_status()
-        body = orjson.loads(r.content)
-        total += len(body["steps"])
-        if not body["steps"]:
-            return total
-        after = body["next_after_step"]
-
-
 def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[Series, float]:
     """``n`` calls of ``fn``: their wall times (ms), and the server's CPU ms per call."""
     series = Series(name, "ms")
@@ -134,72 +123,6 @@ def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[
         fn()
         series.add((time.perf_counter() - started) * 1000)
     return series, (cpu_seconds(pid) - cpu_before) / n * 1000
-
-
-class Poller(threading.Thread):
-    """Polls a job's new steps at a fixed rate, as live loss charts would.
-
-    ``connections`` keep-alive connections share the rate, each asking for the steps after the
-    last one it saw. A bare asyncio HTTP/1.1 client: the poller runs on the same cores as the
-    job, so it should cost as little CPU as a client on another machine would cost them.
-    """
-
-    def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
-        super().__init__(daemon=True, name="poller")
-        url = httpx.URL(base_url)
-        self._host, self._port = url.host, url.port or 80
-        self._job_id = job_id
-        self._period_s = connections / rate_hz
-        self._connections = connections
-        self._done = threading.Event()
-        self.polls = 0
-        self.latencies_ms: list[float] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        """Poll until stopped."""
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
-            self.error = exc
-
-    async def _main(self) -> None:
-        await asyncio.gather(*(self._poll(i) for i in range(self._connections)))
-
-    async def _poll(self, index: int) -> None:
-        reader, writer = await asyncio.open_connection(self._host, self._port)
-        after = 0
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + index * self._period_s / self._connections  # spread them out
-        try:
-            while not self._done.is_set():
-                delay = next_at - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at = max(next_at + self._period_s, loop.time())  # behind: no bursts
-                started = time.perf_counter()
-                writer.write(
-                    f"GET /jobs/{self._job_id}/metrics?after_step={after} HTTP/1.1\r\n"
-                    f"Host: {self._host}\r\n\r\n".encode()
-                )
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = CONTENT_LENGTH.search(head)
-                if not head.startswith(b"HTTP/1.1 200") or length is None:
-                    raise RuntimeError(f"unexpected answer to a poll: {head[:200]!r}")
-                body = await reader.readexactly(int(length[1]))
-                self.latencies_ms.append((time.perf_counter() - started) * 1000)
-                after = orjson.loads(body)["next_after_step"]
-                self.polls += 1
-        finally:
-            writer.close()
-
-    def stop(self) -> int:
-        """Stop polling; how many polls were answered."""
-        self._done.set()
-        self.join()
-        if self.error is not None:
-            raise RuntimeError("the poller failed") from self.error
-        return self.polls
 
 
 @contextlib.contextmanager
@@ -294,6 +217,7 @@ class MetricsResult:
     """The goal figures."""
 
     whole_ms: float
+    healthz_p95_ms: float
     tail_ms: float
     slowdown: float
 
@@ -362,12 +286,21 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 ),
             ]
             client.close()
+        health = healthz_under_reads(
+            ws.env(),
+            job_id,
+            steps=SERIES_STEPS,
+            readers=HEALTH_READERS,
+            seconds=HEALTH_SECONDS,
+            log=root / "api-1.log",
+        )
     finally:
         engine.dispose()
 
     default, one_thread = configs
     slowdown = default.slowdown
     tail_p50 = percentile(tail.values, 50)
+    health_p95 = percentile(health.reading.values, 95)
     section.para(
         f"A succeeded job with {SERIES_STEPS:,} steps, written by `record_progress` in "
         f"batches of {FLUSH_ROWS} ({write_s:.1f} s), read over HTTP with one client from the "
@@ -389,6 +322,29 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 len(s.values),
             ]
             for s, cpu in ((whole, whole_cpu), (page, page_cpu), (tail, tail_cpu))
+        ],
+    )
+    section.para(
+        "The server's other requests while series are read: a server of one process "
+        "(`MNIST_API_WORKERS=1`, so that every request shares its event loop) answers "
+        f"`GET /healthz` every {PROBE_PERIOD_S * 1000:.0f} ms on a kept-alive connection, idle "
+        f"and while {HEALTH_READERS} client processes each read the whole series over and over "
+        f"({health.series_read} whole series in {HEALTH_SECONDS:.0f} s)."
+    )
+    section.table(
+        ["`/healthz`", "p50", "p95", "max", "probes"],
+        [
+            [
+                name,
+                fmt(percentile(s.values, 50), "ms"),
+                fmt(percentile(s.values, 95), "ms"),
+                fmt(max(s.values), "ms"),
+                len(s.values),
+            ]
+            for name, s in (
+                ("idle server", health.idle),
+                (f"while {HEALTH_READERS} clients read the whole series", health.reading),
+            )
         ],
     )
     section.para(
@@ -428,6 +384,12 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 verdict(whole.median <= WHOLE_GOAL_MS),
             ],
             [
+                f"`/healthz` p95 while {HEALTH_READERS} clients read a {SERIES_STEPS:,}-step "
+                f"series in full ≤ {HEALTH_GOAL_MS:.0f} ms",
+                fmt(health_p95, "ms"),
+                verdict(health_p95 <= HEALTH_GOAL_MS),
+            ],
+            [
                 f"after_step poll near the end p50 ≤ {TAIL_GOAL_MS:.0f} ms",
                 fmt(tail_p50, "ms"),
                 verdict(tail_p50 <= TAIL_GOAL_MS),
@@ -447,4 +409,4 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             share_rows(prof.inclusive_shares(METRICS_PARTS).items()),
         )
         section.table(["hottest functions (self time)", "share"], share_rows(prof.self_shares(6)))
-    return MetricsResult(whole.median, tail_p50, slowdown)
+    return MetricsResult(whole.median, health_p95, tail_p50, slowdown)

@@ -15,7 +15,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from sqlalchemy.pool import StaticPool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.routing import BaseRoute, Route
@@ -24,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api import openapi
 from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
 from service.api.deps import forbid_unknown_query
-from service.api.lanes.polls import MetricsPollLane
+from service.api.lanes.polls import MetricsPollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -35,7 +34,7 @@ from service.serving.batching import ForwardBatcher
 from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
-from service.store.engines import make_engine, make_sessionmaker, read_engine
+from service.store.engines import make_engine, make_sessionmaker
 
 log = logging.getLogger("service")
 ERROR_LOGGED_SCOPE_KEY = "mnist.error_logged"
@@ -161,16 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(1)
         engine = make_engine(settings.database_url)
         app.state.settings = settings
-        app.state.read_engine = read_engine(engine)
-        # SQLite: the polls' fast lane reads on the event loop through one connection of its
-        # own (opened at its first poll); from the shared pool it could wait for a connection
-        # that only the loop itself would give back.
-        loop_engine = (
-            make_engine(settings.database_url, poolclass=StaticPool)
-            if engine.dialect.name == "sqlite"
-            else None
-        )
-        app.state.loop_engine = None if loop_engine is None else read_engine(loop_engine)
+        app.state.poll_reads = PollReads(settings.database_url)  # never the shared pool
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
         app.state.predictor = Predictor(
@@ -182,8 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if loop_engine is not None:
-                loop_engine.dispose()
+            app.state.poll_reads.close()
             engine.dispose()
 
     app = ServiceApp(

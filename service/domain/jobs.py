@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from sqlalchemy.orm import Session
 
@@ -77,32 +79,45 @@ def list_page(
     return JobList(jobs=[to_read(j) for j in jobs], next=next_cursor)
 
 
-def metrics_json(
+def metrics_page(
     db: metric_repo.Reader, job_id: str, *, after_step: int, limit: int
-) -> bytes | None:
-    """Steps after ``after_step`` and every epoch, as the JSON of :class:`MetricsRead`; None
+) -> dict[str, Any] | None:
+    """Steps after ``after_step`` and every epoch, as the dict of :class:`MetricsRead`; None
     when there is no such job.
 
     The status is read first: if it says the job has ended, the steps read after it are all
-    there are, so a client that stops polling on a terminal status misses none. Serialised
-    straight from the driver's rows with orjson: on a 10,000-step page, building and
-    validating the Pydantic models took most of the request's time (docs/benchmarks.md).
-    Tests check the body against :class:`MetricsRead`. The route and the polls' fast lane
-    (:mod:`service.api.lanes.polls`) both answer with this.
+    there are, so a client that stops polling on a terminal status misses none. Built straight
+    from the driver's rows: on a 10,000-step page, building and validating the Pydantic models
+    took most of the request's time (docs/benchmarks.md). Tests check the body against
+    :class:`MetricsRead`.
     """
     status = metric_repo.job_status(db, job_id)
     if status is None:
         return None
     steps = metric_repo.read_steps(db, job_id, after_step=after_step, limit=limit)
-    return orjson.dumps(
-        {
-            "job_id": job_id,
-            "status": status,
-            "steps": steps,
-            "epochs": metric_repo.read_epochs(db, job_id),
-            "next_after_step": steps[-1]["step"] if steps else after_step,
-        }
-    )
+    return {
+        "job_id": job_id,
+        "status": status,
+        "steps": steps,
+        "epochs": metric_repo.read_epochs(db, job_id),
+        "next_after_step": steps[-1]["step"] if steps else after_step,
+    }
+
+
+def metrics_json(
+    db: metric_repo.Reader, job_id: str, *, after_step: int, limit: int
+) -> bytes | None:
+    """:func:`metrics_page` as JSON (orjson); None when there is no such job.
+
+    The route and the polls' fast lane (:mod:`service.api.lanes.polls`) both answer with this.
+    """
+    page = metrics_page(db, job_id, after_step=after_step, limit=limit)
+    return None if page is None else encode_metrics(page)
+
+
+def encode_metrics(page: dict[str, Any]) -> bytes:
+    """A :func:`metrics_page` as the API sends it."""
+    return orjson.dumps(page)
 
 
 def cancel(session: Session, job: Job) -> JobRead:

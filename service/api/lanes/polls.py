@@ -6,6 +6,14 @@ trains on the same machine: every poll's CPU is taken from the training. Through
 lane answers a well-formed poll with one read transaction on the driver's cursor and the same
 JSON (:func:`service.domain.jobs.metrics_json`, which the route answers with too).
 
+Where a poll is read (:class:`PollReads`): a live chart's poll brings a few new steps, and on
+SQLite such a read takes tens of microseconds on the event loop, less than a hand-off to a
+thread and back costs. A page of many steps is another matter: a whole
+series (up to the route's largest page) takes tens of milliseconds to read and encode, and every
+other request of the process (``/healthz`` included) would wait that long. So the loop reads at
+most :data:`LOOP_STEPS` steps; a page that fills them is read again, whole, in a thread, and
+encoded there.
+
 The route (:mod:`service.api.routes.jobs`) stays the reference, and the lane re-states none of
 its rules: it matches the path with the route's own pattern, checks the job id with the type
 the route's dependency declares (``JobIdPath``) and reads the query with the route's model
@@ -15,12 +23,15 @@ request on untouched (a GET has no body to replay) and the route gives its answe
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
+import anyio
 import anyio.to_thread
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,9 +39,16 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
+from service.store.engines import make_engine, read_engine
 
 QUERY = RouteQuery(MetricsQuery)
 JOB_ID: TypeAdapter[str] = TypeAdapter(JobIdPath)
+# The most steps a poll reads on the event loop (SQLite): a fraction of a millisecond.
+LOOP_STEPS = 256
+# Reads the lane runs in threads at once; its pool holds as many connections, so a read that
+# got its turn never waits for a connection.
+THREAD_READERS = 4
+T = TypeVar("T")
 
 
 def job_id_of(route: Route, path: str) -> str | None:
@@ -44,15 +62,48 @@ def job_id_of(route: Route, path: str) -> str | None:
         return None
 
 
-class MetricsPollLane:
-    """ASGI middleware: answers well-formed metrics polls itself (see the module docstring).
+class PollReads:
+    """The lane's own connections, apart from the shared pool.
 
-    On SQLite the read runs on the event loop, through an engine whose one connection is the
-    lane's alone (it never waits for the shared pool): a WAL snapshot read of a few rows never
-    waits for a writer and takes tens of microseconds, less than a hand-off to a thread. On
-    another database it goes through the thread pool and the shared pool, as the network may
-    be slow.
+    The shared pool's connections go back when a request's session closes, which happens on
+    the event loop: a read on the loop that waited for one could wait for the loop itself,
+    and a thread that waited for one would hold a thread-pool token that the holders' routes
+    may need to finish. So the lane never takes from it. On SQLite the loop reads through one
+    connection of its own (opened at its first poll); reads in threads take turns
+    (:data:`THREAD_READERS` at a time, a limiter of their own) on a pool of as many
+    connections. On another database every read goes to a thread, as the network may be slow.
     """
+
+    def __init__(self, database_url: str) -> None:
+        self._threads_base = make_engine(database_url, pool_size=THREAD_READERS, max_overflow=0)
+        self.threads = read_engine(self._threads_base)
+        self.limiter = anyio.CapacityLimiter(THREAD_READERS)
+        self._loop_base = (
+            make_engine(database_url, poolclass=StaticPool)
+            if self.threads.dialect.name == "sqlite"
+            else None
+        )
+        self.loop = None if self._loop_base is None else read_engine(self._loop_base)
+
+    def close(self) -> None:
+        """Close every connection the lane opened."""
+        self._threads_base.dispose()
+        if self._loop_base is not None:
+            self._loop_base.dispose()
+
+
+def _read(engine: Engine, read: Callable[[Connection], T | None]) -> T | None:
+    """``read`` in one read transaction; None on a database error (the route meets the same
+    error and answers it its own way)."""
+    try:
+        with engine.connect() as connection, connection.begin():
+            return read(connection)
+    except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error):
+        return None
+
+
+class MetricsPollLane:
+    """ASGI middleware: answers well-formed metrics polls itself (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, route: Route) -> None:
         self.app = app
@@ -76,19 +127,27 @@ class MetricsPollLane:
         query = QUERY.read(scope.get("query_string", b""))
         if query is None:
             return None
-        return await self._read(scope["app"].state, job_id, query.after_step, query.limit)
+        return await self._answer(
+            scope["app"].state.poll_reads, job_id, query.after_step, query.limit
+        )
 
-    async def _read(self, state: Any, job_id: str, after_step: int, limit: int) -> bytes | None:
-        loop_engine: Engine | None = state.loop_engine
-        engine: Engine = loop_engine or state.read_engine
+    @staticmethod
+    async def _answer(reads: PollReads, job_id: str, after_step: int, limit: int) -> bytes | None:
+        if reads.loop is not None:
+            probe = min(limit, LOOP_STEPS)
+            page = _read(
+                reads.loop,
+                lambda c: jobs.metrics_page(c, job_id, after_step=after_step, limit=probe),
+            )
+            if page is None or len(page["steps"]) < probe or limit == probe:
+                return None if page is None else jobs.encode_metrics(page)
+            # A full probe: the page may be large. Read it whole (a snapshot of its own)
+            # and encode it off the loop.
 
-        def read() -> bytes | None:
-            try:
-                with engine.connect() as connection, connection.begin():
-                    return jobs.metrics_json(connection, job_id, after_step=after_step, limit=limit)
-            except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error):
-                return None  # the route meets the same error and answers it its own way
+        def whole() -> bytes | None:
+            return _read(
+                reads.threads,
+                lambda c: jobs.metrics_json(c, job_id, after_step=after_step, limit=limit),
+            )
 
-        if loop_engine is not None:
-            return read()
-        return await anyio.to_thread.run_sync(read)
+        return await anyio.to_thread.run_sync(whole, limiter=reads.limiter)

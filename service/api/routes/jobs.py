@@ -105,6 +105,8 @@ def get_metrics(
     job: JobDep, session: SessionDep, query: Annotated[MetricsQuery, Query()]
 ) -> Response:
     """Every step's loss (paged by ``after_step``) and every epoch's accuracy."""
+    # A plain def: FastAPI runs it in the thread pool, so a large page is read and encoded
+    # off the event loop; the bytes go out as they are.
     body = jobs.metrics_json(session, job.id, after_step=query.after_step, limit=query.limit)
     if body is None:  # deleted since JobDep read it
         raise NotFound(f"no job with id {job.id}")

@@ -6,6 +6,7 @@ who gives them differs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
+from service.api.lanes.polls import LOOP_STEPS
 from service.api.routes import jobs as jobs_routes
 from service.domain import jobs
 from service.settings import Settings
+from service.store import metric_repo
 from tests.service.api.routes.conftest import BOTH_WAYS
 from tests.service.api.routes.test_jobs import _record_steps
 
@@ -121,24 +124,78 @@ def test_the_lane_is_behind_the_api_key(keyed_client: TestClient) -> None:
 
 
 def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
-    client: TestClient, sessions: sessionmaker[Session], db_url: str, fast_lanes: bool
+    client: TestClient, sessions: sessionmaker[Session], fast_lanes: bool
 ) -> None:
-    if not db_url.startswith("sqlite"):
-        pytest.skip("on PostgreSQL the lane reads in the thread pool, through the pool")
     if not fast_lanes:
         pytest.skip("the route reads through the pool, as every route does")
     job_id = client.post("/jobs", json={}).json()["id"]
-    _record_steps(sessions, job_id, 3)
-    engine = client.app.state.read_engine  # type: ignore[attr-defined]
+    steps = LOOP_STEPS + 10
+    _record_steps(sessions, job_id, steps)
+    engine = client.app.state.read_sessions.kw["bind"]  # type: ignore[attr-defined]
     pool = engine.pool
-    # The lane reads on the event loop: from the pool it would wait (30 s) for a connection
-    # that, in a busy server, only requests the loop itself finishes would give back.
+    # In a busy server the shared pool's connections go back as the loop finishes requests:
+    # a poll that waited for one (30 s) on the loop, or in a thread taking a token the
+    # holders' routes need, would stall the process. The lane reads through its own.
     free = pool.size() + pool._max_overflow - pool.checkedout()
     held = [engine.connect() for _ in range(free)]
     try:
-        answer = client.get(f"/jobs/{job_id}/metrics?after_step=1")
+        small = client.get(f"/jobs/{job_id}/metrics?after_step={steps - 2}")
+        large = client.get(f"/jobs/{job_id}/metrics?limit=100000")
     finally:
         for connection in held:
             connection.close()
-    assert answer.status_code == 200
-    assert [s["step"] for s in answer.json()["steps"]] == [2, 3]
+    assert small.status_code == 200
+    assert [s["step"] for s in small.json()["steps"]] == [steps - 1, steps]
+    assert large.status_code == 200
+    assert [s["step"] for s in large.json()["steps"]] == list(range(1, steps + 1))
+
+
+class ThreadLog:
+    """Which thread read each page of steps (and how many it asked for), and encoded it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[tuple[int, int]] = []  # (limit, thread)
+        self.encodes: list[tuple[int, int]] = []  # (steps, thread)
+        read_steps, encode = metric_repo.read_steps, jobs.encode_metrics
+
+        def logged_read(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            self.reads.append((kwargs["limit"], threading.get_ident()))
+            return read_steps(*args, **kwargs)
+
+        def logged_encode(page: dict[str, Any]) -> bytes:
+            self.encodes.append((len(page["steps"]), threading.get_ident()))
+            return encode(page)
+
+        monkeypatch.setattr(metric_repo, "read_steps", logged_read)
+        monkeypatch.setattr(jobs, "encode_metrics", logged_encode)
+
+
+def test_large_pages_are_read_and_encoded_off_the_event_loop(
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    db_url: str,
+    fast_lanes: bool,
+) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    steps = LOOP_STEPS + 1
+    _record_steps(sessions, job_id, steps)
+    loop_thread = client.portal.call(threading.get_ident)  # type: ignore[union-attr]
+    log = ThreadLog(monkeypatch)
+
+    whole = client.get(f"/jobs/{job_id}/metrics?limit=100000")  # the lane, or the route
+    assert whole.status_code == 200
+    assert len(whole.json()["steps"]) == steps
+    large_reads = [thread for limit, thread in log.reads if limit > LOOP_STEPS]
+    assert len(large_reads) == 1
+    assert loop_thread not in large_reads
+    assert [steps] == [n for n, _ in log.encodes if n > LOOP_STEPS]
+    assert loop_thread not in [thread for n, thread in log.encodes if n > LOOP_STEPS]
+
+    # A live chart's poll brings a few steps: on SQLite the loop reads it, as a hand-off to
+    # a thread would cost more than the read.
+    log.reads.clear()
+    tail = client.get(f"/jobs/{job_id}/metrics?after_step={steps - 3}")
+    assert [s["step"] for s in tail.json()["steps"]] == [steps - 2, steps - 1, steps]
+    on_loop = [thread == loop_thread for _, thread in log.reads]
+    assert on_loop == [fast_lanes and db_url.startswith("sqlite")]
