@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.api.metrics import shared_counts
 from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.logs import configure_logging
 from service.settings import get_settings
@@ -55,18 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         return REFUSED_EXIT_STATUS
     # By import string: with several workers each process builds its own app (and engine,
     # model cache) from the same MNIST_* settings. uvicorn picks uvloop and httptools.
-    # log_config=None: uvicorn's loggers propagate to the root handler set up above.
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.api_workers,
-        access_log=settings.access_log,
-        log_config=None,
-        log_level=settings.log_level.lower(),
-        server_header=False,  # no need to tell every client which server version to probe
-    )
+    # log_config=None: uvicorn's loggers propagate to the root handler set up above. The
+    # processes share their Prometheus counts through a folder set up before they start.
+    with shared_counts(settings.api_workers):
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.api_workers,
+            access_log=settings.access_log,
+            log_config=None,
+            log_level=settings.log_level.lower(),
+            server_header=False,  # no need to tell every client which server version to probe
+        )
     return 0
 
 

@@ -1,16 +1,31 @@
 """Prometheus metrics of the API: requests by route template, and the database's figures.
 
 Each app has its own registry (tests build many apps in one process). Request metrics come
-from an ASGI middleware; the store's gauges are refreshed when ``GET /metrics`` is scraped.
+from an ASGI middleware; the store's gauges are computed when ``GET /metrics`` is scraped.
+
+A server of several processes (``MNIST_API_WORKERS``) answers each scrape from one of them, so
+their request counts are shared through prometheus_client's multiprocess mode: the launcher
+gives them a folder (:func:`shared_counts`) before they start, each writes its counters and
+histograms there, and the process that answers a scrape adds them all up. The store's gauges
+are not shared: the database has one answer, which the answering process reads.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import Receive, Scope, Send
 
 from service.domain.ops import StoreFigures, Throughput
@@ -21,6 +36,119 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 OTHER_METHOD = "other"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# prometheus_client's own variable: read when it is imported, so set before a process starts.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PROCESS_FILE = re.compile(r"[a-z_]+_(\d+)\.db")  # what a process writes there: <kind>_<pid>.db
+
+
+@contextmanager
+def shared_counts(processes: int) -> Iterator[None]:
+    """The folder the server's ``processes`` share their counts through, for as long as they run.
+
+    The operator's ``PROMETHEUS_MULTIPROC_DIR`` if set (created if missing; a previous run's
+    files are removed, else their counts would be added to this run's); otherwise, for
+    several processes, a fresh temporary folder set in the environment (the workers inherit
+    it) and removed at exit. One process without it needs none: its registry holds the counts.
+    """
+    given = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    if processes <= 1:
+        yield
+        return
+    folder = Path(tempfile.mkdtemp(prefix="mnist-prometheus-"))
+    os.environ[MULTIPROCESS_DIR_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_DIR_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def shared_counts_dir() -> str | None:
+    """The folder this process writes its counts to, or None when they stay in memory.
+
+    prometheus_client chose when it was imported, from the environment; asking it (rather than
+    the environment now) keeps a scrape reading where the counts really are.
+    """
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        return None
+    return os.environ.get(MULTIPROCESS_DIR_ENV)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def forget_dead_processes(folder: str) -> None:
+    """``mark_process_dead`` for every process that wrote to ``folder`` and is gone.
+
+    uvicorn replaces a worker that died, and the dead one cannot say so itself. Its counters
+    stay (a counter never goes back); what prometheus_client drops are its live gauges.
+    """
+    pids = {int(m[1]) for name in os.listdir(folder) if (m := _PROCESS_FILE.fullmatch(name))}
+    for pid in pids - {os.getpid()}:
+        if not _alive(pid):
+            mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
+
+
+class StoreGauges:
+    """The database's figures as gauges, as the process answering the scrape read them.
+
+    A custom collector rather than prometheus_client Gauges: in multiprocess mode every
+    process would keep its own (and a scrape would show them all, or their sum), while the
+    database has one answer. The throughput is a rate since the previous scrape this process
+    answered.
+    """
+
+    def __init__(self) -> None:
+        self.figures: StoreFigures | None = None  # the last figures read
+        self.database_up = False
+
+    def observe(self, figures: StoreFigures | None) -> None:
+        """This scrape's figures; None when the database could not be read (the last stand)."""
+        self.database_up = figures is not None
+        if figures is not None:
+            self.figures = figures
+
+    def collect(self) -> Iterable[Metric]:
+        """The gauges (prometheus_client's collector protocol)."""
+        yield GaugeMetricFamily(
+            "mnist_database_up",
+            "1 if the last scrape read the database, 0 if it could not.",
+            value=1 if self.database_up else 0,
+        )
+        figures = self.figures
+        if figures is None:
+            return
+        jobs = GaugeMetricFamily("mnist_jobs", "Jobs by status.", labels=["status"])
+        for status, count in figures.jobs_by_status.items():
+            jobs.add_metric([str(status)], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            "mnist_queue_depth", "Jobs queued and waiting for a worker.", figures.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "mnist_workers_live",
+            "Workers whose heartbeat is younger than MNIST_LEASE_S.",
+            figures.live_workers,
+        )
+        yield GaugeMetricFamily(
+            "mnist_training_images_per_second",
+            "Training images per second over all running jobs, between the last two scrapes.",
+            figures.images_per_second,
+        )
 
 
 class ServiceMetrics:
@@ -28,6 +156,7 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.shared_dir = shared_counts_dir()
         self.throughput = Throughput()
         self.requests = Counter(
             "mnist_http_requests",
@@ -42,40 +171,22 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        self.jobs = Gauge("mnist_jobs", "Jobs by status.", ["status"], registry=self.registry)
-        self.queue_depth = Gauge(
-            "mnist_queue_depth", "Jobs queued and waiting for a worker.", registry=self.registry
-        )
-        self.live_workers = Gauge(
-            "mnist_workers_live",
-            "Workers whose heartbeat is younger than MNIST_LEASE_S.",
-            registry=self.registry,
-        )
-        self.images_per_second = Gauge(
-            "mnist_training_images_per_second",
-            "Training images per second over all running jobs, between the last two scrapes.",
-            registry=self.registry,
-        )
-        self.database_up = Gauge(
-            "mnist_database_up",
-            "1 if the last scrape read the database, 0 if it could not.",
-            registry=self.registry,
-        )
+        self.store = StoreGauges()
+        self.registry.register(self.store)
 
     def observe_store(self, figures: StoreFigures | None) -> None:
         """Set the store's gauges; None when the database could not be read."""
-        self.database_up.set(0 if figures is None else 1)
-        if figures is None:
-            return
-        for status, count in figures.jobs_by_status.items():
-            self.jobs.labels(status=status).set(count)
-        self.queue_depth.set(figures.queue_depth)
-        self.live_workers.set(figures.live_workers)
-        self.images_per_second.set(figures.images_per_second)
+        self.store.observe(figures)
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format: every process's counts, this process's store figures."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        forget_dead_processes(self.shared_dir)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        registry.register(self.store)
+        return generate_latest(registry)
 
 
 def route_template(scope: Scope) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import httpx
 
 from tests.support import api_server, service_env
 
@@ -24,3 +27,53 @@ def test_the_api_serves_from_several_processes(sqlite_url: str, tmp_path: Path) 
     text = log.read_text()
     assert text.count("Started server process") >= 2, text
     assert "GET /jobs/" not in text  # no access log
+
+
+def _total(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match[2])
+    return total
+
+
+def _gauge(text: str, name: str, labels: str = "") -> float:
+    """The one sample of an unlabelled gauge (or of one label set): exactly one is shown."""
+    found = re.findall(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert len(found) == 1, f"{name}{labels}: {found} in\n{text}"
+    return float(found[0])
+
+
+def test_every_scrape_counts_the_requests_of_every_process(sqlite_url: str, tmp_path: Path) -> None:
+    env = service_env(
+        database_url=sqlite_url,
+        checkpoint_dir=str(tmp_path / "models"),
+        api_workers="2",
+        access_log="false",
+    )
+    with (
+        api_server(env, tmp_path / "api.log") as client,
+        # A fresh connection per request: the kernel hands each to either process.
+        httpx.Client(base_url=client.base_url, headers={"connection": "close"}) as fresh,
+    ):
+        for _ in range(3):
+            assert fresh.post("/jobs", json={}).status_code == 202
+        for _ in range(100):
+            assert fresh.get("/jobs").status_code == 200
+        for scrape in range(5):
+            text = fresh.get("/metrics").text
+            requests = "mnist_http_requests_total"
+            assert _total(text, requests, method="GET", route="/jobs") == 100
+            assert _total(text, requests, method="GET", route="/jobs", status="200") == 100
+            assert _total(text, requests, method="POST", route="/jobs", status="202") == 3
+            # A scrape is counted once answered: the one before may be a moment behind.
+            assert _total(text, requests, route="/metrics") in (scrape - 1, scrape)
+            latency = "mnist_http_request_duration_seconds_count"
+            assert _total(text, latency, method="GET", route="/jobs") == 100
+            # The database's gauges: one answer, not one per process nor their sum.
+            assert _gauge(text, "mnist_jobs", '{status="queued"}') == 3
+            assert _gauge(text, "mnist_queue_depth") == 3
+            assert _gauge(text, "mnist_workers_live") == 0
+            assert _gauge(text, "mnist_database_up") == 1
