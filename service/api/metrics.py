@@ -13,7 +13,6 @@ are not shared: the database has one answer, which the answering process reads.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import Receive, Scope, Send
 
 from service.domain.ops import StoreFigures, Throughput
@@ -38,7 +37,6 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # prometheus_client's own variable: read when it is imported, so set before a process starts.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_PROCESS_FILE = re.compile(r"[a-z_]+_(\d+)\.db")  # what a process writes there: <kind>_<pid>.db
 
 
 @contextmanager
@@ -79,28 +77,6 @@ def shared_counts_dir() -> str | None:
     if not getattr(values.ValueClass, "_multiprocess", False):
         return None
     return os.environ.get(MULTIPROCESS_DIR_ENV)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def forget_dead_processes(folder: str) -> None:
-    """``mark_process_dead`` for every process that wrote to ``folder`` and is gone.
-
-    uvicorn replaces a worker that died, and the dead one cannot say so itself. Its counters
-    stay (a counter never goes back); what prometheus_client drops are its live gauges.
-    """
-    pids = {int(m[1]) for name in os.listdir(folder) if (m := _PROCESS_FILE.fullmatch(name))}
-    for pid in pids - {os.getpid()}:
-        if not _alive(pid):
-            mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
 
 
 class StoreGauges:
@@ -182,7 +158,6 @@ class ServiceMetrics:
         """The text exposition format: every process's counts, this process's store figures."""
         if self.shared_dir is None:
             return generate_latest(self.registry)
-        forget_dead_processes(self.shared_dir)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.shared_dir)  # type: ignore[no-untyped-call]
         registry.register(self.store)

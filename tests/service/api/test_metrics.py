@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from service.api.metrics import MULTIPROCESS_DIR_ENV, forget_dead_processes, shared_counts
+from service.api.metrics import MULTIPROCESS_DIR_ENV, shared_counts
 
 
 @pytest.fixture(autouse=True)
@@ -46,21 +44,3 @@ def test_the_operators_folder_is_used_and_its_old_counts_wiped(
     with shared_counts(1):  # the next start, with one process too
         assert not (folder / "counter_7.db").exists()
     assert (folder / "notes.txt").exists() and folder.is_dir()  # only our files go
-
-
-def test_a_dead_process_loses_its_live_gauges_and_keeps_its_counts(tmp_path: Path) -> None:
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True
-    )
-    dead, alive = int(gone.stdout), os.getpid()
-    for name in (
-        f"gauge_livesum_{dead}.db",
-        f"counter_{dead}.db",
-        f"histogram_{dead}.db",
-        f"gauge_livesum_{alive}.db",
-    ):
-        (tmp_path / name).write_bytes(b"")
-    forget_dead_processes(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_livesum_{alive}.db"]
-    )
