@@ -10,6 +10,13 @@ without its slowest few steps, so a stray slow step does not decide it; a median
 a process that takes a core now and then (an API answering 200 polls a second) stalls one step
 in several at two threads, and those stalls are the cost. While a count holds, its steps are
 still timed: when they run well slower than when it was chosen, the counts are timed again.
+
+A switch of count mid-job must not change what a seeded job records. Matrix products split
+their sums across threads, and by default MKL splits them differently at different counts,
+so the losses drift apart within a few steps. The package turns on MKL's strict reproducible
+mode (:mod:`workers`), in which they do not; and the process's tuner only chooses among the
+counts whose training steps give one thread's bits, checked when it is made (no MKL, a CPU
+without AVX2, or a mode set otherwise leaves it one thread).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from collections.abc import Callable
 
 import torch
 
+from service.ml import IMAGE_SIDE_PX, NUM_CLASSES, SimpleMLP
+from workers.train import make_optimizer, train_step
+
 log = logging.getLogger("workers")
 
 PROBE_STEPS = 16  # timed steps per candidate count (a 10,000-image epoch has 157)
@@ -30,6 +40,8 @@ TRIMMED = 8  # one timed step in this many, the slowest, is left out of a count'
 RECHECK_S = 5.0  # how long a choice holds before the counts are timed again...
 SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
+SAME_BITS_BATCHES = (64, 1024)  # the default batch and a large one...
+SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's moments)
 
 
 def usable_cores() -> int:
@@ -168,7 +180,59 @@ class ThreadTuner:
             self.threads = threads
 
 
+def training_bits(batch_size: int) -> list[torch.Tensor]:
+    """The losses and the parameters after a few seeded training steps on random images, at
+    the current thread count (the global random state is left as it was)."""
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SimpleMLP()
+        optimizer = make_optimizer(model, 1e-3, cpu)
+        images = torch.randn(batch_size, 1, IMAGE_SIDE_PX, IMAGE_SIDE_PX)
+        labels = torch.randint(0, NUM_CLASSES, (batch_size,))
+        losses = [train_step(model, optimizer, images, labels) for _ in range(SAME_BITS_STEPS)]
+    return [*losses, *(p.detach() for p in model.parameters())]
+
+
+def same_bits_counts(candidates: tuple[int, ...]) -> tuple[int, ...]:
+    """The first candidate and those of the others at which training steps give its bits.
+
+    A count outside them would make a seeded job's losses depend on when the tuner switched.
+    """
+    before = torch.get_num_threads()
+
+    def bits_at(threads: int) -> list[list[torch.Tensor]]:
+        torch.set_num_threads(threads)
+        return [training_bits(batch_size) for batch_size in SAME_BITS_BATCHES]
+
+    def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
+        return all(
+            torch.equal(x, y)
+            for xs, ys in zip(a, b, strict=True)
+            for x, y in zip(xs, ys, strict=True)
+        )
+
+    try:
+        reference = bits_at(candidates[0])
+        kept = (candidates[0], *(n for n in candidates[1:] if same(bits_at(n), reference)))
+    finally:
+        torch.set_num_threads(before)
+    if kept != candidates:
+        log.warning(
+            "torch threads: %s give other results than %d (MKL_CBWR=%s): kept to %s so that "
+            "seeded jobs repeat their losses",
+            ", ".join(str(n) for n in candidates if n not in kept),
+            candidates[0],
+            os.environ.get("MKL_CBWR", ""),
+            ", ".join(str(n) for n in kept),
+        )
+    return kept
+
+
 @functools.cache
 def process_tuner() -> ThreadTuner:
-    """The tuner of this process: the thread count is the process's, whatever job it trains."""
-    return ThreadTuner(candidate_threads(usable_cores()))
+    """The tuner of this process: the thread count is the process's, whatever job it trains.
+
+    It chooses only among counts that train to the same bits (:func:`same_bits_counts`).
+    """
+    return ThreadTuner(same_bits_counts(candidate_threads(usable_cores())))

@@ -1,17 +1,40 @@
-"""The thread tuner: it times steps at each count, keeps the fastest, and checks again later."""
+"""The thread tuner: it times steps at each count, keeps the fastest, and checks again later;
+a seeded job records the same losses however often it switches."""
 
 from __future__ import annotations
+
+import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.schemas import JobCreate
 from service.settings import Settings
 from service.status import JobStatus
+from service.store import metric_repo
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
-from workers.threads import ThreadTuner, candidate_threads, process_tuner, typical_step_s
+from tests.workers.reports import Recorder
+from workers.data import load_mnist
+from workers.threads import (
+    ThreadTuner,
+    candidate_threads,
+    process_tuner,
+    same_bits_counts,
+    typical_step_s,
+)
+from workers.train import train
 from workers.worker import Worker
+
+# MKL's strict mode gives a matrix product the same bits at any thread count only with MKL and
+# its AVX2 or AVX-512 code (the package turns it on, see workers/__init__.py).
+strict_mkl = pytest.mark.skipif(
+    not torch.backends.mkl.is_available()  # type: ignore[no-untyped-call]
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="MKL's strict reproducible mode needs MKL and AVX2 or AVX-512",
+)
 
 
 class Cores:
@@ -180,3 +203,105 @@ def test_a_worker_on_auto_reports_every_step_to_its_tuner(
 
 def test_the_process_has_one_tuner() -> None:
     assert process_tuner() is process_tuner()
+
+
+def test_a_count_that_trains_to_other_bits_is_not_a_candidate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two threads sum in another order than one (as MKL does outside its strict mode); four
+    # happen to agree with one.
+    def bits(batch_size: int) -> list[torch.Tensor]:
+        threads = torch.get_num_threads()
+        return [torch.tensor([float(batch_size), 0.5 if threads == 2 else 0.25])]
+
+    monkeypatch.setattr("workers.threads.training_bits", bits)
+    threads_before = torch.get_num_threads()
+    assert same_bits_counts((1, 2, 4)) == (1, 4)
+    assert same_bits_counts((1,)) == (1,)
+    assert torch.get_num_threads() == threads_before
+
+
+@strict_mkl
+def test_on_this_cpu_every_count_trains_to_one_threads_bits() -> None:
+    assert same_bits_counts((1, 2, 3, 4)) == (1, 2, 3, 4)
+
+
+class Switching(Recorder):
+    """Ticks a tuner at every step, as the worker's reporter does, and notes each step's count."""
+
+    def __init__(self, tuner: ThreadTuner) -> None:
+        super().__init__()
+        self.tuner = tuner
+        self.threads: list[int] = []
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.threads.append(torch.get_num_threads())
+        super().step(loss)
+        self.tuner.step()
+
+
+def switches(threads: list[int]) -> int:
+    return sum(a != b for a, b in itertools.pairwise(threads))
+
+
+def restless_tuner() -> ThreadTuner:
+    """The process tuner's candidates on two cores, timed again after every choice: the count
+    changes every few steps, whichever is faster."""
+    return ThreadTuner(same_bits_counts(candidate_threads(2)), probe_steps=4, recheck_s=0.0)
+
+
+@strict_mkl
+def test_switching_counts_mid_job_trains_as_one_thread_bit_for_bit(small_mnist: Path) -> None:
+    data = load_mnist(small_mnist, device=torch.device("cpu"), download=False)
+    params = JobCreate(epochs=8, batch_size=16, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST)
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Recorder()
+        one_model = train(params, data, torch.device("cpu"), seed=5, report=one)
+        switching = Switching(restless_tuner())
+        switching_model = train(params, data, torch.device("cpu"), seed=5, report=switching)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert len(one.losses) == 320  # 8 epochs of 40 batches: many probes of both counts
+    assert switches(switching.threads) >= 40
+    assert min(switching.threads.count(n) for n in (1, 2)) >= 80
+    assert switching.losses == one.losses
+    assert switching.accuracies == one.accuracies
+    for a, b in zip(switching_model.parameters(), one_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@strict_mkl
+def test_a_seeded_job_records_the_same_losses_under_auto_as_on_one_thread(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts: list[int] = []
+
+    class Noting(ThreadTuner):
+        def step(self) -> None:
+            counts.append(torch.get_num_threads())
+            super().step()
+
+    tuner = Noting(same_bits_counts(candidate_threads(2)), probe_steps=4, recheck_s=0.0)
+    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    params = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 5}
+    params |= {"batch_size": 16, "seed": 9}
+    auto, one = queue_job(sessions, params), queue_job(sessions, params)
+    threads_before = torch.get_num_threads()
+    try:
+        Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+        fixed = settings.model_copy(update={"torch_threads": 1})
+        Worker(fixed, sessions, show_progress=False).run(max_jobs=1)
+    finally:
+        torch.set_num_threads(threads_before)
+    with sessions() as session:
+        losses = [
+            [s["loss"] for s in metric_repo.read_steps(session, i, after_step=0, limit=1000)]
+            for i in (auto, one)
+        ]
+    assert {read_job(sessions, i).status for i in (auto, one)} == {JobStatus.SUCCEEDED}
+    assert len(losses[0]) == 5 * SMALL_TRAIN // 16
+    assert switches(counts) >= 20
+    assert min(counts.count(n) for n in (1, 2)) >= 50
+    assert losses[0] == losses[1]
