@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Reinstalls only when pyproject.toml changes; the stamp makes a second `make install` instant.
-$(STAMP): pyproject.toml
+# Reinstalls only when the build's configuration changes; a second `make install` is instant.
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

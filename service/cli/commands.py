@@ -23,6 +23,7 @@ import httpx
 from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV, ApiError, Client
 from service.cli.watch import watch
+from service.logs import configure_logging
 from service.schemas import JobCreate
 from service.settings import get_settings
 from service.status import JobStatus
@@ -46,7 +47,9 @@ Exit codes: {EXIT_OK} done, {EXIT_JOB_FAILED} the watched job failed or was canc
 
 
 def migrate() -> int:
-    """Bring the database to the newest schema (``alembic upgrade head``)."""
+    """Bring the database to the newest schema (``alembic upgrade head``), logging each step
+    as the service logs (there is no alembic.ini to configure alembic's logging)."""
+    configure_logging(get_settings())
     migrations.upgrade()
     return EXIT_OK
 

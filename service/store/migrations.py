@@ -1,4 +1,11 @@
-"""Alembic from the service: where the migrations are, which revision is the head, upgrading."""
+"""Alembic from the service: where the migrations are, which revision is the head, upgrading.
+
+The configuration is built here rather than read from alembic.ini, so that an installed
+service migrates a database from any working directory: a wheel carries the scripts as
+``service.store.alembic`` (setup.py maps the repository's top-level ``alembic/`` there). In a
+checkout, and in an editable install, they are that top-level folder itself. alembic.ini
+remains for the ``alembic`` command in a checkout; logging is the caller's (the CLI's).
+"""
 
 from __future__ import annotations
 
@@ -12,27 +19,28 @@ from sqlalchemy import Connection
 
 from alembic import command
 
-INI_NAME = "alembic.ini"
+SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 
 
-def alembic_ini() -> Path:
-    """alembic.ini beside the packages (a checkout) or in the working directory (an image).
+def script_location() -> Path:
+    """The folder of env.py and versions/: the installed package's, else the checkout's.
 
-    An installed wheel does not carry the migrations; the Docker image copies them to its
-    working directory, which is where ``mnist-service migrate`` runs.
+    A folder on disk, as alembic loads the scripts from files (a wheel is installed unpacked).
     """
-    candidates = (Path(__file__).resolve().parent.parent / INI_NAME, Path.cwd() / INI_NAME)
+    here = Path(__file__).resolve().parent
+    candidates = (here / SCRIPTS, here.parents[1] / SCRIPTS)
     for path in candidates:
-        if path.is_file():
+        if (path / "env.py").is_file():
             return path
     raise FileNotFoundError(
-        f"{INI_NAME} not found in {' or '.join(str(c.parent) for c in candidates)}"
+        f"no migration scripts (env.py) in {' or '.join(str(c) for c in candidates)}"
     )
 
 
 def alembic_config(url: str | None = None) -> Config:
     """Alembic's configuration; ``url`` overrides MNIST_DATABASE_URL when given."""
-    config = Config(str(alembic_ini()))
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
     if url is not None:
         config.set_main_option("sqlalchemy.url", url)
     return config
