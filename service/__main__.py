@@ -33,10 +33,9 @@ def serving_app() -> FastAPI:
 def freeze_startup_objects() -> None:
     """Exempt everything built so far (torch, FastAPI, the app) from the cyclic collector.
 
-    A full collection walks every object in the process: with torch loaded that is about
-    130 ms here, a pause every request in flight would wait out (it was the p99 of predict
-    under load). Objects made at startup live as long as the process, so there is nothing to
-    find among them.
+    A full collection walks every object in the process: with torch loaded that is a pause
+    every request in flight would wait out (it set the p99 of predict under load). Objects
+    made at startup live as long as the process, so there is nothing to find among them.
     """
     gc.collect()
     gc.freeze()

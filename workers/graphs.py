@@ -1,6 +1,6 @@
 """The training step captured once as a CUDA graph and replayed for every full batch.
 
-On a GPU a step of this small MLP is ~25 kernels of a few microseconds each: eager PyTorch
+On a GPU a step of this small MLP is a couple of dozen tiny kernels: eager PyTorch
 spends longer launching them from Python than the card spends running them. A CUDA graph
 records the step's kernels once; a replay launches them all with one call. The step itself is
 unchanged (the tutorial's forward, loss, ``zero_grad``, backward and Adam step, see

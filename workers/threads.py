@@ -1,6 +1,6 @@
 """How many intra-op threads a CPU worker trains with: whichever count its own steps run fastest at.
 
-On a quiet 2-core machine two threads train the small MLP ~15% faster than one; when another
+On a quiet machine two threads train the small MLP faster than one; when another
 process wants one of the cores, two OpenMP threads that spin-wait on each other make every step
 several times slower, while one thread hardly notices (docs/benchmarks.md). Neither count is
 right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,

@@ -2,9 +2,10 @@
 
 A chart polls for the steps after the last one it has, several times a second, while a job
 trains on the same machine: every poll's CPU is taken from the training. Through FastAPI
-(routing, dependencies, two thread hand-offs, the ORM) a poll cost about 1.2 ms of CPU; the
-lane answers a well-formed poll with one read transaction on the driver's cursor and the same
-JSON (:func:`service.domain.jobs.metrics_json`, which the route answers with too).
+(routing, dependencies, two thread hand-offs, the ORM) a poll costs several times the CPU
+of the read itself (docs/benchmarks.md); the lane answers a well-formed poll with one read
+transaction on the driver's cursor and the same JSON (:func:`service.domain.jobs.metrics_json`,
+which the route answers with too).
 
 Where a poll is read (:class:`PollReads`): a live chart's poll brings a few new steps, and on
 SQLite such a read takes tens of microseconds on the event loop, less than a hand-off to a

@@ -20,7 +20,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorEnvelope, "description": "No job with this id."}
 }
 MAX_PAGE = 100
-# A 60,000-image job of 10 epochs fits one page (~8 MB of JSON): a chart reads it in one request.
+# A 60,000-image job of 10 epochs fits one page: a chart reads it in one request.
 MAX_STEPS_PAGE = 100_000
 DEFAULT_STEPS_PAGE = 1000
 # Steps are numbered in an INTEGER column, 32 bits on PostgreSQL; a larger ``after_step`` names
