@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+
 from service.settings import get_settings
 from service.store.engines import make_engine
 from service.store.tables import Base

@@ -52,7 +52,7 @@ SLOWDOWN_GOAL = 0.10
 METRICS_PARTS = {
     "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
     "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
-    "dicts → JSON (service/domain/jobs.py, orjson)": "metrics_json (",
+    "dicts → JSON (service/domain/jobs.py, orjson)": "encode_metrics (",
     "validation (pydantic)": "/pydantic/",
     "thread-pool hand-offs (anyio, threading)": "/anyio/",
     "FastAPI / Starlette": "/starlette/",

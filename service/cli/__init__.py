@@ -1,1 +1,1 @@
-"""The command line (``mnist-service``): its commands, its HTTP client, its event-stream reader."""
+"""The command line (``mnist-service``): its commands, its HTTP client, the epoch bars."""

@@ -16,7 +16,7 @@ from service.settings import Settings
 from service.status import JobStatus
 from service.store import engines, job_repo, migrations, worker_repo
 
-log = logging.getLogger("service.domain.ops")
+log = logging.getLogger("service.ops")
 
 
 def _revisions(revisions: frozenset[str]) -> str:

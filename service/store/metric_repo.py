@@ -34,7 +34,7 @@ _EPOCHS_AFTER = (
 Reader = Session | Connection
 
 
-@functools.lru_cache(maxsize=8)  # one per statement and engine (each has its own dialect)
+@functools.lru_cache(maxsize=64)  # one per statement and engine (each has its own dialect)
 def _compiled(dialect: Dialect, stmt: ClauseElement) -> SQLCompiler:
     compiled = stmt.compile(dialect=dialect)
     assert isinstance(compiled, SQLCompiler)

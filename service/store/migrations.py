@@ -12,12 +12,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
-
-from alembic import command
 
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 

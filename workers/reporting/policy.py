@@ -47,11 +47,6 @@ class StopPolicy:
         self._started = clock()
         self._stop_seen_at: float | None = None
 
-    @property
-    def stopping(self) -> bool:
-        """The worker was asked to shut down."""
-        return self._stop.is_set()
-
     def check(self, *, cancel_requested: bool, now: float) -> None:
         """After a flush: cancel, then the runtime limit, then a shutdown past its grace."""
         if cancel_requested:

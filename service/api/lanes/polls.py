@@ -3,7 +3,7 @@
 A chart polls for the steps after the last one it has, several times a second, while a job
 trains on the same machine: every poll's CPU is taken from the training. Through FastAPI
 (routing, dependencies, two thread hand-offs, the ORM) a poll costs several times the CPU
-of the read itself (docs/benchmarks.md); the lane answers a well-formed poll with one read
+of the read itself (docs/benchmarks.md); the lane answers a well-formed poll with a read
 transaction on the driver's cursor and the same JSON (:func:`service.domain.jobs.metrics_json`,
 which the route answers with too).
 
@@ -31,6 +31,7 @@ import anyio
 import anyio.to_thread
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from starlette.routing import Route
@@ -76,7 +77,11 @@ class PollReads:
     """
 
     def __init__(self, database_url: str) -> None:
-        self._threads_base = make_engine(database_url, pool_size=THREAD_READERS, max_overflow=0)
+        url = make_url(database_url)
+        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        # An in-memory SQLite database is one per connection: its engine has no pool to size.
+        pool = {} if in_memory else {"pool_size": THREAD_READERS, "max_overflow": 0}
+        self._threads_base = make_engine(database_url, **pool)
         self.threads = read_engine(self._threads_base)
         self.limiter = anyio.CapacityLimiter(THREAD_READERS)
         self._loop_base = (

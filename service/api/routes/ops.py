@@ -14,7 +14,7 @@ from service.domain import ops
 from service.schemas import ErrorEnvelope, Readiness
 
 router = APIRouter(tags=["health"])
-log = logging.getLogger("service.domain.ops")
+log = logging.getLogger("service.ops")
 
 
 @router.get(

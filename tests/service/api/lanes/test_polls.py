@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.routing import Route
 
-from service.api.lanes.polls import QUERY, job_id_of
+from service.api.lanes.polls import QUERY, PollReads, job_id_of
 from service.api.routes import jobs as jobs_routes
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -74,3 +74,11 @@ def test_a_metrics_path_is_matched_and_its_id_checked_as_the_route_does() -> Non
         f"/jobs/{JOB}",
     ):
         assert job_id_of(route, path) is None, path
+
+
+def test_the_lanes_connections_open_for_an_in_memory_database() -> None:
+    reads = PollReads("sqlite://")  # no pool to size: one database per connection
+    try:
+        assert reads.loop is not None and reads.threads.dialect.name == "sqlite"
+    finally:
+        reads.close()

@@ -7,10 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from alembic import command
 from service.api.app import create_app
 from service.clock import utcnow
 from service.schemas import JobCreate
