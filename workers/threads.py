@@ -13,8 +13,8 @@ still timed: when they run well slower than when it was chosen, the counts are t
 
 A switch of count mid-job must not change what a seeded job records. Matrix products split
 their sums across threads, and by default MKL splits them differently at different counts,
-so the losses drift apart within a few steps. The package turns on MKL's strict reproducible
-mode (:mod:`workers`), in which they do not; and the process's tuner only chooses among the
+so the losses drift apart within a few steps. Importing :mod:`service` turns on MKL's strict
+reproducible mode, in which they do not; and the process's tuner only chooses among the
 counts whose training steps give one thread's bits, checked when it is made (no MKL, a CPU
 without AVX2, or a mode set otherwise leaves it one thread).
 """

@@ -160,7 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(1)
         engine = make_engine(settings.database_url)
         app.state.settings = settings
-        app.state.poll_reads = PollReads(settings.database_url)  # never the shared pool
+        # The polls' lane reads through connections of its own, never the shared pool.
+        poll_reads = PollReads(settings.database_url) if settings.fast_lanes else None
+        app.state.poll_reads = poll_reads
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
         app.state.predictor = Predictor(
@@ -172,7 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.poll_reads.close()
+            if poll_reads is not None:
+                poll_reads.close()
             engine.dispose()
 
     app = ServiceApp(
