@@ -1,18 +1,19 @@
 """The HTTP edge: uvicorn's httptools protocol with the limits uvicorn itself does not enforce.
 
 uvicorn bounds neither the header block (httptools grows a header value by concatenation, so
-a 64 MB header costs seconds of CPU, quadratically) nor the time a client may take to send its
+a huge header costs CPU in the square of its size) nor the time a client may take to send its
 headers or its body: stalled connections stay open until the process runs out of descriptors.
 Its ``limit_concurrency`` answers plain text without ``Retry-After``, after parsing the
-request. :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgeProtocol)``) with:
+request. Rather than another server (and another deployment, process model and metrics
+sharing), :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgeProtocol)``), with:
 
 - the header block (request line and headers) fed to the parser at most
   ``max_header_bytes`` at a time: a block that does not end within them gets 431, and a
   request target over ``max_request_line_bytes`` gets 414, before the app sees anything;
 - a header deadline, from a connection's first moment (or a keep-alive request's first byte)
   to the end of its headers, and a body deadline, the longest silence while a body is read
-  (not counted while the server itself has stopped reading): 408, or a plain close for a
-  connection that never sent a byte;
+  (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
+  408, or a plain close for a connection that never sent a byte;
 - a cap on open connections per process, checked as a connection is accepted: beyond it 503
   with ``Retry-After``, before a byte is parsed;
 - the service's JSON envelope on the protocol's own answers (400 for a malformed request too).
@@ -259,7 +260,8 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.phase != BODY or self.refused:
             return
         now = self.loop.time()
-        if self.flow.read_paused:  # the server stopped reading, not the client sending
+        waiting = self.flow.read_paused or self.cycle.waiting_for_100_continue
+        if waiting:  # the server is not reading, or owes a 100 Continue: not the client's fault
             self.body_seen = now
         left = self.body_seen + self.settings.body_timeout_s - now
         if left > 0:
