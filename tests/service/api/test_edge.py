@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from service.api.edge import FD_HEADROOM, connection_cap
+from service.settings import Settings
 from tests.support import api_process, free_port, process, service_env, wait_for
 
 STALLED = 2000
@@ -116,6 +118,13 @@ def envelope(response: bytes) -> dict[str, Any]:
 
 def get(path: str, *headers: str) -> bytes:
     return "\r\n".join([f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
+
+
+def test_the_connection_cap_fits_under_the_descriptor_limit() -> None:
+    settings = Settings(max_connections=5000)
+    assert connection_cap(settings, 1024) == 1024 - FD_HEADROOM
+    assert connection_cap(settings, 100_000) == 5000
+    assert connection_cap(settings, resource.RLIM_INFINITY) == 5000
 
 
 # --- the defaults, against stalled connections and a huge header ------------------------------
