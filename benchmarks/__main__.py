@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "metrics", "gpu")
+SECTIONS = ("training", "predict", "metrics", "edge", "gpu")
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -69,6 +69,13 @@ def _metrics(section: Section, root: Path, args: argparse.Namespace) -> str | No
     return None
 
 
+def _edge(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.edge import run_edge
+
+    run_edge(section, root, runs=args.runs, seconds=args.duration)
+    return None
+
+
 def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None:
     from benchmarks.gpu import card_summary
 
@@ -115,6 +122,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "training": ("Training (CPU)", _training),
     "predict": ("Predict under load", _predict),
     "metrics": ("Metrics polling", _metrics),
+    "edge": ("The HTTP edge", _edge),
     "gpu": ("GPU", _gpu),
 }
 

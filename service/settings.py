@@ -143,6 +143,45 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="POST /jobs answers 429 while this many jobs wait."
     )
 
+    # The HTTP edge (service/api/edge.py): what uvicorn's protocol enforces before the app.
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=MIB,
+        description="Request line and headers together; a larger block gets 431.",
+    )
+    max_request_line_bytes: int = Field(
+        default=8 * 1024,
+        ge=256,
+        le=MIB,
+        description="The request target (path and query); a longer one gets 414.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="From a connection's or request's first byte to the end of its headers (408).",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Longest silence while a request body is being read (408).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after it."
+    )
+    max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        description="Open connections per API process; beyond it 503 with Retry-After.",
+    )
+    max_event_streams: int = Field(
+        default=100,
+        ge=1,
+        description="Open /jobs/{id}/events streams per API process; beyond it 503.",
+    )
+
     @field_validator("api_key", "readonly_api_key", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:
@@ -172,6 +211,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MNIST_MAX_FORM_PARTS must be larger than MNIST_MAX_IMAGES_PER_REQUEST "
                 "(so a predict request over the image count gets predict's own answer)"
+            )
+        if self.max_request_line_bytes >= self.max_header_bytes:
+            raise ValueError(
+                "MNIST_MAX_REQUEST_LINE_BYTES must be smaller than MNIST_MAX_HEADER_BYTES "
+                "(the request line is part of the header block)"
+            )
+        if self.max_event_streams > self.max_connections:
+            raise ValueError(
+                "MNIST_MAX_EVENT_STREAMS must not exceed MNIST_MAX_CONNECTIONS "
+                "(every stream holds a connection)"
             )
         if self.max_request_bytes <= self.max_upload_bytes:
             raise ValueError(

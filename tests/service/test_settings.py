@@ -60,6 +60,16 @@ def test_bad_values_fail_at_start(
         ),
         ({"MNIST_MAX_REQUEST_BYTES": "20000", "MNIST_MAX_UPLOAD_BYTES": "20000"}, "larger than"),
         ({"MNIST_MAX_QUEUED_JOBS": "0"}, "max_queued_jobs"),
+        (
+            {"MNIST_MAX_REQUEST_LINE_BYTES": "8192", "MNIST_MAX_HEADER_BYTES": "8192"},
+            "REQUEST_LINE_BYTES must be smaller",
+        ),
+        (
+            {"MNIST_MAX_EVENT_STREAMS": "200", "MNIST_MAX_CONNECTIONS": "100"},
+            "EVENT_STREAMS must not exceed",
+        ),
+        ({"MNIST_HEADER_TIMEOUT_S": "0"}, "header_timeout_s"),
+        ({"MNIST_MAX_CONNECTIONS": "0"}, "max_connections"),
     ],
 )
 def test_bad_keys_and_limits_fail_at_start(
