@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -116,6 +117,21 @@ class Settings(BaseSettings):
         description="Largest image (width × height) predict decodes; larger ones get 413.",
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
+    max_decodes: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description=(
+            "Predict requests whose images decode at the same time (default: the core count); "
+            "the others wait for a slot without holding a thread."
+        ),
+    )
+    max_decode_queue: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="Predict requests that may wait for a decode slot; beyond, 429 + Retry-After.",
+    )
 
     # Who may call the API (service/api/security.py) and how much they may send
     # (service/api/limits.py).
