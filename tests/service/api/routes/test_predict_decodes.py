@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +17,7 @@ from tests.service.serving.test_decode_slots import InFlight
 from tests.support import synthetic_digits
 
 RAW = {"content-type": "image/png"}
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -44,10 +44,10 @@ def limits(**overrides: Any) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("api_settings", [overrides], indirect=True, ids=[""])
 
 
-def together(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
+def together(calls: list[Callable[[], T]]) -> list[T]:
     """Make the calls from threads of their own, all released at the same moment."""
     start = threading.Barrier(len(calls))
-    answers: dict[int, httpx.Response] = {}
+    answers: dict[int, T] = {}
 
     def call(i: int) -> None:
         start.wait()
