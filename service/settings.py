@@ -19,6 +19,10 @@ IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
 
 MIN_API_KEY_CHARS = 16
+# MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
+# tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
+# a machine with many cores (more decoding throughput: more API processes).
+MAX_DEFAULT_DECODES = 8
 MIB = 1024 * 1024
 
 
@@ -118,12 +122,12 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
     max_decodes: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: min(os.cpu_count() or 1, MAX_DEFAULT_DECODES),
         ge=1,
         le=256,
         description=(
-            "Predict requests whose images decode at the same time (default: the core count); "
-            "the others wait for a slot without holding a thread."
+            "Predict requests whose images decode at the same time (default: the core count, "
+            "at most 8); the others wait for a slot without holding a thread."
         ),
     )
     max_decode_queue: int = Field(

@@ -52,8 +52,8 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation → standard deviation of a n
 # Where Pillow reads an orientation from (``Image.getexif``): EXIF, ImageMagick's PNG text
 # chunk, XMP. An image with none of them is shown as stored.
 ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
-# Rows converted to 8-bit grayscale at a time (:func:`_grayscale`): a few MB of wide
-# intermediates even for the widest image accepted.
+# Rows converted to 8-bit grayscale, or searched for ink, at a time (:func:`_grayscale`,
+# :func:`_ink`): a few MB of intermediates even for the widest image accepted.
 STRIP_ROWS = 256
 
 
@@ -193,8 +193,9 @@ def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
 
     ``inverted``: the image is light on dark the other way round (:func:`dark_background`).
     Polarity, the ink threshold and the contrast stretch each map a pixel's level alone, so
-    they are composed into one 256-entry table and the image is read through it once: a large
-    image gets one 8-bit copy instead of an inverted copy, a mask and float32 copies.
+    they are composed into one 256-entry table: the image is read through it a strip at a time
+    to find the ink's box, then the box alone is mapped, so a large image costs no inverted
+    copy, mask or float32 copies, only its ink's box in 8 bits.
     """
     stored = _border(gray)
     border = (255 - stored if inverted else stored).astype(np.float32)
@@ -213,12 +214,17 @@ def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
         value = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
     # Every level above the cut maps to at least 15% of 255, so "non-zero" is "ink".
     table = np.where(shown > cut, value, 0).astype(np.uint8)
-    mapped = table[gray]
-    rows = np.flatnonzero(mapped.any(axis=1))
-    cols = np.flatnonzero(mapped.any(axis=0))
+    # The ink's rows and columns, a strip at a time; then only the ink's box is mapped.
+    ink_rows = np.zeros(gray.shape[0], dtype=bool)
+    ink_cols = np.zeros(gray.shape[1], dtype=bool)
+    for top in range(0, gray.shape[0], STRIP_ROWS):
+        strip = table[gray[top : top + STRIP_ROWS]]
+        ink_rows[top : top + STRIP_ROWS] = strip.any(axis=1)
+        ink_cols |= strip.any(axis=0)
+    rows, cols = np.flatnonzero(ink_rows), np.flatnonzero(ink_cols)
     if rows.size == 0:
         return None
-    return np.ascontiguousarray(mapped[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return table[gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]]
 
 
 def _fit_box(ink: Gray) -> Gray:
