@@ -217,9 +217,9 @@ def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
     # The ink's rows and columns, a strip at a time; then only the ink's box is mapped.
     ink_rows = np.zeros(gray.shape[0], dtype=bool)
     ink_cols = np.zeros(gray.shape[1], dtype=bool)
-    for top in range(0, gray.shape[0], STRIP_ROWS):
-        strip = table[gray[top : top + STRIP_ROWS]]
-        ink_rows[top : top + STRIP_ROWS] = strip.any(axis=1)
+    for first in range(0, gray.shape[0], STRIP_ROWS):
+        strip = table[gray[first : first + STRIP_ROWS]]
+        ink_rows[first : first + STRIP_ROWS] = strip.any(axis=1)
         ink_cols |= strip.any(axis=0)
     rows, cols = np.flatnonzero(ink_rows), np.flatnonzero(ink_cols)
     if rows.size == 0:

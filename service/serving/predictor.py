@@ -30,8 +30,8 @@ from service.serving.single_flight import SingleFlight
 # Re-exported: what the predict route tells clients it accepts.
 ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
 DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
-# After a decode of an image this large, freed memory goes back to the system (a few MB of
-# arrays and more; below this, what glibc keeps for reuse is small and soon reused).
+# After decoding an image of at least this many pixels, the memory freed is handed back to the
+# system; below it, what glibc keeps for reuse is small and soon reused.
 RELEASE_MIN_PIXELS = 1_000_000
 
 
