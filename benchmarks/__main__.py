@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "metrics", "edge", "gpu")
+SECTIONS = ("training", "predict", "images", "metrics", "edge", "gpu")
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -59,6 +59,13 @@ def _predict(section: Section, root: Path, args: argparse.Namespace) -> str | No
     from benchmarks.predict import run_predict
 
     run_predict(section, root, runs=args.runs, seconds=args.duration, profile=not args.no_profile)
+    return None
+
+
+def _images(section: Section, _root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.images import run_images
+
+    run_images(section, runs=args.runs)
     return None
 
 
@@ -121,6 +128,7 @@ Runner = Callable[[Section, Path, argparse.Namespace], str | None]
 RUNNERS: dict[str, tuple[str, Runner]] = {
     "training": ("Training (CPU)", _training),
     "predict": ("Predict under load", _predict),
+    "images": ("Large images", _images),
     "metrics": ("Metrics polling", _metrics),
     "edge": ("The HTTP edge", _edge),
     "gpu": ("GPU", _gpu),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,6 +19,10 @@ IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
 
 MIN_API_KEY_CHARS = 16
+# MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
+# tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
+# a machine with many cores (more decoding throughput: more API processes).
+MAX_DEFAULT_DECODES = 8
 MIB = 1024 * 1024
 
 
@@ -116,6 +121,21 @@ class Settings(BaseSettings):
         description="Largest image (width × height) predict decodes; larger ones get 413.",
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
+    max_decodes: int = Field(
+        default_factory=lambda: min(os.cpu_count() or 1, MAX_DEFAULT_DECODES),
+        ge=1,
+        le=256,
+        description=(
+            "Predict requests whose images decode at the same time (default: the core count, "
+            "at most 8); the others wait for a slot without holding a thread."
+        ),
+    )
+    max_decode_queue: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="Predict requests that may wait for a decode slot; beyond, 429 + Retry-After.",
+    )
 
     # Who may call the API (service/api/security.py) and how much they may send
     # (service/api/limits.py).

@@ -121,3 +121,21 @@ def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MNIST_API_WORKERS", "0")
     with pytest.raises(ValidationError, match="api_workers"):
         Settings()
+
+
+def test_decodes_default_to_the_cores_at_most_8_and_16_mpx_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("MAX_DECODES", "MAX_DECODE_QUEUE", "MAX_IMAGE_PIXELS"):
+        monkeypatch.delenv(f"MNIST_{name}", raising=False)
+    for cores, slots in ((None, 1), (2, 2), (8, 8), (64, 8)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert Settings().max_decodes == slots
+    settings = Settings()
+    assert settings.max_decode_queue == 64
+    assert settings.max_image_pixels >= 4000 * 4000  # the upload is under the cap
+    for name, value in (("MNIST_MAX_DECODES", "0"), ("MNIST_MAX_DECODE_QUEUE", "-1")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match=name.removeprefix("MNIST_").lower()):
+            Settings()
+        monkeypatch.delenv(name)
