@@ -200,8 +200,8 @@ def test_a_child_that_once_stayed_up_is_restarted_however_often_it_fails(
 ) -> None:
     # Up long enough once, then failing at start: an outage, not a configuration; the wait
     # starts again from first_s after the run that stayed up.
-    runs = [BY_RUN, "up0.8", "1", "1", "1", "up0.8", "1"]
-    proc = supervised.start({"outage": runs}, stable_s=0.6, give_up_after=2)
+    runs = [BY_RUN, "up1.2", "1", "1", "1", "up1.2", "1"]
+    proc = supervised.start({"outage": runs}, stable_s=1.0, give_up_after=2)
     supervised.wait_started("outage", 7)
     delays = [line.rsplit(" in ", 1)[1] for line in supervised.text().splitlines() if "; r" in line]
     assert delays == ["0.1 s", "0.2 s", "0.3 s", "0.3 s", "0.1 s", "0.2 s"]
@@ -328,3 +328,39 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
     assert f"worker-1 (pid {worker}) was killed by SIGKILL" in text
     assert f"api (pid {api}) was killed by SIGKILL" in text
     assert text.count("; restart ") == 2
+
+
+def test_workers_concurrency_restarts_a_killed_worker(
+    sqlite_url: str, small_mnist: Path, tmp_path: Path
+) -> None:
+    env = service_env(database_url=sqlite_url, data_dir=str(small_mnist), device="cpu")
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:
+        sup = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--concurrency", "2"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def workers() -> list[int] | None:
+            assert sup.poll() is None, log.read_text()
+            found = [p for p, cmd in children_of(sup.pid).items() if role(cmd) == "worker"]
+            return sorted(found) if len(found) == 2 else None
+
+        def ready(n: int) -> bool:
+            return log.read_text().count(" ready on cpu") == n
+
+        wait_for(lambda: ready(2), timeout_s=60, what="two workers ready")
+        killed, kept = wait_for(workers, timeout_s=10, what="two workers")
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: killed not in (workers() or [killed]), timeout_s=30, what="a new one")
+        wait_for(lambda: ready(3), timeout_s=60, what="the new worker ready")
+        assert kept in (workers() or [])
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=60) == 0
+    finally:
+        stop_for_good(sup)
+    assert f"(pid {killed}) was killed by SIGKILL" in log.read_text()
