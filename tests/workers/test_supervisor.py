@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,8 +234,8 @@ def test_what_a_dead_child_started_dies_with_it(supervised: Supervised) -> None:
 
 # --- mnist-service run ----------------------------------------------------------------------
 
-LEASE_S = 60.0  # a killed worker's job comes back only by Worker.register, not by its lease
-STEPS_PER_EPOCH = 4000  # 8,000 images, batch 2
+LEASE_S = 120.0  # a killed worker's job comes back by Worker.register, not by its lease
+STEPS_PER_EPOCH = 2000  # 4,000 images, batch 2
 
 
 def job_now(sessions: sessionmaker[Session], job_id: str) -> tuple[str, int, int]:
@@ -264,7 +265,7 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
         flush_interval_s="0.1",
         torch_threads="1",
     )
-    body = {"epochs": 2, "batch_size": 2, "trainset_size": 8000, "testset_size": 200, "seed": 3}
+    body = {"epochs": 2, "batch_size": 2, "trainset_size": 4000, "testset_size": 200, "seed": 3}
     job_id = queue_job(sessions, body)
     log = tmp_path / "run.log"
     with log.open("wb") as out:
@@ -298,10 +299,10 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
 
         wait_for(lambda: training(1, STEPS_PER_EPOCH + 50), timeout_s=120, what="epoch 2")
         worker = roles()["worker"]
-        # kill -9 of the worker mid-job: a new one starts, recovers the job at once (its lease
-        # has a minute to run) and resumes it after epoch 1.
+        # kill -9 of the worker mid-job: a new one starts, recovers the job as it registers (the
+        # lease has two minutes to run) and resumes it after epoch 1.
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: training(2, STEPS_PER_EPOCH), timeout_s=30, what="attempt 2")
+        wait_for(lambda: training(2, STEPS_PER_EPOCH), timeout_s=60, what="attempt 2")
         new_worker, api = roles()["worker"], roles()["api"]
         assert new_worker != worker
         wait_for(serving, timeout_s=60, what="the API")
@@ -309,7 +310,9 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
         # kill -9 of the API: it is back within seconds; the worker goes on with the job.
         os.kill(api, signal.SIGKILL)
         wait_for(lambda: roles().get("api", api) != api, timeout_s=10, what="a new API")
-        wait_for(serving, timeout_s=30, what="the new API to serve /healthz")
+        # (the restart comes 0.5 s after the kill; the rest is the API's own start, slow on a
+        # busy machine)
+        wait_for(serving, timeout_s=60, what="the new API to serve /healthz")
         assert roles()["worker"] == new_worker
         wait_for(
             lambda: job_now(sessions, job_id)[0] != JobStatus.RUNNING, timeout_s=120, what="end"
@@ -327,7 +330,8 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
     text = log.read_text()
     assert f"worker-1 (pid {worker}) was killed by SIGKILL" in text
     assert f"api (pid {api}) was killed by SIGKILL" in text
-    assert text.count("; restart ") == 2
+    assert text.count("; restart 1 in 0.5 s") == 2 and text.count("; restart ") == 2
+    assert re.search(rf"worker \S+:{worker}:\S+ is gone; 1 of its jobs are claimable again", text)
 
 
 def test_workers_concurrency_restarts_a_killed_worker(
