@@ -54,9 +54,12 @@ DEFAULT_BACKOFF = Backoff()
 
 def describe(status: int) -> str:
     """A child's exit as words: its status, or the signal that killed it."""
-    if status < 0:
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
         return f"was killed by {signal.Signals(-status).name}"
-    return f"exited with status {status}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-status}"
 
 
 class Child:

@@ -24,7 +24,7 @@ from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
 from tests.support import REPO_ROOT, free_port, service_env, wait_for
-from workers.supervisor import Backoff
+from workers.supervisor import Backoff, describe
 
 # Children that record their pid, then behave as their run's number says.
 STEADY = "import os,sys,time; open(sys.argv[1],'a').write(f'{os.getpid()}\\n'); time.sleep(120)"
@@ -153,6 +153,12 @@ def supervised(tmp_path: Path) -> Iterator[Supervised]:
 def test_backoff_doubles_from_first_up_to_max() -> None:
     backoff = Backoff(first_s=0.5, max_s=30.0)
     assert [backoff.delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+
+
+def test_an_exit_is_described_by_its_status_or_signal() -> None:
+    assert describe(3) == "exited with status 3"
+    assert describe(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert describe(-40) == "was killed by signal 40"
 
 
 def test_a_child_that_exits_is_restarted_and_the_others_never_notice(
