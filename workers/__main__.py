@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.clock import utcnow
 from service.logs import configure_logging
-from service.settings import get_settings
+from service.settings import Settings, get_settings
+from service.store import worker_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.signals import on_signals
 from workers.supervisor import supervise
-from workers.worker import Worker
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
@@ -29,8 +33,33 @@ def install_signal_handlers(stop: threading.Event) -> None:
     on_signals(stopping, exit_now)
 
 
+def check(settings: Settings) -> int:
+    """0 when a worker on this host was heard from within one lease, else 1 and why.
+
+    A container's health check: the heartbeat row is what says a worker is alive and reaches
+    the database. Imports no torch, so it costs a query and an interpreter's start.
+    """
+    host = socket.gethostname()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            live = worker_repo.live_workers(session, now=utcnow(), lease_s=settings.lease_s)
+    except SQLAlchemyError as exc:
+        print(f"unhealthy: the database is unreachable: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    mine = [w.id for w in live if w.host == host]
+    if not mine:
+        print(f"unhealthy: no worker on {host} was heard from in {settings.lease_s:g} s")
+        return 1
+    print(f"healthy: {', '.join(mine)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one worker until signalled, or ``--concurrency N`` worker processes."""
+    """Run one worker until signalled, or ``--concurrency N`` worker processes (restarted when
+    one dies, see :func:`workers.supervisor.supervise`), or ``--check`` the workers' health."""
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     parser.add_argument(
         "--concurrency",
@@ -39,13 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="worker processes sharing the queue (default 1)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if a worker on this host has a fresh heartbeat (a health check)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
-    if args.concurrency > 1:
-        return supervise([["-m", "workers"] for _ in range(args.concurrency)])
     settings = get_settings()
+    if args.check:
+        return check(settings)
     configure_logging(settings)
+    if args.concurrency > 1:
+        n = args.concurrency
+        return supervise({f"worker-{i}": ["-m", "workers"] for i in range(1, n + 1)})
+    from workers.worker import Worker  # torch: not for --check or the supervisor
+
     engine = make_engine(settings.database_url)
     stop = threading.Event()
     install_signal_handlers(stop)

@@ -1,51 +1,179 @@
-"""Run several processes as one: signals go to all of them, and they stop together."""
+"""Run several processes as one: a child that dies is started again; our signals stop them all.
+
+A small loop of our own rather than supervisord or circus: those are daemons with their own
+configuration, for what here is a short list of commands and one backoff rule.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Collection, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
 
 from workers.signals import on_signals
 
-SHUTDOWN_WAIT_S = 60.0
+log = logging.getLogger("workers.supervisor")
+
+SHUTDOWN_WAIT_S = 60.0  # after our first signal, how long the children may take to stop
+POLL_S = 0.2
+CRASH_LOOP_STATUS = 1  # what the supervisor returns when a child cannot start
+CLEAN = (0, -signal.SIGINT, -signal.SIGTERM)
 
 
-def supervise(commands: list[list[str]]) -> int:
-    """Start ``python <args>`` for each command and wait for them all.
+@dataclass(frozen=True)
+class Backoff:
+    """When a dead child is started again, and when starting it again is pointless.
 
-    The first SIGINT/SIGTERM is passed on to every child (each stops gracefully); a second
-    one kills them. When one child exits on its own, the others are asked to stop too.
-    Returns 0 when every child exited cleanly or by our signal, else 1.
+    The first restart waits ``first_s``, each further exit in a row doubles the wait, up to
+    ``max_s``; a run of ``stable_s`` or longer starts the count afresh. A child that has exited
+    ``give_up_after`` times in a row and never once stayed up ``stable_s`` cannot start (a
+    configuration error, its port taken): restarting it would only fill the log, so the
+    supervisor stops everything and exits nonzero. Once a child has stayed up, it is restarted
+    for as long as it takes (an outage may last).
     """
-    # Each child in a process group of its own: a terminal's Ctrl-C reaches this process alone,
-    # which passes it on once (a second signal would make the children exit at once).
-    procs = [subprocess.Popen([sys.executable, *args], process_group=0) for args in commands]
-    signalled = threading.Event()
 
-    def forward(signum: int) -> None:
-        signalled.set()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+    first_s: float = 0.5
+    max_s: float = 30.0
+    stable_s: float = 30.0
+    give_up_after: int = 5
 
-    def kill(_signum: int) -> None:
-        for p in procs:
-            p.kill()
+    def delay(self, exits_in_a_row: int) -> float:
+        """The wait before the restart that follows the ``exits_in_a_row``-th exit."""
+        return min(self.max_s, self.first_s * 2.0 ** (exits_in_a_row - 1))
 
-    on_signals(forward, kill)
-    while not signalled.wait(0.2):
-        if any(p.poll() is not None for p in procs):
+
+DEFAULT_BACKOFF = Backoff()
+
+
+def describe(status: int) -> str:
+    """A child's exit as words: its status, or the signal that killed it."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        return f"was killed by {signal.Signals(-status).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-status}"
+
+
+class Child:
+    """One supervised command: its current process and its record of exits."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name, self.args = name, args
+        self.exits_in_a_row = self.restarts = 0
+        self.ever_stable = False
+        self.restart_at: float | None = None
+        self.proc = self.start()
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """``python <args>`` in a process group of its own: a terminal's Ctrl-C reaches the
+        supervisor alone, which passes it on once (a second signal makes a child exit at once)."""
+        self.proc = subprocess.Popen([sys.executable, *self.args], process_group=0)
+        self.started = time.monotonic()
+        self.restart_at = None
+        log.info("%s started (pid %d)", self.name, self.proc.pid)
+        return self.proc
+
+    def tend(self, backoff: Backoff, refused: Collection[int]) -> int | None:
+        """Start the child again when its wait is over; notice when it exits.
+
+        Returns the status the supervisor should give up with, or None to carry on.
+        """
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+            return None
+        if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None
+        # What it started (uvicorn's worker processes, say) goes with it, so that a new API finds
+        # its port free; killed before it is reaped, while its group's id cannot be reused.
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        status = self.proc.wait()  # reaped: a new worker sees its pid gone (Worker.register)
+        up_s = now - self.started
+        if up_s >= backoff.stable_s:
+            self.ever_stable, self.exits_in_a_row = True, 0
+        self.exits_in_a_row += 1
+        exited = f"{self.name} (pid {self.proc.pid}) {describe(status)} after {up_s:.1f} s"
+        if status in refused:
+            log.error("%s: it refused its configuration (see above); stopping everything", exited)
+            return status
+        if not self.ever_stable and self.exits_in_a_row >= backoff.give_up_after:
+            log.error(
+                "%s, %d times in a row without staying up %.0f s: it cannot start; "
+                "stopping everything",
+                exited,
+                self.exits_in_a_row,
+                backoff.stable_s,
+            )
+            return CRASH_LOOP_STATUS
+        self.restarts += 1
+        delay = backoff.delay(self.exits_in_a_row)
+        self.restart_at = now + delay
+        log.warning("%s; restart %d in %.1f s", exited, self.restarts, delay)
+        return None
+
+
+def supervise(
+    commands: Mapping[str, list[str]],
+    *,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    refused: Collection[int] = (),
+) -> int:
+    """Run ``python <args>`` for each named command, restarting any that dies, until signalled.
+
+    A child's exit never stops the others, whatever its status (0 included): it is started
+    again after :class:`Backoff`'s wait. Exit statuses in ``refused`` mean the child refuses
+    its configuration, and a child that keeps failing at start cannot start: either stops
+    everything, and that status (or 1) is returned. The first SIGINT/SIGTERM is passed on to
+    every child, which stops gracefully within ``SHUTDOWN_WAIT_S``; a second one kills them.
+    Returns 0 when every child stopped cleanly on our signal, else 1.
+    """
+    signals: list[int] = []
+    stop, kill = threading.Event(), threading.Event()
+
+    def first(signum: int) -> None:
+        signals.append(signum)
+        stop.set()
+
+    def again(_signum: int) -> None:
+        kill.set()
+
+    on_signals(first, again)
+    children = [Child(name, args) for name, args in commands.items()]
+    gave_up: int | None = None
+    while gave_up is None and not stop.wait(POLL_S):
+        for child in children:
+            gave_up = child.tend(backoff, refused)
+            if gave_up is not None:
+                break
+    running = [c.proc for c in children if c.proc.poll() is None]
+    clean = stop_all(running, signals[0] if signals else signal.SIGTERM, kill)
+    if gave_up is not None:
+        return gave_up
+    return 0 if clean else 1
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], signum: int, kill: threading.Event) -> bool:
+    """Pass ``signum`` to each process and wait for them all; kill what is left when ``kill``
+    is set or after ``SHUTDOWN_WAIT_S``. Returns whether every one stopped cleanly."""
+    for p in procs:
+        p.send_signal(signum)
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        kill.wait(POLL_S)
+        if kill.is_set():
             break
     for p in procs:
-        if p.poll() is None and not signalled.is_set():
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=SHUTDOWN_WAIT_S)
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
             p.wait()
-    clean = (0, -signal.SIGINT, -signal.SIGTERM)
-    return 0 if all(p.returncode in clean for p in procs) else 1
+    return all(p.returncode in CLEAN for p in procs)

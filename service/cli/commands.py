@@ -55,8 +55,10 @@ def migrate() -> int:
 
 
 def run_all(workers: int) -> int:
-    """Start the API and ``workers`` worker processes; Ctrl-C stops them all cleanly."""
+    """Start the API and ``workers`` worker processes, start again any that dies; Ctrl-C stops
+    them all cleanly (:func:`workers.supervisor.supervise` says when it gives up instead)."""
     settings = get_settings()
+    configure_logging(settings)
     problem = exposure_problem(settings)
     if problem is not None:  # before any worker starts, not when the API exits early
         print(f"mnist-service: {problem}", file=sys.stderr)
@@ -68,10 +70,12 @@ def run_all(workers: int) -> int:
         f"\nMNIST service: dashboard {base}/  API docs {base}/docs  "
         f"database {settings.database_url}  checkpoints {settings.checkpoint_dir}\n"
         f"  try: mnist-service submit --epochs 1 --watch\n"
-        "  Ctrl-C stops the API and the workers.\n",
+        "  A process that dies is started again; Ctrl-C stops the API and the workers.\n",
         flush=True,
     )
-    return supervise([["-m", "service"]] + [["-m", "workers"] for _ in range(workers)])
+    children = {"api": ["-m", "service"]}
+    children.update({f"worker-{i}": ["-m", "workers"] for i in range(1, workers + 1)})
+    return supervise(children, refused=(REFUSED_EXIT_STATUS,))
 
 
 # --- client side ----------------------------------------------------------------------------

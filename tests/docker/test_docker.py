@@ -138,3 +138,22 @@ def test_the_gpu_worker_reserves_a_gpu_and_uses_the_cuda_image() -> None:
     assert services["api"]["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert "ARG TORCH_INDEX" in DOCKERFILE.read_text()
+
+
+def test_long_running_services_restart_and_have_health_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = compose()["services"]
+    for name in ("postgres", "api", "worker", "worker-cpu"):
+        assert services[name]["restart"] == "unless-stopped", name
+        check = services[name]["healthcheck"]
+        assert check["test"][0] in ("CMD", "CMD-SHELL") and check["retries"] >= 1, name
+    # A one-shot: a restart policy would run it again after it succeeded.
+    assert services["migrate"].get("restart", "no") == "no"
+    api = services["api"]
+    port = settings_from({**dockerfile_env(), **api["environment"]}, monkeypatch).port
+    assert api["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+    assert f"urlopen('http://127.0.0.1:{port}/readyz'" in api["healthcheck"]["test"][3]
+    worker_check = ["CMD", "python", "-m", "workers", "--check"]  # tests/workers/test_main.py
+    for name in ("worker", "worker-cpu"):
+        assert services[name]["healthcheck"]["test"] == worker_check

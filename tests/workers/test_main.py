@@ -1,0 +1,67 @@
+"""``python -m workers --check``: the containers' health check, run as a real process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.store import worker_repo
+from tests.support import REPO_ROOT, service_env
+
+LEASE_S = 30.0
+
+
+def check(database_url: str) -> subprocess.CompletedProcess[str]:
+    env = service_env(database_url=database_url, lease_s=str(LEASE_S), heartbeat_s="5")
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "--check"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def register(sessions: sessionmaker[Session], worker_id: str, host: str, age_s: float) -> None:
+    with sessions.begin() as session:
+        worker_repo.register_worker(
+            session,
+            worker_id=worker_id,
+            host=host,
+            pid=1,
+            device="cpu",
+            now=utcnow() - timedelta(seconds=age_s),
+        )
+
+
+def test_check_is_healthy_only_with_a_fresh_heartbeat_on_this_host(
+    db_url: str, sessions: sessionmaker[Session]
+) -> None:
+    host = socket.gethostname()
+    register(sessions, "elsewhere:1:a", "elsewhere", age_s=0)  # another machine's worker
+    register(sessions, f"{host}:1:old", host, age_s=LEASE_S + 5)  # silent for over a lease
+    result = check(db_url)
+    assert result.returncode == 1
+    assert f"no worker on {host} was heard from in 30 s" in result.stdout
+    register(sessions, f"{host}:1:new", host, age_s=1)
+    result = check(db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"healthy: {host}:1:new"
+    with sessions.begin() as session:
+        worker_repo.worker_stopped(session, worker_id=f"{host}:1:new", now=utcnow())
+    assert check(db_url).returncode == 1
+
+
+def test_check_is_unhealthy_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    result = check(f"sqlite:///{tmp_path}/missing/folder/mnist.db")
+    assert result.returncode == 1
+    assert "unhealthy: the database is unreachable: OperationalError" in result.stderr
+    assert "Traceback" not in result.stderr
