@@ -1,4 +1,4 @@
-"""deploy/mnist-service.service: systemd accepts it; it stops and restarts `run` by its rules."""
+"""docker/mnist-service.service: systemd accepts it; it stops and restarts `run` by its rules."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from service.api.security import REFUSED_EXIT_STATUS
 from tests.support import REPO_ROOT
 from workers.supervisor import SHUTDOWN_WAIT_S
 
-UNIT = REPO_ROOT / "deploy" / "mnist-service.service"
+UNIT = REPO_ROOT / "docker" / "mnist-service.service"
 INSTALLED = "/opt/mnist-service/venv/bin/mnist-service"
 
 
