@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from service.serving.single_flight import SingleFlight
 # Re-exported: what the predict route tells clients it accepts.
 ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
 DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
+log = logging.getLogger("service.models")
 
 
 def image_to_tensor(
@@ -113,11 +115,13 @@ class ModelCache:
         # still does not load (damaged on disk) is refused, never half-used.
         path = self._dir / Path(checkpoint).name
         if not path.is_file():
-            raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
+            log.error("cannot load a model: no checkpoint file %s", path)
+            raise Conflict(model_registry.CHECKPOINT_UNUSABLE)
         try:
             return load_model(path)
         except Exception as exc:  # torch raises many types for a damaged file
-            raise Conflict(f"the checkpoint {path.name} cannot be loaded: {exc}") from exc
+            log.error("cannot load a model from %s: %s", path, exc)
+            raise Conflict(model_registry.CHECKPOINT_UNUSABLE) from exc
 
 
 class Predictor:

@@ -43,7 +43,10 @@ async def stream_start(
     A dependency, because a streaming route's own body runs only once the 200 has gone out:
     these answers must come before it.
     """
-    cursor = events.Cursor.parse(last_event_id or after)
+    if last_event_id:
+        cursor = events.Cursor.parse(last_event_id)
+    else:
+        cursor = events.Cursor.parse(after, loc=("query", "last_event_id"))
     await run_in_threadpool(events.find_job, sessions, job_id)
     return cursor
 

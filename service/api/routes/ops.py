@@ -17,14 +17,31 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger("service.ops")
 
 
+# HEAD (a load balancer's cheap probe) answers as GET without the body; left out of the
+# schema, where it would repeat GET's operation under the same id.
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": ErrorEnvelope, "description": "A check failed (see details)."}},
+    responses={
+        503: {
+            "model": ErrorEnvelope,
+            "description": "A check failed (see details).",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before asking again.",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                }
+            },
+        }
+    },
 )
-def readyz(session: SessionDep, settings: SettingsDep) -> Readiness:
-    """Ready to serve: database reachable, schema at head, a live worker if required."""
-    return ops.readiness(session, settings, now=utcnow())
+def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Readiness:
+    """Ready to serve: database reachable and taking writes, schema at head, a live worker if
+    required. ``HEAD`` answers the same status without a body."""
+    writes: ops.WriteProbe = request.app.state.write_probe
+    return ops.readiness(session, settings, now=utcnow(), writes=writes)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
