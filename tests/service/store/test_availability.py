@@ -35,7 +35,9 @@ def sqlite_error(statement: str, path: str) -> sqlite3.Error:
 
 def wrapped(error: Exception) -> sa_exc.DBAPIError:
     """The error as SQLAlchemy raises it."""
-    return sa_exc.DBAPIError.instance("SELECT 1", {}, error, type(error))  # type: ignore[arg-type]
+    made = sa_exc.DBAPIError.instance("SELECT 1", {}, error, type(error))
+    assert isinstance(made, sa_exc.DBAPIError)
+    return made
 
 
 def test_sqlite_storage_errors_are_outages_and_statement_errors_are_not(tmp_path: Path) -> None:
