@@ -125,7 +125,7 @@ class OutageLog:
             self._log.warning("database unavailable, answering 503 until it is back (%s)", cause)
         else:
             self._log.warning(
-                "database still unavailable (%d more requests refused; %s)", unlogged, cause
+                "database still unavailable (refusals since the last line: %d; %s)", unlogged, cause
             )
 
     def up(self) -> None:
@@ -138,7 +138,7 @@ class OutageLog:
             lasted, self._down_since = time.monotonic() - self._down_since, None
             refused, self._unlogged = self._unlogged, 0
         self._log.info(
-            "database available again after %.1f s (%d requests refused since the last line)",
+            "database available again after %.1f s (refusals since the last line: %d)",
             lasted,
             refused,
         )

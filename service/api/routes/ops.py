@@ -7,11 +7,12 @@ import logging
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadSessionsDep, SessionDep, SettingsDep
 from service.api.metrics import CONTENT_TYPE, ServiceMetrics
 from service.clock import utcnow
 from service.domain import ops
 from service.schemas import ErrorEnvelope, Readiness
+from service.store import availability
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("service.ops")
@@ -45,13 +46,19 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Read
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-def metrics(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s."""
     service_metrics: ServiceMetrics = request.app.state.metrics
+    # A session of its own, not the request's (SessionDep): a scrape answers through an outage,
+    # and the request's session would take that answer for a sign the database is back.
     try:
-        figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
+        with sessions() as session:
+            figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
     except SQLAlchemyError as exc:
-        log.warning("metrics: database unreadable: %s", exc)
+        if availability.is_unavailable(exc):
+            availability.OUTAGES.unavailable(exc)  # logged as the outage starts, not per scrape
+        else:
+            log.warning("metrics: database unreadable: %s", exc)
         figures = None
     service_metrics.observe_store(figures)
     return Response(service_metrics.render(), media_type=CONTENT_TYPE)

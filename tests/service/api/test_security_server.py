@@ -46,4 +46,3 @@ def test_access_token_is_taken_on_the_event_stream_only_and_never_logged(
     logged = log.read_text()
     assert f"/jobs/{job_id}/events" in logged and download in logged  # the lines are there
     assert KEY not in logged and "token" not in logged, logged[-3000:]
-

@@ -143,4 +143,18 @@ def test_an_outage_is_logged_as_it_starts_and_ends(caplog: pytest.LogCaptureFixt
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2, messages
     assert messages[0].startswith("database unavailable") and "Connection refused" in messages[0]
-    assert messages[1].startswith("database available again") and "49 requests" in messages[1]
+    assert (
+        messages[1].startswith("database available again")
+        and "refusals since the last line: 49" in messages[1]
+    )
+
+
+def test_a_long_outage_is_recalled_now_and_then(caplog: pytest.LogCaptureFixture) -> None:
+    outages = OutageLog(logging.getLogger("test.long"), repeat_s=0)
+    error = psycopg.OperationalError("connection failed: Connection refused")
+    with caplog.at_level(logging.INFO, logger="test.long"):
+        outages.unavailable(error)
+        outages.unavailable(error)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("database unavailable")
+    assert messages[1].startswith("database still unavailable (refusals since the last line: 0")
