@@ -13,8 +13,10 @@ from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
 from service.domain import events
 
-# attempt:step:epoch, as the stream numbers its events; empty means "from the start".
-EVENT_ID_PATTERN = r"^([0-9]{1,18}:[0-9]{1,18}:[0-9]{1,18})?$"
+# attempt:step:epoch, as the stream numbers its events; empty means "from the start". Nine
+# digits each: more than any stream sends (a job has at most millions of steps), and every
+# id the pattern admits fits the columns (2**31 - 1), so none is refused after validation.
+EVENT_ID_PATTERN = r"^([0-9]{1,9}:[0-9]{1,9}:[0-9]{1,9})?$"
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

@@ -56,9 +56,13 @@ def training(sessions: sessionmaker[Session]) -> FakeTraining:
 def test_cursor_round_trips_and_rejects_what_it_did_not_send() -> None:
     assert Cursor.parse(Cursor(2, 17, 1).encode()) == Cursor(2, 17, 1)
     assert Cursor.parse(None) == Cursor.parse("") == Cursor()
-    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c"):
+    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c", f"1:{2**31}:0", "1:0:999999999999"):
         with pytest.raises(InvalidInput, match="Last-Event-ID"):
             Cursor.parse(bad)
+    assert Cursor.parse(f"1:{2**31 - 1}:0") == Cursor(1, 2**31 - 1, 0)  # the columns' largest
+    with pytest.raises(InvalidInput, match="last_event_id") as raised:
+        Cursor.parse(f"{2**31}:0:0", loc=("query", "last_event_id"))
+    assert raised.value.details == [{"loc": ["query", "last_event_id"], "msg": "invalid event id"}]
 
 
 def test_a_queued_job_gets_its_status_then_nothing_until_it_changes(
