@@ -59,6 +59,8 @@ PASSED_THROUGH: dict[tuple[str, str], int] = {
 EXPECTED_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): Access.PUBLIC,
     ("GET", "/readyz"): Access.PUBLIC,
+    ("HEAD", "/healthz"): Access.PUBLIC,
+    ("HEAD", "/readyz"): Access.PUBLIC,
     ("GET", "/"): Access.PUBLIC,
     ("GET", "/static/app.js"): Access.PUBLIC,
     ("GET", "/openapi.json"): Access.PUBLIC,
