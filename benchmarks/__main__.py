@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "metrics", "gpu")
+SECTIONS = ("training", "predict", "images", "metrics", "edge", "gpu")
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -62,10 +62,24 @@ def _predict(section: Section, root: Path, args: argparse.Namespace) -> str | No
     return None
 
 
+def _images(section: Section, _root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.images import run_images
+
+    run_images(section, runs=args.runs)
+    return None
+
+
 def _metrics(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     from benchmarks.metrics import run_metrics
 
     run_metrics(section, root, runs=args.runs, profile=not args.no_profile)
+    return None
+
+
+def _edge(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.edge import run_edge
+
+    run_edge(section, root, runs=args.runs, seconds=args.duration)
     return None
 
 
@@ -114,7 +128,9 @@ Runner = Callable[[Section, Path, argparse.Namespace], str | None]
 RUNNERS: dict[str, tuple[str, Runner]] = {
     "training": ("Training (CPU)", _training),
     "predict": ("Predict under load", _predict),
+    "images": ("Large images", _images),
     "metrics": ("Metrics polling", _metrics),
+    "edge": ("The HTTP edge", _edge),
     "gpu": ("GPU", _gpu),
 }
 

@@ -84,9 +84,16 @@ def run_wrk(
     seconds: float,
     connections: int = CONNECTIONS,
     threads: int = WRK_THREADS,
+    method: str = "POST",
 ) -> LoadResult:
-    """POST ``body_file`` to ``url`` from ``connections`` connections for ``seconds``."""
-    env = {**os.environ, "BENCH_BODY": str(body_file), "BENCH_CONTENT_TYPE": content_type}
+    """POST ``body_file`` to ``url`` (or GET it: ``method``, the body unused) from
+    ``connections`` connections for ``seconds``."""
+    env = {
+        **os.environ,
+        "BENCH_BODY": str(body_file),
+        "BENCH_CONTENT_TYPE": content_type,
+        "BENCH_METHOD": method,
+    }
     proc = subprocess.run(
         [
             wrk_path(),

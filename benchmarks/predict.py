@@ -169,11 +169,13 @@ def accepts(url: str, body: bytes, content_type: str) -> bool:
     return r.status_code == 200 and "digit" in r.json()
 
 
-def load_once(target: Target, seconds: float) -> tuple[LoadResult, float, float]:
+def load_once(
+    target: Target, seconds: float, *, method: str = "POST"
+) -> tuple[LoadResult, float, float]:
     """One wrk run: its result, the server's CPU seconds and wrk's CPU seconds."""
     cpu_before = cpu_seconds(target.pid)
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = run_wrk(target.url, target.body, target.content_type, seconds=seconds)
+    result = run_wrk(target.url, target.body, target.content_type, seconds=seconds, method=method)
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (wrk_after.ru_utime - wrk_before.ru_utime) + (
         wrk_after.ru_stime - wrk_before.ru_stime

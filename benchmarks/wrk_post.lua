@@ -1,10 +1,13 @@
--- wrk script: POST the file named by BENCH_BODY with the Content-Type in BENCH_CONTENT_TYPE,
--- and print one JSON line of results (latencies in microseconds) when the run is done.
-local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+-- wrk script: POST the file named by BENCH_BODY with the Content-Type in BENCH_CONTENT_TYPE
+-- (or, with BENCH_METHOD=GET, a plain GET), and print one JSON line of results (latencies in
+-- microseconds) when the run is done.
+wrk.method = os.getenv("BENCH_METHOD") or "POST"
+if wrk.method ~= "GET" then
+  local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+  wrk.body = f:read("*a")
+  f:close()
+  wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors

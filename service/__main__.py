@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.api.edge import EdgeProtocol, connection_cap, raise_fd_limit
 from service.api.metrics import shared_counts
 from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.logs import configure_logging
@@ -53,8 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"mnist-service: {problem}", file=sys.stderr)
         return REFUSED_EXIT_STATUS
+    fd_limit = raise_fd_limit()
+    cap = connection_cap(settings, fd_limit)
+    if cap < settings.max_connections:
+        logging.getLogger("service").warning(
+            "at most %d connections per process, not MNIST_MAX_CONNECTIONS=%d: the descriptor "
+            "limit is %d",
+            cap,
+            settings.max_connections,
+            fd_limit,
+        )
     # By import string: with several workers each process builds its own app (and engine,
-    # model cache) from the same MNIST_* settings. uvicorn picks uvloop and httptools.
+    # model cache) from the same MNIST_* settings, and inherits the raised descriptor limit.
+    # uvicorn picks uvloop; the protocol is its httptools one with our limits.
     # log_config=None: uvicorn's loggers propagate to the root handler set up above. The
     # processes share their Prometheus counts through a folder set up before they start.
     with shared_counts(settings.api_workers):
@@ -68,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             log_config=None,
             log_level=settings.log_level.lower(),
             server_header=False,  # no need to tell every client which server version to probe
+            # The limits at the edge (service/api/edge.py): header block, deadlines, connections.
+            http=EdgeProtocol,
+            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         )
     return 0
 

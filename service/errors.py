@@ -94,6 +94,35 @@ class TooManyRequests(ServiceError):
     code = "too_many_requests"
 
 
+class RequestTimeout(ServiceError):
+    """The client took too long to send its headers or its body; the connection is closed."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class UriTooLong(ServiceError):
+    """The request target is longer than the server reads."""
+
+    status_code = 414
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(ServiceError):
+    """The request line and headers are larger than the server reads."""
+
+    status_code = 431
+    code = "header_too_large"
+
+
+class AtCapacity(ServiceError):
+    """The server holds as many connections or streams as it accepts; ``headers`` carries
+    ``Retry-After``."""
+
+    status_code = 503
+    code = "at_capacity"
+
+
 class LeaseLost(Exception):
     """A worker's write was refused: another attempt (or a cancel) now owns the job."""
 

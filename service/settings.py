@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,6 +19,10 @@ IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
 
 MIN_API_KEY_CHARS = 16
+# MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
+# tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
+# a machine with many cores (more decoding throughput: more API processes).
+MAX_DEFAULT_DECODES = 8
 MIB = 1024 * 1024
 
 
@@ -125,6 +130,21 @@ class Settings(BaseSettings):
         description="Largest image (width × height) predict decodes; larger ones get 413.",
     )
     max_images_per_request: int = Field(default=16, ge=1, le=1024)
+    max_decodes: int = Field(
+        default_factory=lambda: min(os.cpu_count() or 1, MAX_DEFAULT_DECODES),
+        ge=1,
+        le=256,
+        description=(
+            "Predict requests whose images decode at the same time (default: the core count, "
+            "at most 8); the others wait for a slot without holding a thread."
+        ),
+    )
+    max_decode_queue: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="Predict requests that may wait for a decode slot; beyond, 429 + Retry-After.",
+    )
 
     # Who may call the API (service/api/security.py) and how much they may send
     # (service/api/limits.py).
@@ -150,6 +170,45 @@ class Settings(BaseSettings):
     max_form_field_bytes: int = Field(default=64 * 1024, ge=1, le=MIB)
     max_queued_jobs: int = Field(
         default=1000, ge=1, description="POST /jobs answers 429 while this many jobs wait."
+    )
+
+    # The HTTP edge (service/api/edge.py): what uvicorn's protocol enforces before the app.
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=MIB,
+        description="Request line and headers together; a larger block gets 431.",
+    )
+    max_request_line_bytes: int = Field(
+        default=8 * 1024,
+        ge=256,
+        le=MIB,
+        description="The request target (path and query); a longer one gets 414.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="From a connection's or request's first byte to the end of its headers (408).",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Longest silence while a request body is being read (408).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after it."
+    )
+    max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        description="Open connections per API process; beyond it 503 with Retry-After.",
+    )
+    max_event_streams: int = Field(
+        default=100,
+        ge=1,
+        description="Open /jobs/{id}/events streams per API process; beyond it 503.",
     )
 
     @field_validator("api_key", "readonly_api_key", mode="before")
@@ -181,6 +240,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MNIST_MAX_FORM_PARTS must be larger than MNIST_MAX_IMAGES_PER_REQUEST "
                 "(so a predict request over the image count gets predict's own answer)"
+            )
+        if self.max_request_line_bytes >= self.max_header_bytes:
+            raise ValueError(
+                "MNIST_MAX_REQUEST_LINE_BYTES must be smaller than MNIST_MAX_HEADER_BYTES "
+                "(the request line is part of the header block)"
+            )
+        if self.max_event_streams > self.max_connections:
+            raise ValueError(
+                "MNIST_MAX_EVENT_STREAMS must not exceed MNIST_MAX_CONNECTIONS "
+                "(every stream holds a connection)"
             )
         if self.max_request_bytes <= self.max_upload_bytes:
             raise ValueError(

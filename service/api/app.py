@@ -33,6 +33,7 @@ from service.api.security import ApiKeyMiddleware, keys_from
 from service.domain.ops import WriteProbe
 from service.errors import DatabaseUnavailable, ServiceError
 from service.serving.batching import ForwardBatcher
+from service.serving.decode_slots import DecodeSlots
 from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
@@ -178,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ModelCache(settings.checkpoint_dir, settings.model_cache_size),
             ResolutionCache(settings.model_resolve_ttl_s),
             ForwardBatcher(),
+            DecodeSlots(settings.max_decodes, settings.max_decode_queue),
         )
         try:
             yield

@@ -16,7 +16,8 @@ a keep-alive comment whenever the stream has been silent for a while. The payloa
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.jobs import to_read
-from service.errors import DatabaseUnavailable, InvalidInput, NotFound
+from service.errors import AtCapacity, DatabaseUnavailable, InvalidInput, NotFound
 from service.status import TERMINAL
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo
@@ -36,6 +37,37 @@ from service.store.tables import MAX_INTEGER
 STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
 RETRY_MS = 1000  # how long a browser waits before reconnecting
 OUTAGE_WAIT_MAX_S = 5.0  # the longest wait between polls while the database is unavailable
+STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again this soon
+
+
+class OpenStreams:
+    """How many event streams this process has open: the one count the cap is checked against.
+
+    Every open stream polls the database every ``events_poll_s`` from the shared thread pool;
+    past some hundreds they slow every other request, so a stream beyond the cap is refused
+    (503 with ``Retry-After``) before it starts. The count lives in the event loop's thread
+    only, so it needs no lock.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def slot(self, cap: int) -> Iterator[None]:
+        """Hold one of ``cap`` places while the block runs; :class:`AtCapacity` if none is free."""
+        if self.count >= cap:
+            raise AtCapacity(
+                f"this server has {cap} event streams open, as many as it serves; retry shortly",
+                headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)},
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+OPEN_STREAMS = OpenStreams()  # one per process
 
 
 @dataclass(frozen=True)

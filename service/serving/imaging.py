@@ -13,6 +13,7 @@ so an MNIST digit passes through bit for bit.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,9 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation → standard deviation of a n
 # Where Pillow reads an orientation from (``Image.getexif``): EXIF, ImageMagick's PNG text
 # chunk, XMP. An image with none of them is shown as stored.
 ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+# Rows converted to 8-bit grayscale, or searched for ink, at a time (:func:`_grayscale`,
+# :func:`_ink`): a few MB of intermediates even for the widest image accepted.
+STRIP_ROWS = 256
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
@@ -98,15 +102,48 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def _grayscale(image: Image.Image) -> Gray:
+    """The image as 2-D uint8 grayscale, converted a strip of rows at a time.
+
+    Every conversion here is pixel by pixel, so strips give exactly the whole image's result,
+    while the wide intermediates (16-bit values, luma and alpha) only ever exist for
+    :data:`STRIP_ROWS` rows: a large image costs its decoded self and its 8-bit copy, not
+    several copies in wider types.
+    """
+    width, height = image.size
+    convert = _strip_converter(image)
+    if height <= STRIP_ROWS:  # most uploads: one strip, no copy of it to make
+        return convert(image)
+    gray = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, STRIP_ROWS):
+        bottom = min(top + STRIP_ROWS, height)
+        gray[top:bottom] = convert(image.crop((0, top, width, bottom)))
+    return gray
+
+
+def _strip_converter(image: Image.Image) -> Callable[[Image.Image], Gray]:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG
-        wide = np.asarray(image, dtype=np.float64)
-        return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return _sixteen_bit
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
-        return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
-    if image.mode not in ("LA", "RGBA"):
-        image = image.convert("RGBA")
-    la = np.asarray(image.convert("LA"), dtype=np.uint16)
+        return _luma
+    return _over_white
+
+
+def _sixteen_bit(strip: Image.Image) -> Gray:
+    # round(v / 257) (the nearest 8-bit level), clipped to 0–255, in integers: v / 257 is never
+    # exactly halfway between two levels, so (v + 128) // 257 is that rounding.
+    wide = np.asarray(strip, dtype=np.int32)
+    return ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
+
+
+def _luma(strip: Image.Image) -> Gray:
+    return np.asarray(strip if strip.mode == "L" else strip.convert("L"), dtype=np.uint8)
+
+
+def _over_white(strip: Image.Image) -> Gray:
+    if strip.mode not in ("LA", "RGBA"):
+        strip = strip.convert("RGBA")
+    la = np.asarray(strip.convert("LA"), dtype=np.uint16)
     luma, alpha = la[..., 0], la[..., 1]
     # Over white: luma·α + 255·(1 − α), rounded (≤ 65,152: uint16 holds it); black ink of
     # opacity α gives exactly 255 − α.
@@ -139,41 +176,55 @@ def dark_background(gray: NDArray[Any]) -> NDArray[Any]:
 
 def mnist_layout(gray: Gray) -> Gray:
     """A 2-D uint8 grayscale image → MNIST's 28×28 uint8 layout (see the module docstring)."""
-    gray = dark_background(gray)
     if gray.shape == (IMAGE_SIDE_PX, IMAGE_SIDE_PX):
-        return gray
-    ink = _ink(gray)
+        return dark_background(gray)
+    ink = _ink(gray, inverted=_border_median(gray) >= LIGHT_BACKGROUND_MIN)
     if ink is None:
         return np.zeros((IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
     return _centre_by_mass(_fit_box(ink))
 
 
-def _ink(gray: Gray) -> Gray | None:
+def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
     """The ink cropped to its bounding box, background at 0 and the strongest ink at 255.
 
     The background's level and noise are read from the border (median, and median absolute
     deviation); ink is what stands out from both, so paper texture and sensor noise in a
     photo do not stretch the box to the whole picture.
+
+    ``inverted``: the image is light on dark the other way round (:func:`dark_background`).
+    Polarity, the ink threshold and the contrast stretch each map a pixel's level alone, so
+    they are composed into one 256-entry table: the image is read through it a strip at a time
+    to find the ink's box, then the box alone is mapped, so a large image costs no inverted
+    copy, mask or float32 copies, only its ink's box in 8 bits.
     """
-    border = _border(gray).astype(np.float32)
+    stored = _border(gray)
+    border = (255 - stored if inverted else stored).astype(np.float32)
     background = float(np.median(border))
     noise = MAD_TO_SIGMA * float(np.median(np.abs(border - background)))
-    top = float(gray.max())
+    top = float(255 - gray.min()) if inverted else float(gray.max())
     if top - background < MIN_CONTRAST:
         return None
     cut = background + max(INK_FRACTION * (top - background), NOISE_SIGMAS * noise)
-    mask = gray > cut
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    crop = gray[box]
+    levels = np.arange(256, dtype=np.uint8)
+    shown = 255 - levels if inverted else levels  # what each stored level means
+    value = shown
     if background > 0 or top < 255:
         scale = 255.0 / (top - background)
-        stretched = (crop.astype(np.float32) - background) * scale
-        crop = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
-    return np.where(mask[box], crop, 0).astype(np.uint8)
+        stretched = (shown.astype(np.float32) - background) * scale
+        value = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
+    # Every level above the cut maps to at least 15% of 255, so "non-zero" is "ink".
+    table = np.where(shown > cut, value, 0).astype(np.uint8)
+    # The ink's rows and columns, a strip at a time; then only the ink's box is mapped.
+    ink_rows = np.zeros(gray.shape[0], dtype=bool)
+    ink_cols = np.zeros(gray.shape[1], dtype=bool)
+    for first in range(0, gray.shape[0], STRIP_ROWS):
+        strip = table[gray[first : first + STRIP_ROWS]]
+        ink_rows[first : first + STRIP_ROWS] = strip.any(axis=1)
+        ink_cols |= strip.any(axis=0)
+    rows, cols = np.flatnonzero(ink_rows), np.flatnonzero(ink_cols)
+    if rows.size == 0:
+        return None
+    return table[gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]]
 
 
 def _fit_box(ink: Gray) -> Gray:

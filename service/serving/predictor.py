@@ -25,11 +25,15 @@ from service.ml import (
 from service.serving import imaging
 from service.serving import registry as model_registry
 from service.serving.batching import ForwardBatcher
+from service.serving.decode_slots import DecodeSlots, release_freed_memory
 from service.serving.single_flight import SingleFlight
 
 # Re-exported: what the predict route tells clients it accepts.
 ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
 DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
+# After decoding an image of at least this many pixels, the memory freed is handed back to the
+# system; below it, what glibc keeps for reuse is small and soon reused.
+RELEASE_MIN_PIXELS = 1_000_000
 log = logging.getLogger("service.models")
 
 
@@ -49,13 +53,21 @@ def images_to_tensor(
 ) -> torch.Tensor:
     """Several images → one N×1×28×28 batch; an error names the image (``files[i]``)."""
     fields = np.empty((len(images), IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
-    for i, data in enumerate(images):
-        try:
-            fields[i] = imaging.mnist_layout(imaging.decode(data, max_pixels=max_pixels))
-        except ServiceError as exc:
-            if len(images) == 1:
-                raise
-            raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
+    largest = 0
+    try:
+        for i, data in enumerate(images):
+            try:
+                gray = imaging.decode(data, max_pixels=max_pixels)
+                largest = max(largest, gray.size)
+                fields[i] = imaging.mnist_layout(gray)
+                del gray
+            except ServiceError as exc:
+                if len(images) == 1:
+                    raise
+                raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
+    finally:
+        if largest >= RELEASE_MIN_PIXELS:
+            release_freed_memory()
     return torch.from_numpy(normalization_table()[fields]).unsqueeze(1)
 
 
@@ -125,8 +137,9 @@ class ModelCache:
 
 
 class Predictor:
-    """Answers predictions: which model (resolutions cached), the model itself (loaded once),
-    and the forward pass (batched with the other requests of the same event-loop turn).
+    """Answers predictions: the images as tensors (a bounded number decoding at once), which
+    model (resolutions cached), the model itself (loaded once), and the forward pass (batched
+    with the other requests of the same event-loop turn).
 
     Only a cache miss leaves the event loop: resolving a choice reads the database and loading
     a model reads a file, both in the thread pool; a hit costs microseconds.
@@ -138,11 +151,23 @@ class Predictor:
         models: ModelCache,
         resolutions: model_registry.ResolutionCache,
         batcher: ForwardBatcher,
+        decodes: DecodeSlots,
     ) -> None:
         self.sessions = sessions
         self.models = models
         self.resolutions = resolutions
         self.batcher = batcher
+        self.decodes = decodes
+
+    async def images_tensor(
+        self, images: Sequence[bytes], *, max_pixels: int, inline: bool = False
+    ) -> torch.Tensor:
+        """:func:`images_to_tensor` in one of the decode slots, the one way every predict path
+        decodes (the route on a thread, the fast lane ``inline`` on the loop); 429 when too
+        many requests already wait for a slot (:class:`DecodeSlots`)."""
+        return await self.decodes.run(
+            lambda: images_to_tensor(images, max_pixels=max_pixels), inline=inline
+        )
 
     async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:
         """The job and weights file that answer ``choice`` (404/409 as :func:`resolve`)."""

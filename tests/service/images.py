@@ -55,6 +55,19 @@ def png_claiming_size(width: int, height: int) -> bytes:
     )
 
 
+@functools.cache
+def big_16_bit_png(side: int = 4000) -> bytes:
+    """A ``side``×``side`` 16-bit grayscale PNG of a seven, a few tens of KB: the small upload
+    that decodes to 16 Mpx × 2 bytes (issue #14)."""
+    pixels = np.zeros((side, side), np.uint16)
+    stroke = side // 12
+    pixels[side // 5 : side // 5 + stroke, side // 4 : 3 * side // 4] = 60_000
+    for row in range(side // 5, 4 * side // 5, stroke):  # the stem, a staircase down-left
+        left = 3 * side // 4 - stroke - (row - side // 5) // 3
+        pixels[row : row + stroke, left : left + stroke] = 60_000
+    return encode(Image.fromarray(pixels))
+
+
 def inverted(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """Black on white, 28×28."""
     return png(255 - digit)

@@ -60,6 +60,16 @@ def test_bad_values_fail_at_start(
         ),
         ({"MNIST_MAX_REQUEST_BYTES": "20000", "MNIST_MAX_UPLOAD_BYTES": "20000"}, "larger than"),
         ({"MNIST_MAX_QUEUED_JOBS": "0"}, "max_queued_jobs"),
+        (
+            {"MNIST_MAX_REQUEST_LINE_BYTES": "8192", "MNIST_MAX_HEADER_BYTES": "8192"},
+            "REQUEST_LINE_BYTES must be smaller",
+        ),
+        (
+            {"MNIST_MAX_EVENT_STREAMS": "200", "MNIST_MAX_CONNECTIONS": "100"},
+            "EVENT_STREAMS must not exceed",
+        ),
+        ({"MNIST_HEADER_TIMEOUT_S": "0"}, "header_timeout_s"),
+        ({"MNIST_MAX_CONNECTIONS": "0"}, "max_connections"),
     ],
 )
 def test_bad_keys_and_limits_fail_at_start(
@@ -111,3 +121,21 @@ def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MNIST_API_WORKERS", "0")
     with pytest.raises(ValidationError, match="api_workers"):
         Settings()
+
+
+def test_decodes_default_to_the_cores_at_most_8_and_16_mpx_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("MAX_DECODES", "MAX_DECODE_QUEUE", "MAX_IMAGE_PIXELS"):
+        monkeypatch.delenv(f"MNIST_{name}", raising=False)
+    for cores, slots in ((None, 1), (2, 2), (8, 8), (64, 8)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert Settings().max_decodes == slots
+    settings = Settings()
+    assert settings.max_decode_queue == 64
+    assert settings.max_image_pixels >= 4000 * 4000  # the upload is under the cap
+    for name, value in (("MNIST_MAX_DECODES", "0"), ("MNIST_MAX_DECODE_QUEUE", "-1")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match=name.removeprefix("MNIST_").lower()):
+            Settings()
+        monkeypatch.delenv(name)

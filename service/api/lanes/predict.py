@@ -4,8 +4,8 @@ Under load, FastAPI's routing, dependency injection, form parsing and thread han
 several times more than a prediction itself. The lane serves the common request — one small
 image as a raw ``image/*`` body or as a multipart form whose only part is the file ``file``,
 with query parameters the route takes — without them: the image is decoded on the event loop
-(it is small) and its forward pass is batched with the other requests of the same loop turn
-(:mod:`service.serving.batching`).
+(it is small; in a decode slot all the same, as every decode is) and its forward pass is
+batched with the other requests of the same loop turn (:mod:`service.serving.batching`).
 
 The route (:mod:`service.api.routes.predict`) stays the reference, and the lane re-states none
 of its rules: it reads the query with the route's own model (``PredictQuery``), tells inputs
@@ -132,7 +132,7 @@ class PredictLane:
         predictor: Predictor = scope["app"].state.predictor
         choice = ModelChoice(job_id=query.job_id, alias=query.model)
         try:
-            x = predict_service.images_to_tensor([data], max_pixels=self.max_pixels)
+            x = await predictor.images_tensor([data], max_pixels=self.max_pixels, inline=True)
             _, predictions = await predictor.predict(x, choice, top_k=query.top_k)
         except ServiceError:
             return None

@@ -21,7 +21,19 @@ EVENT_ID_PATTERN = r"^([0-9]{1,9}:[0-9]{1,9}:[0-9]{1,9})?$"
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
+async def stream_slot(settings: SettingsDep) -> AsyncIterator[None]:
+    """One of the process's ``MNIST_MAX_EVENT_STREAMS`` places, held until the stream has ended
+    (a dependency with ``yield`` exits after the response is sent); 503 when none is free.
+
+    Async, so that the count is only ever touched in the event loop's thread. The first
+    dependency of the route: a refused stream costs no database read.
+    """
+    with events.OPEN_STREAMS.slot(settings.max_event_streams):
+        yield
+
+
 async def stream_start(
+    _slot: Annotated[None, Depends(stream_slot)],
     job_id: JobIdPath,
     sessions: ReadSessionsDep,
     last_event_id: Annotated[
@@ -64,6 +76,7 @@ async def stream_start(
         # Spelt out: a ``model`` here would be documented as the stream's media type.
         404: error_response("No job with this id."),
         422: error_response("Last-Event-ID is not one this sent."),
+        503: error_response("As many streams are open as the server serves; see Retry-After."),
     },
 )
 async def job_events(

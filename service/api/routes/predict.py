@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
@@ -104,6 +103,10 @@ def multipart_cap(settings: Settings) -> int:
         413: {"model": ErrorEnvelope, "description": "Too many bytes, pixels or images."},
         415: {"model": ErrorEnvelope, "description": "Not an image in an accepted format."},
         422: {"model": ErrorEnvelope, "description": "Empty, corrupt or invalid input."},
+        429: {
+            "model": ErrorEnvelope,
+            "description": "Too many requests already wait to decode their images.",
+        },
     },
 )
 async def predict(
@@ -123,13 +126,12 @@ async def predict(
     choice = ModelChoice(job_id=query.job_id, alias=query.model)
     kind, payload = await _read_input(request, settings)
 
-    def to_tensor() -> torch.Tensor:
-        if isinstance(payload, PixelsInput):
-            return predict_service.pixels_to_tensor(payload.pixels)
-        return predict_service.images_to_tensor(payload, max_pixels=settings.max_image_pixels)
-
-    # Decoding may be slow (a large photo): off the loop. The model answers on it, batched.
-    x = await run_in_threadpool(to_tensor)
+    if isinstance(payload, PixelsInput):
+        x = await run_in_threadpool(predict_service.pixels_to_tensor, payload.pixels)
+    else:
+        # Decoding may be slow (a large photo): off the loop, in one of the decode slots.
+        x = await predictor.images_tensor(payload, max_pixels=settings.max_image_pixels)
+    # The model answers on the loop, batched.
     answering, predictions = await predictor.predict(x, choice, top_k=query.top_k)
     body = {"job_id": answering, "predictions": predictions} if kind == "files" else predictions[0]
     # Built to the Prediction/PredictionBatch schema directly: validating our own output

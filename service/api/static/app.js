@@ -350,7 +350,9 @@ function followJob(jobId) {
   });
   source.addEventListener("error", () => {
     // EventSource reconnects by itself, sending Last-Event-ID: nothing is lost or repeated.
-    if (source.readyState !== EventSource.CLOSED) $("job-live").textContent = "reconnecting…";
+    // A refusal (503 while the server has as many streams open as it serves) closes it for good.
+    $("job-live").textContent =
+      source.readyState === EventSource.CLOSED ? "not live: open the job again to retry" : "reconnecting…";
   });
 }
 

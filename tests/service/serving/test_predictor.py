@@ -20,6 +20,7 @@ from service.errors import Conflict, InvalidInput, PayloadTooLarge, UnsupportedM
 from service.ml import SimpleMLP, load_model, save_checkpoint
 from service.schemas import JobCreate, Prediction
 from service.serving.batching import ForwardBatcher
+from service.serving.decode_slots import DecodeSlots
 from service.serving.predictor import ModelCache, Predictor, image_to_tensor, images_to_tensor
 from service.serving.registry import CHECKPOINT_UNUSABLE, ModelChoice, ResolutionCache
 from service.status import JobStatus
@@ -258,7 +259,9 @@ def test_probabilities_sum_to_1_and_top_k_is_ranked(
     images, _ = synthetic_digits(5, seed=6)
     x = images_to_tensor([encode(Image.fromarray(i)) for i in images])
     assert x.shape == (5, 1, 28, 28)
-    predictor = Predictor(sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher())
+    predictor = Predictor(
+        sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher(), DecodeSlots(2, 8)
+    )
 
     async def ask() -> tuple[str, list[dict[str, Any]]]:
         return await predictor.predict(x, ModelChoice(), top_k=3)
@@ -289,7 +292,9 @@ def test_requests_waiting_for_a_load_hold_no_threads(
         return load_model(path, device)
 
     monkeypatch.setattr("service.serving.predictor.load_model", held_load)
-    predictor = Predictor(sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher())
+    predictor = Predictor(
+        sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher(), DecodeSlots(2, 8)
+    )
     x = images_to_tensor([encode(Image.new("L", (28, 28)))])
     answered: list[str] = []
 

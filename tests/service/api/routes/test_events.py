@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 
 import fastapi.routing
 import pytest
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
+from service.domain import events
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
@@ -143,3 +145,27 @@ def test_an_id_beyond_the_columns_is_refused_before_streaming(
     largest = "1:999999999:999999999"  # the largest the pattern admits: a stream that ends
     received = read_stream(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": largest})
     assert received[-1].json()["final"] is True
+
+
+def test_streams_beyond_the_cap_get_503_and_an_ended_one_gives_its_place_back(
+    client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
+) -> None:
+    cap = api_settings.max_event_streams
+    training = FakeTraining(sessions, JobCreate(epochs=1, batch_size=10, trainset_size=10))
+    job_id = training.submit()
+    training.claim()
+    training.run_epoch(0.5)
+    training.finish()
+    assert events.OPEN_STREAMS.count == 0
+    for _ in range(2):  # each stream that ended, refused or not, gave its place back
+        assert read_stream(client, f"/jobs/{job_id}/events")[-1].json()["final"]
+        assert client.get(f"/jobs/{UNKNOWN}/events").status_code == 404
+        assert events.OPEN_STREAMS.count == 0
+    with ExitStack() as held:
+        for _ in range(cap):  # the places other streams hold
+            held.enter_context(events.OPEN_STREAMS.slot(cap))
+        response = client.get(f"/jobs/{job_id}/events")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"]["code"] == "at_capacity"
+    assert read_stream(client, f"/jobs/{job_id}/events")[-1].json()["final"]

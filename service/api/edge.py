@@ -1,0 +1,295 @@
+"""The HTTP edge: uvicorn's httptools protocol with the limits uvicorn itself does not enforce.
+
+uvicorn bounds neither the header block (httptools grows a header value by concatenation, so
+a huge header costs CPU in the square of its size) nor the time a client may take to send its
+headers or its body: stalled connections stay open until the process runs out of descriptors.
+Its ``limit_concurrency`` answers plain text without ``Retry-After``, after parsing the
+request. Rather than another server (and another deployment, process model and metrics
+sharing), :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgeProtocol)``), with:
+
+- the header block (request line and headers) fed to the parser at most
+  ``max_header_bytes`` at a time: a block that does not end within them gets 431, and a
+  request target over ``max_request_line_bytes`` gets 414, before the app sees anything;
+- a header deadline, from a connection's first moment (or a keep-alive request's first byte)
+  to the end of its headers, and a body deadline, the longest silence while a body is read
+  (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
+  408, or a plain close for a connection that never sent a byte;
+- a cap on open connections per process, checked as a connection is accepted: beyond it 503
+  with ``Retry-After``, before a byte is parsed;
+- the service's JSON envelope on the protocol's own answers (400 for a malformed request too).
+
+A refused connection is answered, then half-closed: what the client still sends is read and
+dropped for a moment (closing with unread data would reset the connection, and the client
+could lose the answer), then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from functools import lru_cache
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.errors import (
+    AtCapacity,
+    BadRequest,
+    HeaderTooLarge,
+    RequestTimeout,
+    ServiceError,
+    UriTooLong,
+)
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("service.edge")
+
+# Descriptors kept for everything but client connections: the database, files, the
+# interpreter's own. The connection cap is lowered to fit under the limit less these.
+FD_HEADROOM = 256
+RETRY_AFTER_S = 1  # a refused connection may try again this soon
+LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
+
+HEAD, BODY = 0, 1  # what the parser reads now: a header block (or nothing yet), or a body
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft descriptor limit to its hard limit; return the new soft limit.
+
+    So that the connection cap, not the descriptor limit, decides when connections are refused:
+    at the descriptor limit the server can accept nothing, and a client gets no answer at all.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft
+
+
+def connection_cap(settings: Settings, fd_limit: int) -> int:
+    """``MNIST_MAX_CONNECTIONS``, lowered to fit under the descriptor limit where it must."""
+    if fd_limit == resource.RLIM_INFINITY:
+        return settings.max_connections
+    return max(1, min(settings.max_connections, fd_limit - FD_HEADROOM))
+
+
+@lru_cache(maxsize=1)
+def process_limits() -> tuple[Settings, int]:
+    """The settings and the connection cap of this process, worked out once."""
+    settings = get_settings()
+    return settings, connection_cap(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def error_response(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 response carrying ``error`` in the service's envelope, closing."""
+    body = json.dumps(error.envelope()).encode()
+    lines = [STATUS_LINE[error.status_code]]
+    headers = [
+        *default_headers,
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()),
+        (b"connection", b"close"),
+    ]
+    lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"".join([*lines, b"\r\n", body])
+
+
+class Refused(Exception):
+    """Raised from a parser callback to stop parsing and answer ``error``."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with caps on the header block and on connections, and
+    deadlines on headers and bodies (see the module's docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.settings, self.max_connections = process_limits()
+        self.phase = HEAD
+        self.head_bytes = 0  # of the header block being read
+        self.url_bytes = 0
+        self.body_seen = 0.0  # loop time of the body's last bytes
+        self.deadline: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Refuse beyond the connection cap; otherwise start the header deadline."""
+        if len(self.connections) >= self.max_connections:
+            self.transport = transport
+            log.warning("connection refused: %d connections open", len(self.connections))
+            self.refuse(
+                AtCapacity(
+                    "the server has as many connections open as it accepts; retry shortly",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            )
+            return
+        super().connection_made(transport)
+        self._arm(self.settings.header_timeout_s, self._header_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Drop any deadline with the connection."""
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, a header block at most ``max_header_bytes`` at a time."""
+        if self.refused:
+            return  # read and dropped until the connection closes
+        self._unset_keepalive_if_required()
+        if self.phase == HEAD:
+            room = self.settings.max_header_bytes - self.head_bytes
+            if len(data) > room:
+                self.head_bytes += room
+                if not self._feed(data[:room]):
+                    return
+                if self.phase == HEAD and self.head_bytes:  # the block did not end within the cap
+                    limit = self.settings.max_header_bytes
+                    self.refuse(HeaderTooLarge(f"the request's header block is over {limit} bytes"))
+                    return
+                self.data_received(data[room:])  # a body, or the next request's block, counted
+                return
+            self.head_bytes += len(data)
+        if not self._feed(data) or self.deadline is not None:
+            return
+        if self.phase == BODY:
+            self.body_seen = self.loop.time()
+            self._arm(self.settings.body_timeout_s, self._body_timed_out)
+        elif self.head_bytes:  # a keep-alive connection's next request has begun
+            self._arm(self.settings.header_timeout_s, self._header_timed_out)
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data``; False when the connection was answered (refused) meanwhile."""
+        if self.phase == BODY:
+            self.body_seen = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self.refuse(cause.error if isinstance(cause, Refused) else self._malformed())
+        except httptools.HttpParserUpgrade:  # as uvicorn's own protocol does
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            self.refuse(self._malformed())
+        return not self.refused
+
+    def _uri_too_long(self) -> ServiceError:
+        return UriTooLong(
+            f"the request target is longer than {self.settings.max_request_line_bytes} bytes"
+        )
+
+    def _malformed(self) -> ServiceError:
+        log.warning("Invalid HTTP request received.")
+        return BadRequest("the request is not valid HTTP/1.1")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's own 400, in the service's envelope."""
+        self.refuse(BadRequest(msg))
+
+    # -- parser callbacks -------------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        """Count the request target as it streams in: 414 past its cap."""
+        self.url_bytes += len(url)
+        if self.url_bytes > self.settings.max_request_line_bytes:
+            raise Refused(self._uri_too_long())
+        super().on_url(url)
+
+    def on_headers_complete(self) -> None:
+        """The header deadline is met; the body's (if any) begins."""
+        self._disarm()
+        self.phase = BODY
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        """The request is read whole: the next one's header block starts from nothing."""
+        self._disarm()
+        self.phase = HEAD
+        self.head_bytes = self.url_bytes = 0
+        super().on_message_complete()
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _arm(self, delay_s: float, handler: Any) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(delay_s, handler)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _header_timed_out(self) -> None:
+        self.deadline = None
+        if self.phase != HEAD or self.refused:
+            return
+        if not self.head_bytes and self.cycle is None:
+            self.transport.close()  # a connection that never said a word: nobody to answer
+            return
+        limit = self.settings.header_timeout_s
+        self.refuse(RequestTimeout(f"the request's headers did not arrive within {limit:g} s"))
+
+    def _body_timed_out(self) -> None:
+        self.deadline = None
+        if self.phase != BODY or self.refused:
+            return
+        now = self.loop.time()
+        waiting = self.flow.read_paused or self.cycle.waiting_for_100_continue
+        if waiting:  # the server is not reading, or owes a 100 Continue: not the client's fault
+            self.body_seen = now
+        left = self.body_seen + self.settings.body_timeout_s - now
+        if left > 0:
+            self._arm(left, self._body_timed_out)
+            return
+        limit = self.settings.body_timeout_s
+        self.refuse(RequestTimeout(f"the request body stalled for {limit:g} s"))
+
+    # -- refusing ---------------------------------------------------------------------------
+
+    def refuse(self, error: ServiceError) -> None:
+        """Answer ``error`` and close, or only close once a response has begun."""
+        self.refused = True
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app reads a disconnect, and its answer goes nowhere
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()
+                return
+        if self.transport.is_closing():
+            return
+        self.transport.write(error_response(error, self.server_state.default_headers))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            if self.flow is not None:
+                self.flow.resume_reading()
+            self.deadline = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()

@@ -1,0 +1,357 @@
+"""The HTTP edge of a real ``python -m service``: caps, deadlines and the server's own answers.
+
+Two servers: one with the defaults (but its port and database), against 2,000 stalled
+connections and a 16 MB header; one with small limits from the environment, for each answer
+(431, 414, 408, 400, and 503 at the connection and event-stream caps). Raw sockets throughout:
+an HTTP client would neither stall on purpose nor show what the server does on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import selectors
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.api.edge import FD_HEADROOM, connection_cap
+from service.settings import Settings
+from tests.support import api_process, free_port, process, service_env, wait_for
+
+STALLED = 2000
+CLOSE_DEADLINE_S = 15.0
+HEALTH_P95_S = 0.25
+MIB = 1024 * 1024
+SMALL = {
+    "max_header_bytes": "4096",
+    "max_request_line_bytes": "1024",
+    "header_timeout_s": "1",
+    "body_timeout_s": "1",
+    "keepalive_timeout_s": "30",
+    "max_connections": "6",
+    "max_event_streams": "2",
+}
+
+
+def database(root: Path, template: Path) -> dict[str, str]:
+    (root / "mnist.db").write_bytes(template.read_bytes())
+    return {
+        "database_url": f"sqlite:///{root / 'mnist.db'}",
+        "checkpoint_dir": str(root / "models"),
+    }
+
+
+@pytest.fixture(scope="module")
+def default_server(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path
+) -> Iterator[tuple[Any, httpx.Client]]:
+    root = tmp_path_factory.mktemp("edge-defaults")
+    env = service_env(**database(root, sqlite_template), access_log="false")
+    with api_process(env, root / "api.log") as (proc, client):
+        yield proc, client
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[int]:
+    """A server with small limits; its port. Nothing here keeps a connection open to it."""
+    root = tmp_path_factory.mktemp("edge-small")
+    port = free_port()
+    env = service_env(**database(root, sqlite_template), **SMALL, port=str(port), host="127.0.0.1")
+    log = root / "api.log"
+    with process(["-m", "service"], env, log) as proc:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout_s=60, what="the API to answer /healthz")
+        yield port
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """This process may open thousands of sockets (its soft limit raised to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < STALLED + 500:
+        pytest.skip(f"the descriptor limit ({hard}) is too low for {STALLED} sockets")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def exchange(port: int, data: bytes, *, timeout_s: float = 10.0) -> tuple[bytes, float]:
+    """Send ``data``, read until the server closes; what came back and how long it took."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return received, time.monotonic() - started
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def envelope(response: bytes) -> dict[str, Any]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    error: dict[str, Any] = json.loads(body)["error"]
+    return error
+
+
+def get(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
+
+
+def test_the_connection_cap_fits_under_the_descriptor_limit() -> None:
+    settings = Settings(max_connections=5000)
+    assert connection_cap(settings, 1024) == 1024 - FD_HEADROOM
+    assert connection_cap(settings, 100_000) == 5000
+    assert connection_cap(settings, resource.RLIM_INFINITY) == 5000
+
+
+# --- the defaults, against stalled connections and a huge header ------------------------------
+
+
+def health_latencies(base_url: str, stop: threading.Event, out: list[float]) -> None:
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        while not stop.is_set():
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            out.append(time.monotonic() - started)
+            stop.wait(0.02)
+
+
+def test_stalled_connections_are_closed_while_health_answers(
+    default_server: tuple[Any, httpx.Client], many_descriptors: None
+) -> None:
+    _, client = default_server
+    port = client.base_url.port
+    assert port is not None
+    stalls = [
+        get("/healthz", "X-Half: a header that never ends").removesuffix(b"\r\n\r\n"),
+        b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"epochs": ',
+    ]
+    latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=health_latencies, args=(str(client.base_url), stop, latencies))
+    selector = selectors.DefaultSelector()
+    started = time.monotonic()
+    prober.start()
+    try:
+        for i in range(STALLED):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(stalls[i % 2])
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        opened_s = time.monotonic() - started
+        closed: list[float] = []
+        deadline = started + CLOSE_DEADLINE_S
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                stalled = key.fileobj
+                assert isinstance(stalled, socket.socket)
+                try:
+                    if stalled.recv(65536):
+                        continue  # the server's answer (408): its end follows
+                except ConnectionResetError:
+                    pass
+                closed.append(time.monotonic() - started)
+                selector.unregister(stalled)
+                stalled.close()
+    finally:
+        stop.set()
+        prober.join(timeout=15)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+    p95 = statistics.quantiles(latencies, n=20)[-1]
+    print(
+        f"\n{STALLED} stalled: opened in {opened_s:.1f} s, {len(closed)} closed by the server "
+        f"within {CLOSE_DEADLINE_S:g} s (median at {statistics.median(closed or [0]):.1f} s); "
+        f"/healthz meanwhile p95 {p95 * 1000:.0f} ms over {len(latencies)} requests"
+    )
+    assert len(closed) >= 0.95 * STALLED
+    assert len(latencies) >= 20
+    assert p95 <= HEALTH_P95_S
+    assert client.get("/healthz").status_code == 200
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def test_a_16mb_header_is_refused_at_once_with_memory_flat(
+    default_server: tuple[Any, httpx.Client],
+) -> None:
+    proc, client = default_server
+    port = client.base_url.port
+    assert port is not None
+    before = memory_kib(proc.pid)
+    peak = [before["VmRSS"]]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak.append(memory_kib(proc.pid)["VmRSS"])
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        huge = get("/healthz", "X-Huge: " + "a" * (16 * MIB))
+        response, seconds = exchange(port, huge)
+    finally:
+        done.set()
+        sampler.join()
+    after = memory_kib(proc.pid)
+    grown_kib = max(max(peak) - before["VmRSS"], after["VmHWM"] - before["VmHWM"])
+    print(f"\n16 MB header: {response[:40]!r} in {seconds * 1000:.0f} ms, RSS +{grown_kib} KiB")
+    assert seconds < 2.0
+    assert response == b"" or status_of(response) == 431
+    assert grown_kib < 100 * 1024
+    assert client.get("/healthz").status_code == 200
+
+
+# --- small limits, one answer each ------------------------------------------------------------
+
+
+def test_a_large_header_block_gets_431(small_server: int) -> None:
+    response, _ = exchange(small_server, get("/healthz", "X-Big: " + "b" * 5000))
+    assert status_of(response) == 431
+    assert envelope(response)["code"] == "header_too_large"
+    assert b"connection: close" in response.lower()
+
+
+def test_a_long_request_line_gets_414(small_server: int) -> None:
+    response, _ = exchange(small_server, get("/healthz?q=" + "q" * 2000))
+    assert status_of(response) == 414
+    assert envelope(response)["code"] == "uri_too_long"
+
+
+def test_headers_just_under_the_caps_are_served(small_server: int) -> None:
+    line = "/healthz?q=" + "q" * 900
+    response, _ = exchange(small_server, get(line, "X-Big: " + "b" * 2500, "Connection: close"))
+    assert status_of(response) == 422  # the app's own answer (no such parameter): it got through
+    assert "unknown query parameter" in envelope(response)["message"]
+
+
+def test_headers_that_stall_get_408_after_the_header_timeout(small_server: int) -> None:
+    response, seconds = exchange(small_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    assert status_of(response) == 408
+    assert envelope(response)["code"] == "request_timeout"
+    assert 0.9 <= seconds < 5
+
+
+def test_a_body_that_stalls_gets_408_after_the_body_timeout(small_server: int) -> None:
+    head = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    response, seconds = exchange(small_server, head + b'Content-Length: 50\r\n\r\n{"epochs"')
+    assert status_of(response) == 408
+    assert envelope(response)["code"] == "request_timeout"
+    assert 0.9 <= seconds < 5
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(small_server: int) -> None:
+    response, seconds = exchange(small_server, b"")
+    assert response == b""
+    assert 0.9 <= seconds < 5
+
+
+def test_a_malformed_request_gets_400_in_the_envelope(small_server: int) -> None:
+    response, _ = exchange(small_server, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status_of(response) == 400
+    assert envelope(response)["code"] == "bad_request"
+
+
+def kept_open(port: int) -> socket.socket | None:
+    """A connection that has been answered 200 and stays open; None if refused (503)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(get("/healthz"))
+    response = sock.recv(65536)
+    if status_of(response) == 200:
+        return sock
+    sock.close()
+    return None
+
+
+def test_connections_beyond_the_cap_get_503_with_retry_after(small_server: int) -> None:
+    held: list[socket.socket] = []
+    try:
+        # Connections of earlier tests may still be closing: fill the cap as they go.
+        for _ in range(int(SMALL["max_connections"])):
+            held.append(wait_for(lambda: kept_open(small_server), timeout_s=10, what="a slot"))
+        response, _ = exchange(small_server, get("/healthz"))
+        assert status_of(response) == 503
+        assert b"retry-after: 1" in response.lower()
+        assert envelope(response)["code"] == "at_capacity"
+        held.pop().close()
+        wait_for(lambda: kept_open(small_server), timeout_s=10, what="the freed slot").close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def open_stream(port: int, job_id: str) -> tuple[socket.socket, bytes]:
+    """A GET of the job's events; the socket and the answer's head (and body, if it has a
+    length: a refusal's envelope)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(get(f"/jobs/{job_id}/events", "Accept: text/event-stream"))
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            while len(body) < int(line.split(b":")[1]):
+                body += sock.recv(65536)
+    return sock, head + b"\r\n\r\n" + body
+
+
+def test_event_streams_beyond_the_cap_get_503_until_one_closes(small_server: int) -> None:
+    job = httpx.post(f"http://127.0.0.1:{small_server}/jobs", json={"epochs": 1})
+    assert job.status_code == 202
+    job_id = job.json()["id"]  # queued, with no worker: its stream stays open
+    streams: list[socket.socket] = []
+    try:
+        for _ in range(int(SMALL["max_event_streams"])):
+            sock, first = open_stream(small_server, job_id)
+            streams.append(sock)
+            assert status_of(first) == 200, first
+        sock, refused = open_stream(small_server, job_id)
+        sock.close()
+        assert status_of(refused) == 503
+        assert b"retry-after: 5" in refused.lower()
+        assert envelope(refused)["code"] == "at_capacity"
+        streams.pop().close()
+
+        def accepted() -> bool:
+            sock, first = open_stream(small_server, job_id)
+            streams.append(sock)
+            return status_of(first) == 200
+
+        wait_for(accepted, timeout_s=10, what="a stream once one has closed", every_s=0.1)
+    finally:
+        for sock in streams:
+            sock.close()
