@@ -131,8 +131,40 @@ class CancelRequested(Exception):
     """The job was cancelled while its worker trained it."""
 
 
+# Retry-After of every 503 that says "not now": a database outage, a readiness check that
+# failed. Short, because a blip is over in seconds; long enough that a crowd of clients
+# retrying meanwhile costs the server little (each refusal is a failed connection attempt).
+RETRY_AFTER_S = 2
+
+
 class NotReady(ServiceError):
-    """The service cannot do its work yet (database, schema or workers missing)."""
+    """The service cannot do its work yet (database, schema or workers missing).
+
+    Always carries ``Retry-After``: it is a state the service expects to leave.
+    """
 
     status_code = 503
     code = "not_ready"
+
+    def __init__(
+        self,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, details, headers={"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+        )
+
+
+class DatabaseUnavailable(NotReady):
+    """The database cannot be reached or written to right now (down, restarting, refusing
+    connections, read-only, disk full). Not the client's fault and not a bug: 503, try again."""
+
+    code = "database_unavailable"
+
+    def __init__(
+        self, message: str = "the database is unavailable right now; try again shortly"
+    ) -> None:
+        super().__init__(message)

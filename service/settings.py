@@ -103,6 +103,15 @@ class Settings(BaseSettings):
             "(service/api/lanes/); false leaves every request to the routes."
         ),
     )
+    ready_write_probe_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long /readyz reuses its last write probe (a committed one-row write that fails "
+            "while the database refuses writes); 0 probes on every call."
+        ),
+    )
     ready_requires_worker: bool = Field(
         default=False,
         description="/readyz fails unless a worker has sent a heartbeat within MNIST_LEASE_S.",

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.routing import BaseRoute, Route
@@ -29,12 +30,14 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.api.security import ApiKeyMiddleware, keys_from
-from service.errors import ServiceError
+from service.domain.ops import WriteProbe
+from service.errors import DatabaseUnavailable, ServiceError
 from service.serving.batching import ForwardBatcher
 from service.serving.decode_slots import DecodeSlots
 from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
+from service.store import availability
 from service.store.engines import make_engine, make_sessionmaker
 
 log = logging.getLogger("service")
@@ -104,6 +107,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A database outage is no bug: 503 with Retry-After, logged as the outage starts and ends.
+    if availability.is_unavailable(exc):
+        availability.OUTAGES.unavailable(exc)
+        return await _service_error(request, DatabaseUnavailable())
     # The client learns only the request id; the log has the traceback under that id. An
     # error in the service's own layers reaches this handler outside the request-id layer, so
     # it sets X-Request-ID itself.
@@ -166,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.poll_reads = poll_reads
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
+        app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
         app.state.predictor = Predictor(
             app.state.read_sessions,
             ModelCache(settings.checkpoint_dir, settings.model_cache_size),
@@ -193,6 +201,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Database errors are judged here, among FastAPI's handlers: an outage's 503 is an answer,
+    # not an error for the server's own last-resort layer to log again.
+    app.add_exception_handler(SQLAlchemyError, _unexpected_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -16,7 +16,7 @@ from service.clock import JOB_ID_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.serving.predictor import Predictor
 from service.settings import Settings
-from service.store import job_repo
+from service.store import availability, job_repo
 from service.store.tables import Job
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
@@ -41,6 +41,9 @@ async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """A write session (IMMEDIATE on SQLite: takes the write lock up front)."""
     with request.app.state.write_sessions() as session:
         yield session
+        # The route wrote (or read to write) without an error: an outage logged before is
+        # over. Reads alone would not say it: they go on while a database refuses writes.
+        availability.OUTAGES.up()
 
 
 def get_read_sessions(request: Request) -> sessionmaker[Session]:

@@ -12,9 +12,10 @@ Rules (``required_access``), so that a route added later is covered without an e
   ``/models/aliases/…``, …): the full key only; the read-only key gets 403.
 
 The key travels as ``Authorization: Bearer <key>``. A browser's ``EventSource`` cannot set
-headers, so a ``GET`` that asks for ``text/event-stream`` may carry it as ``?access_token=``
-instead (RFC 6750 §2.3); that parameter is cut out of the request before anything else (the
-app, the access log) sees it, and is honoured nowhere else.
+headers, so ``GET /jobs/{id}/events`` may carry it as ``?access_token=`` instead (RFC 6750
+§2.3), and no other request may (a key in a URL ends up in histories and proxies' logs: it is
+taken only where there is no other way). The parameter, matched by its decoded name, is cut out
+of every request before anything else (the app, the access log) sees it.
 
 With no ``MNIST_API_KEY`` the API is open, which ``python -m service`` allows only on a
 loopback address unless ``MNIST_ALLOW_NO_AUTH=true`` says so on purpose.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import enum
 import hmac
 import ipaddress
+import re
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -118,13 +120,19 @@ def _challenge(error: str | None = None) -> dict[str, str]:
 
 
 QUERY_TOKEN = b"access_token"
-EVENT_STREAM = b"text/event-stream"
+# The one route a browser's EventSource reads, and so the one place a key may ride in the query.
+EVENTS_PATH = re.compile(r"^/jobs/[^/]+/events$")
 
 
 def _take_query_token(scope: Scope) -> bytes | None:
-    """Remove ``access_token`` from the scope's query string (in place); its value, if any."""
+    """Remove ``access_token`` from the scope's query string (in place); its value, if any.
+
+    Matched by its decoded name, as the app would read it (``access%5Ftoken`` is the same
+    parameter), and cut from every request, whether it is honoured or not, so that neither
+    the app nor the access log ever sees a key in a query.
+    """
     query: bytes = scope.get("query_string", b"")
-    if QUERY_TOKEN not in query:
+    if QUERY_TOKEN not in query.lower() and b"%" not in query:
         return None
     kept, token = [], None
     for pair in query.split(b"&"):
@@ -139,13 +147,13 @@ def _take_query_token(scope: Scope) -> bytes | None:
 
 
 def request_token(scope: Scope) -> bytes | None:
-    """The key a request presents: its bearer header, or an event stream's ``access_token``."""
+    """The key a request presents: its bearer header, or on ``GET /jobs/{id}/events`` only,
+    its ``access_token`` query parameter."""
     query_token = _take_query_token(scope)
     token = bearer_token(header(scope, b"authorization"))
     if token is not None:
         return token
-    accept = header(scope, b"accept") or b""
-    if scope.get("method") == "GET" and EVENT_STREAM in accept.lower():
+    if scope.get("method") == "GET" and EVENTS_PATH.match(app_path(scope)):
         return query_token or None
     return None
 

@@ -27,13 +27,16 @@ from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain.jobs import to_read
-from service.errors import AtCapacity, InvalidInput, NotFound
+from service.errors import AtCapacity, DatabaseUnavailable, InvalidInput, NotFound
 from service.status import TERMINAL
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo
+from service.store.availability import unavailable_as_503
+from service.store.tables import MAX_INTEGER
 
 STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
 RETRY_MS = 1000  # how long a browser waits before reconnecting
+OUTAGE_WAIT_MAX_S = 5.0  # the longest wait between polls while the database is unavailable
 STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again this soon
 
 
@@ -80,8 +83,13 @@ class Cursor:
         return f"{self.attempt}:{self.step}:{self.epoch}"
 
     @classmethod
-    def parse(cls, raw: str | None) -> Cursor:
-        """A cursor from a ``Last-Event-ID``; None or empty means from the start."""
+    def parse(
+        cls, raw: str | None, *, loc: tuple[str, str] = ("header", "last-event-id")
+    ) -> Cursor:
+        """A cursor from a ``Last-Event-ID`` (or what ``loc`` names); None or empty means from
+        the start. 422 for anything this stream cannot have sent, numbers beyond the columns'
+        range included: they would fail the stream's queries once it is open (a browser would
+        then reconnect with the same id, again and again)."""
         if not raw:
             return cls()
         parts = raw.strip().split(":")
@@ -89,11 +97,12 @@ class Cursor:
             numbers = [int(p) for p in parts]
         except ValueError:
             numbers = []
-        if len(numbers) != 3 or min(numbers) < 0:
+        if len(numbers) != 3 or not all(0 <= n <= MAX_INTEGER for n in numbers):
+            name = "Last-Event-ID" if loc[0] == "header" else loc[1]
             raise InvalidInput(
-                f"Last-Event-ID {raw!r} is not an id this stream sent "
-                "(attempt:step:epoch, three numbers ≥ 0)",
-                details=[{"loc": ["header", "last-event-id"], "msg": "invalid event id"}],
+                f"{name} {raw!r} is not an id this stream sent "
+                f"(attempt:step:epoch, three numbers from 0 to {MAX_INTEGER})",
+                details=[{"loc": list(loc), "msg": "invalid event id"}],
             )
         return cls(*numbers)
 
@@ -197,8 +206,13 @@ def poll(session: Session, state: StreamState) -> Poll:
 
 
 def _poll_once(sessions: sessionmaker[Session], state: StreamState) -> Poll:
-    with sessions() as session:
-        return poll(session, state)
+    # On a copy: a poll that fails half way (the database went away) leaves the state as it
+    # was, so the next poll sends again whatever this one had prepared.
+    trial = replace(state)
+    with unavailable_as_503(), sessions() as session:
+        result = poll(session, trial)
+    state.cursor, state.status = trial.cursor, trial.status
+    return result
 
 
 async def stream(
@@ -208,11 +222,23 @@ async def stream(
 
     Each poll's database reads run in a worker thread, so an open stream never blocks the
     event loop; between polls it sleeps ``poll_s``.
+
+    While the database is unavailable the stream stays open and polls less often (up to
+    :data:`OUTAGE_WAIT_MAX_S` apart; the framework's keep-alive comments go on), then carries
+    on from where it was. Ending it instead would not help: a browser's ``EventSource`` that
+    reconnects and meets the 503 gives up for good.
     """
     state = StreamState(cursor=cursor, job_id=job_id)
     yield ServerSentEvent(retry=RETRY_MS)
+    wait_s = poll_s
     while True:
-        result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+        try:
+            result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+        except DatabaseUnavailable:
+            wait_s = min(wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
+            await anyio.sleep(wait_s)
+            continue
+        wait_s = poll_s
         for event in result.events:
             yield event
         if result.done:

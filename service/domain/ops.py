@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import NotReady
 from service.schemas import Readiness, ReadinessCheck
 from service.settings import Settings
 from service.status import JobStatus
-from service.store import engines, job_repo, migrations, worker_repo
+from service.store import availability, engines, job_repo, migrations, worker_repo
 
 log = logging.getLogger("service.ops")
 
@@ -27,7 +29,9 @@ def _check_migrations(session: Session) -> ReadinessCheck:
     try:
         heads = migrations.head_revisions()
     except FileNotFoundError as exc:
-        return ReadinessCheck(name="migrations", ok=False, detail=str(exc))
+        # /readyz is public: the path goes to the log, not to whoever asks.
+        log.error("readiness: the migration scripts cannot be found: %s", exc)
+        return ReadinessCheck(name="migrations", ok=False, detail="migration scripts not found")
     current = migrations.current_revisions(session.connection())
     if current == heads:
         return ReadinessCheck(name="migrations", ok=True, detail=f"at head {_revisions(heads)}")
@@ -39,10 +43,61 @@ def _check_migrations(session: Session) -> ReadinessCheck:
     )
 
 
-def readiness(session: Session, settings: Settings, *, now: datetime) -> Readiness:
-    """Database reachable, schema at the migrations' head, a live worker if one is required.
+def _note_failure(what: str, error: SQLAlchemyError) -> None:
+    # An outage is logged as it starts and ends (not at every poll of a balancer); anything
+    # else is logged as it happens.
+    if availability.is_unavailable(error):
+        availability.OUTAGES.unavailable(error)
+    else:
+        log.warning("%s: %s", what, error)
 
-    Raises :class:`NotReady` (503) naming what failed, with every check as details.
+
+class WriteProbe:
+    """Whether the database takes writes, learnt by writing (:func:`availability.probe_write`)
+    at most every ``every_s`` seconds: a balancer polling /readyz costs a write a second at
+    most, whatever the number of callers. Callers that come while a probe runs wait for it and
+    share its answer."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        every_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sessions = sessions
+        self._every_s = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, ReadinessCheck] | None = None
+
+    def check(self, now: datetime) -> ReadinessCheck:
+        """The last probe's answer while it is fresh, else a new probe's."""
+        with self._lock:
+            if self._last is not None and self._clock() - self._last[0] < self._every_s:
+                return self._last[1]
+            result = self._probe(now)
+            self._last = (self._clock(), result)
+            return result
+
+    def _probe(self, now: datetime) -> ReadinessCheck:
+        try:
+            with self._sessions() as session:
+                availability.probe_write(session, now)
+        except SQLAlchemyError as exc:
+            _note_failure("readiness: the database refuses writes", exc)
+            return ReadinessCheck(name="writes", ok=False, detail=f"failing: {type(exc).__name__}")
+        return ReadinessCheck(name="writes", ok=True, detail="a committed write succeeded")
+
+
+def readiness(
+    session: Session, settings: Settings, *, now: datetime, writes: WriteProbe
+) -> Readiness:
+    """Database reachable and taking writes, schema at the migrations' head, a live worker if
+    one is required.
+
+    Raises :class:`NotReady` (503, with ``Retry-After``) naming what failed, with every check
+    as details.
     """
     checks: list[ReadinessCheck] = []
     try:
@@ -60,16 +115,21 @@ def readiness(session: Session, settings: Settings, *, now: datetime) -> Readine
             )
         )
     except SQLAlchemyError as exc:
-        log.warning("readiness: database error: %s", exc)
+        _note_failure("readiness: database error", exc)
         checks.append(
             ReadinessCheck(name="database", ok=False, detail=f"unreachable: {type(exc).__name__}")
         )
+    else:
+        session.rollback()  # the read snapshot ends here: the probe writes in its own session
+        if all(c.ok for c in checks if c.name == "migrations"):  # its table exists at head
+            checks.append(writes.check(now))
     failed = [c for c in checks if not c.ok]
     if failed:
         raise NotReady(
             "not ready: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
             details=[c.model_dump() for c in checks],
         )
+    availability.OUTAGES.up()
     return Readiness(status="ready", checks=checks)
 
 

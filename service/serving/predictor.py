@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ DEFAULT_MAX_IMAGE_PIXELS = imaging.DEFAULT_MAX_IMAGE_PIXELS
 # After decoding an image of at least this many pixels, the memory freed is handed back to the
 # system; below it, what glibc keeps for reuse is small and soon reused.
 RELEASE_MIN_PIXELS = 1_000_000
+log = logging.getLogger("service.models")
 
 
 def image_to_tensor(
@@ -125,11 +127,13 @@ class ModelCache:
         # still does not load (damaged on disk) is refused, never half-used.
         path = self._dir / Path(checkpoint).name
         if not path.is_file():
-            raise Conflict(f"the checkpoint of this model is missing from {self._dir.name}/")
+            log.error("cannot load a model: no checkpoint file %s", path)
+            raise Conflict(model_registry.CHECKPOINT_UNUSABLE)
         try:
             return load_model(path)
         except Exception as exc:  # torch raises many types for a damaged file
-            raise Conflict(f"the checkpoint {path.name} cannot be loaded: {exc}") from exc
+            log.error("cannot load a model from %s: %s", path, exc)
+            raise Conflict(model_registry.CHECKPOINT_UNUSABLE) from exc
 
 
 class Predictor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +20,14 @@ from service.schemas import AliasList, AliasRead, ModelList, ModelRead
 from service.serving.single_flight import SingleFlight
 from service.status import JobStatus
 from service.store import job_repo, model_repo
+from service.store.availability import unavailable_as_503
 from service.store.tables import Job, ModelAlias
 
 DEFAULT_ALIAS = "production"
+# What a client is told of a weights file that is gone or damaged; where it should be and what
+# went wrong is for the operator, in the log (a client learns no server path, no library's hint).
+CHECKPOINT_UNUSABLE = "the checkpoint of this model is missing or unreadable"
+log = logging.getLogger("service.models")
 RESOLUTION_CACHE_ENTRIES = 1024  # distinct (job_id, alias) choices remembered per process
 
 
@@ -113,7 +119,8 @@ def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> 
     """The weights file of a model, for download; 409 when it is gone from the disk."""
     path = checkpoint_file(checkpoint_dir, model_or_404(session, job_id))
     if not path.is_file():
-        raise Conflict(f"the checkpoint of model {job_id} is missing from {checkpoint_dir.name}/")
+        log.error("the checkpoint of model %s is missing: no file %s", job_id, path)
+        raise Conflict(CHECKPOINT_UNUSABLE)
     return path
 
 
@@ -260,5 +267,6 @@ class ResolutionCache:
 
 
 def _resolve_in_session(sessions: sessionmaker[Session], choice: ModelChoice) -> ResolvedModel:
-    with sessions() as session:
+    # A ServiceError, so that predict's fast lane hands an outage to the route like any refusal.
+    with unavailable_as_503(), sessions() as session:
         return resolve_choice(session, choice)

@@ -22,6 +22,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service.status import JobStatus
 
+# The largest value of an ``Integer`` column on every backend (32 bits on PostgreSQL): a step,
+# an epoch or an attempt from a client beyond it names nothing, and must be refused (422)
+# before it reaches a query, where PostgreSQL would fail on it.
+MAX_INTEGER = 2**31 - 1
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -169,3 +174,13 @@ class ModelAlias(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ReadinessProbe(Base):
+    """One row that ``/readyz`` writes (at most every ``MNIST_READY_WRITE_PROBE_S``) to learn
+    that the database takes writes: a read-only file, replica or full disk fails it."""
+
+    __tablename__ = "readiness_probe"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    written_at: Mapped[datetime] = mapped_column(UTCDateTime())

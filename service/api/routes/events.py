@@ -13,8 +13,10 @@ from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
 from service.domain import events
 
-# attempt:step:epoch, as the stream numbers its events; empty means "from the start".
-EVENT_ID_PATTERN = r"^([0-9]{1,18}:[0-9]{1,18}:[0-9]{1,18})?$"
+# attempt:step:epoch, as the stream numbers its events; empty means "from the start". Nine
+# digits each: more than any stream sends (a job has at most millions of steps), and every
+# id the pattern admits fits the columns (2**31 - 1), so none is refused after validation.
+EVENT_ID_PATTERN = r"^([0-9]{1,9}:[0-9]{1,9}:[0-9]{1,9})?$"
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -55,7 +57,10 @@ async def stream_start(
     A dependency, because a streaming route's own body runs only once the 200 has gone out:
     these answers must come before it.
     """
-    cursor = events.Cursor.parse(last_event_id or after)
+    if last_event_id:
+        cursor = events.Cursor.parse(last_event_id)
+    else:
+        cursor = events.Cursor.parse(after, loc=("query", "last_event_id"))
     await run_in_threadpool(events.find_job, sessions, job_id)
     return cursor
 

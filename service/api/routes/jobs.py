@@ -13,6 +13,7 @@ from service.domain import jobs
 from service.errors import NotFound
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
 from service.status import JobStatus
+from service.store.tables import MAX_INTEGER
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -25,7 +26,7 @@ MAX_STEPS_PAGE = 100_000
 DEFAULT_STEPS_PAGE = 1000
 # Steps are numbered in an INTEGER column, 32 bits on PostgreSQL; a larger ``after_step`` names
 # no step, and SQLite cannot even compare past 64 bits.
-MAX_STEP = 2**31 - 1
+MAX_STEP = MAX_INTEGER
 
 
 class MetricsQuery(BaseModel):

@@ -7,34 +7,58 @@ import logging
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import ReadSessionsDep, SessionDep, SettingsDep
 from service.api.metrics import CONTENT_TYPE, ServiceMetrics
 from service.clock import utcnow
 from service.domain import ops
 from service.schemas import ErrorEnvelope, Readiness
+from service.store import availability
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("service.ops")
 
 
+# HEAD (a load balancer's cheap probe) answers as GET without the body; left out of the
+# schema, where it would repeat GET's operation under the same id.
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": ErrorEnvelope, "description": "A check failed (see details)."}},
+    responses={
+        503: {
+            "model": ErrorEnvelope,
+            "description": "A check failed (see details).",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before asking again.",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                }
+            },
+        }
+    },
 )
-def readyz(session: SessionDep, settings: SettingsDep) -> Readiness:
-    """Ready to serve: database reachable, schema at head, a live worker if required."""
-    return ops.readiness(session, settings, now=utcnow())
+def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Readiness:
+    """Ready to serve: database reachable and taking writes, schema at head, a live worker if
+    required. ``HEAD`` answers the same status without a body."""
+    writes: ops.WriteProbe = request.app.state.write_probe
+    return ops.readiness(session, settings, now=utcnow(), writes=writes)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-def metrics(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s."""
     service_metrics: ServiceMetrics = request.app.state.metrics
+    # A session of its own, not the request's (SessionDep): a scrape answers through an outage,
+    # and the request's session would take that answer for a sign the database is back.
     try:
-        figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
+        with sessions() as session:
+            figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
     except SQLAlchemyError as exc:
-        log.warning("metrics: database unreadable: %s", exc)
+        if availability.is_unavailable(exc):
+            availability.OUTAGES.unavailable(exc)  # logged as the outage starts, not per scrape
+        else:
+            log.warning("metrics: database unreadable: %s", exc)
         figures = None
     service_metrics.observe_store(figures)
     return Response(service_metrics.render(), media_type=CONTENT_TYPE)

@@ -59,6 +59,8 @@ PASSED_THROUGH: dict[tuple[str, str], int] = {
 EXPECTED_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): Access.PUBLIC,
     ("GET", "/readyz"): Access.PUBLIC,
+    ("HEAD", "/healthz"): Access.PUBLIC,
+    ("HEAD", "/readyz"): Access.PUBLIC,
     ("GET", "/"): Access.PUBLIC,
     ("GET", "/static/app.js"): Access.PUBLIC,
     ("GET", "/openapi.json"): Access.PUBLIC,
@@ -323,7 +325,7 @@ def test_rules_apply_to_the_path_inside_the_app_when_mounted_under_a_prefix() ->
         assert sent[0]["status"] == status
 
 
-def test_an_event_stream_may_carry_the_key_in_the_query_and_nothing_else_may() -> None:
+def test_only_the_event_stream_may_carry_the_key_in_the_query() -> None:
     seen: list[bytes] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -333,17 +335,26 @@ def test_an_event_stream_may_carry_the_key_in_the_query_and_nothing_else_may() -
     guarded = ApiKeyMiddleware(inner, keys=KeyRing(FULL_KEY), docs_public=True)
     stream = [(b"accept", b"text/event-stream")]
     query = f"after=3&access_token={FULL_KEY}&x=1".encode()
+    events = f"/jobs/{VALID_JOB_ID}/events"
 
-    def status(method: str, headers: list[tuple[bytes, bytes]], query_string: bytes) -> int:
-        scope = {"type": "http", "method": method, "path": "/jobs/x/events", "headers": headers}
+    def status(method: str, query_string: bytes, path: str = events, headers: Any = stream) -> int:
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
         return int(call(guarded, {**scope, "query_string": query_string})[0]["status"])
 
-    assert status("GET", stream, query) == 200
+    assert status("GET", query) == 200
     # The app (and uvicorn's access log, which reads the same scope) never sees the key.
     assert seen == [b"after=3&x=1"]
-    assert status("GET", [], query) == 401  # not an event stream
-    assert status("POST", stream, query) == 401  # not a read
-    assert status("GET", stream, b"access_token=" + WRONG_KEY.encode()) == 401
+    assert status("GET", query, headers=[]) == 200  # what the client accepts changes nothing
+    assert status("POST", query) == 401  # not a read
+    assert status("GET", b"access_token=" + WRONG_KEY.encode()) == 401
     escaped = b"access_token=" + FULL_KEY.replace("-", "%2D").encode()
-    assert status("GET", stream, escaped) == 200
-    assert all(b"access_token" not in q for q in seen)
+    assert status("GET", escaped) == 200
+    # The name counts as the app would decode it: an encoded name is the same parameter.
+    for name in (b"access%5Ftoken", b"%61ccess_token", b"access%5ftoken"):
+        assert status("GET", name + b"=" + FULL_KEY.encode() + b"&y=2") == 200
+        assert seen[-1] == b"y=2"
+    # Anywhere else the key in a query is refused, even on a stream-like request, and cut.
+    for path in (f"/models/{VALID_JOB_ID}/checkpoint", "/jobs", f"/jobs/{VALID_JOB_ID}"):
+        assert status("GET", query, path=path) == 401, path
+        assert status("GET", b"access%5Ftoken=" + FULL_KEY.encode(), path=path) == 401, path
+    assert all(b"access_token" not in q and b"5Ftoken" not in q.upper() for q in seen)

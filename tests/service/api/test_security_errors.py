@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from service.api.app import create_app
 from service.api.lanes import predict as predict_lane
@@ -128,3 +131,38 @@ def test_the_schema_documents_the_envelope_for_every_error(client: TestClient) -
                 if status.startswith(("4", "5")):
                     content = response["content"]["application/json"]["schema"]
                     assert content == {"$ref": envelope}, (method, path, status)
+
+
+def test_a_database_error_that_is_a_bug_stays_a_500_and_an_outage_is_a_503(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bug = ProgrammingError("SELEC 1", {}, sqlite3.OperationalError('near "SELEC": syntax error'))
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise bug
+
+    monkeypatch.setattr("service.domain.jobs.list_page", broken)
+    response = client.get("/jobs")
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert "SELEC" not in response.text and "retry-after" not in response.headers
+
+    # The same place failing because SQLite cannot open its file: an outage, not a bug.
+    engine = create_engine(f"sqlite:///{tmp_path}")  # a folder
+    with pytest.raises(OperationalError) as raised, engine.connect():
+        pass
+    engine.dispose()
+    outage = raised.value
+
+    def unavailable(*_args: object, **_kwargs: object) -> None:
+        raise outage
+
+    monkeypatch.setattr("service.domain.jobs.list_page", unavailable)
+    response = client.get("/jobs")
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert response.json() == {
+        "error": {
+            "code": "database_unavailable",
+            "message": "the database is unavailable right now; try again shortly",
+        }
+    }
+    assert response.headers["x-request-id"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from fastapi.sse import ServerSentEvent
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
@@ -16,6 +19,7 @@ from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
 from service.schemas import JobCreate
 from service.status import JobStatus
+from service.store import metric_repo
 from service.store.tables import Job
 from tests.records import FakeTraining
 
@@ -52,9 +56,13 @@ def training(sessions: sessionmaker[Session]) -> FakeTraining:
 def test_cursor_round_trips_and_rejects_what_it_did_not_send() -> None:
     assert Cursor.parse(Cursor(2, 17, 1).encode()) == Cursor(2, 17, 1)
     assert Cursor.parse(None) == Cursor.parse("") == Cursor()
-    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c"):
+    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c", f"1:{2**31}:0", "1:0:999999999999"):
         with pytest.raises(InvalidInput, match="Last-Event-ID"):
             Cursor.parse(bad)
+    assert Cursor.parse(f"1:{2**31 - 1}:0") == Cursor(1, 2**31 - 1, 0)  # the columns' largest
+    with pytest.raises(InvalidInput, match="last_event_id") as raised:
+        Cursor.parse(f"{2**31}:0:0", loc=("query", "last_event_id"))
+    assert raised.value.details == [{"loc": ["query", "last_event_id"], "msg": "invalid event id"}]
 
 
 def test_a_queued_job_gets_its_status_then_nothing_until_it_changes(
@@ -191,3 +199,58 @@ def test_payloads_are_one_line_and_never_nan() -> None:
     )
     with pytest.raises(ValueError):
         events.json_data({"loss": math.nan})
+
+
+def outage_error(tmp_path: Path) -> Exception:
+    """A genuine outage as SQLAlchemy raises it: SQLite cannot open its file (a folder)."""
+    engine = create_engine(f"sqlite:///{tmp_path}")
+    try:
+        with pytest.raises(OperationalError) as raised, engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    return raised.value
+
+
+def collect_all(sessions: sessionmaker[Session], job_id: str) -> list[ServerSentEvent]:
+    async def collect() -> list[ServerSentEvent]:
+        return [e async for e in events.stream(sessions, job_id, Cursor(), poll_s=0.01)]
+
+    return anyio.run(collect)
+
+
+def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
+    sessions: sessionmaker[Session],
+    training: FakeTraining,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.7)
+    training.finish()
+    undisturbed = collect_all(sessions, training.job_id)
+    # The database goes away in the middle of polls, after the job was read and its status
+    # event prepared: nothing of that poll may be lost or sent twice.
+    read_steps = metric_repo.read_steps
+    failures = iter(range(4))
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if next(failures, None) is not None:
+            raise outage_error(tmp_path)
+        return read_steps(*args, **kwargs)
+
+    monkeypatch.setattr(metric_repo, "read_steps", failing)
+    assert collect_all(sessions, training.job_id) == undisturbed
+    assert next(failures, None) is None  # every failure was met
+
+
+def test_a_bug_still_ends_the_stream_with_its_error(
+    sessions: sessionmaker[Session], training: FakeTraining, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ProgrammingError("SELEC", {}, Exception("syntax error"))
+
+    monkeypatch.setattr(metric_repo, "read_steps", broken)
+    with pytest.raises(ProgrammingError):
+        collect_all(sessions, training.job_id)

@@ -123,6 +123,30 @@ def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient
     assert "last-event-id" in response.json()["error"]["message"].lower()
 
 
+@pytest.mark.parametrize("number", [2**31, 10**17, 999999999999999999])
+def test_an_id_beyond_the_columns_is_refused_before_streaming(
+    client: TestClient, sessions: sessionmaker[Session], number: int
+) -> None:
+    # Such a step would fail the stream's query on PostgreSQL once the stream was open, and a
+    # browser would reconnect with the same id every second.
+    training = FakeTraining(sessions, JobCreate(epochs=1, batch_size=10, trainset_size=20))
+    job_id = training.submit()
+    for bad in (f"1:{number}:0", f"{number}:0:0", f"1:0:{number}"):
+        response = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert response.status_code == 422, bad
+        error = response.json()["error"]
+        assert error["message"].startswith("header.last-event-id")
+        assert error["details"][0]["loc"] == ["header", "last-event-id"]
+        response = client.get(f"/jobs/{job_id}/events", params={"last_event_id": bad})
+        assert response.status_code == 422, bad
+        assert response.json()["error"]["details"][0]["loc"] == ["query", "last_event_id"]
+    training.claim()
+    training.finish()
+    largest = "1:999999999:999999999"  # the largest the pattern admits: a stream that ends
+    received = read_stream(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": largest})
+    assert received[-1].json()["final"] is True
+
+
 def test_streams_beyond_the_cap_get_503_and_an_ended_one_gives_its_place_back(
     client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
 ) -> None:

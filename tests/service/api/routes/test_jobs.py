@@ -206,6 +206,34 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
 
 
 @BOTH_WAYS
+@pytest.mark.parametrize("after_step", [2**31, 10**17, 2**63], ids=["2**31", "10**17", "2**63"])
+def test_after_step_beyond_the_steps_column_is_422_naming_it(
+    client: TestClient, sessions: sessionmaker[Session], after_step: int
+) -> None:
+    # 2**31 overflows PostgreSQL's integer column, 2**63 SQLite's: either once reached a query.
+    job_id = client.post("/jobs", json={}).json()["id"]
+    _record_steps(sessions, job_id, 3)
+    response = client.get(f"/jobs/{job_id}/metrics?after_step={after_step}")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["message"].startswith("query.after_step:")
+    assert [d["loc"] for d in error["details"]] == [["query", "after_step"]]
+    assert client.get(f"/jobs/{job_id}/metrics?limit={after_step}").status_code == 422
+
+
+def test_every_cursor_and_limit_the_lists_take_is_answered(client: TestClient) -> None:
+    # The largest cursor the pattern admits (16 digits of microseconds: the year 2286) and the
+    # smallest name positions on every backend; larger numbers are refused by the pattern.
+    for url in ("/jobs", "/models"):
+        for cursor in ("9" * 16 + "-" + "f" * 32, "0" * 16 + "-" + "0" * 32):
+            response = client.get(url, params={"cursor": cursor})
+            assert response.status_code == 200, (url, cursor, response.text)
+        too_far = client.get(url, params={"cursor": "9" * 17 + "-" + "f" * 32})
+        assert too_far.status_code == 422 and "cursor" in too_far.json()["error"]["message"]
+        assert client.get(url, params={"limit": 2**63}).status_code == 422
+
+
+@BOTH_WAYS
 def test_the_metrics_body_is_exactly_the_documented_schema(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:

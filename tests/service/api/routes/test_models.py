@@ -76,7 +76,10 @@ def test_the_checkpoint_downloads_as_loadable_weights(
 
     path.unlink()
     gone = client.get(f"/models/{job_id}/checkpoint")
-    assert gone.status_code == 409 and "missing" in gone.json()["error"]["message"]
+    assert gone.status_code == 409
+    assert (
+        gone.json()["error"]["message"] == "the checkpoint of this model is missing or unreadable"
+    )
     assert client.get(f"/models/{job_id}").json()["checkpoint_bytes"] is None
 
 

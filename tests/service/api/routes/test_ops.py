@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
@@ -16,7 +18,7 @@ from service.clock import utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import migrations
-from service.store.tables import WorkerRow
+from service.store.tables import ReadinessProbe, WorkerRow
 from tests.records import FakeTraining
 
 
@@ -54,8 +56,76 @@ def test_ready_when_the_database_is_migrated(client: TestClient) -> None:
         "database": True,
         "migrations": True,
         "workers": True,
+        "writes": True,
     }
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_head_of_health_and_readiness_answers_without_a_body(
+    client: TestClient, tmp_path: Path, api_settings: Settings
+) -> None:
+    for path in ("/healthz", "/readyz"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+    broken = api_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}"})
+    with TestClient(create_app(broken)) as down:
+        assert down.head("/healthz").status_code == 200
+        response = down.head("/readyz")
+    assert response.status_code == 503 and response.content == b""
+    assert response.headers["retry-after"] == "2"
+
+
+def read_only(engine: Engine) -> None:
+    """Every new connection of ``engine`` refuses writes and still reads, as a read-only
+    SQLite file, a PostgreSQL replica or ``default_transaction_read_only`` do."""
+    statement = (
+        "PRAGMA query_only = ON"
+        if engine.dialect.name == "sqlite"
+        else "SET default_transaction_read_only = on"
+    )
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+        if engine.dialect.name != "sqlite":
+            dbapi_connection.commit()
+
+    event.listen(engine, "connect", on_connect)
+
+
+def test_not_ready_while_writes_fail_though_reads_succeed(api_settings: Settings) -> None:
+    settings = api_settings.model_copy(update={"ready_write_probe_s": 0.0})
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/jobs", json={}).json()["id"]
+        engine = client.app.state.write_sessions.kw["bind"]  # type: ignore[attr-defined]
+        engine.dispose()
+        read_only(engine)
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.headers["retry-after"] == "2"
+        error = response.json()["error"]
+        assert error["code"] == "not_ready" and "writes: failing" in error["message"]
+        checks = {d["name"]: d["ok"] for d in error["details"]}
+        assert checks == {"database": True, "migrations": True, "workers": True, "writes": False}
+        # Reads go on; a write is refused as an outage, not as a bug.
+        assert client.get(f"/jobs/{job_id}").status_code == 200
+        refused = client.post("/jobs", json={})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+        assert refused.json()["error"]["code"] == "database_unavailable"
+
+
+def test_the_write_probe_runs_at_most_once_per_interval(
+    api_settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    settings = api_settings.model_copy(update={"ready_write_probe_s": 3600.0})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        with sessions() as session:
+            first = session.scalars(select(ReadinessProbe.written_at)).one()
+        for _ in range(5):
+            assert client.get("/readyz").status_code == 200
+        with sessions() as session:
+            assert session.scalars(select(ReadinessProbe.written_at)).one() == first
 
 
 def test_not_ready_when_the_schema_is_behind(sqlite_url: str, api_settings: Settings) -> None:

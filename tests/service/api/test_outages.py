@@ -1,0 +1,262 @@
+"""A real API (``python -m service``) through database outages, on both databases.
+
+While the database is away the API keeps answering ``/healthz``; ``/readyz`` and every
+request that needs the database get 503 with ``Retry-After`` in the service's envelope (never
+a 500); an open event stream stays open; and all of it recovers without a restart.
+
+- PostgreSQL: the test's own database refuses connections (``ALLOW_CONNECTIONS false`` and
+  every backend terminated, as a restart or a failover does), then turns read-only.
+- SQLite, unwritable: the API process may no longer write a byte to any file (its
+  ``RLIMIT_FSIZE`` set to 0 from outside: what a full disk or an exceeded quota looks like to
+  it); reads go on.
+- SQLite, unreadable: the API starts while the database's path is no database (a folder, as
+  when a volume is not mounted yet), and the file then appears.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from service import sse
+from service.errors import RETRY_AFTER_S
+from service.store.engines import make_engine
+from tests.conftest import POSTGRES_ENV, migrate
+from tests.support import api_process, service_env, wait_for
+
+DEADLINE_S = 20.0
+RECOVERED_REQUESTS = 20  # after an outage, every one of these must succeed (no stale connection)
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_unavailable(response: httpx.Response, code: str = "database_unavailable") -> None:
+    """503, Retry-After, and the service's envelope."""
+    request = response.request
+    assert response.status_code == 503, (request.method, request.url, response.text)
+    assert response.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert response.json()["error"]["code"] == code
+
+
+def ready(client: httpx.Client) -> bool:
+    return client.get("/readyz").status_code == 200
+
+
+def not_ready(client: httpx.Client) -> httpx.Response | None:
+    response = client.get("/readyz")
+    return response if response.status_code == 503 else None
+
+
+def assert_recovered(client: httpx.Client, job_id: str) -> None:
+    """Every request answers again, the first one after the outage included."""
+    statuses = [client.get("/jobs").status_code for _ in range(RECOVERED_REQUESTS)]
+    statuses += [client.get(f"/jobs/{job_id}/metrics").status_code for _ in range(5)]
+    assert statuses == [200] * len(statuses)
+    assert client.post("/jobs", json={}).status_code == 202
+
+
+@dataclass
+class StreamReader:
+    """Reads a job's event stream in a thread, line by line, until it ends."""
+
+    client: httpx.Client
+    job_id: str
+    lines: list[str] = field(default_factory=list)
+    status: int | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> StreamReader:
+        def read() -> None:
+            try:
+                path = f"/jobs/{self.job_id}/events"
+                with self.client.stream("GET", path, timeout=60) as response:
+                    self.status = response.status_code
+                    for line in response.iter_lines():
+                        self.lines.append(line)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.error = exc
+
+        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread.start()
+        wait_for(lambda: bool(self.lines), timeout_s=DEADLINE_S, what="the stream's first line")
+        return self
+
+    def finished(self) -> list[sse.Event]:
+        assert self.thread is not None
+        self.thread.join(timeout=DEADLINE_S)
+        assert not self.thread.is_alive(), "the stream did not end with the job"
+        assert self.error is None and self.status == 200, (self.error, self.status)
+        return list(sse.parse(self.lines))
+
+
+def check_outage(client: httpx.Client, job_id: str) -> None:
+    """What a client meets while the database is away."""
+    assert client.get("/healthz").status_code == 200
+    assert client.head("/healthz").status_code == 200
+    readiness = wait_for(lambda: not_ready(client), timeout_s=DEADLINE_S, what="/readyz 503")
+    assert_unavailable(readiness, code="not_ready")
+    assert client.head("/readyz").status_code == 503
+    assert_unavailable(client.get("/jobs"))
+    assert_unavailable(client.get(f"/jobs/{job_id}"))
+    assert_unavailable(client.get(f"/jobs/{job_id}/metrics"))  # the polls' lane, then the route
+    assert_unavailable(client.get(f"/jobs/{job_id}/events"))  # refused before it opens
+    assert_unavailable(client.post("/jobs", json={}))
+    assert_unavailable(client.get("/models"))
+    predict = client.post("/predict", content=png(), headers={"content-type": "image/png"})
+    assert_unavailable(predict)  # predict's lane, then the route
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "mnist_database_up 0.0" in metrics.text
+
+
+def check_log(log: Path, outages: int = 1) -> None:
+    """No error beyond the outages, each logged as it started and as it ended."""
+    text = log.read_text()
+    assert "Traceback" not in text and "unhandled error" not in text, text[-3000:]
+    assert text.count("database unavailable, answering 503") == outages, text[-3000:]
+    assert text.count("database available again") == outages, text[-3000:]
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[tuple[str, Engine, str]]:
+    """A PostgreSQL database of this test's own, migrated; dropped afterwards."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV}")
+    name = f"mnist_outage_{secrets.token_hex(4)}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        migrate(url)
+        yield url, admin, name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def terminate_backends(admin: Engine, name: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+
+
+def test_postgres_refusing_connections_then_read_only(
+    own_postgres: tuple[str, Engine, str], tmp_path: Path
+) -> None:
+    url, admin, name = own_postgres
+    env = service_env(database_url=url, checkpoint_dir=str(tmp_path / "models"))
+    log = tmp_path / "api.log"
+    with api_process(env, log) as (_proc, client):
+        job_id = client.post("/jobs", json={}).json()["id"]
+        assert client.get(f"/jobs/{job_id}/metrics").status_code == 200
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200")
+        stream = StreamReader(client, job_id).start()
+        # A blip between two requests (a restart): the pooled connections are dead, and the
+        # very next requests must still be answered (pool_pre_ping replaces them).
+        terminate_backends(admin, name)
+        assert_recovered(client, job_id)
+
+        # Down: no new connection, and every open one cut.
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        terminate_backends(admin, name)
+        check_outage(client, job_id)
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 after the outage")
+        assert_recovered(client, job_id)
+
+        # Read-only (a replica, or default_transaction_read_only): reads go on, writes and
+        # readiness fail; then writable again. Each change reaches new connections only.
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+        terminate_backends(admin, name)
+        readiness = wait_for(lambda: not_ready(client), timeout_s=DEADLINE_S, what="/readyz 503")
+        assert "writes: failing" in readiness.json()["error"]["message"]
+        assert client.get("/jobs").status_code == 200
+        assert_unavailable(client.post("/jobs", json={}))
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+        terminate_backends(admin, name)
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 when writable")
+        assert_recovered(client, job_id)
+
+        # The stream opened before it all is still there, and still follows the job.
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+        received = stream.finished()
+    assert received[-1].json()["status"] == "cancelled" and received[-1].json()["final"]
+    check_log(log, outages=2)
+
+
+def set_file_size_limit(pid: int, limit: int) -> None:
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_sqlite_unwritable_then_writable(sqlite_template: Path, tmp_path: Path) -> None:
+    database = tmp_path / "mnist.db"
+    shutil.copy(sqlite_template, database)
+    env = service_env(database_url=f"sqlite:///{database}", checkpoint_dir=str(tmp_path / "m"))
+    log = tmp_path / "api.log"  # its lines written during the outage are lost, as on a full disk
+    with api_process(env, log) as (proc, client):
+        job_id = client.post("/jobs", json={}).json()["id"]
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200")
+        set_file_size_limit(proc.pid, 0)
+        try:
+            readiness = wait_for(
+                lambda: not_ready(client), timeout_s=DEADLINE_S, what="/readyz 503"
+            )
+            assert_unavailable(readiness, code="not_ready")
+            assert "writes: failing" in readiness.json()["error"]["message"]
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/jobs").status_code == 200  # reads go on
+            assert client.get(f"/jobs/{job_id}/metrics").status_code == 200
+            assert_unavailable(client.post("/jobs", json={}))
+            assert_unavailable(client.post(f"/jobs/{job_id}/cancel"))
+        finally:
+            set_file_size_limit(proc.pid, resource.RLIM_INFINITY)
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 when writable")
+        assert_recovered(client, job_id)
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+
+
+def test_sqlite_unreadable_until_the_file_appears(sqlite_template: Path, tmp_path: Path) -> None:
+    database = tmp_path / "mnist.db"
+    database.mkdir()  # no database there yet: SQLite cannot open a folder
+    env = service_env(database_url=f"sqlite:///{database}", checkpoint_dir=str(tmp_path / "m"))
+    log = tmp_path / "api.log"
+    job_id = "0" * 32
+    with api_process(env, log) as (_proc, client):
+        check_outage(client, job_id)
+        database.rmdir()
+        shutil.copy(sqlite_template, database)
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 once the file is")
+        job_id = client.post("/jobs", json={}).json()["id"]
+        assert_recovered(client, job_id)
+    check_log(log)
