@@ -34,7 +34,7 @@ from service.store import metric_repo
 from service.store.engines import make_engine, make_sessionmaker
 from tests.conftest import POSTGRES_ENV, migrate
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, process, service_env, wait_for
+from tests.support import REPO_ROOT, free_port, service_env, wait_for
 
 OUTAGE_S = 8.0
 SQLITE_OUTAGE_S = 4.0
@@ -43,7 +43,9 @@ TIMEOUT_S = 60.0
 JOB = {"epochs": 2, "batch_size": 2, "trainset_size": 8000, "testset_size": 200}
 
 
-def worker_env(database_url: str, medium_mnist: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+def worker_env(
+    database_url: str, medium_mnist: Path, tmp_path: Path, **extra: str
+) -> dict[str, str]:
     return service_env(
         database_url=database_url,
         data_dir=str(medium_mnist),
@@ -61,6 +63,14 @@ def steps_of(sessions: sessionmaker[Session], job_id: str) -> list[int]:
     with sessions() as session:
         rows = metric_repo.read_steps(session, job_id, after_step=0, limit=100_000)
     return [r["step"] for r in rows]
+
+
+def wait_ended(sessions: sessionmaker[Session], job_id: str) -> None:
+    wait_for(
+        lambda: read_job(sessions, job_id).status in TERMINAL,
+        timeout_s=TIMEOUT_S,
+        what=f"job {job_id} to end",
+    )
 
 
 def assert_each_step_once(sessions: sessionmaker[Session], job_id: str) -> None:
@@ -170,11 +180,7 @@ def test_mnist_service_run_rides_out_postgres_refusing_connections(
 
             later = post_job(client, {**JOB, "epochs": 1, "batch_size": 64})
             for job_id in (interrupted, later):
-                wait_for(
-                    lambda job_id=job_id: read_job(sessions, job_id).status in TERMINAL,
-                    timeout_s=TIMEOUT_S,
-                    what=f"job {job_id} to end",
-                )
+                wait_ended(sessions, job_id)
                 assert_each_step_once(sessions, job_id)
             assert proc.poll() is None
             text_ = log.read_text()
@@ -286,11 +292,7 @@ def test_a_worker_rides_out_a_sqlite_file_it_cannot_write(
                 while time.monotonic() < deadline:  # the outage: no write gets through
                     assert read_job(sessions, job_id).step == written
                     time.sleep(0.2)
-            wait_for(
-                lambda: read_job(sessions, job_id).status in TERMINAL,
-                timeout_s=TIMEOUT_S,
-                what="the job to end",
-            )
+            wait_ended(sessions, job_id)
             assert proc.poll() is None
         assert_each_step_once(sessions, job_id)
         text_ = log.read_text()
