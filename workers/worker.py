@@ -114,9 +114,15 @@ class Worker:
         """``op()``, retried through a database outage; for at most ``within_s`` once the
         worker is asked to stop (None: until the database is back)."""
         give_up = None if within_s is None else self._stopping_for(within_s)
-        # While stopping, stop.wait returns at once: wait out the delays with a plain sleep.
-        wait = self.stop.wait if within_s is not None else time.sleep
-        return retry(op, outage=self.outage, what=what, wait=wait, give_up=give_up)
+        return retry(op, outage=self.outage, what=what, wait=self._pause, give_up=give_up)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between retries: cut short by a stop request, a plain sleep once stopping
+        (``stop.wait`` would return at once and make the retries a busy loop)."""
+        if self.stop.is_set():
+            time.sleep(seconds)
+        else:
+            self.stop.wait(seconds)
 
     def _stopping_for(self, seconds: float) -> Callable[[], bool]:
         """Whether :attr:`stop` has been set for ``seconds`` (counted from the first ask)."""

@@ -20,6 +20,7 @@ from service.store import job_repo, metric_repo, queue_repo, worker_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
+from tests.workers.flaky import FlakyDatabase
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
@@ -265,3 +266,28 @@ def test_a_resume_state_that_cannot_be_written_resumes_on_a_healthy_worker(
         steps = metric_repo.read_steps(session, job_id, after_step=0, limit=10_000)
     assert [s["step"] for s in steps] == list(range(1, job.total_steps + 1))
     assert list(settings.checkpoint_dir.glob("*.resume.pt")) == []
+
+
+def test_a_worker_asked_to_stop_while_the_database_is_down_stops_within_its_grace(
+    settings: Settings, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    db = FlakyDatabase(sessions)
+    stop = threading.Event()
+    worker = Worker(
+        settings.model_copy(update={"shutdown_grace_s": 0.5}), db.sessionmaker(), stop=stop
+    )
+    thread = threading.Thread(target=worker.run)
+    with caplog.at_level("INFO", logger="workers"):
+        thread.start()
+        wait_for(lambda: db.tries > 0, timeout_s=30, what="the worker to start")
+        db.down = True
+        wait_for(lambda: worker.outage.down, timeout_s=30, what="the worker to meet the outage")
+        tries = db.tries
+        wait_for(lambda: db.tries > tries + 2, timeout_s=30, what="retries")  # it keeps trying
+        assert thread.is_alive()
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert db.tries < 100  # backoff, not a busy loop
+    assert "the database did not hear of it" in caplog.text
+    assert caplog.text.count("database unreachable") == 1

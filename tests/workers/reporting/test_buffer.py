@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
 
 import pytest
 import torch
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,34 +19,10 @@ from service.store import metric_repo, queue_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
+from tests.workers.flaky import FlakyDatabase
 from workers.reporting import Claim, Limits, Reporter
 
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
-
-
-def outage_error() -> sa_exc.OperationalError:
-    return sa_exc.OperationalError("INSERT …", None, sqlite3.OperationalError("disk I/O error"))
-
-
-class FlakyDatabase:
-    """Sessions that fail as a database that is down does, on the test's say."""
-
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self.down = False
-        self.break_after_commit = False  # the commit lands, but its answer is lost
-        self.tries = 0
-
-    @contextmanager
-    def begin(self) -> Iterator[Session]:
-        self.tries += 1
-        if self.down:
-            raise outage_error()
-        with self.sessions.begin() as session:
-            yield session
-        if self.break_after_commit:
-            self.break_after_commit = False
-            raise outage_error()
 
 
 def make_reporter(
@@ -64,7 +35,7 @@ def make_reporter(
     reporter = Reporter(
         claim=Claim(job_id, 1, "w"),
         params=JobCreate.model_validate(PARAMS),
-        sessions=cast(sessionmaker[Session], db),
+        sessions=db.sessionmaker(),
         limits=Limits(lease_s=30, flush_interval_s=3600),
         stop=threading.Event(),
         checkpoint_dir=tmp_path,
