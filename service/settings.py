@@ -18,6 +18,10 @@ LogFormat = Literal["text", "json"]
 IMAGE_PIXELS_FLOOR = 28 * 28
 IMAGE_PIXELS_CEILING = 32_000_000
 
+# Steps a training worker holds while the database cannot be written (MNIST_OUTAGE_BUFFER_STEPS):
+# a few MB of host memory, minutes of training at the default batch size.
+OUTAGE_BUFFER_STEPS = 100_000
+
 MIN_API_KEY_CHARS = 16
 # MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
 # tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
@@ -69,6 +73,15 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         description="On SIGTERM, how long a worker may take to finish the current epoch.",
+    )
+    outage_buffer_steps: int = Field(
+        default=OUTAGE_BUFFER_STEPS,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Training steps a worker keeps while the database is down; when this many wait, "
+            "training pauses until the database is back (nothing is dropped)."
+        ),
     )
 
     # API behaviour.

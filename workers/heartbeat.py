@@ -2,6 +2,7 @@
 
 Flushes renew the lease while the loop trains; this thread covers the silent stretches (data
 loading, evaluation, saving) and says the worker process itself is alive (``GET /workers``).
+While the database is down, beats are retried with backoff (at most ``heartbeat_s`` apart).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.errors import LeaseLost
 from service.store import queue_repo, worker_repo
+from service.store.outage import Backoff, Outage, is_outage
 from workers.reporting import Reporter
 
 log = logging.getLogger("workers")
@@ -24,7 +26,13 @@ class Heartbeat(threading.Thread):
     """Every ``heartbeat_s``: the worker row's heartbeat, and the job's lease if no flush did."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, worker_id: str, heartbeat_s: float, lease_s: float
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        worker_id: str,
+        heartbeat_s: float,
+        lease_s: float,
+        outage: Outage | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._sessions = sessions
@@ -32,17 +40,27 @@ class Heartbeat(threading.Thread):
         self._heartbeat_s = heartbeat_s
         self._lease_s = lease_s
         self._done = threading.Event()
+        self._outage = outage or Outage(log)
+        self._backoff = Backoff(cap_s=heartbeat_s)
         self.reporter: Reporter | None = None  # the job being trained, set by the worker
 
     def run(self) -> None:
-        """Beat until stopped; a failed beat is retried at the next one (leases have slack)."""
-        while not self._done.wait(self._heartbeat_s):
+        """Beat until stopped; a beat the database refused is retried with backoff."""
+        delay = self._heartbeat_s
+        while not self._done.wait(delay):
+            delay = self._heartbeat_s
             try:
                 self.beat()
-            except Exception:  # the database may be briefly unreachable: try at the next beat
-                log.warning(
-                    "heartbeat failed; retrying in %.1f s", self._heartbeat_s, exc_info=True
-                )
+            except Exception as exc:
+                if is_outage(exc):
+                    self._outage.failed(exc, "heartbeat")
+                    delay = self._backoff.next_delay()
+                    continue
+                # Not the database's absence: a bug to see, but the beats go on (leases have slack).
+                log.warning("heartbeat failed; retrying in %.1f s", delay, exc_info=True)
+                continue
+            self._outage.ok()
+            self._backoff.reset()
 
     def beat(self) -> None:
         """One heartbeat."""

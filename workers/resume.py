@@ -53,9 +53,20 @@ class TrainingState:
         return int(saved["epoch"])
 
 
-def resume_path(checkpoint_dir: Path, job_id: str, attempt: int) -> Path:
-    """Where an attempt keeps its latest training state."""
-    return checkpoint_dir / f"{job_id}-{attempt}.resume.pt"
+def resume_path(checkpoint_dir: Path, job_id: str, attempt: int, epoch: int) -> Path:
+    """Where an attempt keeps its training state after ``epoch``.
+
+    One file per epoch: while the database cannot be written, later epochs are saved without
+    overwriting the one the job's row names, which a retry resumes from.
+    """
+    return checkpoint_dir / f"{job_id}-{attempt}-e{epoch}.resume.pt"
+
+
+def remove_stale_resume_files(checkpoint_dir: Path, job_id: str, keep: str) -> None:
+    """Delete a job's training states but ``keep``, the one its row now names."""
+    for path in checkpoint_dir.glob(f"{job_id}-*.resume.pt"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
 
 
 def remove_resume_files(checkpoint_dir: Path, job_id: str) -> None:

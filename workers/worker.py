@@ -1,4 +1,9 @@
-"""The worker: claim → train → report, one job at a time, until asked to stop."""
+"""The worker: claim → train → report, one job at a time, until asked to stop.
+
+Every call to the database rides out an outage (:mod:`service.store.outage`): the worker
+retries with backoff for as long as it lasts, and one :class:`Outage`, shared with the
+heartbeat and the reporter, logs when it starts and when it ends.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import os
 import secrets
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +29,7 @@ from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import queue_repo, worker_repo
+from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
 from workers.data import load_mnist
 from workers.graphs import graph_backend
@@ -33,6 +41,7 @@ from workers.reporting import (
     Reporter,
     RuntimeLimitExceeded,
     Shutdown,
+    StorageFailed,
 )
 from workers.resume import remove_resume_files
 from workers.threads import ThreadTuner, process_tuner
@@ -40,7 +49,7 @@ from workers.train import train
 
 log = logging.getLogger("workers")
 
-ERROR_MAX_CHARS = 2000
+T = TypeVar("T")
 
 
 def new_worker_id() -> str:
@@ -92,34 +101,91 @@ class Worker:
             self.threads = process_tuner()
         elif self.device.type == "cpu" and isinstance(settings.torch_threads, int):
             torch.set_num_threads(settings.torch_threads)
+        self.outage = Outage(log)
         self.heartbeat = Heartbeat(
             sessions,
             worker_id=self.worker_id,
             heartbeat_s=settings.heartbeat_s,
             lease_s=settings.lease_s,
+            outage=self.outage,
         )
+
+    def _retry(self, op: Callable[[], T], what: str, *, within_s: float | None = None) -> T:
+        """``op()``, retried through a database outage; for at most ``within_s`` once the
+        worker is asked to stop (None: until the database is back)."""
+        give_up = None if within_s is None else self._stopping_for(within_s)
+        return retry(op, outage=self.outage, what=what, wait=self._pause, give_up=give_up)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between retries: cut short by a stop request, a plain sleep once stopping
+        (``stop.wait`` would return at once and make the retries a busy loop)."""
+        if self.stop.is_set():
+            time.sleep(seconds)
+        else:
+            self.stop.wait(seconds)
+
+    def _stopping_for(self, seconds: float) -> Callable[[], bool]:
+        """Whether :attr:`stop` has been set for ``seconds`` (counted from the first ask)."""
+        since: list[float] = []
+
+        def past() -> bool:
+            if not self.stop.is_set():
+                return False
+            since[:] = since or [time.monotonic()]
+            return time.monotonic() - since[0] >= seconds
+
+        return past
 
     def run(self, *, max_jobs: int | None = None) -> None:
         """Serve the queue until :attr:`stop` is set (or ``max_jobs`` jobs are done)."""
-        self.register()
-        self.heartbeat.start()
         with log_context(worker_id=self.worker_id):
-            log.info("worker %s ready on %s", self.worker_id, self.device)
-            done = 0
             try:
-                while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-                    job = self.claim()
-                    if job is None:
-                        self.stop.wait(self.settings.poll_interval_s)
-                        continue
-                    with log_context(job_id=job.id, attempt=job.attempt):
-                        self.run_job(job)
-                    done += 1
+                self._retry(self.register, "register", within_s=0)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.info("worker %s stopped before the database was back", self.worker_id)
+                return
+            self.heartbeat.start()
+            log.info("worker %s ready on %s", self.worker_id, self.device)
+            try:
+                self._serve(max_jobs)
             finally:
                 self.heartbeat.stop()
-                with self.sessions.begin() as session:
-                    worker_repo.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
-                log.info("worker %s stopped", self.worker_id)
+                self._stopped()
+
+    def _serve(self, max_jobs: int | None) -> None:
+        done = 0
+        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+            try:
+                job = self._retry(self.claim, "claim", within_s=0)
+            except Exception as exc:
+                if is_outage(exc) and self.stop.is_set():
+                    return  # asked to stop while the database is down: nothing is held
+                raise
+            if job is None:
+                self.stop.wait(self.settings.poll_interval_s)
+                continue
+            with log_context(job_id=job.id, attempt=job.attempt):
+                self.run_job(job)
+            done += 1
+
+    def _stopped(self) -> None:
+        """Record that this worker stopped; past the grace, a restart on this host (or the
+        API's one-lease liveness rule) says it instead."""
+
+        def stopped() -> None:
+            with self.sessions.begin() as session:
+                worker_repo.worker_stopped(session, worker_id=self.worker_id, now=utcnow())
+
+        try:
+            self._retry(stopped, "worker stopped", within_s=self.settings.shutdown_grace_s)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("worker %s stopped; the database did not hear of it", self.worker_id)
+            return
+        log.info("worker %s stopped", self.worker_id)
 
     def register(self) -> None:
         """Record this worker, and recover the jobs of workers on this host that died."""
@@ -172,6 +238,8 @@ class Worker:
             checkpoint_dir=self.settings.checkpoint_dir,
             show_progress=self.show_progress,
             threads=self.threads,
+            outage=self.outage,
+            max_buffered_steps=self.settings.outage_buffer_steps,
         )
         self.heartbeat.reporter = reporter
         try:
@@ -190,7 +258,11 @@ class Worker:
             graphs = graph_backend(self.device, self.settings.cuda_graphs)
             model = train(params, data, self.device, seed, reporter, resume_from, graphs)
             path = checkpoint_path(self.settings.checkpoint_dir, f"{job.id}-{job.attempt}")
-            save_checkpoint(model, path)
+            try:
+                save_checkpoint(model, path)
+            except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
+                raise StorageFailed("could not write the checkpoint") from exc
+            reporter.drain()  # every step is stored before the job says it succeeded
             return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=path.name)
         except CancelRequested:
             return self._finish(claim, JobStatus.CANCELLED, reporter)
@@ -200,11 +272,21 @@ class Worker:
         except Shutdown as exc:
             log.info("job %s: %s", job.id, exc)
             return self._release(claim, reporter)
+        except StorageFailed as exc:
+            # The detail (the path, the errno) is the operator's; clients read the message.
+            log.error("job %s: %s", job.id, exc, exc_info=exc.__cause__)
+            return self._hand_back(claim, str(exc), reporter)
         except (Diverged, RuntimeLimitExceeded, ValueError) as exc:
             return self._finish(claim, JobStatus.FAILED, reporter, error=str(exc))
         except Exception as exc:
+            if is_outage(exc):  # not retried where it came from: the lease brings the job back
+                log.exception(
+                    "job %s: the database failed it; it returns when the lease ends", job.id
+                )
+                return Outcome(job.id, "lost", reporter.flush_seconds)
             log.exception("job %s failed", job.id)
-            error = f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
+            # A library's message may hold a path or advice meant for the operator: not shown.
+            error = f"the worker failed ({type(exc).__name__}); its log has the details"
             return self._finish(claim, JobStatus.FAILED, reporter, error=error)
         finally:
             self.heartbeat.reporter = None
@@ -219,10 +301,14 @@ class Worker:
             reporter.resume_at(job.resume_epoch, job.accuracy)
             return path
         log.warning("job %s: %s is missing, starting over", job.id, path)
-        with self.sessions.begin() as session:
-            queue_repo.forget_resume_point(
-                session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
-            )
+
+        def forget() -> None:
+            with self.sessions.begin() as session:
+                queue_repo.forget_resume_point(
+                    session, job_id=claim.job_id, attempt=claim.attempt, worker_id=claim.worker_id
+                )
+
+        self._retry(forget, "forget the resume point")
         return None
 
     def _finish(
@@ -234,7 +320,8 @@ class Worker:
         error: str | None = None,
         checkpoint: str | None = None,
     ) -> Outcome:
-        try:
+
+        def finish() -> None:
             with self.sessions.begin() as session:
                 queue_repo.finish_job(
                     session,
@@ -246,6 +333,9 @@ class Worker:
                     error=error,
                     checkpoint=checkpoint,
                 )
+
+        try:
+            self._retry(finish, "finish the job")
         except LeaseLost:
             log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
@@ -254,7 +344,7 @@ class Worker:
         return Outcome(claim.job_id, status, reporter.flush_seconds)
 
     def _release(self, claim: Claim, reporter: Reporter) -> Outcome:
-        try:
+        def release() -> None:
             with self.sessions.begin() as session:
                 queue_repo.release_job(
                     session,
@@ -263,7 +353,40 @@ class Worker:
                     worker_id=claim.worker_id,
                     now=utcnow(),
                 )
+
+        try:
+            self._retry(release, "release the job", within_s=self.settings.shutdown_grace_s)
         except LeaseLost:
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("job %s: the database is down; its lease brings it back", claim.job_id)
+            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
         log.info("job %s released back to the queue", claim.job_id)
+        return Outcome(claim.job_id, "released", reporter.flush_seconds)
+
+    def _hand_back(self, claim: Claim, reason: str, reporter: Reporter) -> Outcome:
+        """The job goes on as its next attempt (or fails, past the last), as a lost worker's."""
+
+        def hand_back() -> bool:
+            with self.sessions.begin() as session:
+                return queue_repo.hand_back(
+                    session,
+                    job_id=claim.job_id,
+                    attempt=claim.attempt,
+                    worker_id=claim.worker_id,
+                    now=utcnow(),
+                    reason=reason,
+                )
+
+        try:
+            again = self._retry(hand_back, "hand the job back")
+        except LeaseLost:
+            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
+        if not again:
+            remove_resume_files(self.settings.checkpoint_dir, claim.job_id)
+            log.info("job %s failed: %s on its last attempt", claim.job_id, reason)
+            return Outcome(claim.job_id, JobStatus.FAILED, reporter.flush_seconds)
+        log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)
         return Outcome(claim.job_id, "released", reporter.flush_seconds)

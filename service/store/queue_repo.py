@@ -161,6 +161,9 @@ class Progress:
     epoch: int
     accuracy: float | None
     resume_checkpoint: str | None = None  # saved with the state after ``epoch``
+    # A retry of a write whose outcome is unknown (its connection broke): its rows replace
+    # any the broken write committed.
+    replace: bool = False
 
 
 def record_progress(
@@ -197,6 +200,8 @@ def record_progress(
     ).first()
     if row is None:
         raise _lost(job_id, attempt)
+    if progress.replace:
+        _forget_rows(session, job_id, progress)
     if progress.steps:
         # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
         # which costs more than the SQL itself.
@@ -206,6 +211,20 @@ def record_progress(
     if progress.epochs:
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
     return bool(row[0])
+
+
+def _forget_rows(session: Session, job_id: str, progress: Progress) -> None:
+    """Delete the rows ``progress`` is about to insert, where an earlier try stored them."""
+    if progress.steps:
+        first = min(int(r["step"]) for r in progress.steps)
+        session.execute(
+            delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step >= first)
+        )
+    if progress.epochs:
+        epochs = [int(r["epoch"]) for r in progress.epochs]
+        session.execute(
+            delete(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch.in_(epochs))
+        )
 
 
 def heartbeat(
@@ -277,6 +296,49 @@ def release_job(
     if not result.rowcount:  # type: ignore[attr-defined]
         raise _lost(job_id, attempt)
     worker_idle(session, worker_id, now)
+
+
+def hand_back(
+    session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime, reason: str
+) -> bool:
+    """Give a running job back as its next attempt, as a lost worker's job is; fenced.
+
+    For faults of the worker's host rather than of the job (its checkpoint folder cannot be
+    written). The attempt counts against ``max_attempts``: past it the job fails with
+    ``reason``. ``reason`` is what clients read in ``error``: no server paths. Returns whether
+    the job will run again.
+    """
+    fence = _fence(job_id, attempt, worker_id)
+    failed = session.execute(
+        update(Job)
+        .where(fence, Job.attempt >= Job.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            lease_expires_at=None,
+            resume_checkpoint=None,
+            error=f"{reason}; gave up after {attempt} attempts",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    again = not failed.rowcount  # type: ignore[attr-defined]
+    if again:
+        queued = session.execute(
+            update(Job)
+            .where(fence)
+            .values(
+                status=JobStatus.QUEUED,
+                worker_id=None,
+                lease_expires_at=None,
+                heartbeat_at=None,
+                error=f"{reason}; retrying",
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if not queued.rowcount:  # type: ignore[attr-defined]
+            raise _lost(job_id, attempt)
+    worker_idle(session, worker_id, now)
+    return again
 
 
 def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:

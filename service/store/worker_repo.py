@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.status import JobStatus
 from service.store.tables import Job, WorkerRow
@@ -14,8 +15,8 @@ from service.store.tables import Job, WorkerRow
 def register_worker(
     session: Session, *, worker_id: str, host: str, pid: int, device: str, now: datetime
 ) -> None:
-    """Record a worker process that has started."""
-    session.add(
+    """Record a worker process that has started (again, if a retried write did already)."""
+    session.merge(
         WorkerRow(id=worker_id, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now)
     )
 
@@ -72,13 +73,29 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
 
 
 def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[WorkerRow]:
-    """Workers that have not stopped and were heard from within one lease."""
+    """Workers that have not stopped and were heard from within one lease.
+
+    A worker's ``job_id`` is its job only while it still holds that job's lease: a worker
+    fenced off (its lease taken by another, or the job ended without it) shows none, whatever
+    its row last recorded. Decided here, once, for every way a lease can be lost.
+    """
+    holds = and_(
+        Job.id == WorkerRow.job_id,
+        Job.worker_id == WorkerRow.id,
+        Job.status == JobStatus.RUNNING,
+    )
     stmt = (
-        select(WorkerRow)
+        select(WorkerRow, Job.id)
+        .outerjoin(Job, holds)
         .where(
             WorkerRow.stopped_at.is_(None),
             WorkerRow.heartbeat_at >= now - timedelta(seconds=lease_s),
         )
         .order_by(WorkerRow.started_at, WorkerRow.id)
     )
-    return list(session.scalars(stmt))
+    rows = []
+    for row, held in session.execute(stmt):
+        if row.job_id != held:
+            set_committed_value(row, "job_id", held)
+        rows.append(row)
+    return rows

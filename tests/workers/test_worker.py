@@ -20,6 +20,7 @@ from service.store import job_repo, metric_repo, queue_repo, worker_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
+from tests.workers.flaky import FlakyDatabase
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
@@ -212,3 +213,81 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
     assert retried is not None and (retried.id, retried.attempt) == (job_id, 2)
     with sessions() as session:
         assert worker_repo.live_workers(session, now=utcnow(), lease_s=30)[0].id == worker.worker_id
+
+
+def unwritable_checkpoints(settings: Settings, tmp_path: Path) -> Settings:
+    """The settings with a checkpoint folder that cannot be made: its parent is a file (a
+    folder's mode would not stop root)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    return settings.model_copy(update={"checkpoint_dir": blocker / "models"})
+
+
+def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = unwritable_checkpoints(settings, tmp_path)
+    job_id = submit(sessions, epochs=1, batch_size=64)
+    with caplog.at_level("ERROR", logger="workers"):
+        Worker(broken, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 1, None)
+    assert job.error == "could not write the checkpoint; retrying"  # no path, no advice
+    assert str(broken.checkpoint_dir) in caplog.text  # the operator's log has the detail
+
+    for _ in range(2):  # the disk stays broken: the job fails once its attempts are used up
+        Worker(broken, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt) == (JobStatus.FAILED, 3)
+    assert job.error == "could not write the checkpoint; gave up after 3 attempts"
+    with sessions() as session:
+        assert worker_repo.live_workers(session, now=utcnow(), lease_s=30) == []
+
+
+def test_a_resume_state_that_cannot_be_written_resumes_on_a_healthy_worker(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = submit(sessions, epochs=2, batch_size=64)
+    Worker(unwritable_checkpoints(settings, tmp_path), sessions, show_progress=False).run(
+        max_jobs=1
+    )
+    job = read(sessions, job_id)
+    assert (job.status, job.error) == (
+        JobStatus.QUEUED,
+        "could not write the training state; retrying",
+    )
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt, job.error) == (JobStatus.SUCCEEDED, 2, None)
+    with sessions() as session:
+        steps = metric_repo.read_steps(session, job_id, after_step=0, limit=10_000)
+    assert [s["step"] for s in steps] == list(range(1, job.total_steps + 1))
+    assert list(settings.checkpoint_dir.glob("*.resume.pt")) == []
+
+
+def test_a_worker_asked_to_stop_while_the_database_is_down_stops_within_its_grace(
+    settings: Settings, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    db = FlakyDatabase(sessions)
+    stop = threading.Event()
+    worker = Worker(
+        settings.model_copy(update={"shutdown_grace_s": 0.5}), db.sessionmaker(), stop=stop
+    )
+    thread = threading.Thread(target=worker.run)
+    with caplog.at_level("INFO", logger="workers"):
+        thread.start()
+        wait_for(lambda: db.tries > 0, timeout_s=30, what="the worker to start")
+        db.down = True
+        wait_for(lambda: worker.outage.down, timeout_s=30, what="the worker to meet the outage")
+        tries = db.tries
+        wait_for(lambda: db.tries > tries + 2, timeout_s=30, what="retries")  # it keeps trying
+        assert thread.is_alive()
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert db.tries < 100  # backoff, not a busy loop
+    assert "the database did not hear of it" in caplog.text
+    assert caplog.text.count("database unreachable") == 1

@@ -4,6 +4,10 @@ A flush is one transaction (:func:`service.store.queue_repo.record_progress`): i
 buffered steps and epochs, advance the job's progress, renew its lease, read
 ``cancel_requested``. The losses stay on the device between flushes, so the loop never waits
 for the host, and one ``tolist`` per flush brings them over.
+
+A write that fails (the database is down) loses nothing: the steps and epochs stay buffered,
+on the host, until a later flush writes them. That later write replaces whatever of them the
+failed one may have committed before its connection broke, so each step is stored once.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ class ProgressBuffer:
         self.plan = plan
         self._sessions = sessions
         self._lease_s = lease_s
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor] = []  # on the device, after the host's losses
+        self._host_losses: list[float] = []  # steps flushed_step+1 … on the host, not written
+        self._failed_write = False  # the last write failed: it may have committed some rows
         self.step = 0  # steps taken
         self.flushed_step = 0  # steps written
         self.epoch = 0
@@ -48,6 +54,16 @@ class ProgressBuffer:
         self._epoch_rows: list[dict[str, Any]] = []
         self.resume_file: str | None = None
         self.last_loss: float | None = None
+
+    @property
+    def unwritten(self) -> int:
+        """Steps taken but not written yet."""
+        return self.step - self.flushed_step
+
+    @property
+    def has_epochs(self) -> bool:
+        """Whether an epoch's row waits to be written."""
+        return bool(self._epoch_rows)
 
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
         """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
@@ -68,36 +84,42 @@ class ProgressBuffer:
         if resume_file is not None:
             self.resume_file = resume_file
 
-    def _step_rows(self) -> list[dict[str, Any]]:
+    def _to_host(self) -> None:
+        """Bring the device's losses over (the one host copy per flush), checking each."""
         if not self._losses:
-            return []
-        losses = torch.stack(self._losses).tolist()  # the one host copy per flush
+            return
+        losses = torch.stack(self._losses).tolist()
         self._losses.clear()
-        rows = []
-        for step, loss in enumerate(losses, start=self.flushed_step + 1):
+        first = self.flushed_step + len(self._host_losses) + 1
+        for step, loss in enumerate(losses, start=first):
             if not math.isfinite(loss):
                 raise Diverged(
                     f"training diverged: the loss is {loss} at step {step}; "
                     "try a smaller learning_rate"
                 )
-            rows.append(self.plan.step_row(step, loss))
-        return rows
+        self._host_losses.extend(losses)
 
     def flush(self) -> tuple[int, bool]:
         """Write what is buffered in one fenced transaction: (steps written, cancel asked).
 
-        Raises :class:`~service.errors.LeaseLost` (nothing written) once the job is not ours.
+        Raises :class:`~service.errors.LeaseLost` (nothing written) once the job is not ours;
+        on any failure the buffer keeps what it holds.
         """
-        rows = self._step_rows()
-        epochs, self._epoch_rows = self._epoch_rows, []
+        self._to_host()
+        first = self.flushed_step + 1
+        rows = [
+            self.plan.step_row(step, loss) for step, loss in enumerate(self._host_losses, first)
+        ]
         progress = queue_repo.Progress(
             steps=rows,
-            epochs=epochs,
+            epochs=self._epoch_rows,
             step=self.step,
             epoch=self.epoch,
             accuracy=self.accuracy,
-            resume_checkpoint=self.resume_file if epochs else None,
+            resume_checkpoint=self.resume_file if self._epoch_rows else None,
+            replace=self._failed_write,
         )
+        self._failed_write = True
         with self._sessions.begin() as session:
             cancel = queue_repo.record_progress(
                 session,
@@ -108,6 +130,9 @@ class ProgressBuffer:
                 lease_s=self._lease_s,
                 now=utcnow(),
             )
+        self._failed_write = False
+        self._host_losses = []
+        self._epoch_rows = []
         self.flushed_step = self.step
         if rows:
             self.last_loss = float(rows[-1]["loss"])

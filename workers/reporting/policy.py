@@ -17,6 +17,14 @@ class Shutdown(Exception):
     """The worker was asked to stop; the job goes back to the queue."""
 
 
+class StorageFailed(Exception):
+    """A checkpoint or training state could not be written (permissions, a full disk).
+
+    A fault of the worker's host, not of the job: the job goes back to the queue as its next
+    attempt. The message is the one clients read, so it names no path; the cause is chained.
+    """
+
+
 class Diverged(Exception):
     """A step's loss was not finite; training cannot meaningfully go on."""
 

@@ -4,10 +4,15 @@ It composes the pieces that stay out of the loop's way: the buffer that writes s
 batches (``buffer``), the policy that says when a job must stop (``policy``), the display
 (``display``), the thread tuner that times the steps, and the resume state saved after each
 epoch but the last.
+
+While the database cannot be written, flushes fail and the steps stay buffered: training goes
+on, and the flushes are retried with backoff, until ``max_buffered_steps`` are waiting; then
+the loop waits for the database rather than drop anything.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,12 +22,16 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.schemas import JobCreate
+from service.settings import OUTAGE_BUFFER_STEPS
 from service.steps import StepPlan
+from service.store.outage import Backoff, Outage, is_outage, retry
 from workers.reporting.buffer import Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay
-from workers.reporting.policy import Limits, StopPolicy
-from workers.resume import TrainingState, resume_path
+from workers.reporting.policy import Limits, StopPolicy, StorageFailed
+from workers.resume import TrainingState, remove_stale_resume_files, resume_path
 from workers.threads import ThreadTuner
+
+log = logging.getLogger("workers")
 
 
 class Reporter:
@@ -39,7 +48,10 @@ class Reporter:
         checkpoint_dir: Path,
         show_progress: bool = True,
         threads: ThreadTuner | None = None,
+        outage: Outage | None = None,
+        max_buffered_steps: int = OUTAGE_BUFFER_STEPS,
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], object] = time.sleep,
     ) -> None:
         self.claim = claim
         self._params = params
@@ -60,6 +72,11 @@ class Reporter:
         self._checkpoint_dir = checkpoint_dir
         self._clock = clock
         self._flush_interval_s = limits.flush_interval_s
+        self._outage = outage or Outage(log, clock=clock)
+        self._max_buffered = max_buffered_steps
+        self._backoff = Backoff()
+        self._wait = wait
+        self._resume_kept: str | None = None
         now = clock()
         self._next_flush = now + self._flush_interval_s
         self.last_renewal = now  # read by the heartbeat, which renews the lease when flushes don't
@@ -82,7 +99,7 @@ class Reporter:
             else:
                 self._threads.begin()
                 self._timing = True
-        if self._clock() >= self._next_flush:
+        if self._clock() >= self._next_flush or self._buffer.unwritten >= self._max_buffered:
             self.flush()
             if self._threads is not None:
                 self._threads.resume_timing()
@@ -95,8 +112,11 @@ class Reporter:
         """
         resume_file = None
         if epoch < self._params.epochs:
-            path = resume_path(self._checkpoint_dir, self.claim.job_id, self.claim.attempt)
-            state.save(path, epoch)
+            path = resume_path(self._checkpoint_dir, self.claim.job_id, self.claim.attempt, epoch)
+            try:
+                state.save(path, epoch)
+            except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
+                raise StorageFailed("could not write the training state") from exc
             resume_file = path.name
         self._buffer.add_epoch(epoch, accuracy, resume_file)
         self.flush()
@@ -111,15 +131,51 @@ class Reporter:
         return self._plan.examples_seen(step)
 
     def flush(self) -> None:
-        """Write what is buffered in one fenced transaction; raise if the job must stop."""
+        """Write what is buffered in one fenced transaction; raise if the job must stop.
+
+        While the database is down, the steps stay buffered and the next try waits a backoff
+        delay; a full buffer waits here until the database is back.
+        """
         started = self._clock()
-        written, cancel = self._buffer.flush()
+        try:
+            written, cancel = self._buffer.flush()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._outage.failed(exc, "flush")
+            if self._buffer.unwritten < self._max_buffered:
+                self._next_flush = self._clock() + self._backoff.next_delay()
+                return
+            log.warning(
+                "%d steps are waiting for the database: training pauses until it is back",
+                self._buffer.unwritten,
+            )
+            written, cancel = self._write_all()
+        self._outage.ok()
+        self._backoff.reset()
+        self._after_write()
         now = self._clock()
         self.last_renewal = now
         self._next_flush = now + self._flush_interval_s
         self.flush_seconds += now - started
         self._display.flushed(written, self._buffer.last_loss, self._buffer.accuracy)
         self._policy.check(cancel_requested=cancel, now=now)
+
+    def drain(self) -> None:
+        """Write every buffered step and epoch, waiting out an outage (before the job ends)."""
+        if self._buffer.unwritten or self._buffer.has_epochs:
+            self._write_all()
+            self._after_write()
+
+    def _write_all(self) -> tuple[int, bool]:
+        return retry(self._buffer.flush, outage=self._outage, what="flush", wait=self._wait)
+
+    def _after_write(self) -> None:
+        """The job's row names the newest training state now: older ones are not needed."""
+        keep = self._buffer.resume_file
+        if keep is not None and keep != self._resume_kept:
+            remove_stale_resume_files(self._checkpoint_dir, self.claim.job_id, keep=keep)
+            self._resume_kept = keep
 
     def close(self) -> None:
         """Close the progress display."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -294,6 +295,29 @@ def test_workers_lists_live_workers_and_their_jobs(
     job = client.get(f"/jobs/{job_id}").json()
     assert (job["worker"], job["attempt"]) == ("busy", 1)
     assert job["heartbeat_at"] is not None
+
+
+def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    now = utcnow()
+    with sessions.begin() as session:
+        for name in ("fenced", "thief"):
+            worker_repo.register_worker(
+                session, worker_id=name, host="h", pid=1, device="cpu", now=now
+            )
+    with sessions.begin() as session:  # a lease that ran out a second ago
+        assert queue_repo.claim_job(
+            session, worker_id="fenced", lease_s=1, device="cpu", now=now - timedelta(seconds=2)
+        )
+        worker_repo.worker_heartbeat(session, worker_id="fenced", now=now)  # alive, but silent
+    before = client.get("/workers").json()["workers"]
+    assert [(w["id"], w["job_id"]) for w in before] == [("fenced", job_id), ("thief", None)]
+    with sessions.begin() as session:
+        assert queue_repo.claim_job(session, worker_id="thief", lease_s=30, device="cpu", now=now)
+    workers = client.get("/workers").json()["workers"]
+    assert [(w["id"], w["job_id"]) for w in workers] == [("fenced", None), ("thief", job_id)]
 
 
 def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None:
