@@ -10,6 +10,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How long a new PostgreSQL connection may take. Without it a database host that drops packets
+# (rather than refusing) holds a request's thread, or a worker's flush, for the system's TCP
+# timeout (minutes) before anything can retry; with it, that is an outage like any other.
+POSTGRES_CONNECT_TIMEOUT_S = 10
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 
 
@@ -28,7 +32,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     Readers are not blocked by it in WAL mode.
     """
     ensure_sqlite_dir(url)
-    if make_url(url).get_backend_name() != "sqlite":
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+            kwargs["connect_args"] = connect_args | kwargs.get("connect_args", {})
         return create_engine(url, pool_pre_ping=True, **kwargs)
 
     engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
