@@ -39,6 +39,7 @@ from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
 from service.store import availability
 from service.store.engines import make_engine, make_sessionmaker
+from service.store.outage import is_outage
 
 log = logging.getLogger("service")
 ERROR_LOGGED_SCOPE_KEY = "mnist.error_logged"
@@ -108,8 +109,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # A database outage is no bug: 503 with Retry-After, logged as the outage starts and ends.
-    if availability.is_unavailable(exc):
-        availability.OUTAGES.unavailable(exc)
+    if is_outage(exc):
+        availability.API_OUTAGE.failed(exc, "a request")
         return await _service_error(request, DatabaseUnavailable())
     # The client learns only the request id; the log has the traceback under that id. An
     # error in the service's own layers reaches this handler outside the request-id layer, so

@@ -43,7 +43,7 @@ async def get_write_session(request: Request) -> AsyncIterator[Session]:
         yield session
         # The route wrote (or read to write) without an error: an outage logged before is
         # over. Reads alone would not say it: they go on while a database refuses writes.
-        availability.OUTAGES.up()
+        availability.API_OUTAGE.ok()
 
 
 def get_read_sessions(request: Request) -> sessionmaker[Session]:

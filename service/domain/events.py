@@ -209,7 +209,7 @@ def _poll_once(sessions: sessionmaker[Session], state: StreamState) -> Poll:
     # On a copy: a poll that fails half way (the database went away) leaves the state as it
     # was, so the next poll sends again whatever this one had prepared.
     trial = replace(state)
-    with unavailable_as_503(), sessions() as session:
+    with unavailable_as_503("an event stream"), sessions() as session:
         result = poll(session, trial)
     state.cursor, state.status = trial.cursor, trial.status
     return result

@@ -17,6 +17,7 @@ from service.schemas import Readiness, ReadinessCheck
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import availability, engines, job_repo, migrations, worker_repo
+from service.store.outage import is_outage
 
 log = logging.getLogger("service.ops")
 
@@ -46,10 +47,10 @@ def _check_migrations(session: Session) -> ReadinessCheck:
 def _note_failure(what: str, error: SQLAlchemyError) -> None:
     # An outage is logged as it starts and ends (not at every poll of a balancer); anything
     # else is logged as it happens.
-    if availability.is_unavailable(error):
-        availability.OUTAGES.unavailable(error)
+    if is_outage(error):
+        availability.API_OUTAGE.failed(error, what)
     else:
-        log.warning("%s: %s", what, error)
+        log.warning("%s: database error: %s", what, error)
 
 
 class WriteProbe:
@@ -85,7 +86,7 @@ class WriteProbe:
             with self._sessions() as session:
                 availability.probe_write(session, now)
         except SQLAlchemyError as exc:
-            _note_failure("readiness: the database refuses writes", exc)
+            _note_failure("readiness write probe", exc)
             return ReadinessCheck(name="writes", ok=False, detail=f"failing: {type(exc).__name__}")
         return ReadinessCheck(name="writes", ok=True, detail="a committed write succeeded")
 
@@ -115,7 +116,7 @@ def readiness(
             )
         )
     except SQLAlchemyError as exc:
-        _note_failure("readiness: database error", exc)
+        _note_failure("readiness", exc)
         checks.append(
             ReadinessCheck(name="database", ok=False, detail=f"unreachable: {type(exc).__name__}")
         )
@@ -129,7 +130,7 @@ def readiness(
             "not ready: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
             details=[c.model_dump() for c in checks],
         )
-    availability.OUTAGES.up()
+    availability.API_OUTAGE.ok()
     return Readiness(status="ready", checks=checks)
 
 

@@ -268,5 +268,5 @@ class ResolutionCache:
 
 def _resolve_in_session(sessions: sessionmaker[Session], choice: ModelChoice) -> ResolvedModel:
     # A ServiceError, so that predict's fast lane hands an outage to the route like any refusal.
-    with unavailable_as_503(), sessions() as session:
+    with unavailable_as_503("a model lookup"), sessions() as session:
         return resolve_choice(session, choice)

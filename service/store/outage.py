@@ -1,11 +1,16 @@
-"""Riding out a database that cannot be reached: which errors mean that, and how to wait it out.
+"""The one rule for "the database is unavailable", and the one log of an outage.
 
-A database outage (PostgreSQL refusing or dropping connections, a SQLite file that cannot be
-opened or written) is retried with capped exponential backoff and jitter, for as long as it
-lasts; any other error is a bug or a real answer (``LeaseLost``) and is raised at once. One
-:class:`Outage` is shared by a process's threads so that an outage is logged once when it
-starts and once when it ends, not once per retry. A few lines of our own rather than
-``tenacity``: the retries must share that outage state and an injectable clock and wait.
+An outage (PostgreSQL down, restarting, refusing or dropping connections, or read-only; a
+SQLite file that cannot be opened, read or written, a full disk) is not a bug: workers retry
+it with capped exponential backoff and jitter for as long as it lasts (:func:`retry`), and the
+API answers it with 503 and ``Retry-After`` (:mod:`service.store.availability`). Only errors at
+the level of the connection or the storage count; an error in a statement (a missing table, a
+syntax error, a constraint, a lost lease) is a bug or a real answer and is raised at once.
+
+One :class:`Outage` is shared by a process's threads so that an outage is logged once when it
+starts and once when it ends, not once per retry or refused request. A few lines of our own
+rather than ``tenacity``: the retries must share that outage state and an injectable clock
+and wait.
 """
 
 from __future__ import annotations
@@ -26,35 +31,51 @@ T = TypeVar("T")
 
 BACKOFF_BASE_S = 0.1  # the first retry's delay...
 BACKOFF_CAP_S = 5.0  # ...doubling up to this
-# SQLite reports a file it cannot open, write or lock only in its message.
-SQLITE_OUTAGE_MESSAGES = (
-    "unable to open",
-    "readonly",
-    "disk i/o",
-    "database or disk is full",
-    "database is locked",
-    "locking protocol",
+# SQLite's primary result codes that say the file, its lock or its disk failed, not the statement.
+SQLITE_OUTAGE_CODES = frozenset(
+    {
+        3,  # SQLITE_PERM: access permission denied
+        5,  # SQLITE_BUSY: the write lock stayed taken past busy_timeout
+        8,  # SQLITE_READONLY: attempt to write a readonly database
+        10,  # SQLITE_IOERR: disk I/O error
+        13,  # SQLITE_FULL: the disk is full
+        14,  # SQLITE_CANTOPEN: unable to open database file
+        15,  # SQLITE_PROTOCOL: the WAL's locking protocol failed (contention): try again
+        26,  # SQLITE_NOTADB: the file is not (or no longer) a database
+    }
 )
+# PostgreSQL SQLSTATE classes and codes of the same kind: connection exception (08),
+# insufficient resources (53: disk full, too many connections), operator intervention
+# (57P: shut down, terminated, starting up), system error (58: I/O), and a read-only
+# transaction (25006: a replica, or default_transaction_read_only).
+POSTGRES_OUTAGE_SQLSTATES = ("08", "53", "57P", "58", "25006")
+
+
+def _driver_outage(error: BaseException | None) -> bool:
+    if isinstance(error, sqlite3.Error):
+        # Set on every error the sqlite3 module raises (Python 3.11+); the message is not
+        # a contract, the result code is.
+        code = getattr(error, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in SQLITE_OUTAGE_CODES
+    if isinstance(error, psycopg.Error):
+        if error.sqlstate is None:
+            # Raised by the client library itself: the connection failed, broke or is closed.
+            return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        return error.sqlstate.startswith(POSTGRES_OUTAGE_SQLSTATES)
+    return False
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database cannot be reached or written now (worth retrying).
+    """Whether ``exc`` (SQLAlchemy's or a driver's own) says the database cannot be reached,
+    read or written now: worth retrying, or answering 503.
 
     Schema errors, constraint violations and :class:`~service.errors.LeaseLost` are not.
     """
-    if isinstance(exc, sa_exc.DisconnectionError):
-        return True
-    orig: BaseException | None = exc
+    if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True  # the pool could not hand out a live connection
     if isinstance(exc, sa_exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = exc.orig
-    if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    if isinstance(orig, sqlite3.OperationalError):
-        message = str(orig).lower()
-        return any(fragment in message for fragment in SQLITE_OUTAGE_MESSAGES)
-    return False
+        return exc.connection_invalidated or _driver_outage(exc.orig)
+    return _driver_outage(exc)
 
 
 @dataclass
@@ -80,12 +101,19 @@ class Backoff:
 class Outage:
     """Whether the database is unreachable now, as a process's threads have found it.
 
-    Logs one line when the first failure is seen and one, with the duration, when a call
-    succeeds again.
+    Logs one line when the first failure is seen (what failed, why, and ``while_down``: what
+    the process does meanwhile) and one, with the duration, when a call succeeds again.
     """
 
-    def __init__(self, log: logging.Logger, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        log: logging.Logger,
+        *,
+        while_down: str = "retrying with backoff",
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._log = log
+        self._while_down = while_down
         self._clock = clock
         self._lock = threading.Lock()
         self._since: float | None = None
@@ -97,24 +125,28 @@ class Outage:
 
     def failed(self, exc: BaseException, what: str) -> None:
         """A call (``what``) failed with an outage error."""
-        with self._lock:
+        if self._since is not None:  # the common case during an outage: no lock
+            return
+        with self._lock:  # logged under the lock: a start line never follows its end line
             if self._since is not None:
                 return
             self._since = self._clock()
-        # The detail (a server address, a file name) is for the log, which is the operator's.
-        self._log.warning(
-            "database unreachable (%s: %s); retrying with backoff until it is back",
-            what,
-            _first_line(exc),
-        )
+            # The detail (a server address, a file name) is for the log, which is the operator's.
+            self._log.warning(
+                "database unreachable (%s: %s); %s until it is back",
+                what,
+                _first_line(exc),
+                self._while_down,
+            )
 
     def ok(self) -> None:
         """A call to the database succeeded."""
         if self._since is None:  # the common case: no lock
             return
         with self._lock:
+            if self._since is None:
+                return
             since, self._since = self._since, None
-        if since is not None:
             self._log.warning("database is back after %.1f s", self._clock() - since)
 
 

@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def outage_error() -> sa_exc.OperationalError:
     """What SQLAlchemy raises when SQLite cannot write its file."""
-    return sa_exc.OperationalError("INSERT …", None, sqlite3.OperationalError("disk I/O error"))
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = 10  # SQLITE_IOERR, as SQLite sets it
+    return sa_exc.OperationalError("INSERT …", None, error)
 
 
 class FlakyDatabase:

@@ -13,6 +13,7 @@ from service.clock import utcnow
 from service.domain import ops
 from service.schemas import ErrorEnvelope, Readiness
 from service.store import availability
+from service.store.outage import is_outage
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("service.ops")
@@ -55,8 +56,8 @@ def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) 
         with sessions() as session:
             figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
     except SQLAlchemyError as exc:
-        if availability.is_unavailable(exc):
-            availability.OUTAGES.unavailable(exc)  # logged as the outage starts, not per scrape
+        if is_outage(exc):
+            availability.API_OUTAGE.failed(exc, "metrics")  # logged as it starts, not per scrape
         else:
             log.warning("metrics: database unreadable: %s", exc)
         figures = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,42 +16,121 @@ from service.errors import LeaseLost
 from service.store.outage import BACKOFF_CAP_S, Backoff, Outage, is_outage, retry
 
 
-def wrapped(orig: Exception, cls: type[sa_exc.DBAPIError] = sa_exc.OperationalError) -> Exception:
-    """``orig`` as SQLAlchemy raises it."""
-    return cls("UPDATE jobs …", None, orig)
+def wrapped(error: Exception) -> sa_exc.DBAPIError:
+    """The driver's ``error`` as SQLAlchemy raises it (its OperationalError, IntegrityError...)."""
+    made = sa_exc.DBAPIError.instance("UPDATE jobs …", {}, error, type(error))
+    assert isinstance(made, sa_exc.DBAPIError)
+    return made
+
+
+def sqlite_error(statement: str, path: str) -> sqlite3.Error:
+    """The error SQLite itself raises for ``statement`` on the database at ``path``."""
+    try:
+        connection = sqlite3.connect(path, uri=path.startswith("file:"))
+        try:
+            connection.executescript(statement)
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        return error
+    raise AssertionError(f"{statement} succeeded on {path}")
+
+
+def sqlite_coded(message: str, code: int) -> sqlite3.OperationalError:
+    """An error SQLite raises only on a failing disk, with the result code it carries."""
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code
+    return error
+
+
+def locked(tmp_path: Path) -> sqlite3.Error:
+    """SQLite's own "database is locked": another connection holds the write lock."""
+    path = str(tmp_path / "locked.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        return sqlite_error("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE", path)
+    finally:
+        holder.close()
+
+
+def good_db(tmp_path: Path) -> str:
+    path = tmp_path / "good.db"
+    sqlite3.connect(path).close()
+    return str(path)
+
+
+def read_only(path: str) -> str:
+    return f"file:{path}?mode=ro"
+
+
+def junk_db(tmp_path: Path) -> str:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"not a database" * 400)
+    return str(path)
+
+
+Make = Callable[[Path], BaseException]
+OUTAGES: dict[str, Make] = {
+    # SQLite: the file, its lock or its disk (real errors where a test can cause them)
+    "sqlite unable to open (a folder)": lambda tmp: sqlite_error("SELECT 1", str(tmp)),
+    "sqlite readonly": lambda tmp: sqlite_error("CREATE TABLE t (x)", read_only(good_db(tmp))),
+    "sqlite not a database": lambda tmp: sqlite_error("SELECT * FROM sqlite_master", junk_db(tmp)),
+    "sqlite locked past busy_timeout": locked,
+    "sqlite disk I/O error (IOERR_READ)": lambda _: sqlite_coded("disk I/O error", 266),
+    "sqlite disk full": lambda _: sqlite_coded("database or disk is full", 13),
+    "sqlite locking protocol": lambda _: sqlite_coded("locking protocol", 15),
+    # PostgreSQL: the client library's own connection errors, and SQLSTATEs 08/53/57P/58/25006
+    "pg refused": lambda _: psycopg.OperationalError("connection failed: Connection refused"),
+    "pg not accepting": lambda _: psycopg.OperationalError(
+        "connection failed: … is not accepting connections"
+    ),
+    "pg connection closed": lambda _: psycopg.InterfaceError("the connection is closed"),
+    "pg admin shutdown": lambda _: psycopg.errors.AdminShutdown("terminating connection"),
+    "pg starting up": lambda _: psycopg.errors.CannotConnectNow("the system is starting up"),
+    "pg read-only": lambda _: psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE"),
+    "pg disk full": lambda _: psycopg.errors.DiskFull("could not extend file"),
+    # SQLAlchemy: the pool could not hand out a live connection, or one broke
+    "sa disconnection": lambda _: sa_exc.DisconnectionError("the pool's ping failed"),
+    "sa pool timeout": lambda _: sa_exc.TimeoutError("QueuePool limit reached"),
+    "sa connection invalidated": lambda _: sa_exc.DBAPIError.instance(
+        "SELECT 1", {}, ValueError("gone"), Exception, connection_invalidated=True
+    ),
+}
+NOT_OUTAGES: dict[str, Make] = {
+    # errors in a statement stay bugs (a 500), or real answers
+    "sqlite no such table": lambda tmp: sqlite_error("SELECT * FROM no_such_table", good_db(tmp)),
+    "sqlite syntax error": lambda tmp: sqlite_error("SELEC 1", good_db(tmp)),
+    "sqlite unique": lambda tmp: sqlite_error(
+        "CREATE TABLE t (x UNIQUE); INSERT INTO t VALUES (1); INSERT INTO t VALUES (1)",
+        good_db(tmp),
+    ),
+    "pg undefined table": lambda _: psycopg.errors.UndefinedTable('relation "jobs" does not exist'),
+    "pg out of range": lambda _: psycopg.errors.NumericValueOutOfRange("integer out of range"),
+    "pg statement timeout": lambda _: psycopg.errors.QueryCanceled("canceling statement"),
+    "pg unique": lambda _: psycopg.errors.UniqueViolation("duplicate key"),
+    "lease lost": lambda _: LeaseLost("job x attempt 1 is no longer this worker's"),
+    "a bug": lambda _: ValueError("a bug"),
+}
 
 
 @pytest.mark.parametrize(
-    "error",
-    [
-        wrapped(psycopg.OperationalError("connection failed: … is not accepting connections")),
-        wrapped(psycopg.errors.AdminShutdown("terminating connection")),
-        wrapped(psycopg.InterfaceError("the connection is closed"), sa_exc.InterfaceError),
-        wrapped(sqlite3.OperationalError("unable to open database file")),
-        wrapped(sqlite3.OperationalError("attempt to write a readonly database")),
-        wrapped(sqlite3.OperationalError("disk I/O error")),
-        wrapped(sqlite3.OperationalError("database or disk is full")),
-        sa_exc.DisconnectionError("the pool's ping failed"),
-    ],
-    ids=str,
+    ("make", "outage"),
+    [pytest.param(make, True, id=name) for name, make in OUTAGES.items()]
+    + [pytest.param(make, False, id=name) for name, make in NOT_OUTAGES.items()],
 )
-def test_connection_failures_are_an_outage(error: Exception) -> None:
-    assert is_outage(error)
+def test_only_connection_and_storage_errors_are_an_outage(
+    make: Make, outage: bool, tmp_path: Path
+) -> None:
+    error = make(tmp_path)
+    assert is_outage(error) is outage, error
+    if isinstance(error, sqlite3.Error | psycopg.Error):  # the driver's, and as SQLAlchemy's
+        assert is_outage(wrapped(error)) is outage, error
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        wrapped(sqlite3.OperationalError("no such table: jobs")),  # a schema never migrated
-        wrapped(sqlite3.IntegrityError("UNIQUE constraint failed"), sa_exc.IntegrityError),
-        wrapped(psycopg.errors.UndefinedTable("relation jobs does not exist"), sa_exc.DBAPIError),
-        LeaseLost("job x attempt 1 is no longer this worker's"),
-        ValueError("a bug"),
-    ],
-    ids=str,
-)
-def test_other_errors_are_not(error: Exception) -> None:
-    assert not is_outage(error)
+def test_a_sqlite_error_without_its_result_code_is_not_an_outage() -> None:
+    # The result code decides, not the message: every error the sqlite3 module raises has one.
+    assert not is_outage(wrapped(sqlite3.OperationalError("disk I/O error")))
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter_within_half_a_step() -> None:
@@ -87,7 +168,7 @@ def test_retry_rides_out_an_outage_with_one_line_at_each_end(
 ) -> None:
     clock = FakeClock()
     outage = Outage(logging.getLogger("test.outage"), clock=clock)
-    failures = iter([wrapped(sqlite3.OperationalError("disk I/O error"))] * 6)
+    failures = iter([wrapped(sqlite_coded("disk I/O error", 10))] * 6)
 
     def write() -> str:
         error = next(failures, None)
@@ -103,7 +184,10 @@ def test_retry_rides_out_an_outage_with_one_line_at_each_end(
     assert clock.waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
     lines = outage_lines(caplog)
     assert len(lines) == 2
-    assert lines[0].startswith("database unreachable (flush: OperationalError: disk I/O error)")
+    assert lines[0] == (
+        "database unreachable (flush: OperationalError: disk I/O error); "
+        "retrying with backoff until it is back"
+    )
     assert lines[1] == "database is back after 6.3 s"
     assert not outage.down
 
