@@ -124,23 +124,37 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""
+def process_cmd(
+    command: list[str], env: dict[str, str], log: Path, stop_timeout_s: float = 15
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` with output to ``log``; :func:`stop` it on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, stop_timeout_s)
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""
+    with process_cmd([sys.executable, *args], env, log) as proc:
+        yield proc
 
 
 @contextmanager
