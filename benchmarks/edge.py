@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import selectors
 import socket
 import sys
 import time
@@ -24,6 +23,7 @@ from benchmarks.load import CONNECTIONS, run_wrk
 from benchmarks.predict import Measured, Target, digit_png, load_once, server, trained_checkpoint
 from benchmarks.procs import cpu_seconds
 from benchmarks.report import Section
+from benchmarks.stalls import reap, stalled
 from benchmarks.stats import fmt, fmt_ratio, median, ratio
 
 WARMUP_S = 1.0
@@ -63,36 +63,11 @@ def first_status(port: int, data: bytes, timeout_s: float = 60.0) -> tuple[str, 
 def stalled_still_open(port: int) -> int:
     """Open :data:`STALLED` connections, half stalled in headers and half in bodies; how many
     the server still holds open :data:`STALL_WATCH_S` seconds later."""
-    stalls = [
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: a header that never ends",
-        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 1000\r\n\r\n{"epochs": ',
-    ]
-    selector = selectors.DefaultSelector()
-    try:
-        for i in range(STALLED):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(stalls[i % 2])
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ)
+    with stalled(port, STALLED) as selector:
         deadline = time.monotonic() + STALL_WATCH_S
         while selector.get_map() and (left := deadline - time.monotonic()) > 0:
-            for key, _ in selector.select(timeout=min(left, 0.5)):
-                stalled = key.fileobj
-                assert isinstance(stalled, socket.socket)
-                with contextlib.suppress(BlockingIOError):
-                    try:
-                        if stalled.recv(65536):
-                            continue  # an answer (408): the server's close follows
-                    except ConnectionResetError:
-                        pass
-                    selector.unregister(stalled)
-                    stalled.close()
+            reap(selector, min(left, 0.5))
         return len(selector.get_map())
-    finally:
-        for key in list(selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        selector.close()
 
 
 def abuse(url: str, pid: int) -> Abuse:
