@@ -20,11 +20,19 @@ from pathlib import Path
 from benchmarks.edge_protocol import REQUESTS, protocol_costs
 from benchmarks.env import data_dir, make_workspace
 from benchmarks.load import CONNECTIONS, run_wrk
-from benchmarks.predict import Measured, Target, digit_png, load_once, server, trained_checkpoint
+from benchmarks.predict import (
+    Measured,
+    Target,
+    columns,
+    digit_png,
+    load_once,
+    server,
+    trained_checkpoint,
+)
 from benchmarks.procs import cpu_seconds
 from benchmarks.report import Section
 from benchmarks.stalls import reap, stalled
-from benchmarks.stats import fmt, fmt_ratio, median, ratio
+from benchmarks.stats import fmt, median
 
 WARMUP_S = 1.0
 STALLED = 2000
@@ -144,33 +152,9 @@ def _write(
         "service on uvicorn's own httptools protocol, without the edge's limits."
     )
     half = len(measured) // 2
-    rows = []
-    for m, plain in zip(measured, [*measured[half:], *measured[half:]], strict=True):
-        rows.append(
-            [
-                m.target.label,
-                fmt(m.rps.median, "req/s"),
-                f"{fmt(m.rps.spread[0])}–{fmt(m.rps.spread[1])}",
-                fmt_ratio(ratio(m.rps.median, plain.rps.median)),
-                fmt(m.p50.median, "ms"),
-                fmt(m.p99.median, "ms"),
-                fmt(m.cpu_us.median, "µs"),
-                str(m.errors),
-            ]
-        )
-    section.table(
-        [
-            "target",
-            "requests/s",
-            "min–max",
-            "× plain",
-            "p50",
-            "p99",
-            "server CPU/request",
-            "errors",
-        ],
-        rows,
-    )
+    plains = [*measured[half:], *measured[half:]]
+    rows = [[*m.cells(plain), str(m.errors)] for m, plain in zip(measured, plains, strict=True)]
+    section.table([*columns("plain"), "errors"], rows)
     section.table(
         [
             "server",
