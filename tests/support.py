@@ -150,6 +150,18 @@ def process_cmd(
             stop(proc, stop_timeout_s)
 
 
+def local_env(database_url: str, data_dir: Path, tmp_path: Path, **settings: str) -> dict[str, str]:
+    """:func:`service_env` for a service and its workers on this database and data set, training
+    on the CPU, their checkpoints in ``tmp_path / "models"``."""
+    return service_env(
+        database_url=database_url,
+        data_dir=str(data_dir),
+        checkpoint_dir=str(tmp_path / "models"),
+        device="cpu",
+        **settings,
+    )
+
+
 @contextmanager
 def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""

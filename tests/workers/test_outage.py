@@ -31,7 +31,7 @@ from service.store import metric_repo
 from service.store.engines import make_engine, make_sessionmaker
 from tests.conftest import OwnPostgres, refused
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, process_cmd, service_env, stop, wait_for
+from tests.support import REPO_ROOT, free_port, local_env, process_cmd, stop, wait_for
 
 OUTAGE_S = 8.0
 SQLITE_OUTAGE_S = 4.0
@@ -43,11 +43,10 @@ JOB = {"epochs": 2, "batch_size": 2, "trainset_size": 8000, "testset_size": 200}
 def worker_env(
     database_url: str, medium_mnist: Path, tmp_path: Path, **extra: str
 ) -> dict[str, str]:
-    return service_env(
-        database_url=database_url,
-        data_dir=str(medium_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    return local_env(
+        database_url,
+        medium_mnist,
+        tmp_path,
         heartbeat_s="0.5",
         poll_interval_s="0.05",
         flush_interval_s="0.1",

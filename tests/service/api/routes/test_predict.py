@@ -13,15 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.clock import utcnow
-from service.schemas import JobCreate
 from service.settings import Settings
-from service.store import job_repo
-from service.store.engines import make_engine, make_sessionmaker
-from tests.service.api.routes.conftest import BOTH_WAYS, train_job
+from tests.service.api.routes.conftest import BOTH_WAYS, model_server, train_job
 from tests.service.images import SVG, TEXT, png, png_claiming_size
-from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, service_env, synthetic_digits
-from workers.worker import Worker
+from tests.support import synthetic_digits
 
 pytestmark = BOTH_WAYS
 
@@ -264,28 +259,10 @@ def served_model(
     sqlite_url: str, small_mnist: Path, tmp_path: Path, fast_lanes: bool
 ) -> Iterator[httpx.Client]:
     """A real uvicorn serving a model that a real worker trained on the generated digits."""
-    settings = Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-    )
-    engine = make_engine(sqlite_url)
-    sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        params = JobCreate(epochs=2, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST, seed=3)
-        job_repo.create_job(session, params, max_attempts=1, now=utcnow())
-    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
-    engine.dispose()
-    env = service_env(
-        database_url=sqlite_url,
-        data_dir=str(small_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        max_images_per_request="4",
-        fast_lanes=str(fast_lanes).lower(),
-    )
-    with api_server(env, tmp_path / "api.log") as client:
+    lanes = str(fast_lanes).lower()
+    with model_server(
+        sqlite_url, small_mnist, tmp_path, epochs=2, max_images_per_request="4", fast_lanes=lanes
+    ) as (_proc, client):
         yield client
 
 
