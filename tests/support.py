@@ -7,8 +7,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +110,24 @@ async def wait_until(
         await anyio.sleep(every_s)
 
 
+def together(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Make the calls from threads of their own, all released at the same moment."""
+    start = threading.Barrier(len(calls))
+    answers: dict[int, T] = {}
+
+    def call(i: int) -> None:
+        start.wait()
+        answers[i] = calls[i]()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(answers) == list(range(len(calls)))
+    return [answers[i] for i in range(len(calls))]
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
@@ -159,6 +178,21 @@ def local_env(database_url: str, data_dir: Path, tmp_path: Path, **settings: str
         checkpoint_dir=str(tmp_path / "models"),
         device="cpu",
         **settings,
+    )
+
+
+def run_python(
+    args: list[str], env: dict[str, str], *, timeout_s: float = 60, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python <args>`` to its end (``timeout_s`` at most): its exit status and output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
 
 
