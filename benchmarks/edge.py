@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import selectors
 import socket
 import sys
 import time
@@ -21,10 +20,19 @@ from pathlib import Path
 from benchmarks.edge_protocol import REQUESTS, protocol_costs
 from benchmarks.env import data_dir, make_workspace
 from benchmarks.load import CONNECTIONS, run_wrk
-from benchmarks.predict import Measured, Target, digit_png, load_once, server, trained_checkpoint
+from benchmarks.predict import (
+    Measured,
+    Target,
+    columns,
+    digit_png,
+    load_once,
+    server,
+    trained_checkpoint,
+)
 from benchmarks.procs import cpu_seconds
 from benchmarks.report import Section
-from benchmarks.stats import fmt, fmt_ratio, median, ratio
+from benchmarks.stalls import reap, stalled
+from benchmarks.stats import fmt, median
 
 WARMUP_S = 1.0
 STALLED = 2000
@@ -63,36 +71,11 @@ def first_status(port: int, data: bytes, timeout_s: float = 60.0) -> tuple[str, 
 def stalled_still_open(port: int) -> int:
     """Open :data:`STALLED` connections, half stalled in headers and half in bodies; how many
     the server still holds open :data:`STALL_WATCH_S` seconds later."""
-    stalls = [
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: a header that never ends",
-        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 1000\r\n\r\n{"epochs": ',
-    ]
-    selector = selectors.DefaultSelector()
-    try:
-        for i in range(STALLED):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(stalls[i % 2])
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ)
+    with stalled(port, STALLED) as selector:
         deadline = time.monotonic() + STALL_WATCH_S
         while selector.get_map() and (left := deadline - time.monotonic()) > 0:
-            for key, _ in selector.select(timeout=min(left, 0.5)):
-                stalled = key.fileobj
-                assert isinstance(stalled, socket.socket)
-                with contextlib.suppress(BlockingIOError):
-                    try:
-                        if stalled.recv(65536):
-                            continue  # an answer (408): the server's close follows
-                    except ConnectionResetError:
-                        pass
-                    selector.unregister(stalled)
-                    stalled.close()
+            reap(selector, min(left, 0.5))
         return len(selector.get_map())
-    finally:
-        for key in list(selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        selector.close()
 
 
 def abuse(url: str, pid: int) -> Abuse:
@@ -169,33 +152,9 @@ def _write(
         "service on uvicorn's own httptools protocol, without the edge's limits."
     )
     half = len(measured) // 2
-    rows = []
-    for m, plain in zip(measured, [*measured[half:], *measured[half:]], strict=True):
-        rows.append(
-            [
-                m.target.label,
-                fmt(m.rps.median, "req/s"),
-                f"{fmt(m.rps.spread[0])}–{fmt(m.rps.spread[1])}",
-                fmt_ratio(ratio(m.rps.median, plain.rps.median)),
-                fmt(m.p50.median, "ms"),
-                fmt(m.p99.median, "ms"),
-                fmt(m.cpu_us.median, "µs"),
-                str(m.errors),
-            ]
-        )
-    section.table(
-        [
-            "target",
-            "requests/s",
-            "min–max",
-            "× plain",
-            "p50",
-            "p99",
-            "server CPU/request",
-            "errors",
-        ],
-        rows,
-    )
+    plains = [*measured[half:], *measured[half:]]
+    rows = [[*m.cells(plain), str(m.errors)] for m, plain in zip(measured, plains, strict=True)]
+    section.table([*columns("plain"), "errors"], rows)
     section.table(
         [
             "server",

@@ -107,6 +107,23 @@ class Measured:
         self.wrk_cpu_us.add(wrk_cpu_s / n * 1e6)
         self.errors += result.non_2xx + result.socket_errors
 
+    def cells(self, base: Measured) -> list[str]:
+        """This target's row of a results table (:func:`columns`), its rate against ``base``'s."""
+        return [
+            self.target.label,
+            fmt(self.rps.median, "req/s"),
+            f"{fmt(self.rps.spread[0])}–{fmt(self.rps.spread[1])}",
+            fmt_ratio(ratio(self.rps.median, base.rps.median)),
+            fmt(self.p50.median, "ms"),
+            fmt(self.p99.median, "ms"),
+            fmt(self.cpu_us.median, "µs"),
+        ]
+
+
+def columns(base: str) -> list[str]:
+    """The headers of :meth:`Measured.cells`, the rate's ratio against ``base``."""
+    return ["target", "requests/s", "min–max", f"× {base}", "p50", "p99", "server CPU/request"]
+
 
 def digit_png(root: Path) -> bytes:
     """The first MNIST test image as a 28×28 grayscale PNG."""
@@ -299,35 +316,8 @@ def _write(
         "this machine, so wrk's own CPU comes out of the same 2 cores. CPU per request is the "
         "server's processes' user+system time (from /proc) over the requests served."
     )
-    rows = []
-    for m in measured:
-        rows.append(
-            [
-                m.target.label,
-                fmt(m.rps.median, "req/s"),
-                f"{fmt(m.rps.spread[0])}–{fmt(m.rps.spread[1])}",
-                fmt_ratio(ratio(m.rps.median, base.rps.median)),
-                fmt(m.p50.median, "ms"),
-                fmt(m.p99.median, "ms"),
-                fmt(m.cpu_us.median, "µs"),
-                fmt(m.wrk_cpu_us.median, "µs"),
-                str(m.errors),
-            ]
-        )
-    section.table(
-        [
-            "target",
-            "requests/s",
-            "min–max",
-            "× baseline",
-            "p50",
-            "p99",
-            "server CPU/request",
-            "wrk CPU/request",
-            "errors",
-        ],
-        rows,
-    )
+    rows = [[*m.cells(base), fmt(m.wrk_cpu_us.median, "µs"), str(m.errors)] for m in measured]
+    section.table([*columns("baseline"), "wrk CPU/request", "errors"], rows)
     goals = []
     production = next(m.target.pid for m in measured if m.target.label.startswith(PRODUCTION))
     for m in (m for m in measured if m.target.pid == production):

@@ -6,10 +6,15 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """Base of every error a client can cause or should see; ``status_code`` is the HTTP status."""
+    """Base of every error a client can cause or should see; ``status_code`` is the HTTP status.
+
+    A class with ``retry_after_s`` is a state the service expects to leave: each of its errors
+    carries ``Retry-After`` (``headers`` may still name another).
+    """
 
     status_code = 500
     code = "internal_error"
+    retry_after_s: int | None = None
 
     def __init__(
         self,
@@ -21,7 +26,8 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
-        self.headers = headers or {}
+        retry = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        self.headers = {**retry, **(headers or {})}
 
     def envelope(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
@@ -145,17 +151,7 @@ class NotReady(ServiceError):
 
     status_code = 503
     code = "not_ready"
-
-    def __init__(
-        self,
-        message: str,
-        details: list[dict[str, Any]] | None = None,
-        *,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            message, details, headers={"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
-        )
+    retry_after_s = RETRY_AFTER_S
 
 
 class DatabaseUnavailable(NotReady):

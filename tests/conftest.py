@@ -6,7 +6,9 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from alembic import command
@@ -64,6 +66,62 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+class OwnPostgres(NamedTuple):
+    """A PostgreSQL database of one test's own: its URL, and the admin engine and name that
+    take it away (:func:`refused`, :func:`terminate_backends`)."""
+
+    url: str
+    admin: Engine
+    name: str
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A PostgreSQL database of this test's own, migrated, for tests that take it away (an
+    outage); dropped afterwards, even while it refuses connections."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV}")
+    name = f"mnist_outage_{secrets.token_hex(4)}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        migrate(url)
+        yield OwnPostgres(url, admin, name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def terminate_backends(admin: Engine, name: str) -> None:
+    """Cut every open connection to database ``name`` (as a restart or a failover does)."""
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+
+
+@contextmanager
+def refused(admin: Engine, name: str) -> Iterator[None]:
+    """PostgreSQL refuses every connection to ``name`` and drops the open ones, until exit."""
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+    terminate_backends(admin, name)
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

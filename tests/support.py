@@ -7,8 +7,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +110,24 @@ async def wait_until(
         await anyio.sleep(every_s)
 
 
+def together(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Make the calls from threads of their own, all released at the same moment."""
+    start = threading.Barrier(len(calls))
+    answers: dict[int, T] = {}
+
+    def call(i: int) -> None:
+        start.wait()
+        answers[i] = calls[i]()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(answers) == list(range(len(calls)))
+    return [answers[i] for i in range(len(calls))]
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
@@ -124,23 +143,64 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""
+def process_cmd(
+    command: list[str], env: dict[str, str], log: Path, stop_timeout_s: float = 15
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` with output to ``log``; :func:`stop` it on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, stop_timeout_s)
+
+
+def local_env(database_url: str, data_dir: Path, tmp_path: Path, **settings: str) -> dict[str, str]:
+    """:func:`service_env` for a service and its workers on this database and data set, training
+    on the CPU, their checkpoints in ``tmp_path / "models"``."""
+    return service_env(
+        database_url=database_url,
+        data_dir=str(data_dir),
+        checkpoint_dir=str(tmp_path / "models"),
+        device="cpu",
+        **settings,
+    )
+
+
+def run_python(
+    args: list[str], env: dict[str, str], *, timeout_s: float = 60, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python <args>`` to its end (``timeout_s`` at most): its exit status and output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python <args>`` with output to ``log``; terminate it (then kill) on exit."""
+    with process_cmd([sys.executable, *args], env, log) as proc:
+        yield proc
 
 
 @contextmanager

@@ -22,8 +22,8 @@ from tests.support import (
     SMALL_TRAIN,
     api_server,
     free_port,
+    local_env,
     process,
-    service_env,
     synthetic_digits,
     wait_for,
 )
@@ -42,11 +42,10 @@ def start_service(
     db_url: str, data_dir: Path, tmp_path: Path, **settings: str
 ) -> Iterator[Service]:
     """The API and one worker on CPU; ``settings`` adds MNIST_* settings for both."""
-    env = service_env(
-        database_url=db_url,
-        data_dir=str(data_dir),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    env = local_env(
+        db_url,
+        data_dir,
+        tmp_path,
         poll_interval_s="0.1",
         **settings,
     )
@@ -169,11 +168,10 @@ def test_run_starts_api_and_worker_and_ctrl_c_stops_both(
     sqlite_url: str, small_mnist: Path, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = service_env(
-        database_url=sqlite_url,
-        data_dir=str(small_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    env = local_env(
+        sqlite_url,
+        small_mnist,
+        tmp_path,
         port=str(port),
     )
     log = tmp_path / "run.log"

@@ -20,7 +20,7 @@ from sqlalchemy import inspect, text
 
 from service.store.engines import make_engine
 from service.store.migrations import SCRIPTS, head_revisions
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, run_python
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 STATIC = REPO_ROOT / "service" / "api" / "static"
@@ -99,15 +99,7 @@ def test_the_installed_service_migrates_a_database_anywhere(wheel: Path, tmp_pat
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
     env |= {"PYTHONPATH": str(target), "MNIST_DATABASE_URL": f"sqlite:///{database}"}
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python(["-c", program], env, timeout_s=120, cwd=elsewhere)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Running upgrade" in result.stderr  # alembic's steps, logged as the service logs
     assert list(elsewhere.iterdir()) == []

@@ -22,6 +22,14 @@ from service.steps import StepPlan
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
 from service.store.worker_repo import worker_idle
 
+# What a running job given back to the queue becomes: queued, held by no worker.
+_REQUEUED: dict[str, Any] = {
+    "status": JobStatus.QUEUED,
+    "worker_id": None,
+    "lease_expires_at": None,
+    "heartbeat_at": None,
+}
+
 
 def _lease_expired(now: datetime) -> Any:
     return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
@@ -40,30 +48,44 @@ def _lost(job_id: str, attempt: int) -> LeaseLost:
     return LeaseLost(f"job {job_id} attempt {attempt} is no longer this worker's")
 
 
+def _update_jobs(session: Session, where: Any, values: dict[str, Any]) -> int:
+    """UPDATE the jobs ``where`` matches, without loading them; how many rows it changed."""
+    result = session.execute(
+        update(Job).where(where).values(**values).execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _update_fenced(
+    session: Session, job_id: str, attempt: int, worker_id: str, values: dict[str, Any]
+) -> None:
+    """UPDATE the job this worker runs as ``attempt``; :class:`LeaseLost` when it no longer does."""
+    if not _update_jobs(session, _fence(job_id, attempt, worker_id), values):
+        raise _lost(job_id, attempt)
+
+
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     """End jobs whose worker vanished and that may not run again; returns how many.
 
     A cancelled-while-running job whose worker died ends ``cancelled``; one that has used up
     its attempts ends ``failed``. The others are left for :func:`claim_job` to retry.
     """
-    cancelled = session.execute(
-        update(Job)
-        .where(_lease_expired(now), Job.cancel_requested.is_(True))
-        .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
+    cancelled = _update_jobs(
+        session,
+        and_(_lease_expired(now), Job.cancel_requested.is_(True)),
+        {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None},
     )
-    failed = session.execute(
-        update(Job)
-        .where(_lease_expired(now), Job.attempt >= Job.max_attempts)
-        .values(
-            status=JobStatus.FAILED,
-            finished_at=now,
-            lease_expires_at=None,
-            error="worker lost " + Job.attempt.cast(Job.error.type) + " times",
-        )
-        .execution_options(synchronize_session=False)
+    failed = _update_jobs(
+        session,
+        and_(_lease_expired(now), Job.attempt >= Job.max_attempts),
+        {
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "error": "worker lost " + Job.attempt.cast(Job.error.type) + " times",
+        },
     )
-    return int(cancelled.rowcount or 0) + int(failed.rowcount or 0)  # type: ignore[attr-defined]
+    return cancelled + failed
 
 
 def claim_job(
@@ -260,17 +282,11 @@ def finish_job(
         "finished_at": now,
         "lease_expires_at": None,
         "error": error,
+        "resume_checkpoint": None,
     }
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
-    result = session.execute(
-        update(Job)
-        .where(_fence(job_id, attempt, worker_id))
-        .values(**values, resume_checkpoint=None)
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
-        raise _lost(job_id, attempt)
+    _update_fenced(session, job_id, attempt, worker_id, values)
     worker_idle(session, worker_id, now)
 
 
@@ -281,20 +297,7 @@ def release_job(
 
     The attempt is not counted against ``max_attempts``: the worker left on purpose.
     """
-    result = session.execute(
-        update(Job)
-        .where(_fence(job_id, attempt, worker_id))
-        .values(
-            status=JobStatus.QUEUED,
-            attempt=Job.attempt - 1,
-            worker_id=None,
-            lease_expires_at=None,
-            heartbeat_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
-        raise _lost(job_id, attempt)
+    _update_fenced(session, job_id, attempt, worker_id, {**_REQUEUED, "attempt": Job.attempt - 1})
     worker_idle(session, worker_id, now)
 
 
@@ -308,35 +311,26 @@ def hand_back(
     ``reason``. ``reason`` is what clients read in ``error``: no server paths. Returns whether
     the job will run again.
     """
-    fence = _fence(job_id, attempt, worker_id)
-    failed = session.execute(
-        update(Job)
-        .where(fence, Job.attempt >= Job.max_attempts)
-        .values(
-            status=JobStatus.FAILED,
-            finished_at=now,
-            lease_expires_at=None,
-            resume_checkpoint=None,
-            error=f"{reason}; gave up after {attempt} attempts",
-        )
-        .execution_options(synchronize_session=False)
+    failed = _update_jobs(
+        session,
+        and_(_fence(job_id, attempt, worker_id), Job.attempt >= Job.max_attempts),
+        {
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "resume_checkpoint": None,
+            "error": f"{reason}; gave up after {attempt} attempts",
+        },
     )
-    again = not failed.rowcount  # type: ignore[attr-defined]
+    again = not failed
     if again:
-        queued = session.execute(
-            update(Job)
-            .where(fence)
-            .values(
-                status=JobStatus.QUEUED,
-                worker_id=None,
-                lease_expires_at=None,
-                heartbeat_at=None,
-                error=f"{reason}; retrying",
-            )
-            .execution_options(synchronize_session=False)
+        _update_fenced(
+            session,
+            job_id,
+            attempt,
+            worker_id,
+            {**_REQUEUED, "error": f"{reason}; retrying"},
         )
-        if not queued.rowcount:  # type: ignore[attr-defined]
-            raise _lost(job_id, attempt)
     worker_idle(session, worker_id, now)
     return again
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,22 +11,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.store import worker_repo
-from tests.support import REPO_ROOT, service_env
+from tests.support import run_python, service_env
 
 LEASE_S = 30.0
 
 
 def check(database_url: str) -> subprocess.CompletedProcess[str]:
     env = service_env(database_url=database_url, lease_s=str(LEASE_S), heartbeat_s="5")
-    return subprocess.run(
-        [sys.executable, "-m", "workers", "--check"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python(["-m", "workers", "--check"], env)
 
 
 def register(sessions: sessionmaker[Session], worker_id: str, host: str, age_s: float) -> None:

@@ -12,10 +12,8 @@ its next attempt, and still ends ``succeeded`` with each step once.)
 
 from __future__ import annotations
 
-import os
 import re
 import resource
-import secrets
 import subprocess
 import sys
 import threading
@@ -26,17 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.status import TERMINAL, JobStatus
 from service.store import metric_repo
 from service.store.engines import make_engine, make_sessionmaker
-from tests.conftest import POSTGRES_ENV, migrate
+from tests.conftest import OwnPostgres, refused
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, service_env, wait_for
+from tests.support import REPO_ROOT, free_port, local_env, process_cmd, stop, wait_for
 
 OUTAGE_S = 8.0
 SQLITE_OUTAGE_S = 4.0
@@ -48,11 +43,10 @@ JOB = {"epochs": 2, "batch_size": 2, "trainset_size": 8000, "testset_size": 200}
 def worker_env(
     database_url: str, medium_mnist: Path, tmp_path: Path, **extra: str
 ) -> dict[str, str]:
-    return service_env(
-        database_url=database_url,
-        data_dir=str(medium_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    return local_env(
+        database_url,
+        medium_mnist,
+        tmp_path,
         heartbeat_s="0.5",
         poll_interval_s="0.05",
         flush_interval_s="0.1",
@@ -84,43 +78,6 @@ def assert_each_step_once(sessions: sessionmaker[Session], job_id: str) -> None:
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[tuple[Engine, str, str]]:
-    """A database of this test's own, migrated: (admin engine, its name, its URL); dropped after."""
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        pytest.skip(f"the PostgreSQL outage needs {POSTGRES_ENV}")
-    name = f"mnist_outage_{secrets.token_hex(4)}"
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate(url)
-        yield admin, name, url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextmanager
-def refused(admin: Engine, name: str) -> Iterator[None]:
-    """PostgreSQL refuses every connection to ``name`` and drops the open ones, until exit."""
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-        conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
-            {"name": name},
-        )
-    try:
-        yield
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-
-
 def healthz_throughout(client: httpx.Client, seconds: float) -> int:
     """Poll ``/healthz`` for ``seconds``; every answer must be a quick 200. How many there were."""
     answered = 0
@@ -147,9 +104,9 @@ def post_job(client: httpx.Client, body: dict[str, Any]) -> str:
 
 
 def test_mnist_service_run_rides_out_postgres_refusing_connections(
-    own_postgres: tuple[Engine, str, str], medium_mnist: Path, tmp_path: Path
+    own_postgres: OwnPostgres, medium_mnist: Path, tmp_path: Path
 ) -> None:
-    admin, name, url = own_postgres
+    url, admin, name = own_postgres
     port = free_port()
     env = worker_env(url, medium_mnist, tmp_path, host="127.0.0.1", port=str(port))
     log = tmp_path / "run.log"
@@ -158,7 +115,7 @@ def test_mnist_service_run_rides_out_postgres_refusing_connections(
     run = [str(Path(sys.executable).with_name("mnist-service")), "run", "--workers", "2"]
     try:
         with (
-            process_cmd(run, env, log) as proc,
+            process_cmd(run, env, log, stop_timeout_s=30) as proc,
             httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
         ):
             ready = re.compile(r"worker (\S+) ready")
@@ -202,25 +159,6 @@ def healthy(client: httpx.Client) -> bool:
         return False
 
 
-@contextmanager
-def process_cmd(
-    command: list[str], env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``command`` (not a Python module) with output to ``log``; stop it on exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
 # --- SQLite ------------------------------------------------------------------------------------
 
 
@@ -250,13 +188,7 @@ def piped_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[by
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout_s=30)
         copier.join(timeout=5)
 
 

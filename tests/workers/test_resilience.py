@@ -23,7 +23,7 @@ from service.status import TERMINAL, JobStatus
 from service.store import metric_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
-from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, process, service_env, wait_for
+from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, local_env, process, wait_for
 
 LEASE_S = 2.0
 STEPS_PER_EPOCH = 4000  # 8,000 images, batch 2
@@ -32,11 +32,10 @@ TIMEOUT_S = 180.0
 
 @pytest.fixture
 def env(db_url: str, medium_mnist: Path, tmp_path: Path) -> dict[str, str]:
-    return service_env(
-        database_url=db_url,
-        data_dir=str(medium_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    return local_env(
+        db_url,
+        medium_mnist,
+        tmp_path,
         lease_s=str(LEASE_S),
         heartbeat_s="0.5",
         poll_interval_s="0.05",

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, service_env, wait_for
+from tests.support import REPO_ROOT, free_port, local_env, service_env, wait_for
 from workers.supervisor import Backoff, describe
 
 # Children that record their pid, then behave as their run's number says.
@@ -259,11 +259,10 @@ def test_run_restarts_a_killed_child_and_the_others_never_stop(
     db_url: str, sessions: sessionmaker[Session], medium_mnist: Path, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = service_env(
-        database_url=db_url,
-        data_dir=str(medium_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        device="cpu",
+    env = local_env(
+        db_url,
+        medium_mnist,
+        tmp_path,
         host="127.0.0.1",
         port=str(port),
         lease_s=str(LEASE_S),

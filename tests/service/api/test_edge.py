@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import resource
-import selectors
 import socket
 import statistics
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.stalls import reap, stalled
 from service.api.edge import FD_HEADROOM, connection_cap
 from service.settings import Settings
 from tests.support import api_process, free_port, process, service_env, wait_for
@@ -145,44 +145,21 @@ def test_stalled_connections_are_closed_while_health_answers(
     _, client = default_server
     port = client.base_url.port
     assert port is not None
-    stalls = [
-        get("/healthz", "X-Half: a header that never ends").removesuffix(b"\r\n\r\n"),
-        b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 1000\r\n\r\n{"epochs": ',
-    ]
     latencies: list[float] = []
     stop = threading.Event()
     prober = threading.Thread(target=health_latencies, args=(str(client.base_url), stop, latencies))
-    selector = selectors.DefaultSelector()
     started = time.monotonic()
     prober.start()
     try:
-        for i in range(STALLED):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(stalls[i % 2])
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ)
-        opened_s = time.monotonic() - started
-        closed: list[float] = []
-        deadline = started + CLOSE_DEADLINE_S
-        while selector.get_map() and time.monotonic() < deadline:
-            for key, _ in selector.select(timeout=0.1):
-                stalled = key.fileobj
-                assert isinstance(stalled, socket.socket)
-                try:
-                    if stalled.recv(65536):
-                        continue  # the server's answer (408): its end follows
-                except ConnectionResetError:
-                    pass
-                closed.append(time.monotonic() - started)
-                selector.unregister(stalled)
-                stalled.close()
+        with stalled(port, STALLED) as selector:
+            opened_s = time.monotonic() - started
+            closed: list[float] = []
+            deadline = started + CLOSE_DEADLINE_S
+            while selector.get_map() and time.monotonic() < deadline:
+                closed += [time.monotonic() - started] * reap(selector, 0.1)
     finally:
         stop.set()
         prober.join(timeout=15)
-        for key in list(selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        selector.close()
     p95 = statistics.quantiles(latencies, n=20)[-1]
     print(
         f"\n{STALLED} stalled: opened in {opened_s:.1f} s, {len(closed)} closed by the server "

@@ -16,27 +16,21 @@ a 500); an open event stream stays open; and all of it recovers without a restar
 from __future__ import annotations
 
 import io
-import os
 import re
 import resource
-import secrets
 import shutil
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
-from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from service import sse
 from service.errors import RETRY_AFTER_S
-from service.store.engines import make_engine
-from tests.conftest import POSTGRES_ENV, migrate
+from tests.conftest import OwnPostgres, refused, terminate_backends
 from tests.support import api_process, service_env, wait_for
 
 DEADLINE_S = 20.0
@@ -139,40 +133,8 @@ def check_log(log: Path, outages: int = 1) -> None:
     assert len(re.findall(r"database is back after \d+\.\d s", text)) == outages, text[-3000:]
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[tuple[str, Engine, str]]:
-    """A PostgreSQL database of this test's own, migrated; dropped afterwards."""
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV}")
-    name = f"mnist_outage_{secrets.token_hex(4)}"
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        migrate(url)
-        yield url, admin, name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def terminate_backends(admin: Engine, name: str) -> None:
-    with admin.connect() as conn:
-        conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": name},
-        )
-
-
 def test_postgres_refusing_connections_then_read_only(
-    own_postgres: tuple[str, Engine, str], tmp_path: Path
+    own_postgres: OwnPostgres, tmp_path: Path
 ) -> None:
     url, admin, name = own_postgres
     env = service_env(database_url=url, checkpoint_dir=str(tmp_path / "models"))
@@ -188,12 +150,8 @@ def test_postgres_refusing_connections_then_read_only(
         assert_recovered(client, job_id)
 
         # Down: no new connection, and every open one cut.
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-        terminate_backends(admin, name)
-        check_outage(client, job_id)
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        with refused(admin, name):
+            check_outage(client, job_id)
         wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 after the outage")
         assert_recovered(client, job_id)
 

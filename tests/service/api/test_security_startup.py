@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from service.cli import commands as cli
 from service.settings import get_settings
-from tests.support import REPO_ROOT, service_env
+from tests.support import run_python, service_env
 
 STARTUP_TIMEOUT_S = 60
 
 
 def start_api(**settings: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=REPO_ROOT,
-        env=service_env(**settings),
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT_S,
-        check=False,
-    )
+    return run_python(["-m", "service"], service_env(**settings), timeout_s=STARTUP_TIMEOUT_S)
 
 
 def test_python_m_service_refuses_a_public_address_without_a_key() -> None:

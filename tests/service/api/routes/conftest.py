@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,7 +22,7 @@ from service.status import JobStatus
 from service.store import job_repo
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.tables import Job
-from tests.support import SMALL_TEST, SMALL_TRAIN
+from tests.support import SMALL_TEST, SMALL_TRAIN, api_process, app_settings, local_env
 from workers.worker import Worker
 
 
@@ -63,6 +66,36 @@ def trained(client: TestClient, sessions: sessionmaker[Session], api_settings: S
     return train_job(client, sessions, api_settings)
 
 
+def train_in_database(settings: Settings, params: JobCreate) -> Job:
+    """Queue a job straight in ``settings``' database and train it with a real worker; the job,
+    succeeded."""
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as session:
+            job_id = job_repo.create_job(session, params, max_attempts=1, now=utcnow()).id
+        Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+        with sessions() as session:
+            job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.SUCCEEDED, job and job.error
+        return job
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def model_server(
+    sqlite_url: str, small_mnist: Path, tmp_path: Path, *, epochs: int, **settings: str
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """A real ``python -m service`` (``settings`` its MNIST_* settings) serving a model that a
+    real worker trained on the generated digits before it started: the process and a client."""
+    params = JobCreate(epochs=epochs, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST, seed=3)
+    train_in_database(app_settings(sqlite_url, tmp_path, data_dir=small_mnist), params)
+    env = local_env(sqlite_url, small_mnist, tmp_path, **settings)
+    with api_process(env, tmp_path / "api.log") as served:
+        yield served
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     """A model a real worker trained on real MNIST, in a SQLite database of its own."""
@@ -93,16 +126,6 @@ def real_model(
         max_images_per_request=100,
         max_form_parts=128,
     )
-    engine = make_engine(settings.database_url)
-    sessions = make_sessionmaker(engine)
-    params = JobCreate(seed=0, testset_size=REAL_VALIDATION_IMAGES)
-    with sessions.begin() as session:
-        job_id = job_repo.create_job(session, params, max_attempts=1, now=utcnow()).id
-    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None and job.status == JobStatus.SUCCEEDED, job and job.error
-        assert job.accuracy is not None
-        accuracy = job.accuracy
-    engine.dispose()
-    return TrainedModel(settings, job_id, accuracy)
+    job = train_in_database(settings, JobCreate(seed=0, testset_size=REAL_VALIDATION_IMAGES))
+    assert job.accuracy is not None
+    return TrainedModel(settings, job.id, job.accuracy)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -276,17 +276,25 @@ def test_health_and_docs(client: TestClient) -> None:
     assert client.get("/no-such-route").json()["error"]["code"] == "http_404"
 
 
+def register_workers(
+    sessions: sessionmaker[Session], names: tuple[str, ...], now: datetime
+) -> None:
+    """Workers of these names on CPU, just started."""
+    with sessions.begin() as session:
+        for name in names:
+            worker_repo.register_worker(
+                session, worker_id=name, host="h", pid=1, device="cpu", now=now
+            )
+
+
 def test_workers_lists_live_workers_and_their_jobs(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
     assert client.get("/workers").json() == {"workers": []}
     job_id = client.post("/jobs", json={}).json()["id"]
     now = utcnow()
+    register_workers(sessions, ("busy", "gone"), now)
     with sessions.begin() as session:
-        for name in ("busy", "gone"):
-            worker_repo.register_worker(
-                session, worker_id=name, host="h", pid=1, device="cpu", now=now
-            )
         worker_repo.worker_stopped(session, worker_id="gone", now=now)
     with sessions.begin() as session:
         assert queue_repo.claim_job(session, worker_id="busy", lease_s=30, device="cpu", now=now)
@@ -302,11 +310,7 @@ def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
 ) -> None:
     job_id = client.post("/jobs", json={}).json()["id"]
     now = utcnow()
-    with sessions.begin() as session:
-        for name in ("fenced", "thief"):
-            worker_repo.register_worker(
-                session, worker_id=name, host="h", pid=1, device="cpu", now=now
-            )
+    register_workers(sessions, ("fenced", "thief"), now)
     with sessions.begin() as session:  # a lease that ran out a second ago
         assert queue_repo.claim_job(
             session, worker_id="fenced", lease_s=1, device="cpu", now=now - timedelta(seconds=2)

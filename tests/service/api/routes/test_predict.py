@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.clock import utcnow
-from service.schemas import JobCreate
 from service.settings import Settings
-from service.store import job_repo
-from service.store.engines import make_engine, make_sessionmaker
-from tests.service.api.routes.conftest import BOTH_WAYS, train_job
+from tests.service.api.routes.conftest import BOTH_WAYS, model_server, train_job
 from tests.service.images import SVG, TEXT, png, png_claiming_size
-from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, service_env, synthetic_digits
-from workers.worker import Worker
+from tests.support import synthetic_digits, together
 
 pytestmark = BOTH_WAYS
 
@@ -239,19 +234,11 @@ def test_concurrent_requests_load_each_checkpoint_once(
     second = train_job(client, sessions, api_settings)
     cache = client.app.state.predictor.models  # type: ignore[attr-defined]
     data = png(synthetic_digits(1, seed=26)[0][0])
-    start = threading.Barrier(16)
-    answers: list[str] = []
-
-    def ask(job_id: str) -> None:
-        start.wait()
-        response = client.post(f"/predict?job_id={job_id}", files={"file": ("d.png", data)})
-        answers.append(response.json()["job_id"])
-
-    threads = [threading.Thread(target=ask, args=(j,)) for j in [first, second] * 8]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    asks = [
+        partial(client.post, f"/predict?job_id={j}", files={"file": ("d.png", data)})
+        for j in [first, second] * 8
+    ]
+    answers = [response.json()["job_id"] for response in together(asks)]
     assert sorted(answers) == sorted([first, second] * 8)
     assert cache.loads == 2
 
@@ -264,28 +251,10 @@ def served_model(
     sqlite_url: str, small_mnist: Path, tmp_path: Path, fast_lanes: bool
 ) -> Iterator[httpx.Client]:
     """A real uvicorn serving a model that a real worker trained on the generated digits."""
-    settings = Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-    )
-    engine = make_engine(sqlite_url)
-    sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        params = JobCreate(epochs=2, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST, seed=3)
-        job_repo.create_job(session, params, max_attempts=1, now=utcnow())
-    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
-    engine.dispose()
-    env = service_env(
-        database_url=sqlite_url,
-        data_dir=str(small_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
-        max_images_per_request="4",
-        fast_lanes=str(fast_lanes).lower(),
-    )
-    with api_server(env, tmp_path / "api.log") as client:
+    lanes = str(fast_lanes).lower()
+    with model_server(
+        sqlite_url, small_mnist, tmp_path, epochs=2, max_images_per_request="4", fast_lanes=lanes
+    ) as (_proc, client):
         yield client
 
 
@@ -295,22 +264,13 @@ def test_concurrent_requests_each_get_their_own_answer(served_model: httpx.Clien
     bodies = [png(image) for image in images]
     raw = {"content-type": "image/png"}
     alone = [served_model.post("/predict", content=b, headers=raw).json() for b in bodies]
-    start = threading.Barrier(len(bodies))
-    together: dict[int, dict[str, Any]] = {}
-
-    def ask(i: int) -> None:
-        start.wait()
-        together[i] = served_model.post("/predict", content=bodies[i], headers=raw).json()
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert sorted(together) == list(range(len(bodies)))
-    for i, want in enumerate(alone):
-        assert together[i]["digit"] == want["digit"]
-        assert together[i]["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+    at_once = together(
+        [partial(served_model.post, "/predict", content=b, headers=raw) for b in bodies]
+    )
+    for response, want in zip(at_once, alone, strict=True):
+        got = response.json()
+        assert got["digit"] == want["digit"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
     assert len({tuple(a["probabilities"]) for a in alone}) == len(bodies)  # all told apart
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +12,9 @@ from service.serving import imaging
 from service.settings import Settings
 from tests.service.images import png
 from tests.service.serving.test_decode_slots import InFlight
-from tests.support import synthetic_digits
+from tests.support import synthetic_digits, together
 
 RAW = {"content-type": "image/png"}
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -42,24 +39,6 @@ def api_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings
 
 def limits(**overrides: Any) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("api_settings", [overrides], indirect=True, ids=[""])
-
-
-def together(calls: list[Callable[[], T]]) -> list[T]:
-    """Make the calls from threads of their own, all released at the same moment."""
-    start = threading.Barrier(len(calls))
-    answers: dict[int, T] = {}
-
-    def call(i: int) -> None:
-        start.wait()
-        answers[i] = calls[i]()
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(answers) == list(range(len(calls)))
-    return [answers[i] for i in range(len(calls))]
 
 
 def images() -> tuple[bytes, bytes]:

@@ -15,14 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.clock import utcnow
-from service.schemas import JobCreate
-from service.settings import MAX_DEFAULT_DECODES, Settings
-from service.store import job_repo
-from service.store.engines import make_engine, make_sessionmaker
+from service.settings import MAX_DEFAULT_DECODES
+from tests.service.api.routes.conftest import model_server
 from tests.service.images import big_16_bit_png
-from tests.support import SMALL_TEST, SMALL_TRAIN, api_process, service_env
-from workers.worker import Worker
 
 UPLOADS = 40
 MAX_PEAK_RSS_MB = 1500
@@ -43,28 +38,15 @@ def memory_mb(pid: int) -> dict[str, float]:
 @pytest.fixture
 def trained_server(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[tuple[int, str]]:
     """A real ``python -m service`` serving a model a real worker trained: (its pid, its URL)."""
-    settings = Settings(
-        database_url=sqlite_url,
-        data_dir=small_mnist,
-        download=False,
-        checkpoint_dir=tmp_path / "models",
-        device="cpu",
-    )
-    engine = make_engine(sqlite_url)
-    with make_sessionmaker(engine).begin() as session:
-        params = JobCreate(epochs=1, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST, seed=3)
-        job_repo.create_job(session, params, max_attempts=1, now=utcnow())
-    Worker(settings, make_sessionmaker(engine), show_progress=False).run(max_jobs=1)
-    engine.dispose()
-    env = service_env(
-        database_url=sqlite_url,
-        data_dir=str(small_mnist),
-        checkpoint_dir=str(tmp_path / "models"),
+    with model_server(
+        sqlite_url,
+        small_mnist,
+        tmp_path,
+        epochs=1,
         access_log="false",
         # The most decode slots any machine gets by default (its cores, at most this).
         max_decodes=str(MAX_DEFAULT_DECODES),
-    )
-    with api_process(env, tmp_path / "api.log") as (proc, client):
+    ) as (proc, client):
         yield proc.pid, str(client.base_url)
 
 
