@@ -7,7 +7,8 @@ from pathlib import Path
 
 from benchmarks.report import Report
 from benchmarks.result_clients import live_delays
-from benchmarks.results import postgres_reachable, run_results
+from benchmarks.result_service import postgres_reachable
+from benchmarks.results import run_results
 from tests.support import SMALL_TEST, SMALL_TRAIN
 
 SMALL_JOB = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
