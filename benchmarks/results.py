@@ -9,6 +9,7 @@ in this process, while the worker waits for its next job.
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from benchmarks.result_clients import follow_to_result, live_delays, poll_to_res
 from benchmarks.result_service import database, idle_shares, postgres_reachable, service
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
+from service.settings import Settings
 from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist, load_mnist
 
@@ -34,6 +36,7 @@ CLAIM_P50_GOAL_MS, CLAIM_P99_GOAL_MS = 10.0, 50.0
 LIVE_GOAL_MS = 100.0
 IDLE_GOAL = 0.01  # share of one core
 FLOOR_THREADS = (1, 2)
+POLL_INTERVAL_S = float(Settings.model_fields["poll_interval_s"].default)
 
 
 @dataclass
@@ -73,6 +76,13 @@ def measure_backend(
     result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in FLOOR_THREADS}
     job = JobCreate.model_validate(params)
     timeout_s = 300.0
+    phases = random.Random(0)
+
+    def arrive() -> None:
+        # A user submits at any moment, not in step with the worker's polls: each job is sent
+        # after a random pause of up to one poll interval.
+        time.sleep(phases.uniform(0, POLL_INTERVAL_S))
+
     with database(kind, root) as url, service(url, root, data_root) as svc:
         engine = make_engine(url)
         sessions: sessionmaker[Session] = make_sessionmaker(engine)
@@ -83,7 +93,9 @@ def measure_backend(
                 for threads, series in result.floors.items():
                     torch.set_num_threads(threads)
                     series.add(floor_train(floor_data, job, seed=r).seconds)
+                arrive()
                 polled = poll_to_result(svc.client, {**params, "seed": r}, timeout_s, sessions)
+                arrive()
                 followed, seen = follow_to_result(
                     svc.client, {**params, "seed": r}, timeout_s, sessions
                 )
@@ -157,7 +169,9 @@ def write_section(
         "--workers 1` (the API and one worker, each its own process, MNIST_ACCESS_LOG=false, "
         "otherwise the defaults), on a fresh SQLite file and on a fresh PostgreSQL database "
         "(created on 127.0.0.1:5432 and dropped). A client submits the tutorial's default job "
-        "(`POST /jobs` with `{}`: 10,000 images × 3 epochs) and either polls `GET /jobs/{id}` "
+        "(`POST /jobs` with `{}`: 10,000 images × 3 epochs), each after a random pause of up to "
+        f"one worker poll interval ({POLL_INTERVAL_S:g} s: users do not submit in step with "
+        "the worker's polls), and either polls `GET /jobs/{id}` "
         "every 10 ms until it reads `succeeded`, or follows `GET /jobs/{id}/events` to the "
         f"final `status` event; {rounds} rounds of each, median. The floor is the bare eager "
         "loop for the same job (training + 3 evaluations, nothing stored; the faster of 1 and 2 "
@@ -253,7 +267,7 @@ def write_section(
         goals.append(
             [
                 f"{b.name}: a stored step reaches an open stream within {LIVE_GOAL_MS:.0f} ms",
-                f"p99 {_live(b)}",
+                f"p50 / p99 {_live(b)}",
                 verdict(live99 <= LIVE_GOAL_MS),
             ]
         )
