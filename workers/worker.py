@@ -31,7 +31,7 @@ from service.status import JobStatus
 from service.store import queue_repo, worker_repo
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
-from workers.data import load_mnist
+from workers.data import load_mnist, preload_mnist
 from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
 from workers.reporting import (
@@ -147,21 +147,15 @@ class Worker:
                 log.info("worker %s stopped before the database was back", self.worker_id)
                 return
             self.heartbeat.start()
-            self._load_data()
+            preload_mnist(
+                self.settings.data_dir, device=self.device, download=self.settings.download
+            )
             log.info("worker %s ready on %s", self.worker_id, self.device)
             try:
                 self._serve(max_jobs)
             finally:
                 self.heartbeat.stop()
                 self._stopped()
-
-    def _load_data(self) -> None:
-        """Read MNIST into the process's cache before the first claim, so that no job waits
-        for it; if it cannot be read now, each job tries again and fails with the reason."""
-        try:
-            load_mnist(self.settings.data_dir, device=self.device, download=self.settings.download)
-        except Exception as exc:  # noqa: BLE001 - the job that needs the data reports it
-            log.warning("worker %s could not load MNIST yet: %s", self.worker_id, exc)
 
     def _serve(self, max_jobs: int | None) -> None:
         done = 0
