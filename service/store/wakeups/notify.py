@@ -76,8 +76,8 @@ class NotifyListener(Listener):
             if backoff.failures:
                 log.info("wake-ups: listening again")
             backoff.reset()
-            self.connected.set()
             self.deliver_all()  # what was published before LISTEN took effect is not lost
+            self.connected.set()
             while not self._closed.is_set():
                 for note in conn.notifies(timeout=CHECK_S):
                     self.deliver(note.channel.removeprefix(CHANNEL_PREFIX), note.payload)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import anyio
 
@@ -126,7 +126,7 @@ class Listener:
     def close(self) -> None:
         """Stop receiving; the base class holds nothing."""
 
-    def __enter__(self) -> Listener:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
