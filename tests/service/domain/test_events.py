@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +262,7 @@ def test_each_write_of_the_job_wakes_its_stream_at_once(
 ) -> None:
     # The stream reads every 60 s without a wake-up; the whole job must reach it within 20.
     wakeups.attach(sessions, db_url, enabled=True)
-    writes = [
+    writes: list[Callable[[], object]] = [
         training.claim,
         lambda: training.advance(2),
         lambda: training.advance(3, end_epoch=0.5),
