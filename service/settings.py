@@ -53,7 +53,19 @@ class Settings(BaseSettings):
     device: DeviceName = "auto"
 
     # Worker behaviour.
-    poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    wakeups: bool = Field(
+        default=True,
+        description=(
+            "Wake idle workers and event streams when a job is queued or progresses "
+            "(LISTEN/NOTIFY on PostgreSQL, sockets beside a SQLite file); false: polling only."
+        ),
+    )
+    poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How often an idle worker looks for a queued job without a wake-up.",
+    )
     flush_interval_s: float = Field(default=0.25, gt=0, le=60)
     lease_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
@@ -104,10 +116,11 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     events_poll_s: float = Field(
-        default=0.5,
+        default=2.0,
         ge=0.05,
-        le=10,
-        description="How often an open /jobs/{id}/events stream reads the database for news.",
+        le=60,
+        description="How often an open /jobs/{id}/events stream reads the database without a "
+        "wake-up.",
     )
     fast_lanes: bool = Field(
         default=True,

@@ -28,7 +28,7 @@ from service.logs import log_context
 from service.ml import checkpoint_path, resolve_device, save_checkpoint
 from service.settings import Settings
 from service.status import JobStatus
-from service.store import queue_repo, worker_repo
+from service.store import queue_repo, wakeups, worker_repo
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
 from workers.data import load_mnist, preload_mnist
@@ -90,6 +90,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        wakeups.attach(sessions, settings.database_url, enabled=settings.wakeups)
         self.stop = stop or threading.Event()
         self.show_progress = show_progress
         self.host = socket.gethostname()
@@ -158,20 +159,23 @@ class Worker:
                 self._stopped()
 
     def _serve(self, max_jobs: int | None) -> None:
-        done = 0
-        while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-            try:
-                job = self._retry(self.claim, "claim", within_s=0)
-            except Exception as exc:
-                if is_outage(exc) and self.stop.is_set():
-                    return  # asked to stop while the database is down: nothing is held
-                raise
-            if job is None:
-                self.stop.wait(self.settings.poll_interval_s)
-                continue
-            with log_context(job_id=job.id, attempt=job.attempt):
-                self.run_job(job)
-            done += 1
+        """Claim again as soon as a job ends; idle, until a job is queued (a wake-up) or for
+        ``poll_interval_s`` (the wake-up was lost, or wake-ups are off)."""
+        done, s = 0, self.settings
+        with wakeups.waiting(s.database_url, wakeups.JOB_QUEUED, enabled=s.wakeups) as queued:
+            while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                try:
+                    job = self._retry(self.claim, "claim", within_s=0)
+                except Exception as exc:
+                    if is_outage(exc) and self.stop.is_set():
+                        return  # asked to stop while the database is down: nothing is held
+                    raise
+                if job is None:
+                    queued.wait(s.poll_interval_s, self.stop)
+                    continue
+                with log_context(job_id=job.id, attempt=job.attempt):
+                    self.run_job(job)
+                done += 1
 
     def _stopped(self) -> None:
         """Record that this worker stopped; past the grace, a restart on this host (or the

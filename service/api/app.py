@@ -37,7 +37,7 @@ from service.serving.decode_slots import DecodeSlots
 from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
-from service.store import availability
+from service.store import availability, wakeups
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.outage import is_outage
 
@@ -174,6 +174,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.poll_reads = poll_reads
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
+        # New jobs wake the workers; the workers' progress wakes this process's event streams.
+        wakeups.attach(app.state.write_sessions, settings.database_url, enabled=settings.wakeups)
+        listener = wakeups.listen(
+            settings.database_url, [wakeups.JOB_PROGRESS], enabled=settings.wakeups
+        )
+        app.state.wakeups = listener
         app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
         app.state.predictor = Predictor(
             app.state.read_sessions,
@@ -187,6 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if poll_reads is not None:
                 poll_reads.close()
+            listener.close()
             engine.dispose()
 
     app = ServiceApp(

@@ -1,7 +1,9 @@
 """A job's live event stream: ``status``, ``step`` (batched) and ``epoch`` events from the database.
 
 The stream is a loop of short polls, each in its own read session (a long-lived one would pin
-one snapshot and never see news). Every event carries an id ``attempt:step:epoch``: the last
+one snapshot and never see news). Between polls it waits for the job's wake-up
+(:mod:`service.store.wakeups`, published with every flush and status change), or for
+``events_poll_s`` when none comes. Every event carries an id ``attempt:step:epoch``: the last
 step and epoch the client has been sent. A client that reconnects with it as
 ``Last-Event-ID`` is sent only what comes after; a new attempt (a retried job starts over)
 resets the position, and the ``status`` event that announces it comes before its steps.
@@ -30,7 +32,7 @@ from service.domain.jobs import to_read
 from service.errors import AtCapacity, DatabaseUnavailable, InvalidInput, NotFound
 from service.status import TERMINAL
 from service.steps import StepPlan
-from service.store import job_repo, metric_repo
+from service.store import job_repo, metric_repo, wakeups
 from service.store.availability import unavailable_as_503
 from service.store.tables import MAX_INTEGER
 
@@ -43,8 +45,9 @@ STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again 
 class OpenStreams:
     """How many event streams this process has open: the one count the cap is checked against.
 
-    Every open stream polls the database every ``events_poll_s`` from the shared thread pool;
-    past some hundreds they slow every other request, so a stream beyond the cap is refused
+    Every open stream reads the database from the shared thread pool (when its job's worker
+    has written, or every ``events_poll_s``); past some hundreds they slow every other
+    request, so a stream beyond the cap is refused
     (503 with ``Retry-After``) before it starts. The count lives in the event loop's thread
     only, so it needs no lock.
     """
@@ -216,12 +219,18 @@ def _poll_once(sessions: sessionmaker[Session], state: StreamState) -> Poll:
 
 
 async def stream(
-    sessions: sessionmaker[Session], job_id: str, cursor: Cursor, *, poll_s: float
+    sessions: sessionmaker[Session],
+    job_id: str,
+    cursor: Cursor,
+    *,
+    poll_s: float,
+    wake: wakeups.Listener | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The events of one job, until the job has ended and everything has been sent.
 
     Each poll's database reads run in a worker thread, so an open stream never blocks the
-    event loop; between polls it sleeps ``poll_s``.
+    event loop; between polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
+    (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``).
 
     While the database is unavailable the stream stays open and polls less often (up to
     :data:`OUTAGE_WAIT_MAX_S` apart; the framework's keep-alive comments go on), then carries
@@ -231,17 +240,20 @@ async def stream(
     state = StreamState(cursor=cursor, job_id=job_id)
     yield ServerSentEvent(retry=RETRY_MS)
     wait_s = poll_s
-    while True:
-        try:
-            result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
-        except DatabaseUnavailable:
-            wait_s = min(wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
-            await anyio.sleep(wait_s)
-            continue
-        wait_s = poll_s
-        for event in result.events:
-            yield event
-        if result.done:
-            return
-        if not result.more:
-            await anyio.sleep(poll_s)
+    # Subscribed before the first poll: news committed after a poll's read wakes the wait
+    # that follows it.
+    with (wake or wakeups.Listener()).subscribe_async(wakeups.JOB_PROGRESS, job_id) as news:
+        while True:
+            try:
+                result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+            except DatabaseUnavailable:
+                wait_s = min(wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
+                await anyio.sleep(wait_s)
+                continue
+            wait_s = poll_s
+            for event in result.events:
+                yield event
+            if result.done:
+                return
+            if not result.more:
+                await news.wait(poll_s)

@@ -12,6 +12,7 @@ from service.clock import new_job_id
 from service.schemas import JobCreate
 from service.status import JobStatus
 from service.steps import StepPlan
+from service.store import wakeups
 from service.store.cursors import newest_first
 from service.store.tables import Job, TrainStep
 
@@ -32,6 +33,7 @@ def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: d
     )
     session.add(job)
     session.flush()
+    wakeups.publish(session, wakeups.JOB_QUEUED)
     return job
 
 
@@ -95,6 +97,7 @@ def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
         .execution_options(synchronize_session=False)
     )
     session.refresh(job)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job.id)
     return job
 
 

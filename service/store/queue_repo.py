@@ -3,6 +3,10 @@
 Writes a worker makes for a job are fenced on ``(id, attempt, worker, status='running')``:
 when the fence matches no row, the worker has lost the job and :class:`LeaseLost` is raised
 before anything else of the transaction is written.
+
+Every change a waiter may be waiting for publishes a wake-up in its transaction
+(:mod:`service.store.wakeups`): a job that becomes claimable wakes idle workers
+(``JOB_QUEUED``), and a job's status and metrics wake its event streams (``JOB_PROGRESS``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from service.errors import LeaseLost
 from service.status import JobStatus
 from service.steps import StepPlan
+from service.store import wakeups
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
 from service.store.worker_repo import worker_idle
 
@@ -62,6 +67,12 @@ def _update_fenced(
     """UPDATE the job this worker runs as ``attempt``; :class:`LeaseLost` when it no longer does."""
     if not _update_jobs(session, _fence(job_id, attempt, worker_id), values):
         raise _lost(job_id, attempt)
+
+
+def _requeued(session: Session, job_id: str) -> None:
+    """Wake the idle workers (the job is claimable again) and the job's streams."""
+    wakeups.publish(session, wakeups.JOB_QUEUED)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
 
 
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:
@@ -141,6 +152,7 @@ def claim_job(
         .values(job_id=job.id, heartbeat_at=now)
         .execution_options(synchronize_session=False)
     )
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job.id)
     return job
 
 
@@ -235,6 +247,7 @@ def record_progress(
         )
     if progress.epochs:
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     return bool(row[0])
 
 
@@ -291,6 +304,7 @@ def finish_job(
         values["checkpoint"] = checkpoint
     _update_fenced(session, job_id, attempt, worker_id, values)
     worker_idle(session, worker_id, now)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
 
 
 def release_job(
@@ -302,6 +316,7 @@ def release_job(
     """
     _update_fenced(session, job_id, attempt, worker_id, {**_REQUEUED, "attempt": Job.attempt - 1})
     worker_idle(session, worker_id, now)
+    _requeued(session, job_id)
 
 
 def hand_back(
@@ -334,6 +349,9 @@ def hand_back(
             worker_id,
             {**_REQUEUED, "error": f"{reason}; retrying"},
         )
+        _requeued(session, job_id)
+    else:
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     worker_idle(session, worker_id, now)
     return again
 
@@ -344,3 +362,4 @@ def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_i
     if job is None:
         raise _lost(job_id, attempt)
     rewind_to_epoch(session, job, 0)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)

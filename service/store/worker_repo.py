@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.status import JobStatus
+from service.store import wakeups
 from service.store.tables import Job, WorkerRow
 
 
@@ -69,7 +70,10 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
         .values(lease_expires_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    jobs = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if jobs:
+        wakeups.publish(session, wakeups.JOB_QUEUED)
+    return jobs
 
 
 def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[WorkerRow]:

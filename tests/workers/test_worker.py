@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -17,6 +20,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import job_repo, metric_repo, queue_repo, worker_repo
+from service.store.engines import make_sessionmaker
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
@@ -291,3 +295,66 @@ def test_a_worker_asked_to_stop_while_the_database_is_down_stops_within_its_grac
     assert db.tries < 100  # backoff, not a busy loop
     assert "the database did not hear of it" in caplog.text
     assert caplog.text.count("database unreachable") == 1
+
+
+@contextmanager
+def serving(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[Worker]:
+    """A worker serving the queue on a thread until the block ends."""
+    worker = Worker(settings, sessions, show_progress=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+def succeeds(sessions: sessionmaker[Session], job_id: str, *, within_s: float = 20) -> None:
+    wait_for(
+        lambda: read(sessions, job_id).status == JobStatus.SUCCEEDED,
+        timeout_s=within_s,
+        what=f"job {job_id} to succeed",
+    )
+
+
+# An idle worker polls every 30 s here: a job done within 20 s was claimed on a wake-up.
+LONG_POLL = {"poll_interval_s": 30.0}
+
+
+def test_an_idle_worker_is_woken_by_a_queued_job(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    with serving(settings.model_copy(update=LONG_POLL), sessions):
+        # The first job may meet the worker's first look; the second comes once it is idle.
+        for _ in range(2):
+            succeeds(sessions, submit(sessions, epochs=1))
+
+
+def test_a_worker_claims_the_next_job_as_soon_as_one_ends(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    jobs = [submit(sessions, epochs=1) for _ in range(3)]
+    off = settings.model_copy(update={**LONG_POLL, "wakeups": False})
+    with serving(off, sessions):  # no wake-ups, and no sleep between jobs either
+        for job_id in jobs:
+            succeeds(sessions, job_id)
+
+
+def test_a_lost_wake_up_costs_a_poll_interval_not_the_job(
+    settings: Settings, sessions: sessionmaker[Session], engine: Engine
+) -> None:
+    silent = make_sessionmaker(engine)  # its transactions publish nothing: every wake-up lost
+    with serving(settings.model_copy(update={"poll_interval_s": 0.3}), sessions):
+        succeeds(silent, submit(silent, epochs=1))
+
+
+def test_with_wake_ups_off_an_idle_worker_polls(
+    settings: Settings, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    off = settings.model_copy(update={"wakeups": False, "poll_interval_s": 0.3})
+    with serving(off, sessions):
+        succeeds(sessions, submit(sessions, epochs=1))
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url.removeprefix("sqlite:///") + ".wake").exists()

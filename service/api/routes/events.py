@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -80,11 +80,14 @@ async def stream_start(
     },
 )
 async def job_events(
+    request: Request,
     job_id: JobIdPath,
     sessions: ReadSessionsDep,
     settings: SettingsDep,
     cursor: Annotated[events.Cursor, Depends(stream_start)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Follow a job as it trains: events as they are recorded, until the job has ended."""
-    async for event in events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s):
+    wake = request.app.state.wakeups
+    stream = events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
+    async for event in stream:
         yield event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
 from service.schemas import JobCreate
 from service.status import JobStatus
-from service.store import metric_repo
+from service.store import metric_repo, wakeups
 from service.store.tables import Job
 from tests.records import FakeTraining
 
@@ -254,3 +255,40 @@ def test_a_bug_still_ends_the_stream_with_its_error(
     monkeypatch.setattr(metric_repo, "read_steps", broken)
     with pytest.raises(ProgrammingError):
         collect_all(sessions, training.job_id)
+
+
+def test_each_write_of_the_job_wakes_its_stream_at_once(
+    sessions: sessionmaker[Session], training: FakeTraining, db_url: str
+) -> None:
+    # The stream reads every 60 s without a wake-up; the whole job must reach it within 20.
+    wakeups.attach(sessions, db_url, enabled=True)
+    writes: list[Callable[[], object]] = [
+        training.claim,
+        lambda: training.advance(2),
+        lambda: training.advance(3, end_epoch=0.5),
+        lambda: training.run_epoch(0.7),
+        training.finish,
+    ]
+
+    async def follow(listener: wakeups.Listener) -> list[sse.Event]:
+        received: list[sse.Event] = []
+        with anyio.fail_after(20):
+            stream = events.stream(sessions, training.job_id, Cursor(), poll_s=60, wake=listener)
+            async for event in stream:
+                if event.event is None:
+                    continue  # the reconnection delay
+                received.append(read(event))
+                if writes:  # the next write, once the stream has shown the last one
+                    await anyio.to_thread.run_sync(writes.pop(0))
+        return received
+
+    with wakeups.listen(db_url, [wakeups.JOB_PROGRESS], enabled=True) as listener:
+        assert listener.connected.wait(10)
+        received = anyio.run(follow, listener)
+    assert writes == []
+    assert steps_of(received) == list(range(1, 11))
+    assert [e.json()["status"] for e in received if e.event == "status"] == [
+        "queued",
+        "running",
+        "succeeded",
+    ]

@@ -1,0 +1,89 @@
+"""Wake-ups across machines (PostgreSQL): ``LISTEN``/``NOTIFY``.
+
+A publisher calls ``pg_notify`` inside its writing transaction: the server delivers the
+notification when (and only if) the transaction commits, and folds duplicates of one
+transaction into one. Each listening process holds one autocommit connection of its own
+that ``LISTEN`` s on the channels of its topics. When that connection drops, the listener
+reconnects with backoff (:class:`~service.store.outage.Backoff`); meanwhile its waiters fall
+back to their timeouts, and once it is back every waiter is woken once to look again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.store.outage import Backoff, is_outage
+from service.store.wakeups.waiters import Listener
+
+log = logging.getLogger("service.wakeups")
+
+CHANNEL_PREFIX = "mnist_"  # the channel of topic T is mnist_T
+# How often the listening thread stops waiting to see whether it is being closed.
+CHECK_S = 0.5
+CONNECT_TIMEOUT_S = 10
+
+
+class NotifyPublisher:
+    """``pg_notify`` in the writing transaction."""
+
+    def stage(self, session: Session, topic: str, key: str) -> None:
+        """Delivered by the server on commit."""
+        session.execute(select(func.pg_notify(CHANNEL_PREFIX + topic, key)))
+
+    def send(self, wakes: set[tuple[str, str]]) -> None:
+        """Nothing to do after commit: the server has delivered them."""
+
+
+class NotifyListener(Listener):
+    """One connection that LISTENs, and the thread that reads its notifications."""
+
+    def __init__(self, conninfo: str, topics: Sequence[str]) -> None:
+        super().__init__()
+        self._conninfo = conninfo
+        self._topics = list(topics)
+        self._closed = threading.Event()
+        self.backend_pid: int | None = None  # the listening connection's server process
+        self._thread = threading.Thread(target=self._run, name="wakeups", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._closed.is_set():
+            try:
+                self._listen(backoff)
+            except psycopg.Error as exc:
+                self.connected.clear()
+                self.backend_pid = None
+                level = logging.INFO if is_outage(exc) else logging.WARNING
+                if backoff.failures == 0:
+                    log.log(level, "wake-ups: listening failed (%s); polling until back", exc)
+            self._closed.wait(backoff.next_delay())
+
+    def _listen(self, backoff: Backoff) -> None:
+        with psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+        ) as conn:
+            for topic in self._topics:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL_PREFIX + topic)))
+            self.backend_pid = conn.info.backend_pid
+            if backoff.failures:
+                log.info("wake-ups: listening again")
+            backoff.reset()
+            self.deliver_all()  # what was published before LISTEN took effect is not lost
+            self.connected.set()
+            while not self._closed.is_set():
+                for note in conn.notifies(timeout=CHECK_S):
+                    self.deliver(note.channel.removeprefix(CHANNEL_PREFIX), note.payload)
+
+    def close(self) -> None:
+        """Stop the thread; its connection closes with it."""
+        self._closed.set()
+        self._thread.join(timeout=CHECK_S + CONNECT_TIMEOUT_S)
+        self.connected.clear()

@@ -1,0 +1,138 @@
+"""Waiters and the listener that wakes them: the part of wake-ups that is the same for every
+transport. A transport's thread calls :meth:`Listener.deliver`; threads wait on a
+:class:`Waiter`, coroutines on an :class:`AsyncWaiter` (woken through their event loop, which
+is never blocked)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Self, TypeVar
+
+import anyio
+
+# How often a waiter that is also given a stop event looks at it: a worker asked to stop while
+# idle leaves within this, without a wake-up of its own.
+STOP_CHECK_S = 0.1
+
+
+class Waiter:
+    """One thread's wait for a topic/key. A wake-up that arrives while nobody waits is kept
+    until the next :meth:`wait`, so that one published between a look at the database and
+    the wait that follows it is not lost."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        """Called by the listener's thread."""
+        self._event.set()
+
+    def wait(self, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Until woken (True), ``timeout`` passes or ``stop`` is set (False); then forget the
+        wake-up: the caller looks at the database next, and sees what it announced."""
+        deadline = time.monotonic() + timeout
+        woke = False
+        while (left := deadline - time.monotonic()) > 0:
+            if self._event.wait(left if stop is None else min(left, STOP_CHECK_S)):
+                woke = True
+                break
+            if stop is not None and stop.is_set():
+                break
+        self._event.clear()
+        return woke
+
+
+class AsyncWaiter:
+    """A coroutine's wait for a topic/key, on the event loop it was made in."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        """Called by the listener's thread: the event is set in the loop's own thread."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self, timeout: float) -> bool:
+        """As :meth:`Waiter.wait`, without blocking the loop."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        woke = self._event.is_set()
+        self._event.clear()
+        return woke
+
+
+W = TypeVar("W", Waiter, AsyncWaiter)
+
+
+class Listener:
+    """A process's waiters by topic and key, woken by what a transport receives.
+
+    This base class receives nothing: its waiters only time out, which is plain polling
+    (wake-ups off, or no transport for the database).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[tuple[str, str], set[Waiter | AsyncWaiter]] = {}
+        self.connected = threading.Event()  # set while wake-ups can arrive (for tests, logs)
+
+    def deliver(self, topic: str, key: str) -> None:
+        """Wake the waiters of ``topic``/``key`` (the transport's thread)."""
+        with self._lock:
+            waiters = list(self._waiters.get((topic, key), ()))
+        for waiter in waiters:
+            waiter.wake()
+
+    def deliver_all(self) -> None:
+        """Wake every waiter: wake-ups may have been missed (the transport was down)."""
+        with self._lock:
+            waiters = [w for group in self._waiters.values() for w in group]
+        for waiter in waiters:
+            waiter.wake()
+
+    @contextmanager
+    def subscribe(self, topic: str, key: str = "") -> Iterator[Waiter]:
+        """A thread's waiter for ``topic``/``key`` while the block runs."""
+        with self._holding(Waiter(), topic, key) as waiter:
+            yield waiter
+
+    @contextmanager
+    def subscribe_async(self, topic: str, key: str = "") -> Iterator[AsyncWaiter]:
+        """A coroutine's waiter (made in the running loop) while the block runs."""
+        with self._holding(AsyncWaiter(), topic, key) as waiter:
+            yield waiter
+
+    @contextmanager
+    def _holding(self, waiter: W, topic: str, key: str) -> Iterator[W]:
+        with self._lock:
+            self._waiters.setdefault((topic, key), set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                group = self._waiters.get((topic, key), set())
+                group.discard(waiter)
+                if not group:
+                    self._waiters.pop((topic, key), None)
+
+    def close(self) -> None:
+        """Stop receiving; the base class holds nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        self.close()

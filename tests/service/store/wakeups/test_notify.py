@@ -1,0 +1,69 @@
+"""PostgreSQL's wake-ups: a LISTENing connection that comes back after it was cut."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.store import wakeups
+from service.store.engines import make_engine, make_sessionmaker
+from service.store.wakeups import JOB_QUEUED
+from service.store.wakeups.notify import NotifyListener
+from tests.conftest import OwnPostgres, refused, terminate_backends
+from tests.support import wait_for
+
+WOKEN_WITHIN_S = 10.0
+
+
+def publish(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        wakeups.publish(session, JOB_QUEUED)
+
+
+def test_a_cut_listening_connection_reconnects_and_wakes_its_waiters(
+    own_postgres: OwnPostgres,
+) -> None:
+    url = own_postgres.url
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    wakeups.attach(sessions, url, enabled=True)
+    try:
+        with wakeups.listen(url, [JOB_QUEUED], enabled=True) as listener:
+            assert isinstance(listener, NotifyListener)
+            assert listener.connected.wait(WOKEN_WITHIN_S)
+            first = listener.backend_pid
+            with listener.subscribe(JOB_QUEUED) as queued:
+                queued.wait(0)
+                terminate_backends(own_postgres.admin, own_postgres.name)
+                # Back on a new connection, it wakes its waiters once (they may have missed some).
+                assert queued.wait(WOKEN_WITHIN_S)
+                wait_for(
+                    lambda: listener.connected.is_set() and listener.backend_pid != first,
+                    timeout_s=WOKEN_WITHIN_S,
+                    what="the listener to reconnect",
+                )
+                queued.wait(0)
+                publish(sessions)
+                assert queued.wait(WOKEN_WITHIN_S)
+        assert not listener.connected.is_set()
+    finally:
+        engine.dispose()
+
+
+def test_while_the_database_refuses_waiters_time_out_and_wake_when_it_is_back(
+    own_postgres: OwnPostgres,
+) -> None:
+    url = own_postgres.url
+    with wakeups.listen(url, [JOB_QUEUED], enabled=True) as listener:
+        assert listener.connected.wait(WOKEN_WITHIN_S)
+        with listener.subscribe(JOB_QUEUED) as queued:
+            queued.wait(0)
+            with refused(own_postgres.admin, own_postgres.name):
+                wait_for(
+                    lambda: not listener.connected.is_set(),
+                    timeout_s=WOKEN_WITHIN_S,
+                    what="the listener to notice",
+                )
+                queued.wait(0)
+                assert not queued.wait(0.2)  # nothing to wake it: its timeout ends the wait
+            assert queued.wait(WOKEN_WITHIN_S)  # back: woken to look again
+            assert listener.connected.wait(WOKEN_WITHIN_S)

@@ -1,0 +1,119 @@
+"""Wake-ups on both databases: published in the writing transaction, delivered on commit only,
+to the waiters of that topic and key; off, or without a transport, waiters only time out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import anyio.to_thread
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.store import wakeups
+from service.store.engines import make_engine, make_sessionmaker
+from service.store.wakeups import JOB_PROGRESS, JOB_QUEUED
+
+WOKEN_WITHIN_S = 10.0  # generous: a wake-up arrives in milliseconds; polling is not involved
+QUIET_S = 0.3  # how long a waiter that must not be woken is watched
+
+
+@pytest.fixture
+def publishing(sessions: sessionmaker[Session], db_url: str) -> sessionmaker[Session]:
+    wakeups.attach(sessions, db_url, enabled=True)
+    return sessions
+
+
+@pytest.fixture
+def listener(db_url: str) -> Iterator[wakeups.Listener]:
+    with wakeups.listen(db_url, [JOB_QUEUED, JOB_PROGRESS], enabled=True) as listener:
+        assert listener.connected.wait(WOKEN_WITHIN_S), "the listener never got ready"
+        yield listener
+
+
+def publish(sessions: sessionmaker[Session], topic: str, key: str = "") -> None:
+    with sessions.begin() as session:
+        wakeups.publish(session, topic, key)
+
+
+def test_a_wake_up_arrives_on_commit_never_before(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    with listener.subscribe(JOB_QUEUED) as queued:
+        queued.wait(0)  # forget the wake-up a new listener sends its waiters
+        with publishing.begin() as session:
+            wakeups.publish(session, JOB_QUEUED)
+            assert not queued.wait(QUIET_S), "woken before the transaction committed"
+        assert queued.wait(WOKEN_WITHIN_S)
+        assert not queued.wait(QUIET_S), "one wake-up woke the waiter twice"
+
+
+def test_a_rolled_back_transaction_wakes_nobody(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    with listener.subscribe(JOB_QUEUED) as queued:
+        queued.wait(0)
+        with publishing.begin() as session:
+            wakeups.publish(session, JOB_QUEUED)
+            session.rollback()
+        assert not queued.wait(QUIET_S)
+        publish(publishing, JOB_QUEUED)  # the next transaction is not affected
+        assert queued.wait(WOKEN_WITHIN_S)
+
+
+def test_a_job_s_progress_wakes_that_job_s_waiters_only(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    with listener.subscribe(JOB_PROGRESS, "a") as a, listener.subscribe(JOB_PROGRESS, "b") as b:
+        a.wait(0)
+        b.wait(0)
+        publish(publishing, JOB_PROGRESS, "a")
+        assert a.wait(WOKEN_WITHIN_S)
+        assert not b.wait(QUIET_S)
+
+
+def test_a_wake_up_published_before_the_wait_is_kept_for_it(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    # A worker looks at the queue, a job is queued, then the worker waits: it must not sleep.
+    with listener.subscribe(JOB_QUEUED) as queued:
+        queued.wait(0)
+        publish(publishing, JOB_QUEUED)
+        assert queued.wait(WOKEN_WITHIN_S)
+
+
+def test_a_coroutine_is_woken_through_its_event_loop(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    async def wait_for_news() -> tuple[bool, bool]:
+        with listener.subscribe_async(JOB_PROGRESS, "job") as news:
+            await news.wait(0)
+            await anyio.to_thread.run_sync(publish, publishing, JOB_PROGRESS, "job")
+            woken = await news.wait(WOKEN_WITHIN_S)
+            return woken, await news.wait(QUIET_S)
+
+    assert anyio.run(wait_for_news) == (True, False)
+
+
+def test_with_wake_ups_off_nothing_is_published_and_waiters_only_time_out(
+    sessions: sessionmaker[Session], db_url: str, listener: wakeups.Listener
+) -> None:
+    wakeups.attach(sessions, db_url, enabled=False)
+    with listener.subscribe(JOB_QUEUED) as queued:
+        queued.wait(0)
+        publish(sessions, JOB_QUEUED)
+        assert not queued.wait(QUIET_S), "published with wake-ups off"
+    with wakeups.listen(db_url, [JOB_QUEUED], enabled=False) as off:
+        assert type(off) is wakeups.Listener and not off.connected.is_set()
+        with off.subscribe(JOB_QUEUED) as queued:
+            assert not queued.wait(0.05)
+
+
+def test_an_in_memory_database_polls() -> None:
+    engine = make_engine("sqlite://")
+    sessions = make_sessionmaker(engine)
+    wakeups.attach(sessions, "sqlite://", enabled=True)
+    assert "info" not in sessions.kw
+    with wakeups.listen("sqlite://", [JOB_QUEUED], enabled=True) as listener:
+        assert type(listener) is wakeups.Listener
+    engine.dispose()
