@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "images", "metrics", "edge", "gpu")
+SECTIONS = ("training", "predict", "images", "metrics", "edge", "results", "gpu")
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -83,6 +83,13 @@ def _edge(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     return None
 
 
+def _results(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.results import run_results
+
+    run_results(section, root, rounds=args.runs)
+    return None
+
+
 def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None:
     from benchmarks.gpu import card_summary
 
@@ -131,6 +138,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "images": ("Large images", _images),
     "metrics": ("Metrics polling", _metrics),
     "edge": ("The HTTP edge", _edge),
+    "results": ("Time to result", _results),
     "gpu": ("GPU", _gpu),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from torchvision.datasets import MNIST
 
 from service.ml import normalize_uint8
+
+log = logging.getLogger("workers")
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,12 @@ def load_mnist(root: Path, *, device: torch.device, download: bool) -> Mnist:
         train=load_split(root, train=True, device=device, download=download),
         test=load_split(root, train=False, device=device, download=download),
     )
+
+
+def preload_mnist(root: Path, *, device: torch.device, download: bool) -> None:
+    """Read MNIST into the cache before a worker's first claim, so that no job waits for it;
+    if it cannot be read now, each job tries again and fails with the reason."""
+    try:
+        load_mnist(root, device=device, download=download)
+    except Exception as exc:  # noqa: BLE001 - the job that needs the data reports it
+        log.warning("could not load MNIST yet: %s", exc)

@@ -8,8 +8,12 @@ written atomically and read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,8 +33,8 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     shuffle: torch.Generator
 
-    def save(self, path: Path, epoch: int) -> None:
-        """Write the state after ``epoch`` to ``path`` atomically."""
+    def snapshot(self, epoch: int) -> dict[str, Any]:
+        """The state after ``epoch``, copied to the host: training goes on while it is written."""
         state = {
             "epoch": epoch,
             "model": self.model.state_dict(),
@@ -38,7 +42,12 @@ class TrainingState:
             "shuffle_rng": self.shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        atomic_torch_save(to_host(state), path)
+        # On the CPU, to_host returns the live tensors themselves: the next step changes them.
+        return copy.deepcopy(to_host(state))
+
+    def save(self, path: Path, epoch: int) -> None:
+        """Write the state after ``epoch`` to ``path`` atomically."""
+        atomic_torch_save(self.snapshot(epoch), path)
 
     def restore(self, path: Path) -> int:
         """Load the state at ``path`` into this run; returns the epoch it was saved after."""
@@ -62,11 +71,56 @@ def resume_path(checkpoint_dir: Path, job_id: str, attempt: int, epoch: int) -> 
     return checkpoint_dir / f"{job_id}-{attempt}-e{epoch}.resume.pt"
 
 
-def remove_stale_resume_files(checkpoint_dir: Path, job_id: str, keep: str) -> None:
-    """Delete a job's training states but ``keep``, the one its row now names."""
+def remove_stale_resume_files(checkpoint_dir: Path, job_id: str, keep: Collection[str]) -> None:
+    """Delete a job's training states but those in ``keep`` (the one its row now names, and
+    any still being written)."""
     for path in checkpoint_dir.glob(f"{job_id}-*.resume.pt"):
-        if path.name != keep:
+        if path.name not in keep:
             path.unlink(missing_ok=True)
+
+
+class StateWriter:
+    """Writes training states in a thread of their own, one at a time and in order.
+
+    Writing one (the copy to disk, its fsync, the rename) would otherwise hold up the next
+    epoch's steps. A state counts only once :meth:`written` has returned it, i.e. once it is
+    durable on disk; only then may the job's row name it.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Future[None], Path, int]] = []
+
+    def submit(self, snapshot: dict[str, Any], path: Path, epoch: int) -> None:
+        """Start writing ``snapshot`` (from :meth:`TrainingState.snapshot`) to ``path``."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")
+        self._pending.append((self._pool.submit(atomic_torch_save, snapshot, path), path, epoch))
+
+    @property
+    def in_flight(self) -> set[str]:
+        """The names of the files still being written (or written but not yet returned)."""
+        return {path.name for _, path, _ in self._pending}
+
+    def written(self, *, wait: bool) -> tuple[str, int] | None:
+        """The newest state written since the last call, as (file name, epoch), or None;
+        ``wait`` waits for those in flight. A failed write raises its error here."""
+        newest = None
+        while self._pending and (wait or self._pending[0][0].done()):
+            future, path, epoch = self._pending.pop(0)
+            future.result()
+            newest = (path.name, epoch)
+        return newest
+
+    def close(self) -> None:
+        """Wait for the writes in flight, and delete their files: no row names them."""
+        for future, path, _ in self._pending:
+            future.exception()  # waits; the job has ended one way or another
+            path.unlink(missing_ok=True)
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def remove_resume_files(checkpoint_dir: Path, job_id: str) -> None:

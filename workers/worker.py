@@ -31,7 +31,7 @@ from service.status import JobStatus
 from service.store import queue_repo, wakeups, worker_repo
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
-from workers.data import load_mnist
+from workers.data import load_mnist, preload_mnist
 from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
 from workers.reporting import (
@@ -148,6 +148,9 @@ class Worker:
                 log.info("worker %s stopped before the database was back", self.worker_id)
                 return
             self.heartbeat.start()
+            preload_mnist(
+                self.settings.data_dir, device=self.device, download=self.settings.download
+            )
             log.info("worker %s ready on %s", self.worker_id, self.device)
             try:
                 self._serve(max_jobs)

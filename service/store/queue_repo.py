@@ -194,7 +194,8 @@ class Progress:
     step: int
     epoch: int
     accuracy: float | None
-    resume_checkpoint: str | None = None  # saved with the state after ``epoch``
+    resume_checkpoint: str | None = None  # saved with the state after ``resume_epoch``
+    resume_epoch: int | None = None  # None: ``epoch``
     # A retry of a write whose outcome is unknown (its connection broke): its rows replace
     # any the broken write committed.
     replace: bool = False
@@ -224,7 +225,9 @@ def record_progress(
         values["accuracy"] = progress.accuracy
     if progress.resume_checkpoint is not None:
         values["resume_checkpoint"] = progress.resume_checkpoint
-        values["resume_epoch"] = progress.epoch
+        values["resume_epoch"] = (
+            progress.epoch if progress.resume_epoch is None else progress.resume_epoch
+        )
     row = session.execute(
         update(Job)
         .where(_fence(job_id, attempt, worker_id))

@@ -52,7 +52,8 @@ class ProgressBuffer:
         self.epoch = 0
         self.accuracy: float | None = None
         self._epoch_rows: list[dict[str, Any]] = []
-        self.resume_file: str | None = None
+        self.resume_file: str | None = None  # the training state the job's row names
+        self._resume_due: tuple[str, int] | None = None  # one written, not yet recorded
         self.last_loss: float | None = None
 
     @property
@@ -62,8 +63,8 @@ class ProgressBuffer:
 
     @property
     def has_epochs(self) -> bool:
-        """Whether an epoch's row waits to be written."""
-        return bool(self._epoch_rows)
+        """Whether an epoch's row (or a resume point) waits to be written."""
+        return bool(self._epoch_rows) or self._resume_due is not None
 
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
         """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
@@ -76,13 +77,16 @@ class ProgressBuffer:
         self._losses.append(loss)
         self.step += 1
 
-    def add_epoch(self, epoch: int, accuracy: float, resume_file: str | None) -> None:
-        """Keep an epoch's accuracy (and the state file it can be resumed from)."""
+    def add_epoch(self, epoch: int, accuracy: float) -> None:
+        """Keep an epoch's accuracy."""
         self.epoch = epoch
         self.accuracy = accuracy
         self._epoch_rows.append(self.plan.epoch_row(epoch, accuracy))
-        if resume_file is not None:
-            self.resume_file = resume_file
+
+    def add_resume_point(self, resume_file: str, epoch: int) -> None:
+        """Keep the training state after ``epoch``, durable in ``resume_file``, for the next
+        write to name as the point a retry resumes from."""
+        self._resume_due = (resume_file, epoch)
 
     def _to_host(self) -> None:
         """Bring the device's losses over (the one host copy per flush), checking each."""
@@ -116,7 +120,8 @@ class ProgressBuffer:
             step=self.step,
             epoch=self.epoch,
             accuracy=self.accuracy,
-            resume_checkpoint=self.resume_file if self._epoch_rows else None,
+            resume_checkpoint=None if self._resume_due is None else self._resume_due[0],
+            resume_epoch=None if self._resume_due is None else self._resume_due[1],
             replace=self._failed_write,
         )
         self._failed_write = True
@@ -133,6 +138,8 @@ class ProgressBuffer:
         self._failed_write = False
         self._host_losses = []
         self._epoch_rows = []
+        if self._resume_due is not None:
+            self.resume_file, self._resume_due = self._resume_due[0], None
         self.flushed_step = self.step
         if rows:
             self.last_loss = float(rows[-1]["loss"])

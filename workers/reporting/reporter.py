@@ -3,7 +3,9 @@
 It composes the pieces that stay out of the loop's way: the buffer that writes steps in fenced
 batches (``buffer``), the policy that says when a job must stop (``policy``), the display
 (``display``), the thread tuner that times the steps, and the resume state saved after each
-epoch but the last.
+epoch but the last. That state is written by a thread of its own while the next epoch trains,
+and the job's row names it with the first flush after it is durable (within a flush
+interval); a worker asked to stop waits for it, so the job goes back with the epoch kept.
 
 While the database cannot be written, flushes fail and the steps stay buffered: training goes
 on, and the flushes are retried with backoff, until ``max_buffered_steps`` are waiting; then
@@ -28,7 +30,7 @@ from service.store.outage import Backoff, Outage, is_outage, retry
 from workers.reporting.buffer import Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay
 from workers.reporting.policy import Limits, StopPolicy, StorageFailed
-from workers.resume import TrainingState, remove_stale_resume_files, resume_path
+from workers.resume import StateWriter, TrainingState, remove_stale_resume_files, resume_path
 from workers.threads import ThreadTuner
 
 log = logging.getLogger("workers")
@@ -61,6 +63,8 @@ class Reporter:
             claim=claim, plan=self._plan, sessions=sessions, lease_s=limits.lease_s
         )
         self._policy = StopPolicy(job_id=claim.job_id, limits=limits, stop=stop, clock=clock)
+        self._stop = stop
+        self._states = StateWriter()
         self._display = ProgressDisplay(
             job_id=claim.job_id,
             epochs=params.epochs,
@@ -110,15 +114,12 @@ class Reporter:
         A stop request waits for this point, so the job goes back to the queue with its
         finished epochs kept.
         """
-        resume_file = None
         if epoch < self._params.epochs:
             path = resume_path(self._checkpoint_dir, self.claim.job_id, self.claim.attempt, epoch)
-            try:
-                state.save(path, epoch)
-            except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
-                raise StorageFailed("could not write the training state") from exc
-            resume_file = path.name
-        self._buffer.add_epoch(epoch, accuracy, resume_file)
+            self._states.submit(state.snapshot(epoch), path, epoch)
+        else:  # the last epoch's flush names what the previous one left (long written by now)
+            self._record_written_state(wait=True)
+        self._buffer.add_epoch(epoch, accuracy)
         self.flush()
         self._timing = False
         self._display.epoch_done(epoch, self._buffer.last_loss, accuracy)
@@ -137,6 +138,8 @@ class Reporter:
         delay; a full buffer waits here until the database is back.
         """
         started = self._clock()
+        # A stopping worker waits for the state in flight: the job goes back with it named.
+        self._record_written_state(wait=self._stop.is_set())
         try:
             written, cancel = self._buffer.flush()
         except Exception as exc:
@@ -163,9 +166,19 @@ class Reporter:
 
     def drain(self) -> None:
         """Write every buffered step and epoch, waiting out an outage (before the job ends)."""
+        self._record_written_state(wait=True)
         if self._buffer.unwritten or self._buffer.has_epochs:
             self._write_all()
             self._after_write()
+
+    def _record_written_state(self, *, wait: bool) -> None:
+        """Hand the newest durable training state to the buffer (``wait``: for those in flight)."""
+        try:
+            written = self._states.written(wait=wait)
+        except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
+            raise StorageFailed("could not write the training state") from exc
+        if written is not None:
+            self._buffer.add_resume_point(*written)
 
     def _write_all(self) -> tuple[int, bool]:
         return retry(self._buffer.flush, outage=self._outage, what="flush", wait=self._wait)
@@ -174,9 +187,13 @@ class Reporter:
         """The job's row names the newest training state now: older ones are not needed."""
         keep = self._buffer.resume_file
         if keep is not None and keep != self._resume_kept:
-            remove_stale_resume_files(self._checkpoint_dir, self.claim.job_id, keep=keep)
+            remove_stale_resume_files(
+                self._checkpoint_dir, self.claim.job_id, keep={keep, *self._states.in_flight}
+            )
             self._resume_kept = keep
 
     def close(self) -> None:
-        """Close the progress display."""
+        """Close the progress display; wait for a state in flight (and delete it: the job's
+        row never named it)."""
+        self._states.close()
         self._display.close()

@@ -1,0 +1,183 @@
+"""What a user does to get a job's result, timed: submit, then poll or follow the events.
+
+Also a watcher on the database itself, which tells when the worker's flushes became visible
+(committed), so that the event stream's delay can be measured against them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.sse import parse
+from service.status import TERMINAL, JobStatus
+from service.store.tables import Job, TrainStep
+
+POLL_EVERY_S = 0.010  # the client's pause between two GET /jobs/{id}
+WATCH_EVERY_S = 0.002  # the database watcher's pause between two reads
+
+
+@dataclass
+class Finished:
+    """One job as a client saw it finish."""
+
+    seconds: float  # POST /jobs sent → `succeeded` seen
+    job: dict[str, Any]  # the job as the API returned it at the end
+    claim_s: float | None = None  # POST /jobs sent → the job seen out of `queued` (watcher)
+
+    def _at(self, name: str) -> datetime:
+        return datetime.fromisoformat(str(self.job[name]))
+
+    @property
+    def worker_s(self) -> float:
+        """started_at → finished_at: the worker's own time."""
+        return (self._at("finished_at") - self._at("started_at")).total_seconds()
+
+
+def submit(client: httpx.Client, params: dict[str, Any]) -> tuple[str, float]:
+    """POST /jobs; the job's id and the perf_counter time just before the request."""
+    started = time.perf_counter()
+    r = client.post("/jobs", json=params)
+    r.raise_for_status()
+    return str(r.json()["id"]), started
+
+
+def _check(job: dict[str, Any]) -> bool:
+    """Whether the job succeeded; raise if it ended otherwise."""
+    if job["status"] in TERMINAL and job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+    return bool(job["status"] == "succeeded")
+
+
+def poll_to_result(
+    client: httpx.Client,
+    params: dict[str, Any],
+    timeout_s: float,
+    sessions: sessionmaker[Session] | None = None,
+) -> Finished:
+    """Submit, then GET /jobs/{id} every :data:`POLL_EVERY_S` until it has succeeded; with
+    ``sessions``, a :class:`Watcher` tells when the job left the queue."""
+    job_id, started = submit(client, params)
+    watcher = Watcher(sessions, job_id) if sessions is not None else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        deadline = started + timeout_s
+        while time.perf_counter() < deadline:
+            r = client.get(f"/jobs/{job_id}")
+            r.raise_for_status()
+            job = r.json()
+            if _check(job):
+                done = time.perf_counter()
+                break
+            time.sleep(POLL_EVERY_S)
+        else:
+            raise TimeoutError(f"job {job_id} did not succeed in {timeout_s} s")
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    return Finished(done - started, job, _claimed(watcher, started))
+
+
+def _claimed(watcher: Watcher | None, started: float) -> float | None:
+    if watcher is None or watcher.left_queue is None:
+        return None
+    return watcher.left_queue - started
+
+
+@dataclass
+class Followed:
+    """One job followed on its event stream."""
+
+    finished: Finished
+    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (last step, perf time)
+
+
+def follow_to_result(
+    client: httpx.Client,
+    params: dict[str, Any],
+    timeout_s: float,
+    sessions: sessionmaker[Session] | None = None,
+) -> tuple[Followed, list[tuple[int, float]]]:
+    """Submit, then follow GET /jobs/{id}/events until the final `status` event.
+
+    With ``sessions``, a :class:`Watcher` notes when each flush of the job's steps became
+    visible in the database; returns the stream's arrivals and the watcher's sightings.
+    """
+    job_id, started = submit(client, params)
+    watcher = Watcher(sessions, job_id) if sessions is not None else None
+    if watcher is not None:
+        watcher.start()
+    arrivals: list[tuple[int, float]] = []
+    try:
+        with client.stream("GET", f"/jobs/{job_id}/events", timeout=timeout_s) as r:
+            r.raise_for_status()
+            for event in parse(r.iter_lines()):
+                now = time.perf_counter()
+                data = event.json()
+                if event.event == "step" and data["steps"]:
+                    arrivals.append((int(data["steps"][-1]["step"]), now))
+                elif event.event == "status" and data.get("final"):
+                    _check(data)
+                    followed = Followed(Finished(now - started, data), arrivals)
+                    break
+            else:
+                raise RuntimeError(f"the stream of job {job_id} ended without a final status")
+    finally:
+        seen = watcher.stop() if watcher is not None else []
+    followed.finished.claim_s = _claimed(watcher, started)
+    return followed, seen
+
+
+class Watcher(threading.Thread):
+    """Reads the job's status and last stored step every :data:`WATCH_EVERY_S`; notes when
+    the job leaves `queued` and when its last step changes.
+
+    What it sees is at most one pause (plus one read) after the commit that wrote it, so
+    delays measured from it are short, and claim times long, by at most that much.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
+        super().__init__(daemon=True, name="step-watcher")
+        self._sessions, self._job_id = sessions, job_id
+        self._halt = threading.Event()
+        self.seen: list[tuple[int, float]] = []
+        self.left_queue: float | None = None
+
+    def run(self) -> None:
+        """Read until stopped."""
+        last = 0
+        query = select(func.max(TrainStep.step)).where(TrainStep.job_id == self._job_id)
+        status = select(Job.status).where(Job.id == self._job_id)
+        while not self._halt.is_set():
+            with self._sessions() as session:
+                if self.left_queue is None and session.scalar(status) != JobStatus.QUEUED:
+                    self.left_queue = time.perf_counter()
+                step = session.scalar(query) or 0
+            if step > last:
+                self.seen.append((step, time.perf_counter()))
+                last = step
+            self._halt.wait(WATCH_EVERY_S)
+
+    def stop(self) -> list[tuple[int, float]]:
+        """Stop watching; each new last step and when it was first seen."""
+        self._halt.set()
+        self.join(timeout=10)
+        return self.seen
+
+
+def live_delays(seen: list[tuple[int, float]], arrivals: list[tuple[int, float]]) -> list[float]:
+    """For each flush the watcher saw: seconds until a stream event carried its last step."""
+    delays = []
+    for step, committed in seen:
+        arrived = [t for last, t in arrivals if last >= step]
+        if arrived:
+            delays.append(max(0.0, min(arrived) - committed))
+    return delays

@@ -1,0 +1,147 @@
+"""The service under test: a fresh database (SQLite or PostgreSQL) and ``mnist-service run
+--workers 1`` on it, with its processes' ids for their CPU time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from benchmarks.env import REPO_ROOT
+from benchmarks.procs import children, cpu_seconds
+from service.store.engines import make_engine
+from tests.support import free_port, process_cmd, service_env, wait_for
+
+POSTGRES_ADMIN_ENV = "MNIST_TEST_POSTGRES_URL"
+POSTGRES_ADMIN_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+READY = re.compile(r"worker (\S+) ready")
+
+
+@contextlib.contextmanager
+def database(kind: str, root: Path) -> Iterator[str]:
+    """A migrated database of this run's own: a SQLite file, or a PostgreSQL database
+    created on the server at MNIST_TEST_POSTGRES_URL (else 127.0.0.1:5432) and dropped."""
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "sqlite":
+        url = f"sqlite:///{root / 'mnist.db'}"
+        _migrate(url)
+        yield url
+        return
+    admin = make_engine(
+        os.environ.get(POSTGRES_ADMIN_ENV, POSTGRES_ADMIN_DEFAULT), isolation_level="AUTOCOMMIT"
+    )
+    name = f"mnist_bench_{secrets.token_hex(4)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = make_url(admin.url).set(database=name).render_as_string(hide_password=False)
+            _migrate(url)
+            yield url
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def _migrate(url: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate"],
+        cwd=REPO_ROOT,
+        env=service_env(database_url=url),
+        check=True,
+        capture_output=True,
+    )
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Running:
+    """``mnist-service run --workers 1``: a client of its API and its processes' ids."""
+
+    client: httpx.Client
+    pids: dict[str, int]  # "supervisor", "API", "worker"
+
+
+@contextlib.contextmanager
+def service(url: str, root: Path, data: Path) -> Iterator[Running]:
+    """The API and one worker as the README runs them, until the block ends."""
+    port = free_port()
+    env = service_env(
+        database_url=url,
+        data_dir=str(data),
+        checkpoint_dir=str(root / "models"),
+        device="cpu",
+        host="127.0.0.1",
+        port=str(port),
+        access_log="false",
+    )
+    log = root / "service.log"
+    command = [str(Path(sys.executable).with_name("mnist-service")), "run", "--workers", "1"]
+    with (
+        process_cmd(command, env, log, stop_timeout_s=30) as proc,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+    ):
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited:\n{log.read_text()[-3000:]}")
+            if not READY.search(log.read_text()):
+                return False
+            try:
+                return client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, timeout_s=120, what="the API and the worker to be ready")
+        pids = {"supervisor": proc.pid}
+        for pid in children(proc.pid):
+            cmd = _cmdline(pid)
+            if "-m workers" in cmd:
+                pids["worker"] = pid
+            elif "-m service" in cmd:
+                pids["API"] = pid
+        yield Running(client, pids)
+
+
+def idle_shares(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each process's CPU over ``seconds`` of doing nothing, as a share of one core."""
+    before = {name: cpu_seconds(pid, with_children=False) for name, pid in pids.items()}
+    started = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - started
+    return {
+        name: (cpu_seconds(pid, with_children=False) - before[name]) / wall
+        for name, pid in pids.items()
+    }
+
+
+def postgres_reachable() -> str | None:
+    """None when the PostgreSQL server answers, else why not."""
+    engine = make_engine(os.environ.get(POSTGRES_ADMIN_ENV, POSTGRES_ADMIN_DEFAULT))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means: not measured here
+        return f"{type(exc).__name__}"
+    finally:
+        engine.dispose()

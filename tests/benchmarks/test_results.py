@@ -1,0 +1,49 @@
+"""The time-to-result benchmark, end to end on a small job: real service processes, both
+databases where PostgreSQL answers, every figure filled in and the goals written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.report import Report
+from benchmarks.result_clients import live_delays
+from benchmarks.result_service import postgres_reachable
+from benchmarks.results import run_results
+from tests.support import SMALL_TEST, SMALL_TRAIN
+
+SMALL_JOB = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
+
+
+def test_the_section_measures_a_real_service_on_each_database(
+    small_mnist: Path, tmp_path: Path
+) -> None:
+    report = Report("Benchmarks")
+    section = report.section("Time to result")
+    backends = run_results(
+        section, tmp_path, rounds=1, idle_s=0.5, params=SMALL_JOB, data_root=small_mnist
+    )
+
+    expected = ["sqlite"] + (["postgresql"] if postgres_reachable() is None else [])
+    assert [b.name for b in backends] == expected
+    for b in backends:
+        assert len(b.polled.values) == len(b.followed.values) == 1
+        # The client's wait holds the worker's time, which holds at least the training.
+        assert b.polled.median > b.worker.values[0] > 0
+        assert b.followed.median > b.worker.values[1] > 0
+        assert len(b.claim_ms) == 2 and all(ms >= 0 for ms in b.claim_ms)
+        assert b.live_ms and all(ms >= 0 for ms in b.live_ms)  # the watcher saw the flushes
+        assert b.first_job_s > b.first_worker_s > 0
+        assert set(b.idle) == {"supervisor", "API", "worker"}
+        assert all(0 <= share < 1 for share in b.idle.values())
+        assert b.floor_s > 0
+    text = report.render()
+    assert text.count("time to result (polling) ≤ 1.5× floor") == 2 * len(backends)
+    assert "claim latency" in text and "idle CPU" in text
+
+
+def test_a_flush_is_late_by_the_time_its_step_took_to_reach_the_stream() -> None:
+    seen = [(10, 1.0), (20, 2.0), (30, 3.0)]  # (last stored step, when first seen)
+    arrivals = [(10, 1.05), (25, 2.5), (30, 2.999)]  # (last step of an event, when it came)
+    delays = live_delays(seen, arrivals)
+    assert [round(d, 3) for d in delays] == [0.05, 0.5, 0.0]  # never below zero
+    assert live_delays([(40, 4.0)], arrivals) == []  # never on the stream: no figure
