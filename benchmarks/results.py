@@ -189,26 +189,17 @@ def write_section(
     rows = []
     for b in backends:
         floor = b.floor_s
+
+        def timed(
+            figure: str, seconds: float, name: str = b.name, floor: float = floor
+        ) -> list[str]:
+            return [name, figure, fmt(seconds, "s"), fmt_ratio(ratio(seconds, floor))]
+
         rows += [
             [b.name, "floor (eager PyTorch, nothing stored)", fmt(floor, "s"), "1.00×"],
-            [
-                b.name,
-                "POST → `succeeded`, polling every 10 ms",
-                fmt(b.polled.median, "s"),
-                fmt_ratio(ratio(b.polled.median, floor)),
-            ],
-            [
-                b.name,
-                "POST → final `status` event",
-                fmt(b.followed.median, "s"),
-                fmt_ratio(ratio(b.followed.median, floor)),
-            ],
-            [
-                b.name,
-                "the worker's own started_at → finished_at",
-                fmt(b.worker.median, "s"),
-                fmt_ratio(ratio(b.worker.median, floor)),
-            ],
+            timed("POST → `succeeded`, polling every 10 ms", b.polled.median),
+            timed("POST → final `status` event", b.followed.median),
+            timed("the worker's own started_at → finished_at", b.worker.median),
             [
                 b.name,
                 "claim latency (POST → seen out of `queued`) p50 / p99",

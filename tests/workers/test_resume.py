@@ -12,14 +12,12 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.clock import utcnow
 from service.ml import SimpleMLP, atomic_torch_save
-from service.schemas import JobCreate
-from service.store import queue_repo
-from tests.jobs import queue_job, read_job
+from tests.jobs import read_job
 from tests.support import SMALL_TRAIN, wait_for
+from tests.workers.reports import claimed_reporter
 from workers import resume
-from workers.reporting import Claim, Limits, Reporter, Shutdown
+from workers.reporting import Limits, Reporter, Shutdown
 from workers.resume import TrainingState
 from workers.train import make_optimizer
 
@@ -44,18 +42,13 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
 def running_job(
     sessions: sessionmaker[Session], tmp_path: Path, stop: threading.Event
 ) -> tuple[Reporter, str, TrainingState]:
-    job_id = queue_job(sessions, PARAMS)
-    with sessions.begin() as session:
-        job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
-        assert job is not None
-    reporter = Reporter(
-        claim=Claim(job_id, 1, "w"),
-        params=JobCreate.model_validate(PARAMS),
-        sessions=sessions,
+    reporter, job_id = claimed_reporter(
+        sessions,
+        PARAMS,
+        writes=sessions,
+        checkpoint_dir=tmp_path / "models",
         limits=Limits(lease_s=30, flush_interval_s=3600, shutdown_grace_s=60),
         stop=stop,
-        checkpoint_dir=tmp_path / "models",
-        show_progress=False,
     )
     model = SimpleMLP()
     optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))

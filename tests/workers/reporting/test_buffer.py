@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,35 +14,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.errors import LeaseLost
-from service.schemas import JobCreate
 from service.store import metric_repo, queue_repo
 from service.store.tables import Job
-from tests.jobs import queue_job, read_job
+from tests.jobs import read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
 from tests.workers.flaky import FlakyDatabase
-from workers.reporting import Claim, Limits, Reporter
+from tests.workers.reports import claimed_reporter
+from workers.reporting import Limits, Reporter
 
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
 
 
 def make_reporter(
-    sessions: sessionmaker[Session], db: FlakyDatabase, tmp_path: Path, **kwargs: object
+    sessions: sessionmaker[Session], db: FlakyDatabase, tmp_path: Path, **kwargs: Any
 ) -> tuple[Reporter, str]:
-    job_id = queue_job(sessions, PARAMS)
-    with sessions.begin() as session:
-        job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
-        assert job is not None
-    reporter = Reporter(
-        claim=Claim(job_id, 1, "w"),
-        params=JobCreate.model_validate(PARAMS),
-        sessions=db.sessionmaker(),
-        limits=Limits(lease_s=30, flush_interval_s=3600),
-        stop=threading.Event(),
-        checkpoint_dir=tmp_path,
-        show_progress=False,
-        **kwargs,  # type: ignore[arg-type]
+    limits = Limits(lease_s=30, flush_interval_s=3600)
+    return claimed_reporter(
+        sessions, PARAMS, writes=db.sessionmaker(), checkpoint_dir=tmp_path, limits=limits, **kwargs
     )
-    return reporter, job_id
 
 
 def stored_steps(sessions: sessionmaker[Session], job_id: str) -> list[int]:
