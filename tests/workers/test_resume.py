@@ -105,6 +105,32 @@ def test_a_stopping_worker_hands_the_job_back_with_the_state_in_flight_named(
     reporter.close()
 
 
+def test_a_stop_that_comes_during_the_epochs_flush_still_names_its_state(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    gate: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stop = threading.Event()
+    reporter, job_id, state = running_job(sessions, tmp_path, stop)
+    real_flush = reporter._buffer.flush
+
+    def flush_then_stop() -> tuple[int, bool]:
+        # The signal lands after the flush looked at the stop request (it did not wait for
+        # the state then), but before the policy reads it at the epoch's end.
+        written = real_flush()
+        stop.set()
+        return written
+
+    monkeypatch.setattr(reporter._buffer, "flush", flush_then_stop)
+    threading.Timer(0.2, gate.set).start()
+    with pytest.raises(Shutdown, match="resumes after this epoch"):
+        reporter.epoch(1, 0.9, state)
+    job = read_job(sessions, job_id)
+    assert (job.resume_epoch, job.resume_checkpoint) == (1, f"{job_id}-1-e1.resume.pt")
+    reporter.close()
+
+
 def test_a_state_still_in_flight_when_the_job_ends_is_not_left_behind(
     sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event
 ) -> None:

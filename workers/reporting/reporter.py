@@ -121,6 +121,10 @@ class Reporter:
             self._record_written_state(wait=True)
         self._buffer.add_epoch(epoch, accuracy)
         self.flush()
+        if self._stop.is_set() and self._states.in_flight:
+            # The stop came during that flush, after it looked: name this epoch's state now,
+            # so the job goes back with the epoch kept, as the policy below promises.
+            self.flush()
         self._timing = False
         self._display.epoch_done(epoch, self._buffer.last_loss, accuracy)
         self._policy.at_epoch_end(epoch, self._params.epochs)
