@@ -13,6 +13,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
 from service.schemas import JobCreate
 from service.status import JobStatus
@@ -44,6 +46,20 @@ def option_name(field: str) -> str:
     return f"--{field.replace('_', '-')}"
 
 
+def api_url(value: str) -> str:
+    """The API's address: http(s) with a host, else a bad command line (from ${URL_ENV} too,
+    as argparse converts a default with the option's type)."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http:// or https:// address with a host (e.g. {DEFAULT_URL})"
+        )
+    return value
+
+
 def _number_type(annotation: Any) -> Callable[[str], Any]:
     """int or float for a JobCreate field (``int | None`` → int)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -72,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url",
+        type=api_url,
         default=os.environ.get(URL_ENV) or DEFAULT_URL,
         help=f"the API (default ${URL_ENV} or {DEFAULT_URL})",
     )

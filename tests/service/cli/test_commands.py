@@ -80,6 +80,20 @@ def test_the_url_comes_from_the_flag_the_environment_or_the_default(
     assert cli.build_parser().parse_args(["--url", "http://x", "jobs"]).url == "http://x"
 
 
+@pytest.mark.parametrize("url", ["localhost:8000", "http://", "ftp://x", "http://[::1", ""])
+def test_a_bad_url_is_a_bad_command_line(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", url, "jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert "error: argument --url: " in capsys.readouterr().err
+    monkeypatch.setenv("MNIST_URL", url or " ")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+
+
 def test_submit_sends_only_the_given_fields(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
