@@ -88,8 +88,7 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     """Queue a job; with --watch, follow it to its end."""
-    params = _job_params(args)
-    job = client.submit(params)
+    job = client.submit(_job_params(args))
     print(job["id"], flush=True)
     if not args.watch:
         return EXIT_OK
