@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from service.cli.client import ApiError, Client
+from service.cli.client import URL_ENV, ApiError, Client
 from service.cli.parser import (
     EXIT_API_ERROR,
     EXIT_BROKEN_PIPE,
@@ -272,6 +272,14 @@ def _run_client(
         return EXIT_USAGE
     except ApiError as exc:
         _print_api_error(exc)
+        return EXIT_API_ERROR
+    except (KeyError, TypeError) as exc:
+        # A 200 whose JSON lacks what the service always sends: another API at this URL.
+        print(
+            f"error: {client.url} answered JSON the MNIST service does not send "
+            f"(no {exc}); check --url or ${URL_ENV}",
+            file=sys.stderr,
+        )
         return EXIT_API_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

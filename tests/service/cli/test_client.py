@@ -158,3 +158,15 @@ def test_a_watch_whose_final_event_was_lost_ends_on_the_204_of_an_ended_stream(
     assert opened == [None, "1:1:0"]  # resumed once, where it was
     assert code == cli.EXIT_OK, err
     assert out.splitlines()[-1] == f"job {JOB_ID} succeeded: test accuracy 50.00%"
+
+
+def test_another_apis_json_at_the_same_paths_is_named_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, json={"items": [], "total": 0}))
+    code, out, err = run_against(transport, capsys, "jobs")
+    assert (code, out) == (cli.EXIT_API_ERROR, "")
+    assert err == (
+        "error: http://stub answered JSON the MNIST service does not send (no 'jobs'); "
+        "check --url or $MNIST_URL\n"
+    )
