@@ -197,11 +197,11 @@ def mnist_layout(gray: Gray) -> Gray:
 def in_mnist_layout(field: NDArray[Any]) -> bool:
     """Whether a 28×28 field in MNIST's polarity is laid out as MNIST's digits are.
 
-    Its non-zero pixels' box is 19–21 px on its longer side and its centre of mass within
-    :data:`LAID_OUT_CENTRE_SLACK_PX` of (14, 14) (:data:`LAID_OUT_SIDE_PX`: every MNIST image
-    is). A blank field is too: there is nothing to move. A digit drawn on a 28×28 canvas that
-    touches an edge, sits off-centre or is bigger or smaller is not, and a model trained on
-    MNIST misreads it unless it is laid out first (issue #18: 3 of 20 drawn digits read right).
+    Its non-zero pixels' box is :data:`LAID_OUT_SIDE_PX` long on its longer side and its centre
+    of mass within :data:`LAID_OUT_CENTRE_SLACK_PX` of (14, 14), as every MNIST image's is. A
+    blank field is too: there is nothing to move. A digit drawn on a 28×28 canvas too big, too
+    small or off-centre (as one touching an edge mostly is) is not, and a model trained on MNIST
+    misreads it unless it is laid out first (issue #18: 3 of 20 drawn digits read right).
     """
     ink_rows, ink_cols = np.flatnonzero(field.any(axis=1)), np.flatnonzero(field.any(axis=0))
     if ink_rows.size == 0:
@@ -210,11 +210,7 @@ def in_mnist_layout(field: NDArray[Any]) -> bool:
     low, high = LAID_OUT_SIDE_PX
     if not low <= longer <= high:
         return False
-    weights = field.astype(np.float64)
-    total = float(weights.sum())
-    index = np.arange(IMAGE_SIDE_PX)
-    com_y = float(weights.sum(axis=1) @ index) / total
-    com_x = float(weights.sum(axis=0) @ index) / total
+    com_y, com_x = _centre_of_mass(field)
     slack = LAID_OUT_CENTRE_SLACK_PX
     return abs(com_y - FIELD_CENTRE_PX) <= slack and abs(com_x - FIELD_CENTRE_PX) <= slack
 
@@ -280,18 +276,26 @@ def _fit_box(ink: Gray) -> Gray:
 def _centre_by_mass(digit: Gray) -> Gray:
     """Paste into a black 28×28 field so the centre of mass lands on the field's centre."""
     height, width = digit.shape
-    weights = digit.astype(np.float64)
-    total = weights.sum()
     field = np.zeros((IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
-    if total == 0:
+    if not digit.any():
         return field
-    com_y = float(weights.sum(axis=1) @ np.arange(height)) / total
-    com_x = float(weights.sum(axis=0) @ np.arange(width)) / total
+    com_y, com_x = _centre_of_mass(digit)
     # Shifts by whole pixels, as MNIST did; clamped so no ink falls off the field.
     top = min(max(round(FIELD_CENTRE_PX - com_y), 0), IMAGE_SIDE_PX - height)
     left = min(max(round(FIELD_CENTRE_PX - com_x), 0), IMAGE_SIDE_PX - width)
     field[top : top + height, left : left + width] = digit
     return field
+
+
+def _centre_of_mass(image: NDArray[Any]) -> tuple[float, float]:
+    """(row, column) of an image's centre of mass, its pixels' values the weights (not blank)."""
+    height, width = image.shape
+    weights = image.astype(np.float64)
+    total = float(weights.sum())
+    return (
+        float(weights.sum(axis=1) @ np.arange(height)) / total,
+        float(weights.sum(axis=0) @ np.arange(width)) / total,
+    )
 
 
 def pixels_layout(pixels: NDArray[np.float32]) -> NDArray[np.float32]:
