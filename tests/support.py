@@ -35,13 +35,22 @@ SMALL_TEST = 200
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` learnable 28×28 uint8 images: digit d is a bright bar at row band d, plus noise."""
+    """``n`` learnable 28×28 uint8 images in MNIST's layout, on black like MNIST's.
+
+    Digit d is a 20×20 frame's two side strokes and two bars, 2d rows in from its top and
+    bottom edges: the bars' gap tells the digits apart, while the ink's box (20 px) and centre of
+    mass (13.5, 13.5) stay where MNIST puts them, so predict reads a 28×28 image of one as it
+    is, as it reads an MNIST digit (a digit told by where it sits would be moved by the layout).
+    Ink levels vary from pixel to pixel.
+    """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
     for i, d in enumerate(labels):
-        top = 2 + 2 * int(d)
-        images[i, top : top + 3, 4:24] = rng.integers(200, 256, size=(3, 20), dtype=np.uint8)
+        for left in (4, 22):  # the side strokes, rows 4–23
+            images[i, 4:24, left : left + 2] = rng.integers(150, 256, size=(20, 2), dtype=np.uint8)
+        for top in (4 + int(d), 22 - int(d)):  # two bars, symmetric about row 13.5
+            images[i, top : top + 2, 4:24] = rng.integers(200, 256, size=(2, 20), dtype=np.uint8)
     return images, labels
 
 

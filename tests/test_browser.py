@@ -1,7 +1,8 @@
 """The dashboard in a real browser: headless Chromium (Debian's) driven by Playwright.
 
 Start a job from the form (after the API has refused bad values), watch the chart gain
-points while it trains, draw a digit and get a prediction, cancel a job. Screenshots go to
+points while it trains, find its CSV and checkpoint links, draw a digit and get a
+prediction, see the default model named once "production" is set, cancel a job. Screenshots go to
 tests/artifacts/ (CI keeps them). Skips, saying why, only where Chromium or Playwright is
 missing; CI installs both.
 """
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support import REPO_ROOT, wait_for
+from service.schemas import JobCreate
+from tests.support import REPO_ROOT, make_small_mnist, wait_for
 from tests.test_end_to_end import start_service
 
 if TYPE_CHECKING:
@@ -49,18 +51,29 @@ def _skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 
-def mnist_dir(small_mnist: Path) -> Path:
-    """The official files when CI names them (a drawn 7 then reads as a 7), else generated ones."""
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official files when CI names them (a drawn 7 then reads as a 7), else generated ones.
+
+    The form submits the API's defaults for the fields the test leaves empty, so the generated
+    set holds as many images as those defaults ask for (10,000 and 1,000): the suite's small
+    set (640) would fail the form's job ("trainset_size is 10000 but the data set holds only
+    640 images"), as on a fresh machine without MNIST_DATA_DIR.
+    """
     value = os.environ.get("MNIST_DATA_DIR")
     if value and (Path(value) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
         return Path(value)
-    return small_mnist
+    return make_small_mnist(
+        tmp_path_factory.mktemp("form-mnist"),
+        train=JobCreate.model_fields["trainset_size"].default,
+        test=JobCreate.model_fields["testset_size"].default,
+    )
 
 
 @pytest.fixture
-def dashboard(sqlite_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[str]:
+def dashboard(sqlite_url: str, mnist_dir: Path, tmp_path: Path) -> Iterator[str]:
     """The API and one worker; yields the dashboard's URL."""
-    data_dir = mnist_dir(small_mnist)
+    data_dir = mnist_dir
     for service in start_service(sqlite_url, data_dir, tmp_path, events_poll_s="0.2"):
         yield f"{service.client.base_url}/"
 
@@ -136,6 +149,8 @@ def test_train_watch_draw_predict_and_cancel(page: Page) -> None:
         points, _, status = samples[-1]
         if status == "running" and points > 1:
             shot(page, "02-job-running")  # the last one taken shows the job well under way
+        if status in ("failed", "cancelled"):  # say why now, not after the deadline
+            pytest.fail(f"job {job_id} {status}: {page.text_content('#job-error')}")
         return status == "succeeded"
 
     wait_for(
@@ -150,10 +165,24 @@ def test_train_watch_draw_predict_and_cancel(page: Page) -> None:
     assert live, f"the chart never showed a partly trained job: {samples[:5]}…{samples[-5:]}"
     loss_points, accuracy_points, _ = samples[-1]
     assert (loss_points, accuracy_points) == (total_steps, 4)
+    # Its downloads: every step as CSV, and the weights once it has succeeded.
+    page.wait_for_selector("#job-checkpoint")
+    assert page.get_attribute("#job-csv", "href") == f"/jobs/{job_id}/metrics.csv"
+    assert page.get_attribute("#job-checkpoint", "href") == f"/models/{job_id}/checkpoint"
+    csv_text = page.request.get(page.url.split("#")[0] + f"jobs/{job_id}/metrics.csv").text()
+    assert len(csv_text.splitlines()) == 1 + total_steps
+    checkpoint = page.request.get(page.url.split("#")[0] + f"models/{job_id}/checkpoint")
+    assert checkpoint.ok and len(checkpoint.body()) > 0
     shot(page, "03-job-succeeded")
 
     # Draw a 7 with the mouse; the prediction comes back as ten bars.
     page.goto(page.url.split("#")[0] + "#/")
+    # Ids are told apart by their random end (their start is the time, shared by neighbours).
+    row_id = page.locator(f"#jobs-body tr[data-job='{job_id}'] code")
+    assert row_id.text_content() == f"…{job_id[-8:]}"
+    assert row_id.get_attribute("title") == job_id
+    page.wait_for_selector(f"#model-select option[value='{job_id}']", state="attached")
+    assert page.text_content("#model-select option[value='']") == "latest succeeded job"
     pad = page.locator("#pad").bounding_box()
     assert pad is not None
     x, y = pad["x"], pad["y"]
@@ -169,8 +198,19 @@ def test_train_watch_draw_predict_and_cancel(page: Page) -> None:
     assert abs(sum(probabilities) - 1) < 1e-4
     assert digit == probabilities.index(max(probabilities))
     assert page.get_attribute("#bars li.top", "data-digit") == str(digit)
-    assert job_id[:8] in (page.text_content("#predict-model") or "")
+    assert page.text_content("#predict-model") == f"model: job …{job_id[-8:]}"
+    assert page.get_attribute("#predict-model code", "title") == job_id
     shot(page, "04-prediction")
+
+    # With a "production" alias, the default model says so (it is what answers).
+    base = page.url.split("#")[0]
+    assert page.request.put(f"{base}models/aliases/production", data={"job_id": job_id}).ok
+    page.reload()
+    label = f"production → …{job_id[-8:]}"
+    page.wait_for_function(
+        f"document.querySelector(\"#model-select option[value='']\").textContent === {label!r}"
+    )
+    shot(page, "04b-production-model")
 
     # A long job from the form, cancelled from its page.
     submit_form(page, epochs="100")
@@ -178,5 +218,7 @@ def test_train_watch_draw_predict_and_cancel(page: Page) -> None:
     page.click("#cancel-job")
     page.wait_for_function("document.getElementById('job-status').textContent === 'cancelled'")
     assert page.is_disabled("#cancel-job")
+    assert page.locator("#job-csv").count() == 1
+    assert page.locator("#job-checkpoint").count() == 0  # no weights to download
     shot(page, "05-cancelled")
     print(f"browser test took {time.monotonic() - started:.1f} s")

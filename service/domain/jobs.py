@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any
 
 import orjson
@@ -14,6 +16,11 @@ from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo
 from service.store.tables import Job
+
+# The columns of a job's metrics as CSV, as `mnist-service metrics --csv` writes them too.
+CSV_COLUMNS = ("step", "epoch", "examples_seen", "loss", "test_accuracy")
+# Steps read at a time for the CSV: every step of a job goes out, in pages this long.
+CSV_READ_STEPS = 100_000
 
 # A full queue drains at the pace of training; a client should not come back at once.
 QUEUE_FULL_RETRY_AFTER_S = 30
@@ -145,6 +152,33 @@ def metrics_json(
 def encode_metrics(page: dict[str, Any]) -> bytes:
     """A :func:`metrics_page` as the API sends it."""
     return orjson.dumps(page)
+
+
+def metrics_csv(db: metric_repo.Reader, job_id: str) -> str | None:
+    """Every recorded step as CSV (:data:`CSV_COLUMNS`), an epoch's test accuracy on the row of
+    its last step; None when there is no such job.
+
+    The dashboard links to it: a spreadsheet or pandas reads a whole run in one download,
+    without paging through the JSON. Losses are written exactly (Python's shortest repr).
+    """
+    if metric_repo.job_status(db, job_id) is None:
+        return None
+    steps: list[dict[str, Any]] = []
+    while True:
+        after = steps[-1]["step"] if steps else 0
+        page = metric_repo.read_steps(db, job_id, after_step=after, limit=CSV_READ_STEPS)
+        steps.extend(page)
+        if len(page) < CSV_READ_STEPS:
+            break
+    accuracy = {e["epoch"]: e["accuracy"] for e in metric_repo.read_epochs(db, job_id)}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for i, s in enumerate(steps):
+        last_of_epoch = i + 1 == len(steps) or steps[i + 1]["epoch"] != s["epoch"]
+        shown = accuracy.get(s["epoch"], "") if last_of_epoch else ""
+        writer.writerow([s["step"], s["epoch"], s["examples_seen"], repr(s["loss"]), shown])
+    return out.getvalue()
 
 
 def cancel(session: Session, job: Job) -> JobRead:

@@ -6,8 +6,10 @@ so that its centre of mass sits on the field's centre. Before that, photos and d
 brought to MNIST's polarity: alpha is composited on white, colour becomes grayscale, and a
 light background is inverted. Everything here is numpy and Pillow on in-memory buffers.
 
-A 28×28 image is taken as already laid out the MNIST way: only grayscale and polarity apply,
-so an MNIST digit passes through bit for bit.
+A 28×28 image already laid out the MNIST way (:func:`in_mnist_layout`: its ink's box and centre
+of mass are where MNIST puts them) gets only grayscale and polarity, so an MNIST digit passes
+through bit for bit; any other 28×28 image (a digit touching an edge, off-centre, too big or
+too small) is laid out like an image of any other size.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ DEFAULT_MAX_IMAGE_PIXELS = Settings.model_fields["max_image_pixels"].default
 
 DIGIT_BOX_PX = 20  # MNIST's digits fit a 20×20 box...
 FIELD_CENTRE_PX = 14.0  # ...whose centre of mass lands on pixel 14 (measured: 14.00 ± 0.29)
+# MNIST's layout as measured on all 70,000 images of the official files: the box of the non-zero
+# pixels is 19 or 20 px on its longer side (20 in all but 16), and the centre of mass lies within
+# 0.52 px of (14, 14) on either axis. A 28×28 field inside these bounds (1 px of slack above the
+# box, and about 0.5 px around the centre) is taken as laid out; tests check every MNIST image.
+LAID_OUT_SIDE_PX = (19, 21)
+LAID_OUT_CENTRE_SLACK_PX = 1.0
 # JPEG photos decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this long:
 # a digit needs far fewer pixels than a phone camera gives, and a reduced decode is much cheaper.
 JPEG_DRAFT_MIN_SIDE_PX = 256
@@ -177,11 +185,34 @@ def dark_background(gray: NDArray[Any]) -> NDArray[Any]:
 def mnist_layout(gray: Gray) -> Gray:
     """A 2-D uint8 grayscale image → MNIST's 28×28 uint8 layout (see the module docstring)."""
     if gray.shape == (IMAGE_SIDE_PX, IMAGE_SIDE_PX):
-        return dark_background(gray)
+        field = dark_background(gray)
+        if in_mnist_layout(field):
+            return field
     ink = _ink(gray, inverted=_border_median(gray) >= LIGHT_BACKGROUND_MIN)
     if ink is None:
         return np.zeros((IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
     return _centre_by_mass(_fit_box(ink))
+
+
+def in_mnist_layout(field: NDArray[Any]) -> bool:
+    """Whether a 28×28 field in MNIST's polarity is laid out as MNIST's digits are.
+
+    Its non-zero pixels' box is :data:`LAID_OUT_SIDE_PX` long on its longer side and its centre
+    of mass within :data:`LAID_OUT_CENTRE_SLACK_PX` of (14, 14), as every MNIST image's is. A
+    blank field is too: there is nothing to move. A digit drawn on a 28×28 canvas too big, too
+    small or off-centre (as one touching an edge mostly is) is not, and a model trained on MNIST
+    misreads it unless it is laid out first (issue #18: 3 of 20 drawn digits read right).
+    """
+    ink_rows, ink_cols = np.flatnonzero(field.any(axis=1)), np.flatnonzero(field.any(axis=0))
+    if ink_rows.size == 0:
+        return True
+    longer = max(ink_rows[-1] - ink_rows[0], ink_cols[-1] - ink_cols[0]) + 1
+    low, high = LAID_OUT_SIDE_PX
+    if not low <= longer <= high:
+        return False
+    com_y, com_x = _centre_of_mass(field)
+    slack = LAID_OUT_CENTRE_SLACK_PX
+    return abs(com_y - FIELD_CENTRE_PX) <= slack and abs(com_x - FIELD_CENTRE_PX) <= slack
 
 
 def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
@@ -245,18 +276,26 @@ def _fit_box(ink: Gray) -> Gray:
 def _centre_by_mass(digit: Gray) -> Gray:
     """Paste into a black 28×28 field so the centre of mass lands on the field's centre."""
     height, width = digit.shape
-    weights = digit.astype(np.float64)
-    total = weights.sum()
     field = np.zeros((IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
-    if total == 0:
+    if not digit.any():
         return field
-    com_y = float(weights.sum(axis=1) @ np.arange(height)) / total
-    com_x = float(weights.sum(axis=0) @ np.arange(width)) / total
+    com_y, com_x = _centre_of_mass(digit)
     # Shifts by whole pixels, as MNIST did; clamped so no ink falls off the field.
     top = min(max(round(FIELD_CENTRE_PX - com_y), 0), IMAGE_SIDE_PX - height)
     left = min(max(round(FIELD_CENTRE_PX - com_x), 0), IMAGE_SIDE_PX - width)
     field[top : top + height, left : left + width] = digit
     return field
+
+
+def _centre_of_mass(image: NDArray[Any]) -> tuple[float, float]:
+    """(row, column) of an image's centre of mass, its pixels' values the weights (not blank)."""
+    height, width = image.shape
+    weights = image.astype(np.float64)
+    total = float(weights.sum())
+    return (
+        float(weights.sum(axis=1) @ np.arange(height)) / total,
+        float(weights.sum(axis=0) @ np.arange(width)) / total,
+    )
 
 
 def pixels_layout(pixels: NDArray[np.float32]) -> NDArray[np.float32]:

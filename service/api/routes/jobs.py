@@ -152,3 +152,23 @@ def get_metrics(
     if body is None:  # deleted since JobDep read it
         raise NotFound(f"no job with id {job.id}")
     return Response(body, media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/metrics.csv",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "Every step, one row each."},
+        **NOT_FOUND,
+    },
+)
+def get_metrics_csv(job: JobDep, session: SessionDep) -> Response:
+    """Every step's loss and every epoch's accuracy as CSV (a download: the dashboard links it)."""
+    body = jobs.metrics_csv(session, job.id)
+    if body is None:  # deleted since JobDep read it
+        raise NotFound(f"no job with id {job.id}")
+    return Response(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'},
+    )

@@ -26,8 +26,9 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
-// fetch() with the API key as a bearer token; JSON in and out; errors as ApiError.
-export async function api(path, { method = "GET", json, body } = {}) {
+// fetch() with the API key as a bearer token; JSON in and out (or, with raw, the response
+// itself, for a download); errors as ApiError.
+export async function api(path, { method = "GET", json, body, raw = false } = {}) {
   const headers = new Headers({ Accept: "application/json" });
   const key = apiKey();
   if (key) headers.set("Authorization", `Bearer ${key}`);
@@ -41,6 +42,7 @@ export async function api(path, { method = "GET", json, body } = {}) {
   } catch (err) {
     throw new ApiError(0, { code: "network", message: `the API did not answer (${err.message})` });
   }
+  if (raw && response.ok) return response;
   const isJson = (response.headers.get("content-type") || "").includes("json");
   const data = isJson ? await response.json() : null;
   if (!response.ok) {
@@ -92,6 +94,18 @@ function age(iso) {
   if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
   if (seconds < 86400) return `${Math.floor(seconds / 3600)} h`;
   return `${Math.floor(seconds / 86400)} d`;
+}
+
+// Ids start with their creation time, so jobs submitted together share a prefix; their last
+// digits are random. Everywhere an id is shortened (jobs table, model menu, prediction), it is
+// to these, the full id on hover and in the link.
+const SHORT_ID_DIGITS = 8;
+function shortId(id) {
+  return `…${id.slice(-SHORT_ID_DIGITS)}`;
+}
+
+function idCode(id) {
+  return el("code", { textContent: shortId(id), title: id });
 }
 
 function badge(status) {
@@ -215,7 +229,7 @@ function jobRow(job) {
   return el(
     "tr",
     { dataset: { job: job.id, status: job.status } },
-    el("td", {}, el("a", { href: `#/jobs/${job.id}` }, el("code", { textContent: job.id.slice(0, 8) }))),
+    el("td", {}, el("a", { href: `#/jobs/${job.id}` }, idCode(job.id))),
     el("td", {}, badge(job.status)),
     el(
       "td",
@@ -310,6 +324,35 @@ function renderJob(job) {
     ...items.map(([k, v]) => el("div", {}, el("dt", { textContent: k }), el("dd", { textContent: String(v) }))),
   );
   setProgress(job.step, job.total_steps);
+  renderDownloads(job);
+}
+
+// The job's metrics as CSV, and once it has succeeded its weights (a PyTorch state_dict).
+function renderDownloads(job) {
+  const links = [el("a", { id: "job-csv", href: `/jobs/${job.id}/metrics.csv`, textContent: "metrics (CSV)" })];
+  if (job.status === "succeeded") {
+    links.push(el("a", { id: "job-checkpoint", href: `/models/${job.id}/checkpoint`, textContent: "checkpoint (.pt)" }));
+  }
+  for (const link of links) link.addEventListener("click", download);
+  $("job-downloads").replaceChildren(...links);
+}
+
+// A link downloads by itself, but cannot send the API key: with a key, fetch it with the
+// header and hand the browser the bytes.
+async function download(event) {
+  const key = apiKey();
+  if (!key) return;
+  event.preventDefault();
+  const link = event.currentTarget;
+  try {
+    const response = await api(link.pathname, { raw: true });
+    const name = (response.headers.get("content-disposition") || "").match(/filename="?([^";]+)/);
+    const url = URL.createObjectURL(await response.blob());
+    el("a", { href: url, download: name ? name[1] : "" }).click();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  } catch (err) {
+    $("job-error").textContent = `download failed: ${err.message}`;
+  }
 }
 
 function setProgress(step, total) {
@@ -360,6 +403,7 @@ async function showJob(jobId) {
   $("job-error").textContent = "";
   $("job-id").textContent = jobId;
   $("job-meta").replaceChildren();
+  $("job-downloads").replaceChildren();
   newChart();
   try {
     renderJob(await api(`/jobs/${jobId}`));
@@ -384,16 +428,30 @@ async function cancelJob() {
 
 const knownModels = new Set();
 
+// What answers a request that names no model: the API's rule (README, Predict) is the
+// "production" alias when it is set, else the most recently finished succeeded job.
+const DEFAULT_ALIAS = "production";
+
+function defaultModelOption(aliases) {
+  const production = aliases.find((a) => a.name === DEFAULT_ALIAS);
+  if (!production) return el("option", { value: "", textContent: "latest succeeded job" });
+  const label = `${DEFAULT_ALIAS} → ${shortId(production.job_id)}`;
+  return el("option", { value: "", textContent: label, title: production.job_id });
+}
+
 async function refreshModels() {
   try {
-    const page = await api("/jobs?status=succeeded&limit=50");
+    const [page, aliases] = await Promise.all([
+      api("/jobs?status=succeeded&limit=50"),
+      api("/models/aliases"),
+    ]);
     const select = $("model-select");
     const chosen = select.value;
-    const options = [el("option", { value: "", textContent: "latest succeeded job" })];
+    const options = [defaultModelOption(aliases.aliases)];
     for (const job of page.jobs) {
       knownModels.add(job.id);
-      const label = `${job.id.slice(0, 8)} · ${percent(job.accuracy, 1)} · ${job.params.epochs} epochs`;
-      options.push(el("option", { value: job.id, textContent: label }));
+      const label = `${shortId(job.id)} · ${percent(job.accuracy, 1)} · ${job.params.epochs} epochs`;
+      options.push(el("option", { value: job.id, textContent: label, title: job.id }));
     }
     select.replaceChildren(...options);
     select.value = page.jobs.some((j) => j.id === chosen) ? chosen : "";
@@ -503,7 +561,7 @@ function showPrediction(answer) {
     ),
   );
   $("bars").replaceChildren(...bars);
-  $("predict-model").textContent = `model: job ${answer.job_id.slice(0, 8)}`;
+  $("predict-model").replaceChildren("model: job ", idCode(answer.job_id));
 }
 
 let predicting = null;

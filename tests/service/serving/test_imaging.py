@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,26 @@ def test_real_mnist_test_digits_pass_through_bit_for_bit(real_mnist: object) -> 
     for i in range(0, 10_000, 5):  # 2000 digits spread over the test split
         image, _ = dataset[i]
         assert torch.equal(image_to_tensor(encode(image))[0], TUTORIAL(image)), i
+
+
+@pytest.mark.real_data
+def test_every_mnist_image_is_taken_as_laid_out(real_mnist: Path) -> None:
+    """The 28×28 rule against all 70,000 official images: none would be laid out again, so
+    every one gives the tutorial's tensor (the test above checks that tensor on 2,000)."""
+    raw = real_mnist / "MNIST" / "raw"
+    for split in ("train", "t10k"):
+        data = (raw / f"{split}-images-idx3-ubyte").read_bytes()
+        images = np.frombuffer(data, np.uint8, offset=16).reshape(-1, 28, 28)
+        assert len(images) == {"train": 60_000, "t10k": 10_000}[split]
+        moved = [i for i, image in enumerate(images) if not imaging.in_mnist_layout(image)]
+        assert moved == [], f"{split}: {len(moved)} MNIST images would be laid out again"
+
+
+def test_the_generated_digits_are_in_mnists_layout() -> None:
+    """The suite's stand-in data passes through predict as MNIST's digits do."""
+    images, _ = synthetic_digits(2000, seed=18)
+    assert all(imaging.in_mnist_layout(image) for image in images)
+    assert all(np.array_equal(imaging.mnist_layout(image), image) for image in images[:200])
 
 
 def test_28x28_digits_in_any_accepted_format_and_polarity_are_exact() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.routes import jobs as jobs_routes
 from service.clock import utcnow
+from service.domain import jobs as jobs_domain
 from service.schemas import MetricsRead
 from service.store import queue_repo, worker_repo
 from service.store.tables import Job
@@ -204,6 +207,26 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     assert "after_step" in past.json()["error"]["message"]
     last = client.get(f"/jobs/{job_id}/metrics?after_step={jobs_routes.MAX_STEP}").json()
     assert last["steps"] == [] and last["next_after_step"] == jobs_routes.MAX_STEP
+
+
+@BOTH_WAYS
+def test_metrics_as_csv_hold_every_step_and_the_epochs_accuracy(
+    client: TestClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    empty = client.get(f"/jobs/{job_id}/metrics.csv")
+    assert empty.status_code == 200
+    assert empty.text == "step,epoch,examples_seen,loss,test_accuracy\n"
+    _record_steps(sessions, job_id, 25)
+    monkeypatch.setattr(jobs_domain, "CSV_READ_STEPS", 10)  # read in pages: none lost or repeated
+    response = client.get(f"/jobs/{job_id}/metrics.csv")
+    assert response.headers["content-type"].startswith("text/csv")
+    assert f'filename="{job_id}-metrics.csv"' in response.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 26))
+    assert [float(r["loss"]) for r in rows] == [2.0 / s for s in range(1, 26)]  # exact
+    assert [r["test_accuracy"] for r in rows] == [""] * 24 + ["0.5"]
+    assert client.get(f"/jobs/{'0' * 32}/metrics.csv").status_code == 404
 
 
 @BOTH_WAYS
