@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -113,6 +113,17 @@ def _json(response: httpx.Response) -> Any:
     )
 
 
+def _csv(response: httpx.Response) -> str:
+    """A successful CSV answer's text; anything else means another server answered."""
+    if response.headers.get("content-type", "").split(";")[0].strip() == "text/csv":
+        return response.text
+    raise ApiError(
+        response.status_code,
+        "not_the_api",
+        f"{_summary(response)}: this is not the MNIST service's API",
+    )
+
+
 class Client:
     """Jobs, metrics, events and predictions over HTTP."""
 
@@ -128,7 +139,14 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        parse: Callable[[httpx.Response], Any] = _json,
+        **kwargs: Any,
+    ) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -136,7 +154,7 @@ class Client:
         _raise_for_error(response, self.url, path)
         if response.status_code == 204:  # done, nothing to say (DELETE)
             return None
-        return _json(response)
+        return parse(response)
 
     def submit(self, params: dict[str, Any]) -> dict[str, Any]:
         """Queue a job; ``params`` holds only the fields to set."""
@@ -177,6 +195,11 @@ class Client:
             if len(page["steps"]) < METRICS_PAGE:
                 return {**page, "steps": steps}
             after = page["next_after_step"]
+
+    def metrics_csv(self, job_id: str) -> str:
+        """Every step as the API's CSV (the one place its columns are made)."""
+        text: str = self._request("GET", f"/jobs/{job_id}/metrics.csv", parse=_csv)
+        return text
 
     def predict(
         self,

@@ -8,7 +8,6 @@ line (exit 2), the API's refusal or absence (exit 3), or a closed output pipe (q
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -141,20 +140,11 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     """A job's steps and epochs: a summary, or every step as CSV."""
+    if args.csv:  # the API's CSV: one row per step, an epoch's accuracy on its last step
+        sys.stdout.write(client.metrics_csv(args.job_id))
+        return EXIT_OK
     metrics = client.metrics(args.job_id)
     steps, epochs = metrics["steps"], metrics["epochs"]
-    if args.csv:
-        # One row per step; an epoch's test accuracy sits on the row of its last step.
-        accuracy_at = {e["examples_seen"]: e["accuracy"] for e in epochs}
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["step", "epoch", "examples_seen", "loss", "test_accuracy"])
-        for i, s in enumerate(steps):
-            last_of_epoch = i + 1 == len(steps) or steps[i + 1]["epoch"] != s["epoch"]
-            accuracy = accuracy_at.get(s["examples_seen"]) if last_of_epoch else None
-            writer.writerow(
-                [s["step"], s["epoch"], s["examples_seen"], repr(s["loss"]), accuracy or ""]
-            )
-        return EXIT_OK
     print(f"job {metrics['job_id']}: {metrics['status']}, {len(steps)} steps recorded")
     if steps:
         print(f"loss: first {steps[0]['loss']:.4f}, last {steps[-1]['loss']:.4f}")

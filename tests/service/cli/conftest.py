@@ -67,6 +67,10 @@ class StubHandler(BaseHTTPRequestHandler):
             ]
             body = {"job_id": JOB_ID, "status": "succeeded", "steps": steps, "epochs": []}
             self._send(200, "application/json", json.dumps({**body, "next_after_step": 0}))
+        elif path == f"/jobs/{JOB_ID}/metrics.csv":
+            rows = (f"{s},1,{64 * s},{1.0 / s!r}," for s in range(1, MANY_STEPS + 1))
+            header = "step,epoch,examples_seen,loss,test_accuracy"
+            self._send(200, "text/csv; charset=utf-8", "\n".join([header, *rows]) + "\n")
         else:
             self._send(404, "text/plain", "nothing here")
 
