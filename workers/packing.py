@@ -144,7 +144,8 @@ class Pack:
         if settings["weight_decay"] or settings["amsgrad"] or settings["maximize"]:
             raise ValueError("packed training implements plain Adam only")
         (self.beta1, self.beta2), self.eps = settings["betas"], settings["eps"]
-        self.lrs = [job.params.learning_rate for job in jobs]
+        # As solo: the learning rate Adam holds, the job's own or, resumed, the saved one.
+        self.lrs = [s.state.optimizer.param_groups[0]["lr"] for s in self.solos]
         models = [s.state.model for s in self.solos]
         with torch.no_grad():
             self.weights = [
@@ -179,7 +180,9 @@ class Pack:
         return len(self.members)
 
     def drop(self, job: int) -> None:
-        """Take job ``job`` out of the pack; the others' rows, and numbers, stay as they were."""
+        """Take job ``job`` out of the pack; the others' rows, and numbers, stay as they were.
+
+        Its row is gone: what the job keeps (:meth:`unstack`, :meth:`state`) is taken before."""
         row = self.members.index(job)
         index = torch.tensor(
             [r for r in range(self.size) if r != row], dtype=torch.long, device=self.device
