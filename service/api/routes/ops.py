@@ -46,7 +46,11 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Read
     return ops.readiness(session, settings, now=utcnow(), writes=writes)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
 def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s."""
     service_metrics: ServiceMetrics = request.app.state.metrics
