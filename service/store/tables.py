@@ -184,3 +184,13 @@ class ReadinessProbe(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     written_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Housekeeping(Base):
+    """When a periodic chore (``retention``) last ran, cluster-wide: whoever moves
+    ``last_run_at`` forward with a conditional update runs it, so one process per period does."""
+
+    __tablename__ = "housekeeping"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_run_at: Mapped[datetime] = mapped_column(UTCDateTime())
