@@ -1,9 +1,9 @@
 """Server-Sent Events read back: the CLI's (and the tests') parser of ``text/event-stream``.
 
-The API's side is FastAPI's (``fastapi.sse``); reading is ours, since no dependency of the
-project parses the format. The rules are the HTML standard's: fields ``id``, ``event``,
-``data`` and ``retry``, a blank line ending each event, lines starting with ``:`` being
-comments.
+The API writes events in FastAPI's format (``fastapi.sse``, :mod:`service.api.routes.events`);
+reading is ours, since no runtime dependency of the project parses the format (httpx-sse, a
+test dependency, does). The rules are the HTML standard's: fields ``id``, ``event``, ``data``
+and ``retry``, a blank line ending each event, lines starting with ``:`` being comments.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -241,3 +242,25 @@ def api_server(env: dict[str, str], log: Path) -> Iterator[httpx.Client]:
     """A real uvicorn serving the app (``python -m service``); yields a client for it."""
     with api_process(env, log) as (_proc, client):
         yield client
+
+
+# promtool (Debian's ``prometheus`` package; .ci/run installs it) lints a scrape as Prometheus
+# reads it: names, types, help, histogram buckets, duplicate series.
+PROMTOOL = shutil.which("promtool")
+NEEDS_PROMTOOL = pytest.mark.skipif(
+    PROMTOOL is None, reason="needs promtool (apt-get install prometheus; CI installs it)"
+)
+
+
+def promtool_problems(scrape: str) -> str:
+    """What ``promtool check metrics`` finds wrong in a scrape (empty when it passes)."""
+    assert PROMTOOL is not None
+    checked = subprocess.run(
+        [PROMTOOL, "check", "metrics"],
+        input=scrape,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return "" if checked.returncode == 0 else checked.stdout + checked.stderr or "failed"

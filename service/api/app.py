@@ -217,6 +217,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         lifespan=lifespan,
         dependencies=[Depends(forbid_unknown_query)],
+        generate_unique_id_function=openapi.operation_id,
+        openapi_tags=openapi.TAGS,
+        servers=openapi.SERVERS,
     )
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -262,12 +265,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 version=app.version,
                 description=app.description,
                 routes=app.routes,
+                tags=app.openapi_tags,
+                servers=app.servers,
             )
             app.openapi_schema = openapi.complete(
                 schema,
                 auth=keys is not None,
                 docs_public=settings.docs_public,
                 max_form_parts=settings.max_form_parts,
+                named=predict.NAMED_SCHEMAS,
             )
         return app.openapi_schema
 

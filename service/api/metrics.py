@@ -21,7 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    values,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -37,6 +44,11 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # prometheus_client's own variable: read when it is imported, so set before a process starts.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# No ``_created`` series beside every counter and histogram: a timestamp per label set that
+# doubles the scrape and that Prometheus stores as one more series each. (prometheus_client's
+# switch is process-wide; the multiprocess collector, reading the shared files, has none.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @contextmanager
@@ -171,8 +183,17 @@ class ServiceMetrics:
 
 
 def route_template(scope: Scope) -> str:
-    """The matched route's path template (``/jobs/{job_id}``), never the raw path."""
+    """The matched route's path template (``/jobs/{job_id}``), never the raw path.
+
+    FastAPI names its own routes in the scope, but not the plain ones it adds for the
+    documentation (``/openapi.json``, ``/docs``, ``/redoc``): those are found among the app's
+    routes by the endpoint that answered.
+    """
     route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    if route is None and endpoint is not None:
+        app_routes = getattr(scope.get("app"), "routes", ())
+        route = next((r for r in app_routes if getattr(r, "endpoint", None) is endpoint), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED_ROUTE
 

@@ -5,20 +5,86 @@ here from the same rules the middlewares apply, so a route added later is docume
 without an edit: 401/403 from :mod:`service.api.security`, 413 (and 400 for unreadable bodies)
 from :mod:`service.api.limits`, 422 and 500 in the error envelope, and ``X-Request-ID`` on every
 response.
+
+What a client generator turns into names is chosen here too: each operation's id (its
+method's name), the tags (its modules) with their descriptions, and the server.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
+from fastapi.routing import APIRoute
+from fastapi.utils import generate_unique_id
+
 from service.api.security import Access, required_access
 from service.schemas import ErrorEnvelope
+
+# Every documented operation's id, by hand: FastAPI's own
+# (``get_metrics_jobs__job_id__metrics_get``) would become every generated client's method
+# names. An operation missing here stops the app from starting (:func:`operation_id`).
+OPERATION_IDS = {
+    ("POST", "/jobs"): "createJob",
+    ("GET", "/jobs"): "listJobs",
+    ("GET", "/jobs/{job_id}"): "getJob",
+    ("DELETE", "/jobs/{job_id}"): "deleteJob",
+    ("POST", "/jobs/{job_id}/cancel"): "cancelJob",
+    ("GET", "/jobs/{job_id}/metrics"): "getJobMetrics",
+    ("GET", "/jobs/{job_id}/metrics.csv"): "getJobMetricsCsv",
+    ("GET", "/jobs/{job_id}/events"): "streamJobEvents",
+    ("POST", "/predict"): "predict",
+    ("GET", "/models"): "listModels",
+    ("GET", "/models/{job_id}"): "getModel",
+    ("GET", "/models/{job_id}/checkpoint"): "downloadCheckpoint",
+    ("GET", "/models/aliases"): "listAliases",
+    ("GET", "/models/aliases/{name}"): "getAlias",
+    ("PUT", "/models/aliases/{name}"): "setAlias",
+    ("DELETE", "/models/aliases/{name}"): "deleteAlias",
+    ("GET", "/workers"): "listWorkers",
+    ("GET", "/healthz"): "getHealth",
+    ("GET", "/readyz"): "getReadiness",
+    ("GET", "/metrics"): "getPrometheusMetrics",
+}
+# The tags the routes use, in the order the documentation shows them.
+TAGS = [
+    {
+        "name": "jobs",
+        "description": "Training jobs: submit one, follow it (polls or Server-Sent Events), "
+        "read every step's loss and every epoch's accuracy, cancel it.",
+    },
+    {"name": "predict", "description": "The digit in an image, read by a trained model."},
+    {
+        "name": "models",
+        "description": "The trained models (one per succeeded job), their weights, and the "
+        "aliases that name them (`production` answers predict by default).",
+    },
+    {"name": "workers", "description": "The worker processes that train the queued jobs."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+# Relative: the server that served this document, wherever it is reached (FastAPI puts a
+# proxy's root path first).
+SERVERS = [{"url": "/", "description": "This server."}]
 
 BODY_METHODS = frozenset({"post", "put", "patch"})
 ENVELOPE_REF = "#/components/schemas/ErrorEnvelope"
 # FastAPI's own 422 models, unused once every 422 is declared as the envelope.
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def operation_id(route: APIRoute) -> str:
+    """The id of ``route``'s operation (FastAPI's ``generate_unique_id_function``): from
+    :data:`OPERATION_IDS`; :class:`LookupError` for a documented route that has none."""
+    if not route.include_in_schema:
+        return generate_unique_id(route)  # never shown
+    method = ",".join(sorted(route.methods or ()))  # one per route here
+    try:
+        return OPERATION_IDS[(method, route.path_format)]
+    except KeyError:
+        raise LookupError(
+            f"{method} {route.path_format} has no operationId: name it in OPERATION_IDS"
+        ) from None
 
 
 def error_response(description: str) -> dict[str, Any]:
@@ -99,11 +165,18 @@ def _is_referenced(schema: dict[str, Any], name: str) -> bool:
 
 
 def complete(
-    schema: dict[str, Any], *, auth: bool, docs_public: bool, max_form_parts: int
+    schema: dict[str, Any],
+    *,
+    auth: bool,
+    docs_public: bool,
+    max_form_parts: int,
+    named: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``schema`` (as FastAPI generated it) with the common answers added; returns it."""
+    """``schema`` (as FastAPI generated it) with the common answers added, and the ``named``
+    schemas that routes refer to from bodies they describe by hand; returns it."""
     components = schema.setdefault("components", {})
     definitions = components.setdefault("schemas", {})
+    definitions.update(copy.deepcopy(named or {}))  # completed per app: never the originals
     envelope = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
     definitions.update(envelope.pop("$defs", {}))
     definitions["ErrorEnvelope"] = envelope

@@ -3,14 +3,23 @@
 The stream is a loop of short polls, each in its own read session (a long-lived one would pin
 one snapshot and never see news). Between polls it waits for the job's wake-up
 (:mod:`service.store.wakeups`, published with every flush and status change), or for
-``events_poll_s`` when none comes. Every event carries an id ``attempt:step:epoch``: the last
-step and epoch the client has been sent. A client that reconnects with it as
-``Last-Event-ID`` is sent only what comes after; a new attempt (a retried job starts over)
-resets the position, and the ``status`` event that announces it comes before its steps.
-The last event is a ``status`` with ``"final": true``, after every step and epoch.
+``events_poll_s`` when none comes.
 
-Events are FastAPI's :class:`ServerSentEvent`: the framework writes the wire format and sends
-a keep-alive comment whenever the stream has been silent for a while. The payload is our JSON
+Every event carries an id ``attempt:step:epoch:sent``: the last step and epoch the client has
+been sent, and how many events it has been sent on this stream, reconnections included, so
+that no two ids are alike (a reconnection's opening ``status`` is at the same step as the id it
+resumed from, and the final ``status`` at the same step as the last ``epoch``). The final
+event's id ends in ``:end``. A client that reconnects with an id as ``Last-Event-ID`` is sent
+only what comes after; with the final one, the stream has nothing left and answers 204, the
+standard's way to stop a browser's ``EventSource`` from reconnecting. A new attempt (a
+retried job starts over) resets the position, and the ``status`` event that announces it
+comes before its steps. The last event is a ``status`` with ``"final": true``, after every
+step and epoch.
+
+Events are FastAPI's :class:`ServerSentEvent` (the route writes them out), and a keep-alive
+comment whenever the stream has been silent for :data:`KEEPALIVE_S`. Every event carries
+data: the reconnection delay (``retry``) rides on the first one, since a block of ``retry``
+alone reaches some clients (httpx-sse) as an event with empty data. The payload is our JSON
 (``raw_data``): compact, one line, never NaN; FastAPI's own ``data=`` encoding goes through
 ``jsonable_encoder``, many times slower on a batch of a thousand steps.
 """
@@ -40,6 +49,10 @@ STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
 RETRY_MS = 1000  # how long a browser waits before reconnecting
 OUTAGE_WAIT_MAX_S = 5.0  # the longest wait between polls while the database is unavailable
 STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again this soon
+# A silent stream says this at least this often, so that proxies and clients that time out an
+# idle connection keep it: a comment, which no client takes for an event.
+KEEPALIVE_S = 15.0
+KEEPALIVE = ServerSentEvent(comment="ping")
 
 
 class OpenStreams:
@@ -73,17 +86,30 @@ class OpenStreams:
 OPEN_STREAMS = OpenStreams()  # one per process
 
 
+FINAL_MARK = "end"
+# The event ids a stream sends, as the route admits them (an empty one means "from the
+# start"): ``attempt:step:epoch:sent``, ``:end`` after the final event's. Nine digits each: more
+# than any stream sends, and every id the pattern admits fits the columns (2**31 - 1), so none
+# is refused after validation. ``attempt:step:epoch`` alone is an id sent before the count was.
+_NUMBER = "[0-9]{1,9}"
+EVENT_ID_PATTERN = f"^({_NUMBER}:{_NUMBER}:{_NUMBER}(:{_NUMBER}(:{FINAL_MARK})?)?)?$"
+
+
 @dataclass(frozen=True)
 class Cursor:
-    """What a client has been sent: an attempt, and its steps and epochs up to these numbers."""
+    """What a client has been sent: an attempt, its steps and epochs up to these numbers, how
+    many events in all, and whether the last was the final one."""
 
     attempt: int = 0
     step: int = 0
     epoch: int = 0
+    sent: int = 0  # counts on across reconnections: it tells every event's id apart
+    final: bool = False
 
     def encode(self) -> str:
-        """The event id: ``attempt:step:epoch``."""
-        return f"{self.attempt}:{self.step}:{self.epoch}"
+        """The event id: ``attempt:step:epoch:sent``, and ``:end`` on the final event."""
+        numbers = f"{self.attempt}:{self.step}:{self.epoch}:{self.sent}"
+        return f"{numbers}:{FINAL_MARK}" if self.final else numbers
 
     @classmethod
     def parse(
@@ -96,18 +122,19 @@ class Cursor:
         if not raw:
             return cls()
         parts = raw.strip().split(":")
-        try:
-            numbers = [int(p) for p in parts]
-        except ValueError:
-            numbers = []
-        if len(numbers) != 3 or not all(0 <= n <= MAX_INTEGER for n in numbers):
+        final = len(parts) == 5 and parts[4] == FINAL_MARK
+        numbers = parts[:4] if final else parts
+        if len(numbers) not in (3, 4) or not all(
+            n.isascii() and n.isdigit() and int(n) <= MAX_INTEGER for n in numbers
+        ):
             name = "Last-Event-ID" if loc[0] == "header" else loc[1]
             raise InvalidInput(
-                f"{name} {raw!r} is not an id this stream sent "
-                f"(attempt:step:epoch, three numbers from 0 to {MAX_INTEGER})",
+                f"{name} {raw!r} is not an id this stream sent (attempt:step:epoch:sent, "
+                f"numbers from 0 to {MAX_INTEGER}, and :{FINAL_MARK} after the final event's)",
                 details=[{"loc": list(loc), "msg": "invalid event id"}],
             )
-        return cls(*numbers)
+        attempt, step, epoch, *sent = (int(n) for n in numbers)
+        return cls(attempt, step, epoch, sent[0] if sent else 0, final=final)
 
 
 @dataclass
@@ -127,8 +154,9 @@ class StreamState:
     job_id: str
     status: str | None = None  # the last status sent (None: nothing sent yet)
 
-    def emit(self, poll: Poll, event: str, data: Any) -> None:
-        """Append an event whose id is the current cursor."""
+    def emit(self, poll: Poll, event: str, data: Any, *, final: bool = False) -> None:
+        """Append an event; its id is the cursor, which counts it."""
+        self.cursor = replace(self.cursor, sent=self.cursor.sent + 1, final=final)
         poll.events.append(
             ServerSentEvent(event=event, raw_data=json_data(data), id=self.cursor.encode())
         )
@@ -140,11 +168,15 @@ def json_data(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
-def find_job(sessions: sessionmaker[Session], job_id: str) -> None:
-    """Raise :class:`NotFound` unless the job exists (checked before a stream starts)."""
+def has_ended(sessions: sessionmaker[Session], job_id: str, cursor: Cursor) -> bool:
+    """Whether a stream resumed at ``cursor`` has nothing left to send: its job has ended and
+    the cursor is the final event's (the route answers 204). Checked before a stream starts;
+    :class:`NotFound` unless the job exists."""
     with sessions() as session:
-        if job_repo.get_job(session, job_id) is None:
-            raise NotFound(f"no job with id {job_id}")
+        job = job_repo.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    return cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt
 
 
 def poll(session: Session, state: StreamState) -> Poll:
@@ -164,7 +196,7 @@ def poll(session: Session, state: StreamState) -> Poll:
     status_data["steps_per_epoch"] = StepPlan.of(job).steps_per_epoch
     new_attempt = job.attempt != state.cursor.attempt
     if new_attempt:
-        state.cursor = Cursor(attempt=job.attempt)
+        state.cursor = Cursor(attempt=job.attempt, sent=state.cursor.sent)
     if new_attempt or state.status is None:
         state.status = job.status
         state.emit(out, "status", {**status_data, "final": False})
@@ -203,7 +235,7 @@ def poll(session: Session, state: StreamState) -> Poll:
     changed = job.status != state.status and job.status not in TERMINAL
     if changed or finished:
         state.status = job.status
-        state.emit(out, "status", {**status_data, "final": finished})
+        state.emit(out, "status", {**status_data, "final": finished}, final=finished)
     out.done = finished
     return out
 
@@ -226,34 +258,47 @@ async def stream(
     poll_s: float,
     wake: wakeups.Listener | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The events of one job, until the job has ended and everything has been sent.
+    """The events of one job, until the job has ended and everything has been sent, and
+    :data:`KEEPALIVE` whenever it has been silent for :data:`KEEPALIVE_S`.
 
     Each poll's database reads run in a worker thread, so an open stream never blocks the
     event loop; between polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
     (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``).
 
     While the database is unavailable the stream stays open and polls less often (up to
-    :data:`OUTAGE_WAIT_MAX_S` apart; the framework's keep-alive comments go on), then carries
-    on from where it was. Ending it instead would not help: a browser's ``EventSource`` that
-    reconnects and meets the 503 gives up for good.
+    :data:`OUTAGE_WAIT_MAX_S` apart; the keep-alives go on), then carries on from where it
+    was. Ending it instead would not help: a browser's ``EventSource`` that reconnects and
+    meets the 503 gives up for good.
     """
     state = StreamState(cursor=cursor, job_id=job_id)
-    yield ServerSentEvent(retry=RETRY_MS)
-    wait_s = poll_s
+    retry: int | None = RETRY_MS  # sent with the first event
+    outage_wait_s = poll_s
+    said = anyio.current_time()  # when the client last heard from the stream
     # Subscribed before the first poll: news committed after a poll's read wakes the wait
     # that follows it.
     with (wake or wakeups.Listener()).subscribe_async(wakeups.JOB_PROGRESS, job_id) as news:
         while True:
             try:
-                result = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+                result: Poll | None = await anyio.to_thread.run_sync(_poll_once, sessions, state)
             except DatabaseUnavailable:
-                wait_s = min(wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
-                await anyio.sleep(wait_s)
-                continue
-            wait_s = poll_s
-            for event in result.events:
-                yield event
-            if result.done:
-                return
-            if not result.more:
-                await news.wait(poll_s)
+                result = None
+                outage_wait_s = min(outage_wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
+            if result is not None:
+                outage_wait_s = poll_s
+                for event in result.events:
+                    if retry is not None:
+                        event, retry = event.model_copy(update={"retry": retry}), None
+                    yield event
+                    said = anyio.current_time()
+                if result.done:
+                    return
+                if result.more:
+                    continue
+            if anyio.current_time() - said >= KEEPALIVE_S:
+                yield KEEPALIVE
+                said = anyio.current_time()
+            until_keepalive_s = said + KEEPALIVE_S - anyio.current_time()
+            if result is None:
+                await anyio.sleep(min(outage_wait_s, until_keepalive_s))
+            else:
+                await news.wait(min(poll_s, until_keepalive_s))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import api_server, service_env
+from tests.support import PROMTOOL, api_server, promtool_problems, service_env
 
 
 def test_the_api_serves_from_several_processes(sqlite_url: str, tmp_path: Path) -> None:
@@ -79,3 +79,7 @@ def test_every_scrape_counts_the_requests_of_every_process(sqlite_url: str, tmp_
             assert _gauge(text, "mnist_queue_depth") == 3
             assert _gauge(text, "mnist_workers_live") == 0
             assert _gauge(text, "mnist_database_up") == 1
+            # Added up from the processes' files: no ``_created`` series there either.
+            assert "_created" not in text
+            if PROMTOOL is not None:  # where it is installed (CI installs it)
+                assert promtool_problems(text) == ""

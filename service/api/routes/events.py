@@ -1,24 +1,42 @@
-"""A job's live event stream: Server-Sent Events, written by FastAPI's EventSourceResponse."""
+"""A job's live event stream: Server-Sent Events.
+
+The events are FastAPI's :class:`ServerSentEvent`, written in its wire format
+(``format_sse_event``), but not by its ``EventSourceResponse`` route: that one's keep-alive
+is a comment *and a blank line*, and a blank line after an id makes httpx-sse dispatch an
+event with empty data (its issue #35; ``json.loads`` then fails). Here a keep-alive is the
+comment line alone, which every client ignores, and a reconnection after the final event gets
+204, which a generator route cannot answer.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from fastapi.sse import ServerSentEvent, format_sse_event
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
 from service.domain import events
 
-# attempt:step:epoch, as the stream numbers its events; empty means "from the start". Nine
-# digits each: more than any stream sends (a job has at most millions of steps), and every
-# id the pattern admits fits the columns (2**31 - 1), so none is refused after validation.
-EVENT_ID_PATTERN = r"^([0-9]{1,9}:[0-9]{1,9}:[0-9]{1,9})?$"
-
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+MEDIA_TYPE = "text/event-stream"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers it
+# One event as OpenAPI 3.2 describes a stream's items (as FastAPI documents its own streams).
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "step", "epoch"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": events.EVENT_ID_PATTERN},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "required": ["event", "data", "id"],
+}
 
 
 async def stream_slot(settings: SettingsDep) -> AsyncIterator[None]:
@@ -33,13 +51,10 @@ async def stream_slot(settings: SettingsDep) -> AsyncIterator[None]:
 
 
 async def stream_start(
-    _slot: Annotated[None, Depends(stream_slot)],
-    job_id: JobIdPath,
-    sessions: ReadSessionsDep,
     last_event_id: Annotated[
         str | None,
         Header(
-            pattern=EVENT_ID_PATTERN,
+            pattern=events.EVENT_ID_PATTERN,
             description="Resume after this event (browsers send it).",
         ),
     ] = None,
@@ -47,31 +62,43 @@ async def stream_start(
         str | None,
         Query(
             alias="last_event_id",
-            pattern=EVENT_ID_PATTERN,
+            pattern=events.EVENT_ID_PATTERN,
             description="The same as the Last-Event-ID header, for clients that cannot set it.",
         ),
     ] = None,
 ) -> events.Cursor:
-    """Where the stream starts; 422 for an id it did not send, 404 for an unknown job.
-
-    A dependency, because a streaming route's own body runs only once the 200 has gone out:
-    these answers must come before it.
-    """
+    """Where the stream starts; 422 for an id it did not send. Async: it only parses."""
     if last_event_id:
-        cursor = events.Cursor.parse(last_event_id)
-    else:
-        cursor = events.Cursor.parse(after, loc=("query", "last_event_id"))
-    await run_in_threadpool(events.find_job, sessions, job_id)
-    return cursor
+        return events.Cursor.parse(last_event_id)
+    return events.Cursor.parse(after, loc=("query", "last_event_id"))
+
+
+async def wire(stream: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
+    """The events in the text/event-stream format. An event without data (the keep-alive) is
+    written without the blank line that would dispatch it: its comment lines alone."""
+    async for event in stream:
+        block = format_sse_event(
+            data_str=event.raw_data,
+            event=event.event,
+            id=event.id,
+            retry=event.retry,
+            comment=event.comment,
+        )
+        yield block if event.raw_data is not None else block[:-1]
 
 
 @router.get(
     "/{job_id}/events",
-    response_class=EventSourceResponse,
+    response_class=StreamingResponse,
     responses={
         200: {
             "description": "`status`, `step` (batched) and `epoch` events; the last is a "
-            '`status` with `"final": true`.',
+            '`status` with `"final": true`, its id ending in `:end`.',
+            "content": {MEDIA_TYPE: {"itemSchema": EVENT_SCHEMA}},
+        },
+        204: {
+            "description": "The stream has ended: Last-Event-ID is its final event's (a "
+            "browser's EventSource stops reconnecting)."
         },
         # Spelt out: a ``model`` here would be documented as the stream's media type.
         404: error_response("No job with this id."),
@@ -81,13 +108,15 @@ async def stream_start(
 )
 async def job_events(
     request: Request,
+    _slot: Annotated[None, Depends(stream_slot)],
     job_id: JobIdPath,
     sessions: ReadSessionsDep,
     settings: SettingsDep,
     cursor: Annotated[events.Cursor, Depends(stream_start)],
-) -> AsyncIterator[ServerSentEvent]:
+) -> Response:
     """Follow a job as it trains: events as they are recorded, until the job has ended."""
+    if await run_in_threadpool(events.has_ended, sessions, job_id, cursor):
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
     stream = events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
-    async for event in stream:
-        yield event
+    return StreamingResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -53,6 +53,16 @@ class MetricsQuery(BaseModel):
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
     responses={
+        202: {
+            "description": "Queued.",
+            "headers": {
+                "Location": {
+                    "description": "The job's URL, `/jobs/{id}`.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+        },
         422: {
             "model": ErrorEnvelope,
             "description": "A field is invalid, or the job has over MNIST_MAX_JOB_STEPS steps.",

@@ -94,7 +94,12 @@ def get_model(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> 
     "/{job_id}/checkpoint",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The weights."},
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "The weights.",
+        },
         **NOT_FOUND,
         409: {"model": ErrorEnvelope, "description": "The file is missing."},
     },

@@ -47,7 +47,11 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Read
     return ops.readiness(session, settings, now=utcnow(), writes=writes, size=size)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
 def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s, the
     store's bytes."""

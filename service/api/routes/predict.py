@@ -38,30 +38,36 @@ HOW_TO_SEND = (
 )
 
 _binary = {"type": "string", "format": "binary"}
+# The bodies predict reads itself, described by hand; named (components of the document,
+# added by :func:`service.api.openapi.complete`) so that a generated client has a class of
+# that name for each, not one named after the operation and the media type.
+NAMED_SCHEMAS: dict[str, Any] = {
+    "PredictForm": {
+        "type": "object",
+        "title": "PredictForm",
+        "description": "Exactly one of `file` and `files`, nothing else.",
+        "properties": {
+            "file": {**_binary, "description": "One image."},
+            "files": {
+                "type": "array",
+                "items": _binary,
+                "minItems": 1,  # no part at all is an empty form
+                "description": "Several images: one prediction each, in order.",
+            },
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+        "maxProperties": 1,
+    },
+    "PixelsInput": PixelsInput.model_json_schema(ref_template="#/components/schemas/{model}"),
+}
 REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "description": "Exactly one of `file` and `files`, nothing else.",
-                    "properties": {
-                        "file": {**_binary, "description": "One image."},
-                        "files": {
-                            "type": "array",
-                            "items": _binary,
-                            "minItems": 1,  # no part at all is an empty form
-                            "description": "Several images: one prediction each, in order.",
-                        },
-                    },
-                    "additionalProperties": False,
-                    "minProperties": 1,
-                    "maxProperties": 1,
-                }
-            },
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/PredictForm"}},
             "image/*": {"schema": _binary},
-            "application/json": {"schema": PixelsInput.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/PixelsInput"}},
         },
     }
 }

@@ -55,9 +55,13 @@ def training(sessions: sessionmaker[Session]) -> FakeTraining:
 
 
 def test_cursor_round_trips_and_rejects_what_it_did_not_send() -> None:
-    assert Cursor.parse(Cursor(2, 17, 1).encode()) == Cursor(2, 17, 1)
+    for cursor in (Cursor(2, 17, 1, 9), Cursor(2, 17, 1, 10, final=True)):
+        assert Cursor.parse(cursor.encode()) == cursor
+    assert Cursor(2, 17, 1, 10, final=True).encode() == "2:17:1:10:end"
     assert Cursor.parse(None) == Cursor.parse("") == Cursor()
-    for bad in ("x", "1:2", "1:2:3:4", "1:-2:0", "a:b:c", f"1:{2**31}:0", "1:0:999999999999"):
+    assert Cursor.parse("2:17:1") == Cursor(2, 17, 1)  # an id sent before the count was
+    bad_ids = ("x", "1:2", "1:2:3:4:5", "1:2:3:end", "1:2:3:4:END", "1:2:3:4:end:5", "1:-2:0")
+    for bad in (*bad_ids, "a:b:c", "+1:2:3", "1_0:2:3", f"1:{2**31}:0", "1:0:999999999999"):
         with pytest.raises(InvalidInput, match="Last-Event-ID"):
             Cursor.parse(bad)
     assert Cursor.parse(f"1:{2**31 - 1}:0") == Cursor(1, 2**31 - 1, 0)  # the columns' largest
@@ -81,7 +85,7 @@ def test_a_queued_job_gets_its_status_then_nothing_until_it_changes(
     evs, done = poll(sessions, state)
     # The attempt changed (0 → 1): announced first, and the position starts over.
     assert kinds(evs) == ["status"] and evs[0].json()["attempt"] == 1
-    assert evs[0].id == "1:0:0"
+    assert evs[0].id == "1:0:0:2"
 
 
 def test_steps_are_batched_and_each_epoch_follows_its_last_step(
@@ -93,7 +97,7 @@ def test_steps_are_batched_and_each_epoch_follows_its_last_step(
     training.advance(3)
     evs, _ = poll(sessions, state)
     assert kinds(evs) == ["step"] and steps_of(evs) == [1, 2, 3]
-    assert evs[0].id == "1:3:0"
+    assert evs[0].id == "1:3:0:2"
 
     # The rest of epoch 1 and part of epoch 2 arrive in one poll: split at the epoch's end.
     training.advance(2, end_epoch=0.5)
@@ -102,7 +106,7 @@ def test_steps_are_batched_and_each_epoch_follows_its_last_step(
     assert kinds(evs) == ["step", "epoch", "step"]
     assert steps_of(evs[:1]) == [4, 5] and steps_of(evs[2:]) == [6, 7]
     assert evs[1].json() == {"epoch": 1, "accuracy": 0.5, "examples_seen": 50}
-    assert [e.id for e in evs] == ["1:5:0", "1:5:1", "1:7:1"]
+    assert [e.id for e in evs] == ["1:5:0:3", "1:5:1:4", "1:7:1:5"]
 
     training.advance(3, end_epoch=0.75)
     training.finish()
@@ -110,7 +114,8 @@ def test_steps_are_batched_and_each_epoch_follows_its_last_step(
     assert kinds(evs) == ["step", "epoch", "status"] and done
     final = evs[-1].json()
     assert (final["status"], final["final"], final["accuracy"]) == ("succeeded", True, 0.75)
-    assert evs[-1].id == "1:10:2"
+    # The final status is at the last epoch's position, yet its id is its own, marked final.
+    assert [e.id for e in evs] == ["1:10:1:6", "1:10:2:7", "1:10:2:8:end"]
 
 
 def test_resuming_from_an_id_sends_only_what_came_after(
@@ -130,6 +135,12 @@ def test_resuming_from_an_id_sends_only_what_came_after(
     )
     assert done and kinds(resumed) == ["status", "step", "epoch", "status"]
     assert steps_of(resumed) == [6, 7, 8, 9, 10] and resumed[2].json()["epoch"] == 2
+    # No id repeats, the resumed one included (the opening status is at its position).
+    ids = [e.id for e in everything[:3] + resumed]
+    assert len(set(ids)) == len(ids)
+    assert not events.has_ended(sessions, training.job_id, Cursor.parse(everything[-2].id))
+    assert events.has_ended(sessions, training.job_id, Cursor.parse(everything[-1].id))
+    assert events.has_ended(sessions, training.job_id, Cursor.parse(resumed[-1].id))
 
     # An id from an attempt that is gone: everything again, for the current attempt.
     stale, _ = poll(sessions, StreamState(cursor=Cursor(7, 99, 9), job_id=training.job_id))
@@ -152,7 +163,7 @@ def test_a_retried_job_starts_the_stream_over(
     evs, _ = poll(sessions, state)
     assert kinds(evs) == ["status", "step"]
     assert evs[0].json()["attempt"] == 2 and steps_of(evs) == [1, 2]
-    assert evs[-1].id == "2:2:0"
+    assert evs[-1].id == "2:2:0:4"
 
 
 def test_the_step_limit_holds_back_epochs_and_the_end(
@@ -171,22 +182,24 @@ def test_the_step_limit_holds_back_epochs_and_the_end(
     assert second[-1].json()["error"] == "boom"
 
 
-def test_the_stream_says_how_to_reconnect_then_ends_with_the_job(
+def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
     sessions: sessionmaker[Session], training: FakeTraining
 ) -> None:
     async def collect() -> list[ServerSentEvent]:
         sent = []
         async for event in events.stream(sessions, training.job_id, Cursor(), poll_s=0.01):
             sent.append(event)
-            if len(sent) == 2:  # retry, then the queued status: the job is cancelled
+            if len(sent) == 1:  # the queued status: the job is cancelled
                 with sessions.begin() as session:
                     job: Any = session.get(Job, training.job_id)
                     job.status = JobStatus.CANCELLED
         return sent
 
     sent = anyio.run(collect)
-    assert sent[0] == ServerSentEvent(retry=events.RETRY_MS)
-    received = [read(e) for e in sent[1:]]
+    # The delay rides on the first event: a block of ``retry`` alone would reach httpx-sse
+    # as an event with empty data.
+    assert [e.retry for e in sent] == [events.RETRY_MS, None]
+    received = [read(e) for e in sent]
     assert [(e.event, e.json()["status"]) for e in received] == [
         ("status", "queued"),
         ("status", "cancelled"),
@@ -275,8 +288,6 @@ def test_each_write_of_the_job_wakes_its_stream_at_once(
         with anyio.fail_after(20):
             stream = events.stream(sessions, training.job_id, Cursor(), poll_s=60, wake=listener)
             async for event in stream:
-                if event.event is None:
-                    continue  # the reconnection delay
                 received.append(read(event))
                 if writes:  # the next write, once the stream has shown the last one
                     await anyio.to_thread.run_sync(writes.pop(0))

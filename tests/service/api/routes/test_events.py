@@ -1,11 +1,13 @@
-"""GET /jobs/{id}/events over HTTP: the stream, resume by header or query, 404 and 422."""
+"""GET /jobs/{id}/events over HTTP: the stream, resume by header or query, 204, 404 and 422."""
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import ExitStack
 
-import fastapi.routing
+import httpx
+import httpx_sse
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,33 +66,49 @@ def test_a_live_job_streams_until_it_ends(
     assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
 
 
-def test_a_quiet_stream_is_kept_alive_by_comments(
+def test_a_quiet_stream_is_kept_alive_by_comments_no_client_takes_for_events(
     client: TestClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # FastAPI sends a comment after this long without an event (15 s unless patched).
-    monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.05)
+    monkeypatch.setattr(events, "KEEPALIVE_S", 0.05)  # 15 s unless patched
     training = FakeTraining(sessions, JobCreate(epochs=1, batch_size=10, trainset_size=20))
     job_id = training.submit()
-    lines: list[str] = []
+    chunks: list[bytes] = []
 
     def follow() -> None:
         with client.stream("GET", f"/jobs/{job_id}/events") as response:
-            lines.extend(response.iter_lines())
+            chunks.extend(response.iter_raw())
 
     reader = threading.Thread(target=follow)
     reader.start()
     try:
         # A queued job: its status, then nothing to say for a while.
-        wait_for(lambda: any(line.startswith(":") for line in lines), timeout_s=30, what="a ping")
+        wait_for(lambda: b": ping\n" in chunks, timeout_s=30, what="a keep-alive")
     finally:
         training.claim()
         training.finish()
         reader.join(timeout=30)
     assert not reader.is_alive(), "the stream did not end with the job"
-    assert lines[0] == "retry: 1000"
+    lines = b"".join(chunks).decode().split("\n")
+    assert lines[: lines.index("")] == [  # the first event says how to reconnect, with data
+        "event: status",
+        lines[1],
+        lines[2],
+        "retry: 1000",
+    ]
+    assert lines[1].startswith("data: {") and lines[2].startswith("id: ")
+    # A keep-alive is the comment line alone: a blank line after it would make httpx-sse
+    # (which dispatches on every blank line once an id was seen) hand over an empty event.
+    assert ": ping" in lines and "" not in {
+        lines[i + 1] for i, x in enumerate(lines) if x[:1] == ":"
+    }
     received = list(sse.parse(lines))
     assert received[0].json()["status"] == "queued"
     assert received[-1].json()["status"] == "succeeded" and received[-1].json()["final"]
+    as_read = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=b"".join(chunks)
+    )
+    dispatched = list(httpx_sse.EventSource(as_read).iter_sse())
+    assert [json.loads(e.data) for e in dispatched] == [e.json() for e in received]
 
 
 def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Session]) -> None:
@@ -110,6 +128,33 @@ def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Se
         steps = [s["step"] for e in resumed if e.event == "step" for s in e.json()["steps"]]
         assert steps == [3, 4]
         assert [e.json()["epoch"] for e in resumed if e.event == "epoch"] == [2]
+        ids = [e.id for e in everything[: everything.index(epoch_one) + 1] + resumed]
+        assert len(set(ids)) == len(ids), ids
+
+
+def test_a_reconnection_after_the_final_event_gets_204(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    training = FakeTraining(sessions, JobCreate(epochs=1, batch_size=10, trainset_size=20))
+    job_id = training.submit()
+    training.claim()
+    training.run_epoch(0.5)
+    training.finish()
+    everything = read_stream(client, f"/jobs/{job_id}/events")
+    final, last_epoch = everything[-1], everything[-2]
+    assert final.json()["final"] and final.id is not None and final.id.endswith(":end")
+    for asked in (
+        {"headers": {"Last-Event-ID": final.id}},
+        {"params": {"last_event_id": final.id}},
+    ):
+        response = client.get(f"/jobs/{job_id}/events", **asked)  # type: ignore[arg-type]
+        assert (response.status_code, response.content) == (204, b"")
+    # One event short of the end: the final status again (under a new id), then the end.
+    resumed = read_stream(
+        client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": last_epoch.id}
+    )
+    assert [e.json()["final"] for e in resumed] == [False, True]
+    assert final.id not in {e.id for e in resumed} and str(resumed[-1].id).endswith(":end")
 
 
 def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient) -> None:

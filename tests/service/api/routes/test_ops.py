@@ -20,6 +20,7 @@ from service.settings import Settings
 from service.store import migrations
 from service.store.tables import ReadinessProbe, WorkerRow
 from tests.records import FakeTraining
+from tests.support import NEEDS_PROMTOOL, promtool_problems
 
 
 def add_worker(sessions: sessionmaker[Session], *, age_s: float, stopped: bool = False) -> None:
@@ -210,6 +211,32 @@ def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
     assert job_id not in text  # templates, never raw paths
     latency = "mnist_http_request_duration_seconds_count"
     assert sample(text, latency, method="GET", route="/jobs/{job_id}") == 3
+
+
+def test_the_documentation_is_counted_under_its_own_routes_and_nothing_is_created(
+    client: TestClient,
+) -> None:
+    for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+    text = client.get("/metrics").text
+    requests = "mnist_http_requests_total"
+    assert sample(text, requests, method="GET", route="/openapi.json", status="200") == 2
+    for path in ("/docs", "/docs/oauth2-redirect", "/redoc"):
+        assert sample(text, requests, method="GET", route=path, status="200") == 1
+    assert "<unmatched>" not in text
+    # No ``_created`` series: a scrape holds what Prometheus needs, and nothing twice.
+    assert "_created" not in text
+
+
+@NEEDS_PROMTOOL
+def test_a_scrape_passes_promtools_lint(client: TestClient) -> None:
+    job_id = client.post("/jobs", json={}).json()["id"]
+    for path in (f"/jobs/{job_id}", "/jobs", "/openapi.json", "/no/such/path", "/readyz"):
+        client.get(path)
+    client.request("BREW", "/jobs")
+    scrape = client.get("/metrics").text
+    assert "mnist_http_request_duration_seconds_bucket" in scrape  # there is something to lint
+    assert promtool_problems(scrape) == ""
 
 
 def test_metrics_count_unknown_methods_under_one_label(client: TestClient) -> None:

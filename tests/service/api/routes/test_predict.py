@@ -310,7 +310,10 @@ def test_the_api_documents_every_way_to_send_images(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "image/*", "application/json"}
-    form = body["multipart/form-data"]["schema"]
+    # Named schemas, so that a generated client has a PredictForm and a PixelsInput class.
+    assert body["multipart/form-data"]["schema"] == {"$ref": "#/components/schemas/PredictForm"}
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/PixelsInput"}
+    form = spec["components"]["schemas"]["PredictForm"]
     assert set(form["properties"]) == {"file", "files"}
     # Exactly one of the two and nothing else, as the route reads the form (422 otherwise).
     assert (form["minProperties"], form["maxProperties"]) == (1, 1)
