@@ -17,9 +17,10 @@ from tests.support import wait_for
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Request, Response
 
-# The browser test's skip (no Chromium or Playwright) and its fixtures: a served dashboard (the
-# API and a worker) and a Chromium page on it that fails the test on any script error.
+# The browser test's skip (no Chromium or Playwright) and its fixtures: the data set, a served
+# dashboard (the API and a worker) and a Chromium page on it that fails on any script error.
 pytestmark = test_browser.pytestmark
+mnist_dir = test_browser.mnist_dir
 dashboard = test_browser.dashboard
 page = test_browser.page
 
