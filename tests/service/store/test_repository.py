@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select
@@ -37,7 +39,12 @@ def claim(sessions: sessionmaker[Session], worker: str, **kw: object) -> Job | N
 
 
 def flush(
-    sessions: sessionmaker[Session], job: Job, worker: str, steps: range, epoch: int = 1
+    sessions: sessionmaker[Session],
+    job: Job,
+    worker: str,
+    steps: range,
+    epoch: int = 1,
+    epochs: Sequence[dict[str, Any]] = (),
 ) -> bool:
     rows = [{"step": s, "epoch": epoch, "loss": 1.0 / s, "examples_seen": 64 * s} for s in steps]
     with sessions.begin() as session:
@@ -47,7 +54,7 @@ def flush(
             attempt=job.attempt,
             worker_id=worker,
             progress=queue_repo.Progress(
-                steps=rows, epochs=[], step=steps.stop - 1, epoch=0, accuracy=None
+                steps=rows, epochs=epochs, step=steps.stop - 1, epoch=0, accuracy=None
             ),
             lease_s=LEASE_S,
             now=utcnow(),
@@ -196,23 +203,9 @@ def test_only_a_flush_of_steps_alone_commits_without_waiting_for_the_disk(
 
     flush(sessions, job, "w", range(1, 4))
     assert relaxed()
-    epoch = queue_repo.Progress(
-        steps=[],
-        epochs=[{"epoch": 1, "accuracy": 0.5, "examples_seen": 64}],
-        step=3,
-        epoch=1,
-        accuracy=0.5,
+    flush(
+        sessions, job, "w", range(4, 4), epochs=[{"epoch": 1, "accuracy": 0.5, "examples_seen": 64}]
     )
-    with sessions.begin() as session:
-        queue_repo.record_progress(
-            session,
-            job_id=job.id,
-            attempt=1,
-            worker_id="w",
-            progress=epoch,
-            lease_s=LEASE_S,
-            now=utcnow(),
-        )
     assert not relaxed()
     with sessions.begin() as session:
         queue_repo.finish_job(

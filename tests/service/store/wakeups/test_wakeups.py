@@ -80,17 +80,25 @@ def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
     publishing: sessionmaker[Session], listener: wakeups.Listener, cancelled: bool
 ) -> None:
     start = utcnow()
-    with publishing.begin() as session:
-        job = job_repo.create_job(session, JobCreate(), max_attempts=3, now=start)
-        queue_repo.claim_job(session, worker_id="lost", lease_s=1.0, device="cpu", now=start)
-        if cancelled:
-            job_repo.request_cancel(session, job, now=start)
-    with listener.subscribe(JOB_QUEUED) as queued, listener.subscribe(JOB_PROGRESS, job.id) as p:
+    with (
+        listener.subscribe(JOB_QUEUED) as queued,
+        listener.subscribe(JOB_PROGRESS, "setup done") as setup_done,
+    ):
+        with publishing.begin() as session:
+            job = job_repo.create_job(session, JobCreate(), max_attempts=3, now=start)
+            queue_repo.claim_job(session, worker_id="lost", lease_s=1.0, device="cpu", now=start)
+            if cancelled:
+                job_repo.request_cancel(session, job, now=start)
+        # Wake-ups arrive in the order they were published: once this one is here, the
+        # setup's own (a job queued) are too, and can be forgotten.
+        publish(publishing, JOB_PROGRESS, "setup done")
+        assert setup_done.wait(WOKEN_WITHIN_S)
         queued.wait(0)
-        p.wait(0)
-        with publishing.begin() as session:  # any host's transaction, not only a claim
-            assert queue_repo.expire_lost_jobs(session, now=start + timedelta(seconds=2)) == 1
-        assert p.wait(WOKEN_WITHIN_S), "the job's streams were not told"
+        with listener.subscribe(JOB_PROGRESS, job.id) as progressed:
+            with publishing.begin() as session:  # any host's transaction, not only a claim
+                later = start + timedelta(seconds=2)
+                assert queue_repo.expire_lost_jobs(session, now=later) == 1
+            assert progressed.wait(WOKEN_WITHIN_S), "the job's streams were not told"
         if cancelled:  # it ended: nothing for a worker to claim
             assert not queued.wait(QUIET_S)
         else:
