@@ -8,8 +8,10 @@ from typing import Any
 class ServiceError(Exception):
     """Base of every error a client can cause or should see; ``status_code`` is the HTTP status.
 
-    A class with ``retry_after_s`` is a state the service expects to leave: each of its errors
-    carries ``Retry-After`` (``headers`` may still name another).
+    ``retry_after_s`` says when the client may try again: a class's default (a state the
+    service expects to leave) or one error's own (a limit that frees up at its own pace). It
+    is the one way an error carries ``Retry-After``: the header is written here, from it, for
+    every response the error becomes.
     """
 
     status_code = 500
@@ -22,12 +24,15 @@ class ServiceError(Exception):
         details: list[dict[str, Any]] | None = None,
         *,
         headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
         retry = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
-        self.headers = {**retry, **(headers or {})}
+        self.headers = {**(headers or {}), **retry}
 
     def envelope(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
@@ -94,7 +99,7 @@ class UnsupportedMediaType(ServiceError):
 
 
 class TooManyRequests(ServiceError):
-    """The server is at a limit for now; ``headers`` carries ``Retry-After``."""
+    """The server is at a limit for now; give ``retry_after_s``."""
 
     status_code = 429
     code = "too_many_requests"
@@ -122,8 +127,7 @@ class HeaderTooLarge(ServiceError):
 
 
 class AtCapacity(ServiceError):
-    """The server holds as many connections or streams as it accepts; ``headers`` carries
-    ``Retry-After``."""
+    """The server holds as many connections or streams as it accepts; give ``retry_after_s``."""
 
     status_code = 503
     code = "at_capacity"

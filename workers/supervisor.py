@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 
+from service.backoff import capped_exponential
 from workers.signals import on_signals
 
 log = logging.getLogger("workers.supervisor")
@@ -46,7 +47,7 @@ class Backoff:
 
     def delay(self, exits_in_a_row: int) -> float:
         """The wait before the restart that follows the ``exits_in_a_row``-th exit."""
-        return min(self.max_s, self.first_s * 2.0 ** (exits_in_a_row - 1))
+        return capped_exponential(self.first_s, self.max_s, exits_in_a_row - 1)
 
 
 DEFAULT_BACKOFF = Backoff()

@@ -141,7 +141,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self.refuse(
                 AtCapacity(
                     "the server has as many connections open as it accepts; retry shortly",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    retry_after_s=RETRY_AFTER_S,
                 )
             )
             return

@@ -98,7 +98,7 @@ def submit(
         raise TooManyRequests(
             f"the queue is full: {queued} jobs are waiting (at most {max_queued}); "
             f"try again in {QUEUE_FULL_RETRY_AFTER_S} s",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+            retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
         )
     job = job_repo.create_job(session, params, max_attempts=max_attempts, now=utcnow())
     session.commit()

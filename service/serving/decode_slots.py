@@ -56,7 +56,7 @@ class DecodeSlots:
             raise TooManyRequests(
                 f"{self.busy} images are being decoded and {self.waiting} more wait; "
                 f"retry in {RETRY_AFTER_S} s",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                retry_after_s=RETRY_AFTER_S,
             )
         if inline:
             try:  # a free slot is taken without yielding to the loop: the lane's fast path

@@ -27,6 +27,8 @@ from typing import TypeVar
 import psycopg
 from sqlalchemy import exc as sa_exc
 
+from service.backoff import capped_exponential
+
 T = TypeVar("T")
 
 BACKOFF_BASE_S = 0.1  # the first retry's delay...
@@ -34,6 +36,7 @@ BACKOFF_CAP_S = 5.0  # ...doubling up to this
 # A full disk: an outage of its own kind (is_storage_full).
 SQLITE_FULL = 13
 POSTGRES_DISK_FULL = "53100"
+BACKOFF_JITTER = 0.5  # each delay is between half and all of its step
 # SQLite's primary result codes that say the file, its lock or its disk failed, not the statement.
 SQLITE_OUTAGE_CODES = frozenset(
     {
@@ -101,7 +104,8 @@ def is_outage(exc: BaseException) -> bool:
 
 @dataclass
 class Backoff:
-    """Capped exponential delays with jitter: each is between half and all of its step."""
+    """Capped exponential delays (:func:`~service.backoff.capped_exponential`) with jitter:
+    each is between half and all of its step."""
 
     base_s: float = BACKOFF_BASE_S
     cap_s: float = BACKOFF_CAP_S
@@ -110,9 +114,11 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next try; each call counts one more failure."""
-        step = min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 32))
+        delay = capped_exponential(
+            self.base_s, self.cap_s, self.failures, jitter=BACKOFF_JITTER, rng=self.rng
+        )
         self.failures += 1
-        return step * (0.5 + 0.5 * self.rng())
+        return delay
 
     def reset(self) -> None:
         """The last try worked: the next failure starts from the first delay again."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, case, delete, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -76,27 +76,44 @@ def _requeued(session: Session, job_id: str) -> None:
 
 
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:
-    """End jobs whose worker vanished and that may not run again; returns how many.
+    """Settle the jobs whose worker vanished (their lease ran out); returns how many.
 
-    A cancelled-while-running job whose worker died ends ``cancelled``; one that has used up
-    its attempts ends ``failed``. The others are left for :func:`claim_job` to retry.
+    One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
+    that has used up its attempts ends ``failed``, the others go back to the queue for their
+    next attempt (resuming where the lost one left its training state). Whoever runs it, a
+    worker's claim or any other host, the change publishes its wake-ups: idle workers learn
+    that a job is claimable again, and the jobs' event streams that their status moved.
     """
-    cancelled = _update_jobs(
-        session,
-        and_(_lease_expired(now), Job.cancel_requested.is_(True)),
-        {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None},
-    )
-    failed = _update_jobs(
-        session,
-        and_(_lease_expired(now), Job.attempt >= Job.max_attempts),
-        {
-            "status": JobStatus.FAILED,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "error": "worker lost " + Job.attempt.cast(Job.error.type) + " times",
-        },
-    )
-    return cancelled + failed
+    ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
+    rows = session.execute(
+        update(Job)
+        .where(_lease_expired(now))
+        .values(
+            status=case(
+                (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
+                (Job.attempt >= Job.max_attempts, JobStatus.FAILED.value),
+                else_=JobStatus.QUEUED.value,
+            ),
+            finished_at=case((ending, now), else_=None),
+            error=case(
+                (
+                    and_(Job.cancel_requested.is_(False), Job.attempt >= Job.max_attempts),
+                    "worker lost " + Job.attempt.cast(Job.error.type) + " times",
+                ),
+                else_=Job.error,
+            ),
+            worker_id=case((ending, Job.worker_id), else_=None),
+            heartbeat_at=case((ending, Job.heartbeat_at), else_=None),
+            lease_expires_at=None,
+        )
+        .returning(Job.id, Job.status)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for job_id, status in rows:
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        if status == JobStatus.QUEUED:
+            wakeups.publish(session, wakeups.JOB_QUEUED)
+    return len(rows)
 
 
 def claim_job(
@@ -157,8 +174,15 @@ def claim_job(
 
 
 def rewind_to_epoch(session: Session, job: Job, epoch: int) -> None:
-    """Drop the metrics recorded after ``epoch`` and set the job's progress back to it."""
+    """Drop the metrics recorded after ``epoch`` and set the job's progress back to it.
+
+    Nothing to do when the job's progress is already there (a first attempt: the claim's
+    common case, spared three statements). Steps and progress are written in one transaction,
+    so no row lies past ``job.step``.
+    """
     keep_steps = StepPlan.of(job).steps_before(epoch)
+    if job.step == keep_steps and job.epoch == epoch and (epoch or job.resume_checkpoint is None):
+        return
     session.execute(
         delete(TrainStep).where(TrainStep.job_id == job.id, TrainStep.step > keep_steps)
     )
@@ -214,7 +238,16 @@ def record_progress(
     """Write buffered metrics, advance progress and renew the lease; True if cancel was asked.
 
     Raises :class:`LeaseLost` (writing nothing) when this attempt no longer owns the job.
+
+    A flush of steps alone does not wait, on PostgreSQL, for its WAL to reach the disk
+    (:func:`_commit_without_flush`): a crash of the database server may lose its last fraction
+    of a second, never make it inconsistent. That is the durability the SQLite store gives
+    every write (WAL, ``synchronous=NORMAL``), and all such a flush needs: steps lost that way
+    are steps a retry trains again from its last resume point. A flush that records an epoch
+    or names a resume point waits: the worker deletes older training states once it returns.
     """
+    if not progress.epochs and progress.resume_checkpoint is None:
+        _commit_without_flush(session)
     values: dict[str, Any] = {
         "step": progress.step,
         "epoch": progress.epoch,
@@ -249,6 +282,20 @@ def record_progress(
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     return bool(row[0])
+
+
+def _commit_without_flush(session: Session) -> None:
+    """On PostgreSQL, let this transaction's commit return before its WAL is on disk.
+
+    For flushes of steps only, which a job makes every ``flush_interval_s`` on its training
+    thread: waiting for the disk is most of their cost. Claims, lease changes (release, hand
+    back) and the final ``finish_job`` keep synchronous commit: what they say is promised to
+    another process (a worker told it holds a job, a client told the job ended, a checkpoint
+    named) and must survive a crash of the server once the caller has been told. A flush
+    promises nothing to anyone else; whatever of it a crash loses is written again.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def _forget_rows(session: Session, job_id: str, progress: Progress) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -37,7 +39,12 @@ def claim(sessions: sessionmaker[Session], worker: str, **kw: object) -> Job | N
 
 
 def flush(
-    sessions: sessionmaker[Session], job: Job, worker: str, steps: range, epoch: int = 1
+    sessions: sessionmaker[Session],
+    job: Job,
+    worker: str,
+    steps: range,
+    epoch: int = 1,
+    epochs: Sequence[dict[str, Any]] = (),
 ) -> bool:
     rows = [{"step": s, "epoch": epoch, "loss": 1.0 / s, "examples_seen": 64 * s} for s in steps]
     with sessions.begin() as session:
@@ -47,7 +54,7 @@ def flush(
             attempt=job.attempt,
             worker_id=worker,
             progress=queue_repo.Progress(
-                steps=rows, epochs=[], step=steps.stop - 1, epoch=0, accuracy=None
+                steps=rows, epochs=epochs, step=steps.stop - 1, epoch=0, accuracy=None
             ),
             lease_s=LEASE_S,
             now=utcnow(),
@@ -142,6 +149,74 @@ def test_a_job_out_of_attempts_fails_with_the_reason(sessions: sessionmaker[Sess
         assert job is not None
         assert job.status == JobStatus.FAILED
         assert job.error == "worker lost 3 times"
+
+
+def test_an_expired_lease_sends_the_job_back_to_the_queue(sessions: sessionmaker[Session]) -> None:
+    job_id = add_job(sessions)
+    start = utcnow()
+    assert claim(sessions, "lost", now=start) is not None
+    with sessions.begin() as session:
+        assert queue_repo.expire_lost_jobs(session, now=start) == 0  # the lease still holds
+    with sessions.begin() as session:
+        later = start + timedelta(seconds=LEASE_S + 1)
+        assert queue_repo.expire_lost_jobs(session, now=later) == 1
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.QUEUED
+        assert job.worker_id is None and job.lease_expires_at is None and job.finished_at is None
+    retry = claim(sessions, "next")
+    assert retry is not None and retry.id == job_id and retry.attempt == 2
+
+
+def test_an_expired_lease_of_a_cancelled_job_ends_it(sessions: sessionmaker[Session]) -> None:
+    job_id = add_job(sessions)
+    start = utcnow()
+    assert claim(sessions, "lost", now=start) is not None
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job_repo.request_cancel(session, job, now=start)
+    with sessions.begin() as session:
+        later = start + timedelta(seconds=LEASE_S + 1)
+        assert queue_repo.expire_lost_jobs(session, now=later) == 1
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at
+    assert claim(sessions, "next") is None
+
+
+def test_only_a_flush_of_steps_alone_commits_without_waiting_for_the_disk(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite never waits for the disk at commit (synchronous=NORMAL)")
+    add_job(sessions)
+    job = claim(sessions, "w")
+    assert job is not None
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+
+    def relaxed() -> bool:
+        found = any("synchronous_commit" in s for s in statements)
+        statements.clear()
+        return found
+
+    flush(sessions, job, "w", range(1, 4))
+    assert relaxed()
+    flush(
+        sessions, job, "w", range(4, 4), epochs=[{"epoch": 1, "accuracy": 0.5, "examples_seen": 64}]
+    )
+    assert not relaxed()
+    with sessions.begin() as session:
+        queue_repo.finish_job(
+            session,
+            job_id=job.id,
+            attempt=1,
+            worker_id="w",
+            status=JobStatus.SUCCEEDED,
+            now=utcnow(),
+        )
+    assert not relaxed()
 
 
 def test_cancel_a_queued_job_and_flag_a_running_one(sessions: sessionmaker[Session]) -> None:

@@ -4,13 +4,16 @@ to the waiters of that topic and key; off, or without a transport, waiters only 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import anyio
 import anyio.to_thread
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.store import wakeups
+from service.clock import utcnow
+from service.schemas import JobCreate
+from service.store import job_repo, queue_repo, wakeups
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.wakeups import JOB_PROGRESS, JOB_QUEUED
 
@@ -70,6 +73,36 @@ def test_a_job_s_progress_wakes_that_job_s_waiters_only(
         publish(publishing, JOB_PROGRESS, "a")
         assert a.wait(WOKEN_WITHIN_S)
         assert not b.wait(QUIET_S)
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["requeued", "cancelled"])
+def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
+    publishing: sessionmaker[Session], listener: wakeups.Listener, cancelled: bool
+) -> None:
+    start = utcnow()
+    with (
+        listener.subscribe(JOB_QUEUED) as queued,
+        listener.subscribe(JOB_PROGRESS, "setup done") as setup_done,
+    ):
+        with publishing.begin() as session:
+            job = job_repo.create_job(session, JobCreate(), max_attempts=3, now=start)
+            queue_repo.claim_job(session, worker_id="lost", lease_s=1.0, device="cpu", now=start)
+            if cancelled:
+                job_repo.request_cancel(session, job, now=start)
+        # Wake-ups arrive in the order they were published: once this one is here, the
+        # setup's own (a job queued) are too, and can be forgotten.
+        publish(publishing, JOB_PROGRESS, "setup done")
+        assert setup_done.wait(WOKEN_WITHIN_S)
+        queued.wait(0)
+        with listener.subscribe(JOB_PROGRESS, job.id) as progressed:
+            with publishing.begin() as session:  # any host's transaction, not only a claim
+                later = start + timedelta(seconds=2)
+                assert queue_repo.expire_lost_jobs(session, now=later) == 1
+            assert progressed.wait(WOKEN_WITHIN_S), "the job's streams were not told"
+        if cancelled:  # it ended: nothing for a worker to claim
+            assert not queued.wait(QUIET_S)
+        else:
+            assert queued.wait(WOKEN_WITHIN_S), "idle workers were not told"
 
 
 def test_a_wake_up_published_before_the_wait_is_kept_for_it(
