@@ -30,6 +30,7 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.api.security import ApiKeyMiddleware, keys_from
+from service.artifacts import ArtifactSource
 from service.domain.ops import WriteProbe
 from service.errors import DatabaseUnavailable, ServiceError
 from service.serving.batching import ForwardBatcher
@@ -183,7 +184,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
         app.state.predictor = Predictor(
             app.state.read_sessions,
-            ModelCache(settings.checkpoint_dir, settings.model_cache_size),
+            ModelCache(
+                ArtifactSource(settings.checkpoint_dir, app.state.read_sessions),
+                settings.model_cache_size,
+            ),
             ResolutionCache(settings.model_resolve_ttl_s),
             ForwardBatcher(),
             DecodeSlots(settings.max_decodes, settings.max_decode_queue),
