@@ -21,8 +21,8 @@ import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import ArtifactSource
 from service.settings import Settings
+from service.store.artifacts.backends import ArtifactSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

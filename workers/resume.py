@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from service.artifacts import Artifacts, Saved, Source, resume_name
 from service.ml import SimpleMLP, atomic_torch_save, to_host
+from service.store.artifacts.backends import Artifacts, Saved, Source, resume_name
 
 # How the optimizer computes, not what it has learned: a state saved on one device (or in
 # eager mode) resumes with the implementation chosen for this run (fused, capturable for a

@@ -13,9 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from service.artifacts import Source
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
+from service.store.artifacts.backends import Source
 from workers.data import Mnist, Split
 from workers.graphs import GraphBackend, graphed
 from workers.resume import TrainingState

@@ -20,7 +20,6 @@ from typing import Literal, TypeVar
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import ArtifactSource, Saved, Source, artifacts_for
 from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.errors import CancelRequested, LeaseLost
@@ -29,6 +28,7 @@ from service.ml import resolve_device, to_host
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import queue_repo, wakeups, worker_repo
+from service.store.artifacts.backends import ArtifactSource, Saved, Source, artifacts_for
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
 from workers.data import load_mnist, preload_mnist

@@ -30,7 +30,6 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.api.security import ApiKeyMiddleware, keys_from
-from service.artifacts import ArtifactSource
 from service.domain.ops import WriteProbe
 from service.errors import DatabaseUnavailable, ServiceError
 from service.serving.batching import ForwardBatcher
@@ -39,6 +38,7 @@ from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
 from service.store import availability, wakeups
+from service.store.artifacts.backends import ArtifactSource
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.outage import is_outage
 

@@ -13,7 +13,6 @@ import torch
 from cachetools import LRUCache
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import ArtifactSource
 from service.errors import Conflict, ServiceError
 from service.ml import (
     IMAGE_SIDE_PX,
@@ -27,6 +26,7 @@ from service.serving import registry as model_registry
 from service.serving.batching import ForwardBatcher
 from service.serving.decode_slots import DecodeSlots, release_freed_memory
 from service.serving.single_flight import SingleFlight
+from service.store.artifacts.backends import ArtifactSource
 from service.store.availability import unavailable_as_503
 
 # Re-exported: what the predict route tells clients it accepts.

@@ -13,7 +13,6 @@ import anyio.to_thread
 from cachetools import TTLCache
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import artifacts
 from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.errors import Conflict, NotFound, ServiceError
@@ -21,6 +20,7 @@ from service.schemas import AliasList, AliasRead, ModelList, ModelRead
 from service.serving.single_flight import SingleFlight
 from service.status import JobStatus
 from service.store import job_repo, model_repo
+from service.store.artifacts import backends as artifacts
 from service.store.availability import unavailable_as_503
 from service.store.tables import Job, ModelAlias
 

@@ -23,8 +23,9 @@ from sqlalchemy.orm.attributes import set_committed_value
 from service.errors import LeaseLost
 from service.status import JobStatus
 from service.steps import StepPlan
-from service.store import artifacts_repo, wakeups
-from service.store.artifacts_repo import Blob
+from service.store import wakeups
+from service.store.artifacts import repo as artifacts_repo
+from service.store.artifacts.repo import Blob
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
 from service.store.worker_repo import worker_idle
 

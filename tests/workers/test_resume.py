@@ -13,7 +13,9 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import (
+from service.ml import SimpleMLP
+from service.settings import ArtifactStore, Settings
+from service.store.artifacts.backends import (
     Artifacts,
     ArtifactSource,
     DatabaseArtifacts,
@@ -21,8 +23,6 @@ from service.artifacts import (
     Saved,
     artifacts_for,
 )
-from service.ml import SimpleMLP
-from service.settings import ArtifactStore, Settings
 from service.store.tables import Artifact
 from tests.jobs import read_job
 from tests.support import BOTH_STORES, SMALL_TRAIN, wait_for

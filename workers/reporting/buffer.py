@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.steps import StepPlan
 from service.store import queue_repo
-from service.store.artifacts_repo import Blob
+from service.store.artifacts.repo import Blob
 from workers.reporting.policy import Diverged
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import Artifacts, FolderArtifacts
 from service.schemas import JobCreate
 from service.settings import OUTAGE_BUFFER_STEPS
 from service.steps import StepPlan
+from service.store.artifacts.backends import Artifacts, FolderArtifacts
 from service.store.outage import Backoff, Outage, is_outage, retry
 from workers.reporting.buffer import Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay

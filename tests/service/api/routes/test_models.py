@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.ml import SimpleMLP
 from service.settings import Settings
-from service.store import artifacts_repo
+from service.store.artifacts import repo as artifacts_repo
 from tests.jobs import read_job
 from tests.service.api.routes.conftest import train_job
 from tests.service.images import png

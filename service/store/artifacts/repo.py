@@ -2,7 +2,7 @@
 
 The rows are written by the transaction that names them (:func:`service.store.queue_repo.
 finish_job`, :func:`~service.store.queue_repo.record_progress`), so what a job's row names is
-always there, whole. Which store an artifact lives in is :mod:`service.store.artifacts`'s
+always there, whole. Which store an artifact lives in is :mod:`service.store.artifacts.backends`'s
 business; this module only reads and writes the table.
 """
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.ml import atomic_torch_save
 from service.settings import Settings
-from service.store import artifacts_repo
-from service.store.artifacts_repo import CHECKPOINT, RESUME, Blob
+from service.store.artifacts import repo as artifacts_repo
+from service.store.artifacts.repo import CHECKPOINT, RESUME, Blob
 
 DATABASE_PREFIX = "db:"
 log = logging.getLogger("service.artifacts")
