@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ def stored(sessions: sessionmaker[Session]) -> list[tuple[str, str]]:
         ]
 
 
+def fence(job: Job, worker: str) -> dict[str, Any]:
+    """What a worker's writes are fenced on: the attempt it claimed."""
+    return {"job_id": job.id, "attempt": job.attempt, "worker_id": worker}
+
+
 def record_state(sessions: sessionmaker[Session], job: Job, worker: str, saved: Saved) -> None:
     progress = queue_repo.Progress(
         steps=[],
@@ -44,13 +50,7 @@ def record_state(sessions: sessionmaker[Session], job: Job, worker: str, saved: 
     )
     with sessions.begin() as session:
         queue_repo.record_progress(
-            session,
-            job_id=job.id,
-            attempt=job.attempt,
-            worker_id=worker,
-            progress=progress,
-            lease_s=LEASE_S,
-            now=utcnow(),
+            session, **fence(job, worker), progress=progress, lease_s=LEASE_S, now=utcnow()
         )
 
 
@@ -58,9 +58,7 @@ def finish(sessions: sessionmaker[Session], job: Job, worker: str, saved: Saved)
     with sessions.begin() as session:
         queue_repo.finish_job(
             session,
-            job_id=job.id,
-            attempt=job.attempt,
-            worker_id=worker,
+            **fence(job, worker),
             status=JobStatus.SUCCEEDED,
             now=utcnow(),
             checkpoint=saved.ref,
