@@ -164,3 +164,22 @@ class DatabaseUnavailable(NotReady):
         self, message: str = "the database is unavailable right now; try again shortly"
     ) -> None:
         super().__init__(message)
+
+
+class StorageFull(DatabaseUnavailable):
+    """The database's disk is full (SQLite's FULL, PostgreSQL's 53100): writes fail until
+    space is freed, reads still answer. Its own answer, 507 Insufficient Storage with
+    ``Retry-After``, rather than the blip's 503: it lasts until someone acts, and the client
+    and the operator should know which. Workers treat it as any outage and retry
+    (:func:`service.store.outage.is_outage`): their jobs wait, none fails for it."""
+
+    status_code = 507
+    code = "storage_full"
+    retry_after_s = 30
+
+    def __init__(
+        self,
+        message: str = "the database's storage is full: nothing can be written until space "
+        "is freed (delete ended jobs with DELETE /jobs/{id}, or set MNIST_RETENTION_DAYS)",
+    ) -> None:
+        super().__init__(message)

@@ -212,7 +212,7 @@ class WorkerList(StrictModel):
 class ReadinessCheck(StrictModel):
     """One thing readiness depends on."""
 
-    name: Literal["database", "migrations", "writes", "workers"]
+    name: Literal["database", "migrations", "writes", "workers", "storage"]
     ok: bool
     detail: str
 

@@ -29,6 +29,10 @@ MIN_API_KEY_CHARS = 16
 # a machine with many cores (more decoding throughput: more API processes).
 MAX_DEFAULT_DECODES = 8
 MIB = 1024 * 1024
+# MNIST_MAX_JOB_STEPS: a step row costs about 110 bytes in SQLite, so the default caps one job
+# near 110 MB; the tutorial's jobs (471 steps), 16 epochs of all 60,000 images one at a time
+# and every test's job fit. The largest job the fields allow is 6,000,000 steps (~660 MB).
+DEFAULT_MAX_JOB_STEPS = 1_000_000
 
 
 class Settings(BaseSettings):
@@ -210,6 +214,18 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(
         default=1000, ge=1, description="POST /jobs answers 429 while this many jobs wait."
     )
+    max_job_steps: int = Field(
+        default=DEFAULT_MAX_JOB_STEPS,
+        ge=1,
+        description="The most training steps one job may record (epochs × steps per epoch); "
+        "POST /jobs answers 422 for a job over it.",
+    )
+    retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="Delete ended jobs (and their steps and checkpoints) whose finished_at is "
+        "older than this many days; aliased models are kept. Unset: keep everything.",
+    )
 
     # The HTTP edge (service/api/edge.py): what uvicorn's protocol enforces before the app.
     max_header_bytes: int = Field(
@@ -250,10 +266,11 @@ class Settings(BaseSettings):
         description="Open /jobs/{id}/events streams per API process; beyond it 503.",
     )
 
-    @field_validator("api_key", "readonly_api_key", mode="before")
+    @field_validator("api_key", "readonly_api_key", "retention_days", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:
-        # `MNIST_API_KEY=` (e.g. compose's ${MNIST_API_KEY:-}) means "not set", not "the empty key".
+        # `MNIST_API_KEY=` (e.g. compose's ${MNIST_API_KEY:-}) means "not set", not "the empty
+        # key"; `MNIST_RETENTION_DAYS=` likewise means "keep forever".
         return None if value == "" else value
 
     @field_validator("api_key", "readonly_api_key")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,15 @@ from tests.support import REPO_ROOT, make_small_mnist
 
 POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"
 DATA_ENV = "MNIST_DATA_DIR"
-TABLES = ("train_steps", "epoch_metrics", "artifacts", "model_aliases", "workers", "jobs")
+TABLES = (
+    "train_steps",
+    "epoch_metrics",
+    "artifacts",
+    "model_aliases",
+    "workers",
+    "jobs",
+    "housekeeping",
+)
 
 
 def migrate(url: str) -> None:
@@ -212,3 +221,36 @@ def real_mnist() -> Path:
     if missing:
         pytest.skip(f"real-data test: {DATA_ENV}={value} lacks MNIST/raw/{', '.join(missing)}")
     return root
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own (``mount`` needs root: skipped without it), where a
+    file can really fill the disk (ENOSPC, SQLite's FULL), unmounted after the test."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file in ``folder`` until its filesystem has no byte left; the file."""
+    filler = folder / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as fh:
+        while len(chunk):
+            try:
+                fh.write(chunk)
+            except OSError:
+                chunk = chunk[: len(chunk) // 2]
+    return filler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +17,8 @@ from service.store import job_repo, queue_repo
 from service.store.tables import Job
 
 LEASE_S = 30.0
+# A small job: 4 steps an epoch.
+PARAMS = JobCreate(epochs=2, batch_size=64, trainset_size=256, testset_size=10)
 
 
 @dataclass
@@ -100,15 +103,60 @@ class FakeTraining:
         self.advance(half)
         self.advance(self.steps_per_epoch - half, end_epoch=accuracy)
 
-    def finish(self, status: JobStatus = JobStatus.SUCCEEDED, error: str | None = None) -> None:
+    def finish(
+        self,
+        status: JobStatus = JobStatus.SUCCEEDED,
+        error: str | None = None,
+        *,
+        checkpoint: str | None = None,
+    ) -> None:
         """End the job."""
         with self.sessions.begin() as session:
-            queue_repo.finish_job(
-                session,
-                job_id=self.job_id,
-                attempt=self.attempt,
-                worker_id=self.worker_id,
-                status=status,
-                now=self.clock,
-                error=error,
-            )
+            self.finish_in(session, status, error, checkpoint=checkpoint)
+
+    def finish_in(
+        self,
+        session: Session,
+        status: JobStatus = JobStatus.SUCCEEDED,
+        error: str | None = None,
+        *,
+        checkpoint: str | None = None,
+    ) -> None:
+        """End the job in ``session``, uncommitted."""
+        queue_repo.finish_job(
+            session,
+            job_id=self.job_id,
+            attempt=self.attempt,
+            worker_id=self.worker_id,
+            status=status,
+            now=self.clock,
+            error=error,
+            checkpoint=checkpoint,
+        )
+
+
+def ended_job(
+    sessions: sessionmaker[Session],
+    checkpoint_dir: Path,
+    status: JobStatus = JobStatus.SUCCEEDED,
+    *,
+    at: datetime | None = None,
+) -> FakeTraining:
+    """A job trained two epochs by a pretend worker (from ``at``, default now) and ended,
+    with its weights file (when it succeeded), a training state and a temporary file left in
+    ``checkpoint_dir``."""
+    training = FakeTraining(sessions, PARAMS, clock=at or utcnow())
+    training.submit()
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.6)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{training.job_id}-{training.attempt}.pt"
+    (checkpoint_dir / f"{training.job_id}-{training.attempt}-e2.resume.pt").write_bytes(b"s")
+    (checkpoint_dir / f".{name}.abc123.tmp").write_bytes(b"t")
+    checkpoint = None
+    if status == JobStatus.SUCCEEDED:
+        (checkpoint_dir / name).write_bytes(b"weights")
+        checkpoint = name
+    training.finish(status, checkpoint=checkpoint)
+    return training

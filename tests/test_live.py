@@ -125,3 +125,36 @@ def test_the_cli_watches_a_job_and_both_sides_log_json(json_service: Service) ->
     assert all("worker_id" in r for r in worker)
     api = json_lines(json_service.logs / "api.log")
     assert any(f"/jobs/{job_id}/events" in r["message"] for r in api)  # the access log
+
+
+def test_the_cli_deletes_an_ended_job_on_a_real_api(json_service: Service) -> None:
+    """`mnist-service delete` against the real route: 204 → "deleted ID", then 404 → exit 3."""
+    url = str(json_service.client.base_url)
+    created = json_service.client.post("/jobs", json={"epochs": 1, "trainset_size": SMALL_TRAIN})
+    job_id = created.json()["id"]
+    assert json_service.client.post(f"/jobs/{job_id}/cancel").status_code in (200, 202, 409)
+    wait_for(
+        lambda: (
+            json_service.client.get(f"/jobs/{job_id}").json()["status"]
+            in ("cancelled", "succeeded")
+        ),
+        timeout_s=60,
+        what="the job to end",
+    )
+
+    def delete() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "--url", url, "delete", job_id],
+            cwd=REPO_ROOT,
+            env=json_service.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    first = delete()
+    assert (first.returncode, first.stdout, first.stderr) == (0, f"deleted {job_id}\n", "")
+    assert json_service.client.get(f"/jobs/{job_id}").status_code == 404
+    again = delete()
+    assert again.returncode == 3 and "Traceback" not in again.stderr
+    assert job_id in again.stderr

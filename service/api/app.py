@@ -30,8 +30,9 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
 from service.api.security import ApiKeyMiddleware, keys_from
-from service.domain.ops import WriteProbe
-from service.errors import DatabaseUnavailable, ServiceError
+from service.domain.ops import StoreSize, WriteProbe
+from service.domain.retention import Retention, RetentionThread
+from service.errors import ServiceError
 from service.serving.batching import ForwardBatcher
 from service.serving.decode_slots import DecodeSlots
 from service.serving.predictor import ModelCache, Predictor
@@ -112,7 +113,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # A database outage is no bug: 503 with Retry-After, logged as the outage starts and ends.
     if is_outage(exc):
         availability.API_OUTAGE.failed(exc, "a request")
-        return await _service_error(request, DatabaseUnavailable())
+        return await _service_error(request, availability.unavailable(exc))
     # The client learns only the request id; the log has the traceback under that id. An
     # error in the service's own layers reaches this handler outside the request-id layer, so
     # it sets X-Request-ID itself.
@@ -182,6 +183,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.wakeups = listener
         app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
+        app.state.store_size = StoreSize()
+        retention = None
+        if settings.retention_days is not None:
+            retention = RetentionThread(
+                Retention(
+                    app.state.write_sessions, settings.checkpoint_dir, settings.retention_days
+                )
+            )
+            retention.start()
         app.state.predictor = Predictor(
             app.state.read_sessions,
             ModelCache(
@@ -195,6 +205,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             if poll_reads is not None:
                 poll_reads.close()
             listener.close()

@@ -125,6 +125,12 @@ class StoreGauges:
             "Training images per second over all running jobs, between the last two scrapes.",
             figures.images_per_second,
         )
+        if figures.store_bytes is not None:
+            yield GaugeMetricFamily(
+                "mnist_store_bytes",
+                "Bytes the database takes (SQLite: file and WAL; PostgreSQL: pg_database_size).",
+                figures.store_bytes,
+            )
 
 
 class ServiceMetrics:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -18,6 +20,8 @@ STREAM_READ_TIMEOUT_S = 60.0  # the server sends a keep-alive every 15 s
 RECONNECTS = 5  # a dropped event stream is resumed this many times in a row
 RECONNECT_DELAY_S = 1.0
 METRICS_PAGE = 10_000
+TITLE_CHARS = 80  # of an HTML page's <title>, quoted when another server answers
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 class ApiError(Exception):
@@ -33,16 +37,80 @@ class ApiError(Exception):
         self.details = details or []
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.is_success:
-        return
+def _title(html: str) -> str | None:
+    match = _TITLE.search(html)
+    return " ".join(match.group(1).split())[:TITLE_CHARS] if match else None
+
+
+def _where(request: httpx.Request) -> str:
+    """The URL asked, without its query: enough to see which server and path answered."""
+    return str(request.url.copy_with(query=None))
+
+
+def _summary(response: httpx.Response) -> str:
+    """One line about an answer that is not the service's: its status and what it carried,
+    never the page itself (an HTML error page would fill the terminal)."""
+    status = f"{response.status_code} {response.reason_phrase}".rstrip()
+    kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
+    what = [kind, f"{len(response.content)} bytes"]
+    if kind == "text/html" and (title := _title(response.text)):
+        what.append(f"titled {title!r}")
+    return f"{_where(response.request)} answered {status} ({', '.join(what)})"
+
+
+def _envelope(response: httpx.Response) -> dict[str, Any] | None:
+    """The service's error envelope ``{"error": {"code", "message", ...}}``, if that is what
+    the answer holds."""
     try:
         error = response.json()["error"]
-        raise ApiError(response.status_code, error["code"], error["message"], error.get("details"))
+        if isinstance(error["code"], str) and isinstance(error["message"], str):
+            return dict(error)
     except (ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
+    """An :class:`ApiError` for an error answer, saying what was found when the server is not
+    the service (another server, or a wrong path in ``--url``)."""
+    if response.is_success:
+        return
+    status, request = response.status_code, response.request
+    error = _envelope(response)
+    if error is None:
         raise ApiError(
-            response.status_code, f"http_{response.status_code}", response.text[:200]
-        ) from None
+            status, f"http_{status}", f"{_summary(response)}: this is not the MNIST service's API"
+        )
+    # The service's own answer for a path or method it has no route for: FastAPI's 404/405
+    # (code http_404/http_405), not a resource's "no job with id ...".
+    if status == 404 and error["code"] == "http_404":
+        message = (
+            f"{_where(request)} answered 404 Not Found: {base} is not the MNIST service's API "
+            f"(it has no {path}); check --url or ${URL_ENV}"
+        )
+        raise ApiError(status, error["code"], message)
+    if status == 405 and error["code"] == "http_405":
+        message = (
+            f"{request.method} {_where(request)} answered 405 Method Not Allowed: "
+            f"the API at {base} does not offer this (an older version?)"
+        )
+        raise ApiError(status, error["code"], message)
+    raise ApiError(status, error["code"], error["message"], error.get("details"))
+
+
+def _json(response: httpx.Response) -> Any:
+    """A successful answer's JSON; a page that is not JSON means another server answered."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if kind == "application/json":
+        try:
+            return response.json()
+        except ValueError:
+            pass
+    raise ApiError(
+        response.status_code,
+        "not_the_api",
+        f"{_summary(response)}: this is not the MNIST service's API",
+    )
 
 
 class Client:
@@ -65,8 +133,10 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"cannot reach the API at {self.url}: {exc}") from exc
-        _raise_for_error(response)
-        return response.json()
+        _raise_for_error(response, self.url, path)
+        if response.status_code == 204:  # done, nothing to say (DELETE)
+            return None
+        return _json(response)
 
     def submit(self, params: dict[str, Any]) -> dict[str, Any]:
         """Queue a job; ``params`` holds only the fields to set."""
@@ -92,6 +162,10 @@ class Client:
         job: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/cancel")
         return job
 
+    def delete(self, job_id: str) -> None:
+        """Delete a job that has ended, with its metrics and checkpoint (204)."""
+        self._request("DELETE", f"/jobs/{job_id}")
+
     def metrics(self, job_id: str) -> dict[str, Any]:
         """Every step and epoch of a job (all pages), with its status."""
         steps: list[dict[str, Any]] = []
@@ -104,12 +178,21 @@ class Client:
                 return {**page, "steps": steps}
             after = page["next_after_step"]
 
-    def predict(self, image: bytes, filename: str, *, job_id: str | None = None) -> dict[str, Any]:
-        """The digit in an image; ``job_id`` picks the model (default: the latest)."""
-        params = {"job_id": job_id} if job_id else {}
-        answer: dict[str, Any] = self._request(
-            "POST", "/predict", params=params, files={"file": (filename, image)}
-        )
+    def predict(
+        self,
+        images: Sequence[tuple[str, bytes]],
+        *,
+        job_id: str | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
+        """The digit in each image (``(filename, bytes)``): one image goes as the multipart
+        ``file`` and the answer is a prediction; several go as ``files`` and the answer holds
+        one prediction each. ``job_id`` or the alias ``model`` picks the model; with neither
+        the API picks (the ``production`` alias, else the latest succeeded job)."""
+        params = {name: value for name, value in (("job_id", job_id), ("model", model)) if value}
+        field = "file" if len(images) == 1 else "files"
+        files = [(field, (name, data)) for name, data in images]
+        answer: dict[str, Any] = self._request("POST", "/predict", params=params, files=files)
         return answer
 
     def events(self, job_id: str) -> Iterator[sse.Event]:
@@ -126,7 +209,13 @@ class Client:
                 ) as response:
                     if not response.is_success:
                         response.read()
-                        _raise_for_error(response)
+                        _raise_for_error(response, self.url, f"/jobs/{job_id}/events")
+                    if response.status_code == 204:
+                        # The SSE standard's "stop reconnecting": the stream had ended (its
+                        # final status was lost with the connection). The job says how.
+                        final = {**self.job(job_id), "final": True}
+                        yield sse.Event("status", json.dumps(final), last_id)
+                        return
                     for event in sse.parse(response.iter_lines()):
                         failures = 0
                         last_id = event.id

@@ -1,7 +1,8 @@
-"""mnist-service: train and use models through the API, or run the server side.
+"""mnist-service's commands: the client ones talk to the API over HTTP (:class:`Client`);
+the server ones start the API, workers or migrations (:mod:`service.cli.server`).
 
-Client commands (talk to the API over HTTP): submit, jobs, metrics, predict, cancel.
-Server commands: api, worker, migrate, run.
+Every way a command can fail ends in one of three places in :func:`main`: a bad command
+line (exit 2), the API's refusal or absence (exit 3), or a closed output pipe (quiet).
 """
 
 from __future__ import annotations
@@ -10,75 +11,46 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
-from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV, ApiError, Client
+from service.cli.client import URL_ENV, ApiError, Client
+from service.cli.parser import (
+    EXIT_API_ERROR,
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    build_parser,
+    option_name,
+)
 from service.cli.watch import watch
-from service.logs import configure_logging
 from service.schemas import JobCreate
-from service.settings import get_settings
-from service.status import JobStatus
-from service.store import migrations
 
-EXIT_OK = 0
-EXIT_JOB_FAILED = 1  # the watched job failed or was cancelled
-EXIT_USAGE = 2  # argparse's own code for a bad command line
-EXIT_API_ERROR = 3  # the API refused the request or could not be reached
-EXIT_INTERRUPTED = 130
+__all__ = [  # the command line's entry point, and what its callers compare exit codes with
+    "EXIT_API_ERROR",
+    "EXIT_BROKEN_PIPE",
+    "EXIT_INTERRUPTED",
+    "EXIT_JOB_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
+
 BAR_WIDTH = 30  # characters of a probability bar
 
-EPILOG = f"""\
-The API's address comes from --url or ${URL_ENV} (default {DEFAULT_URL});
-an API key, where the API wants one, from --api-key or ${API_KEY_ENV}.
-Exit codes: {EXIT_OK} done, {EXIT_JOB_FAILED} the watched job failed or was cancelled,
-{EXIT_USAGE} bad command line, {EXIT_API_ERROR} the API refused or could not be reached."""
 
-
-# --- server side ----------------------------------------------------------------------------
-
-
-def migrate() -> int:
-    """Bring the database to the newest schema (``alembic upgrade head``), logging each step
-    as the service logs (there is no alembic.ini to configure alembic's logging)."""
-    configure_logging(get_settings())
-    migrations.upgrade()
-    return EXIT_OK
-
-
-def run_all(workers: int) -> int:
-    """Start the API and ``workers`` worker processes, start again any that dies; Ctrl-C stops
-    them all cleanly (:func:`workers.supervisor.supervise` says when it gives up instead)."""
-    settings = get_settings()
-    configure_logging(settings)
-    problem = exposure_problem(settings)
-    if problem is not None:  # before any worker starts, not when the API exits early
-        print(f"mnist-service: {problem}", file=sys.stderr)
-        return REFUSED_EXIT_STATUS
-    from workers.supervisor import supervise
-
-    base = f"http://{settings.host}:{settings.port}"
-    print(
-        f"\nMNIST service: dashboard {base}/  API docs {base}/docs  "
-        f"database {settings.database_url}  checkpoints {settings.checkpoint_dir}\n"
-        f"  try: mnist-service submit --epochs 1 --watch\n"
-        "  A process that dies is started again; Ctrl-C stops the API and the workers.\n",
-        flush=True,
-    )
-    children = {"api": ["-m", "service"]}
-    children.update({f"worker-{i}": ["-m", "workers"] for i in range(1, workers + 1)})
-    return supervise(children, refused=(REFUSED_EXIT_STATUS,))
-
-
-# --- client side ----------------------------------------------------------------------------
+class UsageError(Exception):
+    """The command line asks for something impossible: exit 2, like argparse's own errors."""
 
 
 def _percent(value: float | None, digits: int = 2) -> str:
@@ -94,11 +66,24 @@ def _age(iso: str, now: datetime) -> str:
 
 
 def _job_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    """The fields given on the command line, checked by the API's own schema (:class:`JobCreate`)
+    before anything is sent: NaN, infinities and values out of range are a bad command line."""
+    params = {
         name: getattr(args, name)
         for name in JobCreate.model_fields
         if getattr(args, name, None) is not None
     }
+    try:
+        JobCreate.model_validate(params)
+    except ValidationError as exc:
+        problems = [
+            f"argument {option_name(str(error['loc'][0]))}: {error['msg']}"
+            if error["loc"]
+            else error["msg"]
+            for error in exc.errors(include_url=False)
+        ]
+        raise UsageError("; ".join(problems)) from None
+    return params
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
@@ -181,22 +166,23 @@ def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_predict(client: Client, args: argparse.Namespace) -> int:
-    """The digit in an image file ('-' reads standard input)."""
-    if args.image == "-":
-        data, name = sys.stdin.buffer.read(), "stdin"
-    else:
-        path = Path(args.image)
+def _read_images(names: list[str]) -> list[tuple[str, bytes]]:
+    if names.count("-") > 1:
+        raise UsageError("standard input (-) can be read once only")
+    images = []
+    for name in names:
+        if name == "-":
+            images.append(("stdin", sys.stdin.buffer.read()))
+            continue
+        path = Path(name)
         try:
-            data = path.read_bytes()
+            images.append((path.name, path.read_bytes()))
         except OSError as exc:
-            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
-            return EXIT_USAGE
-        name = path.name
-    answer = client.predict(data, name, job_id=args.model)
-    if args.json:
-        print(json.dumps(answer))
-        return EXIT_OK
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return images
+
+
+def _print_prediction(answer: dict[str, Any]) -> None:
     probabilities = answer["probabilities"]
     print(
         f"digit {answer['digit']} ({_percent(probabilities[answer['digit']], 1)}) "
@@ -206,6 +192,31 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> int:
         bar = "█" * round(p * BAR_WIDTH)
         mark = " ←" if digit == answer["digit"] else ""
         print(f"  {digit} {bar:<{BAR_WIDTH}} {_percent(p, 1):>7}{mark}")
+
+
+def cmd_predict(client: Client, args: argparse.Namespace) -> int:
+    """The digit in each image file ('-' reads standard input)."""
+    images = _read_images(args.images)
+    try:
+        answer = client.predict(images, job_id=args.job, model=args.model)
+    except ApiError as exc:
+        # The API names the n-th of several images files[n]: say which file that is.
+        exc.message = re.sub(
+            r"\bfiles\[(\d+)\]",
+            lambda m: images[int(m[1])][0] if int(m[1]) < len(images) else m[0],
+            exc.message,
+        )
+        raise
+    if args.json:
+        print(json.dumps(answer))
+    elif len(images) == 1:
+        _print_prediction(answer)
+    else:
+        width = max(len(name) for name, _ in images)
+        for (name, _), prediction in zip(images, answer["predictions"], strict=True):
+            p = prediction["probabilities"][prediction["digit"]]
+            print(f"{name:<{width}}  digit {prediction['digit']} ({_percent(p, 1)})")
+        print(f"by the model of job {answer['job_id']}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -219,87 +230,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- the command line ------------------------------------------------------------------------
-
-
-def _number_type(annotation: Any) -> Callable[[str], Any]:
-    """int or float for a JobCreate field (``int | None`` → int)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return int if annotation is int else float
-
-
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    """One option per JobCreate field, so the CLI offers exactly what the API accepts."""
-    for name, field in JobCreate.model_fields.items():
-        default = "none" if field.default is None else field.default
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=_number_type(field.annotation),
-            metavar="N",
-            help=f"{field.description} (API default: {default})",
-        )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mnist-service`` command line."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="mnist-service", description=__doc__, epilog=EPILOG, formatter_class=formatter
-    )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(URL_ENV) or DEFAULT_URL,
-        help=f"the API (default ${URL_ENV} or {DEFAULT_URL})",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
-        help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV})",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name, help=help_, description=help_, epilog=EPILOG, formatter_class=formatter
-        )
-
-    submit = command("submit", "queue a training job (prints its id); --watch follows it")
-    _add_job_options(submit)
-    submit.add_argument(
-        "--watch",
-        action="store_true",
-        help="show a progress bar per epoch with loss and accuracy until the job ends; "
-        f"exit {EXIT_JOB_FAILED} if it fails or is cancelled",
-    )
-    jobs = command("jobs", "list the newest jobs")
-    jobs.add_argument("--status", choices=[status.value for status in JobStatus], help="only these")
-    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
-    jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
-    metrics = command("metrics", "a job's loss per step and accuracy per epoch")
-    metrics.add_argument("job_id", metavar="ID")
-    metrics.add_argument(
-        "--csv", action="store_true", help="every step as CSV: step,epoch,examples_seen,loss,…"
-    )
-    predict = command("predict", "the digit in an image (PNG, JPEG, …)")
-    predict.add_argument("image", metavar="IMAGE", help="an image file, or - for standard input")
-    predict.add_argument(
-        "--model", metavar="JOB_ID", help="the job whose model answers (default: the latest)"
-    )
-    predict.add_argument("--json", action="store_true", help="the API's JSON answer")
-    cancel = command("cancel", "cancel a queued or running job")
-    cancel.add_argument("job_id", metavar="ID")
-
-    command("api", "serve the API and the dashboard (python -m service)")
-    worker = command("worker", "run workers (python -m workers)")
-    worker.add_argument(
-        "--concurrency", type=int, default=1, metavar="N", help="worker processes (default 1)"
-    )
-    command("migrate", "bring the database to the newest schema (alembic upgrade head)")
-    run = command("run", "the API and workers together (what `make run` starts)")
-    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    return parser
+def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    """Delete a job that has ended (its metrics and checkpoint go with it)."""
+    client.delete(args.job_id)
+    print(f"deleted {args.job_id}")
+    return EXIT_OK
 
 
 CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
@@ -308,27 +243,56 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "metrics": cmd_metrics,
     "predict": cmd_predict,
     "cancel": cmd_cancel,
+    "delete": cmd_delete,
 }
 
 
-def main(argv: Sequence[str] | None = None, *, http: httpx.Client | None = None) -> int:
-    """Parse the command line and run a subcommand; ``http`` replaces the HTTP client (tests)."""
+def _print_api_error(exc: ApiError) -> None:
+    """The one way an API error is shown: its message, then each detail it does not already
+    say (a validation error's message lists its fields, so they are not printed twice)."""
+    print(f"error: {exc.message}", file=sys.stderr)
+    for detail in exc.details:
+        if "loc" in detail and "msg" in detail:
+            where = ".".join(str(p) for p in detail["loc"] if p != "body")
+            line = f"{where}: {detail['msg']}"
+            if line not in exc.message:
+                print(f"  {line}", file=sys.stderr)
+
+
+def _run_client(
+    handler: Callable[[Client, argparse.Namespace], int],
+    args: argparse.Namespace,
+    http: httpx.Client | None,
+) -> int:
+    client = Client(args.url, api_key=args.api_key, http=http)
+    try:
+        return handler(client, args)
+    except UsageError as exc:
+        print(f"mnist-service {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as exc:
+        _print_api_error(exc)
+        return EXIT_API_ERROR
+    except (KeyError, TypeError) as exc:
+        # A 200 whose JSON lacks what the service always sends: another API at this URL.
+        print(
+            f"error: {client.url} answered JSON the MNIST service does not send "
+            f"(no {exc}); check --url or ${URL_ENV}",
+            file=sys.stderr,
+        )
+        return EXIT_API_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        if http is None:
+            client.close()
+
+
+def _run(argv: Sequence[str] | None, http: httpx.Client | None) -> int:
     args = build_parser().parse_args(argv)
     handler = CLIENT_COMMANDS.get(args.command)
     if handler is not None:
-        client = Client(args.url, api_key=args.api_key, http=http)
-        try:
-            return handler(client, args)
-        except ApiError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            for detail in exc.details:
-                if "loc" in detail and "msg" in detail:
-                    where = ".".join(str(p) for p in detail["loc"] if p != "body")
-                    print(f"  {where}: {detail['msg']}", file=sys.stderr)
-            return EXIT_API_ERROR
-        finally:
-            if http is None:
-                client.close()
+        return _run_client(handler, args, http)
     if args.command == "api":
         from service.__main__ import main as api_main
 
@@ -337,10 +301,33 @@ def main(argv: Sequence[str] | None = None, *, http: httpx.Client | None = None)
         from workers.__main__ import main as worker_main
 
         return worker_main(["--concurrency", str(args.concurrency)])
+    from service.cli import server
+
     if args.command == "migrate":
-        return migrate()
+        return server.migrate()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return run_all(args.workers)
+    return server.run_all(args.workers)
+
+
+def main(argv: Sequence[str] | None = None, *, http: httpx.Client | None = None) -> int:
+    """Parse the command line and run a subcommand; ``http`` replaces the HTTP client (tests).
+
+    Output piped into a reader that stops early (``| head``) ends the command quietly, by the
+    Python documentation's recipe: the rest of the output goes to /dev/null, so the flush at
+    exit does not fail again, and the exit status is a shell's for SIGPIPE.
+    """
+    try:
+        try:
+            return _run(argv, http)
+        finally:  # argparse's --help exits too; a broken pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # no file descriptor (stdout replaced, as in tests)
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import orjson
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
-from service.errors import Conflict, TooManyRequests
+from service.errors import Conflict, InvalidInput, TooManyRequests
 from service.schemas import JobCreate, JobList, JobRead
 from service.status import TERMINAL, JobStatus
+from service.steps import StepPlan
 from service.store import job_repo, metric_repo
 from service.store.tables import Job
 
@@ -53,12 +54,38 @@ def to_read(job: Job) -> JobRead:
     )
 
 
-def submit(session: Session, params: JobCreate, *, max_attempts: int, max_queued: int) -> JobRead:
-    """Queue a training job; 429 while ``max_queued`` jobs are already waiting.
+def check_steps(params: JobCreate, *, max_steps: int) -> None:
+    """422 when the job would record more than ``max_steps`` steps (``MNIST_MAX_JOB_STEPS``):
+    the storage budget of one job, counted by :class:`StepPlan`, as its ``total_steps`` is."""
+    steps = StepPlan.of(params).total_steps
+    if steps > max_steps:
+        raise InvalidInput(
+            f"this job would record {steps} training steps (epochs × ceil(trainset_size / "
+            f"batch_size)), more than the {max_steps} one job may record "
+            "(MNIST_MAX_JOB_STEPS): use fewer epochs, a larger batch_size or a smaller "
+            "trainset_size",
+            details=[
+                {
+                    "loc": ["body"],
+                    "msg": f"{steps} steps, at most {max_steps}",
+                    "type": "too_many_steps",
+                    "steps": steps,
+                    "max_steps": max_steps,
+                }
+            ],
+        )
+
+
+def submit(
+    session: Session, params: JobCreate, *, max_attempts: int, max_queued: int, max_steps: int
+) -> JobRead:
+    """Queue a training job; 422 over the steps budget (:func:`check_steps`), 429 while
+    ``max_queued`` jobs are already waiting.
 
     The count and the insert share the write transaction: on SQLite (IMMEDIATE) the cap is
     exact; on PostgreSQL concurrent submits may pass it by the few that race.
     """
+    check_steps(params, max_steps=max_steps)
     queued = job_repo.count_jobs(session, status=JobStatus.QUEUED)
     if queued >= max_queued:
         raise TooManyRequests(

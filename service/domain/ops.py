@@ -18,8 +18,12 @@ from service.settings import Settings
 from service.status import JobStatus
 from service.store import availability, engines, job_repo, migrations, worker_repo
 from service.store.outage import is_outage
+from service.store.upkeep import usage
 
 log = logging.getLogger("service.ops")
+# How long /readyz and the metrics reuse the store's size: pg_database_size walks the
+# database's files, and a balancer may poll /readyz every second.
+STORE_SIZE_TTL_S = 30.0
 
 
 def _revisions(revisions: frozenset[str]) -> str:
@@ -91,8 +95,40 @@ class WriteProbe:
         return ReadinessCheck(name="writes", ok=True, detail="a committed write succeeded")
 
 
+class StoreSize:
+    """The database's size in bytes (:func:`usage.store_bytes`), read at most every ``ttl_s``
+    seconds by one caller while the others wait and share it: ``/readyz`` and the metrics
+    scrape report it without paying for it each time."""
+
+    def __init__(
+        self, ttl_s: float = STORE_SIZE_TTL_S, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, int, str] | None = None
+
+    def read(self, session: Session) -> tuple[int, str]:
+        """The size and what it counts (see :func:`usage.describe`), fresh within ``ttl_s``."""
+        with self._lock:
+            if self._last is None or self._clock() - self._last[0] >= self._ttl_s:
+                self._last = (self._clock(), usage.store_bytes(session), usage.describe(session))
+            return self._last[1], self._last[2]
+
+    def check(self, session: Session) -> ReadinessCheck:
+        """The size as a readiness check: it informs, and fails nothing (a full disk fails the
+        write probe)."""
+        size, what = self.read(session)
+        return ReadinessCheck(name="storage", ok=True, detail=f"{size} bytes ({what})")
+
+
 def readiness(
-    session: Session, settings: Settings, *, now: datetime, writes: WriteProbe
+    session: Session,
+    settings: Settings,
+    *,
+    now: datetime,
+    writes: WriteProbe,
+    size: StoreSize | None = None,
 ) -> Readiness:
     """Database reachable and taking writes, schema at the migrations' head, a live worker if
     one is required.
@@ -115,6 +151,8 @@ def readiness(
                 + ("at least one required" if required else "none required"),
             )
         )
+        if size is not None:
+            checks.append(size.check(session))
     except SQLAlchemyError as exc:
         _note_failure("readiness", exc)
         checks.append(
@@ -142,6 +180,7 @@ class StoreFigures:
     queue_depth: int
     live_workers: int
     images_per_second: float
+    store_bytes: int | None = None
 
 
 class Throughput:
@@ -180,13 +219,19 @@ class Throughput:
 
 
 def store_figures(
-    session: Session, settings: Settings, throughput: Throughput, *, now: datetime
+    session: Session,
+    settings: Settings,
+    throughput: Throughput,
+    *,
+    now: datetime,
+    size: StoreSize | None = None,
 ) -> StoreFigures:
-    """Jobs by status, queue depth, live workers and training throughput."""
+    """Jobs by status, queue depth, live workers, training throughput and the store's size."""
     by_status = job_repo.count_jobs_by_status(session)
     return StoreFigures(
         jobs_by_status=by_status,
         queue_depth=by_status[JobStatus.QUEUED],
         live_workers=len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s)),
         images_per_second=throughput.update(job_repo.running_samples(session)),
+        store_bytes=None if size is None else size.read(session)[0],
     )

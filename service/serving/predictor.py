@@ -109,6 +109,12 @@ class ModelCache:
         """The model of ``checkpoint`` if it is loaded (marked as just used), else None."""
         return self._models.get(checkpoint)
 
+    def evict(self, checkpoint: str) -> None:
+        """Forget the model of ``checkpoint``: its job was deleted. (A load of it in flight
+        still answers the requests that wait for it, and is then stored: only a resolution
+        names a checkpoint, and a deleted job's no longer resolves.)"""
+        self._models.pop(checkpoint, None)
+
     async def get(self, checkpoint: str) -> SimpleMLP:
         """The model stored in ``checkpoint`` (the name a job's row holds)."""
         model = self._models.get(checkpoint)

@@ -87,10 +87,21 @@ def _sizes(session: Session, checkpoint_dir: Path, jobs: list[Job]) -> dict[str,
     return {job.id: found[str(job.checkpoint)] for job in jobs}
 
 
-def model_of(session: Session, job_id: str, *, not_a_model: type[ServiceError] = Conflict) -> Job:
+def model_of(
+    session: Session,
+    job_id: str,
+    *,
+    not_a_model: type[ServiceError] = Conflict,
+    lock: bool = False,
+) -> Job:
     """The succeeded job ``job_id``: 404 when there is no such job, ``not_a_model`` (409 by
-    default) when it has no trained model."""
-    job = job_repo.get_job(session, job_id)
+    default) when it has no trained model. ``lock`` holds its row (shared) until the
+    transaction ends, so that it cannot be deleted meanwhile (:func:`job_repo.lock_job`)."""
+    job = (
+        job_repo.lock_job(session, job_id, shared=True)
+        if lock
+        else job_repo.get_job(session, job_id)
+    )
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     if not is_model(job):
@@ -140,8 +151,12 @@ def get_alias(session: Session, name: str) -> AliasRead:
 
 
 def set_alias(session: Session, name: str, job_id: str) -> AliasRead:
-    """Point ``name`` at the model of ``job_id`` (404 unknown job, 409 not a model)."""
-    model_of(session, job_id)
+    """Point ``name`` at the model of ``job_id`` (404 unknown job, 409 not a model).
+
+    The job's row stays locked until the commit: a delete of the job that comes first is
+    waited for (then 404 here), one that comes second sees this alias (then 409 there).
+    """
+    model_of(session, job_id, lock=True)
     alias = model_repo.set_alias(session, name=name, job_id=job_id, now=utcnow())
     read = _alias_read(alias)
     session.commit()

@@ -16,8 +16,8 @@ from datetime import datetime
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.errors import DatabaseUnavailable
-from service.store.outage import Outage, is_outage
+from service.errors import DatabaseUnavailable, StorageFull
+from service.store.outage import Outage, is_outage, is_storage_full
 from service.store.tables import ReadinessProbe
 
 # The API process's one outage: requests, readiness and metrics share it, so that an outage
@@ -25,6 +25,12 @@ from service.store.tables import ReadinessProbe
 API_OUTAGE = Outage(
     logging.getLogger("service.database"), while_down="answering 503 with Retry-After"
 )
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """The client's answer to an outage ``exc``: 507 ``storage_full`` for a full disk, else 503
+    ``database_unavailable``."""
+    return StorageFull() if is_storage_full(exc) else DatabaseUnavailable()
 
 
 @contextmanager
@@ -36,7 +42,7 @@ def unavailable_as_503(what: str) -> Iterator[None]:
     except Exception as exc:
         if is_outage(exc):
             API_OUTAGE.failed(exc, what)
-            raise DatabaseUnavailable() from exc
+            raise unavailable(exc) from exc
         raise
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
 from service.schemas import JobCreate
-from service.status import JobStatus
+from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
 from service.store import wakeups
 from service.store.cursors import newest_first
-from service.store.tables import Job, TrainStep
+from service.store.tables import Job, ModelAlias, TrainStep
 
 
 def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: datetime) -> Job:
@@ -40,6 +40,44 @@ def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: d
 def get_job(session: Session, job_id: str) -> Job | None:
     """The job with this id, or None."""
     return session.get(Job, job_id)
+
+
+def lock_job(session: Session, job_id: str, *, shared: bool = False) -> Job | None:
+    """The job with this id read afresh and locked until the transaction ends, or None.
+
+    On PostgreSQL a row lock (``FOR UPDATE``, or ``FOR SHARE`` when ``shared``): a delete
+    and an alias being pointed at the job take it in turn, and whichever comes second reads
+    what the first committed. SQLite has no row locks and needs none: its write transactions
+    are IMMEDIATE, one at a time (SQLAlchemy leaves the clause out there).
+    """
+    stmt = select(Job).where(Job.id == job_id).with_for_update(read=shared)
+    return session.scalars(stmt.execution_options(populate_existing=True)).first()
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    """Delete a job's row; its steps, epochs, aliases and the artifacts stored as rows
+    (``MNIST_ARTIFACTS=database``) go with it (``ON DELETE CASCADE``, on SQLite too: its
+    connections turn foreign keys on) and workers forget it (``SET NULL``).
+
+    The caller has locked the row (:func:`lock_job`) and checked that it may go.
+    """
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:
+    """Up to ``limit`` ended jobs that finished before ``cutoff`` and that no alias names,
+    oldest first: what retention deletes."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status.in_(TERMINAL),
+            Job.finished_at < cutoff,
+            ~select(ModelAlias.name).where(ModelAlias.job_id == Job.id).exists(),
+        )
+        .order_by(Job.finished_at, Job.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
 
 
 def list_jobs(

@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 BACKOFF_BASE_S = 0.1  # the first retry's delay...
 BACKOFF_CAP_S = 5.0  # ...doubling up to this
+# A full disk: an outage of its own kind (is_storage_full).
+SQLITE_FULL = 13
+POSTGRES_DISK_FULL = "53100"
 # SQLite's primary result codes that say the file, its lock or its disk failed, not the statement.
 SQLITE_OUTAGE_CODES = frozenset(
     {
@@ -38,7 +41,7 @@ SQLITE_OUTAGE_CODES = frozenset(
         5,  # SQLITE_BUSY: the write lock stayed taken past busy_timeout
         8,  # SQLITE_READONLY: attempt to write a readonly database
         10,  # SQLITE_IOERR: disk I/O error
-        13,  # SQLITE_FULL: the disk is full
+        SQLITE_FULL,  # the disk is full (answered 507, see is_storage_full)
         14,  # SQLITE_CANTOPEN: unable to open database file
         15,  # SQLITE_PROTOCOL: the WAL's locking protocol failed (contention): try again
         26,  # SQLITE_NOTADB: the file is not (or no longer) a database
@@ -63,6 +66,24 @@ def _driver_outage(error: BaseException | None) -> bool:
             return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
         return error.sqlstate.startswith(POSTGRES_OUTAGE_SQLSTATES)
     return False
+
+
+def _driver_storage_full(error: BaseException | None) -> bool:
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == SQLITE_FULL
+    if isinstance(error, psycopg.Error):
+        return error.sqlstate == POSTGRES_DISK_FULL
+    return False
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the outage of a full disk (SQLite's FULL, PostgreSQL's
+    ``disk_full``): the API answers it 507 ``storage_full`` rather than 503, as it lasts until
+    space is freed. Still an outage (:func:`is_outage`): workers retry it like any other."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return _driver_storage_full(exc.orig)
+    return _driver_storage_full(exc)
 
 
 def is_outage(exc: BaseException) -> bool:

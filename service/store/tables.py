@@ -206,3 +206,13 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Housekeeping(Base):
+    """When a periodic chore (``retention``) last ran, cluster-wide: whoever moves
+    ``last_run_at`` forward with a conditional update runs it, so one process per period does."""
+
+    __tablename__ = "housekeeping"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_run_at: Mapped[datetime] = mapped_column(UTCDateTime())

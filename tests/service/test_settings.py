@@ -48,6 +48,10 @@ def test_defaults_match_make_run(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MNIST_PORT", "0", "port"),
         ("MNIST_DATABASE_URL", "mysql://x", "sqlite:// or postgresql://"),
         ("MNIST_HEARTBEAT_S", "60", "shorter than MNIST_LEASE_S"),
+        ("MNIST_RETENTION_DAYS", "0", "retention_days"),
+        ("MNIST_RETENTION_DAYS", "-3", "retention_days"),
+        ("MNIST_RETENTION_DAYS", "a week", "retention_days"),
+        ("MNIST_MAX_JOB_STEPS", "0", "max_job_steps"),
     ],
 )
 def test_bad_values_fail_at_start(
@@ -149,3 +153,16 @@ def test_decodes_default_to_the_cores_at_most_8_and_16_mpx_are_accepted(
         with pytest.raises(ValidationError, match=name.removeprefix("MNIST_").lower()):
             Settings()
         monkeypatch.delenv(name)
+
+
+def test_retention_is_off_unless_set_and_the_steps_budget_has_a_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MNIST_RETENTION_DAYS", raising=False)
+    monkeypatch.delenv("MNIST_MAX_JOB_STEPS", raising=False)
+    assert Settings().retention_days is None
+    assert Settings().max_job_steps == 1_000_000
+    monkeypatch.setenv("MNIST_RETENTION_DAYS", "")  # compose's ${MNIST_RETENTION_DAYS:-}
+    assert Settings().retention_days is None
+    monkeypatch.setenv("MNIST_RETENTION_DAYS", "30")
+    assert Settings().retention_days == 30

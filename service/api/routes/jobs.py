@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import BaseModel, Field
 
-from service.api.deps import JobDep, JobForUpdateDep, SessionDep, SettingsDep, WriteSessionDep
+from service.api.deps import (
+    JobDep,
+    JobForUpdateDep,
+    JobIdPath,
+    PredictorDep,
+    SessionDep,
+    SettingsDep,
+    WriteSessionDep,
+)
 from service.clock import CURSOR_PATTERN
-from service.domain import jobs
+from service.domain import deletion, jobs
 from service.errors import NotFound
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
 from service.status import JobStatus
@@ -44,7 +53,10 @@ class MetricsQuery(BaseModel):
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
     responses={
-        422: {"model": ErrorEnvelope, "description": "A field is invalid."},
+        422: {
+            "model": ErrorEnvelope,
+            "description": "A field is invalid, or the job has over MNIST_MAX_JOB_STEPS steps.",
+        },
         429: {
             "model": ErrorEnvelope,
             "description": "MNIST_MAX_QUEUED_JOBS jobs are already waiting.",
@@ -66,7 +78,11 @@ def submit_job(
 ) -> JobRead:
     """Queue a training job; a worker picks it up. Poll ``Location`` or its metrics."""
     job = jobs.submit(
-        session, params, max_attempts=settings.max_attempts, max_queued=settings.max_queued_jobs
+        session,
+        params,
+        max_attempts=settings.max_attempts,
+        max_queued=settings.max_queued_jobs,
+        max_steps=settings.max_job_steps,
     )
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
@@ -99,6 +115,30 @@ def get_job(job: JobDep) -> JobRead:
 def cancel_job(job: JobForUpdateDep, session: WriteSessionDep) -> JobRead:
     """Cancel: a queued job at once; a running one within about a second."""
     return jobs.cancel(session, job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        **NOT_FOUND,
+        409: {
+            "model": ErrorEnvelope,
+            "description": "Queued or running (cancel it first), or an alias points at it.",
+        },
+    },
+)
+async def delete_job(
+    job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDep, predictor: PredictorDep
+) -> None:
+    """Delete an ended job with its steps, epochs and checkpoint files."""
+    # The database and the files in a thread; the model cache (the event loop's) here.
+    deleted = await anyio.to_thread.run_sync(
+        deletion.delete_job_and_artifacts, session, settings.checkpoint_dir, job_id
+    )
+    if deleted.checkpoint is not None:
+        predictor.models.evict(deleted.checkpoint)
+    predictor.resolutions.clear()  # it may have been the default model
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsRead, responses=NOT_FOUND)

@@ -43,18 +43,26 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> Read
     """Ready to serve: database reachable and taking writes, schema at head, a live worker if
     required. ``HEAD`` answers the same status without a body."""
     writes: ops.WriteProbe = request.app.state.write_probe
-    return ops.readiness(session, settings, now=utcnow(), writes=writes)
+    size: ops.StoreSize = request.app.state.store_size
+    return ops.readiness(session, settings, now=utcnow(), writes=writes, size=size)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
 def metrics(request: Request, sessions: ReadSessionsDep, settings: SettingsDep) -> Response:
-    """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s."""
+    """Prometheus metrics: requests, jobs by status, queue depth, workers, images/s, the
+    store's bytes."""
     service_metrics: ServiceMetrics = request.app.state.metrics
     # A session of its own, not the request's (SessionDep): a scrape answers through an outage,
     # and the request's session would take that answer for a sign the database is back.
     try:
         with sessions() as session:
-            figures = ops.store_figures(session, settings, service_metrics.throughput, now=utcnow())
+            figures = ops.store_figures(
+                session,
+                settings,
+                service_metrics.throughput,
+                now=utcnow(),
+                size=request.app.state.store_size,
+            )
     except SQLAlchemyError as exc:
         if is_outage(exc):
             availability.API_OUTAGE.failed(exc, "metrics")  # logged as it starts, not per scrape

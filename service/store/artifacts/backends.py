@@ -186,12 +186,3 @@ def _file_size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
-
-
-def remove_artifacts(session: Session, folder: Path, job_id: str) -> None:
-    """Delete every artifact of a job that is being deleted, in both stores: its rows in
-    ``session``'s transaction (the job's own delete would cascade to them too), and its files
-    (an old model's weights, training states left by a crash) in ``folder``."""
-    artifacts_repo.drop(session, job_id)
-    for path in folder.glob(f"{job_id}-*.pt"):
-        path.unlink(missing_ok=True)

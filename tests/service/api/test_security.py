@@ -74,6 +74,7 @@ EXPECTED_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/predict/batch"): Access.READ,
     ("POST", "/jobs"): Access.WRITE,
     ("POST", "/jobs/{job_id}/cancel"): Access.WRITE,
+    ("DELETE", "/jobs/{job_id}"): Access.WRITE,
     ("PUT", "/models/aliases/{name}"): Access.WRITE,
     ("DELETE", "/models/aliases/{name}"): Access.WRITE,
     ("POST", "/healthz"): Access.WRITE,

@@ -26,13 +26,10 @@ from tests.service.images import png
 from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
 from workers.worker import Worker
 
-COMMANDS = ["submit", "jobs", "metrics", "predict", "cancel", "api", "worker", "migrate", "run"]
-
-
-@pytest.fixture
-def db_url(sqlite_url: str) -> str:
-    """The CLI works the same on every backend: SQLite only."""
-    return sqlite_url
+COMMANDS = [
+    *("submit", "jobs", "metrics", "predict", "cancel", "delete"),
+    *("api", "worker", "migrate", "run"),
+]
 
 
 def run(client: TestClient, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -83,6 +80,20 @@ def test_the_url_comes_from_the_flag_the_environment_or_the_default(
     assert cli.build_parser().parse_args(["--url", "http://x", "jobs"]).url == "http://x"
 
 
+@pytest.mark.parametrize("url", ["localhost:8000", "http://", "ftp://x", "http://[::1", ""])
+def test_a_bad_url_is_a_bad_command_line(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", url, "jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert "error: argument --url: " in capsys.readouterr().err
+    monkeypatch.setenv("MNIST_URL", url or " ")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+
+
 def test_submit_sends_only_the_given_fields(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -92,13 +103,48 @@ def test_submit_sends_only_the_given_fields(
     assert job["params"] == {**JobCreate().model_dump(), "epochs": 2, "seed": 5}
 
 
-def test_the_apis_refusal_is_shown_with_the_field(
+@pytest.mark.parametrize(
+    ("argv", "problems"),
+    [
+        (["--learning-rate", "nan"], ["--learning-rate: Input should be a finite number"]),
+        (["--learning-rate", "inf"], ["--learning-rate: Input should be a finite number"]),
+        (["--max-runtime-s=-inf"], ["--max-runtime-s: Input should be a finite number"]),
+        (["--learning-rate", "1e400"], ["--learning-rate: Input should be a finite number"]),
+        (
+            ["--epochs", "0", "--learning-rate", "2"],
+            [
+                "--epochs: Input should be greater than or equal to 1",
+                "--learning-rate: Input should be less than or equal to 1",
+            ],
+        ),
+        (["--seed", "-1"], ["--seed: Input should be greater than or equal to 0"]),
+    ],
+)
+def test_a_bad_job_option_is_a_bad_command_line_checked_by_the_apis_schema(
+    client: TestClient, capsys: pytest.CaptureFixture[str], argv: list[str], problems: list[str]
+) -> None:
+    code, out, err = run(client, capsys, "submit", *argv)
+    assert code == cli.EXIT_USAGE and out == ""
+    assert err.startswith("mnist-service submit: error: argument --")
+    for problem in problems:
+        assert problem in err
+    assert "Traceback" not in err
+    assert client.get("/jobs").json()["jobs"] == []  # nothing was sent
+
+
+def test_a_wrong_type_is_argparses_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["submit", "--epochs", "two"])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert "argument --epochs: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_the_apis_refusal_is_shown_once(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(client, capsys, "submit", "--epochs", "0", "--learning-rate", "2")
+    code, out, err = run(client, capsys, "jobs", "--limit", "1000")
     assert code == cli.EXIT_API_ERROR and out == ""
-    assert "epochs: Input should be greater than or equal to 1" in err
-    assert "learning_rate: Input should be less than or equal to 1" in err
+    assert err.count("Input should be less than or equal to 100") == 1, err
 
 
 def test_an_unreachable_api_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,6 +169,7 @@ def test_watch_shows_a_bar_per_epoch_until_success(
     assert "epoch 1/2" in err and "epoch 2/2" in err
     assert "10/10" in err  # 640 images, batch 64: ten steps per epoch
     assert "loss=" in err and "acc=" in err
+    assert "attempt" not in err  # the first claim is no retry
 
 
 def test_watch_exits_non_zero_when_the_job_fails(
@@ -177,25 +224,34 @@ def test_jobs_metrics_and_cancel(
     assert code == cli.EXIT_API_ERROR and "no job with id" in err
 
 
-def test_predict_prints_the_digit_and_its_probabilities(
-    client: TestClient,
-    capsys: pytest.CaptureFixture[str],
-    sessions: sessionmaker[Session],
-    api_settings: Settings,
-    tmp_path: Path,
-) -> None:
-    job_id = train_job(client, sessions, api_settings)
-    images, labels = synthetic_digits(1, seed=5)
-    image = tmp_path / "digit.png"
-    image.write_bytes(png(images[0]))
+@pytest.fixture
+def job_id(client: TestClient, sessions: sessionmaker[Session], api_settings: Settings) -> str:
+    """A job trained by a real worker on the generated digits: its model answers predict."""
+    return train_job(client, sessions, api_settings)
 
-    code, out, _ = run(client, capsys, "predict", str(image))
+
+def digit_files(folder: Path, n: int) -> tuple[list[Path], np.ndarray]:
+    """``n`` generated digits as PNG files in ``folder``, and their labels."""
+    images, labels = synthetic_digits(n, seed=5)
+    paths = [folder / f"digit-{i}.png" for i in range(n)]
+    for path, pixels in zip(paths, images, strict=True):
+        path.write_bytes(png(pixels))
+    return paths, labels
+
+
+def test_predict_prints_the_digit_and_its_probabilities(
+    client: TestClient, capsys: pytest.CaptureFixture[str], job_id: str, tmp_path: Path
+) -> None:
+    paths, labels = digit_files(tmp_path, 1)
+    image = str(paths[0])
+
+    code, out, _ = run(client, capsys, "predict", image)
     assert code == 0
     first, *bars = out.splitlines()
     assert first.startswith(f"digit {labels[0]} (") and first.endswith(job_id)
     assert len(bars) == 10 and bars[int(labels[0])].endswith("←")
 
-    code, out, _ = run(client, capsys, "predict", str(image), "--model", job_id, "--json")
+    code, out, _ = run(client, capsys, "predict", image, "--job", job_id, "--json")
     answer = json.loads(out)
     assert answer["job_id"] == job_id and answer["digit"] == int(np.argmax(answer["probabilities"]))
 
@@ -205,3 +261,62 @@ def test_predict_prints_the_digit_and_its_probabilities(
     not_an_image.write_text("hello")
     code, _, err = run(client, capsys, "predict", str(not_an_image))
     assert code == cli.EXIT_API_ERROR and "not an image" in err
+
+
+def test_predict_takes_several_files_an_alias_or_a_job(
+    client: TestClient, capsys: pytest.CaptureFixture[str], job_id: str, tmp_path: Path
+) -> None:
+    paths, _ = digit_files(tmp_path, 3)
+    names = [str(p) for p in paths]
+    # What the API itself answers for these images, one request each.
+    expected = [
+        client.post("/predict", files={"file": p.read_bytes()}).json()["digit"] for p in paths
+    ]
+
+    code, out, err = run(client, capsys, "predict", *names)
+    assert code == cli.EXIT_OK, err
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [p.name for p in paths]  # one line per file
+    assert [int(line.split()[2]) for line in lines] == expected
+    assert f"by the model of job {job_id}" in err
+
+    code, out, _ = run(client, capsys, "predict", *names, "--json")
+    batch = json.loads(out)
+    assert batch["job_id"] == job_id
+    assert [p["digit"] for p in batch["predictions"]] == expected
+
+    # An alias (sent as ?model=), and no alias of that name.
+    code, _, err = run(client, capsys, "predict", names[0], "--model", "production")
+    assert code == cli.EXIT_API_ERROR
+    assert err.count("production") == 1 and "error:" in err and "pattern" not in err
+    assert client.put("/models/aliases/production", json={"job_id": job_id}).status_code == 200
+    code, out, _ = run(client, capsys, "predict", names[0], "--model", "production", "--json")
+    assert code == cli.EXIT_OK and json.loads(out)["job_id"] == job_id
+    code, out, _ = run(
+        client, capsys, "predict", names[0], "--model", "production", "--job", job_id, "--json"
+    )
+    assert code == cli.EXIT_OK and json.loads(out)["job_id"] == job_id
+
+    # A job id that is none: the API's refusal, printed once.
+    code, out, err = run(client, capsys, "predict", names[0], "--job", "nope")
+    assert code == cli.EXIT_API_ERROR and out == ""
+    assert err.count("job_id") == 1, err
+
+    # The API's files[1] is named by its file.
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    code, _, err = run(client, capsys, "predict", names[0], str(not_an_image))
+    assert code == cli.EXIT_API_ERROR and "notes.txt" in err and "files[1]" not in err
+
+    code, _, err = run(client, capsys, "predict", "-", "-")
+    assert code == cli.EXIT_USAGE and "once" in err
+
+
+def test_predict_help_says_how_the_api_picks_the_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model ALIAS" in out and "--job JOB_ID" in out
+    assert "production alias's model if the alias is set, else the latest succeeded job's" in out

@@ -13,7 +13,14 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from service.errors import LeaseLost
-from service.store.outage import BACKOFF_CAP_S, Backoff, Outage, is_outage, retry
+from service.store.outage import (
+    BACKOFF_CAP_S,
+    Backoff,
+    Outage,
+    is_outage,
+    is_storage_full,
+    retry,
+)
 
 
 def wrapped(error: Exception) -> sa_exc.DBAPIError:
@@ -126,6 +133,17 @@ def test_only_connection_and_storage_errors_are_an_outage(
     assert is_outage(error) is outage, error
     if isinstance(error, sqlite3.Error | psycopg.Error):  # the driver's, and as SQLAlchemy's
         assert is_outage(wrapped(error)) is outage, error
+
+
+FULL = {"sqlite disk full", "pg disk full"}
+
+
+@pytest.mark.parametrize("name", list(OUTAGES))
+def test_of_the_outages_only_a_full_disk_is_storage_full(name: str, tmp_path: Path) -> None:
+    error = OUTAGES[name](tmp_path)
+    assert is_storage_full(error) is (name in FULL), error
+    if isinstance(error, sqlite3.Error | psycopg.Error):
+        assert is_storage_full(wrapped(error)) is (name in FULL), error
 
 
 def test_a_sqlite_error_without_its_result_code_is_not_an_outage() -> None:

@@ -57,8 +57,19 @@ def test_ready_when_the_database_is_migrated(client: TestClient) -> None:
         "migrations": True,
         "workers": True,
         "writes": True,
+        "storage": True,
     }
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readiness_and_metrics_report_the_store_size_read_once(client: TestClient) -> None:
+    checks = {c["name"]: c for c in client.get("/readyz").json()["checks"]}
+    match = re.fullmatch(r"(\d+) bytes \((.+)\)", checks["storage"]["detail"])
+    assert match, checks["storage"]
+    size = int(match.group(1))
+    assert size > 0
+    client.post("/jobs", json={})  # the store grows; the figure is the cached one (30 s)
+    assert sample(client.get("/metrics").text, "mnist_store_bytes") == size
 
 
 def test_head_of_health_and_readiness_answers_without_a_body(
@@ -106,7 +117,13 @@ def test_not_ready_while_writes_fail_though_reads_succeed(api_settings: Settings
         error = response.json()["error"]
         assert error["code"] == "not_ready" and "writes: failing" in error["message"]
         checks = {d["name"]: d["ok"] for d in error["details"]}
-        assert checks == {"database": True, "migrations": True, "workers": True, "writes": False}
+        assert checks == {
+            "database": True,
+            "migrations": True,
+            "workers": True,
+            "storage": True,
+            "writes": False,
+        }
         # Reads go on; a write is refused as an outage, not as a bug.
         assert client.get(f"/jobs/{job_id}").status_code == 200
         refused = client.post("/jobs", json={})

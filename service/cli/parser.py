@@ -1,0 +1,156 @@
+"""The ``mnist-service`` command line: its commands, options and exit codes.
+
+The job options are made from the API's own schema (:class:`JobCreate`), so the CLI offers
+exactly the fields the API accepts, with its descriptions and defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
+from service.schemas import JobCreate
+from service.status import JobStatus
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1  # the watched job failed or was cancelled
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_API_ERROR = 3  # the API refused the request or could not be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away, as a shell reports SIGPIPE
+
+DESCRIPTION = """\
+mnist-service: train and use models through the API, or run the server side.
+
+Client commands (talk to the API over HTTP): submit, jobs, metrics, predict, cancel, delete.
+Server commands: api, worker, migrate, run."""
+
+EPILOG = f"""\
+The API's address comes from --url or ${URL_ENV} (default {DEFAULT_URL});
+an API key, where the API wants one, from --api-key or ${API_KEY_ENV}.
+Exit codes: {EXIT_OK} done, {EXIT_JOB_FAILED} the watched job failed or was cancelled,
+{EXIT_USAGE} bad command line, {EXIT_API_ERROR} the API refused, could not be reached or is not
+the MNIST service's, {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_BROKEN_PIPE} the output was
+closed early (as by | head)."""
+
+
+def option_name(field: str) -> str:
+    """The option of a JobCreate field: ``learning_rate`` → ``--learning-rate``."""
+    return f"--{field.replace('_', '-')}"
+
+
+def api_url(value: str) -> str:
+    """The API's address: http(s) with a host, else a bad command line (from ${URL_ENV} too,
+    as argparse converts a default with the option's type)."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http:// or https:// address with a host (e.g. {DEFAULT_URL})"
+        )
+    return value
+
+
+def _number_type(annotation: Any) -> Callable[[str], Any]:
+    """int or float for a JobCreate field (``int | None`` → int)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return int if annotation is int else float
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """One option per JobCreate field, so the CLI offers exactly what the API accepts."""
+    for name, field in JobCreate.model_fields.items():
+        default = "none" if field.default is None else field.default
+        parser.add_argument(
+            option_name(name),
+            dest=name,
+            type=_number_type(field.annotation),
+            metavar="N",
+            help=f"{field.description} (API default: {default})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mnist-service`` command line."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mnist-service", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
+    )
+    parser.add_argument(
+        "--url",
+        type=api_url,
+        default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        help=f"the API (default ${URL_ENV} or {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EPILOG, formatter_class=formatter
+        )
+
+    submit = command("submit", "queue a training job (prints its id); --watch follows it")
+    _add_job_options(submit)
+    submit.add_argument(
+        "--watch",
+        action="store_true",
+        help="show a progress bar per epoch with loss and accuracy until the job ends; "
+        f"exit {EXIT_JOB_FAILED} if it fails or is cancelled",
+    )
+    jobs = command("jobs", "list the newest jobs")
+    jobs.add_argument("--status", choices=[status.value for status in JobStatus], help="only these")
+    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
+    jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
+    metrics = command("metrics", "a job's loss per step and accuracy per epoch")
+    metrics.add_argument("job_id", metavar="ID")
+    metrics.add_argument(
+        "--csv", action="store_true", help="every step as CSV: step,epoch,examples_seen,loss,…"
+    )
+    predict = command("predict", "the digit in each image (PNG, JPEG, …)")
+    predict.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (one line each when several), or - for standard input",
+    )
+    predict.add_argument(
+        "--model",
+        metavar="ALIAS",
+        help="the model an alias (e.g. production) points at",
+    )
+    predict.add_argument(
+        "--job",
+        metavar="JOB_ID",
+        help="the model of this job. With neither, the API picks: the production alias's "
+        "model if the alias is set, else the latest succeeded job's",
+    )
+    predict.add_argument("--json", action="store_true", help="the API's JSON answer")
+    cancel = command("cancel", "cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="ID")
+    delete = command("delete", "delete a job that has ended, with its metrics and checkpoint")
+    delete.add_argument("job_id", metavar="ID")
+
+    command("api", "serve the API and the dashboard (python -m service)")
+    worker = command("worker", "run workers (python -m workers)")
+    worker.add_argument(
+        "--concurrency", type=int, default=1, metavar="N", help="worker processes (default 1)"
+    )
+    command("migrate", "bring the database to the newest schema (alembic upgrade head)")
+    run = command("run", "the API and workers together (what `make run` starts)")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    return parser

@@ -1,0 +1,46 @@
+"""The server side of ``mnist-service``: migrate, and run the API with its workers.
+
+Apart from the client commands so that ``mnist-service jobs`` does not load alembic and the
+API's security module just to list jobs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
+from service.logs import configure_logging
+from service.settings import get_settings
+from service.store import migrations
+
+
+def migrate() -> int:
+    """Bring the database to the newest schema (``alembic upgrade head``), logging each step
+    as the service logs (there is no alembic.ini to configure alembic's logging)."""
+    configure_logging(get_settings())
+    migrations.upgrade()
+    return 0
+
+
+def run_all(workers: int) -> int:
+    """Start the API and ``workers`` worker processes, start again any that dies; Ctrl-C stops
+    them all cleanly (:func:`workers.supervisor.supervise` says when it gives up instead)."""
+    settings = get_settings()
+    configure_logging(settings)
+    problem = exposure_problem(settings)
+    if problem is not None:  # before any worker starts, not when the API exits early
+        print(f"mnist-service: {problem}", file=sys.stderr)
+        return REFUSED_EXIT_STATUS
+    from workers.supervisor import supervise
+
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"\nMNIST service: dashboard {base}/  API docs {base}/docs  "
+        f"database {settings.database_url}  checkpoints {settings.checkpoint_dir}\n"
+        f"  try: mnist-service submit --epochs 1 --watch\n"
+        "  A process that dies is started again; Ctrl-C stops the API and the workers.\n",
+        flush=True,
+    )
+    children = {"api": ["-m", "service"]}
+    children.update({f"worker-{i}": ["-m", "workers"] for i in range(1, workers + 1)})
+    return supervise(children, refused=(REFUSED_EXIT_STATUS,))

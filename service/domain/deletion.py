@@ -1,0 +1,92 @@
+"""Deleting an ended job: its rows in one transaction, then its files.
+
+The order is the point. The rows (the job, its steps, epochs and aliases) go in one
+transaction; the files (:func:`remove_artifacts`) only after it has committed. A crash in
+between leaves an orphan file that nothing names (harmless, and a later delete of the same
+files finds nothing to do), never a row that names a file already gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, NotFound
+from service.status import TERMINAL
+from service.store import job_repo, model_repo
+from service.store.artifacts.backends import in_database
+
+log = logging.getLogger("service.jobs")
+
+
+@dataclass(frozen=True)
+class DeletedJob:
+    """What is left to clean up once a job's rows are gone."""
+
+    job_id: str
+    # The weights file its row named: an API process may hold that model in its cache.
+    checkpoint: str | None
+
+
+def delete_job(session: Session, job_id: str) -> DeletedJob:
+    """Delete an ended job's rows and commit; 404 unknown, 409 while it is queued or running
+    (cancel it first) or while an alias names it (the alias is named).
+
+    The check and the delete are one transaction over the locked row
+    (:func:`job_repo.lock_job`): a worker cannot claim or finish the job between them (it
+    has ended; a queued or running one is refused), and an alias cannot be pointed at it
+    meanwhile (pointing one locks the same row, :func:`service.serving.registry.set_alias`).
+    """
+    job = job_repo.lock_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
+    if job.status not in TERMINAL:
+        raise Conflict(
+            f"job {job_id} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel), "
+            "then delete it once it has ended"
+        )
+    aliases = model_repo.aliases_of(session, [job_id]).get(job_id, [])
+    if aliases:
+        raise Conflict(
+            f"model alias {aliases[0]!r} points at job {job_id}: point it at another model "
+            "or delete it first",
+            details=[{"aliases": aliases}],
+        )
+    deleted = DeletedJob(job_id=job.id, checkpoint=job.checkpoint)
+    job_repo.delete_job(session, job_id)
+    session.commit()
+    return deleted
+
+
+def remove_artifacts(checkpoint_dir: Path, deleted: DeletedJob) -> None:
+    """Remove the files of a job whose rows are gone: its weights, every attempt's training
+    state, and any temporary file a write left behind.
+
+    The one place a deleted job's stored artifacts go away. Names are built from the job id
+    (32 hex digits, checked before it reached the database) and the base name its row gave,
+    always inside ``checkpoint_dir``. A file that cannot be removed is logged, not raised: the
+    job is already gone, and an orphan file costs only disk.
+    """
+    names = {f"{deleted.job_id}.pt"}
+    if deleted.checkpoint is not None and not in_database(deleted.checkpoint):
+        names.add(Path(deleted.checkpoint).name)  # rows went with the job's (cascade)
+    paths = [checkpoint_dir / name for name in names]
+    for pattern in (f"{deleted.job_id}-*.pt", f".{deleted.job_id}*.tmp"):
+        paths.extend(checkpoint_dir.glob(pattern))
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("job %s deleted, but its file %s stays: %s", deleted.job_id, path, exc)
+
+
+def delete_job_and_artifacts(session: Session, checkpoint_dir: Path, job_id: str) -> DeletedJob:
+    """:func:`delete_job`, then (committed) :func:`remove_artifacts`: the one delete path of
+    the API and of retention."""
+    deleted = delete_job(session, job_id)
+    remove_artifacts(checkpoint_dir, deleted)
+    log.info("job %s deleted", job_id)
+    return deleted

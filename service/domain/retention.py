@@ -1,0 +1,126 @@
+"""Retention (``MNIST_RETENTION_DAYS``): ended jobs that finished longer ago are deleted.
+
+Who runs it: each API process, in a daemon thread of its own (never on the event loop), which
+looks every :data:`CHECK_EVERY_S`; but only the one that claims the period in the database
+(:func:`periods.claim_period`, a conditional update) does the work, so it runs once
+per :data:`PERIOD` across every API process and machine, on PostgreSQL and SQLite alike. The
+API rather than the workers: a worker's job is training, an idle one may never be idle on a
+busy cluster, and there is always an API. Jobs go by the one delete path
+(:func:`deletion.delete_job_and_artifacts`), each in its own transaction, listed in batches:
+a job an alias names is kept, and one aliased between the listing and its delete is refused
+by that delete's own check and kept too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.domain.deletion import delete_job_and_artifacts
+from service.errors import Conflict, NotFound
+from service.store import availability, job_repo
+from service.store.outage import is_outage
+from service.store.upkeep import periods
+
+log = logging.getLogger("service.retention")
+
+CHORE = "retention"
+PERIOD = timedelta(hours=1)  # retention is counted in days: an hour late is on time
+CHECK_EVERY_S = 60.0
+BATCH = 100
+
+
+class Retention:
+    """One retention pass over the database, at the time ``clock`` says."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        checkpoint_dir: Path,
+        days: int,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        period: timedelta = PERIOD,
+        batch: int = BATCH,
+    ) -> None:
+        self._sessions = sessions
+        self._checkpoint_dir = checkpoint_dir
+        self._keep = timedelta(days=days)
+        self._clock = clock
+        self._period = period
+        self._batch = batch
+
+    def run_once(self) -> int | None:
+        """Delete the expired jobs if no process has within the period: how many went, or
+        None when another pass (this process's or another's) ran less than a period ago."""
+        now = self._clock()
+        with self._sessions() as session:
+            claimed = periods.claim_period(session, CHORE, now=now, period=self._period)
+            session.commit()
+        if not claimed:
+            return None
+        cutoff = now - self._keep
+        deleted = 0
+        while True:
+            with self._sessions() as session:
+                batch = job_repo.ended_before(session, cutoff, limit=self._batch)
+            gone = sum(self._delete(job_id) for job_id in batch)
+            deleted += gone
+            # A short batch was the last; a batch of refusals only (aliased since) is left.
+            if len(batch) < self._batch or gone == 0:
+                break
+        if deleted:
+            log.info("retention: deleted %d jobs that ended before %s", deleted, cutoff)
+        return deleted
+
+    def _delete(self, job_id: str) -> bool:
+        with self._sessions() as session:
+            try:
+                delete_job_and_artifacts(session, self._checkpoint_dir, job_id)
+            except (NotFound, Conflict):  # deleted or aliased since it was listed: kept
+                return False
+        return True
+
+
+class RetentionThread:
+    """Runs :meth:`Retention.run_once` at start and every ``every_s`` seconds, in a daemon
+    thread, until :meth:`stop`. A database outage is logged once (the API's outage log) and
+    tried again next time; any other error is logged and tried again next time too."""
+
+    def __init__(self, retention: Retention, every_s: float = CHECK_EVERY_S) -> None:
+        self._retention = retention
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self.passes = 0  # passes attempted, for tests
+
+    def start(self) -> None:
+        """Start looking."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop, waiting for a pass under way (a few transactions) to end."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._retention.run_once()
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    log.exception("retention failed; trying again in %g s", self._every_s)
+                else:
+                    availability.API_OUTAGE.failed(exc, "retention")
+            except Exception:
+                log.exception("retention failed; trying again in %g s", self._every_s)
+            self.passes += 1
+            self._stop.wait(self._every_s)

@@ -1,0 +1,36 @@
+"""How many bytes the database takes: what ``/readyz`` and ``mnist_store_bytes`` report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def store_bytes(session: Session) -> int:
+    """PostgreSQL: ``pg_database_size`` of the current database. SQLite: the file and its
+    write-ahead log (committed pages wait there until a checkpoint copies them over); 0 for an
+    in-memory database."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        return int(session.scalar(text("SELECT pg_database_size(current_database())")) or 0)
+    database = bind.engine.url.database
+    if not database or database == ":memory:":
+        return 0
+    path = Path(database)
+    return _file_bytes(path) + _file_bytes(path.with_name(path.name + "-wal"))
+
+
+def describe(session: Session) -> str:
+    """What :func:`store_bytes` counts on this backend, for a reader of ``/readyz``."""
+    if session.get_bind().dialect.name == "postgresql":
+        return "pg_database_size"
+    return "SQLite file and WAL"

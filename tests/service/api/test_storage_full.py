@@ -1,0 +1,40 @@
+"""A full disk under a real SQLite file (a tmpfs filled to its last byte): writes are refused
+with 507 ``storage_full`` and reads go on; freeing space brings writes back, no restart."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from tests.conftest import fill_disk
+from tests.support import app_settings
+
+
+def test_a_full_disk_refuses_writes_with_507_and_reads_go_on(
+    tiny_disk: Path, sqlite_template: Path, tmp_path: Path
+) -> None:
+    shutil.copy(sqlite_template, tiny_disk / "mnist.db")
+    settings = app_settings(
+        f"sqlite:///{tiny_disk / 'mnist.db'}", tmp_path, ready_write_probe_s=0.0
+    )
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/jobs", json={}).json()["id"]
+        filler = fill_disk(tiny_disk)
+        # The write-ahead log may still have room for a few pages it held before.
+        answers = [client.post("/jobs", json={}) for _ in range(200)]
+        refused = next(a for a in answers if a.status_code != 202)
+        assert refused.status_code == 507, refused.text
+        assert refused.headers["retry-after"] == "30"
+        error = refused.json()["error"]
+        assert error["code"] == "storage_full"
+        assert "storage is full" in error["message"] and "DELETE /jobs" in error["message"]
+        assert client.get(f"/jobs/{job_id}").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "writes: failing" in ready.json()["error"]["message"]
+
+        filler.unlink()
+        assert client.post("/jobs", json={}).status_code == 202
+        assert client.get("/readyz").status_code == 200

@@ -1,0 +1,118 @@
+"""Retention (MNIST_RETENTION_DAYS): old ended jobs go, the rest stay, one pass per period
+across processes, with the clock under the test's control; and the API runs it by itself."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.app import create_app
+from service.clock import utcnow
+from service.domain.retention import PERIOD, Retention, RetentionThread
+from service.serving import registry
+from service.settings import Settings
+from service.status import JobStatus
+from service.store.tables import Job
+from tests.records import PARAMS, FakeTraining, ended_job
+from tests.support import together, wait_for
+
+NOW = datetime.fromisoformat("2026-06-01T12:00:00+00:00")
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def exists(sessions: sessionmaker[Session], job_id: str) -> bool:
+    with sessions() as session:
+        return session.get(Job, job_id) is not None
+
+
+def test_ended_jobs_older_than_the_retention_go_and_the_rest_stay(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    old = NOW - timedelta(days=8)
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+    expired = [ended_job(sessions, tmp_path, status, at=old).job_id for status in ended]
+    aliased = ended_job(sessions, tmp_path, at=old).job_id
+    with sessions() as session:
+        registry.set_alias(session, "production", aliased)
+    recent = ended_job(sessions, tmp_path, at=NOW - timedelta(days=6)).job_id
+    running = FakeTraining(sessions, PARAMS, clock=old)
+    running.submit()
+    running.claim()
+    queued = FakeTraining(sessions, PARAMS, clock=old)
+    queued.submit()
+
+    deleted = Retention(sessions, tmp_path, days=7, clock=Clock(NOW)).run_once()
+
+    assert deleted == 3
+    assert not any(exists(sessions, job_id) for job_id in expired)
+    assert not [p for p in tmp_path.iterdir() if any(j in p.name for j in expired)]
+    for job_id in (aliased, recent, running.job_id, queued.job_id):
+        assert exists(sessions, job_id)
+
+
+def test_it_runs_once_per_period_whoever_asks(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    clock = Clock(NOW)
+    first = ended_job(sessions, tmp_path, at=NOW - timedelta(days=3)).job_id
+    # Two API processes (here: two instances on the same database) ask at the same moment.
+    processes = [Retention(sessions, tmp_path, days=2, clock=clock) for _ in range(4)]
+    answers = together([p.run_once for p in processes])
+    assert sorted(answers, key=lambda a: a is None) == [1, None, None, None]
+    assert not exists(sessions, first)
+
+    second = ended_job(sessions, tmp_path, at=NOW - timedelta(days=3)).job_id
+    clock.now = NOW + PERIOD - timedelta(seconds=1)
+    assert [p.run_once() for p in processes] == [None] * 4  # within the period: nobody
+    assert exists(sessions, second)
+    clock.now = NOW + PERIOD
+    assert processes[2].run_once() == 1
+    assert not exists(sessions, second)
+
+
+def test_it_works_through_every_batch(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    old = NOW - timedelta(days=30)
+    jobs = [ended_job(sessions, tmp_path, at=old).job_id for _ in range(5)]
+    assert Retention(sessions, tmp_path, days=1, clock=Clock(NOW), batch=2).run_once() == 5
+    assert not any(exists(sessions, job_id) for job_id in jobs)
+
+
+def test_the_thread_runs_a_pass_at_start_and_stops(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    job_id = ended_job(sessions, tmp_path, at=NOW - timedelta(days=3)).job_id
+    thread = RetentionThread(Retention(sessions, tmp_path, days=1, clock=Clock(NOW)), 3600)
+    thread.start()
+    try:
+        wait_for(lambda: thread.passes >= 1, timeout_s=30, what="the first retention pass")
+    finally:
+        thread.stop()
+    assert not exists(sessions, job_id)
+
+
+def test_the_api_deletes_expired_jobs_by_itself(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    expired = ended_job(
+        sessions, settings.checkpoint_dir, at=utcnow() - timedelta(days=2, minutes=1)
+    ).job_id
+    kept = ended_job(sessions, settings.checkpoint_dir, at=utcnow() - timedelta(days=1)).job_id
+    with TestClient(create_app(settings.model_copy(update={"retention_days": 2}))) as client:
+        wait_for(
+            lambda: client.get(f"/jobs/{expired}").status_code == 404,
+            timeout_s=30,
+            what="retention to delete the expired job",
+        )
+        assert client.get(f"/jobs/{kept}").status_code == 200
