@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "images", "metrics", "edge", "results", "gpu")
+SECTIONS = ("training", "predict", "images", "metrics", "edge", "results", "artifacts", "gpu")
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -90,6 +90,13 @@ def _results(section: Section, root: Path, args: argparse.Namespace) -> str | No
     return None
 
 
+def _artifacts(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.artifacts import run_artifacts
+
+    run_artifacts(section, root, runs=args.runs)
+    return None
+
+
 def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None:
     from benchmarks.gpu import card_summary
 
@@ -139,6 +146,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "metrics": ("Metrics polling", _metrics),
     "edge": ("The HTTP edge", _edge),
     "results": ("Time to result", _results),
+    "artifacts": ("Artifacts", _artifacts),
     "gpu": ("GPU", _gpu),
 }
 

@@ -6,7 +6,7 @@ import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import numpy as np
 import torch
@@ -136,8 +136,9 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     atomic_torch_save(to_host(model.state_dict()), path)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> SimpleMLP:
-    """A SimpleMLP in eval mode with the weights at ``path``, loaded without unpickling code."""
+def load_model(path: Path | BinaryIO, device: torch.device | str = "cpu") -> SimpleMLP:
+    """A SimpleMLP in eval mode with the weights at ``path`` (a file, or a stored artifact's
+    bytes), loaded without unpickling code."""
     state = torch.load(path, map_location=device, weights_only=True)
     model = SimpleMLP().to(device)
     model.load_state_dict(state)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 LogFormat = Literal["text", "json"]
+ArtifactStore = Literal["database", "folder"]
 
 # Bounds of MNIST_MAX_IMAGE_PIXELS. The ceiling is also Pillow's bomb guard in the API process
 # (service/serving/imaging.py), far below Pillow's default of 89 Mpx.
@@ -51,7 +52,19 @@ class Settings(BaseSettings):
         default=True,
         description="Let torchvision download MNIST when the files are missing.",
     )
-    checkpoint_dir: Path = Field(default=Path("./var/models"))
+    checkpoint_dir: Path = Field(
+        default=Path("./var/models"),
+        description="Where MNIST_ARTIFACTS=folder keeps weights and training states, and "
+        "where models trained under it are read from.",
+    )
+    artifacts: ArtifactStore = Field(
+        default="database",
+        description=(
+            "Where checkpoints and training states are written: in the database, in the "
+            "transaction of the job's row that names them (machines share only the database), "
+            "or as files in MNIST_CHECKPOINT_DIR (one machine, or a shared folder)."
+        ),
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     device: DeviceName = "auto"

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import pytest
 from alembic import command
@@ -18,13 +18,21 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings
+from service.settings import ArtifactStore, Settings
 from service.store.engines import make_engine, make_sessionmaker
 from tests.support import REPO_ROOT, make_small_mnist
 
 POSTGRES_ENV = "MNIST_TEST_POSTGRES_URL"
 DATA_ENV = "MNIST_DATA_DIR"
-TABLES = ("train_steps", "epoch_metrics", "model_aliases", "workers", "jobs", "housekeeping")
+TABLES = (
+    "train_steps",
+    "epoch_metrics",
+    "artifacts",
+    "model_aliases",
+    "workers",
+    "jobs",
+    "housekeeping",
+)
 
 
 def migrate(url: str) -> None:
@@ -164,13 +172,21 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 
 
 @pytest.fixture
-def settings(db_url: str, small_mnist: Path, tmp_path: Path) -> Settings:
+def artifacts(request: pytest.FixtureRequest) -> ArtifactStore:
+    """Where workers write checkpoints (``MNIST_ARTIFACTS``): the default, ``database``, unless
+    a test is marked ``BOTH_STORES`` (tests/support.py), which runs it each way."""
+    return cast(ArtifactStore, getattr(request, "param", "database"))
+
+
+@pytest.fixture
+def settings(db_url: str, small_mnist: Path, tmp_path: Path, artifacts: ArtifactStore) -> Settings:
     """Settings for an in-process app or worker: the test's database, the small data set."""
     return Settings(
         database_url=db_url,
         data_dir=small_mnist,
         download=False,
         checkpoint_dir=tmp_path / "models",
+        artifacts=artifacts,
         device="cpu",
         poll_interval_s=0.05,
         flush_interval_s=0.05,

@@ -20,8 +20,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
+from service.store.artifacts.backends import ArtifactSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -75,6 +77,24 @@ def make_small_mnist(root: Path, train: int = SMALL_TRAIN, test: int = SMALL_TES
         write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+# Runs a test under each MNIST_ARTIFACTS (through the ``artifacts`` fixture of tests/conftest.py).
+BOTH_STORES = pytest.mark.parametrize(
+    "artifacts", ["database", "folder"], ids=["in-db", "in-folder"], indirect=True
+)
+
+
+def stored(settings: Settings, sessions: sessionmaker[Session], ref: str | None) -> bool:
+    """Whether the artifact a job's row names (``ref``) is there to read, wherever it is."""
+    return (
+        ref is not None and ArtifactSource(settings.checkpoint_dir, sessions).open(ref) is not None
+    )
+
+
+def files_only(folder: Path) -> ArtifactSource:
+    """A source for models whose rows name files in ``folder`` (its sessions are never used)."""
+    return ArtifactSource(folder, sessionmaker())
 
 
 def app_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:

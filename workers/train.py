@@ -8,7 +8,6 @@ GPU the step may be replayed from a CUDA graph (:mod:`workers.graphs`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
+from service.store.artifacts.backends import Source
 from workers.data import Mnist, Split
 from workers.graphs import GraphBackend, graphed
 from workers.resume import TrainingState
@@ -68,7 +68,7 @@ def train(
     device: torch.device,
     seed: int,
     report: TrainingReport,
-    resume_from: Path | None = None,
+    resume_from: Source | None = None,
     graphs: GraphBackend | None = None,
 ) -> SimpleMLP:
     """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run.

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
@@ -25,15 +24,17 @@ from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.errors import CancelRequested, LeaseLost
 from service.logs import log_context
-from service.ml import checkpoint_path, resolve_device, save_checkpoint
+from service.ml import resolve_device, to_host
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import queue_repo, wakeups, worker_repo
+from service.store.artifacts.backends import ArtifactSource, Saved, Source, artifacts_for
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
 from workers.data import load_mnist, preload_mnist
 from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
+from workers.host import new_worker_id, pid_alive
 from workers.reporting import (
     Claim,
     Diverged,
@@ -43,29 +44,12 @@ from workers.reporting import (
     Shutdown,
     StorageFailed,
 )
-from workers.resume import remove_resume_files
 from workers.threads import ThreadTuner, process_tuner
 from workers.train import train
 
 log = logging.getLogger("workers")
 
 T = TypeVar("T")
-
-
-def new_worker_id() -> str:
-    """host:pid:random, unique per worker process."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -95,6 +79,8 @@ class Worker:
         self.show_progress = show_progress
         self.host = socket.gethostname()
         self.worker_id = new_worker_id()
+        self.artifacts = artifacts_for(settings)  # where this worker writes
+        self.source = ArtifactSource(settings.checkpoint_dir, sessions)  # what rows name
         self.device = resolve_device(settings.device)
         # On a CPU, "auto" lets the process's tuner pick the thread count step by step.
         self.threads: ThreadTuner | None = None
@@ -243,6 +229,7 @@ class Worker:
             ),
             stop=self.stop,
             checkpoint_dir=self.settings.checkpoint_dir,
+            artifacts=self.artifacts,
             show_progress=self.show_progress,
             threads=self.threads,
             outage=self.outage,
@@ -264,13 +251,13 @@ class Worker:
             )
             graphs = graph_backend(self.device, self.settings.cuda_graphs)
             model = train(params, data, self.device, seed, reporter, resume_from, graphs)
-            path = checkpoint_path(self.settings.checkpoint_dir, f"{job.id}-{job.attempt}")
             try:
-                save_checkpoint(model, path)
+                weights = to_host(model.state_dict())
+                saved = self.artifacts.save(weights, job_id=job.id, attempt=job.attempt)
             except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
                 raise StorageFailed("could not write the checkpoint") from exc
             reporter.drain()  # every step is stored before the job says it succeeded
-            return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=path.name)
+            return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=saved)
         except CancelRequested:
             return self._finish(claim, JobStatus.CANCELLED, reporter)
         except LeaseLost:
@@ -299,15 +286,17 @@ class Worker:
             self.heartbeat.reporter = None
             reporter.close()
 
-    def _resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Path | None:
-        """The saved state a retried job continues from; None to start at epoch 1."""
-        if job.resume_epoch == 0 or job.resume_checkpoint is None:
+    def _resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Source | None:
+        """The saved state a retried job continues from (whichever worker saved it, when it
+        is in the database); None to start at epoch 1."""
+        ref = job.resume_checkpoint
+        if job.resume_epoch == 0 or ref is None:
             return None
-        path = self.settings.checkpoint_dir / Path(job.resume_checkpoint).name
-        if path.is_file():
+        source = self._retry(lambda: self.source.open(ref), "read the training state")
+        if source is not None:
             reporter.resume_at(job.resume_epoch, job.accuracy)
-            return path
-        log.warning("job %s: %s is missing, starting over", job.id, path)
+            return source
+        log.warning("job %s: %s is missing, starting over", job.id, self.source.where(ref))
 
         def forget() -> None:
             with self.sessions.begin() as session:
@@ -325,7 +314,7 @@ class Worker:
         reporter: Reporter,
         *,
         error: str | None = None,
-        checkpoint: str | None = None,
+        checkpoint: Saved | None = None,
     ) -> Outcome:
 
         def finish() -> None:
@@ -338,7 +327,8 @@ class Worker:
                     status=status,
                     now=utcnow(),
                     error=error,
-                    checkpoint=checkpoint,
+                    checkpoint=None if checkpoint is None else checkpoint.ref,
+                    checkpoint_blob=None if checkpoint is None else checkpoint.blob,
                 )
 
         try:
@@ -346,7 +336,7 @@ class Worker:
         except LeaseLost:
             log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        remove_resume_files(self.settings.checkpoint_dir, claim.job_id)
+        self.artifacts.keep_resume(claim.job_id, keep=())
         log.info("job %s %s%s", claim.job_id, status, f": {error}" if error else "")
         return Outcome(claim.job_id, status, reporter.flush_seconds)
 
@@ -392,7 +382,7 @@ class Worker:
         except LeaseLost:
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
         if not again:
-            remove_resume_files(self.settings.checkpoint_dir, claim.job_id)
+            self.artifacts.keep_resume(claim.job_id, keep=())
             log.info("job %s failed: %s on its last attempt", claim.job_id, reason)
             return Outcome(claim.job_id, JobStatus.FAILED, reporter.flush_seconds)
         log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)

@@ -39,6 +39,7 @@ from service.serving.predictor import ModelCache, Predictor
 from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
 from service.store import availability, wakeups
+from service.store.artifacts.backends import ArtifactSource
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.outage import is_outage
 
@@ -193,7 +194,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retention.start()
         app.state.predictor = Predictor(
             app.state.read_sessions,
-            ModelCache(settings.checkpoint_dir, settings.model_cache_size),
+            ModelCache(
+                ArtifactSource(settings.checkpoint_dir, app.state.read_sessions),
+                settings.model_cache_size,
+            ),
             ResolutionCache(settings.model_resolve_ttl_s),
             ForwardBatcher(),
             DecodeSlots(settings.max_decodes, settings.max_decode_queue),

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict, NotFound
 from service.status import TERMINAL
 from service.store import job_repo, model_repo
+from service.store.artifacts.backends import in_database
 
 log = logging.getLogger("service.jobs")
 
@@ -70,8 +71,8 @@ def remove_artifacts(checkpoint_dir: Path, deleted: DeletedJob) -> None:
     job is already gone, and an orphan file costs only disk.
     """
     names = {f"{deleted.job_id}.pt"}
-    if deleted.checkpoint is not None:
-        names.add(Path(deleted.checkpoint).name)
+    if deleted.checkpoint is not None and not in_database(deleted.checkpoint):
+        names.add(Path(deleted.checkpoint).name)  # rows went with the job's (cascade)
     paths = [checkpoint_dir / name for name in names]
     for pattern in (f"{deleted.job_id}-*.pt", f".{deleted.job_id}*.tmp"):
         paths.extend(checkpoint_dir.glob(pattern))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -27,6 +26,8 @@ from service.serving import registry as model_registry
 from service.serving.batching import ForwardBatcher
 from service.serving.decode_slots import DecodeSlots, release_freed_memory
 from service.serving.single_flight import SingleFlight
+from service.store.artifacts.backends import ArtifactSource
+from service.store.availability import unavailable_as_503
 
 # Re-exported: what the predict route tells clients it accepts.
 ACCEPTED_FORMATS_TEXT = imaging.ACCEPTED_FORMATS_TEXT
@@ -91,11 +92,11 @@ class ModelCache:
     cache needs no lock.
     """
 
-    def __init__(self, checkpoint_dir: Path, capacity: int) -> None:
-        self._dir = checkpoint_dir
+    def __init__(self, source: ArtifactSource, capacity: int) -> None:
+        self._source = source
         self._models: LRUCache[str, SimpleMLP] = LRUCache(maxsize=capacity)
         self._loads: SingleFlight[str, SimpleMLP] = SingleFlight()
-        self.loads = 0  # how many times a checkpoint was read from disk
+        self.loads = 0  # how many times a checkpoint was read (from its file or its row)
 
     def __len__(self) -> int:
         return len(self._models)
@@ -115,7 +116,7 @@ class ModelCache:
         self._models.pop(checkpoint, None)
 
     async def get(self, checkpoint: str) -> SimpleMLP:
-        """The model stored in ``checkpoint`` (a file name inside the checkpoints folder)."""
+        """The model stored in ``checkpoint`` (the name a job's row holds)."""
         model = self._models.get(checkpoint)
         if model is not None:
             return model
@@ -128,17 +129,20 @@ class ModelCache:
         return model
 
     def _load(self, checkpoint: str) -> SimpleMLP:
-        # Workers write checkpoints to a temporary name and rename them into place, and record
-        # the name only after that: a file found under its recorded name is whole. A file that
-        # still does not load (damaged on disk) is refused, never half-used.
-        path = self._dir / Path(checkpoint).name
-        if not path.is_file():
-            log.error("cannot load a model: no checkpoint file %s", path)
+        # Workers write a file to a temporary name and rename it into place, or a row in the
+        # transaction that names it, and record the name only after that: what is found
+        # under its recorded name is whole. What still does not load (damaged on disk) is
+        # refused, never half-used.
+        where = self._source.where(checkpoint)
+        with unavailable_as_503("a model load"):
+            source = self._source.open(checkpoint)
+        if source is None:
+            log.error("cannot load a model: no checkpoint in %s", where)
             raise Conflict(model_registry.CHECKPOINT_UNUSABLE)
         try:
-            return load_model(path)
+            return load_model(source)
         except Exception as exc:  # torch raises many types for a damaged file
-            log.error("cannot load a model from %s: %s", path, exc)
+            log.error("cannot load a model from %s: %s", where, exc)
             raise Conflict(model_registry.CHECKPOINT_UNUSABLE) from exc
 
 

@@ -20,6 +20,7 @@ from service.schemas import AliasList, AliasRead, ModelList, ModelRead
 from service.serving.single_flight import SingleFlight
 from service.status import JobStatus
 from service.store import job_repo, model_repo
+from service.store.artifacts import backends as artifacts
 from service.store.availability import unavailable_as_503
 from service.store.tables import Job, ModelAlias
 
@@ -52,21 +53,8 @@ def is_model(job: Job) -> bool:
     return job.status == JobStatus.SUCCEEDED and job.checkpoint is not None
 
 
-def checkpoint_file(checkpoint_dir: Path, job: Job) -> Path:
-    """The weights file of a model (only its name is taken from the database, never a path)."""
-    assert job.checkpoint is not None
-    return checkpoint_dir / Path(job.checkpoint).name
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def to_read(job: Job, checkpoint_dir: Path, aliases: list[str]) -> ModelRead:
-    """A model as the API shows it."""
+def to_read(job: Job, size: int | None, aliases: list[str]) -> ModelRead:
+    """A model as the API shows it (``size``: its weights' bytes, None when they are gone)."""
     assert job.finished_at is not None
     return ModelRead(
         job_id=job.id,
@@ -75,7 +63,7 @@ def to_read(job: Job, checkpoint_dir: Path, aliases: list[str]) -> ModelRead:
         created_at=job.created_at,
         finished_at=job.finished_at,
         device=job.device,
-        checkpoint_bytes=_size(checkpoint_file(checkpoint_dir, job)),
+        checkpoint_bytes=size,
         aliases=aliases,
     )
 
@@ -86,10 +74,17 @@ def list_page(
     """A page of models, most recently finished first."""
     jobs, next_cursor = model_repo.list_models(session, limit=limit, cursor=cursor)
     aliases = model_repo.aliases_of(session, [job.id for job in jobs])
+    sizes = _sizes(session, checkpoint_dir, jobs)
     return ModelList(
-        models=[to_read(job, checkpoint_dir, aliases.get(job.id, [])) for job in jobs],
+        models=[to_read(job, sizes[job.id], aliases.get(job.id, [])) for job in jobs],
         next=next_cursor,
     )
+
+
+def _sizes(session: Session, checkpoint_dir: Path, jobs: list[Job]) -> dict[str, int | None]:
+    """Each model's weights' size, by job id, wherever they are stored."""
+    found = artifacts.sizes(session, checkpoint_dir, [str(job.checkpoint) for job in jobs])
+    return {job.id: found[str(job.checkpoint)] for job in jobs}
 
 
 def model_of(
@@ -123,16 +118,19 @@ def get(session: Session, checkpoint_dir: Path, job_id: str) -> ModelRead:
     """One model."""
     job = model_or_404(session, job_id)
     aliases = model_repo.aliases_of(session, [job.id]).get(job.id, [])
-    return to_read(job, checkpoint_dir, aliases)
+    return to_read(job, _sizes(session, checkpoint_dir, [job])[job.id], aliases)
 
 
-def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> Path:
-    """The weights file of a model, for download; 409 when it is gone from the disk."""
-    path = checkpoint_file(checkpoint_dir, model_or_404(session, job_id))
-    if not path.is_file():
-        log.error("the checkpoint of model %s is missing: no file %s", job_id, path)
+def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> artifacts.Source:
+    """A model's weights, for download: a file, or the bytes of its row (read here, in the
+    route's thread); 409 when they are gone."""
+    job = model_or_404(session, job_id)
+    assert job.checkpoint is not None
+    source = artifacts.read(session, checkpoint_dir, job.checkpoint)
+    if source is None:
+        log.error("the checkpoint of model %s is missing from %s", job_id, checkpoint_dir)
         raise Conflict(CHECKPOINT_UNUSABLE)
-    return path
+    return source
 
 
 def _alias_read(alias: ModelAlias) -> AliasRead:

@@ -24,6 +24,8 @@ from service.errors import LeaseLost
 from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import wakeups
+from service.store.artifacts import repo as artifacts_repo
+from service.store.artifacts.repo import Blob
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
 from service.store.worker_repo import worker_idle
 
@@ -220,6 +222,7 @@ class Progress:
     accuracy: float | None
     resume_checkpoint: str | None = None  # saved with the state after ``resume_epoch``
     resume_epoch: int | None = None  # None: ``epoch``
+    resume_blob: Blob | None = None  # its bytes, when artifacts live in the database
     # A retry of a write whose outcome is unknown (its connection broke): its rows replace
     # any the broken write committed.
     replace: bool = False
@@ -272,6 +275,8 @@ def record_progress(
         raise _lost(job_id, attempt)
     if progress.replace:
         _forget_rows(session, job_id, progress)
+    if progress.resume_blob is not None:  # after the fence: a lost worker stores nothing
+        artifacts_repo.put(session, progress.resume_blob, now=now)
     if progress.steps:
         # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
         # which costs more than the SQL itself.
@@ -338,8 +343,13 @@ def finish_job(
     now: datetime,
     error: str | None = None,
     checkpoint: str | None = None,
+    checkpoint_blob: Blob | None = None,
 ) -> None:
-    """Move a running job to a terminal state. Fenced: raises :class:`LeaseLost`."""
+    """Move a running job to a terminal state. Fenced: raises :class:`LeaseLost`.
+
+    ``checkpoint_blob`` (artifacts in the database) is stored by this transaction, so a job
+    is never ``succeeded`` without its weights; its training states go with it.
+    """
     values: dict[str, Any] = {
         "status": status,
         "finished_at": now,
@@ -350,6 +360,9 @@ def finish_job(
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
     _update_fenced(session, job_id, attempt, worker_id, values)
+    artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
+    if checkpoint_blob is not None:
+        artifacts_repo.put(session, checkpoint_blob, now=now)
     worker_idle(session, worker_id, now)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
 
@@ -388,6 +401,8 @@ def hand_back(
         },
     )
     again = not failed
+    if failed:
+        artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
     if again:
         _update_fenced(
             session,

@@ -1,4 +1,5 @@
-"""ORM tables: jobs, the loss of every training step, the accuracy after every epoch."""
+"""ORM tables: jobs, the loss of every training step, the accuracy after every epoch, and the
+weights and training states kept in the database (``MNIST_ARTIFACTS=database``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -184,6 +186,26 @@ class ReadinessProbe(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     written_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Artifact(Base):
+    """A checkpoint or training state stored in the database (``MNIST_ARTIFACTS=database``).
+
+    Written in the transaction of the job's row that names it (``jobs.checkpoint`` or
+    ``jobs.resume_checkpoint``, as ``db:<name>``): a reader never sees a name without its
+    bytes, nor half of the bytes.
+    """
+
+    __tablename__ = "artifacts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "checkpoint" or "resume"
+    attempt: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)  # resume: saved after it
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Housekeeping(Base):

@@ -98,7 +98,7 @@ def test_every_variable_is_a_setting_with_a_valid_value(monkeypatch: pytest.Monk
         settings_from(env, monkeypatch)  # raises if a value is invalid
 
 
-def test_api_and_workers_share_checkpoints_and_database(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_and_workers_share_the_database_and_no_volume(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = compose()
     services = spec["services"]
     image_env = dockerfile_env()
@@ -106,8 +106,9 @@ def test_api_and_workers_share_checkpoints_and_database(monkeypatch: pytest.Monk
     for name in ("api", "worker", "worker-cpu"):
         service = services[name]
         settings = settings_from({**image_env, **service["environment"]}, monkeypatch)
-        # The checkpoints a worker writes are where the API loads them from: one volume.
-        assert mounts(service)[str(settings.checkpoint_dir)] == "checkpoints", name
+        # The checkpoints a worker writes are rows the API reads: no volume between them.
+        assert settings.artifacts == "database", name
+        assert str(settings.checkpoint_dir) not in mounts(service), name
         url = make_url(settings.database_url)
         assert url.host == "postgres" and url.get_backend_name() == "postgresql", name
         assert (url.username, url.password, url.database) == (
@@ -118,8 +119,9 @@ def test_api_and_workers_share_checkpoints_and_database(monkeypatch: pytest.Monk
         # Migrations run first; the API never starts on an old schema.
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         if name.startswith("worker"):
-            assert mounts(service)[str(settings.data_dir)] == "mnist-data"
+            assert mounts(service) == {str(settings.data_dir): "mnist-data"}  # its own MNIST
         else:
+            assert mounts(service) == {}
             assert service["ports"] == [f"{settings.port}:{settings.port}"]
             assert settings.host == "0.0.0.0"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"

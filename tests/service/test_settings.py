@@ -22,11 +22,20 @@ def test_environment_variables_with_the_prefix_are_read(monkeypatch: pytest.Monk
 
 
 def test_defaults_match_make_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("DATABASE_URL", "DATA_DIR", "CHECKPOINT_DIR", "HOST", "PORT", "DEVICE"):
+    for name in (
+        "DATABASE_URL",
+        "DATA_DIR",
+        "CHECKPOINT_DIR",
+        "HOST",
+        "PORT",
+        "DEVICE",
+        "ARTIFACTS",
+    ):
         monkeypatch.delenv(f"MNIST_{name}", raising=False)
     settings = Settings()
     assert settings.database_url == "sqlite:///./var/mnist.db"
     assert settings.checkpoint_dir == Path("./var/models")
+    assert settings.artifacts == "database"  # right on one machine and on many (README)
     assert settings.data_dir == Path("./data")
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "auto")
 
@@ -35,6 +44,7 @@ def test_defaults_match_make_run(monkeypatch: pytest.MonkeyPatch) -> None:
     ("name", "value", "message"),
     [
         ("MNIST_DEVICE", "tpu", "device"),
+        ("MNIST_ARTIFACTS", "s3", "artifacts"),
         ("MNIST_PORT", "0", "port"),
         ("MNIST_DATABASE_URL", "mysql://x", "sqlite:// or postgresql://"),
         ("MNIST_HEARTBEAT_S", "60", "shorter than MNIST_LEASE_S"),

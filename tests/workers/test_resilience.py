@@ -23,7 +23,16 @@ from service.status import TERMINAL, JobStatus
 from service.store import metric_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
-from tests.support import SMALL_TEST, SMALL_TRAIN, api_server, local_env, process, wait_for
+from tests.service.images import png
+from tests.support import (
+    SMALL_TEST,
+    SMALL_TRAIN,
+    api_server,
+    local_env,
+    process,
+    synthetic_digits,
+    wait_for,
+)
 
 LEASE_S = 2.0
 STEPS_PER_EPOCH = 4000  # 8,000 images, batch 2
@@ -57,10 +66,12 @@ class WorkerPool:
     def __init__(self, stack: ExitStack, env: dict[str, str], folder: Path) -> None:
         self.stack, self.env, self.folder, self.count = stack, env, folder, 0
 
-    def start(self, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(self, *args: str, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """A worker process, with ``settings`` (MNIST_* names, lower case) over the pool's."""
         self.count += 1
         log = self.folder / f"worker-{self.count}.log"
-        proc = self.stack.enter_context(process(["-m", "workers", *args], self.env, log))
+        env = {**self.env, **{f"MNIST_{k.upper()}": v for k, v in settings.items()}}
+        proc = self.stack.enter_context(process(["-m", "workers", *args], env, log))
         return proc, log
 
 
@@ -131,6 +142,45 @@ def test_a_killed_workers_job_resumes_on_another_worker_as_one_run(
     assert epochs == [1, 2, 3]
     _, reference_losses, _ = series(sessions, reference)
     assert losses == reference_losses  # resumed exactly where the saved epoch left off
+
+
+def test_machines_sharing_only_the_database_resume_and_serve_a_killed_workers_job(
+    sessions: sessionmaker[Session], workers: WorkerPool, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Two workers and an API, each with a checkpoint folder of its own (machines with no
+    shared disk): the job is resumed from the database's training state and served from the
+    database's weights."""
+    folders = {name: tmp_path / name for name in ("host-a", "host-b", "host-api")}
+    job_id = submit(sessions, seed=5)
+    first, _ = workers.start(artifacts="database", checkpoint_dir=str(folders["host-a"]))
+    wait_for(
+        lambda: read(sessions, job_id).resume_epoch >= 1,
+        timeout_s=TIMEOUT_S,
+        what="epoch 1's training state to be named",
+    )
+    kill(first)
+    assert read(sessions, job_id).status == JobStatus.RUNNING
+
+    _, log = workers.start(artifacts="database", checkpoint_dir=str(folders["host-b"]))
+    job = wait_status(sessions, job_id, JobStatus.SUCCEEDED, JobStatus.FAILED)
+    assert (job.status, job.attempt) == (JobStatus.SUCCEEDED, 2), job.error
+    assert re.search(r"resuming after epoch [12]\b", log.read_text()), log.read_text()
+    steps, _, epochs = series(sessions, job_id)
+    assert steps == list(range(1, job.total_steps + 1))  # none missing, none twice
+    assert epochs == [1, 2, 3]
+    # Nothing was written to any folder: the weights and states are rows.
+    assert [p for folder in folders.values() if folder.exists() for p in folder.iterdir()] == []
+
+    api_env = {**env, "MNIST_CHECKPOINT_DIR": str(folders["host-api"])}
+    with api_server(api_env, tmp_path / "api.log") as client:
+        digit = png(synthetic_digits(1, seed=3)[0][0])
+        answer = client.post(
+            f"/predict?job_id={job_id}", files={"file": ("d.png", digit, "image/png")}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["job_id"] == job_id
+        weights = client.get(f"/models/{job_id}/checkpoint")
+        assert weights.status_code == 200 and len(weights.content) > 0
 
 
 def test_a_job_whose_worker_always_dies_fails_after_max_attempts(

@@ -10,13 +10,23 @@ from typing import Any
 
 import pytest
 import torch
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.ml import SimpleMLP, atomic_torch_save
+from service.ml import SimpleMLP
+from service.settings import ArtifactStore, Settings
+from service.store.artifacts.backends import (
+    Artifacts,
+    ArtifactSource,
+    DatabaseArtifacts,
+    FolderArtifacts,
+    Saved,
+    artifacts_for,
+)
+from service.store.tables import Artifact
 from tests.jobs import read_job
-from tests.support import SMALL_TRAIN, wait_for
+from tests.support import BOTH_STORES, SMALL_TRAIN, wait_for
 from tests.workers.reports import claimed_reporter
-from workers import resume
 from workers.reporting import Limits, Reporter, Shutdown
 from workers.resume import TrainingState
 from workers.train import make_optimizer
@@ -24,29 +34,41 @@ from workers.train import make_optimizer
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN}
 
 
+# Every test here runs with the states written as files and as rows of the database.
+pytestmark = BOTH_STORES
+
+
+@pytest.fixture
+def store(artifacts: ArtifactStore, tmp_path: Path) -> Artifacts:
+    """The backend ``MNIST_ARTIFACTS=artifacts`` gives, its folder ``tmp_path / "models"``."""
+    return artifacts_for(Settings(artifacts=artifacts, checkpoint_dir=tmp_path / "models"))
+
+
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Holds every training-state write until set (then writes it the real way)."""
     opened = threading.Event()
-    real = atomic_torch_save
+    for backend in (FolderArtifacts, DatabaseArtifacts):
 
-    def held(obj: object, path: Path) -> None:
-        assert opened.wait(timeout=30)
-        real(obj, path)
+        def held(self: Artifacts, obj: object, real: Any = backend.save, **names: Any) -> Saved:
+            assert opened.wait(timeout=30)
+            saved: Saved = real(self, obj, **names)
+            return saved
 
-    monkeypatch.setattr(resume, "atomic_torch_save", held)
+        monkeypatch.setattr(backend, "save", held)
     yield opened
     opened.set()
 
 
 def running_job(
-    sessions: sessionmaker[Session], tmp_path: Path, stop: threading.Event
+    sessions: sessionmaker[Session], tmp_path: Path, stop: threading.Event, store: Artifacts
 ) -> tuple[Reporter, str, TrainingState]:
     reporter, job_id = claimed_reporter(
         sessions,
         PARAMS,
         writes=sessions,
         checkpoint_dir=tmp_path / "models",
+        artifacts=store,
         limits=Limits(lease_s=30, flush_interval_s=3600, shutdown_grace_s=60),
         stop=stop,
     )
@@ -58,15 +80,33 @@ def running_job(
     return reporter, job_id, state
 
 
-def saved(path: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = torch.load(path, weights_only=True)
+def saved(sessions: sessionmaker[Session], tmp_path: Path, ref: str | None) -> dict[str, Any]:
+    """The training state the job's row names, read wherever it is stored."""
+    assert ref is not None
+    source = ArtifactSource(tmp_path / "models", sessions).open(ref)
+    assert source is not None, f"{ref} is not stored"
+    loaded: dict[str, Any] = torch.load(source, weights_only=True)
     return loaded
 
 
+def ref_of(store: Artifacts, name: str) -> str:
+    """What the job's row holds for the state ``name`` in this backend."""
+    return name if isinstance(store, FolderArtifacts) else f"db:{name}"
+
+
+def stored_names(sessions: sessionmaker[Session], tmp_path: Path) -> list[str]:
+    """Every artifact there is: files in the folder (temporary ones too) and rows."""
+    folder = tmp_path / "models"
+    files = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    with sessions() as session:
+        rows = list(session.scalars(select(Artifact.name)))
+    return files + rows
+
+
 def test_the_row_names_a_state_once_it_is_durable_as_it_was_at_the_epochs_end(
-    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event
+    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event, store: Artifacts
 ) -> None:
-    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event())
+    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
     at_epoch_end = {k: v.clone() for k, v in state.model.state_dict().items()}
     reporter.epoch(1, 0.9, state)
     job = read_job(sessions, job_id)
@@ -77,31 +117,37 @@ def test_the_row_names_a_state_once_it_is_durable_as_it_was_at_the_epochs_end(
             p.add_(1.0)
 
     gate.set()
-    path = tmp_path / "models" / f"{job_id}-1-e1.resume.pt"
-    wait_for(path.exists, timeout_s=10, what="the state to be written")
-    reporter.flush()
-    job = read_job(sessions, job_id)
-    assert (job.resume_epoch, job.resume_checkpoint) == (1, path.name)
-    state_file = saved(path)
+
+    def named() -> str | None:
+        reporter.flush()  # names the state once it is written, not before
+        return read_job(sessions, job_id).resume_checkpoint
+
+    ref = wait_for(named, timeout_s=10, what="the state to be written and named")
+    assert ref == ref_of(store, f"{job_id}-1-e1.resume.pt")
+    assert read_job(sessions, job_id).resume_epoch == 1
+    state_file = saved(sessions, tmp_path, ref)
     assert state_file["epoch"] == 1
     for name, value in at_epoch_end.items():
         assert torch.equal(state_file["model"][name], value)
     reporter.close()
-    assert path.exists()  # named by the row: kept
+    assert saved(sessions, tmp_path, ref)["epoch"] == 1  # named by the row: kept
 
 
 def test_a_stopping_worker_hands_the_job_back_with_the_state_in_flight_named(
-    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event
+    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event, store: Artifacts
 ) -> None:
     stop = threading.Event()
-    reporter, job_id, state = running_job(sessions, tmp_path, stop)
+    reporter, job_id, state = running_job(sessions, tmp_path, stop, store)
     stop.set()
     threading.Timer(0.2, gate.set).start()
     with pytest.raises(Shutdown, match="resumes after this epoch"):
         reporter.epoch(1, 0.9, state)
     job = read_job(sessions, job_id)
-    assert (job.resume_epoch, job.resume_checkpoint) == (1, f"{job_id}-1-e1.resume.pt")
-    assert (tmp_path / "models" / str(job.resume_checkpoint)).is_file()
+    assert (job.resume_epoch, job.resume_checkpoint) == (
+        1,
+        ref_of(store, f"{job_id}-1-e1.resume.pt"),
+    )
+    assert saved(sessions, tmp_path, job.resume_checkpoint)["epoch"] == 1
     reporter.close()
 
 
@@ -110,9 +156,10 @@ def test_a_stop_that_comes_during_the_epochs_flush_still_names_its_state(
     tmp_path: Path,
     gate: threading.Event,
     monkeypatch: pytest.MonkeyPatch,
+    store: Artifacts,
 ) -> None:
     stop = threading.Event()
-    reporter, job_id, state = running_job(sessions, tmp_path, stop)
+    reporter, job_id, state = running_job(sessions, tmp_path, stop, store)
     real_flush = reporter._buffer.flush
 
     def flush_then_stop() -> tuple[int, bool]:
@@ -127,16 +174,19 @@ def test_a_stop_that_comes_during_the_epochs_flush_still_names_its_state(
     with pytest.raises(Shutdown, match="resumes after this epoch"):
         reporter.epoch(1, 0.9, state)
     job = read_job(sessions, job_id)
-    assert (job.resume_epoch, job.resume_checkpoint) == (1, f"{job_id}-1-e1.resume.pt")
+    assert (job.resume_epoch, job.resume_checkpoint) == (
+        1,
+        ref_of(store, f"{job_id}-1-e1.resume.pt"),
+    )
     reporter.close()
 
 
 def test_a_state_still_in_flight_when_the_job_ends_is_not_left_behind(
-    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event
+    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event, store: Artifacts
 ) -> None:
-    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event())
+    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
     reporter.epoch(1, 0.9, state)
     threading.Timer(0.2, gate.set).start()
     reporter.close()  # the job ended (cancelled, lost…) before its row named the state
-    assert list((tmp_path / "models").iterdir()) == []  # neither the file nor a temporary one
+    assert stored_names(sessions, tmp_path) == []  # no file, no temporary one, no row
     assert read_job(sessions, job_id).resume_checkpoint is None

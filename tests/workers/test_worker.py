@@ -23,7 +23,7 @@ from service.store import job_repo, metric_repo, queue_repo, worker_repo
 from service.store.engines import make_sessionmaker
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
-from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
+from tests.support import SMALL_TEST, SMALL_TRAIN, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
@@ -56,8 +56,7 @@ def test_a_job_trains_and_records_every_step_and_epoch(
     assert steps[-1]["examples_seen"] == 2 * SMALL_TRAIN
     assert [(e["epoch"], e["examples_seen"]) for e in epochs] == [(1, 640), (2, 1280)]
     assert job.accuracy == epochs[-1]["accuracy"] > 0.9
-    assert job.checkpoint is not None
-    assert (settings.checkpoint_dir / job.checkpoint).is_file()
+    assert stored(settings, sessions, job.checkpoint)
 
 
 def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(
@@ -120,8 +119,7 @@ def test_a_stopping_worker_hands_its_job_back(
     assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
     # It finished the epoch it was in, so a later attempt resumes after it.
     assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 80
-    assert job.resume_checkpoint is not None
-    assert (settings.checkpoint_dir / job.resume_checkpoint).is_file()
+    assert stored(settings, sessions, job.resume_checkpoint)
 
 
 def make_reporter(
@@ -221,10 +219,10 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
 
 def unwritable_checkpoints(settings: Settings, tmp_path: Path) -> Settings:
     """The settings with a checkpoint folder that cannot be made: its parent is a file (a
-    folder's mode would not stop root)."""
+    folder's mode would not stop root); artifacts written to it."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    return settings.model_copy(update={"checkpoint_dir": blocker / "models"})
+    return settings.model_copy(update={"checkpoint_dir": blocker / "models", "artifacts": "folder"})
 
 
 def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.steps import StepPlan
 from service.store import queue_repo
+from service.store.artifacts.repo import Blob
 from workers.reporting.policy import Diverged
 
 
@@ -53,7 +54,8 @@ class ProgressBuffer:
         self.accuracy: float | None = None
         self._epoch_rows: list[dict[str, Any]] = []
         self.resume_file: str | None = None  # the training state the job's row names
-        self._resume_due: tuple[str, int] | None = None  # one written, not yet recorded
+        # One written, not yet recorded: its name, epoch and (database) bytes.
+        self._resume_due: tuple[str, int, Blob | None] | None = None
         self.last_loss: float | None = None
 
     @property
@@ -83,10 +85,10 @@ class ProgressBuffer:
         self.accuracy = accuracy
         self._epoch_rows.append(self.plan.epoch_row(epoch, accuracy))
 
-    def add_resume_point(self, resume_file: str, epoch: int) -> None:
-        """Keep the training state after ``epoch``, durable in ``resume_file``, for the next
-        write to name as the point a retry resumes from."""
-        self._resume_due = (resume_file, epoch)
+    def add_resume_point(self, resume_file: str, epoch: int, blob: Blob | None = None) -> None:
+        """Keep the training state after ``epoch``, durable in ``resume_file`` (or in ``blob``,
+        which the write stores), for the next write to name as the point a retry resumes from."""
+        self._resume_due = (resume_file, epoch, blob)
 
     def _to_host(self) -> None:
         """Bring the device's losses over (the one host copy per flush), checking each."""
@@ -122,6 +124,7 @@ class ProgressBuffer:
             accuracy=self.accuracy,
             resume_checkpoint=None if self._resume_due is None else self._resume_due[0],
             resume_epoch=None if self._resume_due is None else self._resume_due[1],
+            resume_blob=None if self._resume_due is None else self._resume_due[2],
             replace=self._failed_write,
         )
         self._failed_write = True

@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.schemas import JobCreate
 from service.settings import OUTAGE_BUFFER_STEPS
 from service.steps import StepPlan
+from service.store.artifacts.backends import Artifacts, FolderArtifacts
 from service.store.outage import Backoff, Outage, is_outage, retry
 from workers.reporting.buffer import Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay
 from workers.reporting.policy import Limits, StopPolicy, StorageFailed
-from workers.resume import StateWriter, TrainingState, remove_stale_resume_files, resume_path
+from workers.resume import StateWriter, TrainingState
 from workers.threads import ThreadTuner
 
 log = logging.getLogger("workers")
@@ -48,6 +49,7 @@ class Reporter:
         limits: Limits,
         stop: threading.Event,
         checkpoint_dir: Path,
+        artifacts: Artifacts | None = None,  # None: files in checkpoint_dir
         show_progress: bool = True,
         threads: ThreadTuner | None = None,
         outage: Outage | None = None,
@@ -64,7 +66,8 @@ class Reporter:
         )
         self._policy = StopPolicy(job_id=claim.job_id, limits=limits, stop=stop, clock=clock)
         self._stop = stop
-        self._states = StateWriter()
+        self._artifacts = artifacts or FolderArtifacts(checkpoint_dir)
+        self._states = StateWriter(self._artifacts, claim.job_id, claim.attempt)
         self._display = ProgressDisplay(
             job_id=claim.job_id,
             epochs=params.epochs,
@@ -73,7 +76,6 @@ class Reporter:
         )
         self._threads = threads  # told of every step, to time them
         self._timing = False
-        self._checkpoint_dir = checkpoint_dir
         self._clock = clock
         self._flush_interval_s = limits.flush_interval_s
         self._outage = outage or Outage(log, clock=clock)
@@ -115,8 +117,7 @@ class Reporter:
         finished epochs kept.
         """
         if epoch < self._params.epochs:
-            path = resume_path(self._checkpoint_dir, self.claim.job_id, self.claim.attempt, epoch)
-            self._states.submit(state.snapshot(epoch), path, epoch)
+            self._states.submit(state.snapshot(epoch), epoch)
         else:  # the last epoch's flush names what the previous one left (long written by now)
             self._record_written_state(wait=True)
         self._buffer.add_epoch(epoch, accuracy)
@@ -182,7 +183,8 @@ class Reporter:
         except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
             raise StorageFailed("could not write the training state") from exc
         if written is not None:
-            self._buffer.add_resume_point(*written)
+            saved, epoch = written
+            self._buffer.add_resume_point(saved.ref, epoch, saved.blob)
 
     def _write_all(self) -> tuple[int, bool]:
         return retry(self._buffer.flush, outage=self._outage, what="flush", wait=self._wait)
@@ -191,9 +193,7 @@ class Reporter:
         """The job's row names the newest training state now: older ones are not needed."""
         keep = self._buffer.resume_file
         if keep is not None and keep != self._resume_kept:
-            remove_stale_resume_files(
-                self._checkpoint_dir, self.claim.job_id, keep={keep, *self._states.in_flight}
-            )
+            self._artifacts.keep_resume(self.claim.job_id, keep={keep, *self._states.in_flight})
             self._resume_kept = keep
 
     def close(self) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path as PathType
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from service.api.deps import JobIdPath, PredictorDep, SessionDep, SettingsDep, WriteSessionDep
 from service.clock import CURSOR_PATTERN
@@ -92,7 +93,7 @@ def get_model(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> 
 
 @router.get(
     "/{job_id}/checkpoint",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {
             "content": {
@@ -101,12 +102,21 @@ def get_model(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> 
             "description": "The weights.",
         },
         **NOT_FOUND,
-        409: {"model": ErrorEnvelope, "description": "The file is missing."},
+        409: {"model": ErrorEnvelope, "description": "The weights are missing."},
     },
 )
-def download_checkpoint(
-    job_id: JobIdPath, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
-    """The model's weights: a PyTorch state_dict (``torch.load(..., weights_only=True)``)."""
-    path = model_registry.existing_checkpoint(session, settings.checkpoint_dir, job_id)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.pt")
+def download_checkpoint(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> Response:
+    """The model's weights: a PyTorch state_dict (``torch.load(..., weights_only=True)``).
+
+    A file is streamed from the disk; weights stored in the database (a few hundred KB) are
+    read by this route's thread, off the event loop, and sent in one body.
+    """
+    source = model_registry.existing_checkpoint(session, settings.checkpoint_dir, job_id)
+    name = f"{job_id}.pt"
+    if isinstance(source, PathType):
+        return FileResponse(source, media_type="application/octet-stream", filename=name)
+    return Response(
+        source.getvalue(),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

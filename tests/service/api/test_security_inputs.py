@@ -20,7 +20,7 @@ from service.errors import Conflict
 from service.ml import SimpleMLP
 from service.serving.predictor import ModelCache
 from service.store import job_repo
-from tests.support import app_settings
+from tests.support import app_settings, files_only
 
 
 def api_models() -> list[type[BaseModel]]:
@@ -125,7 +125,7 @@ def test_a_checkpoint_name_cannot_leave_the_checkpoints_folder(tmp_path: Path) -
     inside.mkdir()
     outside = tmp_path / "secret.pt"
     torch.save(SimpleMLP().state_dict(), outside)
-    cache = ModelCache(inside, capacity=2)
+    cache = ModelCache(files_only(inside), capacity=2)
     for name in ("../secret.pt", str(outside), "models/../../secret.pt"):
         with pytest.raises(Conflict):
             anyio.run(cache.get, name)

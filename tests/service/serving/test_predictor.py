@@ -26,7 +26,7 @@ from service.serving.registry import CHECKPOINT_UNUSABLE, ModelChoice, Resolutio
 from service.status import JobStatus
 from service.store import job_repo
 from tests.service.images import TUTORIAL, encode, png_claiming_size
-from tests.support import synthetic_digits, wait_until
+from tests.support import files_only, synthetic_digits, wait_until
 
 
 def test_a_28x28_mnist_png_gives_exactly_the_tutorial_tensor(small_mnist: Path) -> None:
@@ -112,7 +112,7 @@ async def release_when_all_wait(
 def test_the_cache_keeps_the_most_recently_used_models(tmp_path: Path) -> None:
     for i in range(3):
         save(tmp_path, f"m{i}.pt", seed=i)
-    cache = ModelCache(tmp_path, capacity=2)
+    cache = ModelCache(files_only(tmp_path), capacity=2)
     m0 = get(cache, "m0.pt")
     get(cache, "m1.pt")
     assert get(cache, "m0.pt") is m0  # a hit: m0 is now the most recent
@@ -138,7 +138,7 @@ def test_concurrent_requests_load_a_checkpoint_once(
         return load_model(path, device)
 
     monkeypatch.setattr("service.serving.predictor.load_model", slow_load)
-    cache = ModelCache(tmp_path, capacity=4)
+    cache = ModelCache(files_only(tmp_path), capacity=4)
     got: list[SimpleMLP] = []
 
     async def ask() -> None:
@@ -171,7 +171,7 @@ def test_loading_one_checkpoint_does_not_hold_up_another(
         return load_model(path, device)
 
     monkeypatch.setattr("service.serving.predictor.load_model", load)
-    cache = ModelCache(tmp_path, capacity=4)
+    cache = ModelCache(files_only(tmp_path), capacity=4)
 
     async def fast() -> None:
         await cache.get("fast.pt")
@@ -200,7 +200,7 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr("service.serving.predictor.load_model", failing)
-    cache = ModelCache(tmp_path, capacity=4)
+    cache = ModelCache(files_only(tmp_path), capacity=4)
     errors: list[str] = []
 
     async def ask() -> None:
@@ -227,7 +227,7 @@ def test_a_half_written_checkpoint_is_never_served(tmp_path: Path) -> None:
     model = save(tmp_path, "whole.pt", seed=3)
     whole = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "m.pt").write_bytes(whole[: len(whole) // 2])
-    cache = ModelCache(tmp_path, capacity=2)
+    cache = ModelCache(files_only(tmp_path), capacity=2)
     with pytest.raises(Conflict) as damaged:
         get(cache, "m.pt")
     with pytest.raises(Conflict) as missing:
@@ -260,7 +260,11 @@ def test_probabilities_sum_to_1_and_top_k_is_ranked(
     x = images_to_tensor([encode(Image.fromarray(i)) for i in images])
     assert x.shape == (5, 1, 28, 28)
     predictor = Predictor(
-        sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher(), DecodeSlots(2, 8)
+        sessions,
+        ModelCache(files_only(tmp_path), 2),
+        ResolutionCache(1.0),
+        ForwardBatcher(),
+        DecodeSlots(2, 8),
     )
 
     async def ask() -> tuple[str, list[dict[str, Any]]]:
@@ -293,7 +297,11 @@ def test_requests_waiting_for_a_load_hold_no_threads(
 
     monkeypatch.setattr("service.serving.predictor.load_model", held_load)
     predictor = Predictor(
-        sessions, ModelCache(tmp_path, 2), ResolutionCache(1.0), ForwardBatcher(), DecodeSlots(2, 8)
+        sessions,
+        ModelCache(files_only(tmp_path), 2),
+        ResolutionCache(1.0),
+        ForwardBatcher(),
+        DecodeSlots(2, 8),
     )
     x = images_to_tensor([encode(Image.new("L", (28, 28)))])
     answered: list[str] = []

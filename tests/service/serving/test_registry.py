@@ -169,8 +169,8 @@ def test_a_job_that_is_not_a_model_is_404_under_models(
         with pytest.raises(Conflict, match="missing"):
             model_registry.existing_checkpoint(session, tmp_path, model)
         (tmp_path / f"{model}-1.pt").write_bytes(b"weights")
-        assert (
-            model_registry.existing_checkpoint(session, tmp_path, model).read_bytes() == b"weights"
+        assert model_registry.existing_checkpoint(session, tmp_path, model) == (
+            tmp_path / f"{model}-1.pt"
         )
 
 

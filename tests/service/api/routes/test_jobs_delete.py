@@ -12,7 +12,7 @@ from service.api.app import create_app
 from service.settings import Settings
 from service.store.tables import Job
 from tests.service.images import png
-from tests.support import synthetic_digits
+from tests.support import BOTH_STORES, stored, synthetic_digits
 
 
 def digit() -> bytes:
@@ -20,6 +20,7 @@ def digit() -> bytes:
     return png(images[0])
 
 
+@BOTH_STORES
 def test_a_trained_job_is_deleted_with_its_checkpoint_and_predict_forgets_it(
     client: TestClient, trained: str, api_settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
@@ -31,13 +32,15 @@ def test_a_trained_job_is_deleted_with_its_checkpoint_and_predict_forgets_it(
         checkpoint = job.checkpoint
     models = client.app.state.predictor.models  # type: ignore[attr-defined]
     assert models.peek(checkpoint) is not None  # loaded and cached by the prediction
-    assert (api_settings.checkpoint_dir / checkpoint).is_file()
+    assert stored(api_settings, sessions, checkpoint)
 
     response = client.delete(f"/jobs/{trained}")
 
     assert response.status_code == 204 and response.content == b""
     assert models.peek(checkpoint) is None
-    assert not [p for p in api_settings.checkpoint_dir.iterdir() if trained in p.name]
+    assert not stored(api_settings, sessions, checkpoint)  # neither its row nor its file
+    folder = api_settings.checkpoint_dir
+    assert not [p for p in folder.iterdir() if trained in p.name] if folder.exists() else True
     for path in (f"/jobs/{trained}", f"/jobs/{trained}/metrics", f"/models/{trained}"):
         assert client.get(path).status_code == 404, path
     refused = client.post(predict, files={"file": ("d.png", digit())})

@@ -11,9 +11,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.ml import SimpleMLP
 from service.settings import Settings
+from service.store.artifacts import repo as artifacts_repo
+from tests.jobs import read_job
 from tests.service.api.routes.conftest import train_job
 from tests.service.images import png
-from tests.support import synthetic_digits
+from tests.support import BOTH_STORES, synthetic_digits
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -37,8 +39,8 @@ def test_models_are_listed_newest_first_and_paged(
     listed = client.get("/models").json()
     assert [m["job_id"] for m in listed["models"]] == [second, first] and listed["next"] is None
     model = listed["models"][0]
-    checkpoint = api_settings.checkpoint_dir / f"{second}-1.pt"
-    assert model["checkpoint_bytes"] == checkpoint.stat().st_size > 0
+    weights = client.get(f"/models/{second}/checkpoint").content
+    assert model["checkpoint_bytes"] == len(weights) > 0
     assert model["params"]["seed"] == 3 and model["params"]["epochs"] == 2
     assert 0 < model["accuracy"] <= 1 and model["finished_at"] and model["aliases"] == []
     assert client.get(f"/models/{second}").json() == model
@@ -61,6 +63,7 @@ def test_a_job_that_is_not_a_model_is_404(client: TestClient) -> None:
     assert client.get("/models/not-an-id").status_code == 422
 
 
+@BOTH_STORES
 def test_the_checkpoint_downloads_as_loadable_weights(
     client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
 ) -> None:
@@ -69,12 +72,16 @@ def test_the_checkpoint_downloads_as_loadable_weights(
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
     assert f'filename="{job_id}.pt"' in response.headers["content-disposition"]
-    path = api_settings.checkpoint_dir / f"{job_id}-1.pt"
-    assert response.content == path.read_bytes()
     model = SimpleMLP()
     model.load_state_dict(torch.load(io.BytesIO(response.content), weights_only=True))
+    job = read_job(sessions, job_id)
+    assert job.checkpoint == (
+        f"{job_id}-1.pt" if api_settings.artifacts == "folder" else f"db:{job_id}-1.pt"
+    )
 
-    path.unlink()
+    with sessions.begin() as session:  # the weights go missing from where they were
+        artifacts_repo.drop(session, job_id)
+    (api_settings.checkpoint_dir / f"{job_id}-1.pt").unlink(missing_ok=True)
     gone = client.get(f"/models/{job_id}/checkpoint")
     assert gone.status_code == 409
     assert (
