@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -41,6 +42,22 @@ def migrate(url: str) -> None:
     config.set_main_option("sqlalchemy.url", url)
     config.attributes["configure_logger"] = False
     command.upgrade(config, "head")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger as it was, after every test.
+
+    ``configure_logging`` (the entry points that some tests run in-process) gives the root a
+    handler bound to the ``sys.stderr`` of that moment, a test's capture, and sets INFO: left
+    in place, every later test's records (httpx's request lines) reach a closed stream, and
+    "--- Logging error ---" lands in whatever a later test reads from its stderr.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
