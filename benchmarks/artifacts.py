@@ -34,7 +34,7 @@ from service.store.artifacts.backends import (
 )
 from service.store.engines import make_engine, make_sessionmaker
 from workers.resume import TrainingState
-from workers.train import make_optimizer
+from workers.training.train import make_optimizer
 
 Commit = Callable[[Saved], None]  # what makes a save durable (a row's transaction)
 LABELS = {"folder": "files (folder)", "sqlite": "SQLite rows", "postgresql": "PostgreSQL rows"}

@@ -1,6 +1,6 @@
 """The floor: the bare training loop on cached tensors, with nothing recorded or persisted.
 
-Written out here rather than calling :func:`workers.train.train`, so that the reference the
+Written out here rather than calling :func:`workers.training.train.train`, so that the reference the
 service is measured against cannot move when the service's loop changes. With the same seed
 it takes the same steps as the worker (same initialisation, same shuffles), so its accuracy
 is the worker's exactly when the worker's loop is faithful.
@@ -17,7 +17,7 @@ from benchmarks.tutorial import Trained
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist
-from workers.train import evaluate
+from workers.training.train import evaluate
 
 
 def floor_train(

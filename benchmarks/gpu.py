@@ -35,9 +35,9 @@ from service.schemas import JobCreate
 from service.store import queue_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist, load_mnist
-from workers.graphs import graph_backend
 from workers.reporting import Claim, Limits, Reporter
-from workers.train import train
+from workers.training.graphs import graph_backend
+from workers.training.train import train
 
 SPEEDUP_GOAL = 30.0
 BIG_GOAL_S = 1.0

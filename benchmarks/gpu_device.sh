@@ -47,8 +47,8 @@ run | tests)
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MNIST_DATA_DIR=/tmp/mnist
     nvidia-smi -L | tee "$out/card.txt" || true
     status=0
-    python3 -m pytest -q -p no:cacheprovider tests/workers/test_graphs.py \
-        tests/workers/test_host_sync.py tests/workers/test_train.py 2>&1 | tee "$out/tests.log" ||
+    python3 -m pytest -q -p no:cacheprovider tests/workers/training/test_graphs.py \
+        tests/workers/test_host_sync.py tests/workers/training/test_train.py 2>&1 | tee "$out/tests.log" ||
         status=1
     if [ "$1" = run ]; then
         python3 -m benchmarks.gpu --runs "${RUNS:-5}" --output "$out/benchmarks-gpu.md" 2>&1 |

@@ -1,11 +1,12 @@
 """Packed training: trials per second against the pack size, and where a packed step's time goes.
 
-A pack of K tutorial-size jobs (:func:`workers.packing.train_packed`) against the same K jobs
-trained one after another by the worker's loop (:func:`workers.train.train`): same seeds,
+A pack of K tutorial-size jobs (:func:`workers.training.packing.train_packed`) against the
+same K jobs
+trained one after another by the worker's loop (:func:`workers.training.train.train`): same seeds,
 learning rates and data (cached in this process), at one intra-op thread count, reports that
 keep nothing. Each figure is the median of ``rounds`` runs, pack and solo alternating, so that
 the machine's swings hit both alike. The split of a packed step comes from ``torch.profiler``
-over the labels :meth:`workers.packing.Pack.step` puts on its parts.
+over the labels :meth:`workers.training.packing.Pack.step` puts on its parts.
 
 Run: ``python -m benchmarks.packing [--threads N] [--sizes 1,2,4,8,16] [--rounds R]``.
 """
@@ -24,9 +25,9 @@ from benchmarks.env import data_dir, load_average
 from benchmarks.stats import median
 from service.schemas import JobCreate
 from workers.data import Mnist, load_mnist
-from workers.packing import Pack, PackedJob, train_packed
 from workers.resume import TrainingState
-from workers.train import train
+from workers.training.packing import Pack, PackedJob, train_packed
+from workers.training.train import train
 
 CPU = torch.device("cpu")
 SIZES = (1, 2, 4, 8, 16)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from service.ml import IMAGE_SIDE_PX, NUM_CLASSES, SimpleMLP
-from workers.train import make_optimizer, train_step
+from workers.training.train import make_optimizer, train_step
 
 log = logging.getLogger("workers")
 

@@ -32,7 +32,6 @@ from service.store.artifacts.backends import ArtifactSource, Saved, Source, arti
 from service.store.outage import Outage, is_outage, retry
 from service.store.tables import Job
 from workers.data import load_mnist, preload_mnist
-from workers.graphs import graph_backend
 from workers.heartbeat import Heartbeat
 from workers.host import new_worker_id, pid_alive
 from workers.reporting import (
@@ -45,7 +44,8 @@ from workers.reporting import (
     StorageFailed,
 )
 from workers.threads import ThreadTuner, process_tuner
-from workers.train import train
+from workers.training.graphs import graph_backend
+from workers.training.train import train
 
 log = logging.getLogger("workers")
 

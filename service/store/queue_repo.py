@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, insert, or_, select, text, update
+from sqlalchemy import and_, delete, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -27,6 +27,7 @@ from service.store import wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
+from service.store.upkeep.leases import expire_lost_jobs, lease_expired
 from service.store.worker_repo import worker_idle
 
 # What a running job given back to the queue becomes: queued, held by no worker.
@@ -36,10 +37,6 @@ _REQUEUED: dict[str, Any] = {
     "lease_expires_at": None,
     "heartbeat_at": None,
 }
-
-
-def _lease_expired(now: datetime) -> Any:
-    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
 
 
 def _fence(job_id: str, attempt: int, worker_id: str) -> Any:
@@ -77,47 +74,6 @@ def _requeued(session: Session, job_id: str) -> None:
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
 
 
-def expire_lost_jobs(session: Session, *, now: datetime) -> int:
-    """Settle the jobs whose worker vanished (their lease ran out); returns how many.
-
-    One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
-    that has used up its attempts ends ``failed``, the others go back to the queue for their
-    next attempt (resuming where the lost one left its training state). Whoever runs it, a
-    worker's claim or any other host, the change publishes its wake-ups: idle workers learn
-    that a job is claimable again, and the jobs' event streams that their status moved.
-    """
-    ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
-    rows = session.execute(
-        update(Job)
-        .where(_lease_expired(now))
-        .values(
-            status=case(
-                (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
-                (Job.attempt >= Job.max_attempts, JobStatus.FAILED.value),
-                else_=JobStatus.QUEUED.value,
-            ),
-            finished_at=case((ending, now), else_=None),
-            error=case(
-                (
-                    and_(Job.cancel_requested.is_(False), Job.attempt >= Job.max_attempts),
-                    "worker lost " + Job.attempt.cast(Job.error.type) + " times",
-                ),
-                else_=Job.error,
-            ),
-            worker_id=case((ending, Job.worker_id), else_=None),
-            heartbeat_at=case((ending, Job.heartbeat_at), else_=None),
-            lease_expires_at=None,
-        )
-        .returning(Job.id, Job.status)
-        .execution_options(synchronize_session=False)
-    ).all()
-    for job_id, status in rows:
-        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-        if status == JobStatus.QUEUED:
-            wakeups.publish(session, wakeups.JOB_QUEUED)
-    return len(rows)
-
-
 def claim_job(
     session: Session, *, worker_id: str, lease_s: float, device: str, now: datetime
 ) -> Job | None:
@@ -133,7 +89,7 @@ def claim_job(
     """
     expire_lost_jobs(session, now=now)
     claimable = and_(
-        or_(Job.status == JobStatus.QUEUED, _lease_expired(now)),
+        or_(Job.status == JobStatus.QUEUED, lease_expired(now)),
         Job.attempt < Job.max_attempts,
         Job.cancel_requested.is_(False),
     )

@@ -13,11 +13,13 @@ from benchmarks.syncs import Syncs, our_caller, synchronisations
 
 def test_a_line_that_synchronises_every_step_is_reported() -> None:
     # 471 steps in 3 epochs: 157 per epoch. Once per job, epoch or flush is far below that.
-    per_job = Counter({"workers/train.py:84 (train)": 4, "workers/train.py:62 (evaluate)": 3})
+    per_job = Counter(
+        {"workers/training/train.py:84 (train)": 4, "workers/training/train.py:62 (evaluate)": 3}
+    )
     assert not Syncs(471, 3, 7, per_job).per_step
-    every_step = per_job + Counter({"workers/train.py:40 (train_step)": 471})
+    every_step = per_job + Counter({"workers/training/train.py:40 (train_step)": 471})
     assert Syncs(471, 3, 7, every_step).per_step
-    one_epoch_of_steps = per_job + Counter({"workers/train.py:40 (train_step)": 157})
+    one_epoch_of_steps = per_job + Counter({"workers/training/train.py:40 (train_step)": 157})
     assert Syncs(471, 3, 7, one_epoch_of_steps).per_step
     # One epoch, one flush: the model's four copies to the card are still not per step.
     assert not Syncs(157, 1, 2, per_job).per_step

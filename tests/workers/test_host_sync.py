@@ -26,7 +26,7 @@ from tests.support import NEEDS_CUDA, SMALL_TEST, SMALL_TRAIN
 from workers.data import load_mnist
 from workers.reporting import Claim, Limits, Reporter
 from workers.resume import TrainingState
-from workers.train import train
+from workers.training.train import train
 
 HOST_COPIES = {
     torch.Tensor.item,

@@ -29,7 +29,7 @@ from tests.support import BOTH_STORES, SMALL_TRAIN, wait_for
 from tests.workers.reports import claimed_reporter
 from workers.reporting import Limits, Reporter, Shutdown
 from workers.resume import TrainingState
-from workers.train import make_optimizer
+from workers.training.train import make_optimizer
 
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN}
 

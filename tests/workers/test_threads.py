@@ -25,7 +25,7 @@ from workers.threads import (
     same_bits_counts,
     typical_step_s,
 )
-from workers.train import train
+from workers.training.train import train
 from workers.worker import Worker
 
 # MKL's strict mode gives a matrix product the same bits at any thread count only with MKL and

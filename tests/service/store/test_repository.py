@@ -18,6 +18,7 @@ from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo, queue_repo
 from service.store.tables import Job, TrainStep
+from service.store.upkeep import leases
 
 LEASE_S = 30.0
 
@@ -156,10 +157,10 @@ def test_an_expired_lease_sends_the_job_back_to_the_queue(sessions: sessionmaker
     start = utcnow()
     assert claim(sessions, "lost", now=start) is not None
     with sessions.begin() as session:
-        assert queue_repo.expire_lost_jobs(session, now=start) == 0  # the lease still holds
+        assert leases.expire_lost_jobs(session, now=start) == 0  # the lease still holds
     with sessions.begin() as session:
         later = start + timedelta(seconds=LEASE_S + 1)
-        assert queue_repo.expire_lost_jobs(session, now=later) == 1
+        assert leases.expire_lost_jobs(session, now=later) == 1
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.QUEUED
@@ -178,7 +179,7 @@ def test_an_expired_lease_of_a_cancelled_job_ends_it(sessions: sessionmaker[Sess
         job_repo.request_cancel(session, job, now=start)
     with sessions.begin() as session:
         later = start + timedelta(seconds=LEASE_S + 1)
-        assert queue_repo.expire_lost_jobs(session, now=later) == 1
+        assert leases.expire_lost_jobs(session, now=later) == 1
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at

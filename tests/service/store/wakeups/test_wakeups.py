@@ -15,6 +15,7 @@ from service.clock import utcnow
 from service.schemas import JobCreate
 from service.store import job_repo, queue_repo, wakeups
 from service.store.engines import make_engine, make_sessionmaker
+from service.store.upkeep import leases
 from service.store.wakeups import JOB_PROGRESS, JOB_QUEUED
 
 WOKEN_WITHIN_S = 10.0  # generous: a wake-up arrives in milliseconds; polling is not involved
@@ -97,7 +98,7 @@ def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
         with listener.subscribe(JOB_PROGRESS, job.id) as progressed:
             with publishing.begin() as session:  # any host's transaction, not only a claim
                 later = start + timedelta(seconds=2)
-                assert queue_repo.expire_lost_jobs(session, now=later) == 1
+                assert leases.expire_lost_jobs(session, now=later) == 1
             assert progressed.wait(WOKEN_WITHIN_S), "the job's streams were not told"
         if cancelled:  # it ended: nothing for a worker to claim
             assert not queued.wait(QUIET_S)

@@ -27,9 +27,9 @@ from service.schemas import JobCreate
 from tests.support import make_small_mnist
 from tests.workers.reports import Recorder
 from workers.data import Mnist, load_mnist
-from workers.packing import PackedJob, pack_key, train_packed
 from workers.resume import TrainingState
-from workers.train import train
+from workers.training.packing import PackedJob, pack_key, train_packed
+from workers.training.train import train
 
 CPU = torch.device("cpu")
 LOSS_RTOL, LOSS_ATOL = 1e-5, 2e-6  # measured 1.7e-6 and 3.6e-7: see the module's docstring

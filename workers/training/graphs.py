@@ -4,7 +4,8 @@ On a GPU a step of this small MLP is a couple of dozen tiny kernels: eager PyTor
 spends longer launching them from Python than the card spends running them. A CUDA graph
 records the step's kernels once; a replay launches them all with one call. The step itself is
 unchanged (the tutorial's forward, loss, ``zero_grad``, backward and Adam step, see
-:func:`workers.train.train_step`), and so are the batches: a replay reads its batch's indices
+:func:`workers.training.train.train_step`), and so are the batches: a replay reads its batch's
+indices
 from a tensor the loop copies them into, and gathers the images on the device.
 
 Capturing needs the step's memory to exist first (Adam's moments, cuBLAS workspaces), so the

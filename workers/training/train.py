@@ -3,7 +3,7 @@
 Read it beside the tutorial: the same model, optimiser, loss, batch order and evaluation. The
 differences are only where the data comes from (one normalised tensor instead of a per-image
 DataLoader), that each loss goes to ``report.step`` instead of ``loss.item()``, and that on a
-GPU the step may be replayed from a CUDA graph (:mod:`workers.graphs`).
+GPU the step may be replayed from a CUDA graph (:mod:`workers.training.graphs`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from service.store.artifacts.backends import Source
 from workers.data import Mnist, Split
-from workers.graphs import GraphBackend, graphed
 from workers.resume import TrainingState
+from workers.training.graphs import GraphBackend, graphed
 
 
 class TrainingReport(Protocol):
@@ -73,7 +73,8 @@ def train(
 ) -> SimpleMLP:
     """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run.
 
-    With ``graphs`` (:func:`workers.graphs.graph_backend`) full batches replay a captured step.
+    With ``graphs`` (:func:`workers.training.graphs.graph_backend`) full batches replay a
+    captured step.
     """
     torch.manual_seed(seed)
     shuffle = torch.Generator(device=device).manual_seed(seed)

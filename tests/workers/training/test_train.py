@@ -10,7 +10,7 @@ import torch
 from service.schemas import JobCreate
 from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
-from workers.train import evaluate, make_optimizer, train
+from workers.training.train import evaluate, make_optimizer, train
 
 CPU = torch.device("cpu")
 

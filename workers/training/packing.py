@@ -4,7 +4,8 @@ The tutorial's model uses a sliver of a core's width per step, so K jobs that sh
 shape (:func:`pack_key`) are stacked along a leading dimension and trained together: K small
 matrix products become one batched product (``torch.baddbmm``/``bmm``), K optimiser updates one
 pass over a [K, P] buffer (issue #17). Each job keeps what makes it itself: its initialisation
-(``SimpleMLP()`` right after ``torch.manual_seed(seed)``, as :func:`workers.train.train`), its
+(``SimpleMLP()`` right after ``torch.manual_seed(seed)``, as
+:func:`workers.training.train.train`), its
 shuffle generator and so its batches, its learning rate, its Adam moments and its report.
 
 The loss is the sum over jobs of each job's mean cross entropy, so each job's gradient is its
@@ -13,7 +14,7 @@ the gradients straight into one flat buffer, which the vectorised Adam update (t
 of torch's fused CPU kernel, with a per-job step size) then reads in one pass, and it spares
 the autograd graph's per-op cost, which dominates a step this small. What differs from a solo
 run is float rounding only (batched versus single products, the order of a few sums);
-tests/workers/test_packing.py measures how much.
+tests/workers/training/test_packing.py measures how much.
 
 A job whose report raises (cancelled, lease lost, diverged, over its time) leaves the pack;
 the others go on with the same numbers. A job's training state is an ordinary SimpleMLP
@@ -36,7 +37,7 @@ from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist
 from workers.resume import TrainingState
-from workers.train import TrainingReport, make_optimizer
+from workers.training.train import TrainingReport, make_optimizer
 
 PACK_FIELDS = ("epochs", "batch_size", "trainset_size", "testset_size")
 
@@ -76,7 +77,7 @@ class PackedJobState(TrainingState):
 
 @dataclass(frozen=True)
 class _Solo:
-    """What :func:`workers.train.train` sets up for one job, before any step."""
+    """What :func:`workers.training.train.train` sets up for one job, before any step."""
 
     state: TrainingState
     torch_rng: torch.Tensor

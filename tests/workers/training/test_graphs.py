@@ -22,9 +22,9 @@ from service.schemas import JobCreate
 from tests.support import NEEDS_CUDA
 from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
-from workers.graphs import WARMUP_STEPS, CudaGraphs, GraphedStep, graph_backend
 from workers.resume import TrainingState
-from workers.train import make_optimizer, train, train_step
+from workers.training.graphs import WARMUP_STEPS, CudaGraphs, GraphedStep, graph_backend
+from workers.training.train import make_optimizer, train, train_step
 
 CPU = torch.device("cpu")
 # 9 full batches of 64 and a last one of 24 in each epoch.

@@ -1,0 +1,63 @@
+"""Leases that ran out: the jobs of workers that vanished, settled in one statement.
+
+Run by every claim (:func:`service.store.queue_repo.claim_job`), on whichever host claims; what
+it changes publishes its wake-ups, so idle workers and the jobs' streams hear of it at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, case, or_, update
+from sqlalchemy.orm import Session
+
+from service.status import JobStatus
+from service.store import wakeups
+from service.store.tables import Job
+
+
+def lease_expired(now: datetime) -> Any:
+    """Running, with its lease past ``now``: its worker stopped renewing it."""
+    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+
+
+def expire_lost_jobs(session: Session, *, now: datetime) -> int:
+    """Settle the jobs whose worker vanished (their lease ran out); returns how many.
+
+    One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
+    that has used up its attempts ends ``failed``, the others go back to the queue for their
+    next attempt (resuming where the lost one left its training state). Whoever runs it, a
+    worker's claim or any other host, the change publishes its wake-ups: idle workers learn
+    that a job is claimable again, and the jobs' event streams that their status moved.
+    """
+    ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
+    rows = session.execute(
+        update(Job)
+        .where(lease_expired(now))
+        .values(
+            status=case(
+                (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),
+                (Job.attempt >= Job.max_attempts, JobStatus.FAILED.value),
+                else_=JobStatus.QUEUED.value,
+            ),
+            finished_at=case((ending, now), else_=None),
+            error=case(
+                (
+                    and_(Job.cancel_requested.is_(False), Job.attempt >= Job.max_attempts),
+                    "worker lost " + Job.attempt.cast(Job.error.type) + " times",
+                ),
+                else_=Job.error,
+            ),
+            worker_id=case((ending, Job.worker_id), else_=None),
+            heartbeat_at=case((ending, Job.heartbeat_at), else_=None),
+            lease_expires_at=None,
+        )
+        .returning(Job.id, Job.status)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for job_id, status in rows:
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        if status == JobStatus.QUEUED:
+            wakeups.publish(session, wakeups.JOB_QUEUED)
+    return len(rows)
