@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,12 +57,12 @@ class Settings(BaseSettings):
         description="Where MNIST_ARTIFACTS=folder keeps weights and training states, and "
         "where models trained under it are read from.",
     )
-    artifacts: ArtifactStore = Field(
-        default="database",
+    artifacts: ArtifactStore | Literal["auto"] = Field(
+        default="auto",
         description=(
-            "Where checkpoints and training states are written: in the database, in the "
-            "transaction of the job's row that names them (machines share only the database), "
-            "or as files in MNIST_CHECKPOINT_DIR (one machine, or a shared folder)."
+            "Where checkpoints and training states are written: in the database (machines "
+            "share only the database), or as files in MNIST_CHECKPOINT_DIR (one machine, or a "
+            "shared folder). auto: folder on SQLite, database on PostgreSQL."
         ),
     )
     host: str = "127.0.0.1"
@@ -313,6 +313,19 @@ class Settings(BaseSettings):
                 "(an upload travels with its multipart framing)"
             )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_artifacts(cls, data: Any) -> Any:
+        """``auto`` picks by the database (the settings are frozen: resolved before they are
+        built). A SQLite file is one machine's, so its folder is as shared as the file, and
+        files keep a state's bytes out of the training thread's flushes (docs/benchmarks.md,
+        the worker's own time). PostgreSQL may serve workers on many machines: the database
+        is the one thing they share."""
+        if isinstance(data, dict) and data.get("artifacts", "auto") == "auto":
+            url = str(data.get("database_url", cls.model_fields["database_url"].default))
+            data = {**data, "artifacts": "folder" if url.startswith("sqlite") else "database"}
+        return data
 
     @field_validator("database_url")
     @classmethod

@@ -35,9 +35,25 @@ def test_defaults_match_make_run(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.database_url == "sqlite:///./var/mnist.db"
     assert settings.checkpoint_dir == Path("./var/models")
-    assert settings.artifacts == "database"  # right on one machine and on many (README)
+    assert settings.artifacts == "folder"  # auto on SQLite: one machine (README)
     assert settings.data_dir == Path("./data")
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "auto")
+
+
+@pytest.mark.parametrize(
+    ("url", "chosen"),
+    [
+        ("sqlite:///./var/mnist.db", "folder"),
+        ("postgresql+psycopg://postgres@db:5432/mnist", "database"),
+    ],
+)
+def test_artifacts_auto_picks_by_the_database(
+    monkeypatch: pytest.MonkeyPatch, url: str, chosen: str
+) -> None:
+    monkeypatch.delenv("MNIST_ARTIFACTS", raising=False)
+    assert Settings(database_url=url).artifacts == chosen
+    for explicit in ("database", "folder"):  # a value set is kept, on every database
+        assert Settings(database_url=url, artifacts=explicit).artifacts == explicit
 
 
 @pytest.mark.parametrize(
