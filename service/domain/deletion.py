@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict, NotFound
 from service.status import TERMINAL
 from service.store import job_repo, model_repo
-from service.store.artifacts.backends import in_database
+from service.store.artifacts.backends import remove_job_files
 
 log = logging.getLogger("service.jobs")
 
@@ -62,25 +62,10 @@ def delete_job(session: Session, job_id: str) -> DeletedJob:
 
 
 def remove_artifacts(checkpoint_dir: Path, deleted: DeletedJob) -> None:
-    """Remove the files of a job whose rows are gone: its weights, every attempt's training
-    state, and any temporary file a write left behind.
-
-    The one place a deleted job's stored artifacts go away. Names are built from the job id
-    (32 hex digits, checked before it reached the database) and the base name its row gave,
-    always inside ``checkpoint_dir``. A file that cannot be removed is logged, not raised: the
-    job is already gone, and an orphan file costs only disk.
-    """
-    names = {f"{deleted.job_id}.pt"}
-    if deleted.checkpoint is not None and not in_database(deleted.checkpoint):
-        names.add(Path(deleted.checkpoint).name)  # rows went with the job's (cascade)
-    paths = [checkpoint_dir / name for name in names]
-    for pattern in (f"{deleted.job_id}-*.pt", f".{deleted.job_id}*.tmp"):
-        paths.extend(checkpoint_dir.glob(pattern))
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("job %s deleted, but its file %s stays: %s", deleted.job_id, path, exc)
+    """Remove the files of a job whose rows are gone (its artifact rows went with them, by
+    cascade): the one place a deleted job's stored artifacts go away. What its files are
+    called is the artifacts store's to say (:func:`remove_job_files`)."""
+    remove_job_files(checkpoint_dir, deleted.job_id, deleted.checkpoint)
 
 
 def delete_job_and_artifacts(session: Session, checkpoint_dir: Path, job_id: str) -> DeletedJob:

@@ -62,6 +62,28 @@ def _file_name(ref: str) -> str:
     return Path(ref).name
 
 
+def remove_job_files(folder: Path, job_id: str, checkpoint: str | None) -> None:
+    """Remove every file of a deleted job in ``folder``: its weights (the name its row gave, and
+    the oldest layout's ``<id>.pt``), every attempt's training state, and any temporary file a
+    write left behind (:func:`service.ml.atomic_torch_save`'s ``.<name>.*.tmp``).
+
+    Names are built from the job id (32 hex digits, checked before it reached the database)
+    and base names only, so nothing outside ``folder`` is touched. A file that cannot be
+    removed is logged, not raised: the job is already gone, and an orphan costs only disk.
+    """
+    names = {f"{job_id}.pt"}
+    if checkpoint is not None and not in_database(checkpoint):
+        names.add(_file_name(checkpoint))
+    paths = [folder / name for name in names]
+    for pattern in (f"{job_id}-*.pt", f".{job_id}*.tmp"):
+        paths.extend(folder.glob(pattern))
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("job %s deleted, but its file %s stays: %s", job_id, path, exc)
+
+
 def _row_name(ref: str) -> str:
     return ref[len(DATABASE_PREFIX) :]
 
