@@ -98,30 +98,34 @@ def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
     raise ApiError(status, error["code"], error["message"], error.get("details"))
 
 
+def _not_the_api(response: httpx.Response) -> ApiError:
+    """A successful answer in a form the service never sends: another server answered."""
+    return ApiError(
+        response.status_code,
+        "not_the_api",
+        f"{_summary(response)}: this is not the MNIST service's API",
+    )
+
+
+def _media_type(response: httpx.Response) -> str:
+    return str(response.headers.get("content-type", "")).split(";")[0].strip()
+
+
 def _json(response: httpx.Response) -> Any:
     """A successful answer's JSON; a page that is not JSON means another server answered."""
-    kind = response.headers.get("content-type", "").split(";")[0].strip()
-    if kind == "application/json":
+    if _media_type(response) == "application/json":
         try:
             return response.json()
         except ValueError:
             pass
-    raise ApiError(
-        response.status_code,
-        "not_the_api",
-        f"{_summary(response)}: this is not the MNIST service's API",
-    )
+    raise _not_the_api(response)
 
 
 def _csv(response: httpx.Response) -> str:
     """A successful CSV answer's text; anything else means another server answered."""
-    if response.headers.get("content-type", "").split(";")[0].strip() == "text/csv":
+    if _media_type(response) == "text/csv":
         return response.text
-    raise ApiError(
-        response.status_code,
-        "not_the_api",
-        f"{_summary(response)}: this is not the MNIST service's API",
-    )
+    raise _not_the_api(response)
 
 
 class Client:
