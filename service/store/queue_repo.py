@@ -252,8 +252,11 @@ def _commit_without_flush(session: Session) -> None:
     thread: waiting for the disk is most of their cost. Claims, lease changes (release, hand
     back) and the final ``finish_job`` keep synchronous commit: what they say is promised to
     another process (a worker told it holds a job, a client told the job ended, a checkpoint
-    named) and must survive a crash of the server once the caller has been told. A flush
-    promises nothing to anyone else; whatever of it a crash loses is written again.
+    named) and must survive a crash of the server once the caller has been told. What this
+    gives up, for step rows alone: a crash of the PostgreSQL server (a clean restart or
+    shutdown writes the WAL first) may lose the last ~0.6 s of committed flushes (3 ×
+    ``wal_writer_delay``), and nothing writes those steps again: the series would have a gap
+    there. SQLite's WAL with ``synchronous=NORMAL`` risks the same on a power loss.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
