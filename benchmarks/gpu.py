@@ -4,9 +4,10 @@ Baseline (the tutorial's loop, batches copied to the card, ``loss.item()`` per s
 (the bare loop on cached tensors) and the service's worker on the same card in the same
 process, the worker both with its default CUDA graph of the step and with eager steps
 (MNIST_CUDA_GRAPHS=false); then the same on 60,000 images, and a count of the host
-synchronisations a job makes (``torch.cuda.set_sync_debug_mode``). Writes
+synchronisations a job makes (``torch.cuda.set_sync_debug_mode``); then sweeps: 1, 64 and
+256 trials packed into one model step against the same trials one at a time. Writes
 docs/benchmarks-gpu.md with the card's name. Goals: the worker ≥ 30× the baseline, 60,000
-images × 3 epochs in under 1 s.
+images × 3 epochs in under 1 s, 64 packed trials ≥ 20× one at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from benchmarks.env import REPO_ROOT, data_dir, load_average, machine_lines, make_workspace
 from benchmarks.floor import floor_train
 from benchmarks.jobs import run_one_job, submit
+from benchmarks.packing import PackRow
+from benchmarks.packing import measure as measure_packing
+from benchmarks.packing import table as packing_table
 from benchmarks.report import Report
 from benchmarks.stats import Series, fmt, fmt_ratio, ratio, verdict
 from benchmarks.syncs import Syncs, synchronisations
@@ -40,6 +44,7 @@ from workers.training.graphs import graph_backend
 from workers.training.train import train
 
 SPEEDUP_GOAL = 30.0
+PACK_GOAL_K, PACK_SPEEDUP_GOAL = 64, 20.0
 BIG_GOAL_S = 1.0
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks-gpu.md"
 SIZES = {"trainset_size", "testset_size"}  # what a figure's jobs are given of its parameters
@@ -110,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainset-size", type=int, default=10_000)
     parser.add_argument("--testset-size", type=int, default=1_000)
     parser.add_argument("--big-trainset-size", type=int, default=60_000)
+    parser.add_argument(
+        "--pack-sizes", default="1,64,256", help="packed sweeps to time (trials per pack)"
+    )
+    parser.add_argument(
+        "--solo-max", type=int, default=64, help="at most this many trials timed one by one"
+    )
     args = parser.parse_args(argv)
     command = shlex.join(
         ["python", "-m", "benchmarks.gpu", *(sys.argv[1:] if argv is None else argv)]
@@ -183,6 +194,8 @@ def measure(
             big_eager.add(run_one_job(eager, sessions, seed=r, **big_sizes).seconds)
         syncs = count_syncs(sessions, data, device, params, ws.checkpoint_dir)
         engine.dispose()
+        sizes_k = [int(k) for k in args.pack_sizes.split(",")]
+        packs = measure_packing(data, sizes_k, params, device=device, solo_max=args.solo_max)
     n = params.trainset_size
     s = report.section(f"Training on {device_name(device)}")
     s.table(
@@ -242,9 +255,36 @@ def measure(
             ],
         ],
     )
+    packed_section(report, packs, device)
     report.write(args.output)
     print(report.render())
     return 0
+
+
+def packed_section(report: Report, rows: list[PackRow], device: torch.device) -> None:
+    """Sweeps on the card: K trials packed into one model step against the same K trials
+    trained one at a time by the worker's loop (issue #17's goal: 64 trials ≥ 20×)."""
+    s = report.section(f"Packed trials on {device_name(device)}")
+    s.para(
+        "K trials of the tutorial's job (learning rates and seeds differ) trained as one pack "
+        "(`workers/training/packing.py`) against the same trials one at a time by the "
+        "worker's loop (`workers/training/train.py`), in this process, nothing stored. "
+        "'(paced)': only the first trials ran one by one and the rest are counted at their "
+        "pace. The step's split is the host's time in each part (on a card, launching its "
+        "kernels)."
+    )
+    s.lines += [packing_table(rows), ""]
+    goal = next((r for r in rows if r.k == PACK_GOAL_K), max(rows, key=lambda r: r.k))
+    speedup = ratio(goal.solo_s, goal.packed_s)
+    s.goal_table(
+        [
+            [
+                f"{goal.k} trials packed ≥ {PACK_SPEEDUP_GOAL:.0f}× one at a time",
+                fmt_ratio(speedup),
+                verdict(speedup >= PACK_SPEEDUP_GOAL),
+            ]
+        ]
+    )
 
 
 def card_summary(path: Path = DEFAULT_OUTPUT) -> list[str] | None:

@@ -54,6 +54,7 @@ class PackRow:
     solo_s: float
     step_ms: float
     shares: dict[str, float]
+    solo_extrapolated: bool = False  # the one-by-one time counts some trials at the others' pace
 
     @property
     def packed_rate(self) -> float:
@@ -71,10 +72,13 @@ def trial(k: int, params: JobCreate) -> tuple[int, JobCreate]:
     return k, params.model_copy(update={"learning_rate": 1e-3 * (1 + k % 4)})
 
 
-def step_split(data: Mnist, k: int, params: JobCreate) -> tuple[float, dict[str, float]]:
-    """A packed step's mean wall time (ms) and each part's share of it, from the profiler."""
+def step_split(
+    data: Mnist, k: int, params: JobCreate, device: torch.device = CPU
+) -> tuple[float, dict[str, float]]:
+    """A packed step's mean wall time (ms) and each part's share of it, from the profiler (the
+    host's time in each part: on a card, the time to launch its kernels)."""
     jobs = [PackedJob(p, seed, Discard()) for seed, p in (trial(i, params) for i in range(k))]
-    pack = Pack(jobs, data, CPU)
+    pack = Pack(jobs, data, device)
     pack.shuffle()
     starts = [(i * params.batch_size) % params.trainset_size for i in range(PROFILED_STEPS)]
     for start in starts[:5]:  # warm up
@@ -83,6 +87,7 @@ def step_split(data: Mnist, k: int, params: JobCreate) -> tuple[float, dict[str,
         began = time.perf_counter()
         for start in starts:
             pack.step(start)
+        _synchronize(device)
         wall = time.perf_counter() - began
     spent = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PARTS}
     shares = {part.removeprefix("pack."): spent.get(part, 0.0) / wall for part in PARTS}
@@ -90,25 +95,45 @@ def step_split(data: Mnist, k: int, params: JobCreate) -> tuple[float, dict[str,
     return wall / len(starts) * 1e3, shares
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for a card's queued work, so that a timer stops after it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(
-    data: Mnist, sizes: Sequence[int] = SIZES, params: JobCreate | None = None, rounds: int = 1
+    data: Mnist,
+    sizes: Sequence[int] = SIZES,
+    params: JobCreate | None = None,
+    rounds: int = 1,
+    *,
+    device: torch.device = CPU,
+    solo_max: int | None = None,
 ) -> list[PackRow]:
-    """For each pack size K: K trials packed, and the same K trials one after another."""
+    """For each pack size K: K trials packed, and the same K trials one after another.
+
+    With ``solo_max``, at most that many trials run one by one and the rest are counted at
+    their median pace (:attr:`PackRow.solo_extrapolated`): 256 solo runs on a lent card would
+    spend its minutes on the slow side of the ratio."""
     params = params or JobCreate()
     rows = []
     for k in sizes:
         trials = [trial(i, params) for i in range(k)]
+        solo_trials = trials[: solo_max or k]
         packed, solo = [], []
         for _ in range(rounds):
+            _synchronize(device)
             began = time.perf_counter()
-            train_packed([PackedJob(p, seed, Discard()) for seed, p in trials], data, CPU)
+            train_packed([PackedJob(p, seed, Discard()) for seed, p in trials], data, device)
+            _synchronize(device)
             packed.append(time.perf_counter() - began)
             began = time.perf_counter()
-            for seed, p in trials:
-                train(p, data, CPU, seed, Discard())
-            solo.append(time.perf_counter() - began)
-        step_ms, shares = step_split(data, k, params)
-        rows.append(PackRow(k, median(packed), median(solo), step_ms, shares))
+            for seed, p in solo_trials:
+                train(p, data, device, seed, Discard())
+            _synchronize(device)
+            solo.append((time.perf_counter() - began) * k / len(solo_trials))
+        step_ms, shares = step_split(data, k, params, device)
+        rows.append(PackRow(k, median(packed), median(solo), step_ms, shares, len(solo_trials) < k))
     return rows
 
 
@@ -122,7 +147,8 @@ def table(rows: Sequence[PackRow]) -> str:
     for r in rows:
         s = r.shares
         lines.append(
-            f"| {r.k} | {r.packed_s:.2f} | {r.packed_rate:.3f} | {r.solo_s:.2f} | "
+            f"| {r.k} | {r.packed_s:.2f} | {r.packed_rate:.3f} | "
+            f"{r.solo_s:.2f}{' (paced)' if r.solo_extrapolated else ''} | "
             f"{r.solo_rate:.3f} | {r.solo_s / r.packed_s:.2f}× | {r.step_ms:.2f} | "
             f"{s['forward']:.0%} | {s['backward']:.0%} | {s['adam']:.0%} | {s['other']:.0%} |"
         )

@@ -82,8 +82,9 @@ class Running:
 
 
 @contextlib.contextmanager
-def service(url: str, root: Path, data: Path) -> Iterator[Running]:
-    """The API and one worker as the README runs them, until the block ends."""
+def service(url: str, root: Path, data: Path, **settings: str) -> Iterator[Running]:
+    """The API and one worker as the README runs them, until the block ends; ``settings``
+    are more MNIST_* settings (``pack_max="1"``)."""
     port = free_port()
     env = service_env(
         database_url=url,
@@ -93,6 +94,7 @@ def service(url: str, root: Path, data: Path) -> Iterator[Running]:
         host="127.0.0.1",
         port=str(port),
         access_log="false",
+        **settings,
     )
     log = root / "service.log"
     command = [str(Path(sys.executable).with_name("mnist-service")), "run", "--workers", "1"]

@@ -25,6 +25,8 @@ def test_the_gpu_benchmark_runs_end_to_end_on_the_cpu(
             f"--trainset-size={SMALL_TRAIN // 2}",
             f"--testset-size={SMALL_TEST}",
             f"--big-trainset-size={SMALL_TRAIN}",
+            "--pack-sizes=1,3",
+            "--solo-max=2",
         ]
     )
     assert code == 0
@@ -40,6 +42,10 @@ def test_the_gpu_benchmark_runs_end_to_end_on_the_cpu(
     assert "640 images × 3 epochs:" in text
     assert "not counted on this device" in text
     assert "could not be captured" not in text
+    # Sweeps: both pack sizes timed, the larger one's solo side paced from its first 2 trials.
+    assert "## Packed trials on cpu" in text
+    assert "\n| 1 | " in text and "(paced)" in text.split("\n| 3 | ")[1].split("\n")[0]
+    assert "| 3 trials packed ≥ 20× one at a time |" in text
     assert text.count("Written by `python -m benchmarks.gpu --device=cpu --runs=1 --output=") == 1
 
     # The CPU document quotes this one: its origin, its card and its summary table.
@@ -47,9 +53,9 @@ def test_the_gpu_benchmark_runs_end_to_end_on_the_cpu(
     assert written.startswith("Written by `python -m benchmarks.gpu --device=cpu")
     assert card.startswith("- GPU: ")
     assert summary[0] == "| area | goal | measured | verdict |"
-    assert len(summary) == 2 + 3 and all(
-        row.startswith("| Training on cpu |") for row in summary[2:]
-    )
+    assert len(summary) == 2 + 4
+    assert all(row.startswith("| Training on cpu |") for row in summary[2:5])
+    assert summary[5].startswith("| Packed trials on cpu |")
 
 
 def test_without_a_cards_document_there_is_nothing_to_quote(tmp_path: Path) -> None:
