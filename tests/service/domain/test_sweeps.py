@@ -69,7 +69,7 @@ def test_a_random_search_is_reproducible_by_its_seed() -> None:
     assert all(1e-4 <= t.learning_rate <= 1e-1 for t in first)
     assert {t.batch_size for t in first} <= {32, 64, 128}
     assert {t.epochs for t in first} <= {1, 2, 3}
-    body["random"]["seed"] = 8  # type: ignore[index]
+    body["random"]["seed"] = 8
     assert expand(spec(**body), max_trials=256) != first
 
 
@@ -159,8 +159,9 @@ def test_the_queue_cap_counts_every_trial(sessions: sessionmaker[Session]) -> No
             sweeps.create(session, spec(grid={"seed": [1, 2, 3]}), **{**LIMITS, "max_queued": 5})
         assert caught.value.headers["Retry-After"] == "30"
         assert "these 3 would make 6" in caught.value.message
+        nine = spec(grid={"seed": list(range(9))})
         with pytest.raises(InvalidInput, match="MNIST_MAX_QUEUED_JOBS"):
-            sweeps.create(session, spec(grid={"seed": list(range(9))}), **{**LIMITS, "max_queued": 5})
+            sweeps.create(session, nine, **{**LIMITS, "max_queued": 5})
     with sessions() as session:
         assert len(session.scalars(select(Job)).all()) == 3
 

@@ -24,7 +24,7 @@ LIMITS = {"max_trials": 256, "max_attempts": 1, "max_queued": 1000, "max_steps":
 def new_sweep(sessions: sessionmaker[Session], trials: int, promote: str | None = None) -> str:
     body = SweepCreate.model_validate({"grid": {"seed": list(range(trials))}, "promote": promote})
     with sessions() as session:
-        return sweeps.create(session, body, **LIMITS).id  # type: ignore[arg-type]
+        return sweeps.create(session, body, **LIMITS).id
 
 
 def claim(sessions: sessionmaker[Session], worker: str, lease_s: float = 30.0) -> Job:
@@ -88,6 +88,9 @@ def test_of_equal_accuracies_the_earliest_trial_is_best(sessions: sessionmaker[S
     for job in (third, second, first):  # finishing order does not matter
         finish(sessions, job, JobStatus.SUCCEEDED, accuracy=0.75)
     assert alias_target(sessions, "tied") == first.id
+    with sessions() as session:
+        best = sweeps.read(session, sweep_id).best
+    assert best is not None and best.job_id == first.id
 
 
 def test_no_success_fails_it_and_moves_no_alias(sessions: sessionmaker[Session]) -> None:
