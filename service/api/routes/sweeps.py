@@ -7,9 +7,16 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Path, Query, Response, status
 
-from service.api.deps import PredictorDep, SessionDep, SettingsDep, WriteSessionDep
-from service.api.routes.jobs import MAX_PAGE
-from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN
+from service.api.deps import (
+    PageCursor,
+    PageLimit,
+    PredictorDep,
+    SessionDep,
+    SettingsDep,
+    WriteSessionDep,
+)
+from service.api.routes.jobs import forget_models
+from service.clock import JOB_ID_PATTERN
 from service.domain import sweeps
 from service.schemas import ErrorEnvelope
 from service.schemas.sweeps import SweepCreate, SweepList, SweepRead
@@ -78,10 +85,8 @@ def create_sweep(
 def list_sweeps(
     session: SessionDep,
     status_: Annotated[SweepStatus | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[
-        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
-    ] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> SweepList:
     """Sweeps, newest first; pass ``next`` back as ``cursor`` for the following page."""
     return sweeps.list_page(session, status=status_, limit=limit, cursor=cursor)
@@ -122,7 +127,4 @@ async def delete_sweep(
     deleted = await anyio.to_thread.run_sync(
         sweeps.delete, session, settings.checkpoint_dir, sweep_id
     )
-    for trial in deleted:
-        if trial.checkpoint is not None:
-            predictor.models.evict(trial.checkpoint)
-    predictor.resolutions.clear()
+    forget_models(predictor, deleted)

@@ -17,6 +17,7 @@ from service.cli import commands as cli
 from service.cli.client import Client
 from service.cli.sweeps import watch_sweep
 from service.settings import Settings
+from tests.service.cli.test_commands import run
 from tests.support import SMALL_TEST, SMALL_TRAIN
 from workers.worker import Worker
 
@@ -24,12 +25,6 @@ TINY = (
     *("--param", "epochs=1", "--param", f"trainset_size={SMALL_TRAIN}"),
     *("--param", f"testset_size={SMALL_TEST}"),
 )
-
-
-def run(client: TestClient, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv), http=cast(httpx.Client, client))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
