@@ -63,18 +63,12 @@ def create(
 ) -> SweepRead:
     """Queue every trial of ``spec`` as a job of a new sweep, all in one transaction.
 
-    422 for a value no job may have (:func:`expand`), a trial over the steps budget, or more
-    trials than ``MNIST_MAX_QUEUED_JOBS`` (they could never all wait); 429 while the queue
-    has no room for all of them (:func:`jobs.check_queue_room`, the cap of ``POST /jobs``).
+    422 for a value no job may have (:func:`expand`) or a trial over the steps budget; 429
+    while the queue has no room for all of them (:func:`jobs.check_queue_room`, the cap of
+    ``POST /jobs``, which names how many would wait).
     """
     trials = expand(spec, max_trials=max_trials)
     _check_trials_steps(spec, trials, max_steps)
-    if len(trials) > max_queued:
-        raise InvalidInput(
-            f"{len(trials)} trials, more than the {max_queued} jobs that may wait at once "
-            "(MNIST_MAX_QUEUED_JOBS)",
-            details=[{"loc": ["body"], "msg": "more trials than MNIST_MAX_QUEUED_JOBS"}],
-        )
     jobs.check_queue_room(session, adding=len(trials), max_queued=max_queued)
     now = utcnow()
     search = (

@@ -159,9 +159,6 @@ def test_the_queue_cap_counts_every_trial(sessions: sessionmaker[Session]) -> No
             sweeps.create(session, spec(grid={"seed": [1, 2, 3]}), **{**LIMITS, "max_queued": 5})
         assert caught.value.headers["Retry-After"] == "30"
         assert "these 3 would make 6" in caught.value.message
-        nine = spec(grid={"seed": list(range(9))})
-        with pytest.raises(InvalidInput, match="MNIST_MAX_QUEUED_JOBS"):
-            sweeps.create(session, nine, **{**LIMITS, "max_queued": 5})
     with sessions() as session:
         assert len(session.scalars(select(Job)).all()) == 3
 
