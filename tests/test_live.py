@@ -157,3 +157,27 @@ def test_the_cli_deletes_an_ended_job_on_a_real_api(json_service: Service) -> No
     again = delete()
     assert again.returncode == 3 and "Traceback" not in again.stderr
     assert job_id in again.stderr
+
+
+def test_the_cli_runs_a_sweep_to_its_end_on_a_real_api(json_service: Service) -> None:
+    """`mnist-service sweep --watch` against real processes: the trials train, the table
+    follows them, exit 0, and the promoted alias names the best trial."""
+    url = str(json_service.client.base_url)
+    params = ["--param", "epochs=1", "--param", f"trainset_size={SMALL_TRAIN}"]
+    params += ["--param", f"testset_size={SMALL_TEST}"]
+    params += ["--grid", "seed=1,2", "--promote", "live-best", "--watch"]
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--url", url, "sweep", *params],
+        cwd=REPO_ROOT,
+        env=json_service.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    sweep_id, summary = done.stdout.strip().splitlines()
+    assert f"sweep {sweep_id}: succeeded" in done.stderr
+    sweep = json_service.client.get(f"/sweeps/{sweep_id}").json()
+    assert sweep["status"] == "succeeded" and summary.startswith(f"sweep {sweep_id} succeeded")
+    alias = json_service.client.get("/models/aliases/live-best").json()
+    assert alias["job_id"] == sweep["best"]["job_id"]

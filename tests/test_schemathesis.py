@@ -46,6 +46,11 @@ SEED = 6  # the issue's number: any fixed seed makes every run the same
 
 load_all_checks()
 ALL_CHECKS = list(CHECKS.get_all())
+# A sweep's limits span its fields: its trial count is the product of its grid's lists, each
+# trial's steps come from several fields, a distribution's ends must lie in the field's range.
+# JSON Schema cannot say so, so a schema-valid sweep may rightly get a 422 naming the field;
+# every other check (no 5xx, status codes, bodies, headers, negative data refused) still holds.
+SWEEP_CHECKS = [c for c in ALL_CHECKS if c.__name__ != "positive_data_acceptance"]
 STATS: dict[str, Any] = {"cases": 0, "statuses": {}, "started": None}
 
 
@@ -155,7 +160,7 @@ def test_the_api_conforms_to_its_schema(case: Any) -> None:
     _make_positive_uploads_images(case)
     response = case.call_and_validate(
         headers={"Authorization": f"Bearer {FULL_KEY}"},
-        checks=ALL_CHECKS,
+        checks=SWEEP_CHECKS if (case.method, case.path) == ("POST", "/sweeps") else ALL_CHECKS,
         timeout=CALL_TIMEOUT_S,  # an event stream that never ends is cut, not waited on
     )
     STATS["cases"] += 1

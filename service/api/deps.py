@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.asgi import query_names
-from service.clock import JOB_ID_PATTERN
+from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN
 from service.errors import InvalidInput, NotFound
 from service.serving.predictor import Predictor
 from service.settings import Settings
@@ -63,6 +63,12 @@ SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+# The paging of every listing (GET /jobs, /models, /sweeps): how many at most, and where from.
+MAX_PAGE = 100
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+PageCursor = Annotated[
+    str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
+]
 JobIdPath = Annotated[
     str, Path(pattern=JOB_ID_PATTERN, description="A job id: 32 lowercase hex digits.")
 ]

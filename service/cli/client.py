@@ -179,6 +179,22 @@ class Client:
         jobs: list[dict[str, Any]] = page["jobs"]
         return jobs
 
+    def create_sweep(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue a sweep (the body of ``POST /sweeps``)."""
+        sweep: dict[str, Any] = self._request("POST", "/sweeps", json=body)
+        return sweep
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        """One sweep with its trials."""
+        sweep: dict[str, Any] = self._request("GET", f"/sweeps/{sweep_id}")
+        return sweep
+
+    def sweeps(self, *, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest sweeps, newest first."""
+        page = self._request("GET", "/sweeps", params={"limit": limit})
+        sweeps: list[dict[str, Any]] = page["sweeps"]
+        return sweeps
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job."""
         job: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/cancel")

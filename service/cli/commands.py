@@ -28,9 +28,11 @@ from service.cli.parser import (
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    UsageError,
     build_parser,
     option_name,
 )
+from service.cli.sweeps import cmd_sweep, cmd_sweeps
 from service.cli.watch import watch
 from service.schemas import JobCreate
 
@@ -46,10 +48,6 @@ __all__ = [  # the command line's entry point, and what its callers compare exit
 ]
 
 BAR_WIDTH = 30  # characters of a probability bar
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible: exit 2, like argparse's own errors."""
 
 
 def _percent(value: float | None, digits: int = 2) -> str:
@@ -230,6 +228,8 @@ def cmd_delete(client: Client, args: argparse.Namespace) -> int:
 CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
+    "sweep": cmd_sweep,
+    "sweeps": cmd_sweeps,
     "metrics": cmd_metrics,
     "predict": cmd_predict,
     "cancel": cmd_cancel,

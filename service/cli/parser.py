@@ -17,10 +17,11 @@ import httpx
 
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
 from service.schemas import JobCreate
+from service.schemas.sweeps import DISTRIBUTIONS
 from service.status import JobStatus
 
 EXIT_OK = 0
-EXIT_JOB_FAILED = 1  # the watched job failed or was cancelled
+EXIT_JOB_FAILED = 1  # the watched job (or sweep) failed or was cancelled
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_API_ERROR = 3  # the API refused the request or could not be reached
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
@@ -29,16 +30,21 @@ EXIT_BROKEN_PIPE = 141  # the reader of our output went away, as a shell reports
 DESCRIPTION = """\
 mnist-service: train and use models through the API, or run the server side.
 
-Client commands (talk to the API over HTTP): submit, jobs, metrics, predict, cancel, delete.
+Client commands (talk to the API over HTTP): submit, jobs, sweep, sweeps, metrics, predict,
+cancel, delete.
 Server commands: api, worker, migrate, run."""
 
 EPILOG = f"""\
 The API's address comes from --url or ${URL_ENV} (default {DEFAULT_URL});
 an API key, where the API wants one, from --api-key or ${API_KEY_ENV}.
-Exit codes: {EXIT_OK} done, {EXIT_JOB_FAILED} the watched job failed or was cancelled,
+Exit codes: {EXIT_OK} done, {EXIT_JOB_FAILED} the watched job or sweep failed or was cancelled,
 {EXIT_USAGE} bad command line, {EXIT_API_ERROR} the API refused, could not be reached or is not
 the MNIST service's, {EXIT_INTERRUPTED} interrupted (Ctrl-C), {EXIT_BROKEN_PIPE} the output was
 closed early (as by | head)."""
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible: exit 2, like argparse's own errors."""
 
 
 def option_name(field: str) -> str:
@@ -78,6 +84,45 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
             metavar="N",
             help=f"{field.description} (API default: {default})",
         )
+
+
+def _add_sweep_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The ``sweep`` and ``sweeps`` subcommands."""
+    sweep = command("sweep", "queue a sweep: a grid or a random search over job parameters")
+    sweep.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a field every trial shares (any of submit's, e.g. epochs=1); repeatable",
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2,...",
+        help="values to try; the trials are every combination of the --grid options",
+    )
+    sweep.add_argument("--random-trials", type=int, metavar="N", help="a random search of N")
+    sweep.add_argument("--random-seed", type=int, metavar="S", help="its seed (default 0)")
+    sweep.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="FIELD=KIND:A:B",
+        help=f"where the random search draws a field; KIND one of {', '.join(DISTRIBUTIONS)} "
+        "(choice:V1:V2:...), e.g. learning_rate=log_uniform:1e-4:1e-1",
+    )
+    sweep.add_argument("--promote", metavar="ALIAS", help="point it at the best trial at the end")
+    sweep.add_argument(
+        "--watch",
+        action="store_true",
+        help="show the trials (status, epoch, accuracy) until the sweep ends; "
+        f"exit {EXIT_JOB_FAILED} if it fails or is cancelled",
+    )
+    sweeps = command("sweeps", "list the newest sweeps")
+    sweeps.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
+    sweeps.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model if the alias is set, else the latest succeeded job's",
     )
     predict.add_argument("--json", action="store_true", help="the API's JSON answer")
+    _add_sweep_commands(command)
     cancel = command("cancel", "cancel a queued or running job")
     cancel.add_argument("job_id", metavar="ID")
     delete = command("delete", "delete a job that has ended, with its metrics and checkpoint")

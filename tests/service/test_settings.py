@@ -68,6 +68,8 @@ def test_artifacts_auto_picks_by_the_database(
         ("MNIST_RETENTION_DAYS", "-3", "retention_days"),
         ("MNIST_RETENTION_DAYS", "a week", "retention_days"),
         ("MNIST_MAX_JOB_STEPS", "0", "max_job_steps"),
+        ("MNIST_MAX_SWEEP_TRIALS", "0", "max_sweep_trials"),
+        ("MNIST_MAX_SWEEP_TRIALS", "10001", "max_sweep_trials"),
     ],
 )
 def test_bad_values_fail_at_start(
@@ -178,6 +180,8 @@ def test_retention_is_off_unless_set_and_the_steps_budget_has_a_default(
     monkeypatch.delenv("MNIST_MAX_JOB_STEPS", raising=False)
     assert Settings().retention_days is None
     assert Settings().max_job_steps == 1_000_000
+    monkeypatch.delenv("MNIST_MAX_SWEEP_TRIALS", raising=False)
+    assert Settings().max_sweep_trials == 256
     monkeypatch.setenv("MNIST_RETENTION_DAYS", "")  # compose's ${MNIST_RETENTION_DAYS:-}
     assert Settings().retention_days is None
     monkeypatch.setenv("MNIST_RETENTION_DAYS", "30")

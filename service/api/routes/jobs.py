@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -12,15 +13,17 @@ from service.api.deps import (
     JobDep,
     JobForUpdateDep,
     JobIdPath,
+    PageCursor,
+    PageLimit,
     PredictorDep,
     SessionDep,
     SettingsDep,
     WriteSessionDep,
 )
-from service.clock import CURSOR_PATTERN
 from service.domain import deletion, jobs
 from service.errors import NotFound
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
+from service.serving.predictor import Predictor
 from service.status import JobStatus
 from service.store.tables import MAX_INTEGER
 
@@ -29,7 +32,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorEnvelope, "description": "No job with this id."}
 }
-MAX_PAGE = 100
 # A 60,000-image job of 10 epochs fits one page: a chart reads it in one request.
 MAX_STEPS_PAGE = 100_000
 DEFAULT_STEPS_PAGE = 1000
@@ -102,10 +104,8 @@ def submit_job(
 def list_jobs(
     session: SessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[
-        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
-    ] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> JobList:
     """Jobs, newest first; pass ``next`` back as ``cursor`` for the following page."""
     return jobs.list_page(session, status=status_, limit=limit, cursor=cursor)
@@ -146,9 +146,16 @@ async def delete_job(
     deleted = await anyio.to_thread.run_sync(
         deletion.delete_job_and_artifacts, session, settings.checkpoint_dir, job_id
     )
-    if deleted.checkpoint is not None:
-        predictor.models.evict(deleted.checkpoint)
-    predictor.resolutions.clear()  # it may have been the default model
+    forget_models(predictor, [deleted])
+
+
+def forget_models(predictor: Predictor, deleted: Iterable[deletion.DeletedJob]) -> None:
+    """Predict forgets deleted jobs' models at once in this process: their cached weights, and
+    every remembered resolution (one of them may have been the default model)."""
+    for job in deleted:
+        if job.checkpoint is not None:
+            predictor.models.evict(job.checkpoint)
+    predictor.resolutions.clear()
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsRead, responses=NOT_FOUND)

@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path as PathType
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, status
+from fastapi import APIRouter, Body, Path, status
 from fastapi.responses import FileResponse, Response
 
-from service.api.deps import JobIdPath, PredictorDep, SessionDep, SettingsDep, WriteSessionDep
-from service.clock import CURSOR_PATTERN
+from service.api.deps import (
+    JobIdPath,
+    PageCursor,
+    PageLimit,
+    PredictorDep,
+    SessionDep,
+    SettingsDep,
+    WriteSessionDep,
+)
 from service.schemas import (
     ALIAS_PATTERN,
     AliasList,
@@ -23,7 +30,6 @@ from service.serving import registry as model_registry
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-MAX_PAGE = 100
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorEnvelope, "description": "No such model or alias."}
 }
@@ -36,10 +42,8 @@ AliasName = Annotated[
 def list_models(
     session: SessionDep,
     settings: SettingsDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    cursor: Annotated[
-        str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
-    ] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> ModelList:
     """Every succeeded job's model, most recently finished first; ``next`` pages on."""
     return model_registry.list_page(session, settings.checkpoint_dir, limit=limit, cursor=cursor)

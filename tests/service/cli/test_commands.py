@@ -27,7 +27,7 @@ from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
 from workers.worker import Worker
 
 COMMANDS = [
-    *("submit", "jobs", "metrics", "predict", "cancel", "delete"),
+    *("submit", "jobs", "sweep", "sweeps", "metrics", "predict", "cancel", "delete"),
     *("api", "worker", "migrate", "run"),
 ]
 

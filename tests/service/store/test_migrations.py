@@ -3,6 +3,7 @@ service's own configuration (no alembic.ini) finds them in a checkout from any d
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from service.store import migrations
 from service.store.engines import make_engine
@@ -69,3 +70,43 @@ def test_the_service_migrates_from_a_checkout_without_alembic_ini(
     finally:
         engine.dispose()
     assert list(tmp_path.iterdir()) == [tmp_path / "fresh.db"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_sweeps_migration_keeps_every_job_and_its_steps(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """0006 adds ``jobs.sweep_id`` in place: on SQLite a batch copy of ``jobs`` would drop the
+    old table, and with foreign keys on that drop would cascade to every step."""
+    url = (
+        request.getfixturevalue("sqlite_url")
+        if backend == "sqlite"
+        else request.getfixturevalue("own_postgres").url
+    )
+    config = config_for(url)
+    command.downgrade(config, "0005")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, status, epochs, batch_size, learning_rate, "
+                    "trainset_size, testset_size, created_at, epoch, step, total_steps, "
+                    "attempt, max_attempts, cancel_requested, resume_epoch) VALUES "
+                    "(:id, 'succeeded', 1, 64, 0.001, 64, 10, :now, 1, 1, 1, 1, 1, false, 0)"
+                ),
+                {"id": "a" * 32, "now": datetime(2026, 1, 1)},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO train_steps (job_id, step, epoch, loss, examples_seen) "
+                    "VALUES (:id, 1, 1, 0.5, 64)"
+                ),
+                {"id": "a" * 32},
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM train_steps")).scalar_one() == 1
+            assert conn.execute(text("SELECT sweep_id FROM jobs")).all() == [(None,)]
+    finally:
+        engine.dispose()
