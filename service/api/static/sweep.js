@@ -193,12 +193,8 @@ async function readMetrics(current) {
   const reader = async () => {
     while (next < due.length) {
       const trial = due[next++];
-      try {
-        const steps = await readTrial(trial);
-        if (steps.length) fresh.set(trial.index, steps);
-      } catch {
-        // Read again next round: after_step only moves on with steps in hand.
-      }
+      const steps = await readTrial(trial);
+      if (steps.length) fresh.set(trial.index, steps);
       trial.readIn = current.round;
     }
   };
@@ -214,19 +210,25 @@ async function readMetrics(current) {
 
 // One trial's steps after those already drawn (pages until a short one), and all its epochs.
 // The metrics read the job's status before its steps: a terminal status with a short page
-// means every step is in hand, and the trial is not read again.
+// means every step is in hand, and the trial is not read again. A failed read ends the trial's
+// turn with the steps read so far: after_step has moved past those only.
 async function readTrial(trial) {
   const steps = [];
-  for (;;) {
-    const page = await api(`/jobs/${trial.job_id}/metrics?after_step=${trial.afterStep}&limit=${STEPS_PAGE}`);
-    steps.push(...page.steps);
-    trial.afterStep = page.next_after_step;
-    trial.epochs = page.epochs;
-    if (page.steps.length < STEPS_PAGE) {
-      trial.done = TERMINAL.has(page.status);
-      return steps;
+  try {
+    for (;;) {
+      const page = await api(`/jobs/${trial.job_id}/metrics?after_step=${trial.afterStep}&limit=${STEPS_PAGE}`);
+      steps.push(...page.steps);
+      trial.afterStep = page.next_after_step;
+      trial.epochs = page.epochs;
+      if (page.steps.length < STEPS_PAGE) {
+        trial.done = TERMINAL.has(page.status);
+        break;
+      }
     }
+  } catch {
+    // Read again in a later round, from where this one stopped.
   }
+  return steps;
 }
 
 function renderAccuracy(current) {
