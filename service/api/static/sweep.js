@@ -166,7 +166,7 @@ function addTrials(current, sweep) {
       Object.assign(known, { status: trial.status, epoch: trial.epoch, accuracy: trial.accuracy });
       continue;
     }
-    const name = [shortId(trial.job_id), swept.map((n) => `${paramLabel(n)} ${trial.params[n]}`).join(", ")].join(" ");
+    const name = [shortId(trial.job_id), swept.map((n) => `${paramLabel(n)} ${paramValue(trial.params[n])}`).join(", ")].join(" ");
     const state = {
       ...trial, index: current.trials.size, name, afterStep: 0, epochs: [], done: false, readIn: 0,
     };
@@ -250,7 +250,7 @@ function renderHeader(sweep) {
   const swept = new Set(sweptNames(sweep));
   const base = Object.entries(sweep.params || {})
     .filter(([name, value]) => !swept.has(name) && value !== null)
-    .map(([name, value]) => `${paramLabel(name)} ${value}`)
+    .map(([name, value]) => `${paramLabel(name)} ${paramValue(value)}`)
     .join(", ");
   const items = [
     ["trials finished", `${done} / ${sweep.trials.length}`],
@@ -289,7 +289,7 @@ function renderTable(current) {
       el("td", {}, badge(t.status)),
       el("td", { class: "num", textContent: `${t.epoch}/${t.params.epochs}` }),
       el("td", { class: "num", textContent: percent(t.accuracy, 2) }),
-      ...swept.map((n) => el("td", { class: "num", textContent: String(t.params[n] ?? "–") })),
+      ...swept.map((n) => el("td", { class: "num", textContent: paramValue(t.params[n]) })),
     ),
   );
   $("sweep-body").replaceChildren(...rows);
@@ -300,6 +300,12 @@ function renderTable(current) {
 // "learning_rate" → "learning rate", as the form labels the fields.
 function paramLabel(name) {
   return name.replaceAll("_", " ");
+}
+
+// A random search draws values such as 0.0015848931924611: four significant digits tell them apart.
+function paramValue(value) {
+  if (value === null || value === undefined) return "–";
+  return typeof value === "number" && !Number.isInteger(value) ? String(Number(value.toPrecision(4))) : String(value);
 }
 
 // One axis per swept parameter whose values are all numbers: a log axis (ticks at the values
@@ -313,11 +319,11 @@ function dimension(name, values, logSearched) {
         (_, i) => 10 ** (Math.ceil(Math.log10(low)) + i));
     return {
       label: `${paramLabel(name)} (log)`, values: values.map(Math.log10),
-      tickvals: ticks.map(Math.log10), ticktext: ticks.map(String),
+      tickvals: ticks.map(Math.log10), ticktext: ticks.map(paramValue),
     };
   }
   const dim = { label: paramLabel(name), values };
-  if (distinct.length <= MAX_TICKS) Object.assign(dim, { tickvals: distinct, ticktext: distinct.map(String) });
+  if (distinct.length <= MAX_TICKS) Object.assign(dim, { tickvals: distinct, ticktext: distinct.map(paramValue) });
   return dim;
 }
 
