@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.schemas.sweeps import SWEEP_TRIALS_CEILING
+
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 LogFormat = Literal["text", "json"]
 ArtifactStore = Literal["database", "folder"]
@@ -219,6 +221,12 @@ class Settings(BaseSettings):
         ge=1,
         description="The most training steps one job may record (epochs × steps per epoch); "
         "POST /jobs answers 422 for a job over it.",
+    )
+    max_sweep_trials: int = Field(
+        default=256,
+        ge=1,
+        le=SWEEP_TRIALS_CEILING,
+        description="The most trials one sweep may have; POST /sweeps answers 422 over it.",
     )
     retention_days: int | None = Field(
         default=None,

@@ -16,3 +16,13 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class SweepStatus(StrEnum):
+    """The states of a sweep: running while any trial is queued or running, then how it
+    ended (a sweep is never queued itself: its trials are)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"

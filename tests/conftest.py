@@ -32,6 +32,7 @@ TABLES = (
     "model_aliases",
     "workers",
     "jobs",
+    "sweeps",
     "housekeeping",
 )
 

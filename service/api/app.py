@@ -28,7 +28,17 @@ from service.api.lanes.polls import MetricsPollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.api.routes import dashboard, events, health, jobs, models, ops, predict, workers
+from service.api.routes import (
+    dashboard,
+    events,
+    health,
+    jobs,
+    models,
+    ops,
+    predict,
+    sweeps,
+    workers,
+)
 from service.api.security import ApiKeyMiddleware, keys_from
 from service.domain.ops import StoreSize, WriteProbe
 from service.domain.retention import Retention, RetentionThread
@@ -234,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(sweeps.router)
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(workers.router)

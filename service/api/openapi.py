@@ -34,6 +34,11 @@ OPERATION_IDS = {
     ("GET", "/jobs/{job_id}/metrics"): "getJobMetrics",
     ("GET", "/jobs/{job_id}/metrics.csv"): "getJobMetricsCsv",
     ("GET", "/jobs/{job_id}/events"): "streamJobEvents",
+    ("POST", "/sweeps"): "createSweep",
+    ("GET", "/sweeps"): "listSweeps",
+    ("GET", "/sweeps/{sweep_id}"): "getSweep",
+    ("POST", "/sweeps/{sweep_id}/cancel"): "cancelSweep",
+    ("DELETE", "/sweeps/{sweep_id}"): "deleteSweep",
     ("POST", "/predict"): "predict",
     ("GET", "/models"): "listModels",
     ("GET", "/models/{job_id}"): "getModel",
@@ -53,6 +58,11 @@ TAGS = [
         "name": "jobs",
         "description": "Training jobs: submit one, follow it (polls or Server-Sent Events), "
         "read every step's loss and every epoch's accuracy, cancel it.",
+    },
+    {
+        "name": "sweeps",
+        "description": "Many trainings at once: a grid or a random search over job parameters, "
+        "each trial an ordinary job; the best can be promoted to a model alias.",
     },
     {"name": "predict", "description": "The digit in an image, read by a trained model."},
     {

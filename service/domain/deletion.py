@@ -31,9 +31,9 @@ class DeletedJob:
     checkpoint: str | None
 
 
-def delete_job(session: Session, job_id: str) -> DeletedJob:
-    """Delete an ended job's rows and commit; 404 unknown, 409 while it is queued or running
-    (cancel it first) or while an alias names it (the alias is named).
+def deletable(session: Session, job_id: str) -> DeletedJob:
+    """Lock an ended job's row for deleting it in this transaction: 404 unknown, 409 while it
+    is queued or running (cancel it first) or while an alias names it (the alias is named).
 
     The check and the delete are one transaction over the locked row
     (:func:`job_repo.lock_job`): a worker cannot claim or finish the job between them (it
@@ -55,7 +55,12 @@ def delete_job(session: Session, job_id: str) -> DeletedJob:
             "or delete it first",
             details=[{"aliases": aliases}],
         )
-    deleted = DeletedJob(job_id=job.id, checkpoint=job.checkpoint)
+    return DeletedJob(job_id=job.id, checkpoint=job.checkpoint)
+
+
+def delete_job(session: Session, job_id: str) -> DeletedJob:
+    """Delete an ended job's rows (:func:`deletable` says when it may go) and commit."""
+    deleted = deletable(session, job_id)
     job_repo.delete_job(session, job_id)
     session.commit()
     return deleted

@@ -58,6 +58,7 @@ def to_read(job: Job) -> JobRead:
         max_attempts=job.max_attempts,
         worker=job.worker_id,
         heartbeat_at=job.heartbeat_at if job.status == JobStatus.RUNNING else None,
+        sweep_id=job.sweep_id,
     )
 
 
@@ -83,6 +84,20 @@ def check_steps(params: JobCreate, *, max_steps: int) -> None:
         )
 
 
+def check_queue_room(session: Session, *, adding: int, max_queued: int) -> None:
+    """429 (``Retry-After``) when ``adding`` more queued jobs would make more than
+    ``max_queued`` (``MNIST_MAX_QUEUED_JOBS``) wait: the one queue cap, of jobs and sweeps'
+    trials alike. Run in the transaction that inserts them (see :func:`submit`)."""
+    queued = job_repo.count_jobs(session, status=JobStatus.QUEUED)
+    if queued + adding > max_queued:
+        waiting = "" if adding == 1 else f"; these {adding} would make {queued + adding}"
+        raise TooManyRequests(
+            f"the queue is full: {queued} jobs are waiting (at most {max_queued}){waiting}; "
+            f"try again in {QUEUE_FULL_RETRY_AFTER_S} s",
+            retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
+        )
+
+
 def submit(
     session: Session, params: JobCreate, *, max_attempts: int, max_queued: int, max_steps: int
 ) -> JobRead:
@@ -93,13 +108,7 @@ def submit(
     exact; on PostgreSQL concurrent submits may pass it by the few that race.
     """
     check_steps(params, max_steps=max_steps)
-    queued = job_repo.count_jobs(session, status=JobStatus.QUEUED)
-    if queued >= max_queued:
-        raise TooManyRequests(
-            f"the queue is full: {queued} jobs are waiting (at most {max_queued}); "
-            f"try again in {QUEUE_FULL_RETRY_AFTER_S} s",
-            retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
-        )
+    check_queue_room(session, adding=1, max_queued=max_queued)
     job = job_repo.create_job(session, params, max_attempts=max_attempts, now=utcnow())
     session.commit()
     return to_read(job)

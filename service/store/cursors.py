@@ -1,6 +1,7 @@
-"""Keyset pages of jobs, newest first, and their cursors: an opaque ``<microseconds>-<job id>``.
+"""Keyset pages, newest first, and their cursors: an opaque ``<microseconds>-<id>``.
 
-One paging rule for every listing (``GET /jobs`` by creation, ``GET /models`` by finish):
+One paging rule for every listing (``GET /jobs`` and ``GET /sweeps`` by creation, ``GET /models``
+by finish):
 ordered by a time column then the id, both descending, resumed strictly after the last row
 shown, so rows written meanwhile never shift a page.
 """
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from service.clock import CURSOR_PATTERN
 from service.errors import InvalidInput
-from service.store.tables import Job
+
+Row = TypeVar("Row")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -39,23 +42,24 @@ def decode_cursor(cursor: str, source: str) -> tuple[datetime, str]:
 
 def newest_first(
     session: Session,
-    stmt: Select[Job],
+    stmt: Select[Row],
     when: InstrumentedAttribute[datetime] | InstrumentedAttribute[datetime | None],
     *,
     limit: int,
     cursor: str | None,
     source: str,
-) -> tuple[list[Job], str | None]:
-    """A page of ``stmt``'s jobs ordered by ``when`` then id, newest first, and the next cursor
-    (None on the last page)."""
-    stmt = stmt.order_by(when.desc(), Job.id.desc()).limit(limit + 1)
+) -> tuple[list[Row], str | None]:
+    """A page of ``stmt``'s rows (of the table ``when`` belongs to, keyed by its ``id``)
+    ordered by ``when`` then id, newest first, and the next cursor (None on the last page)."""
+    key: Any = when.class_.id
+    stmt = stmt.order_by(when.desc(), key.desc()).limit(limit + 1)
     if cursor is not None:
-        after, job_id = decode_cursor(cursor, source)
-        stmt = stmt.where(or_(when < after, and_(when == after, Job.id < job_id)))
-    jobs = list(session.scalars(stmt))
+        after, row_id = decode_cursor(cursor, source)
+        stmt = stmt.where(or_(when < after, and_(when == after, key < row_id)))
+    jobs: list[Row] = list(session.scalars(stmt))
     if len(jobs) <= limit:
         return jobs, None
     last = jobs[limit - 1]
     last_when = getattr(last, when.key)
     assert last_when is not None
-    return jobs[:limit], encode_cursor(last_when, last.id)
+    return jobs[:limit], encode_cursor(last_when, getattr(last, key.key))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
@@ -14,11 +15,19 @@ from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
 from service.store import wakeups
 from service.store.cursors import newest_first
+from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
 
 
-def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: datetime) -> Job:
-    """Insert a queued job."""
+def create_job(
+    session: Session,
+    params: JobCreate,
+    *,
+    max_attempts: int,
+    now: datetime,
+    sweep_id: str | None = None,
+) -> Job:
+    """Insert a queued job (a trial of ``sweep_id``, if given)."""
     job = Job(
         id=new_job_id(),
         status=JobStatus.QUEUED,
@@ -29,6 +38,7 @@ def create_job(session: Session, params: JobCreate, *, max_attempts: int, now: d
         step=0,
         attempt=0,
         cancel_requested=False,
+        sweep_id=sweep_id,
         **params.model_dump(),
     )
     session.add(job)
@@ -117,26 +127,44 @@ def latest_succeeded_job(session: Session) -> Job | None:
     return session.scalars(stmt).first()
 
 
+def _cancel(session: Session, which: Any, *, now: datetime) -> list[str | None]:
+    """The cancel rule, for the jobs ``which`` selects: queued ones end ``cancelled`` now,
+    running ones are flagged for their worker to stop, and their streams hear of it. Returns
+    the sweeps of the jobs that ended, for the caller to settle."""
+    ended = session.execute(
+        update(Job)
+        .where(which, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True)
+        .returning(Job.id, Job.sweep_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    flagged = session.scalars(
+        update(Job)
+        .where(which, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for job_id in [row[0] for row in ended] + list(flagged):
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+    return [row[1] for row in ended]
+
+
 def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
     """Cancel a queued job at once, or flag a running one for its worker to stop.
 
     Returns the job as it now is; the caller checks that it was not already finished.
     """
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
-        .values(cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
+    sweep_repo.settle_all(session, _cancel(session, Job.id == job.id, now=now), now)
     session.refresh(job)
-    wakeups.publish(session, wakeups.JOB_PROGRESS, job.id)
     return job
+
+
+def cancel_trials(session: Session, sweep_id: str, *, now: datetime) -> None:
+    """Cancel every queued and running trial of a sweep, by the rule a single job's follows;
+    the caller marks the sweep cancelled, then settles it (jobs' rows first, then the sweep's:
+    the lock order of :mod:`service.store.sweep_repo`)."""
+    _cancel(session, Job.sweep_id == sweep_id, now=now)
 
 
 @dataclass(frozen=True)

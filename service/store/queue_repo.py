@@ -26,6 +26,7 @@ from service.steps import StepPlan
 from service.store import wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
+from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
 from service.store.upkeep.leases import expire_lost_jobs, lease_expired
 from service.store.worker_repo import worker_idle
@@ -324,6 +325,7 @@ def finish_job(
         artifacts_repo.put(session, checkpoint_blob, now=now)
     worker_idle(session, worker_id, now)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+    sweep_repo.job_ended(session, job_id, now)
 
 
 def release_job(
@@ -362,6 +364,7 @@ def hand_back(
     again = not failed
     if failed:
         artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
+        sweep_repo.job_ended(session, job_id, now)
     if again:
         _update_fenced(
             session,

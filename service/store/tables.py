@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -118,12 +119,35 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The sweep this job is a trial of; None for a job submitted alone.
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id"), nullable=True, index=True)
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_finished_at", "finished_at"),
     )
+
+
+class Sweep(Base):
+    """A search over job parameters whose trials are ordinary jobs (``jobs.sweep_id``).
+
+    ``status`` is ``running`` until every trial has ended, then settled once
+    (:func:`service.store.sweeps.repo.settle`) by whichever transaction ends the last one.
+    """
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # a SweepStatus
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)  # the base JobCreate
+    search: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"grid": …} or {"random": …}
+    promote: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (Index("ix_sweeps_created_at_id", "created_at", "id"),)
 
 
 class TrainStep(Base):

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.status import JobStatus
 from service.store import wakeups
+from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 
 
@@ -25,11 +26,12 @@ def lease_expired(now: datetime) -> Any:
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     """Settle the jobs whose worker vanished (their lease ran out); returns how many.
 
-    One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
-    that has used up its attempts ends ``failed``, the others go back to the queue for their
-    next attempt (resuming where the lost one left its training state). Whoever runs it, a
-    worker's claim or any other host, the change publishes its wake-ups: idle workers learn
-    that a job is claimable again, and the jobs' event streams that their status moved.
+        One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
+        that has used up its attempts ends ``failed``, the others go back to the queue for their
+        next attempt (resuming where the lost one left its training state); the sweeps of those that
+    ended are settled (:func:`sweep_repo.settle`). Whoever runs it, a
+        worker's claim or any other host, the change publishes its wake-ups: idle workers learn
+        that a job is claimable again, and the jobs' event streams that their status moved.
     """
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
     rows = session.execute(
@@ -53,11 +55,13 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
             heartbeat_at=case((ending, Job.heartbeat_at), else_=None),
             lease_expires_at=None,
         )
-        .returning(Job.id, Job.status)
+        .returning(Job.id, Job.status, Job.sweep_id)
         .execution_options(synchronize_session=False)
     ).all()
-    for job_id, status in rows:
+    for job_id, status, _ in rows:
         wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
         if status == JobStatus.QUEUED:
             wakeups.publish(session, wakeups.JOB_QUEUED)
+    ended = [sweep_id for _, status, sweep_id in rows if status != JobStatus.QUEUED]
+    sweep_repo.settle_all(session, ended, now)
     return len(rows)

@@ -81,6 +81,9 @@ class JobRead(StrictModel):
     max_attempts: int
     worker: str | None = Field(description="The worker holding (or that last held) the job.")
     heartbeat_at: datetime | None
+    sweep_id: str | None = Field(
+        default=None, description="The sweep this job is a trial of; null for a job alone."
+    )
 
 
 class JobList(StrictModel):

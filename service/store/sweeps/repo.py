@@ -1,0 +1,171 @@
+"""Sweeps' rows: create, read, list, cancel, delete, and :func:`settle`, the one rule that
+ends a sweep, run in the transaction of every write that ends one of its trials.
+
+Lock order, on PostgreSQL: a trial's job row first, then the sweep's row (:func:`settle`
+locks it). Every path that ends jobs writes them before it settles their sweeps, so two of
+them never wait on each other in a circle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from service.clock import new_job_id
+from service.status import JobStatus, SweepStatus
+from service.store import model_repo
+from service.store.cursors import newest_first
+from service.store.tables import Job, Sweep
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def create_sweep(
+    session: Session,
+    *,
+    params: dict[str, Any],
+    search: dict[str, Any],
+    promote: str | None,
+    now: datetime,
+) -> Sweep:
+    """Insert a running sweep (its trials are inserted by the caller, in this transaction)."""
+    sweep = Sweep(
+        id=new_job_id(),
+        status=SweepStatus.RUNNING.value,
+        params=params,
+        search=search,
+        promote=promote,
+        cancel_requested=False,
+        created_at=now,
+    )
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def get_sweep(session: Session, sweep_id: str) -> Sweep | None:
+    """The sweep with this id, or None."""
+    return session.get(Sweep, sweep_id)
+
+
+def lock_sweep(session: Session, sweep_id: str) -> Sweep | None:
+    """The sweep read afresh and locked until the transaction ends (``FOR UPDATE`` on
+    PostgreSQL; SQLite's write transactions run one at a time), or None."""
+    stmt = select(Sweep).where(Sweep.id == sweep_id).with_for_update()
+    return session.scalars(stmt.execution_options(populate_existing=True)).first()
+
+
+def list_sweeps(
+    session: Session, *, status: SweepStatus | None, limit: int, cursor: str | None
+) -> tuple[list[Sweep], str | None]:
+    """A page of sweeps, newest first, and the cursor of the next page (None on the last)."""
+    stmt = select(Sweep)
+    if status is not None:
+        stmt = stmt.where(Sweep.status == status.value)
+    return newest_first(
+        session, stmt, Sweep.created_at, limit=limit, cursor=cursor, source="GET /sweeps"
+    )
+
+
+def trials(session: Session, sweep_id: str) -> list[Job]:
+    """The sweep's trials, read afresh, in the order they were queued."""
+    stmt = select(Job).where(Job.sweep_id == sweep_id).order_by(Job.created_at, Job.id)
+    return list(session.scalars(stmt.execution_options(populate_existing=True)))
+
+
+def trial_ids(session: Session, sweep_id: str) -> list[str]:
+    """The ids of the sweep's trials, in the order they were queued."""
+    stmt = select(Job.id).where(Job.sweep_id == sweep_id).order_by(Job.created_at, Job.id)
+    return list(session.scalars(stmt))
+
+
+def counts_by_status(session: Session, sweep_ids: Sequence[str]) -> dict[str, dict[JobStatus, int]]:
+    """How many trials of each sweep are in each state (every state present, 0 when none)."""
+    counts = {sweep_id: dict.fromkeys(JobStatus, 0) for sweep_id in sweep_ids}
+    if not sweep_ids:
+        return counts
+    stmt = (
+        select(Job.sweep_id, Job.status, func.count())
+        .where(Job.sweep_id.in_(sweep_ids))
+        .group_by(Job.sweep_id, Job.status)
+    )
+    for sweep_id, status, count in session.execute(stmt):
+        counts[str(sweep_id)][JobStatus(status)] = int(count)
+    return counts
+
+
+def best_trial(session: Session, sweep_id: str) -> Job | None:
+    """The succeeded trial of highest accuracy; of equals, the earliest queued."""
+    stmt = (
+        select(Job)
+        .where(
+            Job.sweep_id == sweep_id,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.accuracy.is_not(None),
+        )
+        .order_by(Job.accuracy.desc(), Job.created_at, Job.id)
+        .limit(1)
+    )
+    return session.scalars(stmt.execution_options(populate_existing=True)).first()
+
+
+def request_cancel(session: Session, sweep: Sweep) -> None:
+    """Remember that the sweep was cancelled: it ends ``cancelled`` once its trials have."""
+    sweep.cancel_requested = True
+    session.flush()
+
+
+def delete_sweep(session: Session, sweep_id: str) -> None:
+    """Delete a sweep's row; the caller has deleted its trials (a reference keeps it else)."""
+    session.execute(delete(Sweep).where(Sweep.id == sweep_id))
+
+
+def settle(session: Session, sweep_id: str, now: datetime) -> None:
+    """End the sweep if none of its trials is queued or running any more; else nothing.
+
+    Run in the transaction that ended a trial, after that write: the sweep's row is locked
+    first, so of two trials ending at once the second to commit sees the first ended, and
+    exactly one of them ends the sweep. It ends ``cancelled`` if it was cancelled, else
+    ``succeeded`` when a trial succeeded, ``failed`` when none did. A succeeded sweep with
+    ``promote`` points that alias at its best trial, as ``PUT /models/aliases/{name}`` does:
+    the model's row locked (shared) and the alias upserted (:func:`model_repo.set_alias`).
+    """
+    sweep = lock_sweep(session, sweep_id)
+    if sweep is None or sweep.status != SweepStatus.RUNNING:
+        return
+    counts = counts_by_status(session, [sweep_id])[sweep_id]
+    if any(counts[status] for status in UNFINISHED):
+        return
+    if sweep.cancel_requested:
+        status = SweepStatus.CANCELLED
+    elif counts[JobStatus.SUCCEEDED]:
+        status = SweepStatus.SUCCEEDED
+    else:
+        status = SweepStatus.FAILED
+    sweep.status, sweep.finished_at = status.value, now
+    session.flush()
+    if status is not SweepStatus.SUCCEEDED or sweep.promote is None:
+        return
+    best = best_trial(session, sweep_id)
+    if best is None or best.checkpoint is None:
+        return
+    locked = select(Job.id).where(Job.id == best.id).with_for_update(read=True)
+    if session.scalar(locked) is not None:
+        model_repo.set_alias(session, name=sweep.promote, job_id=best.id, now=now)
+
+
+def settle_all(session: Session, sweep_ids: Iterable[str | None], now: datetime) -> None:
+    """:func:`settle` each of these sweeps (None: a job of no sweep), in id order, so two
+    transactions that end trials of the same sweeps lock their rows in the same order."""
+    for sweep_id in sorted({s for s in sweep_ids if s is not None}):
+        settle(session, sweep_id, now)
+
+
+def job_ended(session: Session, job_id: str, now: datetime) -> None:
+    """A job has just reached a terminal state in this transaction: settle its sweep, if any."""
+    sweep_id = session.scalar(select(Job.sweep_id).where(Job.id == job_id))
+    settle_all(session, [sweep_id], now)
