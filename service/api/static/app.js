@@ -520,7 +520,7 @@ function setupKey() {
 
 function route() {
   const job = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
-  const sweep = location.hash.match(/^#\/sweeps\/([0-9A-Za-z_-]{1,64})$/);
+  const sweep = location.hash.match(/^#\/sweeps\/([0-9a-f]{32})$/);
   closeStream();
   leaveSweep();
   $("view-job").hidden = !job;

@@ -339,7 +339,9 @@ function renderParcoords(current) {
     if (values.every((v) => typeof v === "number")) dims.push(dimension(name, values, "log_uniform" in (space[name] || {})));
   }
   const accuracy = scored.map((t) => t.accuracy);
-  dims.push({ label: "accuracy", values: accuracy, tickformat: ".1%" });
+  const spread = Math.max(...accuracy) - Math.min(...accuracy);
+  const range = [Math.min(...accuracy) - (spread ? 0 : 0.005), Math.max(...accuracy) + (spread ? 0 : 0.005)];
+  dims.push({ label: "accuracy", values: accuracy, range, tickformat: ".1%" });
   const key = JSON.stringify(dims);
   if (key === current.plotted) return; // unchanged: keep the ranges the user brushed
   current.plotted = key;
@@ -349,7 +351,7 @@ function renderParcoords(current) {
   for (const dim of dims) if (brushed.has(dim.label)) dim.constraintrange = brushed.get(dim.label);
   const trace = {
     type: "parcoords", dimensions: dims,
-    line: { color: accuracy, colorscale: "Viridis", showscale: true, colorbar: { title: { text: "accuracy" }, tickformat: ".1%" } },
+    line: { color: accuracy, cmin: range[0], cmax: range[1], colorscale: "Viridis", showscale: true, colorbar: { title: { text: "accuracy" }, tickformat: ".1%" } },
   };
   Plotly.react(chart, [trace], { margin: { l: 80, r: 80, t: 50, b: 30 } }, { responsive: true, displaylogo: false });
 }
