@@ -53,9 +53,15 @@ def get_sweep(session: Session, sweep_id: str) -> Sweep | None:
 
 
 def lock_sweep(session: Session, sweep_id: str) -> Sweep | None:
-    """The sweep read afresh and locked until the transaction ends (``FOR UPDATE`` on
-    PostgreSQL; SQLite's write transactions run one at a time), or None."""
-    stmt = select(Sweep).where(Sweep.id == sweep_id).with_for_update()
+    """The sweep read afresh and locked until the transaction ends, or None.
+
+    On PostgreSQL ``FOR NO KEY UPDATE``: two settles take it in turn, but it does not wait
+    for the key-share lock that a trial's own write may hold on the sweep (PostgreSQL checks
+    ``jobs.sweep_id``'s reference again when a transaction updates a job row twice), which
+    ``FOR UPDATE`` would, in a circle with the other trial's transaction. SQLite's write
+    transactions run one at a time.
+    """
+    stmt = select(Sweep).where(Sweep.id == sweep_id).with_for_update(key_share=True)
     return session.scalars(stmt.execution_options(populate_existing=True)).first()
 
 

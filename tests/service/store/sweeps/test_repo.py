@@ -1,0 +1,182 @@
+"""A sweep ends with its last trial, whichever path ends it (a worker's finish, a cancel, a
+last attempt handed back or lost), on both backends; its best trial and its alias."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.domain import sweeps
+from service.schemas.sweeps import SweepCreate
+from service.status import JobStatus, SweepStatus
+from service.store import job_repo, model_repo, queue_repo
+from service.store.sweeps import repo as sweep_repo
+from service.store.tables import Job, Sweep
+from service.store.upkeep import leases
+from tests.support import together
+
+LIMITS = {"max_trials": 256, "max_attempts": 1, "max_queued": 1000, "max_steps": 1_000_000}
+
+
+def new_sweep(sessions: sessionmaker[Session], trials: int, promote: str | None = None) -> str:
+    body = SweepCreate.model_validate({"grid": {"seed": list(range(trials))}, "promote": promote})
+    with sessions() as session:
+        return sweeps.create(session, body, **LIMITS).id
+
+
+def claim(sessions: sessionmaker[Session], worker: str, lease_s: float = 30.0) -> Job:
+    with sessions.begin() as session:
+        job = queue_repo.claim_job(
+            session, worker_id=worker, lease_s=lease_s, device="cpu", now=utcnow()
+        )
+    assert job is not None
+    return job
+
+
+def finish(
+    sessions: sessionmaker[Session], job: Job, status: JobStatus, accuracy: float | None = None
+) -> None:
+    with sessions.begin() as session:
+        if accuracy is not None:
+            session.execute(update(Job).where(Job.id == job.id).values(accuracy=accuracy))
+        queue_repo.finish_job(
+            session,
+            job_id=job.id,
+            attempt=job.attempt,
+            worker_id=job.worker_id or "",
+            status=status,
+            now=utcnow(),
+            checkpoint=f"{job.id}.pt" if status == JobStatus.SUCCEEDED else None,
+        )
+
+
+def sweep_row(sessions: sessionmaker[Session], sweep_id: str) -> Sweep:
+    with sessions() as session:
+        sweep = session.get(Sweep, sweep_id)
+        assert sweep is not None
+        return sweep
+
+
+def alias_target(sessions: sessionmaker[Session], name: str) -> str | None:
+    with sessions() as session:
+        alias = model_repo.get_alias(session, name)
+        return None if alias is None else alias.job_id
+
+
+def test_the_last_finish_ends_it_and_promotes_the_best(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 3, promote="production")
+    a, b, c = claim(sessions, "w1"), claim(sessions, "w2"), claim(sessions, "w3")
+    finish(sessions, a, JobStatus.SUCCEEDED, accuracy=0.5)
+    finish(sessions, b, JobStatus.SUCCEEDED, accuracy=0.9)
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.RUNNING
+    assert alias_target(sessions, "production") is None
+    finish(sessions, c, JobStatus.FAILED)
+    ended = sweep_row(sessions, sweep_id)
+    assert ended.status == SweepStatus.SUCCEEDED and ended.finished_at is not None
+    assert alias_target(sessions, "production") == b.id
+    with sessions() as session:
+        best = sweeps.read(session, sweep_id).best
+    assert best is not None and (best.job_id, best.accuracy) == (b.id, 0.9)
+
+
+def test_of_equal_accuracies_the_earliest_trial_is_best(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 3, promote="tied")
+    first, second, third = (claim(sessions, f"w{i}") for i in range(3))
+    for job in (third, second, first):  # finishing order does not matter
+        finish(sessions, job, JobStatus.SUCCEEDED, accuracy=0.75)
+    assert alias_target(sessions, "tied") == first.id
+    with sessions() as session:
+        best = sweeps.read(session, sweep_id).best
+    assert best is not None and best.job_id == first.id
+
+
+def test_no_success_fails_it_and_moves_no_alias(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 2, promote="production")
+    a, b = claim(sessions, "w1"), claim(sessions, "w2")
+    finish(sessions, a, JobStatus.FAILED)
+    finish(sessions, b, JobStatus.CANCELLED)
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED
+    assert alias_target(sessions, "production") is None
+
+
+def test_a_last_attempt_handed_back_ends_it(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 1)
+    job = claim(sessions, "w1")
+    with sessions.begin() as session:
+        again = queue_repo.hand_back(
+            session,
+            job_id=job.id,
+            attempt=job.attempt,
+            worker_id="w1",
+            now=utcnow(),
+            reason="disk gone",
+        )
+    assert again is False
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED
+
+
+def test_a_lost_last_attempt_ends_it(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 2)
+    kept = claim(sessions, "w2")
+    lost = claim(sessions, "w1", lease_s=0.001)
+    finish(sessions, kept, JobStatus.SUCCEEDED, accuracy=0.8)
+    with sessions.begin() as session:
+        assert leases.expire_lost_jobs(session, now=utcnow() + timedelta(seconds=1)) == 1
+    with sessions() as session:
+        assert session.get(Job, lost.id).status == JobStatus.FAILED  # type: ignore[union-attr]
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.SUCCEEDED
+
+
+def test_cancelling_the_last_queued_trial_ends_it(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 2)
+    finish(sessions, claim(sessions, "w1"), JobStatus.SUCCEEDED, accuracy=0.6)
+    with sessions.begin() as session:
+        queued = session.query(Job).filter(Job.status == JobStatus.QUEUED).one()
+        job_repo.request_cancel(session, queued, now=utcnow())
+    # Its trials were cancelled one by one, not the sweep: it ends by what they did.
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.SUCCEEDED
+
+
+def test_a_cancelled_sweep_ends_when_its_running_trial_stops(
+    sessions: sessionmaker[Session],
+) -> None:
+    sweep_id = new_sweep(sessions, 2, promote="production")
+    running = claim(sessions, "w1")
+    with sessions() as session:
+        view = sweeps.cancel(session, sweep_id)
+    assert view.status is SweepStatus.RUNNING  # its running trial has not stopped yet
+    assert [t.status for t in view.trials] == [JobStatus.RUNNING, JobStatus.CANCELLED]
+    with sessions.begin() as session:
+        assert queue_repo.heartbeat(
+            session, job_id=running.id, attempt=1, worker_id="w1", lease_s=30, now=utcnow()
+        )  # the worker learns of the cancel
+    finish(sessions, running, JobStatus.SUCCEEDED, accuracy=0.9)  # it finished anyway
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.CANCELLED
+    assert alias_target(sessions, "production") is None
+
+
+def test_trials_ending_at_once_end_the_sweep_once(sessions: sessionmaker[Session]) -> None:
+    for _ in range(3):
+        sweep_id = new_sweep(sessions, 4, promote="race")
+        jobs = [claim(sessions, f"w{i}") for i in range(4)]
+        together(
+            [
+                lambda job=job: finish(sessions, job, JobStatus.SUCCEEDED, accuracy=0.5)  # type: ignore[misc]
+                for job in jobs
+            ]
+        )
+        ended = sweep_row(sessions, sweep_id)
+        assert ended.status == SweepStatus.SUCCEEDED, "no finish saw the others'"
+        assert alias_target(sessions, "race") == jobs[0].id
+
+
+def test_settling_an_ended_sweep_changes_nothing(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 1)
+    finish(sessions, claim(sessions, "w1"), JobStatus.FAILED)
+    before = sweep_row(sessions, sweep_id).finished_at
+    with sessions.begin() as session:
+        sweep_repo.settle(session, sweep_id, utcnow() + timedelta(hours=1))
+    assert sweep_row(sessions, sweep_id).finished_at == before
