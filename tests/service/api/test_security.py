@@ -49,6 +49,11 @@ PASSED_THROUGH: dict[tuple[str, str], int] = {
     ("GET", "/jobs/{job_id}"): 404,
     ("POST", "/jobs/{job_id}/cancel"): 404,
     ("GET", "/jobs/{job_id}/metrics"): 404,
+    ("POST", "/sweeps"): 422,  # neither grid nor random
+    ("GET", "/sweeps"): 200,
+    ("GET", "/sweeps/{sweep_id}"): 404,
+    ("POST", "/sweeps/{sweep_id}/cancel"): 404,
+    ("DELETE", "/sweeps/{sweep_id}"): 404,
     ("POST", "/predict"): 422,  # no file sent
     ("GET", "/openapi.json"): 200,
     ("GET", "/docs"): 200,
@@ -75,6 +80,11 @@ EXPECTED_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/jobs"): Access.WRITE,
     ("POST", "/jobs/{job_id}/cancel"): Access.WRITE,
     ("DELETE", "/jobs/{job_id}"): Access.WRITE,
+    ("GET", "/sweeps"): Access.READ,
+    ("GET", "/sweeps/{sweep_id}"): Access.READ,
+    ("POST", "/sweeps"): Access.WRITE,
+    ("POST", "/sweeps/{sweep_id}/cancel"): Access.WRITE,
+    ("DELETE", "/sweeps/{sweep_id}"): Access.WRITE,
     ("PUT", "/models/aliases/{name}"): Access.WRITE,
     ("DELETE", "/models/aliases/{name}"): Access.WRITE,
     ("POST", "/healthz"): Access.WRITE,
@@ -100,7 +110,7 @@ def operations() -> list[tuple[str, str]]:
 
 def concrete(path: str) -> str:
     """A request path for a template: job ids valid, other parameters plain words."""
-    path = path.replace("{job_id}", VALID_JOB_ID)
+    path = path.replace("{job_id}", VALID_JOB_ID).replace("{sweep_id}", VALID_JOB_ID)
     return re.sub(r"\{[^}]+\}", "x", path)
 
 
