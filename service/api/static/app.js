@@ -1,116 +1,20 @@
 // The dashboard: jobs table, new-job form, a job's live chart, a drawing pad for predictions.
 // Plain ES module, no build step. Every request to the API goes through api(); the event
-// stream through eventsUrl(): the one place each adds the API key kept for this tab.
+// stream through eventsUrl(): the one place each adds the API key kept for this tab (both in
+// common.js, shared with a sweep's page, sweep.js).
 
-const KEY_STORAGE = "mnist.apiKey";
+import {
+  $, ApiError, KEY_STORAGE, TERMINAL, age, api, apiKey, badge, el, eventsUrl, idCode, percent,
+  shortId, showBanner,
+} from "./common.js";
+import { cancelSweep, leaveSweep, refreshSweeps, showSweep } from "./sweep.js";
+
 const JOBS_REFRESH_MS = 2000;
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const PAD_LINE_PX = 20; // stroke width on the 280 px pad: about MNIST's pen at 28 px
 const MNIST_BOX_PX = 20; // MNIST centres each digit's 20×20 box by mass in 28×28
 const JSON_NUMBER = /^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$/;
 
-const $ = (id) => document.getElementById(id);
-
-// --- talking to the API ---------------------------------------------------------------
-
-export class ApiError extends Error {
-  constructor(status, error) {
-    super(error.message);
-    this.status = status;
-    this.code = error.code;
-    this.details = error.details || [];
-  }
-}
-
-function apiKey() {
-  return sessionStorage.getItem(KEY_STORAGE) || "";
-}
-
-// fetch() with the API key as a bearer token; JSON in and out (or, with raw, the response
-// itself, for a download); errors as ApiError.
-export async function api(path, { method = "GET", json, body, raw = false } = {}) {
-  const headers = new Headers({ Accept: "application/json" });
-  const key = apiKey();
-  if (key) headers.set("Authorization", `Bearer ${key}`);
-  if (json !== undefined) {
-    headers.set("Content-Type", "application/json");
-    body = typeof json === "string" ? json : JSON.stringify(json);
-  }
-  let response;
-  try {
-    response = await fetch(path, { method, headers, body });
-  } catch (err) {
-    throw new ApiError(0, { code: "network", message: `the API did not answer (${err.message})` });
-  }
-  if (raw && response.ok) return response;
-  const isJson = (response.headers.get("content-type") || "").includes("json");
-  const data = isJson ? await response.json() : null;
-  if (!response.ok) {
-    const error = (data && data.error) || { code: `http_${response.status}`, message: response.statusText };
-    if (response.status === 401 || response.status === 403) {
-      showBanner(`${error.message} — enter an API key (top right).`);
-    }
-    throw new ApiError(response.status, error);
-  }
-  return data;
-}
-
-// EventSource cannot send headers: the key travels as ?access_token= instead.
-function eventsUrl(path) {
-  const key = apiKey();
-  if (!key) return path;
-  return `${path}${path.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(key)}`;
-}
-
-function showBanner(text) {
-  const banner = $("banner");
-  banner.textContent = text;
-  banner.hidden = !text;
-}
-
 // --- small helpers ----------------------------------------------------------------------
-
-function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (key === "class") node.className = value;
-    else if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key === "style") node.style.cssText = value;
-    else node[key] = value;
-  }
-  for (const child of children) {
-    if (child !== null && child !== undefined) node.append(child);
-  }
-  return node;
-}
-
-function percent(value, digits = 1) {
-  return value === null || value === undefined ? "–" : `${(100 * value).toFixed(digits)} %`;
-}
-
-function age(iso) {
-  const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  if (seconds < 60) return `${Math.floor(seconds)} s`;
-  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
-  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h`;
-  return `${Math.floor(seconds / 86400)} d`;
-}
-
-// Ids start with their creation time, so jobs submitted together share a prefix; their last
-// digits are random. Everywhere an id is shortened (jobs table, model menu, prediction), it is
-// to these, the full id on hover and in the link.
-const SHORT_ID_DIGITS = 8;
-function shortId(id) {
-  return `…${id.slice(-SHORT_ID_DIGITS)}`;
-}
-
-function idCode(id) {
-  return el("code", { textContent: shortId(id), title: id });
-}
-
-function badge(status) {
-  return el("span", { class: `badge ${status}`, textContent: status });
-}
 
 function progressOf(job) {
   return job.total_steps ? job.step / job.total_steps : 0;
@@ -245,6 +149,7 @@ function jobRow(job) {
 }
 
 async function refreshJobs() {
+  refreshSweeps();
   try {
     const page = await api("/jobs?limit=20");
     $("jobs-body").replaceChildren(...page.jobs.map(jobRow));
@@ -320,8 +225,11 @@ function renderJob(job) {
     ["seed", p.seed ?? "random"],
     ["created", new Date(job.created_at).toLocaleString()],
   ];
+  if (job.sweep_id) {
+    items.push(["sweep", el("a", { id: "job-sweep", href: `#/sweeps/${job.sweep_id}` }, idCode(job.sweep_id))]);
+  }
   $("job-meta").replaceChildren(
-    ...items.map(([k, v]) => el("div", {}, el("dt", { textContent: k }), el("dd", { textContent: String(v) }))),
+    ...items.map(([k, v]) => el("div", {}, el("dt", { textContent: k }), el("dd", {}, v instanceof Node ? v : String(v)))),
   );
   setProgress(job.step, job.total_steps);
   renderDownloads(job);
@@ -611,17 +519,21 @@ function setupKey() {
 // --- views ----------------------------------------------------------------------------------
 
 function route() {
-  const match = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
+  const job = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
+  const sweep = location.hash.match(/^#\/sweeps\/([0-9a-f]{32})$/);
   closeStream();
-  if (match) {
-    stopJobsPolling();
-    $("view-home").hidden = true;
-    $("view-job").hidden = false;
-    showJob(match[1]);
+  leaveSweep();
+  $("view-job").hidden = !job;
+  $("view-sweep").hidden = !sweep;
+  $("view-home").hidden = Boolean(job || sweep);
+  if (job || sweep) stopJobsPolling();
+  if (job) {
+    showJob(job[1]);
+  } else if (sweep) {
+    currentJob = null;
+    showSweep(sweep[1]);
   } else {
     currentJob = null;
-    $("view-job").hidden = true;
-    $("view-home").hidden = false;
     if (!formFields.length) buildForm().catch((err) => { $("form-error").textContent = err.message; });
     refreshModels();
     startJobsPolling();
@@ -633,6 +545,7 @@ function start() {
   setupPad();
   $("job-form").addEventListener("submit", submitJob);
   $("cancel-job").addEventListener("click", cancelJob);
+  $("cancel-sweep").addEventListener("click", cancelSweep);
   window.addEventListener("hashchange", route);
   route();
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,8 +26,25 @@ def test_plotly_comes_from_the_installed_package(client: TestClient) -> None:
     assert len(response.content) > 1_000_000 and b"plotly" in response.content[:2000].lower()
 
 
-def test_every_request_of_the_script_goes_through_one_function(client: TestClient) -> None:
-    lines = client.get("/static/app.js").text.splitlines()
+def scripts(client: TestClient) -> dict[str, str]:
+    """The page's scripts: app.js and the modules it imports (``from "./x.js"``), served."""
+    found: dict[str, str] = {}
+    todo = ["app.js"]
+    while todo:
+        name = todo.pop()
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200, name
+        found[name] = response.text
+        todo += [n for n in re.findall(r'from "\./([\w-]+\.js)"', response.text) if n not in found]
+    return found
+
+
+def test_the_scripts_are_modules_of_this_server(client: TestClient) -> None:
+    assert set(scripts(client)) == {"app.js", "common.js", "sweep.js"}
+
+
+def test_every_request_of_the_scripts_goes_through_one_function(client: TestClient) -> None:
+    lines = "\n".join(scripts(client).values()).splitlines()
     script = "\n".join(line for line in lines if not line.strip().startswith("//"))
     assert script.count("fetch(") == 1  # in api(): where the API key is added
     assert "Authorization" in script and "access_token" in script
