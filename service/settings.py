@@ -95,6 +95,18 @@ class Settings(BaseSettings):
         default=True,
         description="On a CUDA device, replay each full batch's training step from a CUDA graph.",
     )
+    # Jobs a worker claims together and trains as one stacked model, one step for all
+    # (workers/packed.py): on this 2-core host 8 trained the most trials per second
+    # (docs/benchmarks.md, "Packed training"). 1: one job at a time, as before packing.
+    pack_max: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description=(
+            "Most jobs a worker trains at once as one pack (same epochs, batch_size, "
+            "trainset_size, testset_size); 1 turns packing off."
+        ),
+    )
     max_runtime_s: float | None = Field(
         default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
     )

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from torch.profiler import record_function
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
+from service.store.artifacts.backends import Source
 from workers.data import Mnist
 from workers.resume import TrainingState
 from workers.training.train import TrainingReport, make_optimizer
@@ -54,7 +54,7 @@ class PackedJob:
     params: JobCreate
     seed: int
     report: TrainingReport
-    resume_from: Path | None = None
+    resume_from: Source | None = None
 
 
 @dataclass(frozen=True)
