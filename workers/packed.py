@@ -27,6 +27,7 @@ from service.store.tables import Job
 from workers.endings import Outcome, raises, returns
 from workers.reporting import Claim, Reporter, Shutdown
 from workers.resume import TrainingState
+from workers.training.graphs import graph_backend
 from workers.training.packing import PackedJob, train_packed
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class _Pack:
         )
         jobs = [PackedJob(m.params, m.seed, _Report(self, m), m.resume_from) for m in group]
         try:
-            results = train_packed(jobs, self.worker.data(), self.worker.device)
+            graphs = graph_backend(self.worker.device, self.worker.settings.cuda_graphs)
+            results = train_packed(jobs, self.worker.data(), self.worker.device, graphs)
         except Exception as exc:  # noqa: BLE001 - the pack could not go on: every job's end
             results = [exc] * len(group)
         for m, result in zip(group, results, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -203,8 +203,8 @@ def test_with_pack_max_1_a_worker_takes_one_job_at_a_time(
 
 
 @pytest.fixture
-def env(db_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
-    yield local_env(
+def env(db_url: str, small_mnist: Path, tmp_path: Path) -> dict[str, str]:
+    return local_env(
         db_url,
         small_mnist,
         tmp_path,
