@@ -13,7 +13,8 @@ missing, so one starts over) trains as groups of one epoch, one after another; t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,21 +125,24 @@ class _Report:
     def __init__(self, pack: _Pack, member: _Member) -> None:
         self._pack, self._member = pack, member
 
-    def step(self, loss: torch.Tensor) -> None:
-        """As the job's reporter; what it raises ends the job (and takes it out of the pack)."""
+    @contextmanager
+    def _ends_on_error(self) -> Iterator[None]:
+        """What the job's reporter raises ends the job (then takes it out of the pack)."""
         try:
-            self._member.reporter.step(loss)
+            yield
         except Exception as exc:
             self._pack.end(self._member, raises(exc))
             raise
 
+    def step(self, loss: torch.Tensor) -> None:
+        """As the job's reporter."""
+        with self._ends_on_error():
+            self._member.reporter.step(loss)
+
     def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
-        """As :meth:`step`, for the end of an epoch."""
-        try:
+        """As the job's reporter."""
+        with self._ends_on_error():
             self._member.reporter.epoch(epoch, accuracy, state)
-        except Exception as exc:
-            self._pack.end(self._member, raises(exc))
-            raise
 
 
 def run_pack(worker: Worker, jobs: list[Job]) -> list[Outcome]:
