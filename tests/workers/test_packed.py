@@ -9,6 +9,7 @@ the tolerance tests/workers/training/test_packing.py measures and justifies.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -234,3 +235,24 @@ def test_two_packing_workers_never_claim_the_same_job(
     claims = Counter(re.findall(r"claimed job ([0-9a-f]{32}) attempt (\d+)", log.read_text()))
     assert set(claims) == {(j, "1") for j in ids}
     assert set(claims.values()) == {1}
+
+
+def test_sigterm_mid_pack_releases_every_job_of_the_pack(
+    sessions: sessionmaker[Session], medium_mnist: Path, db_url: str, tmp_path: Path
+) -> None:
+    env = local_env(db_url, medium_mnist, tmp_path, pack_max="4", flush_interval_s="0.1")
+    body = {"epochs": 20, "batch_size": 8, "trainset_size": 8000, "testset_size": 200}
+    ids = [queue_job(sessions, {**body, "seed": i}) for i in range(3)]
+    with process(["-m", "workers"], env, tmp_path / "worker.log") as proc:
+        wait_for(
+            lambda: all(read_job(sessions, j).step > 0 for j in ids),
+            timeout_s=120,
+            what="the pack to train",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    for job_id in ids:  # each went back with the epoch it was in kept, its attempt not spent
+        job = read_job(sessions, job_id)
+        assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+        assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 1000
+    assert "(a pack of 3)" in (tmp_path / "worker.log").read_text()
