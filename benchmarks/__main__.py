@@ -18,7 +18,17 @@ from pathlib import Path
 from benchmarks.env import REPO_ROOT, gpu_name, load_average, machine_lines
 from benchmarks.report import Report, Section
 
-SECTIONS = ("training", "predict", "images", "metrics", "edge", "results", "artifacts", "gpu")
+SECTIONS = (
+    "training",
+    "packing",
+    "predict",
+    "images",
+    "metrics",
+    "edge",
+    "results",
+    "artifacts",
+    "gpu",
+)
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 # The tutorial's loop (10,000 images × 3 epochs, CPU) as issue #7 measured it on this kind of
 # machine when it was quiet: this run's own baseline against it tells how busy the host was.
@@ -53,6 +63,13 @@ def _training(section: Section, root: Path, args: argparse.Namespace) -> str | N
         profile=not args.no_profile,
     )
     return host_speed_line(result.baseline_s)
+
+
+def _packing(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.packed_worker import run_packing
+
+    run_packing(section, root, rounds=min(args.runs, 3))
+    return None
 
 
 def _predict(section: Section, root: Path, args: argparse.Namespace) -> str | None:
@@ -142,6 +159,7 @@ def _gpu(section: Section, _root: Path, _args: argparse.Namespace) -> str | None
 Runner = Callable[[Section, Path, argparse.Namespace], str | None]
 RUNNERS: dict[str, tuple[str, Runner]] = {
     "training": ("Training (CPU)", _training),
+    "packing": ("Packed training", _packing),
     "predict": ("Predict under load", _predict),
     "images": ("Large images", _images),
     "metrics": ("Metrics polling", _metrics),

@@ -18,7 +18,8 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import job_repo, queue_repo
 from service.store.tables import EpochMetric, Job, TrainStep
-from workers.worker import Outcome, Worker
+from workers.endings import Outcome
+from workers.worker import Worker
 
 
 @dataclass(frozen=True)

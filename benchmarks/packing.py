@@ -46,15 +46,12 @@ class Discard:
 
 
 @dataclass(frozen=True)
-class PackRow:
-    """One pack size: wall times of the pack and of its jobs one by one, and the step split."""
+class Rates:
+    """K trials' wall times: packed, and one by one."""
 
     k: int
     packed_s: float
     solo_s: float
-    step_ms: float
-    shares: dict[str, float]
-    solo_extrapolated: bool = False  # the one-by-one time counts some trials at the others' pace
 
     @property
     def packed_rate(self) -> float:
@@ -65,6 +62,15 @@ class PackRow:
     def solo_rate(self) -> float:
         """Trials per second, one at a time."""
         return self.k / self.solo_s
+
+
+@dataclass(frozen=True)
+class PackRow(Rates):
+    """One pack size: wall times of the pack and of its jobs one by one, and the step split."""
+
+    step_ms: float
+    shares: dict[str, float]
+    solo_extrapolated: bool = False  # the one-by-one time counts some trials at the others' pace
 
 
 def trial(k: int, params: JobCreate) -> tuple[int, JobCreate]:

@@ -211,7 +211,7 @@ JOB_PARTS = {
     "metric writes (Reporter.flush)": "flush (",
     "claim": "claim (",
     "checkpoint (save_checkpoint)": "save_checkpoint (",
-    "finish_job": "_finish (",
+    "finish_job": "finish (",
     "evaluation after each epoch": "evaluate (",
     "the training steps": "train (",
 }

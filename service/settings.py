@@ -97,6 +97,19 @@ class Settings(BaseSettings):
         default=True,
         description="On a CUDA device, replay each full batch's training step from a CUDA graph.",
     )
+    # Jobs a worker claims together and trains as one stacked model, one step for all
+    # (workers/packed.py). On the 2-core CPU host, 8 jobs through a worker ran 1.3-1.4× faster
+    # packed than one by one, and larger packs no faster (docs/benchmarks.md, "Packed
+    # training"); 8 also packs a sweep of 8 trials whole. 1: one job at a time, as before.
+    pack_max: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description=(
+            "Most jobs a worker trains at once as one pack (same epochs, batch_size, "
+            "trainset_size, testset_size); 1 turns packing off."
+        ),
+    )
     max_runtime_s: float | None = Field(
         default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
     )

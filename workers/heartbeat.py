@@ -1,4 +1,4 @@
-"""The worker's heartbeat: a side thread that keeps the worker row and the job's lease fresh.
+"""The worker's heartbeat: a side thread that keeps the worker row and its jobs' leases fresh.
 
 Flushes renew the lease while the loop trains; this thread covers the silent stretches (data
 loading, evaluation, saving) and says the worker process itself is alive (``GET /workers``).
@@ -23,7 +23,7 @@ log = logging.getLogger("workers")
 
 
 class Heartbeat(threading.Thread):
-    """Every ``heartbeat_s``: the worker row's heartbeat, and the job's lease if no flush did."""
+    """Every ``heartbeat_s``: the worker row's heartbeat, and each job's lease if no flush did."""
 
     def __init__(
         self,
@@ -42,7 +42,8 @@ class Heartbeat(threading.Thread):
         self._done = threading.Event()
         self._outage = outage or Outage(log)
         self._backoff = Backoff(cap_s=heartbeat_s)
-        self.reporter: Reporter | None = None  # the job being trained, set by the worker
+        # The jobs being trained (one, or a pack's), set by the worker: replaced, never mutated.
+        self.reporters: tuple[Reporter, ...] = ()
 
     def run(self) -> None:
         """Beat until stopped; a beat the database refused is retried with backoff."""
@@ -66,9 +67,13 @@ class Heartbeat(threading.Thread):
         """One heartbeat."""
         with self._sessions.begin() as session:
             worker_repo.worker_heartbeat(session, worker_id=self._worker_id, now=utcnow())
-        reporter = self.reporter
-        if reporter is None or time.monotonic() - reporter.last_renewal < self._heartbeat_s:
-            return
+        for reporter in self.reporters:
+            if time.monotonic() - reporter.last_renewal >= self._heartbeat_s:
+                self._renew(reporter)
+
+    def _renew(self, reporter: Reporter) -> None:
+        """Extend one job's lease, in a transaction of its own: a pack's other jobs keep
+        theirs whatever happened to this one."""
         claim = reporter.claim
         try:
             with self._sessions.begin() as session:

@@ -1,4 +1,4 @@
-"""The worker: claim → train → report, one job at a time, until asked to stop.
+"""The worker: claim → train → report, one job (or one pack of jobs) at a time, until stopped.
 
 Every call to the database rides out an outage (:mod:`service.store.outage`): the worker
 retries with backoff for as long as it lasts, and one :class:`Outage`, shared with the
@@ -7,6 +7,7 @@ heartbeat and the reporter, logs when it starts and when it ends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -14,51 +15,38 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.domain.jobs import params_of
-from service.errors import CancelRequested, LeaseLost
 from service.logs import log_context
-from service.ml import resolve_device, to_host
+from service.ml import SimpleMLP, resolve_device
+from service.schemas import JobCreate
 from service.settings import Settings
-from service.status import JobStatus
 from service.store import queue_repo, wakeups, worker_repo
-from service.store.artifacts.backends import ArtifactSource, Saved, Source, artifacts_for
+from service.store.artifacts.backends import ArtifactSource, Source, artifacts_for
 from service.store.outage import Outage, is_outage, retry
+from service.store.packs import claim_more
 from service.store.tables import Job
-from workers.data import load_mnist, preload_mnist
+from workers.data import Mnist, load_mnist, preload_mnist
+from workers.endings import Endings, Outcome
 from workers.heartbeat import Heartbeat
 from workers.host import new_worker_id, pid_alive
-from workers.reporting import (
-    Claim,
-    Diverged,
-    Limits,
-    Reporter,
-    RuntimeLimitExceeded,
-    Shutdown,
-    StorageFailed,
-)
+from workers.packed import packs_on, run_pack
+from workers.reporting import Claim, Limits, Reporter
 from workers.threads import ThreadTuner, process_tuner
 from workers.training.graphs import graph_backend
+from workers.training.packing import PACK_FIELDS
 from workers.training.train import train
+
+__all__ = ["Outcome", "Worker"]
 
 log = logging.getLogger("workers")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one claimed job ended, as far as this worker knows."""
-
-    job_id: str
-    status: JobStatus | Literal["released", "lost"]
-    flush_seconds: float = 0.0
 
 
 class Worker:
@@ -89,6 +77,11 @@ class Worker:
         elif self.device.type == "cpu" and isinstance(settings.torch_threads, int):
             torch.set_num_threads(settings.torch_threads)
         self.outage = Outage(log)
+        self.endings = Endings(
+            sessions, self.artifacts, self._retry, shutdown_grace_s=settings.shutdown_grace_s
+        )
+        # Packing needs a device with Adam's fused kernel (a CPU, a CUDA card).
+        self.pack_max = settings.pack_max if packs_on(self.device) else 1
         self.heartbeat = Heartbeat(
             sessions,
             worker_id=self.worker_id,
@@ -150,18 +143,29 @@ class Worker:
         done, s = 0, self.settings
         with wakeups.waiting(s.database_url, wakeups.JOB_QUEUED, enabled=s.wakeups) as queued:
             while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                size = self.pack_max if max_jobs is None else min(self.pack_max, max_jobs - done)
                 try:
-                    job = self._retry(self.claim, "claim", within_s=0)
+                    jobs = self._retry(functools.partial(self._claim, size), "claim", within_s=0)
                 except Exception as exc:
                     if is_outage(exc) and self.stop.is_set():
                         return  # asked to stop while the database is down: nothing is held
                     raise
-                if job is None:
+                if not jobs:
                     queued.wait(s.poll_interval_s, self.stop)
                     continue
-                with log_context(job_id=job.id, attempt=job.attempt):
-                    self.run_job(job)
-                done += 1
+                if len(jobs) > 1:
+                    run_pack(self, jobs)
+                else:
+                    with log_context(job_id=jobs[0].id, attempt=jobs[0].attempt):
+                        self.run_job(jobs[0])
+                done += len(jobs)
+
+    def _claim(self, size: int) -> list[Job]:
+        """Up to ``size`` jobs: with packing off, today's one-job claim, exactly."""
+        if size > 1:
+            return self.claim_pack(size)
+        job = self.claim()
+        return [] if job is None else [job]
 
     def _stopped(self) -> None:
         """Record that this worker stopped; past the grace, a restart on this host (or the
@@ -211,12 +215,47 @@ class Worker:
             log.info("claimed job %s attempt %d", job.id, job.attempt)
         return job
 
-    def run_job(self, job: Job) -> Outcome:
-        """Train a claimed job and record how it ended; never raises for the job's own faults."""
+    def claim_pack(self, size: int) -> list[Job]:
+        """The oldest claimable job and up to ``size - 1`` more that can share its steps
+        (:mod:`workers.packed`), in one transaction; none when nothing is claimable."""
+        with self.sessions.begin() as session:
+            now = utcnow()
+            device = str(self.device)
+            first = queue_repo.claim_job(
+                session,
+                worker_id=self.worker_id,
+                lease_s=self.settings.lease_s,
+                device=device,
+                now=now,
+            )
+            if first is None:
+                return []
+            more = claim_more(
+                session,
+                first=first,
+                fields=PACK_FIELDS,
+                limit=size - 1,
+                worker_id=self.worker_id,
+                lease_s=self.settings.lease_s,
+                device=device,
+                now=now,
+            )
+        jobs = [first, *more]
+        for job in jobs:
+            log.info("claimed job %s attempt %d (a pack of %d)", job.id, job.attempt, len(jobs))
+        return jobs
+
+    def start_job(
+        self, job: Job, *, tune_threads: bool = True
+    ) -> tuple[Claim, JobCreate, int, Reporter]:
+        """What a claimed job trains with, whichever path trains it: its claim (the fence),
+        parameters, seed, and the reporter that records it and says when it must stop.
+
+        ``tune_threads=False`` for a pack's jobs: the tuner times one job's steps, and its
+        check that a change of thread count keeps the bits is made for a solo step."""
         claim = Claim(job.id, job.attempt, self.worker_id)
         params = params_of(job)
         seed = job.seed if job.seed is not None else secrets.randbits(63)
-        max_runtime_s = job.max_runtime_s or self.settings.max_runtime_s
         reporter = Reporter(
             claim=claim,
             params=params,
@@ -224,20 +263,26 @@ class Worker:
             limits=Limits(
                 lease_s=self.settings.lease_s,
                 flush_interval_s=self.settings.flush_interval_s,
-                max_runtime_s=max_runtime_s,
+                max_runtime_s=job.max_runtime_s or self.settings.max_runtime_s,
                 shutdown_grace_s=self.settings.shutdown_grace_s,
             ),
             stop=self.stop,
             checkpoint_dir=self.settings.checkpoint_dir,
             artifacts=self.artifacts,
             show_progress=self.show_progress,
-            threads=self.threads,
+            threads=self.threads if tune_threads else None,
             outage=self.outage,
             max_buffered_steps=self.settings.outage_buffer_steps,
         )
-        self.heartbeat.reporter = reporter
-        try:
-            resume_from = self._resume_point(job, claim, reporter)
+        return claim, params, seed, reporter
+
+    def run_job(self, job: Job) -> Outcome:
+        """Train a claimed job and record how it ended; never raises for the job's own faults."""
+        claim, params, seed, reporter = self.start_job(job)
+        self.heartbeat.reporters = (reporter,)
+
+        def trained() -> SimpleMLP:
+            resume_from = self.resume_point(job, claim, reporter)
             log.info(
                 "job %s attempt %d: training %s on %s%s",
                 job.id,
@@ -246,47 +291,22 @@ class Worker:
                 self.device,
                 f", resuming after epoch {job.resume_epoch}" if resume_from else "",
             )
-            data = load_mnist(
-                self.settings.data_dir, device=self.device, download=self.settings.download
-            )
             graphs = graph_backend(self.device, self.settings.cuda_graphs)
-            model = train(params, data, self.device, seed, reporter, resume_from, graphs)
-            try:
-                weights = to_host(model.state_dict())
-                saved = self.artifacts.save(weights, job_id=job.id, attempt=job.attempt)
-            except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
-                raise StorageFailed("could not write the checkpoint") from exc
-            reporter.drain()  # every step is stored before the job says it succeeded
-            return self._finish(claim, JobStatus.SUCCEEDED, reporter, checkpoint=saved)
-        except CancelRequested:
-            return self._finish(claim, JobStatus.CANCELLED, reporter)
-        except LeaseLost:
-            log.warning("job %s attempt %d: lease lost, stopping", job.id, job.attempt)
-            return Outcome(job.id, "lost", reporter.flush_seconds)
-        except Shutdown as exc:
-            log.info("job %s: %s", job.id, exc)
-            return self._release(claim, reporter)
-        except StorageFailed as exc:
-            # The detail (the path, the errno) is the operator's; clients read the message.
-            log.error("job %s: %s", job.id, exc, exc_info=exc.__cause__)
-            return self._hand_back(claim, str(exc), reporter)
-        except (Diverged, RuntimeLimitExceeded, ValueError) as exc:
-            return self._finish(claim, JobStatus.FAILED, reporter, error=str(exc))
-        except Exception as exc:
-            if is_outage(exc):  # not retried where it came from: the lease brings the job back
-                log.exception(
-                    "job %s: the database failed it; it returns when the lease ends", job.id
-                )
-                return Outcome(job.id, "lost", reporter.flush_seconds)
-            log.exception("job %s failed", job.id)
-            # A library's message may hold a path or advice meant for the operator: not shown.
-            error = f"the worker failed ({type(exc).__name__}); its log has the details"
-            return self._finish(claim, JobStatus.FAILED, reporter, error=error)
+            return train(params, self.data(), self.device, seed, reporter, resume_from, graphs)
+
+        try:
+            return self.endings.conclude(claim, reporter, trained)
         finally:
-            self.heartbeat.reporter = None
+            self.heartbeat.reporters = ()
             reporter.close()
 
-    def _resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Source | None:
+    def data(self) -> Mnist:
+        """MNIST on this worker's device (loaded once per process)."""
+        return load_mnist(
+            self.settings.data_dir, device=self.device, download=self.settings.download
+        )
+
+    def resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Source | None:
         """The saved state a retried job continues from (whichever worker saved it, when it
         is in the database); None to start at epoch 1."""
         ref = job.resume_checkpoint
@@ -306,84 +326,3 @@ class Worker:
 
         self._retry(forget, "forget the resume point")
         return None
-
-    def _finish(
-        self,
-        claim: Claim,
-        status: JobStatus,
-        reporter: Reporter,
-        *,
-        error: str | None = None,
-        checkpoint: Saved | None = None,
-    ) -> Outcome:
-
-        def finish() -> None:
-            with self.sessions.begin() as session:
-                queue_repo.finish_job(
-                    session,
-                    job_id=claim.job_id,
-                    attempt=claim.attempt,
-                    worker_id=claim.worker_id,
-                    status=status,
-                    now=utcnow(),
-                    error=error,
-                    checkpoint=None if checkpoint is None else checkpoint.ref,
-                    checkpoint_blob=None if checkpoint is None else checkpoint.blob,
-                )
-
-        try:
-            self._retry(finish, "finish the job")
-        except LeaseLost:
-            log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
-            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        self.artifacts.keep_resume(claim.job_id, keep=())
-        log.info("job %s %s%s", claim.job_id, status, f": {error}" if error else "")
-        return Outcome(claim.job_id, status, reporter.flush_seconds)
-
-    def _release(self, claim: Claim, reporter: Reporter) -> Outcome:
-        def release() -> None:
-            with self.sessions.begin() as session:
-                queue_repo.release_job(
-                    session,
-                    job_id=claim.job_id,
-                    attempt=claim.attempt,
-                    worker_id=claim.worker_id,
-                    now=utcnow(),
-                )
-
-        try:
-            self._retry(release, "release the job", within_s=self.settings.shutdown_grace_s)
-        except LeaseLost:
-            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            log.warning("job %s: the database is down; its lease brings it back", claim.job_id)
-            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        log.info("job %s released back to the queue", claim.job_id)
-        return Outcome(claim.job_id, "released", reporter.flush_seconds)
-
-    def _hand_back(self, claim: Claim, reason: str, reporter: Reporter) -> Outcome:
-        """The job goes on as its next attempt (or fails, past the last), as a lost worker's."""
-
-        def hand_back() -> bool:
-            with self.sessions.begin() as session:
-                return queue_repo.hand_back(
-                    session,
-                    job_id=claim.job_id,
-                    attempt=claim.attempt,
-                    worker_id=claim.worker_id,
-                    now=utcnow(),
-                    reason=reason,
-                )
-
-        try:
-            again = self._retry(hand_back, "hand the job back")
-        except LeaseLost:
-            return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        if not again:
-            self.artifacts.keep_resume(claim.job_id, keep=())
-            log.info("job %s failed: %s on its last attempt", claim.job_id, reason)
-            return Outcome(claim.job_id, JobStatus.FAILED, reporter.flush_seconds)
-        log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)
-        return Outcome(claim.job_id, "released", reporter.flush_seconds)

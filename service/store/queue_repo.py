@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, text, update
+from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -28,7 +28,7 @@ from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
-from service.store.upkeep.leases import expire_lost_jobs, lease_expired
+from service.store.upkeep.leases import claimable, claimed, expire_lost_jobs
 from service.store.worker_repo import worker_idle
 
 # What a running job given back to the queue becomes: queued, held by no worker.
@@ -89,14 +89,9 @@ def claim_job(
     so the series stays one consistent run with no duplicated and no missing steps.
     """
     expire_lost_jobs(session, now=now)
-    claimable = and_(
-        or_(Job.status == JobStatus.QUEUED, lease_expired(now)),
-        Job.attempt < Job.max_attempts,
-        Job.cancel_requested.is_(False),
-    )
     pick = (
         select(Job.id)
-        .where(claimable)
+        .where(claimable(now))
         .order_by(Job.created_at, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -104,17 +99,8 @@ def claim_job(
     )
     stmt = (
         update(Job)
-        .where(Job.id == pick, claimable)
-        .values(
-            status=JobStatus.RUNNING,
-            attempt=Job.attempt + 1,
-            worker_id=worker_id,
-            device=device,
-            started_at=now,
-            heartbeat_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            error=None,
-        )
+        .where(Job.id == pick, claimable(now))
+        .values(claimed(worker_id=worker_id, lease_s=lease_s, device=device, now=now))
         .returning(Job)
         .execution_options(synchronize_session=False)
     )

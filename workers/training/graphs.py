@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -110,23 +110,47 @@ def training_state_kept(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                         value.zero_()
 
 
+@contextlib.contextmanager
+def tensors_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Undo, in place, whatever the block does to ``tensors`` (a pack's whole training state,
+    :class:`workers.training.packing.Pack`, which exists before its first step)."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
+
+
 class GraphedStep:
-    """``step`` for full batches by replaying one capture of it; other sizes run it eagerly."""
+    """``step`` for full batches by replaying one capture of it; other sizes run it eagerly.
+
+    ``batch_size`` is a full batch's shape: one job's ``B`` indices, or a pack's ``(K, B)``.
+    What the runs before the capture change is undone: ``model`` and ``optimizer``'s state, or
+    the tensors of ``state``.
+    """
 
     def __init__(
         self,
         step: Step,
         *,
-        batch_size: int,
+        batch_size: int | tuple[int, ...],
         device: torch.device,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        state: Sequence[torch.Tensor] = (),
         backend: GraphBackend,
     ) -> None:
         self._step = step
         # Index 0 repeated: a valid batch for the runs before the capture.
         self._batch = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        with training_state_kept(model, optimizer):
+        kept = (
+            tensors_kept(state)
+            if model is None or optimizer is None
+            else training_state_kept(model, optimizer)
+        )
+        with kept:
             backend.warm_up(self._run, WARMUP_STEPS)
             self._loss, self._replay = backend.capture(self._run)
 
@@ -145,10 +169,11 @@ class GraphedStep:
 def graphed(
     step: Step,
     *,
-    batch_size: int,
+    batch_size: int | tuple[int, ...],
     device: torch.device,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: Sequence[torch.Tensor] = (),
     backend: GraphBackend | None,
 ) -> Step:
     """``step`` replayed from a graph where ``backend`` is given and capturing works; else itself.
@@ -165,11 +190,13 @@ def graphed(
             device=device,
             model=model,
             optimizer=optimizer,
+            state=state,
             backend=backend,
         )
     except Exception:
         log.warning(
             "could not capture the training step as a graph; training eagerly", exc_info=True
         )
-        optimizer.zero_grad()
+        if optimizer is not None:
+            optimizer.zero_grad()
         return step

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +34,10 @@ from torch.profiler import record_function
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
+from service.store.artifacts.backends import Source
 from workers.data import Mnist
 from workers.resume import TrainingState
+from workers.training.graphs import GraphBackend, Step, graphed
 from workers.training.train import TrainingReport, make_optimizer
 
 PACK_FIELDS = ("epochs", "batch_size", "trainset_size", "testset_size")
@@ -54,7 +55,7 @@ class PackedJob:
     params: JobCreate
     seed: int
     report: TrainingReport
-    resume_from: Path | None = None
+    resume_from: Source | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,13 @@ class Pack:
     (:meth:`drop`).
     """
 
-    def __init__(self, jobs: Sequence[PackedJob], data: Mnist, device: torch.device) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[PackedJob],
+        data: Mnist,
+        device: torch.device,
+        graphs: GraphBackend | None = None,
+    ) -> None:
         _check_compatible(jobs)
         params = jobs[0].params
         self.device = device
@@ -165,6 +172,8 @@ class Pack:
         self.step_count = torch.full((), counts.pop(), dtype=torch.float32, device=device)
         self._index_rows()
         self.orders: torch.Tensor | None = None  # this epoch's batches, one row per job
+        self._graphs = graphs
+        self._stepper: Step | None = None  # the step, graphed or not: made again after a drop
 
     def _stacked_moment(self, states: list[list[dict[str, Any]]], name: str) -> list[torch.Tensor]:
         """A moment of every job as one [K, ...] tensor per parameter (zero before any step)."""
@@ -194,6 +203,7 @@ class Pack:
             self.orders = self.orders.index_select(0, index)
         del self.members[row], self.lrs[row]
         self._index_rows()
+        self._stepper = None  # a graph holds the old rows' tensors
 
     def _index_rows(self) -> None:
         """Each row's weights, gradients and moments, as the per-row Adam calls take them."""
@@ -235,14 +245,34 @@ class Pack:
             ]
         )
 
-    @torch.no_grad()
     def step(self, start: int) -> torch.Tensor:
         """One optimiser step of every job on its batch at ``start``; the K losses.
 
+        With ``graphs`` (a CUDA device, :mod:`workers.training.graphs`) full batches replay
+        the step captured once (again after a job leaves: the rows' tensors are new)."""
+        assert self.orders is not None
+        if self._stepper is None:
+            self._stepper = graphed(
+                self._step,
+                batch_size=(self.size, self.batch_size),
+                device=self.device,
+                state=[
+                    *self.weights,
+                    *self.grads,
+                    *self.exp_avg,
+                    *self.exp_avg_sq,
+                    self.step_count,
+                ],
+                backend=self._graphs,
+            )
+        return self._stepper(self.orders[:, start : start + self.batch_size])
+
+    @torch.no_grad()
+    def _step(self, batch: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` on each job's batch ``batch`` [K, B] (the last may be short).
+
         The three parts are labelled for ``torch.profiler`` (benchmarks/packing.py splits a
         step's time by them)."""
-        assert self.orders is not None
-        batch = self.orders[:, start : start + self.batch_size]  # [K, B]; the last may be short
         with record_function("pack.forward"):
             x, y, hidden, log_probs = self._forward(batch)
             losses = log_probs.gather(2, y).view(batch.shape).mean(dim=1).neg_()
@@ -306,15 +336,18 @@ class Pack:
 
 
 def train_packed(
-    jobs: Sequence[PackedJob], data: Mnist, device: torch.device
+    jobs: Sequence[PackedJob],
+    data: Mnist,
+    device: torch.device,
+    graphs: GraphBackend | None = None,
 ) -> list[SimpleMLP | Exception]:
     """Train ``jobs`` as one pack; for each, its trained model or the error it left with.
 
     A job leaves when its report raises (as a solo run would stop); the pack goes on with the
     rest. Each report sees what it would see solo: one loss per step, one accuracy and state
-    per epoch.
+    per epoch. ``graphs``: full batches replay a captured step (a CUDA device).
     """
-    pack = Pack(jobs, data, device)
+    pack = Pack(jobs, data, device, graphs)
     outcomes: dict[int, SimpleMLP | Exception] = {}
 
     def results() -> list[SimpleMLP | Exception]:

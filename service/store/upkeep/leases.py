@@ -1,12 +1,14 @@
-"""Leases that ran out: the jobs of workers that vanished, settled in one statement.
+"""Leases: which jobs a claim may take and the lease it writes, and leases that ran out (the
+jobs of workers that vanished), settled in one statement.
 
-Run by every claim (:func:`service.store.queue_repo.claim_job`), on whichever host claims; what
-it changes publishes its wake-ups, so idle workers and the jobs' streams hear of it at once.
+The settling is run by every claim (:func:`service.store.queue_repo.claim_job`), on whichever
+host claims; what it changes publishes its wake-ups, so idle workers and the jobs' streams hear
+of it at once.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, or_, update
@@ -21,6 +23,31 @@ from service.store.tables import Job
 def lease_expired(now: datetime) -> Any:
     """Running, with its lease past ``now``: its worker stopped renewing it."""
     return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+
+
+def claimable(now: datetime) -> Any:
+    """A job a worker may take: queued, or running with an expired lease, with attempts left
+    and no cancel asked: the rule of :func:`service.store.queue_repo.claim_job`, and of the
+    other jobs of a pack (:mod:`service.store.packs`)."""
+    return and_(
+        or_(Job.status == JobStatus.QUEUED, lease_expired(now)),
+        Job.attempt < Job.max_attempts,
+        Job.cancel_requested.is_(False),
+    )
+
+
+def claimed(*, worker_id: str, lease_s: float, device: str, now: datetime) -> dict[str, Any]:
+    """What a claim writes: the job runs as its next attempt, held by ``worker_id``."""
+    return {
+        "status": JobStatus.RUNNING,
+        "attempt": Job.attempt + 1,
+        "worker_id": worker_id,
+        "device": device,
+        "started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(seconds=lease_s),
+        "error": None,
+    }
 
 
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:

@@ -24,6 +24,7 @@ from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
 from workers.resume import TrainingState
 from workers.training.graphs import WARMUP_STEPS, CudaGraphs, GraphedStep, graph_backend
+from workers.training.packing import PackedJob, train_packed
 from workers.training.train import make_optimizer, train, train_step
 
 CPU = torch.device("cpu")
@@ -51,6 +52,28 @@ class RerunOnReplay:
             output.copy_(run())
 
         return output, replay
+
+
+class LeavesAfter(Recorder):
+    """A pack job's report that makes the job leave after its ``n``-th step."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def step(self, loss: torch.Tensor) -> None:
+        super().step(loss)
+        if len(self.losses) == self.n:
+            raise RuntimeError("this job leaves the pack")
+
+
+def pack_of(reports: list[Recorder]) -> list[PackedJob]:
+    """Three jobs of other seeds and learning rates, reporting to ``reports``."""
+    rates = (1e-3, 3e-3, 5e-4)
+    return [
+        PackedJob(PARAMS.model_copy(update={"learning_rate": lr}), seed, report)
+        for seed, (lr, report) in enumerate(zip(rates, reports, strict=True))
+    ]
 
 
 class CannotCapture(RerunOnReplay):
@@ -140,6 +163,21 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_with_a_warning(
     assert "operation not permitted when stream is capturing" in caplog.text
 
 
+def test_a_graphed_pack_trains_as_the_eager_pack_bit_for_bit(small_mnist: Path) -> None:
+    data = load_mnist(small_mnist, device=CPU, download=False)
+    eager = [Recorder(), LeavesAfter(5), Recorder()]
+    graphed = [Recorder(), LeavesAfter(5), Recorder()]
+    train_packed(pack_of(eager), data, CPU)
+    backend = RerunOnReplay()
+    train_packed(pack_of(graphed), data, CPU, backend)
+    for a, b in zip(graphed, eager, strict=True):
+        assert (a.losses, a.accuracies) == (b.losses, b.accuracies)
+    assert len(graphed[1].losses) == 5 and len(graphed[0].losses) == PARAMS.epochs * 10
+    # Captured again when the job left (its rows' tensors are gone); the batches of 24 eager.
+    assert backend.warmups == 2 * WARMUP_STEPS
+    assert backend.replays == PARAMS.epochs * 9
+
+
 def test_resuming_keeps_this_runs_optimizer_implementation(tmp_path: Path) -> None:
     model = SimpleMLP()
     saved_by = torch.optim.Adam(model.parameters(), lr=1e-3, fused=False)
@@ -201,3 +239,22 @@ def test_a_graphed_run_on_the_card_resumes_an_eager_one(
     torch.testing.assert_close(
         torch.tensor(first.losses + rest.losses), torch.tensor(whole.losses), rtol=1e-4, atol=1e-5
     )
+
+
+@NEEDS_CUDA
+def test_a_cuda_graph_pack_matches_the_eager_pack_on_the_card(
+    small_mnist: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cuda = torch.device("cuda")
+    data = load_mnist(small_mnist, device=cuda, download=False)
+    eager = [Recorder(), LeavesAfter(5), Recorder()]
+    graphed = [Recorder(), LeavesAfter(5), Recorder()]
+    train_packed(pack_of(eager), data, cuda)
+    with caplog.at_level(logging.WARNING, logger="workers"):
+        train_packed(pack_of(graphed), data, cuda, CudaGraphs())
+    assert "could not capture" not in caplog.text  # the graphs ran, not the eager fallback
+    for a, b in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-4, atol=1e-5
+        )
+        assert [e for e, _ in a.accuracies] == [e for e, _ in b.accuracies]
