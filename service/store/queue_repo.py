@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, text, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -182,6 +182,9 @@ class Progress:
     # A retry of a write whose outcome is unknown (its connection broke): its rows replace
     # any the broken write committed.
     replace: bool = False
+    # Steps an earlier flush stored without waiting for the disk (:func:`_commit_without_flush`),
+    # kept by the worker until a synchronous write: it stores again whichever a crash lost.
+    unsynced: Sequence[dict[str, Any]] = ()
 
 
 def record_progress(
@@ -204,6 +207,8 @@ def record_progress(
     every write (WAL, ``synchronous=NORMAL``), and all such a flush needs: steps lost that way
     are steps a retry trains again from its last resume point. A flush that records an epoch
     or names a resume point waits: the worker deletes older training states once it returns.
+    It also carries the steps stored since the last such write (``unsynced``) and stores
+    again those a crash lost (:func:`_restore_unsynced`), so no step is lost for good.
     """
     if not progress.epochs and progress.resume_checkpoint is None:
         _commit_without_flush(session)
@@ -229,6 +234,8 @@ def record_progress(
     ).first()
     if row is None:
         raise _lost(job_id, attempt)
+    if progress.unsynced:
+        _restore_unsynced(session, job_id, progress.unsynced)
     if progress.replace:
         _forget_rows(session, job_id, progress)
     if progress.resume_blob is not None:  # after the fence: a lost worker stores nothing
@@ -248,18 +255,35 @@ def record_progress(
 def _commit_without_flush(session: Session) -> None:
     """On PostgreSQL, let this transaction's commit return before its WAL is on disk.
 
-    For flushes of steps only, which a job makes every ``flush_interval_s`` on its training
-    thread: waiting for the disk is most of their cost. Claims, lease changes (release, hand
+    For flushes of steps only, which a job makes every ``flush_interval_s``: waiting for the
+    disk is most of their cost. Claims, lease changes (release, hand
     back) and the final ``finish_job`` keep synchronous commit: what they say is promised to
     another process (a worker told it holds a job, a client told the job ended, a checkpoint
     named) and must survive a crash of the server once the caller has been told. What this
     gives up, for step rows alone: a crash of the PostgreSQL server (a clean restart or
     shutdown writes the WAL first) may lose the last ~0.6 s of committed flushes (3 ×
-    ``wal_writer_delay``), and nothing writes those steps again: the series would have a gap
-    there. SQLite's WAL with ``synchronous=NORMAL`` risks the same on a power loss.
+    ``wal_writer_delay``); the worker keeps those steps until its next synchronous write
+    (the epoch's), which stores again any that are missing (``Progress.unsynced``). Only a job
+    cancelled or failed before that write may keep the gap (a lost worker's retry trains
+    those steps again). SQLite's WAL with
+    ``synchronous=NORMAL`` risks the same on a power loss of its host.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
+def _restore_unsynced(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Store ``rows`` again when any of them is missing (a crash of the PostgreSQL server lost
+    a commit that did not wait for the disk); one count when none is, as after every crash-free
+    epoch. SQLite's commits are never given up this way: nothing to check there."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    first, last = int(rows[0]["step"]), int(rows[-1]["step"])
+    in_range = and_(TrainStep.job_id == job_id, TrainStep.step >= first, TrainStep.step <= last)
+    if session.scalar(select(func.count()).where(in_range)) == len(rows):
+        return
+    session.execute(delete(TrainStep).where(in_range))
+    session.connection().execute(insert(TrainStep), [{"job_id": job_id, **r} for r in rows])
 
 
 def _forget_rows(session: Session, job_id: str, progress: Progress) -> None:

@@ -28,6 +28,7 @@ from tests.jobs import read_job
 from tests.support import BOTH_STORES, SMALL_TRAIN, wait_for
 from tests.workers.reports import claimed_reporter
 from workers.reporting import Limits, Reporter, Shutdown
+from workers.reporting.buffer import Batch
 from workers.resume import TrainingState
 from workers.training.train import make_optimizer
 
@@ -109,8 +110,13 @@ def test_the_row_names_a_state_once_it_is_durable_as_it_was_at_the_epochs_end(
     reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
     at_epoch_end = {k: v.clone() for k, v in state.model.state_dict().items()}
     reporter.epoch(1, 0.9, state)
-    job = read_job(sessions, job_id)
-    assert (job.epoch, job.accuracy) == (1, 0.9)  # the epoch is recorded at once...
+    # The epoch is recorded by the write behind the loop, without waiting for its state...
+    job = wait_for(
+        lambda: j if (j := read_job(sessions, job_id)).epoch == 1 else None,
+        timeout_s=10,
+        what="the epoch's write",
+    )
+    assert (job.epoch, job.accuracy) == (1, 0.9)
     assert (job.resume_epoch, job.resume_checkpoint) == (0, None)  # ...its state is not yet
     with torch.no_grad():  # the next epoch trains on while the state is being written
         for p in state.model.parameters():
@@ -160,16 +166,16 @@ def test_a_stop_that_comes_during_the_epochs_flush_still_names_its_state(
 ) -> None:
     stop = threading.Event()
     reporter, job_id, state = running_job(sessions, tmp_path, stop, store)
-    real_flush = reporter._buffer.flush
+    real_take = reporter._buffer.take
 
-    def flush_then_stop() -> tuple[int, bool]:
-        # The signal lands after the flush looked at the stop request (it did not wait for
-        # the state then), but before the policy reads it at the epoch's end.
-        written = real_flush()
+    def take_then_stop() -> Batch:
+        # The signal lands after the epoch's write looked at the stop request (it did not
+        # wait for the state then), but before the policy reads it at the epoch's end.
+        batch = real_take()
         stop.set()
-        return written
+        return batch
 
-    monkeypatch.setattr(reporter._buffer, "flush", flush_then_stop)
+    monkeypatch.setattr(reporter._buffer, "take", take_then_stop)
     threading.Timer(0.2, gate.set).start()
     with pytest.raises(Shutdown, match="resumes after this epoch"):
         reporter.epoch(1, 0.9, state)
