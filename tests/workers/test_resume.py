@@ -196,3 +196,41 @@ def test_a_state_still_in_flight_when_the_job_ends_is_not_left_behind(
     reporter.close()  # the job ended (cancelled, lost…) before its row named the state
     assert stored_names(sessions, tmp_path) == []  # no file, no temporary one, no row
     assert read_job(sessions, job_id).resume_checkpoint is None
+
+
+def test_an_older_state_is_deleted_off_the_loop_once_a_newer_one_is_named(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Artifacts,
+) -> None:
+    if not isinstance(store, FolderArtifacts):
+        pytest.skip("a state stored as a row replaces the older ones in its transaction")
+    deleting: list[str] = []
+    real_keep = FolderArtifacts.keep_resume
+
+    def keep_resume(self: FolderArtifacts, job_id: str, keep: Any) -> None:
+        deleting.append(threading.current_thread().name)
+        real_keep(self, job_id, keep)
+
+    monkeypatch.setattr(FolderArtifacts, "keep_resume", keep_resume)
+    reporter, job_id = claimed_reporter(
+        sessions,
+        {**PARAMS, "epochs": 3},
+        writes=sessions,
+        checkpoint_dir=tmp_path / "models",
+        artifacts=store,
+        limits=Limits(lease_s=30, flush_interval_s=3600),
+    )
+    model = SimpleMLP()
+    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))
+    state = TrainingState(model, optimizer, torch.Generator().manual_seed(0))
+    for epoch in (1, 2):
+        for _ in range(reporter.steps_per_epoch):
+            reporter.step(torch.tensor(1.0))
+        reporter.epoch(epoch, 0.9, state)
+        reporter.drain()  # waits for the state and names it
+    reporter.close()  # waits for the deletions
+    assert read_job(sessions, job_id).resume_checkpoint == f"{job_id}-1-e2.resume.pt"
+    assert stored_names(sessions, tmp_path) == [f"{job_id}-1-e2.resume.pt"]
+    assert deleting and all(name.startswith("resume-state") for name in deleting)

@@ -259,7 +259,7 @@ class Reporter:
         """The job's row names the newest training state now: older ones are not needed."""
         keep = self._buffer.resume_file
         if keep is not None and keep != self._resume_kept:
-            self._artifacts.keep_resume(self.claim.job_id, keep={keep, *self._states.in_flight})
+            self._states.keep_only(keep)
             self._resume_kept = keep
 
     def close(self) -> None:
