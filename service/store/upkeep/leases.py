@@ -6,10 +6,11 @@ it changes publishes its wake-ups, so idle workers and the jobs' streams hear of
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, or_, update
+from sqlalchemy import and_, bindparam, case, or_, update
 from sqlalchemy.orm import Session
 
 from service.status import JobStatus
@@ -17,7 +18,7 @@ from service.store import wakeups
 from service.store.tables import Job
 
 
-def lease_expired(now: datetime) -> Any:
+def lease_expired(now: Any) -> Any:
     """Running, with its lease past ``now``: its worker stopped renewing it."""
     return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
 
@@ -31,8 +32,21 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     worker's claim or any other host, the change publishes its wake-ups: idle workers learn
     that a job is claimable again, and the jobs' event streams that their status moved.
     """
+    rows = session.execute(_expire_statement(), {"now": now}).all()
+    for job_id, status in rows:
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        if status == JobStatus.QUEUED:
+            wakeups.publish(session, wakeups.JOB_QUEUED)
+    return len(rows)
+
+
+@functools.cache
+def _expire_statement() -> Any:
+    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` as a parameter: every
+    claim runs it, and building and hashing it anew took about a third of its time."""
+    now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
-    rows = session.execute(
+    return (
         update(Job)
         .where(lease_expired(now))
         .values(
@@ -55,9 +69,4 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
         )
         .returning(Job.id, Job.status)
         .execution_options(synchronize_session=False)
-    ).all()
-    for job_id, status in rows:
-        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-        if status == JobStatus.QUEUED:
-            wakeups.publish(session, wakeups.JOB_QUEUED)
-    return len(rows)
+    )
