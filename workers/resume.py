@@ -110,6 +110,11 @@ class StateWriter:
         done.add_done_callback(_log_failure)
 
     @property
+    def ready(self) -> bool:
+        """Whether a state has been written that :meth:`written` has not returned yet."""
+        return bool(self._pending) and self._pending[0][0].done()
+
+    @property
     def in_flight(self) -> set[str]:
         """The names of the states still being written (or written but not yet returned)."""
         return {resume_name(self._job_id, self._attempt, epoch) for _, epoch in self._pending}

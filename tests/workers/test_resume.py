@@ -234,3 +234,19 @@ def test_an_older_state_is_deleted_off_the_loop_once_a_newer_one_is_named(
     assert read_job(sessions, job_id).resume_checkpoint == f"{job_id}-1-e2.resume.pt"
     assert stored_names(sessions, tmp_path) == [f"{job_id}-1-e2.resume.pt"]
     assert deleting and all(name.startswith("resume-state") for name in deleting)
+
+
+def test_a_state_is_named_by_the_next_steps_not_at_the_next_flush_interval(
+    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event, store: Artifacts
+) -> None:
+    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
+    reporter.epoch(1, 0.9, state)  # the flush interval is an hour: only the state's write calls
+    gate.set()
+
+    def named() -> bool | None:
+        reporter.step(torch.tensor(1.0))  # the loop goes on; a step hands the flush over
+        return read_job(sessions, job_id).resume_epoch == 1 or None
+
+    wait_for(named, timeout_s=30, what="the state to be named", every_s=0.01)
+    assert read_job(sessions, job_id).resume_checkpoint == ref_of(store, f"{job_id}-1-e1.resume.pt")
+    reporter.close()

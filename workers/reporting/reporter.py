@@ -4,8 +4,8 @@ It composes the pieces that stay out of the loop's way: the buffer that writes s
 batches (``buffer``), the policy that says when a job must stop (``policy``), the display
 (``display``), the thread tuner that times the steps, and the resume state saved after each
 epoch but the last. That state is written by a thread of its own while the next epoch trains,
-and the job's row names it with the first flush after it is durable (within a flush
-interval); a worker asked to stop waits for it, so the job goes back with the epoch kept.
+and the job's row names it with a flush at the first step after it is durable; a worker asked
+to stop waits for it, so the job goes back with the epoch kept.
 
 The flushes that fall due between steps, and an epoch's, are written by a thread of their
 own while training goes on (one at a time): the loop hands a batch over and reads how its
@@ -116,14 +116,22 @@ class Reporter:
                 self._timing = True
         if self._buffer.unwritten >= self._max_buffered:
             self.flush()  # the database has been down a while: wait for it here
-        elif self._writing is not None and self._writing[0].done():
-            self._settle()
-        elif self._writing is None and self._clock() >= self._next_flush:
-            self._write_behind()
-        else:
+        elif not self._write_behind_due():
             return
         if self._threads is not None:
             self._threads.resume_timing()
+
+    def _write_behind_due(self) -> bool:
+        """Act on a write that has ended, and hand over the next one when it is due (or when a
+        state was just written: named at once, not at the job's end); whether anything was done."""
+        acted = False
+        if self._writing is not None and self._writing[0].done():
+            self._settle()
+            acted = True
+        if self._writing is None and (self._clock() >= self._next_flush or self._states.ready):
+            self._write_behind()
+            acted = True
+        return acted
 
     def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
         """Record an epoch's accuracy (and the state to resume from) and flush at once.
