@@ -9,6 +9,7 @@ stored where :mod:`service.artifacts` says and read with ``weights_only=True``.
 from __future__ import annotations
 
 import copy
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 from service.ml import SimpleMLP, atomic_torch_save, to_host
 from service.store.artifacts.backends import Artifacts, Saved, Source, resume_name
+
+log = logging.getLogger("workers")
 
 # How the optimizer computes, not what it has learned: a state saved on one device (or in
 # eager mode) resumes with the implementation chosen for this run (fused, capturable for a
@@ -62,6 +65,13 @@ class TrainingState:
         return int(saved["epoch"])
 
 
+def _log_failure(future: Future[None]) -> None:
+    """An older state that could not be deleted costs disk space, not the job: logged."""
+    exc = future.exception()
+    if exc is not None:
+        log.warning("could not delete an older training state: %s", exc)
+
+
 class StateWriter:
     """Writes training states in a thread of their own, one at a time and in order.
 
@@ -78,15 +88,31 @@ class StateWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Future[Saved], int]] = []
 
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")
+        return self._pool
+
     def submit(self, snapshot: dict[str, Any], epoch: int) -> None:
         """Start writing ``snapshot`` (from :meth:`TrainingState.snapshot`), the state after
         ``epoch``."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")
-        future = self._pool.submit(
+        future = self._thread().submit(
             self._artifacts.save, snapshot, job_id=self._job_id, attempt=self._attempt, epoch=epoch
         )
         self._pending.append((future, epoch))
+
+    def keep_only(self, ref: str) -> None:
+        """Delete the job's training states but ``ref`` and those in flight, in the writing
+        thread: listing a folder that holds every job's files takes the training loop's time
+        otherwise. After the states submitted so far (kept), before any submitted later."""
+        keep = {ref, *self.in_flight}
+        done = self._thread().submit(self._artifacts.keep_resume, self._job_id, keep=keep)
+        done.add_done_callback(_log_failure)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a state has been written that :meth:`written` has not returned yet."""
+        return bool(self._pending) and self._pending[0][0].done()
 
     @property
     def in_flight(self) -> set[str]:

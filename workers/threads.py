@@ -37,8 +37,13 @@ log = logging.getLogger("workers")
 
 PROBE_STEPS = 16  # timed steps per candidate count (a 10,000-image epoch has 157)
 TRIMMED = 8  # one timed step in this many, the slowest, is left out of a count's time
-RECHECK_S = 5.0  # how long a choice holds before the counts are timed again...
+RECHECK_S = 5.0  # how many seconds of steps a choice holds before the counts are timed again...
 SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first
+# A count whose first timed steps already run this much slower than the fastest count timed
+# so far cannot win: its timing stops there. Two threads on a core another process holds run
+# a step 5-20× slower (docs/benchmarks.md), and 16 such steps cost a short job more than the
+# whole probe saves.
+ABANDON_AFTER, ABANDON_FACTOR = 2, 2.0
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
 SAME_BITS_BATCHES = (64, 1024)  # the default batch and a large one...
 SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's moments)
@@ -95,10 +100,10 @@ class ThreadTuner:
         self._probing: int | None = 0  # index of the count being timed; None: holding
         self._timed: list[float] = []
         self._step_s: dict[int, float] = {}
-        self._hold_until = 0.0
+        self._held_s = 0.0  # seconds of steps trained at the held count since it was chosen
         self._chosen_s = float("inf")  # the held count's step time when it was chosen
         if len(candidates) == 1:  # one core: nothing to choose, ever
-            self._probing, self._hold_until = None, float("inf")
+            self._probing, self._held_s = None, float("-inf")
         self._last: float | None = None
         self.threads = candidates[0]
         set_threads(self.threads)
@@ -113,12 +118,12 @@ class ThreadTuner:
                 self._step_s = {self.threads: slowed}
                 self._probe_next(-1)
                 return
-            if now >= self._hold_until:
+            if self._held_s >= self._recheck_s:
                 self._probe_next(-1)
                 return
         elif self._last is not None:
             self._timed.append(now - self._last)
-            if len(self._timed) >= self._probe_steps:
+            if len(self._timed) >= self._probe_steps or self._hopeless():
                 self._step_s[self.threads] = typical_step_s(self._timed)
                 self._probe_next(self._probing)
                 return
@@ -130,11 +135,18 @@ class ThreadTuner:
         if self._last is None:
             return None
         self._timed.append(now - self._last)
+        self._held_s += now - self._last
         if len(self._timed) < self._probe_steps:
             return None
         recent = typical_step_s(self._timed)
         self._timed = []
         return recent if recent > self._chosen_s * SLOWDOWN_FACTOR else None
+
+    def _hopeless(self) -> bool:
+        """Whether the count being timed already runs far slower than the fastest timed."""
+        if len(self._timed) < ABANDON_AFTER or not self._step_s:
+            return False
+        return typical_step_s(self._timed) > ABANDON_FACTOR * min(self._step_s.values())
 
     def _probe_next(self, after: int) -> None:
         """Time the next candidate after index ``after`` not timed yet; choose when none is left."""
@@ -171,7 +183,7 @@ class ThreadTuner:
         self._step_s = {}
         self._timed = []
         self._switch(fastest)
-        self._hold_until = self._clock() + self._recheck_s
+        self._held_s = 0.0
         self._last = self._clock()
 
     def _switch(self, threads: int) -> None:

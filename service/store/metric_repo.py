@@ -2,15 +2,17 @@
 
 The reads take a Session (the route) or a Connection (the polls' fast lane, which skips the
 ORM altogether); the series is written by :func:`service.store.queue_repo.record_progress`,
-fenced with the job's progress.
+fenced with the job's progress (and, after a crash of a PostgreSQL server, mended by
+:func:`store_missing_steps`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import and_, bindparam, delete, func, insert, select
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -80,3 +82,17 @@ def read_epochs(db: Reader, job_id: str, *, after_epoch: int = 0) -> list[dict[s
     """The recorded epoch accuracies of a job numbered above ``after_epoch``, in order."""
     rows = _driver_rows(db, _EPOCHS_AFTER, {"job_id": job_id, "after": after_epoch})
     return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]
+
+
+def store_missing_steps(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Store ``rows`` again when any of them is missing (a crash of the PostgreSQL server lost
+    a commit that did not wait for the disk); one count when none is, as after every crash-free
+    epoch. SQLite's commits are never given up this way: nothing to check there."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    first, last = int(rows[0]["step"]), int(rows[-1]["step"])
+    in_range = and_(TrainStep.job_id == job_id, TrainStep.step >= first, TrainStep.step <= last)
+    if session.scalar(select(func.count()).where(in_range)) == len(rows):
+        return
+    session.execute(delete(TrainStep).where(in_range))
+    session.connection().execute(insert(TrainStep), [{"job_id": job_id, **r} for r in rows])

@@ -87,8 +87,9 @@ def test_host_copies_do_not_grow_with_the_steps(
         train(params, data, torch.device("cpu"), 0, reporter)
     steps = epochs * SMALL_TRAIN // batch_size
     assert reporter.steps_per_epoch * epochs == steps == 80
-    # One copy of the buffered losses per flush and one accuracy per epoch: 2 per epoch.
-    assert sum(counter.calls.values()) <= 2 * epochs, counter.calls
+    # One copy of the buffered losses per flush (each epoch's, and the one that names the state
+    # written after each epoch but the last) and one accuracy per epoch: at most 3 per epoch.
+    assert sum(counter.calls.values()) <= 3 * epochs - 1, counter.calls
     with sessions() as session:
         assert len(metric_repo.read_steps(session, job.id, after_step=0, limit=1000)) == steps
 

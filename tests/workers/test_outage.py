@@ -145,9 +145,12 @@ def test_mnist_service_run_rides_out_postgres_refusing_connections(
             assert proc.poll() is None
             text_ = log.read_text()
             assert len(set(ready.findall(text_))) == 2, "a worker died and was started again"
-            # Each worker logs each of the two outages once as it starts and once as it ends.
-            assert text_.count("workers: database unreachable") == 4, text_
-            assert len(re.findall(r"workers: database is back after \d+\.\d s", text_)) == 4
+            # Each worker logs an outage once as it starts and once as it ends. An idle worker
+            # whose backoff slept through the moments between the two (the job reached step
+            # 100 first) saw one long outage: who wins that race is not this test's to say.
+            starts = text_.count("workers: database unreachable")
+            ends = len(re.findall(r"workers: database is back after \d+\.\d s", text_))
+            assert starts == ends and 3 <= starts <= 4, text_
     finally:
         engine.dispose()
 

@@ -28,6 +28,7 @@ from tests.jobs import read_job
 from tests.support import BOTH_STORES, SMALL_TRAIN, wait_for
 from tests.workers.reports import claimed_reporter
 from workers.reporting import Limits, Reporter, Shutdown
+from workers.reporting.buffer import Batch
 from workers.resume import TrainingState
 from workers.training.train import make_optimizer
 
@@ -109,8 +110,13 @@ def test_the_row_names_a_state_once_it_is_durable_as_it_was_at_the_epochs_end(
     reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
     at_epoch_end = {k: v.clone() for k, v in state.model.state_dict().items()}
     reporter.epoch(1, 0.9, state)
-    job = read_job(sessions, job_id)
-    assert (job.epoch, job.accuracy) == (1, 0.9)  # the epoch is recorded at once...
+    # The epoch is recorded by the write behind the loop, without waiting for its state...
+    job = wait_for(
+        lambda: j if (j := read_job(sessions, job_id)).epoch == 1 else None,
+        timeout_s=10,
+        what="the epoch's write",
+    )
+    assert (job.epoch, job.accuracy) == (1, 0.9)
     assert (job.resume_epoch, job.resume_checkpoint) == (0, None)  # ...its state is not yet
     with torch.no_grad():  # the next epoch trains on while the state is being written
         for p in state.model.parameters():
@@ -160,16 +166,16 @@ def test_a_stop_that_comes_during_the_epochs_flush_still_names_its_state(
 ) -> None:
     stop = threading.Event()
     reporter, job_id, state = running_job(sessions, tmp_path, stop, store)
-    real_flush = reporter._buffer.flush
+    real_take = reporter._buffer.take
 
-    def flush_then_stop() -> tuple[int, bool]:
-        # The signal lands after the flush looked at the stop request (it did not wait for
-        # the state then), but before the policy reads it at the epoch's end.
-        written = real_flush()
+    def take_then_stop() -> Batch:
+        # The signal lands after the epoch's write looked at the stop request (it did not
+        # wait for the state then), but before the policy reads it at the epoch's end.
+        batch = real_take()
         stop.set()
-        return written
+        return batch
 
-    monkeypatch.setattr(reporter._buffer, "flush", flush_then_stop)
+    monkeypatch.setattr(reporter._buffer, "take", take_then_stop)
     threading.Timer(0.2, gate.set).start()
     with pytest.raises(Shutdown, match="resumes after this epoch"):
         reporter.epoch(1, 0.9, state)
@@ -190,3 +196,57 @@ def test_a_state_still_in_flight_when_the_job_ends_is_not_left_behind(
     reporter.close()  # the job ended (cancelled, lost…) before its row named the state
     assert stored_names(sessions, tmp_path) == []  # no file, no temporary one, no row
     assert read_job(sessions, job_id).resume_checkpoint is None
+
+
+def test_an_older_state_is_deleted_off_the_loop_once_a_newer_one_is_named(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store: Artifacts,
+) -> None:
+    if not isinstance(store, FolderArtifacts):
+        pytest.skip("a state stored as a row replaces the older ones in its transaction")
+    deleting: list[str] = []
+    real_keep = FolderArtifacts.keep_resume
+
+    def keep_resume(self: FolderArtifacts, job_id: str, keep: Any) -> None:
+        deleting.append(threading.current_thread().name)
+        real_keep(self, job_id, keep)
+
+    monkeypatch.setattr(FolderArtifacts, "keep_resume", keep_resume)
+    reporter, job_id = claimed_reporter(
+        sessions,
+        {**PARAMS, "epochs": 3},
+        writes=sessions,
+        checkpoint_dir=tmp_path / "models",
+        artifacts=store,
+        limits=Limits(lease_s=30, flush_interval_s=3600),
+    )
+    model = SimpleMLP()
+    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))
+    state = TrainingState(model, optimizer, torch.Generator().manual_seed(0))
+    for epoch in (1, 2):
+        for _ in range(reporter.steps_per_epoch):
+            reporter.step(torch.tensor(1.0))
+        reporter.epoch(epoch, 0.9, state)
+        reporter.drain()  # waits for the state and names it
+    reporter.close()  # waits for the deletions
+    assert read_job(sessions, job_id).resume_checkpoint == f"{job_id}-1-e2.resume.pt"
+    assert stored_names(sessions, tmp_path) == [f"{job_id}-1-e2.resume.pt"]
+    assert deleting and all(name.startswith("resume-state") for name in deleting)
+
+
+def test_a_state_is_named_by_the_next_steps_not_at_the_next_flush_interval(
+    sessions: sessionmaker[Session], tmp_path: Path, gate: threading.Event, store: Artifacts
+) -> None:
+    reporter, job_id, state = running_job(sessions, tmp_path, threading.Event(), store)
+    reporter.epoch(1, 0.9, state)  # the flush interval is an hour: only the state's write calls
+    gate.set()
+
+    def named() -> bool | None:
+        reporter.step(torch.tensor(1.0))  # the loop goes on; a step hands the flush over
+        return read_job(sessions, job_id).resume_epoch == 1 or None
+
+    wait_for(named, timeout_s=30, what="the state to be named", every_s=0.01)
+    assert read_job(sessions, job_id).resume_checkpoint == ref_of(store, f"{job_id}-1-e1.resume.pt")
+    reporter.close()

@@ -19,6 +19,7 @@ from tests.support import SMALL_TEST, SMALL_TRAIN
 from tests.workers.reports import Recorder
 from workers.data import load_mnist
 from workers.threads import (
+    ABANDON_AFTER,
     ThreadTuner,
     candidate_threads,
     process_tuner,
@@ -111,6 +112,32 @@ def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
     cores.step_s[2] = 0.0030  # much slower, long before the hour is up
     cores.train(tuner, 20)
     assert tuner.threads == cores.threads == 1
+
+
+def test_a_count_far_slower_than_the_fastest_is_not_timed_to_the_end() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0150})  # another process holds a core: two threads crawl
+    tuner = ThreadTuner(
+        (1, 2), probe_steps=16, recheck_s=1.0, clock=cores.clock, set_threads=cores.set_threads
+    )
+    cores.train(tuner, 17)  # count 1: 1 untimed + 16 timed
+    assert cores.switches == [1, 2]
+    cores.train(tuner, 1 + ABANDON_AFTER)  # count 2: 1 untimed + the few that condemn it
+    assert tuner.threads == cores.threads == 1
+    assert cores.switches == [1, 2, 1]
+
+
+def test_a_choice_holds_for_seconds_of_training_not_of_waiting() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = tuner_on(cores)  # holds for 1 s
+    cores.train(tuner, 12)
+    assert cores.switches == [1, 2]
+    for _ in range(10):  # jobs of 30 ms of steps, 10 s apart: the worker waits between them
+        cores.now += 10.0
+        tuner.begin()
+        cores.train(tuner, 50)
+    assert set(cores.switches[2:]) == {2}  # begin applies the count; no second probe
+    cores.train(tuner, 2000)  # 1.2 s of steps: timed again
+    assert 1 in cores.switches[2:]
 
 
 def test_what_is_not_a_step_is_not_timed() -> None:

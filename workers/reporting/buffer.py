@@ -35,6 +35,15 @@ class Claim:
     worker_id: str
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One write's worth of the buffer, taken on the training thread
+    (:meth:`ProgressBuffer.take`)."""
+
+    progress: queue_repo.Progress
+    resume_due: tuple[str, int, Blob | None] | None
+
+
 class ProgressBuffer:
     """The steps and epochs not yet written, and the fenced write that stores them."""
 
@@ -57,6 +66,9 @@ class ProgressBuffer:
         # One written, not yet recorded: its name, epoch and (database) bytes.
         self._resume_due: tuple[str, int, Blob | None] | None = None
         self.last_loss: float | None = None
+        # Steps stored since the last synchronous commit (PostgreSQL may lose them in a crash
+        # of its server): the next synchronous write checks them and stores them again if so.
+        self._unsynced: list[dict[str, Any]] = []
 
     @property
     def unwritten(self) -> int:
@@ -111,39 +123,65 @@ class ProgressBuffer:
         Raises :class:`~service.errors.LeaseLost` (nothing written) once the job is not ours;
         on any failure the buffer keeps what it holds.
         """
+        batch = self.take()
+        cancel = self.write(batch)
+        return self.written(batch), cancel
+
+    def take(self) -> Batch:
+        """What the next write stores (the losses brought over first); the buffer keeps it
+        until :meth:`written` says it is stored. Called on the training thread."""
         self._to_host()
         first = self.flushed_step + 1
         rows = [
             self.plan.step_row(step, loss) for step, loss in enumerate(self._host_losses, first)
         ]
+        due = self._resume_due
+        synchronous = bool(self._epoch_rows) or due is not None
         progress = queue_repo.Progress(
             steps=rows,
-            epochs=self._epoch_rows,
+            epochs=list(self._epoch_rows),
             step=self.step,
             epoch=self.epoch,
             accuracy=self.accuracy,
-            resume_checkpoint=None if self._resume_due is None else self._resume_due[0],
-            resume_epoch=None if self._resume_due is None else self._resume_due[1],
-            resume_blob=None if self._resume_due is None else self._resume_due[2],
+            resume_checkpoint=None if due is None else due[0],
+            resume_epoch=None if due is None else due[1],
+            resume_blob=None if due is None else due[2],
             replace=self._failed_write,
+            unsynced=list(self._unsynced) if synchronous else [],
         )
-        self._failed_write = True
+        self._failed_write = True  # until written() says otherwise: its outcome is unknown
+        return Batch(progress, due)
+
+    def write(self, batch: Batch) -> bool:
+        """The fenced transaction that stores ``batch``; True if cancel was asked. Touches
+        nothing of the buffer, so it may run on a thread of its own while training goes on."""
         with self._sessions.begin() as session:
-            cancel = queue_repo.record_progress(
+            return queue_repo.record_progress(
                 session,
                 job_id=self.claim.job_id,
                 attempt=self.claim.attempt,
                 worker_id=self.claim.worker_id,
-                progress=progress,
+                progress=batch.progress,
                 lease_s=self._lease_s,
                 now=utcnow(),
             )
+
+    def written(self, batch: Batch) -> int:
+        """``batch`` is stored: forget it (what was buffered since stays); the steps written."""
+        progress = batch.progress
+        rows = progress.steps
         self._failed_write = False
-        self._host_losses = []
-        self._epoch_rows = []
-        if self._resume_due is not None:
-            self.resume_file, self._resume_due = self._resume_due[0], None
-        self.flushed_step = self.step
+        del self._host_losses[: len(rows)]
+        del self._epoch_rows[: len(progress.epochs)]
+        if batch.resume_due is not None:
+            self.resume_file = batch.resume_due[0]
+            if self._resume_due is batch.resume_due:
+                self._resume_due = None
+        if progress.epochs or batch.resume_due is not None:
+            self._unsynced = []  # a synchronous commit: everything before it is durable
+        else:
+            self._unsynced.extend(rows)
+        self.flushed_step = progress.step
         if rows:
             self.last_loss = float(rows[-1]["loss"])
-        return len(rows), cancel
+        return len(rows)

@@ -4,8 +4,14 @@ It composes the pieces that stay out of the loop's way: the buffer that writes s
 batches (``buffer``), the policy that says when a job must stop (``policy``), the display
 (``display``), the thread tuner that times the steps, and the resume state saved after each
 epoch but the last. That state is written by a thread of its own while the next epoch trains,
-and the job's row names it with the first flush after it is durable (within a flush
-interval); a worker asked to stop waits for it, so the job goes back with the epoch kept.
+and the job's row names it with a flush at the first step after it is durable; a worker asked
+to stop waits for it, so the job goes back with the epoch kept.
+
+The flushes that fall due between steps, and an epoch's, are written by a thread of their
+own while training goes on (one at a time): the loop hands a batch over and reads how its
+write ended at the next step, where a lost lease, a cancel or a failure stops the job as a
+flush of its own would have. A stop request makes an epoch's flush wait, so the job goes back
+with the epoch kept; ``flush`` and ``drain`` wait too.
 
 While the database cannot be written, flushes fail and the steps stay buffered: training goes
 on, and the flushes are retried with backoff, until ``max_buffered_steps`` are waiting; then
@@ -18,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +35,7 @@ from service.settings import OUTAGE_BUFFER_STEPS
 from service.steps import StepPlan
 from service.store.artifacts.backends import Artifacts, FolderArtifacts
 from service.store.outage import Backoff, Outage, is_outage, retry
-from workers.reporting.buffer import Claim, ProgressBuffer
+from workers.reporting.buffer import Batch, Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay
 from workers.reporting.policy import Limits, StopPolicy, StorageFailed
 from workers.resume import StateWriter, TrainingState
@@ -86,7 +93,9 @@ class Reporter:
         now = clock()
         self._next_flush = now + self._flush_interval_s
         self.last_renewal = now  # read by the heartbeat, which renews the lease when flushes don't
-        self.flush_seconds = 0.0  # time spent in flushes: what persistence costs the job
+        self.flush_seconds = 0.0  # time spent in flushes' writes: what persistence costs
+        self._pool: ThreadPoolExecutor | None = None  # the background writes' thread
+        self._writing: tuple[Future[bool], Batch, float] | None = None  # in flight, since
 
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
         """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
@@ -105,10 +114,24 @@ class Reporter:
             else:
                 self._threads.begin()
                 self._timing = True
-        if self._clock() >= self._next_flush or self._buffer.unwritten >= self._max_buffered:
-            self.flush()
-            if self._threads is not None:
-                self._threads.resume_timing()
+        if self._buffer.unwritten >= self._max_buffered:
+            self.flush()  # the database has been down a while: wait for it here
+        elif not self._write_behind_due():
+            return
+        if self._threads is not None:
+            self._threads.resume_timing()
+
+    def _write_behind_due(self) -> bool:
+        """Act on a write that has ended, and hand over the next one when it is due (or when a
+        state was just written: named at once, not at the job's end); whether anything was done."""
+        acted = False
+        if self._writing is not None and self._writing[0].done():
+            self._settle()
+            acted = True
+        if self._writing is None and (self._clock() >= self._next_flush or self._states.ready):
+            self._write_behind()
+            acted = True
+        return acted
 
     def epoch(self, epoch: int, accuracy: float, state: TrainingState) -> None:
         """Record an epoch's accuracy (and the state to resume from) and flush at once.
@@ -121,7 +144,11 @@ class Reporter:
         else:  # the last epoch's flush names what the previous one left (long written by now)
             self._record_written_state(wait=True)
         self._buffer.add_epoch(epoch, accuracy)
-        self.flush()
+        if not self._stop.is_set():
+            self._settle()  # the previous write, if still in flight; this one goes behind
+            self._write_behind()
+        else:
+            self.flush()
         if self._stop.is_set() and self._states.in_flight:
             # The stop came during that flush, after it looked: name this epoch's state now,
             # so the job goes back with the epoch kept, as the policy below promises.
@@ -137,40 +164,87 @@ class Reporter:
         return self._plan.examples_seen(step)
 
     def flush(self) -> None:
-        """Write what is buffered in one fenced transaction; raise if the job must stop.
+        """Write what is buffered in one fenced transaction, now; raise if the job must stop.
 
         While the database is down, the steps stay buffered and the next try waits a backoff
         delay; a full buffer waits here until the database is back.
         """
+        self._settle()
         started = self._clock()
         # A stopping worker waits for the state in flight: the job goes back with it named.
         self._record_written_state(wait=self._stop.is_set())
+        batch = self._buffer.take()
         try:
-            written, cancel = self._buffer.flush()
+            cancel = self._buffer.write(batch)
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self._outage.failed(exc, "flush")
-            if self._buffer.unwritten < self._max_buffered:
-                self._next_flush = self._clock() + self._backoff.next_delay()
-                return
-            log.warning(
-                "%d steps are waiting for the database: training pauses until it is back",
-                self._buffer.unwritten,
-            )
-            written, cancel = self._write_all()
+            self._down(exc)
+            return
+        self._done(batch, cancel, self._clock() - started)
+
+    def _write_behind(self) -> None:
+        """Hand what is buffered to the writing thread; training goes on meanwhile."""
+        self._record_written_state(wait=False)
+        batch = self._buffer.take()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
+        self._writing = (self._pool.submit(self._write, batch), batch, self._clock())
+
+    def _write(self, batch: Batch) -> bool:
+        """On the writing thread: the write, and the lease it renewed (for the heartbeat)."""
+        cancel = self._buffer.write(batch)
+        self.last_renewal = self._clock()
+        return cancel
+
+    def _settle(self) -> None:
+        """Wait for the write in flight, if any, and act on how it ended."""
+        if self._writing is None:
+            return
+        future, batch, started = self._writing
+        self._writing = None
+        try:
+            cancel = future.result()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._down(exc)
+            return
+        self._done(batch, cancel, self._clock() - started)
+
+    def _down(self, exc: Exception) -> None:
+        """A write failed for an outage: the steps stay buffered, and the next try waits a
+        backoff delay; a full buffer waits here until the database is back."""
+        self._outage.failed(exc, "flush")
+        if self._buffer.unwritten < self._max_buffered:
+            self._next_flush = self._clock() + self._backoff.next_delay()
+            return
+        log.warning(
+            "%d steps are waiting for the database: training pauses until it is back",
+            self._buffer.unwritten,
+        )
+        started = self._clock()
+        written, cancel = self._write_all()
+        self._after(written, cancel, self._clock() - started)
+
+    def _done(self, batch: Batch, cancel: bool, seconds: float) -> None:
+        self._after(self._buffer.written(batch), cancel, seconds)
+
+    def _after(self, written: int, cancel: bool, seconds: float) -> None:
+        """A write succeeded: renew, schedule the next, then stop the job if it must."""
         self._outage.ok()
         self._backoff.reset()
         self._after_write()
         now = self._clock()
         self.last_renewal = now
         self._next_flush = now + self._flush_interval_s
-        self.flush_seconds += now - started
+        self.flush_seconds += seconds
         self._display.flushed(written, self._buffer.last_loss, self._buffer.accuracy)
         self._policy.check(cancel_requested=cancel, now=now)
 
     def drain(self) -> None:
         """Write every buffered step and epoch, waiting out an outage (before the job ends)."""
+        self._settle()
         self._record_written_state(wait=True)
         if self._buffer.unwritten or self._buffer.has_epochs:
             self._write_all()
@@ -193,11 +267,17 @@ class Reporter:
         """The job's row names the newest training state now: older ones are not needed."""
         keep = self._buffer.resume_file
         if keep is not None and keep != self._resume_kept:
-            self._artifacts.keep_resume(self.claim.job_id, keep={keep, *self._states.in_flight})
+            self._states.keep_only(keep)
             self._resume_kept = keep
 
     def close(self) -> None:
-        """Close the progress display; wait for a state in flight (and delete it: the job's
-        row never named it)."""
+        """Wait for a write in flight (the job has ended: how it ends no longer matters) and
+        for a state in flight (and delete it: the job's row never named it); close the display."""
+        if self._writing is not None:
+            self._writing[0].exception()  # waits
+            self._writing = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._states.close()
         self._display.close()

@@ -13,7 +13,7 @@ claim writes is queue_repo's own (:mod:`service.store.upkeep.leases`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -57,7 +57,14 @@ def claim_more(
     stmt = (
         update(Job)
         .where(Job.id.in_(pick), *fits)
-        .values(claimed(worker_id=worker_id, lease_s=lease_s, device=device, now=now))
+        .values(
+            claimed(
+                worker_id=worker_id,
+                device=device,
+                now=now,
+                lease_until=now + timedelta(seconds=lease_s),
+            )
+        )
         .returning(Job)
         .execution_options(synchronize_session=False)
     )

@@ -8,10 +8,11 @@ of it at once.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import functools
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, or_, update
+from sqlalchemy import and_, bindparam, case, or_, update
 from sqlalchemy.orm import Session
 
 from service.status import JobStatus
@@ -20,12 +21,12 @@ from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 
 
-def lease_expired(now: datetime) -> Any:
+def lease_expired(now: Any) -> Any:
     """Running, with its lease past ``now``: its worker stopped renewing it."""
     return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
 
 
-def claimable(now: datetime) -> Any:
+def claimable(now: Any) -> Any:
     """A job a worker may take: queued, or running with an expired lease, with attempts left
     and no cancel asked: the rule of :func:`service.store.queue_repo.claim_job`, and of the
     other jobs of a pack (:mod:`service.store.packs`)."""
@@ -36,8 +37,9 @@ def claimable(now: datetime) -> Any:
     )
 
 
-def claimed(*, worker_id: str, lease_s: float, device: str, now: datetime) -> dict[str, Any]:
-    """What a claim writes: the job runs as its next attempt, held by ``worker_id``."""
+def claimed(*, worker_id: Any, device: Any, now: Any, lease_until: Any) -> dict[str, Any]:
+    """What a claim writes: the job runs as its next attempt, held by ``worker_id`` until
+    ``lease_until`` (values, or bound parameters of a statement built once)."""
     return {
         "status": JobStatus.RUNNING,
         "attempt": Job.attempt + 1,
@@ -45,7 +47,7 @@ def claimed(*, worker_id: str, lease_s: float, device: str, now: datetime) -> di
         "device": device,
         "started_at": now,
         "heartbeat_at": now,
-        "lease_expires_at": now + timedelta(seconds=lease_s),
+        "lease_expires_at": lease_until,
         "error": None,
     }
 
@@ -53,15 +55,30 @@ def claimed(*, worker_id: str, lease_s: float, device: str, now: datetime) -> di
 def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     """Settle the jobs whose worker vanished (their lease ran out); returns how many.
 
-        One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
-        that has used up its attempts ends ``failed``, the others go back to the queue for their
-        next attempt (resuming where the lost one left its training state); the sweeps of those that
-    ended are settled (:func:`sweep_repo.settle`). Whoever runs it, a
-        worker's claim or any other host, the change publishes its wake-ups: idle workers learn
-        that a job is claimable again, and the jobs' event streams that their status moved.
+    One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
+    that has used up its attempts ends ``failed``, the others go back to the queue for their
+    next attempt (resuming where the lost one left its training state); the sweeps of those
+    that ended are settled (:func:`sweep_repo.settle_all`). Whoever runs it, a worker's claim
+    or any other host, the change publishes its wake-ups: idle workers learn that a job is
+    claimable again, and the jobs' event streams that their status moved.
     """
+    rows = session.execute(_expire_statement(), {"now": now}).all()
+    for job_id, status, _ in rows:
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        if status == JobStatus.QUEUED:
+            wakeups.publish(session, wakeups.JOB_QUEUED)
+    ended = [sweep_id for _, status, sweep_id in rows if status != JobStatus.QUEUED]
+    sweep_repo.settle_all(session, ended, now)
+    return len(rows)
+
+
+@functools.cache
+def _expire_statement() -> Any:
+    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` as a parameter: every
+    claim runs it, and building and hashing it anew took about a third of its time."""
+    now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
-    rows = session.execute(
+    return (
         update(Job)
         .where(lease_expired(now))
         .values(
@@ -84,11 +101,4 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
         )
         .returning(Job.id, Job.status, Job.sweep_id)
         .execution_options(synchronize_session=False)
-    ).all()
-    for job_id, status, _ in rows:
-        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-        if status == JobStatus.QUEUED:
-            wakeups.publish(session, wakeups.JOB_QUEUED)
-    ended = [sweep_id for _, status, sweep_id in rows if status != JobStatus.QUEUED]
-    sweep_repo.settle_all(session, ended, now)
-    return len(rows)
+    )

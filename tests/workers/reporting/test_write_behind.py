@@ -1,0 +1,161 @@
+"""Flushes written behind the loop: training goes on during a write, and what the write finds
+(a lost lease, a cancel) stops the job at the next step; steps a PostgreSQL crash may lose are
+stored again by the next synchronous write."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import cast
+
+import pytest
+import torch
+from sqlalchemy import Engine, delete, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow
+from service.errors import CancelRequested, LeaseLost
+from service.steps import StepPlan
+from service.store import job_repo, queue_repo
+from service.store.tables import Job, TrainStep
+from tests.jobs import queue_job, read_job
+from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
+from tests.workers.reporting.test_buffer import stored_steps
+from tests.workers.reports import claimed_reporter
+from workers.reporting import Claim, Limits, Reporter
+from workers.reporting.buffer import ProgressBuffer
+
+PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
+
+
+class GatedDatabase:
+    """Sessions whose writes wait at ``gate`` (opened by the test), noting when one does."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.writers: list[str] = []
+
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        self.writers.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        with self.sessions.begin() as session:
+            yield session
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reporter_on(
+    sessions: sessionmaker[Session], writes: object, tmp_path: Path, clock: Clock
+) -> tuple[Reporter, str]:
+    return claimed_reporter(
+        sessions,
+        PARAMS,
+        writes=cast(sessionmaker[Session], writes),
+        checkpoint_dir=tmp_path,
+        limits=Limits(lease_s=30, flush_interval_s=1.0),
+        clock=clock,
+    )
+
+
+def test_a_due_flush_is_written_by_another_thread_while_training_goes_on(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    db, clock = GatedDatabase(sessions), Clock()
+    reporter, job_id = reporter_on(sessions, db, tmp_path, clock)
+    for _ in range(3):
+        reporter.step(torch.tensor(1.0))
+    clock.now = 2.0  # the flush is due: the 4th step hands the 4 steps over
+    reporter.step(torch.tensor(1.0))
+    assert db.entered.wait(timeout=30)  # the write waits at the gate...
+    for _ in range(5):  # ...and the loop does not
+        reporter.step(torch.tensor(0.5))
+    assert read_job(sessions, job_id).step == 0
+    db.gate.set()
+    wait_for(
+        lambda: stored_steps(sessions, job_id) == [1, 2, 3, 4] or None,
+        timeout_s=30,
+        what="the write behind the loop",
+    )
+    assert db.writers and all(name.startswith("flush") for name in db.writers)
+    reporter.drain()
+    assert stored_steps(sessions, job_id) == list(range(1, 10))
+    reporter.close()
+
+
+def test_a_lease_lost_found_behind_the_loop_stops_it_at_a_next_step(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    clock = Clock()
+    reporter, job_id = reporter_on(sessions, sessions, tmp_path, clock)
+    with sessions.begin() as session:  # the lease ran out and another worker took the job
+        session.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        job = queue_repo.claim_job(session, worker_id="w2", lease_s=30, device="cpu", now=utcnow())
+        assert job is not None
+    reporter.step(torch.tensor(1.0))
+    clock.now = 2.0
+    with pytest.raises(LeaseLost):
+        wait_for(lambda: reporter.step(torch.tensor(1.0)), timeout_s=30, what="LeaseLost")
+    assert stored_steps(sessions, job_id) == []
+    reporter.close()
+
+
+def test_a_cancel_found_behind_the_loop_stops_it_at_a_next_step(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    clock = Clock()
+    reporter, job_id = reporter_on(sessions, sessions, tmp_path, clock)
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job_repo.request_cancel(session, job, now=utcnow())
+    reporter.step(torch.tensor(1.0))
+    clock.now = 2.0
+    with pytest.raises(CancelRequested):
+        wait_for(lambda: reporter.step(torch.tensor(1.0)), timeout_s=30, what="the cancel")
+    reporter.close()
+
+
+def test_steps_a_postgresql_crash_lost_are_stored_again_by_the_epochs_write(
+    sessions: sessionmaker[Session], engine: Engine
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's commits never skip the wait for the disk: nothing to store again")
+    job_id = queue_job(sessions, PARAMS)
+    with sessions.begin() as session:
+        job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=utcnow())
+        assert job is not None and job.id == job_id
+    buffer = ProgressBuffer(
+        claim=Claim(job_id, 1, "w"), plan=StepPlan.of(job), sessions=sessions, lease_s=30
+    )
+    for _ in range(3):
+        buffer.add_step(torch.tensor(1.0))
+    buffer.flush()  # steps only: committed without waiting for the disk
+    for _ in range(2):
+        buffer.add_step(torch.tensor(1.0))
+    buffer.flush()
+    with sessions.begin() as session:  # the server crashed: the second commit was lost
+        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > 3))
+        session.execute(update(Job).where(Job.id == job_id).values(step=3))
+    buffer.add_step(torch.tensor(1.0))
+    buffer.add_epoch(1, 0.5)
+    buffer.flush()  # the epoch's write waits for the disk, and stores steps 4 and 5 again
+    assert stored_steps(sessions, job_id) == [1, 2, 3, 4, 5, 6]
+    with sessions.begin() as session:  # after a synchronous write nothing is carried
+        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > 5))
+    buffer.add_step(torch.tensor(1.0))
+    buffer.add_epoch(2, 0.6)
+    buffer.flush()
+    assert stored_steps(sessions, job_id) == [1, 2, 3, 4, 5, 7]
