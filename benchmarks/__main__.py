@@ -26,6 +26,7 @@ SECTIONS = (
     "metrics",
     "edge",
     "results",
+    "sweeps",
     "artifacts",
     "gpu",
 )
@@ -107,6 +108,13 @@ def _results(section: Section, root: Path, args: argparse.Namespace) -> str | No
     return None
 
 
+def _sweeps(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.sweeps import run_sweeps
+
+    run_sweeps(section, root, rounds=max(1, args.runs // 3))
+    return None
+
+
 def _artifacts(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     from benchmarks.artifacts import run_artifacts
 
@@ -165,6 +173,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "metrics": ("Metrics polling", _metrics),
     "edge": ("The HTTP edge", _edge),
     "results": ("Time to result", _results),
+    "sweeps": ("Sweeps", _sweeps),
     "artifacts": ("Artifacts", _artifacts),
     "gpu": ("GPU", _gpu),
 }

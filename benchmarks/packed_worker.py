@@ -5,7 +5,8 @@ K tutorial-size jobs (seeds and learning rates of a small sweep) are queued in a
 file, then one in-process :class:`workers.worker.Worker` serves them, with ``MNIST_PACK_MAX=K``
 (claimed together, trained as one pack) and with ``MNIST_PACK_MAX=1`` (one after another), from
 the first claim to the last job's ``succeeded``: claims, every step's loss written, checkpoints
-and endings included. Both at one intra-op thread (a pack does not tune its thread count). Each
+and endings included. Both with the default MNIST_TORCH_THREADS=auto (a pack's steps are
+timed by the same tuner as a job's). Each
 figure is the median of ``rounds`` runs, packed and one-by-one alternating, so the shared
 host's swings hit both alike. The pack size with the most trials per second is the default's
 measure (``MNIST_PACK_MAX``, service/settings.py).
@@ -40,7 +41,7 @@ SIZES = (1, 2, 4, 8, 16)
 
 def serve(ws: Workspace, k: int, pack_max: int) -> float:
     """Queue ``k`` tutorial-size jobs and serve them with one worker; the seconds it took."""
-    settings = ws.settings(pack_max=pack_max, torch_threads=1, poll_interval_s=0.05)
+    settings = ws.settings(pack_max=pack_max, poll_interval_s=0.05)
     engine = make_engine(settings.database_url)
     try:
         sessions = make_sessionmaker(engine)

@@ -26,6 +26,7 @@ from benchmarks.stats import median
 from service.schemas import JobCreate
 from workers.data import Mnist, load_mnist
 from workers.resume import TrainingState
+from workers.training.graphs import graph_backend
 from workers.training.packing import Pack, PackedJob, train_packed
 from workers.training.train import train
 
@@ -120,7 +121,8 @@ def measure(
 
     With ``solo_max``, at most that many trials run one by one and the rest are counted at
     their median pace (:attr:`PackRow.solo_extrapolated`): 256 solo runs on a lent card would
-    spend its minutes on the slow side of the ratio."""
+    spend its minutes on the slow side of the ratio. On a card both sides replay their steps
+    from CUDA graphs, as the worker does by default (MNIST_CUDA_GRAPHS)."""
     params = params or JobCreate()
     rows = []
     for k in sizes:
@@ -130,12 +132,13 @@ def measure(
         for _ in range(rounds):
             _synchronize(device)
             began = time.perf_counter()
-            train_packed([PackedJob(p, seed, Discard()) for seed, p in trials], data, device)
+            jobs = [PackedJob(p, seed, Discard()) for seed, p in trials]
+            train_packed(jobs, data, device, graph_backend(device, True))
             _synchronize(device)
             packed.append(time.perf_counter() - began)
             began = time.perf_counter()
             for seed, p in solo_trials:
-                train(p, data, device, seed, Discard())
+                train(p, data, device, seed, Discard(), graphs=graph_backend(device, True))
             _synchronize(device)
             solo.append((time.perf_counter() - began) * k / len(solo_trials))
         step_ms, shares = step_split(data, k, params, device)

@@ -31,6 +31,7 @@ class Finished:
     seconds: float  # POST /jobs sent → `succeeded` seen
     job: dict[str, Any]  # the job as the API returned it at the end
     claim_s: float | None = None  # POST /jobs sent → the job seen out of `queued` (watcher)
+    queued_claim_s: float | None = None  # the job's created_at → seen out of `queued`
 
     def _at(self, name: str) -> datetime:
         return datetime.fromisoformat(str(self.job[name]))
@@ -83,13 +84,19 @@ def poll_to_result(
     finally:
         if watcher is not None:
             watcher.stop()
-    return Finished(done - started, job, _claimed(watcher, started))
+    finished = Finished(done - started, job)
+    _note_claim(finished, watcher, started)
+    return finished
 
 
-def _claimed(watcher: Watcher | None, started: float) -> float | None:
-    if watcher is None or watcher.left_queue is None:
-        return None
-    return watcher.left_queue - started
+def _note_claim(finished: Finished, watcher: Watcher | None, started: float) -> None:
+    """When the watcher saw the job leave the queue: after the POST was sent, and after the
+    job's ``created_at`` (the API's clock before its INSERT; the same host's wall clock)."""
+    if watcher is None or watcher.left_queue is None or watcher.left_queue_wall is None:
+        return
+    finished.claim_s = watcher.left_queue - started
+    created = datetime.fromisoformat(str(finished.job["created_at"]))
+    finished.queued_claim_s = watcher.left_queue_wall - created.timestamp()
 
 
 @dataclass
@@ -132,7 +139,7 @@ def follow_to_result(
                 raise RuntimeError(f"the stream of job {job_id} ended without a final status")
     finally:
         seen = watcher.stop() if watcher is not None else []
-    followed.finished.claim_s = _claimed(watcher, started)
+    _note_claim(followed.finished, watcher, started)
     return followed, seen
 
 
@@ -149,7 +156,8 @@ class Watcher(threading.Thread):
         self._sessions, self._job_id = sessions, job_id
         self._halt = threading.Event()
         self.seen: list[tuple[int, float]] = []
-        self.left_queue: float | None = None
+        self.left_queue: float | None = None  # perf_counter
+        self.left_queue_wall: float | None = None  # time.time(), to set against created_at
 
     def run(self) -> None:
         """Read until stopped."""
@@ -160,6 +168,7 @@ class Watcher(threading.Thread):
             with self._sessions() as session:
                 if self.left_queue is None and session.scalar(status) != JobStatus.QUEUED:
                     self.left_queue = time.perf_counter()
+                    self.left_queue_wall = time.time()
                 step = session.scalar(query) or 0
             if step > last:
                 self.seen.append((step, time.perf_counter()))

@@ -48,7 +48,8 @@ class Backend:
     first_worker_s: float = 0.0  # ...and its started_at → finished_at
     polled: Series = field(default_factory=lambda: Series("polling", "s"))
     followed: Series = field(default_factory=lambda: Series("events", "s"))
-    claim_ms: list[float] = field(default_factory=list)
+    claim_ms: list[float] = field(default_factory=list)  # POST sent → claimed
+    queued_claim_ms: list[float] = field(default_factory=list)  # created_at → claimed (goal)
     worker: Series = field(default_factory=lambda: Series("worker", "s"))
     live_ms: list[float] = field(default_factory=list)
     floors: dict[int, Series] = field(default_factory=dict)
@@ -106,6 +107,8 @@ def measure_backend(
                 for done in (polled, followed.finished):
                     if done.claim_s is not None:
                         result.claim_ms.append(done.claim_s * 1000)
+                    if done.queued_claim_s is not None:
+                        result.queued_claim_ms.append(done.queued_claim_s * 1000)
                     result.worker.add(done.worker_s)
                 result.live_ms += [d * 1000 for d in live_delays(seen, followed.arrivals)]
                 print(
@@ -179,9 +182,12 @@ def write_section(
         "loop for the same job (training + 3 evaluations, nothing stored; the faster of 1 and 2 "
         "threads), run by the benchmark between the jobs, while the worker waits. A thread of "
         "the benchmark reads the job's row and its last stored step from the database every "
-        "2 ms while the client waits. Claim latency runs from sending `POST /jobs` to that "
-        "thread seeing the job out of `queued` (p50/p99 over all "
-        f"{2 * rounds} jobs; `started_at − created_at` cannot say it: the worker takes its "
+        "2 ms while the client waits. Claim latency (the goal's figure: how long a queued job "
+        "waits for an idle worker) runs from the job's `created_at`, the API's clock just "
+        "before its INSERT (so it holds the insert's commit), to that thread seeing the job "
+        "out of `queued` on the same host's clock; the row after it counts from sending "
+        "`POST /jobs` instead, adding the HTTP exchange and the API's handling (p50/p99 over "
+        f"all {2 * rounds} jobs; `started_at − created_at` cannot say it: the worker takes its "
         "`now` before its claim's query). Live latency: each new last step the thread sees is "
         "a flush just committed, and the delay runs from that sighting to the first event "
         "on the stream that carries the step. Both are off by up to one read (~2 ms). Idle "
@@ -204,7 +210,13 @@ def write_section(
             timed("the worker's own started_at → finished_at", b.worker.median),
             [
                 b.name,
-                "claim latency (POST → seen out of `queued`) p50 / p99",
+                "claim latency (created_at → seen out of `queued`) p50 / p99",
+                _p50_p99(b.queued_claim_ms),
+                "",
+            ],
+            [
+                b.name,
+                "POST sent → seen out of `queued`, p50 / p99",
                 _p50_p99(b.claim_ms),
                 "",
             ],
@@ -247,12 +259,12 @@ def write_section(
                     verdict(x <= RESULT_GOAL),
                 ]
             )
-        p50, p99 = percentile(b.claim_ms, 50), percentile(b.claim_ms, 99)
+        p50, p99 = percentile(b.queued_claim_ms, 50), percentile(b.queued_claim_ms, 99)
         goals.append(
             [
-                f"{b.name}: claim latency p50 ≤ {CLAIM_P50_GOAL_MS:.0f} ms, p99 ≤ "
-                f"{CLAIM_P99_GOAL_MS:.0f} ms",
-                _p50_p99(b.claim_ms),
+                f"{b.name}: claim latency (queued → claimed) p50 ≤ {CLAIM_P50_GOAL_MS:.0f} ms, "
+                f"p99 ≤ {CLAIM_P99_GOAL_MS:.0f} ms",
+                _p50_p99(b.queued_claim_ms),
                 verdict(p50 <= CLAIM_P50_GOAL_MS and p99 <= CLAIM_P99_GOAL_MS),
             ]
         )

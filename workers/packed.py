@@ -61,7 +61,13 @@ class _Pack:
 
     def __init__(self, worker: Worker, jobs: list[Job]) -> None:
         self.worker = worker
-        self.members = [_Member(job, *worker.start_job(job, tune_threads=False)) for job in jobs]
+        # One job's reporter times the pack's steps for the thread tuner (a pack's step gives
+        # the same bits at every count the tuner keeps: tests/workers/test_threads.py), so a
+        # pack trains at the count its own steps run fastest at; 8 jobs' products are wide
+        # enough that two threads nearly halve a step on two quiet cores (docs/benchmarks.md).
+        self.members = [
+            _Member(job, *worker.start_job(job, tune_threads=i == 0)) for i, job in enumerate(jobs)
+        ]
         self._beat()
 
     @property

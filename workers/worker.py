@@ -251,8 +251,8 @@ class Worker:
         """What a claimed job trains with, whichever path trains it: its claim (the fence),
         parameters, seed, and the reporter that records it and says when it must stop.
 
-        ``tune_threads=False`` for a pack's jobs: the tuner times one job's steps, and its
-        check that a change of thread count keeps the bits is made for a solo step."""
+        ``tune_threads=False`` for all but one of a pack's jobs: the tuner times one
+        reporter's steps."""
         claim = Claim(job.id, job.attempt, self.worker_id)
         params = params_of(job)
         seed = job.seed if job.seed is not None else secrets.randbits(63)

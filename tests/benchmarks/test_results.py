@@ -31,6 +31,9 @@ def test_the_section_measures_a_real_service_on_each_database(
         assert b.polled.median > b.worker.values[0] > 0
         assert b.followed.median > b.worker.values[1] > 0
         assert len(b.claim_ms) == 2 and all(ms >= 0 for ms in b.claim_ms)
+        # created_at comes after the POST was sent: a queued job waits less than the client.
+        assert len(b.queued_claim_ms) == 2 and all(ms >= 0 for ms in b.queued_claim_ms)
+        assert all(q <= c + 1 for q, c in zip(b.queued_claim_ms, b.claim_ms, strict=True))
         assert b.live_ms and all(ms >= 0 for ms in b.live_ms)  # the watcher saw the flushes
         assert b.first_job_s > b.first_worker_s > 0
         assert set(b.idle) == {"supervisor", "API", "worker"}

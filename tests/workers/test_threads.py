@@ -26,8 +26,11 @@ from workers.threads import (
     same_bits_counts,
     typical_step_s,
 )
+from workers.training.packing import PackedJob, train_packed
 from workers.training.train import train
 from workers.worker import Worker
+
+CPU = torch.device("cpu")
 
 # MKL's strict mode gives a matrix product the same bits at any thread count only with MKL and
 # its AVX2 or AVX-512 code (the package turns it on, see workers/__init__.py).
@@ -332,3 +335,58 @@ def test_a_seeded_job_records_the_same_losses_under_auto_as_on_one_thread(
     assert switches(counts) >= 20
     assert min(counts.count(n) for n in (1, 2)) >= 50
     assert losses[0] == losses[1]
+
+
+@strict_mkl
+def test_switching_counts_mid_pack_trains_as_one_thread_bit_for_bit(small_mnist: Path) -> None:
+    data = load_mnist(small_mnist, device=torch.device("cpu"), download=False)
+    params = JobCreate(epochs=6, batch_size=16, trainset_size=SMALL_TRAIN, testset_size=SMALL_TEST)
+    trials = [params.model_copy(update={"learning_rate": lr}) for lr in (1e-3, 2e-3, 5e-3)]
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [Recorder() for _ in trials]
+        train_packed([PackedJob(p, 7 + i, one[i]) for i, p in enumerate(trials)], data, CPU)
+        # As the worker does: the pack's first job's reporter ticks the tuner at every step.
+        first = Switching(restless_tuner())
+        switching = [first, Recorder(), Recorder()]
+        train_packed([PackedJob(p, 7 + i, switching[i]) for i, p in enumerate(trials)], data, CPU)
+    finally:
+        torch.set_num_threads(threads_before)
+    threads = first.threads
+    assert len(threads) == 240 and switches(threads) >= 30
+    assert min(threads.count(n) for n in (1, 2)) >= 60
+    for a, b in zip(switching, one, strict=True):
+        assert a.losses == b.losses
+        assert a.accuracies == b.accuracies
+
+
+def test_a_packing_worker_tells_its_tuner_each_pack_step_once(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told: list[str] = []
+
+    class Counting(ThreadTuner):
+        def step(self) -> None:
+            told.append("step")
+            super().step()
+
+        def begin(self) -> None:
+            told.append("begin")
+            super().begin()
+
+    tuner = Counting(candidate_threads(2), probe_steps=3)
+    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    params = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
+    jobs = [queue_job(sessions, {**params, "learning_rate": lr}) for lr in (1e-3, 2e-3, 3e-3)]
+    threads_before = torch.get_num_threads()
+    try:
+        packing = settings.model_copy(update={"pack_max": 3})
+        Worker(packing, sessions, show_progress=False).run(max_jobs=3)
+    finally:
+        torch.set_num_threads(threads_before)
+    done = [read_job(sessions, j) for j in jobs]
+    assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 3, [j.error for j in done]
+    # One pack: its steps are timed once, as one job's would be, not once per job.
+    assert len(told) == done[0].total_steps
+    assert told.count("begin") == 2
