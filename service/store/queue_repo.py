@@ -11,13 +11,12 @@ Every change a waiter may be waiting for publishes a wake-up in its transaction
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, text, update
+from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -29,7 +28,7 @@ from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
-from service.store.upkeep.leases import claimable, claimed, expire_lost_jobs
+from service.store.upkeep.leases import claim_statement, expire_lost_jobs
 from service.store.worker_repo import worker_idle
 
 # What a running job given back to the queue becomes: queued, held by no worker.
@@ -92,7 +91,7 @@ def claim_job(
     expire_lost_jobs(session, now=now)
     until = now + timedelta(seconds=lease_s)
     params = {"now": now, "lease_until": until, "worker_id": worker_id, "device": device}
-    job: Job | None = session.scalars(_claim_statement(), params).one_or_none()
+    job: Job | None = session.scalars(claim_statement(), params).one_or_none()
     if job is None:
         return None
     rewind_to_epoch(session, job, job.resume_epoch)
@@ -104,34 +103,6 @@ def claim_job(
     )
     wakeups.publish(session, wakeups.JOB_PROGRESS, job.id)
     return job
-
-
-@functools.cache
-def _claim_statement() -> Any:
-    """The claim's UPDATE, built once: building and hashing it took a third of a claim."""
-    now = bindparam("now", type_=Job.started_at.type)
-    pick = (
-        select(Job.id)
-        .where(claimable(now))
-        .order_by(Job.created_at, Job.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    return (
-        update(Job)
-        .where(Job.id == pick, claimable(now))
-        .values(
-            claimed(
-                worker_id=bindparam("worker_id"),
-                device=bindparam("device"),
-                now=now,
-                lease_until=bindparam("lease_until", type_=Job.lease_expires_at.type),
-            )
-        )
-        .returning(Job)
-        .execution_options(synchronize_session=False)
-    )
 
 
 def rewind_to_epoch(session: Session, job: Job, epoch: int) -> None:
@@ -342,6 +313,8 @@ def release_job(
 
     The attempt is not counted against ``max_attempts``: the worker left on purpose.
     """
+    if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
+        return
     _update_fenced(session, job_id, attempt, worker_id, {**_REQUEUED, "attempt": Job.attempt - 1})
     worker_idle(session, worker_id, now)
     _requeued(session, job_id)
@@ -357,6 +330,8 @@ def hand_back(
     ``reason``. ``reason`` is what clients read in ``error``: no server paths. Returns whether
     the job will run again.
     """
+    if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
+        return False
     failed = _update_jobs(
         session,
         and_(_fence(job_id, attempt, worker_id), Job.attempt >= Job.max_attempts),
@@ -385,6 +360,23 @@ def hand_back(
         wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     worker_idle(session, worker_id, now)
     return again
+
+
+def _cancelled_if_asked(
+    session: Session, job_id: str, attempt: int, worker_id: str, now: datetime
+) -> bool:
+    """End a job given back (released, handed back) ``cancelled`` if a cancel was asked while
+    it ran, as a lost worker's job ends (:func:`expire_lost_jobs`): queued again it could never
+    be claimed (claims skip cancel-asked jobs), and its sweep would never end. Fenced."""
+    where = and_(_fence(job_id, attempt, worker_id), Job.cancel_requested.is_(True))
+    ended = {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None}
+    if not _update_jobs(session, where, {**ended, "resume_checkpoint": None}):
+        return False
+    artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
+    worker_idle(session, worker_id, now)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+    sweep_repo.job_ended(session, job_id, now)
+    return True
 
 
 def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:

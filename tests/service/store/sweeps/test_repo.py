@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -180,3 +181,32 @@ def test_settling_an_ended_sweep_changes_nothing(sessions: sessionmaker[Session]
     with sessions.begin() as session:
         sweep_repo.settle(session, sweep_id, utcnow() + timedelta(hours=1))
     assert sweep_row(sessions, sweep_id).finished_at == before
+
+
+def ask_cancel(sessions: sessionmaker[Session], job: Job) -> None:
+    with sessions.begin() as session:
+        locked = job_repo.lock_job(session, job.id)
+        assert locked is not None
+        job_repo.request_cancel(session, locked, now=utcnow())
+
+
+@pytest.mark.parametrize("way", ["release", "hand back"])
+def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
+    sessions: sessionmaker[Session], way: str
+) -> None:
+    """A cancel asked while the trial ran, then its worker gives it back (a shutdown, a host
+    fault): queued again no worker would ever claim it, and the sweep would run forever."""
+    sweep_id = new_sweep(sessions, 1)
+    job = claim(sessions, "w1")
+    ask_cancel(sessions, job)
+    fence = {"job_id": job.id, "attempt": job.attempt, "worker_id": "w1", "now": utcnow()}
+    with sessions.begin() as session:
+        if way == "release":
+            queue_repo.release_job(session, **fence)
+        else:
+            assert queue_repo.hand_back(session, **fence, reason="disk gone") is False
+    with sessions() as session:
+        ended = session.get(Job, job.id)
+        assert ended is not None
+        assert (ended.status, ended.finished_at is not None) == (JobStatus.CANCELLED, True)
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED  # no trial succeeded
