@@ -199,12 +199,17 @@ def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
     sweep_id = new_sweep(sessions, 1)
     job = claim(sessions, "w1")
     ask_cancel(sessions, job)
-    fence = {"job_id": job.id, "attempt": job.attempt, "worker_id": "w1", "now": utcnow()}
+    now = utcnow()
     with sessions.begin() as session:
         if way == "release":
-            queue_repo.release_job(session, **fence)
+            queue_repo.release_job(
+                session, job_id=job.id, attempt=job.attempt, worker_id="w1", now=now
+            )
         else:
-            assert queue_repo.hand_back(session, **fence, reason="disk gone") is False
+            again = queue_repo.hand_back(
+                session, job_id=job.id, attempt=job.attempt, worker_id="w1", now=now, reason="x"
+            )
+            assert again is False
     with sessions() as session:
         ended = session.get(Job, job.id)
         assert ended is not None
