@@ -25,8 +25,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from benchmarks.env import Workspace, load_average, make_workspace
 from benchmarks.jobs import recorded, submit
 from benchmarks.packing import Rates
@@ -97,7 +95,6 @@ def cells(rows: Sequence[Rates]) -> tuple[list[str], list[list[str]]]:
 
 def run_packing(section: Section, root: Path, *, rounds: int) -> None:
     """``make bench``'s "Packed training" section."""
-    torch.set_num_threads(1)
     before = load_average()
     rows = measure(root, rounds=rounds)
     top = best(rows)
@@ -105,8 +102,9 @@ def run_packing(section: Section, root: Path, *, rounds: int) -> None:
         "K tutorial-size jobs (10,000 images × 3 epochs, batch 64; seeds and learning rates of "
         "a sweep) queued, then served by one worker from the first claim to the last "
         "`succeeded` (every step's loss stored, checkpoints written), with MNIST_PACK_MAX=K "
-        "(one claim, one pack: workers/packed.py) and with MNIST_PACK_MAX=1 (one by one), at "
-        f"one thread; median of {rounds} runs each, alternating "
+        "(one claim, one pack: workers/packed.py) and with MNIST_PACK_MAX=1 (one by one), "
+        "both with MNIST_TORCH_THREADS=auto (the tuner times a pack's steps as it times a "
+        f"job's); median of {rounds} runs each, alternating "
         f"(`python -m benchmarks.packed_worker`; load average {before} → {load_average()})."
     )
     section.table(*cells(rows))
@@ -125,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="pack sizes")
     parser.add_argument("--rounds", type=int, default=3, help="runs per figure (median)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     before = load_average()
     with tempfile.TemporaryDirectory(prefix="mnist-packed-") as tmp:
         rows = measure(Path(tmp), [int(k) for k in args.sizes.split(",")], rounds=args.rounds)

@@ -12,6 +12,7 @@ missing, so one starts over) trains as groups of one epoch, one after another; t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,8 +29,9 @@ from service.store.tables import Job
 from workers.endings import Outcome, raises, returns
 from workers.reporting import Claim, Reporter, Shutdown
 from workers.resume import TrainingState
-from workers.training.graphs import graph_backend
-from workers.training.packing import PackedJob, train_packed
+from workers.training.graphs import GraphBackend, graph_backend
+from workers.training.packing import PackedJob, Unpackable, train_packed
+from workers.training.train import train
 
 if TYPE_CHECKING:
     from workers.worker import Worker
@@ -109,14 +111,24 @@ class _Pack:
             ", ".join(f"{m.claim.job_id} attempt {m.claim.attempt}" for m in group),
         )
         jobs = [PackedJob(m.params, m.seed, _Report(self, m), m.resume_from) for m in group]
+        graphs = graph_backend(self.worker.device, self.worker.settings.cuda_graphs)
         try:
-            graphs = graph_backend(self.worker.device, self.worker.settings.cuda_graphs)
             results = train_packed(jobs, self.worker.data(), self.worker.device, graphs)
+        except Unpackable as exc:  # before any step: each trains alone, as a solo claim would
+            log.warning("these jobs cannot share a pack (%s): each trains alone", exc)
+            for m in group:
+                self.end(m, functools.partial(self._alone, m, graphs))
+            return
         except Exception as exc:  # noqa: BLE001 - the pack could not go on: every job's end
             results = [exc] * len(group)
         for m, result in zip(group, results, strict=True):
             if m.outcome is None:
                 self.end(m, raises(result) if isinstance(result, Exception) else returns(result))
+
+    def _alone(self, m: _Member, graphs: GraphBackend | None) -> SimpleMLP:
+        """``m`` trained by the solo loop, with its own reporter and resume point."""
+        data, device = self.worker.data(), self.worker.device
+        return train(m.params, data, device, m.seed, m.reporter, m.resume_from, graphs)
 
     def close(self) -> None:
         """Let the jobs that never ended go (a bug, or the worker's exit, stopped the pack)."""

@@ -29,6 +29,7 @@ from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, local_env, process, wait_for
 from tests.workers.training.test_packing import LOSS_ATOL, LOSS_RTOL
 from workers.reporting import Reporter
+from workers.training.packing import Unpackable
 from workers.worker import Worker
 
 PARAMS = {"epochs": 2, "batch_size": 32, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
@@ -100,6 +101,29 @@ def test_compatible_jobs_train_as_one_pack_and_record_what_they_would_alone(
         assert job.checkpoint is not None and job.checkpoint != reference.checkpoint
     for job, reference in zip(rows, solo, strict=True):  # one test image apart, at most
         assert job.accuracy == pytest.approx(reference.accuracy, abs=1 / SMALL_TEST)
+
+
+def test_jobs_a_pack_cannot_hold_train_alone_and_succeed(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack that cannot be built (a worker's bug, a state from elsewhere) is not the jobs'
+    fault: each trains alone, recording what a solo claim of it records."""
+
+    def unpackable(*args: object, **kwargs: object) -> None:
+        raise Unpackable("jobs in one pack must have taken as many steps, not {0, 3}")
+
+    monkeypatch.setattr("workers.packed.train_packed", unpackable)
+    packed = [submit(sessions, **trial) for trial in TRIALS[:2]]
+    Worker(packing(settings), sessions, show_progress=False).run(max_jobs=2)
+    monkeypatch.undo()
+    alone = [submit(sessions, **trial) for trial in TRIALS[:2]]
+    Worker(packing(settings, 1), sessions, show_progress=False).run(max_jobs=2)
+
+    rows = [read_job(sessions, j) for j in packed]
+    assert [r.status for r in rows] == [JobStatus.SUCCEEDED] * 2, [r.error for r in rows]
+    assert len({r.started_at for r in rows}) == 1  # claimed as one pack
+    for job, reference in zip(packed, alone, strict=True):
+        assert losses(sessions, job) == losses(sessions, reference)  # the solo loop's bits
 
 
 def test_jobs_that_cannot_share_a_step_are_not_packed_together(

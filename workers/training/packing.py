@@ -43,6 +43,12 @@ from workers.training.train import TrainingReport, make_optimizer
 PACK_FIELDS = ("epochs", "batch_size", "trainset_size", "testset_size")
 
 
+class Unpackable(RuntimeError):
+    """These jobs cannot train as one pack (they differ where a pack's step must not, or a
+    device lacks what it needs): not the jobs' fault, so they train alone instead
+    (:mod:`workers.packed`), where a ValueError would fail them."""
+
+
 def pack_key(params: JobCreate) -> tuple[int, ...]:
     """What jobs must share to train in one pack (and the device, which a worker has one of)."""
     return tuple(getattr(params, name) for name in PACK_FIELDS)
@@ -98,12 +104,12 @@ def _solo_setup(job: PackedJob, device: torch.device) -> _Solo:
 
 def _check_compatible(jobs: Sequence[PackedJob]) -> None:
     if not jobs:
-        raise ValueError("a pack needs at least one job")
+        raise Unpackable("a pack needs at least one job")
     first = jobs[0].params
     for job in jobs[1:]:
         for name in PACK_FIELDS:
             if getattr(job.params, name) != getattr(first, name):
-                raise ValueError(
+                raise Unpackable(
                     f"jobs in one pack must share {name}: {getattr(first, name)} "
                     f"and {getattr(job.params, name)}"
                 )
@@ -143,14 +149,14 @@ class Pack:
         self.members = list(range(len(jobs)))  # the job index of each row
         done = {solo.done_epochs for solo in self.solos}
         if len(done) != 1:
-            raise ValueError(f"jobs in one pack must resume from the same epoch, not {done}")
+            raise Unpackable(f"jobs in one pack must resume from the same epoch, not {done}")
         self.done_epochs = done.pop()
         optimizer = self.solos[0].state.optimizer
         if not optimizer.defaults["fused"]:
-            raise ValueError(f"packed training needs Adam's fused kernel, which {device} lacks")
+            raise Unpackable(f"packed training needs Adam's fused kernel, which {device} lacks")
         settings = optimizer.defaults
         if settings["weight_decay"] or settings["amsgrad"] or settings["maximize"]:
-            raise ValueError("packed training implements plain Adam only")
+            raise Unpackable("packed training implements plain Adam only")
         (self.beta1, self.beta2), self.eps = settings["betas"], settings["eps"]
         # As solo: the learning rate Adam holds, the job's own or, resumed, the saved one.
         self.lrs = [s.state.optimizer.param_groups[0]["lr"] for s in self.solos]
@@ -168,7 +174,7 @@ class Pack:
         # Adam's step count (float32, on the device, as fused Adam keeps it): the same for all.
         counts = {int(st["step"]) if "step" in st else 0 for row in states for st in row}
         if len(counts) != 1:
-            raise ValueError(f"jobs in one pack must have taken as many steps, not {counts}")
+            raise Unpackable(f"jobs in one pack must have taken as many steps, not {counts}")
         self.step_count = torch.full((), counts.pop(), dtype=torch.float32, device=device)
         self._index_rows()
         self.orders: torch.Tensor | None = None  # this epoch's batches, one row per job

@@ -28,7 +28,7 @@ from tests.support import make_small_mnist
 from tests.workers.reports import Recorder
 from workers.data import Mnist, load_mnist
 from workers.resume import TrainingState
-from workers.training.packing import PackedJob, pack_key, train_packed
+from workers.training.packing import PackedJob, Unpackable, pack_key, train_packed
 from workers.training.train import train
 
 CPU = torch.device("cpu")
@@ -224,8 +224,8 @@ def test_a_pack_resumes_from_solo_runs_states(data: Mnist, alone: Run) -> None:
 
 def test_jobs_that_cannot_share_a_step_are_refused(data: Mnist) -> None:
     other = PackedJob(JobCreate(**{**PARAMS, "batch_size": 32}), 1, Recorder())
-    with pytest.raises(ValueError, match="jobs in one pack must share batch_size: 64 and 32"):
+    with pytest.raises(Unpackable, match="jobs in one pack must share batch_size: 64 and 32"):
         train_packed([job(0, 1e-3, Recorder()), other], data, CPU)
     assert pack_key(other.params) != pack_key(JobCreate(**PARAMS))
-    with pytest.raises(ValueError, match="at least one job"):
+    with pytest.raises(Unpackable, match="at least one job"):
         train_packed([], data, CPU)
