@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -212,6 +213,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ForwardBatcher(),
             DecodeSlots(settings.max_decodes, settings.max_decode_queue),
         )
+        # As the worker does (workers/worker.py): what startup loaded lives as long as the
+        # process, so full collections need not walk it (a pause of every request meanwhile).
+        gc.freeze()
         try:
             yield
         finally:

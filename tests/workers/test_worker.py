@@ -59,6 +59,18 @@ def test_a_job_trains_and_records_every_step_and_epoch(
     assert stored(settings, sessions, job.checkpoint)
 
 
+def test_a_ready_worker_leaves_what_it_loaded_out_of_full_collections(
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc.freeze once ready: a full collection walking torch's and the data's objects paused
+    one job in five by ~300 ms (docs/benchmarks.md)."""
+    order: list[str] = []
+    monkeypatch.setattr("workers.worker.gc.freeze", lambda: order.append("freeze"))
+    monkeypatch.setattr("workers.worker.preload_mnist", lambda *a, **k: order.append("preload"))
+    Worker(settings, sessions, show_progress=False).run(max_jobs=0)
+    assert order == ["preload", "freeze"]
+
+
 def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
