@@ -111,9 +111,10 @@ def run_packing(section: Section, root: Path, *, rounds: int) -> None:
     section.para(
         f"Most trials per second in this run at K = {top.k} ({top.packed_rate:.2f}/s, "
         f"{top.solo_s / top.packed_s:.2f}× one by one). MNIST_PACK_MAX's default (8) comes "
-        "from tables like this one: on this host K = 8 was at or near the top in every run, "
-        "larger packs no faster and each of their jobs done later. `python -m "
-        "benchmarks.packing` times the loops alone and splits a packed step's time."
+        "from several tables like this one: the best K moves between runs on this shared "
+        "host, K = 8 was never far from it, packs an 8-trial sweep whole, and a larger pack "
+        "finishes each of its jobs later. `python -m benchmarks.packing` times the loops "
+        "alone and splits a packed step's time."
     )
 
 
