@@ -198,21 +198,27 @@ def test_one_core_has_nothing_to_choose() -> None:
     assert cores.switches == [1]
 
 
+class Counting(ThreadTuner):
+    """A tuner that notes each step it is told of ("step") and each timing begun ("begin")."""
+
+    def __init__(self, candidates: tuple[int, ...], probe_steps: int) -> None:
+        super().__init__(candidates, probe_steps=probe_steps)
+        self.told: list[str] = []
+
+    def step(self) -> None:
+        self.told.append("step")
+        super().step()
+
+    def begin(self) -> None:
+        self.told.append("begin")
+        super().begin()
+
+
 def test_a_worker_on_auto_reports_every_step_to_its_tuner(
     settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    told: list[str] = []
-
-    class Counting(ThreadTuner):
-        def step(self) -> None:
-            told.append("step")
-            super().step()
-
-        def begin(self) -> None:
-            told.append("begin")
-            super().begin()
-
     tuner = Counting(candidate_threads(2), probe_steps=3)
+    told = tuner.told
     monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
     job_id = queue_job(
         sessions, {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
@@ -364,18 +370,8 @@ def test_switching_counts_mid_pack_trains_as_one_thread_bit_for_bit(small_mnist:
 def test_a_packing_worker_tells_its_tuner_each_pack_step_once(
     settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    told: list[str] = []
-
-    class Counting(ThreadTuner):
-        def step(self) -> None:
-            told.append("step")
-            super().step()
-
-        def begin(self) -> None:
-            told.append("begin")
-            super().begin()
-
     tuner = Counting(candidate_threads(2), probe_steps=3)
+    told = tuner.told
     monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
     params = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
     jobs = [queue_job(sessions, {**params, "learning_rate": lr}) for lr in (1e-3, 2e-3, 3e-3)]
