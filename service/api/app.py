@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api import openapi
 from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
 from service.api.deps import forbid_unknown_query
-from service.api.lanes.polls import MetricsPollLane, PollReads
+from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -259,12 +259,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     # Built innermost first: a request meets the metrics, the request id, then the key check
     # (so an unauthenticated client is turned away before its body is read), then the body
-    # limits (before anything reads a byte of the body), then the fast lanes of metrics polls
-    # and predict, then FastAPI.
+    # limits (before anything reads a byte of the body), then the fast lanes of job and metrics
+    # polls and predict, then FastAPI.
     edge: ASGIApp = functools.partial(FastAPI.__call__, app)
     if settings.fast_lanes:
         edge = PredictLane(edge, route=_route(app, "POST", PREDICT_PATH), settings=settings)
-        edge = MetricsPollLane(edge, route=_route(app, "GET", "/jobs/{job_id}/metrics"))
+        edge = PollLane(
+            edge,
+            metrics_route=_route(app, "GET", "/jobs/{job_id}/metrics"),
+            job_route=_route(app, "GET", "/jobs/{job_id}"),
+        )
     edge = BodyLimitMiddleware(
         edge,
         max_body_bytes=settings.max_request_bytes,

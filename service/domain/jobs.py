@@ -7,6 +7,8 @@ import io
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -26,7 +28,12 @@ CSV_READ_STEPS = 100_000
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
-def params_of(job: Job) -> JobCreate:
+# A job as stored: its ORM instance, or its row read without the ORM (the polls' fast lane).
+JobColumns = Job | Row[Any]
+JOB_READ: TypeAdapter[JobRead] = TypeAdapter(JobRead)
+
+
+def params_of(job: JobColumns) -> JobCreate:
     """The hyperparameters stored on a job row."""
     return JobCreate(
         epochs=job.epochs,
@@ -39,7 +46,7 @@ def params_of(job: Job) -> JobCreate:
     )
 
 
-def to_read(job: Job) -> JobRead:
+def to_read(job: JobColumns) -> JobRead:
     """A job row as the API shows it."""
     return JobRead(
         id=job.id,
@@ -60,6 +67,17 @@ def to_read(job: Job) -> JobRead:
         heartbeat_at=job.heartbeat_at if job.status == JobStatus.RUNNING else None,
         sweep_id=job.sweep_id,
     )
+
+
+def job_json(db: metric_repo.Reader, job_id: str) -> bytes | None:
+    """A job as ``GET /jobs/{id}`` answers it, encoded as FastAPI encodes the route's
+    :class:`JobRead`, read without the ORM; None when there is no such job.
+
+    The polls' fast lane (:mod:`service.api.lanes.polls`) answers with this; the route, which
+    reads the ORM instance, stays the reference (tests/service/api/lanes/test_differential.py).
+    """
+    row = job_repo.job_row(db, job_id)
+    return None if row is None else JOB_READ.dump_json(to_read(row))
 
 
 def check_steps(params: JobCreate, *, max_steps: int) -> None:

@@ -1,11 +1,15 @@
-"""The fast lane of ``GET /jobs/{id}/metrics``: a live chart's poll answered in plain ASGI.
+"""The fast lane of a job's polls, ``GET /jobs/{id}/metrics`` and ``GET /jobs/{id}``, answered
+in plain ASGI.
 
-A chart polls for the steps after the last one it has, several times a second, while a job
-trains on the same machine: every poll's CPU is taken from the training. Through FastAPI
-(routing, dependencies, two thread hand-offs, the ORM) a poll costs several times the CPU
-of the read itself (docs/benchmarks.md); the lane answers a well-formed poll with a read
-transaction on the driver's cursor and the same JSON (:func:`service.domain.jobs.metrics_json`,
-which the route answers with too).
+A chart polls for the steps after the last one it has, several times a second, and a client
+waiting for a result polls the job's status, while the job trains on the same machine: every
+poll's CPU is taken from the training. Through FastAPI (routing, dependencies, two thread
+hand-offs, the ORM) a poll costs several times the CPU of the read itself: ~2.7 ms of the API's
+CPU for ``GET /jobs/{id}``, against ~0.3 ms for ``/healthz`` (docs/benchmarks.md). The lane
+answers a well-formed metrics poll with a read transaction on the driver's cursor and the same
+JSON (:func:`service.domain.jobs.metrics_json`, which the route answers with too), and a job
+poll with the job's row read without the ORM (:func:`service.domain.jobs.job_json`; the route,
+which reads the ORM instance, is the reference the differential test holds it to).
 
 Where a poll is read (:class:`PollReads`): a live chart's poll brings a few new steps, and on
 SQLite such a read takes tens of microseconds on the event loop, less than a hand-off to a
@@ -15,9 +19,9 @@ other request of the process (``/healthz`` included) would wait that long. So th
 most :data:`LOOP_STEPS` steps; a page that fills them is read again, whole, in a thread, and
 encoded there.
 
-The route (:mod:`service.api.routes.jobs`) stays the reference, and the lane re-states none of
-its rules: it matches the path with the route's own pattern, checks the job id with the type
-the route's dependency declares (``JobIdPath``) and reads the query with the route's model
+The routes (:mod:`service.api.routes.jobs`) stay the reference, and the lane re-states none of
+their rules: it matches the path with each route's own pattern, checks the job id with the type
+the routes' dependency declares (``JobIdPath``) and reads the query with the route's model
 (``MetricsQuery``). Any other request, an unknown job, a database error — the lane passes the
 request on untouched (a GET has no body to replay) and the route gives its answer.
 """
@@ -29,7 +33,7 @@ from typing import TypeVar
 
 import anyio
 import anyio.to_thread
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -44,6 +48,14 @@ from service.domain import jobs
 from service.store.engines import make_engine, read_engine
 
 QUERY = RouteQuery(MetricsQuery)
+
+
+class _NoQuery(BaseModel):
+    """``GET /jobs/{id}`` declares no query parameter: a query that names any is the route's
+    to refuse."""
+
+
+NO_QUERY = RouteQuery(_NoQuery)
 JOB_ID: TypeAdapter[str] = TypeAdapter(JobIdPath)
 # The most steps a poll reads on the event loop (SQLite): a fraction of a millisecond.
 LOOP_STEPS = 256
@@ -98,6 +110,18 @@ class PollReads:
             self._loop_base.dispose()
 
 
+def _job_json(job_id: str) -> Callable[[Connection], bytes | None]:
+    return lambda connection: jobs.job_json(connection, job_id)
+
+
+async def _in_turn(reads: PollReads, read: Callable[[Engine], T | None]) -> T | None:
+    """``read`` (one row) on the event loop on SQLite, where it takes tens of microseconds;
+    in a thread elsewhere (the network may be slow)."""
+    if reads.loop is not None:
+        return read(reads.loop)
+    return await anyio.to_thread.run_sync(read, reads.threads, limiter=reads.limiter)
+
+
 def _read(engine: Engine, read: Callable[[Connection], T | None]) -> T | None:
     """``read`` in one read transaction; None on a database error (the route meets the same
     error and answers it its own way)."""
@@ -108,34 +132,43 @@ def _read(engine: Engine, read: Callable[[Connection], T | None]) -> T | None:
         return None
 
 
-class MetricsPollLane:
-    """ASGI middleware: answers well-formed metrics polls itself (see the module docstring)."""
+class PollLane:
+    """ASGI middleware: answers well-formed job and metrics polls itself (see the module
+    docstring)."""
 
-    def __init__(self, app: ASGIApp, *, route: Route) -> None:
+    def __init__(self, app: ASGIApp, *, metrics_route: Route, job_route: Route) -> None:
         self.app = app
-        self.route = route  # its path pattern; and what the metrics middleware labels answers with
+        # Their path patterns; and what the metrics middleware labels answers with.
+        self.metrics_route, self.job_route = metrics_route, job_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the poll here, or pass the request on."""
         is_get = scope["type"] == "http" and scope["method"] == "GET"
-        body = await self._poll(scope) if is_get else None
-        if body is None:
+        answer = await self._poll(scope) if is_get else None
+        if answer is None:
             await self.app(scope, receive, send)
             return
-        scope["route"] = self.route
+        scope["route"], body = answer
         await send_json(send, body)
 
-    async def _poll(self, scope: Scope) -> bytes | None:
-        """A well-formed poll's answer; None for any other GET (the route's to answer)."""
-        job_id = job_id_of(self.route, scope["path"])
+    async def _poll(self, scope: Scope) -> tuple[Route, bytes] | None:
+        """A well-formed poll's route and answer; None for any other GET (the routes')."""
+        reads: PollReads = scope["app"].state.poll_reads
+        polled = job_id_of(self.job_route, scope["path"])
+        if polled is not None:
+            if NO_QUERY.read(scope.get("query_string", b"")) is None:
+                return None
+            read = _job_json(polled)
+            body = await _in_turn(reads, lambda engine: _read(engine, read))
+            return None if body is None else (self.job_route, body)
+        job_id = job_id_of(self.metrics_route, scope["path"])
         if job_id is None:
             return None
         query = QUERY.read(scope.get("query_string", b""))
         if query is None:
             return None
-        return await self._answer(
-            scope["app"].state.poll_reads, job_id, query.after_step, query.limit
-        )
+        body = await self._answer(reads, job_id, query.after_step, query.limit)
+        return None if body is None else (self.metrics_route, body)
 
     @staticmethod
     async def _answer(reads: PollReads, job_id: str, after_step: int, limit: int) -> bytes | None:

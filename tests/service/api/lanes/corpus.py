@@ -292,6 +292,26 @@ def poll_cases(trained: str, queued: str) -> list[Case]:
     return cases
 
 
+def job_cases(trained: str, queued: str, running: str) -> list[Case]:
+    jobs = {"trained": trained, "queued": queued, "running": running}
+    cases = [Case(f"job: {name}", "GET", f"/jobs/{job_id}") for name, job_id in jobs.items()]
+    cases += [
+        Case("job: a query string", "GET", f"/jobs/{trained}?after_step=3&x="),
+        Case("job: a name alone", "GET", f"/jobs/{trained}?x"),
+        Case("job: an empty query", "GET", f"/jobs/{trained}?"),
+        Case("job: a query of separators", "GET", f"/jobs/{trained}?&&"),
+        Case("job: unknown", "GET", f"/jobs/{UNKNOWN_JOB}"),
+        Case("job: upper-case id", "GET", f"/jobs/{trained.upper()}"),
+        Case("job: id and a newline", "GET", f"/jobs/{trained}%0A"),
+        Case("job: too short", "GET", f"/jobs/{trained[:-1]}"),
+        Case("job: not an id", "GET", "/jobs/nope"),
+        Case("job: trailing slash", "GET", f"/jobs/{trained}/"),
+        Case("job: HEAD", "HEAD", f"/jobs/{trained}"),
+        Case("job: PUT", "PUT", f"/jobs/{trained}"),
+    ]
+    return cases
+
+
 def key_cases(img: dict[str, bytes], trained: str) -> list[Case]:
     keys = {
         "no key": {},
@@ -313,6 +333,7 @@ def key_cases(img: dict[str, bytes], trained: str) -> list[Case]:
                 True,
             ),
             Case(f"key {who}: poll", "GET", poll, b"", auth, True),
+            Case(f"key {who}: job", "GET", f"/jobs/{trained}", b"", auth, True),
         ]
     big = form(part(data=img["over request cap"]))
     odd = form(part(data=img["digit"]).replace(b"Content-Type", b"Content Type"))
@@ -326,13 +347,15 @@ def key_cases(img: dict[str, bytes], trained: str) -> list[Case]:
     return cases
 
 
-def corpus(trained: str, queued: str) -> list[Case]:
-    """Every case; ``trained`` is a job with a model and steps, ``queued`` one without."""
+def corpus(trained: str, queued: str, running: str) -> list[Case]:
+    """Every case; ``trained`` is a job with a model and steps, ``queued`` one without,
+    ``running`` one a worker holds."""
     img = images()
     return [
         *form_cases(img),
         *raw_cases(img),
         *query_cases(img, trained, queued),
         *poll_cases(trained, queued),
+        *job_cases(trained, queued, running),
         *key_cases(img, trained),
     ]

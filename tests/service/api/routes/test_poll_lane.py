@@ -1,4 +1,5 @@
-"""The metrics polls' fast lane in the app: the route's answer, without the route.
+"""The polls' fast lane in the app (a job's metrics, and the job): the route's answer, without
+the route.
 
 Every test runs with the lanes on and off (``BOTH_WAYS``): the answers are the same, and only
 who gives them differs.
@@ -18,6 +19,7 @@ from service.api.app import create_app
 from service.api.lanes.polls import LOOP_STEPS
 from service.api.routes import jobs as jobs_routes
 from service.domain import jobs
+from service.schemas import JobRead
 from service.settings import Settings
 from service.store import metric_repo
 from tests.service.api.routes.conftest import BOTH_WAYS
@@ -29,10 +31,12 @@ MISSING = "0123456789abcdef0123456789abcdef"
 
 
 class CountingJobs:
-    """``service.domain.jobs`` as the route sees it, counting the route's metrics reads."""
+    """``service.domain.jobs`` as the routes see it, counting the routes' metrics and job
+    reads."""
 
     def __init__(self) -> None:
         self.reads = 0
+        self.job_reads = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(jobs, name)
@@ -40,6 +44,10 @@ class CountingJobs:
     def metrics_json(self, *args: Any, **kwargs: Any) -> bytes | None:
         self.reads += 1
         return jobs.metrics_json(*args, **kwargs)
+
+    def to_read(self, *args: Any, **kwargs: Any) -> JobRead:
+        self.job_reads += 1
+        return jobs.to_read(*args, **kwargs)
 
 
 @pytest.fixture
@@ -105,6 +113,30 @@ def test_lane_polls_are_counted_under_the_metrics_route(client: TestClient) -> N
     assert line in exposition
 
 
+def test_job_polls_are_the_lanes_and_counted_under_the_job_route(
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    route_jobs: CountingJobs,
+    fast_lanes: bool,
+) -> None:
+    job_id = client.post("/jobs", json={"epochs": 2, "seed": 7}).json()["id"]
+    _record_steps(sessions, job_id, 5)
+    polls = [client.get(f"/jobs/{job_id}") for _ in range(3)]
+    assert route_jobs.job_reads == (0 if fast_lanes else 3)
+    body = polls[0].json()
+    assert body["id"] == job_id and body["params"]["epochs"] == 2 and body["params"]["seed"] == 7
+    assert body["step"] == 5 and body["status"] == "running" and body["heartbeat_at"]
+    assert polls[0].headers["content-type"] == "application/json"
+    assert polls[0].headers["x-request-id"]
+    # What the lane does not take (a query, an unknown job) the route answers, and refuses.
+    assert client.get(f"/jobs/{job_id}?verbose=1").status_code == 422
+    assert client.get(f"/jobs/{MISSING}").status_code == 404
+    exposition = client.get("/metrics").text
+    assert 'mnist_http_requests_total{method="GET",route="/jobs/{job_id}",status="200"} 3.0' in (
+        exposition
+    )
+
+
 @pytest.fixture
 def keyed_client(api_settings: Settings) -> Iterator[TestClient]:
     settings = Settings.model_validate({**api_settings.model_dump(), "api_key": "k" * 32})
@@ -121,6 +153,7 @@ def test_the_lane_is_behind_the_api_key(keyed_client: TestClient) -> None:
         f"/jobs/{job_id}/metrics", headers={"authorization": "Bearer " + "k" * 32}
     )
     assert answered.status_code == 200 and answered.json()["status"] == "queued"
+    assert keyed_client.get(f"/jobs/{job_id}").status_code == 401
 
 
 def test_a_poll_is_answered_while_every_pooled_connection_is_taken(
