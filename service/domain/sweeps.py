@@ -8,10 +8,12 @@ whichever write ends the last trial ends the sweep (:func:`sweep_repo.settle`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -29,7 +31,7 @@ from service.schemas.sweeps import (
 from service.status import SweepStatus
 from service.store import job_repo
 from service.store.sweeps import repo as sweep_repo
-from service.store.tables import Job, Sweep
+from service.store.tables import Sweep
 
 log = logging.getLogger("service.sweeps")
 
@@ -96,8 +98,10 @@ def create(
     return read(session, sweep.id)
 
 
-def _summary_fields(session: Session, sweep: Sweep, counts: dict[Any, int]) -> dict[str, Any]:
-    best = sweep_repo.best_trial(session, sweep.id)
+def _summary_fields(
+    sweep: Sweep, counts: dict[Any, int], trials: Sequence[Row[Any]]
+) -> dict[str, Any]:
+    best = sweep_repo.best_of(trials)
     return {
         "id": sweep.id,
         "status": SweepStatus(sweep.status),
@@ -114,7 +118,7 @@ def _summary_fields(session: Session, sweep: Sweep, counts: dict[Any, int]) -> d
     }
 
 
-def _trial(job: Job) -> TrialRead:
+def _trial(job: Row[Any]) -> TrialRead:
     return TrialRead(
         job_id=job.id,
         params=jobs.params_of(job),
@@ -135,10 +139,8 @@ def read(session: Session, sweep_id: str) -> SweepRead:
     """A sweep and its trials, or 404."""
     sweep = _sweep_or_404(session, sweep_id)
     trials = sweep_repo.trials(session, sweep.id)
-    counts = sweep_repo.counts_by_status(session, [sweep.id])[sweep.id]
-    return SweepRead.model_validate(
-        {**_summary_fields(session, sweep, counts), "trials": [_trial(j) for j in trials]}
-    )
+    summary = _summary_fields(sweep, sweep_repo.tally(trials), trials)
+    return SweepRead.model_validate({**summary, "trials": [_trial(j) for j in trials]})
 
 
 def list_page(
@@ -149,7 +151,10 @@ def list_page(
     counts = sweep_repo.counts_by_status(session, [s.id for s in sweeps])
     return SweepList(
         sweeps=[
-            SweepSummary.model_validate(_summary_fields(session, s, counts[s.id])) for s in sweeps
+            SweepSummary.model_validate(
+                _summary_fields(s, counts[s.id], sweep_repo.trials(session, s.id))
+            )
+            for s in sweeps
         ],
         next=next_cursor,
     )

@@ -215,3 +215,23 @@ def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
         assert ended is not None
         assert (ended.status, ended.finished_at is not None) == (JobStatus.CANCELLED, True)
     assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED  # no trial succeeded
+
+
+def test_a_sweeps_trials_are_tallied_as_they_are_counted(sessions: sessionmaker[Session]) -> None:
+    sweep_id = new_sweep(sessions, 5)
+    a, b, _ = claim(sessions, "w1"), claim(sessions, "w2"), claim(sessions, "w3")
+    finish(sessions, a, JobStatus.SUCCEEDED, accuracy=0.5)
+    finish(sessions, b, JobStatus.FAILED)
+    with sessions() as session:
+        trials = sweep_repo.trials(session, sweep_id)
+        counted = sweep_repo.counts_by_status(session, [sweep_id])[sweep_id]
+        summary = sweeps.read(session, sweep_id).trials_by_status
+    tallied = sweep_repo.tally(trials)
+    assert tallied == counted
+    assert {s: n for s, n in tallied.items() if n} == {
+        JobStatus.SUCCEEDED: 1,
+        JobStatus.FAILED: 1,
+        JobStatus.RUNNING: 1,
+        JobStatus.QUEUED: 2,
+    }
+    assert summary == tallied
