@@ -81,22 +81,20 @@ class StateWriter:
     fenced flush stores in the transaction that names them. Only then may the job's row name it.
     """
 
-    def __init__(self, artifacts: Artifacts, job_id: str, attempt: int) -> None:
+    def __init__(
+        self, artifacts: Artifacts, job_id: str, attempt: int, thread: ThreadPoolExecutor
+    ) -> None:
         self._artifacts = artifacts
         self._job_id = job_id
         self._attempt = attempt
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread = thread  # one thread, shared with the worker's other jobs (Writers)
         self._pending: list[tuple[Future[Saved], int]] = []
-
-    def _thread(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")
-        return self._pool
+        self._upkeep: list[Future[None]] = []  # deletions of older states
 
     def submit(self, snapshot: dict[str, Any], epoch: int) -> None:
         """Start writing ``snapshot`` (from :meth:`TrainingState.snapshot`), the state after
         ``epoch``."""
-        future = self._thread().submit(
+        future = self._thread.submit(
             self._artifacts.save, snapshot, job_id=self._job_id, attempt=self._attempt, epoch=epoch
         )
         self._pending.append((future, epoch))
@@ -106,8 +104,9 @@ class StateWriter:
         thread: listing a folder that holds every job's files takes the training loop's time
         otherwise. After the states submitted so far (kept), before any submitted later."""
         keep = {ref, *self.in_flight}
-        done = self._thread().submit(self._artifacts.keep_resume, self._job_id, keep=keep)
+        done = self._thread.submit(self._artifacts.keep_resume, self._job_id, keep=keep)
         done.add_done_callback(_log_failure)
+        self._upkeep = [f for f in self._upkeep if not f.done()] + [done]
 
     @property
     def ready(self) -> bool:
@@ -129,11 +128,12 @@ class StateWriter:
         return newest
 
     def close(self) -> None:
-        """Wait for the writes in flight, and discard them: no row names them."""
+        """Wait for the writes in flight, and discard them: no row names them; and for the
+        deletions handed over."""
         for future, _ in self._pending:
             if future.exception() is None:  # waits; the job has ended one way or another
                 self._artifacts.discard(future.result())
         self._pending = []
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for done in self._upkeep:
+            done.exception()  # waits; a failure was logged
+        self._upkeep = []

@@ -38,6 +38,7 @@ from workers.heartbeat import Heartbeat
 from workers.host import new_worker_id, pid_alive
 from workers.packed import packs_on, run_pack
 from workers.reporting import Claim, Limits, Reporter
+from workers.reporting.writers import Writers
 from workers.threads import ThreadTuner, process_tuner
 from workers.training.graphs import graph_backend
 from workers.training.packing import PACK_FIELDS
@@ -78,6 +79,9 @@ class Worker:
         elif self.device.type == "cpu" and isinstance(settings.torch_threads, int):
             torch.set_num_threads(settings.torch_threads)
         self.outage = Outage(log)
+        # The writing threads of every job it trains (each reporter waits for its own writes
+        # as its job ends; idle threads end with the process).
+        self.writers = Writers()
         self.endings = Endings(
             sessions, self.artifacts, self._retry, shutdown_grace_s=settings.shutdown_grace_s
         )
@@ -278,6 +282,7 @@ class Worker:
             threads=self.threads if tune_threads else None,
             outage=self.outage,
             max_buffered_steps=self.settings.outage_buffer_steps,
+            writers=self.writers,
         )
         return claim, params, seed, reporter
 

@@ -8,7 +8,8 @@ and the job's row names it with a flush at the first step after it is durable; a
 to stop waits for it, so the job goes back with the epoch kept.
 
 The flushes that fall due between steps, and an epoch's, are written by a thread of their
-own while training goes on (one at a time): the loop hands a batch over and reads how its
+own while training goes on (one at a time; the worker's :class:`Writers`, shared by a pack's
+jobs): the loop hands a batch over and reads how its
 write ended at the next step, where a lost lease, a cancel or a failure stops the job as a
 flush of its own would have. A stop request makes an epoch's flush wait, so the job goes back
 with the epoch kept; ``flush`` and ``drain`` wait too.
@@ -24,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from service.store.outage import Backoff, Outage, is_outage, retry
 from workers.reporting.buffer import Batch, Claim, ProgressBuffer
 from workers.reporting.display import ProgressDisplay
 from workers.reporting.policy import Limits, StopPolicy, StorageFailed
+from workers.reporting.writers import Writers
 from workers.resume import StateWriter, TrainingState
 from workers.threads import ThreadTuner
 
@@ -61,6 +63,7 @@ class Reporter:
         threads: ThreadTuner | None = None,
         outage: Outage | None = None,
         max_buffered_steps: int = OUTAGE_BUFFER_STEPS,
+        writers: Writers | None = None,  # None: threads of its own
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[float], object] = time.sleep,
     ) -> None:
@@ -74,7 +77,11 @@ class Reporter:
         self._policy = StopPolicy(job_id=claim.job_id, limits=limits, stop=stop, clock=clock)
         self._stop = stop
         self._artifacts = artifacts or FolderArtifacts(checkpoint_dir)
-        self._states = StateWriter(self._artifacts, claim.job_id, claim.attempt)
+        self._own_writers = writers is None
+        self._writers = writers or Writers()
+        self._states = StateWriter(
+            self._artifacts, claim.job_id, claim.attempt, self._writers.states
+        )
         self._display = ProgressDisplay(
             job_id=claim.job_id,
             epochs=params.epochs,
@@ -94,7 +101,6 @@ class Reporter:
         self._next_flush = now + self._flush_interval_s
         self.last_renewal = now  # read by the heartbeat, which renews the lease when flushes don't
         self.flush_seconds = 0.0  # time spent in flushes' writes: what persistence costs
-        self._pool: ThreadPoolExecutor | None = None  # the background writes' thread
         self._writing: tuple[Future[bool], Batch, float] | None = None  # in flight, since
 
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
@@ -187,9 +193,7 @@ class Reporter:
         """Hand what is buffered to the writing thread; training goes on meanwhile."""
         self._record_written_state(wait=False)
         batch = self._buffer.take()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
-        self._writing = (self._pool.submit(self._write, batch), batch, self._clock())
+        self._writing = (self._writers.flushes.submit(self._write, batch), batch, self._clock())
 
     def _write(self, batch: Batch) -> bool:
         """On the writing thread: the write, and the lease it renewed (for the heartbeat)."""
@@ -276,8 +280,7 @@ class Reporter:
         if self._writing is not None:
             self._writing[0].exception()  # waits
             self._writing = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._states.close()
+        if self._own_writers:
+            self._writers.shutdown()
         self._display.close()

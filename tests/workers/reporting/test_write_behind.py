@@ -27,6 +27,7 @@ from tests.workers.reporting.test_buffer import stored_steps
 from tests.workers.reports import claimed_reporter
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.buffer import ProgressBuffer
+from workers.reporting.writers import Writers
 
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
 
@@ -159,3 +160,53 @@ def test_steps_a_postgresql_crash_lost_are_stored_again_by_the_epochs_write(
     buffer.add_epoch(2, 0.6)
     buffer.flush()
     assert stored_steps(sessions, job_id) == [1, 2, 3, 4, 5, 7]
+
+
+class ThreadNoting:
+    """Sessions that note which thread begins each write."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self.threads: set[int] = set()
+
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        self.threads.add(threading.get_ident())
+        with self.sessions.begin() as session:
+            yield session
+
+
+def test_the_jobs_of_a_pack_write_through_the_workers_two_threads(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    db, clock, writers = ThreadNoting(sessions), Clock(), Writers()
+    reporters = [
+        claimed_reporter(
+            sessions,
+            PARAMS,
+            writes=cast(sessionmaker[Session], db),
+            checkpoint_dir=tmp_path,
+            limits=Limits(lease_s=30, flush_interval_s=1.0),
+            clock=clock,
+            writers=writers,
+        )
+        for _ in range(3)
+    ]
+    for round_ in range(1, 4):
+        clock.now = 2.0 * round_  # a flush due for every job at once, as in a pack
+        for reporter, _ in reporters:
+            reporter.step(torch.tensor(1.0))
+    first, first_id = reporters[0]
+    first.drain()
+    first.close()  # one job ends: the others' writes go on through the same threads
+    for reporter, _ in reporters[1:]:
+        reporter.step(torch.tensor(0.5))
+        reporter.drain()
+    assert all(stored_steps(sessions, job_id) for _, job_id in reporters[1:])
+    assert stored_steps(sessions, first_id) == [1, 2, 3]
+    # Every write behind the loop ran on one thread (drain writes on the caller's).
+    assert len(db.threads - {threading.get_ident()}) == 1
+    for reporter, _ in reporters[1:]:
+        reporter.close()
+    assert writers.flushes.submit(int).result(timeout=30) == 0  # still running
+    writers.shutdown()
