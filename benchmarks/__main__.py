@@ -111,7 +111,7 @@ def _results(section: Section, root: Path, args: argparse.Namespace) -> str | No
 def _sweeps(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     from benchmarks.sweeps import run_sweeps
 
-    run_sweeps(section, root, rounds=max(1, args.runs // 3))
+    run_sweeps(section, root, rounds=max(1, args.runs // 2))
     return None
 
 

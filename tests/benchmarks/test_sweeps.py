@@ -41,7 +41,7 @@ def test_the_section_measures_a_sweep_and_the_same_jobs_one_by_one(
     assert [m.pack_max for m in measured] == sorted({PACK_MAX_DEFAULT, 1}, reverse=True)
     for m in measured:
         assert len(m.sweep.values) == len(m.one_by_one.values) == 1
-        assert m.sweep.median > 0 and m.one_by_one.median > 0
+        assert m.sweep.median > 0 and m.one_by_one.median > 0 and m.first > 0
     text = report.render()
     assert "a sweep of 4 trials ≥ 2× faster than one at a time (CPU)" in text
     assert "| K | packed s |" in text and "\n| 2 | " in text
