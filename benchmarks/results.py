@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import data_dir
 from benchmarks.floor import floor_train
@@ -27,7 +26,7 @@ from benchmarks.result_service import database, idle_shares, postgres_reachable,
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
 from service.settings import Settings
-from service.store.engines import make_engine, make_sessionmaker
+from service.store.engines import make_engine
 from workers.data import Mnist, load_mnist
 
 RESULT_GOAL = 1.5  # POST → result seen, ÷ the floor
@@ -85,22 +84,21 @@ def measure_backend(
         time.sleep(phases.uniform(0, POLL_INTERVAL_S))
 
     with database(kind, root) as url, service(url, root, data_root) as svc:
-        engine = make_engine(url)
-        # A reader, as clients are: on SQLite its reads never take the write lock the worker
+        # The watcher only reads: on SQLite its reads never take the write lock the worker
         # waits for (a writing watcher would slow the claims and flushes it measures).
-        sessions: sessionmaker[Session] = make_sessionmaker(engine, read_only=True)
+        engine = make_engine(url)
         try:
-            first = poll_to_result(svc.client, params, timeout_s, sessions)
+            first = poll_to_result(svc.client, params, timeout_s, engine)
             result.first_job_s, result.first_worker_s = first.seconds, first.worker_s
             for r in range(rounds):
                 for threads, series in result.floors.items():
                     torch.set_num_threads(threads)
                     series.add(floor_train(floor_data, job, seed=r).seconds)
                 arrive()
-                polled = poll_to_result(svc.client, {**params, "seed": r}, timeout_s, sessions)
+                polled = poll_to_result(svc.client, {**params, "seed": r}, timeout_s, engine)
                 arrive()
                 followed, seen = follow_to_result(
-                    svc.client, {**params, "seed": r}, timeout_s, sessions
+                    svc.client, {**params, "seed": r}, timeout_s, engine
                 )
                 result.polled.add(polled.seconds)
                 result.followed.add(followed.finished.seconds)
@@ -181,8 +179,10 @@ def write_section(
         f"final `status` event; {rounds} rounds of each, median. The floor is the bare eager "
         "loop for the same job (training + 3 evaluations, nothing stored; the faster of 1 and 2 "
         "threads), run by the benchmark between the jobs, while the worker waits. A thread of "
-        "the benchmark reads the job's row and its last stored step from the database every "
-        "2 ms while the client waits. Claim latency (the goal's figure: how long a queued job "
+        "the benchmark reads the job's status, and for a followed job its last stored step, "
+        "from the database every 2 ms while the client waits (Core statements on one "
+        "connection; for a polled job it stops once the job has left the queue: it shares the "
+        "cores with what it measures). Claim latency (the goal's figure: how long a queued job "
         "waits for an idle worker) runs from the job's `created_at`, the API's clock just "
         "before its INSERT (so it holds the insert's commit), to that thread seeing the job "
         "out of `queued` on the same host's clock; the row after it counts from sending "
