@@ -6,6 +6,7 @@ Also a watcher on the database itself, which tells when the worker's flushes bec
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,14 +14,59 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import orjson
 from sqlalchemy import Engine, func, select
 
+from benchmarks.series_clients import CONTENT_LENGTH
 from service.sse import parse
 from service.status import TERMINAL, JobStatus
 from service.store.tables import Job, TrainStep
 
 POLL_EVERY_S = 0.010  # the client's pause between two GET /jobs/{id}
 WATCH_EVERY_S = 0.002  # the database watcher's pause between two reads
+
+
+class KeptAlive:
+    """``GET`` over one keep-alive HTTP/1.1 connection on a bare socket, JSON back.
+
+    The polling client runs on the cores the job trains on; httpx spent about as much CPU per
+    poll as the API's fast lane answering it, so this client costs what one on another
+    machine would cost them: next to nothing (as :class:`benchmarks.series_clients.Poller`).
+    """
+
+    def __init__(self, base_url: str) -> None:
+        url = httpx.URL(base_url)
+        self._host = url.host
+        self._sock = socket.create_connection((url.host, url.port or 80), timeout=30)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def get(self, path: str) -> Any:
+        """The JSON body of ``GET path``; raises unless the answer is 200."""
+        self._sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {self._host}\r\n\r\n".encode())
+        while b"\r\n\r\n" not in self._buffer:
+            self._buffer += self._receive()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        length = CONTENT_LENGTH.search(head)
+        if length is None:
+            raise RuntimeError(f"GET {path}: no Content-Length in {head!r}")
+        while len(self._buffer) < int(length[1]):
+            self._buffer += self._receive()
+        body, self._buffer = self._buffer[: int(length[1])], self._buffer[int(length[1]) :]
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise RuntimeError(f"GET {path}: {status.decode()} {body[:300]!r}")
+        return orjson.loads(body)
+
+    def _receive(self) -> bytes:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._sock.close()
 
 
 @dataclass
@@ -68,12 +114,11 @@ def poll_to_result(
     watcher = Watcher(engine, job_id, steps=False) if engine is not None else None
     if watcher is not None:
         watcher.start()
+    poller = KeptAlive(str(client.base_url))
     try:
         deadline = started + timeout_s
         while time.perf_counter() < deadline:
-            r = client.get(f"/jobs/{job_id}")
-            r.raise_for_status()
-            job = r.json()
+            job = poller.get(f"/jobs/{job_id}")
             if _check(job):
                 done = time.perf_counter()
                 break
@@ -81,6 +126,7 @@ def poll_to_result(
         else:
             raise TimeoutError(f"job {job_id} did not succeed in {timeout_s} s")
     finally:
+        poller.close()
         if watcher is not None:
             watcher.stop()
     finished = Finished(done - started, job)
