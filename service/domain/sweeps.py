@@ -162,13 +162,22 @@ def list_page(
 
 def cancel(session: Session, sweep_id: str) -> SweepRead:
     """Cancel a running sweep: its queued trials at once, its running ones within about a
-    second (the jobs' cancel rule); it ends ``cancelled`` once they have. 409 once ended."""
+    second (the jobs' cancel rule); it ends ``cancelled`` once they have. 409 once ended.
+
+    The trials' rows are taken first, then the sweep's (the lock order of a trial's ending,
+    :mod:`service.store.sweeps.repo`), and the sweep is read again under its lock: of two
+    cancels at once, the second waits for the first's trials, then reads the sweep the first
+    committed, and answers 409 (rolled back) where the first ended it."""
+    ended = f"sweep {sweep_id} has already ended"
     sweep = _sweep_or_404(session, sweep_id)
     if sweep.status != SweepStatus.RUNNING:
-        raise Conflict(f"sweep {sweep_id} has already ended ({sweep.status}); nothing to cancel")
+        raise Conflict(f"{ended} ({sweep.status}); nothing to cancel")
     now = utcnow()
     job_repo.cancel_trials(session, sweep_id, now=now)
-    sweep_repo.request_cancel(session, sweep)
+    locked = sweep_repo.lock_sweep(session, sweep_id)
+    if locked is None or locked.status != SweepStatus.RUNNING:
+        raise Conflict(f"{ended}; nothing to cancel")
+    sweep_repo.request_cancel(session, locked)
     sweep_repo.settle(session, sweep_id, now)
     session.commit()
     return read(session, sweep_id)

@@ -3,6 +3,8 @@ last attempt handed back or lost), on both backends; its best trial and its alia
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -11,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.domain import sweeps
+from service.errors import Conflict
 from service.schemas.sweeps import SweepCreate
 from service.status import JobStatus, SweepStatus
 from service.store import job_repo, model_repo, queue_repo
@@ -235,3 +238,37 @@ def test_a_sweeps_trials_are_tallied_as_they_are_counted(sessions: sessionmaker[
         JobStatus.QUEUED: 2,
     }
     assert summary == tallied
+
+
+def cancel_or_conflict(sessions: sessionmaker[Session], sweep_id: str) -> str:
+    with sessions() as session:
+        try:
+            return sweeps.cancel(session, sweep_id).status
+        except Conflict:
+            return "conflict"
+
+
+def test_of_two_cancels_at_once_the_second_is_told_the_sweep_ended(
+    sessions: sessionmaker[Session],
+) -> None:
+    for _ in range(3):
+        sweep_id = new_sweep(sessions, 3)  # all queued: a cancel ends it
+        cancel = functools.partial(cancel_or_conflict, sessions, sweep_id)
+        answers = together([cancel, cancel])
+        assert sorted(answers) == ["cancelled", "conflict"]
+        assert sweep_row(sessions, sweep_id).status == SweepStatus.CANCELLED
+
+
+def test_a_cancel_and_a_trials_finish_at_once_end_the_sweep_cancelled(
+    sessions: sessionmaker[Session],
+) -> None:
+    for _ in range(3):
+        sweep_id = new_sweep(sessions, 3)
+        job = claim(sessions, "w1")
+        calls: list[Callable[[], object]] = [
+            functools.partial(cancel_or_conflict, sessions, sweep_id),
+            functools.partial(finish, sessions, job, JobStatus.SUCCEEDED, accuracy=0.5),
+        ]
+        answers = together(calls)
+        assert answers[0] in ("running", "cancelled")  # the finish came after, or before
+        assert sweep_row(sessions, sweep_id).status == SweepStatus.CANCELLED
