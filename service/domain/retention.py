@@ -1,4 +1,5 @@
-"""Retention (``MNIST_RETENTION_DAYS``): ended jobs that finished longer ago are deleted.
+"""Retention (``MNIST_RETENTION_DAYS``): ended jobs and sweeps that finished longer ago are
+deleted.
 
 Who runs it: each API process, in a daemon thread of its own (never on the event loop), which
 looks every :data:`CHECK_EVERY_S`; but only the one that claims the period in the database
@@ -8,7 +9,10 @@ API rather than the workers: a worker's job is training, an idle one may never b
 busy cluster, and there is always an API. Jobs go by the one delete path
 (:func:`deletion.delete_job_and_artifacts`), each in its own transaction, listed in batches:
 a job an alias names is kept, and one aliased between the listing and its delete is refused
-by that delete's own check and kept too.
+by that delete's own check and kept too. A sweep's trials are never deleted alone (a running
+sweep would lose trials from its record): an ended sweep goes whole, by ``DELETE /sweeps/{id}``'s
+path (:func:`service.domain.sweeps.delete`), once it finished before the cutoff, and is kept
+while an alias names one of its trials (its promoted best, usually).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
+from service.domain import sweeps
 from service.domain.deletion import delete_job_and_artifacts
 from service.errors import Conflict, NotFound
 from service.store import availability, job_repo
 from service.store.outage import is_outage
+from service.store.sweeps import repo as sweep_repo
 from service.store.upkeep import periods
 
 log = logging.getLogger("service.retention")
@@ -58,8 +64,9 @@ class Retention:
         self._batch = batch
 
     def run_once(self) -> int | None:
-        """Delete the expired jobs if no process has within the period: how many went, or
-        None when another pass (this process's or another's) ran less than a period ago."""
+        """Delete the expired jobs and sweeps if no process has within the period: how many
+        went (a sweep counts one, whatever its trials), or None when another pass (this
+        process's or another's) ran less than a period ago."""
         now = self._clock()
         with self._sessions() as session:
             claimed = periods.claim_period(session, CHORE, now=now, period=self._period)
@@ -67,24 +74,47 @@ class Retention:
         if not claimed:
             return None
         cutoff = now - self._keep
+        jobs = self._expire(cutoff, job_repo.ended_before, self._delete)
+        swept = self._expire(cutoff, sweep_repo.ended_before, self._delete_sweep)
+        if jobs or swept:
+            log.info(
+                "retention: deleted %d jobs and %d sweeps that ended before %s",
+                jobs,
+                swept,
+                cutoff,
+            )
+        return jobs + swept
+
+    def _expire(
+        self,
+        cutoff: datetime,
+        listed: Callable[..., list[str]],
+        delete: Callable[[str], bool],
+    ) -> int:
+        """Delete what ``listed`` lists as ended before ``cutoff``, batch after batch."""
         deleted = 0
         while True:
             with self._sessions() as session:
-                batch = job_repo.ended_before(session, cutoff, limit=self._batch)
-            gone = sum(self._delete(job_id) for job_id in batch)
+                batch = listed(session, cutoff, limit=self._batch)
+            gone = sum(delete(item) for item in batch)
             deleted += gone
             # A short batch was the last; a batch of refusals only (aliased since) is left.
             if len(batch) < self._batch or gone == 0:
-                break
-        if deleted:
-            log.info("retention: deleted %d jobs that ended before %s", deleted, cutoff)
-        return deleted
+                return deleted
 
     def _delete(self, job_id: str) -> bool:
         with self._sessions() as session:
             try:
                 delete_job_and_artifacts(session, self._checkpoint_dir, job_id)
             except (NotFound, Conflict):  # deleted or aliased since it was listed: kept
+                return False
+        return True
+
+    def _delete_sweep(self, sweep_id: str) -> bool:
+        with self._sessions() as session:
+            try:
+                sweeps.delete(session, self._checkpoint_dir, sweep_id)
+            except (NotFound, Conflict):  # deleted, or a trial aliased: kept
                 return False
         return True
 

@@ -87,13 +87,15 @@ def delete_job(session: Session, job_id: str) -> None:
 
 
 def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:
-    """Up to ``limit`` ended jobs that finished before ``cutoff`` and that no alias names,
-    oldest first: what retention deletes."""
+    """Up to ``limit`` ended jobs of no sweep that finished before ``cutoff`` and that no
+    alias names, oldest first: what retention deletes (a sweep's trials go with their sweep,
+    :func:`service.store.sweeps.repo.ended_before`)."""
     stmt = (
         select(Job.id)
         .where(
             Job.status.in_(TERMINAL),
             Job.finished_at < cutoff,
+            Job.sweep_id.is_(None),
             ~select(ModelAlias.name).where(ModelAlias.job_id == Job.id).exists(),
         )
         .order_by(Job.finished_at, Job.id)

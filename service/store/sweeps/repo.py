@@ -96,6 +96,18 @@ _TRIAL_COLUMNS = (
 )
 
 
+def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:
+    """Up to ``limit`` ended sweeps that finished before ``cutoff``, oldest first: what
+    retention deletes, each with its trials (or without any: all deleted one by one)."""
+    stmt = (
+        select(Sweep.id)
+        .where(Sweep.status != SweepStatus.RUNNING.value, Sweep.finished_at < cutoff)
+        .order_by(Sweep.finished_at, Sweep.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
 def trials(session: Session, sweep_id: str) -> list[Row[Any]]:
     """The sweep's trials as rows (its columns by name), in the order they were queued."""
     stmt = select(*_TRIAL_COLUMNS).where(Job.sweep_id == sweep_id)

@@ -11,11 +11,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
 from service.clock import utcnow
+from service.domain import sweeps
 from service.domain.retention import PERIOD, Retention, RetentionThread
+from service.schemas.sweeps import SweepCreate
 from service.serving import registry
 from service.settings import Settings
 from service.status import JobStatus
-from service.store.tables import Job
+from service.store import job_repo, queue_repo
+from service.store.tables import Job, Sweep
 from tests.records import PARAMS, FakeTraining, ended_job
 from tests.support import together, wait_for
 
@@ -116,3 +119,68 @@ def test_the_api_deletes_expired_jobs_by_itself(
             what="retention to delete the expired job",
         )
         assert client.get(f"/jobs/{kept}").status_code == 200
+
+
+def ended_trials(
+    sessions: sessionmaker[Session], checkpoints: Path, trials: int, *, ended: int, at: datetime
+) -> tuple[str, list[str]]:
+    """A sweep of ``trials`` trials, the first ``ended`` of them succeeded at ``at`` (each
+    with its weights file); the others stay queued."""
+    grid = {"seed": list(range(trials))}
+    body = SweepCreate.model_validate({"params": PARAMS.model_dump(), "grid": grid})
+    with sessions() as session:
+        sweep_id = sweeps.create(
+            session, body, max_trials=256, max_attempts=1, max_queued=1000, max_steps=10**6
+        ).id
+    done = []
+    for _ in range(ended):
+        with sessions.begin() as session:
+            job = queue_repo.claim_job(session, worker_id="w", lease_s=30, device="cpu", now=at)
+            assert job is not None and job.sweep_id == sweep_id
+            job_id, attempt = job.id, job.attempt
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / f"{job_id}-{attempt}.pt").write_bytes(b"weights")
+        with sessions.begin() as session:
+            queue_repo.finish_job(
+                session,
+                job_id=job_id,
+                attempt=attempt,
+                worker_id="w",
+                status=JobStatus.SUCCEEDED,
+                now=at,
+                checkpoint=f"{job_id}-{attempt}.pt",
+            )
+        done.append(job_id)
+    return sweep_id, done
+
+
+def sweep_exists(sessions: sessionmaker[Session], sweep_id: str) -> bool:
+    with sessions() as session:
+        return session.get(Sweep, sweep_id) is not None
+
+
+def test_old_ended_sweeps_go_whole_and_no_trial_goes_alone(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    old, recent = NOW - timedelta(days=8), NOW - timedelta(days=6)
+    expired, expired_trials = ended_trials(sessions, tmp_path, 2, ended=2, at=old)
+    emptied, (emptied_trial,) = ended_trials(sessions, tmp_path, 1, ended=1, at=old)
+    with sessions.begin() as session:  # its one trial deleted alone (DELETE /jobs/{id})
+        job_repo.delete_job(session, emptied_trial)
+    aliased, (aliased_trial, _) = ended_trials(sessions, tmp_path, 2, ended=2, at=old)
+    with sessions() as session:
+        registry.set_alias(session, "production", aliased_trial)
+    kept, kept_trials = ended_trials(sessions, tmp_path, 2, ended=2, at=recent)
+    running, (old_trial,) = ended_trials(sessions, tmp_path, 2, ended=1, at=old)
+
+    deleted = Retention(sessions, tmp_path, days=7, clock=Clock(NOW)).run_once()
+
+    assert deleted == 2  # two sweeps: the expired one (with its trials) and the emptied one
+    assert not sweep_exists(sessions, expired) and not sweep_exists(sessions, emptied)
+    assert not any(exists(sessions, job_id) for job_id in expired_trials)
+    assert not [p for p in tmp_path.iterdir() if any(j in p.name for j in expired_trials)]
+    for sweep_id in (aliased, kept, running):
+        assert sweep_exists(sessions, sweep_id)
+    # An old ended trial of a running sweep stays with it, as do the kept sweeps' trials.
+    for job_id in (old_trial, aliased_trial, *kept_trials):
+        assert exists(sessions, job_id)
