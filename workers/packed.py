@@ -86,6 +86,9 @@ class _Pack:
             member.outcome = self.worker.endings.conclude(member.claim, member.reporter, train)
         self._beat()
         member.reporter.close()
+        tuner, left = member.reporter.tuner, self.running
+        if tuner is not None and left:  # the pack's steps stay timed: another job times them
+            left[0].reporter.time_steps_for(tuner)
 
     def resume(self) -> None:
         """Each job's resume point, as a solo attempt finds it (or ends, when it cannot)."""

@@ -27,8 +27,10 @@ from service.store import job_repo, metric_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, local_env, process, wait_for
+from tests.workers.test_threads import Counting
 from tests.workers.training.test_packing import LOSS_ATOL, LOSS_RTOL
 from workers.reporting import Reporter
+from workers.threads import candidate_threads
 from workers.training.packing import Unpackable
 from workers.worker import Worker
 
@@ -280,3 +282,38 @@ def test_sigterm_mid_pack_releases_every_job_of_the_pack(
         assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
         assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 1000
     assert "(a pack of 3)" in (tmp_path / "worker.log").read_text()
+
+
+def test_when_the_timing_job_leaves_the_pack_another_times_its_steps(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    at_step: Callable[[str, int, Callable[[], None]], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tuner = Counting(candidate_threads(2), probe_steps=3)
+    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    ids = [submit(sessions, **trial) for trial in TRIALS]
+
+    def cancel_the_first() -> None:  # the pack's first job's reporter times its steps
+        with sessions.begin() as session:
+            job = session.get(Job, ids[0])
+            assert job is not None
+            job_repo.request_cancel(session, job, now=utcnow())
+
+    at_step(ids[0], 5, cancel_the_first)
+    threads_before = torch.get_num_threads()
+    try:
+        Worker(
+            packing(settings.model_copy(update={"torch_threads": "auto"})),
+            sessions,
+            show_progress=False,
+        ).run(max_jobs=3)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert read_job(sessions, ids[0]).status == JobStatus.CANCELLED
+    assert [read_job(sessions, j).status for j in ids[1:]] == [JobStatus.SUCCEEDED] * 2
+    # Every pack step but each epoch's first (which begins the timing) was timed: by the
+    # cancelled job's reporter, then by another's. Its first call begins the timing again,
+    # unless the cancel was found at an epoch's end (the next epoch's first step begins it).
+    assert tuner.told.count("step") == STEPS - 2
+    assert tuner.told.count("begin") in (2, 3)

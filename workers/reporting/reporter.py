@@ -103,6 +103,16 @@ class Reporter:
         self.flush_seconds = 0.0  # time spent in flushes' writes: what persistence costs
         self._writing: tuple[Future[bool], Batch, float] | None = None  # in flight, since
 
+    @property
+    def tuner(self) -> ThreadTuner | None:
+        """The thread tuner that times this job's steps, if it does."""
+        return self._threads
+
+    def time_steps_for(self, tuner: ThreadTuner) -> None:
+        """Time this job's steps for ``tuner`` from its next step on: a pack's job takes the
+        timing over when the job that did it leaves the pack."""
+        self._threads, self._timing = tuner, False
+
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
         """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""
         self._buffer.resume_at(epoch, accuracy)
