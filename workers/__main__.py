@@ -49,7 +49,7 @@ def check(settings: Settings) -> int:
         return 1
     finally:
         engine.dispose()
-    mine = [w.id for w in live if w.host == host]
+    mine = [w.id for w, _ in live if w.host == host]
     if not mine:
         print(f"unhealthy: no worker on {host} was heard from in {settings.lease_s:g} s")
         return 1

@@ -12,4 +12,18 @@ from service.store import worker_repo
 def live_workers(session: Session, *, lease_s: float) -> WorkerList:
     """Workers that have not stopped and sent a heartbeat within one lease."""
     rows = worker_repo.live_workers(session, now=utcnow(), lease_s=lease_s)
-    return WorkerList(workers=[WorkerRead.model_validate(row) for row in rows])
+    return WorkerList(
+        workers=[
+            WorkerRead(
+                id=row.id,
+                host=row.host,
+                pid=row.pid,
+                device=row.device,
+                started_at=row.started_at,
+                heartbeat_at=row.heartbeat_at,
+                job_id=jobs[0] if jobs else None,
+                job_ids=jobs,
+            )
+            for row, jobs in rows
+        ]
+    )

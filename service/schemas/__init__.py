@@ -203,7 +203,8 @@ class WorkerRead(StrictModel):
     device: str
     started_at: datetime
     heartbeat_at: datetime
-    job_id: str | None
+    job_id: str | None = Field(description="The job it runs; a pack's first.")
+    job_ids: list[str] = Field(description="Every job it runs now (a pack's several).")
 
 
 class WorkerList(StrictModel):

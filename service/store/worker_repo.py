@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from service.status import JobStatus
 from service.store import wakeups
@@ -76,30 +75,32 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
     return jobs
 
 
-def live_workers(session: Session, *, now: datetime, lease_s: float) -> list[WorkerRow]:
-    """Workers that have not stopped and were heard from within one lease.
+def live_workers(
+    session: Session, *, now: datetime, lease_s: float
+) -> list[tuple[WorkerRow, list[str]]]:
+    """Workers that have not stopped and were heard from within one lease, each with the jobs
+    it holds, in the order it claimed them (a pack's several).
 
-    A worker's ``job_id`` is its job only while it still holds that job's lease: a worker
-    fenced off (its lease taken by another, or the job ended without it) shows none, whatever
-    its row last recorded. Decided here, once, for every way a lease can be lost.
+    A worker holds a job while the job runs under its name: a worker fenced off (its lease
+    taken by another, or the job ended without it) holds none of it, whatever its own row
+    last recorded. Decided here, once, for every way a lease can be lost.
     """
-    holds = and_(
-        Job.id == WorkerRow.job_id,
-        Job.worker_id == WorkerRow.id,
-        Job.status == JobStatus.RUNNING,
-    )
     stmt = (
-        select(WorkerRow, Job.id)
-        .outerjoin(Job, holds)
+        select(WorkerRow)
         .where(
             WorkerRow.stopped_at.is_(None),
             WorkerRow.heartbeat_at >= now - timedelta(seconds=lease_s),
         )
         .order_by(WorkerRow.started_at, WorkerRow.id)
     )
-    rows = []
-    for row, held in session.execute(stmt):
-        if row.job_id != held:
-            set_committed_value(row, "job_id", held)
-        rows.append(row)
-    return rows
+    rows = list(session.scalars(stmt))
+    held: dict[str, list[str]] = {row.id: [] for row in rows}
+    if held:
+        jobs = (
+            select(Job.worker_id, Job.id)
+            .where(Job.status == JobStatus.RUNNING, Job.worker_id.in_(held))
+            .order_by(Job.started_at, Job.id)
+        )
+        for worker_id, job_id in session.execute(jobs):
+            held[str(worker_id)].append(job_id)
+    return [(row, held[row.id]) for row in rows]

@@ -226,7 +226,8 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
     retried = worker.claim()
     assert retried is not None and (retried.id, retried.attempt) == (job_id, 2)
     with sessions() as session:
-        assert worker_repo.live_workers(session, now=utcnow(), lease_s=30)[0].id == worker.worker_id
+        (live, _), *_ = worker_repo.live_workers(session, now=utcnow(), lease_s=30)
+        assert live.id == worker.worker_id
 
 
 def unwritable_checkpoints(settings: Settings, tmp_path: Path) -> Settings:

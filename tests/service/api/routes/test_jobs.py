@@ -15,7 +15,9 @@ from service.api.routes import jobs as jobs_routes
 from service.clock import utcnow
 from service.domain import jobs as jobs_domain
 from service.schemas import MetricsRead
+from service.status import JobStatus
 from service.store import queue_repo, worker_repo
+from service.store.packs import claim_more
 from service.store.tables import Job
 from tests.service.api.routes.conftest import BOTH_WAYS
 
@@ -323,9 +325,45 @@ def test_workers_lists_live_workers_and_their_jobs(
         assert queue_repo.claim_job(session, worker_id="busy", lease_s=30, device="cpu", now=now)
     workers = client.get("/workers").json()["workers"]
     assert [(w["id"], w["job_id"], w["device"]) for w in workers] == [("busy", job_id, "cpu")]
+    assert workers[0]["job_ids"] == [job_id]
     job = client.get(f"/jobs/{job_id}").json()
     assert (job["worker"], job["attempt"]) == ("busy", 1)
     assert job["heartbeat_at"] is not None
+
+
+def test_a_packing_worker_is_shown_with_every_job_it_holds(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    ids = [client.post("/jobs", json={"seed": s}).json()["id"] for s in range(3)]
+    now = utcnow()
+    register_workers(sessions, ("packer",), now)
+    with sessions.begin() as session:
+        first = queue_repo.claim_job(session, worker_id="packer", lease_s=30, device="cpu", now=now)
+        assert first is not None
+        more = claim_more(
+            session,
+            first=first,
+            fields=("epochs", "batch_size"),
+            limit=2,
+            worker_id="packer",
+            lease_s=30,
+            device="cpu",
+            now=now,
+        )
+        assert len(more) == 2
+    (worker,) = client.get("/workers").json()["workers"]
+    assert (worker["job_id"], sorted(worker["job_ids"])) == (ids[0], sorted(ids))
+    with sessions.begin() as session:  # the pack's first job ends; the others still train
+        queue_repo.finish_job(
+            session,
+            job_id=ids[0],
+            attempt=1,
+            worker_id="packer",
+            status=JobStatus.SUCCEEDED,
+            now=utcnow(),
+        )
+    (worker,) = client.get("/workers").json()["workers"]
+    assert sorted(worker["job_ids"]) == sorted(ids[1:]) and worker["job_id"] in ids[1:]
 
 
 def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
@@ -345,6 +383,7 @@ def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
         assert queue_repo.claim_job(session, worker_id="thief", lease_s=30, device="cpu", now=now)
     workers = client.get("/workers").json()["workers"]
     assert [(w["id"], w["job_id"]) for w in workers] == [("fenced", None), ("thief", job_id)]
+    assert [w["job_ids"] for w in workers] == [[], [job_id]]
 
 
 def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None:
