@@ -26,7 +26,7 @@ from benchmarks.result_service import database, idle_shares, postgres_reachable,
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
 from service.settings import Settings
-from service.store.engines import make_engine
+from service.store.engines import make_engine, read_engine
 from workers.data import Mnist, load_mnist
 
 RESULT_GOAL = 1.5  # POST → result seen, ÷ the floor
@@ -84,9 +84,10 @@ def measure_backend(
         time.sleep(phases.uniform(0, POLL_INTERVAL_S))
 
     with database(kind, root) as url, service(url, root, data_root) as svc:
-        # The watcher only reads: on SQLite its reads never take the write lock the worker
-        # waits for (a writing watcher would slow the claims and flushes it measures).
-        engine = make_engine(url)
+        # The watcher only reads, DEFERRED on SQLite: its reads never take the write lock the
+        # worker waits for (a writing watcher would slow the claims and flushes it measures).
+        base = make_engine(url)
+        engine = read_engine(base)
         try:
             first = poll_to_result(svc.client, params, timeout_s, engine)
             result.first_job_s, result.first_worker_s = first.seconds, first.worker_s
@@ -119,7 +120,7 @@ def measure_backend(
             time.sleep(min(2.0, idle_s))  # let the last job's after-work settle
             result.idle = idle_shares(svc.pids, idle_s)
         finally:
-            engine.dispose()
+            base.dispose()
     return result
 
 

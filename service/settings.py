@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     fast_lanes: bool = Field(
         default=True,
         description=(
-            "Answer plain predictions and metrics polls in plain ASGI ahead of FastAPI "
+            "Answer plain predictions, metrics polls and job polls in plain ASGI ahead of FastAPI "
             "(service/api/lanes/); false leaves every request to the routes."
         ),
     )

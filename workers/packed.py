@@ -70,6 +70,7 @@ class _Pack:
         self.members = [
             _Member(job, *worker.start_job(job, tune_threads=i == 0)) for i, job in enumerate(jobs)
         ]
+        self._training: list[_Member] = []  # the group training now (:meth:`train`)
         self._beat()
 
     @property
@@ -88,7 +89,8 @@ class _Pack:
         member.reporter.close()
         tuner, left = member.reporter.tuner, self.running
         if tuner is not None and left:  # the pack's steps stay timed: another job times them
-            left[0].reporter.time_steps_for(tuner)
+            training = [m for m in left if any(m is t for t in self._training)] or left
+            training[0].reporter.time_steps_for(tuner)
 
     def resume(self) -> None:
         """Each job's resume point, as a solo attempt finds it (or ends, when it cannot)."""
@@ -113,6 +115,7 @@ class _Pack:
             f", resuming after epoch {group[0].done_epochs}" if group[0].done_epochs else "",
             ", ".join(f"{m.claim.job_id} attempt {m.claim.attempt}" for m in group),
         )
+        self._training = group
         jobs = [PackedJob(m.params, m.seed, _Report(self, m), m.resume_from) for m in group]
         graphs = graph_backend(self.worker.device, self.worker.settings.cuda_graphs)
         try:

@@ -73,7 +73,8 @@ def _log_failure(future: Future[None]) -> None:
 
 
 class StateWriter:
-    """Writes training states in a thread of their own, one at a time and in order.
+    """Writes training states in the worker's state thread (:class:`workers.reporting.writers.
+    Writers`, shared by the jobs of a pack), one at a time and in order.
 
     Writing one (serialising it; with ``MNIST_ARTIFACTS=folder`` also the file's fsync and
     rename) would otherwise hold up the next epoch's steps. A state counts only once

@@ -80,7 +80,7 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         self.outage = Outage(log)
         # The writing threads of every job it trains (each reporter waits for its own writes
-        # as its job ends; idle threads end with the process).
+        # as its job ends); shut down when run() ends.
         self.writers = Writers()
         self.endings = Endings(
             sessions, self.artifacts, self._retry, shutdown_grace_s=settings.shutdown_grace_s
@@ -144,6 +144,7 @@ class Worker:
                 self._serve(max_jobs)
             finally:
                 self.heartbeat.stop()
+                self.writers.shutdown()
                 self._stopped()
 
     def _serve(self, max_jobs: int | None) -> None:

@@ -10,9 +10,9 @@ busy cluster, and there is always an API. Jobs go by the one delete path
 (:func:`deletion.delete_job_and_artifacts`), each in its own transaction, listed in batches:
 a job an alias names is kept, and one aliased between the listing and its delete is refused
 by that delete's own check and kept too. A sweep's trials are never deleted alone (a running
-sweep would lose trials from its record): an ended sweep goes whole, by ``DELETE /sweeps/{id}``'s
-path (:func:`service.domain.sweeps.delete`), once it finished before the cutoff, and is kept
-while an alias names one of its trials (its promoted best, usually).
+sweep would lose trials from its record): an ended sweep goes whole, in one transaction, by
+``DELETE /sweeps/{id}``'s path (:func:`service.domain.sweeps.delete`), once it finished before
+the cutoff, and is kept while an alias names one of its trials (its promoted best, usually).
 """
 
 from __future__ import annotations

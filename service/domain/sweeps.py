@@ -148,11 +148,11 @@ def list_page(
 ) -> SweepList:
     """A page of sweeps, newest first, with their trials counted by state."""
     sweeps, next_cursor = sweep_repo.list_sweeps(session, status=status, limit=limit, cursor=cursor)
-    counts = sweep_repo.counts_by_status(session, [s.id for s in sweeps])
+    trials = sweep_repo.trials_of(session, [s.id for s in sweeps])
     return SweepList(
         sweeps=[
             SweepSummary.model_validate(
-                _summary_fields(s, counts[s.id], sweep_repo.trials(session, s.id))
+                _summary_fields(s, sweep_repo.tally(trials[s.id]), trials[s.id])
             )
             for s in sweeps
         ],
@@ -167,7 +167,8 @@ def cancel(session: Session, sweep_id: str) -> SweepRead:
     The trials' rows are taken first, then the sweep's (the lock order of a trial's ending,
     :mod:`service.store.sweeps.repo`), and the sweep is read again under its lock: of two
     cancels at once, the second waits for the first's trials, then reads the sweep the first
-    committed, and answers 409 (rolled back) where the first ended it."""
+    committed, and answers 409 (rolled back) where the first ended it (all its trials were
+    queued); while trials still run, the sweep is running and a second cancel is a 200 again."""
     ended = f"sweep {sweep_id} has already ended"
     sweep = _sweep_or_404(session, sweep_id)
     if sweep.status != SweepStatus.RUNNING:
@@ -175,8 +176,10 @@ def cancel(session: Session, sweep_id: str) -> SweepRead:
     now = utcnow()
     job_repo.cancel_trials(session, sweep_id, now=now)
     locked = sweep_repo.lock_sweep(session, sweep_id)
-    if locked is None or locked.status != SweepStatus.RUNNING:
-        raise Conflict(f"{ended}; nothing to cancel")
+    if locked is None:  # deleted meanwhile
+        raise NotFound(f"no sweep with id {sweep_id}")
+    if locked.status != SweepStatus.RUNNING:
+        raise Conflict(f"{ended} ({locked.status}); nothing to cancel")
     sweep_repo.request_cancel(session, locked)
     sweep_repo.settle(session, sweep_id, now)
     session.commit()

@@ -3,7 +3,7 @@
 It composes the pieces that stay out of the loop's way: the buffer that writes steps in fenced
 batches (``buffer``), the policy that says when a job must stop (``policy``), the display
 (``display``), the thread tuner that times the steps, and the resume state saved after each
-epoch but the last. That state is written by a thread of its own while the next epoch trains,
+epoch but the last. That state is written by the worker's state thread while the next epoch trains,
 and the job's row names it with a flush at the first step after it is durable; a worker asked
 to stop waits for it, so the job goes back with the epoch kept.
 

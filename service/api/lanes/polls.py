@@ -66,7 +66,7 @@ T = TypeVar("T")
 
 
 def job_id_of(route: Route, path: str) -> str | None:
-    """The job id of a metrics path, as the route matches and validates it, else None."""
+    """The job id of a path of ``route``'s, as the route matches and validates it, else None."""
     match = route.path_regex.match(path)
     if match is None:
         return None
@@ -153,12 +153,12 @@ class PollLane:
 
     async def _poll(self, scope: Scope) -> tuple[Route, bytes] | None:
         """A well-formed poll's route and answer; None for any other GET (the routes')."""
-        reads: PollReads = scope["app"].state.poll_reads
         polled = job_id_of(self.job_route, scope["path"])
         if polled is not None:
             if NO_QUERY.read(scope.get("query_string", b"")) is None:
                 return None
             read = _job_json(polled)
+            reads: PollReads = scope["app"].state.poll_reads
             body = await _in_turn(reads, lambda engine: _read(engine, read))
             return None if body is None else (self.job_route, body)
         job_id = job_id_of(self.metrics_route, scope["path"])
@@ -167,7 +167,9 @@ class PollLane:
         query = QUERY.read(scope.get("query_string", b""))
         if query is None:
             return None
-        body = await self._answer(reads, job_id, query.after_step, query.limit)
+        body = await self._answer(
+            scope["app"].state.poll_reads, job_id, query.after_step, query.limit
+        )
         return None if body is None else (self.metrics_route, body)
 
     @staticmethod

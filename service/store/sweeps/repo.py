@@ -12,14 +12,14 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, func, select
+from sqlalchemy import Row, delete, select
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
 from service.status import JobStatus, SweepStatus
 from service.store import model_repo
 from service.store.cursors import newest_first
-from service.store.tables import Job, Sweep
+from service.store.tables import Job, ModelAlias, Sweep
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -97,11 +97,19 @@ _TRIAL_COLUMNS = (
 
 
 def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:
-    """Up to ``limit`` ended sweeps that finished before ``cutoff``, oldest first: what
-    retention deletes, each with its trials (or without any: all deleted one by one)."""
+    """Up to ``limit`` ended sweeps that finished before ``cutoff`` and of whose trials no
+    alias names one, oldest first: what retention deletes, each with its trials (or without
+    any: all deleted one by one). As :func:`service.store.job_repo.ended_before` leaves an
+    aliased job out (so a batch of kept ones never hides the deletable behind them)."""
+    aliased = (
+        select(ModelAlias.name)
+        .join(Job, Job.id == ModelAlias.job_id)
+        .where(Job.sweep_id == Sweep.id)
+        .exists()
+    )
     stmt = (
         select(Sweep.id)
-        .where(Sweep.status != SweepStatus.RUNNING.value, Sweep.finished_at < cutoff)
+        .where(Sweep.status != SweepStatus.RUNNING.value, Sweep.finished_at < cutoff, ~aliased)
         .order_by(Sweep.finished_at, Sweep.id)
         .limit(limit)
     )
@@ -110,12 +118,23 @@ def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]
 
 def trials(session: Session, sweep_id: str) -> list[Row[Any]]:
     """The sweep's trials as rows (its columns by name), in the order they were queued."""
-    stmt = select(*_TRIAL_COLUMNS).where(Job.sweep_id == sweep_id)
-    return list(session.execute(stmt.order_by(Job.created_at, Job.id)))
+    return trials_of(session, [sweep_id])[sweep_id]
+
+
+def trials_of(session: Session, sweep_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
+    """Each of these sweeps' trials as rows, in the order they were queued; one query."""
+    found: dict[str, list[Row[Any]]] = {sweep_id: [] for sweep_id in sweep_ids}
+    if found:
+        stmt = select(Job.sweep_id, *_TRIAL_COLUMNS).where(Job.sweep_id.in_(found))
+        rows: list[Row[Any]] = list(session.execute(stmt.order_by(Job.created_at, Job.id)))
+        for row in rows:
+            found[str(row.sweep_id)].append(row)
+    return found
 
 
 def tally(trials: Sequence[Row[Any]]) -> dict[JobStatus, int]:
-    """How many of ``trials`` are in each state, as :func:`counts_by_status` counts a sweep's."""
+    """How many of ``trials`` are in each state (every state present, 0 when none): the one
+    count of a sweep's trials, for its answer, a page of sweeps and its ending."""
     counts = dict.fromkeys(JobStatus, 0)
     for trial in trials:
         counts[JobStatus(trial.status)] += 1
@@ -138,21 +157,6 @@ def trial_ids(session: Session, sweep_id: str) -> list[str]:
     """The ids of the sweep's trials, in the order they were queued."""
     stmt = select(Job.id).where(Job.sweep_id == sweep_id).order_by(Job.created_at, Job.id)
     return list(session.scalars(stmt))
-
-
-def counts_by_status(session: Session, sweep_ids: Sequence[str]) -> dict[str, dict[JobStatus, int]]:
-    """How many trials of each sweep are in each state (every state present, 0 when none)."""
-    counts = {sweep_id: dict.fromkeys(JobStatus, 0) for sweep_id in sweep_ids}
-    if not sweep_ids:
-        return counts
-    stmt = (
-        select(Job.sweep_id, Job.status, func.count())
-        .where(Job.sweep_id.in_(sweep_ids))
-        .group_by(Job.sweep_id, Job.status)
-    )
-    for sweep_id, status, count in session.execute(stmt):
-        counts[str(sweep_id)][JobStatus(status)] = int(count)
-    return counts
 
 
 def request_cancel(session: Session, sweep: Sweep) -> None:
@@ -179,7 +183,8 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
     sweep = lock_sweep(session, sweep_id)
     if sweep is None or sweep.status != SweepStatus.RUNNING:
         return
-    counts = counts_by_status(session, [sweep_id])[sweep_id]
+    rows = trials(session, sweep_id)
+    counts = tally(rows)
     if any(counts[status] for status in UNFINISHED):
         return
     if sweep.cancel_requested:
@@ -192,7 +197,7 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
     session.flush()
     if status is not SweepStatus.SUCCEEDED or sweep.promote is None:
         return
-    best = best_of(trials(session, sweep_id))
+    best = best_of(rows)
     if best is None or best.checkpoint is None:
         return
     locked = select(Job.id).where(Job.id == best.id).with_for_update(read=True)

@@ -184,3 +184,18 @@ def test_old_ended_sweeps_go_whole_and_no_trial_goes_alone(
     # An old ended trial of a running sweep stays with it, as do the kept sweeps' trials.
     for job_id in (old_trial, aliased_trial, *kept_trials):
         assert exists(sessions, job_id)
+
+
+def test_sweeps_kept_for_an_alias_do_not_hide_the_expired_behind_them(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    oldest, (aliased_trial,) = ended_trials(
+        sessions, tmp_path, 1, ended=1, at=NOW - timedelta(days=9)
+    )
+    with sessions() as session:
+        registry.set_alias(session, "production", aliased_trial)
+    expired, _ = ended_trials(sessions, tmp_path, 1, ended=1, at=NOW - timedelta(days=8))
+
+    # One sweep a batch: the aliased one, listed first, would fill every batch.
+    assert Retention(sessions, tmp_path, days=7, clock=Clock(NOW), batch=1).run_once() == 1
+    assert sweep_exists(sessions, oldest) and not sweep_exists(sessions, expired)

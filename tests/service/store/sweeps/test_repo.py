@@ -220,24 +220,29 @@ def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
     assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED  # no trial succeeded
 
 
-def test_a_sweeps_trials_are_tallied_as_they_are_counted(sessions: sessionmaker[Session]) -> None:
+def test_a_sweep_is_tallied_alike_in_its_answer_and_in_a_page_of_sweeps(
+    sessions: sessionmaker[Session],
+) -> None:
     sweep_id = new_sweep(sessions, 5)
     a, b, _ = claim(sessions, "w1"), claim(sessions, "w2"), claim(sessions, "w3")
     finish(sessions, a, JobStatus.SUCCEEDED, accuracy=0.5)
     finish(sessions, b, JobStatus.FAILED)
+    other = new_sweep(sessions, 2)
     with sessions() as session:
-        trials = sweep_repo.trials(session, sweep_id)
-        counted = sweep_repo.counts_by_status(session, [sweep_id])[sweep_id]
-        summary = sweeps.read(session, sweep_id).trials_by_status
-    tallied = sweep_repo.tally(trials)
-    assert tallied == counted
-    assert {s: n for s, n in tallied.items() if n} == {
+        answer = sweeps.read(session, sweep_id)
+        page = sweeps.list_page(session, status=None, limit=10, cursor=None)
+    counted = {s: n for s, n in answer.trials_by_status.items() if n}
+    assert counted == {
         JobStatus.SUCCEEDED: 1,
         JobStatus.FAILED: 1,
         JobStatus.RUNNING: 1,
         JobStatus.QUEUED: 2,
     }
-    assert summary == tallied
+    listed = {s.id: s for s in page.sweeps}
+    assert listed[sweep_id].trials_by_status == answer.trials_by_status
+    assert listed[sweep_id].best == answer.best and answer.best is not None
+    assert answer.best.job_id == a.id
+    assert listed[other].trials_by_status[JobStatus.QUEUED] == 2 and listed[other].best is None
 
 
 def cancel_or_conflict(sessions: sessionmaker[Session], sweep_id: str) -> str:
