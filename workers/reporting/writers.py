@@ -3,8 +3,8 @@
 A worker makes one :class:`Writers` and every reporter it starts writes through it, so the
 jobs of a pack (:mod:`workers.packed`) share two threads instead of holding two each. Eight
 reporters with threads of their own became due together and raced for SQLite's one write lock
-(each loser sleeping in the busy handler), beside two training threads on two cores: a
-sweep's packed steps ran ~30% slower than the same loop alone (docs/benchmarks.md). One
+(each loser sleeping in the busy handler), beside two training threads on two cores: a sweep
+of 8 took a median ~2.3 s against ~1.95 s with shared threads (docs/benchmarks.md). One
 thread of each kind writes them one after another, in the order they were handed over, which
 keeps every job's own order: its flushes in turn, its states in turn.
 """
