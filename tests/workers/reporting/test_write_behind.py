@@ -59,7 +59,11 @@ class Clock:
 
 
 def reporter_on(
-    sessions: sessionmaker[Session], writes: object, tmp_path: Path, clock: Clock
+    sessions: sessionmaker[Session],
+    writes: object,
+    tmp_path: Path,
+    clock: Clock,
+    writers: Writers | None = None,
 ) -> tuple[Reporter, str]:
     return claimed_reporter(
         sessions,
@@ -68,6 +72,7 @@ def reporter_on(
         checkpoint_dir=tmp_path,
         limits=Limits(lease_s=30, flush_interval_s=1.0),
         clock=clock,
+        writers=writers,
     )
 
 
@@ -180,18 +185,7 @@ def test_the_jobs_of_a_pack_write_through_the_workers_two_threads(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     db, clock, writers = ThreadNoting(sessions), Clock(), Writers()
-    reporters = [
-        claimed_reporter(
-            sessions,
-            PARAMS,
-            writes=cast(sessionmaker[Session], db),
-            checkpoint_dir=tmp_path,
-            limits=Limits(lease_s=30, flush_interval_s=1.0),
-            clock=clock,
-            writers=writers,
-        )
-        for _ in range(3)
-    ]
+    reporters = [reporter_on(sessions, db, tmp_path, clock, writers) for _ in range(3)]
     for round_ in range(1, 4):
         clock.now = 2.0 * round_  # a flush due for every job at once, as in a pack
         for reporter, _ in reporters:
