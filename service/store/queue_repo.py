@@ -27,9 +27,8 @@ from service.store import metric_repo, wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.sweeps import repo as sweep_repo
-from service.store.tables import EpochMetric, Job, TrainStep, WorkerRow
+from service.store.tables import EpochMetric, Job, TrainStep
 from service.store.upkeep.leases import claim_statement, expire_lost_jobs
-from service.store.worker_repo import worker_idle
 
 # What a running job given back to the queue becomes: queued, held by no worker.
 _REQUEUED: dict[str, Any] = {
@@ -95,12 +94,6 @@ def claim_job(
     if job is None:
         return None
     rewind_to_epoch(session, job, job.resume_epoch)
-    session.execute(
-        update(WorkerRow)
-        .where(WorkerRow.id == worker_id)
-        .values(job_id=job.id, heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
     wakeups.publish(session, wakeups.JOB_PROGRESS, job.id)
     return job
 
@@ -301,7 +294,6 @@ def finish_job(
     artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
     if checkpoint_blob is not None:
         artifacts_repo.put(session, checkpoint_blob, now=now)
-    worker_idle(session, worker_id, now)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     sweep_repo.job_ended(session, job_id, now)
 
@@ -316,7 +308,6 @@ def release_job(
     if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
         return
     _update_fenced(session, job_id, attempt, worker_id, {**_REQUEUED, "attempt": Job.attempt - 1})
-    worker_idle(session, worker_id, now)
     _requeued(session, job_id)
 
 
@@ -358,7 +349,6 @@ def hand_back(
         _requeued(session, job_id)
     else:
         wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-    worker_idle(session, worker_id, now)
     return again
 
 
@@ -373,7 +363,6 @@ def _cancelled_if_asked(
     if not _update_jobs(session, where, {**ended, "resume_checkpoint": None}):
         return False
     artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
-    worker_idle(session, worker_id, now)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     sweep_repo.job_ended(session, job_id, now)
     return True

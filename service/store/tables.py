@@ -174,7 +174,7 @@ class EpochMetric(Base):
 
 
 class WorkerRow(Base):
-    """A worker process: where it runs, when it last spoke, what it is running."""
+    """A worker process: where it runs and when it last spoke (its jobs name it)."""
 
     __tablename__ = "workers"
 
@@ -185,10 +185,6 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    job_id: Mapped[str | None] = mapped_column(
-        ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True
-    )
-
     __table_args__ = (Index("ix_workers_heartbeat_at", "heartbeat_at"),)
 
 

@@ -21,16 +21,6 @@ def register_worker(
     )
 
 
-def worker_idle(session: Session, worker_id: str, now: datetime) -> None:
-    """The worker runs no job now (it finished or released one)."""
-    session.execute(
-        update(WorkerRow)
-        .where(WorkerRow.id == worker_id)
-        .values(job_id=None, heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-
-
 def worker_heartbeat(session: Session, *, worker_id: str, now: datetime) -> None:
     """The worker process is alive."""
     session.execute(
@@ -46,7 +36,7 @@ def worker_stopped(session: Session, *, worker_id: str, now: datetime) -> None:
     session.execute(
         update(WorkerRow)
         .where(WorkerRow.id == worker_id)
-        .values(stopped_at=now, job_id=None)
+        .values(stopped_at=now)
         .execution_options(synchronize_session=False)
     )
 

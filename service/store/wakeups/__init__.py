@@ -52,9 +52,12 @@ _PENDING = "wakeups.pending"  # a session's wake-ups staged for after its commit
 
 
 class Publisher(Protocol):
-    """How one transport publishes: ``stage`` in the transaction, ``send`` after commit."""
+    """How one transport publishes: ``stage`` in the transaction, ``seal`` just before its
+    commit (in it), ``send`` after commit."""
 
     def stage(self, session: Session, topic: str, key: str) -> None: ...
+
+    def seal(self, session: Session) -> None: ...
 
     def send(self, wakes: set[tuple[str, str]]) -> None: ...
 
@@ -85,6 +88,7 @@ def attach(sessions: sessionmaker[Session], url: str, *, enabled: bool) -> None:
 
         info[_PUBLISHER] = SocketPublisher(Path(where))
     sessions.configure(info=info)
+    event.listen(sessions, "before_commit", _seal_staged)
     event.listen(sessions, "after_commit", _send_staged)
     event.listen(sessions, "after_rollback", _drop_staged)
 
@@ -92,6 +96,16 @@ def attach(sessions: sessionmaker[Session], url: str, *, enabled: bool) -> None:
 def stage_after_commit(session: Session, topic: str, key: str) -> None:
     """Keep a wake-up to send once ``session`` commits (for transports outside the database)."""
     session.info.setdefault(_PENDING, set()).add((topic, key))
+
+
+def staged_in(session: Session) -> set[tuple[str, str]]:
+    """The wake-ups ``session``'s transaction has staged so far."""
+    staged: set[tuple[str, str]] = session.info.get(_PENDING, set())
+    return staged
+
+
+def _seal_staged(session: Session) -> None:
+    session.info[_PUBLISHER].seal(session)
 
 
 def _send_staged(session: Session) -> None:

@@ -64,6 +64,9 @@ class SocketPublisher:
         """Kept until the transaction commits."""
         stage_after_commit(session, topic, key)
 
+    def seal(self, session: Session) -> None:
+        """Nothing goes through the database."""
+
     def send(self, wakes: set[tuple[str, str]]) -> None:
         """One datagram per wake-up to each socket of its topic; never blocks, never raises."""
         try:

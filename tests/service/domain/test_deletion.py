@@ -16,7 +16,7 @@ from service.domain import deletion
 from service.errors import Conflict, LeaseLost, NotFound
 from service.serving import registry
 from service.status import JobStatus
-from service.store.tables import EpochMetric, Job, ModelAlias, TrainStep, WorkerRow
+from service.store.tables import EpochMetric, Job, ModelAlias, TrainStep
 from tests.records import PARAMS, FakeTraining, ended_job
 from tests.support import wait_for
 
@@ -28,7 +28,6 @@ def rows_of(sessions: sessionmaker[Session], job_id: str) -> dict[str, int]:
         "train_steps": TrainStep.job_id,
         "epoch_metrics": EpochMetric.job_id,
         "model_aliases": ModelAlias.job_id,
-        "workers": WorkerRow.job_id,
     }
     with sessions() as session:
         return {
@@ -50,28 +49,12 @@ def test_an_ended_job_goes_with_its_rows_and_files(
 ) -> None:
     kept = ended_job(sessions, tmp_path)
     gone = ended_job(sessions, tmp_path, status)
-    with sessions() as session:
-        session.add(
-            WorkerRow(
-                id="w",
-                host="h",
-                pid=1,
-                device="cpu",
-                started_at=gone.clock,
-                heartbeat_at=gone.clock,
-                job_id=gone.job_id,
-            )
-        )
-        session.commit()
     assert rows_of(sessions, gone.job_id)["train_steps"] == 8
     with sessions() as session:
         deleted = deletion.delete_job_and_artifacts(session, tmp_path, gone.job_id)
     assert deleted.checkpoint == (f"{gone.job_id}-1.pt" if status == JobStatus.SUCCEEDED else None)
     assert set(rows_of(sessions, gone.job_id).values()) == {0}
     assert files_of(tmp_path, gone.job_id) == []
-    with sessions() as session:
-        worker = session.get(WorkerRow, "w")
-        assert worker is not None and worker.job_id is None  # forgotten, not deleted
     # The other job is untouched.
     assert rows_of(sessions, kept.job_id)["train_steps"] == 8
     assert len(files_of(tmp_path, kept.job_id)) == 3

@@ -76,6 +76,32 @@ def test_a_job_s_progress_wakes_that_job_s_waiters_only(
         assert not b.wait(QUIET_S)
 
 
+def test_one_transaction_s_wake_ups_all_arrive_and_a_reused_session_starts_empty(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    """PostgreSQL writes a transaction's notifications together just before it commits:
+    every topic and key of it is delivered, and the next transaction of the same session
+    carries none of them."""
+    with (
+        listener.subscribe(JOB_QUEUED) as queued,
+        listener.subscribe(JOB_PROGRESS, "a") as a,
+        listener.subscribe(JOB_PROGRESS, "b") as b,
+    ):
+        for waiter in (queued, a, b):
+            waiter.wait(0)
+        with publishing() as session:
+            wakeups.publish(session, JOB_QUEUED)
+            wakeups.publish(session, JOB_PROGRESS, "a")
+            wakeups.publish(session, JOB_PROGRESS, "b")
+            wakeups.publish(session, JOB_PROGRESS, "a")
+            session.commit()
+            assert all(w.wait(WOKEN_WITHIN_S) for w in (queued, a, b))
+            wakeups.publish(session, JOB_PROGRESS, "b")
+            session.commit()
+            assert b.wait(WOKEN_WITHIN_S)
+            assert not queued.wait(QUIET_S) and not a.wait(0), "woken again by a new commit"
+
+
 @pytest.mark.parametrize("cancelled", [False, True], ids=["requeued", "cancelled"])
 def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
     publishing: sessionmaker[Session], listener: wakeups.Listener, cancelled: bool
