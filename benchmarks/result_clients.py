@@ -23,6 +23,7 @@ from service.status import TERMINAL, JobStatus
 from service.store.tables import Job, TrainStep
 
 POLL_EVERY_S = 0.010  # the client's pause between two GET /jobs/{id}
+CHECK_BACK_S = 0.25  # ...of a client that leaves its job alone and checks back now and then
 WATCH_EVERY_S = 0.002  # the database watcher's pause between two reads
 
 
@@ -107,9 +108,10 @@ def poll_to_result(
     params: dict[str, Any],
     timeout_s: float,
     engine: Engine | None = None,
+    every_s: float = POLL_EVERY_S,
 ) -> Finished:
-    """Submit, then GET /jobs/{id} every :data:`POLL_EVERY_S` until it has succeeded; with
-    ``engine``, a :class:`Watcher` tells when the job left the queue (then stops reading)."""
+    """Submit, then GET /jobs/{id} every ``every_s`` until it has succeeded; with ``engine``,
+    a :class:`Watcher` tells when the job left the queue (then stops reading)."""
     job_id, started = submit(client, params)
     watcher = Watcher(engine, job_id, steps=False) if engine is not None else None
     if watcher is not None:
@@ -122,7 +124,7 @@ def poll_to_result(
             if _check(job):
                 done = time.perf_counter()
                 break
-            time.sleep(POLL_EVERY_S)
+            time.sleep(every_s)
         else:
             raise TimeoutError(f"job {job_id} did not succeed in {timeout_s} s")
     finally:

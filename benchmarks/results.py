@@ -21,7 +21,7 @@ import torch
 from benchmarks.env import data_dir
 from benchmarks.floor import floor_train
 from benchmarks.report import Section
-from benchmarks.result_clients import follow_to_result, live_delays, poll_to_result
+from benchmarks.result_clients import CHECK_BACK_S, follow_to_result, live_delays, poll_to_result
 from benchmarks.result_service import database, idle_shares, postgres_reachable, service
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
@@ -49,7 +49,8 @@ class Backend:
     followed: Series = field(default_factory=lambda: Series("events", "s"))
     claim_ms: list[float] = field(default_factory=list)  # POST sent → claimed
     queued_claim_ms: list[float] = field(default_factory=list)  # created_at → claimed (goal)
-    worker: Series = field(default_factory=lambda: Series("worker", "s"))
+    worker: Series = field(default_factory=lambda: Series("worker", "s"))  # watched jobs
+    alone: Series = field(default_factory=lambda: Series("worker, left alone", "s"))
     live_ms: list[float] = field(default_factory=list)
     floors: dict[int, Series] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)  # process → share of a core
@@ -71,7 +72,8 @@ def measure_backend(
     data_root: Path,
 ) -> Backend:
     """One fresh service on a fresh database: a first job, then ``rounds`` rounds of (floor at
-    each thread count, a polled job, a followed job), then the idle processes' CPU."""
+    each thread count, a polled job, a followed job, a job left alone), then the idle
+    processes' CPU."""
     result = Backend(kind)
     result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in FLOOR_THREADS}
     job = JobCreate.model_validate(params)
@@ -101,6 +103,11 @@ def measure_backend(
                 followed, seen = follow_to_result(
                     svc.client, {**params, "seed": r}, timeout_s, engine
                 )
+                arrive()
+                alone = poll_to_result(
+                    svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
+                )
+                result.alone.add(alone.worker_s)
                 result.polled.add(polled.seconds)
                 result.followed.add(followed.finished.seconds)
                 for done in (polled, followed.finished):
@@ -191,7 +198,12 @@ def write_section(
         f"all {2 * rounds} jobs; `started_at − created_at` cannot say it: the worker takes its "
         "`now` before its claim's query). Live latency: each new last step the thread sees is "
         "a flush just committed, and the delay runs from that sighting to the first event "
-        "on the stream that carries the step. Both are off by up to one read (~2 ms). Idle "
+        "on the stream that carries the step. Both are off by up to one read (~2 ms). The "
+        "worker's own time (its `started_at` → `finished_at`) is the goal's for a third job "
+        f"of each round, left alone: its client checks back every {CHECK_BACK_S:g} s and no "
+        "thread of the benchmark reads the database meanwhile, so what it holds is what the "
+        "job itself pays; the cost of watching it closely is the next row's, and has a goal "
+        "of its own (200 polls/s, the metrics section). Idle "
         f"cost: each process's user + system CPU (/proc/PID/stat) over {idle_s:g} s after "
         "the last job."
     )
@@ -208,7 +220,8 @@ def write_section(
             [b.name, "floor (eager PyTorch, nothing stored)", fmt(floor, "s"), "1.00×"],
             timed("POST → `succeeded`, polling every 10 ms", b.polled.median),
             timed("POST → final `status` event", b.followed.median),
-            timed("the worker's own started_at → finished_at", b.worker.median),
+            timed("the worker's own started_at → finished_at, a job left alone", b.alone.median),
+            timed("the same, a job polled or followed (above)", b.worker.median),
             [
                 b.name,
                 "claim latency (created_at → seen out of `queued`) p50 / p99",
@@ -277,11 +290,12 @@ def write_section(
                 verdict(live99 <= LIVE_GOAL_MS),
             ]
         )
-        w = ratio(b.worker.median, floor)
+        w = ratio(b.alone.median, floor)
         goals.append(
             [
-                f"{b.name}: the worker's own time ≤ {WORKER_GOAL}× floor",
-                f"{fmt_ratio(w)} ({fmt(b.worker.median, 's')})",
+                f"{b.name}: the worker's own time ≤ {WORKER_GOAL}× floor (a job left alone)",
+                f"{fmt_ratio(w)} ({fmt(b.alone.median, 's')}; "
+                f"polled or followed: {fmt_ratio(ratio(b.worker.median, floor))})",
                 verdict(w <= WORKER_GOAL),
             ]
         )

@@ -30,6 +30,7 @@ def test_the_section_measures_a_real_service_on_each_database(
         # The client's wait holds the worker's time, which holds at least the training.
         assert b.polled.median > b.worker.values[0] > 0
         assert b.followed.median > b.worker.values[1] > 0
+        assert len(b.alone.values) == 1 and b.alone.values[0] > 0  # the job left alone
         assert len(b.claim_ms) == 2 and all(ms >= 0 for ms in b.claim_ms)
         # created_at comes after the POST was sent: a queued job waits less than the client.
         assert len(b.queued_claim_ms) == 2 and all(ms >= 0 for ms in b.queued_claim_ms)
@@ -42,6 +43,8 @@ def test_the_section_measures_a_real_service_on_each_database(
     text = report.render()
     assert text.count("time to result (polling) ≤ 1.5× floor") == 2 * len(backends)
     assert "claim latency" in text and "idle CPU" in text
+    # Once in the section, once in the summary.
+    assert text.count("the worker's own time ≤ 1.2× floor (a job left alone)") == 2 * len(backends)
 
 
 def test_a_flush_is_late_by_the_time_its_step_took_to_reach_the_stream() -> None:
