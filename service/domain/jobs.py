@@ -34,16 +34,9 @@ JOB_READ: TypeAdapter[JobRead] = TypeAdapter(JobRead)
 
 
 def params_of(job: JobColumns) -> JobCreate:
-    """The hyperparameters stored on a job row."""
-    return JobCreate(
-        epochs=job.epochs,
-        batch_size=job.batch_size,
-        learning_rate=job.learning_rate,
-        trainset_size=job.trainset_size,
-        testset_size=job.testset_size,
-        seed=job.seed,
-        max_runtime_s=job.max_runtime_s,
-    )
+    """The hyperparameters stored on a job row: each of JobCreate's fields in the column of
+    its name (:func:`service.store.job_repo.create_job` stores them so)."""
+    return JobCreate.model_validate({name: getattr(job, name) for name in JobCreate.model_fields})
 
 
 def to_read(job: JobColumns) -> JobRead:

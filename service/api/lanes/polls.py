@@ -110,10 +110,6 @@ class PollReads:
             self._loop_base.dispose()
 
 
-def _job_json(job_id: str) -> Callable[[Connection], bytes | None]:
-    return lambda connection: jobs.job_json(connection, job_id)
-
-
 async def _in_turn(reads: PollReads, read: Callable[[Engine], T | None]) -> T | None:
     """``read`` (one row) on the event loop on SQLite, where it takes tens of microseconds;
     in a thread elsewhere (the network may be slow)."""
@@ -157,9 +153,10 @@ class PollLane:
         if polled is not None:
             if NO_QUERY.read(scope.get("query_string", b"")) is None:
                 return None
-            read = _job_json(polled)
             reads: PollReads = scope["app"].state.poll_reads
-            body = await _in_turn(reads, lambda engine: _read(engine, read))
+            body = await _in_turn(
+                reads, lambda engine: _read(engine, lambda c: jobs.job_json(c, polled))
+            )
             return None if body is None else (self.job_route, body)
         job_id = job_id_of(self.metrics_route, scope["path"])
         if job_id is None:
