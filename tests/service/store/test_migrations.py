@@ -142,3 +142,44 @@ def test_postgresql_stores_artifacts_uncompressed_and_the_migration_undoes(
             assert storage_of_artifact_bytes(conn) == "e"
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_lose_their_unread_job_id_and_keep_their_rows(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """0008: nothing read ``workers.job_id``; dropping it (a table rebuilt on SQLite) keeps
+    every worker's row, and undoing it brings the column back, empty. On a database of the
+    test's own: it moves the schema."""
+    db_url: str = (
+        request.getfixturevalue("sqlite_url")
+        if backend == "sqlite"
+        else request.getfixturevalue("own_postgres").url
+    )
+    config = config_for(db_url)
+    engine = make_engine(db_url)
+    now = datetime(2026, 12, 2, 12, 0, 0)
+    row = {"id": "w1", "host": "h", "pid": 7, "device": "cpu", "started_at": now, "beat": now}
+    try:
+        command.downgrade(config, "0007")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO workers (id, host, pid, device, started_at, heartbeat_at) "
+                    "VALUES (:id, :host, :pid, :device, :started_at, :beat)"
+                ),
+                row,
+            )
+        command.upgrade(config, "head")
+        assert "job_id" not in {c["name"] for c in inspect(engine).get_columns("workers")}
+        with engine.connect() as conn:
+            kept = conn.execute(text("SELECT id, host, pid, device FROM workers")).all()
+        assert [tuple(r) for r in kept] == [("w1", "h", 7, "cpu")]
+        command.downgrade(config, "0007")
+        engine.dispose()  # a fresh look at the table
+        assert "job_id" in {c["name"] for c in inspect(engine).get_columns("workers")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT job_id FROM workers")).all() == [(None,)]
+        command.upgrade(config, "head")
+    finally:
+        engine.dispose()
