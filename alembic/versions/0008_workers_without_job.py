@@ -21,6 +21,9 @@ def upgrade() -> None:
     ``GET /workers`` reads a worker's jobs from ``jobs.worker_id`` (a pack's worker holds
     several), so nothing read this column any more, while every claim and every job's end
     paid a statement to write it (a round trip inside the claim a queued job waits for).
+    Workers and APIs of older code write it: stop them before migrating (their claims and job
+    ends would fail on the missing column; a job so stopped is claimed again once its lease
+    runs out).
     """
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_constraint(op.f("fk_workers_job_id_jobs"), type_="foreignkey")

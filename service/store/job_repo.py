@@ -79,7 +79,7 @@ def lock_job(session: Session, job_id: str, *, shared: bool = False) -> Job | No
 def delete_job(session: Session, job_id: str) -> None:
     """Delete a job's row; its steps, epochs, aliases and the artifacts stored as rows
     (``MNIST_ARTIFACTS=database``) go with it (``ON DELETE CASCADE``, on SQLite too: its
-    connections turn foreign keys on) and workers forget it (``SET NULL``).
+    connections turn foreign keys on).
 
     The caller has locked the row (:func:`lock_job`) and checked that it may go.
     """

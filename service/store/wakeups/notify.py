@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import func, select
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service.store.outage import Backoff, is_outage
@@ -33,7 +33,14 @@ CONNECT_TIMEOUT_S = 10
 
 class NotifyPublisher:
     """``pg_notify`` in the writing transaction: all of its wake-ups in one statement, just
-    before it commits, rather than a round trip each (a pack's claim made one per job)."""
+    before it commits, rather than a round trip each (a pack's claim made one per job).
+
+    One ``pg_notify`` per row of the two arrays unnested, not one per column: a SELECT may
+    list at most 1664 columns, and a transaction may wake thousands of keys (cancelling a
+    sweep wakes each of its trials' streams; a claim settles every lease that ran out).
+    Nothing publishes from a flush (no ORM event hooks do): the commit's own flush runs after
+    this statement, so a wake-up published there would not be sent.
+    """
 
     def stage(self, session: Session, topic: str, key: str) -> None:
         """Kept until the transaction is about to commit (dropped if it rolls back)."""
@@ -41,13 +48,19 @@ class NotifyPublisher:
 
     def seal(self, session: Session) -> None:
         """Notify, in the transaction: the server delivers on commit, drops on rollback."""
-        staged = staged_in(session)
+        staged = sorted(staged_in(session))
         if staged:
-            notes = [func.pg_notify(CHANNEL_PREFIX + topic, key) for topic, key in sorted(staged)]
-            session.execute(select(*notes))
+            channels = [CHANNEL_PREFIX + topic for topic, _ in staged]
+            session.execute(_NOTIFY_ALL, {"channels": channels, "keys": [k for _, k in staged]})
 
     def send(self, wakes: set[tuple[str, str]]) -> None:
         """Nothing to do after commit: the server has delivered them (see :meth:`seal`)."""
+
+
+_NOTIFY_ALL = text(
+    "SELECT pg_notify(channel, key) "
+    "FROM unnest(CAST(:channels AS text[]), CAST(:keys AS text[])) AS wake(channel, key)"
+)
 
 
 class NotifyListener(Listener):

@@ -102,6 +102,26 @@ def test_one_transaction_s_wake_ups_all_arrive_and_a_reused_session_starts_empty
             assert not queued.wait(QUIET_S) and not a.wait(0), "woken again by a new commit"
 
 
+def test_a_transaction_wakes_more_keys_than_a_select_has_columns(
+    publishing: sessionmaker[Session], listener: wakeups.Listener, db_url: str
+) -> None:
+    """PostgreSQL allows a SELECT 1664 columns: the wake-ups of a transaction (a sweep's
+    cancel wakes each trial's streams) go as rows, so thousands of them still commit."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's wake-ups are datagrams sent after the commit")
+    keys = [f"job{i:04d}" for i in range(2000)]
+    with (
+        listener.subscribe(JOB_PROGRESS, keys[0]) as first,
+        listener.subscribe(JOB_PROGRESS, keys[-1]) as last,
+    ):
+        first.wait(0)
+        last.wait(0)
+        with publishing.begin() as session:
+            for key in keys:
+                wakeups.publish(session, JOB_PROGRESS, key)
+        assert first.wait(WOKEN_WITHIN_S) and last.wait(WOKEN_WITHIN_S)
+
+
 @pytest.mark.parametrize("cancelled", [False, True], ids=["requeued", "cancelled"])
 def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
     publishing: sessionmaker[Session], listener: wakeups.Listener, cancelled: bool
