@@ -9,7 +9,8 @@ then the fastest count until the next check. Intervals that hold anything but tr
 without its slowest few steps, so a stray slow step does not decide it; a median would not do:
 a process that takes a core now and then (an API answering 200 polls a second) stalls one step
 in several at two threads, and those stalls are the cost. While a count holds, its steps are
-still timed: when they run well slower than when it was chosen, the counts are timed again.
+still timed: when they run well slower than when it was chosen, the counts are timed again, and
+so they are when fewer threads than the most run well faster (the load that chose them lifted).
 
 A switch of count mid-job must not change what a seeded job records. Matrix products split
 their sums across threads, and by default MKL splits them differently at different counts,
@@ -38,11 +39,16 @@ log = logging.getLogger("workers")
 PROBE_STEPS = 16  # timed steps per candidate count (a 10,000-image epoch has 157)
 TRIMMED = 8  # one timed step in this many, the slowest, is left out of a count's time
 RECHECK_S = 5.0  # how many seconds of steps a choice holds before the counts are timed again...
-SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first
+SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first,
+# or, holding fewer threads than the most, this much faster: the load that made fewer threads
+# win has lifted, and more may win now. Without it a worker that chose one thread while 100
+# polls a second ran kept it for the next 5 s of steps, ~14 jobs, when two ran them 1.3× faster.
+SPEEDUP_FACTOR = 1.15
 # A count whose first timed steps already run this much slower than the fastest count timed
 # so far cannot win: its timing stops there. Two threads on a core another process holds run
 # a step 5-20× slower (docs/benchmarks.md), and 16 such steps cost a short job more than the
-# whole probe saves.
+# whole probe saves. (A held count is not judged on so few: the steps after each flush run
+# that slow for a moment, and timing the counts again at each cost more than it saved.)
 ABANDON_AFTER, ABANDON_FACTOR = 2, 2.0
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
 SAME_BITS_BATCHES = (64, 1024)  # the default batch and a large one...
@@ -112,10 +118,10 @@ class ThreadTuner:
         """One training step has just ended."""
         now = self._clock()
         if self._probing is None:
-            slowed = self._slowed_down(now)
-            if slowed is not None:
+            changed = self._changed(now)
+            if changed is not None:
                 # What the held count does now is known: time only the others.
-                self._step_s = {self.threads: slowed}
+                self._step_s = {self.threads: changed}
                 self._probe_next(-1)
                 return
             if self._held_s >= self._recheck_s:
@@ -129,9 +135,10 @@ class ThreadTuner:
                 return
         self._last = self._clock()
 
-    def _slowed_down(self, now: float) -> float | None:
+    def _changed(self, now: float) -> float | None:
         """The held count's recent step time if it runs well slower than when it was chosen
-        (another process took a core), else None."""
+        (another process took a core), or well faster while it is not the most threads (the
+        process that took a core let go of it), else None."""
         if self._last is None:
             return None
         self._timed.append(now - self._last)
@@ -140,7 +147,11 @@ class ThreadTuner:
             return None
         recent = typical_step_s(self._timed)
         self._timed = []
-        return recent if recent > self._chosen_s * SLOWDOWN_FACTOR else None
+        if recent > self._chosen_s * SLOWDOWN_FACTOR:
+            return recent
+        if recent * SPEEDUP_FACTOR < self._chosen_s and self.threads < self.candidates[-1]:
+            return recent
+        return None
 
     def _hopeless(self) -> bool:
         """Whether the count being timed already runs far slower than the fastest timed."""

@@ -117,6 +117,34 @@ def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
     assert tuner.threads == cores.threads == 1
 
 
+def test_fewer_threads_held_under_load_are_timed_again_once_the_load_lifts() -> None:
+    cores = Cores({1: 0.0012, 2: 0.0020})  # another process holds a core: one thread wins
+    tuner = ThreadTuner(
+        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
+    )
+    cores.train(tuner, 12)
+    assert tuner.threads == 1
+    cores.step_s = {1: 0.00115, 2: 0.0019}  # a little faster: not worth a check
+    cores.train(tuner, 40)
+    assert cores.switches == [1, 2, 1]
+    cores.step_s = {1: 0.0009, 2: 0.0006}  # the load is gone, long before the hour is up
+    cores.train(tuner, 20)
+    assert tuner.threads == cores.threads == 2
+    assert cores.switches == [1, 2, 1, 2]
+
+
+def test_the_most_threads_running_faster_are_not_timed_again() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0008})
+    tuner = ThreadTuner(
+        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
+    )
+    cores.train(tuner, 12)
+    assert tuner.threads == 2
+    cores.step_s = {1: 0.0008, 2: 0.0005}  # faster still: one thread cannot win more now
+    cores.train(tuner, 40)
+    assert cores.switches == [1, 2]
+
+
 def test_a_count_far_slower_than_the_fastest_is_not_timed_to_the_end() -> None:
     cores = Cores({1: 0.0010, 2: 0.0150})  # another process holds a core: two threads crawl
     tuner = ThreadTuner(
