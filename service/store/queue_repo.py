@@ -75,7 +75,13 @@ def _requeued(session: Session, job_id: str) -> None:
 
 
 def claim_job(
-    session: Session, *, worker_id: str, lease_s: float, device: str, now: datetime
+    session: Session,
+    *,
+    worker_id: str,
+    lease_s: float,
+    device: str,
+    now: datetime,
+    settle_leases: bool = True,
 ) -> Job | None:
     """Atomically take the oldest claimable job for this worker, or None.
 
@@ -83,11 +89,17 @@ def claim_job(
     subquery picks the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's IMMEDIATE
     transaction serialises claims), so two workers never take the same attempt.
 
+    ``settle_leases`` first settles the leases that ran out (:func:`expire_lost_jobs`): the
+    jobs that can no longer run end, and the others go back to the queue. The claim takes an
+    expired job whether or not it ran, so a worker may settle less often than it claims
+    (:meth:`workers.worker.Worker.claim`).
+
     A retried job resumes after its last finished epoch (``resume_epoch``, whose training state
     an earlier attempt saved): the metrics past that point are removed in the same transaction,
     so the series stays one consistent run with no duplicated and no missing steps.
     """
-    expire_lost_jobs(session, now=now)
+    if settle_leases:
+        expire_lost_jobs(session, now=now)
     until = now + timedelta(seconds=lease_s)
     params = {"now": now, "lease_until": until, "worker_id": worker_id, "device": device}
     job: Job | None = session.scalars(claim_statement(), params).one_or_none()
@@ -205,11 +217,7 @@ def record_progress(
     if progress.resume_blob is not None:  # after the fence: a lost worker stores nothing
         artifacts_repo.put(session, progress.resume_blob, now=now)
     if progress.steps:
-        # On the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping,
-        # which costs more than the SQL itself.
-        session.connection().execute(
-            insert(TrainStep), [{"job_id": job_id, **r} for r in progress.steps]
-        )
+        metric_repo.insert_steps(session, job_id, progress.steps)
     if progress.epochs:
         session.execute(insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs])
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
@@ -275,11 +283,15 @@ def finish_job(
     error: str | None = None,
     checkpoint: str | None = None,
     checkpoint_blob: Blob | None = None,
+    unsynced: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Move a running job to a terminal state. Fenced: raises :class:`LeaseLost`.
 
     ``checkpoint_blob`` (artifacts in the database) is stored by this transaction, so a job
-    is never ``succeeded`` without its weights; its training states go with it.
+    is never ``succeeded`` without its weights; its training states go with it. ``unsynced``
+    are the steps written since the worker's last synchronous write (``Progress.unsynced``):
+    a job that ends cancelled or failed before its epoch's write stores again those a crash
+    of the PostgreSQL server lost, as that write would have.
     """
     values: dict[str, Any] = {
         "status": status,
@@ -290,7 +302,11 @@ def finish_job(
     }
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
+    if unsynced:
+        values["step"] = int(unsynced[-1]["step"])  # where a lost commit left it behind
     _update_fenced(session, job_id, attempt, worker_id, values)
+    if unsynced:
+        metric_repo.store_missing_steps(session, job_id, unsynced)
     artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
     if checkpoint_blob is not None:
         artifacts_repo.put(session, checkpoint_blob, now=now)

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -186,6 +186,40 @@ def test_an_expired_lease_of_a_cancelled_job_ends_it(sessions: sessionmaker[Sess
     assert claim(sessions, "next") is None
 
 
+def test_a_claim_that_does_not_settle_still_takes_an_expired_job_and_ends_none(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A worker settles lost leases once per poll interval, not in every claim: the claims in
+    between take an expired job all the same, and leave one that cannot run for the next
+    settling claim to end."""
+    retried, cancelled = add_job(sessions), add_job(sessions)
+    start = utcnow()
+    for _ in range(2):
+        assert claim(sessions, "lost", now=start) is not None
+    with sessions.begin() as session:
+        job = session.get(Job, cancelled)
+        assert job is not None
+        job_repo.request_cancel(session, job, now=start)
+    later = start + timedelta(seconds=LEASE_S + 1)
+    with sessions.begin() as session:
+        taken = queue_repo.claim_job(
+            session, worker_id="next", lease_s=LEASE_S, device="cpu", now=later, settle_leases=False
+        )
+        assert taken is not None and taken.id == retried and taken.attempt == 2
+    with sessions.begin() as session:
+        none = queue_repo.claim_job(
+            session, worker_id="next", lease_s=LEASE_S, device="cpu", now=later, settle_leases=False
+        )
+        assert none is None
+    with sessions() as session:
+        job = session.get(Job, cancelled)
+        assert job is not None and job.status == JobStatus.RUNNING  # left for the next settle
+    assert claim(sessions, "next", now=later) is None  # settles
+    with sessions() as session:
+        job = session.get(Job, cancelled)
+        assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at
+
+
 def test_only_a_flush_of_steps_alone_commits_without_waiting_for_the_disk(
     engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
@@ -283,3 +317,30 @@ def test_read_steps_after_a_step_in_order(sessions: sessionmaker[Session]) -> No
             2,
             3,
         ]
+
+
+def test_a_flush_stores_its_steps_exactly_as_a_row_by_row_insert_does(
+    sessions: sessionmaker[Session],
+) -> None:
+    """PostgreSQL's one-statement insert (arrays) against the plain executemany it replaces:
+    the same rows, every loss to the bit."""
+    losses = [
+        5e-324,
+        2.2250738585072014e-308,
+        1 / 3,
+        0.1,
+        2.302585092994046,
+        1.7976931348623157e308,
+    ]
+    rows = [
+        {"step": s, "epoch": 1 + s // 4, "loss": x, "examples_seen": 2**31 - 1 - s}
+        for s, x in enumerate(losses, start=1)
+    ]
+    ids = [add_job(sessions), add_job(sessions)]
+    with sessions.begin() as session:
+        metric_repo.insert_steps(session, ids[0], rows)
+        session.connection().execute(insert(TrainStep), [{"job_id": ids[1], **r} for r in rows])
+    with sessions() as session:
+        stored = [metric_repo.read_steps(session, i, after_step=0, limit=100) for i in ids]
+    assert stored[0] == stored[1] == rows
+    assert [r["loss"].hex() for r in stored[0]] == [x.hex() for x in losses]
