@@ -144,6 +144,7 @@ class Endings:
                     error=error,
                     checkpoint=None if checkpoint is None else checkpoint.ref,
                     checkpoint_blob=None if checkpoint is None else checkpoint.blob,
+                    unsynced=reporter.unsynced_steps,
                 )
 
         try:

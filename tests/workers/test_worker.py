@@ -7,6 +7,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,31 @@ def test_with_wake_ups_off_an_idle_worker_polls(
         succeeds(sessions, submit(sessions, epochs=1))
     if db_url.startswith("sqlite"):
         assert not Path(db_url.removeprefix("sqlite:///") + ".wake").exists()
+
+
+def lost_and_cancelled(sessions: sessionmaker[Session], settings: Settings) -> str:
+    """A job whose worker vanished a lease ago, with a cancel asked: a settle ends it."""
+    job_id = submit(sessions)
+    then = utcnow() - timedelta(seconds=2 * settings.lease_s)
+    with sessions.begin() as session:
+        job = queue_repo.claim_job(
+            session, worker_id="lost", lease_s=settings.lease_s, device="cpu", now=then
+        )
+        assert job is not None and job.id == job_id
+        job_repo.request_cancel(session, job, now=then)
+    return job_id
+
+
+def test_a_worker_settles_lost_leases_once_per_poll_interval(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    worker = Worker(settings.model_copy(update=LONG_POLL), sessions, show_progress=False)
+    first = lost_and_cancelled(sessions, settings)
+    assert worker.claim() is None  # its first claim settles
+    assert read(sessions, first).status == JobStatus.CANCELLED
+    second = lost_and_cancelled(sessions, settings)
+    assert worker.claim() is None  # within the poll interval: no settle
+    assert read(sessions, second).status == JobStatus.RUNNING
+    often = Worker(settings.model_copy(update={"poll_interval_s": 0.001}), sessions)
+    assert often.claim() is None
+    assert read(sessions, second).status == JobStatus.CANCELLED

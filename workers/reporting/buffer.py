@@ -76,6 +76,12 @@ class ProgressBuffer:
         return self.step - self.flushed_step
 
     @property
+    def unsynced(self) -> list[dict[str, Any]]:
+        """The steps written since the last synchronous commit (PostgreSQL may have lost them
+        in a crash of its server): a job's last write stores them again if so."""
+        return list(self._unsynced)
+
+    @property
     def has_epochs(self) -> bool:
         """Whether an epoch's row (or a resume point) waits to be written."""
         return bool(self._epoch_rows) or self._resume_due is not None

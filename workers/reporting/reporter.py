@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -112,6 +113,12 @@ class Reporter:
         """Time this job's steps for ``tuner`` from its next step on: a pack's job takes the
         timing over when the job that did it leaves the pack."""
         self._threads, self._timing = tuner, False
+
+    @property
+    def unsynced_steps(self) -> list[dict[str, Any]]:
+        """The steps written since the last synchronous commit, for the job's ending to store
+        again if a crash of the PostgreSQL server lost them (:func:`queue_repo.finish_job`)."""
+        return self._buffer.unsynced
 
     def resume_at(self, epoch: int, accuracy: float | None) -> None:
         """Continue counting after ``epoch`` finished epochs (a resumed attempt)."""

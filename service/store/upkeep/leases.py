@@ -1,9 +1,9 @@
 """Leases: which jobs a claim may take and the lease it writes, and leases that ran out (the
 jobs of workers that vanished), settled in one statement.
 
-The settling is run by every claim (:func:`service.store.queue_repo.claim_job`), on whichever
-host claims; what it changes publishes its wake-ups, so idle workers and the jobs' streams hear
-of it at once.
+The settling is run by the claims (:func:`service.store.queue_repo.claim_job`), on whichever
+host claims, each worker at most once per poll interval; what it changes publishes its
+wake-ups, so idle workers and the jobs' streams hear of it at once.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ stored again by the next synchronous write."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import pytest
 import torch
@@ -18,16 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.errors import CancelRequested, LeaseLost
+from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
+from service.store.artifacts.backends import FolderArtifacts
 from service.store.tables import Job, TrainStep
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
 from tests.workers.reporting.test_buffer import stored_steps
 from tests.workers.reports import claimed_reporter
+from workers.endings import Endings
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.buffer import ProgressBuffer
 from workers.reporting.writers import Writers
+
+T = TypeVar("T")
 
 PARAMS = {"epochs": 2, "batch_size": 64, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}
 
@@ -204,3 +209,37 @@ def test_the_jobs_of_a_pack_write_through_the_workers_two_threads(
         reporter.close()
     assert writers.flushes.submit(int).result(timeout=30) == 0  # still running
     writers.shutdown()
+
+
+def retry(op: Callable[[], T], what: str, *, within_s: float | None = None) -> T:
+    return op()
+
+
+def test_steps_a_postgresql_crash_lost_are_stored_again_by_a_cancelled_jobs_end(
+    sessions: sessionmaker[Session], engine: Engine, tmp_path: Path
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's commits never skip the wait for the disk: nothing to store again")
+    reporter, job_id = claimed_reporter(
+        sessions,
+        PARAMS,
+        writes=sessions,
+        checkpoint_dir=tmp_path,
+        limits=Limits(lease_s=30, flush_interval_s=3600),
+    )
+    for _ in range(3):
+        reporter.step(torch.tensor(1.0))
+    reporter.flush()  # steps only: committed without waiting for the disk
+    for _ in range(2):
+        reporter.step(torch.tensor(1.0))
+    reporter.flush()
+    with sessions.begin() as session:  # the server crashed: the second commit was lost
+        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > 3))
+        session.execute(update(Job).where(Job.id == job_id).values(step=3))
+    endings = Endings(sessions, FolderArtifacts(tmp_path), retry, shutdown_grace_s=5)
+    outcome = endings.finish(Claim(job_id, 1, "w"), JobStatus.CANCELLED, reporter)
+    reporter.close()
+    assert outcome.status == JobStatus.CANCELLED
+    assert stored_steps(sessions, job_id) == [1, 2, 3, 4, 5]
+    job = read_job(sessions, job_id)
+    assert job.status == JobStatus.CANCELLED and job.step == 5
