@@ -119,7 +119,8 @@ def measure_backend(
                 result.live_ms += [d * 1000 for d in live_delays(seen, followed.arrivals)]
                 print(
                     f"  results {kind} round {r + 1}/{rounds}: polled {polled.seconds:.2f} s, "
-                    f"events {followed.finished.seconds:.2f} s, floor "
+                    f"events {followed.finished.seconds:.2f} s, left alone (the worker's "
+                    f"own) {alone.worker_s:.2f} s, floor "
                     f"{min(s.values[-1] for s in result.floors.values()):.2f} s",
                     file=sys.stderr,
                     flush=True,
