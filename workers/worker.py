@@ -216,10 +216,11 @@ class Worker:
         """Whether the next claim settles the leases that ran out (``claim_job(settle_leases=)``).
 
         At most once per poll interval, the rate at which an idle worker looks anyway: a claim
-        takes an expired job either way, and those that can no longer run end a poll interval
-        later at most. Settling in every claim was a third of a claim's time on PostgreSQL
-        (0.8 of 2.4 ms), paid again by every job a user waits for. (A claim that fails in an
-        outage still counts: the next settles a poll interval later.)
+        takes an expired job either way. Those that can no longer run end at an idle worker's
+        next look, or at a busy one's first claim past the interval (with a job between, as
+        before at its next claim). Settling in every claim was a third of a claim's time on
+        PostgreSQL (0.8 of 2.4 ms), paid again by every job a user waits for. (A claim that
+        fails in an outage still counts: the next settles a poll interval later.)
         """
         now = time.monotonic()
         if now - self._leases_settled_at < self.settings.poll_interval_s:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, text, update
+from sqlalchemy import and_, case, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -234,8 +234,10 @@ def _commit_without_flush(session: Session) -> None:
     survive a crash of the server once the caller has been told. A crash of the PostgreSQL
     server (a clean restart or shutdown writes the WAL first) may lose the last ~0.6 s of
     such flushes (3 × ``wal_writer_delay``): the worker keeps their steps until its next
-    synchronous write (the epoch's), which stores again any that are missing
-    (``Progress.unsynced``); only a job that ends cancelled or failed before it keeps the gap.
+    synchronous write (the epoch's, or the job's end in :func:`finish_job`), which stores again
+    any that are missing (``Progress.unsynced``). A job that ends otherwise before it keeps
+    the gap: handed back or released into ``cancelled`` (a cancel asked meanwhile), failed on
+    handing back its last attempt, or settled as a lost worker's.
     SQLite's WAL with ``synchronous=NORMAL`` risks the same on a power loss of its host.
     """
     if session.get_bind().dialect.name == "postgresql":
@@ -302,8 +304,9 @@ def finish_job(
     }
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
-    if unsynced:
-        values["step"] = int(unsynced[-1]["step"])  # where a lost commit left it behind
+    if unsynced:  # where a lost commit left it behind; never back (a write behind landed)
+        last = int(unsynced[-1]["step"])
+        values["step"] = case((Job.step < last, last), else_=Job.step)
     _update_fenced(session, job_id, attempt, worker_id, values)
     if unsynced:
         metric_repo.store_missing_steps(session, job_id, unsynced)

@@ -103,8 +103,9 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
 
 @functools.cache
 def _expire_statement() -> Any:
-    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` as a parameter: every
-    claim runs it, and building and hashing it anew took about a third of its time."""
+    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` as a parameter: a
+    worker's settling claims run it, and building and hashing it anew took about a third of
+    its time."""
     now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
     return (
