@@ -43,7 +43,9 @@ SLOWDOWN_FACTOR = 1.3  # ...unless its steps get this much slower first,
 # or, holding fewer threads than the most, this much faster: the load that made fewer threads
 # win has lifted, and more may win now. Without it a worker that chose one thread while 100
 # polls a second ran kept it for the next 5 s of steps, ~14 jobs, when two ran them 1.3× faster.
-SPEEDUP_FACTOR = 1.15
+# As large as the slowdown's: at 1.15 the windows' own spread under steady polls set it off,
+# and each look at two threads there costs a few collapsed steps (docs/benchmarks.md).
+SPEEDUP_FACTOR = SLOWDOWN_FACTOR
 # A count whose first timed steps already run this much slower than the fastest count timed
 # so far cannot win: its timing stops there. Two threads on a core another process holds run
 # a step 5-20× slower (docs/benchmarks.md), and 16 such steps cost a short job more than the

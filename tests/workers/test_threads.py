@@ -67,11 +67,13 @@ class Cores:
             tuner.step()
 
 
-def tuner_on(cores: Cores, candidates: tuple[int, ...] = (1, 2)) -> ThreadTuner:
+def tuner_on(
+    cores: Cores, candidates: tuple[int, ...] = (1, 2), recheck_s: float = 1.0
+) -> ThreadTuner:
     return ThreadTuner(
         candidates,
         probe_steps=4,
-        recheck_s=1.0,
+        recheck_s=recheck_s,
         clock=cores.clock,
         set_threads=cores.set_threads,
     )
@@ -104,9 +106,7 @@ def test_the_faster_count_is_kept_until_the_next_check() -> None:
 
 def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
     cores = Cores({1: 0.0010, 2: 0.0006})
-    tuner = ThreadTuner(
-        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
-    )
+    tuner = tuner_on(cores, recheck_s=3600.0)
     cores.train(tuner, 12)
     assert tuner.threads == 2
     cores.step_s[2] = 0.0007  # a little slower: not worth a check
@@ -119,15 +119,13 @@ def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
 
 def test_fewer_threads_held_under_load_are_timed_again_once_the_load_lifts() -> None:
     cores = Cores({1: 0.0012, 2: 0.0020})  # another process holds a core: one thread wins
-    tuner = ThreadTuner(
-        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
-    )
+    tuner = tuner_on(cores, recheck_s=3600.0)
     cores.train(tuner, 12)
     assert tuner.threads == 1
     cores.step_s = {1: 0.00115, 2: 0.0019}  # a little faster: not worth a check
     cores.train(tuner, 40)
     assert cores.switches == [1, 2, 1]
-    cores.step_s = {1: 0.0009, 2: 0.0006}  # the load is gone, long before the hour is up
+    cores.step_s = {1: 0.0008, 2: 0.0006}  # the load is gone, long before the hour is up
     cores.train(tuner, 20)
     assert tuner.threads == cores.threads == 2
     assert cores.switches == [1, 2, 1, 2]
@@ -135,9 +133,7 @@ def test_fewer_threads_held_under_load_are_timed_again_once_the_load_lifts() -> 
 
 def test_the_most_threads_running_faster_are_not_timed_again() -> None:
     cores = Cores({1: 0.0010, 2: 0.0008})
-    tuner = ThreadTuner(
-        (1, 2), probe_steps=4, recheck_s=3600.0, clock=cores.clock, set_threads=cores.set_threads
-    )
+    tuner = tuner_on(cores, recheck_s=3600.0)
     cores.train(tuner, 12)
     assert tuner.threads == 2
     cores.step_s = {1: 0.0008, 2: 0.0005}  # faster still: one thread cannot win more now

@@ -139,6 +139,13 @@ def test_a_cancel_found_behind_the_loop_stops_it_at_a_next_step(
     reporter.close()
 
 
+def lose_commits_after(sessions: sessionmaker[Session], job_id: str, *, step: int) -> None:
+    """What a crash of the PostgreSQL server leaves of commits that did not wait for the disk."""
+    with sessions.begin() as session:
+        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > step))
+        session.execute(update(Job).where(Job.id == job_id).values(step=step))
+
+
 def test_steps_a_postgresql_crash_lost_are_stored_again_by_the_epochs_write(
     sessions: sessionmaker[Session], engine: Engine
 ) -> None:
@@ -157,9 +164,7 @@ def test_steps_a_postgresql_crash_lost_are_stored_again_by_the_epochs_write(
     for _ in range(2):
         buffer.add_step(torch.tensor(1.0))
     buffer.flush()
-    with sessions.begin() as session:  # the server crashed: the second commit was lost
-        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > 3))
-        session.execute(update(Job).where(Job.id == job_id).values(step=3))
+    lose_commits_after(sessions, job_id, step=3)  # the server crashed: the second was lost
     buffer.add_step(torch.tensor(1.0))
     buffer.add_epoch(1, 0.5)
     buffer.flush()  # the epoch's write waits for the disk, and stores steps 4 and 5 again
@@ -233,9 +238,7 @@ def test_steps_a_postgresql_crash_lost_are_stored_again_by_a_cancelled_jobs_end(
     for _ in range(2):
         reporter.step(torch.tensor(1.0))
     reporter.flush()
-    with sessions.begin() as session:  # the server crashed: the second commit was lost
-        session.execute(delete(TrainStep).where(TrainStep.job_id == job_id, TrainStep.step > 3))
-        session.execute(update(Job).where(Job.id == job_id).values(step=3))
+    lose_commits_after(sessions, job_id, step=3)  # the server crashed: the second was lost
     endings = Endings(sessions, FolderArtifacts(tmp_path), retry, shutdown_grace_s=5)
     outcome = endings.finish(Claim(job_id, 1, "w"), JobStatus.CANCELLED, reporter)
     reporter.close()
