@@ -259,22 +259,18 @@ class Worker:
                 now=now,
                 settle_leases=settle,
             )
-            more = (
-                []
-                if first is None
-                else claim_more(
-                    session,
-                    first=first,
-                    fields=PACK_FIELDS,
-                    limit=size - 1,
-                    worker_id=self.worker_id,
-                    lease_s=self.settings.lease_s,
-                    device=device,
-                    now=now,
-                )
+            if first is None:
+                return []
+            more = claim_more(
+                session,
+                first=first,
+                fields=PACK_FIELDS,
+                limit=size - 1,
+                worker_id=self.worker_id,
+                lease_s=self.settings.lease_s,
+                device=device,
+                now=now,
             )
-        if first is None:
-            return []
         jobs = [first, *more]
         for job in jobs:
             log.info("claimed job %s attempt %d (a pack of %d)", job.id, job.attempt, len(jobs))
