@@ -39,6 +39,11 @@ def claim(sessions: sessionmaker[Session], worker: str, **kw: object) -> Job | N
         )
 
 
+def step_rows(steps: Sequence[int], epoch: int = 1) -> list[dict[str, Any]]:
+    """Steps as a worker reports them (each with a loss of its own)."""
+    return [{"step": s, "epoch": epoch, "loss": 1.0 / s, "examples_seen": 64 * s} for s in steps]
+
+
 def flush(
     sessions: sessionmaker[Session],
     job: Job,
@@ -47,7 +52,7 @@ def flush(
     epoch: int = 1,
     epochs: Sequence[dict[str, Any]] = (),
 ) -> bool:
-    rows = [{"step": s, "epoch": epoch, "loss": 1.0 / s, "examples_seen": 64 * s} for s in steps]
+    rows = step_rows(steps, epoch)
     with sessions.begin() as session:
         return queue_repo.record_progress(
             session,
@@ -356,7 +361,7 @@ def test_a_jobs_end_never_sets_its_step_back(sessions: sessionmaker[Session]) ->
     assert job is not None
     flush(sessions, job, "w", range(1, 4))
     flush(sessions, job, "w", range(4, 6))  # the write behind, landed
-    older = [{"step": s, "epoch": 1, "loss": 1.0 / s, "examples_seen": 64 * s} for s in (1, 2, 3)]
+    older = step_rows(range(1, 4))
     with sessions.begin() as session:
         queue_repo.finish_job(
             session,
