@@ -73,8 +73,8 @@ def measure_backend(
     data_root: Path,
 ) -> Backend:
     """One fresh service on a fresh database: a first job, then ``rounds`` rounds of (floor at
-    each thread count, a polled job, a followed job, a job left alone, a followed job whose
-    steps are watched), then the idle processes' CPU."""
+    each thread count, a polled job, a followed job, a followed job whose steps are watched,
+    a job left alone), then the idle processes' CPU."""
     result = Backend(kind)
     result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in FLOOR_THREADS}
     job = JobCreate.model_validate(params)
@@ -114,10 +114,6 @@ def measure_backend(
                     svc.client, {**params, "seed": r}, timeout_s, engine, heard=heard
                 )
                 arrive()
-                alone = poll_to_result(
-                    svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
-                )
-                arrive()
                 # Live latency on a job of its own: the watcher reading its steps every 2 ms
                 # slows the job it watches (~20% on PostgreSQL), which the others must not pay.
                 live, seen = follow_to_result(
@@ -127,6 +123,13 @@ def measure_backend(
                     engine,
                     watch_steps=True,
                     heard=heard,
+                )
+                arrive()
+                # Last before the next round's floor: its client checks back every 0.25 s, so
+                # the worker has finished its after-work (a job's end, older states deleted)
+                # before the floor runs; a followed job's final event comes before that.
+                alone = poll_to_result(
+                    svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
                 )
                 result.alone.add(alone.worker_s)
                 result.polled.add(polled.seconds)
@@ -206,8 +209,8 @@ def write_section(
         f"one worker poll interval ({POLL_INTERVAL_S:g} s: users do not submit in step with "
         "the worker's polls), and either polls `GET /jobs/{id}` "
         "every 10 ms until it reads `succeeded`, or follows `GET /jobs/{id}/events` to the "
-        "final `status` event, or leaves a third job alone (below); a fourth job, followed, "
-        "is there for the live latency only; "
+        "final `status` event, or leaves a third job alone (below; last in each round); a "
+        "fourth job, followed, is there for the live latency only; "
         f"{rounds} rounds of the four, median. The floor is the bare eager "
         "loop for the same job (training + 3 evaluations, nothing stored; the faster of 1 and 2 "
         "threads), run by the benchmark between the jobs, while the worker waits. A thread of "
