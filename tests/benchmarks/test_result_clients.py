@@ -4,6 +4,9 @@ steps."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,15 +23,20 @@ from tests.support import wait_for
 NEVER_S = 60.0
 
 
-def woken_until_done(heard: wakeups.Listener, job_id: str, watcher: Watcher) -> None:
-    """Deliver the job's wake-up until the watcher has read what it waits for (a wake-up
-    delivered before it subscribed is nobody's)."""
+def woken_until(heard: wakeups.Listener, job_id: str, done: Callable[[], bool], what: str) -> None:
+    """Deliver the job's wake-up until ``done`` (a wake-up delivered before the watcher
+    subscribed is nobody's, so one is not enough)."""
 
-    def done() -> bool:
+    def probe() -> bool:
         heard.deliver(wakeups.JOB_PROGRESS, job_id)
-        return not watcher.is_alive()
+        return done()
 
-    wait_for(done, timeout_s=NEVER_S / 4, what="the watcher to read on its wake-up")
+    wait_for(probe, timeout_s=NEVER_S / 4, what=what)
+
+
+def last_seen_is(watcher: Watcher, step: int) -> bool:
+    """Whether the last step the watcher has seen is ``step``."""
+    return bool(watcher.seen) and watcher.seen[-1][0] == step
 
 
 def test_a_claim_is_seen_on_its_wake_up_and_then_the_watcher_stops(
@@ -41,7 +49,8 @@ def test_a_claim_is_seen_on_its_wake_up_and_then_the_watcher_stops(
     watcher.start()
     try:
         assert claim(sessions, "w") is not None
-        woken_until_done(heard, job_id, watcher)  # ended by itself: the job left the queue
+        # The watcher ends by itself: the job has left the queue.
+        woken_until(heard, job_id, lambda: not watcher.is_alive(), "the watcher to see the claim")
         assert watcher.left_queue is not None and watcher.left_queue_wall is not None
     finally:
         watcher.stop()
@@ -61,12 +70,12 @@ def test_a_step_watcher_sees_each_flush_on_its_wake_up_and_reads_until_stopped(
         for steps in (range(1, 4), range(4, 8)):
             flush(sessions, job, "w", steps)
             last = steps[-1]
-
-            def seen(last: int = last) -> bool:
-                heard.deliver(wakeups.JOB_PROGRESS, job_id)
-                return bool(watcher.seen) and watcher.seen[-1][0] == last
-
-            wait_for(seen, timeout_s=NEVER_S / 4, what=f"the watcher to see step {last}")
+            woken_until(
+                heard,
+                job_id,
+                functools.partial(last_seen_is, watcher, last),
+                f"the watcher to see step {last}",
+            )
         assert watcher.is_alive()  # a step watcher reads until it is stopped
     finally:
         sightings = [step for step, _ in watcher.stop()]
