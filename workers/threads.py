@@ -5,8 +5,10 @@ process wants one of the cores, two OpenMP threads that spin-wait on each other 
 several times slower, while one thread hardly notices (docs/benchmarks.md). Neither count is
 right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,
 then the fastest count until the next check. Intervals that hold anything but training steps
-(a flush, an evaluation, a checkpoint) are not timed. A count's mean step time stands for it,
-without its slowest few steps, so a stray slow step does not decide it; a median would not do:
+(a flush, an evaluation, a checkpoint) are not timed, nor are steps that ran beside the
+worker's own writes (they stall any count, and only for the write's milliseconds). A count's
+mean step time stands for it, without its slowest few steps, so a stray slow step does not
+decide it; a median would not do:
 a process that takes a core now and then (an API answering 200 polls a second) stalls one step
 in several at two threads, and those stalls are the cost. While a count holds, its steps are
 still timed: when they run well slower than when it was chosen, the counts are timed again, and
@@ -55,6 +57,9 @@ ABANDON_AFTER, ABANDON_FACTOR = 2, 2.0
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
 SAME_BITS_BATCHES = (64, 1024)  # the default batch and a large one...
 SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's moments)
+# Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
+# than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
+MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
 
 
 def usable_cores() -> int:
@@ -87,6 +92,8 @@ class ThreadTuner:
 
     The reporter calls :meth:`step` once per training step and :meth:`resume_timing` after
     anything between steps that is not a step (it must not count against the thread count).
+    Nor does a step that ran beside the worker's own writes: they stall it at any count, and
+    only for the write's few milliseconds (:class:`workers.reporting.writers.Activity`).
     """
 
     def __init__(
@@ -113,11 +120,19 @@ class ThreadTuner:
         if len(candidates) == 1:  # one core: nothing to choose, ever
             self._probing, self._held_s = None, float("-inf")
         self._last: float | None = None
+        self._untimed = 0  # steps in a row beside the worker's writes
         self.threads = candidates[0]
         set_threads(self.threads)
 
-    def step(self) -> None:
-        """One training step has just ended."""
+    def step(self, *, beside_writes: bool = False) -> None:
+        """One training step has just ended; ``beside_writes``: the worker's writing threads
+        worked during it (not timed, up to :data:`MAX_UNTIMED_STEPS` in a row)."""
+        if not beside_writes:
+            self._untimed = 0
+        elif self._untimed < MAX_UNTIMED_STEPS:  # past it, all are timed until a quiet one
+            self._untimed += 1
+            self.resume_timing()
+            return
         now = self._clock()
         if self._probing is None:
             changed = self._changed(now)

@@ -20,6 +20,7 @@ from tests.workers.reports import Recorder
 from workers.data import load_mnist
 from workers.threads import (
     ABANDON_AFTER,
+    MAX_UNTIMED_STEPS,
     ThreadTuner,
     candidate_threads,
     process_tuner,
@@ -59,12 +60,12 @@ class Cores:
         self.threads = n
         self.switches.append(n)
 
-    def train(self, tuner: ThreadTuner, steps: int) -> None:
+    def train(self, tuner: ThreadTuner, steps: int, *, beside_writes: bool = False) -> None:
         for _ in range(steps):
             step_s = self.step_s[self.threads]
             self.now += step_s[self.steps % len(step_s)] if isinstance(step_s, list) else step_s
             self.steps += 1
-            tuner.step()
+            tuner.step(beside_writes=beside_writes)
 
 
 def tuner_on(
@@ -178,6 +179,23 @@ def test_what_is_not_a_step_is_not_timed() -> None:
     assert tuner.threads == 2
 
 
+def test_steps_beside_the_workers_own_writes_do_not_decide_for_long() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0006})
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 12)
+    assert cores.switches == [1, 2]
+    cores.step_s[2] = 0.0030  # a write takes a core: two threads stall while it runs
+    for _ in range(3):  # three writes of 20 steps each, apart
+        cores.train(tuner, 20, beside_writes=True)
+        cores.step_s[2] = 0.0006
+        cores.train(tuner, 10)
+        cores.step_s[2] = 0.0030
+    assert cores.switches == [1, 2]  # neither timed again nor switched
+    # A write that never ends (a database gone quiet) does not freeze the choice.
+    cores.train(tuner, MAX_UNTIMED_STEPS + 10, beside_writes=True)
+    assert tuner.threads == cores.threads == 1
+
+
 def test_a_slow_step_among_fast_ones_does_not_decide() -> None:
     cores = Cores({1: 0.0010, 2: 0.0006})
     tuner = tuner_on(cores)
@@ -229,9 +247,9 @@ class Counting(ThreadTuner):
         super().__init__(candidates, probe_steps=probe_steps)
         self.told: list[str] = []
 
-    def step(self) -> None:
-        self.told.append("step")
-        super().step()
+    def step(self, *, beside_writes: bool = False) -> None:
+        self.told.append("beside writes" if beside_writes else "step")
+        super().step(beside_writes=beside_writes)
 
     def begin(self) -> None:
         self.told.append("begin")
@@ -255,9 +273,9 @@ def test_a_worker_on_auto_reports_every_step_to_its_tuner(
     job = read_job(sessions, job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
     # Each epoch's first step begins the timing (it follows setup or evaluation); the rest
-    # are timed.
+    # are told of, timed or (beside the worker's writes) not.
     assert told.count("begin") == 2
-    assert told.count("step") == job.total_steps - 2
+    assert told.count("step") + told.count("beside writes") == job.total_steps - 2
     assert tuner.threads in (1, 2)
 
 
@@ -339,9 +357,9 @@ def test_a_seeded_job_records_the_same_losses_under_auto_as_on_one_thread(
     counts: list[int] = []
 
     class Noting(ThreadTuner):
-        def step(self) -> None:
+        def step(self, *, beside_writes: bool = False) -> None:
             counts.append(torch.get_num_threads())
-            super().step()
+            super().step()  # every step timed: switching as often as it can is the point
 
     tuner = Noting(same_bits_counts(candidate_threads(2)), probe_steps=4, recheck_s=0.0)
     monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)

@@ -91,6 +91,7 @@ class Reporter:
         )
         self._threads = threads  # told of every step, to time them
         self._timing = False
+        self._quiet_since = self._writers.activity.mark()  # the next step's start, for the tuner
         self._clock = clock
         self._flush_interval_s = limits.flush_interval_s
         self._outage = outage or Outage(log, clock=clock)
@@ -133,10 +134,12 @@ class Reporter:
         if self._threads is not None:
             # The first step of a job or an epoch follows setup or evaluation: not timed.
             if self._timing:
-                self._threads.step()
+                quiet = self._writers.activity.quiet_since(self._quiet_since)
+                self._threads.step(beside_writes=not quiet)
             else:
                 self._threads.begin()
                 self._timing = True
+            self._quiet_since = self._writers.activity.mark()
         if self._buffer.unwritten >= self._max_buffered:
             self.flush()  # the database has been down a while: wait for it here
         elif not self._write_behind_due():

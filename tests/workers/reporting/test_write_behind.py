@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +31,8 @@ from tests.workers.reports import claimed_reporter
 from workers.endings import Endings
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.buffer import ProgressBuffer
-from workers.reporting.writers import Writers
+from workers.reporting.writers import Activity, Writers
+from workers.threads import ThreadTuner
 
 T = TypeVar("T")
 
@@ -104,6 +106,74 @@ def test_a_due_flush_is_written_by_another_thread_while_training_goes_on(
     reporter.drain()
     assert stored_steps(sessions, job_id) == list(range(1, 10))
     reporter.close()
+
+
+class Told(ThreadTuner):
+    """A tuner that notes, for each step it is told of, whether it ran beside a write."""
+
+    def __init__(self) -> None:
+        super().__init__((1,))
+        self.beside: list[bool] = []
+
+    def step(self, *, beside_writes: bool = False) -> None:
+        self.beside.append(beside_writes)
+        super().step(beside_writes=beside_writes)
+
+
+def test_the_tuner_is_told_which_steps_ran_beside_a_write(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    db, clock, tuner, writers = GatedDatabase(sessions), Clock(), Told(), Writers()
+    reporter, _ = reporter_on(sessions, db, tmp_path, clock, writers)
+    reporter.time_steps_for(tuner)
+    for _ in range(3):  # the first begins the timing; two quiet steps
+        reporter.step(torch.tensor(1.0))
+    clock.now = 2.0  # due: this step hands a write over, which runs during the next ones
+    reporter.step(torch.tensor(1.0))
+    assert db.entered.wait(timeout=30)
+    for _ in range(3):
+        reporter.step(torch.tensor(1.0))
+    db.gate.set()
+    activity = writers.activity
+    wait_for(lambda: activity.quiet_since(activity.mark()), timeout_s=30, what="the write")
+    for _ in range(3):  # the first ran while the write ended; then quiet again
+        reporter.step(torch.tensor(1.0))
+    assert tuner.beside == [False, False, False, True, True, True, True, False, False]
+    reporter.drain()
+    reporter.close()
+    writers.shutdown()
+
+
+def test_activity_says_whether_a_write_ran_at_any_moment_since_a_mark() -> None:
+    activity, started, release = Activity(), threading.Event(), threading.Event()
+    mark = activity.mark()
+    assert activity.quiet_since(mark)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+
+        def write() -> bool:
+            started.set()
+            return release.wait(30)
+
+        running = pool.submit(activity.run, write)
+        assert started.wait(30)
+        assert not activity.quiet_since(mark)  # began after the mark
+        during = activity.mark()
+        assert not activity.quiet_since(during)  # still running
+        release.set()
+        assert running.result(timeout=30) is True
+    assert not activity.quiet_since(during)  # it ended after the mark: it ran since
+    assert activity.quiet_since(activity.mark())
+
+
+def test_the_writers_tasks_count_as_writes() -> None:
+    writers = Writers()
+    mark = writers.activity.mark()
+    assert writers.flushes.submit(lambda: 7).result(timeout=30) == 7
+    assert not writers.activity.quiet_since(mark)
+    mark = writers.activity.mark()
+    assert writers.states.submit(lambda: 8).result(timeout=30) == 8
+    assert not writers.activity.quiet_since(mark)
+    writers.shutdown()
 
 
 def test_a_lease_lost_found_behind_the_loop_stops_it_at_a_next_step(
