@@ -26,6 +26,8 @@ from tests.support import free_port, process_cmd, service_env, wait_for
 POSTGRES_ADMIN_ENV = "MNIST_TEST_POSTGRES_URL"
 POSTGRES_ADMIN_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 READY = re.compile(r"worker (\S+) ready")
+# workers.worker.log_claims: a first attempt's claim, committed, and its wait since created_at.
+CLAIMED = re.compile(r"claimed job ([0-9a-f]{32}) attempt 1\b.*?, ([\d.]+) ms after it was created")
 
 
 @contextlib.contextmanager
@@ -122,6 +124,14 @@ def service(url: str, root: Path, data: Path, **settings: str) -> Iterator[Runni
             elif "-m service" in cmd:
                 pids["API"] = pid
         yield Running(client, pids)
+
+
+def logged_claims(root: Path) -> dict[str, float]:
+    """Each first attempt's claim latency in milliseconds, by job id, as the worker logged it
+    (its clock once the claim committed, against the API's ``created_at``) in the log of
+    :func:`service` run with ``root``."""
+    text = (root / "service.log").read_text()
+    return {job_id: float(ms) for job_id, ms in CLAIMED.findall(text)}
 
 
 def idle_shares(pids: dict[str, int], seconds: float) -> dict[str, float]:

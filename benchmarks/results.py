@@ -22,7 +22,13 @@ from benchmarks.env import data_dir
 from benchmarks.floor import floor_train
 from benchmarks.report import Section
 from benchmarks.result_clients import CHECK_BACK_S, follow_to_result, live_delays, poll_to_result
-from benchmarks.result_service import database, idle_shares, postgres_reachable, service
+from benchmarks.result_service import (
+    database,
+    idle_shares,
+    logged_claims,
+    postgres_reachable,
+    service,
+)
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -49,7 +55,8 @@ class Backend:
     polled: Series = field(default_factory=lambda: Series("polling", "s"))
     followed: Series = field(default_factory=lambda: Series("events", "s"))
     claim_ms: list[float] = field(default_factory=list)  # POST sent → claimed
-    queued_claim_ms: list[float] = field(default_factory=list)  # created_at → claimed (goal)
+    queued_claim_ms: list[float] = field(default_factory=list)  # created_at → seen claimed
+    logged_claim_ms: list[float] = field(default_factory=list)  # created_at → claimed (goal)
     worker: Series = field(default_factory=lambda: Series("worker", "s"))  # watched jobs
     alone: Series = field(default_factory=lambda: Series("worker, left alone", "s"))
     live_ms: list[float] = field(default_factory=list)
@@ -101,6 +108,7 @@ def measure_backend(
         try:
             first = poll_to_result(svc.client, params, timeout_s, engine, heard=heard)
             result.first_job_s, result.first_worker_s = first.seconds, first.worker_s
+            claimed_ids: list[str] = []
             for r in range(rounds):
                 for threads, series in result.floors.items():
                     torch.set_num_threads(threads)
@@ -135,6 +143,7 @@ def measure_backend(
                 result.polled.add(polled.seconds)
                 result.followed.add(followed.finished.seconds)
                 for done in (polled, followed.finished):
+                    claimed_ids.append(str(done.job["id"]))
                     if done.claim_s is not None:
                         result.claim_ms.append(done.claim_s * 1000)
                     if done.queued_claim_s is not None:
@@ -149,6 +158,8 @@ def measure_backend(
                     file=sys.stderr,
                     flush=True,
                 )
+            logged = logged_claims(root)
+            result.logged_claim_ms = [logged[i] for i in claimed_ids if i in logged]
             time.sleep(min(2.0, idle_s))  # let the last job's after-work settle
             result.idle = idle_shares(svc.pids, idle_s)
         finally:
@@ -222,11 +233,14 @@ def write_section(
         "measured against claim-only reading in alternating jobs; so the figures of time to "
         "result come from the others). Claim latency (the goal's figure: how long a queued job "
         "waits for an idle worker) runs from the job's `created_at`, the API's clock just "
-        "before its INSERT (so it holds the insert's commit), to that thread seeing the job "
-        "out of `queued` on the same host's clock; the row after it counts from sending "
-        "`POST /jobs` instead, adding the HTTP exchange and the API's handling (p50/p99 over "
-        f"all {2 * rounds} jobs; `started_at − created_at` cannot say it: the worker takes its "
-        "`now` before its claim's query). Live latency: each new last step the thread sees is "
+        "before its INSERT (so it holds the insert's commit), to the worker's clock once its "
+        "claim has committed, as its log says it (`claimed job … attempt 1, N ms after it was "
+        "created`; one host, one clock); the next row is what that thread sees: the job out of "
+        "`queued`, which adds the claim's wake-up reaching the benchmark and a read (an upper "
+        "bound); the row after it counts from sending `POST /jobs` instead, adding the HTTP "
+        "exchange and the API's handling (p50/p99 over the polled and followed jobs, "
+        f"{2 * rounds}; `started_at − created_at` cannot say it: the worker takes its `now` "
+        "before its claim's query). Live latency: each new last step the thread sees is "
         "a flush of the fourth job just committed, and the delay runs from that sighting to "
         "the first event on the stream that carries the step. Both are off by one read after "
         "a wake-up, and by up to 2 ms and a read where none came. The "
@@ -257,7 +271,13 @@ def write_section(
             timed("the same, a job polled or followed (above)", b.worker.median),
             [
                 b.name,
-                "claim latency (created_at → seen out of `queued`) p50 / p99",
+                "claim latency (created_at → the claim committed, the worker's log) p50 / p99",
+                _p50_p99(b.logged_claim_ms),
+                "",
+            ],
+            [
+                b.name,
+                "created_at → seen out of `queued` by the benchmark's reader, p50 / p99",
                 _p50_p99(b.queued_claim_ms),
                 "",
             ],
@@ -306,12 +326,13 @@ def write_section(
                     verdict(x <= RESULT_GOAL),
                 ]
             )
-        p50, p99 = percentile(b.queued_claim_ms, 50), percentile(b.queued_claim_ms, 99)
+        claims = b.logged_claim_ms or [float("inf")]
+        p50, p99 = percentile(claims, 50), percentile(claims, 99)
         goals.append(
             [
                 f"{b.name}: claim latency (queued → claimed) p50 ≤ {CLAIM_P50_GOAL_MS:.0f} ms, "
                 f"p99 ≤ {CLAIM_P99_GOAL_MS:.0f} ms",
-                _p50_p99(b.queued_claim_ms),
+                f"{_p50_p99(b.logged_claim_ms)} (seen by a reader: {_p50_p99(b.queued_claim_ms)})",
                 verdict(p50 <= CLAIM_P50_GOAL_MS and p99 <= CLAIM_P99_GOAL_MS),
             ]
         )
@@ -344,6 +365,8 @@ def write_section(
 
 
 def _p50_p99(values_ms: list[float]) -> str:
+    if not values_ms:
+        return "none measured"
     return f"{fmt(percentile(values_ms, 50), 'ms')} / {fmt(percentile(values_ms, 99), 'ms')}"
 
 

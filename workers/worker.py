@@ -51,6 +51,23 @@ log = logging.getLogger("workers")
 T = TypeVar("T")
 
 
+def log_claims(jobs: list[Job]) -> None:
+    """Log each job just claimed (the claim has committed); a first attempt with how long it
+    waited since it was created, the operator's figure of claim latency (docs/benchmarks.md
+    times it so). It reads the API's clock against this worker's: across machines it holds
+    their offset too."""
+    pack = f" (a pack of {len(jobs)})" if len(jobs) > 1 else ""
+    now = utcnow()
+    for job in jobs:
+        if job.attempt == 1:
+            waited_ms = (now - job.created_at).total_seconds() * 1000
+            log.info(
+                "claimed job %s attempt 1%s, %.1f ms after it was created", job.id, pack, waited_ms
+            )
+        else:
+            log.info("claimed job %s attempt %d%s", job.id, job.attempt, pack)
+
+
 class Worker:
     """Claims jobs from the database and trains them on one device."""
 
@@ -241,7 +258,7 @@ class Worker:
                 settle_leases=settle,
             )
         if job is not None:
-            log.info("claimed job %s attempt %d", job.id, job.attempt)
+            log_claims([job])
         return job
 
     def claim_pack(self, size: int) -> list[Job]:
@@ -272,8 +289,7 @@ class Worker:
                 now=now,
             )
         jobs = [first, *more]
-        for job in jobs:
-            log.info("claimed job %s attempt %d (a pack of %d)", job.id, job.attempt, len(jobs))
+        log_claims(jobs)
         return jobs
 
     def start_job(

@@ -4,10 +4,11 @@ databases where PostgreSQL answers, every figure filled in and the goals written
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 
 from benchmarks.report import Report
 from benchmarks.result_clients import live_delays
-from benchmarks.result_service import postgres_reachable
+from benchmarks.result_service import logged_claims, postgres_reachable
 from benchmarks.results import run_results
 from tests.support import SMALL_TEST, SMALL_TRAIN
 
@@ -35,6 +36,9 @@ def test_the_section_measures_a_real_service_on_each_database(
         # created_at comes after the POST was sent: a queued job waits less than the client.
         assert len(b.queued_claim_ms) == 2 and all(ms >= 0 for ms in b.queued_claim_ms)
         assert all(q <= c + 1 for q, c in zip(b.queued_claim_ms, b.claim_ms, strict=True))
+        # The worker's log says when each claim committed: before a reader could see it.
+        assert len(b.logged_claim_ms) == 2 and all(ms >= 0 for ms in b.logged_claim_ms)
+        assert median(b.logged_claim_ms) <= median(b.queued_claim_ms) + 1
         assert b.live_ms and all(ms >= 0 for ms in b.live_ms)  # the watcher saw the flushes
         assert b.first_job_s > b.first_worker_s > 0
         assert set(b.idle) == {"supervisor", "API", "worker"}
@@ -53,3 +57,13 @@ def test_a_flush_is_late_by_the_time_its_step_took_to_reach_the_stream() -> None
     delays = live_delays(seen, arrivals)
     assert [round(d, 3) for d in delays] == [0.05, 0.5, 0.0]  # never below zero
     assert live_delays([(40, 4.0)], arrivals) == []  # never on the stream: no figure
+
+
+def test_the_workers_logged_claims_are_read_by_job(tmp_path: Path) -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    (tmp_path / "service.log").write_text(
+        f"INFO workers: claimed job {a} attempt 1, 4.2 ms after it was created [worker_id=w]\n"
+        f"INFO workers: claimed job {b} attempt 1 (a pack of 2), 12.5 ms after it was created\n"
+        f"INFO workers: claimed job {c} attempt 2\n"  # a retry: no figure
+    )
+    assert logged_claims(tmp_path) == {a: 4.2, b: 12.5}

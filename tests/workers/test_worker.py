@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -398,3 +399,32 @@ def test_a_worker_settles_lost_leases_once_per_poll_interval(
     often = Worker(settings.model_copy(update={"poll_interval_s": 0.001}), sessions)
     assert often.claim() is None
     assert read(sessions, second).status == JobStatus.CANCELLED
+
+
+def test_a_claim_logs_how_long_a_first_attempt_waited_since_it_was_created(
+    settings: Settings, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = queue_job(sessions, {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST})
+    created = utcnow() - timedelta(seconds=2)
+    with sessions.begin() as session:
+        session.get_one(Job, job_id).created_at = created
+    worker = Worker(settings, sessions, show_progress=False)
+    with caplog.at_level("INFO", logger="workers"):
+        job = worker.claim()
+        claimed = utcnow()
+    assert job is not None and job.id == job_id
+    match = re.search(
+        rf"claimed job {job_id} attempt 1, ([\d.]+) ms after it was created", caplog.text
+    )
+    assert match is not None, caplog.text
+    assert 2000 <= float(match[1]) <= (claimed - created).total_seconds() * 1000 + 0.1
+
+    caplog.clear()  # a retry waited since its previous attempt ended, not since it was created
+    with sessions.begin() as session:
+        row = session.get_one(Job, job_id)
+        row.status, row.lease_expires_at = JobStatus.QUEUED, None
+    with caplog.at_level("INFO", logger="workers"):
+        again = worker.claim()
+    assert again is not None and again.attempt == 2
+    assert f"claimed job {job_id} attempt 2" in caplog.text
+    assert "after it was created" not in caplog.text
