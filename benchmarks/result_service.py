@@ -27,7 +27,9 @@ POSTGRES_ADMIN_ENV = "MNIST_TEST_POSTGRES_URL"
 POSTGRES_ADMIN_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 READY = re.compile(r"worker (\S+) ready")
 # workers.worker.log_claims: a first attempt's claim, committed, and its wait since created_at.
-CLAIMED = re.compile(r"claimed job ([0-9a-f]{32}) attempt 1\b.*?, ([\d.]+) ms after it was created")
+CLAIMED = re.compile(
+    r"claimed job ([0-9a-f]{32}) attempt 1\b.*?, (-?[\d.]+) ms after it was created"
+)
 
 
 @contextlib.contextmanager

@@ -159,7 +159,10 @@ def measure_backend(
                     flush=True,
                 )
             logged = logged_claims(root)
-            result.logged_claim_ms = [logged[i] for i in claimed_ids if i in logged]
+            missing = [i for i in claimed_ids if i not in logged]
+            if missing:
+                raise RuntimeError(f"the worker's log has no claim of jobs {missing}")
+            result.logged_claim_ms = [logged[i] for i in claimed_ids]
             time.sleep(min(2.0, idle_s))  # let the last job's after-work settle
             result.idle = idle_shares(svc.pids, idle_s)
         finally:
@@ -236,14 +239,15 @@ def write_section(
         "before its INSERT (so it holds the insert's commit), to the worker's clock once its "
         "claim has committed, as its log says it (`claimed job … attempt 1, N ms after it was "
         "created`; one host, one clock); the next row is what that thread sees: the job out of "
-        "`queued`, which adds the claim's wake-up reaching the benchmark and a read (an upper "
-        "bound); the row after it counts from sending `POST /jobs` instead, adding the HTTP "
-        "exchange and the API's handling (p50/p99 over the polled and followed jobs, "
-        f"{2 * rounds}; `started_at − created_at` cannot say it: the worker takes its `now` "
-        "before its claim's query). Live latency: each new last step the thread sees is "
-        "a flush of the fourth job just committed, and the delay runs from that sighting to "
-        "the first event on the stream that carries the step. Both are off by one read after "
-        "a wake-up, and by up to 2 ms and a read where none came. The "
+        "`queued`, which adds the claim's wake-up reaching the benchmark and a read (so it "
+        "comes later, nearly always); the row after it counts from sending `POST /jobs` "
+        "instead, adding the HTTP exchange and the API's handling (p50/p99 over the polled "
+        f"and followed jobs, {2 * rounds}; `started_at − created_at` cannot say it: the "
+        "worker takes its `now` before its claim's query). Live latency: each new last step "
+        "the thread sees is a flush of the fourth job just committed, and the delay runs "
+        "from that sighting to the first event on the stream that carries the step. The "
+        "reader's sighting and this are off by one read after a wake-up, and by up to 2 ms "
+        "and a read where none came. The "
         "worker's own time (its `started_at` → `finished_at`) is the goal's for a third job "
         f"of each round, left alone: its client checks back every {CHECK_BACK_S:g} s and no "
         "thread of the benchmark reads the database meanwhile, so what it holds is what the "

@@ -1,18 +1,18 @@
 """How many intra-op threads a CPU worker trains with: whichever count its own steps run fastest at.
 
-On a quiet machine two threads train the small MLP faster than one; when another
-process wants one of the cores, two OpenMP threads that spin-wait on each other make every step
-several times slower, while one thread hardly notices (docs/benchmarks.md). Neither count is
-right for long, so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count,
-then the fastest count until the next check. Intervals that hold anything but training steps
-(a flush, an evaluation, a checkpoint) are not timed, nor are steps that ran beside the
-worker's own writes (they stall any count, and only for the write's milliseconds). A count's
+On a quiet machine two threads train the small MLP faster than one; when another process wants
+one of the cores, two OpenMP threads that spin-wait on each other make every step several times
+slower, while one thread hardly notices (docs/benchmarks.md). Neither count is right for long,
+so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count, then the fastest
+count until the next check. Intervals that hold anything but training steps (a flush, an
+evaluation, a checkpoint) are not timed, nor are steps that ran beside the worker's own flushes
+and training states (they stall any count, and only for the write's milliseconds). A count's
 mean step time stands for it, without its slowest few steps, so a stray slow step does not
-decide it; a median would not do:
-a process that takes a core now and then (an API answering 200 polls a second) stalls one step
-in several at two threads, and those stalls are the cost. While a count holds, its steps are
-still timed: when they run well slower than when it was chosen, the counts are timed again, and
-so they are when fewer threads than the most run well faster (the load that chose them lifted).
+decide it; a median would not do: a process that takes a core now and then (an API answering 200
+polls a second) stalls one step in several at two threads, and those stalls are the cost. While
+a count holds, its steps are still timed: when they run well slower than when it was chosen, the
+counts are timed again, and so they are when fewer threads than the most run well faster (the
+load that chose them lifted).
 
 A switch of count mid-job must not change what a seeded job records. Matrix products split
 their sums across threads, and by default MKL splits them differently at different counts,

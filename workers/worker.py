@@ -55,7 +55,8 @@ def log_claims(jobs: list[Job]) -> None:
     """Log each job just claimed (the claim has committed); a first attempt with how long it
     waited since it was created, the operator's figure of claim latency (docs/benchmarks.md
     times it so). It reads the API's clock against this worker's: across machines it holds
-    their offset too."""
+    their offset too. A job a stopping worker released goes back as the same attempt: its
+    figure then holds its earlier run as well."""
     pack = f" (a pack of {len(jobs)})" if len(jobs) > 1 else ""
     now = utcnow()
     for job in jobs:

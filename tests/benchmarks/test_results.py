@@ -38,7 +38,7 @@ def test_the_section_measures_a_real_service_on_each_database(
         assert all(q <= c + 1 for q, c in zip(b.queued_claim_ms, b.claim_ms, strict=True))
         # The worker's log says when each claim committed: before a reader could see it.
         assert len(b.logged_claim_ms) == 2 and all(ms >= 0 for ms in b.logged_claim_ms)
-        assert median(b.logged_claim_ms) <= median(b.queued_claim_ms) + 1
+        assert median(b.logged_claim_ms) <= median(b.queued_claim_ms) + 5
         assert b.live_ms and all(ms >= 0 for ms in b.live_ms)  # the watcher saw the flushes
         assert b.first_job_s > b.first_worker_s > 0
         assert set(b.idle) == {"supervisor", "API", "worker"}

@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 class Activity:
-    """Whether the writing threads worked at any moment of an interval.
+    """Whether the writing threads (flushes, training states) worked at any moment of an
+    interval.
 
     The thread tuner must not time a training step that ran beside the worker's own writes: a
     write's serialising, its driver and (PostgreSQL) its server process take a core for a few
@@ -42,7 +43,8 @@ class Activity:
     def quiet_since(self, mark: int) -> bool:
         """Whether no write ran at any moment since ``mark`` (one running at the mark has to
         end, which changes the count, or is still running)."""
-        return self._changes == mark and self._running == 0
+        with self._lock:  # both as of one moment
+            return self._changes == mark and self._running == 0
 
     def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` as a write."""
