@@ -26,6 +26,7 @@ SECTIONS = (
     "metrics",
     "edge",
     "results",
+    "worker-costs",
     "sweeps",
     "artifacts",
     "gpu",
@@ -108,6 +109,14 @@ def _results(section: Section, root: Path, args: argparse.Namespace) -> str | No
     return None
 
 
+def _worker_costs(section: Section, root: Path, args: argparse.Namespace) -> str | None:
+    from benchmarks.worker_costs import run_worker_costs
+
+    # Three times the runs: a part's few milliseconds need more pairs than a figure's median.
+    run_worker_costs(section, root, rounds=3 * args.runs)
+    return None
+
+
 def _sweeps(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     from benchmarks.sweeps import run_sweeps
 
@@ -173,6 +182,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "metrics": ("Metrics polling", _metrics),
     "edge": ("The HTTP edge", _edge),
     "results": ("Time to result", _results),
+    "worker-costs": ("Where the worker's time goes", _worker_costs),
     "sweeps": ("Sweeps", _sweeps),
     "artifacts": ("Artifacts", _artifacts),
     "gpu": ("GPU", _gpu),

@@ -8,15 +8,19 @@ is the worker's exactly when the worker's loop is faithful.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.env import data_dir
 from benchmarks.tutorial import Trained
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
-from workers.data import Mnist
+from workers.data import Mnist, load_mnist
 from workers.training.train import evaluate
 
 
@@ -47,3 +51,16 @@ def floor_train(
             optimizer.step()
         accuracy = evaluate(model, test)
     return Trained(time.perf_counter() - started, accuracy, [])
+
+
+@contextlib.contextmanager
+def floor_data(data_root: Path | None = None) -> Iterator[tuple[Path, Mnist]]:
+    """The data set's folder (``data_root``, else the benchmarks' own) and MNIST on the CPU for
+    the floor, until the block ends; torch's thread count is put back then (the floor sets its
+    own at each run)."""
+    root = data_root or data_dir()
+    threads = torch.get_num_threads()
+    try:
+        yield root, load_mnist(root, device=torch.device("cpu"), download=False)
+    finally:
+        torch.set_num_threads(threads)

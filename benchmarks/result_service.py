@@ -148,6 +148,13 @@ def idle_shares(pids: dict[str, int], seconds: float) -> dict[str, float]:
     }
 
 
+def databases_here() -> tuple[list[str], str | None]:
+    """The databases a benchmark measures here: SQLite, and PostgreSQL when its server
+    answers; else why not."""
+    why_not = postgres_reachable()
+    return (["sqlite"] if why_not is not None else ["sqlite", "postgresql"]), why_not
+
+
 def postgres_reachable() -> str | None:
     """None when the PostgreSQL server answers, else why not."""
     engine = make_engine(os.environ.get(POSTGRES_ADMIN_ENV, POSTGRES_ADMIN_DEFAULT))

@@ -18,15 +18,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.env import data_dir
-from benchmarks.floor import floor_train
+from benchmarks.floor import floor_data, floor_train
 from benchmarks.report import Section
 from benchmarks.result_clients import CHECK_BACK_S, follow_to_result, live_delays, poll_to_result
 from benchmarks.result_service import (
     database,
+    databases_here,
     idle_shares,
     logged_claims,
-    postgres_reachable,
     service,
 )
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
@@ -34,7 +33,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import wakeups
 from service.store.engines import make_engine, read_engine
-from workers.data import Mnist, load_mnist
+from workers.data import Mnist
 
 RESULT_GOAL = 1.5  # POST → result seen, ÷ the floor
 WORKER_GOAL = 1.2  # started_at → finished_at, ÷ the floor
@@ -183,29 +182,14 @@ def run_results(
 
     ``params`` and ``data_root`` shrink the job and the data set (the tests' small run).
     """
-    params = params or {}
-    data_root = data_root or data_dir()
-    floor_data = load_mnist(data_root, device=torch.device("cpu"), download=False)
-    kinds = ["sqlite"]
-    why_not = postgres_reachable()
-    if why_not is None:
-        kinds.append("postgresql")
-    threads = torch.get_num_threads()
-    try:
+    kinds, why_not = databases_here()
+    with floor_data(data_root) as (data, mnist):
         backends = [
             measure_backend(
-                kind,
-                root / kind,
-                floor_data,
-                params,
-                rounds=rounds,
-                idle_s=idle_s,
-                data_root=data_root,
+                kind, root / kind, mnist, params or {}, rounds=rounds, idle_s=idle_s, data_root=data
             )
             for kind in kinds
         ]
-    finally:
-        torch.set_num_threads(threads)
     write_section(section, backends, rounds=rounds, idle_s=idle_s, why_not=why_not)
     return backends
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,3 +76,20 @@ def fmt_ratio(value: float) -> str:
 def verdict(ok: bool) -> str:
     """How a goal's row says whether it is met."""
     return "met" if ok else "**not met**"
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap interval for the median of ``values``: the medians of ``resamples``
+    resamplings with replacement, cut at the tails (``confidence`` kept). Seeded: a rerun on
+    the same values gives the same interval."""
+    if not values:
+        raise ValueError("interval of no values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} is outside (0, 1)")
+    rng = random.Random(seed)
+    n = len(values)
+    medians = [statistics.median(rng.choices(values, k=n)) for _ in range(resamples)]
+    tail = (1 - confidence) / 2 * 100
+    return percentile(medians, tail), percentile(medians, 100 - tail)

@@ -11,7 +11,7 @@ from benchmarks.__main__ import QUIET_BASELINE_S, host_speed_line
 from benchmarks.load import multipart_body, parse_wrk
 from benchmarks.profiling import parse_collapsed, short_frame
 from benchmarks.report import Report, table
-from benchmarks.stats import Series, fmt, median, percentile, ratio
+from benchmarks.stats import Series, fmt, median, median_interval, percentile, ratio
 
 WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8000/predict
   1 threads and 32 connections
@@ -36,6 +36,22 @@ def test_median_and_percentiles() -> None:
         median([])
     with pytest.raises(ValueError, match="outside"):
         percentile(values, 101)
+
+
+def test_a_median_interval_holds_the_median_and_narrows_with_more_values() -> None:
+    few = [1.0, 9.0, 2.0, 8.0, 5.0]
+    low, high = median_interval(few)
+    assert low <= median(few) <= high
+    assert median_interval(few) == (low, high)  # seeded: the same values, the same interval
+    many = few * 20  # the same spread, twenty times the pairs
+    many_low, many_high = median_interval(many)
+    assert many_low <= median(many) <= many_high
+    assert many_high - many_low < high - low
+    assert median_interval([3.0]) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
+    with pytest.raises(ValueError, match="outside"):
+        median_interval(few, confidence=1.0)
 
 
 def test_series_ratio_and_formatting() -> None:
