@@ -112,8 +112,10 @@ def _results(section: Section, root: Path, args: argparse.Namespace) -> str | No
 def _worker_costs(section: Section, root: Path, args: argparse.Namespace) -> str | None:
     from benchmarks.worker_costs import run_worker_costs
 
-    # Three times the runs: a part's few milliseconds need more pairs than a figure's median.
-    run_worker_costs(section, root, rounds=3 * args.runs)
+    # Three times the runs, made even (as many rounds in each order): a part's few
+    # milliseconds need more pairs than a figure's median.
+    rounds = 3 * args.runs
+    run_worker_costs(section, root, rounds=rounds + rounds % 2)
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,17 +78,25 @@ def verdict(ok: bool) -> str:
 
 
 def median_interval(
-    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """A bootstrap interval for the median of ``values``: the medians of ``resamples``
-    resamplings with replacement, cut at the tails (``confidence`` kept). Seeded: a rerun on
-    the same values gives the same interval."""
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``values`` and the chance it holds it.
+
+    The ``k``-th smallest and ``k``-th largest value, ``k`` the largest for which a
+    Binomial(n, ½) falls below ``k`` with at most half of ``1 - confidence``: the interval
+    holds the median with at least ``confidence``, whatever the values' distribution. With
+    too few values for that (fewer than 6 at 95%) it is the smallest and the largest, and the
+    chance returned is below ``confidence``.
+    """
     if not values:
         raise ValueError("interval of no values")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence} is outside (0, 1)")
-    rng = random.Random(seed)
-    n = len(values)
-    medians = [statistics.median(rng.choices(values, k=n)) for _ in range(resamples)]
-    tail = (1 - confidence) / 2 * 100
-    return percentile(medians, tail), percentile(medians, 100 - tail)
+    ordered = sorted(values)
+    n = len(ordered)
+    below = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(Binomial(n, ½) = i)
+    k, tail = 1, below[0]  # tail: P(Binomial < k)
+    while k < n - k + 1 and 2 * (tail + below[k]) <= 1 - confidence:
+        tail += below[k]
+        k += 1
+    return ordered[k - 1], ordered[n - k], 1 - 2 * tail

@@ -7,13 +7,14 @@ no variant always follows the floor). A part is switched off by replacing one fu
 worker for that job only; the replacement counts its calls, and a variant whose replacement
 was never called raises (a part that was not switched off must not pass for a free one). A
 part's cost is the median, over the rounds, of the job as shipped minus the job without it in
-the same round, with a 95% bootstrap interval: this host's speed drifts between rounds, and
-the pairs cancel the drift that a difference of medians keeps.
+the same round, with a distribution-free 95% interval: this host's speed drifts between
+rounds, and pairs within a round cancel that drift, which a difference of medians keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.floor import floor_data, floor_train
@@ -35,11 +37,11 @@ from service.store import job_repo, metric_repo
 from service.store.artifacts import backends as artifact_backends
 from service.store.artifacts import repo as artifacts_repo
 from service.store.engines import make_engine, make_sessionmaker
-from service.store.tables import Job
+from service.store.tables import EpochMetric, Job, TrainStep
 from workers import resume
 from workers.data import Mnist
 from workers.reporting import buffer
-from workers.threads import candidate_threads, usable_cores
+from workers.threads import process_tuner
 from workers.worker import Worker
 
 SHIPPED = "as shipped"
@@ -47,49 +49,68 @@ FLOOR_THREADS = (1, 2)  # as the time-to-result section: the faster count's medi
 
 
 class Hits:
-    """How many times a replaced function was called during a job."""
+    """How many calls a replacement skipped during a job."""
 
     def __init__(self) -> None:
         self.count = 0
 
 
-Replacement = Callable[..., Any]  # (the original, *its arguments) -> what it returns instead
+# (the original, the skips' counter, *its arguments) -> what the call returns instead
+Replacement = Callable[..., Any]
 
 
 @contextlib.contextmanager
-def replaced(owner: object, attr: str, replacement: Replacement, hits: Hits) -> Iterator[None]:
-    """``owner.attr`` calls ``replacement(original, *args)`` (counted in ``hits``) until the
-    block ends."""
+def replaced(owner: object, attr: str, replacement: Replacement, skipped: Hits) -> Iterator[None]:
+    """``owner.attr`` calls ``replacement(original, skipped, *args)`` until the block ends."""
     original = getattr(owner, attr)
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        hits.count += 1
-        return replacement(original, *args, **kwargs)
+    def swapped(*args: Any, **kwargs: Any) -> Any:
+        return replacement(original, skipped, *args, **kwargs)
 
-    setattr(owner, attr, counted)
+    setattr(owner, attr, swapped)
     try:
         yield
     finally:
         setattr(owner, attr, original)
 
 
-def skip(_original: Replacement, *_args: Any, **_kwargs: Any) -> None:
+def skip(_original: Replacement, skipped: Hits, *_args: Any, **_kwargs: Any) -> None:
     """A replacement that does nothing."""
-    return None
+    skipped.count += 1
 
 
-def _no_write(_original: Replacement, *_args: Any, **_kwargs: Any) -> bool:
+def _no_write(_original: Replacement, skipped: Hits, *_args: Any, **_kwargs: Any) -> bool:
+    skipped.count += 1
     return False  # "no cancel asked", as a stored flush would say
 
 
-def _put_unless_state(original: Replacement, session: Any, blob: Any, **kwargs: Any) -> None:
-    if blob.kind != artifacts_repo.RESUME:
+def _put_unless_state(
+    original: Replacement, skipped: Hits, session: Any, blob: Any, **kwargs: Any
+) -> None:
+    if blob.kind == artifacts_repo.RESUME:
+        skipped.count += 1
+    else:  # the final checkpoint
         original(session, blob, **kwargs)
 
 
-def _save_unless_state(original: Replacement, obj: Any, path: Path) -> None:
-    if not path.name.endswith(".resume.pt"):
+def _save_unless_state(original: Replacement, skipped: Hits, obj: Any, path: Path) -> None:
+    if path.name.endswith(".resume.pt"):
+        skipped.count += 1
+        torch.save(obj, io.BytesIO())  # serialised as the database's states are: not stored
+    else:  # the final checkpoint
         original(obj, path)
+
+
+def _one_per_job(_params: JobCreate) -> int:
+    return 1
+
+
+def _one_per_state(params: JobCreate) -> int:
+    return params.epochs - 1  # after every epoch but the last
+
+
+def _count(session: Session, table: type[TrainStep] | type[EpochMetric], job_id: str) -> int:
+    return session.scalar(select(func.count()).where(table.job_id == job_id)) or 0
 
 
 @dataclass(frozen=True)
@@ -101,39 +122,51 @@ class Part:
     # (owner, attribute, replacement) to swap in for the job; none: settings alone
     swaps: tuple[tuple[object, str, Replacement], ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    # the fewest calls the swaps must skip in a job: fewer, and the part was not switched off
+    min_skips: Callable[[JobCreate], int] = _one_per_job
+    # rows of the job that must be missing when it ends (steps, epochs), if any
+    none_of: type[TrainStep] | type[EpochMetric] | None = None
 
 
 def parts() -> list[Part]:
     """The variants, the job as shipped first."""
-    most = candidate_threads(usable_cores())[-1]
+    most = process_tuner().candidates[-1]  # the most threads the tuner chooses among
     return [
         Part(SHIPPED, "nothing"),
         Part(
             "no database writes while training",
-            "the flushes' transactions (steps, epochs, naming the states, the lease's renewal)",
+            "the flushes' transactions (steps, epochs, naming the states, the lease's renewal; "
+            "on PostgreSQL the states' rows too)",
             ((buffer.ProgressBuffer, "write", _no_write),),
+            none_of=EpochMetric,
         ),
         Part(
             "no training states",
-            "the states after epochs 1 and 2: serialising, storing, naming",
+            "the states after each epoch but the last: serialising, storing, naming (the copy "
+            "taken at the epoch's end stays)",
             ((resume.StateWriter, "submit", skip),),
+            min_skips=_one_per_state,
         ),
         Part(
             "states not stored",
-            "storing the states' bytes (PostgreSQL: the row; SQLite: the file), nothing else",
+            "storing the states' bytes (PostgreSQL: the row; SQLite: the file and its fsync); "
+            "they are still serialised and named",
             (
                 (artifacts_repo, "put", _put_unless_state),
                 (artifact_backends, "atomic_torch_save", _save_unless_state),
             ),
+            min_skips=_one_per_state,
         ),
         Part(
             "no step rows",
             "inserting the steps' rows (the flushes still run)",
             ((metric_repo, "insert_steps", skip),),
+            none_of=TrainStep,
         ),
         Part(
             f"{most} threads, no tuner",
-            f"the thread tuner: MNIST_TORCH_THREADS={most} instead of auto",
+            f"the thread tuner (warm: the process's, as a worker's after its first job): "
+            f"MNIST_TORCH_THREADS={most} instead of auto",
             settings={"torch_threads": most},
         ),
     ]
@@ -161,21 +194,29 @@ class Costs:
 def run_one_job(
     part: Part, settings: Settings, sessions: sessionmaker[Session], params: JobCreate
 ) -> float:
-    """Train one job with ``part`` switched off; its started_at → finished_at in seconds."""
-    hits = Hits()
+    """Train one job with ``part`` switched off; its started_at → finished_at in seconds.
+
+    Raises when the part was not switched off: its swaps skipped fewer calls than it must, or
+    rows it keeps out of the database are there."""
+    skipped = Hits()
     with contextlib.ExitStack() as stack:
         for owner, attr, replacement in part.swaps:
-            stack.enter_context(replaced(owner, attr, replacement, hits))
+            stack.enter_context(replaced(owner, attr, replacement, skipped))
         worker = Worker(settings.model_copy(update=part.settings), sessions, show_progress=False)
         with sessions.begin() as session:
             job_id = job_repo.create_job(session, params, max_attempts=1, now=utcnow()).id
         worker.run(max_jobs=1)
-    if part.swaps and hits.count == 0:
-        raise RuntimeError(f"{part.label}: the replaced function was never called")
+    if part.swaps and skipped.count < part.min_skips(params):
+        raise RuntimeError(
+            f"{part.label}: {skipped.count} calls skipped, fewer than "
+            f"{part.min_skips(params)}: not switched off"
+        )
     with sessions() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != JobStatus.SUCCEEDED:
             raise RuntimeError(f"{part.label}: job {job_id} did not succeed ({job and job.error})")
+        if part.none_of is not None and _count(session, part.none_of, job_id):
+            raise RuntimeError(f"{part.label}: job {job_id} has {part.none_of.__tablename__} rows")
         assert job.started_at is not None
         assert job.finished_at is not None
         return (job.finished_at - job.started_at).total_seconds()
@@ -256,12 +297,17 @@ def write_section(
         "`MNIST_PACK_MAX=1`. Each round runs the floor (the bare eager loop, the faster of 1 "
         "and 2 threads) and then one job as shipped and one job with each part switched off, "
         "in alternating order; the part is switched off by replacing one function of the "
-        "worker for that job (checked to have been called). A part's cost is the median over "
+        "worker for that job (checked: a variant whose replacement skipped fewer calls than "
+        "it must, or whose job left the rows it keeps out, stops the run). A part's cost is "
+        "the median over "
         f"the {rounds} rounds of the job as shipped minus the job without it, in the same "
-        "round, with a 95% bootstrap interval (the host's speed drifts between rounds; a pair "
-        "shares it). The costs overlap (no database writes also means no state stored) and "
-        "do not add up exactly; an interval that holds 0 says the part's cost is below what "
-        "this host can tell apart."
+        "round, with a distribution-free interval that holds it with at least 95% from 6 rounds "
+        "on (order statistics; the host's speed drifts between rounds, and a pair shares "
+        "its round's). The costs overlap (on PostgreSQL no database writes also means no "
+        "state stored) and do not add up exactly; an interval that holds 0 says the part's "
+        "cost is below what this host can tell apart. Without step rows, each epoch's write "
+        "on PostgreSQL finds the steps it checks missing and deletes before storing none "
+        "(`store_missing_steps`): that row's cost comes out a little low."
     )
     for costs in results:
         floor = costs.floor_s
@@ -273,7 +319,7 @@ def write_section(
             cost = ""
             if part.label != SHIPPED:
                 diffs = costs.cost_ms(part.label)
-                low, high = median_interval(diffs)
+                low, high, _ = median_interval(diffs)
                 cost = f"{fmt(median(diffs), 'ms')} [{fmt(low)}, {fmt(high)}]"
             rows.append(
                 [

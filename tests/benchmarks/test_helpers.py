@@ -39,19 +39,23 @@ def test_median_and_percentiles() -> None:
 
 
 def test_a_median_interval_holds_the_median_and_narrows_with_more_values() -> None:
-    few = [1.0, 9.0, 2.0, 8.0, 5.0]
-    low, high = median_interval(few)
-    assert low <= median(few) <= high
-    assert median_interval(few) == (low, high)  # seeded: the same values, the same interval
-    many = few * 20  # the same spread, twenty times the pairs
-    many_low, many_high = median_interval(many)
-    assert many_low <= median(many) <= many_high
-    assert many_high - many_low < high - low
-    assert median_interval([3.0]) == (3.0, 3.0)
+    values = [float(v) for v in range(1, 23)]  # 22 values, as 3 × 7 rounds and one more give
+    low, high, chance = median_interval(values)
+    # The 6th smallest and the 6th largest: a Binomial(22, ½) is below 6 with p = 0.0085,
+    # below 7 with 0.026 (more than the 0.025 a side that 95% leaves).
+    assert (low, high) == (6.0, 17.0)
+    assert chance == pytest.approx(1 - 2 * 35443 / 2**22)
+    assert median_interval(list(reversed(values))) == (low, high, chance)  # order does not count
+    more_low, more_high, more_chance = median_interval([float(v) for v in range(1, 201)])
+    assert more_low <= 100.5 <= more_high and more_chance >= 0.95
+    assert (more_high - more_low) / 200 < (high - low) / 22  # more pairs, a narrower share
+    few_low, few_high, few_chance = median_interval([3.0, 1.0, 2.0])
+    assert (few_low, few_high) == (1.0, 3.0) and few_chance == pytest.approx(0.75)
+    assert median_interval([3.0]) == (3.0, 3.0, 0.0)
     with pytest.raises(ValueError, match="no values"):
         median_interval([])
     with pytest.raises(ValueError, match="outside"):
-        median_interval(few, confidence=1.0)
+        median_interval(values, confidence=1.0)
 
 
 def test_series_ratio_and_formatting() -> None:
