@@ -4,9 +4,12 @@ On a quiet machine two threads train the small MLP faster than one; when another
 one of the cores, two OpenMP threads that spin-wait on each other make every step several times
 slower, while one thread hardly notices (docs/benchmarks.md). Neither count is right for long,
 so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count, then the fastest
-count until the next check. Intervals that hold anything but training steps (a flush, an
-evaluation, a checkpoint) are not timed, nor are steps that ran beside the worker's own flushes
-and training states (they stall any count, and only for the write's milliseconds). A count's
+count until the next check. Fewer threads than the most must win twice: when they win a pass,
+every count is timed once more and each keeps its faster pass (a transient, such as a core's
+vCPU waking after the worker idled, slows one window; a load that lasts slows both).
+Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
+timed, nor are steps that ran beside the worker's own flushes and training states (they stall
+any count, and only for the write's milliseconds). A count's
 mean step time stands for it, without its slowest few steps, so a stray slow step does not
 decide it; a median would not do: a process that takes a core now and then (an API answering 200
 polls a second) stalls one step in several at two threads, and those stalls are the cost. While
@@ -115,6 +118,8 @@ class ThreadTuner:
         self._probing: int | None = 0  # index of the count being timed; None: holding
         self._timed: list[float] = []
         self._step_s: dict[int, float] = {}
+        # The pass that fewer threads won, while the counts are timed again (see _choose).
+        self._first_pass: dict[int, float] | None = None
         self._held_s = 0.0  # seconds of steps trained at the held count since it was chosen
         self._chosen_s = float("inf")  # the held count's step time when it was chosen
         if len(candidates) == 1:  # one core: nothing to choose, ever
@@ -202,6 +207,20 @@ class ThreadTuner:
 
     def _choose(self) -> None:
         fastest = min(self._step_s, key=self._step_s.__getitem__)
+        if fastest != self.candidates[-1] and self._first_pass is None:
+            # Fewer threads won: time every count once more before holding them for
+            # RECHECK_S. A transient in the more threads' window (a core's vCPU waking after
+            # the worker idled, another process's burst) made them lose a single pass while
+            # two ran faster: one thread then held for the next ~14 jobs, 25% slower each.
+            self._first_pass, self._step_s = self._step_s, {}
+            self._probe_next(-1)
+            return
+        if self._first_pass is not None:
+            # Each count's faster pass: a transient slows one window, a load that lasts (an
+            # API answering polls) slows both.
+            first, self._first_pass = self._first_pass, None
+            self._step_s = {n: min(s, first.get(n, s)) for n, s in self._step_s.items()}
+            fastest = min(self._step_s, key=self._step_s.__getitem__)
         log.debug(
             "torch threads: %s",
             ", ".join(f"{n}: {s * 1e6:.0f} µs/step" for n, s in sorted(self._step_s.items())),

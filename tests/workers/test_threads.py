@@ -121,15 +121,35 @@ def test_a_held_count_that_slows_down_is_timed_again_at_once() -> None:
 def test_fewer_threads_held_under_load_are_timed_again_once_the_load_lifts() -> None:
     cores = Cores({1: 0.0012, 2: 0.0020})  # another process holds a core: one thread wins
     tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 12)
+    cores.train(tuner, 2 * 10)  # twice (1 untimed + 4 timed at each count): fewer threads
     assert tuner.threads == 1
     cores.step_s = {1: 0.00115, 2: 0.0019}  # a little faster: not worth a check
     cores.train(tuner, 40)
-    assert cores.switches == [1, 2, 1]
+    assert cores.switches == [1, 2, 1, 2, 1]
     cores.step_s = {1: 0.0008, 2: 0.0006}  # the load is gone, long before the hour is up
     cores.train(tuner, 20)
     assert tuner.threads == cores.threads == 2
+    assert cores.switches == [1, 2, 1, 2, 1, 2]
+
+
+def test_fewer_threads_must_win_twice_before_they_hold() -> None:
+    # Two threads run a step in 0.6 ms, one in 1.0 ms; but the first window at two threads
+    # came right after the worker idled (its second core waking): 2.0 ms a step.
+    cores = Cores({1: 0.0010, 2: 0.0020})
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)  # one pass: one thread won it...
+    assert cores.switches == [1, 2, 1]  # ...and the counts are timed again
+    cores.step_s[2] = 0.0006
+    cores.train(tuner, 10)
+    assert tuner.threads == cores.threads == 2  # two won the second pass: they hold
+    cores.train(tuner, 200)
     assert cores.switches == [1, 2, 1, 2]
+    # Under a load that lasts, one thread wins both passes and holds.
+    cores = Cores({1: 0.0010, 2: 0.0020})
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 2 * 10 + 200)
+    assert tuner.threads == cores.threads == 1
+    assert cores.switches == [1, 2, 1, 2, 1]
 
 
 def test_the_most_threads_running_faster_are_not_timed_again() -> None:
@@ -213,8 +233,10 @@ def test_stalls_that_recur_count_against_the_count_they_stall() -> None:
     tuner = ThreadTuner(
         (1, 2), probe_steps=12, recheck_s=1.0, clock=cores.clock, set_threads=cores.set_threads
     )
-    cores.train(tuner, 2 * (12 + 1))
+    cores.train(tuner, 2 * (12 + 1))  # one pass: one thread won it
+    cores.train(tuner, 2 * (12 + 1) + 100)  # and the second: it holds
     assert tuner.threads == cores.threads == 1
+    assert cores.switches == [1, 2, 1, 2, 1]
 
 
 def test_the_typical_step_leaves_out_the_slowest_few() -> None:
