@@ -4,9 +4,10 @@ On a quiet machine two threads train the small MLP faster than one; when another
 one of the cores, two OpenMP threads that spin-wait on each other make every step several times
 slower, while one thread hardly notices (docs/benchmarks.md). Neither count is right for long,
 so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count, then the fastest
-count until the next check. Fewer threads than the most must win twice: when they win a pass,
-every count is timed once more and each keeps its faster pass (a transient, such as a core's
-vCPU waking after the worker idled, slows one window; a load that lasts slows both).
+count until the next check. When fewer threads than the most win a pass by less than a load
+that takes a core makes them (``ABANDON_FACTOR``), every count is timed once more, and the
+count whose faster pass is the fastest holds (a transient, such as a core's vCPU waking after
+the worker idled, slows one window; a load that lasts slows both).
 Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
 timed, nor are steps that ran beside the worker's own flushes and training states (they stall
 any count, and only for the write's milliseconds). A count's
@@ -207,11 +208,14 @@ class ThreadTuner:
 
     def _choose(self) -> None:
         fastest = min(self._step_s, key=self._step_s.__getitem__)
-        if fastest != self.candidates[-1] and self._first_pass is None:
-            # Fewer threads won: time every count once more before holding them for
-            # RECHECK_S. A transient in the more threads' window (a core's vCPU waking after
-            # the worker idled, another process's burst) made them lose a single pass while
-            # two ran faster: one thread then held for the next ~14 jobs, 25% slower each.
+        most = self._step_s.get(self.candidates[-1], float("inf"))
+        narrowly = fastest != self.candidates[-1] and most <= ABANDON_FACTOR * self._step_s[fastest]
+        if narrowly and self._first_pass is None:
+            # Fewer threads won, and not by the margin of a load that takes a core: time every
+            # count once more before holding them for RECHECK_S. A transient in the more
+            # threads' window (a core's vCPU waking after the worker idled, another process's
+            # burst) made them lose a single pass while two ran faster: one thread then held
+            # for the next ~14 jobs, 25% slower each.
             self._first_pass, self._step_s = self._step_s, {}
             self._probe_next(-1)
             return
