@@ -3,11 +3,12 @@ health probe that runs while other clients read whole series."""
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
+import os
 import re
+import signal
 import socket
-import threading
+import subprocess
 import time
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
@@ -17,12 +18,15 @@ from pathlib import Path
 import httpx
 import orjson
 
+from benchmarks.load import wrk_path
 from benchmarks.predict import server
+from benchmarks.procs import cpu_seconds
 from benchmarks.stats import Series
 from service.api.routes.jobs import MAX_STEPS_PAGE
 
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 PROBE_PERIOD_S = 0.02  # one /healthz every 20 ms
+WRK_POLL_SCRIPT = Path(__file__).with_name("wrk_poll.lua")
 
 
 def read_whole_series(client: httpx.Client, job_id: str) -> int:
@@ -40,70 +44,56 @@ def read_whole_series(client: httpx.Client, job_id: str) -> int:
         after = body["next_after_step"]
 
 
-class Poller(threading.Thread):
+class Poller:
     """Polls a job's new steps at a fixed rate, as live loss charts would.
 
     ``connections`` keep-alive connections share the rate, each asking for the steps after the
-    last one it saw. A bare asyncio HTTP/1.1 client: the poller runs on the same cores as the
-    job, so it should cost as little CPU as a client on another machine would cost them.
+    last one it saw (wrk with benchmarks/wrk_poll.lua). The poller runs on the same cores as
+    the job, so it should cost as little CPU as a client on another machine would cost them:
+    wrk's event loop in C takes about a third of the CPU per poll that a bare asyncio client
+    on uvloop took, and a sixth of one on asyncio's own loop (docs/benchmarks.md).
     """
 
     def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
-        super().__init__(daemon=True, name="poller")
-        url = httpx.URL(base_url)
-        self._host, self._port = url.host, url.port or 80
-        self._job_id = job_id
-        self._period_s = connections / rate_hz
-        self._connections = connections
-        self._done = threading.Event()
-        self.polls = 0
-        self.latencies_ms: list[float] = []
-        self.error: BaseException | None = None
+        self._env = {
+            **os.environ,
+            "BENCH_PATH": f"/jobs/{job_id}/metrics",
+            "BENCH_RATE_HZ": str(rate_hz),
+        }
+        self._args = [
+            wrk_path(),
+            "-t1",
+            f"-c{connections}",
+            "-d1h",  # until stopped
+            "-s",
+            str(WRK_POLL_SCRIPT),
+            base_url,
+        ]
+        self._proc: subprocess.Popen[str] | None = None
+        self.p50_ms = float("nan")
+        self.cpu_s = float("nan")  # wrk's own CPU seconds, once stopped
 
-    def run(self) -> None:
-        """Poll until stopped."""
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
-            self.error = exc
-
-    async def _main(self) -> None:
-        await asyncio.gather(*(self._poll(i) for i in range(self._connections)))
-
-    async def _poll(self, index: int) -> None:
-        reader, writer = await asyncio.open_connection(self._host, self._port)
-        after = 0
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + index * self._period_s / self._connections  # spread them out
-        try:
-            while not self._done.is_set():
-                delay = next_at - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at = max(next_at + self._period_s, loop.time())  # behind: no bursts
-                started = time.perf_counter()
-                writer.write(
-                    f"GET /jobs/{self._job_id}/metrics?after_step={after} HTTP/1.1\r\n"
-                    f"Host: {self._host}\r\n\r\n".encode()
-                )
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = CONTENT_LENGTH.search(head)
-                if not head.startswith(b"HTTP/1.1 200") or length is None:
-                    raise RuntimeError(f"unexpected answer to a poll: {head[:200]!r}")
-                body = await reader.readexactly(int(length[1]))
-                self.latencies_ms.append((time.perf_counter() - started) * 1000)
-                after = orjson.loads(body)["next_after_step"]
-                self.polls += 1
-        finally:
-            writer.close()
+    def start(self) -> None:
+        """Start polling."""
+        self._proc = subprocess.Popen(
+            self._args, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def stop(self) -> int:
-        """Stop polling; how many polls were answered."""
-        self._done.set()
-        self.join()
-        if self.error is not None:
-            raise RuntimeError("the poller failed") from self.error
-        return self.polls
+        """Stop polling; how many polls were answered (each with 200)."""
+        if self._proc is None:
+            raise RuntimeError("the poller was not started")
+        self.cpu_s = cpu_seconds(self._proc.pid)
+        self._proc.send_signal(signal.SIGINT)  # wrk stops and reports
+        out, err = self._proc.communicate(timeout=30)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if self._proc.returncode != 0 or not lines:
+            raise RuntimeError(f"wrk failed ({self._proc.returncode}): {err[-2000:]}")
+        result = orjson.loads(lines[-1])
+        if result["non_2xx"] or result["socket_errors"]:
+            raise RuntimeError(f"polls were refused or failed: {result}")
+        self.p50_ms = result["p50_us"] / 1000
+        return int(result["requests"])
 
 
 def _read_until(url: str, job_id: str, steps: int, stop: Event, reads: Queue[int]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from pydantic import TypeAdapter
-from sqlalchemy import Row
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -62,7 +62,7 @@ def to_read(job: JobColumns) -> JobRead:
     )
 
 
-def job_json(db: metric_repo.Reader, job_id: str) -> bytes | None:
+def job_json(db: Session | Connection, job_id: str) -> bytes | None:
     """A job as ``GET /jobs/{id}`` answers it, encoded as FastAPI encodes the route's
     :class:`JobRead`, read without the ORM; None when there is no such job.
 

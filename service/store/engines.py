@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # timeout (minutes) before anything can retry; with it, that is an outage like any other.
 POSTGRES_CONNECT_TIMEOUT_S = 10
 SQLITE_BEGIN_OPTION = "sqlite_begin"
+# How reading transactions begin on SQLite: a WAL snapshot that never waits for a writer.
+SQLITE_READ_BEGIN = "DEFERRED"
 
 
 def ensure_sqlite_dir(url: str) -> None:
@@ -73,8 +78,27 @@ def read_engine(engine: Engine) -> Engine:
     """``engine`` for reading: on SQLite its transactions begin DEFERRED (a WAL snapshot that
     never waits for a writer)."""
     if engine.dialect.name == "sqlite":
-        return engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+        return engine.execution_options(**{SQLITE_BEGIN_OPTION: SQLITE_READ_BEGIN})
     return engine
+
+
+@contextmanager
+def sqlite_read_transaction(dbapi_connection: sqlite3.Connection) -> Iterator[None]:
+    """A reading transaction on a connection of a :func:`make_engine` SQLite engine, begun as
+    :func:`read_engine`'s begin, straight on the driver.
+
+    For a poll of a few rows, SQLAlchemy's connection checkout, transaction and ``begin`` event
+    cost the API several times the reads themselves (docs/benchmarks.md, "Metrics polling").
+    The transaction ends with the block: committed, or rolled back when the block raised.
+    """
+    dbapi_connection.execute(f"BEGIN {SQLITE_READ_BEGIN}")
+    try:
+        yield
+    except BaseException:
+        if dbapi_connection.in_transaction:
+            dbapi_connection.execute("ROLLBACK")
+        raise
+    dbapi_connection.execute("COMMIT")
 
 
 def ping(session: Session) -> None:

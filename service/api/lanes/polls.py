@@ -13,9 +13,11 @@ which reads the ORM instance, is the reference the differential test holds it to
 
 Where a poll is read (:class:`PollReads`): a live chart's poll brings a few new steps, and on
 SQLite such a read takes tens of microseconds on the event loop, less than a hand-off to a
-thread and back costs. A page of many steps is another matter: a whole
-series (up to the route's largest page) takes tens of milliseconds to read and encode, and every
-other request of the process (``/healthz`` included) would wait that long. So the loop reads at
+thread and back costs; it runs on the driver's connection, without SQLAlchemy's, whose
+checkout, transaction and events cost the API more than the rest of the poll
+(docs/benchmarks.md). A page of many steps is another matter: a whole series (up to the
+route's largest page) takes tens of milliseconds to read and encode, and every other request
+of the process (``/healthz`` included) would wait that long. So the loop reads at
 most :data:`LOOP_STEPS` steps; a page that fills them is read again, whole, in a thread, and
 encoded there.
 
@@ -28,6 +30,7 @@ request on untouched (a GET has no body to replay) and the route gives its answe
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -45,7 +48,8 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
-from service.store.engines import make_engine, read_engine
+from service.store.engines import make_engine, read_engine, sqlite_read_transaction
+from service.store.metric_repo import DriverConnection
 
 QUERY = RouteQuery(MetricsQuery)
 
@@ -83,7 +87,8 @@ class PollReads:
     the event loop: a read on the loop that waited for one could wait for the loop itself,
     and a thread that waited for one would hold a thread-pool token that the holders' routes
     may need to finish. So the lane never takes from it. On SQLite the loop reads through one
-    connection of its own (opened at its first poll); reads in threads take turns
+    connection of its own (opened at its first poll; a metrics poll reads on its driver
+    connection, :meth:`on_loop`); reads in threads take turns
     (:data:`THREAD_READERS` at a time, a limiter of their own) on a pool of as many
     connections. On another database every read goes to a thread, as the network may be slow.
     """
@@ -102,6 +107,22 @@ class PollReads:
             else None
         )
         self.loop = None if self._loop_base is None else read_engine(self._loop_base)
+        self._driver: DriverConnection | None = None
+
+    def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
+        """``read`` on the loop's connection (SQLite), in a reading transaction begun on the
+        driver's connection itself; None on a database error (the route meets the same error
+        and answers it its own way)."""
+        assert self._loop_base is not None, "only SQLite reads on the event loop"
+        try:
+            if self._driver is None:
+                # The one connection of the loop's pool (StaticPool), held for the lane's life.
+                pooled = self._loop_base.raw_connection()
+                self._driver = DriverConnection(self._loop_base.dialect, pooled.driver_connection)
+            with sqlite_read_transaction(self._driver.dbapi_connection):
+                return read(self._driver)
+        except (SQLAlchemyError, sqlite3.Error):
+            return None
 
     def close(self) -> None:
         """Close every connection the lane opened."""
@@ -173,9 +194,8 @@ class PollLane:
     async def _answer(reads: PollReads, job_id: str, after_step: int, limit: int) -> bytes | None:
         if reads.loop is not None:
             probe = min(limit, LOOP_STEPS)
-            page = _read(
-                reads.loop,
-                lambda c: jobs.metrics_page(c, job_id, after_step=after_step, limit=probe),
+            page = reads.on_loop(
+                lambda c: jobs.metrics_page(c, job_id, after_step=after_step, limit=probe)
             )
             if page is None or len(page["steps"]) < probe or limit == probe:
                 return None if page is None else jobs.encode_metrics(page)

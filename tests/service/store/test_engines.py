@@ -1,10 +1,13 @@
-"""Engines: a PostgreSQL host that never answers is an outage within a bounded time."""
+"""Engines: a PostgreSQL host that never answers is an outage within a bounded time; a read on
+SQLite's driver connection is the snapshot a read session's is."""
 
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import exc as sa_exc
@@ -49,3 +52,37 @@ def test_a_connect_timeout_in_the_url_wins(
     monkeypatch.setattr(engines, "POSTGRES_CONNECT_TIMEOUT_S", 3600)
     url = f"postgresql+psycopg://postgres@127.0.0.1:{silent_server}/x?connect_timeout=1"
     _fails_as_an_outage_soon(url)
+
+
+def test_a_driver_read_is_a_snapshot_beside_a_writer_and_ends_with_its_block(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'snap.db'}"
+    engine = engines.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE t (n INTEGER)"))
+            connection.execute(text("INSERT INTO t VALUES (1)"))
+        reader = engine.raw_connection()
+        driver = reader.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        try:
+            with engines.sqlite_read_transaction(driver):
+                assert driver.execute("SELECT count(*) FROM t").fetchone() == (1,)
+                # A writer (IMMEDIATE) neither waits for the reader nor shows it its rows.
+                with engine.begin() as writer:
+                    writer.execute(text("INSERT INTO t VALUES (2)"))
+                assert driver.execute("SELECT count(*) FROM t").fetchone() == (1,)
+            assert not driver.in_transaction
+            with engines.sqlite_read_transaction(driver):
+                assert driver.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
+            with pytest.raises(sqlite3.OperationalError), engines.sqlite_read_transaction(driver):
+                driver.execute("SELECT * FROM no_such_table")
+            assert not driver.in_transaction  # rolled back: the next read begins afresh
+            with engines.sqlite_read_transaction(driver):
+                assert driver.execute("SELECT max(n) FROM t").fetchone() == (2,)
+        finally:
+            reader.close()
+    finally:
+        engine.dispose()
