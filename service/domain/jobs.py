@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 from pydantic import TypeAdapter
-from sqlalchemy import Connection, Row
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from service.clock import utcnow
@@ -17,6 +18,7 @@ from service.schemas import JobCreate, JobList, JobRead
 from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo
+from service.store.driver_reads import Reader
 from service.store.tables import Job
 
 # The columns of a job's metrics as CSV, as `mnist-service metrics --csv` writes them too.
@@ -28,8 +30,8 @@ CSV_READ_STEPS = 100_000
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
-# A job as stored: its ORM instance, or its row read without the ORM (the polls' fast lane).
-JobColumns = Job | Row[Any]
+# A job as stored: its ORM instance, or its columns read without the ORM (the polls' fast lane).
+JobColumns = Job | Row[Any] | SimpleNamespace
 JOB_READ: TypeAdapter[JobRead] = TypeAdapter(JobRead)
 
 
@@ -62,7 +64,7 @@ def to_read(job: JobColumns) -> JobRead:
     )
 
 
-def job_json(db: Session | Connection, job_id: str) -> bytes | None:
+def job_json(db: Reader, job_id: str) -> bytes | None:
     """A job as ``GET /jobs/{id}`` answers it, encoded as FastAPI encodes the route's
     :class:`JobRead`, read without the ORM; None when there is no such job.
 
@@ -133,9 +135,7 @@ def list_page(
     return JobList(jobs=[to_read(j) for j in jobs], next=next_cursor)
 
 
-def metrics_page(
-    db: metric_repo.Reader, job_id: str, *, after_step: int, limit: int
-) -> dict[str, Any] | None:
+def metrics_page(db: Reader, job_id: str, *, after_step: int, limit: int) -> dict[str, Any] | None:
     """Steps after ``after_step`` and every epoch, as the dict of :class:`MetricsRead`; None
     when there is no such job.
 
@@ -158,9 +158,7 @@ def metrics_page(
     }
 
 
-def metrics_json(
-    db: metric_repo.Reader, job_id: str, *, after_step: int, limit: int
-) -> bytes | None:
+def metrics_json(db: Reader, job_id: str, *, after_step: int, limit: int) -> bytes | None:
     """:func:`metrics_page` as JSON (orjson); None when there is no such job.
 
     The route and the polls' fast lane (:mod:`service.api.lanes.polls`) both answer with this.
@@ -174,7 +172,7 @@ def encode_metrics(page: dict[str, Any]) -> bytes:
     return orjson.dumps(page)
 
 
-def metrics_csv(db: metric_repo.Reader, job_id: str) -> str | None:
+def metrics_csv(db: Reader, job_id: str) -> str | None:
     """Every recorded step as CSV (:data:`CSV_COLUMNS`), an epoch's test accuracy on the row of
     its last step; None when there is no such job.
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
 from service.schemas import JobCreate
 from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
-from service.store import wakeups
+from service.store import driver_reads, wakeups
 from service.store.cursors import newest_first
+from service.store.driver_reads import Reader
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
 
@@ -52,16 +54,18 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-_JOB_ROW = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
+_JOB_ROW = select(*Job.__table__.columns).where(Job.__table__.c.id == bindparam("job_id"))
 
 
-def job_row(db: Session | Connection, job_id: str) -> Row[Any] | None:
-    """The job with this id as a plain row (its columns by name), or None.
+def job_row(db: Reader, job_id: str) -> SimpleNamespace | None:
+    """The job with this id as plain columns (attributes by column name), or None.
 
     What a poll of ``GET /jobs/{id}`` reads in the polls' fast lane
     (:mod:`service.api.lanes.polls`): the ORM's instance and identity map cost several times
-    the query itself there, and nothing is written back."""
-    return db.execute(_JOB_ROW, {"job_id": job_id}).first()
+    the query itself there, and nothing is written back. Read on the driver's cursor, each
+    column processed as SQLAlchemy's results would (:func:`driver_reads.typed_rows`)."""
+    rows = driver_reads.typed_rows(db, _JOB_ROW, {"job_id": job_id})
+    return SimpleNamespace(**rows[0]) if rows else None
 
 
 def lock_job(session: Session, job_id: str, *, shared: bool = False) -> Job | None:

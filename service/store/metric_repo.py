@@ -1,8 +1,7 @@
 """The metrics series: every step's loss and every epoch's accuracy, read a page at a time.
 
-The reads take a Session (the route), a Connection (the polls' fast lane reading a page in a
-thread) or a :class:`DriverConnection` (the lane's polls on SQLite's event loop, which skip
-SQLAlchemy's connections altogether); the series is written by
+The reads run on the driver's cursor (:mod:`service.store.driver_reads`), handed whatever the
+caller reads through; the series is written by
 :func:`service.store.queue_repo.record_progress`, fenced with the job's progress through
 :func:`insert_steps` (and, after a crash of a PostgreSQL server, mended by
 :func:`store_missing_steps`).
@@ -10,17 +9,13 @@ SQLAlchemy's connections altogether); the series is written by
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, insert, select, text
-from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
 
+from service.store.driver_reads import Reader, driver_rows
 from service.store.tables import EpochMetric, Job, TrainStep
 
 _JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"))
@@ -37,17 +32,6 @@ _EPOCHS_AFTER = (
 )
 
 
-@dataclass(frozen=True)
-class DriverConnection:
-    """A driver's own connection, and the dialect of the engine it came from: what the reads
-    here need of a connection (they run on the driver's cursor)."""
-
-    dialect: Dialect
-    dbapi_connection: Any
-
-
-Reader = Session | Connection | DriverConnection
-
 # PostgreSQL: a flush's steps as one statement over four arrays. psycopg's executemany runs one
 # INSERT per row: for 160 rows 1.7 ms of the server's CPU and 2.7 ms of the worker's (Python,
 # on the flush thread, holding the GIL the training loop needs), against 0.7 and 0.85 ms so
@@ -59,47 +43,15 @@ _STEPS_FROM_ARRAYS = text(
 )
 
 
-@functools.lru_cache(maxsize=64)  # one per statement and engine (each has its own dialect)
-def _compiled(dialect: Dialect, stmt: ClauseElement) -> SQLCompiler:
-    compiled = stmt.compile(dialect=dialect)
-    assert isinstance(compiled, SQLCompiler)
-    return compiled
-
-
-def _driver_rows(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> list[Any]:
-    """``stmt``'s rows, fetched with the driver's own cursor in ``db``'s transaction.
-
-    For a large page SQLAlchemy's result rows cost as much again as the driver's fetch, and
-    these plain columns need none of their processing. The statement is compiled once per
-    dialect; its parameters go by position or by name as the driver's paramstyle says,
-    defaults (SQLite's OFFSET) filled in.
-    """
-    if isinstance(db, DriverConnection):
-        dialect, dbapi_connection = db.dialect, db.dbapi_connection
-    else:
-        connection = db.connection() if isinstance(db, Session) else db
-        dialect, dbapi_connection = connection.dialect, connection.connection.dbapi_connection
-    compiled = _compiled(dialect, stmt)
-    params = compiled.construct_params(values)
-    if compiled.positional:
-        params = tuple(params[name] for name in compiled.positiontup or ())  # type: ignore[assignment]
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(str(compiled), params)
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
-
-
 def job_status(db: Reader, job_id: str) -> str | None:
     """A job's status, or None when there is no such job."""
-    rows = _driver_rows(db, _JOB_STATUS, {"job_id": job_id})
+    rows = driver_rows(db, _JOB_STATUS, {"job_id": job_id})
     return str(rows[0][0]) if rows else None
 
 
 def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[dict[str, Any]]:
     """Steps numbered above ``after_step``, in order, at most ``limit``."""
-    rows = _driver_rows(
+    rows = driver_rows(
         db, _STEPS_PAGE, {"job_id": job_id, "after_step": after_step, "limit": limit}
     )
     return [{"step": s, "epoch": e, "loss": x, "examples_seen": n} for s, e, x, n in rows]
@@ -107,7 +59,7 @@ def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[
 
 def read_epochs(db: Reader, job_id: str, *, after_epoch: int = 0) -> list[dict[str, Any]]:
     """The recorded epoch accuracies of a job numbered above ``after_epoch``, in order."""
-    rows = _driver_rows(db, _EPOCHS_AFTER, {"job_id": job_id, "after": after_epoch})
+    rows = driver_rows(db, _EPOCHS_AFTER, {"job_id": job_id, "after": after_epoch})
     return [{"epoch": e, "accuracy": a, "examples_seen": n} for e, a, n in rows]
 
 

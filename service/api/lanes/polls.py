@@ -48,8 +48,8 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
+from service.store.driver_reads import DriverConnection
 from service.store.engines import make_engine, read_engine, sqlite_read_transaction
-from service.store.metric_repo import DriverConnection
 
 QUERY = RouteQuery(MetricsQuery)
 
@@ -87,8 +87,8 @@ class PollReads:
     the event loop: a read on the loop that waited for one could wait for the loop itself,
     and a thread that waited for one would hold a thread-pool token that the holders' routes
     may need to finish. So the lane never takes from it. On SQLite the loop reads through one
-    connection of its own (opened at its first poll; a metrics poll reads on its driver
-    connection, :meth:`on_loop`); reads in threads take turns
+    connection of its own, opened at its first poll, on the driver's connection itself
+    (:meth:`on_loop`); reads in threads take turns
     (:data:`THREAD_READERS` at a time, a limiter of their own) on a pool of as many
     connections. On another database every read goes to a thread, as the network may be slow.
     """
@@ -106,7 +106,7 @@ class PollReads:
             if self.threads.dialect.name == "sqlite"
             else None
         )
-        self.loop = None if self._loop_base is None else read_engine(self._loop_base)
+        self.on_event_loop = self._loop_base is not None  # SQLite: polls are read on the loop
         self._driver: DriverConnection | None = None
 
     def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
@@ -129,14 +129,6 @@ class PollReads:
         self._threads_base.dispose()
         if self._loop_base is not None:
             self._loop_base.dispose()
-
-
-async def _in_turn(reads: PollReads, read: Callable[[Engine], T | None]) -> T | None:
-    """``read`` (one row) on the event loop on SQLite, where it takes tens of microseconds;
-    in a thread elsewhere (the network may be slow)."""
-    if reads.loop is not None:
-        return read(reads.loop)
-    return await anyio.to_thread.run_sync(read, reads.threads, limiter=reads.limiter)
 
 
 def _read(engine: Engine, read: Callable[[Connection], T | None]) -> T | None:
@@ -175,9 +167,12 @@ class PollLane:
             if NO_QUERY.read(scope.get("query_string", b"")) is None:
                 return None
             reads: PollReads = scope["app"].state.poll_reads
-            body = await _in_turn(
-                reads, lambda engine: _read(engine, lambda c: jobs.job_json(c, polled))
-            )
+            if reads.on_event_loop:
+                body = reads.on_loop(lambda c: jobs.job_json(c, polled))
+            else:
+                body = await anyio.to_thread.run_sync(
+                    _read, reads.threads, lambda c: jobs.job_json(c, polled), limiter=reads.limiter
+                )
             return None if body is None else (self.job_route, body)
         job_id = job_id_of(self.metrics_route, scope["path"])
         if job_id is None:
@@ -192,7 +187,7 @@ class PollLane:
 
     @staticmethod
     async def _answer(reads: PollReads, job_id: str, after_step: int, limit: int) -> bytes | None:
-        if reads.loop is not None:
+        if reads.on_event_loop:
             probe = min(limit, LOOP_STEPS)
             page = reads.on_loop(
                 lambda c: jobs.metrics_page(c, job_id, after_step=after_step, limit=probe)

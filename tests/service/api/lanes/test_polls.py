@@ -79,6 +79,7 @@ def test_a_metrics_path_is_matched_and_its_id_checked_as_the_route_does() -> Non
 def test_the_lanes_connections_open_for_an_in_memory_database() -> None:
     reads = PollReads("sqlite://")  # no pool to size: one database per connection
     try:
-        assert reads.loop is not None and reads.threads.dialect.name == "sqlite"
+        assert reads.on_event_loop and reads.threads.dialect.name == "sqlite"
+        assert reads.on_loop(lambda c: c.dbapi_connection.execute("SELECT 1").fetchone()) == (1,)
     finally:
         reads.close()
