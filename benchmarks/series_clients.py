@@ -50,8 +50,8 @@ class Poller:
     ``connections`` keep-alive connections share the rate, each asking for the steps after the
     last one it saw (wrk with benchmarks/wrk_poll.lua). The poller runs on the same cores as
     the job, so it should cost as little CPU as a client on another machine would cost them:
-    wrk's event loop in C takes about a third of the CPU per poll that a bare asyncio client
-    on uvloop took, and a sixth of one on asyncio's own loop (docs/benchmarks.md).
+    wrk's event loop in C takes about half the CPU per poll that a bare asyncio client on
+    uvloop took, and a fifth of one on asyncio's own loop (docs/benchmarks.md).
     """
 
     def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
