@@ -61,7 +61,7 @@ def wrk_path() -> str:
     """The wrk binary; a clear error naming the package when it is missing."""
     path = shutil.which("wrk")
     if path is None:
-        raise SystemExit("the predict benchmark needs wrk: apt-get install wrk")
+        raise SystemExit("the benchmarks need wrk: apt-get install wrk")
     return path
 
 

@@ -190,7 +190,7 @@ def polled_jobs(
                 result.quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
             polled = polled_job(sessions, url, api_pid, seed=r)
             result.polled.add(polled.seconds)
-            result.achieved.append(polled.polls / polled.wall_s)
+            result.achieved.append(polled.rate_hz)
             result.poll_p50.append(polled.p50_ms)
             result.polls += polled.polls
             result.api_cpu_s += polled.api_cpu_s
@@ -212,10 +212,10 @@ class PolledJob:
 
     seconds: float  # claim → finish, from the database
     polls: int
-    wall_s: float  # how long the poller ran
+    rate_hz: float  # polls a second, as the pollers counted them
     p50_ms: float
     api_cpu_s: float  # the API's CPU meanwhile
-    client_cpu_s: float  # the poller's
+    client_cpu_s: float  # the pollers'
 
 
 def polled_job(sessions: sessionmaker[Session], url: str, api_pid: int, *, seed: int) -> PolledJob:
@@ -227,19 +227,18 @@ def polled_job(sessions: sessionmaker[Session], url: str, api_pid: int, *, seed:
         what="the job to start",
         every_s=0.005,
     )
-    poller = Poller(url, job_id, POLL_RATE_HZ, POLLERS)
-    t0, api_before = time.perf_counter(), cpu_seconds(api_pid)
-    poller.start()
-    seconds = job_seconds(sessions, job_id)
-    polls = poller.stop()
-    wall_s, api_cpu_s = time.perf_counter() - t0, cpu_seconds(api_pid) - api_before
-    return PolledJob(seconds, polls, wall_s, poller.p50_ms, api_cpu_s, poller.cpu_s)
+    with Poller(url, job_id, POLL_RATE_HZ, POLLERS) as poller:
+        api_before = cpu_seconds(api_pid)
+        seconds = job_seconds(sessions, job_id)
+        polls = poller.stop()
+        api_cpu_s = cpu_seconds(api_pid) - api_before
+    return PolledJob(seconds, polls, poller.rate_hz, poller.p50_ms, api_cpu_s, poller.cpu_s)
 
 
 def slowdown_cell(jobs: PolledJobs) -> str:
     """The paired slowdown and its interval."""
-    low, high, _ = median_interval(jobs.paired)
-    return f"{jobs.slowdown:+.1%} ({low:+.1%} to {high:+.1%})"
+    low, high, chance = median_interval(jobs.paired)
+    return f"{jobs.slowdown:+.1%} ({low:+.1%} to {high:+.1%}, {chance:.0%})"
 
 
 def job_seconds(sessions: sessionmaker[Session], job_id: str) -> float:
@@ -404,14 +403,15 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"Polling during training: a worker process (`python -m workers`, data warm) runs "
         f"10,000-image × 3-epoch jobs, one left alone and one polled in each of {runs} rounds "
         "(in alternating order), the polled one by a client at "
-        f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} keep-alive connections of wrk, each "
-        "asking for the steps after the last one it saw: the poller runs on the job's cores, "
-        "and a client in C costs them least, as one on another machine would cost them "
+        f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} keep-alive connections, each a wrk "
+        "process asking for the steps after the last one it saw: the poller runs on the job's "
+        "cores, and a client in C costs them least, as one on another machine would cost them "
         "nothing); job time is claim → finish from the database. The slowdown is the median of "
-        "each round's polled job against its quiet one, with an interval that holds it with "
-        "at least 95% (paired, so that the machine's drift moves both jobs of a pair); the CPU "
-        "columns are per poll while the jobs were polled (all rounds' CPU over all their "
-        "polls), the API's processes' and wrk's."
+        "each round's polled job against its quiet one (paired, so that the machine's drift "
+        "moves both jobs of a pair), with an order-statistics interval and the chance that it "
+        "holds the median (at least 95% from 6 rounds on); the CPU columns are per poll while "
+        "the jobs were polled (all rounds' CPU over all their polls), the API's processes' and "
+        "the pollers'."
     )
     section.table(
         [

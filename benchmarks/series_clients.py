@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,13 +21,14 @@ import orjson
 
 from benchmarks.load import wrk_path
 from benchmarks.predict import server
-from benchmarks.procs import cpu_seconds
+from benchmarks.procs import exact_cpu_seconds
 from benchmarks.stats import Series
 from service.api.routes.jobs import MAX_STEPS_PAGE
 
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 PROBE_PERIOD_S = 0.02  # one /healthz every 20 ms
 WRK_POLL_SCRIPT = Path(__file__).with_name("wrk_poll.lua")
+MAX_POLL_S = 900  # a poller stops by itself after this, whatever becomes of the run
 
 
 def read_whole_series(client: httpx.Client, job_id: str) -> int:
@@ -47,53 +49,78 @@ def read_whole_series(client: httpx.Client, job_id: str) -> int:
 class Poller:
     """Polls a job's new steps at a fixed rate, as live loss charts would.
 
-    ``connections`` keep-alive connections share the rate, each asking for the steps after the
-    last one it saw (wrk with benchmarks/wrk_poll.lua). The poller runs on the same cores as
-    the job, so it should cost as little CPU as a client on another machine would cost them:
-    wrk's event loop in C takes about half the CPU per poll that a bare asyncio client on
-    uvloop took, and a fifth of one on asyncio's own loop (docs/benchmarks.md).
+    ``connections`` keep-alive connections share the rate, each its own wrk process
+    (benchmarks/wrk_poll.lua; a process's one Lua state holds its connection's last step seen),
+    each asking for the steps after the last one it saw, their schedules offset so that the
+    polls come evenly. The poller runs on the same cores as the job, so it should cost as little
+    CPU as a client on another machine would cost them: wrk's event loop in C takes about half
+    the CPU per poll that a bare asyncio client on uvloop took, and a fifth of one on asyncio's
+    own loop (docs/benchmarks.md). A context manager: whatever happens, no wrk outlives it.
     """
 
     def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
-        self._env = {
-            **os.environ,
-            "BENCH_PATH": f"/jobs/{job_id}/metrics",
-            "BENCH_RATE_HZ": str(rate_hz),
-        }
-        self._args = [
-            wrk_path(),
-            "-t1",
-            f"-c{connections}",
-            "-d1h",  # until stopped
-            "-s",
-            str(WRK_POLL_SCRIPT),
-            base_url,
+        spacing_ms = 1000 / rate_hz  # between two polls of all the connections
+        self._envs = [
+            {
+                **os.environ,
+                "BENCH_PATH": f"/jobs/{job_id}/metrics",
+                "BENCH_RATE_HZ": str(rate_hz / connections),
+                "BENCH_PHASE_MS": str(i * spacing_ms),
+            }
+            for i in range(connections)
         ]
-        self._proc: subprocess.Popen[str] | None = None
-        self.p50_ms = float("nan")
-        self.cpu_s = float("nan")  # wrk's own CPU seconds, once stopped
+        args = ["-t1", "-c1", f"-d{MAX_POLL_S}s", "-s", str(WRK_POLL_SCRIPT), base_url]
+        self._args = [wrk_path(), *args]
+        self._procs: list[subprocess.Popen[str]] = []
+        self.p50_ms = float("nan")  # the median of the connections' p50s
+        self.rate_hz = float("nan")  # polls a second, from the pollers' own clocks
+        self.cpu_s = float("nan")  # the pollers' own CPU seconds
+
+    def __enter__(self) -> Poller:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.kill()
 
     def start(self) -> None:
         """Start polling."""
-        self._proc = subprocess.Popen(
-            self._args, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        for env in self._envs:
+            self._procs.append(
+                subprocess.Popen(
+                    self._args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+
+    def kill(self) -> None:
+        """Stop every poller at once, without a report."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
     def stop(self) -> int:
-        """Stop polling; how many polls were answered (each with 200)."""
-        if self._proc is None:
+        """Stop polling; how many polls were answered (none with an error status)."""
+        if not self._procs:
             raise RuntimeError("the poller was not started")
-        self.cpu_s = cpu_seconds(self._proc.pid)
-        self._proc.send_signal(signal.SIGINT)  # wrk stops and reports
-        out, err = self._proc.communicate(timeout=30)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        if self._proc.returncode != 0 or not lines:
-            raise RuntimeError(f"wrk failed ({self._proc.returncode}): {err[-2000:]}")
-        result = orjson.loads(lines[-1])
-        if result["non_2xx"] or result["socket_errors"]:
-            raise RuntimeError(f"polls were refused or failed: {result}")
-        self.p50_ms = result["p50_us"] / 1000
-        return int(result["requests"])
+        self.cpu_s = sum(exact_cpu_seconds(proc.pid) for proc in self._procs)
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)  # wrk stops and reports
+        results = []
+        try:
+            for proc in self._procs:
+                out, err = proc.communicate(timeout=30)
+                lines = [line for line in out.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    raise RuntimeError(f"wrk failed ({proc.returncode}): {err[-2000:]}")
+                results.append(orjson.loads(lines[-1]))
+        finally:
+            self.kill()
+        if any(r["non_2xx"] or r["socket_errors"] for r in results):
+            raise RuntimeError(f"polls were refused or failed: {results}")
+        self.p50_ms = statistics.median(r["p50_us"] for r in results) / 1000
+        self.rate_hz = sum(r["requests"] / (r["duration_us"] / 1e6) for r in results)
+        return sum(int(r["requests"]) for r in results)
 
 
 def _read_until(url: str, job_id: str, steps: int, stop: Event, reads: Queue[int]) -> None:

@@ -1,7 +1,8 @@
--- wrk script (one thread): poll a job's metrics (BENCH_PATH) for the steps after the last one
--- seen, BENCH_RATE_HZ polls a second over all the connections, and print one JSON line of
--- results (latencies in microseconds) when stopped. Each answer's connection waits for the
--- next free slot of the schedule, so the rate holds however long the polls take.
+-- wrk script (one thread, one connection): poll a job's metrics (BENCH_PATH) for the steps
+-- after the last one seen, BENCH_RATE_HZ polls a second, the schedule starting BENCH_PHASE_MS
+-- after the first answer; print one JSON line of results (latencies in microseconds) when
+-- stopped. After each answer the next poll waits for the next slot of the schedule, so the rate
+-- holds however long the polls take.
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
@@ -16,7 +17,8 @@ end
 
 local path = os.getenv("BENCH_PATH")
 local period_ms = 1000 / tonumber(os.getenv("BENCH_RATE_HZ"))
-local next_slot = 0
+local phase_ms = tonumber(os.getenv("BENCH_PHASE_MS") or "0")
+local next_slot = nil
 local after = 0
 
 request = function()
@@ -26,12 +28,15 @@ end
 response = function(status, headers, body)
   local seen = body:match('"next_after_step":(%d+)')
   if seen then
-    after = seen
+    after = math.max(after, tonumber(seen))
   end
 end
 
 delay = function()
   local now = now_ms()
+  if next_slot == nil then
+    next_slot = now + phase_ms
+  end
   local slot = math.max(next_slot, now) -- behind: no bursts to catch up
   next_slot = slot + period_ms
   return slot - now

@@ -49,11 +49,13 @@ def driver_rows(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> list
     The statement is compiled once per dialect; its parameters go by position or by name as the
     driver's paramstyle says, defaults (SQLite's OFFSET) filled in.
     """
-    return _fetch(db, stmt, values)[1]
+    return _fetch(db, stmt, values)[2]
 
 
-def _fetch(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> tuple[Any, list[Any]]:
-    """The cursor's description of the rows, and the rows."""
+def _fetch(
+    db: Reader, stmt: ClauseElement, values: dict[str, Any]
+) -> tuple[Dialect, Any, list[Any]]:
+    """The dialect read with, the cursor's description of the rows, and the rows."""
     if isinstance(db, DriverConnection):
         dialect, dbapi_connection = db.dialect, db.dbapi_connection
     else:
@@ -66,7 +68,7 @@ def _fetch(db: Reader, stmt: ClauseElement, values: dict[str, Any]) -> tuple[Any
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(str(compiled), params)
-        return cursor.description, list(cursor.fetchall())
+        return dialect, cursor.description, list(cursor.fetchall())
     finally:
         cursor.close()
 
@@ -89,8 +91,7 @@ def _processors(
 def typed_rows(db: Reader, stmt: Select[Any], values: dict[str, Any]) -> list[dict[str, Any]]:
     """``stmt``'s rows by column name, each value processed as SQLAlchemy's results process it
     (SQLite's text datetimes parsed, the columns' own types applied)."""
-    description, rows = _fetch(db, stmt, values)
-    dialect = db.get_bind().dialect if isinstance(db, Session) else db.dialect
+    dialect, description, rows = _fetch(db, stmt, values)
     processors = _processors(dialect, stmt, tuple(column[1] for column in description))
     names = [str(column.key) for column in stmt.selected_columns]
     return [

@@ -89,16 +89,17 @@ def sqlite_read_transaction(dbapi_connection: sqlite3.Connection) -> Iterator[No
 
     For a poll of a few rows, SQLAlchemy's connection checkout, transaction and ``begin`` event
     cost the API several times the reads themselves (docs/benchmarks.md, "Metrics polling").
-    The transaction ends with the block: committed, or rolled back when the block raised.
+    The transaction ends with the block: committed, or rolled back when the block (or the
+    commit) raised.
     """
     dbapi_connection.execute(f"BEGIN {SQLITE_READ_BEGIN}")
     try:
         yield
+        dbapi_connection.execute("COMMIT")
     except BaseException:
         if dbapi_connection.in_transaction:
             dbapi_connection.execute("ROLLBACK")
         raise
-    dbapi_connection.execute("COMMIT")
 
 
 def ping(session: Session) -> None:

@@ -3,7 +3,6 @@ databases: it follows a job's steps as a live chart does, and a refused poll fai
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -47,31 +46,36 @@ def test_the_poller_asks_for_the_steps_after_the_last_it_saw(
     job_id = training.submit()
     training.claim()
     training.advance(3)
-    poller = Poller(str(client.base_url), job_id, RATE_HZ, CONNECTIONS)
-    poller.start()
-    try:
+    with Poller(str(client.base_url), job_id, RATE_HZ, CONNECTIONS) as poller:
         wait_for(lambda: 0 in polled_after(log, job_id), timeout_s=30, what="a first poll")
         wait_for(lambda: 3 in polled_after(log, job_id), timeout_s=30, what="polls after step 3")
         training.advance(2)
         wait_for(lambda: 5 in polled_after(log, job_id), timeout_s=30, what="polls after step 5")
-    finally:
         polls = poller.stop()
+    # The connections followed the steps: they asked after 0, then after what they were sent.
     assert polls >= 3
     assert polled_after(log, job_id) <= {0, 3, 5}
-    assert poller.p50_ms > 0 and not math.isnan(poller.cpu_s)
+    assert poller.p50_ms > 0 and poller.rate_hz > 0 and poller.cpu_s > 0
+
+
+def test_a_poller_left_running_is_stopped_with_its_block(api: tuple[httpx.Client, Path]) -> None:
+    client, log = api
+    with Poller(str(client.base_url), "0" * 32, RATE_HZ, CONNECTIONS) as poller:
+        procs = list(poller._procs)
+        assert len(procs) == CONNECTIONS
+        wait_for(lambda: "/metrics" in log.read_text(), timeout_s=30, what="a poll")
+        # The run fails here (a job that never ends, say): no stop() is called.
+    assert all(proc.returncode is not None for proc in procs)
 
 
 def test_a_refused_poll_fails_the_run(api: tuple[httpx.Client, Path]) -> None:
     client, log = api
     missing = "0" * 32
-    poller = Poller(str(client.base_url), missing, RATE_HZ, CONNECTIONS)
-    poller.start()
-    try:
+    with Poller(str(client.base_url), missing, RATE_HZ, CONNECTIONS) as poller:
         wait_for(
             lambda: f"GET /jobs/{missing}/metrics" in log.read_text(),
             timeout_s=30,
             what="a poll of the missing job",
         )
-    finally:
         with pytest.raises(RuntimeError, match="refused or failed"):
             poller.stop()

@@ -40,7 +40,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -107,26 +107,40 @@ class PollReads:
             else None
         )
         self.on_event_loop = self._loop_base is not None  # SQLite: polls are read on the loop
+        # The loop's pool's one connection (StaticPool), checked out at the first poll and held
+        # until an error or close().
+        self._pooled: PoolProxiedConnection | None = None
         self._driver: DriverConnection | None = None
 
     def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
         """``read`` on the loop's connection (SQLite), in a reading transaction begun on the
         driver's connection itself; None on a database error (the route meets the same error
-        and answers it its own way)."""
+        and answers it its own way). After an error the connection is dropped, and the next
+        poll opens another: a connection left in a transaction, or broken, is never reused."""
         assert self._loop_base is not None, "only SQLite reads on the event loop"
         try:
             if self._driver is None:
-                # The one connection of the loop's pool (StaticPool), held for the lane's life.
-                pooled = self._loop_base.raw_connection()
-                self._driver = DriverConnection(self._loop_base.dialect, pooled.driver_connection)
+                self._pooled = self._loop_base.raw_connection()
+                self._driver = DriverConnection(
+                    self._loop_base.dialect, self._pooled.driver_connection
+                )
             with sqlite_read_transaction(self._driver.dbapi_connection):
                 return read(self._driver)
         except (SQLAlchemyError, sqlite3.Error):
+            self._drop_loop_connection()
             return None
+
+    def _drop_loop_connection(self) -> None:
+        pooled, self._pooled, self._driver = self._pooled, None, None
+        if pooled is not None:
+            pooled.invalidate()  # closes the driver's connection; the pool opens a new one
 
     def close(self) -> None:
         """Close every connection the lane opened."""
         self._threads_base.dispose()
+        if self._pooled is not None:
+            self._pooled.close()
+            self._pooled = self._driver = None
         if self._loop_base is not None:
             self._loop_base.dispose()
 

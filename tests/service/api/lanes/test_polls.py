@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from starlette.routing import Route
 
 from service.api.lanes.polls import QUERY, PollReads, job_id_of
 from service.api.routes import jobs as jobs_routes
+from service.store.driver_reads import DriverConnection
 
 JOB = "0123456789abcdef0123456789abcdef"
 
@@ -80,6 +83,25 @@ def test_the_lanes_connections_open_for_an_in_memory_database() -> None:
     reads = PollReads("sqlite://")  # no pool to size: one database per connection
     try:
         assert reads.on_event_loop and reads.threads.dialect.name == "sqlite"
+        assert reads.on_loop(lambda c: c.dbapi_connection.execute("SELECT 1").fetchone()) == (1,)
+    finally:
+        reads.close()
+
+
+def test_after_a_database_error_the_loop_reads_on_a_fresh_connection(tmp_path: Path) -> None:
+    reads = PollReads(f"sqlite:///{tmp_path / 'polls.db'}")
+    try:
+
+        def fails(c: DriverConnection) -> None:
+            c.dbapi_connection.execute("SELECT * FROM no_such_table")
+
+        assert reads.on_loop(fails) is None  # the route answers it its own way
+        broken = reads.on_loop(lambda c: c.dbapi_connection)
+        assert broken is not None and not broken.in_transaction
+        broken.close()  # a connection gone bad under the lane
+        assert reads.on_loop(lambda c: c.dbapi_connection.execute("SELECT 1").fetchone()) is None
+        fresh = reads.on_loop(lambda c: c.dbapi_connection)
+        assert fresh is not None and fresh is not broken
         assert reads.on_loop(lambda c: c.dbapi_connection.execute("SELECT 1").fetchone()) == (1,)
     finally:
         reads.close()
