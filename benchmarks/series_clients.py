@@ -53,9 +53,10 @@ class Poller:
     (benchmarks/wrk_poll.lua; a process's one Lua state holds its connection's last step seen),
     each asking for the steps after the last one it saw, their schedules offset so that the
     polls come evenly. The poller runs on the same cores as the job, so it should cost as little
-    CPU as a client on another machine would cost them: wrk's event loop in C takes about half
-    the CPU per poll that a bare asyncio client on uvloop took, and a fifth of one on asyncio's
-    own loop (docs/benchmarks.md). A context manager: whatever happens, no wrk outlives it.
+    CPU as a client on another machine would cost them: wrk's event loop in C takes about three
+    fifths of the CPU per poll that a bare asyncio client on uvloop took, and under half of one
+    on asyncio's own loop; a wrk process per connection costs no more than one for them all
+    (docs/benchmarks.md). A context manager: whatever happens, no wrk outlives it.
     """
 
     def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
