@@ -18,7 +18,7 @@ from service.schemas import JobCreate, JobList, JobRead
 from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo
-from service.store.driver_reads import Reader
+from service.store.engines import Reader
 from service.store.tables import Job
 
 # The columns of a job's metrics as CSV, as `mnist-service metrics --csv` writes them too.

@@ -14,9 +14,9 @@ from service.clock import new_job_id
 from service.schemas import JobCreate
 from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
-from service.store import driver_reads, wakeups
+from service.store import engines, wakeups
 from service.store.cursors import newest_first
-from service.store.driver_reads import Reader
+from service.store.engines import Reader
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
 
@@ -63,8 +63,8 @@ def job_row(db: Reader, job_id: str) -> SimpleNamespace | None:
     What a poll of ``GET /jobs/{id}`` reads in the polls' fast lane
     (:mod:`service.api.lanes.polls`): the ORM's instance and identity map cost several times
     the query itself there, and nothing is written back. Read on the driver's cursor, each
-    column processed as SQLAlchemy's results would (:func:`driver_reads.typed_rows`)."""
-    rows = driver_reads.typed_rows(db, _JOB_ROW, {"job_id": job_id})
+    column processed as SQLAlchemy's results would (:func:`engines.typed_rows`)."""
+    rows = engines.typed_rows(db, _JOB_ROW, {"job_id": job_id})
     return SimpleNamespace(**rows[0]) if rows else None
 
 

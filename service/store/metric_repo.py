@@ -1,7 +1,7 @@
 """The metrics series: every step's loss and every epoch's accuracy, read a page at a time.
 
-The reads run on the driver's cursor (:mod:`service.store.driver_reads`), handed whatever the
-caller reads through; the series is written by
+The reads run on the driver's cursor (:func:`service.store.engines.driver_rows`), handed
+whatever the caller reads through; the series is written by
 :func:`service.store.queue_repo.record_progress`, fenced with the job's progress through
 :func:`insert_steps` (and, after a crash of a PostgreSQL server, mended by
 :func:`store_missing_steps`).
@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from service.store.driver_reads import Reader, driver_rows
+from service.store.engines import Reader, driver_rows
 from service.store.tables import EpochMetric, Job, TrainStep
 
 _JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"))

@@ -48,8 +48,12 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
-from service.store.driver_reads import DriverConnection
-from service.store.engines import make_engine, read_engine, sqlite_read_transaction
+from service.store.engines import (
+    DriverConnection,
+    make_engine,
+    read_engine,
+    sqlite_read_transaction,
+)
 
 QUERY = RouteQuery(MetricsQuery)
 

@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from service.api.lanes.polls import QUERY, PollReads, job_id_of
 from service.api.routes import jobs as jobs_routes
-from service.store.driver_reads import DriverConnection
+from service.store.engines import DriverConnection
 
 JOB = "0123456789abcdef0123456789abcdef"
 

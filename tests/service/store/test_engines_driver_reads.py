@@ -10,8 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.status import JobStatus
 from service.store import job_repo
-from service.store.driver_reads import DriverConnection
-from service.store.engines import read_engine, sqlite_read_transaction
+from service.store.engines import DriverConnection, read_engine, sqlite_read_transaction
 from service.store.tables import Job
 from tests.records import PARAMS, FakeTraining
 
