@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import Workspace, make_workspace
 from benchmarks.jobs import recorded, submit
+from benchmarks.poll_costs import PollCosts, api_cpu_s, poll_costs, share_slowdown
 from benchmarks.predict import PRODUCTION_SETTINGS, server
 from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
@@ -37,9 +38,11 @@ from service.status import TERMINAL, JobStatus
 from service.store import job_repo, queue_repo
 from service.store.engines import make_engine, make_sessionmaker
 from tests.support import process, wait_for
+from workers.threads import usable_cores
 
 SERIES_STEPS = 50_000
 FLUSH_ROWS = 250  # steps per simulated flush
+SHORT_SERIES_STEPS = 10  # the job whose polls' CPU is measured without training
 PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"
 WHOLE_GOAL_MS = 100.0
 TAIL_GOAL_MS = 5.0
@@ -147,9 +150,15 @@ class PolledJobs:
     client_cpu_s: float = 0.0  # the poller's (wrk's)
 
     def cpu_per_poll_ms(self, cpu_s: float) -> float:
-        """CPU per poll over every round: /proc counts CPU in ticks of 10 ms, about a poll's
-        worth in one job's polls, so one job's figure alone would be mostly rounding."""
+        """CPU per poll over every round."""
         return cpu_s / max(1, self.polls) * 1000
+
+    @property
+    def share_slowdown(self) -> float:
+        """The slowdown the polls' CPU (the API's and the pollers') alone would cause a job that
+        kept every core busy (:func:`benchmarks.poll_costs.share_slowdown`)."""
+        other_s = self.api_cpu_s + self.client_cpu_s
+        return share_slowdown(other_s, sum(self.polled.values), usable_cores())
 
     @property
     def paired(self) -> list[float]:
@@ -228,11 +237,25 @@ def polled_job(sessions: sessionmaker[Session], url: str, api_pid: int, *, seed:
         every_s=0.005,
     )
     with Poller(url, job_id, POLL_RATE_HZ, POLLERS) as poller:
-        api_before = cpu_seconds(api_pid)
+        api_before = api_cpu_s(api_pid)
         seconds = job_seconds(sessions, job_id)
         polls = poller.stop()
-        api_cpu_s = cpu_seconds(api_pid) - api_before
-    return PolledJob(seconds, polls, poller.rate_hz, poller.p50_ms, api_cpu_s, poller.cpu_s)
+        api_used = api_cpu_s(api_pid) - api_before
+    return PolledJob(seconds, polls, poller.rate_hz, poller.p50_ms, api_used, poller.cpu_s)
+
+
+def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
+    """What a poll costs the API paced, back to back, and while a job trains."""
+    return (
+        "What a poll costs the API's processes, measured before the jobs on a job of "
+        f"{SHORT_SERIES_STEPS} steps, polls alternately back to back on one connection "
+        f"({costs.back_to_back_hz:,.0f} polls/s) and paced as above "
+        f"({costs.paced_hz:.0f} polls/s): {fmt(costs.back_to_back_ms, 'ms')} against "
+        f"{fmt(costs.paced_ms, 'ms')} of CPU, {costs.paced_ms / costs.back_to_back_ms:.1f}× as "
+        "much for the same request when each wakes a process that has waited a few "
+        "milliseconds; while a job trains beside it (the default's row), "
+        f"{fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}."
+    )
 
 
 def slowdown_cell(jobs: PolledJobs) -> str:
@@ -306,6 +329,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 300,
                 pid,
             )
+            short_id = write_series(sessions, SHORT_SERIES_STEPS)
+            costs = poll_costs(url, pid, short_id, rate_hz=POLL_RATE_HZ, connections=POLLERS)
             prof: Profile | None = None
             if profile:
                 out = root / "metrics-profile.txt"
@@ -315,7 +340,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                     read_whole_series(client, job_id)
                 prof = read_py_spy(spy, out)
 
-            # Polling while a job trains, with the default threads (auto) and with one.
+            # Polling while a job trains, with the default threads (auto), one and two.
             configs = [
                 polled_jobs(
                     ws,
@@ -323,19 +348,12 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                     url,
                     pid,
                     runs=runs,
-                    label="MNIST_TORCH_THREADS=auto (default)",
-                    log=root / "worker-auto.log",
-                ),
-                polled_jobs(
-                    ws,
-                    sessions,
-                    url,
-                    pid,
-                    runs=runs,
-                    label="MNIST_TORCH_THREADS=1",
-                    log=root / "worker-1.log",
-                    torch_threads="1",
-                ),
+                    label=f"MNIST_TORCH_THREADS={threads}"
+                    + (" (default)" if threads == "auto" else ""),
+                    log=root / f"worker-{threads}.log",
+                    torch_threads=threads,
+                )
+                for threads in ("auto", "1", "2")
             ]
             client.close()
         health = healthz_under_reads(
@@ -349,7 +367,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
     finally:
         engine.dispose()
 
-    default, one_thread = configs
+    default, one_thread, two_threads = configs
     slowdown = default.slowdown
     tail_p50 = percentile(tail.values, 50)
     health_p95 = percentile(health.reading.values, 95)
@@ -411,7 +429,9 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         "moves both jobs of a pair), with an order-statistics interval and the chance that it "
         "holds the median (at least 95% from 6 rounds on); the CPU columns are per poll while "
         "the jobs were polled (all rounds' CPU over all their polls), the API's processes' and "
-        "the pollers'."
+        "the pollers'. The last column is what the polls' CPU alone would cost a job that kept "
+        f"all {usable_cores()} cores busy: their share s of a core leaves it cores − s "
+        "(`benchmarks/poll_costs.py`)."
     )
     section.table(
         [
@@ -423,6 +443,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             "poll p50",
             "API CPU/poll",
             "wrk CPU/poll",
+            "polls' CPU alone",
         ],
         [
             [
@@ -435,6 +456,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 fmt(median(c.poll_p50), "ms"),
                 fmt(c.cpu_per_poll_ms(c.api_cpu_s), "ms"),
                 fmt(c.cpu_per_poll_ms(c.client_cpu_s), "ms"),
+                f"{c.share_slowdown:+.1%}",
             ]
             for c in configs
         ],
@@ -444,7 +466,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         "polls' CPU (the API's and the client's, in the table) comes "
         "out of the job; a job at 1 thread leaves a core to the polls but is slower when "
         "nothing else runs (the floor at 1 thread against 2, in the training section). "
-        f"With MNIST_TORCH_THREADS=1 the polls slow a job by {one_thread.slowdown:+.1%}."
+        f"With MNIST_TORCH_THREADS=1 the polls slow a job by {one_thread.slowdown:+.1%}, with 2 "
+        f"by {two_threads.slowdown:+.1%}. " + cold_polls_para(costs, default)
     )
     section.goal_table(
         [

@@ -1,0 +1,46 @@
+"""What a poll costs the API, back to back and paced (benchmarks/poll_costs.py), measured on a real
+API of several processes; and the share of the cores that the polls' CPU takes from a job."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.poll_costs import api_cpu_s, poll_costs, share_slowdown
+from benchmarks.procs import children, exact_cpu_seconds
+from tests.records import PARAMS, FakeTraining
+from tests.support import api_process, local_env, wait_for
+
+
+def test_the_polls_share_of_the_cores_is_what_a_busy_job_loses() -> None:
+    assert share_slowdown(0.0, 1.0, 2) == 0.0
+    # A fifth of a core over a second leaves a two-core job 1.8 cores: 2 / 1.8 as long.
+    assert share_slowdown(0.2, 1.0, 2) == pytest.approx(2 / 1.8 - 1)
+    assert share_slowdown(0.4, 2.0, 2) == share_slowdown(0.2, 1.0, 2)  # a share, per second
+    assert share_slowdown(0.2, 1.0, 4) < share_slowdown(0.2, 1.0, 2)
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk; CI installs it)"
+)
+def test_both_ways_of_polling_are_charged_to_every_process_of_the_api(
+    db_url: str, tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    training = FakeTraining(sessions, PARAMS)
+    job_id = training.submit()
+    training.claim()
+    training.advance(3)
+    env = local_env(db_url, tmp_path / "data", tmp_path, api_workers="2")
+    with api_process(env, tmp_path / "api.log") as (proc, client):
+        wait_for(lambda: len(children(proc.pid)) >= 2, timeout_s=30, what="the API's workers")
+        costs = poll_costs(
+            str(client.base_url), proc.pid, job_id, rate_hz=50, connections=2, seconds=0.5
+        )
+        # The polls are answered by the server's worker processes, not the one it was started
+        # as: a figure of that process's CPU alone would be next to nothing.
+        assert api_cpu_s(proc.pid) > exact_cpu_seconds(proc.pid)
+    assert costs.back_to_back_ms > 0 and costs.paced_ms > 0
+    assert costs.back_to_back_hz > 0 and costs.paced_hz > 0
