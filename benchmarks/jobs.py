@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from benchmarks.env import Workspace
+from benchmarks.stats import Series
 from service.clock import utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
+from service.status import TERMINAL, JobStatus
 from service.store import job_repo, queue_repo
 from service.store.tables import EpochMetric, Job, TrainStep
+from tests.support import process, wait_for
 from workers.endings import Outcome
 from workers.worker import Worker
 
@@ -107,3 +114,70 @@ def run_one_job(
         epochs_recorded=epochs,
         total_steps=row.total_steps,
     )
+
+
+@contextlib.contextmanager
+def worker_process(ws: Workspace, log: Path, **settings: str) -> Iterator[None]:
+    """``python -m workers`` on the workspace (with these MNIST_* settings), for as long as
+    the block runs."""
+    with process(["-m", "workers"], ws.env(poll_interval_s="0.05", **settings), log):
+        yield
+
+
+def job_seconds(sessions: sessionmaker[Session], job_id: str) -> float:
+    """Wait for a job to succeed; its claim → finish time from the database."""
+
+    def done() -> bool:
+        job, _, _ = recorded(sessions, job_id)
+        if job.status in TERMINAL and job.status != JobStatus.SUCCEEDED:
+            raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
+        return job.status == JobStatus.SUCCEEDED
+
+    wait_for(done, timeout_s=600, what=f"job {job_id}", every_s=0.1)
+    job, _, _ = recorded(sessions, job_id)
+    if job.started_at is None or job.finished_at is None:
+        raise RuntimeError(f"job {job_id} has no start or finish time")
+    return (job.finished_at - job.started_at).total_seconds()
+
+
+def started_running(sessions: sessionmaker[Session], job_id: str) -> bool:
+    """Whether a worker has claimed the job."""
+    return recorded(sessions, job_id)[0].status != JobStatus.QUEUED
+
+
+def alternate_rounds(
+    sessions: sessionmaker[Session],
+    runs: int,
+    watch: Callable[[int], float],
+    quiet: Series,
+    watched: Series,
+    label: str,
+) -> None:
+    """``runs`` rounds of a job left alone and a job watched (``watch(seed)`` submits one,
+    watches it to its end and gives its seconds), on the worker already running. Every other
+    round the watched job goes first: neither kind always follows the other."""
+    for r in range(runs):
+        quiet_first = r % 2 == 0
+        if quiet_first:
+            quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
+        watched.add(watch(r))
+        if not quiet_first:
+            quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
+        print(
+            f"  metrics round {r + 1}/{runs} ({label}): job {quiet.values[-1]:.2f} s, "
+            f"watched {watched.values[-1]:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def claimed_job(sessions: sessionmaker[Session], *, seed: int) -> str:
+    """Submit a job and wait until a worker has claimed it; its id."""
+    job_id = submit(sessions, seed=seed)
+    wait_for(
+        functools.partial(started_running, sessions, job_id),
+        timeout_s=60,
+        what="the job to start",
+        every_s=0.005,
+    )
+    return job_id

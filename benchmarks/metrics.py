@@ -6,11 +6,8 @@ and read through the service as deployed (``python -m service``), over real HTTP
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +15,13 @@ import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import Workspace, make_workspace
-from benchmarks.jobs import recorded, submit
+from benchmarks.jobs import (
+    alternate_rounds,
+    claimed_job,
+    job_seconds,
+    submit,
+    worker_process,
+)
 from benchmarks.poll_costs import PollCosts, api_cpu_s, poll_costs, share_slowdown
 from benchmarks.predict import PRODUCTION_SETTINGS, server
 from benchmarks.procs import cpu_seconds
@@ -31,13 +34,13 @@ from benchmarks.series_clients import (
     read_whole_series,
 )
 from benchmarks.stats import Series, fmt, median, median_interval, percentile, verdict
+from benchmarks.stream_followers import FollowedJobs, followed_jobs
 from service.api.routes.jobs import MAX_STEPS_PAGE
 from service.clock import utcnow
 from service.schemas import JobCreate
-from service.status import TERMINAL, JobStatus
+from service.status import JobStatus
 from service.store import job_repo, queue_repo
 from service.store.engines import make_engine, make_sessionmaker
-from tests.support import process, wait_for
 from workers.threads import usable_cores
 
 SERIES_STEPS = 50_000
@@ -128,14 +131,6 @@ def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[
     return series, (cpu_seconds(pid) - cpu_before) / n * 1000
 
 
-@contextlib.contextmanager
-def worker_process(ws: Workspace, log: Path, **settings: str) -> Iterator[None]:
-    """``python -m workers`` on the workspace (with these MNIST_* settings), for as long as
-    the block runs."""
-    with process(["-m", "workers"], ws.env(poll_interval_s="0.05", **settings), log):
-        yield
-
-
 @dataclass
 class PolledJobs:
     """Jobs of one worker configuration, alternately left alone and polled."""
@@ -192,26 +187,17 @@ def polled_jobs(
     )
     with worker_process(ws, log, **worker_settings):
         job_seconds(sessions, submit(sessions, seed=0))  # warm the worker's data
-        for r in range(runs):
-            # Every other round the polled job goes first: neither kind always follows the other.
-            quiet_first = r % 2 == 0
-            if quiet_first:
-                result.quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
-            polled = polled_job(sessions, url, api_pid, seed=r)
-            result.polled.add(polled.seconds)
+
+        def watch(seed: int) -> float:
+            polled = polled_job(sessions, url, api_pid, seed=seed)
             result.achieved.append(polled.rate_hz)
             result.poll_p50.append(polled.p50_ms)
             result.polls += polled.polls
             result.api_cpu_s += polled.api_cpu_s
             result.client_cpu_s += polled.client_cpu_s
-            if not quiet_first:
-                result.quiet.add(job_seconds(sessions, submit(sessions, seed=r)))
-            print(
-                f"  metrics round {r + 1}/{runs} ({label}): job {result.quiet.values[-1]:.2f} "
-                f"s, with polls {polled.seconds:.2f} s ({result.achieved[-1]:.0f} polls/s)",
-                file=sys.stderr,
-                flush=True,
-            )
+            return polled.seconds
+
+        alternate_rounds(sessions, runs, watch, result.quiet, result.polled, label)
     return result
 
 
@@ -229,13 +215,7 @@ class PolledJob:
 
 def polled_job(sessions: sessionmaker[Session], url: str, api_pid: int, *, seed: int) -> PolledJob:
     """Submit a job and poll it from its claim until it has succeeded."""
-    job_id = submit(sessions, seed=seed)
-    wait_for(
-        functools.partial(started_running, sessions, job_id),
-        timeout_s=60,
-        what="the job to start",
-        every_s=0.005,
-    )
+    job_id = claimed_job(sessions, seed=seed)
     with Poller(url, job_id, POLL_RATE_HZ, POLLERS) as poller:
         api_before = api_cpu_s(api_pid)
         seconds = job_seconds(sessions, job_id)
@@ -258,31 +238,10 @@ def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
     )
 
 
-def slowdown_cell(jobs: PolledJobs) -> str:
+def slowdown_cell(jobs: PolledJobs | FollowedJobs) -> str:
     """The paired slowdown and its interval."""
     low, high, chance = median_interval(jobs.paired)
     return f"{jobs.slowdown:+.1%} ({low:+.1%} to {high:+.1%}, {chance:.0%})"
-
-
-def job_seconds(sessions: sessionmaker[Session], job_id: str) -> float:
-    """Wait for a job to succeed; its claim → finish time from the database."""
-
-    def done() -> bool:
-        job, _, _ = recorded(sessions, job_id)
-        if job.status in TERMINAL and job.status != JobStatus.SUCCEEDED:
-            raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
-        return job.status == JobStatus.SUCCEEDED
-
-    wait_for(done, timeout_s=600, what=f"job {job_id}", every_s=0.1)
-    job, _, _ = recorded(sessions, job_id)
-    if job.started_at is None or job.finished_at is None:
-        raise RuntimeError(f"job {job_id} has no start or finish time")
-    return (job.finished_at - job.started_at).total_seconds()
-
-
-def started_running(sessions: sessionmaker[Session], job_id: str) -> bool:
-    """Whether a worker has claimed the job."""
-    return recorded(sessions, job_id)[0].status != JobStatus.QUEUED
 
 
 @dataclass
@@ -355,6 +314,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 )
                 for threads in ("auto", "1", "2")
             ]
+            # The same watchers following the job's event stream instead.
+            followed = followed_jobs(ws, sessions, url, pid, runs=runs, streams=POLLERS)
             client.close()
         health = healthz_under_reads(
             ws.env(),
@@ -469,6 +430,27 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"With MNIST_TORCH_THREADS=1 the polls slow a job by {one_thread.slowdown:+.1%}, with 2 "
         f"by {two_threads.slowdown:+.1%}. " + cold_polls_para(costs, default)
     )
+    section.para(
+        f"The same {POLLERS} watchers following the job's event stream instead "
+        "(`GET /jobs/{id}/events`, opened as the job is claimed by one client process for the "
+        "run, `benchmarks/stream_client.py`, each read to its end at the job's final event; "
+        "the default worker, the same alternation): a stream is woken by each write of its job "
+        "rather than asking 50 times a second. The CPU columns are per stream per job, the "
+        "API's processes' and the client's."
+    )
+    section.table(
+        ["watchers", "job, alone", "job, followed", "slowdown (paired)", "API CPU", "client CPU"],
+        [
+            [
+                f"{followed.streams} event streams",
+                fmt(followed.quiet.median, "s"),
+                fmt(followed.followed.median, "s"),
+                slowdown_cell(followed),
+                fmt(followed.per_stream_ms(followed.api_cpu_s), "ms"),
+                fmt(followed.per_stream_ms(followed.client_cpu_s), "ms"),
+            ]
+        ],
+    )
     section.goal_table(
         [
             [
@@ -491,6 +473,12 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 f"{POLL_RATE_HZ:.0f} polls/s slow a job by ≤ {SLOWDOWN_GOAL:.0%}",
                 f"{slowdown_cell(default)}, {default.label}",
                 verdict(slowdown <= SLOWDOWN_GOAL),
+            ],
+            [
+                f"{POLLERS} open event streams (the same watchers) slow a job by "
+                f"≤ {SLOWDOWN_GOAL:.0%}",
+                f"{slowdown_cell(followed)}, {default.label}",
+                verdict(followed.slowdown <= SLOWDOWN_GOAL),
             ],
         ],
     )

@@ -182,8 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(1)
         engine = make_engine(settings.database_url)
         app.state.settings = settings
-        # The polls' lane reads through connections of its own, never the shared pool.
-        poll_reads = PollReads(settings.database_url) if settings.fast_lanes else None
+        # Polls (the fast lane's) and event streams read through connections of their own,
+        # never the shared pool.
+        poll_reads = PollReads(settings.database_url)
         app.state.poll_reads = poll_reads
         app.state.read_sessions = make_sessionmaker(engine, read_only=True)
         app.state.write_sessions = make_sessionmaker(engine)
@@ -221,8 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if retention is not None:
                 retention.stop()
-            if poll_reads is not None:
-                poll_reads.close()
+            poll_reads.close()
             listener.close()
             engine.dispose()
 

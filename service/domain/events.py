@@ -27,12 +27,13 @@ alone reaches some clients (httpx-sse) as an event with empty data. The payload 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +44,7 @@ from service.status import TERMINAL
 from service.steps import StepPlan
 from service.store import job_repo, metric_repo, wakeups
 from service.store.availability import unavailable_as_503
+from service.store.engines import Reader
 from service.store.tables import MAX_INTEGER
 
 STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
@@ -53,6 +55,41 @@ STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again 
 # idle connection keep it: a comment, which no client takes for an event.
 KEEPALIVE_S = 15.0
 KEEPALIVE = ServerSentEvent(comment="ping")
+T = TypeVar("T")
+
+
+class StreamReads(Protocol):
+    """Where a stream's polls read the database."""
+
+    @property
+    def loop_steps(self) -> int | None:
+        """The most steps one read may hold the event loop for; None: reads run in threads."""
+
+    async def read(self, read: Callable[[Reader], T]) -> T:
+        """``read`` in one reading transaction; a database error propagates."""
+
+
+class SessionReads:
+    """A stream's polls in a worker thread each, in a session of the ``sessions`` given.
+
+    The API's streams read through the polls' connections instead
+    (:class:`service.api.lanes.polls.PollReads`, on the event loop on SQLite): every open stream
+    of a job polls at each of its writes, and a thread hand-off, a session and the shared
+    pool's checkout cost each poll more than its read (docs/benchmarks.md)."""
+
+    loop_steps: int | None = None
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    async def read(self, read: Callable[[Reader], T]) -> T:
+        """``read`` in a session of its own, in a worker thread."""
+
+        def in_session() -> T:
+            with self.sessions() as session:
+                return read(session)
+
+        return await anyio.to_thread.run_sync(in_session)
 
 
 class OpenStreams:
@@ -179,8 +216,9 @@ def has_ended(sessions: sessionmaker[Session], job_id: str, cursor: Cursor) -> b
     return cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt
 
 
-def poll(session: Session, state: StreamState) -> Poll:
-    """Read what is new for the stream and advance its state.
+def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Poll:
+    """Read what is new for the stream (at most ``max_steps`` steps, :data:`STEPS_PER_POLL`
+    unless given) and advance its state.
 
     Reads in this order: the job, then its epochs, then its steps. An epoch row is written
     in the same transaction as its last steps, so every epoch read here has its steps visible
@@ -188,7 +226,7 @@ def poll(session: Session, state: StreamState) -> Poll:
     are all there will ever be.
     """
     out = Poll()
-    job = job_repo.get_job(session, state.job_id)
+    job = job_repo.job_row(db, state.job_id)
     if job is None:  # deleted under the stream
         out.done = True
         return out
@@ -201,11 +239,10 @@ def poll(session: Session, state: StreamState) -> Poll:
         state.status = job.status
         state.emit(out, "status", {**status_data, "final": False})
 
-    epochs = metric_repo.read_epochs(session, job.id, after_epoch=state.cursor.epoch)
-    steps = metric_repo.read_steps(
-        session, job.id, after_step=state.cursor.step, limit=STEPS_PER_POLL
-    )
-    out.more = len(steps) == STEPS_PER_POLL
+    max_steps = max_steps or STEPS_PER_POLL
+    epochs = metric_repo.read_epochs(db, job.id, after_epoch=state.cursor.epoch)
+    steps = metric_repo.read_steps(db, job.id, after_step=state.cursor.step, limit=max_steps)
+    out.more = len(steps) == max_steps
     per_epoch = StepPlan.of(job).steps_per_epoch
     finished = job.status in TERMINAL and not out.more
 
@@ -240,29 +277,47 @@ def poll(session: Session, state: StreamState) -> Poll:
     return out
 
 
-def _poll_once(sessions: sessionmaker[Session], state: StreamState) -> Poll:
+async def _poll_once(reads: StreamReads, state: StreamState) -> Poll:
     # On a copy: a poll that fails half way (the database went away) leaves the state as it
     # was, so the next poll sends again whatever this one had prepared.
     trial = replace(state)
-    with unavailable_as_503("an event stream"), sessions() as session:
-        result = poll(session, trial)
+    max_steps = min(STEPS_PER_POLL, reads.loop_steps or STEPS_PER_POLL)
+    with unavailable_as_503("an event stream"):
+        result = await reads.read(lambda db: poll(db, trial, max_steps=max_steps))
     state.cursor, state.status = trial.cursor, trial.status
     return result
 
 
 async def stream(
-    sessions: sessionmaker[Session],
+    reads: StreamReads,
     job_id: str,
     cursor: Cursor,
     *,
     poll_s: float,
     wake: wakeups.Listener | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The events of one job, until the job has ended and everything has been sent, and
-    :data:`KEEPALIVE` whenever it has been silent for :data:`KEEPALIVE_S`.
+    """The events of :func:`batches`, one at a time."""
+    async for batch in batches(reads, job_id, cursor, poll_s=poll_s, wake=wake):
+        for event in batch:
+            yield event
 
-    Each poll's database reads run in a worker thread, so an open stream never blocks the
-    event loop; between polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
+
+async def batches(
+    reads: StreamReads,
+    job_id: str,
+    cursor: Cursor,
+    *,
+    poll_s: float,
+    wake: wakeups.Listener | None = None,
+) -> AsyncIterator[list[ServerSentEvent]]:
+    """The events of one job, a poll's at a time (the route writes each batch at once: one
+    write, and one wake-up of the client, rather than one per event), until the job has ended
+    and everything has been sent; and :data:`KEEPALIVE` whenever the stream has been silent for
+    :data:`KEEPALIVE_S`.
+
+    Each poll reads through ``reads``: in a worker thread, or on the event loop a few hundred
+    steps at most (``reads.loop_steps``), so an open stream never holds up the loop; between
+    polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
     (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``).
 
     While the database is unavailable the stream stays open and polls less often (up to
@@ -279,23 +334,27 @@ async def stream(
     with (wake or wakeups.Listener()).subscribe_async(wakeups.JOB_PROGRESS, job_id) as news:
         while True:
             try:
-                result: Poll | None = await anyio.to_thread.run_sync(_poll_once, sessions, state)
+                result: Poll | None = await _poll_once(reads, state)
             except DatabaseUnavailable:
                 result = None
                 outage_wait_s = min(outage_wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
             if result is not None:
                 outage_wait_s = poll_s
-                for event in result.events:
+                if result.events:
                     if retry is not None:
-                        event, retry = event.model_copy(update={"retry": retry}), None
-                    yield event
+                        first = result.events[0].model_copy(update={"retry": retry})
+                        result.events[0], retry = first, None
+                    yield result.events
                     said = anyio.current_time()
                 if result.done:
                     return
                 if result.more:
+                    # The next poll at once, but after the loop has run whatever waits:
+                    # a stream catching up reads on and on.
+                    await anyio.lowlevel.checkpoint()
                     continue
             if anyio.current_time() - said >= KEEPALIVE_S:
-                yield KEEPALIVE
+                yield [KEEPALIVE]
                 said = anyio.current_time()
             until_keepalive_s = said + KEEPALIVE_S - anyio.current_time()
             if result is None:

@@ -37,7 +37,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import PoolProxiedConnection, StaticPool
@@ -50,6 +50,7 @@ from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
 from service.store.engines import (
     DriverConnection,
+    Reader,
     make_engine,
     read_engine,
     sqlite_read_transaction,
@@ -85,7 +86,8 @@ def job_id_of(route: Route, path: str) -> str | None:
 
 
 class PollReads:
-    """The lane's own connections, apart from the shared pool.
+    """The connections of polls (the lane's) and of event streams' polls, apart from the
+    shared pool.
 
     The shared pool's connections go back when a request's session closes, which happens on
     the event loop: a read on the loop that waited for one could wait for the loop itself,
@@ -116,11 +118,32 @@ class PollReads:
         self._pooled: PoolProxiedConnection | None = None
         self._driver: DriverConnection | None = None
 
-    def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
+    @property
+    def loop_steps(self) -> int | None:
+        """The most steps one read may hold the event loop for; None where reads run in
+        threads (:meth:`read`)."""
+        return LOOP_STEPS if self.on_event_loop else None
+
+    async def read(self, read: Callable[[Reader], T]) -> T:
+        """``read`` in one reading transaction: on the loop's connection on SQLite
+        (:meth:`read_on_loop`), else in a thread on the lane's pool; a database error
+        propagates. An event stream's polls read here (:mod:`service.domain.events`): they
+        are polls too, woken together with every write of their job."""
+        if self.on_event_loop:
+            return self.read_on_loop(read)
+        return await anyio.to_thread.run_sync(self.read_in_thread, read, limiter=self.limiter)
+
+    def read_in_thread(self, read: Callable[[Connection], T]) -> T:
+        """``read`` in one reading transaction on a connection of the lane's pool (call it in
+        a thread); a database error propagates."""
+        with self.threads.connect() as connection, connection.begin():
+            return read(connection)
+
+    def read_on_loop(self, read: Callable[[DriverConnection], T]) -> T:
         """``read`` on the loop's connection (SQLite), in a reading transaction begun on the
-        driver's connection itself; None on a database error (the route meets the same error
-        and answers it its own way). After an error the connection is dropped, and the next
-        poll opens another: a connection left in a transaction, or broken, is never reused."""
+        driver's connection itself. After a database error, which propagates, the connection
+        is dropped and the next read opens another: a connection left in a transaction, or
+        broken, is never reused."""
         assert self._loop_base is not None, "only SQLite reads on the event loop"
         try:
             if self._driver is None:
@@ -132,6 +155,14 @@ class PollReads:
                 return read(self._driver)
         except (SQLAlchemyError, sqlite3.Error):
             self._drop_loop_connection()
+            raise
+
+    def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
+        """:meth:`read_on_loop`, None on a database error (the route meets the same error and
+        answers it its own way)."""
+        try:
+            return self.read_on_loop(read)
+        except (SQLAlchemyError, sqlite3.Error):
             return None
 
     def _drop_loop_connection(self) -> None:
@@ -149,13 +180,12 @@ class PollReads:
             self._loop_base.dispose()
 
 
-def _read(engine: Engine, read: Callable[[Connection], T | None]) -> T | None:
-    """``read`` in one read transaction; None on a database error (the route meets the same
-    error and answers it its own way)."""
+def _read(reads: PollReads, read: Callable[[Connection], T | None]) -> T | None:
+    """``read`` in one read transaction of the lane's threads; None on a database error (the
+    route meets the same error and answers it its own way)."""
     try:
-        with engine.connect() as connection, connection.begin():
-            return read(connection)
-    except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error):
+        return reads.read_in_thread(read)
+    except (SQLAlchemyError, reads.threads.dialect.loaded_dbapi.Error):
         return None
 
 
@@ -189,7 +219,7 @@ class PollLane:
                 body = reads.on_loop(lambda c: jobs.job_json(c, polled))
             else:
                 body = await anyio.to_thread.run_sync(
-                    _read, reads.threads, lambda c: jobs.job_json(c, polled), limiter=reads.limiter
+                    _read, reads, lambda c: jobs.job_json(c, polled), limiter=reads.limiter
                 )
             return None if body is None else (self.job_route, body)
         job_id = job_id_of(self.metrics_route, scope["path"])
@@ -217,7 +247,7 @@ class PollLane:
 
         def whole() -> bytes | None:
             return _read(
-                reads.threads,
+                reads,
                 lambda c: jobs.metrics_json(c, job_id, after_step=after_step, limit=limit),
             )
 

@@ -73,18 +73,23 @@ async def stream_start(
     return events.Cursor.parse(after, loc=("query", "last_event_id"))
 
 
-async def wire(stream: AsyncIterator[ServerSentEvent]) -> AsyncIterator[bytes]:
-    """The events in the text/event-stream format. An event without data (the keep-alive) is
+def encode(event: ServerSentEvent) -> bytes:
+    """An event in the text/event-stream format. An event without data (the keep-alive) is
     written without the blank line that would dispatch it: its comment lines alone."""
-    async for event in stream:
-        block = format_sse_event(
-            data_str=event.raw_data,
-            event=event.event,
-            id=event.id,
-            retry=event.retry,
-            comment=event.comment,
-        )
-        yield block if event.raw_data is not None else block[:-1]
+    block = format_sse_event(
+        data_str=event.raw_data,
+        event=event.event,
+        id=event.id,
+        retry=event.retry,
+        comment=event.comment,
+    )
+    return block if event.raw_data is not None else block[:-1]
+
+
+async def wire(batches: AsyncIterator[list[ServerSentEvent]]) -> AsyncIterator[bytes]:
+    """Each batch of events (a poll's) in the text/event-stream format, written at once."""
+    async for batch in batches:
+        yield b"".join(encode(event) for event in batch)
 
 
 @router.get(
@@ -118,5 +123,6 @@ async def job_events(
     if await run_in_threadpool(events.has_ended, sessions, job_id, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
-    stream = events.stream(sessions, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
+    reads = request.app.state.poll_reads  # the polls' own connections (see PollReads)
+    stream = events.batches(reads, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
     return StreamingResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -1,9 +1,10 @@
-"""The event stream's polls on both backends: order, batching, ids, resume, retries, the end."""
+"""The event stream's polls on both backends: order, batching, ids, resume, retries, the end;
+read in a session of their own, and through the polls' connections as the API reads them."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
+from service.api.lanes.polls import PollReads
 from service.domain import events
 from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
@@ -45,6 +47,22 @@ def kinds(evs: list[sse.Event]) -> list[str]:
 
 def steps_of(evs: list[sse.Event]) -> list[int]:
     return [s["step"] for e in evs if e.event == "step" for s in e.json()["steps"]]
+
+
+@pytest.fixture(params=["sessions", "poll_reads"])
+def reads(
+    request: pytest.FixtureRequest, sessions: sessionmaker[Session], db_url: str
+) -> Iterator[events.StreamReads]:
+    """A stream's reads: in a session of its own in a thread, or as the API reads them (on the
+    event loop's connection on SQLite, on the polls' pool in a thread on PostgreSQL)."""
+    if request.param == "sessions":
+        yield events.SessionReads(sessions)
+        return
+    poll_reads = PollReads(db_url)
+    try:
+        yield poll_reads
+    finally:
+        poll_reads.close()
 
 
 @pytest.fixture
@@ -182,12 +200,33 @@ def test_the_step_limit_holds_back_epochs_and_the_end(
     assert second[-1].json()["error"] == "boom"
 
 
-def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
+class LoopReads(events.SessionReads):
+    """Reads that may hold the event loop for a few steps at a time."""
+
+    loop_steps = 3
+
+
+def test_reads_that_hold_the_loop_read_a_few_steps_at_a_time_and_miss_none(
     sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    training.claim()
+    training.run_epoch(0.5)
+    training.run_epoch(0.7)
+    training.finish()
+    sent = [read(e) for e in collect_all(LoopReads(sessions), training.job_id)]
+    batches = [[s["step"] for s in e.json()["steps"]] for e in sent if e.event == "step"]
+    assert max(len(b) for b in batches) == LoopReads.loop_steps
+    assert [n for b in batches for n in b] == list(range(1, 11))
+    assert [e.json()["epoch"] for e in sent if e.event == "epoch"] == [1, 2]
+    assert sent[-1].json()["final"] is True
+
+
+def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
+    sessions: sessionmaker[Session], training: FakeTraining, reads: events.StreamReads
 ) -> None:
     async def collect() -> list[ServerSentEvent]:
         sent = []
-        async for event in events.stream(sessions, training.job_id, Cursor(), poll_s=0.01):
+        async for event in events.stream(reads, training.job_id, Cursor(), poll_s=0.01):
             sent.append(event)
             if len(sent) == 1:  # the queued status: the job is cancelled
                 with sessions.begin() as session:
@@ -226,15 +265,15 @@ def outage_error(tmp_path: Path) -> Exception:
     return raised.value
 
 
-def collect_all(sessions: sessionmaker[Session], job_id: str) -> list[ServerSentEvent]:
+def collect_all(reads: events.StreamReads, job_id: str) -> list[ServerSentEvent]:
     async def collect() -> list[ServerSentEvent]:
-        return [e async for e in events.stream(sessions, job_id, Cursor(), poll_s=0.01)]
+        return [e async for e in events.stream(reads, job_id, Cursor(), poll_s=0.01)]
 
     return anyio.run(collect)
 
 
 def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
-    sessions: sessionmaker[Session],
+    reads: events.StreamReads,
     training: FakeTraining,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -243,7 +282,7 @@ def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
     training.run_epoch(0.5)
     training.run_epoch(0.7)
     training.finish()
-    undisturbed = collect_all(sessions, training.job_id)
+    undisturbed = collect_all(reads, training.job_id)
     # The database goes away in the middle of polls, after the job was read and its status
     # event prepared: nothing of that poll may be lost or sent twice.
     read_steps = metric_repo.read_steps
@@ -255,23 +294,26 @@ def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
         return read_steps(*args, **kwargs)
 
     monkeypatch.setattr(metric_repo, "read_steps", failing)
-    assert collect_all(sessions, training.job_id) == undisturbed
+    assert collect_all(reads, training.job_id) == undisturbed
     assert next(failures, None) is None  # every failure was met
 
 
 def test_a_bug_still_ends_the_stream_with_its_error(
-    sessions: sessionmaker[Session], training: FakeTraining, monkeypatch: pytest.MonkeyPatch
+    reads: events.StreamReads, training: FakeTraining, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ProgrammingError("SELEC", {}, Exception("syntax error"))
 
     monkeypatch.setattr(metric_repo, "read_steps", broken)
     with pytest.raises(ProgrammingError):
-        collect_all(sessions, training.job_id)
+        collect_all(reads, training.job_id)
 
 
 def test_each_write_of_the_job_wakes_its_stream_at_once(
-    sessions: sessionmaker[Session], training: FakeTraining, db_url: str
+    sessions: sessionmaker[Session],
+    training: FakeTraining,
+    db_url: str,
+    reads: events.StreamReads,
 ) -> None:
     # The stream reads every 60 s without a wake-up; the whole job must reach it within 20.
     wakeups.attach(sessions, db_url, enabled=True)
@@ -286,7 +328,7 @@ def test_each_write_of_the_job_wakes_its_stream_at_once(
     async def follow(listener: wakeups.Listener) -> list[sse.Event]:
         received: list[sse.Event] = []
         with anyio.fail_after(20):
-            stream = events.stream(sessions, training.job_id, Cursor(), poll_s=60, wake=listener)
+            stream = events.stream(reads, training.job_id, Cursor(), poll_s=60, wake=listener)
             async for event in stream:
                 received.append(read(event))
                 if writes:  # the next write, once the stream has shown the last one

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 
+import anyio
 import httpx
 import httpx_sse
 import pytest
+from fastapi.sse import ServerSentEvent
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
+from service.api.routes.events import encode, wire
 from service.domain import events
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -214,3 +218,25 @@ def test_streams_beyond_the_cap_get_503_and_an_ended_one_gives_its_place_back(
         assert response.headers["retry-after"] == "5"
         assert response.json()["error"]["code"] == "at_capacity"
     assert read_stream(client, f"/jobs/{job_id}/events")[-1].json()["final"]
+
+
+def test_each_polls_events_are_written_at_once() -> None:
+    # One write, one chunk, one wake-up of the client per poll, not one per event.
+    first = [
+        ServerSentEvent(event="status", raw_data='{"a":1}', id="1:0:0:1", retry=1000),
+        ServerSentEvent(event="step", raw_data='{"steps":[]}', id="1:2:0:2"),
+    ]
+
+    async def polls() -> AsyncIterator[list[ServerSentEvent]]:
+        yield first
+        yield [events.KEEPALIVE]
+
+    async def written() -> list[bytes]:
+        return [chunk async for chunk in wire(polls())]
+
+    chunks = anyio.run(written)
+    assert len(chunks) == 2
+    assert chunks[0] == b"".join(encode(event) for event in first)
+    parsed = list(sse.parse(chunks[0].decode().splitlines()))
+    assert [(e.event, e.id) for e in parsed] == [("status", "1:0:0:1"), ("step", "1:2:0:2")]
+    assert chunks[1].startswith(b":") and not list(sse.parse(chunks[1].decode().splitlines()))
