@@ -435,8 +435,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         "(`GET /jobs/{id}/events`, opened as the job is claimed by one client process for the "
         "run, `benchmarks/stream_client.py`, each read to its end at the job's final event; "
         "the default worker, the same alternation): a stream is woken by each write of its job "
-        "rather than asking 50 times a second. The CPU columns are per stream per job, the "
-        "API's processes' and the client's."
+        f"rather than asking {POLL_RATE_HZ / POLLERS:.0f} times a second. The CPU columns are "
+        "per stream per job, the API's processes' and the client's."
     )
     section.table(
         ["watchers", "job, alone", "job, followed", "slowdown (paired)", "API CPU", "client CPU"],

@@ -31,7 +31,13 @@ class PollCosts:
 
 def api_cpu_s(pid: int) -> float:
     """CPU seconds of the API's processes (the server and its workers), to the nanosecond."""
-    return sum(exact_cpu_seconds(p) for p in [pid, *children(pid)])
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            total += exact_cpu_seconds(p)
+        except ProcessLookupError:
+            continue  # a process that ended since it was listed
+    return total
 
 
 def _polled(
@@ -88,4 +94,6 @@ def share_slowdown(other_cpu_s: float, job_s: float, cores: int) -> float:
     cores idle that the others can use for nothing; a job whose threads wait on each other
     loses more than the others take (docs/benchmarks.md)."""
     share = other_cpu_s / job_s
+    if share >= cores:
+        raise ValueError(f"the others used {share:.2f} cores of {cores}: no job kept them busy")
     return share / (cores - share)

@@ -11,22 +11,30 @@ about as much as the API's work for the stream (docs/benchmarks.md). Plain async
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from urllib.parse import urlsplit
 
+FINAL_EVENT = re.compile(rb"\nid: [0-9:]+:end\n")
+STREAM_LIMIT_S = 600.0  # a stream longer than a benchmark's job: something is wrong
+
 
 async def follow(host: str, port: int, path: str) -> int:
-    """One stream read to its end; how many events it carried."""
+    """One stream read to its end; how many events it carried. It must end as the service
+    ends a stream: with the final event (its id ends in ``:end``) and the last chunk."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         writer.write(request.encode())
-        answer = await reader.read()  # to the server's close, after the final event
+        answer = await asyncio.wait_for(reader.read(), STREAM_LIMIT_S)  # to the server's close
     finally:
         writer.close()
+        await writer.wait_closed()
     status = answer.split(b"\r\n", 1)[0]
     if b" 200 " not in status + b" ":
         raise RuntimeError(f"the stream of {path} was answered {status!r}")
+    if not FINAL_EVENT.search(answer) or not answer.endswith(b"\r\n0\r\n\r\n"):
+        raise RuntimeError(f"the stream of {path} ended before its final event")
     return answer.count(b"\nid: ")
 
 

@@ -1,9 +1,9 @@
 """A job's live event stream: ``status``, ``step`` (batched) and ``epoch`` events from the database.
 
-The stream is a loop of short polls, each in its own read session (a long-lived one would pin
-one snapshot and never see news). Between polls it waits for the job's wake-up
-(:mod:`service.store.wakeups`, published with every flush and status change), or for
-``events_poll_s`` when none comes.
+The stream is a loop of short polls, each in a reading transaction of its own (a long-lived one
+would pin one snapshot and never see news), wherever the caller's :class:`StreamReads` reads.
+Between polls it waits for the job's wake-up (:mod:`service.store.wakeups`, published with
+every flush and status change), or for ``events_poll_s`` when none comes.
 
 Every event carries an id ``attempt:step:epoch:sent``: the last step and epoch the client has
 been sent, and how many events it has been sent on this stream, reconnections included, so
@@ -95,9 +95,9 @@ class SessionReads:
 class OpenStreams:
     """How many event streams this process has open: the one count the cap is checked against.
 
-    Every open stream reads the database from the shared thread pool (when its job's worker
-    has written, or every ``events_poll_s``); past some hundreds they slow every other
-    request, so a stream beyond the cap is refused
+    Every open stream reads the database when its job's worker has written (or every
+    ``events_poll_s``), on the event loop or in the thread pool; past some hundreds they slow
+    every other request, so a stream beyond the cap is refused
     (503 with ``Retry-After``) before it starts. The count lives in the event loop's thread
     only, so it needs no lock.
     """

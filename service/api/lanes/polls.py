@@ -68,6 +68,10 @@ NO_QUERY = RouteQuery(_NoQuery)
 JOB_ID: TypeAdapter[str] = TypeAdapter(JobIdPath)
 # The most steps a poll reads on the event loop (SQLite): a fraction of a millisecond.
 LOOP_STEPS = 256
+# How long a read on the loop waits for a lock before it fails (the route, or the stream's next
+# try, takes over): a WAL reader waits only in rare moments (the WAL's recovery after a crash),
+# but every request of the process would wait with it, for the engines' 30 s at most.
+LOOP_BUSY_MS = 50
 # Reads the lane runs in threads at once; its pool holds as many connections, so a read that
 # got its turn never waits for a connection.
 THREAD_READERS = 4
@@ -151,6 +155,7 @@ class PollReads:
                 self._driver = DriverConnection(
                     self._loop_base.dialect, self._pooled.driver_connection
                 )
+                self._driver.dbapi_connection.execute(f"PRAGMA busy_timeout={LOOP_BUSY_MS}")
             with sqlite_read_transaction(self._driver.dbapi_connection):
                 return read(self._driver)
         except (SQLAlchemyError, sqlite3.Error):

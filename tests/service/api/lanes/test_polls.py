@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 from starlette.routing import Route
 
-from service.api.lanes.polls import QUERY, PollReads, job_id_of
+from service.api.lanes.polls import LOOP_BUSY_MS, QUERY, PollReads, job_id_of
 from service.api.routes import jobs as jobs_routes
 from service.store.engines import DriverConnection
 
@@ -103,5 +104,21 @@ def test_after_a_database_error_the_loop_reads_on_a_fresh_connection(tmp_path: P
         fresh = reads.on_loop(lambda c: c.dbapi_connection)
         assert fresh is not None and fresh is not broken
         assert reads.on_loop(lambda c: c.dbapi_connection.execute("SELECT 1").fetchone()) == (1,)
+    finally:
+        reads.close()
+
+
+def test_a_read_on_the_loop_waits_for_a_lock_only_briefly(tmp_path: Path) -> None:
+    # Every request of the process waits while the loop does: not the engines' 30 s.
+    reads = PollReads(f"sqlite:///{tmp_path / 'polls.db'}")
+    try:
+
+        def busy_ms(c: DriverConnection) -> int:
+            return int(c.dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0])
+
+        assert reads.read_on_loop(busy_ms) == LOOP_BUSY_MS
+        with pytest.raises(sqlite3.OperationalError):  # raised, and the connection dropped
+            reads.read_on_loop(lambda c: c.dbapi_connection.execute("SELECT * FROM nothing"))
+        assert reads.read_on_loop(busy_ms) == LOOP_BUSY_MS  # so is the next one's
     finally:
         reads.close()

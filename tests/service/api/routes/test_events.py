@@ -6,17 +6,20 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from types import SimpleNamespace
+from typing import Any, cast
 
 import anyio
 import httpx
 import httpx_sse
 import pytest
+from fastapi import Request
 from fastapi.sse import ServerSentEvent
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
-from service.api.routes.events import encode, wire
+from service.api.routes.events import encode, stream_reads, wire
 from service.domain import events
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -240,3 +243,16 @@ def test_each_polls_events_are_written_at_once() -> None:
     parsed = list(sse.parse(chunks[0].decode().splitlines()))
     assert [(e.event, e.id) for e in parsed] == [("status", "1:0:0:1"), ("step", "1:2:0:2")]
     assert chunks[1].startswith(b":") and not list(sse.parse(chunks[1].decode().splitlines()))
+
+
+def test_streams_read_on_the_loop_on_sqlite_and_in_sessions_of_their_own_elsewhere(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    # On PostgreSQL the lane's few threads are the polls': a hundred streams woken at once
+    # would queue every poll behind them.
+    app: Any = client.app
+    reads = stream_reads(cast(Request, SimpleNamespace(app=app)), sessions)
+    if app.state.poll_reads.on_event_loop:
+        assert reads is app.state.poll_reads and reads.loop_steps is not None
+    else:
+        assert isinstance(reads, events.SessionReads) and reads.loop_steps is None

@@ -1,0 +1,47 @@
+"""The CPU of other processes as the benchmarks read it: to the nanosecond, and with the CPU of
+threads that have ended (a server's idle worker threads end while it runs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.procs import exact_cpu_seconds
+
+# A child that spends 0.2 s of CPU in a thread of its own, ends the thread, says so and waits.
+BURN_IN_A_THREAD = """
+import sys, threading, time
+def burn():
+    while time.thread_time() < 0.2:
+        pass
+worker = threading.Thread(target=burn)
+worker.start()
+worker.join()
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_process_keeps_the_cpu_of_its_threads_that_ended() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", BURN_IN_A_THREAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "done\n"
+        assert exact_cpu_seconds(child.pid) >= 0.2
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_process_that_is_gone_has_no_cpu_to_read() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: no such process any more
+    with pytest.raises(ProcessLookupError):
+        exact_cpu_seconds(child.pid)
