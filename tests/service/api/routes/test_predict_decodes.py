@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import threading
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from service.serving import imaging
 from service.settings import Settings
 from tests.service.images import png
 from tests.service.serving.test_decode_slots import InFlight
-from tests.support import synthetic_digits, together
+from tests.support import synthetic_digits, together, wait_for
 
 RAW = {"content-type": "image/png"}
 
@@ -72,23 +74,96 @@ def test_route_and_lane_decode_in_the_same_few_slots(
 
 @limits(max_decodes=2, fast_lanes=False)
 def test_the_route_alone_keeps_to_its_slots(
-    client: TestClient, trained: str, slow_decodes: InFlight
+    client: TestClient, trained: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    held = HeldDecodes(monkeypatch)
+    slots = cast(Any, client.app).state.predictor.decodes
     _, large = images()
-    answers = together([lambda: client.post("/predict", content=large, headers=RAW)] * 6)
-    assert [a.status_code for a in answers] == [200] * 6
-    assert slow_decodes.peak == 2 and slow_decodes.done == 6
+    answers: list[int] = []
+    posts = [threading.Thread(target=post_into, args=(client, large, answers)) for _ in range(6)]
+    try:
+        for thread in posts:
+            thread.start()
+        # Both slots taken, the other four waiting: no more decode, whatever the timing.
+        wait_for(
+            lambda: held.now == 2 and slots.waiting == 4,
+            timeout_s=30,
+            what="two decodes and four waiting",
+        )
+    finally:
+        held.release.set()
+        for thread in posts:
+            thread.join(timeout=60)
+    assert answers == [200] * 6
+    assert held.peak == 2 and held.done == 6
+
+
+def on_event_loop() -> bool:
+    """Whether this thread runs an event loop (the lane decodes there, the route in threads)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class HeldDecodes:
+    """Every decode on a thread (the route's) held until :attr:`release` is set, counted while
+    it runs: a test decides which requests overlap, instead of hoping that they do. The lane's
+    decodes on the event loop pass (holding one would hold the loop itself)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.now = self.peak = self.done = 0
+        self._lock = threading.Lock()
+        self._decode = imaging.decode
+        monkeypatch.setattr(imaging, "decode", self.decode)
+
+    def decode(self, data: bytes, **options: Any) -> np.ndarray:
+        if on_event_loop():
+            return self._decode(data, **options)
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            assert self.release.wait(30), "the test never released the decodes"
+            return self._decode(data, **options)
+        finally:
+            with self._lock:
+                self.now -= 1
+                self.done += 1
+
+
+def post_into(client: TestClient, image: bytes, answers: list[int]) -> None:
+    """POST the image to /predict; its status into ``answers``."""
+    answers.append(client.post("/predict", content=image, headers=RAW).status_code)
 
 
 @limits(max_decodes=1, max_decode_queue=1)
 def test_past_the_waiting_bound_predict_answers_429_with_retry_after(
-    client: TestClient, trained: str, slow_decodes: InFlight
+    client: TestClient, trained: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The race is the test's own: one request holds the slot until released, a second is seen
+    # waiting for it, and only then does a third come.
+    held = HeldDecodes(monkeypatch)
+    slots = cast(Any, client.app).state.predictor.decodes
     _, large = images()
-    answers = together([lambda: client.post("/predict", content=large, headers=RAW)] * 6)
-    codes = sorted(a.status_code for a in answers)
-    assert codes.count(200) >= 2 and set(codes) == {200, 429}, codes
-    refused = next(a for a in answers if a.status_code == 429)
+    answers: list[int] = []
+    first, second = (
+        threading.Thread(target=post_into, args=(client, large, answers)) for _ in range(2)
+    )
+    try:
+        first.start()
+        wait_for(lambda: held.now == 1, timeout_s=30, what="the first decode to hold the slot")
+        second.start()
+        wait_for(lambda: slots.waiting == 1, timeout_s=30, what="the second to wait for it")
+        refused = client.post("/predict", content=large, headers=RAW)
+    finally:
+        held.release.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert refused.status_code == 429
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "too_many_requests"
-    assert slow_decodes.peak == 1
+    assert answers == [200, 200]  # the one decoding and the one waiting were answered
+    assert held.peak == 1
