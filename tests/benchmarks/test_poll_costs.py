@@ -41,14 +41,14 @@ def test_both_ways_of_polling_are_charged_to_every_process_of_the_api(
         def cpu_s() -> tuple[float, float]:  # the server's own, its workers'
             return exact_cpu_seconds(proc.pid), sum(exact_cpu_seconds(p) for p in workers)
 
-        (server_before, workers_before), total_before = cpu_s(), api_cpu_s(proc.pid)
+        server_before, workers_before = cpu_s()
         costs = poll_costs(
             str(client.base_url), proc.pid, job_id, rate_hz=50, connections=2, seconds=0.5
         )
-        (server_after, workers_after), total_after = cpu_s(), api_cpu_s(proc.pid)
+        server_after, workers_after = cpu_s()
+        assert api_cpu_s(proc.pid) >= server_after + workers_after  # read later: at least that
     # The polls are answered by the server's worker processes, not the one it was started as,
     # and the figure counts their CPU: the server's own alone would be next to nothing.
     assert workers_after - workers_before > server_after - server_before
-    assert total_after - total_before >= workers_after - workers_before
     assert costs.back_to_back_ms > 0 and costs.paced_ms > 0
     assert costs.back_to_back_hz > 0 and costs.paced_hz > 0
