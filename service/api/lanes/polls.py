@@ -40,6 +40,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -48,6 +49,7 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
+from service.domain.events import SessionReads, StreamReads
 from service.store.engines import (
     DriverConnection,
     Reader,
@@ -122,20 +124,22 @@ class PollReads:
         self._pooled: PoolProxiedConnection | None = None
         self._driver: DriverConnection | None = None
 
-    @property
-    def loop_steps(self) -> int | None:
-        """The most steps one read may hold the event loop for; None where reads run in
-        threads (:meth:`read`)."""
-        return LOOP_STEPS if self.on_event_loop else None
+    loop_steps = LOOP_STEPS  # the most steps one read on the event loop may take
+
+    def for_streams(self, sessions: sessionmaker[Session]) -> StreamReads:
+        """Where an event stream's polls read. On SQLite on the event loop, through this
+        connection (:meth:`read`): each wake-up of a job's streams is a read of a few steps,
+        cheaper there than a thread hand-off and a session of the shared pool
+        (docs/benchmarks.md). Elsewhere in a thread each, in a session of ``sessions`` (the
+        read pool), as the routes read: the lane's few threads are the polls', and a hundred
+        streams woken at once would queue every poll behind them."""
+        return self if self.on_event_loop else SessionReads(sessions)
 
     async def read(self, read: Callable[[Reader], T]) -> T:
-        """``read`` in one reading transaction: on the loop's connection on SQLite
-        (:meth:`read_on_loop`), else in a thread on the lane's pool; a database error
-        propagates. An event stream's polls read here (:mod:`service.domain.events`): they
-        are polls too, woken together with every write of their job."""
-        if self.on_event_loop:
-            return self.read_on_loop(read)
-        return await anyio.to_thread.run_sync(self.read_in_thread, read, limiter=self.limiter)
+        """``read`` on the loop's connection (:meth:`read_on_loop`; SQLite only, as
+        :meth:`for_streams` chooses): an event stream's polls, woken with every write of their
+        job, as :class:`~service.domain.events.StreamReads`."""
+        return self.read_on_loop(read)
 
     def read_in_thread(self, read: Callable[[Connection], T]) -> T:
         """``read`` in one reading transaction on a connection of the lane's pool (call it in

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import ServerSentEvent, format_sse_event
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
@@ -77,17 +76,6 @@ async def stream_start(
     return events.Cursor.parse(after, loc=("query", "last_event_id"))
 
 
-def stream_reads(request: Request, sessions: sessionmaker[Session]) -> events.StreamReads:
-    """Where a stream's polls read. On SQLite on the event loop, through the polls' own
-    connection (:class:`~service.api.lanes.polls.PollReads`): each wake-up of a job's streams
-    is a read of a few steps, cheaper there than a thread hand-off and a session of the shared
-    pool (docs/benchmarks.md). Elsewhere in a thread each, in a session of the read pool, as
-    the routes read: the lane's few threads are the polls', and a hundred streams woken at once
-    would queue every poll behind them."""
-    poll_reads: PollReads = request.app.state.poll_reads
-    return poll_reads if poll_reads.on_event_loop else events.SessionReads(sessions)
-
-
 def encode(event: ServerSentEvent) -> bytes:
     """An event in the text/event-stream format. An event without data (the keep-alive) is
     written without the blank line that would dispatch it: its comment lines alone."""
@@ -138,7 +126,8 @@ async def job_events(
     if await run_in_threadpool(events.has_ended, sessions, job_id, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
+    poll_reads: PollReads = request.app.state.poll_reads
     stream = events.batches(
-        stream_reads(request, sessions), job_id, cursor, poll_s=settings.events_poll_s, wake=wake
+        poll_reads.for_streams(sessions), job_id, cursor, poll_s=settings.events_poll_s, wake=wake
     )
     return StreamingResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -6,20 +6,18 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
 import httpx_sse
 import pytest
-from fastapi import Request
 from fastapi.sse import ServerSentEvent
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
-from service.api.routes.events import encode, stream_reads, wire
+from service.api.routes.events import encode, wire
 from service.domain import events
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -251,7 +249,7 @@ def test_streams_read_on_the_loop_on_sqlite_and_in_sessions_of_their_own_elsewhe
     # On PostgreSQL the lane's few threads are the polls': a hundred streams woken at once
     # would queue every poll behind them.
     app: Any = client.app
-    reads = stream_reads(cast(Request, SimpleNamespace(app=app)), sessions)
+    reads = app.state.poll_reads.for_streams(sessions)
     if app.state.poll_reads.on_event_loop:
         assert reads is app.state.poll_reads and reads.loop_steps is not None
     else:

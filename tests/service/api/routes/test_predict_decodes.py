@@ -13,24 +13,9 @@ from fastapi.testclient import TestClient
 from service.serving import imaging
 from service.settings import Settings
 from tests.service.images import png
-from tests.service.serving.test_decode_slots import InFlight
-from tests.support import synthetic_digits, together, wait_for
+from tests.support import synthetic_digits, wait_for
 
 RAW = {"content-type": "image/png"}
-
-
-@pytest.fixture
-def slow_decodes(monkeypatch: pytest.MonkeyPatch) -> InFlight:
-    """Every image decode takes 0.15 s longer, and is counted while it runs."""
-    fake = InFlight(0.15)
-    decode = imaging.decode
-
-    def slow(data: bytes, **options: Any) -> np.ndarray:
-        fake.decode()
-        return decode(data, **options)
-
-    monkeypatch.setattr(imaging, "decode", slow)
-    return fake
 
 
 @pytest.fixture
@@ -58,18 +43,34 @@ def images() -> tuple[bytes, bytes]:
     ids=["1 slot", "2 slots"],
 )
 def test_route_and_lane_decode_in_the_same_few_slots(
-    client: TestClient, trained: str, api_settings: Settings, slow_decodes: InFlight
+    client: TestClient, trained: str, api_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The route's decodes take every slot and are held there; a small image, which the lane
+    # decodes on the event loop, then waits for one of them: the two paths share the slots.
+    held = HeldDecodes(monkeypatch)
+    slots = cast(Any, client.app).state.predictor.decodes
     small, large = images()
-    calls = [lambda: client.post("/predict", content=large, headers=RAW)] * 4
-    calls += [lambda: client.post("/predict", content=small, headers=RAW)] * 4
-    answers = together(calls)
-    assert [a.status_code for a in answers] == [200] * 8
-    # 4 small images decoded by the lane; 4 large ones tried by the lane (refused by their
-    # header's size) and decoded by the route.
-    assert slow_decodes.done == 12
-    # With one slot the lane's decodes (on the loop) wait for the route's (on threads).
-    assert slow_decodes.peak == api_settings.max_decodes
+    answers: list[int] = []
+    taken = api_settings.max_decodes
+    posts = [
+        threading.Thread(target=post_into, args=(client, large, answers)) for _ in range(taken)
+    ]
+    lane = threading.Thread(target=post_into, args=(client, small, answers))
+    try:
+        for thread in posts:
+            thread.start()
+        wait_for(lambda: held.now == taken, timeout_s=30, what="the route's decodes in every slot")
+        lane.start()
+        wait_for(lambda: slots.waiting == 1, timeout_s=30, what="the lane's decode to wait")
+        assert lane.is_alive() and held.done == 0
+    finally:
+        held.release.set()
+        for thread in (*posts, lane):
+            thread.join(timeout=60)
+    assert answers == [200] * (taken + 1)
+    # Each large image was tried by the lane (on the loop) and left to the route: held there.
+    assert held.peak == taken and held.done == taken
+    assert held.loop_decodes == taken + 1  # the large ones' tries and the small one
 
 
 @limits(max_decodes=2, fast_lanes=False)
@@ -115,12 +116,14 @@ class HeldDecodes:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
         self.now = self.peak = self.done = 0
+        self.loop_decodes = 0  # the lane's, on the event loop, not held
         self._lock = threading.Lock()
         self._decode = imaging.decode
         monkeypatch.setattr(imaging, "decode", self.decode)
 
     def decode(self, data: bytes, **options: Any) -> np.ndarray:
         if on_event_loop():
+            self.loop_decodes += 1
             return self._decode(data, **options)
         with self._lock:
             self.now += 1
