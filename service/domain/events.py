@@ -205,12 +205,14 @@ def json_data(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
-def has_ended(sessions: sessionmaker[Session], job_id: str, cursor: Cursor) -> bool:
+async def has_ended(reads: StreamReads, job_id: str, cursor: Cursor) -> bool:
     """Whether a stream resumed at ``cursor`` has nothing left to send: its job has ended and
-    the cursor is the final event's (the route answers 204). Checked before a stream starts;
+    the cursor is the final event's (the route answers 204). Checked before a stream starts,
+    read where the stream's polls read (on SQLite on the event loop: a thread hand-off and an
+    ORM session cost each stream more than its polls did, docs/benchmarks.md);
     :class:`NotFound` unless the job exists."""
-    with sessions() as session:
-        job = job_repo.get_job(session, job_id)
+    with unavailable_as_503("an event stream"):
+        job = await reads.read(lambda db: job_repo.job_row(db, job_id))
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     return cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt
@@ -230,20 +232,27 @@ def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Pol
     if job is None:  # deleted under the stream
         out.done = True
         return out
-    status_data = to_read(job).model_dump(mode="json")
-    status_data["steps_per_epoch"] = StepPlan.of(job).steps_per_epoch
+    per_epoch = StepPlan.of(job).steps_per_epoch
+
+    def send_status(*, final: bool) -> None:
+        # Built only when sent: most polls find only steps, and the job's whole read model
+        # cost a poll more than its reads did (docs/benchmarks.md).
+        state.status = job.status
+        data = to_read(job).model_dump(mode="json")
+        state.emit(
+            out, "status", {**data, "steps_per_epoch": per_epoch, "final": final}, final=final
+        )
+
     new_attempt = job.attempt != state.cursor.attempt
     if new_attempt:
         state.cursor = Cursor(attempt=job.attempt, sent=state.cursor.sent)
     if new_attempt or state.status is None:
-        state.status = job.status
-        state.emit(out, "status", {**status_data, "final": False})
+        send_status(final=False)
 
     max_steps = max_steps or STEPS_PER_POLL
     epochs = metric_repo.read_epochs(db, job.id, after_epoch=state.cursor.epoch)
     steps = metric_repo.read_steps(db, job.id, after_step=state.cursor.step, limit=max_steps)
     out.more = len(steps) == max_steps
-    per_epoch = StepPlan.of(job).steps_per_epoch
     finished = job.status in TERMINAL and not out.more
 
     def send_due_epochs(sent_step: int, *, all_left: bool = False) -> None:
@@ -271,8 +280,7 @@ def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Pol
     # EventSource would otherwise reconnect to a stream that has ended).
     changed = job.status != state.status and job.status not in TERMINAL
     if changed or finished:
-        state.status = job.status
-        state.emit(out, "status", {**status_data, "final": finished}, final=finished)
+        send_status(final=finished)
     out.done = finished
     return out
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import ServerSentEvent, format_sse_event
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
@@ -123,11 +122,10 @@ async def job_events(
     cursor: Annotated[events.Cursor, Depends(stream_start)],
 ) -> Response:
     """Follow a job as it trains: events as they are recorded, until the job has ended."""
-    if await run_in_threadpool(events.has_ended, sessions, job_id, cursor):
+    poll_reads: PollReads = request.app.state.poll_reads
+    reads = poll_reads.for_streams(sessions)
+    if await events.has_ended(reads, job_id, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
-    poll_reads: PollReads = request.app.state.poll_reads
-    stream = events.batches(
-        poll_reads.for_streams(sessions), job_id, cursor, poll_s=settings.events_poll_s, wake=wake
-    )
+    stream = events.batches(reads, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
     return StreamingResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

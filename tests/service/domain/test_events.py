@@ -158,9 +158,13 @@ def test_resuming_from_an_id_sends_only_what_came_after(
     # No id repeats, the resumed one included (the opening status is at its position).
     ids = [e.id for e in everything[:3] + resumed]
     assert len(set(ids)) == len(ids)
-    assert not events.has_ended(sessions, training.job_id, Cursor.parse(everything[-2].id))
-    assert events.has_ended(sessions, training.job_id, Cursor.parse(everything[-1].id))
-    assert events.has_ended(sessions, training.job_id, Cursor.parse(resumed[-1].id))
+    reads = events.SessionReads(sessions)
+
+    def ended(event_id: str | None) -> bool:
+        return anyio.run(events.has_ended, reads, training.job_id, Cursor.parse(event_id))
+
+    assert not ended(everything[-2].id)
+    assert ended(everything[-1].id) and ended(resumed[-1].id)
 
     # An id from an attempt that is gone: everything again, for the current attempt.
     stale, _ = poll(sessions, StreamState(cursor=Cursor(7, 99, 9), job_id=training.job_id))
