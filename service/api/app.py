@@ -41,6 +41,7 @@ from service.api.routes import (
     workers,
 )
 from service.api.security import ApiKeyMiddleware, keys_from
+from service.domain.event_reads import SharedReads
 from service.domain.ops import StoreSize, WriteProbe
 from service.domain.retention import Retention, RetentionThread
 from service.errors import ServiceError
@@ -194,6 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_url, [wakeups.JOB_PROGRESS], enabled=settings.wakeups
         )
         app.state.wakeups = listener
+        app.state.shared_reads = SharedReads()  # a job's streams woken together read once
         app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
         app.state.store_size = StoreSize()
         retention = None

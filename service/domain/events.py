@@ -30,19 +30,25 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from fastapi.sse import ServerSentEvent
-from sqlalchemy.orm import Session, sessionmaker
 
+from service.domain.event_reads import (
+    News,
+    Position,
+    SharedReads,
+    StreamReads,
+    read_news,
+)
 from service.domain.jobs import to_read
 from service.errors import AtCapacity, DatabaseUnavailable, InvalidInput, NotFound
 from service.status import TERMINAL
 from service.steps import StepPlan
-from service.store import job_repo, metric_repo, wakeups
+from service.store import job_repo, wakeups
 from service.store.availability import unavailable_as_503
 from service.store.engines import Reader
 from service.store.tables import MAX_INTEGER
@@ -56,40 +62,6 @@ STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again 
 KEEPALIVE_S = 15.0
 KEEPALIVE = ServerSentEvent(comment="ping")
 T = TypeVar("T")
-
-
-class StreamReads(Protocol):
-    """Where a stream's polls read the database."""
-
-    @property
-    def loop_steps(self) -> int | None:
-        """The most steps one read may hold the event loop for; None: reads run in threads."""
-
-    async def read(self, read: Callable[[Reader], T]) -> T:
-        """``read`` in one reading transaction; a database error propagates."""
-
-
-class SessionReads:
-    """A stream's polls in a worker thread each, in a session of the ``sessions`` given.
-
-    The API's streams read through the polls' connections instead
-    (:class:`service.api.lanes.polls.PollReads`, on the event loop on SQLite): every open stream
-    of a job polls at each of its writes, and a thread hand-off, a session and the shared
-    pool's checkout cost each poll more than its read (docs/benchmarks.md)."""
-
-    loop_steps: int | None = None
-
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-
-    async def read(self, read: Callable[[Reader], T]) -> T:
-        """``read`` in a session of its own, in a worker thread."""
-
-        def in_session() -> T:
-            with self.sessions() as session:
-                return read(session)
-
-        return await anyio.to_thread.run_sync(in_session)
 
 
 class OpenStreams:
@@ -130,6 +102,11 @@ FINAL_MARK = "end"
 # is refused after validation. ``attempt:step:epoch`` alone is an id sent before the count was.
 _NUMBER = "[0-9]{1,9}"
 EVENT_ID_PATTERN = f"^({_NUMBER}:{_NUMBER}:{_NUMBER}(:{_NUMBER}(:{FINAL_MARK})?)?)?$"
+
+
+def is_final(event: ServerSentEvent) -> bool:
+    """Whether ``event`` is a stream's final one (its id ends in ``:end``): nothing follows it."""
+    return event.id is not None and event.id.endswith(f":{FINAL_MARK}")
 
 
 @dataclass(frozen=True)
@@ -218,17 +195,23 @@ async def has_ended(reads: StreamReads, job_id: str, cursor: Cursor) -> bool:
     return cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt
 
 
-def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Poll:
-    """Read what is new for the stream (at most ``max_steps`` steps, :data:`STEPS_PER_POLL`
-    unless given) and advance its state.
+def position(cursor: Cursor, max_steps: int | None = None) -> Position:
+    """Where a stream at ``cursor`` reads from, ``max_steps`` steps at most
+    (:data:`STEPS_PER_POLL` unless given)."""
+    return Position(cursor.attempt, cursor.epoch, cursor.step, max_steps or STEPS_PER_POLL)
 
-    Reads in this order: the job, then its epochs, then its steps. An epoch row is written
-    in the same transaction as its last steps, so every epoch read here has its steps visible
-    to the read that follows; and once the job's status is terminal, the steps read after it
-    are all there will ever be.
-    """
+
+def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Poll:
+    """Read what is new for the stream (:func:`~service.domain.event_reads.read_news`, at most
+    ``max_steps`` steps, :data:`STEPS_PER_POLL` unless given) and advance its state."""
+    at = position(state.cursor, max_steps)
+    return advance(read_news(db, state.job_id, at), state, at.limit)
+
+
+def advance(news: News, state: StreamState, limit: int) -> Poll:
+    """The events a read of ``limit`` steps at most holds for the stream, its state advanced."""
     out = Poll()
-    job = job_repo.job_row(db, state.job_id)
+    job = news.job
     if job is None:  # deleted under the stream
         out.done = True
         return out
@@ -249,10 +232,8 @@ def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Pol
     if new_attempt or state.status is None:
         send_status(final=False)
 
-    max_steps = max_steps or STEPS_PER_POLL
-    epochs = metric_repo.read_epochs(db, job.id, after_epoch=state.cursor.epoch)
-    steps = metric_repo.read_steps(db, job.id, after_step=state.cursor.step, limit=max_steps)
-    out.more = len(steps) == max_steps
+    epochs, steps = list(news.epochs), news.steps
+    out.more = len(steps) == limit
     finished = job.status in TERMINAL and not out.more
 
     def send_due_epochs(sent_step: int, *, all_left: bool = False) -> None:
@@ -285,13 +266,28 @@ def poll(db: Reader, state: StreamState, *, max_steps: int | None = None) -> Pol
     return out
 
 
-async def _poll_once(reads: StreamReads, state: StreamState) -> Poll:
+async def _poll_once(
+    reads: StreamReads,
+    state: StreamState,
+    *,
+    shared: SharedReads | None,
+    generation: Callable[[], int | None],
+    woke: bool,
+) -> Poll:
+    """One poll: another stream's read (``shared``, when woken: :class:`SharedReads` says when
+    that is safe) or a read of its own, left in ``shared``."""
     # On a copy: a poll that fails half way (the database went away) leaves the state as it
     # was, so the next poll sends again whatever this one had prepared.
     trial = replace(state)
-    max_steps = min(STEPS_PER_POLL, reads.loop_steps or STEPS_PER_POLL)
-    with unavailable_as_503("an event stream"):
-        result = await reads.read(lambda db: poll(db, trial, max_steps=max_steps))
+    at = position(trial.cursor, min(STEPS_PER_POLL, reads.loop_steps or STEPS_PER_POLL))
+    seen = generation()  # before the read, which holds at least what was announced by now
+    news = shared.get(state.job_id, at, seen) if shared is not None and woke else None
+    if news is None:
+        with unavailable_as_503("an event stream"):
+            news = await reads.read(lambda db: read_news(db, state.job_id, at))
+        if shared is not None:
+            shared.put(state.job_id, at, seen, news)
+    result = advance(news, trial, at.limit)
     state.cursor, state.status = trial.cursor, trial.status
     return result
 
@@ -303,9 +299,10 @@ async def stream(
     *,
     poll_s: float,
     wake: wakeups.Listener | None = None,
+    shared: SharedReads | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The events of :func:`batches`, one at a time."""
-    async for batch in batches(reads, job_id, cursor, poll_s=poll_s, wake=wake):
+    async for batch in batches(reads, job_id, cursor, poll_s=poll_s, wake=wake, shared=shared):
         for event in batch:
             yield event
 
@@ -317,6 +314,7 @@ async def batches(
     *,
     poll_s: float,
     wake: wakeups.Listener | None = None,
+    shared: SharedReads | None = None,
 ) -> AsyncIterator[list[ServerSentEvent]]:
     """The events of one job, a poll's at a time (the route writes each batch at once: one
     write, and one wake-up of the client, rather than one per event), until the job has ended
@@ -326,7 +324,9 @@ async def batches(
     Each poll reads through ``reads``: in a worker thread, or on the event loop a few hundred
     steps at most (``reads.loop_steps``), so an open stream never holds up the loop; between
     polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
-    (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``).
+    (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``). A
+    poll woken by a wake-up takes the read of another stream of the job woken by the same one
+    from ``shared``, when it stands where that stream stood (:class:`SharedReads`).
 
     While the database is unavailable the stream stays open and polls less often (up to
     :data:`OUTAGE_WAIT_MAX_S` apart; the keep-alives go on), then carries on from where it
@@ -339,10 +339,18 @@ async def batches(
     said = anyio.current_time()  # when the client last heard from the stream
     # Subscribed before the first poll: news committed after a poll's read wakes the wait
     # that follows it.
-    with (wake or wakeups.Listener()).subscribe_async(wakeups.JOB_PROGRESS, job_id) as news:
+    listener = wake or wakeups.Listener()
+    woke = False  # whether the wait before this poll ended with a wake-up
+
+    def generation() -> int | None:
+        return listener.generation(wakeups.JOB_PROGRESS, job_id)
+
+    with listener.subscribe_async(wakeups.JOB_PROGRESS, job_id) as news:
         while True:
             try:
-                result: Poll | None = await _poll_once(reads, state)
+                result: Poll | None = await _poll_once(
+                    reads, state, shared=shared, generation=generation, woke=woke
+                )
             except DatabaseUnavailable:
                 result = None
                 outage_wait_s = min(outage_wait_s * 2, max(poll_s, OUTAGE_WAIT_MAX_S))
@@ -360,12 +368,14 @@ async def batches(
                     # The next poll at once, but after the loop has run whatever waits:
                     # a stream catching up reads on and on.
                     await anyio.lowlevel.checkpoint()
+                    woke = False
                     continue
             if anyio.current_time() - said >= KEEPALIVE_S:
                 yield [KEEPALIVE]
                 said = anyio.current_time()
             until_keepalive_s = said + KEEPALIVE_S - anyio.current_time()
+            woke = False
             if result is None:
                 await anyio.sleep(min(outage_wait_s, until_keepalive_s))
             else:
-                await news.wait(min(poll_s, until_keepalive_s))
+                woke = await news.wait(min(poll_s, until_keepalive_s))

@@ -49,7 +49,7 @@ from service.api.asgi import RouteQuery, send_json
 from service.api.deps import JobIdPath
 from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
-from service.domain.events import SessionReads, StreamReads
+from service.domain.event_reads import SessionReads, StreamReads
 from service.store.engines import (
     DriverConnection,
     Reader,
@@ -138,7 +138,7 @@ class PollReads:
     async def read(self, read: Callable[[Reader], T]) -> T:
         """``read`` on the loop's connection (:meth:`read_on_loop`; SQLite only, as
         :meth:`for_streams` chooses): an event stream's polls, woken with every write of their
-        job, as :class:`~service.domain.events.StreamReads`."""
+        job, as :class:`~service.domain.event_reads.StreamReads`."""
         return self.read_on_loop(read)
 
     def read_in_thread(self, read: Callable[[Connection], T]) -> T:

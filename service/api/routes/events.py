@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import ServerSentEvent, format_sse_event
+from starlette.types import Send
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
@@ -88,15 +89,41 @@ def encode(event: ServerSentEvent) -> bytes:
     return block if event.raw_data is not None else block[:-1]
 
 
+class LastChunk(bytes):
+    """The body's last chunk: the batch that ends with the stream's final event."""
+
+
 async def wire(batches: AsyncIterator[list[ServerSentEvent]]) -> AsyncIterator[bytes]:
-    """Each batch of events (a poll's) in the text/event-stream format, written at once."""
+    """Each batch of events (a poll's) in the text/event-stream format, written at once; the
+    one ending with the final event as a :class:`LastChunk`."""
     async for batch in batches:
-        yield b"".join(encode(event) for event in batch)
+        chunk = b"".join(encode(event) for event in batch)
+        yield LastChunk(chunk) if events.is_final(batch[-1]) else chunk
+
+
+class EventStreamResponse(StreamingResponse):
+    """Starlette's streaming response, but a :class:`LastChunk` ends the body in its own
+    message. uvicorn writes each body message to the socket at once, so the final event and
+    the chunked body's end go out in one write, and wake the client once, not twice."""
+
+    async def stream_response(self, send: Send) -> None:
+        """The response, one write per chunk."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        ended = False
+        async for chunk in self.body_iterator:
+            assert isinstance(chunk, bytes), "wire() writes bytes"
+            assert not ended, "nothing after the last chunk"
+            ended = isinstance(chunk, LastChunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        if not ended:  # the stream ended without its final event (the job was deleted)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @router.get(
     "/{job_id}/events",
-    response_class=StreamingResponse,
+    response_class=EventStreamResponse,
     responses={
         200: {
             "description": "`status`, `step` (batched) and `epoch` events; the last is a "
@@ -127,5 +154,12 @@ async def job_events(
     if await events.has_ended(reads, job_id, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
-    stream = events.batches(reads, job_id, cursor, poll_s=settings.events_poll_s, wake=wake)
-    return StreamingResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)
+    stream = events.batches(
+        reads,
+        job_id,
+        cursor,
+        poll_s=settings.events_poll_s,
+        wake=wake,
+        shared=request.app.state.shared_reads,
+    )
+    return EventStreamResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

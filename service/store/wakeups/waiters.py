@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -82,12 +83,27 @@ class Listener:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[tuple[str, str], set[Waiter | AsyncWaiter]] = {}
+        # Per topic/key waited for: a number taken from one count at its last wake-up (or when
+        # its first waiter came), so it changes with every wake-up and never comes back.
+        self._count = itertools.count(1)
+        self._generations: dict[tuple[str, str], int] = {}
         self.connected = threading.Event()  # set while wake-ups can arrive (for tests, logs)
 
+    def generation(self, topic: str, key: str = "") -> int | None:
+        """A number that changes whenever ``topic``/``key`` gets a wake-up, None while nobody
+        waits for it. Two readings alike: no wake-up arrived in between, so a read begun after
+        the first holds every write announced before the second
+        (:class:`service.domain.event_reads.SharedReads`)."""
+        with self._lock:
+            return self._generations.get((topic, key))
+
     def deliver(self, topic: str, key: str) -> None:
-        """Wake the waiters of ``topic``/``key`` (the transport's thread)."""
+        """Wake the waiters of ``topic``/``key`` (the transport's thread), its generation
+        changed first."""
         with self._lock:
             waiters = list(self._waiters.get((topic, key), ()))
+            if waiters:
+                self._generations[(topic, key)] = next(self._count)
         for waiter in waiters:
             waiter.wake()
 
@@ -95,6 +111,8 @@ class Listener:
         """Wake every waiter: wake-ups may have been missed (the transport was down)."""
         with self._lock:
             waiters = [w for group in self._waiters.values() for w in group]
+            number = next(self._count)
+            self._generations = dict.fromkeys(self._waiters, number)
         for waiter in waiters:
             waiter.wake()
 
@@ -113,6 +131,8 @@ class Listener:
     @contextmanager
     def _holding(self, waiter: W, topic: str, key: str) -> Iterator[W]:
         with self._lock:
+            if (topic, key) not in self._waiters:
+                self._generations[(topic, key)] = next(self._count)
             self._waiters.setdefault((topic, key), set()).add(waiter)
         try:
             yield waiter
@@ -122,6 +142,7 @@ class Listener:
                 group.discard(waiter)
                 if not group:
                     self._waiters.pop((topic, key), None)
+                    self._generations.pop((topic, key), None)
 
     def close(self) -> None:
         """Stop receiving; the base class holds nothing."""

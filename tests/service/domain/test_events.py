@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
 from service.api.lanes.polls import PollReads
-from service.domain import events
+from service.domain import event_reads, events
 from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
 from service.schemas import JobCreate
@@ -52,11 +52,11 @@ def steps_of(evs: list[sse.Event]) -> list[int]:
 @pytest.fixture(params=["sessions", "poll_reads"])
 def reads(
     request: pytest.FixtureRequest, sessions: sessionmaker[Session], db_url: str
-) -> Iterator[events.StreamReads]:
+) -> Iterator[event_reads.StreamReads]:
     """A stream's reads: in a session of its own in a thread, or as the API reads them (on the
     event loop's connection on SQLite, in a session of its own on PostgreSQL)."""
     if request.param == "sessions":
-        yield events.SessionReads(sessions)
+        yield event_reads.SessionReads(sessions)
         return
     poll_reads = PollReads(db_url)
     try:
@@ -158,7 +158,7 @@ def test_resuming_from_an_id_sends_only_what_came_after(
     # No id repeats, the resumed one included (the opening status is at its position).
     ids = [e.id for e in everything[:3] + resumed]
     assert len(set(ids)) == len(ids)
-    reads = events.SessionReads(sessions)
+    reads = event_reads.SessionReads(sessions)
 
     def ended(event_id: str | None) -> bool:
         return anyio.run(events.has_ended, reads, training.job_id, Cursor.parse(event_id))
@@ -206,7 +206,7 @@ def test_the_step_limit_holds_back_epochs_and_the_end(
     assert second[-1].json()["error"] == "boom"
 
 
-class LoopReads(events.SessionReads):
+class LoopReads(event_reads.SessionReads):
     """Reads that may hold the event loop for a few steps at a time."""
 
     loop_steps = 3
@@ -228,7 +228,7 @@ def test_reads_that_hold_the_loop_read_a_few_steps_at_a_time_and_miss_none(
 
 
 def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
-    sessions: sessionmaker[Session], training: FakeTraining, reads: events.StreamReads
+    sessions: sessionmaker[Session], training: FakeTraining, reads: event_reads.StreamReads
 ) -> None:
     async def collect() -> list[ServerSentEvent]:
         sent = []
@@ -271,7 +271,7 @@ def outage_error(tmp_path: Path) -> Exception:
     return raised.value
 
 
-def collect_all(reads: events.StreamReads, job_id: str) -> list[ServerSentEvent]:
+def collect_all(reads: event_reads.StreamReads, job_id: str) -> list[ServerSentEvent]:
     async def collect() -> list[ServerSentEvent]:
         return [e async for e in events.stream(reads, job_id, Cursor(), poll_s=0.01)]
 
@@ -279,7 +279,7 @@ def collect_all(reads: events.StreamReads, job_id: str) -> list[ServerSentEvent]
 
 
 def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
-    reads: events.StreamReads,
+    reads: event_reads.StreamReads,
     training: FakeTraining,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -305,7 +305,7 @@ def test_a_stream_waits_out_an_outage_and_carries_on_where_it_was(
 
 
 def test_a_bug_still_ends_the_stream_with_its_error(
-    reads: events.StreamReads, training: FakeTraining, monkeypatch: pytest.MonkeyPatch
+    reads: event_reads.StreamReads, training: FakeTraining, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ProgrammingError("SELEC", {}, Exception("syntax error"))
@@ -319,7 +319,7 @@ def test_each_write_of_the_job_wakes_its_stream_at_once(
     sessions: sessionmaker[Session],
     training: FakeTraining,
     db_url: str,
-    reads: events.StreamReads,
+    reads: event_reads.StreamReads,
 ) -> None:
     # The stream reads every 60 s without a wake-up; the whole job must reach it within 20.
     wakeups.attach(sessions, db_url, enabled=True)

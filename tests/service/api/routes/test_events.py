@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
-from service.api.routes.events import encode, wire
-from service.domain import events
+from service.api.routes.events import EventStreamResponse, encode, wire
+from service.domain import event_reads, events
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
@@ -243,6 +243,39 @@ def test_each_polls_events_are_written_at_once() -> None:
     assert chunks[1].startswith(b":") and not list(sse.parse(chunks[1].decode().splitlines()))
 
 
+def sent_messages(batches: list[list[ServerSentEvent]]) -> list[dict[str, Any]]:
+    """What the events route's response sends for these polls' batches."""
+
+    async def polls() -> AsyncIterator[list[ServerSentEvent]]:
+        for batch in batches:
+            yield batch
+
+    async def run() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        response = EventStreamResponse(wire(polls()), media_type="text/event-stream")
+        await response.stream_response(send)
+        return sent
+
+    return anyio.run(run)
+
+
+def test_the_final_event_and_the_bodys_end_go_out_in_one_write() -> None:
+    status = ServerSentEvent(event="status", raw_data='{"final":false}', id="1:0:0:1")
+    final = ServerSentEvent(event="status", raw_data='{"final":true}', id="1:9:3:7:end")
+    assert events.is_final(final) and not events.is_final(status)
+    sent = sent_messages([[status], [events.KEEPALIVE], [status, final]])
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 3
+    assert [m["more_body"] for m in sent[1:]] == [True, True, False]
+    assert sent[-1]["body"] == encode(status) + encode(final)  # no empty message after it
+    # A stream that ends without its final event (its job was deleted) still ends its body.
+    sent = sent_messages([[status]])
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [(encode(status), True), (b"", False)]
+
+
 def test_streams_read_on_the_loop_on_sqlite_and_in_sessions_of_their_own_elsewhere(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
@@ -253,4 +286,4 @@ def test_streams_read_on_the_loop_on_sqlite_and_in_sessions_of_their_own_elsewhe
     if app.state.poll_reads.on_event_loop:
         assert reads is app.state.poll_reads and reads.loop_steps is not None
     else:
-        assert isinstance(reads, events.SessionReads) and reads.loop_steps is None
+        assert isinstance(reads, event_reads.SessionReads) and reads.loop_steps is None

@@ -197,3 +197,37 @@ def test_an_in_memory_database_polls() -> None:
     with wakeups.listen("sqlite://", [JOB_QUEUED], enabled=True) as listener:
         assert type(listener) is wakeups.Listener
     engine.dispose()
+
+
+def test_a_wake_up_changes_its_key_s_generation_before_it_wakes_anyone(
+    publishing: sessionmaker[Session], listener: wakeups.Listener
+) -> None:
+    # What lets a job's streams share one read (service/domain/event_reads.py): a waiter woken
+    # by a wake-up never reads the generation from before it.
+    with listener.subscribe(JOB_PROGRESS, "job") as news:
+        news.wait(0)
+        before = listener.generation(JOB_PROGRESS, "job")
+        publish(publishing, JOB_PROGRESS, "job")
+        assert news.wait(WOKEN_WITHIN_S)
+        assert listener.generation(JOB_PROGRESS, "job") not in (None, before)
+
+
+def test_a_generation_changes_with_its_own_wake_ups_only_and_never_comes_back() -> None:
+    listener = wakeups.Listener()  # wake-ups delivered by hand
+    assert listener.generation(JOB_PROGRESS, "a") is None  # nobody waits for it
+    with listener.subscribe(JOB_PROGRESS, "a"), listener.subscribe(JOB_PROGRESS, "b"):
+        first = listener.generation(JOB_PROGRESS, "a")
+        other = listener.generation(JOB_PROGRESS, "b")
+        assert first is not None and other is not None
+        listener.deliver(JOB_PROGRESS, "a")
+        second = listener.generation(JOB_PROGRESS, "a")
+        assert second not in (None, first) and listener.generation(JOB_PROGRESS, "b") == other
+        listener.deliver(JOB_PROGRESS, "nobody")  # no waiter: nothing is kept for it
+        assert listener.generation(JOB_PROGRESS, "nobody") is None
+        listener.deliver_all()  # wake-ups may have been missed: every key changes
+        assert listener.generation(JOB_PROGRESS, "a") not in (first, second)
+        assert listener.generation(JOB_PROGRESS, "b") != other
+        seen = {first, second, other, listener.generation(JOB_PROGRESS, "a")}
+    assert listener.generation(JOB_PROGRESS, "a") is None
+    with listener.subscribe(JOB_PROGRESS, "a"):  # a new waiter: a number never used before
+        assert listener.generation(JOB_PROGRESS, "a") not in seen
