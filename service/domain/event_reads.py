@@ -3,11 +3,13 @@
 Every open stream of a job polls at each of the job's writes (:mod:`service.domain.events`).
 Streams that stand at the same place (every stream that has caught up stands at the job's
 last step) would read the same rows: :class:`SharedReads` lets the second take the first's
-read when no write has been announced in between.
+read when no write has been announced in between. Only where reads run on the event loop (the
+API on SQLite), one at a time; reads in threads may overlap, and share nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -97,32 +99,53 @@ def read_news(db: Reader, job_id: str, at: Position) -> News:
     return News(job, tuple(epochs), tuple(steps))
 
 
+@dataclass(frozen=True)
+class SharedRead:
+    """A read kept for a job's other streams: where it was made, the listener's generation for
+    the job just before it began, and its place in the order of reads (a larger one saw a later
+    snapshot: reads on the event loop never overlap)."""
+
+    at: Position
+    generation: int | None
+    order: int
+    news: News
+
+
 class SharedReads:
     """Each followed job's last read in this process, for the job's other streams woken by the
-    same wake-up (kept on the event loop: no lock).
+    same wake-up. Only for reads on the event loop (``StreamReads.loop_steps`` set): one at a
+    time, each kept as it ends, so the read kept is the newest; and only with the wake-up
+    listener whose generations it is given (no lock: the loop's own).
 
-    ``generation`` is the wake-up listener's count for the job
-    (:meth:`service.store.wakeups.Listener.generation`) as of just before a read began. A
-    stream woken by a wake-up that finds the same count now takes a read made at its position:
-    no wake-up has arrived since that read began, so it holds every write announced so far, the
-    one that woke this stream included. A poll that was not woken (a stream's first, a page of
-    a stream catching up, the fallback after ``events_poll_s`` for a lost wake-up) reads for
-    itself and leaves its read here.
+    A stream woken by a wake-up takes the read kept at its position when the listener's
+    generation for the job is the one that read began with (no wake-up has arrived since, so it
+    holds every write announced so far, the one that woke this stream included) and that read
+    is newer than the last one the stream used (a job's status must never go back). A poll that
+    was not woken (a stream's first, a page of a stream catching up, the fallback after
+    ``events_poll_s`` for a lost wake-up) reads for itself and keeps its read here.
     """
 
     def __init__(self, jobs: int = SHARED_JOBS) -> None:
-        self._last: LRUCache[str, tuple[int, Position, News]] = LRUCache(maxsize=jobs)
+        self._last: LRUCache[str, SharedRead] = LRUCache(maxsize=jobs)
+        self._order = itertools.count(1)
         self.reused = 0  # reads taken from another stream (for tests and the benchmarks)
 
-    def get(self, job_id: str, at: Position, generation: int | None) -> News | None:
-        """The job's read at ``at`` if made at ``generation``, else None."""
+    def get(
+        self, job_id: str, at: Position, generation: int | None, *, after: int
+    ) -> SharedRead | None:
+        """The job's kept read, if made at ``at`` from ``generation`` and later than the read
+        ``after`` orders (the asking stream's last); else None."""
         last = self._last.get(job_id)
-        if generation is None or last is None or last[:2] != (generation, at):
+        if generation is None or last is None or last.order <= after:
+            return None
+        if (last.at, last.generation) != (at, generation):
             return None
         self.reused += 1
-        return last[2]
+        return last
 
-    def put(self, job_id: str, at: Position, generation: int | None, news: News) -> None:
-        """Keep a read made at ``at``, begun with the listener at ``generation``."""
+    def keep(self, job_id: str, at: Position, generation: int | None, news: News) -> SharedRead:
+        """Keep a read that has just ended, begun at ``at`` from ``generation``."""
+        read = SharedRead(at, generation, next(self._order), news)
         if generation is not None:
-            self._last[job_id] = (generation, at, news)
+            self._last[job_id] = read
+        return read

@@ -167,6 +167,7 @@ class StreamState:
     cursor: Cursor
     job_id: str
     status: str | None = None  # the last status sent (None: nothing sent yet)
+    read: int = 0  # the order of the last shared read it used (:class:`SharedReads`)
 
     def emit(self, poll: Poll, event: str, data: Any, *, final: bool = False) -> None:
         """Append an event; its id is the cursor, which counts it."""
@@ -274,21 +275,28 @@ async def _poll_once(
     generation: Callable[[], int | None],
     woke: bool,
 ) -> Poll:
-    """One poll: another stream's read (``shared``, when woken: :class:`SharedReads` says when
-    that is safe) or a read of its own, left in ``shared``."""
+    """One poll. Reads in a thread do the whole poll there (a thousand steps' events built on
+    the loop would hold it up) and share nothing; reads on the loop may take another stream's
+    read from ``shared`` when woken (:class:`SharedReads` says when that is safe), and keep
+    their own there."""
     # On a copy: a poll that fails half way (the database went away) leaves the state as it
     # was, so the next poll sends again whatever this one had prepared.
     trial = replace(state)
     at = position(trial.cursor, min(STEPS_PER_POLL, reads.loop_steps or STEPS_PER_POLL))
-    seen = generation()  # before the read, which holds at least what was announced by now
-    news = shared.get(state.job_id, at, seen) if shared is not None and woke else None
-    if news is None:
-        with unavailable_as_503("an event stream"):
-            news = await reads.read(lambda db: read_news(db, state.job_id, at))
-        if shared is not None:
-            shared.put(state.job_id, at, seen, news)
-    result = advance(news, trial, at.limit)
-    state.cursor, state.status = trial.cursor, trial.status
+    with unavailable_as_503("an event stream"):
+        if shared is None or reads.loop_steps is None:
+            result = await reads.read(
+                lambda db: advance(read_news(db, state.job_id, at), trial, at.limit)
+            )
+        else:
+            seen = generation()  # before the read, which holds what was announced by now
+            kept = shared.get(state.job_id, at, seen, after=state.read) if woke else None
+            if kept is None:
+                news = await reads.read(lambda db: read_news(db, state.job_id, at))
+                kept = shared.keep(state.job_id, at, seen, news)
+            trial.read = kept.order
+            result = advance(kept.news, trial, at.limit)
+    state.cursor, state.status, state.read = trial.cursor, trial.status, trial.read
     return result
 
 
@@ -340,6 +348,7 @@ async def batches(
     # Subscribed before the first poll: news committed after a poll's read wakes the wait
     # that follows it.
     listener = wake or wakeups.Listener()
+    shared = shared if wake is not None else None  # its generations are that listener's
     woke = False  # whether the wait before this poll ended with a wake-up
 
     def generation() -> int | None:

@@ -113,10 +113,11 @@ class EventStreamResponse(StreamingResponse):
         )
         ended = False
         async for chunk in self.body_iterator:
-            assert isinstance(chunk, bytes), "wire() writes bytes"
-            assert not ended, "nothing after the last chunk"
+            if ended:  # batches() ends with the final event: this is a bug
+                raise RuntimeError("the event stream went on after its final event")
             ended = isinstance(chunk, LastChunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+            await send({"type": "http.response.body", "body": body, "more_body": not ended})
         if not ended:  # the stream ended without its final event (the job was deleted)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

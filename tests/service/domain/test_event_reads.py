@@ -26,7 +26,7 @@ POLL_S = 0.2
 
 
 class CountedReads(SessionReads):
-    """Reads in sessions of their own, counted."""
+    """Reads in a thread each, in sessions of their own, counted."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         super().__init__(sessions)
@@ -35,6 +35,17 @@ class CountedReads(SessionReads):
     async def read(self, read: Callable[[Reader], T]) -> T:
         self.count += 1
         return await super().read(read)
+
+
+class LoopReads(CountedReads):
+    """Reads on the event loop, one at a time, as the API's are on SQLite (PollReads)."""
+
+    loop_steps = 1000
+
+    async def read(self, read: Callable[[Reader], T]) -> T:
+        self.count += 1
+        with self.sessions() as session:
+            return read(session)
 
 
 def steps_in(batch: list[ServerSentEvent]) -> list[int]:
@@ -46,17 +57,20 @@ def steps_in(batch: list[ServerSentEvent]) -> list[int]:
     ]
 
 
-def test_a_read_is_shared_only_at_the_same_place_and_the_same_generation() -> None:
+def test_a_read_is_shared_at_the_same_place_and_generation_and_only_if_newer() -> None:
     shared = SharedReads()
     at, news = Position(1, 0, 4, 1000), News(None)
-    shared.put("j", at, 7, news)
-    assert shared.get("j", at, 7) is news and shared.reused == 1
-    assert shared.get("j", at, 8) is None  # a wake-up arrived since that read began
-    assert shared.get("j", Position(1, 0, 5, 1000), 7) is None  # another place
-    assert shared.get("k", at, 7) is None
-    assert shared.get("j", at, None) is None  # nobody listens: no generation to go by
-    shared.put("j", at, None, news)  # never kept without one
-    assert shared.get("j", at, 7) is news and shared.reused == 2
+    kept = shared.keep("j", at, 7, news)
+    assert shared.get("j", at, 7, after=0) is kept and shared.reused == 1
+    # Not newer than the asking stream's last read: its job's status must never go back.
+    assert shared.get("j", at, 7, after=kept.order) is None
+    assert shared.get("j", at, 8, after=0) is None  # a wake-up arrived since that read began
+    assert shared.get("j", Position(1, 0, 5, 1000), 7, after=0) is None  # another place
+    assert shared.get("k", at, 7, after=0) is None
+    assert shared.get("j", at, None, after=0) is None  # nobody listens: no generation to go by
+    unkept = shared.keep("j", at, None, news)  # ordered, never kept without a generation
+    assert unkept.order > kept.order
+    assert shared.get("j", at, 7, after=0) is kept and shared.reused == 2
 
 
 def test_streams_woken_by_one_wake_up_read_once_and_miss_no_write(
@@ -65,7 +79,7 @@ def test_streams_woken_by_one_wake_up_read_once_and_miss_no_write(
     training = FakeTraining(sessions, PARAMS)
     job_id = training.submit()
     training.claim()
-    listener, shared, reads = wakeups.Listener(), SharedReads(), CountedReads(sessions)
+    listener, shared, reads = wakeups.Listener(), SharedReads(), LoopReads(sessions)
 
     def announce() -> None:
         listener.deliver(wakeups.JOB_PROGRESS, job_id)
@@ -111,3 +125,49 @@ def test_streams_woken_by_one_wake_up_read_once_and_miss_no_write(
             await stream.aclose()  # type: ignore[attr-defined]
 
     anyio.run(main)
+
+
+def test_reads_in_threads_share_nothing(sessions: sessionmaker[Session]) -> None:
+    # Two reads in threads may overlap, and the one kept last need not be the newer: each
+    # stream reads for itself (and builds its events in the thread, off the loop).
+    training = FakeTraining(sessions, PARAMS)
+    job_id = training.submit()
+    training.claim()
+    listener, shared, reads = wakeups.Listener(), SharedReads(), CountedReads(sessions)
+
+    async def main() -> None:
+        a = events.batches(reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared)
+        b = events.batches(reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared)
+        await anext(a)
+        await anext(b)
+        training.advance(2)
+        listener.deliver(wakeups.JOB_PROGRESS, job_id)
+        assert steps_in(await anext(a)) == steps_in(await anext(b)) == [1, 2]
+        assert (reads.count, shared.reused) == (4, 0)
+        for stream in (a, b):
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    anyio.run(main)
+
+
+def test_without_a_listener_nothing_is_shared(sessions: sessionmaker[Session]) -> None:
+    # The generations are the listener's: a stream given none (a private one that never
+    # wakes) has nothing to compare a kept read with.
+    training = FakeTraining(sessions, PARAMS)
+    job_id = training.submit()
+    training.claim()
+    shared, reads = SharedReads(), LoopReads(sessions)
+
+    async def main() -> None:
+        streams = [
+            events.batches(reads, job_id, Cursor(), poll_s=POLL_S, shared=shared) for _ in range(2)
+        ]
+        for stream in streams:
+            await anext(stream)
+        training.advance(1)
+        for stream in streams:
+            assert steps_in(await anext(stream)) == [1]
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    anyio.run(main)
+    assert reads.count == 4 and shared.reused == 0
