@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar, cast
 
 import anyio
+import pytest
 from fastapi.sse import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +49,32 @@ class LoopReads(CountedReads):
             return read(session)
 
 
+@pytest.fixture
+def training(sessions: sessionmaker[Session]) -> FakeTraining:
+    """A job claimed by a (fake) worker, its steps to come."""
+    training = FakeTraining(sessions, PARAMS)
+    training.submit()
+    training.claim()
+    return training
+
+
+Stream = AsyncGenerator[list[ServerSentEvent], None]
+
+
+def followers(
+    reads: CountedReads, job_id: str, listener: wakeups.Listener | None, shared: SharedReads
+) -> tuple[Stream, Stream]:
+    """Two streams of the job from its start (they run only while the test awaits them)."""
+
+    def follower() -> Stream:
+        stream = events.batches(
+            reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared
+        )
+        return cast(Stream, stream)
+
+    return follower(), follower()
+
+
 def steps_in(batch: list[ServerSentEvent]) -> list[int]:
     return [
         int(step["step"])
@@ -74,21 +101,16 @@ def test_a_read_is_shared_at_the_same_place_and_generation_and_only_if_newer() -
 
 
 def test_streams_woken_by_one_wake_up_read_once_and_miss_no_write(
-    sessions: sessionmaker[Session],
+    sessions: sessionmaker[Session], training: FakeTraining
 ) -> None:
-    training = FakeTraining(sessions, PARAMS)
-    job_id = training.submit()
-    training.claim()
+    job_id = training.job_id
     listener, shared, reads = wakeups.Listener(), SharedReads(), LoopReads(sessions)
 
     def announce() -> None:
         listener.deliver(wakeups.JOB_PROGRESS, job_id)
 
     async def main() -> None:
-        a: AsyncIterator[list[ServerSentEvent]] = events.batches(
-            reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared
-        )
-        b = events.batches(reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared)
+        a, b = followers(reads, job_id, listener, shared)
         # Each stream's first poll reads for itself: no wake-up brought it.
         assert [e.event for e in await anext(a)] == [e.event for e in await anext(b)] == ["status"]
         assert (reads.count, shared.reused) == (2, 0)
@@ -122,52 +144,33 @@ def test_streams_woken_by_one_wake_up_read_once_and_miss_no_write(
         assert steps_in(await anext(a)) == [6]
         assert reads.count == 9 and shared.reused == 2
         for stream in (a, b):
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     anyio.run(main)
 
 
-def test_reads_in_threads_share_nothing(sessions: sessionmaker[Session]) -> None:
+@pytest.mark.parametrize("case", ["reads in threads", "no listener"])
+def test_reads_in_threads_or_without_a_listener_share_nothing(
+    sessions: sessionmaker[Session], training: FakeTraining, case: str
+) -> None:
     # Two reads in threads may overlap, and the one kept last need not be the newer: each
-    # stream reads for itself (and builds its events in the thread, off the loop).
-    training = FakeTraining(sessions, PARAMS)
-    job_id = training.submit()
-    training.claim()
-    listener, shared, reads = wakeups.Listener(), SharedReads(), CountedReads(sessions)
+    # stream reads for itself (and builds its events in the thread, off the loop). And the
+    # generations are the listener's: a stream given none (a private one that never wakes) has
+    # nothing to compare a kept read with.
+    threads = case == "reads in threads"
+    reads = CountedReads(sessions) if threads else LoopReads(sessions)
+    listener, shared = (wakeups.Listener() if threads else None), SharedReads()
 
     async def main() -> None:
-        a = events.batches(reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared)
-        b = events.batches(reads, job_id, Cursor(), poll_s=POLL_S, wake=listener, shared=shared)
+        a, b = followers(reads, training.job_id, listener, shared)
         await anext(a)
         await anext(b)
         training.advance(2)
-        listener.deliver(wakeups.JOB_PROGRESS, job_id)
+        if listener is not None:
+            listener.deliver(wakeups.JOB_PROGRESS, training.job_id)
         assert steps_in(await anext(a)) == steps_in(await anext(b)) == [1, 2]
-        assert (reads.count, shared.reused) == (4, 0)
         for stream in (a, b):
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     anyio.run(main)
-
-
-def test_without_a_listener_nothing_is_shared(sessions: sessionmaker[Session]) -> None:
-    # The generations are the listener's: a stream given none (a private one that never
-    # wakes) has nothing to compare a kept read with.
-    training = FakeTraining(sessions, PARAMS)
-    job_id = training.submit()
-    training.claim()
-    shared, reads = SharedReads(), LoopReads(sessions)
-
-    async def main() -> None:
-        streams = [
-            events.batches(reads, job_id, Cursor(), poll_s=POLL_S, shared=shared) for _ in range(2)
-        ]
-        for stream in streams:
-            await anext(stream)
-        training.advance(1)
-        for stream in streams:
-            assert steps_in(await anext(stream)) == [1]
-            await stream.aclose()  # type: ignore[attr-defined]
-
-    anyio.run(main)
-    assert reads.count == 4 and shared.reused == 0
+    assert (reads.count, shared.reused) == (4, 0)
