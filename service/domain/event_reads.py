@@ -128,7 +128,7 @@ class SharedReads:
     def __init__(self, jobs: int = SHARED_JOBS) -> None:
         self._last: LRUCache[str, SharedRead] = LRUCache(maxsize=jobs)
         self._order = itertools.count(1)
-        self.reused = 0  # reads taken from another stream (for tests and the benchmarks)
+        self.reused = 0  # reads taken from another stream (what the tests look at)
 
     def get(
         self, job_id: str, at: Position, generation: int | None, *, after: int

@@ -300,21 +300,6 @@ async def _poll_once(
     return result
 
 
-async def stream(
-    reads: StreamReads,
-    job_id: str,
-    cursor: Cursor,
-    *,
-    poll_s: float,
-    wake: wakeups.Listener | None = None,
-    shared: SharedReads | None = None,
-) -> AsyncIterator[ServerSentEvent]:
-    """The events of :func:`batches`, one at a time."""
-    async for batch in batches(reads, job_id, cursor, poll_s=poll_s, wake=wake, shared=shared):
-        for event in batch:
-            yield event
-
-
 async def batches(
     reads: StreamReads,
     job_id: str,

@@ -4,7 +4,7 @@ read in a session of their own, and through the polls' connections as the API re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,20 @@ def read(event: ServerSentEvent) -> sse.Event:
     """An event as a client reads it (FastAPI writes ``raw_data`` as it is)."""
     assert event.event is not None and event.raw_data is not None and event.data is None
     return sse.Event(event.event, event.raw_data, event.id)
+
+
+async def stream(
+    reads: event_reads.StreamReads,
+    job_id: str,
+    cursor: Cursor,
+    *,
+    poll_s: float,
+    wake: wakeups.Listener | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """The events of :func:`events.batches`, one at a time."""
+    async for batch in events.batches(reads, job_id, cursor, poll_s=poll_s, wake=wake):
+        for event in batch:
+            yield event
 
 
 def kinds(evs: list[sse.Event]) -> list[str]:
@@ -232,7 +246,7 @@ def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
 ) -> None:
     async def collect() -> list[ServerSentEvent]:
         sent = []
-        async for event in events.stream(reads, training.job_id, Cursor(), poll_s=0.01):
+        async for event in stream(reads, training.job_id, Cursor(), poll_s=0.01):
             sent.append(event)
             if len(sent) == 1:  # the queued status: the job is cancelled
                 with sessions.begin() as session:
@@ -273,7 +287,7 @@ def outage_error(tmp_path: Path) -> Exception:
 
 def collect_all(reads: event_reads.StreamReads, job_id: str) -> list[ServerSentEvent]:
     async def collect() -> list[ServerSentEvent]:
-        return [e async for e in events.stream(reads, job_id, Cursor(), poll_s=0.01)]
+        return [e async for e in stream(reads, job_id, Cursor(), poll_s=0.01)]
 
     return anyio.run(collect)
 
@@ -334,8 +348,8 @@ def test_each_write_of_the_job_wakes_its_stream_at_once(
     async def follow(listener: wakeups.Listener) -> list[sse.Event]:
         received: list[sse.Event] = []
         with anyio.fail_after(20):
-            stream = events.stream(reads, training.job_id, Cursor(), poll_s=60, wake=listener)
-            async for event in stream:
+            followed = stream(reads, training.job_id, Cursor(), poll_s=60, wake=listener)
+            async for event in followed:
                 received.append(read(event))
                 if writes:  # the next write, once the stream has shown the last one
                     await anyio.to_thread.run_sync(writes.pop(0))
