@@ -47,7 +47,7 @@ def test_both_ways_of_polling_are_charged_to_every_process_of_the_api(
         )
         server_after, workers_after = cpu_s()
         # Read later: at least that, to the clock's nanosecond (the floats are added in
-        # another order there; CI on 26a34f9 saw 7.277735631 against the same sum, idle).
+        # another order there; CI on 3b0e5dc saw 7.277735631 against the same sum, idle).
         assert api_cpu_s(proc.pid) >= server_after + workers_after - 1e-9
     # The polls are answered by the server's worker processes, not the one it was started as,
     # and the figure counts their CPU: the server's own alone would be next to nothing.
