@@ -1,4 +1,5 @@
-"""Running the service's own worker on one job, timed from claim to its terminal status."""
+"""Running the service's own worker on one job, timed from claim to its terminal status; and a
+long series written as workers write it, for the readers' benchmarks."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from service.store.tables import EpochMetric, Job, TrainStep
 from tests.support import process, wait_for
 from workers.endings import Outcome
 from workers.worker import Worker
+
+FLUSH_ROWS = 250  # steps per simulated flush (write_series)
 
 
 @dataclass(frozen=True)
@@ -180,4 +183,46 @@ def claimed_job(sessions: sessionmaker[Session], *, seed: int) -> str:
         what="the job to start",
         every_s=0.005,
     )
+    return job_id
+
+
+def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -> str:
+    """A succeeded job with ``steps`` steps and ``epochs`` epochs, written as a worker would."""
+    params = JobCreate(trainset_size=60_000, batch_size=64, epochs=epochs)
+    with sessions.begin() as session:
+        job = job_repo.create_job(session, params, max_attempts=3, now=utcnow())
+        job_id = job.id
+    with sessions.begin() as session:
+        claimed = queue_repo.claim_job(
+            session, worker_id="bench", lease_s=600, device="cpu", now=utcnow()
+        )
+        if claimed is None or claimed.id != job_id:
+            raise RuntimeError(f"expected to claim job {job_id}")
+    claim: dict[str, Any] = {"job_id": job_id, "attempt": 1, "worker_id": "bench"}
+    per_epoch = -(-steps // epochs)
+    for first in range(1, steps + 1, FLUSH_ROWS):
+        numbers = range(first, min(first + FLUSH_ROWS, steps + 1))
+        last, epoch = numbers[-1], (numbers[-1] - 1) // per_epoch + 1
+        rows = [
+            {"step": s, "epoch": (s - 1) // per_epoch + 1, "loss": 2.3 / s, "examples_seen": s * 64}
+            for s in numbers
+        ]
+        epoch_rows = (
+            [{"epoch": epoch, "accuracy": 0.9, "examples_seen": last * 64}]
+            if last % per_epoch == 0 or last == steps
+            else []
+        )
+        progress = queue_repo.Progress(
+            steps=rows,
+            epochs=epoch_rows,
+            step=last,
+            epoch=epoch,
+            accuracy=0.9 if epoch_rows else None,
+        )
+        with sessions.begin() as session:
+            queue_repo.record_progress(
+                session, **claim, progress=progress, lease_s=600, now=utcnow()
+            )
+    with sessions.begin() as session:
+        queue_repo.finish_job(session, **claim, status=JobStatus.SUCCEEDED, now=utcnow())
     return job_id

@@ -12,39 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.env import Workspace, make_workspace
-from benchmarks.jobs import (
-    alternate_rounds,
-    claimed_job,
-    job_seconds,
-    submit,
-    worker_process,
-)
-from benchmarks.poll_costs import PollCosts, api_cpu_s, poll_costs, share_slowdown
+from benchmarks.env import make_workspace
+from benchmarks.jobs import FLUSH_ROWS, write_series
+from benchmarks.poll_costs import PollCosts, poll_costs
+from benchmarks.polled_jobs import POLL_RATE_HZ, POLLERS, PolledJobs, polled_jobs
 from benchmarks.predict import PRODUCTION_SETTINGS, server
 from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
-from benchmarks.series_clients import (
-    PROBE_PERIOD_S,
-    Poller,
-    healthz_under_reads,
-    read_whole_series,
-)
+from benchmarks.series_clients import PROBE_PERIOD_S, healthz_under_reads, read_whole_series
 from benchmarks.stats import Series, fmt, median, median_interval, percentile, verdict
 from benchmarks.stream_followers import FollowedJobs, followed_jobs
 from service.api.routes.jobs import MAX_STEPS_PAGE
-from service.clock import utcnow
-from service.schemas import JobCreate
-from service.status import JobStatus
-from service.store import job_repo, queue_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.threads import usable_cores
 
 SERIES_STEPS = 50_000
-FLUSH_ROWS = 250  # steps per simulated flush
 SHORT_SERIES_STEPS = 10  # the job whose polls' CPU is measured without training
 PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"
 WHOLE_GOAL_MS = 100.0
@@ -52,9 +36,8 @@ TAIL_GOAL_MS = 5.0
 HEALTH_READERS = 2  # clients reading the whole series while /healthz is probed
 HEALTH_SECONDS = 5.0
 HEALTH_GOAL_MS = 50.0
-POLL_RATE_HZ = 200.0
-POLLERS = 4  # client connections sharing the rate
 SLOWDOWN_GOAL = 0.10
+NULL_SERVER_LABEL = "the default, polling a server that does nothing (`benchmarks/null_server.py`)"
 METRICS_PARTS = {
     "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
     "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
@@ -64,60 +47,6 @@ METRICS_PARTS = {
     "FastAPI / Starlette": "/starlette/",
     "HTTP server (uvicorn)": "/uvicorn/",
 }
-
-
-def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -> str:
-    """A succeeded job with ``steps`` steps and ``epochs`` epochs, written as a worker would."""
-    params = JobCreate(trainset_size=60_000, batch_size=64, epochs=epochs)
-    with sessions.begin() as session:
-        job = job_repo.create_job(session, params, max_attempts=3, now=utcnow())
-        job_id = job.id
-    with sessions.begin() as session:
-        claimed = queue_repo.claim_job(
-            session, worker_id="bench", lease_s=600, device="cpu", now=utcnow()
-        )
-        if claimed is None or claimed.id != job_id:
-            raise RuntimeError(f"expected to claim job {job_id}")
-    per_epoch = -(-steps // epochs)
-    for first in range(1, steps + 1, FLUSH_ROWS):
-        numbers = range(first, min(first + FLUSH_ROWS, steps + 1))
-        last, epoch = numbers[-1], (numbers[-1] - 1) // per_epoch + 1
-        rows = [
-            {"step": s, "epoch": (s - 1) // per_epoch + 1, "loss": 2.3 / s, "examples_seen": s * 64}
-            for s in numbers
-        ]
-        epoch_rows = (
-            [{"epoch": epoch, "accuracy": 0.9, "examples_seen": last * 64}]
-            if last % per_epoch == 0 or last == steps
-            else []
-        )
-        progress = queue_repo.Progress(
-            steps=rows,
-            epochs=epoch_rows,
-            step=last,
-            epoch=epoch,
-            accuracy=0.9 if epoch_rows else None,
-        )
-        with sessions.begin() as session:
-            queue_repo.record_progress(
-                session,
-                job_id=job_id,
-                attempt=1,
-                worker_id="bench",
-                progress=progress,
-                lease_s=600,
-                now=utcnow(),
-            )
-    with sessions.begin() as session:
-        queue_repo.finish_job(
-            session,
-            job_id=job_id,
-            attempt=1,
-            worker_id="bench",
-            status=JobStatus.SUCCEEDED,
-            now=utcnow(),
-        )
-    return job_id
 
 
 def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[Series, float]:
@@ -131,99 +60,6 @@ def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[
     return series, (cpu_seconds(pid) - cpu_before) / n * 1000
 
 
-@dataclass
-class PolledJobs:
-    """Jobs of one worker configuration, alternately left alone and polled."""
-
-    label: str
-    quiet: Series
-    polled: Series
-    achieved: list[float]
-    poll_p50: list[float]
-    polls: int = 0
-    api_cpu_s: float = 0.0  # the API's CPU while its jobs were polled
-    client_cpu_s: float = 0.0  # the poller's (wrk's)
-
-    def cpu_per_poll_ms(self, cpu_s: float) -> float:
-        """CPU per poll over every round."""
-        return cpu_s / max(1, self.polls) * 1000
-
-    @property
-    def share_slowdown(self) -> float:
-        """The slowdown the polls' CPU (the API's and the pollers') alone would cause a job that
-        kept every core busy (:func:`benchmarks.poll_costs.share_slowdown`)."""
-        other_s = self.api_cpu_s + self.client_cpu_s
-        return share_slowdown(other_s, sum(self.polled.values), usable_cores())
-
-    @property
-    def paired(self) -> list[float]:
-        """Each round's polled job against its quiet one, less one."""
-        return [p / q - 1 for q, p in zip(self.quiet.values, self.polled.values, strict=True)]
-
-    @property
-    def slowdown(self) -> float:
-        """How much longer a polled job took than the quiet job of its round (the median).
-
-        Paired by round, so that a drift of the machine's speed over the run (this host's
-        swings by 2× between sessions, and by a tenth within minutes) moves both jobs of a pair.
-        """
-        return median(self.paired)
-
-
-def polled_jobs(
-    ws: Workspace,
-    sessions: sessionmaker[Session],
-    url: str,
-    api_pid: int,
-    *,
-    runs: int,
-    label: str,
-    log: Path,
-    **worker_settings: str,
-) -> PolledJobs:
-    """Alternate jobs with and without 200 polls/s on one warm worker process."""
-    result = PolledJobs(
-        label, Series("job, no polls", "s"), Series("job, 200 polls/s", "s"), [], []
-    )
-    with worker_process(ws, log, **worker_settings):
-        job_seconds(sessions, submit(sessions, seed=0))  # warm the worker's data
-
-        def watch(seed: int) -> float:
-            polled = polled_job(sessions, url, api_pid, seed=seed)
-            result.achieved.append(polled.rate_hz)
-            result.poll_p50.append(polled.p50_ms)
-            result.polls += polled.polls
-            result.api_cpu_s += polled.api_cpu_s
-            result.client_cpu_s += polled.client_cpu_s
-            return polled.seconds
-
-        alternate_rounds(sessions, runs, watch, result.quiet, result.polled, label)
-    return result
-
-
-@dataclass
-class PolledJob:
-    """One job polled from its claim to its end."""
-
-    seconds: float  # claim → finish, from the database
-    polls: int
-    rate_hz: float  # polls a second, as the pollers counted them
-    p50_ms: float
-    api_cpu_s: float  # the API's CPU meanwhile
-    client_cpu_s: float  # the pollers'
-
-
-def polled_job(sessions: sessionmaker[Session], url: str, api_pid: int, *, seed: int) -> PolledJob:
-    """Submit a job and poll it from its claim until it has succeeded."""
-    job_id = claimed_job(sessions, seed=seed)
-    with Poller(url, job_id, POLL_RATE_HZ, POLLERS) as poller:
-        api_before = api_cpu_s(api_pid)
-        seconds = job_seconds(sessions, job_id)
-        polls = poller.stop()
-        api_used = api_cpu_s(api_pid) - api_before
-    return PolledJob(seconds, polls, poller.rate_hz, poller.p50_ms, api_used, poller.cpu_s)
-
-
 def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
     """What a poll costs the API paced, back to back, and while a job trains."""
     return (
@@ -235,6 +71,26 @@ def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
         "much for the same request when each wakes a process that has waited a few "
         "milliseconds; while a job trains beside it (the default's row), "
         f"{fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}."
+    )
+
+
+def floor_para(floor: PolledJobs, default: PolledJobs) -> str:
+    """What the same polls take from a job when the server they poll does nothing: the least
+    any server could, on these cores, with the pollers beside the job."""
+    below = floor.slowdown <= SLOWDOWN_GOAL
+    return (
+        "The last row is the floor: the same polls, the same worker and alternation, answered by "
+        "a server that does nothing but write the same bytes for every request (no framework, no "
+        f"database; {fmt(floor.cpu_per_poll_ms(floor.api_cpu_s), 'ms')} of its CPU a poll, "
+        f"against the API's {fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}). Its "
+        f"polls slow a job by {floor.slowdown:+.1%} against the API's {default.slowdown:+.1%}: "
+        + (
+            f"a server can meet the {SLOWDOWN_GOAL:.0%} here, and what lies between the two "
+            "rows is the API's own cost."
+            if below
+            else f"on these cores, with the pollers beside the job, even a server that does "
+            f"nothing misses the {SLOWDOWN_GOAL:.0%}."
+        )
     )
 
 
@@ -314,6 +170,21 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 )
                 for threads in ("auto", "1", "2")
             ]
+            # The floor: the same polls answered by a server that does nothing.
+            with server(["-m", "benchmarks.null_server"], production, root / "null-server.log") as (
+                null_url,
+                null_pid,
+            ):
+                floor = polled_jobs(
+                    ws,
+                    sessions,
+                    null_url,
+                    null_pid,
+                    runs=runs,
+                    label=NULL_SERVER_LABEL,
+                    log=root / "worker-null-server.log",
+                    torch_threads="auto",
+                )
             # The same watchers following the job's event stream instead.
             followed = followed_jobs(ws, sessions, url, pid, runs=runs, streams=POLLERS)
             client.close()
@@ -419,7 +290,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 fmt(c.cpu_per_poll_ms(c.client_cpu_s), "ms"),
                 f"{c.share_slowdown:+.1%}",
             ]
-            for c in configs
+            for c in (*configs, floor)
         ],
     )
     section.para(
@@ -430,6 +301,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"With MNIST_TORCH_THREADS=1 the polls slow a job by {one_thread.slowdown:+.1%}, with 2 "
         f"by {two_threads.slowdown:+.1%}. " + cold_polls_para(costs, default)
     )
+    section.para(floor_para(floor, default))
     section.para(
         f"The same {POLLERS} watchers following the job's event stream instead "
         "(`GET /jobs/{id}/events`, opened as the job is claimed by one client process for the "
@@ -471,7 +343,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             ],
             [
                 f"{POLL_RATE_HZ:.0f} polls/s slow a job by ≤ {SLOWDOWN_GOAL:.0%}",
-                f"{slowdown_cell(default)}, {default.label}",
+                f"{slowdown_cell(default)}, {default.label}; a server that does nothing: "
+                f"{floor.slowdown:+.1%}",
                 verdict(slowdown <= SLOWDOWN_GOAL),
             ],
             [

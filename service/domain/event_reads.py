@@ -66,7 +66,9 @@ class SessionReads:
 @dataclass(frozen=True)
 class Position:
     """Where a poll reads from: the stream's attempt, the last epoch and step it was sent, and
-    how many steps one read takes at most."""
+    how many steps one read takes at most: a cursor's place
+    (:func:`service.domain.events.position`) without what tells streams apart (their count of
+    events sent), so that streams at one place read alike and may share a read."""
 
     attempt: int
     epoch: int

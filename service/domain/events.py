@@ -104,11 +104,6 @@ _NUMBER = "[0-9]{1,9}"
 EVENT_ID_PATTERN = f"^({_NUMBER}:{_NUMBER}:{_NUMBER}(:{_NUMBER}(:{FINAL_MARK})?)?)?$"
 
 
-def is_final(event: ServerSentEvent) -> bool:
-    """Whether ``event`` is a stream's final one (its id ends in ``:end``): nothing follows it."""
-    return event.id is not None and event.id.endswith(f":{FINAL_MARK}")
-
-
 @dataclass(frozen=True)
 class Cursor:
     """What a client has been sent: an attempt, its steps and epochs up to these numbers, how
@@ -149,6 +144,12 @@ class Cursor:
             )
         attempt, step, epoch, *sent = (int(n) for n in numbers)
         return cls(attempt, step, epoch, sent[0] if sent else 0, final=final)
+
+
+def is_final(event: ServerSentEvent) -> bool:
+    """Whether ``event`` is a stream's final one: nothing follows it. Its id says so, read by
+    :meth:`Cursor.parse`, the one reader of the ids' format."""
+    return event.id is not None and Cursor.parse(event.id).final
 
 
 @dataclass
