@@ -37,7 +37,7 @@ HEALTH_READERS = 2  # clients reading the whole series while /healthz is probed
 HEALTH_SECONDS = 5.0
 HEALTH_GOAL_MS = 50.0
 SLOWDOWN_GOAL = 0.10
-NULL_SERVER_LABEL = "the default, polling a server that does nothing (`benchmarks/null_server.py`)"
+NULL_SERVER_LABEL = "the default, polling a server that does next to nothing (below)"
 METRICS_PARTS = {
     "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
     "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
@@ -75,22 +75,36 @@ def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
 
 
 def floor_para(floor: PolledJobs, default: PolledJobs) -> str:
-    """What the same polls take from a job when the server they poll does nothing: the least
-    any server could, on these cores, with the pollers beside the job."""
-    below = floor.slowdown <= SLOWDOWN_GOAL
-    return (
-        "The last row is the floor: the same polls, the same worker and alternation, answered by "
-        "a server that does nothing but write the same bytes for every request (no framework, no "
-        f"database; {fmt(floor.cpu_per_poll_ms(floor.api_cpu_s), 'ms')} of its CPU a poll, "
-        f"against the API's {fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}). Its "
-        f"polls slow a job by {floor.slowdown:+.1%} against the API's {default.slowdown:+.1%}: "
-        + (
-            f"a server can meet the {SLOWDOWN_GOAL:.0%} here, and what lies between the two "
-            "rows is the API's own cost."
-            if below
-            else f"on these cores, with the pollers beside the job, even a server that does "
-            f"nothing misses the {SLOWDOWN_GOAL:.0%}."
+    """What the same polls take from a job when the server they poll does next to nothing, with
+    these pollers on the same cores: a practical floor for this client, said beside the goal's
+    verdict (which it does not change), and judged by its interval, not its median alone."""
+    low, high, _ = median_interval(floor.paired)
+    goal = f"{SLOWDOWN_GOAL:.0%}"
+    if high <= SLOWDOWN_GOAL:
+        judged = f"its whole interval is within the {goal}: a server can meet it here" + (
+            ", and what the API adds (its CPU, its reads, the larger answers the pollers "
+            "parse) is what stands between"
+            if default.slowdown > floor.slowdown
+            else ""
         )
+    elif low > SLOWDOWN_GOAL:
+        judged = (
+            f"its whole interval is above the {goal}: on these cores, with these pollers beside "
+            "the job, even a server that does next to nothing misses it"
+        )
+    else:
+        judged = (
+            f"its interval holds the {goal}: {len(floor.paired)} rounds cannot tell whether a "
+            "server that does next to nothing meets it here"
+        )
+    return (
+        "The last row is a floor for this client: the same polls (the same wrk pollers on the "
+        "same cores, their CPU included), the same worker and alternation, answered by a server "
+        "that does next to nothing (`benchmarks/null_server.py`: Python on uvloop, the same bytes "
+        "for every request, no framework, no database; "
+        f"{fmt(floor.cpu_per_poll_ms(floor.api_cpu_s), 'ms')} of its CPU a poll, against the "
+        f"API's {fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}). Its polls slow a job "
+        f"by {slowdown_cell(floor)}, the API's by {default.slowdown:+.1%}: {judged}."
     )
 
 
@@ -260,8 +274,9 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         "each round's polled job against its quiet one (paired, so that the machine's drift "
         "moves both jobs of a pair), with an order-statistics interval and the chance that it "
         "holds the median (at least 95% from 6 rounds on); the CPU columns are per poll while "
-        "the jobs were polled (all rounds' CPU over all their polls), the API's processes' and "
-        "the pollers'. The last column is what the polls' CPU alone would cost a job that kept "
+        "the jobs were polled (all rounds' CPU over all their polls), the polled server's "
+        "processes' (the API's; the floor's in the last row) and the pollers'. The last column "
+        "is what the polls' CPU alone would cost a job that kept "
         f"all {usable_cores()} cores busy: their share s of a core leaves it cores − s "
         "(`benchmarks/poll_costs.py`)."
     )
@@ -273,7 +288,7 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             "slowdown (paired)",
             "polls/s",
             "poll p50",
-            "API CPU/poll",
+            "server CPU/poll",
             "wrk CPU/poll",
             "polls' CPU alone",
         ],
@@ -343,8 +358,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             ],
             [
                 f"{POLL_RATE_HZ:.0f} polls/s slow a job by ≤ {SLOWDOWN_GOAL:.0%}",
-                f"{slowdown_cell(default)}, {default.label}; a server that does nothing: "
-                f"{floor.slowdown:+.1%}",
+                f"{slowdown_cell(default)}, {default.label}; a server that does next to "
+                f"nothing, the pollers included: {slowdown_cell(floor)}",
                 verdict(slowdown <= SLOWDOWN_GOAL),
             ],
             [

@@ -1,10 +1,12 @@
-"""``python -m benchmarks.null_server``: an HTTP server that does nothing but answer.
+"""``python -m benchmarks.null_server``: an HTTP server that does next to nothing but answer.
 
 Every request on a keep-alive connection gets the same bytes at once (a metrics page with no
 steps, 200): no framework, no database, no parsing beyond the end of a header block. Polled as
-the API is polled while a job trains, it is the least that 200 polls a second can take from the
-job on these cores, with the pollers beside it: the floor the goal is measured against in the
-same run (benchmarks/metrics.py). Listens on MNIST_HOST:MNIST_PORT, as ``python -m service``.
+the API is polled while a job trains (benchmarks/metrics.py), it shows what the same polls take
+from the job when the server costs next to nothing, the pollers still on the same cores: a
+practical floor for that client, beside the goal's verdict. (A server in C, or pollers on
+another machine, would cost the job less.) Listens on MNIST_HOST:MNIST_PORT, as
+``python -m service``.
 """
 
 from __future__ import annotations

@@ -62,3 +62,22 @@ def exact_cpu_seconds(pid: int) -> float:
         return time.clock_gettime(clock.value)
     except OSError as exc:  # it ended meanwhile
         raise ProcessLookupError(pid) from exc
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """Every live process of ``pid``'s tree (``pid`` and its descendants): the CPU seconds each
+    has used so far (:func:`exact_cpu_seconds`)."""
+    used: dict[int, float] = {}
+    for p in [pid, *children(pid)]:
+        try:
+            used[p] = exact_cpu_seconds(p)
+        except ProcessLookupError:
+            continue
+    return used
+
+
+def tree_cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """The CPU seconds a tree used between two readings of :func:`tree_cpu_seconds`. A process
+    begun in between counts whole; one that began and ended in between is missed (so this is a
+    lower bound)."""
+    return sum(seconds - before.get(p, 0.0) for p, seconds in after.items())

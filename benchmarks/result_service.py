@@ -128,6 +128,25 @@ def service(url: str, root: Path, data: Path, **settings: str) -> Iterator[Runni
         yield Running(client, pids)
 
 
+def database_server_pid(url: str) -> int | None:
+    """The postmaster of the PostgreSQL server at ``url`` when it runs on this machine and its
+    data directory can be read here (its ``postmaster.pid``), so that its processes' CPU can be
+    counted; None for SQLite (no server) and otherwise."""
+    if make_url(url).get_backend_name() != "postgresql":
+        return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            data_dir = str(conn.execute(text("SHOW data_directory")).scalar_one())
+    finally:
+        engine.dispose()
+    try:
+        pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
 def logged_claims(root: Path) -> dict[str, float]:
     """Each first attempt's claim latency in milliseconds, by job id, as the worker logged it
     (its clock once the claim committed, against the API's ``created_at``) in the log of

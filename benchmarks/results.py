@@ -19,10 +19,13 @@ from typing import Any
 import torch
 
 from benchmarks.floor import floor_data, floor_train
+from benchmarks.poll_costs import share_slowdown
+from benchmarks.procs import tree_cpu_seconds, tree_cpu_used
 from benchmarks.report import Section
 from benchmarks.result_clients import CHECK_BACK_S, follow_to_result, live_delays, poll_to_result
 from benchmarks.result_service import (
     database,
+    database_server_pid,
     databases_here,
     idle_shares,
     logged_claims,
@@ -34,6 +37,7 @@ from service.settings import Settings
 from service.store import wakeups
 from service.store.engines import make_engine, read_engine
 from workers.data import Mnist
+from workers.threads import usable_cores
 
 RESULT_GOAL = 1.5  # POST → result seen, ÷ the floor
 WORKER_GOAL = 1.2  # started_at → finished_at, ÷ the floor
@@ -41,6 +45,7 @@ CLAIM_P50_GOAL_MS, CLAIM_P99_GOAL_MS = 10.0, 50.0
 LIVE_GOAL_MS = 100.0
 IDLE_GOAL = 0.01  # share of one core
 FLOOR_THREADS = (1, 2)
+SERVER_FIGURE = "the database server's CPU over a job left alone (every process of the server)"
 POLL_INTERVAL_S = float(Settings.model_fields["poll_interval_s"].default)
 
 
@@ -61,11 +66,22 @@ class Backend:
     live_ms: list[float] = field(default_factory=list)
     floors: dict[int, Series] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)  # process → share of a core
+    server_cpu_s: list[float] = field(default_factory=list)  # the database server's, per job
 
     @property
     def floor_s(self) -> float:
         """The faster thread count's median floor."""
         return min(s.median for s in self.floors.values())
+
+    def server_cpu(self) -> str | None:
+        """The database server's CPU over a job left alone (the median), and what it would cost
+        a job that kept every core busy (:func:`benchmarks.poll_costs.share_slowdown`); None
+        where no server was measured."""
+        if not self.server_cpu_s:
+            return None
+        cpu_s = median(self.server_cpu_s)
+        share = share_slowdown(cpu_s, self.alone.median, usable_cores())
+        return f"{fmt(cpu_s * 1000, 'ms')}, {share:+.1%} of a job that keeps the cores busy"
 
 
 def measure_backend(
@@ -102,6 +118,7 @@ def measure_backend(
         # It reads at once when the service's wake-up for its job arrives (a claim, a flush).
         base = make_engine(url)
         engine = read_engine(base)
+        server_pid = database_server_pid(url)
         if not heard.connected.wait(10):
             raise RuntimeError(f"the benchmark could not listen for {kind}'s wake-ups")
         try:
@@ -135,10 +152,14 @@ def measure_backend(
                 # Last before the next round's floor: its client checks back every 0.25 s, so
                 # the worker has finished its after-work (a job's end, older states deleted)
                 # before the floor runs; a followed job's final event comes before that.
+                server_before = tree_cpu_seconds(server_pid) if server_pid else None
                 alone = poll_to_result(
                     svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
                 )
                 result.alone.add(alone.worker_s)
+                if server_pid and server_before is not None:
+                    used = tree_cpu_used(server_before, tree_cpu_seconds(server_pid))
+                    result.server_cpu_s.append(used)
                 result.polled.add(polled.seconds)
                 result.followed.add(followed.finished.seconds)
                 for done in (polled, followed.finished):
@@ -240,7 +261,13 @@ def write_section(
         "costs a job has a goal of its own, "
         "200 polls/s in the metrics section). Idle "
         f"cost: each process's user + system CPU (/proc/PID/stat) over {idle_s:g} s after "
-        "the last job."
+        "the last job. Where the database has a server on this machine (PostgreSQL), the CPU of "
+        "every process of the server (the postmaster in its data directory's `postmaster.pid` "
+        "and its descendants: the backends, the WAL writer, the checkpointer, autovacuum) is "
+        "summed over each job left alone, from its POST to its result (a lower bound: a process "
+        "begun and ended within the job is missed); that CPU is taken from the cores the job "
+        "trains on, and its share of them is what it would cost a job that kept them all busy "
+        "(as the polls' in the metrics section)."
     )
     rows = []
     for b in backends:
@@ -257,6 +284,7 @@ def write_section(
             timed("POST → final `status` event", b.followed.median),
             timed("the worker's own started_at → finished_at, a job left alone", b.alone.median),
             timed("the same, a job polled or followed (above)", b.worker.median),
+            *([[b.name, SERVER_FIGURE, server, ""]] if (server := b.server_cpu()) else []),
             [
                 b.name,
                 "claim latency (created_at → the claim committed, the worker's log) p50 / p99",
@@ -332,12 +360,14 @@ def write_section(
                 verdict(live99 <= LIVE_GOAL_MS),
             ]
         )
-        w = ratio(b.alone.median, floor)
+        w, server = ratio(b.alone.median, floor), b.server_cpu()
         goals.append(
             [
                 f"{b.name}: the worker's own time ≤ {WORKER_GOAL}× floor (a job left alone)",
                 f"{fmt_ratio(w)} ({fmt(b.alone.median, 's')}; "
-                f"polled or followed: {fmt_ratio(ratio(b.worker.median, floor))})",
+                f"polled or followed: {fmt_ratio(ratio(b.worker.median, floor))}"
+                + (f"; the database server's CPU: {server}" if server else "")
+                + ")",
                 verdict(w <= WORKER_GOAL),
             ]
         )

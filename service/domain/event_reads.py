@@ -68,7 +68,8 @@ class Position:
     """Where a poll reads from: the stream's attempt, the last epoch and step it was sent, and
     how many steps one read takes at most: a cursor's place
     (:func:`service.domain.events.position`) without what tells streams apart (their count of
-    events sent), so that streams at one place read alike and may share a read."""
+    events sent, and the final mark), so that streams at one place read alike and may share a
+    read."""
 
     attempt: int
     epoch: int

@@ -3,12 +3,13 @@ threads that have ended (a server's idle worker threads end while it runs)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.procs import exact_cpu_seconds
+from benchmarks.procs import exact_cpu_seconds, tree_cpu_seconds, tree_cpu_used
 
 # A child that spends 0.2 s of CPU in a thread of its own, ends the thread, says so and waits.
 BURN_IN_A_THREAD = """
@@ -45,3 +46,27 @@ def test_a_process_that_is_gone_has_no_cpu_to_read() -> None:
     child.wait()  # reaped: no such process any more
     with pytest.raises(ProcessLookupError):
         exact_cpu_seconds(child.pid)
+
+
+def test_a_tree_is_read_with_its_descendants() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", BURN_IN_A_THREAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "done\n"
+        tree = tree_cpu_seconds(os.getpid())
+        assert tree[child.pid] >= 0.2 and tree[os.getpid()] > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_what_a_tree_used_counts_new_processes_whole_and_misses_ended_ones() -> None:
+    before = {1: 1.0, 2: 2.0}
+    after = {1: 1.5, 3: 0.25}  # 2 ended in between, 3 began
+    assert tree_cpu_used(before, after) == pytest.approx(0.75)
+    assert tree_cpu_used(after, after) == 0

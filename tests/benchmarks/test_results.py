@@ -3,15 +3,23 @@ databases where PostgreSQL answers, every figure filled in and the goals written
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from statistics import median
 
 from benchmarks.report import Report
 from benchmarks.result_clients import live_delays
-from benchmarks.result_service import logged_claims, postgres_reachable
+from benchmarks.result_service import (
+    POSTGRES_ADMIN_DEFAULT,
+    POSTGRES_ADMIN_ENV,
+    database_server_pid,
+    logged_claims,
+    postgres_reachable,
+)
 from benchmarks.results import run_results
 from tests.support import SMALL_TEST, SMALL_TRAIN
 
+POSTGRES_URL = os.environ.get(POSTGRES_ADMIN_ENV, POSTGRES_ADMIN_DEFAULT)
 SMALL_JOB = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
 
 
@@ -44,7 +52,15 @@ def test_the_section_measures_a_real_service_on_each_database(
         assert set(b.idle) == {"supervisor", "API", "worker"}
         assert all(0 <= share < 1 for share in b.idle.values())
         assert b.floor_s > 0
+        # The server's CPU is counted where there is one on this machine whose files are ours
+        # to read (PostgreSQL here and in CI, as root); SQLite has none.
+        counted = b.name == "postgresql" and database_server_pid(POSTGRES_URL) is not None
+        assert len(b.server_cpu_s) == (1 if counted else 0)
+        assert all(cpu_s > 0 for cpu_s in b.server_cpu_s)
     text = report.render()
+    servers = sum(1 for b in backends if b.server_cpu_s)
+    assert text.count("the database server's CPU over a job left alone") == servers
+    assert text.count("; the database server's CPU: ") == 2 * servers  # section and summary
     assert text.count("time to result (polling) ≤ 1.5× floor") == 2 * len(backends)
     assert "claim latency" in text and "idle CPU" in text
     # Once in the section, once in the summary.
