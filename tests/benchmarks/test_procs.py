@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +26,9 @@ sys.stdin.read()
 """
 
 
-def test_a_process_keeps_the_cpu_of_its_threads_that_ended() -> None:
+@pytest.fixture
+def burnt() -> Iterator[int]:
+    """A child that has burnt 0.2 s of CPU in a thread that has ended, still running: its pid."""
     child = subprocess.Popen(
         [sys.executable, "-c", BURN_IN_A_THREAD],
         stdin=subprocess.PIPE,
@@ -35,10 +38,14 @@ def test_a_process_keeps_the_cpu_of_its_threads_that_ended() -> None:
     try:
         assert child.stdout is not None
         assert child.stdout.readline() == "done\n"
-        assert exact_cpu_seconds(child.pid) >= 0.2
+        yield child.pid
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_process_keeps_the_cpu_of_its_threads_that_ended(burnt: int) -> None:
+    assert exact_cpu_seconds(burnt) >= 0.2
 
 
 def test_a_process_that_is_gone_has_no_cpu_to_read() -> None:
@@ -48,21 +55,9 @@ def test_a_process_that_is_gone_has_no_cpu_to_read() -> None:
         exact_cpu_seconds(child.pid)
 
 
-def test_a_tree_is_read_with_its_descendants() -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", BURN_IN_A_THREAD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline() == "done\n"
-        tree = tree_cpu_seconds(os.getpid())
-        assert tree[child.pid] >= 0.2 and tree[os.getpid()] > 0
-    finally:
-        child.kill()
-        child.wait()
+def test_a_tree_is_read_with_its_descendants(burnt: int) -> None:
+    tree = tree_cpu_seconds(os.getpid())
+    assert tree[burnt] >= 0.2 and tree[os.getpid()] > 0
 
 
 def test_what_a_tree_used_counts_new_processes_whole_and_misses_ended_ones() -> None:
