@@ -198,7 +198,6 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
         )
         if claimed is None or claimed.id != job_id:
             raise RuntimeError(f"expected to claim job {job_id}")
-    claim: dict[str, Any] = {"job_id": job_id, "attempt": 1, "worker_id": "bench"}
     per_epoch = -(-steps // epochs)
     for first in range(1, steps + 1, FLUSH_ROWS):
         numbers = range(first, min(first + FLUSH_ROWS, steps + 1))
@@ -221,8 +220,21 @@ def write_series(sessions: sessionmaker[Session], steps: int, epochs: int = 3) -
         )
         with sessions.begin() as session:
             queue_repo.record_progress(
-                session, **claim, progress=progress, lease_s=600, now=utcnow()
+                session,
+                job_id=job_id,
+                attempt=1,
+                worker_id="bench",
+                progress=progress,
+                lease_s=600,
+                now=utcnow(),
             )
     with sessions.begin() as session:
-        queue_repo.finish_job(session, **claim, status=JobStatus.SUCCEEDED, now=utcnow())
+        queue_repo.finish_job(
+            session,
+            job_id=job_id,
+            attempt=1,
+            worker_id="bench",
+            status=JobStatus.SUCCEEDED,
+            now=utcnow(),
+        )
     return job_id

@@ -152,12 +152,12 @@ def measure_backend(
                 # Last before the next round's floor: its client checks back every 0.25 s, so
                 # the worker has finished its after-work (a job's end, older states deleted)
                 # before the floor runs; a followed job's final event comes before that.
-                server_before = tree_cpu_seconds(server_pid) if server_pid else None
+                server_before = tree_cpu_seconds(server_pid) if server_pid else {}
                 alone = poll_to_result(
                     svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
                 )
                 result.alone.add(alone.worker_s)
-                if server_pid and server_before is not None:
+                if server_pid:
                     used = tree_cpu_used(server_before, tree_cpu_seconds(server_pid))
                     result.server_cpu_s.append(used)
                 result.polled.add(polled.seconds)
