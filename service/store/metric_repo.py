@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, text
+from sqlalchemy import and_, bindparam, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from service.store.engines import Reader, driver_rows
@@ -40,6 +40,11 @@ _STEPS_FROM_ARRAYS = text(
     "INSERT INTO train_steps (job_id, step, epoch, loss, examples_seen) "
     "SELECT :job_id, * FROM unnest(CAST(:steps AS integer[]), CAST(:epochs AS integer[]), "
     "CAST(:losses AS double precision[]), CAST(:examples AS integer[]))"
+)
+# SQLite: the same rows as plain tuples through the driver's executemany (sqlite3's qmark
+# style), without SQLAlchemy building a parameter dictionary per row.
+_STEPS_SQLITE = (
+    "INSERT INTO train_steps (job_id, step, epoch, loss, examples_seen) VALUES (?, ?, ?, ?, ?)"
 )
 
 
@@ -91,5 +96,8 @@ def insert_steps(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) 
                 "examples": [r["examples_seen"] for r in rows],
             },
         )
-    else:  # on the Connection: a plain executemany, without the ORM's bulk-insert bookkeeping
-        connection.execute(insert(TrainStep), [{"job_id": job_id, **r} for r in rows])
+    else:  # the driver's executemany: SQLAlchemy's per-row parameters cost more than it
+        connection.exec_driver_sql(
+            _STEPS_SQLITE,
+            [(job_id, r["step"], r["epoch"], r["loss"], r["examples_seen"]) for r in rows],
+        )
