@@ -29,7 +29,7 @@ from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep
-from service.store.upkeep.leases import claim_statement, expire_lost_jobs
+from service.store.upkeep import leases
 
 # What a running job given back to the queue becomes: queued, held by no worker.
 _REQUEUED: dict[str, Any] = {
@@ -38,25 +38,6 @@ _REQUEUED: dict[str, Any] = {
     "lease_expires_at": None,
     "heartbeat_at": None,
 }
-
-
-# The fence, its values bound at execution (``fence_id``, ``fence_attempt``, ``fence_worker``):
-# a statement built with it once serves every job (:func:`_progress_update`).
-_FENCE = and_(
-    Job.id == bindparam("fence_id"),
-    Job.attempt == bindparam("fence_attempt"),
-    Job.worker_id == bindparam("fence_worker"),
-    Job.status == JobStatus.RUNNING,
-)
-
-
-def _fence_values(job_id: str, attempt: int, worker_id: str) -> dict[str, Any]:
-    return {"fence_id": job_id, "fence_attempt": attempt, "fence_worker": worker_id}
-
-
-def _fence(job_id: str, attempt: int, worker_id: str) -> Any:
-    """The fence with these values bound (for statements built per call)."""
-    return _FENCE.params(_fence_values(job_id, attempt, worker_id))
 
 
 def _lost(job_id: str, attempt: int) -> LeaseLost:
@@ -75,7 +56,7 @@ def _update_fenced(
     session: Session, job_id: str, attempt: int, worker_id: str, values: dict[str, Any]
 ) -> None:
     """UPDATE the job this worker runs as ``attempt``; :class:`LeaseLost` when it no longer does."""
-    if not _update_jobs(session, _fence(job_id, attempt, worker_id), values):
+    if not _update_jobs(session, leases.fence(job_id, attempt, worker_id), values):
         raise _lost(job_id, attempt)
 
 
@@ -100,7 +81,7 @@ def claim_job(
     subquery picks the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's IMMEDIATE
     transaction serialises claims), so two workers never take the same attempt.
 
-    ``settle_leases`` first settles the leases that ran out (:func:`expire_lost_jobs`): the
+    ``settle_leases`` first settles the leases that ran out (:func:`leases.expire_lost_jobs`): the
     jobs that can no longer run end, and the others go back to the queue. The claim takes an
     expired job whether or not it ran, so a worker may settle less often than it claims
     (:meth:`workers.worker.Worker.claim`).
@@ -110,10 +91,10 @@ def claim_job(
     so the series stays one consistent run with no duplicated and no missing steps.
     """
     if settle_leases:
-        expire_lost_jobs(session, now=now)
+        leases.expire_lost_jobs(session, now=now)
     until = now + timedelta(seconds=lease_s)
     params = {"now": now, "lease_until": until, "worker_id": worker_id, "device": device}
-    job: Job | None = session.scalars(claim_statement(), params).one_or_none()
+    job: Job | None = session.scalars(leases.claim_statement(), params).one_or_none()
     if job is None:
         return None
     rewind_to_epoch(session, job, job.resume_epoch)
@@ -212,8 +193,8 @@ def record_progress(
         values["resume_epoch"] = (
             progress.epoch if progress.resume_epoch is None else progress.resume_epoch
         )
-    fence = _fence_values(job_id, attempt, worker_id)
-    row = session.connection().execute(_progress_update(tuple(values)), {**fence, **values}).first()
+    params = {**leases.fence_values(job_id, attempt, worker_id), **values}
+    row = session.connection().execute(_progress_update(tuple(values)), params).first()
     if row is None:
         raise _lost(job_id, attempt)
     if progress.unsynced:
@@ -240,7 +221,7 @@ def _progress_update(columns: tuple[str, ...]) -> Update:
     (docs/benchmarks.md, "a flush's CPU on the writing thread")."""
     return (
         update(Job)
-        .where(_FENCE)
+        .where(leases.FENCE)
         .values({c: bindparam(c) for c in columns})
         .returning(Job.cancel_requested)
     )
@@ -286,7 +267,7 @@ def heartbeat(
     """Renew the lease without other progress; True if cancel was asked. Fenced."""
     row = session.execute(
         update(Job)
-        .where(_fence(job_id, attempt, worker_id))
+        .where(leases.fence(job_id, attempt, worker_id))
         .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
@@ -366,7 +347,7 @@ def hand_back(
         return False
     failed = _update_jobs(
         session,
-        and_(_fence(job_id, attempt, worker_id), Job.attempt >= Job.max_attempts),
+        and_(leases.fence(job_id, attempt, worker_id), Job.attempt >= Job.max_attempts),
         {
             "status": JobStatus.FAILED,
             "finished_at": now,
@@ -397,9 +378,10 @@ def _cancelled_if_asked(
     session: Session, job_id: str, attempt: int, worker_id: str, now: datetime
 ) -> bool:
     """End a job given back (released, handed back) ``cancelled`` if a cancel was asked while
-    it ran, as a lost worker's job ends (:func:`expire_lost_jobs`): queued again it could never
-    be claimed (claims skip cancel-asked jobs), and its sweep would never end. Fenced."""
-    where = and_(_fence(job_id, attempt, worker_id), Job.cancel_requested.is_(True))
+    it ran, as a lost worker's job ends (:func:`leases.expire_lost_jobs`): queued again it
+    could never be claimed (claims skip cancel-asked jobs), and its sweep would never end.
+    Fenced."""
+    where = and_(leases.fence(job_id, attempt, worker_id), Job.cancel_requested.is_(True))
     ended = {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None}
     if not _update_jobs(session, where, {**ended, "resume_checkpoint": None}):
         return False
@@ -411,7 +393,7 @@ def _cancelled_if_asked(
 
 def forget_resume_point(session: Session, *, job_id: str, attempt: int, worker_id: str) -> None:
     """Start a retried job over (its saved training state is gone). Fenced."""
-    job = session.scalars(select(Job).where(_fence(job_id, attempt, worker_id))).one_or_none()
+    job = session.scalars(select(Job).where(leases.fence(job_id, attempt, worker_id))).one_or_none()
     if job is None:
         raise _lost(job_id, attempt)
     rewind_to_epoch(session, job, 0)

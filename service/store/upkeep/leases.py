@@ -20,6 +20,27 @@ from service.store import wakeups
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 
+# The fence of a worker's writes to the job it holds: this attempt, this worker, still running.
+# Its values are bound at execution (:func:`fence_values`), so a statement built with it once
+# serves every job (``queue_repo._progress_update``). The names are shared: a statement holding
+# two fences would bind one job's values to both, so none holds more than one.
+FENCE = and_(
+    Job.id == bindparam("fence_id"),
+    Job.attempt == bindparam("fence_attempt"),
+    Job.worker_id == bindparam("fence_worker"),
+    Job.status == JobStatus.RUNNING,
+)
+
+
+def fence_values(job_id: str, attempt: int, worker_id: str) -> dict[str, Any]:
+    """:data:`FENCE`'s values for this job, attempt and worker."""
+    return {"fence_id": job_id, "fence_attempt": attempt, "fence_worker": worker_id}
+
+
+def fence(job_id: str, attempt: int, worker_id: str) -> Any:
+    """:data:`FENCE` with these values bound, for statements built per call."""
+    return FENCE.params(fence_values(job_id, attempt, worker_id))
+
 
 def lease_expired(now: Any) -> Any:
     """Running, with its lease past ``now``: its worker stopped renewing it."""
