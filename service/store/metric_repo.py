@@ -96,7 +96,7 @@ def insert_steps(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) 
                 "examples": [r["examples_seen"] for r in rows],
             },
         )
-    else:  # the driver's executemany: SQLAlchemy's per-row parameters cost more than it
+    else:  # the driver's executemany: SQLAlchemy's per-row parameters cost more than the insert
         connection.exec_driver_sql(
             _STEPS_SQLITE,
             [(job_id, r["step"], r["epoch"], r["loss"], r["examples_seen"]) for r in rows],

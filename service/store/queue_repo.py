@@ -180,12 +180,8 @@ def record_progress(
     """
     if not progress.epochs and progress.resume_checkpoint is None:
         _commit_without_flush(session)
-    values: dict[str, Any] = {
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "heartbeat_at": now,
-        "lease_expires_at": now + timedelta(seconds=lease_s),
-    }
+    values: dict[str, Any] = {"step": progress.step, "epoch": progress.epoch}
+    values.update(_lease(now, lease_s))
     if progress.accuracy is not None:
         values["accuracy"] = progress.accuracy
     if progress.resume_checkpoint is not None:
@@ -193,10 +189,7 @@ def record_progress(
         values["resume_epoch"] = (
             progress.epoch if progress.resume_epoch is None else progress.resume_epoch
         )
-    params = {**leases.fence_values(job_id, attempt, worker_id), **values}
-    row = session.connection().execute(_progress_update(tuple(values)), params).first()
-    if row is None:
-        raise _lost(job_id, attempt)
+    cancel_asked = _renew_lease(session, job_id, attempt, worker_id, values)
     if progress.unsynced:
         metric_repo.store_missing_steps(session, job_id, progress.unsynced)
     if progress.replace:
@@ -210,15 +203,31 @@ def record_progress(
             insert(EpochMetric), [{"job_id": job_id, **r} for r in progress.epochs]
         )
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+    return cancel_asked
+
+
+def _lease(now: datetime, lease_s: float) -> dict[str, Any]:
+    return {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_s)}
+
+
+def _renew_lease(
+    session: Session, job_id: str, attempt: int, worker_id: str, values: dict[str, Any]
+) -> bool:
+    """The fenced UPDATE of a flush or a heartbeat (the lease, and ``values``' other columns);
+    True if cancel was asked, :class:`LeaseLost` when this attempt no longer holds the job."""
+    params = {**leases.fence_values(job_id, attempt, worker_id), **values}
+    row = session.connection().execute(_lease_update(tuple(values)), params).first()
+    if row is None:
+        raise _lost(job_id, attempt)
     return bool(row[0])
 
 
 @functools.cache
-def _progress_update(columns: tuple[str, ...]) -> Update:
-    """The fenced UPDATE of a flush that sets ``columns``, built once per set of columns and
-    run on the session's Connection (it names no ORM entity to synchronise): built anew and run
-    through the ORM, it took a third of a flush's CPU on the flush thread, beside the training
-    (docs/benchmarks.md, "a flush's CPU on the writing thread")."""
+def _lease_update(columns: tuple[str, ...]) -> Update:
+    """:func:`_renew_lease`'s statement, built once per set of columns and run on the session's
+    Connection (it names no ORM entity to synchronise): built anew and run through the ORM, it
+    took a third of a flush's CPU on the flush thread, beside the training (docs/benchmarks.md,
+    "a flush's CPU on the writing thread")."""
     return (
         update(Job)
         .where(leases.FENCE)
@@ -265,16 +274,7 @@ def heartbeat(
     session: Session, *, job_id: str, attempt: int, worker_id: str, lease_s: float, now: datetime
 ) -> bool:
     """Renew the lease without other progress; True if cancel was asked. Fenced."""
-    row = session.execute(
-        update(Job)
-        .where(leases.fence(job_id, attempt, worker_id))
-        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
-        raise _lost(job_id, attempt)
-    return bool(row[0])
+    return _renew_lease(session, job_id, attempt, worker_id, _lease(now, lease_s))
 
 
 def finish_job(

@@ -22,7 +22,7 @@ from service.store.tables import Job
 
 # The fence of a worker's writes to the job it holds: this attempt, this worker, still running.
 # Its values are bound at execution (:func:`fence_values`), so a statement built with it once
-# serves every job (``queue_repo._progress_update``). The names are shared: a statement holding
+# serves every job (``queue_repo._lease_update``). The names are shared: a statement holding
 # two fences would bind one job's values to both, so none holds more than one.
 FENCE = and_(
     Job.id == bindparam("fence_id"),
