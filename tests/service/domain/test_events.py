@@ -3,7 +3,10 @@ read in a session of their own, and through the polls' connections as the API re
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -270,8 +273,44 @@ def test_payloads_are_one_line_and_never_nan() -> None:
     assert (
         events.json_data({"text": "two\nlines", "x": [1, 2]}) == '{"text":"two\\nlines","x":[1,2]}'
     )
-    with pytest.raises(ValueError):
-        events.json_data({"loss": math.nan})
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError):
+            events.json_data({"steps": [{"step": 1, "loss": bad}]})
+    assert events.json_data({"error": None}) == '{"error":null}'
+
+
+def test_payloads_read_back_as_the_standard_librarys_encoding_does() -> None:
+    """The payload's encoder (orjson) against the standard library's, value for value: every
+    float reads back bit for bit, whatever its size, as do the rows' other types."""
+    rng = random.Random(15)
+    floats = [0.0, -0.0, 1e-05, 1e16, 5e-324, 1.7976931348623157e308, 0.1, 2.0, 1 / 3]
+    floats += [rng.uniform(0, 5) for _ in range(500)]
+    floats += [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(2000)]
+    floats = [f for f in floats if math.isfinite(f)]
+    payloads: list[Any] = [
+        {"steps": [{"step": i, "epoch": 1, "loss": f, "examples_seen": 64 * i}]}
+        for i, f in enumerate(floats)
+    ]
+    payloads.append({"status": "running", "error": None, "text": "two\nlines é ✓", "ok": True})
+    for payload in payloads:
+        encoded = events.json_data(payload)
+        assert "\n" not in encoded
+        reference = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        assert json.loads(encoded) == json.loads(reference)
+        for ours, theirs in zip(floats_in(encoded), floats_in(reference), strict=True):
+            assert struct.pack("<d", ours) == struct.pack("<d", theirs)
+
+
+def floats_in(encoded: str) -> list[float]:
+    """Every float of a payload, in order, as JSON reads it back."""
+    found: list[float] = []
+
+    def parse(text: str) -> float:
+        found.append(float(text))
+        return found[-1]
+
+    json.loads(encoded, parse_float=parse)
+    return found
 
 
 def outage_error(tmp_path: Path) -> Exception:
