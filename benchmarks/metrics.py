@@ -374,17 +374,16 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 f"nothing, the pollers included: {slowdown_cell(floor)}",
                 verdict(slowdown <= SLOWDOWN_GOAL),
             ],
-            [
-                f"{POLLERS} open event streams (the same watchers) slow a job by "
-                f"≤ {SLOWDOWN_GOAL:.0%}",
-                f"{slowdown_cell(followed)}, {default.label}",
-                verdict(followed.slowdown <= SLOWDOWN_GOAL),
-            ],
-            [
-                f"{CROWD_STREAMS} open event streams of one job slow it by ≤ {SLOWDOWN_GOAL:.0%}",
-                f"{slowdown_cell(crowd)}, {default.label}",
-                verdict(crowd.slowdown <= SLOWDOWN_GOAL),
-            ],
+            *(
+                [
+                    f"{jobs.streams} open event streams of one job "
+                    f"({'the same watchers' if jobs is followed else 'a crowd'}) slow it by "
+                    f"≤ {SLOWDOWN_GOAL:.0%}",
+                    f"{slowdown_cell(jobs)}, {default.label}",
+                    verdict(jobs.slowdown <= SLOWDOWN_GOAL),
+                ]
+                for jobs in (followed, crowd)
+            ),
         ],
     )
     if prof is not None:

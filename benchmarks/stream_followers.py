@@ -131,7 +131,7 @@ def followed_jobs(
 ) -> FollowedJobs:
     """Alternate jobs left alone and followed, on one warm worker process (the defaults)."""
     result = FollowedJobs(streams, Series("job, no streams", "s"), Series("job, followed", "s"))
-    with worker_process(ws, ws.root / "worker-streams.log"), Followers(url) as followers:
+    with worker_process(ws, ws.root / f"worker-streams-{streams}.log"), Followers(url) as followers:
         job_seconds(sessions, submit(sessions, seed=0))  # warm the worker's data
 
         def watch(seed: int) -> float:

@@ -62,6 +62,9 @@ STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again 
 # idle connection keep it: a comment, which no client takes for an event.
 KEEPALIVE_S = 15.0
 KEEPALIVE = ServerSentEvent(comment="ping")
+# Line breaks to ``str.splitlines`` that JSON may carry raw (orjson escapes those below U+0020),
+# in UTF-8, where each of these byte runs is only ever that character.
+_LINE_BREAKS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\x85\u2028\u2029")
 T = TypeVar("T")
 
 
@@ -186,10 +189,16 @@ def json_data(data: Any) -> str:
     Written by orjson, as the metrics page is: every open stream of a job encodes each of its
     batches, and the standard library's encoder took a quarter of the API's CPU with 200
     streams open (docs/benchmarks.md). orjson writes a non-finite float as ``null``, so a
-    payload that holds one is written again by the standard library, which refuses it."""
+    payload that holds one is written again by the standard library, which refuses it. And it
+    leaves non-ASCII text as it is, where the standard library escaped it: the characters that
+    some readers end a line at (Python's ``str.splitlines``, httpx's ``iter_lines``) are
+    escaped here, so that a payload stays one line for every reader."""
     encoded = orjson.dumps(data)
     if b"null" in encoded:  # a None, or a non-finite float: only the second is refused
         json.dumps(data, allow_nan=False)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in encoded:
+            encoded = encoded.replace(raw, escaped)
     return encoded.decode()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fastapi.sse import ServerSentEvent
+from fastapi.sse import ServerSentEvent, format_sse_event
 from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
@@ -286,19 +286,61 @@ def test_payloads_read_back_as_the_standard_librarys_encoding_does() -> None:
     floats = [0.0, -0.0, 1e-05, 1e16, 5e-324, 1.7976931348623157e308, 0.1, 2.0, 1 / 3]
     floats += [rng.uniform(0, 5) for _ in range(500)]
     floats += [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(2000)]
-    floats = [f for f in floats if math.isfinite(f)]
-    payloads: list[Any] = [
-        {"steps": [{"step": i, "epoch": 1, "loss": f, "examples_seen": 64 * i}]}
-        for i, f in enumerate(floats)
-    ]
-    payloads.append({"status": "running", "error": None, "text": "two\nlines é ✓", "ok": True})
+    for i, f in enumerate(f for f in floats if math.isfinite(f)):
+        assert_reads_back_alike({"steps": [{"step": i, "epoch": 1, "loss": f, "examples_seen": i}]})
+    assert_reads_back_alike({"status": "failed", "error": None, "text": "two\nlines é ✓"})
+
+
+def test_a_jobs_own_payloads_read_back_as_the_standard_librarys_encoding_does(
+    sessions: sessionmaker[Session], training: FakeTraining, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every payload a stream of a whole job builds (its statuses, steps, epochs) as well."""
+    payloads: list[Any] = []
+    encode = events.json_data
+
+    def recorded(data: Any) -> str:
+        payloads.append(data)
+        return encode(data)
+
+    monkeypatch.setattr(events, "json_data", recorded)
+    state = StreamState(cursor=Cursor(), job_id=training.job_id)
+    poll(sessions, state)
+    training.claim()
+    for accuracy in (0.5, 0.8):
+        training.run_epoch(accuracy)
+        poll(sessions, state)
+    training.finish(JobStatus.FAILED, "diverged\u2028at step 7: loss 1e+400")
+    assert poll(sessions, state)[1]
+    monkeypatch.undo()  # what follows encodes the payloads again, unrecorded
+    kinds = {
+        "status" if "status" in p else "steps" if "steps" in p else frozenset(p) for p in payloads
+    }
+    assert kinds == {"status", "steps", frozenset({"epoch", "accuracy", "examples_seen"})}
     for payload in payloads:
-        encoded = events.json_data(payload)
-        assert "\n" not in encoded
-        reference = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        assert json.loads(encoded) == json.loads(reference)
-        for ours, theirs in zip(floats_in(encoded), floats_in(reference), strict=True):
-            assert struct.pack("<d", ours) == struct.pack("<d", theirs)
+        assert_reads_back_alike(payload)
+
+
+def test_a_payload_is_one_line_wherever_a_reader_breaks_lines() -> None:
+    """No character that any reader takes for a line's end reaches the wire raw: CR and LF,
+    and those Python's ``str.splitlines`` also breaks at (httpx's ``iter_lines``, which the
+    CLI reads a stream with), all escaped as the standard library escaped them."""
+    breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    for text in (breaks, f"error{breaks}id: 1:2:3:4:end", "é\u2028✓"):
+        encoded = events.json_data({"error": text})
+        assert encoded.splitlines() == [encoded]
+        assert json.loads(encoded) == {"error": text}
+        block = format_sse_event(data_str=encoded, event="status", id="1:0:0:1")
+        assert [e.json() for e in sse.parse(block.decode().splitlines())] == [{"error": text}]
+
+
+def assert_reads_back_alike(payload: Any) -> None:
+    """``payload`` encoded for a stream reads back as the standard library's encoding of it,
+    each float to the bit."""
+    encoded = events.json_data(payload)
+    reference = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    assert json.loads(encoded) == json.loads(reference)
+    for ours, theirs in zip(floats_in(encoded), floats_in(reference), strict=True):
+        assert struct.pack("<d", ours) == struct.pack("<d", theirs)
 
 
 def floats_in(encoded: str) -> list[float]:
