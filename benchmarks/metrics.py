@@ -376,13 +376,12 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             ],
             *(
                 [
-                    f"{jobs.streams} open event streams of one job "
-                    f"({'the same watchers' if jobs is followed else 'a crowd'}) slow it by "
+                    f"{jobs.streams} open event streams of one job ({who}) slow it by "
                     f"≤ {SLOWDOWN_GOAL:.0%}",
                     f"{slowdown_cell(jobs)}, {default.label}",
                     verdict(jobs.slowdown <= SLOWDOWN_GOAL),
                 ]
-                for jobs in (followed, crowd)
+                for jobs, who in ((followed, "the same watchers"), (crowd, "a crowd"))
             ),
         ],
     )
