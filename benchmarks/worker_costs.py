@@ -88,7 +88,10 @@ def _put_unless_state(
     original: Replacement, skipped: Hits, session: Any, blob: Any, **kwargs: Any
 ) -> None:
     if blob.kind == artifacts_repo.RESUME:
-        skipped.count += 1
+        # A flush stores only the newest state written since the last one, which replaces the
+        # older: when two epochs' states meet in one flush (short epochs), its one put keeps
+        # out both. So the put counts every state up to its epoch, whoever wins that race.
+        skipped.count = max(skipped.count + 1, blob.epoch or 0)
     else:  # the final checkpoint
         original(session, blob, **kwargs)
 
