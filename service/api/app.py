@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_url, [wakeups.JOB_PROGRESS], enabled=settings.wakeups
         )
         app.state.wakeups = listener
-        app.state.shared_reads = SharedReads()  # a job's streams woken together read once
+        app.state.shared_reads = SharedReads()  # a job's streams at one place read once
         app.state.write_probe = WriteProbe(app.state.write_sessions, settings.ready_write_probe_s)
         app.state.store_size = StoreSize()
         retention = None

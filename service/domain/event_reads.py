@@ -2,31 +2,40 @@
 
 Every open stream of a job polls at each of the job's writes (:mod:`service.domain.events`).
 Streams that stand at the same place (every stream that has caught up stands at the job's
-last step) would read the same rows: :class:`SharedReads` lets the second take the first's
-read when no write has been announced in between. Only where reads run on the event loop (the
-API on SQLite), one at a time; reads in threads may overlap, and share nothing.
+last step) would read the same rows and build the same events from them: :class:`SharedReads`
+lets the second take the first's read, and the events the first built from it, when no write
+has been announced in between. Only where reads run on the event loop (the API on SQLite), one
+at a time; reads in threads may overlap, and share nothing.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
-from cachetools import LRUCache
+from cachetools import TTLCache
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store import job_repo, metric_repo
 from service.store.engines import Reader
 
 T = TypeVar("T")
-# Jobs whose last read is kept; more than the jobs followed at once, as a stream's read is
-# wanted only by the job's other streams woken with it (a few milliseconds later).
-SHARED_JOBS = 256
+# Places (a job and a stream position) whose last read is kept: more than the places streams
+# stand at at once (most of a job's streams stand at its last step). A read is wanted by the
+# streams woken with the one that made it, a few milliseconds later, and by streams that open
+# before the job's next write: kept for KEPT_S at most, so that reads nobody will take again
+# (a job's last streams gone, a page read while catching up) leave memory soon.
+SHARED_PLACES = 256
+KEPT_S = 1.0
+# The most ways of standing at one read's place whose events are kept with it: streams of one
+# place differ in their count of events sent and in the status they last sent (a stream
+# resumed, or opened later).
+BUILT_PER_READ = 8
 
 
 class StreamReads(Protocol):
@@ -112,43 +121,69 @@ class SharedRead:
     generation: int | None
     order: int
     news: News
+    built: dict[Hashable, Any] = field(default_factory=dict, compare=False)
+
+    def once(self, stood: Hashable, build: Callable[[], T]) -> T:
+        """What ``build()`` makes of this read for a stream that stood as ``stood`` says, made
+        once: the events of one read are the same for every stream that stood alike, so each
+        is built (its JSON written) once, not once per stream. Never changed once made."""
+        if stood in self.built:
+            return cast(T, self.built[stood])
+        made = build()
+        if len(self.built) < BUILT_PER_READ:
+            self.built[stood] = made
+        return made
 
 
 class SharedReads:
-    """Each followed job's last read in this process, for the job's other streams woken by the
-    same wake-up. Only for reads on the event loop (``StreamReads.loop_steps`` set): one at a
-    time, each kept as it ends, so the read kept is the newest; and only with the wake-up
-    listener whose generations it is given (no lock: the loop's own).
+    """The last read at each place of a followed job in this process, for the job's other
+    streams: those woken by the same wake-up, and those that open before the job's next one.
+    Only for reads on the event loop (``StreamReads.loop_steps`` set): one at a time, each kept
+    as it ends, so the read kept at a place is its newest; and only with the wake-up listener
+    whose generations it is given (no lock: the loop's own).
 
-    A stream woken by a wake-up takes the read kept at its position when the listener's
-    generation for the job is the one that read began with (no wake-up has arrived since, so it
-    holds every write announced so far, the one that woke this stream included) and that read
-    is newer than the last one the stream used (a job's status must never go back). A poll that
-    was not woken (a stream's first, a page of a stream catching up, the fallback after
-    ``events_poll_s`` for a lost wake-up) reads for itself and keeps its read here.
+    A stream takes the read kept at its position when the listener's generation for the job is
+    the one that read began with (no wake-up has arrived since, so it holds every write announced
+    so far, the one that woke this stream included) and that read is newer than the last one the
+    stream used (a job's status must never go back). A woken stream needs no more. A stream's
+    first poll (it subscribed before it asked, so a later write wakes it) also needs the read to
+    have seen the job's row as the stream's opening read did (``like``): a wake-up that has not
+    reached this process may be one a client has already been sent by another, and a client
+    that reconnects here must not be sent an older job than its opening read saw. A stream
+    catching up page by page, and the fallback poll after ``events_poll_s`` (there for a lost
+    wake-up, so it must see past the kept read), read for themselves and keep their reads here.
+    Places are kept apart, so that streams a write behind the others (opened as it landed) do
+    not take turns replacing the read the others share.
     """
 
-    def __init__(self, jobs: int = SHARED_JOBS) -> None:
-        self._last: LRUCache[str, SharedRead] = LRUCache(maxsize=jobs)
+    def __init__(self, places: int = SHARED_PLACES, kept_s: float = KEPT_S) -> None:
+        self._kept: TTLCache[tuple[str, Position], SharedRead] = TTLCache(places, kept_s)
         self._order = itertools.count(1)
         self.reused = 0  # reads taken from another stream (what the tests look at)
 
     def get(
-        self, job_id: str, at: Position, generation: int | None, *, after: int
+        self,
+        job_id: str,
+        at: Position,
+        generation: int | None,
+        *,
+        after: int,
+        like: SimpleNamespace | None = None,
     ) -> SharedRead | None:
-        """The job's kept read, if made at ``at`` from ``generation`` and later than the read
-        ``after`` orders (the asking stream's last); else None."""
-        last = self._last.get(job_id)
-        if generation is None or last is None or last.order <= after:
+        """The read kept at the job's place ``at``, if made from ``generation``, later than the
+        read ``after`` orders (the asking stream's last) and, given ``like``, having read the
+        job's row as ``like`` is; else None."""
+        kept = self._kept.get((job_id, at))
+        if generation is None or kept is None or kept.order <= after:
             return None
-        if (last.at, last.generation) != (at, generation):
+        if kept.generation != generation or (like is not None and kept.news.job != like):
             return None
         self.reused += 1
-        return last
+        return kept
 
     def keep(self, job_id: str, at: Position, generation: int | None, news: News) -> SharedRead:
         """Keep a read that has just ended, begun at ``at`` from ``generation``."""
         read = SharedRead(at, generation, next(self._order), news)
         if generation is not None:
-            self._last[job_id] = read
+            self._kept[(job_id, at)] = read
         return read

@@ -27,9 +27,9 @@ alone reaches some clients (httpx-sse) as an event with empty data. The payload 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import anyio
@@ -46,7 +46,7 @@ from service.domain.event_reads import (
     read_news,
 )
 from service.domain.jobs import to_read
-from service.errors import AtCapacity, DatabaseUnavailable, InvalidInput, NotFound
+from service.errors import DatabaseUnavailable, InvalidInput, NotFound
 from service.status import TERMINAL
 from service.steps import StepPlan
 from service.store import job_repo, wakeups
@@ -57,7 +57,6 @@ from service.store.tables import MAX_INTEGER
 STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
 RETRY_MS = 1000  # how long a browser waits before reconnecting
 OUTAGE_WAIT_MAX_S = 5.0  # the longest wait between polls while the database is unavailable
-STREAMS_RETRY_AFTER_S = 5  # a stream refused at the cap may be asked for again this soon
 # A silent stream says this at least this often, so that proxies and clients that time out an
 # idle connection keep it: a comment, which no client takes for an event.
 KEEPALIVE_S = 15.0
@@ -66,37 +65,6 @@ KEEPALIVE = ServerSentEvent(comment="ping")
 # in UTF-8, where each of these byte runs is only ever that character.
 _LINE_BREAKS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\x85\u2028\u2029")
 T = TypeVar("T")
-
-
-class OpenStreams:
-    """How many event streams this process has open: the one count the cap is checked against.
-
-    Every open stream reads the database when its job's worker has written (or every
-    ``events_poll_s``), on the event loop or in the thread pool; past some hundreds they slow
-    every other request, so a stream beyond the cap is refused
-    (503 with ``Retry-After``) before it starts. The count lives in the event loop's thread
-    only, so it needs no lock.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    @contextmanager
-    def slot(self, cap: int) -> Iterator[None]:
-        """Hold one of ``cap`` places while the block runs; :class:`AtCapacity` if none is free."""
-        if self.count >= cap:
-            raise AtCapacity(
-                f"this server has {cap} event streams open, as many as it serves; retry shortly",
-                headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)},
-            )
-        self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-
-
-OPEN_STREAMS = OpenStreams()  # one per process
 
 
 FINAL_MARK = "end"
@@ -172,7 +140,8 @@ class StreamState:
     cursor: Cursor
     job_id: str
     status: str | None = None  # the last status sent (None: nothing sent yet)
-    read: int = 0  # the order of the last shared read it used (:class:`SharedReads`)
+    read: int = 0  # the order of the last shared read it used; 0: none yet (:class:`SharedReads`)
+    opened: SimpleNamespace | None = None  # the job as it opened (:func:`opening_row`)
 
     def emit(self, poll: Poll, event: str, data: Any, *, final: bool = False) -> None:
         """Append an event; its id is the cursor, which counts it."""
@@ -202,17 +171,23 @@ def json_data(data: Any) -> str:
     return encoded.decode()
 
 
-async def has_ended(reads: StreamReads, job_id: str, cursor: Cursor) -> bool:
-    """Whether a stream resumed at ``cursor`` has nothing left to send: its job has ended and
-    the cursor is the final event's (the route answers 204). Checked before a stream starts,
-    read where the stream's polls read (on SQLite on the event loop: a thread hand-off and an
-    ORM session cost each stream more than its polls did, docs/benchmarks.md);
-    :class:`NotFound` unless the job exists."""
+async def opening_row(reads: StreamReads, job_id: str) -> SimpleNamespace:
+    """The job's row as a stream opens, read where the stream's polls read (on SQLite on the
+    event loop: a thread hand-off and an ORM session cost each stream more than its polls did,
+    docs/benchmarks.md); :class:`NotFound` unless the job exists. The route answers 204 from it
+    (:func:`has_ended`), and the stream's first poll takes another stream's read only if that
+    read saw the job as this one did (:class:`SharedReads`)."""
     with unavailable_as_503("an event stream"):
         job = await reads.read(lambda db: job_repo.job_row(db, job_id))
     if job is None:
         raise NotFound(f"no job with id {job_id}")
-    return cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt
+    return job
+
+
+def has_ended(job: SimpleNamespace, cursor: Cursor) -> bool:
+    """Whether a stream resumed at ``cursor`` has nothing left to send: its job has ended and
+    the cursor is the final event's (the route answers 204)."""
+    return bool(cursor.final and job.status in TERMINAL and job.attempt == cursor.attempt)
 
 
 def position(cursor: Cursor, max_steps: int | None = None) -> Position:
@@ -296,8 +271,9 @@ async def _poll_once(
 ) -> Poll:
     """One poll. Reads in a thread do the whole poll there (a thousand steps' events built on
     the loop would hold it up) and share nothing; reads on the loop may take another stream's
-    read from ``shared`` when woken (:class:`SharedReads` says when that is safe), and keep
-    their own there."""
+    read from ``shared``, and the events built from it for a stream that stood alike, when woken
+    or at a stream's first poll (:class:`SharedReads` says when that is safe), and keep their
+    own there. The events are then shared by the streams: never changed."""
     # On a copy: a poll that fails half way (the database went away) leaves the state as it
     # was, so the next poll sends again whatever this one had prepared.
     trial = replace(state)
@@ -309,12 +285,20 @@ async def _poll_once(
             )
         else:
             seen = generation()  # before the read, which holds what was announced by now
-            kept = shared.get(state.job_id, at, seen, after=state.read) if woke else None
+            first = state.read == 0 and state.opened is not None
+            like = None if woke else state.opened  # a first poll: the job as the stream opened
+            kept = None
+            if woke or first:
+                kept = shared.get(state.job_id, at, seen, after=state.read, like=like)
             if kept is None:
                 news = await reads.read(lambda db: read_news(db, state.job_id, at))
                 kept = shared.keep(state.job_id, at, seen, news)
-            trial.read = kept.order
-            result = advance(kept.news, trial, at.limit)
+            trial.read, news = kept.order, kept.news
+
+            def build() -> tuple[Poll, Cursor, str | None]:
+                return advance(news, trial, at.limit), trial.cursor, trial.status
+
+            result, trial.cursor, trial.status = kept.once((trial.cursor, trial.status), build)
     state.cursor, state.status, state.read = trial.cursor, trial.status, trial.read
     return result
 
@@ -327,6 +311,7 @@ async def batches(
     poll_s: float,
     wake: wakeups.Listener | None = None,
     shared: SharedReads | None = None,
+    opened: SimpleNamespace | None = None,
 ) -> AsyncIterator[list[ServerSentEvent]]:
     """The events of one job, a poll's at a time (the route writes each batch at once: one
     write, and one wake-up of the client, rather than one per event), until the job has ended
@@ -336,16 +321,16 @@ async def batches(
     Each poll reads through ``reads``: in a worker thread, or on the event loop a few hundred
     steps at most (``reads.loop_steps``), so an open stream never holds up the loop; between
     polls it waits for the job's wake-up from ``wake``, at most ``poll_s``
-    (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``). A
-    poll woken by a wake-up takes the read of another stream of the job woken by the same one
-    from ``shared``, when it stands where that stream stood (:class:`SharedReads`).
+    (a lost wake-up costs that much latency; without ``wake``, every wait is ``poll_s``), and
+    may take another stream's read and events from ``shared`` (:class:`SharedReads`); its first
+    poll only given ``opened``, the job's row as the stream opened (:func:`opening_row`).
 
     While the database is unavailable the stream stays open and polls less often (up to
     :data:`OUTAGE_WAIT_MAX_S` apart; the keep-alives go on), then carries on from where it
     was. Ending it instead would not help: a browser's ``EventSource`` that reconnects and
     meets the 503 gives up for good.
     """
-    state = StreamState(cursor=cursor, job_id=job_id)
+    state = StreamState(cursor=cursor, job_id=job_id, opened=opened)
     retry: int | None = RETRY_MS  # sent with the first event
     outage_wait_s = poll_s
     said = anyio.current_time()  # when the client last heard from the stream
@@ -370,10 +355,11 @@ async def batches(
             if result is not None:
                 outage_wait_s = poll_s
                 if result.events:
+                    batch = result.events  # perhaps other streams' too: never changed
                     if retry is not None:
-                        first = result.events[0].model_copy(update={"retry": retry})
-                        result.events[0], retry = first, None
-                    yield result.events
+                        batch = [batch[0].model_copy(update={"retry": retry}), *batch[1:]]
+                        retry = None
+                    yield batch
                     said = anyio.current_time()
                 if result.done:
                     return

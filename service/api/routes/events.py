@@ -20,7 +20,7 @@ from starlette.types import Send
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
-from service.domain import events
+from service.domain import events, stream_slots
 
 if TYPE_CHECKING:
     from service.api.lanes.polls import PollReads
@@ -49,7 +49,7 @@ async def stream_slot(settings: SettingsDep) -> AsyncIterator[None]:
     Async, so that the count is only ever touched in the event loop's thread. The first
     dependency of the route: a refused stream costs no database read.
     """
-    with events.OPEN_STREAMS.slot(settings.max_event_streams):
+    with stream_slots.OPEN_STREAMS.slot(settings.max_event_streams):
         yield
 
 
@@ -152,7 +152,8 @@ async def job_events(
     """Follow a job as it trains: events as they are recorded, until the job has ended."""
     poll_reads: PollReads = request.app.state.poll_reads
     reads = poll_reads.for_streams(sessions)
-    if await events.has_ended(reads, job_id, cursor):
+    job = await events.opening_row(reads, job_id)
+    if events.has_ended(job, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     wake = request.app.state.wakeups
     stream = events.batches(
@@ -162,5 +163,6 @@ async def job_events(
         poll_s=settings.events_poll_s,
         wake=wake,
         shared=request.app.state.shared_reads,
+        opened=job,
     )
     return EventStreamResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -178,7 +178,8 @@ def test_resuming_from_an_id_sends_only_what_came_after(
     reads = event_reads.SessionReads(sessions)
 
     def ended(event_id: str | None) -> bool:
-        return anyio.run(events.has_ended, reads, training.job_id, Cursor.parse(event_id))
+        job = anyio.run(events.opening_row, reads, training.job_id)
+        return events.has_ended(job, Cursor.parse(event_id))
 
     assert not ended(everything[-2].id)
     assert ended(everything[-1].id) and ended(resumed[-1].id)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
 from service.api.routes.events import EventStreamResponse, encode, wire
-from service.domain import event_reads, events
+from service.domain import event_reads, events, stream_slots
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
@@ -206,14 +206,14 @@ def test_streams_beyond_the_cap_get_503_and_an_ended_one_gives_its_place_back(
     training.claim()
     training.run_epoch(0.5)
     training.finish()
-    assert events.OPEN_STREAMS.count == 0
+    assert stream_slots.OPEN_STREAMS.count == 0
     for _ in range(2):  # each stream that ended, refused or not, gave its place back
         assert read_stream(client, f"/jobs/{job_id}/events")[-1].json()["final"]
         assert client.get(f"/jobs/{UNKNOWN}/events").status_code == 404
-        assert events.OPEN_STREAMS.count == 0
+        assert stream_slots.OPEN_STREAMS.count == 0
     with ExitStack() as held:
         for _ in range(cap):  # the places other streams hold
-            held.enter_context(events.OPEN_STREAMS.slot(cap))
+            held.enter_context(stream_slots.OPEN_STREAMS.slot(cap))
         response = client.get(f"/jobs/{job_id}/events")
         assert response.status_code == 503
         assert response.headers["retry-after"] == "5"
