@@ -113,11 +113,11 @@ def read_news(db: Reader, job_id: str, at: Position) -> News:
 
 @dataclass(frozen=True)
 class SharedRead:
-    """A read kept for a job's other streams: where it was made, the listener's generation for
-    the job just before it began, and its place in the order of reads (a larger one saw a later
-    snapshot: reads on the event loop never overlap)."""
+    """A read kept for a job's other streams (:class:`SharedReads` keeps it under the place it
+    was made at): the listener's generation for the job just before it began, and its place in
+    the order of reads (a larger one saw a later snapshot: reads on the event loop never
+    overlap)."""
 
-    at: Position
     generation: int | None
     order: int
     news: News
@@ -183,7 +183,7 @@ class SharedReads:
 
     def keep(self, job_id: str, at: Position, generation: int | None, news: News) -> SharedRead:
         """Keep a read that has just ended, begun at ``at`` from ``generation``."""
-        read = SharedRead(at, generation, next(self._order), news)
+        read = SharedRead(generation, next(self._order), news)
         if generation is not None:
             self._kept[(job_id, at)] = read
         return read
