@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from tests.support import service_env
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The checkout's sibling shared/ folder, where CI and the developers keep the official files.
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets"
+# Cores for the clients that stand for users (the pollers, the stream followers), e.g. "2,3":
+# on a machine with cores to spare, run the benchmark under `taskset` on others, and the
+# clients cost the job's cores what a client on another machine would, nothing.
+CLIENT_CPUS_ENV = "MNIST_BENCH_CLIENT_CPUS"
 
 
 def cpu_model() -> str:
@@ -52,15 +57,63 @@ def gpu_name() -> str | None:
     return None
 
 
+def client_cpus() -> frozenset[int] | None:
+    """The cores named by ``MNIST_BENCH_CLIENT_CPUS``, or None where the clients share the
+    job's cores (the default). Fails fast when they are not cores of this machine or overlap the
+    cores this run may use: clients on the job's cores would measure the other case."""
+    raw = os.environ.get(CLIENT_CPUS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        cpus = frozenset(int(c) for c in raw.split(","))
+    except ValueError:
+        raise SystemExit(f'{CLIENT_CPUS_ENV}={raw!r}: give core numbers, e.g. "2,3"') from None
+    ours = os.sched_getaffinity(0)
+    if not cpus <= set(range(os.cpu_count() or 1)) or cpus & ours:
+        raise SystemExit(
+            f"{CLIENT_CPUS_ENV}={raw}: name cores of this machine outside this run's own "
+            f"({_cores(ours)}); run the benchmark under taskset on the others"
+        )
+    return cpus
+
+
+def client_preexec() -> Callable[[], None] | None:
+    """For ``subprocess.Popen(preexec_fn=...)`` of a client: moves it onto the client cores
+    before it execs (so every thread it starts stays there), or None where there are none."""
+    cpus = client_cpus()
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def clients_where() -> str:
+    """Where the clients run, for the reports' prose."""
+    cpus = client_cpus()
+    if cpus is None:
+        return "on the job's cores"
+    return f"on {_cores(cpus)}, apart from the job's ({CLIENT_CPUS_ENV})"
+
+
+def _cores(cpus: set[int] | frozenset[int]) -> str:
+    return ("cores " if len(cpus) > 1 else "core ") + ",".join(str(c) for c in sorted(cpus))
+
+
 def machine_lines() -> list[str]:
     """A description of this machine for the report's preamble."""
     gpu = gpu_name()
-    return [
+    lines = [
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; memory {memory_gib():.0f} GiB",
         f"- GPU: {gpu or 'none on this machine'}",
         f"- {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__} "
         f"(default intra-op threads {torch.get_num_threads()})",
     ]
+    ours = os.sched_getaffinity(0)
+    if len(ours) < (os.cpu_count() or 1) or client_cpus() is not None:
+        lines.append(
+            f"- Cores: this run's processes on {_cores(ours)}; the clients that stand for "
+            f"users {clients_where()}."
+        )
+    return lines
 
 
 def data_dir() -> Path:
@@ -103,12 +156,17 @@ class Workspace:
         return Settings.model_validate(values)
 
     def env(self, **settings: str) -> dict[str, str]:
-        """The environment of a service process on this workspace."""
+        """The environment of a service process on this workspace: on the CPU, as
+        :meth:`settings` (a worker left at ``auto`` would train on a card where there is one,
+        under sections that measure the CPU)."""
         return service_env(
-            database_url=self.database_url,
-            data_dir=str(data_dir()),
-            checkpoint_dir=str(self.checkpoint_dir),
-            **settings,
+            **{
+                "database_url": self.database_url,
+                "data_dir": str(data_dir()),
+                "checkpoint_dir": str(self.checkpoint_dir),
+                "device": "cpu",
+                **settings,
+            }
         )
 
 

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_device.sh prepare     here, where pip reaches the package index
 #   bash benchmarks/gpu_device.sh run         there: device run, carry [".device"]
 #   bash benchmarks/gpu_device.sh tests       there: the card's tests alone (a minute less)
+#   bash benchmarks/gpu_device.sh watch       there: watching and time to result on its CPUs
 #
 # The card's image has Python 3.12 with PyTorch, numpy, Pillow, httpx, tqdm and pytest, but not
 # the service's database and settings packages, and MNIST's files do not travel with the
@@ -12,10 +13,20 @@
 # runs the tests that need a card (the CUDA graph against eager training, one wait per
 # checkpoint) and the training tests, then `python -m benchmarks.gpu`; everything it prints
 # lands in $OUT.
+#
+# "watch" uses the machine's many cores instead of its card: the benchmark's "metrics" and
+# "results" sections on the CPU, the service and its worker confined to two cores as on the
+# machines CI runs on (JOB_CPUS), the clients that stand for users on two others
+# (CLIENT_CPUS, MNIST_BENCH_CLIENT_CPUS), as clients on other machines would be; SECTIONS
+# picks fewer. It needs the
+# service's whole stack and wrk, which "prepare" also puts in .device/ (~40 MB in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-settings
-    python-dotenv annotated-types typing-inspection typing-extensions orjson)
+    python-dotenv annotated-types typing-inspection typing-extensions orjson
+    fastapi starlette annotated-doc uvicorn httptools uvloop python-multipart cachetools
+    prometheus-client httpx httpcore h11 anyio idna certifi click psycopg psycopg-binary
+    opentelemetry-api)
 
 case "${1:-}" in
 prepare)
@@ -34,9 +45,18 @@ prepare)
         t10k-labels-idx1-ubyte; do
         gzip -c "$raw/$f" >".device/mnist/$f.gz"
     done
+    # wrk with the libraries it links beyond glibc, run through a wrapper that finds them.
+    mkdir -p .device/bin .device/lib
+    cp "$(command -v wrk)" .device/bin/wrk.bin
+    for lib in libluajit-5.1.so.2 libssl.so.3 libcrypto.so.3; do
+        cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" .device/lib/
+    done
+    printf '%s\n' '#!/bin/sh' 'here="$(dirname "$0")"' \
+        'LD_LIBRARY_PATH="$here/../lib" exec "$here/wrk.bin" "$@"' >.device/bin/wrk
+    chmod +x .device/bin/wrk
     du -sh .device
     ;;
-run | tests)
+run | tests | watch)
     out="${OUT:-/tmp/gpu-device-out}"
     mkdir -p "$out" /tmp/mnist/MNIST/raw
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,6 +66,14 @@ run | tests)
     done
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MNIST_DATA_DIR=/tmp/mnist
     nvidia-smi -L | tee "$out/card.txt" || true
+    if [ "$1" = watch ]; then
+        export MNIST_DEVICE=cpu MNIST_BENCH_CLIENT_CPUS="${CLIENT_CPUS:-2,3}" PATH="$PWD/.device/bin:$PATH"
+        python3 -c 'import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])' \
+            "${JOB_CPUS:-0,1}" python3 -m benchmarks $(printf -- '--only %s ' ${SECTIONS:-metrics results}) \
+            --runs "${RUNS:-5}" --no-profile --output "$out/benchmarks-host.md" 2>&1 |
+            tee "$out/host.log"
+        exit "${PIPESTATUS[0]}"
+    fi
     status=0
     python3 -m pytest -q -p no:cacheprovider tests/workers/training/test_graphs.py \
         tests/workers/test_host_sync.py tests/workers/training/test_train.py 2>&1 | tee "$out/tests.log" ||

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.env import make_workspace
+from benchmarks.env import clients_where, make_workspace
 from benchmarks.jobs import FLUSH_ROWS, write_series
 from benchmarks.poll_costs import PollCosts, poll_costs
 from benchmarks.polled_jobs import POLL_RATE_HZ, POLLERS, PolledJobs, polled_jobs
@@ -277,15 +277,15 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"10,000-image × 3-epoch jobs, one left alone and one polled in each of {runs} rounds "
         "(in alternating order), the polled one by a client at "
         f"{POLL_RATE_HZ:.0f} requests/s in all ({POLLERS} keep-alive connections, each a wrk "
-        "process asking for the steps after the last one it saw: the poller runs on the job's "
-        "cores, and a client in C costs them least, as one on another machine would cost them "
-        "nothing); job time is claim → finish from the database. The slowdown is the median of "
-        "each round's polled job against its quiet one (paired, so that the machine's drift "
-        "moves both jobs of a pair), with an order-statistics interval and the chance that it "
-        "holds the median (at least 95% from 6 rounds on); the CPU columns are per poll while "
-        "the jobs were polled (all rounds' CPU over all their polls), the polled server's "
-        "processes' (the API's; the floor's in the last row) and the pollers'. The last column "
-        "is what the polls' CPU alone would cost a job that kept "
+        f"process asking for the steps after the last one it saw: the pollers run "
+        f"{clients_where()}, and a client in C costs them least, as one on another machine "
+        "would cost them nothing); job time is claim → finish from the database. The slowdown "
+        "is the median of each round's polled job against its quiet one (paired, so that the "
+        "machine's drift moves both jobs of a pair), with an order-statistics interval and the "
+        "chance that it holds the median (at least 95% from 6 rounds on); the CPU columns are "
+        "per poll while the jobs were polled (all rounds' CPU over all their polls), the polled "
+        "server's processes' (the API's; the floor's in the last row) and the pollers'. The "
+        "last column is what the polls' CPU alone would cost a job that kept "
         f"all {usable_cores()} cores busy: their share s of a core leaves it cores − s "
         "(`benchmarks/poll_costs.py`)."
     )
@@ -329,12 +329,13 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
     section.para(
         f"The same {POLLERS} watchers following the job's event stream instead "
         "(`GET /jobs/{id}/events`, opened as the job is claimed by one client process for the "
-        "run, `benchmarks/stream_client.py`, each read to its end at the job's final event; "
-        "the default worker, the same alternation): a stream is woken by each write of its job "
-        f"rather than asking {POLL_RATE_HZ / POLLERS:.0f} times a second. The CPU columns are "
-        "per stream per job, the API's processes' and the client's. The second row is a crowd: "
-        f"{CROWD_STREAMS} streams of each followed job (the server run with "
-        f"MNIST_MAX_EVENT_STREAMS={CROWD_STREAMS}, as every one may land on one of its processes)."
+        f"run {clients_where()}, `benchmarks/stream_client.py`, each read to its end at the "
+        "job's final event; the default worker, the same alternation): a stream is woken by "
+        f"each write of its job rather than asking {POLL_RATE_HZ / POLLERS:.0f} times a "
+        "second. The CPU columns are per stream per job, the API's processes' and the "
+        f"client's. The second row is a crowd: {CROWD_STREAMS} streams of each followed job "
+        f"(the server run with MNIST_MAX_EVENT_STREAMS={CROWD_STREAMS}, as every one may land "
+        "on one of its processes)."
     )
     section.table(
         ["watchers", "job, alone", "job, followed", "slowdown (paired)", "API CPU", "client CPU"],

@@ -101,7 +101,9 @@ def service(url: str, root: Path, data: Path, **settings: str) -> Iterator[Runni
         **settings,
     )
     log = root / "service.log"
-    command = [str(Path(sys.executable).with_name("mnist-service")), "run", "--workers", "1"]
+    # The console script's own entry point, through the interpreter: the same command where the
+    # project is not installed (a lent machine runs the checkout with carried packages).
+    command = [sys.executable, "-m", "service.cli", "run", "--workers", "1"]
     with (
         process_cmd(command, env, log, stop_timeout_s=30) as proc,
         httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,

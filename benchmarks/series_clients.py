@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from benchmarks.env import client_preexec
 from benchmarks.load import wrk_path
 from benchmarks.predict import server
 from benchmarks.procs import exact_cpu_seconds
@@ -52,11 +53,12 @@ class Poller:
     ``connections`` keep-alive connections share the rate, each its own wrk process
     (benchmarks/wrk_poll.lua; a process's one Lua state holds its connection's last step seen),
     each asking for the steps after the last one it saw, their schedules offset so that the
-    polls come evenly. The poller runs on the same cores as the job, so it should cost as little
-    CPU as a client on another machine would cost them: wrk's event loop in C takes about three
-    fifths of the CPU per poll that a bare asyncio client on uvloop took, and under half of one
-    on asyncio's own loop; a wrk process per connection costs no more than one for them all
-    (docs/benchmarks.md). A context manager: whatever happens, no wrk outlives it.
+    polls come evenly. The poller runs on the same cores as the job (unless
+    ``MNIST_BENCH_CLIENT_CPUS`` moves it, :func:`benchmarks.env.client_cpus`), so it should
+    cost as little CPU as a client on another machine would cost them: wrk's event loop in C
+    takes about three fifths of the CPU per poll that a bare asyncio client on uvloop took, and
+    under half of one on asyncio's own loop; a wrk process per connection costs no more than one
+    for them all (docs/benchmarks.md). A context manager: whatever happens, no wrk outlives it.
     """
 
     def __init__(self, base_url: str, job_id: str, rate_hz: float, connections: int) -> None:
@@ -89,7 +91,12 @@ class Poller:
         for env in self._envs:
             self._procs.append(
                 subprocess.Popen(
-                    self._args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    self._args,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    preexec_fn=client_preexec(),
                 )
             )
 

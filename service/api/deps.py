@@ -46,7 +46,7 @@ async def get_write_session(request: Request) -> AsyncIterator[Session]:
         availability.API_OUTAGE.ok()
 
 
-def get_read_sessions(request: Request) -> sessionmaker[Session]:
+async def get_read_sessions(request: Request) -> sessionmaker[Session]:
     """The read-session factory, for routes that open short sessions themselves (streams)."""
     sessions: sessionmaker[Session] = request.app.state.read_sessions
     return sessions

@@ -1,0 +1,62 @@
+"""The routes' dependencies run on the event loop, unless they read the database."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from service.api.app import create_app
+from service.api.deps import job_for_update_or_404, job_or_404
+from service.settings import Settings
+
+# The dependencies that read the database: blocking I/O, in the thread pool on purpose.
+READ_THE_DATABASE = {job_or_404, job_for_update_or_404}
+
+
+def api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every route of the app, those of included routers too (FastAPI keeps an included
+    router's routes on it, behind the app's entry for it)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif (included := getattr(route, "original_router", None)) is not None:
+            yield from api_routes(included.routes)
+
+
+def dependencies(dependant: Dependant) -> Iterator[Callable[..., Any]]:
+    """Every dependency of a route, its dependencies' included."""
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            yield sub.call
+        yield from dependencies(sub)
+
+
+def runs_on_the_loop(call: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def test_only_the_dependencies_that_read_the_database_are_plain_functions(
+    settings: Settings,
+) -> None:
+    # FastAPI runs a plain ``def`` dependency in the thread pool: a hand-off per request, about
+    # a fifth of the API's CPU for an event stream's start (docs/benchmarks.md). A
+    # dependency that does no blocking I/O is ``async def``; only those that read the database
+    # are plain functions.
+    app = create_app(settings)
+    routes = {route.path: route for route in api_routes(app.router.routes)}
+    assert "/jobs/{job_id}/events" in routes and "/jobs" in routes  # the walk finds them
+    found = {
+        (path, call.__qualname__): call
+        for path, route in routes.items()
+        for call in dependencies(route.dependant)
+    }
+    for depends in app.router.dependencies:
+        assert depends.dependency is not None
+        found[("(the app)", depends.dependency.__qualname__)] = depends.dependency
+    assert ("/jobs/{job_id}/events", "get_read_sessions") in found
+    assert {call for call in found.values() if not runs_on_the_loop(call)} <= READ_THE_DATABASE
+    assert all(not runs_on_the_loop(call) for call in READ_THE_DATABASE)
