@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +77,17 @@ def client_cpus() -> frozenset[int] | None:
     return cpus
 
 
-def client_preexec() -> Callable[[], None] | None:
-    """For ``subprocess.Popen(preexec_fn=...)`` of a client: moves it onto the client cores
-    before it execs (so every thread it starts stays there), or None where there are none."""
+def client_command(args: list[str]) -> list[str]:
+    """``args`` to start a client with: under util-linux's ``taskset`` on the client cores
+    where there are some (set before the client runs, so every thread it starts stays there;
+    a C program, whose start costs the client's CPU clock next to nothing), else as they are."""
     cpus = client_cpus()
     if cpus is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
+        return args
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit(f"{CLIENT_CPUS_ENV} needs taskset (util-linux)")
+    return [taskset, "-c", ",".join(map(str, sorted(cpus))), *args]
 
 
 def clients_where() -> str:

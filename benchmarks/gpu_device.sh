@@ -16,9 +16,10 @@
 #
 # "watch" uses the machine's many cores instead of its card: the benchmark's "metrics" and
 # "results" sections on the CPU, the service and its worker confined to two cores as on the
-# machines CI runs on (JOB_CPUS), the clients that stand for users on two others
-# (CLIENT_CPUS, MNIST_BENCH_CLIENT_CPUS), as clients on other machines would be; SECTIONS
-# picks fewer. It needs the
+# machines CI runs on (JOB_CPUS). In "metrics" the clients that stand for users (wrk's
+# pollers, the stream client) run on two others (CLIENT_CPUS, MNIST_BENCH_CLIENT_CPUS), as
+# clients on other machines would; "results" polls and follows from the benchmark's own
+# process, on JOB_CPUS. SECTIONS picks fewer. It needs the
 # service's whole stack and wrk, which "prepare" also puts in .device/ (~40 MB in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,9 +48,12 @@ prepare)
     done
     # wrk with the libraries it links beyond glibc, run through a wrapper that finds them.
     mkdir -p .device/bin .device/lib
-    cp "$(command -v wrk)" .device/bin/wrk.bin
+    wrk="$(command -v wrk)" || { echo "prepare needs wrk: apt-get install wrk" >&2; exit 1; }
+    cp "$wrk" .device/bin/wrk.bin
     for lib in libluajit-5.1.so.2 libssl.so.3 libcrypto.so.3; do
-        cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" .device/lib/
+        path="$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')"
+        [ -n "$path" ] || { echo "prepare: $lib not found (wrk links it)" >&2; exit 1; }
+        cp -L "$path" .device/lib/
     done
     printf '%s\n' '#!/bin/sh' 'here="$(dirname "$0")"' \
         'LD_LIBRARY_PATH="$here/../lib" exec "$here/wrk.bin" "$@"' >.device/bin/wrk
@@ -70,9 +74,9 @@ run | tests | watch)
         export MNIST_DEVICE=cpu MNIST_BENCH_CLIENT_CPUS="${CLIENT_CPUS:-2,3}" PATH="$PWD/.device/bin:$PATH"
         python3 -c 'import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])' \
             "${JOB_CPUS:-0,1}" python3 -m benchmarks $(printf -- '--only %s ' ${SECTIONS:-metrics results}) \
-            --runs "${RUNS:-5}" --no-profile --output "$out/benchmarks-host.md" 2>&1 |
+            --runs "${RUNS:-7}" --no-profile --output "$out/benchmarks-host.md" 2>&1 |
             tee "$out/host.log"
-        exit "${PIPESTATUS[0]}"
+        exit 0 # set -e and pipefail have ended the script if the benchmark failed
     fi
     status=0
     python3 -m pytest -q -p no:cacheprovider tests/workers/training/test_graphs.py \
@@ -85,7 +89,7 @@ run | tests | watch)
     exit "$status"
     ;;
 *)
-    echo "usage: $0 prepare|run|tests" >&2
+    echo "usage: $0 prepare|run|tests|watch" >&2
     exit 2
     ;;
 esac

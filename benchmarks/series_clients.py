@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from benchmarks.env import client_preexec
+from benchmarks.env import client_command
 from benchmarks.load import wrk_path
 from benchmarks.predict import server
 from benchmarks.procs import exact_cpu_seconds
@@ -91,12 +91,11 @@ class Poller:
         for env in self._envs:
             self._procs.append(
                 subprocess.Popen(
-                    self._args,
+                    client_command(self._args),
                     env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
-                    preexec_fn=client_preexec(),
                 )
             )
 

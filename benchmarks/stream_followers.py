@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.env import Workspace, client_preexec
+from benchmarks.env import Workspace, client_command
 from benchmarks.jobs import (
     alternate_rounds,
     claimed_job,
@@ -64,11 +64,10 @@ class Followers:
 
     def __enter__(self) -> Followers:
         self._proc = subprocess.Popen(
-            self._args,
+            client_command(self._args),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=client_preexec(),
         )
         return self
 

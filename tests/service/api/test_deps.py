@@ -9,22 +9,12 @@ from typing import Any
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from service.api.app import create_app
+from service.api.app import all_routes, create_app
 from service.api.deps import job_for_update_or_404, job_or_404
 from service.settings import Settings
 
 # The dependencies that read the database: blocking I/O, in the thread pool on purpose.
 READ_THE_DATABASE = {job_or_404, job_for_update_or_404}
-
-
-def api_routes(routes: list[Any]) -> Iterator[APIRoute]:
-    """Every route of the app, those of included routers too (FastAPI keeps an included
-    router's routes on it, behind the app's entry for it)."""
-    for route in routes:
-        if isinstance(route, APIRoute):
-            yield route
-        elif (included := getattr(route, "original_router", None)) is not None:
-            yield from api_routes(included.routes)
 
 
 def dependencies(dependant: Dependant) -> Iterator[Callable[..., Any]]:
@@ -42,21 +32,24 @@ def runs_on_the_loop(call: Callable[..., Any]) -> bool:
 def test_only_the_dependencies_that_read_the_database_are_plain_functions(
     settings: Settings,
 ) -> None:
-    # FastAPI runs a plain ``def`` dependency in the thread pool: a hand-off per request, about
-    # a fifth of the API's CPU for an event stream's start (docs/benchmarks.md). A
-    # dependency that does no blocking I/O is ``async def``; only those that read the database
-    # are plain functions.
+    # FastAPI runs a plain ``def`` dependency in the thread pool: a hand-off per request,
+    # measured at about a fifth of the API's CPU for a paced event stream's start
+    # (docs/benchmarks.md). A dependency that does no blocking I/O is ``async def``; only those
+    # that read the database are plain functions.
     app = create_app(settings)
-    routes = {route.path: route for route in api_routes(app.router.routes)}
-    assert "/jobs/{job_id}/events" in routes and "/jobs" in routes  # the walk finds them
+    routes = [route for route in all_routes(app) if isinstance(route, APIRoute)]
     found = {
-        (path, call.__qualname__): call
-        for path, route in routes.items()
+        (f"{sorted(route.methods or ())} {route.path}", call.__qualname__): call
+        for route in routes
         for call in dependencies(route.dependant)
     }
     for depends in app.router.dependencies:
         assert depends.dependency is not None
         found[("(the app)", depends.dependency.__qualname__)] = depends.dependency
-    assert ("/jobs/{job_id}/events", "get_read_sessions") in found
+    # The walk finds every route, each method of a path apart.
+    assert {
+        ("['GET'] /jobs/{job_id}/events", "get_read_sessions"),
+        ("['POST'] /jobs", "get_write_session"),
+    } <= found.keys()
     assert {call for call in found.values() if not runs_on_the_loop(call)} <= READ_THE_DATABASE
     assert all(not runs_on_the_loop(call) for call in READ_THE_DATABASE)
