@@ -87,7 +87,7 @@ def client_command(args: list[str]) -> list[str]:
     taskset = shutil.which("taskset")
     if taskset is None:
         raise SystemExit(f"{CLIENT_CPUS_ENV} needs taskset (util-linux)")
-    return [taskset, "-c", ",".join(map(str, sorted(cpus))), *args]
+    return [taskset, "-c", _core_list(cpus), *args]
 
 
 def clients_where() -> str:
@@ -98,8 +98,13 @@ def clients_where() -> str:
     return f"on {_cores(cpus)}, apart from the job's ({CLIENT_CPUS_ENV})"
 
 
+def _core_list(cpus: set[int] | frozenset[int]) -> str:
+    """Cores as taskset and MNIST_BENCH_CLIENT_CPUS write them: "2,3"."""
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def _cores(cpus: set[int] | frozenset[int]) -> str:
-    return ("cores " if len(cpus) > 1 else "core ") + ",".join(str(c) for c in sorted(cpus))
+    return ("cores " if len(cpus) > 1 else "core ") + _core_list(cpus)
 
 
 def machine_lines() -> list[str]:
