@@ -157,8 +157,9 @@ class Settings(BaseSettings):
     fast_lanes: bool = Field(
         default=True,
         description=(
-            "Answer plain predictions, metrics polls and job polls in plain ASGI ahead of FastAPI "
-            "(service/api/lanes/); false leaves every request to the routes."
+            "Answer plain predictions, metrics polls and job polls, and start event streams, in "
+            "plain ASGI ahead of FastAPI (service/api/lanes/); false leaves every request to the "
+            "routes."
         ),
     )
     ready_write_probe_s: float = Field(

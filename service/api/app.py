@@ -27,6 +27,7 @@ from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
 from service.api.deps import forbid_unknown_query
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
+from service.api.lanes.streams import StreamLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import (
@@ -261,8 +262,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     # Built innermost first: a request meets the metrics, the request id, then the key check
     # (so an unauthenticated client is turned away before its body is read), then the body
-    # limits (before anything reads a byte of the body), then the fast lanes of job and metrics
-    # polls and predict, then FastAPI.
+    # limits (before anything reads a byte of the body), then the fast lanes of event streams,
+    # job and metrics polls and predict, then FastAPI.
     edge: ASGIApp = functools.partial(FastAPI.__call__, app)
     if settings.fast_lanes:
         edge = PredictLane(edge, route=_route(app, "POST", PREDICT_PATH), settings=settings)
@@ -271,6 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics_route=_route(app, "GET", "/jobs/{job_id}/metrics"),
             job_route=_route(app, "GET", "/jobs/{job_id}"),
         )
+        edge = StreamLane(edge, route=_route(app, "GET", "/jobs/{job_id}/events"))
     edge = BodyLimitMiddleware(
         edge,
         max_body_bytes=settings.max_request_bytes,

@@ -16,10 +16,9 @@ retried job starts over) resets the position, and the ``status`` event that anno
 comes before its steps. The last event is a ``status`` with ``"final": true``, after every
 step and epoch.
 
-Events are FastAPI's :class:`ServerSentEvent` (the route writes them out), and a keep-alive
-comment whenever the stream has been silent for :data:`KEEPALIVE_S`. Every event carries
-data: the reconnection delay (``retry``) rides on the first one, since a block of ``retry``
-alone reaches some clients (httpx-sse) as an event with empty data. The payload is our JSON
+Events are FastAPI's :class:`ServerSentEvent` (the route writes them out, with the
+reconnection delay on the first), and a keep-alive comment whenever the stream has been silent
+for :data:`KEEPALIVE_S`. Every event carries data. The payload is our JSON
 (``raw_data``): compact, one line, never NaN; FastAPI's own ``data=`` encoding goes through
 ``jsonable_encoder``, many times slower on a batch of a thousand steps.
 """
@@ -55,7 +54,6 @@ from service.store.engines import Reader
 from service.store.tables import MAX_INTEGER
 
 STEPS_PER_POLL = 1000  # at most this many steps are read (and sent) per poll
-RETRY_MS = 1000  # how long a browser waits before reconnecting
 OUTAGE_WAIT_MAX_S = 5.0  # the longest wait between polls while the database is unavailable
 # A silent stream says this at least this often, so that proxies and clients that time out an
 # idle connection keep it: a comment, which no client takes for an event.
@@ -331,7 +329,6 @@ async def batches(
     meets the 503 gives up for good.
     """
     state = StreamState(cursor=cursor, job_id=job_id, opened=opened)
-    retry: int | None = RETRY_MS  # sent with the first event
     outage_wait_s = poll_s
     said = anyio.current_time()  # when the client last heard from the stream
     # Subscribed before the first poll: news committed after a poll's read wakes the wait
@@ -355,11 +352,7 @@ async def batches(
             if result is not None:
                 outage_wait_s = poll_s
                 if result.events:
-                    batch = result.events  # perhaps other streams' too: never changed
-                    if retry is not None:
-                        batch = [batch[0].model_copy(update={"retry": retry}), *batch[1:]]
-                        retry = None
-                    yield batch
+                    yield result.events  # perhaps other streams' too: never changed
                     said = anyio.current_time()
                 if result.done:
                     return

@@ -13,14 +13,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
+from cachetools import TTLCache
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import ServerSentEvent, format_sse_event
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import State
 from starlette.types import Send
 
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
-from service.domain import events, stream_slots
+from service.domain import event_reads, events, stream_slots
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.api.lanes.polls import PollReads
@@ -28,6 +33,10 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 MEDIA_TYPE = "text/event-stream"
+RETRY_MS = 1000  # how long a browser waits before reconnecting
+# Written batches are kept this long, this many at most (:class:`Chunks`): as long as the
+# shared reads they are made from.
+KEPT_S, KEPT_CHUNKS = event_reads.KEPT_S, 256
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers it
 # One event as OpenAPI 3.2 describes a stream's items (as FastAPI documents its own streams).
 EVENT_SCHEMA: dict[str, Any] = {
@@ -53,27 +62,34 @@ async def stream_slot(settings: SettingsDep) -> AsyncIterator[None]:
         yield
 
 
+# The stream's start as a client gives it: the route declares these, and the streams' fast
+# lane (service/api/lanes/streams.py) reads a request with these same types.
+LastEventIdHeader = Annotated[
+    str | None,
+    Header(
+        pattern=events.EVENT_ID_PATTERN,
+        description="Resume after this event (browsers send it).",
+    ),
+]
+
+
+class EventsQuery(BaseModel):
+    """The query of a stream's request."""
+
+    last_event_id: str | None = Field(
+        default=None,
+        pattern=events.EVENT_ID_PATTERN,
+        description="The same as the Last-Event-ID header, for clients that cannot set it.",
+    )
+
+
 async def stream_start(
-    last_event_id: Annotated[
-        str | None,
-        Header(
-            pattern=events.EVENT_ID_PATTERN,
-            description="Resume after this event (browsers send it).",
-        ),
-    ] = None,
-    after: Annotated[
-        str | None,
-        Query(
-            alias="last_event_id",
-            pattern=events.EVENT_ID_PATTERN,
-            description="The same as the Last-Event-ID header, for clients that cannot set it.",
-        ),
-    ] = None,
+    query: Annotated[EventsQuery, Query()], last_event_id: LastEventIdHeader = None
 ) -> events.Cursor:
     """Where the stream starts; 422 for an id it did not send. Async: it only parses."""
     if last_event_id:
         return events.Cursor.parse(last_event_id)
-    return events.Cursor.parse(after, loc=("query", "last_event_id"))
+    return events.Cursor.parse(query.last_event_id, loc=("query", "last_event_id"))
 
 
 def encode(event: ServerSentEvent) -> bytes:
@@ -93,12 +109,57 @@ class LastChunk(bytes):
     """The body's last chunk: the batch that ends with the stream's final event."""
 
 
-async def wire(batches: AsyncIterator[list[ServerSentEvent]]) -> AsyncIterator[bytes]:
+class Chunks:
+    """Each batch of events written out once, for every stream that sends it.
+
+    A job's streams that stood alike are handed the same batch (the same list of the same
+    events, never changed: :class:`~service.domain.event_reads.SharedReads`), and a crowd of
+    them wrote it out once each: a fifth of what a crowd's streams cost the API
+    (docs/benchmarks.md). A chunk is kept with its batch, so the batch lives as long as the
+    chunk, and its id cannot name another batch meanwhile; for :data:`KEPT_S`, as the shared
+    reads are. The event loop's alone (no lock).
+    """
+
+    def __init__(self, kept: int = KEPT_CHUNKS, kept_s: float = KEPT_S) -> None:
+        self._made: TTLCache[tuple[int, int | None], tuple[list[ServerSentEvent], bytes]] = (
+            TTLCache(kept, kept_s)
+        )
+
+    def of(self, batch: list[ServerSentEvent], *, retry: int | None = None) -> bytes:
+        """The batch in the text/event-stream format (``retry`` on its first event), a
+        :class:`LastChunk` when it ends with the final event."""
+        key = (id(batch), retry)
+        made = self._made.get(key)
+        if made is not None and made[0] is batch:
+            return made[1]
+        if retry is not None:
+            first = batch[0].model_copy(update={"retry": retry})
+            chunk = b"".join(encode(event) for event in (first, *batch[1:]))
+        else:
+            chunk = b"".join(encode(event) for event in batch)
+        if events.is_final(batch[-1]):
+            chunk = LastChunk(chunk)
+        self._made[key] = (batch, chunk)
+        return chunk
+
+
+CHUNKS = Chunks()  # one per process
+
+
+async def wire(
+    batches: AsyncIterator[list[ServerSentEvent]], chunks: Chunks = CHUNKS
+) -> AsyncIterator[bytes]:
     """Each batch of events (a poll's) in the text/event-stream format, written at once; the
-    one ending with the final event as a :class:`LastChunk`."""
+    one ending with the final event as a :class:`LastChunk`. The reconnection delay rides on
+    the first event: a block of ``retry`` alone reaches some clients (httpx-sse) as an event
+    with empty data, and a keep-alive carries none."""
+    retry: int | None = RETRY_MS
     async for batch in batches:
-        chunk = b"".join(encode(event) for event in batch)
-        yield LastChunk(chunk) if events.is_final(batch[-1]) else chunk
+        if retry is not None and batch[0].raw_data is not None:
+            yield chunks.of(batch, retry=retry)
+            retry = None
+        else:
+            yield chunks.of(batch)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -150,19 +211,32 @@ async def job_events(
     cursor: Annotated[events.Cursor, Depends(stream_start)],
 ) -> Response:
     """Follow a job as it trains: events as they are recorded, until the job has ended."""
-    poll_reads: PollReads = request.app.state.poll_reads
+    return await open_stream(request.app.state, sessions, settings, job_id, cursor)
+
+
+async def open_stream(
+    state: State,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job_id: str,
+    cursor: events.Cursor,
+) -> Response:
+    """The answer to a stream's request that holds one of the process's places (the route's
+    and the streams' fast lane's, which hands anything else to the route): 204 when the
+    stream has ended, else the stream itself. :class:`~service.errors.NotFound` for an unknown
+    job, :class:`~service.errors.DatabaseUnavailable` in an outage (raised, not answered)."""
+    poll_reads: PollReads = state.poll_reads
     reads = poll_reads.for_streams(sessions)
     job = await events.opening_row(reads, job_id)
     if events.has_ended(job, cursor):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    wake = request.app.state.wakeups
     stream = events.batches(
         reads,
         job_id,
         cursor,
         poll_s=settings.events_poll_s,
-        wake=wake,
-        shared=request.app.state.shared_reads,
+        wake=state.wakeups,
+        shared=state.shared_reads,
         opened=job,
     )
     return EventStreamResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -245,7 +245,7 @@ def test_reads_that_hold_the_loop_read_a_few_steps_at_a_time_and_miss_none(
     assert sent[-1].json()["final"] is True
 
 
-def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
+def test_the_stream_ends_with_the_job(
     sessions: sessionmaker[Session], training: FakeTraining, reads: event_reads.StreamReads
 ) -> None:
     async def collect() -> list[ServerSentEvent]:
@@ -259,9 +259,9 @@ def test_the_first_event_says_how_to_reconnect_and_the_stream_ends_with_the_job(
         return sent
 
     sent = anyio.run(collect)
-    # The delay rides on the first event: a block of ``retry`` alone would reach httpx-sse
-    # as an event with empty data.
-    assert [e.retry for e in sent] == [events.RETRY_MS, None]
+    # The reconnection delay is the wire's (the route writes it on the first event): the
+    # events a job's streams share carry none of a stream's own.
+    assert [e.retry for e in sent] == [None, None]
     received = [read(e) for e in sent]
     assert [(e.event, e.json()["status"]) for e in received] == [
         ("status", "queued"),

@@ -1,4 +1,5 @@
-"""GET /jobs/{id}/events over HTTP: the stream, resume by header or query, 204, 404 and 422."""
+"""GET /jobs/{id}/events over HTTP: the stream, resume by header or query, 204, 404 and 422;
+each both ways, started by the streams' fast lane and by the route."""
 
 from __future__ import annotations
 
@@ -17,11 +18,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sse
-from service.api.routes.events import EventStreamResponse, encode, wire
+from service.api.routes.events import (
+    RETRY_MS,
+    Chunks,
+    EventStreamResponse,
+    LastChunk,
+    encode,
+    wire,
+)
 from service.domain import event_reads, events, stream_slots
 from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
+from tests.service.api.routes.conftest import BOTH_WAYS
 from tests.support import wait_for
 
 UNKNOWN = "0" * 32
@@ -40,6 +49,7 @@ def read_stream(client: TestClient, path: str, **kwargs: object) -> list[sse.Eve
         return list(sse.parse(response.iter_lines()))
 
 
+@BOTH_WAYS
 def test_a_live_job_streams_until_it_ends(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
@@ -71,6 +81,7 @@ def test_a_live_job_streams_until_it_ends(
     assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
 
 
+@BOTH_WAYS
 def test_a_quiet_stream_is_kept_alive_by_comments_no_client_takes_for_events(
     client: TestClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,6 +127,7 @@ def test_a_quiet_stream_is_kept_alive_by_comments_no_client_takes_for_events(
     assert [json.loads(e.data) for e in dispatched] == [e.json() for e in received]
 
 
+@BOTH_WAYS
 def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Session]) -> None:
     training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=20))
     job_id = training.submit()
@@ -137,6 +149,7 @@ def test_resume_by_header_or_query(client: TestClient, sessions: sessionmaker[Se
         assert len(set(ids)) == len(ids), ids
 
 
+@BOTH_WAYS
 def test_a_reconnection_after_the_final_event_gets_204(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
@@ -162,6 +175,7 @@ def test_a_reconnection_after_the_final_event_gets_204(
     assert final.id not in {e.id for e in resumed} and str(resumed[-1].id).endswith(":end")
 
 
+@BOTH_WAYS
 def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient) -> None:
     response = client.get(f"/jobs/{UNKNOWN}/events")
     assert response.status_code == 404
@@ -174,6 +188,7 @@ def test_unknown_job_and_bad_ids_are_refused_before_streaming(client: TestClient
 
 
 @pytest.mark.parametrize("number", [2**31, 10**17, 999999999999999999])
+@BOTH_WAYS
 def test_an_id_beyond_the_columns_is_refused_before_streaming(
     client: TestClient, sessions: sessionmaker[Session], number: int
 ) -> None:
@@ -197,6 +212,7 @@ def test_an_id_beyond_the_columns_is_refused_before_streaming(
     assert received[-1].json()["final"] is True
 
 
+@BOTH_WAYS
 def test_streams_beyond_the_cap_get_503_and_an_ended_one_gives_its_place_back(
     client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
 ) -> None:
@@ -273,7 +289,46 @@ def test_the_final_event_and_the_bodys_end_go_out_in_one_write() -> None:
     assert sent[-1]["body"] == encode(status) + encode(final)  # no empty message after it
     # A stream that ends without its final event (its job was deleted) still ends its body.
     sent = sent_messages([[status]])
-    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [(encode(status), True), (b"", False)]
+    first = encode(status.model_copy(update={"retry": RETRY_MS}))
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [(first, True), (b"", False)]
+
+
+def test_a_batch_is_written_once_for_every_stream_that_sends_it() -> None:
+    # A job's streams that stood alike are handed the same batch: its bytes are made once.
+    chunks = Chunks()
+    status = ServerSentEvent(event="status", raw_data='{"final":false}', id="1:0:0:1")
+    step = ServerSentEvent(event="step", raw_data='{"steps":[]}', id="1:2:0:2")
+    batch = [status, step]
+    written = chunks.of(batch)
+    assert written == encode(status) + encode(step) and not isinstance(written, LastChunk)
+    assert chunks.of(batch) is written
+    # The first batch of a stream carries the reconnection delay on its first event: a chunk
+    # of its own, as shared as the other.
+    opening = chunks.of(batch, retry=RETRY_MS)
+    assert opening == encode(status.model_copy(update={"retry": RETRY_MS})) + encode(step)
+    assert chunks.of(batch, retry=RETRY_MS) is opening and chunks.of(batch) is written
+    # Kept by the batch's identity, never by its content: another list is written anew.
+    alike = list(batch)
+    assert chunks.of(alike) == written and chunks.of(alike) is not written
+    final = ServerSentEvent(event="status", raw_data='{"final":true}', id="1:9:3:7:end")
+    assert isinstance(chunks.of([step, final]), LastChunk)
+
+
+def test_the_reconnection_delay_rides_on_the_first_event_not_on_a_keepalive() -> None:
+    status = ServerSentEvent(event="status", raw_data='{"final":false}', id="1:0:0:1")
+
+    async def polls() -> AsyncIterator[list[ServerSentEvent]]:
+        yield [events.KEEPALIVE]  # the database was away at the first poll
+        yield [status]
+        yield [status]
+
+    async def written() -> list[bytes]:
+        return [chunk async for chunk in wire(polls())]
+
+    chunks = anyio.run(written)
+    assert chunks[0] == encode(events.KEEPALIVE)
+    assert chunks[1] == encode(status.model_copy(update={"retry": RETRY_MS}))
+    assert chunks[2] == encode(status)
 
 
 def test_streams_read_on_the_loop_on_sqlite_and_in_sessions_of_their_own_elsewhere(
