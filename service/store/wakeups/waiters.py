@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Self, TypeVar
 
-import anyio
-
 # How often a waiter that is also given a stop event looks at it: a worker asked to stop while
 # idle leaves within this, without a wake-up of its own.
 STOP_CHECK_S = 0.1
@@ -50,24 +48,63 @@ class Waiter:
 
 
 class AsyncWaiter:
-    """A coroutine's wait for a topic/key, on the event loop it was made in."""
+    """A coroutine's wait for a topic/key, on the event loop it was made in.
+
+    A wait ends at the wake-up or at a timer the loop sets off (one handle, cancelled once the
+    wait is over), not in a cancel scope: every open event stream waits here between its polls,
+    and a scope's entry, deadline and exit cost a crowd's streams more than their waits did
+    (docs/benchmarks.md).
+    """
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        self._woke = False
 
     def wake(self) -> None:
-        """Called by the listener's thread: the event is set in the loop's own thread."""
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._event.set)
+        """Called by the listener's thread: the waiter is woken in the loop's own thread."""
+        _wake_on_loop(self.loop, [self])
+
+    def woken(self) -> None:
+        """The wake-up, in the loop's thread."""
+        self._woke = True
+        self._event.set()
 
     async def wait(self, timeout: float) -> bool:
         """As :meth:`Waiter.wait`, without blocking the loop."""
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        woke = self._event.is_set()
+        if not self._event.is_set():
+            timer = self.loop.call_later(timeout, self._event.set)
+            try:
+                await self._event.wait()
+            finally:
+                timer.cancel()
+        woke, self._woke = self._woke, False
         self._event.clear()
         return woke
+
+
+def _wake_on_loop(loop: asyncio.AbstractEventLoop, waiters: list[AsyncWaiter]) -> None:
+    """Wake ``waiters``, all of ``loop``, in its thread: one hand-off for all of them."""
+
+    def woken() -> None:
+        for waiter in waiters:
+            waiter.woken()
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+        loop.call_soon_threadsafe(woken)
+
+
+def wake(waiters: list[Waiter | AsyncWaiter]) -> None:
+    """Wake every waiter; those of one event loop with one hand-off to its thread (a job's
+    crowd of streams is woken at once, not one call across threads each)."""
+    loops: dict[asyncio.AbstractEventLoop, list[AsyncWaiter]] = {}
+    for waiter in waiters:
+        if isinstance(waiter, AsyncWaiter):
+            loops.setdefault(waiter.loop, []).append(waiter)
+        else:
+            waiter.wake()
+    for loop, group in loops.items():
+        _wake_on_loop(loop, group)
 
 
 W = TypeVar("W", Waiter, AsyncWaiter)
@@ -104,8 +141,7 @@ class Listener:
             waiters = list(self._waiters.get((topic, key), ()))
             if waiters:
                 self._generations[(topic, key)] = next(self._count)
-        for waiter in waiters:
-            waiter.wake()
+        wake(waiters)
 
     def deliver_all(self) -> None:
         """Wake every waiter: wake-ups may have been missed (the transport was down)."""
@@ -113,8 +149,7 @@ class Listener:
             waiters = [w for group in self._waiters.values() for w in group]
             number = next(self._count)
             self._generations = dict.fromkeys(self._waiters, number)
-        for waiter in waiters:
-            waiter.wake()
+        wake(waiters)
 
     @contextmanager
     def subscribe(self, topic: str, key: str = "") -> Iterator[Waiter]:

@@ -1,0 +1,94 @@
+"""Coroutines' waits: a crowd woken with one hand-off to its loop, a wait's own timer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from service.store.wakeups import JOB_PROGRESS, Listener
+
+CROWD = 50
+SHORT_S = 0.1  # a wait that must last this long at least: its timer is its only end
+
+
+def test_a_crowds_waiters_are_woken_with_one_hand_off_to_their_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listener = Listener()  # wake-ups delivered by hand, from another thread
+    handoffs: list[Any] = []
+    delivering = threading.Event()
+
+    def deliver() -> None:
+        delivering.set()
+        try:
+            listener.deliver(JOB_PROGRESS, "job")
+        finally:
+            delivering.clear()
+
+    async def main() -> tuple[list[bool], bool, bool]:
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if delivering.is_set():  # not the thread pool's own hand-offs
+                handoffs.append(args)
+            return call_soon_threadsafe(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        with ExitStack() as stack:
+            in_thread = stack.enter_context(listener.subscribe(JOB_PROGRESS, "job"))
+            news = [
+                stack.enter_context(listener.subscribe_async(JOB_PROGRESS, "job"))
+                for _ in range(CROWD)
+            ]
+            await anyio.to_thread.run_sync(deliver)
+            woken = [await n.wait(60) for n in news]
+            thread_woken = await anyio.to_thread.run_sync(in_thread.wait, 60)
+            # Each wake-up is forgotten once waited for: the next wait times out.
+            return woken, thread_woken, await news[0].wait(0)
+
+    woken, thread_woken, again = anyio.run(main)
+    assert woken == [True] * CROWD and not again
+    assert thread_woken  # a thread's waiter is woken too, directly
+    assert len(handoffs) == 1
+
+
+def test_a_wait_lasts_until_its_timer_and_a_cancelled_wait_leaves_none_behind() -> None:
+    listener = Listener()
+
+    async def main() -> tuple[bool, float, bool, float]:
+        with listener.subscribe_async(JOB_PROGRESS, "job") as news:
+            started = time.monotonic()
+            timed_out = await news.wait(SHORT_S)
+            waited = time.monotonic() - started
+            # A wait cancelled from outside (the stream's client went away): its timer must
+            # not end a later wait early.
+            with anyio.move_on_after(0.01):
+                await news.wait(SHORT_S)
+            await anyio.sleep(SHORT_S * 2)
+            started = time.monotonic()
+            later = await news.wait(SHORT_S)
+            return timed_out, waited, later, time.monotonic() - started
+
+    timed_out, waited, later, later_waited = anyio.run(main)
+    assert (timed_out, later) == (False, False)
+    assert waited >= SHORT_S * 0.9 and later_waited >= SHORT_S * 0.9
+
+
+def test_a_wake_up_before_the_wait_ends_it_at_once() -> None:
+    listener = Listener()
+
+    async def main() -> tuple[bool, bool]:
+        with listener.subscribe_async(JOB_PROGRESS, "job") as news:
+            listener.deliver(JOB_PROGRESS, "job")  # from the loop's own thread, as tests do
+            await anyio.sleep(0)  # the hand-off runs
+            return await news.wait(60), await news.wait(0)
+
+    assert anyio.run(main) == (True, False)
