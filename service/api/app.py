@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import openapi
-from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, request_id
+from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, error_response, request_id
 from service.api.deps import forbid_unknown_query
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
@@ -73,7 +73,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+    return error_response(exc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ServiceError
@@ -74,6 +75,12 @@ def request_id(scope: Scope) -> str | None:
     """The id :class:`RequestIdMiddleware` gave this request."""
     value = scope.get(REQUEST_ID_SCOPE_KEY)
     return value if isinstance(value, str) else None
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    """The service's answer to ``error``, as FastAPI's handler for it gives it (a fast lane
+    that meets the same error gives the same bytes)."""
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
 
 
 async def send_error(

@@ -17,9 +17,9 @@ comes before its steps. The last event is a ``status`` with ``"final": true``, a
 step and epoch.
 
 Events are FastAPI's :class:`ServerSentEvent` (the route writes them out, with the
-reconnection delay on the first), and a keep-alive comment whenever the stream has been silent
-for :data:`KEEPALIVE_S`. Every event carries data. The payload is our JSON
-(``raw_data``): compact, one line, never NaN; FastAPI's own ``data=`` encoding goes through
+reconnection delay on the first), and a keep-alive whenever the stream has been silent for
+:data:`KEEPALIVE_S` (a comment line, not an event). Every event carries data. The payload is
+our JSON (``raw_data``): compact, one line, never NaN; FastAPI's own ``data=`` encoding goes through
 ``jsonable_encoder``, many times slower on a batch of a thousand steps.
 """
 

@@ -11,9 +11,12 @@ The route (:mod:`service.api.routes.events`) stays the reference, and the lane r
 of its rules: it matches the path with the route's own pattern, validates the job id, the
 query and the ``Last-Event-ID`` header with the types the route declares, reads the stream's
 start with the route's own :func:`~service.api.routes.events.stream_start`, holds a place
-under the same cap, and answers with the same :func:`~service.api.routes.events.open_stream`.
-Any request it cannot answer that way (a refused id, an unknown job, no place left, a database
-error) it passes on untouched, before anything was sent, and the route gives its answer.
+under the same cap, and answers with the same :func:`~service.api.routes.events.open_stream`;
+an error of the service's that it meets there (no place left, an unknown job, the database
+unavailable) it answers as FastAPI's handler does (:func:`~service.api.asgi.error_response`),
+rather than have the route read the database again for it. Any other request (a refused id, an
+undeclared parameter, an unexpected database error) it passes on untouched, before anything
+was sent, and the route gives its answer.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.asgi import RouteQuery, header
+from service.api.asgi import RouteQuery, error_response, header
 from service.api.lanes.polls import job_id_of
 from service.api.routes.events import (
     EventsQuery,
@@ -41,8 +44,8 @@ from service.settings import Settings
 
 QUERY = RouteQuery(EventsQuery)
 LAST_EVENT_ID: TypeAdapter[str | None] = TypeAdapter(LastEventIdHeader)
-# What reading a stream's start may raise that the route answers its own way.
-PASSED_ON = (ServiceError, SQLAlchemyError, sqlite3.Error)
+# Database errors that are no outage (the route meets the same one, and answers it its way).
+PASSED_ON = (SQLAlchemyError, sqlite3.Error)
 
 
 class StreamLane:
@@ -51,7 +54,7 @@ class StreamLane:
     def __init__(self, app: ASGIApp, *, route: Route) -> None:
         self.app = app
         self.route = route  # its path pattern; and what the metrics middleware labels with
-        self.answered = 0  # streams this lane answered (what the tests look at)
+        self.answered = 0  # requests this lane answered (what the tests look at)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start the stream here, or pass the request on."""
@@ -59,23 +62,26 @@ class StreamLane:
         if scope["type"] == "http" and scope["method"] == "GET":
             job_id = job_id_of(self.route, scope["path"])
             cursor = None if job_id is None else await read_cursor(scope)
-        if job_id is not None and cursor is not None:
-            state = scope["app"].state
-            settings: Settings = state.settings
-            with ExitStack() as place:
-                try:
-                    place.enter_context(stream_slots.OPEN_STREAMS.slot(settings.max_event_streams))
-                    response = await open_stream(
-                        state, state.read_sessions, settings, job_id, cursor
-                    )
-                except PASSED_ON:
-                    response = None  # given up, and the place with it: the route answers
-                if response is not None:
-                    self.answered += 1
-                    scope["route"] = self.route
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if job_id is None or cursor is None:
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        settings: Settings = state.settings
+        scope["route"] = self.route  # the metrics' label, whoever answers
+        with ExitStack() as place:
+            try:
+                place.enter_context(stream_slots.OPEN_STREAMS.slot(settings.max_event_streams))
+                response = await open_stream(state, state.read_sessions, settings, job_id, cursor)
+            except ServiceError as exc:
+                place.close()  # an answer that is no stream holds no place
+                response = error_response(exc)
+            except PASSED_ON:
+                response = None
+            if response is not None:
+                self.answered += 1
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)  # the place given back first: the route takes its own
 
 
 async def read_cursor(scope: Scope) -> Cursor | None:
@@ -89,6 +95,6 @@ async def read_cursor(scope: Scope) -> Cursor | None:
         last_event_id = LAST_EVENT_ID.validate_python(
             None if given is None else given.decode("latin-1")
         )
-        return await stream_start(query, last_event_id)
+        return await stream_start(last_event_id, query=query)
     except (ValidationError, InvalidInput):
         return None

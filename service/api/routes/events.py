@@ -84,7 +84,7 @@ class EventsQuery(BaseModel):
 
 
 async def stream_start(
-    query: Annotated[EventsQuery, Query()], last_event_id: LastEventIdHeader = None
+    last_event_id: LastEventIdHeader = None, *, query: Annotated[EventsQuery, Query()]
 ) -> events.Cursor:
     """Where the stream starts; 422 for an id it did not send. Async: it only parses."""
     if last_event_id:
@@ -109,12 +109,23 @@ class LastChunk(bytes):
     """The body's last chunk: the batch that ends with the stream's final event."""
 
 
+def written(batch: list[ServerSentEvent], *, retry: int | None = None) -> bytes:
+    """A batch in the text/event-stream format (``retry`` on its first event), a
+    :class:`LastChunk` when it ends with the final event."""
+    if retry is not None:
+        first = batch[0].model_copy(update={"retry": retry})
+        chunk = b"".join(encode(event) for event in (first, *batch[1:]))
+    else:
+        chunk = b"".join(encode(event) for event in batch)
+    return LastChunk(chunk) if events.is_final(batch[-1]) else chunk
+
+
 class Chunks:
     """Each batch of events written out once, for every stream that sends it.
 
     A job's streams that stood alike are handed the same batch (the same list of the same
-    events, never changed: :class:`~service.domain.event_reads.SharedReads`), and a crowd of
-    them wrote it out once each: a fifth of what a crowd's streams cost the API
+    events, never changed: :class:`~service.domain.event_reads.SharedReads`, on the event loop),
+    and a crowd of them wrote it out once each: a fifth of what a crowd's streams cost the API
     (docs/benchmarks.md). A chunk is kept with its batch, so the batch lives as long as the
     chunk, and its id cannot name another batch meanwhile; for :data:`KEPT_S`, as the shared
     reads are. The event loop's alone (no lock).
@@ -126,19 +137,12 @@ class Chunks:
         )
 
     def of(self, batch: list[ServerSentEvent], *, retry: int | None = None) -> bytes:
-        """The batch in the text/event-stream format (``retry`` on its first event), a
-        :class:`LastChunk` when it ends with the final event."""
+        """:func:`written`, made once for this batch (and this ``retry``)."""
         key = (id(batch), retry)
         made = self._made.get(key)
         if made is not None and made[0] is batch:
             return made[1]
-        if retry is not None:
-            first = batch[0].model_copy(update={"retry": retry})
-            chunk = b"".join(encode(event) for event in (first, *batch[1:]))
-        else:
-            chunk = b"".join(encode(event) for event in batch)
-        if events.is_final(batch[-1]):
-            chunk = LastChunk(chunk)
+        chunk = written(batch, retry=retry)
         self._made[key] = (batch, chunk)
         return chunk
 
@@ -147,19 +151,20 @@ CHUNKS = Chunks()  # one per process
 
 
 async def wire(
-    batches: AsyncIterator[list[ServerSentEvent]], chunks: Chunks = CHUNKS
+    batches: AsyncIterator[list[ServerSentEvent]], chunks: Chunks | None = None
 ) -> AsyncIterator[bytes]:
     """Each batch of events (a poll's) in the text/event-stream format, written at once; the
-    one ending with the final event as a :class:`LastChunk`. The reconnection delay rides on
-    the first event: a block of ``retry`` alone reaches some clients (httpx-sse) as an event
-    with empty data, and a keep-alive carries none."""
+    one ending with the final event as a :class:`LastChunk`. Through ``chunks`` where a job's
+    streams share their batches (a keep-alive, each stream's own, never). The reconnection
+    delay rides on the first event: a block of ``retry`` alone reaches some clients
+    (httpx-sse) as an event with empty data, and a keep-alive carries none."""
     retry: int | None = RETRY_MS
     async for batch in batches:
-        if retry is not None and batch[0].raw_data is not None:
-            yield chunks.of(batch, retry=retry)
-            retry = None
-        else:
-            yield chunks.of(batch)
+        if batch[0].raw_data is None:
+            yield written(batch)
+            continue
+        opening, retry = retry, None
+        yield written(batch, retry=opening) if chunks is None else chunks.of(batch, retry=opening)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -221,10 +226,11 @@ async def open_stream(
     job_id: str,
     cursor: events.Cursor,
 ) -> Response:
-    """The answer to a stream's request that holds one of the process's places (the route's
-    and the streams' fast lane's, which hands anything else to the route): 204 when the
-    stream has ended, else the stream itself. :class:`~service.errors.NotFound` for an unknown
-    job, :class:`~service.errors.DatabaseUnavailable` in an outage (raised, not answered)."""
+    """The answer to a stream's request that holds one of the process's places (the route's,
+    and the streams' fast lane's): 204 when the stream has ended, else the stream itself. The
+    service's errors are raised, for the caller to answer: :class:`~service.errors.NotFound`
+    for an unknown job, and what :func:`~service.store.availability.unavailable_as_503` makes
+    of an outage."""
     poll_reads: PollReads = state.poll_reads
     reads = poll_reads.for_streams(sessions)
     job = await events.opening_row(reads, job_id)
@@ -239,4 +245,7 @@ async def open_stream(
         shared=state.shared_reads,
         opened=job,
     )
-    return EventStreamResponse(wire(stream), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)
+    # Only reads on the event loop are shared (SharedReads): a stream's own batches are
+    # written out as they come.
+    chunks = CHUNKS if reads.loop_steps is not None else None
+    return EventStreamResponse(wire(stream, chunks), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

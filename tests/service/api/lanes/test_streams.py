@@ -14,11 +14,13 @@ from typing import Any
 import anyio
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
 from service.api.lanes import streams
 from service.api.lanes.streams import StreamLane
+from service.api.routes import events as events_route
 from service.domain import events, stream_slots
 from service.errors import DatabaseUnavailable
 from service.settings import Settings
@@ -26,8 +28,8 @@ from service.status import JobStatus
 from tests.records import PARAMS, FakeTraining
 
 UNKNOWN = "0" * 32
-# The headers a stream's answer carries meaning in.
-HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "location")
+# Headers that differ between any two answers.
+OWN_HEADERS = {"date", "x-request-id"}
 
 
 @pytest.fixture
@@ -61,13 +63,11 @@ def ended_job(sessions: sessionmaker[Session], status: JobStatus) -> str:
     return job_id
 
 
-def answer(client: TestClient, path: str, headers: dict[str, str]) -> tuple[Any, ...]:
+def answer(client: TestClient, path: str, headers: Any) -> tuple[Any, ...]:
+    """Status, every header but those of the answer's own, and the body's bytes."""
     response = client.get(path, headers=headers, follow_redirects=False)
-    return (
-        response.status_code,
-        response.content,
-        tuple(response.headers.get(name) for name in HEADERS),
-    )
+    kept = sorted((k, v) for k, v in response.headers.multi_items() if k not in OWN_HEADERS)
+    return response.status_code, kept, response.content
 
 
 def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
@@ -85,7 +85,7 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
     old_style = ":".join(middle.split(":")[:3])  # attempt:step:epoch, sent before the count
     base = f"/jobs/{done}/events"
     # (name, path, headers, who answers: the lane or the route)
-    cases: list[tuple[str, str, dict[str, str], bool]] = [
+    cases: list[tuple[str, str, Any, bool]] = [
         ("from the start", base, {}, True),
         ("a failed job", f"/jobs/{failed}/events", {}, True),
         ("resumed by header", base, {"Last-Event-ID": middle}, True),
@@ -93,6 +93,25 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
         ("header before query", f"{base}?last_event_id={ids[1]}", {"Last-Event-ID": middle}, True),
         ("an empty header", f"{base}?last_event_id={middle}", {"Last-Event-ID": ""}, True),
         ("an empty query", f"{base}?last_event_id=", {}, True),
+        (
+            "a query percent-encoded",
+            f"{base}?last%5Fevent%5Fid={middle.replace(':', '%3A')}",
+            {},
+            True,
+        ),
+        (
+            "two headers: the first counts",
+            base,
+            [("last-event-id", middle), ("last-event-id", "x")],
+            True,
+        ),
+        (
+            "two headers, the first refused",
+            base,
+            [("last-event-id", "x"), ("last-event-id", middle)],
+            False,
+        ),
+        ("a plus in the query", f"{base}?last_event_id=1:2:3+", {}, False),
         ("an id of before the count", base, {"Last-Event-ID": old_style}, True),
         ("ended, by header: 204", base, {"Last-Event-ID": final}, True),
         ("ended, by query: 204", f"{base}?last_event_id={final}", {}, True),
@@ -108,7 +127,7 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
             {},
             False,
         ),
-        ("an unknown job", f"/jobs/{UNKNOWN}/events", {}, False),
+        ("an unknown job: 404", f"/jobs/{UNKNOWN}/events", {}, True),
         ("not an id", "/jobs/nope/events", {}, False),
         ("an upper-case id", f"/jobs/{done.upper()}/events", {}, False),
         ("a trailing slash", f"{base}/", {}, False),
@@ -133,7 +152,7 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
         assert lane.answered == before
 
 
-def test_no_place_left_is_the_routes_503(
+def test_no_place_left_is_503_from_either(
     apps: dict[bool, TestClient], sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     job_id = ended_job(sessions, JobStatus.SUCCEEDED)
@@ -143,28 +162,42 @@ def test_no_place_left_is_the_routes_503(
             held.enter_context(stream_slots.OPEN_STREAMS.slot(settings.max_event_streams))
         answers = [answer(apps[lanes], f"/jobs/{job_id}/events", {}) for lanes in (True, False)]
     assert answers[0] == answers[1] and answers[0][0] == 503, answers
-    assert lane.answered == 0
+    assert lane.answered == 1
     assert stream_slots.OPEN_STREAMS.count == 0
 
 
-def test_a_stream_the_lane_cannot_open_is_the_routes_and_its_place_is_given_back(
+@pytest.mark.parametrize(
+    ("error", "the_lanes"),
+    [
+        (DatabaseUnavailable("the database went away for a moment"), True),
+        (OperationalError("SELECT", {}, Exception("no such column")), False),
+    ],
+    ids=["an outage: 503 from either", "no outage: the route's"],
+)
+def test_an_error_at_the_opening_read_gives_the_place_back(
     apps: dict[bool, TestClient],
     sessions: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    the_lanes: bool,
 ) -> None:
-    job_id = ended_job(sessions, JobStatus.SUCCEEDED)
+    path = f"/jobs/{ended_job(sessions, JobStatus.SUCCEEDED)}/events"
     lane = lane_of(apps[True])
-    seen: list[int] = []
+    held: list[int] = []
 
-    async def unavailable(*_args: Any) -> Any:
-        seen.append(stream_slots.OPEN_STREAMS.count)  # the lane's place, held while it tries
-        raise DatabaseUnavailable("the database went away for a moment")
+    async def failing(*_args: Any) -> Any:
+        held.append(stream_slots.OPEN_STREAMS.count)  # a place, held while it tries
+        raise error
 
-    monkeypatch.setattr(streams, "open_stream", unavailable)  # the lane's alone
-    response = apps[True].get(f"/jobs/{job_id}/events")
-    assert response.status_code == 200 and response.text.rstrip().endswith(":end")
-    assert seen == [1] and lane.answered == 0
-    assert stream_slots.OPEN_STREAMS.count == 0
+    monkeypatch.setattr(streams, "open_stream", failing)  # the lane's
+    with_lane = answer(apps[True], path, {})
+    assert held == [1] and stream_slots.OPEN_STREAMS.count == 0
+    assert lane.answered == int(the_lanes)
+    if the_lanes:  # the route, meeting the same outage, answers the same
+        monkeypatch.setattr(events_route, "open_stream", failing)
+        assert with_lane == answer(apps[False], path, {}) and with_lane[0] == 503, with_lane
+    else:  # handed on untouched: the route (its open_stream as it is) streams the job
+        assert with_lane[0] == 200 and with_lane[2].rstrip().endswith(b":end")
 
 
 def test_the_lanes_streams_are_counted_under_the_routes_path(
