@@ -57,7 +57,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
             connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
             kwargs["connect_args"] = connect_args | kwargs.get("connect_args", {})
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        return create_engine(url, **{"pool_pre_ping": True, **kwargs})
 
     engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
 

@@ -30,9 +30,11 @@ request on untouched (a GET has no body to replay) and the route gives its answe
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -102,7 +104,13 @@ class PollReads:
     connection of its own, opened at its first poll, on the driver's connection itself
     (:meth:`on_loop`); reads in threads take turns
     (:data:`THREAD_READERS` at a time, a limiter of their own) on a pool of as many
-    connections. On another database every read goes to a thread, as the network may be slow.
+    connections. On another database every read goes to a thread, as the network may be slow,
+    and costs round trips, each of which wakes the server's process and the thread: so these
+    connections are not pinged as they are checked out (one that the server dropped fails its
+    read, is discarded, and the route answers that request through its pool, which pings), and
+    a read of one statement (a job's poll) runs on connections in autocommit, its own snapshot
+    without a BEGIN and a COMMIT (:meth:`read_statement_in_thread`): one round trip instead of
+    four (docs/benchmarks.md).
     """
 
     def __init__(self, database_url: str) -> None:
@@ -110,8 +118,19 @@ class PollReads:
         in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
         # An in-memory SQLite database is one per connection: its engine has no pool to size.
         pool = {} if in_memory else {"pool_size": THREAD_READERS, "max_overflow": 0}
-        self._threads_base = make_engine(database_url, **pool)
+        unpinged: dict[str, Any] = (
+            {} if url.get_backend_name() == "sqlite" else {"pool_pre_ping": False}
+        )
+        self._threads_base = make_engine(database_url, **pool, **unpinged)
         self.threads = read_engine(self._threads_base)
+        # A single statement is a snapshot of its own: no transaction around it (not SQLite,
+        # whose polls read on the loop).
+        self.statements = (
+            make_engine(database_url, isolation_level="AUTOCOMMIT", **pool, **unpinged)
+            if unpinged
+            else None
+        )
+        self._driver_error: type[Exception] = self.threads.dialect.loaded_dbapi.Error
         self.limiter = anyio.CapacityLimiter(THREAD_READERS)
         self._loop_base = (
             make_engine(database_url, poolclass=StaticPool)
@@ -144,8 +163,31 @@ class PollReads:
     def read_in_thread(self, read: Callable[[Connection], T]) -> T:
         """``read`` in one reading transaction on a connection of the lane's pool (call it in
         a thread); a database error propagates."""
-        with self.threads.connect() as connection, connection.begin():
+        with (
+            self.threads.connect() as connection,
+            self._discarded_on_error(connection),
+            connection.begin(),
+        ):
             return read(connection)
+
+    def read_statement_in_thread(self, read: Callable[[Connection], T]) -> T:
+        """``read``, one statement, outside any transaction where the database allows it (else
+        as :meth:`read_in_thread`); call it in a thread. A database error propagates."""
+        if self.statements is None:
+            return self.read_in_thread(read)
+        with self.statements.connect() as connection, self._discarded_on_error(connection):
+            return read(connection)
+
+    @contextmanager
+    def _discarded_on_error(self, connection: Connection) -> Iterator[None]:
+        """The reads run on the driver's cursor, so SQLAlchemy does not see the driver's error:
+        the connection, perhaps broken (the server dropped it), is discarded here, never
+        checked in."""
+        try:
+            yield
+        except self._driver_error:
+            connection.invalidate()
+            raise
 
     def read_on_loop(self, read: Callable[[DriverConnection], T]) -> T:
         """``read`` on the loop's connection (SQLite), in a reading transaction begun on the
@@ -182,6 +224,8 @@ class PollReads:
     def close(self) -> None:
         """Close every connection the lane opened."""
         self._threads_base.dispose()
+        if self.statements is not None:
+            self.statements.dispose()
         if self._pooled is not None:
             self._pooled.close()
             self._pooled = self._driver = None
@@ -189,10 +233,14 @@ class PollReads:
             self._loop_base.dispose()
 
 
-def _read(reads: PollReads, read: Callable[[Connection], T | None]) -> T | None:
-    """``read`` in one read transaction of the lane's threads; None on a database error (the
-    route meets the same error and answers it its own way)."""
+def _read(
+    reads: PollReads, read: Callable[[Connection], T | None], *, statement: bool = False
+) -> T | None:
+    """``read`` in one read transaction of the lane's threads (one ``statement``: in none);
+    None on a database error (the route meets the same error and answers it its own way)."""
     try:
+        if statement:
+            return reads.read_statement_in_thread(read)
         return reads.read_in_thread(read)
     except (SQLAlchemyError, reads.threads.dialect.loaded_dbapi.Error):
         return None
@@ -228,7 +276,10 @@ class PollLane:
                 body = reads.on_loop(lambda c: jobs.job_json(c, polled))
             else:
                 body = await anyio.to_thread.run_sync(
-                    _read, reads, lambda c: jobs.job_json(c, polled), limiter=reads.limiter
+                    functools.partial(_read, statement=True),
+                    reads,
+                    lambda c: jobs.job_json(c, polled),
+                    limiter=reads.limiter,
                 )
             return None if body is None else (self.job_route, body)
         job_id = job_id_of(self.metrics_route, scope["path"])

@@ -64,6 +64,7 @@ def assert_recovered(client: httpx.Client, job_id: str) -> None:
     """Every request answers again, the first one after the outage included."""
     statuses = [client.get("/jobs").status_code for _ in range(RECOVERED_REQUESTS)]
     statuses += [client.get(f"/jobs/{job_id}/metrics").status_code for _ in range(5)]
+    statuses += [client.get(f"/jobs/{job_id}").status_code for _ in range(5)]
     assert statuses == [200] * len(statuses)
     assert client.post("/jobs", json={}).status_code == 202
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +23,10 @@ from service.domain import jobs
 from service.schemas import JobRead
 from service.settings import Settings
 from service.store import metric_repo
+from tests.conftest import OwnPostgres, terminate_backends
 from tests.service.api.routes.conftest import BOTH_WAYS
 from tests.service.api.routes.test_jobs import _record_steps
+from tests.support import app_settings
 
 pytestmark = BOTH_WAYS
 
@@ -232,3 +235,30 @@ def test_large_pages_are_read_and_encoded_off_the_event_loop(
     assert [s["step"] for s in tail.json()["steps"]] == [steps - 2, steps - 1, steps]
     on_loop = [thread == loop_thread for _, thread in log.reads]
     assert on_loop == [fast_lanes and db_url.startswith("sqlite")]
+
+
+def test_polls_are_answered_when_the_server_cuts_the_lanes_connections(
+    own_postgres: OwnPostgres, tmp_path: Path, route_jobs: CountingJobs, fast_lanes: bool
+) -> None:
+    # The lane's connections are not pinged as they are checked out (a round trip a poll): one
+    # the server dropped fails its poll, which the route answers, and is discarded.
+    url, admin, name = own_postgres
+    with TestClient(create_app(app_settings(url, tmp_path, fast_lanes=fast_lanes))) as client:
+        job_id = client.post("/jobs", json={}).json()["id"]
+        paths = [f"/jobs/{job_id}", f"/jobs/{job_id}/metrics"]
+        first = [client.get(path).json() for path in paths]
+        reads = route_jobs.job_reads + route_jobs.reads
+        terminate_backends(admin, name)
+        again = [client.get(path) for path in paths]  # on the cut connections
+        assert [r.status_code for r in again] == [200, 200]
+        assert [r.json() for r in again] == first
+        cut = route_jobs.job_reads + route_jobs.reads
+        after = [client.get(path).json() for path in paths]
+        assert after == first
+        if fast_lanes:
+            assert (reads, cut) == (0, 2)  # the route answered the two polls the cut failed
+            assert route_jobs.job_reads + route_jobs.reads == cut  # and the lane the next
+            # A job's poll is one statement, outside any transaction: no BEGIN, no COMMIT.
+            statements = client.app.state.poll_reads.statements  # type: ignore[attr-defined]
+            with statements.connect() as connection:
+                assert connection.connection.dbapi_connection.autocommit
