@@ -41,7 +41,7 @@ import anyio.to_thread
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 from starlette.routing import Route
@@ -180,13 +180,14 @@ class PollReads:
 
     @contextmanager
     def _discarded_on_error(self, connection: Connection) -> Iterator[None]:
-        """The reads run on the driver's cursor, so SQLAlchemy does not see the driver's error:
-        the connection, perhaps broken (the server dropped it), is discarded here, never
-        checked in."""
+        """The reads run on the driver's cursor, so SQLAlchemy does not see the driver's error
+        (only a failed ``ROLLBACK`` after it): the connection, perhaps broken (the server
+        dropped it), is discarded here, never checked in."""
         try:
             yield
-        except self._driver_error:
-            connection.invalidate()
+        except (self._driver_error, DBAPIError):
+            if not connection.invalidated:
+                connection.invalidate()
             raise
 
     def read_on_loop(self, read: Callable[[DriverConnection], T]) -> T:

@@ -78,6 +78,8 @@ class AsyncWaiter:
                 await self._event.wait()
             finally:
                 timer.cancel()
+                if not self._woke:  # the timer's, perhaps set as the wait was cancelled
+                    self._event.clear()
         woke, self._woke = self._woke, False
         self._event.clear()
         return woke

@@ -92,3 +92,21 @@ def test_a_wake_up_before_the_wait_ends_it_at_once() -> None:
             return await news.wait(60), await news.wait(0)
 
     assert anyio.run(main) == (True, False)
+
+
+def test_a_wake_up_ends_a_wait_in_progress() -> None:
+    listener = Listener()
+
+    async def main() -> tuple[bool, bool]:
+        with listener.subscribe_async(JOB_PROGRESS, "job") as news:
+            async with anyio.create_task_group() as tg:
+
+                async def deliver_soon() -> None:
+                    await anyio.sleep(SHORT_S)  # the wait below has begun by then
+                    await anyio.to_thread.run_sync(listener.deliver, JOB_PROGRESS, "job")
+
+                tg.start_soon(deliver_soon)
+                woken = await news.wait(60)
+            return woken, await news.wait(0)
+
+    assert anyio.run(main) == (True, False)
