@@ -125,8 +125,8 @@ class Chunks:
 
     A job's streams that stood alike are handed the same batch (the same list of the same
     events, never changed: :class:`~service.domain.event_reads.SharedReads`, on the event loop),
-    and a crowd of them wrote it out once each: a fifth of what a crowd's streams cost the API
-    (docs/benchmarks.md). A chunk is kept with its batch, so the batch lives as long as the
+    and a crowd of them wrote it out once each: about a tenth of what a crowd's streams cost
+    the API (docs/benchmarks.md). A chunk is kept with its batch, so the batch lives as long as the
     chunk, and its id cannot name another batch meanwhile; for :data:`KEPT_S`, as the shared
     reads are. The event loop's alone (no lock).
     """
