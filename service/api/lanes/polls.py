@@ -31,7 +31,6 @@ request on untouched (a GET has no body to replay) and the route gives its answe
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -131,6 +130,9 @@ class PollReads:
             else None
         )
         self._driver_error: type[Exception] = self.threads.dialect.loaded_dbapi.Error
+        # What a read here may raise that the routes meet too, and answer their own way: the
+        # reads use the driver's cursor, so its errors come unwrapped.
+        self.errors: tuple[type[Exception], ...] = (SQLAlchemyError, self._driver_error)
         self.limiter = anyio.CapacityLimiter(THREAD_READERS)
         self._loop_base = (
             make_engine(database_url, poolclass=StaticPool)
@@ -205,7 +207,7 @@ class PollReads:
                 self._driver.dbapi_connection.execute(f"PRAGMA busy_timeout={LOOP_BUSY_MS}")
             with sqlite_read_transaction(self._driver.dbapi_connection):
                 return read(self._driver)
-        except (SQLAlchemyError, sqlite3.Error):
+        except self.errors:
             self._drop_loop_connection()
             raise
 
@@ -214,7 +216,7 @@ class PollReads:
         answers it its own way)."""
         try:
             return self.read_on_loop(read)
-        except (SQLAlchemyError, sqlite3.Error):
+        except self.errors:
             return None
 
     def _drop_loop_connection(self) -> None:
@@ -243,7 +245,7 @@ def _read(
         if statement:
             return reads.read_statement_in_thread(read)
         return reads.read_in_thread(read)
-    except (SQLAlchemyError, reads.threads.dialect.loaded_dbapi.Error):
+    except reads.errors:
         return None
 
 

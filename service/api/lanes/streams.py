@@ -21,11 +21,9 @@ was sent, and the route gives its answer.
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import ExitStack
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,8 +42,6 @@ from service.settings import Settings
 
 QUERY = RouteQuery(EventsQuery)
 LAST_EVENT_ID: TypeAdapter[str | None] = TypeAdapter(LastEventIdHeader)
-# Database errors that are no outage (the route meets the same one, and answers it its way).
-PASSED_ON = (SQLAlchemyError, sqlite3.Error)
 
 
 class StreamLane:
@@ -75,7 +71,7 @@ class StreamLane:
             except ServiceError as exc:
                 place.close()  # an answer that is no stream holds no place
                 response = error_response(exc)
-            except PASSED_ON:
+            except state.poll_reads.errors:  # no outage: the route meets it, and answers it
                 response = None
             if response is not None:
                 self.answered += 1
