@@ -114,31 +114,25 @@ class PollReads:
 
     def __init__(self, database_url: str) -> None:
         url = make_url(database_url)
-        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        sqlite = url.get_backend_name() == "sqlite"  # no server: polls read on the event loop
+        in_memory = sqlite and url.database in (None, "", ":memory:")
         # An in-memory SQLite database is one per connection: its engine has no pool to size.
         pool = {} if in_memory else {"pool_size": THREAD_READERS, "max_overflow": 0}
-        unpinged: dict[str, Any] = (
-            {} if url.get_backend_name() == "sqlite" else {"pool_pre_ping": False}
-        )
+        unpinged: dict[str, Any] = {} if sqlite else {"pool_pre_ping": False}
         self._threads_base = make_engine(database_url, **pool, **unpinged)
         self.threads = read_engine(self._threads_base)
-        # A single statement is a snapshot of its own: no transaction around it (not SQLite,
-        # whose polls read on the loop).
+        # A single statement is a snapshot of its own: no transaction around it.
         self.statements = (
-            make_engine(database_url, isolation_level="AUTOCOMMIT", **pool, **unpinged)
-            if unpinged
-            else None
+            None
+            if sqlite
+            else make_engine(database_url, isolation_level="AUTOCOMMIT", **pool, **unpinged)
         )
         self._driver_error: type[Exception] = self.threads.dialect.loaded_dbapi.Error
         # What a read here may raise that the routes meet too, and answer their own way: the
         # reads use the driver's cursor, so its errors come unwrapped.
         self.errors: tuple[type[Exception], ...] = (SQLAlchemyError, self._driver_error)
         self.limiter = anyio.CapacityLimiter(THREAD_READERS)
-        self._loop_base = (
-            make_engine(database_url, poolclass=StaticPool)
-            if self.threads.dialect.name == "sqlite"
-            else None
-        )
+        self._loop_base = make_engine(database_url, poolclass=StaticPool) if sqlite else None
         self.on_event_loop = self._loop_base is not None  # SQLite: polls are read on the loop
         # The loop's pool's one connection (StaticPool), checked out at the first poll and held
         # until an error or close().
