@@ -21,7 +21,27 @@ from benchmarks.tutorial import Trained
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist, load_mnist
+from workers.threads import process_tuner
 from workers.training.train import evaluate
+
+
+def floor_threads() -> tuple[int, ...]:
+    """The thread counts the floor is timed at, the fastest one's time being the floor: the
+    counts the worker's tuner chooses among on this machine (:func:`workers.threads.
+    process_tuner`: 1 and 2 on two cores, up to 8 on more, less any that would change a
+    seeded job's losses). A floor held to fewer threads than the worker may use flattered
+    every ratio against it on a machine with cores to spare (docs/benchmarks.md)."""
+    return process_tuner().candidates
+
+
+def floor_threads_text(counts: tuple[int, ...] | None = None) -> str:
+    """The floor's thread counts (``counts``, else :func:`floor_threads`) for a report's prose:
+    "the faster of 1 and 2 threads"."""
+    names = [str(n) for n in counts or floor_threads()]
+    if len(names) == 1:
+        return f"{names[0]} thread"
+    which = "faster" if len(names) == 2 else "fastest"
+    return f"the {which} of {', '.join(names[:-1])} and {names[-1]} threads"
 
 
 def floor_train(

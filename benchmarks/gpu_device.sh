@@ -21,6 +21,13 @@
 # clients on other machines would; "results" polls and follows from the benchmark's own
 # process, on JOB_CPUS. SECTIONS picks fewer. It needs the
 # service's whole stack and wrk, which "prepare" also puts in .device/ (~40 MB in all).
+# JOB_CPUS=all runs them as `make bench` would run there: no core set apart for anything, the
+# clients among the rest (a machine with cores to spare, the issue's "fast host").
+#
+# Where this machine has PostgreSQL (Debian's layout, /usr/lib/postgresql/N), "prepare" also
+# packs its server (~20 MB: the binaries, their share files and the libraries they link beyond
+# glibc) and "watch" starts it there on 127.0.0.1:5432 as an unprivileged user, so that
+# "results" measures both databases; the image there has none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-settings
@@ -28,6 +35,49 @@ PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-set
     fastapi starlette annotated-doc uvicorn httptools uvloop python-multipart cachetools
     prometheus-client httpx httpcore h11 anyio idna certifi click psycopg psycopg-binary
     opentelemetry-api)
+
+pack_postgresql() {
+    local bin
+    bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+    [ -n "$bin" ] || { echo "prepare: no PostgreSQL here; results will measure SQLite alone"; return 0; }
+    local version root=/tmp/postgresql-pack
+    version="$(basename "$(dirname "$bin")")"
+    rm -rf "$root"
+    mkdir -p "$root/usr/lib/postgresql/$version/bin" "$root/usr/lib/postgresql/$version/lib" \
+        "$root/usr/share/postgresql" "$root/libs"
+    cp "$bin"/{postgres,initdb,pg_ctl} "$root/usr/lib/postgresql/$version/bin/"
+    # initdb loads these two; the conversions only when a client asks for another encoding.
+    cp "$bin"/../lib/{plpgsql,dict_snowball}.so "$bin"/../lib/utf8_and_*.so \
+        "$root/usr/lib/postgresql/$version/lib/"
+    cp -r "/usr/share/postgresql/$version" "$root/usr/share/postgresql/"
+    rm -rf "$root/usr/share/postgresql/$version"/{man,contrib}
+    find "$root/usr/share/postgresql/$version/extension" -type f ! -name 'plpgsql*' -delete
+    # The binaries find their share and library folders relative to their own place; the
+    # libraries they link are loaded from libs/ (LD_LIBRARY_PATH), all but glibc's own.
+    ldd "$bin"/{postgres,initdb,pg_ctl} | awk '/=> \// {print $3}' | sort -u |
+        grep -Ev '/(libc|libm|libpthread|libdl|librt)\.so' | xargs -I{} cp -L {} "$root/libs/"
+    tar -cJf .device/postgresql.tar.xz -C "$root" .
+    rm -rf "$root"
+}
+
+# PostgreSQL from the pack on 127.0.0.1:5432, as user nobody (the server refuses root), with
+# initdb's defaults; its log lands in $OUT (the user cannot write there itself).
+start_postgresql() {
+    [ -f .device/postgresql.tar.xz ] || return 0
+    local root=/tmp/postgresql data=/tmp/postgresql-data
+    mkdir -p "$root" "$data"
+    tar -xJf .device/postgresql.tar.xz -C "$root"
+    chown 65534:65534 "$data"
+    local bin
+    bin="$(ls -d "$root"/usr/lib/postgresql/*/bin)"
+    as_nobody() {
+        LD_LIBRARY_PATH="$root/libs" python3 -c \
+            'import os, sys; os.setgid(65534); os.setuid(65534); os.execv(sys.argv[1], sys.argv[1:])' "$@"
+    }
+    as_nobody "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    as_nobody "$bin/pg_ctl" -D "$data" -l "$data/log" -o "-h 127.0.0.1 -p 5432 -k /tmp" -w start
+    export MNIST_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+}
 
 case "${1:-}" in
 prepare)
@@ -58,6 +108,7 @@ prepare)
     printf '%s\n' '#!/bin/sh' 'here="$(dirname "$0")"' \
         'LD_LIBRARY_PATH="$here/../lib" exec "$here/wrk.bin" "$@"' >.device/bin/wrk
     chmod +x .device/bin/wrk
+    pack_postgresql
     du -sh .device
     ;;
 run | tests | watch)
@@ -71,11 +122,17 @@ run | tests | watch)
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 MNIST_DATA_DIR=/tmp/mnist
     nvidia-smi -L | tee "$out/card.txt" || true
     if [ "$1" = watch ]; then
-        export MNIST_DEVICE=cpu MNIST_BENCH_CLIENT_CPUS="${CLIENT_CPUS:-2,3}" PATH="$PWD/.device/bin:$PATH"
-        python3 -c 'import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])' \
-            "${JOB_CPUS:-0,1}" python3 -m benchmarks $(printf -- '--only %s ' ${SECTIONS:-metrics results}) \
-            --runs "${RUNS:-7}" --no-profile --output "$out/benchmarks-host.md" 2>&1 |
-            tee "$out/host.log"
+        export MNIST_DEVICE=cpu PATH="$PWD/.device/bin:$PATH"
+        start_postgresql || echo "PostgreSQL did not start there; results measures SQLite alone"
+        bench=(python3 -m benchmarks $(printf -- '--only %s ' ${SECTIONS:-metrics results})
+            --runs "${RUNS:-7}" --no-profile --output "$out/benchmarks-host.md")
+        if [ "${JOB_CPUS:-0,1}" != all ]; then
+            export MNIST_BENCH_CLIENT_CPUS="${CLIENT_CPUS:-2,3}"
+            bench=(python3 -c 'import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])'
+                "${JOB_CPUS:-0,1}" "${bench[@]}")
+        fi
+        "${bench[@]}" 2>&1 | tee "$out/host.log"
+        [ ! -f /tmp/postgresql-data/log ] || cp /tmp/postgresql-data/log "$out/postgresql.log"
         exit 0 # set -e and pipefail have ended the script if the benchmark failed
     fi
     status=0

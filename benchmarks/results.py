@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.floor import floor_data, floor_train
+from benchmarks.floor import floor_data, floor_threads, floor_threads_text, floor_train
 from benchmarks.poll_costs import share_slowdown
 from benchmarks.procs import tree_cpu_seconds, tree_cpu_used
 from benchmarks.report import Section
@@ -44,7 +44,6 @@ WORKER_GOAL = 1.2  # started_at → finished_at, ÷ the floor
 CLAIM_P50_GOAL_MS, CLAIM_P99_GOAL_MS = 10.0, 50.0
 LIVE_GOAL_MS = 100.0
 IDLE_GOAL = 0.01  # share of one core
-FLOOR_THREADS = (1, 2)
 SERVER_FIGURE = "the database server's CPU over a job left alone (every process of the server)"
 POLL_INTERVAL_S = float(Settings.model_fields["poll_interval_s"].default)
 
@@ -98,7 +97,7 @@ def measure_backend(
     each thread count, a polled job, a followed job, a followed job whose steps are watched,
     a job left alone), then the idle processes' CPU."""
     result = Backend(kind)
-    result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in FLOOR_THREADS}
+    result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in floor_threads()}
     job = JobCreate.model_validate(params)
     timeout_s = 300.0
     phases = random.Random(0)
@@ -231,8 +230,9 @@ def write_section(
         "final `status` event, or leaves a third job alone (below; last in each round); a "
         "fourth job, followed, is there for the live latency only; "
         f"{rounds} rounds of the four, median. The floor is the bare eager "
-        "loop for the same job (training + 3 evaluations, nothing stored; the faster of 1 and 2 "
-        "threads), run by the benchmark between the jobs, while the worker waits. A thread of "
+        "loop for the same job (training + 3 evaluations, nothing stored; "
+        f"{floor_threads_text()}, every count the worker may choose), run by the benchmark "
+        "between the jobs, while the worker waits. A thread of "
         "the benchmark reads the job's status from the database from the POST's answer until "
         "the job has left the queue, every 2 ms and at once when the service's wake-up for the "
         "job reaches it (Core statements on one connection: it "

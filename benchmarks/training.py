@@ -20,7 +20,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import REPO_ROOT, Workspace, data_dir, make_workspace
-from benchmarks.floor import floor_train
+from benchmarks.floor import floor_threads, floor_threads_text, floor_train
 from benchmarks.jobs import JobRun, run_one_job, submit
 from benchmarks.profiling import in_process, share_rows
 from benchmarks.report import Section
@@ -31,6 +31,9 @@ from service.settings import Settings
 from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist, load_mnist
 from workers.threads import process_tuner
+
+JOB_LABEL = "**the service's worker job** (warm)"
+UNPERSISTED_LABEL = "worker job, metric writes stubbed out"
 
 DEFAULT_THREADS = torch.get_num_threads()  # what torch picks in a fresh process
 JOB_GOAL = 1.2  # a job's time / the floor's
@@ -157,16 +160,17 @@ class TrainingBench:
         runs: int,
         baseline_runs: int,
         cold_runs: int,
-        floor_threads: tuple[int, ...] = (1, 2),
+        floor_counts: tuple[int, ...] | None = None,
     ) -> list[Case]:
         """Round-robin runs of every figure for ``images`` training images."""
+        floor_counts = floor_counts or floor_threads()
         threads = self.threads
         baseline = new_case(f"baseline: the tutorial's loop ({threads} thread(s))", images)
         floors = {
-            t: new_case(f"floor, {t} thread{'s' if t > 1 else ''}", images) for t in floor_threads
+            t: new_case(f"floor, {t} thread{'s' if t > 1 else ''}", images) for t in floor_counts
         }
-        job = new_case("**the service's worker job** (warm)", images)
-        unpersisted = new_case("worker job, metric writes stubbed out", images)
+        job = new_case(JOB_LABEL, images)
+        unpersisted = new_case(UNPERSISTED_LABEL, images)
         cold = new_case("fresh worker's first job (cold data)", images)
         cold_process = new_case("fresh worker process, spawn → exit", images)
         flush = Series("flush", "s")
@@ -190,7 +194,7 @@ class TrainingBench:
             unpersisted.record(bare.seconds, bare.accuracy)
             print(
                 f"  {images} images, round {r + 1}/{runs}: job {run.seconds:.2f} s, floor "
-                f"{floors[floor_threads[0]].times.values[-1]:.2f} s, baseline "
+                f"{floors[floor_counts[0]].times.values[-1]:.2f} s, baseline "
                 f"{baseline.times.values[-1]:.2f} s",
                 file=sys.stderr,
                 flush=True,
@@ -250,6 +254,10 @@ def profile_training(bench: TrainingBench, section: Section, floor_threads: int)
     )
 
 
+def _case(cases: list[Case], label: str) -> Case:
+    return next(c for c in cases if c.label == label)
+
+
 def _floor(cases: list[Case]) -> Case:
     floors = [c for c in cases if c.label.startswith("floor")]
     return min(floors, key=lambda c: c.times.median)
@@ -301,8 +309,9 @@ def run_training(
             f"{bench.settings.flush_interval_s} s) on a migrated SQLite file; its time runs from "
             f"`claim` to `succeeded` (checkpoint written) and every job was checked to have "
             f"every step's loss and every epoch's accuracy in the database. With `auto` the "
-            f"worker process times its own steps at 1 and 2 threads and keeps the faster "
-            f"(workers/threads.py), as the floor below is the faster of the two. Baseline and "
+            f"worker process times its own steps at each thread count it may use here and "
+            f"keeps the fastest (workers/threads.py), as the floor below is "
+            f"{floor_threads_text()}. Baseline and "
             f"floor time the epochs (training + evaluation), not reading the files. The baseline "
             f"runs with {threads} thread(s) (torch's default of {DEFAULT_THREADS} is slower "
             f"whenever other processes share the cores)."
@@ -316,7 +325,11 @@ def run_training(
                 f"thread(s), chosen from {process_tuner().candidates}."
             )
 
-        floor, job, unpersisted = _floor(cases), cases[3], cases[4]
+        floor, job, unpersisted = (
+            _floor(cases),
+            _case(cases, JOB_LABEL),
+            _case(cases, UNPERSISTED_LABEL),
+        )
         job_vs_floor = ratio(job.times.median, floor.times.median)
         # Paired by round (the two jobs ran back to back): the machine's drift between rounds
         # is larger than what the writes cost.
@@ -355,7 +368,7 @@ def run_training(
                 ],
             ],
         )
-        best_threads = 1 if floor.label.endswith("1 thread") else 2
+        best_threads = int(floor.label.split()[1])  # "floor, N thread(s)"
         if profile:
             profile_training(bench, section, best_threads)
         if big_runs:

@@ -25,7 +25,7 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.floor import floor_data, floor_train
+from benchmarks.floor import floor_data, floor_threads, floor_threads_text, floor_train
 from benchmarks.report import Section
 from benchmarks.result_service import database, databases_here
 from benchmarks.stats import Series, fmt, fmt_ratio, median, median_interval, ratio
@@ -45,7 +45,6 @@ from workers.threads import process_tuner
 from workers.worker import Worker
 
 SHIPPED = "as shipped"
-FLOOR_THREADS = (1, 2)  # as the time-to-result section: the faster count's median
 
 
 class Hits:
@@ -237,7 +236,7 @@ def measure(
     """``rounds`` rounds of (floor at each thread count, a job per variant) on a fresh database."""
     variants = parts()
     costs = Costs(kind, jobs={p.label: [] for p in variants})
-    costs.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in FLOOR_THREADS}
+    costs.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in floor_threads()}
     with database(kind, root) as url:
         engine = make_engine(url)
         try:
@@ -297,8 +296,9 @@ def write_section(
         "part by part. The worker trains the tutorial's default job in the benchmark's "
         "process (no API, no client), on a fresh SQLite file (training states as files) and a "
         "fresh PostgreSQL database (states as rows), with the defaults but "
-        "`MNIST_PACK_MAX=1`. Each round runs the floor (the bare eager loop, the faster of 1 "
-        "and 2 threads) and then one job as shipped and one job with each part switched off, "
+        "`MNIST_PACK_MAX=1`. Each round runs the floor (the bare eager loop, "
+        f"{floor_threads_text()}) and then one job as shipped and one job with each part "
+        "switched off, "
         "in alternating order; the part is switched off by replacing one function of the "
         "worker for that job (checked: a variant whose replacement skipped fewer calls than "
         "it must, or whose job left the rows it keeps out, stops the run). A part's cost is "
