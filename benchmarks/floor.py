@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.env import data_dir
+from benchmarks.stats import Series
 from benchmarks.tutorial import Trained
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
@@ -28,10 +29,41 @@ from workers.training.train import evaluate
 def floor_threads() -> tuple[int, ...]:
     """The thread counts the floor is timed at, the fastest one's time being the floor: the
     counts the worker's tuner chooses among on this machine (:func:`workers.threads.
-    process_tuner`: 1 and 2 on two cores, up to 8 on more, less any that would change a
-    seeded job's losses). A floor held to fewer threads than the worker may use flattered
-    every ratio against it on a machine with cores to spare (docs/benchmarks.md)."""
+    process_tuner`: 1 and 2 on two cores, powers of two up to its ``MAX_THREADS`` on more,
+    less any that would change a seeded job's losses). A floor held to fewer threads than the
+    worker may use flattered every ratio against it on a machine with cores to spare
+    (docs/benchmarks.md)."""
     return process_tuner().candidates
+
+
+def floor_label(threads: int) -> str:
+    """A floor's row in the reports: "floor, 2 threads"."""
+    return f"floor, {threads} thread{'s' if threads > 1 else ''}"
+
+
+class Floors:
+    """The floor of a run's rounds: one bare loop at each of :func:`floor_threads`'s counts a
+    round; the fastest count's median is the floor."""
+
+    def __init__(self) -> None:
+        self.series = {t: Series(floor_label(t), "s") for t in floor_threads()}
+
+    def run(self, data: Mnist, params: JobCreate, *, seed: int) -> None:
+        """This round's run at each count (torch's thread count is left at the last one:
+        :func:`floor_data` puts it back)."""
+        for threads, series in self.series.items():
+            torch.set_num_threads(threads)
+            series.add(floor_train(data, params, seed=seed).seconds)
+
+    @property
+    def seconds(self) -> float:
+        """The floor: the fastest count's median."""
+        return min(s.median for s in self.series.values())
+
+    @property
+    def last_s(self) -> float:
+        """The fastest count's time in the latest round."""
+        return min(s.values[-1] for s in self.series.values())
 
 
 def floor_threads_text(counts: tuple[int, ...] | None = None) -> str:

@@ -20,14 +20,15 @@
 # pollers, the stream client) run on two others (CLIENT_CPUS, MNIST_BENCH_CLIENT_CPUS), as
 # clients on other machines would; "results" polls and follows from the benchmark's own
 # process, on JOB_CPUS. SECTIONS picks fewer. It needs the
-# service's whole stack and wrk, which "prepare" also puts in .device/ (~40 MB in all).
+# service's whole stack and wrk, which "prepare" also puts in .device/ (~55 MB in all with
+# PostgreSQL's server, below; the device tool carries up to 64 MiB).
 # JOB_CPUS=all runs them as `make bench` would run there: no core set apart for anything, the
 # clients among the rest (a machine with cores to spare, the issue's "fast host").
 #
 # Where this machine has PostgreSQL (Debian's layout, /usr/lib/postgresql/N), "prepare" also
 # packs its server (~20 MB: the binaries, their share files and the libraries they link beyond
-# glibc) and "watch" starts it there on 127.0.0.1:5432 as an unprivileged user, so that
-# "results" measures both databases; the image there has none.
+# glibc) and "watch" starts it there on 127.0.0.1:5432 as an unprivileged user, on JOB_CPUS,
+# so that "results" measures both databases; the image there has none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-settings
@@ -36,11 +37,15 @@ PACKAGES=(sqlalchemy alembic mako markupsafe pydantic pydantic-core pydantic-set
     prometheus-client httpx httpcore h11 anyio idna certifi click psycopg psycopg-binary
     opentelemetry-api)
 
+PG_ROOT=/tmp/postgresql PG_DATA=/tmp/postgresql-data # where "watch" unpacks and runs it
+
 pack_postgresql() {
-    local bin
-    bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
-    [ -n "$bin" ] || { echo "prepare: no PostgreSQL here; results will measure SQLite alone"; return 0; }
-    local version root=/tmp/postgresql-pack
+    local bin version root=/tmp/postgresql-pack
+    bin="$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+    if [ ! -x "$bin/postgres" ]; then
+        echo "prepare: no PostgreSQL here; results will measure SQLite alone there"
+        return 0
+    fi
     version="$(basename "$(dirname "$bin")")"
     rm -rf "$root"
     mkdir -p "$root/usr/lib/postgresql/$version/bin" "$root/usr/lib/postgresql/$version/lib" \
@@ -60,22 +65,34 @@ pack_postgresql() {
     rm -rf "$root"
 }
 
-# PostgreSQL from the pack on 127.0.0.1:5432, as user nobody (the server refuses root), with
-# initdb's defaults; its log lands in $OUT (the user cannot write there itself).
+# A program of the pack as user nobody (the server refuses root), on the cores $1 names ("all":
+# any), its libraries from the pack (for it alone, not for the python3 that starts it).
+as_nobody() {
+    python3 -c 'import os, sys
+cores, libs, program = sys.argv[1:4]
+if cores != "all":
+    os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.environ["LD_LIBRARY_PATH"] = libs
+os.execv(program, sys.argv[3:])' "$1" "$PG_ROOT/libs" "${@:2}"
+}
+
+# PostgreSQL from the pack on 127.0.0.1:5432 with initdb's defaults, on JOB_CPUS as the service
+# (where the service is confined, so is its database server, as on the machines CI runs on).
+# Any step that fails returns 1: the caller goes on with SQLite alone.
 start_postgresql() {
     [ -f .device/postgresql.tar.xz ] || return 0
-    local root=/tmp/postgresql data=/tmp/postgresql-data
-    mkdir -p "$root" "$data"
-    tar -xJf .device/postgresql.tar.xz -C "$root"
-    chown 65534:65534 "$data"
-    local bin
-    bin="$(ls -d "$root"/usr/lib/postgresql/*/bin)"
-    as_nobody() {
-        LD_LIBRARY_PATH="$root/libs" python3 -c \
-            'import os, sys; os.setgid(65534); os.setuid(65534); os.execv(sys.argv[1], sys.argv[1:])' "$@"
-    }
-    as_nobody "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
-    as_nobody "$bin/pg_ctl" -D "$data" -l "$data/log" -o "-h 127.0.0.1 -p 5432 -k /tmp" -w start
+    local bin cores="${JOB_CPUS:-0,1}"
+    rm -rf "$PG_ROOT" "$PG_DATA" # a warm machine may hold an earlier run's
+    mkdir -p "$PG_ROOT" "$PG_DATA" || return 1
+    tar -xJf .device/postgresql.tar.xz -C "$PG_ROOT" || return 1
+    chown 65534:65534 "$PG_DATA" || return 1
+    bin="$(printf '%s\n' "$PG_ROOT"/usr/lib/postgresql/*/bin | tail -1)"
+    as_nobody "$cores" "$bin/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 \
+        --locale=C.UTF-8 >/dev/null || return 1
+    # The log goes to the data folder (nobody cannot write into $OUT); the EXIT trap copies it.
+    as_nobody "$cores" "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/log" \
+        -o "-h 127.0.0.1 -p 5432 -k /tmp" -w start || return 1
     export MNIST_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 }
 
@@ -123,6 +140,7 @@ run | tests | watch)
     nvidia-smi -L | tee "$out/card.txt" || true
     if [ "$1" = watch ]; then
         export MNIST_DEVICE=cpu PATH="$PWD/.device/bin:$PATH"
+        trap '[ ! -f "$PG_DATA/log" ] || cp "$PG_DATA/log" "$out/postgresql.log"' EXIT
         start_postgresql || echo "PostgreSQL did not start there; results measures SQLite alone"
         bench=(python3 -m benchmarks $(printf -- '--only %s ' ${SECTIONS:-metrics results})
             --runs "${RUNS:-7}" --no-profile --output "$out/benchmarks-host.md")
@@ -132,7 +150,6 @@ run | tests | watch)
                 "${JOB_CPUS:-0,1}" "${bench[@]}")
         fi
         "${bench[@]}" 2>&1 | tee "$out/host.log"
-        [ ! -f /tmp/postgresql-data/log ] || cp /tmp/postgresql-data/log "$out/postgresql.log"
         exit 0 # set -e and pipefail have ended the script if the benchmark failed
     fi
     status=0

@@ -30,6 +30,10 @@ READY = re.compile(r"worker (\S+) ready")
 CLAIMED = re.compile(
     r"claimed job ([0-9a-f]{32}) attempt 1\b.*?, (-?[\d.]+) ms after it was created"
 )
+# workers.endings: a job's end, with its steps by the thread count the tuner held (Reporter),
+# where a tuner chose them.
+SUCCEEDED = re.compile(r"job ([0-9a-f]{32}) succeeded(?:; steps by thread count: ([\d:, ]+))?")
+LOGGED_WITHIN_S = 30.0  # for the worker to log a job's end once the client has seen it
 
 
 @contextlib.contextmanager
@@ -155,6 +159,30 @@ def logged_claims(root: Path) -> dict[str, float]:
     :func:`service` run with ``root``."""
     text = (root / "service.log").read_text()
     return {job_id: float(ms) for job_id, ms in CLAIMED.findall(text)}
+
+
+def logged_thread_counts(root: Path) -> dict[str, dict[int, int]]:
+    """Each succeeded job's steps by the thread count they ran at, by job id, as the worker
+    logged them in the log of :func:`service` run with ``root`` (empty where the count was
+    fixed)."""
+    logged: dict[str, dict[int, int]] = {}
+    for job_id, tally in SUCCEEDED.findall((root / "service.log").read_text()):
+        pairs = (part.split(":") for part in tally.split(",")) if tally else ()
+        logged[job_id] = {int(n): int(steps) for n, steps in pairs}
+    return logged
+
+
+def thread_counts_of(root: Path, job_ids: list[str]) -> dict[str, dict[int, int]]:
+    """:func:`logged_thread_counts` of ``job_ids``, once the worker has logged each one's end:
+    it logs it after the job's row says ``succeeded``, which a client may see first."""
+
+    def all_logged() -> dict[str, dict[int, int]] | None:
+        logged = logged_thread_counts(root)
+        return logged if logged.keys() >= set(job_ids) else None
+
+    return wait_for(
+        all_logged, timeout_s=LOGGED_WITHIN_S, what=f"the worker to log the end of jobs {job_ids}"
+    )
 
 
 def idle_shares(pids: dict[str, int], seconds: float) -> dict[str, float]:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from benchmarks.floor import floor_data, floor_threads, floor_threads_text, floor_train
+from benchmarks.floor import Floors, floor_data, floor_threads_text
 from benchmarks.poll_costs import share_slowdown
 from benchmarks.procs import tree_cpu_seconds, tree_cpu_used
 from benchmarks.report import Section
@@ -30,6 +29,7 @@ from benchmarks.result_service import (
     idle_shares,
     logged_claims,
     service,
+    thread_counts_of,
 )
 from benchmarks.stats import Series, fmt, fmt_ratio, median, percentile, ratio, verdict
 from service.schemas import JobCreate
@@ -63,14 +63,24 @@ class Backend:
     worker: Series = field(default_factory=lambda: Series("worker", "s"))  # watched jobs
     alone: Series = field(default_factory=lambda: Series("worker, left alone", "s"))
     live_ms: list[float] = field(default_factory=list)
-    floors: dict[int, Series] = field(default_factory=dict)
+    floors: Floors = field(default_factory=Floors)
     idle: dict[str, float] = field(default_factory=dict)  # process → share of a core
     server_cpu_s: list[float] = field(default_factory=list)  # the database server's, per job
+    alone_steps_at: Counter[int] = field(default_factory=Counter)  # their steps by thread count
+
+    def alone_threads(self) -> str:
+        """The share of the jobs left alone's steps at each thread count, from the worker's
+        log ("2 threads 96%, 1 thread 4%"), the most first."""
+        total = sum(self.alone_steps_at.values())
+        return ", ".join(
+            f"{n} thread{'s' if n > 1 else ''} {steps / total:.0%}"
+            for n, steps in self.alone_steps_at.most_common()
+        )
 
     @property
     def floor_s(self) -> float:
-        """The faster thread count's median floor."""
-        return min(s.median for s in self.floors.values())
+        """The fastest thread count's median floor."""
+        return self.floors.seconds
 
     def server_cpu(self) -> str | None:
         """The database server's CPU over a job left alone (the median), and what it would cost
@@ -97,7 +107,6 @@ def measure_backend(
     each thread count, a polled job, a followed job, a followed job whose steps are watched,
     a job left alone), then the idle processes' CPU."""
     result = Backend(kind)
-    result.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in floor_threads()}
     job = JobCreate.model_validate(params)
     timeout_s = 300.0
     phases = random.Random(0)
@@ -124,10 +133,9 @@ def measure_backend(
             first = poll_to_result(svc.client, params, timeout_s, engine, heard=heard)
             result.first_job_s, result.first_worker_s = first.seconds, first.worker_s
             claimed_ids: list[str] = []
+            alone_ids: list[str] = []
             for r in range(rounds):
-                for threads, series in result.floors.items():
-                    torch.set_num_threads(threads)
-                    series.add(floor_train(floor_data, job, seed=r).seconds)
+                result.floors.run(floor_data, job, seed=r)
                 arrive()
                 polled = poll_to_result(
                     svc.client, {**params, "seed": r}, timeout_s, engine, heard=heard
@@ -156,6 +164,7 @@ def measure_backend(
                     svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
                 )
                 result.alone.add(alone.worker_s)
+                alone_ids.append(str(alone.job["id"]))
                 if server_pid:
                     used = tree_cpu_used(server_before, tree_cpu_seconds(server_pid))
                     result.server_cpu_s.append(used)
@@ -173,7 +182,7 @@ def measure_backend(
                     f"  results {kind} round {r + 1}/{rounds}: polled {polled.seconds:.2f} s, "
                     f"events {followed.finished.seconds:.2f} s, left alone (the worker's "
                     f"own) {alone.worker_s:.2f} s, floor "
-                    f"{min(s.values[-1] for s in result.floors.values()):.2f} s",
+                    f"{result.floors.last_s:.2f} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -182,6 +191,9 @@ def measure_backend(
             if missing:
                 raise RuntimeError(f"the worker's log has no claim of jobs {missing}")
             result.logged_claim_ms = [logged[i] for i in claimed_ids]
+            trained_at = thread_counts_of(root, alone_ids)
+            for job_id in alone_ids:  # none where the threads are fixed (no tuner)
+                result.alone_steps_at.update(trained_at[job_id])
             time.sleep(min(2.0, idle_s))  # let the last job's after-work settle
             result.idle = idle_shares(svc.pids, idle_s)
         finally:
@@ -283,6 +295,11 @@ def write_section(
             timed("POST → `succeeded`, polling every 10 ms", b.polled.median),
             timed("POST → final `status` event", b.followed.median),
             timed("the worker's own started_at → finished_at, a job left alone", b.alone.median),
+            *(
+                [[b.name, "... its steps by the thread count they ran at", threads, ""]]
+                if (threads := b.alone_threads())
+                else []
+            ),
             timed("the same, a job polled or followed (above)", b.worker.median),
             *([[b.name, SERVER_FIGURE, server, ""]] if (server := b.server_cpu()) else []),
             [

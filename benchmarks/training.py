@@ -20,7 +20,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import REPO_ROOT, Workspace, data_dir, make_workspace
-from benchmarks.floor import floor_threads, floor_threads_text, floor_train
+from benchmarks.floor import floor_label, floor_threads, floor_threads_text, floor_train
 from benchmarks.jobs import JobRun, run_one_job, submit
 from benchmarks.profiling import in_process, share_rows
 from benchmarks.report import Section
@@ -166,9 +166,7 @@ class TrainingBench:
         floor_counts = floor_counts or floor_threads()
         threads = self.threads
         baseline = new_case(f"baseline: the tutorial's loop ({threads} thread(s))", images)
-        floors = {
-            t: new_case(f"floor, {t} thread{'s' if t > 1 else ''}", images) for t in floor_counts
-        }
+        floors = {t: new_case(floor_label(t), images) for t in floor_counts}
         job = new_case(JOB_LABEL, images)
         unpersisted = new_case(UNPERSISTED_LABEL, images)
         cold = new_case("fresh worker's first job (cold data)", images)
@@ -182,10 +180,8 @@ class TrainingBench:
                     functools.partial(tutorial_train, self.tutorial, params, seed=r),
                 )
                 baseline.record(t.seconds, t.accuracy)
-            for threads, case in floors.items():
-                t = _with_threads(
-                    threads, functools.partial(floor_train, self.data, params, seed=r)
-                )
+            for count, case in floors.items():  # (the baseline's count stays ``threads``)
+                t = _with_threads(count, functools.partial(floor_train, self.data, params, seed=r))
                 case.record(t.seconds, t.accuracy)
             run = self.job(images=images, seed=r)
             job.record(run.seconds, run.accuracy)
@@ -368,7 +364,7 @@ def run_training(
                 ],
             ],
         )
-        best_threads = int(floor.label.split()[1])  # "floor, N thread(s)"
+        best_threads = next(t for t in floor_threads() if floor_label(t) == floor.label)
         if profile:
             profile_training(bench, section, best_threads)
         if big_runs:

@@ -25,10 +25,10 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.floor import floor_data, floor_threads, floor_threads_text, floor_train
+from benchmarks.floor import Floors, floor_data, floor_threads_text
 from benchmarks.report import Section
 from benchmarks.result_service import database, databases_here
-from benchmarks.stats import Series, fmt, fmt_ratio, median, median_interval, ratio
+from benchmarks.stats import fmt, fmt_ratio, median, median_interval, ratio
 from service.clock import utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -180,12 +180,12 @@ class Costs:
 
     name: str
     jobs: dict[str, list[float]] = field(default_factory=dict)  # seconds, in round order
-    floors: dict[int, Series] = field(default_factory=dict)
+    floors: Floors = field(default_factory=Floors)
 
     @property
     def floor_s(self) -> float:
-        """The faster thread count's median floor."""
-        return min(s.median for s in self.floors.values())
+        """The fastest thread count's median floor."""
+        return self.floors.seconds
 
     def cost_ms(self, label: str) -> list[float]:
         """Per round: the job as shipped minus the job without this part, in ms."""
@@ -236,7 +236,6 @@ def measure(
     """``rounds`` rounds of (floor at each thread count, a job per variant) on a fresh database."""
     variants = parts()
     costs = Costs(kind, jobs={p.label: [] for p in variants})
-    costs.floors = {t: Series(f"floor, {t} thread(s)", "s") for t in floor_threads()}
     with database(kind, root) as url:
         engine = make_engine(url)
         try:
@@ -252,9 +251,7 @@ def measure(
             run_one_job(variants[0], settings, sessions, JobCreate.model_validate(params))  # warm
             for r in range(rounds):
                 job = JobCreate.model_validate({**params, "seed": r})
-                for threads, series in costs.floors.items():
-                    torch.set_num_threads(threads)
-                    series.add(floor_train(floor_data, job, seed=r).seconds)
+                costs.floors.run(floor_data, job, seed=r)
                 for part in variants if r % 2 == 0 else variants[::-1]:
                     costs.jobs[part.label].append(run_one_job(part, settings, sessions, job))
                 print(

@@ -153,7 +153,13 @@ class Endings:
             log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
         self._artifacts.keep_resume(claim.job_id, keep=())
-        log.info("job %s %s%s", claim.job_id, status, f": {error}" if error else "")
+        log.info(
+            "job %s %s%s%s",
+            claim.job_id,
+            status,
+            f": {error}" if error else "",
+            reporter.trained_at,
+        )
         return Outcome(claim.job_id, status, reporter.flush_seconds)
 
     def release(self, claim: Claim, reporter: Reporter) -> Outcome:

@@ -14,6 +14,7 @@ from benchmarks.result_service import (
     POSTGRES_ADMIN_ENV,
     database_server_pid,
     logged_claims,
+    logged_thread_counts,
     postgres_reachable,
 )
 from benchmarks.results import run_results
@@ -40,6 +41,8 @@ def test_the_section_measures_a_real_service_on_each_database(
         assert b.polled.median > b.worker.values[0] > 0
         assert b.followed.median > b.worker.values[1] > 0
         assert len(b.alone.values) == 1 and b.alone.values[0] > 0  # the job left alone
+        # Its 20 steps by the thread count they ran at, as the worker's log said (auto).
+        assert sum(b.alone_steps_at.values()) == 20 and set(b.alone_steps_at) <= {1, 2}
         assert len(b.claim_ms) == 2 and all(ms >= 0 for ms in b.claim_ms)
         # created_at comes after the POST was sent: a queued job waits less than the client.
         assert len(b.queued_claim_ms) == 2 and all(ms >= 0 for ms in b.queued_claim_ms)
@@ -63,6 +66,7 @@ def test_the_section_measures_a_real_service_on_each_database(
     assert text.count("; the database server's CPU: ") == 2 * servers  # section and summary
     assert text.count("time to result (polling) ≤ 1.5× floor") == 2 * len(backends)
     assert "claim latency" in text and "idle CPU" in text
+    assert text.count("... its steps by the thread count they ran at") == len(backends)
     # Once in the section, once in the summary.
     assert text.count("the worker's own time ≤ 1.2× floor (a job left alone)") == 2 * len(backends)
 
@@ -83,3 +87,13 @@ def test_the_workers_logged_claims_are_read_by_job(tmp_path: Path) -> None:
         f"INFO workers: claimed job {c} attempt 2\n"  # a retry: no figure
     )
     assert logged_claims(tmp_path) == {a: 4.2, b: 12.5}
+
+
+def test_the_workers_logged_thread_counts_are_read_by_job(tmp_path: Path) -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    (tmp_path / "service.log").write_text(
+        f"INFO workers: job {a} succeeded; steps by thread count: 1: 31, 2: 440 [worker_id=w]\n"
+        f"INFO workers: job {b} succeeded; steps by thread count: 4: 471\n"
+        f"INFO workers: job {c} succeeded\n"  # threads fixed: no tuner, no figure
+    )
+    assert logged_thread_counts(tmp_path) == {a: {1: 31, 2: 440}, b: {4: 471}, c: {}}

@@ -4,6 +4,7 @@ a seeded job records the same losses however often it switches."""
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,45 @@ def test_a_worker_on_auto_reports_every_step_to_its_tuner(
     assert told.count("begin") == 2
     assert told.count("step") + told.count("beside writes") == job.total_steps - 2
     assert tuner.threads in (1, 2)
+
+
+def test_a_jobs_log_line_says_how_many_steps_ran_at_each_count(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    held: list[int] = []
+
+    class Noting(ThreadTuner):
+        """Notes the count that held during each step, as the step is told of."""
+
+        def step(self, *, beside_writes: bool = False) -> None:
+            held.append(self.threads)
+            super().step(beside_writes=beside_writes)
+
+        def begin(self) -> None:
+            held.append(self.threads)
+            super().begin()
+
+    # Timed again after every choice: the job's steps run at both counts.
+    tuner = Noting(candidate_threads(2), probe_steps=2, recheck_s=0.0)
+    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    job_id = queue_job(
+        sessions, {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
+    )
+    threads_before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="workers"):
+            Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert read_job(sessions, job_id).status == JobStatus.SUCCEEDED
+    ended = [m for m in caplog.messages if m.startswith(f"job {job_id} succeeded")]
+    tally = ", ".join(f"{n}: {held.count(n)}" for n in sorted(set(held)))
+    assert ended == [f"job {job_id} succeeded; steps by thread count: {tally}"]
+    assert len(held) == read_job(sessions, job_id).total_steps
+    assert set(held) == {1, 2}
 
 
 def test_the_process_has_one_tuner() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -91,6 +92,7 @@ class Reporter:
         )
         self._threads = threads  # told of every step, to time them
         self._timing = False
+        self.steps_at: Counter[int] = Counter()  # this job's steps by the tuner's thread count
         self._quiet_since = self._writers.activity.mark()  # the next step's start, for the tuner
         self._clock = clock
         self._flush_interval_s = limits.flush_interval_s
@@ -116,6 +118,16 @@ class Reporter:
         self._threads, self._timing = tuner, False
 
     @property
+    def trained_at(self) -> str:
+        """How many of this job's steps ran at each thread count the tuner held, for the job's
+        log line ("; steps by thread count: 1: 31, 2: 440"); empty without a tuner. What a job
+        took depends on it (docs/benchmarks.md), and nothing else tells it afterwards."""
+        if not self.steps_at:
+            return ""
+        counts = ", ".join(f"{n}: {steps}" for n, steps in sorted(self.steps_at.items()))
+        return f"; steps by thread count: {counts}"
+
+    @property
     def unsynced_steps(self) -> list[dict[str, Any]]:
         """The steps written since the last synchronous commit, for the job's ending to store
         again if a crash of the PostgreSQL server lost them (:func:`queue_repo.finish_job`)."""
@@ -132,6 +144,7 @@ class Reporter:
         self._display.step_taken(self._buffer.epoch)
         self._buffer.add_step(loss)
         if self._threads is not None:
+            self.steps_at[self._threads.threads] += 1
             # The first step of a job or an epoch follows setup or evaluation: not timed.
             if self._timing:
                 quiet = self._writers.activity.quiet_since(self._quiet_since)
