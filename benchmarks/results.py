@@ -48,6 +48,16 @@ SERVER_FIGURE = "the database server's CPU over a job left alone (every process 
 POLL_INTERVAL_S = float(Settings.model_fields["poll_interval_s"].default)
 
 
+def shares(steps_at: Counter[int]) -> str:
+    """The share of steps at each thread count, as the worker's log gave them, the most first:
+    "2 threads 96%, 1 thread 4%" (empty where the count was fixed)."""
+    total = sum(steps_at.values())
+    return ", ".join(
+        f"{n} thread{'s' if n > 1 else ''} {steps / total:.0%}"
+        for n, steps in steps_at.most_common()
+    )
+
+
 @dataclass
 class Backend:
     """A measured run of the service on one database."""
@@ -69,13 +79,8 @@ class Backend:
     alone_steps_at: Counter[int] = field(default_factory=Counter)  # their steps by thread count
 
     def alone_threads(self) -> str:
-        """The share of the jobs left alone's steps at each thread count, from the worker's
-        log ("2 threads 96%, 1 thread 4%"), the most first."""
-        total = sum(self.alone_steps_at.values())
-        return ", ".join(
-            f"{n} thread{'s' if n > 1 else ''} {steps / total:.0%}"
-            for n, steps in self.alone_steps_at.most_common()
-        )
+        """The share of the jobs left alone's steps at each thread count (:func:`shares`)."""
+        return shares(self.alone_steps_at)
 
     @property
     def floor_s(self) -> float:
@@ -133,7 +138,6 @@ def measure_backend(
             first = poll_to_result(svc.client, params, timeout_s, engine, heard=heard)
             result.first_job_s, result.first_worker_s = first.seconds, first.worker_s
             claimed_ids: list[str] = []
-            alone_ids: list[str] = []
             for r in range(rounds):
                 result.floors.run(floor_data, job, seed=r)
                 arrive()
@@ -164,7 +168,11 @@ def measure_backend(
                     svc.client, {**params, "seed": r}, timeout_s, every_s=CHECK_BACK_S
                 )
                 result.alone.add(alone.worker_s)
-                alone_ids.append(str(alone.job["id"]))
+                # The thread counts it trained at, each round's in the progress line: what a
+                # job took depends on them, and a run on a lent machine leaves nothing else.
+                alone_id = str(alone.job["id"])
+                alone_at = Counter(thread_counts_of(root, [alone_id])[alone_id])
+                result.alone_steps_at.update(alone_at)
                 if server_pid:
                     used = tree_cpu_used(server_before, tree_cpu_seconds(server_pid))
                     result.server_cpu_s.append(used)
@@ -181,8 +189,8 @@ def measure_backend(
                 print(
                     f"  results {kind} round {r + 1}/{rounds}: polled {polled.seconds:.2f} s, "
                     f"events {followed.finished.seconds:.2f} s, left alone (the worker's "
-                    f"own) {alone.worker_s:.2f} s, floor "
-                    f"{result.floors.last_s:.2f} s",
+                    f"own) {alone.worker_s:.2f} s ({shares(alone_at) or 'threads fixed'}), "
+                    f"floor {result.floors.last_s:.2f} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -191,9 +199,6 @@ def measure_backend(
             if missing:
                 raise RuntimeError(f"the worker's log has no claim of jobs {missing}")
             result.logged_claim_ms = [logged[i] for i in claimed_ids]
-            trained_at = thread_counts_of(root, alone_ids)
-            for job_id in alone_ids:  # none where the threads are fixed (no tuner)
-                result.alone_steps_at.update(trained_at[job_id])
             time.sleep(min(2.0, idle_s))  # let the last job's after-work settle
             result.idle = idle_shares(svc.pids, idle_s)
         finally:

@@ -4,6 +4,7 @@ databases where PostgreSQL answers, every figure filled in and the goals written
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from statistics import median
 
@@ -17,7 +18,7 @@ from benchmarks.result_service import (
     logged_thread_counts,
     postgres_reachable,
 )
-from benchmarks.results import run_results
+from benchmarks.results import run_results, shares
 from tests.support import SMALL_TEST, SMALL_TRAIN
 
 POSTGRES_URL = os.environ.get(POSTGRES_ADMIN_ENV, POSTGRES_ADMIN_DEFAULT)
@@ -97,3 +98,8 @@ def test_the_workers_logged_thread_counts_are_read_by_job(tmp_path: Path) -> Non
         f"INFO workers: job {c} succeeded\n"  # threads fixed: no tuner, no figure
     )
     assert logged_thread_counts(tmp_path) == {a: {1: 31, 2: 440}, b: {4: 471}, c: {}}
+
+
+def test_the_thread_counts_shares_come_most_first() -> None:
+    assert shares(Counter({1: 31, 2: 440})) == "2 threads 93%, 1 thread 7%"
+    assert shares(Counter()) == ""  # the count was fixed: the worker's log says none
