@@ -36,9 +36,14 @@ def floor_threads() -> tuple[int, ...]:
     return process_tuner().candidates
 
 
+def thread_count(threads: int) -> str:
+    """A thread count in the reports' words: "1 thread", "2 threads"."""
+    return f"{threads} thread{'s' if threads > 1 else ''}"
+
+
 def floor_label(threads: int) -> str:
     """A floor's row in the reports: "floor, 2 threads"."""
-    return f"floor, {threads} thread{'s' if threads > 1 else ''}"
+    return f"floor, {thread_count(threads)}"
 
 
 class Floors:
@@ -69,9 +74,10 @@ class Floors:
 def floor_threads_text(counts: tuple[int, ...] | None = None) -> str:
     """The floor's thread counts (``counts``, else :func:`floor_threads`) for a report's prose:
     "the faster of 1 and 2 threads"."""
-    names = [str(n) for n in counts or floor_threads()]
-    if len(names) == 1:
-        return f"{names[0]} thread"
+    counts = counts or floor_threads()
+    if len(counts) == 1:
+        return thread_count(counts[0])
+    names = [str(n) for n in counts]
     which = "faster" if len(names) == 2 else "fastest"
     return f"the {which} of {', '.join(names[:-1])} and {names[-1]} threads"
 

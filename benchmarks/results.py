@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.floor import Floors, floor_data, floor_threads_text
+from benchmarks.floor import Floors, floor_data, floor_threads_text, thread_count
 from benchmarks.poll_costs import share_slowdown
 from benchmarks.procs import tree_cpu_seconds, tree_cpu_used
 from benchmarks.report import Section
@@ -53,8 +53,7 @@ def shares(steps_at: Counter[int]) -> str:
     "2 threads 96%, 1 thread 4%" (empty where the count was fixed)."""
     total = sum(steps_at.values())
     return ", ".join(
-        f"{n} thread{'s' if n > 1 else ''} {steps / total:.0%}"
-        for n, steps in steps_at.most_common()
+        f"{thread_count(n)} {steps / total:.0%}" for n, steps in steps_at.most_common()
     )
 
 
