@@ -111,6 +111,11 @@ def floor_train(
     return Trained(time.perf_counter() - started, accuracy, [])
 
 
+def cpu_mnist(data_root: Path | None = None) -> Mnist:
+    """MNIST on the CPU from ``data_root``, else the benchmarks' own folder."""
+    return load_mnist(data_root or data_dir(), device=torch.device("cpu"), download=False)
+
+
 @contextlib.contextmanager
 def floor_data(data_root: Path | None = None) -> Iterator[tuple[Path, Mnist]]:
     """The data set's folder (``data_root``, else the benchmarks' own) and MNIST on the CPU for
@@ -119,6 +124,6 @@ def floor_data(data_root: Path | None = None) -> Iterator[tuple[Path, Mnist]]:
     root = data_root or data_dir()
     threads = torch.get_num_threads()
     try:
-        yield root, load_mnist(root, device=torch.device("cpu"), download=False)
+        yield root, cpu_mnist(root)
     finally:
         torch.set_num_threads(threads)

@@ -14,31 +14,40 @@ from pathlib import Path
 import httpx
 
 from benchmarks.env import clients_where, make_workspace
+from benchmarks.floor import cpu_mnist
 from benchmarks.jobs import FLUSH_ROWS, write_series
-from benchmarks.poll_costs import PollCosts, poll_costs
-from benchmarks.polled_jobs import POLL_RATE_HZ, POLLERS, PolledJobs, polled_jobs
+from benchmarks.poll_costs import poll_costs
+from benchmarks.polled_counts import count_rows, counts_under_polls, least_text, polling
+from benchmarks.polled_jobs import POLL_RATE_HZ, POLLERS, polled_jobs
 from benchmarks.predict import PRODUCTION_SETTINGS, server
 from benchmarks.procs import cpu_seconds
 from benchmarks.profiling import Profile, py_spy, read_py_spy, share_rows
 from benchmarks.report import Section
 from benchmarks.series_clients import PROBE_PERIOD_S, healthz_under_reads, read_whole_series
-from benchmarks.stats import Series, fmt, median, median_interval, percentile, verdict
-from benchmarks.stream_followers import FollowedJobs, followed_jobs
+from benchmarks.stats import Series, fmt, median, percentile, verdict
+from benchmarks.stream_followers import followed_jobs
+from benchmarks.watching_text import (
+    SHORT_SERIES_STEPS,
+    SLOWDOWN_GOAL,
+    cold_polls_para,
+    counts_para,
+    floor_para,
+    slowdown_cell,
+)
 from service.api.routes.jobs import MAX_STEPS_PAGE
 from service.store.engines import make_engine, make_sessionmaker
 from workers.threads import usable_cores
 
 SERIES_STEPS = 50_000
-SHORT_SERIES_STEPS = 10  # the job whose polls' CPU is measured without training
 PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"
 WHOLE_GOAL_MS = 100.0
 TAIL_GOAL_MS = 5.0
 HEALTH_READERS = 2  # clients reading the whole series while /healthz is probed
 HEALTH_SECONDS = 5.0
 HEALTH_GOAL_MS = 50.0
-SLOWDOWN_GOAL = 0.10
 CROWD_STREAMS = 200  # streams of one job, opened together: the goal's other reading
-NULL_SERVER_LABEL = "the default, polling a server that does next to nothing (below)"
+NULL_SERVER = "the server that does next to nothing"
+NULL_SERVER_LABEL = f"the default, polling {NULL_SERVER} (below)"
 METRICS_PARTS = {
     "steps: the driver's fetch and the rows' dicts (metric_repo.read_steps)": "read_steps (",
     "other SQL (SQLAlchemy: the job, its epochs)": "/sqlalchemy/",
@@ -59,60 +68,6 @@ def timed_calls(name: str, fn: Callable[[], object], n: int, pid: int) -> tuple[
         fn()
         series.add((time.perf_counter() - started) * 1000)
     return series, (cpu_seconds(pid) - cpu_before) / n * 1000
-
-
-def cold_polls_para(costs: PollCosts, default: PolledJobs) -> str:
-    """What a poll costs the API paced, back to back, and while a job trains."""
-    return (
-        "What a poll costs the API's processes, measured before the jobs on a job of "
-        f"{SHORT_SERIES_STEPS} steps, polls alternately back to back on one connection "
-        f"({costs.back_to_back_hz:,.0f} polls/s) and paced as above "
-        f"({costs.paced_hz:.0f} polls/s): {fmt(costs.back_to_back_ms, 'ms')} against "
-        f"{fmt(costs.paced_ms, 'ms')} of CPU, {costs.paced_ms / costs.back_to_back_ms:.1f}× as "
-        "much for the same request when each wakes a process that has waited a few "
-        "milliseconds; while a job trains beside it (the default's row), "
-        f"{fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}."
-    )
-
-
-def floor_para(floor: PolledJobs, default: PolledJobs) -> str:
-    """What the same polls take from a job when the server they poll does next to nothing, with
-    these pollers on the same cores: a practical floor for this client, said beside the goal's
-    verdict (which it does not change), and judged by its interval, not its median alone."""
-    low, high, _ = median_interval(floor.paired)
-    goal = f"{SLOWDOWN_GOAL:.0%}"
-    if high <= SLOWDOWN_GOAL:
-        judged = f"its whole interval is within the {goal}: a server can meet it here" + (
-            ", and what the API adds (its CPU, its reads, the larger answers the pollers "
-            "parse) is what stands between"
-            if default.slowdown > floor.slowdown
-            else ""
-        )
-    elif low > SLOWDOWN_GOAL:
-        judged = (
-            f"its whole interval is above the {goal}: on these cores, with these pollers beside "
-            "the job, even a server that does next to nothing misses it"
-        )
-    else:
-        judged = (
-            f"its interval holds the {goal}: {len(floor.paired)} rounds cannot tell whether a "
-            "server that does next to nothing meets it here"
-        )
-    return (
-        "The last row is a floor for this client: the same polls (the same wrk pollers on the "
-        "same cores, their CPU included), the same worker and alternation, answered by a server "
-        "that does next to nothing (`benchmarks/null_server.py`: Python on uvloop, the same bytes "
-        "for every request, no framework, no database; "
-        f"{fmt(floor.cpu_per_poll_ms(floor.api_cpu_s), 'ms')} of its CPU a poll, against the "
-        f"API's {fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}). Its polls slow a job "
-        f"by {slowdown_cell(floor)}, the API's by {default.slowdown:+.1%}: {judged}."
-    )
-
-
-def slowdown_cell(jobs: PolledJobs | FollowedJobs) -> str:
-    """The paired slowdown and its interval."""
-    low, high, chance = median_interval(jobs.paired)
-    return f"{jobs.slowdown:+.1%} ({low:+.1%} to {high:+.1%}, {chance:.0%})"
 
 
 @dataclass
@@ -190,6 +145,12 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                 )
                 for threads in ("auto", "1", "2")
             ]
+            mnist = cpu_mnist()
+            counts = [
+                counts_under_polls(
+                    mnist, lambda: polling(url, short_id), rounds=runs, label="the API"
+                )
+            ]
             # The floor: the same polls answered by a server that does nothing.
             with server(["-m", "benchmarks.null_server"], production, root / "null-server.log") as (
                 null_url,
@@ -204,6 +165,11 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
                     label=NULL_SERVER_LABEL,
                     log=root / "worker-null-server.log",
                     torch_threads="auto",
+                )
+                counts.append(
+                    counts_under_polls(
+                        mnist, lambda: polling(null_url, short_id), rounds=runs, label=NULL_SERVER
+                    )
                 )
             # The same watchers following the job's event stream instead.
             followed, crowd = (
@@ -326,6 +292,11 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
         f"by {two_threads.slowdown:+.1%}. " + cold_polls_para(costs, default)
     )
     section.para(floor_para(floor, default))
+    section.para(counts_para(counts[0], counts[1]))
+    section.table(
+        ["polled server", "threads", "step, no polls", "step, polled", "slowdown", "polls/s"],
+        count_rows(counts),
+    )
     section.para(
         f"The same {POLLERS} watchers following the job's event stream instead "
         "(`GET /jobs/{id}/events`, opened as the job is claimed by one client process for the "
@@ -372,7 +343,8 @@ def run_metrics(section: Section, root: Path, *, runs: int, profile: bool) -> Me
             [
                 f"{POLL_RATE_HZ:.0f} polls/s slow a job by ≤ {SLOWDOWN_GOAL:.0%}",
                 f"{slowdown_cell(default)}, {default.label}; a server that does next to "
-                f"nothing, the pollers included: {slowdown_cell(floor)}",
+                f"nothing, the pollers included: {slowdown_cell(floor)}; the least any thread "
+                f"count could do (the steps above): {least_text(counts[0])}",
                 verdict(slowdown <= SLOWDOWN_GOAL),
             ],
             *(

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.env import data_dir, load_average
+from benchmarks.env import load_average
+from benchmarks.floor import cpu_mnist
 from benchmarks.stats import median
 from service.schemas import JobCreate
-from workers.data import Mnist, load_mnist
+from workers.data import Mnist
 from workers.resume import TrainingState
 from workers.training.graphs import graph_backend
 from workers.training.packing import Pack, PackedJob, train_packed
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs per figure (median)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_mnist(data_dir(), device=CPU, download=False)
+    data = cpu_mnist()
     before = load_average()
     rows = measure(data, [int(k) for k in args.sizes.split(",")], rounds=args.rounds)
     print(

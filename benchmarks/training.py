@@ -20,7 +20,13 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.env import REPO_ROOT, Workspace, data_dir, make_workspace
-from benchmarks.floor import floor_label, floor_threads, floor_threads_text, floor_train
+from benchmarks.floor import (
+    cpu_mnist,
+    floor_label,
+    floor_threads,
+    floor_threads_text,
+    floor_train,
+)
 from benchmarks.jobs import JobRun, run_one_job, submit
 from benchmarks.profiling import in_process, share_rows
 from benchmarks.report import Section
@@ -29,7 +35,7 @@ from benchmarks.tutorial import Trained, TutorialData, tutorial_data, tutorial_t
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.store.engines import make_engine, make_sessionmaker
-from workers.data import Mnist, load_mnist
+from workers.data import Mnist
 from workers.threads import process_tuner
 
 JOB_LABEL = "**the service's worker job** (warm)"
@@ -104,7 +110,7 @@ class TrainingBench:
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
         self.settings: Settings = self.ws.settings()  # the service's defaults
         self.tutorial: TutorialData = tutorial_data(data_dir())
-        self.data: Mnist = load_mnist(data_dir(), device=CPU, download=False)
+        self.data: Mnist = cpu_mnist()
 
     @property
     def threads(self) -> int:

@@ -165,6 +165,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk; CI installs it)"
+)
+
+
 def service_env(**settings: str) -> dict[str, str]:
     """The environment for a service process: MNIST_* settings, never downloading."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}

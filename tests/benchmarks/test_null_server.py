@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.metrics import floor_para
 from benchmarks.null_server import ANSWER
 from benchmarks.polled_jobs import PolledJobs
 from benchmarks.predict import server
 from benchmarks.stats import Series
+from benchmarks.watching_text import floor_para
 
 NOTHING_MORE_S = 0.2
 POLL = b"GET /jobs/0/metrics?after_step=3 HTTP/1.1\r\nHost: bench\r\n\r\n"

@@ -4,7 +4,6 @@ databases: it follows a job's steps as a live chart does, and a refused poll fai
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.series_clients import Poller
 from tests.records import PARAMS, FakeTraining
-from tests.support import api_server, local_env, wait_for
+from tests.support import api_server, local_env, needs_wrk, wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk; CI installs it)"
-)
+pytestmark = needs_wrk
 RATE_HZ = 100.0
 CONNECTIONS = 2
 
