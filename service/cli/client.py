@@ -242,7 +242,9 @@ class Client:
         """A job's events until its final status; a dropped stream is resumed where it was."""
         last_id: str | None = None
         failures = 0
-        timeout = httpx.Timeout(TIMEOUT_S, read=STREAM_READ_TIMEOUT_S)
+        # (connect, read, write, pool) as a tuple: an httpx.Timeout is refused by httpx2's
+        # clients (Starlette's TestClient, from 1.10 on), a tuple is taken by both.
+        timeout = (TIMEOUT_S, STREAM_READ_TIMEOUT_S, TIMEOUT_S, TIMEOUT_S)
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             problem = "the stream ended before the job did"

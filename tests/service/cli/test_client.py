@@ -170,3 +170,28 @@ def test_another_apis_json_at_the_same_paths_is_named_not_a_traceback(
         "error: http://stub answered JSON the MNIST service does not send (no 'jobs'); "
         "check --url or $MNIST_URL\n"
     )
+
+
+def test_a_jobs_events_are_read_with_the_streams_own_read_timeout() -> None:
+    """The server sends a keep-alive every 15 s: a stream waits longer for a line than a call
+    waits for its answer. The timeout is a tuple, which httpx and httpx2 (Starlette's test
+    client from 1.10 on) both take."""
+    timeouts: list[dict[str, float]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        final = {"id": JOB_ID, "status": "succeeded", "final": True}
+        body = f"id: 1:0:1\nevent: status\ndata: {json.dumps(final)}\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer), base_url="http://testserver")
+    events = list(client_module.Client("http://testserver", http=http).events(JOB_ID))
+    assert [e.event for e in events] == ["status"]
+    assert timeouts == [
+        {
+            "connect": client_module.TIMEOUT_S,
+            "read": client_module.STREAM_READ_TIMEOUT_S,
+            "write": client_module.TIMEOUT_S,
+            "pool": client_module.TIMEOUT_S,
+        }
+    ]
