@@ -25,6 +25,8 @@ from workers.data import Mnist, load_mnist
 from workers.threads import process_tuner
 from workers.training.train import evaluate
 
+CPU = torch.device("cpu")
+
 
 def floor_threads() -> tuple[int, ...]:
     """The thread counts the floor is timed at, the fastest one's time being the floor: the
@@ -86,7 +88,7 @@ def floor_train(
     data: Mnist, params: JobCreate, *, seed: int = 0, device: torch.device | None = None
 ) -> Trained:
     """Fused Adam, no per-step host copy, accuracy after each epoch; losses are not kept."""
-    device = device or torch.device("cpu")
+    device = device or CPU
     trainset_size, batch_size = params.trainset_size, params.batch_size
     x, y = data.train.images[:trainset_size], data.train.labels[:trainset_size]
     test = data.test.first(params.testset_size, "testset_size")
@@ -113,7 +115,7 @@ def floor_train(
 
 def cpu_mnist(data_root: Path | None = None) -> Mnist:
     """MNIST on the CPU from ``data_root``, else the benchmarks' own folder."""
-    return load_mnist(data_root or data_dir(), device=torch.device("cpu"), download=False)
+    return load_mnist(data_root or data_dir(), device=CPU, download=False)
 
 
 @contextlib.contextmanager

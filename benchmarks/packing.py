@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.env import load_average
-from benchmarks.floor import cpu_mnist
+from benchmarks.floor import CPU, cpu_mnist
 from benchmarks.stats import median
 from service.schemas import JobCreate
 from workers.data import Mnist
@@ -31,7 +31,6 @@ from workers.training.graphs import graph_backend
 from workers.training.packing import Pack, PackedJob, train_packed
 from workers.training.train import train
 
-CPU = torch.device("cpu")
 SIZES = (1, 2, 4, 8, 16)
 PARTS = ("pack.forward", "pack.backward", "pack.adam")
 PROFILED_STEPS = 40

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.floor import floor_threads, thread_count
+from benchmarks.floor import CPU, floor_threads, thread_count
 from benchmarks.polled_jobs import POLL_RATE_HZ, POLLERS
 from benchmarks.series_clients import Poller
 from benchmarks.stats import fmt
@@ -36,7 +36,6 @@ from workers.training.train import make_optimizer, train_step
 
 BLOCK_STEPS = 16  # steps at one count before the next; the first of each is not timed
 POLLERS_START_S = 0.05  # for wrk's processes to connect and send their first polls
-CPU = torch.device("cpu")
 
 
 @dataclass

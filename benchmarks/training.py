@@ -45,7 +45,6 @@ DEFAULT_THREADS = torch.get_num_threads()  # what torch picks in a fresh process
 JOB_GOAL = 1.2  # a job's time / the floor's
 METRIC_WRITES_GOAL = 0.05  # share of a job's wall time
 EPOCHS = 3
-CPU = torch.device("cpu")
 
 
 @dataclass
