@@ -4,15 +4,28 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run migrate test lint bench bench-gpu clean
+.PHONY: install run migrate test lint lock bench bench-gpu clean
 
 install: $(STAMP)
 
 # Reinstalls only when the build's configuration changes; a second `make install` is instant.
-$(STAMP): pyproject.toml setup.py
+# The versions are constraints.txt's (what the suite last passed with).
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Resolves pyproject.toml's ranges afresh in a venv of its own and rewrites constraints.txt
+# (its header kept); PyTorch and the libraries that come with its build are not pinned.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet -e '.[dev]'
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
+	  | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 migrate: install
 	$(VENV)/bin/alembic upgrade head
