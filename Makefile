@@ -16,14 +16,18 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	touch $(STAMP)
 
 # Resolves pyproject.toml's ranges afresh in a venv of its own and rewrites constraints.txt
-# (its header kept); PyTorch and the libraries that come with its build are not pinned.
+# (its header kept); PyTorch and the libraries that come with its build (PLATFORM_BUILDS, which
+# tests/test_constraints.py reads too) are not pinned. Run it with the Python that CI and the
+# image use: make lock PYTHON=python3.11.
 LOCK_VENV := .lock-venv
+PLATFORM_BUILDS := ^(torch|torchvision|triton|nvidia-[a-z0-9_.-]+|cuda-[a-z0-9_.-]+)==
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet -e '.[dev]'
-	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
-	  | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)=='; } > constraints.txt.new
+	grep '^#' constraints.txt > constraints.txt.new
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable \
+	  | grep -v -i -E '$(PLATFORM_BUILDS)' >> constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
@@ -50,4 +54,5 @@ bench-gpu: install
 	$(PY) -m benchmarks.gpu
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache tests/artifacts
+	rm -rf $(VENV) $(LOCK_VENV) constraints.txt.new var .pytest_cache .mypy_cache .ruff_cache \
+	  tests/artifacts

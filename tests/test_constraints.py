@@ -3,6 +3,7 @@ project's must have, within the ranges pyproject.toml declares; and the suite ru
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from importlib import metadata
@@ -16,8 +17,14 @@ from packaging.version import Version
 from tests.support import REPO_ROOT
 
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
-# Installed from the platform's build (a CPU or a CUDA index), never pinned here.
-PLATFORM_BUILDS = {"torch", "torchvision"}
+
+
+def platform_builds() -> re.Pattern[str]:
+    """The Makefile's ``PLATFORM_BUILDS``: what comes with the platform's build of PyTorch (a
+    CPU or a CUDA index), which ``make lock`` leaves out, as ``name==`` matches it."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    (pattern,) = re.findall(r"^PLATFORM_BUILDS := (.+)$", makefile, flags=re.MULTILINE)
+    return re.compile(pattern, flags=re.IGNORECASE)
 
 
 def pins() -> dict[str, Version]:
@@ -44,10 +51,10 @@ def requirements() -> list[Requirement]:
 
 def test_every_requirement_is_pinned_within_its_range() -> None:
     pinned = pins()
+    platform = platform_builds()
     for requirement in requirements():
         name = canonicalize_name(requirement.name)
-        if name in PLATFORM_BUILDS:
-            assert name not in pinned, f"{name} is the platform's to choose"
+        if platform.match(f"{name}=="):
             continue
         assert name in pinned, f"{requirement} is not pinned in constraints.txt (make lock)"
         assert requirement.specifier.contains(pinned[name], prereleases=True), (
@@ -69,3 +76,12 @@ def test_the_suite_runs_on_the_pinned_versions() -> None:
         if installed != version:
             differ[name] = f"installed {installed}, pinned {version}"
     assert not differ, differ
+
+
+def test_nothing_of_the_platforms_pytorch_build_is_pinned() -> None:
+    """A CUDA build's libraries pinned here would hold every install to that build's CUDA (or
+    fail one from another index, such as the image's cu126)."""
+    platform = platform_builds()
+    assert platform.match("torch==") and platform.match("cuda-toolkit==")
+    assert platform.match("nvidia-cublas==") and not platform.match("torchmetrics==")
+    assert [name for name in pins() if platform.match(f"{name}==")] == []
