@@ -7,7 +7,9 @@ so ``MNIST_TORCH_THREADS=auto`` measures: a few steps at each candidate count, t
 count until the next check. When fewer threads than the most win a pass by less than a load
 that takes a core makes them (``ABANDON_FACTOR``), every count is timed once more, and the
 count whose faster pass is the fastest holds (a transient, such as a core's vCPU waking after
-the worker idled, slows one window; a load that lasts slows both).
+the worker idled, slows one window; a load that lasts slows both). While fewer threads than the
+most hold, the cores they leave are watched: when other processes have left them mostly idle
+(:mod:`workers.other_load`, read every ``LOOK_AFTER_S``), the counts are timed again.
 Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
 timed, nor are steps that ran beside the worker's own flushes and training states (they stall
 any count, and only for the write's milliseconds). A count's
@@ -38,6 +40,7 @@ from collections.abc import Callable
 import torch
 
 from service.ml import IMAGE_SIDE_PX, NUM_CLASSES, SimpleMLP
+from workers.other_load import others_cpu_s
 from workers.training.train import make_optimizer, train_step
 
 log = logging.getLogger("workers")
@@ -64,6 +67,18 @@ SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's m
 # Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
 # than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
 MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
+# Holding fewer threads than the most, the counts are timed again once other processes have
+# used so little of the cores left over that SPARE_CORE of one sat idle on average, read over
+# LOOK_AFTER_S of the clock or more (the accounting's 10-ms ticks put a reading within a tenth of
+# a core of the truth on two cores). One thread's own steps hardly slow beside a load, so they
+# cannot tell that it has gone: one thread chosen while a job was watched used to hold for 5 s
+# of steps after its watchers left, ~14 jobs a tenth slower each. Timing the counts on the
+# steps alone at each job's start cost up to 40% of a job beside a load that lasts
+# (docs/benchmarks.md); a load that holds a core shows here and stops the look. Each look that
+# fewer threads win again doubles the wait for the next, up to RECHECK_S (a load that takes a
+# little of a core and still makes two threads lose: an API answering polls).
+LOOK_AFTER_S = 0.2
+SPARE_CORE = 0.5
 
 
 def usable_cores() -> int:
@@ -108,6 +123,8 @@ class ThreadTuner:
         recheck_s: float = RECHECK_S,
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] = torch.set_num_threads,
+        others: Callable[[], float | None] = others_cpu_s,
+        cores: int | None = None,
     ) -> None:
         if not candidates:
             raise ValueError("no thread counts to choose from")
@@ -127,6 +144,13 @@ class ThreadTuner:
             self._probing, self._held_s = None, float("-inf")
         self._last: float | None = None
         self._untimed = 0  # steps in a row beside the worker's writes
+        # Holding fewer threads than the most: since when (the clock) and from what running
+        # count of other processes' CPU seconds (``others``) their use of the cores is read.
+        self._others = others
+        self._cores = usable_cores() if cores is None else cores
+        self._watch: tuple[float, float] | None = None
+        self._look_after_s = LOOK_AFTER_S
+        self._looked = False  # the counts are being timed because the cores were left idle
         self.threads = candidates[0]
         set_threads(self.threads)
 
@@ -147,7 +171,7 @@ class ThreadTuner:
                 self._step_s = {self.threads: changed}
                 self._probe_next(-1)
                 return
-            if self._held_s >= self._recheck_s:
+            if self._held_s >= self._recheck_s or self._cores_left_idle(now):
                 self._probe_next(-1)
                 return
         elif self._last is not None:
@@ -175,6 +199,28 @@ class ThreadTuner:
         if recent * SPEEDUP_FACTOR < self._chosen_s and self.threads < self.candidates[-1]:
             return recent
         return None
+
+    def _cores_left_idle(self, now: float) -> bool:
+        """Whether, holding fewer threads than the most, the cores they leave have sat idle
+        enough since the last reading to time the counts again (read every ``_look_after_s``)."""
+        if self._watch is None or now - self._watch[0] < self._look_after_s:
+            return False
+        since, used = self._watch
+        others = self._others()
+        if others is None:
+            self._watch = None
+            return False
+        self._watch = (now, others)
+        spare = self._cores - self.threads - (others - used) / (now - since)
+        self._looked = spare >= SPARE_CORE
+        if self._looked:
+            log.debug(
+                "torch threads: %.2f of the %d cores left idle for %.2f s: timing the counts again",
+                spare,
+                self._cores - self.threads,
+                now - since,
+            )
+        return self._looked
 
     def _hopeless(self) -> bool:
         """Whether the count being timed already runs far slower than the fastest timed."""
@@ -236,6 +282,19 @@ class ThreadTuner:
         self._switch(fastest)
         self._held_s = 0.0
         self._last = self._clock()
+        self._watch_cores()
+
+    def _watch_cores(self) -> None:
+        """After a choice: watch the cores that fewer threads than the most leave, sooner after
+        a load came than after a look at idle cores that fewer threads won again."""
+        looked, self._looked = self._looked, False
+        if self.threads >= self.candidates[-1]:
+            self._watch, self._look_after_s = None, LOOK_AFTER_S
+            return
+        longest = max(self._recheck_s, LOOK_AFTER_S)
+        self._look_after_s = min(2 * self._look_after_s, longest) if looked else LOOK_AFTER_S
+        others = self._others()
+        self._watch = None if others is None else (self._clock(), others)
 
     def _switch(self, threads: int) -> None:
         if threads != self.threads:

@@ -17,6 +17,7 @@ from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
+from tests.workers.fake_cores import Cores, tuner_on
 from tests.workers.reports import Recorder
 from workers.data import load_mnist
 from workers.threads import (
@@ -41,44 +42,6 @@ strict_mkl = pytest.mark.skipif(
     or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
     reason="MKL's strict reproducible mode needs MKL and AVX2 or AVX-512",
 )
-
-
-class Cores:
-    """A fake machine: each thread count's step time (seconds, or a cycle of them), and a
-    clock steps advance."""
-
-    def __init__(self, step_s: dict[int, float | list[float]]) -> None:
-        self.step_s = step_s
-        self.now = 0.0
-        self.threads = 0
-        self.switches: list[int] = []
-        self.steps = 0
-
-    def clock(self) -> float:
-        return self.now
-
-    def set_threads(self, n: int) -> None:
-        self.threads = n
-        self.switches.append(n)
-
-    def train(self, tuner: ThreadTuner, steps: int, *, beside_writes: bool = False) -> None:
-        for _ in range(steps):
-            step_s = self.step_s[self.threads]
-            self.now += step_s[self.steps % len(step_s)] if isinstance(step_s, list) else step_s
-            self.steps += 1
-            tuner.step(beside_writes=beside_writes)
-
-
-def tuner_on(
-    cores: Cores, candidates: tuple[int, ...] = (1, 2), recheck_s: float = 1.0
-) -> ThreadTuner:
-    return ThreadTuner(
-        candidates,
-        probe_steps=4,
-        recheck_s=recheck_s,
-        clock=cores.clock,
-        set_threads=cores.set_threads,
-    )
 
 
 @pytest.mark.parametrize(
@@ -201,9 +164,7 @@ def test_the_most_threads_running_faster_are_not_timed_again() -> None:
 
 def test_a_count_far_slower_than_the_fastest_is_not_timed_to_the_end() -> None:
     cores = Cores({1: 0.0010, 2: 0.0150})  # another process holds a core: two threads crawl
-    tuner = ThreadTuner(
-        (1, 2), probe_steps=16, recheck_s=1.0, clock=cores.clock, set_threads=cores.set_threads
-    )
+    tuner = tuner_on(cores, probe_steps=16)
     cores.train(tuner, 17)  # count 1: 1 untimed + 16 timed
     assert cores.switches == [1, 2]
     cores.train(tuner, 1 + ABANDON_AFTER)  # count 2: 1 untimed + the few that condemn it
@@ -267,9 +228,7 @@ def test_stalls_that_recur_count_against_the_count_they_stall() -> None:
     # one step in three waits for the core it took; one thread is steady. The median step
     # favours two threads (0.6 ms against 0.8 ms); what a job takes favours one.
     cores = Cores({1: 0.0008, 2: [0.0006, 0.0006, 0.0030]})
-    tuner = ThreadTuner(
-        (1, 2), probe_steps=12, recheck_s=1.0, clock=cores.clock, set_threads=cores.set_threads
-    )
+    tuner = tuner_on(cores, probe_steps=12)
     cores.train(tuner, 2 * (12 + 1))  # one pass: one thread won it
     cores.train(tuner, 2 * (12 + 1) + 100)  # and the second: it holds
     assert tuner.threads == cores.threads == 1

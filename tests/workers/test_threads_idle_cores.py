@@ -1,0 +1,90 @@
+"""The thread tuner, holding fewer threads than the most, times the counts again once the
+cores they leave sit idle, and not while another process keeps those cores busy."""
+
+from __future__ import annotations
+
+import itertools
+
+from tests.workers.fake_cores import Cores, tuner_on
+from workers.threads import LOOK_AFTER_S, ThreadTuner
+
+
+def run_jobs(cores: Cores, tuner: ThreadTuner, jobs: int, *, steps: int, gap_s: float) -> None:
+    """``jobs`` jobs of ``steps`` steps each, the worker waiting ``gap_s`` after each."""
+    for _ in range(jobs):
+        tuner.begin()
+        cores.train(tuner, steps)
+        cores.wait(gap_s)
+
+
+def test_one_thread_chosen_beside_a_load_gives_way_to_two_once_the_load_leaves() -> None:
+    # Another process holds a core: two threads crawl, one thread wins and holds.
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)
+    assert tuner.threads == 1
+    # Jobs of 0.3 s, 0.5 s apart: the load keeps its core through them and between them.
+    run_jobs(cores, tuner, 10, steps=300, gap_s=0.5)
+    assert cores.changes == [1, 2, 1]
+    # It leaves. One thread's steps run as before (it never needed the other core), so only
+    # the idle cores can tell; within a few jobs two threads are timed and win.
+    cores.others_share, cores.step_s[2] = 0.0, 0.0006
+    run_jobs(cores, tuner, 4, steps=300, gap_s=0.5)
+    assert tuner.threads == cores.threads == 2
+    assert cores.changes == [1, 2, 1, 2]
+
+
+def test_a_little_load_on_the_other_core_still_lets_the_counts_be_timed() -> None:
+    # An API answering polls takes a fifth of a core; the cores left are mostly idle.
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=0.2)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)
+    assert tuner.threads == 1
+    cores.step_s[2] = 0.0006  # two threads would now win
+    cores.train(tuner, round(2 * LOOK_AFTER_S / 0.0010))
+    assert tuner.threads == cores.threads == 2
+
+
+def test_each_look_that_fewer_threads_win_again_waits_twice_as_long() -> None:
+    # Under light polls two threads lose narrowly, pass after pass: every look times both
+    # counts twice and one thread holds again, so the looks grow apart.
+    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, round(32 * LOOK_AFTER_S / 0.0010))  # 32 waits' worth at one thread
+    assert tuner.threads == 1
+    switches = list(zip(cores.switched_at, cores.switches, strict=True))
+    looks = [at for (_, before), (at, n) in itertools.pairwise(switches) if (before, n) == (1, 2)]
+    # The first choice's two passes, then a look after each wait: 1, 2, 4, 8, 16 of the first.
+    starts = looks[2::2]  # each look times two threads twice
+    assert len(starts) == 5, looks
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    for gap, waits in zip(gaps, (2, 4, 8, 16), strict=True):
+        assert waits * LOOK_AFTER_S <= gap < waits * LOOK_AFTER_S + 0.1
+
+
+def test_a_new_load_resets_the_wait_for_the_next_look() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # four looks: the next after 16 waits
+    # A process takes a core: one thread slows past the recheck's factor, two crawl; one
+    # thread is chosen again, for a load this time, not after a look.
+    cores.step_s, cores.others_share = {1: 0.0014, 2: 0.0045}, 1.0
+    cores.train(tuner, 40)
+    assert tuner.threads == 1
+    changes = len(cores.changes)
+    # It leaves at once: one thread speeds up too little to tell, the idle core tells.
+    cores.step_s, cores.others_share = {1: 0.0012, 2: 0.0006}, 0.0
+    cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0012))
+    assert tuner.threads == 2  # looked within two short waits, not after the long one
+    assert len(cores.changes) == changes + 1
+
+
+def test_without_the_cores_accounting_fewer_threads_hold_until_the_recheck() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0030})  # no reading of the others' CPU (macOS, Windows)
+    tuner = tuner_on(cores, recheck_s=3.0)
+    cores.train(tuner, 10)
+    cores.step_s[2] = 0.0006
+    run_jobs(cores, tuner, 8, steps=300, gap_s=0.5)  # 2.4 s of steps, 6.4 s of the clock
+    assert cores.changes == [1, 2, 1]
+    cores.train(tuner, 700)  # past 3 s of steps at one thread: the recheck as always
+    assert tuner.threads == 2
