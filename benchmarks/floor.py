@@ -22,15 +22,15 @@ from benchmarks.tutorial import Trained
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from workers.data import Mnist, load_mnist
-from workers.threads import process_tuner
 from workers.training.train import evaluate
+from workers.tuning.threads import process_tuner
 
 CPU = torch.device("cpu")
 
 
 def floor_threads() -> tuple[int, ...]:
     """The thread counts the floor is timed at, the fastest one's time being the floor: the
-    counts the worker's tuner chooses among on this machine (:func:`workers.threads.
+    counts the worker's tuner chooses among on this machine (:func:`workers.tuning.threads.
     process_tuner`: 1 and 2 on two cores, powers of two up to its ``MAX_THREADS`` on more,
     less any that would change a seeded job's losses). A floor held to fewer threads than the
     worker may use flattered every ratio against it on a machine with cores to spare

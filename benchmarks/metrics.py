@@ -36,7 +36,7 @@ from benchmarks.watching_text import (
 )
 from service.api.routes.jobs import MAX_STEPS_PAGE
 from service.store.engines import make_engine, make_sessionmaker
-from workers.threads import usable_cores
+from workers.tuning.threads import usable_cores
 
 SERIES_STEPS = 50_000
 PAGE_STEPS = 10_000  # one page of the figure "one 10,000-step page"

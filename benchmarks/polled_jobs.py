@@ -17,7 +17,7 @@ from benchmarks.jobs import alternate_rounds, claimed_job, job_seconds, submit, 
 from benchmarks.poll_costs import api_cpu_s, share_slowdown
 from benchmarks.series_clients import Poller
 from benchmarks.stats import Series, median
-from workers.threads import usable_cores
+from workers.tuning.threads import usable_cores
 
 POLL_RATE_HZ = 200.0
 POLLERS = 4  # client connections sharing the rate

@@ -37,7 +37,7 @@ from service.settings import Settings
 from service.store import wakeups
 from service.store.engines import make_engine, read_engine
 from workers.data import Mnist
-from workers.threads import usable_cores
+from workers.tuning.threads import usable_cores
 
 RESULT_GOAL = 1.5  # POST → result seen, ÷ the floor
 WORKER_GOAL = 1.2  # started_at → finished_at, ÷ the floor

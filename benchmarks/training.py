@@ -36,7 +36,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.store.engines import make_engine, make_sessionmaker
 from workers.data import Mnist
-from workers.threads import process_tuner
+from workers.tuning.threads import process_tuner
 
 JOB_LABEL = "**the service's worker job** (warm)"
 UNPERSISTED_LABEL = "worker job, metric writes stubbed out"
@@ -311,7 +311,7 @@ def run_training(
             f"`claim` to `succeeded` (checkpoint written) and every job was checked to have "
             f"every step's loss and every epoch's accuracy in the database. With `auto` the "
             f"worker process times its own steps at each thread count it may use here and "
-            f"keeps the fastest (workers/threads.py), as the floor below is "
+            f"keeps the fastest (workers/tuning/threads.py), as the floor below is "
             f"{floor_threads_text()}. Baseline and "
             f"floor time the epochs (training + evaluation), not reading the files. The baseline "
             f"runs with {threads} thread(s) (torch's default of {DEFAULT_THREADS} is slower "

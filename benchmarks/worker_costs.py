@@ -41,7 +41,7 @@ from service.store.tables import EpochMetric, Job, TrainStep
 from workers import resume
 from workers.data import Mnist
 from workers.reporting import buffer
-from workers.threads import process_tuner
+from workers.tuning.threads import process_tuner
 from workers.worker import Worker
 
 SHIPPED = "as shipped"

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     # "auto": the worker times its own steps at 1, 2, 4… threads and keeps the fastest
-    # (workers/threads.py). Two threads win on idle cores and lose badly when another
+    # (workers/tuning/threads.py). Two threads win on idle cores and lose badly when another
     # process wants a core; a fixed count is right only some of the time.
     torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = "auto"
     cuda_graphs: bool = Field(

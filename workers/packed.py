@@ -64,7 +64,7 @@ class _Pack:
     def __init__(self, worker: Worker, jobs: list[Job]) -> None:
         self.worker = worker
         # One job's reporter times the pack's steps for the thread tuner (a pack's step gives
-        # the same bits at every count the tuner keeps: tests/workers/test_threads.py), so a
+        # the same bits at every count the tuner keeps: tests/workers/tuning/test_threads.py), so a
         # pack trains at the count its own steps run fastest at; 8 jobs' products are wide
         # enough that two threads nearly halve a step on two quiet cores (docs/benchmarks.md).
         self.members = [

@@ -39,10 +39,10 @@ from workers.host import new_worker_id, pid_alive
 from workers.packed import packs_on, run_pack
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.writers import Writers
-from workers.threads import ThreadTuner, process_tuner
 from workers.training.graphs import graph_backend
 from workers.training.packing import PACK_FIELDS
 from workers.training.train import train
+from workers.tuning.threads import ThreadTuner, process_tuner
 
 __all__ = ["Outcome", "Worker"]
 

@@ -18,7 +18,7 @@ def floor_threads_on(cores: set[int]) -> tuple[tuple[int, ...], tuple[int, ...]]
     code = (
         "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
         "from benchmarks.floor import floor_threads; "
-        "from workers.threads import process_tuner; "
+        "from workers.tuning.threads import process_tuner; "
         "print((floor_threads(), process_tuner().candidates))"
     )
     printed = subprocess.run(

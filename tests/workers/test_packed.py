@@ -27,11 +27,11 @@ from service.store import job_repo, metric_repo
 from service.store.tables import Job
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, local_env, process, wait_for
-from tests.workers.test_threads import Counting
 from tests.workers.training.test_packing import LOSS_ATOL, LOSS_RTOL
+from tests.workers.tuning.test_threads import Counting
 from workers.reporting import Reporter
-from workers.threads import candidate_threads
 from workers.training.packing import Unpackable
+from workers.tuning.threads import candidate_threads
 from workers.worker import Worker
 
 PARAMS = {"epochs": 2, "batch_size": 32, "trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST}

@@ -43,7 +43,7 @@ from workers.reporting.display import ProgressDisplay
 from workers.reporting.policy import Limits, StopPolicy, StorageFailed
 from workers.reporting.writers import Writers
 from workers.resume import StateWriter, TrainingState
-from workers.threads import ThreadTuner
+from workers.tuning.threads import ThreadTuner
 
 log = logging.getLogger("workers")
 

@@ -32,7 +32,7 @@ from workers.endings import Endings
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.buffer import ProgressBuffer
 from workers.reporting.writers import Activity, Writers
-from workers.threads import ThreadTuner
+from workers.tuning.threads import ThreadTuner
 
 T = TypeVar("T")
 

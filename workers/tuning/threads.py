@@ -8,8 +8,8 @@ count until the next check. When fewer threads than the most win a pass by less 
 that takes a core makes them (``ABANDON_FACTOR``), every count is timed once more, and the
 count whose faster pass is the fastest holds (a transient, such as a core's vCPU waking after
 the worker idled, slows one window; a load that lasts slows both). While fewer threads than the
-most hold, the cores they leave are watched: when other processes have left them mostly idle
-(:mod:`workers.other_load`, read every ``LOOK_AFTER_S``), the counts are timed again.
+most hold, the cores they leave are watched (:mod:`workers.tuning.other_load`), and the counts
+are timed again once other processes leave those cores idle (``LOOK_AFTER_S``).
 Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
 timed, nor are steps that ran beside the worker's own flushes and training states (they stall
 any count, and only for the write's milliseconds). A count's
@@ -40,8 +40,8 @@ from collections.abc import Callable
 import torch
 
 from service.ml import IMAGE_SIDE_PX, NUM_CLASSES, SimpleMLP
-from workers.other_load import others_cpu_s
 from workers.training.train import make_optimizer, train_step
+from workers.tuning.other_load import OtherLoad, read_other_load
 
 log = logging.getLogger("workers")
 
@@ -67,18 +67,21 @@ SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's m
 # Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
 # than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
 MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
-# Holding fewer threads than the most, the counts are timed again once other processes have
-# used so little of the cores left over that SPARE_CORE of one sat idle on average, read over
-# LOOK_AFTER_S of the clock or more (the accounting's 10-ms ticks put a reading within a tenth of
-# a core of the truth on two cores). One thread's own steps hardly slow beside a load, so they
-# cannot tell that it has gone: one thread chosen while a job was watched used to hold for 5 s
-# of steps after its watchers left, ~14 jobs a tenth slower each. Timing the counts on the
-# steps alone at each job's start cost up to 40% of a job beside a load that lasts
-# (docs/benchmarks.md); a load that holds a core shows here and stops the look. Each look that
+# Holding fewer threads than the most, the counts are timed again once, since the last reading
+# (taken every LOOK_AFTER_S of the clock at most), other processes have left at least SPARE_CORE
+# of one of the cores beyond the held threads idle on average, and a core is free at that
+# moment (no process that took one has just begun). One thread's own steps hardly slow beside
+# a load, so they cannot tell that it has gone: one thread chosen while a job was watched held
+# for RECHECK_S of steps after its watchers left. Timing the counts at each job's start
+# instead cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Each look that
 # fewer threads win again doubles the wait for the next, up to RECHECK_S (a load that takes a
-# little of a core and still makes two threads lose: an API answering polls).
+# little of a core and still makes two threads lose: an API answering polls), until the held
+# count slows (a load came) and the wait starts again at LOOK_AFTER_S.
 LOOK_AFTER_S = 0.2
 SPARE_CORE = 0.5
+# A reading that puts more cores idle than there are, by this much, does not describe this
+# process's cores (its own CPU counted elsewhere): the cores are not watched until next choice.
+IMPLAUSIBLE_CORES = 0.25
 
 
 def usable_cores() -> int:
@@ -123,7 +126,7 @@ class ThreadTuner:
         recheck_s: float = RECHECK_S,
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] = torch.set_num_threads,
-        others: Callable[[], float | None] = others_cpu_s,
+        others: Callable[[], OtherLoad | None] = read_other_load,
         cores: int | None = None,
     ) -> None:
         if not candidates:
@@ -144,13 +147,16 @@ class ThreadTuner:
             self._probing, self._held_s = None, float("-inf")
         self._last: float | None = None
         self._untimed = 0  # steps in a row beside the worker's writes
-        # Holding fewer threads than the most: since when (the clock) and from what running
-        # count of other processes' CPU seconds (``others``) their use of the cores is read.
+        # Holding fewer threads than the most: the clock and other processes' load at the last
+        # reading (None: not watching), when the next may decide, and how long it waits then.
         self._others = others
         self._cores = usable_cores() if cores is None else cores
-        self._watch: tuple[float, float] | None = None
-        self._look_after_s = LOOK_AFTER_S
-        self._looked = False  # the counts are being timed because the cores were left idle
+        self._watch: tuple[float, OtherLoad] | None = None
+        self._look_at = 0.0
+        self._wait_s = LOOK_AFTER_S
+        # Why the counts are being timed, for the wait after the choice: the cores sat idle
+        # (it doubles), the held count slowed (it starts again), neither (it stays).
+        self._timing_for: str | None = None
         self.threads = candidates[0]
         set_threads(self.threads)
 
@@ -168,10 +174,16 @@ class ThreadTuner:
             changed = self._changed(now)
             if changed is not None:
                 # What the held count does now is known: time only the others.
+                self._timing_for = "a load" if changed > self._chosen_s else None
                 self._step_s = {self.threads: changed}
                 self._probe_next(-1)
                 return
-            if self._held_s >= self._recheck_s or self._cores_left_idle(now):
+            if self._held_s >= self._recheck_s:
+                self._timing_for = None
+                self._probe_next(-1)
+                return
+            if self._look_due(now):
+                self._timing_for = "idle cores"
                 self._probe_next(-1)
                 return
         elif self._last is not None:
@@ -200,27 +212,35 @@ class ThreadTuner:
             return recent
         return None
 
-    def _cores_left_idle(self, now: float) -> bool:
-        """Whether, holding fewer threads than the most, the cores they leave have sat idle
-        enough since the last reading to time the counts again (read every ``_look_after_s``)."""
-        if self._watch is None or now - self._watch[0] < self._look_after_s:
+    def _look_due(self, now: float) -> bool:
+        """Whether, holding fewer threads than the most, the cores they leave sat idle enough
+        since the last reading, and a core is free now, to time the counts again."""
+        if self._watch is None or now < self._look_at:
             return False
-        since, used = self._watch
-        others = self._others()
-        if others is None:
+        since, before = self._watch
+        reading = self._others()
+        self._look_at = now + LOOK_AFTER_S
+        if reading is None:  # the file could not be read this time: keep the last reading
+            return False
+        self._watch = (now, reading)
+        beyond = self._cores - self.threads
+        spare = beyond - (reading.cpu_s - before.cpu_s) / (now - since)
+        if spare > beyond + IMPLAUSIBLE_CORES:
             self._watch = None
             return False
-        self._watch = (now, others)
-        spare = self._cores - self.threads - (others - used) / (now - since)
-        self._looked = spare >= SPARE_CORE
-        if self._looked:
-            log.debug(
-                "torch threads: %.2f of the %d cores left idle for %.2f s: timing the counts again",
-                spare,
-                self._cores - self.threads,
-                now - since,
-            )
-        return self._looked
+        # This process's other training threads may be runnable too (spinning after the step).
+        others_runnable = max(0, reading.runnable - (self.threads - 1))
+        if spare < SPARE_CORE or beyond - others_runnable < 1:
+            return False
+        log.debug(
+            "torch threads: %.2f of the %d cores beyond %d left idle over %.2f s: timing the "
+            "counts again",
+            spare,
+            beyond,
+            self.threads,
+            now - since,
+        )
+        return True
 
     def _hopeless(self) -> bool:
         """Whether the count being timed already runs far slower than the fastest timed."""
@@ -285,16 +305,21 @@ class ThreadTuner:
         self._watch_cores()
 
     def _watch_cores(self) -> None:
-        """After a choice: watch the cores that fewer threads than the most leave, sooner after
-        a load came than after a look at idle cores that fewer threads won again."""
-        looked, self._looked = self._looked, False
+        """After a choice: watch the cores that fewer threads than the most leave. A look at
+        idle cores that fewer threads won again waits twice as long for the next (the load
+        that stays would make each look cost), a choice after a load came waits least (it may
+        pass soon)."""
+        timing_for, self._timing_for = self._timing_for, None
         if self.threads >= self.candidates[-1]:
-            self._watch, self._look_after_s = None, LOOK_AFTER_S
+            self._watch, self._wait_s = None, LOOK_AFTER_S
             return
-        longest = max(self._recheck_s, LOOK_AFTER_S)
-        self._look_after_s = min(2 * self._look_after_s, longest) if looked else LOOK_AFTER_S
-        others = self._others()
-        self._watch = None if others is None else (self._clock(), others)
+        if timing_for == "idle cores":
+            self._wait_s = min(2 * self._wait_s, max(self._recheck_s, LOOK_AFTER_S))
+        elif timing_for == "a load":
+            self._wait_s = LOOK_AFTER_S
+        reading, now = self._others(), self._clock()
+        self._watch = None if reading is None else (now, reading)
+        self._look_at = now + self._wait_s
 
     def _switch(self, threads: int) -> None:
         if threads != self.threads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
-from tests.workers.fake_cores import Cores, tuner_on
 from tests.workers.reports import Recorder
+from tests.workers.tuning.fake_cores import Cores, tuner_on
 from workers.data import load_mnist
-from workers.threads import (
+from workers.training.packing import PackedJob, train_packed
+from workers.training.train import train
+from workers.tuning.threads import (
     ABANDON_AFTER,
     MAX_UNTIMED_STEPS,
     ThreadTuner,
@@ -29,8 +32,6 @@ from workers.threads import (
     same_bits_counts,
     typical_step_s,
 )
-from workers.training.packing import PackedJob, train_packed
-from workers.training.train import train
 from workers.worker import Worker
 
 CPU = torch.device("cpu")
@@ -274,20 +275,24 @@ class Counting(ThreadTuner):
         super().begin()
 
 
-def test_a_worker_on_auto_reports_every_step_to_its_tuner(
-    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def counting_tuner(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counting]:
+    """A :class:`Counting` tuner as the workers' process tuner; torch's count put back after."""
     tuner = Counting(candidate_threads(2), probe_steps=3)
-    told = tuner.told
     monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    threads_before = torch.get_num_threads()
+    yield tuner
+    torch.set_num_threads(threads_before)
+
+
+def test_a_worker_on_auto_reports_every_step_to_its_tuner(
+    settings: Settings, sessions: sessionmaker[Session], counting_tuner: Counting
+) -> None:
+    tuner, told = counting_tuner, counting_tuner.told
     job_id = queue_job(
         sessions, {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
     )
-    threads_before = torch.get_num_threads()
-    try:
-        Worker(settings, sessions, show_progress=False).run(max_jobs=1)
-    finally:
-        torch.set_num_threads(threads_before)
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
     job = read_job(sessions, job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error
     # Each epoch's first step begins the timing (it follows setup or evaluation); the rest
@@ -349,7 +354,7 @@ def test_a_count_that_trains_to_other_bits_is_not_a_candidate(
         threads = torch.get_num_threads()
         return [torch.tensor([float(batch_size), 0.5 if threads == 2 else 0.25])]
 
-    monkeypatch.setattr("workers.threads.training_bits", bits)
+    monkeypatch.setattr("workers.tuning.threads.training_bits", bits)
     threads_before = torch.get_num_threads()
     assert same_bits_counts((1, 2, 4)) == (1, 4)
     assert same_bits_counts((1,)) == (1,)
@@ -467,19 +472,13 @@ def test_switching_counts_mid_pack_trains_as_one_thread_bit_for_bit(small_mnist:
 
 
 def test_a_packing_worker_tells_its_tuner_each_pack_step_once(
-    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    settings: Settings, sessions: sessionmaker[Session], counting_tuner: Counting
 ) -> None:
-    tuner = Counting(candidate_threads(2), probe_steps=3)
-    told = tuner.told
-    monkeypatch.setattr("workers.worker.process_tuner", lambda: tuner)
+    told = counting_tuner.told
     params = {"trainset_size": SMALL_TRAIN, "testset_size": SMALL_TEST, "epochs": 2}
     jobs = [queue_job(sessions, {**params, "learning_rate": lr}) for lr in (1e-3, 2e-3, 3e-3)]
-    threads_before = torch.get_num_threads()
-    try:
-        packing = settings.model_copy(update={"pack_max": 3})
-        Worker(packing, sessions, show_progress=False).run(max_jobs=3)
-    finally:
-        torch.set_num_threads(threads_before)
+    packing = settings.model_copy(update={"pack_max": 3})
+    Worker(packing, sessions, show_progress=False).run(max_jobs=3)
     done = [read_job(sessions, j) for j in jobs]
     assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 3, [j.error for j in done]
     # One pack: its steps are timed once, as one job's would be, not once per job.

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-from tests.workers.fake_cores import Cores, tuner_on
-from workers.threads import LOOK_AFTER_S, ThreadTuner
+from tests.workers.tuning.fake_cores import Cores, tuner_on
+from workers.tuning.threads import LOOK_AFTER_S, ThreadTuner
 
 
 def run_jobs(cores: Cores, tuner: ThreadTuner, jobs: int, *, steps: int, gap_s: float) -> None:
@@ -88,3 +88,50 @@ def test_without_the_cores_accounting_fewer_threads_hold_until_the_recheck() -> 
     assert cores.changes == [1, 2, 1]
     cores.train(tuner, 700)  # past 3 s of steps at one thread: the recheck as always
     assert tuner.threads == 2
+
+
+def test_a_load_that_began_within_a_long_wait_is_seen_by_what_is_runnable() -> None:
+    # One thread held; the worker then waits a minute on idle cores, and a process takes a
+    # core one second before the next job. Over the minute the cores sat nearly all idle; that
+    # process is runnable when the job's first steps read them, and no look is taken beside it.
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)
+    assert tuner.threads == 1
+    cores.others_share = 0.0
+    cores.wait(59.0)
+    cores.others_share = 1.0
+    cores.wait(1.0)
+    run_jobs(cores, tuner, 5, steps=300, gap_s=0.5)
+    assert cores.changes == [1, 2, 1]
+    # The same minute with nothing runnable at the job's start: the look is taken at once.
+    cores.others_share, cores.runnable, cores.step_s[2] = 0.0, 0, 0.0006
+    cores.wait(60.0)
+    tuner.begin()
+    cores.train(tuner, 20)
+    assert tuner.threads == cores.threads == 2
+
+
+def test_a_reading_that_fails_once_keeps_the_last() -> None:
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)
+    cores.others_share, cores.step_s[2] = 0.0, 0.0006  # the load leaves...
+    share = cores.others_share
+    cores.others_share = None  # ...and the next reading fails
+    cores.train(tuner, round(1.5 * LOOK_AFTER_S / 0.0010))
+    assert tuner.threads == 1
+    cores.others_share = share  # readable again: the look is taken at the next
+    cores.train(tuner, round(1.5 * LOOK_AFTER_S / 0.0010))
+    assert tuner.threads == cores.threads == 2
+
+
+def test_a_reading_that_cannot_describe_these_cores_stops_the_watch() -> None:
+    # Other processes' CPU seconds run backwards: the file counts this process's own CPU
+    # somewhere else (a container's view). Read as idle cores it would set off every look.
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=-1.0, runnable=0)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, 10)
+    cores.step_s[2] = 0.0006
+    cores.train(tuner, round(4 * LOOK_AFTER_S / 0.0010))
+    assert cores.changes == [1, 2, 1]

@@ -3,18 +3,26 @@ waits advance, and the CPU that other processes take meanwhile."""
 
 from __future__ import annotations
 
-from workers.threads import ThreadTuner
+from workers.tuning.other_load import OtherLoad
+from workers.tuning.threads import ThreadTuner
 
 
 class Cores:
     """Each thread count's step time (seconds, or a cycle of them); ``others_share``: the part
-    of a core other processes use while the clock runs (None: the machine gives no reading)."""
+    of a core other processes use while the clock runs (None: the machine gives no reading);
+    ``runnable``: how many of them are runnable at a reading (None: a whole core's worth of
+    the share, as a process that holds a core is always runnable and a light one rarely)."""
 
     def __init__(
-        self, step_s: dict[int, float | list[float]], *, others_share: float | None = None
+        self,
+        step_s: dict[int, float | list[float]],
+        *,
+        others_share: float | None = None,
+        runnable: int | None = None,
     ) -> None:
         self.step_s = step_s
         self.others_share = others_share
+        self.runnable = runnable
         self.others_s = 0.0
         self.now = 0.0
         self.threads = 0
@@ -25,8 +33,11 @@ class Cores:
     def clock(self) -> float:
         return self.now
 
-    def others_cpu_s(self) -> float | None:
-        return None if self.others_share is None else self.others_s
+    def others(self) -> OtherLoad | None:
+        if self.others_share is None:
+            return None
+        runnable = int(self.others_share) if self.runnable is None else self.runnable
+        return OtherLoad(cpu_s=self.others_s, runnable=runnable)
 
     def set_threads(self, n: int) -> None:
         self.threads = n
@@ -65,6 +76,6 @@ def tuner_on(
         recheck_s=recheck_s,
         clock=cores.clock,
         set_threads=cores.set_threads,
-        others=cores.others_cpu_s,
+        others=cores.others,
         cores=candidates[-1],
     )
