@@ -9,7 +9,7 @@ that takes a core makes them (``ABANDON_FACTOR``), every count is timed once mor
 count whose faster pass is the fastest holds (a transient, such as a core's vCPU waking after
 the worker idled, slows one window; a load that lasts slows both). While fewer threads than the
 most hold, the cores they leave are watched (:mod:`workers.tuning.other_load`), and the counts
-are timed again once other processes leave those cores idle (``LOOK_AFTER_S``).
+are timed again once other processes leave the next count's cores idle (``SPARE_CORE``).
 Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
 timed, nor are steps that ran beside the worker's own flushes and training states (they stall
 any count, and only for the write's milliseconds). A count's
@@ -67,17 +67,19 @@ SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's m
 # Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
 # than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
 MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
-# Holding fewer threads than the most, the counts are timed again once, since the last reading
-# (taken every LOOK_AFTER_S of the clock at most), other processes have left at least SPARE_CORE
-# of one of the cores beyond the held threads idle on average, and a core is free at that
-# moment (no process that took one has just begun). One thread's own steps hardly slow beside
+# Holding fewer threads than the most, the counts are timed again once the cores that the next
+# count up would add sat idle, as other processes used them: over the last reading's stretch
+# (readings at most every LOOK_AFTER_S of the clock, a stretch of at most MAX_STRETCH_S) no
+# more than SPARE_CORE of them in use on average, and none of them taken by a runnable task at
+# the reading (a load that began late in the stretch). One thread's own steps hardly slow beside
 # a load, so they cannot tell that it has gone: one thread chosen while a job was watched held
-# for RECHECK_S of steps after its watchers left. Timing the counts at each job's start
-# instead cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Each look that
-# fewer threads win again doubles the wait for the next, up to RECHECK_S (a load that takes a
-# little of a core and still makes two threads lose: an API answering polls), until the held
-# count slows (a load came) and the wait starts again at LOOK_AFTER_S.
+# for RECHECK_S of steps after its watchers left. Timing the counts at each job's start instead
+# cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Each look that fewer
+# threads win again doubles the wait for the next, up to RECHECK_S (a load that takes a little
+# of a core and still makes two threads lose: an API answering polls); choosing the most
+# threads, or a choice after the held count slowed (a load came), starts it at LOOK_AFTER_S.
 LOOK_AFTER_S = 0.2
+MAX_STRETCH_S = 2.0  # longer (the worker idled between jobs): read again, and judge after that
 SPARE_CORE = 0.5
 # A reading that puts more cores idle than there are, by this much, does not describe this
 # process's cores (its own CPU counted elsewhere): the cores are not watched until next choice.
@@ -147,10 +149,12 @@ class ThreadTuner:
             self._probing, self._held_s = None, float("-inf")
         self._last: float | None = None
         self._untimed = 0  # steps in a row beside the worker's writes
-        # Holding fewer threads than the most: the clock and other processes' load at the last
-        # reading (None: not watching), when the next may decide, and how long it waits then.
+        # Holding fewer threads than the most: whether the cores are watched, the clock and other
+        # processes' load at the last reading (None: none yet), when the next may decide, and
+        # how long it waits then.
         self._others = others
         self._cores = usable_cores() if cores is None else cores
+        self._watching = False
         self._watch: tuple[float, OtherLoad] | None = None
         self._look_at = 0.0
         self._wait_s = LOOK_AFTER_S
@@ -213,32 +217,35 @@ class ThreadTuner:
         return None
 
     def _look_due(self, now: float) -> bool:
-        """Whether, holding fewer threads than the most, the cores they leave sat idle enough
-        since the last reading, and a core is free now, to time the counts again."""
-        if self._watch is None or now < self._look_at:
+        """Whether, holding fewer threads than the most, the cores the next count up would add
+        sat idle over the last reading's stretch and none is taken now: time the counts again."""
+        if not self._watching or now < self._look_at:
             return False
-        since, before = self._watch
         reading = self._others()
         self._look_at = now + LOOK_AFTER_S
         if reading is None:  # the file could not be read this time: keep the last reading
             return False
-        self._watch = (now, reading)
+        last, self._watch = self._watch, (now, reading)
+        if last is None or now - last[0] > MAX_STRETCH_S:
+            return False  # judged over the next stretch, not over the worker's idle minutes
+        since, before = last
         beyond = self._cores - self.threads
         spare = beyond - (reading.cpu_s - before.cpu_s) / (now - since)
         if spare > beyond + IMPLAUSIBLE_CORES:
-            self._watch = None
+            self._watching = False
             return False
-        # This process's other training threads may be runnable too (spinning after the step).
-        others_runnable = max(0, reading.runnable - (self.threads - 1))
-        if spare < SPARE_CORE or beyond - others_runnable < 1:
+        more = next(n for n in self.candidates if n > self.threads) - self.threads
+        free_now = beyond - reading.runnable
+        if spare < more - 1 + SPARE_CORE or free_now < more:
             return False
         log.debug(
-            "torch threads: %.2f of the %d cores beyond %d left idle over %.2f s: timing the "
-            "counts again",
+            "torch threads: %.2f of the %d cores beyond %d idle over %.2f s, %d free now: "
+            "timing the counts again",
             spare,
             beyond,
             self.threads,
             now - since,
+            free_now,
         )
         return True
 
@@ -310,7 +317,8 @@ class ThreadTuner:
         that stays would make each look cost), a choice after a load came waits least (it may
         pass soon)."""
         timing_for, self._timing_for = self._timing_for, None
-        if self.threads >= self.candidates[-1]:
+        self._watching = self.threads < self.candidates[-1]
+        if not self._watching:
             self._watch, self._wait_s = None, LOOK_AFTER_S
             return
         if timing_for == "idle cores":
@@ -318,7 +326,7 @@ class ThreadTuner:
         elif timing_for == "a load":
             self._wait_s = LOOK_AFTER_S
         reading, now = self._others(), self._clock()
-        self._watch = None if reading is None else (now, reading)
+        self._watch = None if reading is None else (now, reading)  # None: read at the look
         self._look_at = now + self._wait_s
 
     def _switch(self, threads: int) -> None:
