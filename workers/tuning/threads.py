@@ -36,6 +36,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -160,7 +161,7 @@ class ThreadTuner:
         self._wait_s = LOOK_AFTER_S
         # Why the counts are being timed, for the wait after the choice: the cores sat idle
         # (it doubles), the held count slowed (it starts again), neither (it stays).
-        self._timing_for: str | None = None
+        self._timing_for: Literal["idle cores", "a load"] | None = None
         self.threads = candidates[0]
         set_threads(self.threads)
 
