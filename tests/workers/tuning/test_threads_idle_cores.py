@@ -9,9 +9,12 @@ from tests.workers.tuning.fake_cores import Cores, tuner_on
 from workers.tuning.threads import LOOK_AFTER_S, MAX_STRETCH_S, ThreadTuner
 
 
-def held_beside_a_load(runnable: int | None = None) -> tuple[Cores, ThreadTuner]:
-    """One thread chosen, and held for an hour of steps, beside a process that holds a core."""
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0, runnable=runnable)
+def one_thread_held(
+    others_share: float = 1.0, runnable: int | None = None
+) -> tuple[Cores, ThreadTuner]:
+    """One thread chosen (two crawl, as beside a process that holds a core) and held for an
+    hour of steps; other processes then use ``others_share`` of a core (:class:`Cores`)."""
+    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=others_share, runnable=runnable)
     tuner = tuner_on(cores, recheck_s=3600.0)
     cores.train(tuner, 10)
     assert tuner.threads == 1
@@ -36,10 +39,7 @@ def run_jobs(cores: Cores, tuner: ThreadTuner, jobs: int, *, steps: int, gap_s: 
 
 def test_one_thread_chosen_beside_a_load_gives_way_to_two_once_the_load_leaves() -> None:
     # Another process holds a core: two threads crawl, one thread wins and holds.
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 10)
-    assert tuner.threads == 1
+    cores, tuner = one_thread_held()
     # Jobs of 0.3 s, 0.5 s apart: the load keeps its core through them and between them.
     run_jobs(cores, tuner, 10, steps=300, gap_s=0.5)
     assert cores.changes == [1, 2, 1]
@@ -53,10 +53,7 @@ def test_one_thread_chosen_beside_a_load_gives_way_to_two_once_the_load_leaves()
 
 def test_a_little_load_on_the_other_core_still_lets_the_counts_be_timed() -> None:
     # An API answering polls takes a fifth of a core; the cores left are mostly idle.
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=0.2)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 10)
-    assert tuner.threads == 1
+    cores, tuner = one_thread_held(0.2)
     cores.step_s[2] = 0.0006  # two threads would now win
     cores.train(tuner, round(2 * LOOK_AFTER_S / 0.0010))
     assert tuner.threads == cores.threads == 2
@@ -114,7 +111,7 @@ def test_a_load_that_began_late_in_the_stretch_is_seen_by_what_is_runnable() -> 
     # One thread held; the worker waits 0.5 s between jobs, and 0.1 s before the next job a
     # process takes a core. Over the stretch read the cores sat 80% idle; that process is
     # runnable at the reading, and no look is taken beside it.
-    cores, tuner = held_beside_a_load()
+    cores, tuner = one_thread_held()
     idle_then_loaded(cores, 0.4, 0.1)
     tuner.begin()
     cores.train(tuner, 20)  # a look would time both counts within these steps
@@ -137,16 +134,14 @@ def test_idle_minutes_between_jobs_are_not_read_as_idle_cores() -> None:
     # The worker idles a minute; a process that takes a core (asleep at each reading, say a
     # batch job between its bursts) begins a second before the next job. Read over the minute,
     # the cores sat 98% idle; the stretch is too long to judge, and the next one shows the load.
-    cores, tuner = held_beside_a_load(runnable=0)
+    cores, tuner = one_thread_held(runnable=0)
     idle_then_loaded(cores, 59.0, 1.0)
     run_jobs(cores, tuner, 5, steps=300, gap_s=0.5)
     assert cores.changes == [1, 2, 1]
 
 
 def test_a_load_that_leaves_half_a_core_busy_keeps_fewer_threads() -> None:
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=0.6, runnable=0)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 10)
+    cores, tuner = one_thread_held(0.6, runnable=0)
     cores.step_s[2] = 0.0006
     cores.train(tuner, round(10 * LOOK_AFTER_S / 0.0010))
     assert cores.changes == [1, 2, 1]
@@ -185,9 +180,7 @@ def test_a_choice_after_the_held_count_sped_up_keeps_the_wait() -> None:
 
 
 def test_a_reading_that_fails_once_keeps_the_last() -> None:
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=1.0)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 10)
+    cores, tuner = one_thread_held()
     cores.others_share, cores.step_s[2] = 0.0, 0.0006  # the load leaves...
     share = cores.others_share
     cores.others_share = None  # ...and the next reading fails
@@ -201,9 +194,7 @@ def test_a_reading_that_fails_once_keeps_the_last() -> None:
 def test_a_reading_that_cannot_describe_these_cores_stops_the_watch() -> None:
     # Other processes' CPU seconds run backwards: the file counts this process's own CPU
     # somewhere else (a container's view). Read as idle cores it would set off every look.
-    cores = Cores({1: 0.0010, 2: 0.0030}, others_share=-1.0, runnable=0)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, 10)
+    cores, tuner = one_thread_held(-1.0, runnable=0)
     cores.step_s[2] = 0.0006
     cores.train(tuner, round(4 * LOOK_AFTER_S / 0.0010))
     # Plausible idle readings from here on: not watched until the next choice.
