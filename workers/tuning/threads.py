@@ -9,7 +9,9 @@ that takes a core makes them (``ABANDON_FACTOR``), every count is timed once mor
 count whose faster pass is the fastest holds (a transient, such as a core's vCPU waking after
 the worker idled, slows one window; a load that lasts slows both). While fewer threads than the
 most hold, the cores they leave are watched (:mod:`workers.tuning.other_load`), and the counts
-are timed again once other processes leave the next count's cores idle (``SPARE_CORE``).
+are timed again once other processes leave the next count's cores idle (``SPARE_CORE``), but
+not sooner after the last choice than a wait that doubles each time fewer threads win again
+(``MAX_LOOK_WAIT_S``): a load that stays would make every look cost.
 Intervals that hold anything but training steps (a flush, an evaluation, a checkpoint) are not
 timed, nor are steps that ran beside the worker's own flushes and training states (they stall
 any count, and only for the write's milliseconds). A count's
@@ -18,14 +20,15 @@ decide it; a median would not do: a process that takes a core now and then (an A
 polls a second) stalls one step in several at two threads, and those stalls are the cost. While
 a count holds, its steps are still timed: when they run well slower than when it was chosen, the
 counts are timed again, and so they are when fewer threads than the most run well faster (the
-load that chose them lifted).
+load that chose them lifted; the speed-up waits as a look does).
 
 A switch of count mid-job must not change what a seeded job records. Matrix products split
 their sums across threads, and by default MKL splits them differently at different counts,
 so the losses drift apart within a few steps. Importing :mod:`service` turns on MKL's strict
 reproducible mode, in which they do not; and the process's tuner only chooses among the
-counts whose training steps give one thread's bits, checked when it is made (no MKL, a CPU
-without AVX2, or a mode set otherwise leaves it one thread).
+counts whose training steps give one thread's bits, checked when it is made
+(:mod:`workers.tuning.same_bits`; no MKL, a CPU without AVX2, or a mode set otherwise leaves it
+one thread).
 """
 
 from __future__ import annotations
@@ -36,13 +39,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-from service.ml import IMAGE_SIDE_PX, NUM_CLASSES, SimpleMLP
-from workers.training.train import make_optimizer, train_step
 from workers.tuning.other_load import OtherLoad, read_other_load
+from workers.tuning.same_bits import same_bits_counts
 
 log = logging.getLogger("workers")
 
@@ -63,8 +64,6 @@ SPEEDUP_FACTOR = SLOWDOWN_FACTOR
 # that slow for a moment, and timing the counts again at each cost more than it saved.)
 ABANDON_AFTER, ABANDON_FACTOR = 2, 2.0
 MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
-SAME_BITS_BATCHES = (64, 1024)  # the default batch and a large one...
-SAME_BITS_STEPS = 2  # ...each trained this many steps (the second uses Adam's moments)
 # Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
 # than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
 MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
@@ -75,11 +74,25 @@ MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
 # the reading (a load that began late in the stretch). One thread's own steps hardly slow beside
 # a load, so they cannot tell that it has gone: one thread chosen while a job was watched held
 # for RECHECK_S of steps after its watchers left. Timing the counts at each job's start instead
-# cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Each look that fewer
-# threads win again doubles the wait for the next, up to RECHECK_S (a load that takes a little
-# of a core and still makes two threads lose: an API answering polls); choosing the most
-# threads, or a choice after the held count slowed (a load came), starts it at LOOK_AFTER_S.
+# cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Holding fewer threads
+# than the most, no timing (a look, the held count's speed-up, or its slow-down where no fewer
+# threads are left to try) comes sooner than a wait after the last choice; each that fewer
+# threads win again doubles it, up to MAX_LOOK_WAIT_S; a choice of another count starts it at
+# LOOK_AFTER_S. Under an API answering 200 polls a second one thread's windows swing by more
+# than SLOWDOWN_FACTOR either way, and each swing timed two threads, which stall beside the
+# polls: 5-10 timings a job, a job slower than at either count held (docs/benchmarks.md,
+# "2026-12-05, morning").
 LOOK_AFTER_S = 0.2
+# The longest wait: while a load that makes two threads lose stays, a look costs a few stalled
+# steps this often; where no reading tells that it went, one thread holds about this long after
+# (2-4 jobs). The most threads chosen and losing within as many seconds of steps lost a look.
+MAX_LOOK_WAIT_S = 1.6
+# Within the wait, a look is taken all the same once other processes use the cores beyond at
+# most LIFTED_SHARE of what they used when more threads last lost, and LIFTED_CORES less: the
+# load went (readings of a 0.2-s stretch are off by up to a tenth of a core, /proc/stat counting
+# ticks of 10 ms). Without it one thread would hold for the rest of the wait once the load that
+# made two threads lose went (a watched job's pollers, as they stop).
+LIFTED_SHARE, LIFTED_CORES = 0.5, 0.1
 MAX_STRETCH_S = 2.0  # longer (the worker idled between jobs): read again, and judge after that
 SPARE_CORE = 0.5
 # A reading that puts more cores idle than there are, by this much, does not describe this
@@ -151,17 +164,23 @@ class ThreadTuner:
         self._last: float | None = None
         self._untimed = 0  # steps in a row beside the worker's writes
         # Holding fewer threads than the most: whether the cores are watched, the clock and other
-        # processes' load at the last reading (None: none yet), when the next may decide, and
-        # how long it waits then.
+        # processes' load at the last reading (None: none yet), when the next reading is due,
+        # the wait after the last choice (no timing before its end) and its length.
         self._others = others
         self._cores = usable_cores() if cores is None else cores
         self._watching = False
         self._watch: tuple[float, OtherLoad] | None = None
+        self._read_at = 0.0
         self._look_at = 0.0
         self._wait_s = LOOK_AFTER_S
-        # Why the counts are being timed, for the wait after the choice: the cores sat idle
-        # (it doubles), the held count slowed (it starts again), neither (it stays).
-        self._timing_for: Literal["idle cores", "a load"] | None = None
+        # Others' use of those cores over the last stretch judged (None: none), and that use
+        # when more threads last lost a timing (None: since the last new count).
+        self._used: float | None = None
+        self._lost_used: float | None = None
+        # The count held when the counts began to be timed again (None: the first timing), for
+        # the wait after the choice: it doubles when that count is chosen again.
+        self._timed_from: int | None = None
+        self._timed_after_s = 0.0  # seconds of steps it had held for then
         self.threads = candidates[0]
         set_threads(self.threads)
 
@@ -177,18 +196,14 @@ class ThreadTuner:
         now = self._clock()
         if self._probing is None:
             changed = self._changed(now)
-            if changed is not None:
+            if changed is not None and self._may_time_again(now, slower=changed > self._chosen_s):
                 # What the held count does now is known: time only the others.
-                self._timing_for = "a load" if changed > self._chosen_s else None
+                self._timed_from, self._timed_after_s = self.threads, self._held_s
                 self._step_s = {self.threads: changed}
                 self._probe_next(-1)
                 return
-            if self._held_s >= self._recheck_s:
-                self._timing_for = None
-                self._probe_next(-1)
-                return
-            if self._look_due(now):
-                self._timing_for = "idle cores"
+            if self._held_s >= self._recheck_s or self._look_due(now):
+                self._timed_from, self._timed_after_s = self.threads, self._held_s
                 self._probe_next(-1)
                 return
         elif self._last is not None:
@@ -217,27 +232,39 @@ class ThreadTuner:
             return recent
         return None
 
+    def _may_time_again(self, now: float, *, slower: bool) -> bool:
+        """Whether the held count's change of speed may time the counts now: at once where it
+        holds the most threads, or slowed with fewer left to try (fewer may win now; a wait
+        would only cost); else not before the wait after the last choice."""
+        if self.threads == self.candidates[-1] or (slower and self.threads > self.candidates[0]):
+            return True
+        return now >= self._look_at
+
     def _look_due(self, now: float) -> bool:
         """Whether, holding fewer threads than the most, the cores the next count up would add
         sat idle over the last reading's stretch and none is taken now: time the counts again."""
-        if not self._watching or now < self._look_at:
+        if not self._watching or now < self._read_at:
             return False
         reading = self._others()
-        self._look_at = now + LOOK_AFTER_S
+        self._read_at = now + LOOK_AFTER_S
         if reading is None:  # the file could not be read this time: keep the last reading
             return False
         last, self._watch = self._watch, (now, reading)
         if last is None or now - last[0] > MAX_STRETCH_S:
+            self._used = None
             return False  # judged over the next stretch, not over the worker's idle minutes
         since, before = last
         beyond = self._cores - self.threads
-        spare = beyond - (reading.cpu_s - before.cpu_s) / (now - since)
+        self._used = used = (reading.cpu_s - before.cpu_s) / (now - since)
+        spare = beyond - used
         if spare > beyond + IMPLAUSIBLE_CORES:
             self._watching = False
             return False
         more = next(n for n in self.candidates if n > self.threads) - self.threads
         free_now = beyond - reading.runnable
         if spare < more - 1 + SPARE_CORE or free_now < more:
+            return False
+        if now < self._look_at and not self._lifted(used):
             return False
         log.debug(
             "torch threads: %.2f of the %d cores beyond %d idle over %.2f s, %d free now: "
@@ -249,6 +276,13 @@ class ThreadTuner:
             free_now,
         )
         return True
+
+    def _lifted(self, used: float) -> bool:
+        """Whether other processes' use of the cores beyond fell well below what it was when
+        more threads last lost (``LIFTED``): the load that kept fewer threads went, and the look
+        need not wait."""
+        lost = self._lost_used
+        return lost is not None and used <= lost * LIFTED_SHARE and lost - used >= LIFTED_CORES
 
     def _hopeless(self) -> bool:
         """Whether the count being timed already runs far slower than the fastest timed."""
@@ -313,76 +347,30 @@ class ThreadTuner:
         self._watch_cores()
 
     def _watch_cores(self) -> None:
-        """After a choice: watch the cores that fewer threads than the most leave. A look at
-        idle cores that fewer threads won again waits twice as long for the next (the load
-        that stays would make each look cost), a choice after a load came waits least (it may
-        pass soon)."""
-        timing_for, self._timing_for = self._timing_for, None
-        self._watching = self.threads < self.candidates[-1]
-        if not self._watching:
-            self._watch, self._wait_s = None, LOOK_AFTER_S
+        """After a choice: watch the cores that fewer threads than the most leave. When more
+        threads lost once more (the count held before is held again, or the most threads held
+        only briefly before losing), the next timing waits twice as long: a load that stays
+        would make each cost. A new count waits least: the load that chose it may pass soon."""
+        timed_from, self._timed_from = self._timed_from, None
+        most = self.candidates[-1]
+        self._watching = self.threads < most
+        if not self._watching:  # the wait stays: the most may lose again at once
+            self._watch = None
             return
-        if timing_for == "idle cores":
-            self._wait_s = min(2 * self._wait_s, max(self._recheck_s, LOOK_AFTER_S))
-        elif timing_for == "a load":
-            self._wait_s = LOOK_AFTER_S
+        brief = timed_from == most and self._timed_after_s < MAX_LOOK_WAIT_S
+        if timed_from == self.threads or brief:
+            self._wait_s = min(2 * self._wait_s, MAX_LOOK_WAIT_S)
+            self._lost_used = self._used
+        else:
+            self._wait_s, self._lost_used = LOOK_AFTER_S, None
         reading, now = self._others(), self._clock()
         self._watch = None if reading is None else (now, reading)  # None: read at the look
-        self._look_at = now + self._wait_s
+        self._read_at, self._look_at = now + LOOK_AFTER_S, now + self._wait_s
 
     def _switch(self, threads: int) -> None:
         if threads != self.threads:
             self._set_threads(threads)
             self.threads = threads
-
-
-def training_bits(batch_size: int) -> list[torch.Tensor]:
-    """The losses and the parameters after a few seeded training steps on random images, at
-    the current thread count (the global random state is left as it was)."""
-    cpu = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = SimpleMLP()
-        optimizer = make_optimizer(model, 1e-3, cpu)
-        images = torch.randn(batch_size, 1, IMAGE_SIDE_PX, IMAGE_SIDE_PX)
-        labels = torch.randint(0, NUM_CLASSES, (batch_size,))
-        losses = [train_step(model, optimizer, images, labels) for _ in range(SAME_BITS_STEPS)]
-    return [*losses, *(p.detach() for p in model.parameters())]
-
-
-def same_bits_counts(candidates: tuple[int, ...]) -> tuple[int, ...]:
-    """The first candidate and those of the others at which training steps give its bits.
-
-    A count outside them would make a seeded job's losses depend on when the tuner switched.
-    """
-    before = torch.get_num_threads()
-
-    def bits_at(threads: int) -> list[list[torch.Tensor]]:
-        torch.set_num_threads(threads)
-        return [training_bits(batch_size) for batch_size in SAME_BITS_BATCHES]
-
-    def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
-        return all(
-            torch.equal(x, y)
-            for xs, ys in zip(a, b, strict=True)
-            for x, y in zip(xs, ys, strict=True)
-        )
-
-    try:
-        reference = bits_at(candidates[0])
-        kept = (candidates[0], *(n for n in candidates[1:] if same(bits_at(n), reference)))
-    finally:
-        torch.set_num_threads(before)
-    if kept != candidates:
-        log.warning(
-            "torch threads: %s give other results than %d (MKL_CBWR=%s): kept to %s so that "
-            "seeded jobs repeat their losses",
-            ", ".join(str(n) for n in candidates if n not in kept),
-            candidates[0],
-            os.environ.get("MKL_CBWR", ""),
-            ", ".join(str(n) for n in kept),
-        )
-    return kept
 
 
 @functools.cache

@@ -23,13 +23,14 @@ from tests.workers.tuning.fake_cores import Cores, tuner_on
 from workers.data import load_mnist
 from workers.training.packing import PackedJob, train_packed
 from workers.training.train import train
+from workers.tuning.same_bits import same_bits_counts
 from workers.tuning.threads import (
     ABANDON_AFTER,
+    LOOK_AFTER_S,
     MAX_UNTIMED_STEPS,
     ThreadTuner,
     candidate_threads,
     process_tuner,
-    same_bits_counts,
     typical_step_s,
 )
 from workers.worker import Worker
@@ -92,7 +93,11 @@ def test_fewer_threads_held_under_load_are_timed_again_once_the_load_lifts() -> 
     cores.train(tuner, 40)
     assert cores.switches == [1, 2, 1, 2, 1]
     cores.step_s = {1: 0.0008, 2: 0.0006}  # the load is gone, long before the hour is up
-    cores.train(tuner, 20)
+    chosen_at = cores.switched_at[-1]
+    while cores.now < chosen_at + LOOK_AFTER_S:
+        cores.train(tuner, 1)
+    assert tuner.threads == 1  # not within the wait after the choice (a load may stay)
+    cores.train(tuner, 4 + 1 + 4 + 3)  # a window past it, then two threads timed
     assert tuner.threads == cores.threads == 2
     assert cores.switches == [1, 2, 1, 2, 1, 2]
 
@@ -354,7 +359,7 @@ def test_a_count_that_trains_to_other_bits_is_not_a_candidate(
         threads = torch.get_num_threads()
         return [torch.tensor([float(batch_size), 0.5 if threads == 2 else 0.25])]
 
-    monkeypatch.setattr("workers.tuning.threads.training_bits", bits)
+    monkeypatch.setattr("workers.tuning.same_bits.training_bits", bits)
     threads_before = torch.get_num_threads()
     assert same_bits_counts((1, 2, 4)) == (1, 4)
     assert same_bits_counts((1,)) == (1,)

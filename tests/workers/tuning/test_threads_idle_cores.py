@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from tests.workers.tuning.fake_cores import Cores, tuner_on
-from workers.tuning.threads import LOOK_AFTER_S, MAX_STRETCH_S, ThreadTuner
+from workers.tuning.threads import LOOK_AFTER_S, MAX_LOOK_WAIT_S, ThreadTuner
 
 
 def one_thread_held(
@@ -59,32 +61,63 @@ def test_a_little_load_on_the_other_core_still_lets_the_counts_be_timed() -> Non
     assert tuner.threads == cores.threads == 2
 
 
+def looks_at(cores: Cores) -> list[float]:
+    """When two threads were set after one: each timing of the counts from one thread held
+    (a look times two threads twice where they lose narrowly, :func:`test_each_look...`)."""
+    switches = list(zip(cores.switched_at, cores.switches, strict=True))
+    return [at for (_, before), (at, n) in itertools.pairwise(switches) if (before, n) == (1, 2)]
+
+
 def test_each_look_that_fewer_threads_win_again_waits_twice_as_long() -> None:
     # Under light polls two threads lose narrowly, pass after pass: every look times both
-    # counts twice and one thread holds again, so the looks grow apart.
+    # counts twice and one thread holds again, so the looks grow apart, up to the longest wait.
     cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
     tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, round(34 * LOOK_AFTER_S / 0.0010))  # 31 waits and the last reading
+    cores.train(tuner, round(34 * LOOK_AFTER_S / 0.0010))
     assert tuner.threads == 1
-    switches = list(zip(cores.switched_at, cores.switches, strict=True))
-    looks = [at for (_, before), (at, n) in itertools.pairwise(switches) if (before, n) == (1, 2)]
-    # The first choice's two passes, then a look after each wait: 1, 2, 4, 8, 16 of the first.
-    starts = looks[2::2]  # each look times two threads twice
-    assert len(starts) == 5, looks
+    # The first choice's two passes, then a look after each wait: 2, 4, 8, 8, 8 of the first.
+    starts = looks_at(cores)[2::2]
+    assert len(starts) == 6, starts
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    for gap, waits in zip(gaps, (2, 4, 8, 16), strict=True):
-        wait = waits * LOOK_AFTER_S
-        if wait > MAX_STRETCH_S:  # read at the wait's end, judged a reading later
-            wait += LOOK_AFTER_S
+    waits = [min(LOOK_AFTER_S * 2**k, MAX_LOOK_WAIT_S) for k in range(1, len(gaps) + 1)]
+    assert waits[-1] == MAX_LOOK_WAIT_S < waits[-2] * 2
+    for gap, wait in zip(gaps, waits, strict=True):
         assert wait <= gap < wait + 0.1
 
 
-def test_a_new_load_resets_the_wait_for_the_next_look() -> None:
+def test_one_threads_windows_swinging_either_way_wait_for_the_look() -> None:
+    # Beside an API answering polls, one thread's windows swing between 0.7 and 1.4 ms a step,
+    # past the recheck's factor either way at every window; two threads stall beside the polls.
+    # Each swing timed two threads: a few stalled steps every few milliseconds. They wait as
+    # any look does, and each that one thread wins again doubles the wait.
+    cores = Cores({1: [0.0007] * 4 + [0.0014] * 4, 2: 0.0040}, others_share=0.2, runnable=0)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, round(4.0 / 0.00105))
+    assert tuner.threads == 1
+    looks = looks_at(cores)[1:]  # after the first choice
+    gaps = [b - a for a, b in itertools.pairwise(looks)]
+    waits = [min(LOOK_AFTER_S * 2**k, MAX_LOOK_WAIT_S) for k in range(1, len(gaps) + 1)]
+    # 0.2, 0.6, 1.4 and 3.0 s after the first choice; the next would come at 4.6 s.
+    assert len(looks) == 4, looks
+    assert all(wait <= gap < wait + 0.1 for gap, wait in zip(gaps, waits, strict=True)), gaps
+
+
+def two_threads_win_after_long_waits() -> tuple[Cores, ThreadTuner]:
+    """Light polls, the looks at the longest wait; then the polls stop and two threads win the
+    next look, after that wait."""
     cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
     tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # four looks: the next after 16 waits
-    # A process takes a core: one thread slows past the recheck's factor, two crawl; one
-    # thread is chosen again, for a load this time, not after a look.
+    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # four looks: the longest wait next
+    cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0006}, 0.0
+    cores.train(tuner, round((MAX_LOOK_WAIT_S + 2 * LOOK_AFTER_S) / 0.0010))
+    assert tuner.threads == 2
+    return cores, tuner
+
+
+def test_a_new_count_resets_the_wait_for_the_next_look() -> None:
+    cores, tuner = two_threads_win_after_long_waits()
+    cores.train(tuner, round(MAX_LOOK_WAIT_S / 0.0006) + 10)  # they hold for a while
+    # A process takes a core: two threads crawl, and one thread is chosen, a new count.
     cores.step_s, cores.others_share = {1: 0.0014, 2: 0.0045}, 1.0
     cores.train(tuner, 40)
     assert tuner.threads == 1
@@ -94,6 +127,49 @@ def test_a_new_load_resets_the_wait_for_the_next_look() -> None:
     cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0012))
     assert tuner.threads == 2  # looked within two short waits, not after the long one
     assert len(cores.changes) == changes + 1
+
+
+def test_two_threads_that_lose_right_after_a_look_keep_the_long_wait() -> None:
+    # Two threads won a look in a quiet moment, and stall at once: one thread again, and the
+    # next look waits as long as before, not the new count's short wait (else each quiet moment
+    # of a load that stays would start the looks over, every few steps apart).
+    cores, tuner = two_threads_win_after_long_waits()
+    cores.step_s, cores.others_share = {1: 0.0014, 2: 0.0045}, 1.0
+    cores.train(tuner, 40)
+    assert tuner.threads == 1
+    changes = len(cores.changes)
+    cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0012}, 0.2  # the light polls again
+    cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0010))
+    assert len(cores.changes) == changes  # no look within the short waits
+    cores.train(tuner, round(MAX_LOOK_WAIT_S / 0.0010))
+    assert len(cores.changes) > changes
+
+
+def polls_then(share: float, before: float = 0.3) -> tuple[Cores, ThreadTuner, int]:
+    """Polls that take ``before`` of a core: two threads lose look after look, the next look
+    1.4 s away; then the polls take ``share`` and two threads would win. Returns how many
+    counts were set before."""
+    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=before)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # looks at 1, 3, 7, 15 waits
+    changes = len(cores.changes)
+    cores.step_s[2], cores.others_share = 0.0006, share
+    cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0010))  # 0.5 s: a reading or two
+    return cores, tuner, changes
+
+
+def test_once_the_load_that_kept_one_thread_goes_the_look_does_not_wait() -> None:
+    cores, tuner, _ = polls_then(0.0)
+    assert tuner.threads == cores.threads == 2
+
+
+@pytest.mark.parametrize(
+    ("before", "share"),
+    [(0.4, 0.25), (0.15, 0.06)],  # not down to half; half, but by less than a tenth of a core
+)
+def test_a_load_that_eases_a_little_does_not_cut_the_wait(before: float, share: float) -> None:
+    cores, _, changes = polls_then(share, before)
+    assert len(cores.changes) == changes
 
 
 def test_without_the_cores_accounting_fewer_threads_hold_until_the_recheck() -> None:
@@ -165,17 +241,30 @@ def test_on_more_cores_the_next_count_needs_its_cores_idle() -> None:
     assert tuner.threads == cores.threads == 4
 
 
-def test_a_choice_after_the_held_count_sped_up_keeps_the_wait() -> None:
+def test_a_held_count_that_slows_with_fewer_threads_left_is_timed_again_at_once() -> None:
+    # Four cores, two threads just chosen; a process takes two cores at once: two threads
+    # crawl and one would win. Fewer threads are what the slowdown asks about: no wait.
+    cores = Cores({1: 0.0010, 2: 0.0006, 4: 0.0030}, others_share=1.0)
+    tuner = tuner_on(cores, candidates=(1, 2, 4), recheck_s=3600.0)
+    cores.train(tuner, 20)
+    assert tuner.threads == 2
+    chosen_at = cores.switched_at[-1]
+    cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0030, 4: 0.0090}, 2.0
+    cores.train(tuner, 30)
+    assert tuner.threads == cores.threads == 1
+    assert cores.switched_at[-1] - chosen_at < LOOK_AFTER_S
+
+
+def test_the_held_count_sped_up_waits_for_the_look() -> None:
     # Light polls: the looks grow apart. Then one thread's steps speed up (the polls slowed):
-    # timed again, one thread holds; no load came, so the next look waits as long as before.
+    # no timing before the wait is over, and one thread holds; a short wait brings none.
     cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
     tuner = tuner_on(cores, recheck_s=3600.0)
     cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # looks at 1, 3, 7, 15 waits
-    cores.step_s[1] = 0.0007
-    cores.train(tuner, 40)
-    assert tuner.threads == 1
     changes = len(cores.changes)
-    cores.train(tuner, round(4 * LOOK_AFTER_S / 0.0007))  # a short wait: no look yet
+    cores.step_s[1] = 0.0007
+    cores.train(tuner, round(4 * LOOK_AFTER_S / 0.0007))
+    assert tuner.threads == 1
     assert len(cores.changes) == changes
 
 
