@@ -67,25 +67,25 @@ MAX_THREADS = 8  # a 784×100 MLP on batches of 64 gains nothing from more
 # Steps beside the worker's own writes are not timed (:meth:`ThreadTuner.step`), but no more
 # than this many in a row: a write that hangs (a database gone quiet) must not freeze the choice.
 MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
-# Holding fewer threads than the most, the counts are timed again once the cores that the next
-# count up would add sat idle, as other processes used them: over the last reading's stretch
-# (readings at most every LOOK_AFTER_S of the clock, a stretch of at most MAX_STRETCH_S) no
-# more than SPARE_CORE of them in use on average, and none of them taken by a runnable task at
-# the reading (a load that began late in the stretch). One thread's own steps hardly slow beside
-# a load, so they cannot tell that it has gone: one thread chosen while a job was watched held
-# for RECHECK_S of steps after its watchers left. Timing the counts at each job's start instead
-# cost up to 40% of a job beside a load that lasts (docs/benchmarks.md). Holding fewer threads
-# than the most, no timing (a look, the held count's speed-up, or its slow-down where no fewer
-# threads are left to try) comes sooner than a wait after the last choice; each that fewer
-# threads win again doubles it, up to MAX_LOOK_WAIT_S; a choice of another count starts it at
-# LOOK_AFTER_S. Under an API answering 200 polls a second one thread's windows swing by more
-# than SLOWDOWN_FACTOR either way, and each swing timed two threads, which stall beside the
-# polls: 5-10 timings a job, a job slower than at either count held (docs/benchmarks.md,
-# "2026-12-05, morning").
+# Holding fewer threads than the most, the counts are timed again once the cores that the next count
+# up would add sat idle, as other processes used them: over the last reading's stretch (readings at
+# most every LOOK_AFTER_S of the clock, a stretch of at most MAX_STRETCH_S) no more than SPARE_CORE
+# of them in use on average, and none of them taken by a runnable task at the reading (a load that
+# began late in the stretch). One thread's own steps hardly slow beside a load, so they cannot tell
+# that it has gone: one thread chosen while a job was watched held for RECHECK_S of steps after its
+# watchers left. Timing the counts at each job's start instead cost up to 40% of a job beside a load
+# that lasts (docs/benchmarks.md). Holding fewer threads than the most, no timing (a look, the held
+# count's speed-up, or its slow-down where no fewer threads are left to try) comes sooner than a
+# wait after the last choice; each that chooses the count held before again doubles it, up to
+# MAX_LOOK_WAIT_S, and so do the most threads slowing within that many seconds of steps after they
+# won; any other choice of fewer threads than the most starts it at LOOK_AFTER_S (choosing the most
+# keeps it). Under an API answering 200 polls a second one thread's windows swing by more than
+# SLOWDOWN_FACTOR either way, and each swing timed two threads, which stall beside the polls: 5-10
+# timings a job, a job slower than at either count held (docs/benchmarks.md, "2026-12-05, morning").
 LOOK_AFTER_S = 0.2
 # The longest wait: while a load that makes two threads lose stays, a look costs a few stalled
 # steps this often; where no reading tells that it went, one thread holds about this long after
-# (2-4 jobs). The most threads chosen and losing within as many seconds of steps lost a look.
+# (2-4 jobs).
 MAX_LOOK_WAIT_S = 1.6
 # Within the wait, a look is taken all the same once other processes use the cores beyond at
 # most LIFTED_SHARE of what they used when more threads last lost, and LIFTED_CORES less: the
@@ -173,14 +173,15 @@ class ThreadTuner:
         self._read_at = 0.0
         self._look_at = 0.0
         self._wait_s = LOOK_AFTER_S
-        # Others' use of those cores over the last stretch judged (None: none), and that use
-        # when more threads last lost a timing (None: since the last new count).
+        # Others' use of the cores, in cores, over the last stretch judged (None: none, or the
+        # last was too long to judge), and that use when more threads last lost a look.
         self._used: float | None = None
         self._lost_used: float | None = None
         # The count held when the counts began to be timed again (None: the first timing), for
         # the wait after the choice: it doubles when that count is chosen again.
         self._timed_from: int | None = None
-        self._timed_after_s = 0.0  # seconds of steps it had held for then
+        # Seconds of steps it had held for when a slow-down set the timing off (else infinite).
+        self._timed_after_s = float("inf")
         self.threads = candidates[0]
         set_threads(self.threads)
 
@@ -196,14 +197,16 @@ class ThreadTuner:
         now = self._clock()
         if self._probing is None:
             changed = self._changed(now)
-            if changed is not None and self._may_time_again(now, slower=changed > self._chosen_s):
+            slowed = changed is not None and changed > self._chosen_s
+            if changed is not None and self._may_time_again(now, slower=slowed):
                 # What the held count does now is known: time only the others.
-                self._timed_from, self._timed_after_s = self.threads, self._held_s
+                self._timed_from = self.threads
+                self._timed_after_s = self._held_s if slowed else float("inf")
                 self._step_s = {self.threads: changed}
                 self._probe_next(-1)
                 return
             if self._held_s >= self._recheck_s or self._look_due(now):
-                self._timed_from, self._timed_after_s = self.threads, self._held_s
+                self._timed_from, self._timed_after_s = self.threads, float("inf")
                 self._probe_next(-1)
                 return
         elif self._last is not None:
@@ -255,11 +258,12 @@ class ThreadTuner:
             return False  # judged over the next stretch, not over the worker's idle minutes
         since, before = last
         beyond = self._cores - self.threads
-        self._used = used = (reading.cpu_s - before.cpu_s) / (now - since)
+        used = (reading.cpu_s - before.cpu_s) / (now - since)
         spare = beyond - used
         if spare > beyond + IMPLAUSIBLE_CORES:
             self._watching = False
             return False
+        self._used = used
         more = next(n for n in self.candidates if n > self.threads) - self.threads
         free_now = beyond - reading.runnable
         if spare < more - 1 + SPARE_CORE or free_now < more:
@@ -278,9 +282,9 @@ class ThreadTuner:
         return True
 
     def _lifted(self, used: float) -> bool:
-        """Whether other processes' use of the cores beyond fell well below what it was when
-        more threads last lost (``LIFTED``): the load that kept fewer threads went, and the look
-        need not wait."""
+        """Whether other processes' use of the cores fell well below what it was when more
+        threads last lost a look (``LIFTED_SHARE``, ``LIFTED_CORES``): the load that kept fewer
+        threads went, and the look need not wait."""
         lost = self._lost_used
         return lost is not None and used <= lost * LIFTED_SHARE and lost - used >= LIFTED_CORES
 
@@ -357,12 +361,14 @@ class ThreadTuner:
         if not self._watching:  # the wait stays: the most may lose again at once
             self._watch = None
             return
-        brief = timed_from == most and self._timed_after_s < MAX_LOOK_WAIT_S
-        if timed_from == self.threads or brief:
+        if timed_from == self.threads:  # (the use over the last stretch: what made them lose)
+            self._wait_s, self._lost_used = min(2 * self._wait_s, MAX_LOOK_WAIT_S), self._used
+        elif timed_from == most and self._timed_after_s < MAX_LOOK_WAIT_S:
+            # The most threads slowed soon after they won: the load they won in a quiet moment
+            # of stays, and so does the use it was last read at (nothing is read meanwhile).
             self._wait_s = min(2 * self._wait_s, MAX_LOOK_WAIT_S)
-            self._lost_used = self._used
         else:
-            self._wait_s, self._lost_used = LOOK_AFTER_S, None
+            self._wait_s = LOOK_AFTER_S
         reading, now = self._others(), self._clock()
         self._watch = None if reading is None else (now, reading)  # None: read at the look
         self._read_at, self._look_at = now + LOOK_AFTER_S, now + self._wait_s

@@ -80,7 +80,6 @@ def test_each_look_that_fewer_threads_win_again_waits_twice_as_long() -> None:
     assert len(starts) == 6, starts
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     waits = [min(LOOK_AFTER_S * 2**k, MAX_LOOK_WAIT_S) for k in range(1, len(gaps) + 1)]
-    assert waits[-1] == MAX_LOOK_WAIT_S < waits[-2] * 2
     for gap, wait in zip(gaps, waits, strict=True):
         assert wait <= gap < wait + 0.1
 
@@ -145,6 +144,23 @@ def test_two_threads_that_lose_right_after_a_look_keep_the_long_wait() -> None:
     assert len(cores.changes) > changes
 
 
+def test_the_most_threads_losing_a_recheck_start_the_wait_short() -> None:
+    # Two threads held a second of steps; at the recheck one thread wins (narrowly, twice):
+    # a new count, not the most threads stalling right after a look, so the wait is short.
+    cores = Cores({1: 0.0010, 2: 0.0006}, others_share=0.0)
+    tuner = tuner_on(cores, recheck_s=1.0)
+    cores.train(tuner, round(0.9 / 0.0006))
+    assert tuner.threads == 2
+    cores.step_s = {1: 0.0007, 2: 0.00075}  # not slow enough to set off a timing of its own
+    cores.train(tuner, round(0.2 / 0.0007))
+    assert tuner.threads == 1
+    chosen_at = cores.switched_at[-1]
+    cores.step_s[2] = 0.0004
+    cores.train(tuner, round(0.3 / 0.0007))
+    assert tuner.threads == cores.threads == 2
+    assert cores.switched_at[-1] - chosen_at < 2 * LOOK_AFTER_S
+
+
 def polls_then(share: float, before: float = 0.3) -> tuple[Cores, ThreadTuner, int]:
     """Polls that take ``before`` of a core: two threads lose look after look, the next look
     1.4 s away; then the polls take ``share`` and two threads would win. Returns how many
@@ -160,6 +176,20 @@ def polls_then(share: float, before: float = 0.3) -> tuple[Cores, ThreadTuner, i
 
 def test_once_the_load_that_kept_one_thread_goes_the_look_does_not_wait() -> None:
     cores, tuner, _ = polls_then(0.0)
+    assert tuner.threads == cores.threads == 2
+
+
+def test_after_two_threads_lose_right_after_a_look_the_load_going_is_still_seen() -> None:
+    # Polls take 0.4 of a core; a quiet moment (0.05) lets two threads win a look, and the polls
+    # come back at once: one thread again. Then the polls stop: measured against the polls,
+    # not against the quiet moment, the look comes within a reading or two.
+    cores, tuner, _ = polls_then(0.05, before=0.4)
+    assert tuner.threads == 2
+    cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0045}, 0.4
+    cores.train(tuner, 40)
+    assert tuner.threads == 1
+    cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0006}, 0.0
+    cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0010))
     assert tuner.threads == cores.threads == 2
 
 
