@@ -80,14 +80,14 @@ MAX_UNTIMED_STEPS = 4 * PROBE_STEPS
 # MAX_LOOK_WAIT_S, and so do the most threads slowing within that many seconds of steps after they
 # won; any other choice of fewer threads than the most starts it at LOOK_AFTER_S (choosing the most
 # keeps it). Under an API answering 200 polls a second one thread's windows swing by more than
-# SLOWDOWN_FACTOR either way, and each swing timed two threads, which stall beside the polls: 5-10
+# SLOWDOWN_FACTOR either way, and each swing timed two threads, which stall beside the polls: 3-10
 # timings a job, a job slower than at either count held (docs/benchmarks.md, "2026-12-05, morning").
 LOOK_AFTER_S = 0.2
 # The longest wait: while a load that makes two threads lose stays, a look costs a few stalled
 # steps this often; where no reading tells that it went, one thread holds about this long after
 # (2-4 jobs).
 MAX_LOOK_WAIT_S = 1.6
-# Within the wait, a look is taken all the same once other processes use the cores beyond at
+# Within the wait, a look is taken all the same once other processes use the cores at
 # most LIFTED_SHARE of what they used when more threads last lost, and LIFTED_CORES less: the
 # load went (readings of a 0.2-s stretch are off by up to a tenth of a core, /proc/stat counting
 # ticks of 10 ms). Without it one thread would hold for the rest of the wait once the load that
