@@ -256,12 +256,17 @@ def test_a_load_that_leaves_half_a_core_busy_keeps_fewer_threads() -> None:
     assert tuner.threads == cores.threads == 2
 
 
-def test_on_more_cores_the_next_count_needs_its_cores_idle() -> None:
-    # Four cores, two threads held (four crawled); a process holds one of the other two.
+def two_of_four_held() -> tuple[Cores, ThreadTuner]:
+    """Four cores, two threads chosen (four crawl: a process holds one of the other two)."""
     cores = Cores({1: 0.0010, 2: 0.0006, 4: 0.0030}, others_share=1.0)
     tuner = tuner_on(cores, candidates=(1, 2, 4), recheck_s=3600.0)
     cores.train(tuner, 20)
     assert tuner.threads == 2
+    return cores, tuner
+
+
+def test_on_more_cores_the_next_count_needs_its_cores_idle() -> None:
+    cores, tuner = two_of_four_held()
     changes = len(cores.changes)
     cores.step_s[4] = 0.0004  # four threads would win on idle cores: the process keeps a core
     cores.train(tuner, round(10 * LOOK_AFTER_S / 0.0006))
@@ -274,10 +279,7 @@ def test_on_more_cores_the_next_count_needs_its_cores_idle() -> None:
 def test_a_held_count_that_slows_with_fewer_threads_left_is_timed_again_at_once() -> None:
     # Four cores, two threads just chosen; a process takes two cores at once: two threads
     # crawl and one would win. Fewer threads are what the slowdown asks about: no wait.
-    cores = Cores({1: 0.0010, 2: 0.0006, 4: 0.0030}, others_share=1.0)
-    tuner = tuner_on(cores, candidates=(1, 2, 4), recheck_s=3600.0)
-    cores.train(tuner, 20)
-    assert tuner.threads == 2
+    cores, tuner = two_of_four_held()
     chosen_at = cores.switched_at[-1]
     cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0030, 4: 0.0090}, 2.0
     cores.train(tuner, 30)
