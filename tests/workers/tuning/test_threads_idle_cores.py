@@ -101,12 +101,19 @@ def test_one_threads_windows_swinging_either_way_wait_for_the_look() -> None:
     assert all(wait <= gap < wait + 0.1 for gap, wait in zip(gaps, waits, strict=True)), gaps
 
 
+def looks_grown_apart(share: float = 0.2) -> tuple[Cores, ThreadTuner]:
+    """Polls that take ``share`` of a core; two threads lose narrowly look after look, at 1, 3,
+    7 and 15 waits: the next look is the longest wait away."""
+    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=share)
+    tuner = tuner_on(cores, recheck_s=3600.0)
+    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))
+    return cores, tuner
+
+
 def two_threads_win_after_long_waits() -> tuple[Cores, ThreadTuner]:
     """Light polls, the looks at the longest wait; then the polls stop and two threads win the
     next look, after that wait."""
-    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # four looks: the longest wait next
+    cores, tuner = looks_grown_apart()
     cores.step_s, cores.others_share = {1: 0.0010, 2: 0.0006}, 0.0
     cores.train(tuner, round((MAX_LOOK_WAIT_S + 2 * LOOK_AFTER_S) / 0.0010))
     assert tuner.threads == 2
@@ -165,9 +172,7 @@ def polls_then(share: float, before: float = 0.3) -> tuple[Cores, ThreadTuner, i
     """Polls that take ``before`` of a core: two threads lose look after look, the next look
     1.4 s away; then the polls take ``share`` and two threads would win. Returns how many
     counts were set before."""
-    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=before)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # looks at 1, 3, 7, 15 waits
+    cores, tuner = looks_grown_apart(before)
     changes = len(cores.changes)
     cores.step_s[2], cores.others_share = 0.0006, share
     cores.train(tuner, round((2 * LOOK_AFTER_S + 0.1) / 0.0010))  # 0.5 s: a reading or two
@@ -290,9 +295,7 @@ def test_a_held_count_that_slows_with_fewer_threads_left_is_timed_again_at_once(
 def test_the_held_count_sped_up_waits_for_the_look() -> None:
     # Light polls: the looks grow apart. Then one thread's steps speed up (the polls slowed):
     # no timing before the wait is over, and one thread holds; a short wait brings none.
-    cores = Cores({1: 0.0010, 2: 0.0012}, others_share=0.2)
-    tuner = tuner_on(cores, recheck_s=3600.0)
-    cores.train(tuner, round(16 * LOOK_AFTER_S / 0.0010))  # looks at 1, 3, 7, 15 waits
+    cores, tuner = looks_grown_apart()
     changes = len(cores.changes)
     cores.step_s[1] = 0.0007
     cores.train(tuner, round(4 * LOOK_AFTER_S / 0.0007))
