@@ -245,7 +245,8 @@ class ThreadTuner:
 
     def _look_due(self, now: float) -> bool:
         """Whether, holding fewer threads than the most, the cores the next count up would add
-        sat idle over the last reading's stretch and none is taken now: time the counts again."""
+        sat idle over the last reading's stretch and none is taken now, and the wait after the
+        last choice is over or the load went (:meth:`_lifted`): time the counts again."""
         if not self._watching or now < self._read_at:
             return False
         reading = self._others()
