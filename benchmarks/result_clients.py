@@ -219,7 +219,7 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True, name="step-watcher")
         self._engine, self._job_id, self._steps = engine, job_id, steps
         self._heard = heard or wakeups.Listener()  # the base listener wakes nobody: polling
-        self._halt = threading.Event()
+        self._halt = wakeups.StopEvent()
         self.seen: list[tuple[int, float]] = []
         self.left_queue: float | None = None  # perf_counter
         self.left_queue_wall: float | None = None  # time.time(), to set against created_at

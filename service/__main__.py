@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
+from service.api import server
 from service.api.app import create_app
 from service.api.edge import EdgeProtocol, connection_cap, raise_fd_limit
 from service.api.metrics import shared_counts
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # log_config=None: uvicorn's loggers propagate to the root handler set up above. The
     # processes share their Prometheus counts through a folder set up before they start.
     with shared_counts(settings.api_workers):
-        uvicorn.run(
+        config = uvicorn.Config(
             APP_FACTORY,
             factory=True,
             host=settings.host,
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             http=EdgeProtocol,
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         )
+        server.serve(config)  # uvicorn.run's, with servers that sleep while idle
     return 0
 
 

@@ -204,6 +204,39 @@ def process_cmd(
             stop(proc, stop_timeout_s)
 
 
+def _sleeps_begun(status: Path) -> int:
+    """A thread's voluntary context switches so far (0 once it has ended): each is a sleep
+    begun, so their growth over a window counts how often an idle thread woke."""
+    try:
+        text = status.read_text()
+    except OSError:  # the thread has ended
+        return 0
+    for line in text.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches in {status}")
+
+
+def wakes(pid: int) -> dict[str, int]:
+    """:func:`_sleeps_begun` of each thread of ``pid``, by thread id."""
+    return {
+        status.parent.name: _sleeps_begun(status)
+        for status in Path(f"/proc/{pid}/task").glob("*/status")
+    }
+
+
+def woke_since(pid: int, before: dict[str, int]) -> int:
+    """How often the threads of ``pid`` woke since ``before`` (:func:`wakes`): a thread begun
+    since counts whole; one that ended since takes its wakes with it (they come out low, never
+    high)."""
+    return sum(count - before.get(tid, 0) for tid, count in wakes(pid).items() if count)
+
+
+def thread_wakes(thread: threading.Thread) -> int:
+    """:func:`_sleeps_begun` of one thread of this process."""
+    return _sleeps_begun(Path(f"/proc/self/task/{thread.native_id}/status"))
+
+
 def local_env(database_url: str, data_dir: Path, tmp_path: Path, **settings: str) -> dict[str, str]:
     """:func:`service_env` for a service and its workers on this database and data set, training
     on the CPU, their checkpoints in ``tmp_path / "models"``."""

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.clock import utcnow
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
-from service.store import worker_repo
+from service.store import wakeups, worker_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.signals import on_signals
 from workers.supervisor import supervise
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.worker import Worker  # torch: not for --check or the supervisor
 
     engine = make_engine(settings.database_url)
-    stop = threading.Event()
+    stop = wakeups.StopEvent()
     install_signal_handlers(stop)
     try:
         # tqdm bars would break one-JSON-object-per-line logs: JSON logs get a line per epoch.

@@ -23,7 +23,7 @@ from workers.signals import on_signals
 log = logging.getLogger("workers.supervisor")
 
 SHUTDOWN_WAIT_S = 60.0  # after our first signal, how long the children may take to stop
-POLL_S = 0.2
+POLL_S = 0.2  # while stopping: how often the children still running are looked at
 CRASH_LOOP_STATUS = 1  # what the supervisor returns when a child cannot start
 CLEAN = (0, -signal.SIGINT, -signal.SIGTERM)
 
@@ -66,8 +66,9 @@ def describe(status: int) -> str:
 class Child:
     """One supervised command: its current process and its record of exits."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], exited: threading.Event) -> None:
         self.name, self.args = name, args
+        self.exited = exited  # set when any child's process exits
         self.exits_in_a_row = self.restarts = 0
         self.ever_stable = False
         self.restart_at: float | None = None
@@ -75,12 +76,26 @@ class Child:
 
     def start(self) -> subprocess.Popen[bytes]:
         """``python <args>`` in a process group of its own: a terminal's Ctrl-C reaches the
-        supervisor alone, which passes it on once (a second signal makes a child exit at once)."""
+        supervisor alone, which passes it on once (a second signal makes a child exit at once).
+        A thread waits for its exit (without reaping it: :meth:`tend` does) and sets
+        :attr:`exited`, so the supervisor sleeps until then rather than looking every 0.2 s."""
         self.proc = subprocess.Popen([sys.executable, *self.args], process_group=0)
         self.started = time.monotonic()
         self.restart_at = None
         log.info("%s started (pid %d)", self.name, self.proc.pid)
+        pid = self.proc.pid
+
+        def watch() -> None:
+            with suppress(ChildProcessError):  # reaped already (the supervisor is stopping)
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            self.exited.set()
+
+        threading.Thread(target=watch, name=f"watch-{self.name}", daemon=True).start()
         return self.proc
+
+    def wait_s(self, now: float) -> float | None:
+        """How long until this child is due to start again (None: it runs)."""
+        return None if self.restart_at is None else max(0.0, self.restart_at - now)
 
     def tend(self, backoff: Backoff, refused: Collection[int]) -> int | None:
         """Start the child again when its wait is over; notice when it exits.
@@ -140,18 +155,28 @@ def supervise(
     """
     signals: list[int] = []
     stop, kill = threading.Event(), threading.Event()
+    news = threading.Event()  # a signal came or a child exited: the loop looks
 
     def first(signum: int) -> None:
         signals.append(signum)
         stop.set()
+        news.set()
 
     def again(_signum: int) -> None:
         kill.set()
 
     on_signals(first, again)
-    children = [Child(name, args) for name, args in commands.items()]
+    children = [Child(name, args, news) for name, args in commands.items()]
     gave_up: int | None = None
-    while gave_up is None and not stop.wait(POLL_S):
+    while gave_up is None and not stop.is_set():
+        # Until news, or the next restart is due; cleared before the look, so that an exit
+        # after it sets it again and is looked at next time round.
+        now = time.monotonic()
+        waits = [w for w in (c.wait_s(now) for c in children) if w is not None]
+        news.wait(min(waits, default=None))
+        news.clear()
+        if stop.is_set():
+            break
         for child in children:
             gave_up = child.tend(backoff, refused)
             if gave_up is not None:

@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -77,13 +76,13 @@ class Worker:
         settings: Settings,
         sessions: sessionmaker[Session],
         *,
-        stop: threading.Event | None = None,
+        stop: wakeups.StopEvent | None = None,
         show_progress: bool = True,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         wakeups.attach(sessions, settings.database_url, enabled=settings.wakeups)
-        self.stop = stop or threading.Event()
+        self.stop = stop or wakeups.StopEvent()
         self.show_progress = show_progress
         self.host = socket.gethostname()
         self.worker_id = new_worker_id()

@@ -37,6 +37,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.api.server import fresh_headers
 from service.errors import (
     AtCapacity,
     BadRequest,
@@ -159,6 +160,7 @@ class EdgeProtocol(HttpToolsProtocol):
         """Feed the parser, a header block at most ``max_header_bytes`` at a time."""
         if self.refused:
             return  # read and dropped until the connection closes
+        fresh_headers(self.server_state, self.config)  # the Date of what this may answer
         self._unset_keepalive_if_required()
         if self.phase == HEAD:
             room = self.settings.max_header_bytes - self.head_bytes
@@ -285,7 +287,7 @@ class EdgeProtocol(HttpToolsProtocol):
                 return
         if self.transport.is_closing():
             return
-        self.transport.write(error_response(error, self.server_state.default_headers))
+        self.transport.write(error_response(error, fresh_headers(self.server_state, self.config)))
         if self.transport.can_write_eof():
             self.transport.write_eof()
             if self.flow is not None:

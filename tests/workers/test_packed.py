@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from service.settings import Settings
 from service.status import JobStatus
 from service.store import job_repo, metric_repo
 from service.store.tables import Job
+from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, local_env, process, wait_for
 from tests.workers.training.test_packing import LOSS_ATOL, LOSS_RTOL
@@ -200,7 +200,7 @@ def test_a_stop_mid_pack_releases_every_job_and_they_resume_as_a_pack(
     at_step: Callable[[str, int, Callable[[], None]], None],
 ) -> None:
     ids = [submit(sessions, **trial) for trial in TRIALS]
-    stop = threading.Event()
+    stop = StopEvent()
     at_step(ids[2], 3, stop.set)
     Worker(packing(settings), sessions, stop=stop, show_progress=False).run()
     for job_id in ids:  # each finished the epoch it was in, and went back with it kept

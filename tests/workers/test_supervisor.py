@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, local_env, service_env, wait_for
+from tests.support import REPO_ROOT, free_port, local_env, service_env, wait_for, wakes, woke_since
 from workers.supervisor import Backoff, describe
 
 # Children that record their pid, then behave as their run's number says.
@@ -60,6 +61,7 @@ sys.exit(supervise(json.loads(sys.argv[1]), backoff=Backoff(**json.loads(sys.arg
                    refused=(2,)))
 """
 FAST = {"first_s": 0.1, "max_s": 0.3, "stable_s": 5.0, "give_up_after": 4}
+WINDOW_S = 3.0  # an idle supervisor is watched this long
 
 
 def alive(pid: int) -> bool:
@@ -179,6 +181,20 @@ def test_a_child_that_exits_is_restarted_and_the_others_never_notice(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not alive(steady) and not alive(last)
+
+
+def test_an_idle_supervisor_sleeps_until_a_child_exits(supervised: Supervised) -> None:
+    """No look every 0.2 s: a thread per child waits for its exit and wakes the supervisor."""
+    proc = supervised.start({"steady": [STEADY], "flaky": [BY_RUN, "sleep"]})
+    supervised.wait_started("steady", 1)
+    first = supervised.wait_started("flaky", 1)
+    before = wakes(proc.pid)
+    time.sleep(WINDOW_S)  # the window measured, not a wait for a condition
+    assert woke_since(proc.pid, before) <= 2  # looking every 0.2 s, it woke 15 times
+    os.kill(first, signal.SIGKILL)
+    assert supervised.wait_started("flaky", 2) != first  # the exit woke it
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
 
 
 def test_a_child_that_refuses_its_configuration_stops_everything(

@@ -24,6 +24,7 @@ from service.status import JobStatus
 from service.store import job_repo, metric_repo, queue_repo, worker_repo
 from service.store.engines import make_sessionmaker
 from service.store.tables import Job
+from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
@@ -121,7 +122,7 @@ def test_a_stopping_worker_hands_its_job_back(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
     job_id = submit(sessions, epochs=100, batch_size=8)
-    stop = threading.Event()
+    stop = StopEvent()
     worker = Worker(settings, sessions, stop=stop, show_progress=False)
     thread = threading.Thread(target=worker.run)
     thread.start()
@@ -289,7 +290,7 @@ def test_a_worker_asked_to_stop_while_the_database_is_down_stops_within_its_grac
     settings: Settings, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     db = FlakyDatabase(sessions)
-    stop = threading.Event()
+    stop = StopEvent()
     worker = Worker(
         settings.model_copy(update={"shutdown_grace_s": 0.5}), db.sessionmaker(), stop=stop
     )

@@ -29,13 +29,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.store.wakeups.waiters import AsyncWaiter, Listener, Waiter
+from service.store.wakeups.waiters import AsyncWaiter, Listener, StopEvent, Waiter
 
 __all__ = [
     "JOB_PROGRESS",
     "JOB_QUEUED",
     "AsyncWaiter",
     "Listener",
+    "StopEvent",
     "Waiter",
     "attach",
     "listen",

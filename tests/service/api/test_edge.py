@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,17 @@ def default_server(
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[int]:
     """A server with small limits; its port. Nothing here keeps a connection open to it."""
-    root = tmp_path_factory.mktemp("edge-small")
+    with small_limits("service", tmp_path_factory.mktemp("edge-small"), sqlite_template) as port:
+        yield port
+
+
+@contextmanager
+def small_limits(module: str, root: Path, sqlite_template: Path) -> Iterator[int]:
+    """``python -m <module>`` with small limits, until the generator is closed: its port."""
     port = free_port()
     env = service_env(**database(root, sqlite_template), **SMALL, port=str(port), host="127.0.0.1")
     log = root / "api.log"
-    with process(["-m", "service"], env, log) as proc:
+    with process(["-m", module], env, log) as proc:
 
         def healthy() -> bool:
             assert proc.poll() is None, log.read_text()
@@ -220,6 +227,17 @@ def test_a_large_header_block_gets_431(small_server: int) -> None:
     assert status_of(response) == 431
     assert envelope(response)["code"] == "header_too_large"
     assert b"connection: close" in response.lower()
+
+
+def test_the_benchmarks_baseline_serves_without_the_edge(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    """``benchmarks.plain_uvicorn``, what the edge is measured against, runs the service on
+    uvicorn's own protocol: the header block the edge refuses reaches the app."""
+    with small_limits("benchmarks.plain_uvicorn", tmp_path, sqlite_template) as port:
+        response, _ = exchange(port, get("/healthz", "X-Big: " + "b" * 5000, "Connection: close"))
+    assert status_of(response) == 200
+    assert b"\r\ndate: " in response.lower()  # the quiet server leaves it to the protocol
 
 
 def test_a_long_request_line_gets_414(small_server: int) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store import wakeups
@@ -9,14 +12,24 @@ from service.store.engines import make_engine, make_sessionmaker
 from service.store.wakeups import JOB_QUEUED
 from service.store.wakeups.notify import NotifyListener
 from tests.conftest import OwnPostgres, refused, terminate_backends
-from tests.support import wait_for
+from tests.support import thread_wakes, wait_for
 
 WOKEN_WITHIN_S = 10.0
+IDLE_WINDOW_S = 1.0  # an idle listener is watched this long
 
 
 def publish(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         wakeups.publish(session, JOB_QUEUED)
+
+
+def backend_pids(own_postgres: OwnPostgres) -> set[int]:
+    with own_postgres.admin.connect() as conn:
+        rows = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
+            {"name": own_postgres.name},
+        )
+        return {pid for (pid,) in rows}
 
 
 def test_a_cut_listening_connection_reconnects_and_wakes_its_waiters(
@@ -67,3 +80,35 @@ def test_while_the_database_refuses_waiters_time_out_and_wake_when_it_is_back(
                 assert not queued.wait(0.2)  # nothing to wake it: its timeout ends the wait
             assert queued.wait(WOKEN_WITHIN_S)  # back: woken to look again
             assert listener.connected.wait(WOKEN_WITHIN_S)
+
+
+def test_a_listener_sleeps_until_news_and_closing_it_ends_its_wait(
+    own_postgres: OwnPostgres,
+) -> None:
+    """The listening thread waits for the server or its close, without a timeout: psycopg's
+    own wait woke it 10 times a second. Closing it wakes it to end."""
+    listener = wakeups.listen(own_postgres.url, [JOB_QUEUED], enabled=True)
+    assert isinstance(listener, NotifyListener)
+    assert listener.connected.wait(WOKEN_WITHIN_S)
+    thread = listener._thread
+    before = thread_wakes(thread)
+    time.sleep(IDLE_WINDOW_S)  # the window measured, not a wait for a condition
+    assert thread_wakes(thread) - before <= 3  # psycopg's wait: 10
+    backend = listener.backend_pid
+    listener.close()
+    assert not thread.is_alive()  # close() waits up to CONNECT_TIMEOUT_S + 1 for it
+    assert not listener.connected.is_set()
+    wait_for(
+        lambda: backend not in backend_pids(own_postgres),
+        timeout_s=WOKEN_WITHIN_S,
+        what="the listening connection to close",
+    )
+
+
+def test_a_listener_closed_at_once_ends_too(own_postgres: OwnPostgres) -> None:
+    """Closed as it starts, before or after its connection is up (the ring waits in its
+    socket until the thread looks), the thread ends instead of waiting."""
+    listener = wakeups.listen(own_postgres.url, [JOB_QUEUED], enabled=True)
+    assert isinstance(listener, NotifyListener)
+    listener.close()
+    assert not listener._thread.is_alive()

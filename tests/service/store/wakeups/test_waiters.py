@@ -1,4 +1,5 @@
-"""Coroutines' waits: a crowd woken with one hand-off to its loop, a wait's own timer."""
+"""Waits: a crowd of coroutines woken with one hand-off to its loop, a wait's own timer, and a
+thread's wait ended at once by its stop."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from service.store.wakeups import JOB_PROGRESS, Listener
+from service.store.wakeups import JOB_PROGRESS, Listener, StopEvent
+from tests.support import thread_wakes, wait_for
 
 CROWD = 50
 SHORT_S = 0.1  # a wait that must last this long at least: its timer is its only end
+IDLE_WINDOW_S = 1.0  # a sleeping wait is watched this long
 
 
 def test_a_crowds_waiters_are_woken_with_one_hand_off_to_their_loop(
@@ -110,3 +113,35 @@ def test_a_wake_up_ends_a_wait_in_progress() -> None:
             return woken, await news.wait(0)
 
     assert anyio.run(main) == (True, False)
+
+
+def test_a_thread_s_wait_sleeps_until_its_stop_ends_it() -> None:
+    """An idle worker sleeps until a wake-up or its stop (it looked at the stop's flag 10 times
+    a second): setting the stop wakes the wait, which reads as not woken (nothing was
+    announced)."""
+    listener = Listener()
+    stop = StopEvent()
+    with listener.subscribe(JOB_PROGRESS, "job") as news:
+        results: list[bool] = []
+        waiting = threading.Thread(target=lambda: results.append(news.wait(600, stop)))
+        waiting.start()
+        wait_for(lambda: stop.waits == 1, timeout_s=10, what="the wait to begin")
+        before = thread_wakes(waiting)
+        time.sleep(IDLE_WINDOW_S)  # the window measured, not a wait for a condition
+        assert thread_wakes(waiting) - before <= 3  # the flag's looks: 10
+        stop.set()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive()
+        assert results == [False]
+        assert stop.waits == 0
+        assert news.wait(600, stop) is False  # already stopped: at once
+
+
+def test_a_wait_given_a_stop_still_wakes_for_news_and_keeps_none() -> None:
+    """A stop that is not set changes nothing: the wake-up ends the wait, once."""
+    listener = Listener()
+    stop = StopEvent()
+    with listener.subscribe(JOB_PROGRESS, "job") as news:
+        listener.deliver(JOB_PROGRESS, "job")
+        assert news.wait(600, stop) is True
+        assert news.wait(0, stop) is False  # the wake-up was taken by the wait before

@@ -1,0 +1,118 @@
+"""uvicorn's server, asleep while idle: what ``python -m service`` runs, in one process or several.
+
+uvicorn's main loop wakes every 0.1 s to see whether it should exit, and refreshes the ``Date``
+header every tenth time. On a host where an idle process's memory goes cold, each such wake
+cost milliseconds of CPU: an idle API took 1.7–4.4% of a core where the goal is 1%
+(docs/benchmarks.md, Time to result). :class:`QuietServer` is the same server whose main loop
+sleeps until it is asked to exit; the header is refreshed as requests come instead
+(:func:`fresh_headers`, called by the service's protocol, :mod:`service.api.edge`, and by the
+benchmarks' baseline protocol). With several
+processes, uvicorn's own supervisor runs :class:`QuietProcess` children, which serve with it;
+the supervisor still pings each child every 0.5 s, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import weakref
+from email.utils import formatdate
+
+from uvicorn.config import STARTUP_FAILURE, Config
+from uvicorn.server import Server, ServerState
+from uvicorn.supervisors import multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess
+
+# The longest an idle server sleeps: asking it to exit wakes it, so this only bounds the wait
+# should a wake-up ever be missed.
+TICK_S = 30.0
+_DATE_SECOND: weakref.WeakKeyDictionary[ServerState, int] = weakref.WeakKeyDictionary()
+
+
+def fresh_headers(state: ServerState, config: Config) -> list[tuple[bytes, bytes]]:
+    """The server's default headers, their ``Date`` of this second: refreshed when a request
+    comes in a new second, which costs it a clock reading otherwise (uvicorn's tick refreshed
+    them every second, waking an idle server to do so)."""
+    now = time.time()
+    if _DATE_SECOND.get(state) != int(now):
+        _DATE_SECOND[state] = int(now)
+        date = [(b"date", formatdate(now, usegmt=True).encode())] if config.date_header else []
+        state.default_headers = date + config.encoded_headers
+    return state.default_headers
+
+
+class QuietServer(Server):
+    """A server whose main loop sleeps until it is asked to exit (or :data:`TICK_S` passes).
+
+    Every way uvicorn asks its server to exit sets ``should_exit`` (a signal's
+    ``handle_exit``, or code that holds the server), so setting it wakes the loop.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._should_exit = False
+        super().__init__(config)
+
+    @property
+    def should_exit(self) -> bool:
+        """uvicorn's flag; setting it wakes the main loop."""
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value and self._wake is not None:
+            loop, asked = self._wake
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits
+                loop.call_soon_threadsafe(asked.set)
+
+    async def main_loop(self) -> None:
+        """uvicorn's ticks, :data:`TICK_S` apart, cut short when asked to exit. Tick 1: not
+        uvicorn's once-a-second work (the Date header, fresh per request here; a process
+        manager's notify callback, which this service never sets), only its exit checks."""
+        asked = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), asked)
+        while not await self.on_tick(1):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asked.wait(), TICK_S)
+
+
+class QuietProcess(multiprocess.Process):
+    """A child of uvicorn's supervisor that serves with :class:`QuietServer`."""
+
+    @property
+    def server(self) -> Server:
+        """uvicorn's property, with the quiet server."""
+        if self._server is None:
+            self._server = QuietServer(config=self.config)
+        return self._server
+
+
+def serve(config: Config) -> None:
+    """What ``uvicorn.run`` does with the service's ``config`` (one process, or
+    ``config.workers`` under uvicorn's supervisor, which binds the socket they share), with
+    quiet servers. The service never reloads, listens on a Unix socket (uvicorn.run's other
+    paths), limits a process's requests or notifies a process manager (which the quiet main
+    loop would check only every :data:`TICK_S`)."""
+    if config.should_reload or config.uds is not None:
+        raise ValueError("the service's server neither reloads nor listens on a Unix socket")
+    if config.limit_max_requests is not None or config.callback_notify is not None:
+        raise ValueError("the quiet server checks a request limit or a notify callback rarely")
+    if config.workers > 1:
+        sock = config.bind_socket()
+        # The supervisor makes its children (and replaces dead ones) by this module name.
+        uvicorns = multiprocess.Process
+        multiprocess.Process = QuietProcess  # type: ignore[misc]
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                Multiprocess(config, sockets=[sock]).run()
+        finally:
+            multiprocess.Process = uvicorns  # type: ignore[misc]
+        return
+    server = QuietServer(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
