@@ -19,9 +19,9 @@ class StopEvent(threading.Event):
     """A request to stop that also wakes the waits handed it (:meth:`Waiter.wait`).
 
     An idle worker waits for a wake-up or its stop. It used to look at a plain event's flag 10
-    times a second: on a host where an idle process's memory goes cold, each look cost 0.2–1 ms of
-    CPU, most of what an idle worker spent (docs/benchmarks.md). Setting this event wakes the
-    waits instead, so an idle thread sleeps until something happens.
+    times a second: on a host where an idle process's memory goes cold, each look cost
+    milliseconds of CPU (docs/benchmarks.md, Time to result). Setting this event wakes the waits
+    instead, so an idle thread sleeps until something happens.
     """
 
     def __init__(self) -> None:
