@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,6 +202,19 @@ def process_cmd(
             yield proc
         finally:
             stop(proc, stop_timeout_s)
+
+
+def children_of(parent: int) -> dict[int, list[str]]:
+    """The live child processes of ``parent``: pid → command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with suppress(OSError):
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == parent and stat[0] not in ("Z", "X"):
+                found[int(entry.name)] = (entry / "cmdline").read_text().split("\0")[:-1]
+    return found
 
 
 def _sleeps_begun(status: Path) -> int:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from service.api.server import TICK_S
-from tests.support import api_process, local_env, process, wait_for, wakes, woke_since
+from tests.support import api_process, children_of, local_env, process, wait_for, wakes, woke_since
 
 WINDOW_S = 4.0
 # The wakes allowed in the window: a heartbeat's statements, a listener's timeout (5 s, SQLite's
@@ -70,20 +70,12 @@ def test_each_of_several_api_processes_sleeps(
             timeout_s=60,
             what="both API processes to start",
         )
-        servers = [pid for pid in children(api.pid) if "spawn_main" in command(pid)]
+        servers = [pid for pid, cmd in children_of(api.pid).items() if "spawn_main" in str(cmd)]
         assert len(servers) == 2
         before = {pid: wakes(pid) for pid in servers}
         time.sleep(WINDOW_S)  # the window measured, not a wait for a condition
         woke = {pid: woke_since(pid, counts) for pid, counts in before.items()}
     assert max(woke.values()) <= MOST_CHILD_WAKES, f"wakes in {WINDOW_S} s: {woke}"
-
-
-def children(parent: int) -> list[int]:
-    return [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-
-
-def command(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
 
 
 def test_a_stopped_idle_worker_leaves_at_once(

@@ -24,7 +24,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.status import JobStatus
 from service.store import metric_repo
 from tests.jobs import queue_job, read_job
-from tests.support import REPO_ROOT, free_port, local_env, service_env, wait_for, wakes, woke_since
+from tests.support import (
+    REPO_ROOT,
+    children_of,
+    free_port,
+    local_env,
+    service_env,
+    wait_for,
+    wakes,
+    woke_since,
+)
 from workers.supervisor import Backoff, describe
 
 # Children that record their pid, then behave as their run's number says.
@@ -71,19 +80,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def children_of(parent: int) -> dict[int, list[str]]:
-    """The live child processes of ``parent``: pid → command line."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with suppress(OSError):
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[1]) == parent and stat[0] not in ("Z", "X"):
-                found[int(entry.name)] = (entry / "cmdline").read_text().split("\0")[:-1]
-    return found
 
 
 def pids(path: Path) -> list[int]:
