@@ -230,7 +230,7 @@ def _sleeps_begun(status: Path) -> int:
     raise AssertionError(f"no voluntary_ctxt_switches in {status}")
 
 
-def wakes(pid: int) -> dict[str, int]:
+def _threads_sleeps(pid: int) -> dict[str, int]:
     """:func:`_sleeps_begun` of each thread of ``pid``, by thread id."""
     return {
         status.parent.name: _sleeps_begun(status)
@@ -238,16 +238,24 @@ def wakes(pid: int) -> dict[str, int]:
     }
 
 
-def woke_since(pid: int, before: dict[str, int]) -> int:
-    """How often the threads of ``pid`` woke since ``before`` (:func:`wakes`): a thread begun
-    since counts whole; one that ended since takes its wakes with it (they come out low, never
-    high)."""
-    return sum(count - before.get(tid, 0) for tid, count in wakes(pid).items() if count)
+def wakes_over(pids: Sequence[int], window_s: float) -> dict[int, int]:
+    """How often each process of ``pids`` woke over the next ``window_s`` (a window measured,
+    not a wait for a condition), its threads' together: a thread begun within counts whole; one
+    that ended within takes its wakes with it (they come out low, never high)."""
+    before = {pid: _threads_sleeps(pid) for pid in pids}
+    time.sleep(window_s)
+    return {
+        pid: sum(n - before[pid].get(tid, 0) for tid, n in _threads_sleeps(pid).items() if n)
+        for pid in pids
+    }
 
 
-def thread_wakes(thread: threading.Thread) -> int:
-    """:func:`_sleeps_begun` of one thread of this process."""
-    return _sleeps_begun(Path(f"/proc/self/task/{thread.native_id}/status"))
+def thread_wakes_over(thread: threading.Thread, window_s: float) -> int:
+    """How often ``thread``, of this process, woke over the next ``window_s``."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status")
+    before = _sleeps_begun(status)
+    time.sleep(window_s)
+    return _sleeps_begun(status) - before
 
 
 def local_env(database_url: str, data_dir: Path, tmp_path: Path, **settings: str) -> dict[str, str]:

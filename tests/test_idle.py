@@ -12,11 +12,10 @@ process's listening thread (psycopg's own wait).
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 from service.api.server import TICK_S
-from tests.support import api_process, children_of, local_env, process, wait_for, wakes, woke_since
+from tests.support import api_process, children_of, local_env, process, wait_for, wakes_over
 
 WINDOW_S = 4.0
 # The wakes allowed in the window: a heartbeat's statements, a listener's timeout (5 s, SQLite's
@@ -46,9 +45,7 @@ def test_an_idle_api_and_worker_sleep(db_url: str, small_mnist: Path, tmp_path: 
             what="the worker to register",
         )
         client.close()  # nothing asks the API anything from here on
-        before = {api.pid: wakes(api.pid), worker.pid: wakes(worker.pid)}
-        time.sleep(WINDOW_S)  # the window measured, not a wait for a condition
-        woke = {pid: woke_since(pid, counts) for pid, counts in before.items()}
+        woke = wakes_over([api.pid, worker.pid], WINDOW_S)
         assert api.poll() is None and worker.poll() is None
     assert woke[api.pid] <= MOST_WAKES, f"the idle API woke {woke[api.pid]} times in {WINDOW_S} s"
     assert woke[worker.pid] <= MOST_WAKES, (
@@ -72,9 +69,7 @@ def test_each_of_several_api_processes_sleeps(
         )
         servers = [pid for pid, cmd in children_of(api.pid).items() if "spawn_main" in str(cmd)]
         assert len(servers) == 2
-        before = {pid: wakes(pid) for pid in servers}
-        time.sleep(WINDOW_S)  # the window measured, not a wait for a condition
-        woke = {pid: woke_since(pid, counts) for pid, counts in before.items()}
+        woke = wakes_over(servers, WINDOW_S)
     assert max(woke.values()) <= MOST_CHILD_WAKES, f"wakes in {WINDOW_S} s: {woke}"
 
 
