@@ -158,8 +158,9 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "Answer plain predictions, metrics polls and job polls, and start event streams, in "
-            "plain ASGI ahead of FastAPI (service/api/lanes/); false leaves every request to the "
-            "routes."
+            "plain ASGI ahead of FastAPI (service/api/lanes/), and on SQLite let the HTTP "
+            "protocol answer job and metrics polls itself (service/api/quick.py); false leaves "
+            "every request to the routes."
         ),
     )
     ready_write_probe_s: float = Field(

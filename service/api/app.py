@@ -30,6 +30,7 @@ from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.lanes.streams import StreamLane
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.api.quick import QuickAnswers
 from service.api.routes import (
     dashboard,
     events,
@@ -164,6 +165,7 @@ class ServiceApp(FastAPI):
     """
 
     edge: ASGIApp | None = None
+    quick: QuickAnswers | None = None  # answers the edge protocol gives (service/api/quick.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Lifespan to FastAPI; every request through ``edge``, which hands on to FastAPI."""
@@ -265,25 +267,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # limits (before anything reads a byte of the body), then the fast lanes of event streams,
     # job and metrics polls and predict, then FastAPI.
     edge: ASGIApp = functools.partial(FastAPI.__call__, app)
+    polls: PollLane | None = None
     if settings.fast_lanes:
         edge = PredictLane(edge, route=_route(app, "POST", PREDICT_PATH), settings=settings)
-        edge = PollLane(
+        edge = polls = PollLane(
             edge,
             metrics_route=_route(app, "GET", "/jobs/{job_id}/metrics"),
             job_route=_route(app, "GET", "/jobs/{job_id}"),
         )
         edge = StreamLane(edge, route=_route(app, "GET", "/jobs/{job_id}/events"))
-    edge = BodyLimitMiddleware(
+    edge = limits = BodyLimitMiddleware(
         edge,
         max_body_bytes=settings.max_request_bytes,
         max_form_parts=settings.max_form_parts,
         max_form_field_bytes=settings.max_form_field_bytes,
     )
+    key_check = None
     if keys is not None:
-        edge = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)
+        edge = key_check = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)
     edge = RequestIdMiddleware(edge)
-    edge = RequestMetricsMiddleware(edge, metrics=app.state.metrics)
+    edge = counted = RequestMetricsMiddleware(edge, metrics=app.state.metrics)
     app.edge = ServerErrorMiddleware(edge, handler=_unexpected_error)
+    # What the HTTP protocol may answer itself, through these layers' own rules.
+    if polls is not None:
+        app.quick = QuickAnswers(
+            app.state, polls=polls, metrics=counted, keys=key_check, limits=limits
+        )
 
     def complete_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

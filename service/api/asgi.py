@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
@@ -106,19 +107,32 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+def json_headers(payload: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of a 200 that carries ``payload``, a JSON document already encoded."""
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+
+
 async def send_json(send: Send, payload: bytes) -> None:
     """Answer 200 with ``payload``, a JSON document already encoded."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
+    await send({"type": "http.response.start", "status": 200, "headers": json_headers(payload)})
     await send({"type": "http.response.body", "body": payload})
+
+
+def assign_request_id(scope: Scope) -> str:
+    """This request's id, kept in its scope: the client's own ``X-Request-ID`` when that is a
+    plain token, else a fresh one."""
+    given = header(scope, REQUEST_ID_HEADER.encode())
+    candidate = given.decode("latin-1") if given is not None else ""
+    rid = candidate if CLIENT_REQUEST_ID.match(candidate) else secrets.token_hex(16)
+    scope[REQUEST_ID_SCOPE_KEY] = rid
+    return rid
+
+
+def with_request_id(headers: Iterable[tuple[bytes, bytes]], rid: str) -> list[tuple[bytes, bytes]]:
+    """A response's headers, its ``X-Request-ID`` the request's id (and only that one)."""
+    tagged = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+    tagged.append((REQUEST_ID_HEADER.encode(), rid.encode()))
+    return tagged
 
 
 class RequestIdMiddleware:
@@ -136,18 +150,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = header(scope, REQUEST_ID_HEADER.encode())
-        candidate = given.decode("latin-1") if given is not None else ""
-        rid = candidate if CLIENT_REQUEST_ID.match(candidate) else secrets.token_hex(16)
-        scope[REQUEST_ID_SCOPE_KEY] = rid
+        rid = assign_request_id(scope)
 
         async def tagged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"
-                ]
-                headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
-                message["headers"] = headers
+                message["headers"] = with_request_id(message.get("headers", ()), rid)
             await send(message)
 
         await self.app(scope, receive, tagged_send)

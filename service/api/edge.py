@@ -30,13 +30,20 @@ import json
 import logging
 import resource
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import httptools
+from starlette.types import Scope
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
+from service.api.quick import Headers, front_of, send_whole
 from service.api.server import fresh_headers
 from service.errors import (
     AtCapacity,
@@ -131,6 +138,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self.body_seen = 0.0  # loop time of the body's last bytes
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
+        self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
+        self.answering = False  # while a quick answer is being sent
 
     # -- connections ------------------------------------------------------------------------
 
@@ -235,6 +244,42 @@ class EdgeProtocol(HttpToolsProtocol):
         self.phase = HEAD
         self.head_bytes = self.url_bytes = 0
         super().on_message_complete()
+
+    # -- answering --------------------------------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """Answer here what the app answers at once (:mod:`service.api.quick`); start the app's
+        task for anything else.
+
+        A request starts here as it is parsed, or as the previous response ends (a pipelined
+        one): a keep-alive timer that a quick answer armed in this same read is stopped first,
+        as uvicorn stops it when data arrives. A request started by a quick answer's own end
+        goes the app's way: answering it here too would nest one call in the other for every
+        request a client pipelined."""
+        self._unset_keepalive_if_required()
+        front = None if self.answering or app is not self.app else self.front
+        if front is not None and not cycle.flow.write_paused:
+            try:
+                answer = front(cast(Scope, cycle.scope))
+            except Exception:  # the app's own way meets it too, and answers it
+                log.exception("a quick answer failed; the app answers instead")
+                answer = None
+            if answer is not None:
+                self._send_now(cycle, *answer)
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def _send_now(self, cycle: RequestResponseCycle, headers: Headers, body: bytes) -> None:
+        """Send a 200 through the cycle, as the app's task would have, in one write; close the
+        connection if it fails half-way."""
+        self.answering = True
+        try:
+            send_whole(cycle, self.transport, headers, body)
+        except Exception:
+            log.exception("a quick answer could not be sent; the connection is closed")
+            self.transport.close()
+        finally:
+            self.answering = False
 
     # -- deadlines --------------------------------------------------------------------------
 

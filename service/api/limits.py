@@ -176,19 +176,32 @@ class BodyLimitMiddleware:
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
 
+    def _judge_head(self, scope: Scope) -> MultipartGuard | None:
+        """What the request's headers alone decide: a declared length over the cap, or a form's
+        header the multipart limits refuse (raised); else the form's guard, if it is a form."""
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()  # not a byte of it read
+        return multipart_guard(
+            scope, max_parts=self.max_form_parts, max_field_bytes=self.max_form_field_bytes
+        )
+
+    def refusal(self, scope: Scope) -> ServiceError | None:
+        """Why the request's headers alone are refused, or None (its body, if any, is judged as
+        it is read)."""
+        try:
+            self._judge_head(scope)
+        except ServiceError as exc:
+            return exc
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on with a ``receive`` that counts, and answer 413 when it refuses."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await send_error(send, self._too_large(), close=True)  # not a byte of it read
-            return
         try:
-            guard = multipart_guard(
-                scope, max_parts=self.max_form_parts, max_field_bytes=self.max_form_field_bytes
-            )
+            guard = self._judge_head(scope)
         except ServiceError as exc:
             await send_error(send, exc, close=True)
             return

@@ -228,7 +228,6 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
         status = 500  # what the client gets if the app raises before answering
         timed = False
 
@@ -236,9 +235,7 @@ class RequestMetricsMiddleware:
             nonlocal timed
             if not timed:
                 timed = True
-                route = route_template(scope)
-                latency = self._child(self._latency, self.metrics.latency, method, route)
-                latency.observe(time.perf_counter() - started)
+                self._latency_of(scope).observe(time.perf_counter() - started)
 
         async def send_and_time(message: dict[str, Any]) -> None:
             nonlocal status
@@ -251,5 +248,23 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_time)
         finally:
             observe_latency()
-            route = route_template(scope)
-            self._child(self._requests, self.metrics.requests, method, route, str(status)).inc()
+            self._count(scope, status)
+
+    def answered(self, scope: Scope, status: int, started: float) -> None:
+        """Count a request answered whole without passing through the middleware (the edge's
+        quick answers, :mod:`service.api.quick`), timed from ``started`` (``perf_counter``)."""
+        self._latency_of(scope).observe(time.perf_counter() - started)
+        self._count(scope, status)
+
+    def _latency_of(self, scope: Scope) -> Any:
+        method = _method(scope)
+        return self._child(self._latency, self.metrics.latency, method, route_template(scope))
+
+    def _count(self, scope: Scope, status: int) -> None:
+        labels = (_method(scope), route_template(scope), str(status))
+        self._child(self._requests, self.metrics.requests, *labels).inc()
+
+
+def _method(scope: Scope) -> str:
+    method: str = scope["method"]
+    return method if method in KNOWN_METHODS else OTHER_METHOD

@@ -195,15 +195,20 @@ class ApiKeyMiddleware:
         self.keys = keys
         self.docs_public = docs_public
 
+    def refusal(self, scope: Scope) -> ServiceError | None:
+        """Why this request may not pass (None: it may). Takes any ``access_token`` out of the
+        query (:func:`request_token`)."""
+        needed = required_access(
+            scope.get("method", "GET"), app_path(scope), docs_public=self.docs_public
+        )
+        return check(self.keys, needed, request_token(scope))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check, then pass the request on untouched."""
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        needed = required_access(
-            scope.get("method", "GET"), app_path(scope), docs_public=self.docs_public
-        )
-        refusal = check(self.keys, needed, request_token(scope))
+        refusal = self.refusal(scope)
         if refusal is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":

@@ -21,6 +21,12 @@ of the process (``/healthz`` included) would wait that long. So the loop reads a
 most :data:`LOOP_STEPS` steps; a page that fills them is read again, whole, in a thread, and
 encoded there.
 
+On SQLite a poll's answer is kept until the database changes (:meth:`PollReads.answer_on_loop`):
+a chart's pollers ask for the same steps again and again between two of the worker's flushes,
+and SQLite says exactly when any connection has committed since (``PRAGMA data_version``), so
+a kept answer is the answer a read would give, for one statement instead of a transaction of
+three. The edge protocol answers such polls itself (:mod:`service.api.quick`).
+
 The routes (:mod:`service.api.routes.jobs`) stay the reference, and the lane re-states none of
 their rules: it matches the path with each route's own pattern, checks the job id with the type
 the routes' dependency declares (``JobIdPath``) and reads the query with the route's model
@@ -31,9 +37,10 @@ request on untouched (a GET has no body to replay) and the route gives its answe
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -78,7 +85,19 @@ LOOP_BUSY_MS = 50
 # Reads the lane runs in threads at once; its pool holds as many connections, so a read that
 # got its turn never waits for a connection.
 THREAD_READERS = 4
+# Answers kept at one state of the database: a job's poll and a metrics poll per place a
+# chart's pollers stand at (they stand at a job's last step, most of them); beyond it the
+# kept answers are dropped, and read again.
+KEPT_ANSWERS = 256
 T = TypeVar("T")
+
+
+class Larger:
+    """A metrics poll whose page is more than the loop may read (:data:`LOOP_STEPS`): read in a
+    thread."""
+
+
+LARGER: Final = Larger()
 
 
 def job_id_of(route: Route, path: str) -> str | None:
@@ -138,6 +157,9 @@ class PollReads:
         # until an error or close().
         self._pooled: PoolProxiedConnection | None = None
         self._driver: DriverConnection | None = None
+        # Answers read on the loop's connection when SQLite's data_version was _version.
+        self._answers: dict[Hashable, bytes | Larger] = {}
+        self._version: int | None = None
 
     loop_steps = LOOP_STEPS  # the most steps one read on the event loop may take
 
@@ -191,19 +213,52 @@ class PollReads:
         driver's connection itself. After a database error, which propagates, the connection
         is dropped and the next read opens another: a connection left in a transaction, or
         broken, is never reused."""
-        assert self._loop_base is not None, "only SQLite reads on the event loop"
         try:
-            if self._driver is None:
-                self._pooled = self._loop_base.raw_connection()
-                self._driver = DriverConnection(
-                    self._loop_base.dialect, self._pooled.driver_connection
-                )
-                self._driver.dbapi_connection.execute(f"PRAGMA busy_timeout={LOOP_BUSY_MS}")
-            with sqlite_read_transaction(self._driver.dbapi_connection):
-                return read(self._driver)
+            driver = self._loop_driver()
+            with sqlite_read_transaction(driver.dbapi_connection):
+                return read(driver)
         except self.errors:
             self._drop_loop_connection()
             raise
+
+    def answer_on_loop(
+        self, key: Hashable, read: Callable[[DriverConnection], bytes | Larger | None]
+    ) -> bytes | Larger | None:
+        """:meth:`on_loop` for a poll's answer, kept under ``key`` until the database changes.
+
+        SQLite's ``data_version`` changes whenever another connection commits (the worker's
+        flush, a claim, a deletion, in any process) and never otherwise; read inside the
+        transaction that reads an answer, it names the state that answer was read at, and read
+        again later it says whether that state is still the database's. So a kept answer is
+        exactly what the read would answer now. None (no such job, a database error) is not
+        kept."""
+        try:
+            driver = self._loop_driver()
+            connection = driver.dbapi_connection
+            kept = self._answers.get(key)
+            if kept is not None and _data_version(connection) == self._version:
+                return kept
+            with sqlite_read_transaction(connection):
+                version = _data_version(connection)
+                answer = read(driver)
+        except self.errors:
+            self._drop_loop_connection()
+            return None
+        if version != self._version or len(self._answers) >= KEPT_ANSWERS:
+            self._answers.clear()
+            self._version = version
+        if answer is not None:
+            self._answers[key] = answer
+        return answer
+
+    def _loop_driver(self) -> DriverConnection:
+        """The loop's connection, opened at the first read and after an error."""
+        assert self._loop_base is not None, "only SQLite reads on the event loop"
+        if self._driver is None:
+            self._pooled = self._loop_base.raw_connection()
+            self._driver = DriverConnection(self._loop_base.dialect, self._pooled.driver_connection)
+            self._driver.dbapi_connection.execute(f"PRAGMA busy_timeout={LOOP_BUSY_MS}")
+        return self._driver
 
     def on_loop(self, read: Callable[[DriverConnection], T]) -> T | None:
         """:meth:`read_on_loop`, None on a database error (the route meets the same error and
@@ -214,9 +269,15 @@ class PollReads:
             return None
 
     def _drop_loop_connection(self) -> None:
+        self._forget_answers()
         pooled, self._pooled, self._driver = self._pooled, None, None
         if pooled is not None:
             pooled.invalidate()  # closes the driver's connection; the pool opens a new one
+
+    def _forget_answers(self) -> None:
+        # data_version counts per connection: the next one's numbers name other states.
+        self._answers.clear()
+        self._version = None
 
     def close(self) -> None:
         """Close every connection the lane opened."""
@@ -226,8 +287,14 @@ class PollReads:
         if self._pooled is not None:
             self._pooled.close()
             self._pooled = self._driver = None
+        self._forget_answers()
         if self._loop_base is not None:
             self._loop_base.dispose()
+
+
+def _data_version(connection: Any) -> int:
+    version: int = connection.execute("PRAGMA data_version").fetchone()[0]
+    return version
 
 
 def _read(
@@ -243,6 +310,38 @@ def _read(
         return None
 
 
+@dataclass(frozen=True)
+class Poll:
+    """A well-formed poll: a job's (``after_step`` None) or its metrics'."""
+
+    route: Route
+    job_id: str
+    after_step: int | None = None
+    limit: int = 0
+
+    @property
+    def key(self) -> tuple[str, int | None, int]:
+        """What tells one poll's answer from another's."""
+        return self.job_id, self.after_step, self.limit
+
+    def read_on_loop(self, db: DriverConnection) -> bytes | Larger | None:
+        """The answer, read on the loop; :data:`LARGER` for a page of more steps than the loop
+        may read (it is read again, whole, in a thread); None: no such job."""
+        if self.after_step is None:
+            return jobs.job_json(db, self.job_id)
+        probe = min(self.limit, LOOP_STEPS)
+        page = jobs.metrics_page(db, self.job_id, after_step=self.after_step, limit=probe)
+        if page is None or len(page["steps"]) < probe or self.limit == probe:
+            return None if page is None else jobs.encode_metrics(page)
+        return LARGER  # a full probe: the page may be large
+
+    def read_in_thread(self, db: Connection) -> bytes | None:
+        """The answer, read whole (call it in a thread)."""
+        if self.after_step is None:
+            return jobs.job_json(db, self.job_id)
+        return jobs.metrics_json(db, self.job_id, after_step=self.after_step, limit=self.limit)
+
+
 class PollLane:
     """ASGI middleware: answers well-formed job and metrics polls itself (see the module
     docstring)."""
@@ -255,57 +354,43 @@ class PollLane:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the poll here, or pass the request on."""
         is_get = scope["type"] == "http" and scope["method"] == "GET"
-        answer = await self._poll(scope) if is_get else None
-        if answer is None:
+        poll = self.poll_of(scope) if is_get else None
+        body = None if poll is None else await self._answer(scope["app"].state.poll_reads, poll)
+        if poll is None or body is None:
             await self.app(scope, receive, send)
             return
-        scope["route"], body = answer
+        scope["route"] = poll.route
         await send_json(send, body)
 
-    async def _poll(self, scope: Scope) -> tuple[Route, bytes] | None:
-        """A well-formed poll's route and answer; None for any other GET (the routes')."""
+    def poll_of(self, scope: Scope) -> Poll | None:
+        """The poll a GET asks for, read as its route reads it; None for any other GET (the
+        routes')."""
+        query_string = scope.get("query_string", b"")
         polled = job_id_of(self.job_route, scope["path"])
         if polled is not None:
-            if NO_QUERY.read(scope.get("query_string", b"")) is None:
-                return None
-            reads: PollReads = scope["app"].state.poll_reads
-            if reads.on_event_loop:
-                body = reads.on_loop(lambda c: jobs.job_json(c, polled))
-            else:
-                body = await anyio.to_thread.run_sync(
-                    functools.partial(_read, statement=True),
-                    reads,
-                    lambda c: jobs.job_json(c, polled),
-                    limiter=reads.limiter,
-                )
-            return None if body is None else (self.job_route, body)
+            return None if NO_QUERY.read(query_string) is None else Poll(self.job_route, polled)
         job_id = job_id_of(self.metrics_route, scope["path"])
-        if job_id is None:
+        query = None if job_id is None else QUERY.read(query_string)
+        if job_id is None or query is None:
             return None
-        query = QUERY.read(scope.get("query_string", b""))
-        if query is None:
-            return None
-        body = await self._answer(
-            scope["app"].state.poll_reads, job_id, query.after_step, query.limit
-        )
-        return None if body is None else (self.metrics_route, body)
+        return Poll(self.metrics_route, job_id, query.after_step, query.limit)
 
     @staticmethod
-    async def _answer(reads: PollReads, job_id: str, after_step: int, limit: int) -> bytes | None:
+    def answer_now(reads: PollReads, poll: Poll) -> bytes | Larger | None:
+        """``poll``'s answer read on the event loop (SQLite), kept until the database changes;
+        :data:`LARGER`: read it in a thread; None: the route's to answer."""
+        return reads.answer_on_loop(poll.key, poll.read_on_loop)
+
+    @classmethod
+    async def _answer(cls, reads: PollReads, poll: Poll) -> bytes | None:
         if reads.on_event_loop:
-            probe = min(limit, LOOP_STEPS)
-            page = reads.on_loop(
-                lambda c: jobs.metrics_page(c, job_id, after_step=after_step, limit=probe)
-            )
-            if page is None or len(page["steps"]) < probe or limit == probe:
-                return None if page is None else jobs.encode_metrics(page)
-            # A full probe: the page may be large. Read it whole (a snapshot of its own)
-            # and encode it off the loop.
-
-        def whole() -> bytes | None:
-            return _read(
-                reads,
-                lambda c: jobs.metrics_json(c, job_id, after_step=after_step, limit=limit),
-            )
-
-        return await anyio.to_thread.run_sync(whole, limiter=reads.limiter)
+            body = cls.answer_now(reads, poll)
+            if not isinstance(body, Larger):
+                return body
+            # A page of many steps: read it whole (a snapshot of its own), encoded off the loop.
+        return await anyio.to_thread.run_sync(
+            functools.partial(_read, statement=poll.after_step is None),
+            reads,
+            poll.read_in_thread,
+            limiter=reads.limiter,
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from starlette.routing import Route
 
-from service.api.lanes.polls import LOOP_BUSY_MS, QUERY, PollReads, job_id_of
+from service.api.lanes.polls import KEPT_ANSWERS, LOOP_BUSY_MS, QUERY, PollReads, job_id_of
 from service.api.routes import jobs as jobs_routes
 from service.store.engines import DriverConnection
 
@@ -120,5 +120,71 @@ def test_a_read_on_the_loop_waits_for_a_lock_only_briefly(tmp_path: Path) -> Non
         with pytest.raises(sqlite3.OperationalError):  # raised, and the connection dropped
             reads.read_on_loop(lambda c: c.dbapi_connection.execute("SELECT * FROM nothing"))
         assert reads.read_on_loop(busy_ms) == LOOP_BUSY_MS  # so is the next one's
+    finally:
+        reads.close()
+
+
+class CountedReads:
+    """A poll's read of one table's rows, counted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, c: DriverConnection) -> bytes | None:
+        self.count += 1
+        rows = c.dbapi_connection.execute("SELECT x FROM t ORDER BY x").fetchall()
+        return repr(rows).encode() if rows else None
+
+
+def test_an_answer_is_kept_until_any_other_connection_commits(tmp_path: Path) -> None:
+    path = tmp_path / "polls.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE t (x INTEGER)")
+    reads = PollReads(f"sqlite:///{path}")
+    read = CountedReads()
+    try:
+        assert reads.answer_on_loop("a", read) is None  # no rows: nothing kept
+        assert reads.answer_on_loop("a", read) is None and read.count == 2
+        writer.execute("INSERT INTO t VALUES (1)")
+        assert reads.answer_on_loop("a", read) == b"[(1,)]"
+        assert reads.answer_on_loop("a", read) == b"[(1,)]" and read.count == 3  # kept
+        assert reads.answer_on_loop("b", read) == b"[(1,)]" and read.count == 4  # its own key
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO t VALUES (2)")
+        assert reads.answer_on_loop("a", read) == b"[(1,)]" and read.count == 4  # not committed
+        writer.execute("COMMIT")
+        assert reads.answer_on_loop("a", read) == b"[(1,), (2,)]" and read.count == 5
+        assert reads.answer_on_loop("b", read) == b"[(1,), (2,)]" and read.count == 6
+        writer.execute("UPDATE t SET x = 3 WHERE x = 1")  # another table's write would count too
+        assert reads.answer_on_loop("b", read) == b"[(2,), (3,)]" and read.count == 7
+    finally:
+        reads.close()
+        writer.close()
+
+
+def test_kept_answers_are_bounded_and_go_with_their_connection(tmp_path: Path) -> None:
+    path = tmp_path / "polls.db"
+    with sqlite3.connect(path) as writer:
+        writer.execute("CREATE TABLE t (x INTEGER)")
+        writer.execute("INSERT INTO t VALUES (1)")
+    reads = PollReads(f"sqlite:///{path}")
+    read = CountedReads()
+    try:
+        for key in range(KEPT_ANSWERS):
+            reads.answer_on_loop(key, read)
+        reads.answer_on_loop(0, read)
+        assert read.count == KEPT_ANSWERS  # all kept
+        reads.answer_on_loop(KEPT_ANSWERS, read)  # one more: the kept ones make room
+        reads.answer_on_loop(0, read)
+        assert read.count == KEPT_ANSWERS + 2
+
+        def fails(c: DriverConnection) -> bytes:
+            c.dbapi_connection.execute("SELECT * FROM no_such_table")
+            return b""
+
+        assert reads.answer_on_loop("broken", fails) is None  # the route answers it
+        reads.answer_on_loop(0, read)  # a fresh connection: nothing it did not read is kept
+        assert read.count == KEPT_ANSWERS + 3
     finally:
         reads.close()
