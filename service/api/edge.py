@@ -139,7 +139,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
         self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
-        self.answering = False  # while a quick answer is being sent
+        self.answering = False  # while a quick answer is being given
 
     # -- connections ------------------------------------------------------------------------
 
@@ -252,34 +252,39 @@ class EdgeProtocol(HttpToolsProtocol):
         task for anything else.
 
         A request starts here as it is parsed, or as the previous response ends (a pipelined
-        one): a keep-alive timer that a quick answer armed in this same read is stopped first,
-        as uvicorn stops it when data arrives. A request started by a quick answer's own end
-        goes the app's way: answering it here too would nest one call in the other for every
-        request a client pipelined."""
+        one). Once a response has closed the connection, what was pipelined after it is
+        dropped, as uvicorn drops its queue; a keep-alive timer that a quick answer armed in
+        this same read is stopped, as uvicorn stops it when data arrives; and a request started
+        by a quick answer's own end goes the app's way: answering it here too would nest one
+        call in the other for every request a client pipelined. One difference remains, by the
+        clock: bytes the parser refuses after a poll in the same read get their 400 after the
+        poll's answer, as they do on the app's way when they come in a later read (in the same
+        read, the app's task would not have run yet, and its answer is dropped)."""
+        if self.transport.is_closing():
+            return
         self._unset_keepalive_if_required()
         front = None if self.answering or app is not self.app else self.front
         if front is not None and not cycle.flow.write_paused:
-            try:
-                answer = front(cast(Scope, cycle.scope))
-            except Exception:  # the app's own way meets it too, and answers it
-                log.exception("a quick answer failed; the app answers instead")
-                answer = None
-            if answer is not None:
-                self._send_now(cycle, *answer)
-                return
-        super()._start_asgi_task(cycle, app)
+            sending = False
 
-    def _send_now(self, cycle: RequestResponseCycle, headers: Headers, body: bytes) -> None:
-        """Send a 200 through the cycle, as the app's task would have, in one write; close the
-        connection if it fails half-way."""
-        self.answering = True
-        try:
-            send_whole(cycle, self.transport, headers, body)
-        except Exception:
-            log.exception("a quick answer could not be sent; the connection is closed")
-            self.transport.close()
-        finally:
-            self.answering = False
+            def send(headers: Headers, body: bytes) -> None:
+                nonlocal sending
+                sending = True
+                send_whole(cycle, self.transport, headers, body)
+
+            self.answering = True
+            try:
+                if front(cast(Scope, cycle.scope), send):
+                    return
+            except Exception:
+                if sending:  # half an answer is none: nothing more can go on this connection
+                    log.exception("a quick answer could not be sent; the connection is closed")
+                    self.transport.close()
+                    return
+                log.exception("a quick answer failed; the app answers instead")
+            finally:
+                self.answering = False
+        super()._start_asgi_task(cycle, app)
 
     # -- deadlines --------------------------------------------------------------------------
 

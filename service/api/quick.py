@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -43,8 +42,8 @@ from service.api.security import ApiKeyMiddleware
 log = logging.getLogger("service.quick")
 
 Headers = list[tuple[bytes, bytes]]
-Answer = tuple[Headers, bytes]  # a 200's headers and body
-Front = Callable[[Scope], Answer | None]
+Sender = Callable[[Headers, bytes], None]  # sends a 200's headers and body
+Front = Callable[[Scope, Sender], bool]
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
@@ -66,15 +65,15 @@ class QuickAnswers:
         self.keys = keys
         self.limits = limits
 
-    def answer(self, scope: Scope) -> Answer | None:
-        """The answer to this request if the layers and the lane let it be given here, else
-        None (and the request goes its ASGI way)."""
+    def answer(self, scope: Scope, send: Sender) -> bool:
+        """Answer this request with ``send`` if the layers and the lane let it be answered
+        here; False: it goes its ASGI way."""
         started = time.perf_counter()
         if scope["method"] != "GET" or _has_body(scope):
-            return None
+            return False
         reads = getattr(self.state, "poll_reads", None)
         if reads is None or not reads.on_event_loop:
-            return None  # not started yet, or polls read in threads (not SQLite)
+            return False  # not started yet, or polls read in threads (not SQLite)
         # The poll first: a key in the query (``access_token``, cut from it by the key check)
         # is a parameter the poll does not declare, so such a request goes the ASGI way whole.
         poll = self.polls.poll_of(scope)
@@ -83,14 +82,14 @@ class QuickAnswers:
             or (self.keys is not None and self.keys.refusal(scope) is not None)
             or self.limits.refusal(scope) is not None
         ):
-            return None
+            return False
         body = self.polls.answer_now(reads, poll)
         if not isinstance(body, bytes):
-            return None
+            return False
         scope["route"] = poll.route
-        headers = with_request_id(json_headers(body), assign_request_id(scope))
-        self.metrics.answered(scope, 200, started)
-        return headers, body
+        send(with_request_id(json_headers(body), assign_request_id(scope)), body)
+        self.metrics.answered(scope, 200, started)  # counted once sent, as the layer counts
+        return True
 
 
 def _has_body(scope: Scope) -> bool:
@@ -99,7 +98,6 @@ def _has_body(scope: Scope) -> bool:
     return any(name in BODY_HEADERS and value != b"0" for name, value in scope.get("headers", ()))
 
 
-@functools.lru_cache(maxsize=8)
 def front_of(app: Any) -> Front | None:
     """How uvicorn's app ``app`` answers a request at once, or None where it cannot: the app's
     :class:`QuickAnswers` behind uvicorn's proxy headers, which rewrite the scope's client and
@@ -114,10 +112,10 @@ def front_of(app: Any) -> Front | None:
     if not isinstance(quick, QuickAnswers):
         return None
 
-    def front(scope: Scope) -> Answer | None:
+    def front(scope: Scope, send: Sender) -> bool:
         for rewrite in rewrites:
             run_now(rewrite(scope, _no_receive, _no_send))
-        return quick.answer(scope)
+        return quick.answer(scope, send)
 
     return front
 

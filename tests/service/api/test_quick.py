@@ -9,6 +9,7 @@ polls are answered by the ASGI lane), so the bytes match to the order of the hea
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
@@ -217,9 +218,9 @@ class Counted:
         self.count = 0
         answer = QuickAnswers.answer
 
-        def counted(quick_answers: QuickAnswers, scope: Any) -> Any:
-            given = answer(quick_answers, scope)
-            self.count += given is not None
+        def counted(quick_answers: QuickAnswers, scope: Any, send: Any) -> bool:
+            given = answer(quick_answers, scope, send)
+            self.count += given
             return given
 
         monkeypatch.setattr(QuickAnswers, "answer", counted)
@@ -364,23 +365,72 @@ def test_a_client_that_pipelines_polls_without_reading_gets_each_answer_in_order
 
 
 def test_polls_pipelined_behind_a_request_of_the_apps_are_each_answered_in_order(
-    servers: Servers, sessions: sessionmaker[Session]
+    servers: Servers, db_url: str, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Queued while /healthz is answered by the app; each starts as the one before it ends.
     done, _, _ = jobs(sessions)
+    counted = Counted(monkeypatch)
     polls = 600
     raw = get("/healthz", rid="health", close=False)
     raw += b"".join(get(f"/jobs/{done}", rid=f"n{i}", close=False) for i in range(polls))
     answered = exchange(servers[False, True][0], raw + get(f"/jobs/{done}", rid="last"))
     assert request_ids(answered) == [b"health", *(f"n{i}".encode() for i in range(polls)), b"last"]
+    assert counted.count > 0 or not db_url.startswith("sqlite")
+
+
+def test_what_is_pipelined_after_an_answer_that_closes_is_dropped(
+    servers: Servers, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP/1.0 asks for keep-alive and the parser reads on, but uvicorn closes after the answer:
+    # a request behind it must not run (here, a deletion of the polled job).
+    done, _, _ = jobs(sessions)
+    counted = Counted(monkeypatch)
+    raw = (
+        f"GET /jobs/{done} HTTP/1.0\r\nConnection: keep-alive\r\nX-Request-ID: first\r\n\r\n"
+        f"DELETE /jobs/{done} HTTP/1.1\r\nHost: test\r\nX-Request-ID: second\r\n\r\n"
+    ).encode()
+    for quick_on in (True, False):
+        before = counted.count
+        answered = exchange(servers[False, quick_on][0], raw)
+        assert request_ids(answered) == [b"first"] and answered.startswith(b"HTTP/1.1 200 ")
+        assert exchange(servers[False, quick_on][0], get(f"/jobs/{done}")).startswith(
+            b"HTTP/1.1 200 "
+        ), "the request after the close ran"
+    assert counted.count - before == 0  # the reference answered it the ASGI way
+
+
+def test_a_quick_answer_behind_a_proxy_is_logged_for_the_client_the_proxy_names(
+    servers: Servers,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    done, _, _ = jobs(sessions)
+    counted = Counted(monkeypatch)
+    poll = get(f"/jobs/{done}/metrics?after_step=299", "X-Forwarded-For: 10.1.2.3")
+    lines = []
+    for quick_on in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+            exchange(servers[False, quick_on][0], poll)
+        logged = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+        assert len(logged) == 1, logged
+        lines.append(re.sub(r":\d+ - ", ":<port> - ", logged[0]))
+    assert lines[0] == lines[1] and lines[0].startswith("10.1.2.3:"), lines
+    assert counted.count == 1 or not servers[False, True][1].state.poll_reads.on_event_loop
 
 
 def test_a_stream_opened_after_a_quick_answer_outlives_the_keep_alive_timeout(
-    db_url: str, small_mnist: Path, tmp_path: Path, sessions: sessionmaker[Session]
+    db_url: str,
+    small_mnist: Path,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A quick answer arms the keep-alive timer at its end; the stream that follows in the same
     # read must stop it, as a request arriving later would.
     _, live, _ = jobs(sessions)
+    counted = Counted(monkeypatch)
     keep_alive_s = 0.5
     app = create_app(app_settings(db_url, tmp_path, data_dir=small_mnist))
     with (
@@ -398,3 +448,4 @@ def test_a_stream_opened_after_a_quick_answer_outlives_the_keep_alive_timeout(
             assert chunk, f"closed after {received!r:.600}"
             received += chunk
         assert b"text/event-stream" in received
+    assert counted.count == (1 if db_url.startswith("sqlite") else 0)
