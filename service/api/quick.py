@@ -5,12 +5,12 @@ cores, and each poll's CPU is taken from the training. On SQLite the polls' lane
 event loop and keeps each answer until the database changes (:mod:`service.api.lanes.polls`),
 so most polls cost no read at all; what is left is the request's way through the server: an
 asyncio task, the ASGI layers (metrics, request id, API key, body limits, the lanes), each
-wrapping ``send``, and two ASGI messages. Measured on two cores with 200 polls a second, the
-protocol answering such a poll itself took the API about a third of the CPU of a poll through
-the layers (docs/benchmarks.md).
+wrapping ``send``, and two ASGI messages, about as much again as the read they followed
+(docs/benchmarks.md, "a chart's polls answered by the protocol").
 
 :class:`QuickAnswers` re-states none of the layers' rules: it asks each layer's own function
-(the API key's :meth:`~service.api.security.ApiKeyMiddleware.refusal`, the request id's
+(the API key's :meth:`~service.api.security.ApiKeyMiddleware.refusal`, the body limits'
+:meth:`~service.api.limits.BodyLimitMiddleware.refusal`, the request id's
 :func:`~service.api.asgi.assign_request_id`, the metrics'
 :meth:`~service.api.metrics.RequestMetricsMiddleware.answered`, the lane's
 :meth:`~service.api.lanes.polls.PollLane.poll_of` and ``answer_now``) and answers only what all
@@ -65,12 +65,16 @@ class QuickAnswers:
         self.keys = keys
         self.limits = limits
 
-    def answer(self, scope: Scope, send: Sender) -> bool:
+    def answer(
+        self, scope: Scope, send: Sender, rewrite: Callable[[Scope], None] = lambda scope: None
+    ) -> bool:
         """Answer this request with ``send`` if the layers and the lane let it be answered
-        here; False: it goes its ASGI way."""
+        here; False: it goes its ASGI way. ``rewrite``: what the servers' own layers in front
+        of the app do to a scope first (uvicorn's proxy headers)."""
         started = time.perf_counter()
         if scope["method"] != "GET" or _has_body(scope):
             return False
+        rewrite(scope)
         reads = getattr(self.state, "poll_reads", None)
         if reads is None or not reads.on_event_loop:
             return False  # not started yet, or polls read in threads (not SQLite)
@@ -112,10 +116,12 @@ def front_of(app: Any) -> Front | None:
     if not isinstance(quick, QuickAnswers):
         return None
 
+    def rewrite(scope: Scope) -> None:
+        for proxy in rewrites:
+            run_now(proxy(scope, _no_receive, _no_send))
+
     def front(scope: Scope, send: Sender) -> bool:
-        for rewrite in rewrites:
-            run_now(rewrite(scope, _no_receive, _no_send))
-        return quick.answer(scope, send)
+        return quick.answer(scope, send, rewrite)
 
     return front
 

@@ -218,8 +218,8 @@ class Counted:
         self.count = 0
         answer = QuickAnswers.answer
 
-        def counted(quick_answers: QuickAnswers, scope: Any, send: Any) -> bool:
-            given = answer(quick_answers, scope, send)
+        def counted(quick_answers: QuickAnswers, *args: Any) -> bool:
+            given = answer(quick_answers, *args)
             self.count += given
             return given
 
