@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import resource
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, cast
 
 import httptools
@@ -43,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.server import ServerState
 
-from service.api.quick import Headers, front_of, send_whole
+from service.api.quick import front_of, send_whole
 from service.api.server import fresh_headers
 from service.errors import (
     AtCapacity,
@@ -265,19 +265,12 @@ class EdgeProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         front = None if self.answering or app is not self.app else self.front
         if front is not None and not cycle.flow.write_paused:
-            sending = False
-
-            def send(headers: Headers, body: bytes) -> None:
-                nonlocal sending
-                sending = True
-                send_whole(cycle, self.transport, headers, body)
-
             self.answering = True
             try:
-                if front(cast(Scope, cycle.scope), send):
+                if front(cast(Scope, cycle.scope), partial(send_whole, cycle, self.transport)):
                     return
             except Exception:
-                if sending:  # half an answer is none: nothing more can go on this connection
+                if cycle.response_started:  # half an answer is none: nothing more can go on here
                     log.exception("a quick answer could not be sent; the connection is closed")
                     self.transport.close()
                     return
