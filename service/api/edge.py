@@ -9,7 +9,10 @@ sharing), :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgePro
 
 - the header block (request line and headers) fed to the parser at most
   ``max_header_bytes`` at a time: a block that does not end within them gets 431, and a
-  request target over ``max_request_line_bytes`` gets 414, before the app sees anything;
+  request target over ``max_request_line_bytes`` gets 414, before the app sees anything (a
+  block that begins in the read where the request before it ends is counted from the next
+  read on: the parser does not say where in a read a request ends, so such a block may pass
+  the cap by the rest of that one read);
 - a header deadline, from a connection's first moment (or a keep-alive request's first byte)
   to the end of its headers, and a body deadline, the longest silence while a body is read
   (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
@@ -20,7 +23,9 @@ sharing), :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgePro
 
 A refused connection is answered, then half-closed: what the client still sends is read and
 dropped for a moment (closing with unread data would reset the connection, and the client
-could lose the answer), then the connection is closed.
+could lose the answer), then the connection is closed. A refusal answers the request being
+read: requests pipelined before it are answered first, in order, as a client pairs answers
+with its requests.
 """
 
 from __future__ import annotations
@@ -138,6 +143,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.body_seen = 0.0  # loop time of the body's last bytes
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
+        self.owed: ServiceError | None = None  # a refusal waiting for earlier answers
         self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
         self.answering = False  # while a quick answer is being given
 
@@ -256,10 +262,8 @@ class EdgeProtocol(HttpToolsProtocol):
         dropped, as uvicorn drops its queue; a keep-alive timer that a quick answer armed in
         this same read is stopped, as uvicorn stops it when data arrives; and a request started
         by a quick answer's own end goes the app's way: answering it here too would nest one
-        call in the other for every request a client pipelined. One difference remains, by the
-        clock: bytes the parser refuses after a poll in the same read get their 400 after the
-        poll's answer, as they do on the app's way when they come in a later read (in the same
-        read, the app's task would not have run yet, and its answer is dropped)."""
+        call in the other for every request a client pipelined. Bytes the parser refuses after
+        a poll get their 400 after the poll's answer, either way (:meth:`refuse`)."""
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
@@ -278,6 +282,16 @@ class EdgeProtocol(HttpToolsProtocol):
             finally:
                 self.answering = False
         super()._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        """The next pipelined request, as uvicorn starts it; after the last answer owed, the
+        refusal that waited for it (:meth:`refuse`)."""
+        last = not self.pipeline
+        super().on_response_complete()
+        if last and self.owed is not None:
+            error, self.owed = self.owed, None
+            self._unset_keepalive_if_required()  # armed by uvicorn for the next request
+            self._answer_refusal(error)
 
     # -- deadlines --------------------------------------------------------------------------
 
@@ -318,16 +332,24 @@ class EdgeProtocol(HttpToolsProtocol):
     # -- refusing ---------------------------------------------------------------------------
 
     def refuse(self, error: ServiceError) -> None:
-        """Answer ``error`` and close, or only close once a response has begun."""
+        """Stop reading, and answer ``error`` and close: once the requests read before it have
+        been answered, where the refused one is the next request's header block; in place of
+        the request itself where its body failed (only close, once its response has begun)."""
         self.refused = True
         self._disarm()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            if self.phase == HEAD:  # read whole, and owed its answer (and the ones before it)
+                self.owed = error
+                return
             cycle.disconnected = True  # the app reads a disconnect, and its answer goes nowhere
             cycle.message_event.set()
             if cycle.response_started:
                 self.transport.close()
                 return
+        self._answer_refusal(error)
+
+    def _answer_refusal(self, error: ServiceError) -> None:
         if self.transport.is_closing():
             return
         self.transport.write(error_response(error, fresh_headers(self.server_state, self.config)))

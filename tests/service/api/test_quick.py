@@ -4,7 +4,8 @@ quick ones are exactly the polls every layer lets pass.
 
 Both servers are uvicorn with the edge protocol (uvloop, uvicorn's proxy headers in front), in
 threads of this process, on one SQLite database; the reference has the fast lanes too (its
-polls are answered by the ASGI lane), so the bytes match to the order of the headers.
+polls are answered by the ASGI lane), and a third server without the lanes (the routes answer
+every request) must give the same bytes as well, to the order of the headers.
 """
 
 from __future__ import annotations
@@ -133,6 +134,18 @@ def corpus(done: str, live: str, queued: str) -> list[Case]:
             b"Content-Length: 2\r\n\r\n{]" + get(f"/jobs/{done}", rid="p2"),
             1,
         ),
+        Case(
+            "pipelined: a poll, then bytes the parser refuses",
+            get(f"/jobs/{done}", rid="p1", close=False) + b"GARBAGE\r\n\r\n",
+            1,
+        ),
+        Case(
+            "pipelined: the app's request and a poll, then bytes the parser refuses",
+            get("/jobs?limit=2", rid="p1", close=False)
+            + get(f"/jobs/{live}", rid="p2", close=False)
+            + b"GARBAGE\r\n\r\n",
+            1,  # the poll waits for the app's answer, then is answered quickly
+        ),
         Case("key: full", get(f"/jobs/{done}/metrics?after_step=299", bearer), 1, keyed=True),
         Case("key: read-only", get(f"/jobs/{done}", reader), 1, keyed=True),
         Case("key: none", get(f"/jobs/{done}/metrics"), 0, keyed=True),
@@ -253,8 +266,17 @@ def request_counts(port: int) -> list[bytes]:
     )
 
 
+@pytest.fixture
+def routes_port(db_url: str, small_mnist: Path, tmp_path: Path) -> Iterator[int]:
+    """A server of the app without its fast lanes (``MNIST_FAST_LANES=false``), no keys."""
+    settings = app_settings(db_url, tmp_path, data_dir=small_mnist, fast_lanes=False)
+    with serving(create_app(settings)) as port:
+        yield port
+
+
 def test_quick_answers_are_the_apps_own(
     servers: Servers,
+    routes_port: int,
     db_url: str,
     sessions: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
@@ -277,6 +299,11 @@ def test_quick_answers_are_the_apps_own(
         if normal(with_quick) != normal(without):
             differences.append(
                 f"{case.name}:\n  quick {with_quick!r:.400}\n  app   {without!r:.400}"
+            )
+        routes = None if case.keyed else exchange(routes_port, case.raw)
+        if routes is not None and normal(with_quick) != normal(routes):
+            differences.append(
+                f"{case.name}:\n  quick  {with_quick!r:.400}\n  routes {routes!r:.400}"
             )
         assert with_quick.startswith(b"HTTP/1.1 "), (case.name, with_quick)
     assert differences == [], "\n".join(differences)
