@@ -4,8 +4,11 @@ once, reads each to its end, and prints ``JOB_ID EVENTS`` (the events all of the
 
 One process for the whole run, as a browser's ``EventSource`` is already running when it opens
 a stream: a process per stream (curl) cost the job's cores several milliseconds each to start,
-about as much as the API's work for the stream (docs/benchmarks.md). Plain asyncio streams and
-``Connection: close``: the answer is read to the server's close, and only its events counted.
+about as much as the API's work for the stream (docs/benchmarks.md). It runs on the job's cores
+(unless ``MNIST_BENCH_CLIENT_CPUS`` moves it), so it does as little as a client can: uvloop, a
+bare protocol per stream that keeps what arrives, ``Connection: close``, the answer read to the
+server's close and checked once it is whole (asyncio's streams on its own loop cost a crowd's
+job about twice the CPU, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,23 +16,48 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from typing import cast
 from urllib.parse import urlsplit
+
+import uvloop
 
 FINAL_EVENT = re.compile(rb"\nid: [0-9:]+:end\n")
 STREAM_LIMIT_S = 600.0  # a stream longer than a benchmark's job: something is wrong
 
 
+class _Stream(asyncio.Protocol):
+    """One stream's connection: it sends the request and keeps every byte until the close."""
+
+    def __init__(self, request: bytes, answer: asyncio.Future[bytes]) -> None:
+        self._request, self._answer = request, answer
+        self._chunks: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self._request)  # uvloop's: no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._answer.done():
+            return
+        if exc is None:
+            self._answer.set_result(b"".join(self._chunks))
+        else:
+            self._answer.set_exception(exc)
+
+
 async def follow(host: str, port: int, path: str) -> int:
     """One stream read to its end; how many events it carried. It must end as the service
     ends a stream: with the final event (its id ends in ``:end``) and the last chunk."""
-    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[bytes] = loop.create_future()
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    transport, _ = await loop.create_connection(lambda: _Stream(request, answered), host, port)
     try:
-        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        writer.write(request.encode())
-        answer = await asyncio.wait_for(reader.read(), STREAM_LIMIT_S)  # to the server's close
+        answer = await answered  # to the server's close
     finally:
-        writer.close()
-        await writer.wait_closed()
+        transport.close()
     status = answer.split(b"\r\n", 1)[0]
     if b" 200 " not in status + b" ":
         raise RuntimeError(f"the stream of {path} was answered {status!r}")
@@ -46,9 +74,10 @@ async def main(url: str) -> None:
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         job_id, streams = line.split()
         path = f"/jobs/{job_id}/events"
-        counts = await asyncio.gather(*(follow(host, port, path) for _ in range(int(streams))))
+        followed = asyncio.gather(*(follow(host, port, path) for _ in range(int(streams))))
+        counts = await asyncio.wait_for(followed, STREAM_LIMIT_S)
         print(job_id, sum(counts), flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    uvloop.run(main(sys.argv[1]))
