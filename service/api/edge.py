@@ -290,7 +290,6 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if last and self.owed is not None:
             error, self.owed = self.owed, None
-            self._unset_keepalive_if_required()  # armed by uvicorn for the next request
             self._answer_refusal(error)
 
     # -- deadlines --------------------------------------------------------------------------
@@ -333,13 +332,19 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def refuse(self, error: ServiceError) -> None:
         """Stop reading, and answer ``error`` and close: once the requests read before it have
-        been answered, where the refused one is the next request's header block; in place of
-        the request itself where its body failed (only close, once its response has begun)."""
+        been answered, where the refused one is the next request's header block or the body of
+        a request waiting for its turn; in place of the request itself where its body failed
+        as it was being answered (only close, once its response has begun)."""
         self.refused = True
         self._disarm()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if self.phase == HEAD:  # read whole, and owed its answer (and the ones before it)
+                self.owed = error
+                return
+            if self.pipeline and self.pipeline[0][0] is cycle:  # its body, while it waits
+                self.pipeline.popleft()  # never to run: the refusal is its answer
+                cycle.disconnected = True
                 self.owed = error
                 return
             cycle.disconnected = True  # the app reads a disconnect, and its answer goes nowhere
@@ -350,6 +355,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._answer_refusal(error)
 
     def _answer_refusal(self, error: ServiceError) -> None:
+        self._unset_keepalive_if_required()  # armed by uvicorn after an answer: the linger's
         if self.transport.is_closing():
             return
         self.transport.write(error_response(error, fresh_headers(self.server_state, self.config)))

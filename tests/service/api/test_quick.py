@@ -405,6 +405,29 @@ def test_polls_pipelined_behind_a_request_of_the_apps_are_each_answered_in_order
     assert counted.count > 0 or not db_url.startswith("sqlite")
 
 
+@pytest.mark.parametrize(
+    "refused",
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", id="a header block"),
+        pytest.param(
+            b"POST /jobs HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            id="the body of a request waiting its turn",
+        ),
+    ],
+)
+def test_a_refusal_comes_after_the_answers_owed_before_it(
+    servers: Servers, routes_port: int, sessions: sessionmaker[Session], refused: bytes
+) -> None:
+    # A client pairs answers with its requests in order: a 400 sent while the app's request
+    # before it was being answered took that request's place (its answer was lost).
+    _, live, _ = jobs(sessions)
+    raw = get("/jobs?limit=2", rid="a", close=False) + get(f"/jobs/{live}", rid="b", close=False)
+    for port in (servers[False, True][0], servers[False, False][0], routes_port):
+        answered = exchange(port, raw + refused)
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answered) == [b"200", b"200", b"400"]
+        assert request_ids(answered) == [b"a", b"b"]
+
+
 def test_what_is_pipelined_after_an_answer_that_closes_is_dropped(
     servers: Servers, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
