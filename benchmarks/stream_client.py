@@ -7,8 +7,8 @@ a stream: a process per stream (curl) cost the job's cores several milliseconds 
 about as much as the API's work for the stream (docs/benchmarks.md). It runs on the job's cores
 (unless ``MNIST_BENCH_CLIENT_CPUS`` moves it), so it does as little as a client can: uvloop, a
 bare protocol per stream that keeps what arrives, ``Connection: close``, the answer read to the
-server's close and checked once it is whole (asyncio's streams on its own loop cost a crowd's
-job about twice the CPU, docs/benchmarks.md).
+server's close and checked once it is whole (asyncio's streams on its own loop cost it more
+CPU per stream, docs/benchmarks.md).
 """
 
 from __future__ import annotations
