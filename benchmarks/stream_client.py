@@ -1,6 +1,8 @@
 """A process that follows jobs' event streams when told (``python -m benchmarks.stream_client
 URL``): for each line ``JOB_ID STREAMS`` on its stdin it opens that many streams of the job at
-once, reads each to its end, and prints ``JOB_ID EVENTS`` (the events all of them received).
+once, reads each to its end, and prints ``JOB_ID EVENTS CHUNKS BYTES``: the events all of them
+received, the chunks their bodies came in and those chunks' bytes (what a server that does next
+to nothing writes in their place, :mod:`benchmarks.null_server`).
 
 One process for the whole run, as a browser's ``EventSource`` is already running when it opens
 a stream: a process per stream (curl) cost the job's cores several milliseconds each to start,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -47,9 +50,48 @@ class _Stream(asyncio.Protocol):
             self._answer.set_exception(exc)
 
 
-async def follow(host: str, port: int, path: str) -> int:
-    """One stream read to its end; how many events it carried. It must end as the service
-    ends a stream: with the final event (its id ends in ``:end``) and the last chunk."""
+@dataclass(frozen=True)
+class Carried:
+    """What streams carried: events, the chunks of their bodies, and those chunks' bytes."""
+
+    events: int = 0
+    chunks: int = 0
+    body_bytes: int = 0
+
+    def __add__(self, other: Carried) -> Carried:
+        return Carried(
+            self.events + other.events,
+            self.chunks + other.chunks,
+            self.body_bytes + other.body_bytes,
+        )
+
+    def line(self, job_id: str) -> str:
+        """The line the client prints for a job's streams."""
+        return f"{job_id} {self.events} {self.chunks} {self.body_bytes}"
+
+    @classmethod
+    def parse(cls, line: str) -> Carried:
+        """A printed line's figures (its job id left out)."""
+        _, events, chunks, body_bytes = line.split()
+        return cls(int(events), int(chunks), int(body_bytes))
+
+
+def chunk_sizes(body: bytes) -> list[int]:
+    """The sizes of a chunked body's chunks, up to its last (empty) one, which is not counted."""
+    sizes: list[int] = []
+    at = 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end].split(b";", 1)[0], 16)
+        if size == 0:
+            return sizes
+        sizes.append(size)
+        at = line_end + 2 + size + 2
+
+
+async def follow(host: str, port: int, path: str) -> Carried:
+    """One stream read to its end: what it carried. It must end as the service ends a
+    stream: with the final event (its id ends in ``:end``) and the last chunk."""
     loop = asyncio.get_running_loop()
     answered: asyncio.Future[bytes] = loop.create_future()
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
@@ -63,7 +105,8 @@ async def follow(host: str, port: int, path: str) -> int:
         raise RuntimeError(f"the stream of {path} was answered {status!r}")
     if not FINAL_EVENT.search(answer) or not answer.endswith(b"\r\n0\r\n\r\n"):
         raise RuntimeError(f"the stream of {path} ended before its final event")
-    return answer.count(b"\nid: ")
+    sizes = chunk_sizes(answer.split(b"\r\n\r\n", 1)[1])
+    return Carried(answer.count(b"\nid: "), len(sizes), sum(sizes))
 
 
 async def main(url: str) -> None:
@@ -75,8 +118,8 @@ async def main(url: str) -> None:
         job_id, streams = line.split()
         path = f"/jobs/{job_id}/events"
         followed = asyncio.gather(*(follow(host, port, path) for _ in range(int(streams))))
-        counts = await asyncio.wait_for(followed, STREAM_LIMIT_S)
-        print(job_id, sum(counts), flush=True)
+        carried = await asyncio.wait_for(followed, STREAM_LIMIT_S)
+        print(sum(carried, Carried()).line(job_id), flush=True)
 
 
 if __name__ == "__main__":

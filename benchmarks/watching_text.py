@@ -45,25 +45,12 @@ def floor_para(floor: PolledJobs, default: PolledJobs) -> str:
     """What the same polls take from a job when the server they poll does next to nothing, with
     these pollers on the same cores: a practical floor for this client, said beside the goal's
     verdict (which it does not change), and judged by its interval, not its median alone."""
-    goal = f"{SLOWDOWN_GOAL:.0%}"
-    where = placed(floor.paired)
-    if where == "within":
-        judged = f"its whole interval is within the {goal}: a server can meet it here" + (
-            ", and what the API adds (its CPU, its reads, the larger answers the pollers "
-            "parse) is what stands between"
-            if default.slowdown > floor.slowdown
-            else ""
-        )
-    elif where == "above":
-        judged = (
-            f"its whole interval is above the {goal}: on these cores, with these pollers beside "
-            "the job, even a server that does next to nothing misses it"
-        )
-    else:
-        judged = (
-            f"its interval holds the {goal}: {len(floor.paired)} rounds cannot tell whether a "
-            "server that does next to nothing meets it here"
-        )
+    judged = floor_judged(
+        floor,
+        default.slowdown,
+        adds="its CPU, its reads, the larger answers the pollers parse",
+        beside="these pollers",
+    )
     return (
         "The last row is a floor for this client: the same polls (the same wrk pollers on the "
         "same cores, their CPU included), the same worker and alternation, answered by a server "
@@ -72,6 +59,58 @@ def floor_para(floor: PolledJobs, default: PolledJobs) -> str:
         f"{fmt(floor.cpu_per_poll_ms(floor.api_cpu_s), 'ms')} of its CPU a poll, against the "
         f"API's {fmt(default.cpu_per_poll_ms(default.api_cpu_s), 'ms')}). Its polls slow a job "
         f"by {slowdown_cell(floor)}, the API's by {default.slowdown:+.1%}: {judged}."
+    )
+
+
+def crowd_floor_para(floor: FollowedJobs, crowd: FollowedJobs) -> str:
+    """The same for the crowd of streams: what its streams take from a job when the server
+    writes them next to nothing (what the API's streams carried, on a schedule), the client
+    still on the same cores."""
+    per_stream = floor.carried.chunks / floor.followed_streams
+    body = floor.carried.body_bytes / floor.followed_streams
+    judged = floor_judged(
+        floor,
+        crowd.slowdown,
+        adds="its CPU: the connections' requests parsed and routed, the streams' starts, "
+        "their reads, their events encoded and each write on its way through the layers",
+        beside="this client",
+    )
+    return (
+        f"The crowd's last row is its floor: the same {floor.streams} streams of each followed "
+        "job (the same client on the same cores, its CPU included), the same worker and "
+        "alternation, from a server that does next to nothing (`benchmarks/null_server.py`): "
+        "each stream its head and, in chunks as many and as large as the API's streams' in all "
+        f"on average ({per_stream:.1f} chunks, {body / 1000:.1f} kB), the first at once and the "
+        f"rest at even intervals over a job's time left alone ({fmt(crowd.quiet.median, 's')}), "
+        "each of them written to all of a job's streams in one callback; nothing read, nothing "
+        f"encoded, no framework; {fmt(floor.per_stream_ms(floor.api_cpu_s), 'ms')} of its CPU "
+        f"per stream per job, against the API's {fmt(crowd.per_stream_ms(crowd.api_cpu_s), 'ms')}"
+        f". Its streams slow a job by {slowdown_cell(floor)}, the API's by "
+        f"{crowd.slowdown:+.1%}: {judged}."
+    )
+
+
+def floor_judged(
+    floor: PolledJobs | FollowedJobs, api_slowdown: float, *, adds: str, beside: str
+) -> str:
+    """Which side of the goal a floor lies on, by its interval; and, where it is within and the
+    API slowed the job more, that what the API ``adds`` stands between."""
+    goal = f"{SLOWDOWN_GOAL:.0%}"
+    where = placed(floor.paired)
+    if where == "within":
+        return f"its whole interval is within the {goal}: a server can meet it here" + (
+            f", and what the API adds ({adds}) is what stands between"
+            if api_slowdown > floor.slowdown
+            else ""
+        )
+    if where == "above":
+        return (
+            f"its whole interval is above the {goal}: on these cores, with {beside} beside "
+            "the job, even a server that does next to nothing misses it"
+        )
+    return (
+        f"its interval holds the {goal}: {len(floor.paired)} rounds cannot tell whether a "
+        "server that does next to nothing meets it here"
     )
 
 

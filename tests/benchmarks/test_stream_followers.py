@@ -33,13 +33,16 @@ def test_every_stream_is_read_to_its_end(
     training.run_epoch(0.5)
     training.finish()
     with api.stream("GET", f"/jobs/{job_id}/events") as response:
-        expected = len(list(sse.parse(response.iter_lines())))
+        body = response.read()
+    expected = len(list(sse.parse(body.decode().splitlines())))
     assert expected >= 3  # a status, steps and the final status at least
     with Followers(str(api.base_url)) as followers:
         followers.open(job_id, 3)
-        assert followers.ended() == 3 * expected
+        carried = followers.ended()
+        assert (carried.events, carried.body_bytes) == (3 * expected, 3 * len(body))
+        assert 3 <= carried.chunks <= 3 * expected  # at least one each, an event at most
         followers.open(job_id, 1)  # the client carries on with the next job
-        assert followers.ended() == expected
+        assert followers.ended().events == expected
         assert followers.cpu_s > 0
 
 
