@@ -26,6 +26,18 @@ dropped for a moment (closing with unread data would reset the connection, and t
 could lose the answer), then the connection is closed. A refusal answers the request being
 read: requests pipelined before it are answered first, in order, as a client pairs answers
 with its requests.
+
+A client's half-close (it shuts down its sending side after its requests, as HTTP/1.1
+conformance probes and some command-line clients do) is not a disconnect: "a TCP connection
+that is half-closed by the client does not delimit a request message, nor does it imply that
+the client is no longer interested in a response" (RFC 9112, section 9.6). uvicorn closed the
+connection at the client's end of data, and every answer not yet written was lost (with a
+traceback for the app's late write). The requests read whole whose answers have not begun are
+answered, in order, then the connection is closed; a request that the end of data cut short
+can never be whole, and is answered nothing. An answer already under way (an event stream)
+ends there, as before: a browser closing a stream sends the same end of data, and nothing
+tells the two apart until a write finds the connection gone, which would hold the stream's
+place among the capped ones for up to its keep-alive interval.
 """
 
 from __future__ import annotations
@@ -146,6 +158,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self.owed: ServiceError | None = None  # a refusal waiting for earlier answers
         self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
         self.answering = False  # while a quick answer is being given
+        self.read_closed = False  # the client half-closed: it sends nothing more
+        # The request whose app task was started last: uvicorn tells only the latest request
+        # read (``cycle``) that the client has gone, and one pipelined behind this one would
+        # leave it writing to a closed connection, and an event stream holding its place.
+        self.running: RequestResponseCycle | None = None
 
     # -- connections ------------------------------------------------------------------------
 
@@ -165,9 +182,37 @@ class EdgeProtocol(HttpToolsProtocol):
         self._arm(self.settings.header_timeout_s, self._header_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Drop any deadline with the connection."""
+        """Drop any deadline with the connection; tell the request being answered that the
+        client has gone, as uvicorn tells the latest one read."""
         self._disarm()
         super().connection_lost(exc)
+        running = self.running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's signature
+        """The client sends nothing more (a half-close): answer what was read whole, in order,
+        then close (see the module's docstring). True keeps the connection open for that."""
+        self.read_closed = True
+        self._disarm()  # no byte can arrive now: the header and body deadlines are moot
+        if self.refused and self.owed is None:
+            return None  # the refusal was answered: its linger ends with the client's data
+        running = self.running
+        if running is not None and running.response_started and not running.response_complete:
+            return None  # an answer under way: the client is taken to have left (see above)
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return None  # nothing owed (a header block cut short gets nothing): close now
+        if self.phase == BODY and not self.refused:  # its body can never be whole
+            if self.pipeline and self.pipeline[0][0] is cycle:  # while it waits: never to run
+                self.pipeline.popleft()
+                cycle.disconnected = True
+                return True  # owed: the requests before it
+            cycle.disconnected = True  # the app reads a disconnect, and its answer goes nowhere
+            cycle.message_event.set()
+            return None
+        return True
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -281,16 +326,23 @@ class EdgeProtocol(HttpToolsProtocol):
                 log.exception("a quick answer failed; the app answers instead")
             finally:
                 self.answering = False
+        self.running = cycle
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
         """The next pipelined request, as uvicorn starts it; after the last answer owed, the
-        refusal that waited for it (:meth:`refuse`)."""
+        refusal that waited for it (:meth:`refuse`), or the close of a connection that the
+        client half-closed (:meth:`eof_received`)."""
         last = not self.pipeline
         super().on_response_complete()
-        if last and self.owed is not None:
+        if not last:
+            return
+        if self.owed is not None:
             error, self.owed = self.owed, None
             self._answer_refusal(error)
+        elif self.read_closed:
+            self._unset_keepalive_if_required()  # armed by uvicorn: nothing more will come
+            self.transport.close()
 
     # -- deadlines --------------------------------------------------------------------------
 
@@ -359,7 +411,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.transport.write(error_response(error, fresh_headers(self.server_state, self.config)))
-        if self.transport.can_write_eof():
+        if self.transport.can_write_eof() and not self.read_closed:
             self.transport.write_eof()
             if self.flow is not None:
                 self.flow.resume_reading()

@@ -9,9 +9,11 @@ an HTTP client would neither stall on purpose nor show what the server does on t
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import statistics
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -350,3 +352,89 @@ def test_event_streams_beyond_the_cap_get_503_until_one_closes(small_server: int
     finally:
         for sock in streams:
             sock.close()
+
+
+def half_closed(port: int, data: bytes, *, timeout_s: float = 10.0) -> bytes:
+    """Send ``data``, shut down the sending side (a half-close), read until the server
+    closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def statuses(received: bytes) -> list[int]:
+    """The status of each answer in ``received``, in order (no body here holds a status line)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+
+
+def test_a_half_closed_connection_is_answered_what_it_asked(small_server: int) -> None:
+    # The app's requests (not the quick answers), pipelined: a half-close is no disconnect.
+    asked = get("/jobs?limit=1") + get("/healthz") + get("/jobs?limit=2")
+    assert statuses(half_closed(small_server, asked)) == [200, 200, 200]
+    assert statuses(half_closed(small_server, get("/jobs?limit=1"))) == [200]
+    # A refusal that waits for the answers before it still comes, after them.
+    assert statuses(half_closed(small_server, get("/jobs?limit=1") + b"GARBAGE\r\n\r\n")) == [
+        200,
+        400,
+    ]
+
+
+def test_a_request_cut_short_by_a_half_close_is_answered_nothing(small_server: int) -> None:
+    before = httpx.get(f"http://127.0.0.1:{small_server}/jobs").json()
+    assert half_closed(small_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == b""
+    head = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    assert half_closed(small_server, head + b'Content-Length: 50\r\n\r\n{"epochs"') == b""
+    # Behind a whole request, which is answered.
+    cut = get("/jobs?limit=1") + head + b'Content-Length: 50\r\n\r\n{"epochs"'
+    assert statuses(half_closed(small_server, cut)) == [200]
+    assert httpx.get(f"http://127.0.0.1:{small_server}/jobs").json() == before  # none created
+
+
+def test_a_stream_under_way_ends_when_its_client_half_closes(small_server: int) -> None:
+    """As a browser closing it: nothing tells that from a half-close, and a stream kept would
+    hold its place among the capped ones until a write found its client gone."""
+    url = f"http://127.0.0.1:{small_server}"
+    job_id = httpx.post(f"{url}/jobs", json={"epochs": 1}).json()["id"]  # queued: no worker
+    sock, first = open_stream(small_server, job_id)
+    with sock:
+        assert status_of(first) == 200
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):  # the opening event, and then the server's close
+            pass
+    assert httpx.post(f"{url}/jobs/{job_id}/cancel").status_code == 200
+
+
+def test_a_stream_is_let_go_when_its_client_resets_with_a_request_behind_it(
+    small_server: int,
+) -> None:
+    """uvicorn tells only the latest request read that the client has gone: a request
+    pipelined behind a stream left the stream holding its place, until the cap refused every
+    stream more."""
+    url = f"http://127.0.0.1:{small_server}"
+    job_id = httpx.post(f"{url}/jobs", json={"epochs": 1}).json()["id"]  # queued: no worker
+
+    def stream_with_a_request_behind() -> socket.socket | None:
+        """A stream that opened (its first event read), a request pipelined behind it; None
+        where the cap refused it (the places of the streams reset before are let go as the
+        server reads the resets)."""
+        sock = socket.create_connection(("127.0.0.1", small_server), timeout=10)
+        sock.sendall(get(f"/jobs/{job_id}/events") + get("/healthz"))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        if status_of(received) != 200:
+            sock.close()
+            return None
+        while b"\nid: " not in received:
+            received += sock.recv(65536)
+        return sock
+
+    for _ in range(int(SMALL["max_event_streams"]) + 2):
+        sock = wait_for(stream_with_a_request_behind, timeout_s=10, what="a place for a stream")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+    assert httpx.post(f"{url}/jobs/{job_id}/cancel").status_code == 200
