@@ -6,7 +6,7 @@ import functools
 import gc
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +27,7 @@ from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, error_respo
 from service.api.deps import forbid_unknown_query
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
-from service.api.lanes.streams import StreamLane
+from service.api.lanes.streams import StreamLane, is_event_stream
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.quick import QuickAnswers
@@ -166,6 +166,8 @@ class ServiceApp(FastAPI):
 
     edge: ASGIApp | None = None
     quick: QuickAnswers | None = None  # answers the edge protocol gives (service/api/quick.py)
+    # Whether a request (its method and path) is for an event stream (service/api/edge.py).
+    is_event_stream: Callable[[str, str], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Lifespan to FastAPI; every request through ``edge``, which hands on to FastAPI."""
@@ -268,6 +270,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # job and metrics polls and predict, then FastAPI.
     edge: ASGIApp = functools.partial(FastAPI.__call__, app)
     polls: PollLane | None = None
+    stream_route = _route(app, "GET", "/jobs/{job_id}/events")
+    app.is_event_stream = functools.partial(is_event_stream, stream_route)
     if settings.fast_lanes:
         edge = PredictLane(edge, route=_route(app, "POST", PREDICT_PATH), settings=settings)
         edge = polls = PollLane(
@@ -275,7 +279,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics_route=_route(app, "GET", "/jobs/{job_id}/metrics"),
             job_route=_route(app, "GET", "/jobs/{job_id}"),
         )
-        edge = StreamLane(edge, route=_route(app, "GET", "/jobs/{job_id}/events"))
+        edge = StreamLane(edge, route=stream_route)
     edge = limits = BodyLimitMiddleware(
         edge,
         max_body_bytes=settings.max_request_bytes,

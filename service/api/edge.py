@@ -31,13 +31,14 @@ A client's half-close (it shuts down its sending side after its requests, as HTT
 conformance probes and some command-line clients do) is not a disconnect: "a TCP connection
 that is half-closed by the client does not delimit a request message, nor does it imply that
 the client is no longer interested in a response" (RFC 9112, section 9.6). uvicorn closed the
-connection at the client's end of data, and every answer not yet written was lost (with a
-traceback for the app's late write). The requests read whole whose answers have not begun are
-answered, in order, then the connection is closed; a request that the end of data cut short
-can never be whole, and is answered nothing. An answer already under way (an event stream)
-ends there, as before: a browser closing a stream sends the same end of data, and nothing
-tells the two apart until a write finds the connection gone, which would hold the stream's
-place among the capped ones for up to its keep-alive interval.
+connection at the client's end of data, and every answer not yet written in full was lost
+(with a traceback for the app's late write). The requests read whole are answered, in order,
+then the connection is closed; a request that the end of data cut short can never be whole,
+and is answered nothing. A connection that holds an event stream (running, or waiting its
+turn) ends there, as before: a browser closing a stream sends the same end of data, and
+nothing tells the two apart until a write finds the connection gone (the socket is no longer
+read once its data has ended), which would hold the stream's place among the capped ones for
+up to its keep-alive interval.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.server import ServerState
 
-from service.api.quick import front_of, send_whole
+from service.api.quick import behind_proxies, front_of, send_whole
 from service.api.server import fresh_headers
 from service.errors import (
     AtCapacity,
@@ -163,6 +164,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # read (``cycle``) that the client has gone, and one pipelined behind this one would
         # leave it writing to a closed connection, and an event stream holding its place.
         self.running: RequestResponseCycle | None = None
+        self.is_event_stream = getattr(behind_proxies(self.app), "is_event_stream", None)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -198,12 +200,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self._disarm()  # no byte can arrive now: the header and body deadlines are moot
         if self.refused and self.owed is None:
             return None  # the refusal was answered: its linger ends with the client's data
-        running = self.running
-        if running is not None and running.response_started and not running.response_complete:
-            return None  # an answer under way: the client is taken to have left (see above)
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
             return None  # nothing owed (a header block cut short gets nothing): close now
+        if self._holds_event_stream():
+            return None  # the client is taken to have left (see the module's docstring)
         if self.phase == BODY and not self.refused:  # its body can never be whole
             if self.pipeline and self.pipeline[0][0] is cycle:  # while it waits: never to run
                 self.pipeline.popleft()
@@ -213,6 +214,15 @@ class EdgeProtocol(HttpToolsProtocol):
             cycle.message_event.set()
             return None
         return True
+
+    def _holds_event_stream(self) -> bool:
+        """Whether a request read whole and not yet answered in full is an event stream's."""
+        if self.is_event_stream is None:
+            return False
+        owed = [cycle for cycle, _ in self.pipeline]
+        if self.running is not None and not self.running.response_complete:
+            owed.append(self.running)
+        return any(self.is_event_stream(c.scope["method"], c.scope["path"]) for c in owed)
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -102,6 +102,13 @@ def _has_body(scope: Scope) -> bool:
     return any(name in BODY_HEADERS and value != b"0" for name, value in scope.get("headers", ()))
 
 
+def behind_proxies(app: Any) -> Any:
+    """uvicorn's app ``app`` without the proxy headers' layers in front of it: the service's."""
+    while isinstance(app, ProxyHeadersMiddleware):
+        app = app.app
+    return app
+
+
 def front_of(app: Any) -> Front | None:
     """How uvicorn's app ``app`` answers a request at once, or None where it cannot: the app's
     :class:`QuickAnswers` behind uvicorn's proxy headers, which rewrite the scope's client and

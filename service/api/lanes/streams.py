@@ -80,6 +80,12 @@ class StreamLane:
         await self.app(scope, receive, send)  # the place given back first: the route takes its own
 
 
+def is_event_stream(route: Route, method: str, path: str) -> bool:
+    """Whether a request is for a job's event stream, by the route's own pattern and id type:
+    an answer that lasts as long as the job (the edge ends it at the client's end of data)."""
+    return method == "GET" and job_id_of(route, path) is not None
+
+
 async def read_cursor(scope: Scope) -> Cursor | None:
     """Where the stream starts, read as the route reads it; None when the route must judge the
     request (an undeclared or repeated query parameter, an id it refuses)."""

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from benchmarks.stalls import reap, stalled
+from service.api.dashboard import PLOTLY_FILE
 from service.api.edge import FD_HEADROOM, connection_cap
 from service.settings import Settings
 from tests.support import api_process, free_port, process, service_env, wait_for
@@ -394,18 +395,45 @@ def test_a_request_cut_short_by_a_half_close_is_answered_nothing(small_server: i
     assert httpx.get(f"http://127.0.0.1:{small_server}/jobs").json() == before  # none created
 
 
-def test_a_stream_under_way_ends_when_its_client_half_closes(small_server: int) -> None:
+def test_an_event_stream_ends_when_its_client_half_closes(small_server: int) -> None:
     """As a browser closing it: nothing tells that from a half-close, and a stream kept would
-    hold its place among the capped ones until a write found its client gone."""
+    hold its place among the capped ones until a write found its client gone (the socket is
+    no longer read). So whether the end of data comes before the stream begins or after; the
+    places are let go well before a keep-alive write (15 s) would find the clients gone."""
     url = f"http://127.0.0.1:{small_server}"
     job_id = httpx.post(f"{url}/jobs", json={"epochs": 1}).json()["id"]  # queued: no worker
-    sock, first = open_stream(small_server, job_id)
-    with sock:
-        assert status_of(first) == 200
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(65536):  # the opening event, and then the server's close
-            pass
+
+    def placed() -> socket.socket | None:
+        sock, first = open_stream(small_server, job_id)
+        if status_of(first) == 200:
+            return sock
+        sock.close()  # 503: the places of the streams before are being let go
+        return None
+
+    for _ in range(int(SMALL["max_event_streams"]) + 1):
+        half_closed(small_server, get(f"/jobs/{job_id}/events"))  # returns at the server's close
+        with wait_for(placed, timeout_s=5, what="a place for a stream") as sock:
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # the opening event, and then the server's close
+                pass
+    wait_for(placed, timeout_s=5, what="a place for a stream").close()
     assert httpx.post(f"{url}/jobs/{job_id}/cancel").status_code == 200
+
+
+def test_an_answer_under_way_is_written_whole_after_a_half_close(small_server: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server must wait on us
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", small_server))
+        sock.sendall(get(f"/static/vendor/{PLOTLY_FILE}"))  # about 4.8 MB
+        received = sock.recv(65536)  # the answer has begun
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert status_of(head) == 200
+    length = re.search(rb"content-length: (\d+)", head.lower())
+    assert length is not None and len(body) == int(length[1]) > 4_000_000
 
 
 def test_a_stream_is_let_go_when_its_client_resets_with_a_request_behind_it(
