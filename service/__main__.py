@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from service.api import server
 from service.api.app import create_app
-from service.api.edge import EdgeProtocol, connection_cap, raise_fd_limit
+from service.api.edge import EdgeProtocol
 from service.api.metrics import shared_counts
 from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
 from service.logs import configure_logging
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"mnist-service: {problem}", file=sys.stderr)
         return REFUSED_EXIT_STATUS
-    fd_limit = raise_fd_limit()
-    cap = connection_cap(settings, fd_limit)
+    fd_limit = server.raise_fd_limit()
+    cap = server.connection_cap(settings, fd_limit)
     if cap < settings.max_connections:
         logging.getLogger("service").warning(
             "at most %d connections per process, not MNIST_MAX_CONNECTIONS=%d: the descriptor "

@@ -166,8 +166,8 @@ class ServiceApp(FastAPI):
 
     edge: ASGIApp | None = None
     quick: QuickAnswers | None = None  # answers the edge protocol gives (service/api/quick.py)
-    # Whether a request (its method and path) is for an event stream (service/api/edge.py).
-    is_event_stream: Callable[[str, str], bool] | None = None
+    # Whether a request (its scope) is for an event stream (service/api/edge.py).
+    is_event_stream: Callable[[Scope], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Lifespan to FastAPI; every request through ``edge``, which hands on to FastAPI."""

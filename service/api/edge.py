@@ -38,7 +38,9 @@ and is answered nothing. A connection that holds an event stream (running, or wa
 turn) ends there, as before: a browser closing a stream sends the same end of data, and
 nothing tells the two apart until a write finds the connection gone (the socket is no longer
 read once its data has ended), which would hold the stream's place among the capped ones for
-up to its keep-alive interval.
+up to its keep-alive interval. That bound remains where a request is pipelined behind a stream
+already running: uvicorn stops reading the connection then (it bounds what it buffers), so the
+client's end of data, or its reset, is seen at the stream's next write at the latest.
 """
 
 from __future__ import annotations
@@ -46,8 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import resource
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, cast
 
 import httptools
@@ -62,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import ServerState
 
 from service.api.quick import behind_proxies, front_of, send_whole
-from service.api.server import fresh_headers
+from service.api.server import fresh_headers, process_limits
 from service.errors import (
     AtCapacity,
     BadRequest,
@@ -71,47 +72,13 @@ from service.errors import (
     ServiceError,
     UriTooLong,
 )
-from service.settings import Settings, get_settings
 
 log = logging.getLogger("service.edge")
 
-# Descriptors kept for everything but client connections: the database, files, the
-# interpreter's own. The connection cap is lowered to fit under the limit less these.
-FD_HEADROOM = 256
 RETRY_AFTER_S = 1  # a refused connection may try again this soon
 LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
 
 HEAD, BODY = 0, 1  # what the parser reads now: a header block (or nothing yet), or a body
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft descriptor limit to its hard limit; return the new soft limit.
-
-    So that the connection cap, not the descriptor limit, decides when connections are refused:
-    at the descriptor limit the server can accept nothing, and a client gets no answer at all.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-        return hard
-    return soft
-
-
-def connection_cap(settings: Settings, fd_limit: int) -> int:
-    """``MNIST_MAX_CONNECTIONS``, lowered to fit under the descriptor limit where it must."""
-    if fd_limit == resource.RLIM_INFINITY:
-        return settings.max_connections
-    return max(1, min(settings.max_connections, fd_limit - FD_HEADROOM))
-
-
-@lru_cache(maxsize=1)
-def process_limits() -> tuple[Settings, int]:
-    """The settings and the connection cap of this process, worked out once."""
-    settings = get_settings()
-    return settings, connection_cap(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def error_response(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -222,7 +189,7 @@ class EdgeProtocol(HttpToolsProtocol):
         owed = [cycle for cycle, _ in self.pipeline]
         if self.running is not None and not self.running.response_complete:
             owed.append(self.running)
-        return any(self.is_event_stream(c.scope["method"], c.scope["path"]) for c in owed)
+        return any(self.is_event_stream(cycle.scope) for cycle in owed)
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -9,21 +9,28 @@ sleeps until it is asked to exit; the header is refreshed as requests come inste
 benchmarks' baseline protocol). With several
 processes, uvicorn's own supervisor runs :class:`QuietProcess` children, which serve with it;
 the supervisor still pings each child every 0.5 s, as uvicorn does.
+
+How many client connections a process accepts is worked out here too:
+``MNIST_MAX_CONNECTIONS``, under the process's descriptor limit (the edge refuses beyond it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import sys
 import time
 import weakref
 from email.utils import formatdate
+from functools import lru_cache
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.server import Server, ServerState
 from uvicorn.supervisors import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess
+
+from service.settings import Settings, get_settings
 
 # The longest an idle server sleeps: asking it to exit wakes it, so this only bounds the wait
 # should a wake-up ever be missed.
@@ -116,3 +123,38 @@ def serve(config: Config) -> None:
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+# Descriptors kept for everything but client connections: the database, files, the
+# interpreter's own. The connection cap is lowered to fit under the limit less these.
+FD_HEADROOM = 256
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft descriptor limit to its hard limit; return the new soft limit.
+
+    So that the connection cap, not the descriptor limit, decides when connections are refused:
+    at the descriptor limit the server can accept nothing, and a client gets no answer at all.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft
+
+
+def connection_cap(settings: Settings, fd_limit: int) -> int:
+    """``MNIST_MAX_CONNECTIONS``, lowered to fit under the descriptor limit where it must."""
+    if fd_limit == resource.RLIM_INFINITY:
+        return settings.max_connections
+    return max(1, min(settings.max_connections, fd_limit - FD_HEADROOM))
+
+
+@lru_cache(maxsize=1)
+def process_limits() -> tuple[Settings, int]:
+    """The settings and the connection cap of this process, worked out once."""
+    settings = get_settings()
+    return settings, connection_cap(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])

@@ -35,6 +35,7 @@ from service.api.routes.events import (
     open_stream,
     stream_start,
 )
+from service.api.security import app_path
 from service.domain import stream_slots
 from service.domain.events import Cursor
 from service.errors import InvalidInput, ServiceError
@@ -80,10 +81,11 @@ class StreamLane:
         await self.app(scope, receive, send)  # the place given back first: the route takes its own
 
 
-def is_event_stream(route: Route, method: str, path: str) -> bool:
-    """Whether a request is for a job's event stream, by the route's own pattern and id type:
-    an answer that lasts as long as the job (the edge ends it at the client's end of data)."""
-    return method == "GET" and job_id_of(route, path) is not None
+def is_event_stream(route: Route, scope: Scope) -> bool:
+    """Whether a request is for a job's event stream, by the route's own pattern and id type
+    (on its path inside the app, as the router matches it): an answer that lasts as long as
+    the job (the edge ends it at the client's end of data)."""
+    return scope["method"] == "GET" and job_id_of(route, app_path(scope)) is not None
 
 
 async def read_cursor(scope: Scope) -> Cursor | None:

@@ -26,7 +26,7 @@ import pytest
 
 from benchmarks.stalls import reap, stalled
 from service.api.dashboard import PLOTLY_FILE
-from service.api.edge import FD_HEADROOM, connection_cap
+from service.api.server import FD_HEADROOM, connection_cap
 from service.settings import Settings
 from tests.support import api_process, free_port, process, service_env, wait_for
 

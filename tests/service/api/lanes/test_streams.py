@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.app import create_app
+from service.api.app import ServiceApp, create_app
 from service.api.lanes import streams
 from service.api.lanes.streams import StreamLane
 from service.api.routes import events as events_route
@@ -243,3 +243,22 @@ def test_without_the_lanes_every_stream_is_the_routes(settings: Settings) -> Non
             layers.append(layer)
             layer = layer.app
         assert any(isinstance(x, StreamLane) for x in layers) is lanes
+
+
+@pytest.mark.parametrize("lanes", [True, False])
+def test_the_app_says_which_requests_are_event_streams(settings: Settings, lanes: bool) -> None:
+    """What the edge ends at a client's end of data (service/api/edge.py), as the router
+    matches: the path inside the app, under a root path too, and only a GET of a valid id."""
+    app = create_app(settings.model_copy(update={"fast_lanes": lanes}))
+    assert isinstance(app, ServiceApp) and app.is_event_stream is not None
+    job_id = "0123456789abcdef0123456789abcdef"
+
+    def scope(method: str, path: str, root_path: str = "") -> dict[str, Any]:
+        return {"type": "http", "method": method, "path": path, "root_path": root_path}
+
+    assert app.is_event_stream(scope("GET", f"/jobs/{job_id}/events"))
+    assert app.is_event_stream(scope("GET", f"/mnist/jobs/{job_id}/events", "/mnist"))
+    assert not app.is_event_stream(scope("HEAD", f"/jobs/{job_id}/events"))
+    assert not app.is_event_stream(scope("GET", f"/jobs/{job_id}"))
+    assert not app.is_event_stream(scope("GET", f"/jobs/{job_id}/events/"))
+    assert not app.is_event_stream(scope("GET", "/jobs/not-an-id/events"))
