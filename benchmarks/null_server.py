@@ -77,9 +77,8 @@ class Schedule:
 
 @dataclass
 class Crowd:
-    """The open streams of one path, written to together on one schedule."""
+    """The open streams of one path, written to together on the server's schedule."""
 
-    schedule: Schedule
     transports: list[asyncio.Transport] = field(default_factory=list)
     sent: int = 1  # chunks written to every stream so far (the first as each one opens)
 
@@ -100,7 +99,7 @@ class NullServer:
         crowd is written to (a crowd begins with its first stream)."""
         crowd = self.crowds.get(path)
         if crowd is None:
-            crowd = self.crowds[path] = Crowd(self.schedule)
+            crowd = self.crowds[path] = Crowd()
             loop = asyncio.get_running_loop()
             start, later = loop.time(), len(self.schedule.chunks) - 1
             for index in range(1, later + 1):
@@ -114,9 +113,9 @@ class NullServer:
     def write(self, path: bytes) -> None:
         """The crowd's next chunk to each of its streams; after the last, each is closed."""
         crowd = self.crowds[path]
-        chunk = crowd.schedule.chunks[crowd.sent]
+        chunk = self.schedule.chunks[crowd.sent]
         crowd.sent += 1
-        ended = crowd.sent == len(crowd.schedule.chunks)
+        ended = crowd.sent == len(self.schedule.chunks)
         if ended:
             del self.crowds[path]
         for transport in crowd.transports:

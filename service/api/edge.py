@@ -131,7 +131,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # read (``cycle``) that the client has gone, and one pipelined behind this one would
         # leave it writing to a closed connection, and an event stream holding its place.
         self.running: RequestResponseCycle | None = None
-        self.is_event_stream = getattr(behind_proxies(self.app), "is_event_stream", None)
+        self.is_event_stream = getattr(behind_proxies(self.app)[1], "is_event_stream", None)
 
     # -- connections ------------------------------------------------------------------------
 

@@ -102,23 +102,26 @@ def _has_body(scope: Scope) -> bool:
     return any(name in BODY_HEADERS and value != b"0" for name, value in scope.get("headers", ()))
 
 
-def behind_proxies(app: Any) -> Any:
-    """uvicorn's app ``app`` without the proxy headers' layers in front of it: the service's."""
+def behind_proxies(app: Any) -> tuple[list[Any], Any]:
+    """uvicorn's proxy headers' layers in front of its app ``app``, outermost first, and the
+    app behind them: the service's."""
+    proxies: list[Any] = []
     while isinstance(app, ProxyHeadersMiddleware):
+        proxies.append(app)
         app = app.app
-    return app
+    return proxies, app
 
 
 def front_of(app: Any) -> Front | None:
     """How uvicorn's app ``app`` answers a request at once, or None where it cannot: the app's
     :class:`QuickAnswers` behind uvicorn's proxy headers, which rewrite the scope's client and
     scheme first, as they would on the ASGI way."""
+    proxies, app = behind_proxies(app)
     rewrites: list[Any] = []
-    while isinstance(app, ProxyHeadersMiddleware):
-        alone: Any = copy.copy(app)
+    for proxy in proxies:
+        alone: Any = copy.copy(proxy)
         alone.app = _no_app  # its rewrite of the scope, and nothing after
         rewrites.append(alone)
-        app = app.app
     quick = getattr(app, "quick", None)
     if not isinstance(quick, QuickAnswers):
         return None
