@@ -275,6 +275,13 @@ class Settings(BaseSettings):
         le=3600,
         description="Longest silence while a request body is being read (408).",
     )
+    send_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest time a client may take none of an answer while some of it waits "
+        "in the server to be sent; then the connection is reset.",
+    )
     keepalive_timeout_s: float = Field(
         default=5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after it."
     )

@@ -2,51 +2,47 @@
 
 uvicorn bounds neither the header block (httptools grows a header value by concatenation, so
 a huge header costs CPU in the square of its size) nor the time a client may take to send its
-headers or its body: stalled connections stay open until the process runs out of descriptors.
-Its ``limit_concurrency`` answers plain text without ``Retry-After``, after parsing the
-request. Rather than another server (and another deployment, process model and metrics
-sharing), :class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgeProtocol)``), with:
+headers or its body, or to take its answer: stalled connections stay open for good. Its
+``limit_concurrency`` answers plain text without ``Retry-After``, after parsing the request.
+Rather than another server (and another deployment, process model and metrics sharing),
+:class:`EdgeProtocol` is the same protocol (``uvicorn.run(http=EdgeProtocol)``), with:
 
 - the header block (request line and headers) fed to the parser at most
   ``max_header_bytes`` at a time: a block that does not end within them gets 431, and a
   request target over ``max_request_line_bytes`` gets 414, before the app sees anything (a
-  block that begins in the read where the request before it ends is counted from the next
-  read on: the parser does not say where in a read a request ends, so such a block may pass
-  the cap by the rest of that one read);
+  block that begins in the read where the request before it ends may pass the cap by the
+  rest of that read: the parser does not say where in a read a request ends);
 - a header deadline, from a connection's first moment (or a keep-alive request's first byte)
   to the end of its headers, and a body deadline, the longest silence while a body is read
   (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
   408, or a plain close for a connection that never sent a byte;
+- a send deadline (:class:`~service.api.server.SendDeadline`): a client that takes none of
+  its answer for ``send_timeout_s`` while some of it waits to be sent is reset (its app task,
+  the answer's buffer and its place among the capped connections were held for good);
 - a cap on open connections per process, checked as a connection is accepted: beyond it 503
   with ``Retry-After``, before a byte is parsed;
 - the service's JSON envelope on the protocol's own answers (400 for a malformed request too).
 
 A refused connection is answered, then half-closed: what the client still sends is read and
 dropped for a moment (closing with unread data would reset the connection, and the client
-could lose the answer), then the connection is closed. A refusal answers the request being
-read: requests pipelined before it are answered first, in order, as a client pairs answers
-with its requests.
+could lose the answer), then closed. Requests pipelined before the refused one are answered
+first, in order, as a client pairs answers with its requests.
 
-A client's half-close (it shuts down its sending side after its requests, as HTTP/1.1
-conformance probes and some command-line clients do) is not a disconnect: "a TCP connection
-that is half-closed by the client does not delimit a request message, nor does it imply that
-the client is no longer interested in a response" (RFC 9112, section 9.6). uvicorn closed the
-connection at the client's end of data, and every answer not yet written in full was lost
-(with a traceback for the app's late write). The requests read whole are answered, in order,
-then the connection is closed; a request that the end of data cut short can never be whole,
-and is answered nothing. A connection that holds an event stream (running, or waiting its
-turn) ends there, as before: a browser closing a stream sends the same end of data, and
-nothing tells the two apart until a write finds the connection gone (the socket is no longer
-read once its data has ended), which would hold the stream's place among the capped ones for
-up to its keep-alive interval. That bound remains where a request is pipelined behind a stream
-already running: uvicorn stops reading the connection then (it bounds what it buffers), so the
-client's end of data, or its reset, is seen at the stream's next write at the latest.
+A client's half-close (it shuts down its sending side after its requests, as conformance
+probes and some command-line clients do) is not a disconnect (RFC 9112, section 9.6): the
+requests read whole are answered, in order, then the connection is closed (uvicorn closed it
+at once, and every answer not yet written in full was lost); a request the end of data cut
+short is answered nothing. A connection that holds an event stream (running, or waiting its
+turn) ends there: a browser closing a stream sends the same, and the socket is no longer read
+afterwards, so the stream would hold its place among the capped ones until its next write.
+That bound remains where a request is pipelined behind a running stream: uvicorn stops
+reading the connection then, so the client's end of data, or its reset, is seen at the
+stream's next write at the latest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from functools import partial
 from typing import Any, cast
@@ -56,14 +52,13 @@ from starlette.types import Scope
 from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 from uvicorn.server import ServerState
 
 from service.api.quick import behind_proxies, front_of, send_whole
-from service.api.server import fresh_headers, process_limits
+from service.api.server import SendDeadline, error_response, fresh_headers, process_limits
 from service.errors import (
     AtCapacity,
     BadRequest,
@@ -76,24 +71,10 @@ from service.errors import (
 log = logging.getLogger("service.edge")
 
 RETRY_AFTER_S = 1  # a refused connection may try again this soon
+AT_CAPACITY = "the server has as many connections open as it accepts; retry shortly"
 LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
 
 HEAD, BODY = 0, 1  # what the parser reads now: a header block (or nothing yet), or a body
-
-
-def error_response(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A whole HTTP/1.1 response carrying ``error`` in the service's envelope, closing."""
-    body = json.dumps(error.envelope()).encode()
-    lines = [STATUS_LINE[error.status_code]]
-    headers = [
-        *default_headers,
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()),
-        (b"connection", b"close"),
-    ]
-    lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
-    return b"".join([*lines, b"\r\n", body])
 
 
 class Refused(Exception):
@@ -122,6 +103,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.url_bytes = 0
         self.body_seen = 0.0  # loop time of the body's last bytes
         self.deadline: asyncio.TimerHandle | None = None
+        self.sending = SendDeadline(self.loop, self.settings.send_timeout_s)
         self.refused = False
         self.owed: ServiceError | None = None  # a refusal waiting for earlier answers
         self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
@@ -140,12 +122,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if len(self.connections) >= self.max_connections:
             self.transport = transport
             log.warning("connection refused: %d connections open", len(self.connections))
-            self.refuse(
-                AtCapacity(
-                    "the server has as many connections open as it accepts; retry shortly",
-                    retry_after_s=RETRY_AFTER_S,
-                )
-            )
+            self.refuse(AtCapacity(AT_CAPACITY, retry_after_s=RETRY_AFTER_S))
             return
         super().connection_made(transport)
         self._arm(self.settings.header_timeout_s, self._header_timed_out)
@@ -154,6 +131,7 @@ class EdgeProtocol(HttpToolsProtocol):
         """Drop any deadline with the connection; tell the request being answered that the
         client has gone, as uvicorn tells the latest one read."""
         self._disarm()
+        self.sending.stop()
         super().connection_lost(exc)
         running = self.running
         if running is not None and not running.response_complete:
@@ -238,11 +216,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self.refuse(self._malformed())
         return not self.refused
 
-    def _uri_too_long(self) -> ServiceError:
-        return UriTooLong(
-            f"the request target is longer than {self.settings.max_request_line_bytes} bytes"
-        )
-
     def _malformed(self) -> ServiceError:
         log.warning("Invalid HTTP request received.")
         return BadRequest("the request is not valid HTTP/1.1")
@@ -257,7 +230,8 @@ class EdgeProtocol(HttpToolsProtocol):
         """Count the request target as it streams in: 414 past its cap."""
         self.url_bytes += len(url)
         if self.url_bytes > self.settings.max_request_line_bytes:
-            raise Refused(self._uri_too_long())
+            limit = self.settings.max_request_line_bytes
+            raise Refused(UriTooLong(f"the request target is longer than {limit} bytes"))
         super().on_url(url)
 
     def on_headers_complete(self) -> None:
@@ -281,11 +255,11 @@ class EdgeProtocol(HttpToolsProtocol):
 
         A request starts here as it is parsed, or as the previous response ends (a pipelined
         one). Once a response has closed the connection, what was pipelined after it is
-        dropped, as uvicorn drops its queue; a keep-alive timer that a quick answer armed in
-        this same read is stopped, as uvicorn stops it when data arrives; and a request started
-        by a quick answer's own end goes the app's way: answering it here too would nest one
-        call in the other for every request a client pipelined. Bytes the parser refuses after
-        a poll get their 400 after the poll's answer, either way (:meth:`refuse`)."""
+        dropped, as uvicorn drops it; a keep-alive timer a quick answer armed in this read is
+        stopped, as uvicorn stops it when data arrives; a request started by a quick answer's
+        own end goes the app's way (answering it here would nest one call in the other for
+        every request pipelined). Bytes the parser refuses after a poll get their 400 after the
+        poll's answer, either way (:meth:`refuse`)."""
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
@@ -312,6 +286,7 @@ class EdgeProtocol(HttpToolsProtocol):
         client half-closed (:meth:`eof_received`)."""
         last = not self.pipeline
         super().on_response_complete()
+        self.sending.watch(self.transport)  # the answer's tail, if the client has not taken it
         if not last:
             return
         if self.owed is not None:
@@ -356,6 +331,19 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         limit = self.settings.body_timeout_s
         self.refuse(RequestTimeout(f"the request body stalled for {limit:g} s"))
+
+    def pause_writing(self) -> None:
+        """The client takes its answer slower than it is written (asyncio's buffer is past its
+        high-water mark, and the app's next write waits): the send deadline starts."""
+        if self.flow is not None:  # None on a connection refused at the cap
+            super().pause_writing()
+        self.sending.watch(self.transport)
+
+    def resume_writing(self) -> None:
+        """The client has taken what was waiting: no deadline while the app writes."""
+        self.sending.stop()
+        if self.flow is not None:
+            super().resume_writing()
 
     # -- refusing ---------------------------------------------------------------------------
 

@@ -11,30 +11,41 @@ processes, uvicorn's own supervisor runs :class:`QuietProcess` children, which s
 the supervisor still pings each child every 0.5 s, as uvicorn does.
 
 How many client connections a process accepts is worked out here too:
-``MNIST_MAX_CONNECTIONS``, under the process's descriptor limit (the edge refuses beyond it).
+``MNIST_MAX_CONNECTIONS``, under the process's descriptor limit (the edge refuses beyond it);
+and what the edge needs of a connection below HTTP: its own answers' bytes, what its client
+has yet to take, and the deadline for taking it (:class:`SendDeadline`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
+import logging
 import resource
+import socket
+import struct
 import sys
+import termios
 import time
 import weakref
 from email.utils import formatdate
 from functools import lru_cache
 
 from uvicorn.config import STARTUP_FAILURE, Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.server import Server, ServerState
 from uvicorn.supervisors import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from service.errors import ServiceError
 from service.settings import Settings, get_settings
 
 # The longest an idle server sleeps: asking it to exit wakes it, so this only bounds the wait
 # should a wake-up ever be missed.
 TICK_S = 30.0
+log = logging.getLogger("service.edge")
 _DATE_SECOND: weakref.WeakKeyDictionary[ServerState, int] = weakref.WeakKeyDictionary()
 
 
@@ -158,3 +169,78 @@ def process_limits() -> tuple[Settings, int]:
     """The settings and the connection cap of this process, worked out once."""
     settings = get_settings()
     return settings, connection_cap(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def error_response(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 response carrying ``error`` in the service's envelope, closing."""
+    body = json.dumps(error.envelope()).encode()
+    lines = [STATUS_LINE[error.status_code]]
+    headers = [
+        *default_headers,
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()),
+        (b"connection", b"close"),
+    ]
+    lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"".join([*lines, b"\r\n", body])
+
+
+def unsent_bytes(transport: asyncio.WriteTransport) -> int:
+    """What a connection's client has yet to take: asyncio's buffer and, where the system says
+    (Linux's ``SIOCOUTQ``), the socket's send queue. A client that reads slowly empties the
+    queue first, which may hold megabytes: asyncio's buffer alone can stand still meanwhile."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+            unsent += int(struct.unpack("i", queued)[0])
+    return unsent
+
+
+class SendDeadline:
+    """A connection's send deadline: its client must take some of what waits to be sent
+    within ``timeout_s``, and again from each time it does, or the connection is reset.
+
+    Watched while asyncio's buffer holds some of an answer that nothing more will follow soon:
+    while the app's writes wait (the buffer past its high-water mark), and once an answer is
+    complete (its tail, under the mark, would otherwise hold the connection: a close waits for
+    the buffer to be sent). A client that takes a little in every ``timeout_s``, however
+    little, keeps its connection (as nginx's ``send_timeout``): the connection cap bounds how
+    many may.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop, self.timeout_s = loop, timeout_s
+        self.handle: asyncio.TimerHandle | None = None
+        self.unsent = 0  # what the client had yet to take at the last look
+
+    def watch(self, transport: asyncio.WriteTransport) -> None:
+        """Start the deadline while something of the server's waits, unless it runs."""
+        if self.handle is None and transport.get_write_buffer_size():
+            self.unsent = unsent_bytes(transport)
+            self.handle = self.loop.call_later(self.timeout_s, self._look, transport)
+
+    def stop(self) -> None:
+        """The client took what waited (or the connection has gone)."""
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _look(self, transport: asyncio.WriteTransport) -> None:
+        """Reset the connection if just as much waits as at the last look. Less: the client
+        took some. More: the server wrote more (a complete answer's tail, then the next
+        pipelined one), and it can't be told whether the client took any; the server's writes
+        wait once the buffer is past its mark, and the next look judges the client alone. Either
+        way the deadline starts again from now, if anything still waits."""
+        self.handle = None
+        if unsent_bytes(transport) != self.unsent or not transport.get_write_buffer_size():
+            self.watch(transport)
+            return
+        log.warning("connection reset: its client took nothing for %g s", self.timeout_s)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a reset: a plain close keeps the kernel's queue for minutes
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
