@@ -340,10 +340,13 @@ class EdgeProtocol(HttpToolsProtocol):
         self.sending.watch(self.transport)
 
     def resume_writing(self) -> None:
-        """The client has taken what was waiting: no deadline while the app writes."""
+        """The client has taken what was waiting: no deadline while the app writes, but for
+        the tail of an answer complete (:meth:`on_response_complete`)."""
         self.sending.stop()
         if self.flow is not None:
             super().resume_writing()
+        if self.running is None or self.running.response_complete:
+            self.sending.watch(self.transport)
 
     # -- refusing ---------------------------------------------------------------------------
 
@@ -367,6 +370,7 @@ class EdgeProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the app reads a disconnect, and its answer goes nowhere
             cycle.message_event.set()
             if cycle.response_started:
+                self.sending.watch(self.transport)  # what was written of it waits for the client
                 self.transport.close()
                 return
         self._answer_refusal(error)
