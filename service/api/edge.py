@@ -278,7 +278,16 @@ class EdgeProtocol(HttpToolsProtocol):
             finally:
                 self.answering = False
         self.running = cycle
-        super()._start_asgi_task(cycle, app)
+        super()._start_asgi_task(cycle, partial(self._watched, app))
+
+    async def _watched(self, app: ASGI3Application, scope: Any, receive: Any, send: Any) -> None:
+        """The app; where it fails mid-answer, uvicorn closes the connection, and a close waits
+        for what was written to be sent: the send deadline watches that."""
+        try:
+            await app(scope, receive, send)
+        except BaseException:
+            self.sending.watch(self.transport)
+            raise
 
     def on_response_complete(self) -> None:
         """The next pipelined request, as uvicorn starts it; after the last answer owed, the

@@ -72,12 +72,16 @@ class Kept(asyncio.Transport):
         )
 
 
-def answering(size: int) -> Any:
-    """An app that answers every request ``size`` bytes, in one write."""
+def answering(size: int, *, fails: bool = False) -> Any:
+    """An app that answers every request ``size`` bytes, in one write; or, ``fails``, half of
+    them, then raises."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-length", str(size).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if fails:
+            await send({"type": "http.response.body", "body": bytes(size // 2), "more_body": True})
+            raise RuntimeError("the app failed mid-answer")
         await send({"type": "http.response.body", "body": bytes(size)})
 
     return app
@@ -89,9 +93,11 @@ def short_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(edge, "process_limits", lambda: (settings, 100))
 
 
-async def connected(size: int) -> tuple[EdgeProtocol, Kept]:
-    """A connection of the edge to an app answering ``size`` bytes, its request sent."""
-    config = uvicorn.Config(answering(size), http=EdgeProtocol, log_config=None, lifespan="off")
+async def connected(size: int, *, fails: bool = False) -> tuple[EdgeProtocol, Kept]:
+    """A connection of the edge to an app answering ``size`` bytes (:func:`answering`), its
+    request sent."""
+    app = answering(size, fails=fails)
+    config = uvicorn.Config(app, http=EdgeProtocol, log_config=None, lifespan="off")
     config.load()
     protocol = EdgeProtocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = Kept(protocol)
@@ -127,6 +133,18 @@ def test_a_tail_left_as_writes_resume_after_the_answer_is_not_held_for_good() ->
         protocol, transport = await connected(MARK * 2)
         await until(lambda: protocol.running is not None and protocol.running.response_complete)
         transport.take(MARK // 8)
+        await until(lambda: transport.aborted)
+
+    asyncio.run(main())
+
+
+def test_what_an_app_that_failed_mid_answer_wrote_is_not_held_for_good() -> None:
+    """uvicorn closes the connection of an app that raised once its answer had begun (no
+    :meth:`on_response_complete`): the close waits for what was written."""
+
+    async def main() -> None:
+        _protocol, transport = await connected(MARK, fails=True)
+        await until(lambda: transport.closing)
         await until(lambda: transport.aborted)
 
     asyncio.run(main())
