@@ -40,6 +40,9 @@ class _Transport(asyncio.Transport):
     def write(self, data: Any) -> None:
         self.written += len(data)
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # the client takes every byte at once
+
     def close(self) -> None:
         self.closing = True
 
