@@ -20,6 +20,7 @@ from uvicorn.server import ServerState
 from service.api import edge
 from service.api.edge import EdgeProtocol
 from service.settings import Settings
+from tests.support import wait_until
 
 MARK = 4096  # the fake's high-water mark; its low-water mark is a quarter of it
 TIMEOUT_S = 0.2
@@ -106,10 +107,9 @@ async def connected(size: int, *, fails: bool = False) -> tuple[EdgeProtocol, Ke
     return protocol, transport
 
 
-async def until(condition: Any, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
+def answered(protocol: EdgeProtocol) -> bool:
+    """Whether the app's answer is complete."""
+    return protocol.running is not None and protocol.running.response_complete
 
 
 def test_an_answers_tail_under_the_mark_is_not_held_for_good() -> None:
@@ -118,8 +118,8 @@ def test_an_answers_tail_under_the_mark_is_not_held_for_good() -> None:
 
     async def main() -> None:
         protocol, transport = await connected(MARK // 2)
-        await until(lambda: transport.aborted)
-        assert protocol.running is not None and protocol.running.response_complete
+        await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
+        assert answered(protocol)
 
     asyncio.run(main())
 
@@ -131,9 +131,9 @@ def test_a_tail_left_as_writes_resume_after_the_answer_is_not_held_for_good() ->
 
     async def main() -> None:
         protocol, transport = await connected(MARK * 2)
-        await until(lambda: protocol.running is not None and protocol.running.response_complete)
+        await wait_until(lambda: answered(protocol), timeout_s=10, what="the answer")
         transport.take(MARK // 8)
-        await until(lambda: transport.aborted)
+        await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
 
     asyncio.run(main())
 
@@ -144,8 +144,8 @@ def test_what_an_app_that_failed_mid_answer_wrote_is_not_held_for_good() -> None
 
     async def main() -> None:
         _protocol, transport = await connected(MARK, fails=True)
-        await until(lambda: transport.closing)
-        await until(lambda: transport.aborted)
+        await wait_until(lambda: transport.closing, timeout_s=10, what="uvicorn's close")
+        await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
 
     asyncio.run(main())
 
@@ -153,9 +153,10 @@ def test_what_an_app_that_failed_mid_answer_wrote_is_not_held_for_good() -> None
 def test_a_client_that_takes_its_answer_keeps_its_connection() -> None:
     async def main() -> None:
         protocol, transport = await connected(MARK * 2)
-        await until(lambda: protocol.running is not None and protocol.running.response_complete)
+        await wait_until(lambda: answered(protocol), timeout_s=10, what="the answer")
         transport.take(MARK)  # some taken; writes still wait
-        await until(lambda: protocol.sending.unsent == MARK)  # seen: the deadline starts again
+        sending = protocol.sending  # a look sees it: the deadline starts again
+        await wait_until(lambda: sending.unsent == MARK, timeout_s=10, what="a look")
         transport.take(0)
         assert protocol.sending.handle is None  # nothing waits: no deadline
         assert not transport.aborted and not transport.closing

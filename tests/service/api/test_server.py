@@ -6,50 +6,10 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from service.api.server import SendDeadline, unsent_bytes
-from tests.support import wait_for
-
-
-class Buffered(asyncio.Transport):
-    """A transport over ``sock`` whose own buffer holds ``buffered`` bytes."""
-
-    def __init__(self, sock: socket.socket, buffered: int) -> None:
-        super().__init__()
-        self.sock, self.buffered = sock, buffered
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.sock if name == "socket" else default
-
-
-def test_what_a_client_has_yet_to_take_counts_the_sockets_queue() -> None:
-    """A slow reader empties the kernel's send queue before asyncio's buffer moves: the send
-    deadline (service/api/edge.py) sees the reader's progress there."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        server, _ = listener.accept()
-        with client, server:
-            server.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                while True:  # until the kernel takes no more: the client reads nothing yet
-                    server.send(bytes(65536))
-            transport = Buffered(server, buffered=100)
-            queued = unsent_bytes(transport)
-            assert queued > 100 + 4096  # the socket's queue, beyond what the client holds
-            client.settimeout(10)
-
-            def took_some() -> bool:
-                client.recv(4096)  # a slow reader, a little at a time
-                return unsent_bytes(transport) < queued
-
-            wait_for(took_some, timeout_s=10, what="the queue to shrink")
-    assert unsent_bytes(Buffered(server, buffered=100)) == 100  # a closed socket: none
+from tests.support import wait_for, wait_until
 
 
 class Unsent(asyncio.WriteTransport):
@@ -70,11 +30,29 @@ class Unsent(asyncio.WriteTransport):
         self.aborted = True
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait on the loop for ``condition``, ``timeout_s`` at most."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
+def test_what_a_client_has_yet_to_take_counts_the_sockets_queue() -> None:
+    """A slow reader empties the kernel's send queue before asyncio's buffer moves: the send
+    deadline (service/api/edge.py) sees the reader's progress there."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server, _ = listener.accept()
+        with client, server:
+            server.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # until the kernel takes no more: the client reads nothing yet
+                    server.send(bytes(65536))
+            transport = Unsent(100, server)
+            queued = unsent_bytes(transport)
+            assert queued > 100 + 4096  # the socket's queue, beyond what the client holds
+            client.settimeout(10)
+
+            def took_some() -> bool:
+                client.recv(4096)  # a slow reader, a little at a time
+                return unsent_bytes(transport) < queued
+
+            wait_for(took_some, timeout_s=10, what="the queue to shrink")
+    assert unsent_bytes(Unsent(100, server)) == 100  # a closed socket: none
 
 
 def test_an_answers_tail_its_client_never_takes_is_reset() -> None:
@@ -87,7 +65,7 @@ def test_an_answers_tail_its_client_never_takes_is_reset() -> None:
             transport = Unsent(100, sock)
             deadline = SendDeadline(asyncio.get_running_loop(), timeout_s=0.05)
             deadline.watch(transport)
-            await until(lambda: transport.aborted)
+            await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
 
         asyncio.run(main())
         linger = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
@@ -102,7 +80,7 @@ def test_a_client_that_takes_some_in_each_interval_keeps_its_connection() -> Non
         while transport.buffered:  # a byte taken in every tenth of the interval
             await asyncio.sleep(0.05)
             transport.buffered -= 1
-        await until(lambda: deadline.handle is None)  # nothing waits: no deadline
+        await wait_until(lambda: deadline.handle is None, timeout_s=10, what="no deadline")
         assert not transport.aborted
         deadline.watch(transport)
         assert deadline.handle is None  # an empty buffer starts none
@@ -120,8 +98,9 @@ def test_a_look_that_finds_more_waiting_judges_the_client_at_the_next() -> None:
         deadline = SendDeadline(asyncio.get_running_loop(), timeout_s=1.0)
         deadline.watch(transport)
         transport.buffered = 150
-        await until(lambda: deadline.unsent == 150)  # the first look: started again
+        await wait_until(lambda: deadline.unsent == 150, timeout_s=10, what="the first look")
         assert not transport.aborted
-        await until(lambda: transport.aborted)  # nothing taken since: the second resets
+        # Nothing taken since: the second look resets.
+        await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
 
     asyncio.run(main())
