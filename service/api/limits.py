@@ -96,8 +96,20 @@ class MultipartGuard:
             return
         try:
             self._parser.write(chunk)
-        except FormParserError as exc:
-            raise BadRequest(f"the multipart body cannot be read: {exc}") from exc
+        except FormParserError as exc:  # the parser's words are not the client's (README)
+            raise BadRequest(
+                "the multipart body cannot be read: it is not parts between its boundary "
+                "delimiters, each with well-formed headers"
+            ) from exc
+
+    def finish(self) -> None:
+        """The body has ended: a form whose closing delimiter never came was cut short. (Read as
+        it is, it lost its last part, and a form of one image was told it had none.)"""
+        if not self.ended:
+            raise BadRequest(
+                "the multipart body ends before its closing delimiter (--boundary--): it was "
+                "cut short"
+            )
 
     def _part_begin(self) -> None:
         self.parts += 1
@@ -228,6 +240,8 @@ class BodyLimitMiddleware:
             elif guard is not None:
                 try:
                     guard.feed(chunk)
+                    if received and not message.get("more_body", False):
+                        guard.finish()  # an empty body the app answers (no image)
                 except ServiceError as exc:
                     refusal = exc
             if refusal is not None:

@@ -14,6 +14,7 @@ too small) is laid out like an image of any other size.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,10 @@ FIELD_CENTRE_PX = 14.0  # ...whose centre of mass lands on pixel 14 (measured: 1
 # box, and about 0.5 px around the centre) is taken as laid out; tests check every MNIST image.
 LAID_OUT_SIDE_PX = (19, 21)
 LAID_OUT_CENTRE_SLACK_PX = 1.0
+# The longest side accepted, JPEG's and GIF's own limit: Pillow keeps 8 bytes for each row
+# beside its pixels, and its decoders a few copies of one row, so an image of a few pixels by
+# 16 million (a 15 kB upload) held several times what a square one of as many pixels does.
+MAX_SIDE_PX = 65_535
 # JPEG photos decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this long:
 # a digit needs far fewer pixels than a phone camera gives, and a reduced decode is much cheaper.
 JPEG_DRAFT_MIN_SIDE_PX = 256
@@ -60,9 +65,10 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation → standard deviation of a n
 # Where Pillow reads an orientation from (``Image.getexif``): EXIF, ImageMagick's PNG text
 # chunk, XMP. An image with none of them is shown as stored.
 ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
-# Rows converted to 8-bit grayscale, or searched for ink, at a time (:func:`_grayscale`,
-# :func:`_ink`): a few MB of intermediates even for the widest image accepted.
-STRIP_ROWS = 256
+# Pixels converted to 8-bit grayscale, or searched for ink, at a time (:func:`_grayscale`,
+# :func:`_ink`): 256 rows of a 4096-pixel-wide image, a few MB of intermediates for any image
+# accepted, however wide (it was 256 rows, whatever their width), and few strips for a tall one.
+STRIP_PX = 256 * 4096
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
@@ -76,17 +82,27 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as exc:
+        claimed = claimed_format(data)
+        if claimed is not None:  # its signature is an accepted format's: a damaged header
+            raise InvalidInput(
+                f"the {claimed} image's header could not be read (truncated or corrupt)"
+            ) from exc
         raise UnsupportedMediaType(
             f"the file is not an image in an accepted format; accepted: {ACCEPTED_FORMATS_TEXT}"
         ) from exc
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"the image has far more than {max_pixels} pixels") from exc
     except Exception as exc:  # a header Pillow cannot parse is the client's fault
-        raise InvalidInput(f"the image header could not be read: {exc}") from exc
+        # The client is told what failed, not the decoder's words (Security, README).
+        raise InvalidInput("the image header could not be read (truncated or corrupt)") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}×{height} pixels; at most {max_pixels} pixels are accepted"
+        )
+    if max(width, height) > MAX_SIDE_PX:
+        raise PayloadTooLarge(
+            f"the image is {width}×{height} pixels; at most {MAX_SIDE_PX} on a side are accepted"
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"the image is {width}×{height} pixels: nothing to read")
@@ -98,7 +114,21 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
     # Pillow's decoders raise many types on corrupt input (OSError, SyntaxError, EOFError,
     # ValueError, zlib.error, struct.error…): all of them mean the bytes are not a valid image.
     except Exception as exc:
-        raise InvalidInput(f"the image could not be decoded (truncated or corrupt): {exc}") from exc
+        raise InvalidInput("the image could not be decoded (truncated or corrupt)") from exc
+
+
+def claimed_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` begins with, by Pillow's own test of each
+    (``Image.OPEN``), or None: bytes that Pillow cannot open but that claim an accepted format
+    are a damaged image (422), not an unaccepted one (415)."""
+    Image.init()
+    prefix = data[:16]
+    return next((f for f in ACCEPTED_FORMATS if _accepts(f, prefix)), None)
+
+
+def _accepts(image_format: str, prefix: bytes) -> bool:
+    _, accept = Image.OPEN[image_format]
+    return accept is not None and bool(accept(prefix))
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -114,22 +144,32 @@ def _grayscale(image: Image.Image) -> Gray:
 
     Every conversion here is pixel by pixel, so strips give exactly the whole image's result,
     while the wide intermediates (16-bit values, luma and alpha) only ever exist for
-    :data:`STRIP_ROWS` rows: a large image costs its decoded self and its 8-bit copy, not
+    :data:`STRIP_PX` pixels: a large image costs its decoded self and its 8-bit copy, not
     several copies in wider types.
     """
     width, height = image.size
     convert = _strip_converter(image)
-    if height <= STRIP_ROWS:  # most uploads: one strip, no copy of it to make
+    rows = strip_rows(width)
+    if height <= rows:  # most uploads: one strip, no copy of it to make
         return convert(image)
     gray = np.empty((height, width), dtype=np.uint8)
-    for top in range(0, height, STRIP_ROWS):
-        bottom = min(top + STRIP_ROWS, height)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
         gray[top:bottom] = convert(image.crop((0, top, width, bottom)))
     return gray
 
 
+def strip_rows(width: int) -> int:
+    """How many rows of an image this wide a strip holds (at least 16: a row has at most
+    :data:`MAX_SIDE_PX` pixels)."""
+    return max(1, STRIP_PX // max(width, 1))
+
+
 def _strip_converter(image: Image.Image) -> Callable[[Image.Image], Gray]:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG
+        clear = image.info.get("transparency")  # tRNS: the one 16-bit level that is see-through
+        if isinstance(clear, int):
+            return functools.partial(_sixteen_bit_over_white, clear=clear)
         return _sixteen_bit
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
@@ -142,6 +182,13 @@ def _sixteen_bit(strip: Image.Image) -> Gray:
     # exactly halfway between two levels, so (v + 128) // 257 is that rounding.
     wide = np.asarray(strip, dtype=np.int32)
     return ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
+
+
+def _sixteen_bit_over_white(strip: Image.Image, *, clear: int) -> Gray:
+    # Composited on white as every other image with alpha is: the transparent level is white.
+    gray = _sixteen_bit(strip)
+    gray[np.asarray(strip, dtype=np.int32) == clear] = 255
+    return gray
 
 
 def _luma(strip: Image.Image) -> Gray:
@@ -248,9 +295,10 @@ def _ink(gray: Gray, *, inverted: bool) -> Gray | None:
     # The ink's rows and columns, a strip at a time; then only the ink's box is mapped.
     ink_rows = np.zeros(gray.shape[0], dtype=bool)
     ink_cols = np.zeros(gray.shape[1], dtype=bool)
-    for first in range(0, gray.shape[0], STRIP_ROWS):
-        strip = table[gray[first : first + STRIP_ROWS]]
-        ink_rows[first : first + STRIP_ROWS] = strip.any(axis=1)
+    rows_per_strip = strip_rows(gray.shape[1])
+    for first in range(0, gray.shape[0], rows_per_strip):
+        strip = table[gray[first : first + rows_per_strip]]
+        ink_rows[first : first + rows_per_strip] = strip.any(axis=1)
         ink_cols |= strip.any(axis=0)
     rows, cols = np.flatnonzero(ink_rows), np.flatnonzero(ink_cols)
     if rows.size == 0:

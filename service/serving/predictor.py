@@ -50,9 +50,13 @@ def image_to_tensor(
 
 
 def images_to_tensor(
-    images: Sequence[bytes], *, max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS
+    images: Sequence[bytes],
+    *,
+    max_pixels: int = imaging.DEFAULT_MAX_IMAGE_PIXELS,
+    named: bool = False,
 ) -> torch.Tensor:
-    """Several images → one N×1×28×28 batch; an error names the image (``files[i]``)."""
+    """Several images → one N×1×28×28 batch; an error names the image (``files[i]``) when
+    there are several, or when ``named`` (sent as ``files``, even one)."""
     fields = np.empty((len(images), IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
     largest = 0
     try:
@@ -63,7 +67,7 @@ def images_to_tensor(
                 fields[i] = imaging.mnist_layout(gray)
                 del gray
             except ServiceError as exc:
-                if len(images) == 1:
+                if len(images) == 1 and not named:
                     raise
                 raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
     finally:
@@ -170,13 +174,13 @@ class Predictor:
         self.decodes = decodes
 
     async def images_tensor(
-        self, images: Sequence[bytes], *, max_pixels: int, inline: bool = False
+        self, images: Sequence[bytes], *, max_pixels: int, inline: bool = False, named: bool = False
     ) -> torch.Tensor:
         """:func:`images_to_tensor` in one of the decode slots, the one way every predict path
         decodes (the route on a thread, the fast lane ``inline`` on the loop); 429 when too
         many requests already wait for a slot (:class:`DecodeSlots`)."""
         return await self.decodes.run(
-            lambda: images_to_tensor(images, max_pixels=max_pixels), inline=inline
+            lambda: images_to_tensor(images, max_pixels=max_pixels, named=named), inline=inline
         )
 
     async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.errors import Conflict, NotFound, ServiceError
+from service.ml import load_model
 from service.schemas import AliasList, AliasRead, ModelList, ModelRead
 from service.serving.single_flight import SingleFlight
 from service.status import JobStatus
@@ -121,16 +123,36 @@ def get(session: Session, checkpoint_dir: Path, job_id: str) -> ModelRead:
     return to_read(job, _sizes(session, checkpoint_dir, [job])[job.id], aliases)
 
 
-def existing_checkpoint(session: Session, checkpoint_dir: Path, job_id: str) -> artifacts.Source:
-    """A model's weights, for download: a file, or the bytes of its row (read here, in the
-    route's thread); 409 when they are gone."""
+def checkpoint_bytes(session: Session, checkpoint_dir: Path, job_id: str) -> bytes:
+    """A model's weights, for download: read whole (a file, or its row) and checked to load as
+    predict loads them (:func:`~service.ml.load_model`); 409 when they are gone or damaged.
+    Blocks.
+
+    Read whole here rather than streamed from the file afterwards: a job deleted after this
+    check then cannot cut the download short or fail it with a missing file, and the answer
+    needs no thread (nor the caller's database session) once it is sent. A few hundred KB.
+    """
     job = model_or_404(session, job_id)
     assert job.checkpoint is not None
+    where = f"{checkpoint_dir} ({job.checkpoint})"
     source = artifacts.read(session, checkpoint_dir, job.checkpoint)
-    if source is None:
-        log.error("the checkpoint of model %s is missing from %s", job_id, checkpoint_dir)
+    try:
+        data = None if source is None else _whole(source)
+    except FileNotFoundError:  # deleted since it was found
+        data = None
+    if data is None:
+        log.error("the checkpoint of model %s is missing from %s", job_id, where)
         raise Conflict(CHECKPOINT_UNUSABLE)
-    return source
+    try:
+        load_model(io.BytesIO(data))
+    except Exception as exc:  # torch raises many types for a damaged file
+        log.error("the checkpoint of model %s in %s does not load: %s", job_id, where, exc)
+        raise Conflict(CHECKPOINT_UNUSABLE) from exc
+    return data
+
+
+def _whole(source: artifacts.Source) -> bytes:
+    return source.read_bytes() if isinstance(source, Path) else source.getvalue()
 
 
 def _alias_read(alias: ModelAlias) -> AliasRead:

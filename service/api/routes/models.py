@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path as PathType
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Body, Path, status
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from service.api.deps import (
     JobIdPath,
     PageCursor,
     PageLimit,
     PredictorDep,
+    ReadSessionsDep,
     SessionDep,
     SettingsDep,
     WriteSessionDep,
@@ -95,32 +96,53 @@ def get_model(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> 
     return model_registry.get(session, settings.checkpoint_dir, job_id)
 
 
+CHECKPOINT_PATH = "/{job_id}/checkpoint"
+
+
 @router.get(
-    "/{job_id}/checkpoint",
+    CHECKPOINT_PATH,
     response_class=Response,
     responses={
         200: {
             "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
             },
-            "description": "The weights.",
+            "description": "The weights, whole (a `Range` header is ignored).",
         },
         **NOT_FOUND,
-        409: {"model": ErrorEnvelope, "description": "The weights are missing."},
+        409: {"model": ErrorEnvelope, "description": "The weights are missing or damaged."},
     },
 )
-def download_checkpoint(job_id: JobIdPath, session: SessionDep, settings: SettingsDep) -> Response:
+async def download_checkpoint(
+    job_id: JobIdPath, sessions: ReadSessionsDep, settings: SettingsDep
+) -> Response:
     """The model's weights: a PyTorch state_dict (``torch.load(..., weights_only=True)``).
 
-    A file is streamed from the disk; weights stored in the database (a few hundred KB) are
-    read by this route's thread, off the event loop, and sent in one body.
+    Read and checked in a thread, in a session of its own that ends before the answer is sent
+    (:func:`~service.serving.registry.checkpoint_bytes`): a file streamed from the disk after
+    the route had returned needed the thread pool's threads, which routes waiting for the
+    session's pool could all hold (a crowd of downloads stalled for the pool's 30 s timeout).
     """
-    source = model_registry.existing_checkpoint(session, settings.checkpoint_dir, job_id)
-    name = f"{job_id}.pt"
-    if isinstance(source, PathType):
-        return FileResponse(source, media_type="application/octet-stream", filename=name)
+
+    def read() -> bytes:
+        with sessions() as session:
+            return model_registry.checkpoint_bytes(session, settings.checkpoint_dir, job_id)
+
     return Response(
-        source.getvalue(),
+        await anyio.to_thread.run_sync(read),
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{job_id}.pt"',
+            "Accept-Ranges": "none",
+        },
     )
+
+
+# HEAD, as HTTP asks of every GET (download managers ask it first); not documented twice.
+router.add_api_route(
+    CHECKPOINT_PATH,
+    download_checkpoint,
+    methods=["HEAD"],
+    response_class=Response,
+    include_in_schema=False,
+)

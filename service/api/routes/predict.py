@@ -93,6 +93,11 @@ def media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
+def is_json(kind: str) -> bool:
+    """Whether a media type (:func:`media_type`) is JSON's: ``application/json`` or ``…+json``."""
+    return kind == "application/json" or kind.endswith("+json")
+
+
 def multipart_cap(settings: Settings) -> int:
     """The most bytes a multipart request may carry: every image it may hold, and framing."""
     return settings.max_upload_bytes * settings.max_images_per_request + MULTIPART_OVERHEAD_BYTES
@@ -136,7 +141,9 @@ async def predict(
         x = await run_in_threadpool(predict_service.pixels_to_tensor, payload.pixels)
     else:
         # Decoding may be slow (a large photo): off the loop, in one of the decode slots.
-        x = await predictor.images_tensor(payload, max_pixels=settings.max_image_pixels)
+        x = await predictor.images_tensor(
+            payload, max_pixels=settings.max_image_pixels, named=kind == "files"
+        )
     # The model answers on the loop, batched.
     answering, predictions = await predictor.predict(x, choice, top_k=query.top_k)
     body = {"job_id": answering, "predictions": predictions} if kind == "files" else predictions[0]
@@ -154,7 +161,7 @@ async def _read_input(
         return await _read_multipart(request, settings)
     if content_type.startswith("image/"):
         return "body", [await _read_body(request, settings.max_upload_bytes, "the image")]
-    if content_type == "application/json" or content_type.endswith("+json"):
+    if is_json(content_type):
         return "pixels", _parse_pixels(await _read_body(request, JSON_MAX_BYTES, "the JSON body"))
     if content_type == "application/x-www-form-urlencoded":
         raise InvalidInput(f"the form has no image file: {HOW_TO_SEND}")
@@ -209,10 +216,16 @@ async def _read_multipart(
     )
     try:
         form = await parser.parse()
-    except MultiPartException as exc:
+    except MultiPartException as exc:  # told in our words, not Starlette's (README, Security)
         if exc.message.startswith("Too many files"):
             raise PayloadTooLarge(f"too many images: at most {limit} per request") from exc
-        raise InvalidInput(f"the multipart body is malformed: {exc.message}") from exc
+        if exc.message.startswith("Too many fields"):
+            raise InvalidInput(f"the form has more than {MAX_FORM_FIELDS} text fields") from exc
+        if exc.message.startswith(("Field exceeded", "Part exceeded")):
+            raise PayloadTooLarge(f"a text field of the form is too long: {HOW_TO_SEND}") from exc
+        if exc.message.startswith("Missing boundary"):
+            raise InvalidInput("the multipart content type names no boundary") from exc
+        raise InvalidInput("the multipart body is malformed") from exc
     try:
         fields = form.multi_items()
         unexpected = sorted({name for name, _ in fields if name not in ("file", "files")})

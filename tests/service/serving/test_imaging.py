@@ -227,7 +227,7 @@ def test_blank_and_flat_images_give_an_empty_field() -> None:
 
 def test_formats_other_than_the_accepted_ones_are_415_naming_them() -> None:
     tiff = encode(Image.fromarray(a_digit()), "TIFF")
-    for data in (SVG, TEXT, tiff, b"\x89PNG\r\n\x1a\n"):
+    for data in (SVG, TEXT, tiff):
         with pytest.raises(UnsupportedMediaType) as caught:
             imaging.decode(data)
         assert "PNG, JPEG, BMP, GIF (first frame), WebP" in caught.value.message
@@ -249,6 +249,39 @@ def test_empty_and_corrupt_images_are_422() -> None:
         imaging.decode(jpeg[:200])
 
 
+def test_a_damaged_header_of_an_accepted_format_is_422_naming_it_in_our_words() -> None:
+    # Pillow cannot open them, but their signature is an accepted format's: damaged images
+    # (422), not another format (415); and the client reads no decoder's message.
+    digit = png(a_digit())
+    bad_crc = digit[:29] + bytes([digit[29] ^ 0xFF]) + digit[30:]  # IHDR's checksum
+    gif = encode(Image.fromarray(a_digit()), "GIF")
+    for data, name in ((digit[:8], "PNG"), (bad_crc, "PNG"), (gif[:13], "GIF")):
+        with pytest.raises(InvalidInput) as caught:
+            imaging.decode(data)
+        assert caught.value.message == (
+            f"the {name} image's header could not be read (truncated or corrupt)"
+        )
+    jpeg = encode(Image.fromarray(a_digit()), "JPEG")
+    for broken in (digit[: len(digit) // 2], jpeg[:200]):
+        with pytest.raises(InvalidInput) as caught:
+            imaging.decode(broken)
+        assert caught.value.message in (  # our words only, wherever it failed
+            "the image header could not be read (truncated or corrupt)",
+            "the image could not be decoded (truncated or corrupt)",
+        )
+
+
+def test_a_16_bit_png_with_a_transparent_level_is_composited_on_white() -> None:
+    # tRNS names one 16-bit level see-through: it is white, as alpha is everywhere else.
+    canvas = np.full((28, 28), 0, np.uint16)
+    canvas[6:22, 12:16] = 257  # near-black ink; the rest (0) transparent
+    image = Image.fromarray(canvas)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0)
+    gray = imaging.decode(buffer.getvalue())
+    assert gray[0, 0] == 255 and gray[10, 13] == 1
+
+
 def test_images_with_too_many_pixels_are_refused_before_decoding() -> None:
     bomb = png_claiming_size(20_000, 20_000)  # 400 Mpx claimed in a few dozen bytes
     assert len(bomb) < 100
@@ -262,3 +295,14 @@ def test_images_with_too_many_pixels_are_refused_before_decoding() -> None:
     )
     # Pillow's own guard in this process is far below its default of 89 Mpx.
     assert Image.MAX_IMAGE_PIXELS == IMAGE_PIXELS_CEILING < 89_000_000
+
+
+def test_an_image_longer_than_a_side_allows_is_413_before_decoding() -> None:
+    # A few pixels by millions: Pillow's rows alone would hold 8 bytes each.
+    for width, height in ((imaging.MAX_SIDE_PX + 1, 1), (1, imaging.MAX_SIDE_PX + 1)):
+        with pytest.raises(PayloadTooLarge, match=f"at most {imaging.MAX_SIDE_PX} on a side"):
+            imaging.decode(png_claiming_size(width, height))
+    assert imaging.decode(png(np.zeros((1, imaging.MAX_SIDE_PX), np.uint8))).shape == (
+        1,
+        imaging.MAX_SIDE_PX,
+    )

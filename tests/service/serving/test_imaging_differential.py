@@ -85,6 +85,17 @@ def _field_now(data: bytes) -> np.ndarray:
     return field
 
 
+def _traced_field(data: bytes) -> tuple[np.ndarray, int]:
+    """The field of ``data`` and the peak of numpy's allocations (traced) while it was made."""
+    tracemalloc.start()
+    try:
+        field = _field_now(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return field, peak
+
+
 @pytest.mark.parametrize(
     "corpus", [_ordinary_images, _sixteen_bit_images], ids=["ordinary", "16-bit"]
 )
@@ -118,13 +129,40 @@ def test_a_16_mpx_16_bit_png_never_exists_in_wide_types() -> None:
     canvas[1000:3000, 1800:2200] = 60_000
     data = encode(Image.fromarray(canvas))
     del canvas
-    tracemalloc.start()
-    try:
-        field = _field_now(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    field, peak = _traced_field(data)
     assert field.max() == 255 and field.sum() > 0
     # 16 MB for the 8-bit image and at most as much for its ink's box, plus the
     # strips; before, float64 copies of it alone were 128 MB each.
     assert peak < 40 * MIB, f"{peak / MIB:.0f} MiB"
+
+
+THIN = [
+    ((244, 65_535), "L"),
+    ((65_535, 244), "L"),
+    ((244, 65_535), "I;16"),
+    ((244, 65_535), "RGBA"),
+]
+
+
+@pytest.mark.parametrize(("shape", "mode"), THIN, ids=["wide", "tall", "wide-16-bit", "wide-RGBA"])
+def test_an_image_as_long_as_accepted_is_read_without_copies_of_it_in_wide_types(
+    shape: tuple[int, int], mode: str
+) -> None:
+    """16 Mpx on the longest side accepted, rows longer than a strip: numpy's allocations
+    (traced) stay near the 8-bit image, as for a square one (a 16-bit or RGBA row was converted
+    whole, in wider types)."""
+    canvas = np.full(shape, 255, np.uint8)
+    stroke = (slice(100, 140), slice(20_000, 40_000))  # dark, along the long side
+    canvas[stroke if shape[0] < shape[1] else stroke[::-1]] = 0
+    if mode == "I;16":
+        image = Image.fromarray(canvas.astype("<u2") * 257)
+    elif mode == "RGBA":
+        image = Image.fromarray(np.dstack([canvas] * 3 + [np.full(shape, 255, np.uint8)]))
+    else:
+        image = Image.fromarray(canvas)
+    assert image.mode == mode
+    data = encode(image)
+    del canvas, image
+    field, peak = _traced_field(data)
+    assert field.max() == 255
+    assert peak < 64 * MIB, f"{peak / MIB:.0f} MiB"

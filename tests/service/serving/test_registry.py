@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from datetime import timedelta
 from pathlib import Path
 
 import anyio
 import pytest
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.errors import Conflict, InvalidInput, NotFound
+from service.ml import SimpleMLP
 from service.schemas import JobCreate
 from service.serving import registry as model_registry
 from service.status import TERMINAL, JobStatus
 from service.store import job_repo
+from service.store.artifacts import backends as artifacts
 from service.store.tables import Job
 from tests.support import wait_until
 
@@ -167,11 +171,24 @@ def test_a_job_that_is_not_a_model_is_404_under_models(
         with pytest.raises(NotFound, match="no job with id"):
             model_registry.get(session, tmp_path, MISSING)
         with pytest.raises(Conflict, match="missing"):
-            model_registry.existing_checkpoint(session, tmp_path, model)
+            model_registry.checkpoint_bytes(session, tmp_path, model)
         (tmp_path / f"{model}-1.pt").write_bytes(b"weights")
-        assert model_registry.existing_checkpoint(session, tmp_path, model) == (
-            tmp_path / f"{model}-1.pt"
-        )
+        with pytest.raises(Conflict, match="missing or unreadable"):  # does not load
+            model_registry.checkpoint_bytes(session, tmp_path, model)
+        weights = io.BytesIO()
+        torch.save(SimpleMLP().state_dict(), weights)
+        (tmp_path / f"{model}-1.pt").write_bytes(weights.getvalue())
+        assert model_registry.checkpoint_bytes(session, tmp_path, model) == weights.getvalue()
+
+
+def test_a_checkpoint_deleted_as_it_is_read_is_409(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found, then deleted (its job deleted) before its bytes were read.
+    model = add_model(sessions, finished_ago_s=0)
+    monkeypatch.setattr(artifacts, "read", lambda *_: tmp_path / "gone.pt")
+    with sessions() as session, pytest.raises(Conflict, match="missing or unreadable"):
+        model_registry.checkpoint_bytes(session, tmp_path, model)
 
 
 def test_deleting_a_job_deletes_its_aliases(sessions: sessionmaker[Session]) -> None:

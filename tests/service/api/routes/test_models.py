@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import io
 
+import anyio.to_thread
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.clock import utcnow
 from service.ml import SimpleMLP
 from service.settings import Settings
 from service.store.artifacts import repo as artifacts_repo
 from tests.jobs import read_job
 from tests.service.api.routes.conftest import train_job
 from tests.service.images import png
-from tests.support import BOTH_STORES, synthetic_digits
+from tests.support import BOTH_STORES, synthetic_digits, together
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -88,6 +90,69 @@ def test_the_checkpoint_downloads_as_loadable_weights(
         gone.json()["error"]["message"] == "the checkpoint of this model is missing or unreadable"
     )
     assert client.get(f"/models/{job_id}").json()["checkpoint_bytes"] is None
+
+
+@BOTH_STORES
+def test_a_damaged_checkpoint_is_409_and_never_sent(
+    client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
+) -> None:
+    job_id = train_job(client, sessions, api_settings)
+    name = f"{job_id}-1.pt"
+    if api_settings.artifacts == "folder":
+        path = api_settings.checkpoint_dir / name
+        path.write_bytes(path.read_bytes()[:1000])  # cut short on the disk
+    else:
+        with sessions.begin() as session:  # or in its row
+            data = artifacts_repo.data(session, name)
+            assert data is not None
+            artifacts_repo.drop(session, job_id)
+            blob = artifacts_repo.Blob(
+                job_id, name, artifacts_repo.CHECKPOINT, 1, None, data[:1000]
+            )
+            artifacts_repo.put(session, blob, now=utcnow())
+    damaged = client.get(f"/models/{job_id}/checkpoint")
+    assert damaged.status_code == 409
+    assert damaged.json()["error"]["message"] == (
+        "the checkpoint of this model is missing or unreadable"
+    )
+
+
+def test_the_checkpoint_answers_head_and_is_sent_whole_whatever_range_is_asked(
+    client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
+) -> None:
+    job_id = train_job(client, sessions, api_settings)
+    url = f"/models/{job_id}/checkpoint"
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "none"
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(whole.content))
+    assert head.headers["content-disposition"] == whole.headers["content-disposition"]
+    assert client.head(f"/models/{MISSING}/checkpoint").status_code == 404
+    # Any Range (valid, reversed, past the end, another unit) is ignored, as HTTP allows.
+    for asked in ("bytes=0-9", "bytes=5-2", "bytes=99999999-", "items=0-5"):
+        ranged = client.get(url, headers={"Range": asked})
+        assert ranged.status_code == 200 and ranged.content == whole.content, asked
+
+
+@BOTH_STORES
+def test_a_crowd_of_downloads_never_waits_on_the_session_pool(
+    client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
+) -> None:
+    # Two threads for the app, and more downloads at once than its read sessions' pool holds
+    # (15): downloads that held their session while a thread streamed the file stalled for the
+    # pool's 30 s timeout and then answered 503.
+    job_id = train_job(client, sessions, api_settings)
+    portal = client.portal
+    assert portal is not None  # the client is open
+    limiter = portal.call(anyio.to_thread.current_default_thread_limiter)
+    tokens = limiter.total_tokens
+    portal.call(setattr, limiter, "total_tokens", 2)
+    try:
+        answers = together([lambda: client.get(f"/models/{job_id}/checkpoint")] * 24)
+        assert [a.status_code for a in answers] == [200] * 24  # no 503 from the pool's timeout
+    finally:
+        portal.call(setattr, limiter, "total_tokens", tokens)
 
 
 def test_aliases_choose_the_model_and_deleting_production_falls_back(

@@ -157,7 +157,10 @@ def test_request_shapes_that_are_not_understood_are_4xx(client: TestClient, trai
         415, "accepted image formats: PNG", content=data, headers={"content-type": "text/plain"}
     )
     refused(415, "cannot read a body without a content type", content=data)
-    refused(422, "malformed", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    no_boundary = {"content-type": "multipart/form-data"}  # told in our words, not Starlette's
+    refused(
+        422, "the multipart content type names no boundary", content=b"--x\r\n", headers=no_boundary
+    )
     refused(
         404,
         "no model alias",
@@ -321,3 +324,35 @@ def test_the_api_documents_every_way_to_send_images(client: TestClient) -> None:
     assert form["properties"]["files"]["minItems"] == 1
     params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
     assert params == {"job_id", "model", "top_k"}
+
+
+def test_a_bad_image_sent_as_files_is_named_even_alone(client: TestClient, trained: str) -> None:
+    broken = png(synthetic_digits(1, seed=26)[0][0])[:60]
+    alone = client.post("/predict", files=[("files", ("a.png", broken))])
+    assert alone.status_code == 422
+    assert alone.json()["error"]["message"].startswith("files[0]: ")
+    single = client.post("/predict", files={"file": ("a.png", broken)})
+    assert single.status_code == 422
+    assert not single.json()["error"]["message"].startswith("file")
+
+
+def test_a_form_cut_short_is_400_saying_so(client: TestClient, trained: str) -> None:
+    # Every part but the closing delimiter: read as it came, the form lost its image and was
+    # answered "no image file".
+    data = png(synthetic_digits(1, seed=27)[0][0])
+    boundary = "cut"
+    whole = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="d.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    assert client.post("/predict", content=whole, headers=headers).status_code == 200
+    for cut in (whole[: -len(f"--{boundary}--\r\n")], whole[:-40], whole[:100]):
+        answer = client.post("/predict", content=cut, headers=headers)
+        assert answer.status_code == 400, answer.text
+        assert "ends before its closing delimiter" in answer.json()["error"]["message"]
