@@ -132,9 +132,9 @@ class Endings:
     ) -> Outcome:
         """Move the job to ``status`` (its checkpoint named), and drop its training states."""
 
-        def finish() -> None:
+        def finish() -> JobStatus:
             with self._sessions.begin() as session:
-                queue_repo.finish_job(
+                return queue_repo.finish_job(
                     session,
                     job_id=claim.job_id,
                     attempt=claim.attempt,
@@ -148,7 +148,7 @@ class Endings:
                 )
 
         try:
-            self._retry(finish, "finish the job")
+            status = self._retry(finish, "finish the job")  # a late cancel wins a success
         except LeaseLost:
             log.warning("job %s attempt %d: lease lost before the end", claim.job_id, claim.attempt)
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)

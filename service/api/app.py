@@ -6,11 +6,14 @@ import functools
 import gc
 import logging
 import secrets
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import fastapi.routing
+import psycopg
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,13 +80,40 @@ async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = [
-        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in exc.errors()
+        {"loc": list(err["loc"]), "msg": _in_context(request, err), "type": err["type"]}
+        for err in exc.errors()
     ]
     message = "; ".join(f"{_field(d['loc'])}: {d['msg']}" for d in details)
     return _error(422, "validation_error", message or "invalid request", details)
+
+
+def _in_context(request: Request, error: dict[str, Any]) -> str:
+    """An error's message, or what it means where FastAPI left the body unread: a body sent as
+    another media type than JSON is handed to the model as bytes, and "Input should be a valid
+    dictionary" would tell a client who sent a JSON object nothing."""
+    sent_as = request.headers.get("content-type", "")
+    unread = tuple(error["loc"]) == ("body",) and error["type"] == "model_attributes_type"
+    if unread and not predict.is_json(predict.media_type(sent_as)):
+        came = repr(sent_as) if sent_as else "with no Content-Type"
+        return f"the body must be JSON sent as application/json, not {came}"
+    return str(error["msg"])
+
+
+def _unreadable_body(exc: BaseException | None) -> str | None:
+    """What FastAPI's "There was an error parsing the body" (a 400 for a JSON body that
+    ``json.loads`` fails on other than by syntax) was, in our words; None for any other 400."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "the JSON body is not UTF-8 text"
+    if isinstance(exc, RecursionError):
+        return "the JSON body nests too deeply to read"
+    if isinstance(exc, ValueError) and "digits" in str(exc):
+        return f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits"
+    if isinstance(exc, ValueError):
+        return "the body could not be read as JSON"
+    return None
 
 
 def all_routes(app: FastAPI) -> list[BaseRoute]:
@@ -115,7 +145,8 @@ def _allowed_methods(request: Request) -> str:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    response = _error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+    message = _unreadable_body(exc.__cause__) if exc.status_code == 400 else None
+    response = _error(exc.status_code, f"http_{exc.status_code}", message or str(exc.detail))
     if exc.headers:
         response.headers.update(exc.headers)
     if exc.status_code == 405:
@@ -252,6 +283,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Database errors are judged here, among FastAPI's handlers: an outage's 503 is an answer,
     # not an error for the server's own last-resort layer to log again.
     app.add_exception_handler(SQLAlchemyError, _unexpected_error)
+    # And the driver's own, which reads on its cursor raise (service/store/engines.py): judged
+    # as the last resort, a 503 was sent and the error raised on, and the server then reset
+    # the client's connection.
+    app.add_exception_handler(sqlite3.Error, _unexpected_error)
+    app.add_exception_handler(psycopg.Error, _unexpected_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -9,6 +10,7 @@ from fastapi import Depends, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.asgi import query_names
@@ -18,6 +20,8 @@ from service.serving.predictor import Predictor
 from service.settings import Settings
 from service.store import availability, job_repo
 from service.store.tables import Job
+
+log = logging.getLogger("service.database")
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
 # the thread pool, and such a hand-off costs more than a whole prediction (measured in
@@ -33,17 +37,35 @@ async def get_app_settings(request: Request) -> Settings:
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """A read session (DEFERRED on SQLite: a snapshot that never waits for writers)."""
-    with request.app.state.read_sessions() as session:
+    session = request.app.state.read_sessions()
+    try:
         yield session
+    finally:
+        close_after_answer(session)
 
 
 async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """A write session (IMMEDIATE on SQLite: takes the write lock up front)."""
-    with request.app.state.write_sessions() as session:
+    session = request.app.state.write_sessions()
+    try:
         yield session
         # The route wrote (or read to write) without an error: an outage logged before is
         # over. Reads alone would not say it: they go on while a database refuses writes.
         availability.API_OUTAGE.ok()
+    finally:
+        close_after_answer(session)
+
+
+def close_after_answer(session: Session) -> None:
+    """Close a request's session, which a dependency does once the answer has begun. Closing
+    rolls back what is open, and on a connection that died meanwhile (PostgreSQL restarted, or
+    its backend was terminated) that rollback fails: raised then, the error reset the client's
+    connection mid-answer. The connection is dropped from the pool either way (SQLAlchemy
+    invalidates it); the error is logged, since the answer is already the client's."""
+    try:
+        session.close()
+    except SQLAlchemyError as exc:
+        log.warning("a request's database session failed as it closed (%s)", type(exc).__name__)
 
 
 async def get_read_sessions(request: Request) -> sessionmaker[Session]:
@@ -74,8 +96,8 @@ JobIdPath = Annotated[
 ]
 
 
-def _job_or_404(session: Session, job_id: str) -> Job:
-    job = job_repo.get_job(session, job_id)
+def _job_or_404(session: Session, job_id: str, *, lock: bool = False) -> Job:
+    job = job_repo.lock_job(session, job_id) if lock else job_repo.get_job(session, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id}")
     return job
@@ -87,8 +109,11 @@ def job_or_404(job_id: JobIdPath, session: SessionDep) -> Job:
 
 
 def job_for_update_or_404(job_id: JobIdPath, session: WriteSessionDep) -> Job:
-    """The job named in the path, read in the request's write session, or 404."""
-    return _job_or_404(session, job_id)
+    """The job named in the path, read and locked in the request's write session, or 404:
+    what the route decides from it (a cancel, a delete) cannot be overtaken by a worker's
+    write that commits meanwhile (on PostgreSQL a plain read let a cancel answer 200 for a
+    job that had just succeeded). SQLite's write sessions hold the database's lock anyway."""
+    return _job_or_404(session, job_id, lock=True)
 
 
 JobDep = Annotated[Job, Depends(job_or_404)]

@@ -289,8 +289,10 @@ def finish_job(
     checkpoint: str | None = None,
     checkpoint_blob: Blob | None = None,
     unsynced: Sequence[dict[str, Any]] = (),
-) -> None:
-    """Move a running job to a terminal state. Fenced: raises :class:`LeaseLost`.
+) -> JobStatus:
+    """Move a running job to a terminal state, and say which. Fenced: raises :class:`LeaseLost`.
+    One that would succeed ends ``cancelled`` if a cancel was accepted meanwhile
+    (:func:`leases.cancel_asked`), its weights not named (a file goes with the job's files).
 
     ``checkpoint_blob`` (artifacts in the database) is stored by this transaction, so a job
     is never ``succeeded`` without its weights; its training states go with it. ``unsynced``
@@ -298,6 +300,8 @@ def finish_job(
     a job that ends cancelled or failed before its epoch's write stores again those a crash
     of the PostgreSQL server lost, as that write would have.
     """
+    if status == JobStatus.SUCCEEDED and leases.cancel_asked(session, job_id, attempt, worker_id):
+        status, checkpoint, checkpoint_blob = JobStatus.CANCELLED, None, None
     values: dict[str, Any] = {
         "status": status,
         "finished_at": now,
@@ -318,6 +322,7 @@ def finish_job(
         artifacts_repo.put(session, checkpoint_blob, now=now)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     sweep_repo.job_ended(session, job_id, now)
+    return status
 
 
 def release_job(
@@ -345,29 +350,20 @@ def hand_back(
     """
     if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
         return False
+    error = f"{reason}; gave up after {attempt} attempts"
+    gave_up = {"status": JobStatus.FAILED, "finished_at": now, "lease_expires_at": None}
     failed = _update_jobs(
         session,
         and_(leases.fence(job_id, attempt, worker_id), Job.attempt >= Job.max_attempts),
-        {
-            "status": JobStatus.FAILED,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "resume_checkpoint": None,
-            "error": f"{reason}; gave up after {attempt} attempts",
-        },
+        {**gave_up, "resume_checkpoint": None, "error": error},
     )
     again = not failed
     if failed:
         artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
         sweep_repo.job_ended(session, job_id, now)
     if again:
-        _update_fenced(
-            session,
-            job_id,
-            attempt,
-            worker_id,
-            {**_REQUEUED, "error": f"{reason}; retrying"},
-        )
+        requeued = {**_REQUEUED, "error": f"{reason}; retrying"}
+        _update_fenced(session, job_id, attempt, worker_id, requeued)
         _requeued(session, job_id)
     else:
         wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)

@@ -42,6 +42,18 @@ def fence(job_id: str, attempt: int, worker_id: str) -> Any:
     return FENCE.params(fence_values(job_id, attempt, worker_id))
 
 
+def cancel_asked(session: Session, job_id: str, attempt: int, worker_id: str) -> bool | None:
+    """Whether a cancel was asked of the job this worker runs as ``attempt`` (None: it runs it
+    no longer, as the finish's fenced write then finds), its row locked until the transaction
+    ends. A cancel asked after the worker's last look (its last flush; the final evaluation and
+    the checkpoint's write come after) was answered while the job ran, so it must still win;
+    and a cancel that comes meanwhile locks the row too (:func:`service.store.job_repo.lock_job`),
+    so it waits, then finds the job ended (409), never answers 200 for a job that succeeds."""
+    stmt = select(Job.cancel_requested).where(fence(job_id, attempt, worker_id))
+    asked: bool | None = session.scalar(stmt.with_for_update())
+    return asked
+
+
 def lease_expired(now: Any) -> Any:
     """Running, with its lease past ``now``: its worker stopped renewing it."""
     return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+from starlette.requests import Request
 
 from service.api.app import all_routes, create_app
-from service.api.deps import job_for_update_or_404, job_or_404
+from service.api.deps import get_session, get_write_session, job_for_update_or_404, job_or_404
 from service.settings import Settings
+from service.store.engines import make_engine, make_sessionmaker
 
 # The dependencies that read the database: blocking I/O, in the thread pool on purpose.
 READ_THE_DATABASE = {job_or_404, job_for_update_or_404}
@@ -53,3 +59,38 @@ def test_only_the_dependencies_that_read_the_database_are_plain_functions(
     } <= found.keys()
     assert {call for call in found.values() if not runs_on_the_loop(call)} <= READ_THE_DATABASE
     assert all(not runs_on_the_loop(call) for call in READ_THE_DATABASE)
+
+
+def test_a_session_whose_connection_died_under_the_answer_closes_quietly(
+    postgres_url: str,
+) -> None:
+    # FastAPI closes a request's session once the answer has begun: a rollback on a
+    # connection the server dropped meanwhile raised there and reset the client's connection.
+    engine = make_engine(postgres_url)
+    admin = make_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        sessions = make_sessionmaker(engine)
+        request = cast(
+            Request,
+            SimpleNamespace(
+                app=SimpleNamespace(
+                    state=SimpleNamespace(read_sessions=sessions, write_sessions=sessions)
+                )
+            ),
+        )
+
+        async def answer(dependency: Callable[[Request], AsyncIterator[Session]]) -> None:
+            requested = dependency(request)
+            session = await anext(requested)
+            backend = session.scalar(text("SELECT pg_backend_pid()"))  # a transaction open
+            with admin.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+            assert await anext(requested, None) is None  # closed, nothing raised
+
+        for dependency in (get_session, get_write_session):
+            asyncio.run(answer(dependency))
+        with sessions() as session:  # the dead connection left the pool
+            assert session.scalar(text("SELECT 1")) == 1
+    finally:
+        admin.dispose()
+        engine.dispose()

@@ -141,3 +141,40 @@ def test_the_error_envelope_is_strict_too() -> None:
     assert schemas.ErrorEnvelope.model_validate(body).error.request_id == "r"
     with pytest.raises(ValidationError):
         schemas.ErrorEnvelope.model_validate_json(json.dumps({**body, "trace": "..."}))
+
+
+def test_a_body_json_cannot_read_is_told_what_is_wrong(client: TestClient) -> None:
+    # FastAPI answers these "There was an error parsing the body": which error, it does not say.
+    json_type = {"content-type": "application/json"}
+    unreadable = {
+        b'{"epochs": 1' + b"0" * 4300 + b"}": "a number in the JSON body has more than 4300 digits",
+        b'{"epochs": "\xff\xfe"}': "the JSON body is not UTF-8 text",
+        b"[" * 100_000 + b"]" * 100_000: "the JSON body nests too deeply to read",
+    }
+    for body, message in unreadable.items():
+        answer = client.post("/jobs", content=body, headers=json_type)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["message"] == message
+    # A number just under the limit is read, and judged as any other.
+    under = client.post("/jobs", content=b'{"epochs": 1' + b"0" * 4000 + b"}", headers=json_type)
+    assert under.status_code == 422 and "epochs" in under.json()["error"]["message"]
+
+
+def test_a_json_object_sent_as_another_type_is_told_to_send_json(client: TestClient) -> None:
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        answer = client.post(
+            "/jobs", content=b'{"epochs": 1}', headers={"content-type": content_type}
+        )
+        assert answer.status_code == 422
+        assert answer.json()["error"]["message"] == (
+            f"body: the body must be JSON sent as application/json, not {content_type!r}"
+        )
+    bare = client.post("/jobs", content=b'{"epochs": 1}')  # no Content-Type: left unread
+    assert bare.status_code == 422
+    assert bare.json()["error"]["message"] == (
+        "body: the body must be JSON sent as application/json, not with no Content-Type"
+    )
+    # JSON that is no object keeps the model's own message.
+    listed = client.post("/jobs", json=[1])
+    assert listed.status_code == 422
+    assert "valid dictionary" in listed.json()["error"]["message"]

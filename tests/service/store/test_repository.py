@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine, event, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.deps import job_for_update_or_404
 from service.clock import utcnow
 from service.errors import InvalidInput, LeaseLost
 from service.schemas import JobCreate
@@ -377,3 +378,73 @@ def test_a_jobs_end_never_sets_its_step_back(sessions: sessionmaker[Session]) ->
         assert ended is not None and ended.status == JobStatus.FAILED and ended.step == 5
         steps = metric_repo.read_steps(session, job.id, after_step=0, limit=10)
         assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+
+
+def _succeed(session: Session, job: Job, worker: str) -> JobStatus:
+    return queue_repo.finish_job(
+        session,
+        job_id=job.id,
+        attempt=job.attempt,
+        worker_id=worker,
+        status=JobStatus.SUCCEEDED,
+        now=utcnow(),
+        checkpoint=f"{job.id}-{job.attempt}.pt",
+    )
+
+
+def _finish(sessions: sessionmaker[Session], job: Job, worker: str) -> JobStatus:
+    with sessions.begin() as session:
+        return _succeed(session, job, worker)
+
+
+def _running(sessions: sessionmaker[Session]) -> Job:
+    """A new job, claimed by worker ``w``."""
+    add_job(sessions)
+    job = claim(sessions, "w")
+    assert job is not None
+    return job
+
+
+def test_a_cancel_asked_after_the_last_flush_wins_over_success(
+    sessions: sessionmaker[Session],
+) -> None:
+    # The cancel came after the worker's last look at it (its last flush): it was answered 200
+    # with the job still running, so the job must not end succeeded.
+    job = _running(sessions)
+    with sessions.begin() as session:
+        job_repo.request_cancel(session, session.get_one(Job, job.id), now=utcnow())
+    assert _finish(sessions, job, "w") == JobStatus.CANCELLED
+    with sessions() as session:
+        ended = session.get_one(Job, job.id)
+        assert ended.status == JobStatus.CANCELLED and ended.checkpoint is None
+    # Without a cancel, the same finish succeeds and names the weights.
+    other = _running(sessions)
+    assert _finish(sessions, other, "w") == JobStatus.SUCCEEDED
+    with sessions() as session:
+        assert session.get_one(Job, other.id).checkpoint == f"{other.id}-1.pt"
+
+
+def test_a_cancel_waits_for_a_finish_under_way_and_then_finds_the_job_ended(
+    sessions: sessionmaker[Session],
+) -> None:
+    # The cancel route's dependency locks the job (lock_job): a finish that holds the row
+    # makes it wait, and it then reads the ended job (409), never a stale running one.
+    job = _running(sessions)
+    finishing = sessions.begin()
+    session = finishing.__enter__()
+    try:
+        _succeed(session, job, "w")
+        seen: list[str] = []
+
+        def cancel() -> None:
+            with sessions.begin() as other:
+                seen.append(job_for_update_or_404(job.id, other).status)
+
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        canceller.join(timeout=0.5)  # it cannot get past the lock while the finish holds it
+        assert canceller.is_alive() and seen == []
+    finally:
+        finishing.__exit__(None, None, None)  # commits
+    canceller.join(timeout=30)
+    assert seen == [JobStatus.SUCCEEDED]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -394,3 +396,28 @@ def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None
     repeated = client.get("/jobs?limit=5&limit=50")
     assert repeated.status_code == 422
     assert "'limit' is given more than once" in repeated.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [psycopg.OperationalError("the server closed the connection"), sqlite3.InterfaceError()],
+    ids=["postgresql", "sqlite"],
+)
+def test_a_driver_error_in_a_route_is_answered_and_raised_no_further(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    # Reads on the driver's own cursor raise its errors unwrapped. Judged by the server's last
+    # layer, the answer was sent and the error raised on (the test client raises it): a real
+    # server then reset the keep-alive connection the answer went out on.
+    job_id = client.post("/jobs", json={}).json()["id"]
+
+    def fails(*_args: object) -> str:
+        raise error
+
+    monkeypatch.setattr(jobs_domain, "metrics_csv", fails)
+    answer = client.get(f"/jobs/{job_id}/metrics.csv")
+    if isinstance(error, psycopg.OperationalError):  # the connection broke: an outage
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        assert answer.json()["error"]["code"] == "database_unavailable"
+    else:
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
