@@ -13,9 +13,9 @@ from service.api import server
 from service.api.app import create_app
 from service.api.edge import EdgeProtocol
 from service.api.metrics import shared_counts
-from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
+from service.api.security import exposure_problem
 from service.logs import configure_logging
-from service.settings import get_settings
+from service.settings import REFUSED_EXIT_STATUS, get_settings
 
 APP_FACTORY = "service.__main__:serving_app"
 

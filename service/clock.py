@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+MAX_PAGE = 100  # the most items a page of a listing holds (jobs, sweeps, models)
 # A page cursor of GET /jobs: the last job's creation time (µs since the epoch) and its id.
 # Every string this pattern admits is a position in the list, so none is refused later.
 CURSOR_PATTERN = r"^[0-9]{1,16}-[0-9a-f]{32}$"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from service.schemas.sweeps import SWEEP_TRIALS_CEILING
 
@@ -26,6 +29,8 @@ IMAGE_PIXELS_CEILING = 32_000_000
 OUTAGE_BUFFER_STEPS = 100_000
 
 MIN_API_KEY_CHARS = 16
+REFUSED_EXIT_STATUS = 2  # a process refuses its configuration (systemd: RestartPreventExitStatus)
+DAY_S = 24 * 3600.0
 # MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
 # tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
 # a machine with many cores (more decoding throughput: more API processes).
@@ -40,7 +45,10 @@ DEFAULT_MAX_JOB_STEPS = 1_000_000
 class Settings(BaseSettings):
     """Every knob of the service; one instance is shared by the API and the worker processes."""
 
-    model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore", frozen=True)
+    # No NaN or infinity: an infinite lease or grace passed every bound, then failed at run time.
+    model_config = SettingsConfigDict(
+        env_prefix="MNIST_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     database_url: str = Field(
         default="sqlite:///./var/mnist.db",
@@ -86,7 +94,7 @@ class Settings(BaseSettings):
         description="How often an idle worker looks for a queued job without a wake-up.",
     )
     flush_interval_s: float = Field(default=0.25, gt=0, le=60)
-    lease_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(default=30.0, gt=0, le=DAY_S)  # a date this far on must be in range
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     # "auto": the worker times its own steps at 1, 2, 4… threads and keeps the fastest
@@ -111,11 +119,12 @@ class Settings(BaseSettings):
         ),
     )
     max_runtime_s: float | None = Field(
-        default=24 * 3600.0, gt=0, description="Fail a job that runs longer (per-job override)."
+        default=DAY_S, gt=0, le=3650 * DAY_S, description="Fail a job that runs longer."
     )
     shutdown_grace_s: float = Field(
         default=30.0,
         ge=0,
+        le=DAY_S,
         description="On SIGTERM, how long a worker may take to finish the current epoch.",
     )
     outage_buffer_steps: int = Field(
@@ -246,6 +255,7 @@ class Settings(BaseSettings):
     retention_days: int | None = Field(
         default=None,
         ge=1,
+        le=36_500,  # a century; beyond it the cut-off date is out of range
         description="Delete ended jobs (and their steps and checkpoints) whose finished_at is "
         "older than this many days; aliased models are kept. Unset: keep everything.",
     )
@@ -317,6 +327,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent_limits_and_keys(self) -> Settings:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("MNIST_HEARTBEAT_S must be shorter than MNIST_LEASE_S")
         if self.readonly_api_key is not None:
             if self.api_key is None:
                 raise ValueError("MNIST_READONLY_API_KEY needs MNIST_API_KEY (the full key) too")
@@ -360,7 +372,11 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_backend(cls, url: str) -> str:
-        if not url.startswith(("sqlite", "postgresql")):
+        try:
+            backend = make_url(url).get_backend_name()
+        except ArgumentError:
+            backend = None
+        if backend not in ("sqlite", "postgresql"):
             raise ValueError("MNIST_DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return url
 
@@ -369,16 +385,16 @@ class Settings(BaseSettings):
     def _upper_level(cls, level: object) -> object:
         return level.upper() if isinstance(level, str) else level
 
-    @field_validator("heartbeat_s")
-    @classmethod
-    def _heartbeat_below_lease(cls, heartbeat_s: float, info) -> float:  # type: ignore[no-untyped-def]
-        lease_s = info.data.get("lease_s")
-        if lease_s is not None and heartbeat_s >= lease_s:
-            raise ValueError("MNIST_HEARTBEAT_S must be shorter than MNIST_LEASE_S")
-        return heartbeat_s
-
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment. A refused environment ends
+    the process: exit status 2, and each setting's fault on stderr, never the value given (a
+    key may be among them; a traceback printed it, and a restart loop retried it)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False, include_url=False):
+            name = "MNIST_" + str(error["loc"][0]).upper() if error["loc"] else "the settings"
+            print(f"mnist-service: {name}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(REFUSED_EXIT_STATUS) from None

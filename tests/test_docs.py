@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.api.deps import MAX_PAGE
 from service.api.routes.jobs import DEFAULT_STEPS_PAGE, MAX_STEPS_PAGE
+from service.clock import MAX_PAGE
 from service.ml import SimpleMLP, save_checkpoint
 from service.settings import Settings
 from tests.support import REPO_ROOT

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.asgi import query_names
-from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN
+from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN, MAX_PAGE
 from service.errors import InvalidInput, NotFound
 from service.serving.predictor import Predictor
 from service.settings import Settings
@@ -86,7 +86,6 @@ WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 # The paging of every listing (GET /jobs, /models, /sweeps): how many at most, and where from.
-MAX_PAGE = 100
 PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[
     str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.asgi import header, send_error
@@ -171,7 +171,12 @@ def multipart_guard(scope: Scope, *, max_parts: int, max_field_bytes: int) -> Mu
             charset=params.get(b"charset"),
         )
     except (FormParserError, ValueError) as exc:  # e.g. a boundary over 256 bytes
-        raise BadRequest(f"the multipart boundary is not usable: {exc}") from exc
+        raise BadRequest(
+            f"the multipart boundary is not usable ({len(boundary)} bytes; at most "
+            f"{MAX_BOUNDARY_LENGTH})"
+            if len(boundary) > MAX_BOUNDARY_LENGTH
+            else "the multipart boundary is not usable"
+        ) from exc
 
 
 class BodyLimitMiddleware:

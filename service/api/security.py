@@ -36,7 +36,6 @@ from service.errors import Forbidden, ServiceError, Unauthorized
 from service.settings import Settings
 
 REALM = "mnist"
-REFUSED_EXIT_STATUS = 2  # what `python -m service` returns when exposure_problem() objects
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz"})
 PUBLIC_PREFIXES = ("/static/",)
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})

@@ -163,8 +163,10 @@ def _read_images(names: list[str]) -> list[tuple[str, bytes]]:
             images.append(("stdin", sys.stdin.buffer.read()))
             continue
         path = Path(name)
+        # A name that is not UTF-8 (its bytes as surrogates) cannot go in the form: replaced.
+        sent_as = path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         try:
-            images.append((path.name, path.read_bytes()))
+            images.append((sent_as, path.read_bytes()))
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     return images
@@ -263,11 +265,13 @@ def _run_client(
     except ApiError as exc:
         _print_api_error(exc)
         return EXIT_API_ERROR
-    except (KeyError, TypeError) as exc:
-        # A 200 whose JSON lacks what the service always sends: another API at this URL.
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        # A 200 whose JSON lacks what the service always sends, or holds what it never does
+        # (a date that is none, a digit out of range): another API at this URL.
+        missing = f" (no {exc})" if isinstance(exc, KeyError) else ""
         print(
-            f"error: {client.url} answered JSON the MNIST service does not send "
-            f"(no {exc}); check --url or ${URL_ENV}",
+            f"error: {client.url} answered JSON the MNIST service does not send{missing}; "
+            f"check --url or ${URL_ENV}",
             file=sys.stderr,
         )
         return EXIT_API_ERROR

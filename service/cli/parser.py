@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
+from service.clock import JOB_ID_PATTERN, MAX_PAGE
 from service.schemas import JobCreate
 from service.schemas.sweeps import DISTRIBUTIONS
 from service.status import JobStatus
@@ -50,6 +52,31 @@ class UsageError(Exception):
 def option_name(field: str) -> str:
     """The option of a JobCreate field: ``learning_rate`` → ``--learning-rate``."""
     return f"--{field.replace('_', '-')}"
+
+
+def job_id(value: str) -> str:
+    """A job's id as the API's pattern has it, else a bad command line: an id is put in the
+    request's path, where ``../models/aliases/production`` named another resource (``delete``
+    removed the alias)."""
+    if not re.fullmatch(JOB_ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a job id (32 hex digits)")
+    return value
+
+
+def page_limit(value: str) -> int:
+    """How many items a listing asks for: 1 to the API's page, else a bad command line."""
+    limit = int(value)
+    if not 1 <= limit <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_PAGE}, not {limit}")
+    return limit
+
+
+def api_key(value: str) -> str:
+    """An API key as a header can carry it (printable ASCII without spaces, as the service's
+    keys are), else a bad command line: another made a traceback, or a header cut short."""
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise argparse.ArgumentTypeError("an API key is printable ASCII without spaces")
+    return value
 
 
 def api_url(value: str) -> str:
@@ -121,7 +148,7 @@ def _add_sweep_commands(command: Callable[[str, str], argparse.ArgumentParser]) 
         f"exit {EXIT_JOB_FAILED} if it fails or is cancelled",
     )
     sweeps = command("sweeps", "list the newest sweeps")
-    sweeps.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
+    sweeps.add_argument("--limit", type=page_limit, default=20, help="how many (default 20, 1-100)")
     sweeps.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
 
 
@@ -139,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api-key",
+        type=api_key,
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV})",
     )
@@ -159,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs = command("jobs", "list the newest jobs")
     jobs.add_argument("--status", choices=[status.value for status in JobStatus], help="only these")
-    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
+    jobs.add_argument("--limit", type=page_limit, default=20, help="how many (default 20, 1-100)")
     jobs.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     metrics = command("metrics", "a job's loss per step and accuracy per epoch")
-    metrics.add_argument("job_id", metavar="ID")
+    metrics.add_argument("job_id", type=job_id, metavar="ID")
     metrics.add_argument(
         "--csv", action="store_true", help="every step as CSV: step,epoch,examples_seen,loss,…"
     )
@@ -180,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--job",
+        type=job_id,
         metavar="JOB_ID",
         help="the model of this job. With neither, the API picks: the production alias's "
         "model if the alias is set, else the latest succeeded job's",
@@ -187,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="the API's JSON answer")
     _add_sweep_commands(command)
     cancel = command("cancel", "cancel a queued or running job")
-    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument("job_id", type=job_id, metavar="ID")
     delete = command("delete", "delete a job that has ended, with its metrics and checkpoint")
-    delete.add_argument("job_id", metavar="ID")
+    delete.add_argument("job_id", type=job_id, metavar="ID")
 
     command("api", "serve the API and the dashboard (python -m service)")
     worker = command("worker", "run workers (python -m workers)")

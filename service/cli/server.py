@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from service.api.security import REFUSED_EXIT_STATUS, exposure_problem
+from service.api.security import exposure_problem
 from service.logs import configure_logging
-from service.settings import get_settings
+from service.settings import REFUSED_EXIT_STATUS, get_settings
 from service.store import migrations
 
 

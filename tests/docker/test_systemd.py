@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.api.security import REFUSED_EXIT_STATUS
+from service.settings import REFUSED_EXIT_STATUS
 from tests.support import REPO_ROOT
 from workers.supervisor import SHUTDOWN_WAIT_S
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 
 
 def test_environment_variables_with_the_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +70,14 @@ def test_artifacts_auto_picks_by_the_database(
         ("MNIST_MAX_JOB_STEPS", "0", "max_job_steps"),
         ("MNIST_MAX_SWEEP_TRIALS", "0", "max_sweep_trials"),
         ("MNIST_MAX_SWEEP_TRIALS", "10001", "max_sweep_trials"),
+        # Values that passed, then failed at run time (dates out of range, floats to ints).
+        ("MNIST_DATABASE_URL", "sqlite-nonsense", "sqlite:// or postgresql://"),
+        ("MNIST_RETENTION_DAYS", "1000000000", "retention_days"),
+        ("MNIST_LEASE_S", "1e12", "lease_s"),
+        ("MNIST_LEASE_S", "inf", "lease_s"),
+        ("MNIST_MAX_RUNTIME_S", "inf", "max_runtime_s"),
+        ("MNIST_SHUTDOWN_GRACE_S", "inf", "shutdown_grace_s"),
+        ("MNIST_FLUSH_INTERVAL_S", "nan", "flush_interval_s"),
     ],
 )
 def test_bad_values_fail_at_start(
@@ -186,3 +194,22 @@ def test_retention_is_off_unless_set_and_the_steps_budget_has_a_default(
     assert Settings().retention_days is None
     monkeypatch.setenv("MNIST_RETENTION_DAYS", "30")
     assert Settings().retention_days == 30
+
+
+def test_a_refused_environment_exits_2_saying_what_is_wrong_without_its_values(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A traceback printed the key given, and its exit status 1 had systemd retry it forever.
+    monkeypatch.setenv("MNIST_API_KEY", "my secret key with spaces 12345")
+    monkeypatch.setenv("MNIST_PORT", "0")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == REFUSED_EXIT_STATUS == 2
+    said = capsys.readouterr().err
+    assert "mnist-service: MNIST_PORT: Input should be greater than or equal to 1" in said
+    assert "mnist-service: MNIST_API_KEY: Value error, API keys must be printable ASCII" in said
+    assert "secret" not in said and "Traceback" not in said

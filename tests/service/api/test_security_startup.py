@@ -40,3 +40,17 @@ def test_mnist_service_run_refuses_before_starting_anything(
         get_settings.cache_clear()
     assert started == []
     assert "MNIST_API_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program", [["-m", "service"], ["-m", "workers"]], ids=["api", "worker"])
+def test_a_process_refuses_settings_it_cannot_use_with_exit_2_and_no_value(
+    program: list[str],
+) -> None:
+    # A traceback that printed the key given, and exit 1, which systemd retries (exit 2 it
+    # does not: RestartPreventExitStatus).
+    env = service_env(api_key="my secret key with spaces 12345", lease_s="inf")
+    result = run_python(program, env, timeout_s=STARTUP_TIMEOUT_S)
+    assert result.returncode == 2, result.stderr
+    assert "MNIST_API_KEY: Value error, API keys must be printable ASCII" in result.stderr
+    assert "MNIST_LEASE_S: Input should be a finite number" in result.stderr
+    assert "secret" not in result.stderr and "Traceback" not in result.stderr

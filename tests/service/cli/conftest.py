@@ -57,6 +57,9 @@ class StubHandler(BaseHTTPRequestHandler):
             self._send(200, "text/html", HTML_PAGE)
         elif path.startswith("/json/"):
             self._send(404, "application/json", json.dumps({"detail": "Not Found"}))
+        elif path == "/odd/jobs":  # the service's shape, a value it never sends
+            jobs = [{**stub_job(0), "created_at": "yesterday"}]
+            self._send(200, "application/json", json.dumps({"jobs": jobs, "next": None}))
         elif path == "/jobs":
             jobs = [stub_job(i) for i in range(MANY_JOBS)]
             self._send(200, "application/json", json.dumps({"jobs": jobs, "next": None}))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 
 import httpx
@@ -142,9 +144,9 @@ def test_a_wrong_type_is_argparses_usage_error(capsys: pytest.CaptureFixture[str
 def test_the_apis_refusal_is_shown_once(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(client, capsys, "jobs", "--limit", "1000")
+    code, out, err = run(client, capsys, "cancel", "0" * 32)
     assert code == cli.EXIT_API_ERROR and out == ""
-    assert err.count("Input should be less than or equal to 100") == 1, err
+    assert err.count(f"no job with id {'0' * 32}") == 1, err
 
 
 def test_an_unreachable_api_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
@@ -297,10 +299,11 @@ def test_predict_takes_several_files_an_alias_or_a_job(
     )
     assert code == cli.EXIT_OK and json.loads(out)["job_id"] == job_id
 
-    # A job id that is none: the API's refusal, printed once.
-    code, out, err = run(client, capsys, "predict", names[0], "--job", "nope")
+    # A job that is none: the API's refusal, printed once.
+    missing = "0" * 32
+    code, out, err = run(client, capsys, "predict", names[0], "--job", missing)
     assert code == cli.EXIT_API_ERROR and out == ""
-    assert err.count("job_id") == 1, err
+    assert err.count(missing) == 1, err
 
     # The API's files[1] is named by its file.
     not_an_image = tmp_path / "notes.txt"
@@ -320,3 +323,50 @@ def test_predict_help_says_how_the_api_picks_the_model(
     out = " ".join(capsys.readouterr().out.split())
     assert "--model ALIAS" in out and "--job JOB_ID" in out
     assert "production alias's model if the alias is set, else the latest succeeded job's" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["delete", "../models/aliases/production"],  # reached the alias, and deleted it
+        ["cancel", "../sweeps/0192a3b4c5d6e7f8091a2b3c4d5e6f70"],
+        ["metrics", "../../etc/passwd"],
+        ["predict", "--job", "not-an-id", "digit.png"],
+        ["jobs", "--limit", "1000"],
+        ["sweeps", "--limit", "0"],
+        ["--api-key", "ключ-ключ-ключ-ключ", "jobs"],
+        ["--api-key", "a-key-0123456789\nX: 1", "jobs"],
+    ],
+)
+def test_what_the_api_would_refuse_or_misread_is_a_bad_command_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing is sent: an id goes in the request's path, a key in a header.
+    def no_request(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a request was sent")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv, http=cast(httpx.Client, SimpleNamespace(request=no_request)))
+    assert exit_.value.code == cli.EXIT_USAGE
+    said = capsys.readouterr().err
+    assert "error: argument" in said and "Traceback" not in said
+    assert "ключ" not in said and "0123456789" not in said  # a key is never echoed
+
+
+def test_a_file_name_that_is_not_utf8_is_sent_replaced(
+    client: TestClient, capsys: pytest.CaptureFixture[str], tmp_path: Path, job_id: str
+) -> None:
+    name = tmp_path / os.fsdecode(b"na\xefve-\xff.png")
+    name.write_bytes(png(synthetic_digits(1, seed=5)[0][0]))
+    code, out, err = run(client, capsys, "predict", str(name))
+    assert code == cli.EXIT_OK, err
+    assert out.startswith("digit ")
+
+
+def test_an_api_answering_json_of_other_shapes_is_not_the_service(
+    capsys: pytest.CaptureFixture[str], stub_url: str
+) -> None:
+    code = cli.main(["--url", f"{stub_url}/odd", "jobs"])
+    assert code == cli.EXIT_API_ERROR
+    said = capsys.readouterr().err
+    assert "answered JSON the MNIST service does not send" in said and "Traceback" not in said

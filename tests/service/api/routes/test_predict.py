@@ -356,3 +356,16 @@ def test_a_form_cut_short_is_400_saying_so(client: TestClient, trained: str) -> 
         answer = client.post("/predict", content=cut, headers=headers)
         assert answer.status_code == 400, answer.text
         assert "ends before its closing delimiter" in answer.json()["error"]["message"]
+
+
+def test_a_boundary_longer_than_the_parser_takes_is_400_in_our_words(client: TestClient) -> None:
+    boundary = "b" * 300
+    answer = client.post(
+        "/predict",
+        content=f"--{boundary}--\r\n".encode(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == (
+        "the multipart boundary is not usable (300 bytes; at most 256)"
+    )
