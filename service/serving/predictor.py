@@ -13,11 +13,10 @@ import torch
 from cachetools import LRUCache
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import Conflict, ServiceError
+from service.errors import ServiceError
 from service.ml import (
     IMAGE_SIDE_PX,
     SimpleMLP,
-    load_model,
     normalization_table,
     normalize_uint8,
 )
@@ -140,14 +139,7 @@ class ModelCache:
         where = self._source.where(checkpoint)
         with unavailable_as_503("a model load"):
             source = self._source.open(checkpoint)
-        if source is None:
-            log.error("cannot load a model: no checkpoint in %s", where)
-            raise Conflict(model_registry.CHECKPOINT_UNUSABLE)
-        try:
-            return load_model(source)
-        except Exception as exc:  # torch raises many types for a damaged file
-            log.error("cannot load a model from %s: %s", where, exc)
-            raise Conflict(model_registry.CHECKPOINT_UNUSABLE) from exc
+        return model_registry.loaded(source, where)
 
 
 class Predictor:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.errors import Conflict, NotFound, ServiceError
-from service.ml import load_model
+from service.ml import SimpleMLP, load_model
 from service.schemas import AliasList, AliasRead, ModelList, ModelRead
 from service.serving.single_flight import SingleFlight
 from service.status import JobStatus
@@ -134,21 +134,28 @@ def checkpoint_bytes(session: Session, checkpoint_dir: Path, job_id: str) -> byt
     """
     job = model_or_404(session, job_id)
     assert job.checkpoint is not None
-    where = f"{checkpoint_dir} ({job.checkpoint})"
     source = artifacts.read(session, checkpoint_dir, job.checkpoint)
     try:
         data = None if source is None else _whole(source)
     except FileNotFoundError:  # deleted since it was found
         data = None
-    if data is None:
-        log.error("the checkpoint of model %s is missing from %s", job_id, where)
+    loaded(None if data is None else io.BytesIO(data), f"{checkpoint_dir} ({job.checkpoint})")
+    assert data is not None
+    return data
+
+
+def loaded(source: artifacts.Source | None, where: str) -> SimpleMLP:
+    """The model in ``source`` (None: it is gone); 409 :data:`CHECKPOINT_UNUSABLE` when it is
+    gone or does not load (damaged on disk), and where and why in the log: what predict's loads
+    and the checkpoint's downloads tell alike."""
+    if source is None:
+        log.error("cannot load a model: no checkpoint in %s", where)
         raise Conflict(CHECKPOINT_UNUSABLE)
     try:
-        load_model(io.BytesIO(data))
+        return load_model(source)
     except Exception as exc:  # torch raises many types for a damaged file
-        log.error("the checkpoint of model %s in %s does not load: %s", job_id, where, exc)
+        log.error("cannot load a model from %s: %s", where, exc)
         raise Conflict(CHECKPOINT_UNUSABLE) from exc
-    return data
 
 
 def _whole(source: artifacts.Source) -> bytes:

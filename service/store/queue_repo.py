@@ -376,11 +376,13 @@ def _cancelled_if_asked(
     """End a job given back (released, handed back) ``cancelled`` if a cancel was asked while
     it ran, as a lost worker's job ends (:func:`leases.expire_lost_jobs`): queued again it
     could never be claimed (claims skip cancel-asked jobs), and its sweep would never end.
-    Fenced."""
-    where = and_(leases.fence(job_id, attempt, worker_id), Job.cancel_requested.is_(True))
-    ended = {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None}
-    if not _update_jobs(session, where, {**ended, "resume_checkpoint": None}):
+    Fenced. The row is locked as it is read (:func:`leases.cancel_asked`): a cancel that
+    committed between a look that found none and the write that queues the job again left
+    it queued, asked to cancel, for good."""
+    if not leases.cancel_asked(session, job_id, attempt, worker_id):
         return False
+    ended = {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None}
+    _update_fenced(session, job_id, attempt, worker_id, {**ended, "resume_checkpoint": None})
     artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
     sweep_repo.job_ended(session, job_id, now)

@@ -137,7 +137,7 @@ def test_concurrent_requests_load_a_checkpoint_once(
         assert release.wait(JOIN_S)  # until every caller waits for this load
         return load_model(path, device)
 
-    monkeypatch.setattr("service.serving.predictor.load_model", slow_load)
+    monkeypatch.setattr("service.serving.registry.load_model", slow_load)
     cache = ModelCache(files_only(tmp_path), capacity=4)
     got: list[SimpleMLP] = []
 
@@ -170,7 +170,7 @@ def test_loading_one_checkpoint_does_not_hold_up_another(
             assert fast_loaded.wait(JOIN_S), "the fast load waited for the slow one"
         return load_model(path, device)
 
-    monkeypatch.setattr("service.serving.predictor.load_model", load)
+    monkeypatch.setattr("service.serving.registry.load_model", load)
     cache = ModelCache(files_only(tmp_path), capacity=4)
 
     async def fast() -> None:
@@ -199,7 +199,7 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
         assert release.wait(JOIN_S)  # until every caller waits for this load
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("service.serving.predictor.load_model", failing)
+    monkeypatch.setattr("service.serving.registry.load_model", failing)
     cache = ModelCache(files_only(tmp_path), capacity=4)
     errors: list[str] = []
 
@@ -218,7 +218,7 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(
     assert len(attempts) == 1 and len(errors) == callers
     # The client is told nothing of the cause (the log is): no library's words, no path.
     assert errors == [CHECKPOINT_UNUSABLE] * callers
-    monkeypatch.setattr("service.serving.predictor.load_model", load_model)
+    monkeypatch.setattr("service.serving.registry.load_model", load_model)
     get(cache, "m.pt")  # not remembered as failed
     assert cache.loads == 1
 
@@ -295,7 +295,7 @@ def test_requests_waiting_for_a_load_hold_no_threads(
         assert release.wait(JOIN_S)  # until the other work has had its thread
         return load_model(path, device)
 
-    monkeypatch.setattr("service.serving.predictor.load_model", held_load)
+    monkeypatch.setattr("service.serving.registry.load_model", held_load)
     predictor = Predictor(
         sessions,
         ModelCache(files_only(tmp_path), 2),

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import job_for_update_or_404
 from service.clock import utcnow
+from service.domain import jobs as jobs_domain
 from service.errors import InvalidInput, LeaseLost
 from service.schemas import JobCreate
 from service.status import JobStatus
@@ -448,3 +449,38 @@ def test_a_cancel_waits_for_a_finish_under_way_and_then_finds_the_job_ended(
         finishing.__exit__(None, None, None)  # commits
     canceller.join(timeout=30)
     assert seen == [JobStatus.SUCCEEDED]
+
+
+def test_a_cancel_that_comes_as_a_job_is_given_back_is_never_lost(
+    sessions: sessionmaker[Session],
+) -> None:
+    # A release looked for a cancel, found none, then queued the job again: a cancel that
+    # committed in between left it queued and asked to cancel, which no claim takes, for good.
+    # The cancel here is sent just before the release's write that queues the job again.
+    job = _running(sessions)
+    engine = sessions.kw["bind"]
+    answered: list[str] = []
+
+    def cancel() -> None:
+        with sessions.begin() as session:
+            locked = job_for_update_or_404(job.id, session)  # as the route does
+            answered.append(jobs_domain.cancel(session, locked).status)
+
+    canceller = threading.Thread(target=cancel)
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        requeues = statement.startswith("UPDATE jobs SET") and "attempt=" in statement
+        if requeues and canceller.ident is None:  # once
+            canceller.start()
+            canceller.join(timeout=1)  # done at once unless the release holds the row
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        with sessions.begin() as session:
+            queue_repo.release_job(session, job_id=job.id, attempt=1, worker_id="w", now=utcnow())
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+    canceller.join(timeout=30)
+    assert answered  # the cancel was answered...
+    with sessions() as session:  # ...and holds: the job ended cancelled
+        assert session.get_one(Job, job.id).status == JobStatus.CANCELLED
