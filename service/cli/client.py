@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from service import sse
+from service.clock import JOB_ID_PATTERN
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "MNIST_URL"
@@ -162,8 +163,7 @@ class Client:
 
     def submit(self, params: dict[str, Any]) -> dict[str, Any]:
         """Queue a job; ``params`` holds only the fields to set."""
-        job: dict[str, Any] = self._request("POST", "/jobs", json=params)
-        return job
+        return _a_job(self._request("POST", "/jobs", json=params))
 
     def job(self, job_id: str) -> dict[str, Any]:
         """One job."""
@@ -197,12 +197,12 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job."""
-        job: dict[str, Any] = self._request("POST", f"/jobs/{job_id}/cancel")
-        return job
+        return _a_job(self._request("POST", f"/jobs/{job_id}/cancel"), job_id)
 
     def delete(self, job_id: str) -> None:
-        """Delete a job that has ended, with its metrics and checkpoint (204)."""
-        self._request("DELETE", f"/jobs/{job_id}")
+        """Delete a job that has ended, with its metrics and checkpoint (204, no body)."""
+        if self._request("DELETE", f"/jobs/{job_id}") is not None:
+            raise ValueError("a body where the service answers 204")
 
     def metrics(self, job_id: str) -> dict[str, Any]:
         """Every step and epoch of a job (all pages), with its status."""
@@ -273,3 +273,16 @@ class Client:
             if failures > RECONNECTS:
                 raise ApiError(0, "unreachable", f"lost the events of job {job_id}: {problem}")
             time.sleep(RECONNECT_DELAY_S)
+
+
+def _a_job(answer: Any, job_id: str | None = None) -> dict[str, Any]:
+    """``answer`` as the service sends a job: its id one (``job_id``, when given), else a
+    ValueError (another server at the URL answered; the caller says so): a server answering
+    200 with any JSON had ``cancel`` and ``submit`` report success for no job."""
+    found = answer["id"]
+    if not isinstance(found, str) or not re.fullmatch(JOB_ID_PATTERN, found):
+        raise ValueError("no job id")
+    if job_id is not None and found != job_id:
+        raise ValueError("another job's id")
+    job: dict[str, Any] = answer
+    return job

@@ -77,6 +77,20 @@ class StubHandler(BaseHTTPRequestHandler):
         else:
             self._send(404, "text/plain", "nothing here")
 
+    def do_POST(self) -> None:
+        """Under /any/, 200 with JSON that is no job, as a server answering everything."""
+        self._anything()
+
+    def do_DELETE(self) -> None:
+        """The same for DELETE."""
+        self._anything()
+
+    def _anything(self) -> None:
+        if urlsplit(self.path).path.startswith("/any/"):
+            self._send(200, "application/json", json.dumps({"id": None, "status": "x"}))
+        else:
+            self._send(404, "text/plain", "nothing here")
+
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: the tests read the CLI's output, not the server's."""
 

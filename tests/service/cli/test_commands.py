@@ -24,6 +24,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from tests.records import FakeTraining
 from tests.service.api.routes.conftest import train_job
+from tests.service.cli.conftest import JOB_ID
 from tests.service.images import png
 from tests.support import SMALL_TEST, SMALL_TRAIN, free_port, synthetic_digits
 from workers.worker import Worker
@@ -370,3 +371,16 @@ def test_an_api_answering_json_of_other_shapes_is_not_the_service(
     assert code == cli.EXIT_API_ERROR
     said = capsys.readouterr().err
     assert "answered JSON the MNIST service does not send" in said and "Traceback" not in said
+
+
+@pytest.mark.parametrize(
+    "argv", [["delete", JOB_ID], ["cancel", JOB_ID], ["submit", "--epochs", "1"]]
+)
+def test_a_server_answering_anything_is_not_taken_for_success(
+    argv: list[str], capsys: pytest.CaptureFixture[str], stub_url: str
+) -> None:
+    # It answered 200 with JSON that is no job: "deleted", "job None is x" and "None" were
+    # printed, exit 0.
+    assert cli.main(["--url", f"{stub_url}/any", *argv]) == cli.EXIT_API_ERROR
+    out, err = capsys.readouterr()
+    assert out == "" and "answered JSON the MNIST service does not send" in err
