@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -11,6 +12,11 @@ MAX_PAGE = 100  # the most items a page of a listing holds (jobs, sweeps, models
 # A page cursor of GET /jobs: the last job's creation time (µs since the epoch) and its id.
 # Every string this pattern admits is a position in the list, so none is refused later.
 CURSOR_PATTERN = r"^[0-9]{1,16}-[0-9a-f]{32}$"
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` is a job's id, as :data:`JOB_ID_PATTERN` has it."""
+    return isinstance(value, str) and re.fullmatch(JOB_ID_PATTERN, value) is not None
 
 
 def utcnow() -> datetime:

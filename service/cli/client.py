@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from service import sse
-from service.clock import JOB_ID_PATTERN
+from service.clock import is_job_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "MNIST_URL"
@@ -280,7 +280,7 @@ def _a_job(answer: Any, job_id: str | None = None) -> dict[str, Any]:
     ValueError (another server at the URL answered; the caller says so): a server answering
     200 with any JSON had ``cancel`` and ``submit`` report success for no job."""
     found = answer["id"]
-    if not isinstance(found, str) or not re.fullmatch(JOB_ID_PATTERN, found):
+    if not is_job_id(found):
         raise ValueError("no job id")
     if job_id is not None and found != job_id:
         raise ValueError("another job's id")

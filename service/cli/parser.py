@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import types
 import typing
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
-from service.clock import JOB_ID_PATTERN, MAX_PAGE
+from service.clock import MAX_PAGE, is_job_id
 from service.schemas import JobCreate
 from service.schemas.sweeps import DISTRIBUTIONS
 from service.status import JobStatus
@@ -58,7 +57,7 @@ def job_id(value: str) -> str:
     """A job's id as the API's pattern has it, else a bad command line: an id is put in the
     request's path, where ``../models/aliases/production`` named another resource (``delete``
     removed the alias)."""
-    if not re.fullmatch(JOB_ID_PATTERN, value):
+    if not is_job_id(value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a job id (32 hex digits)")
     return value
 
