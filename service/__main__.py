@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             server_header=False,  # no need to tell every client which server version to probe
             # The limits at the edge (service/api/edge.py): header block, deadlines, connections.
             http=EdgeProtocol,
+            ws="none",  # no WebSocket routes: a handshake is an HTTP request like any other
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         )
         server.serve(config)  # uvicorn.run's, with servers that sleep while idle

@@ -1,4 +1,4 @@
-"""Time and identifiers shared by the API and the workers."""
+"""Time and identifiers shared by the API, the workers and the command line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ CURSOR_PATTERN = r"^[0-9]{1,16}-[0-9a-f]{32}$"
 def is_job_id(value: object) -> bool:
     """Whether ``value`` is a job's id, as :data:`JOB_ID_PATTERN` has it."""
     return isinstance(value, str) and re.fullmatch(JOB_ID_PATTERN, value) is not None
+
+
+def is_key_text(value: str) -> bool:
+    """Whether ``value`` can be an API key: printable ASCII without spaces, as a header carries
+    it (the settings refuse other keys, and the command line other keys given to it)."""
+    return all("!" <= ch <= "~" for ch in value)
 
 
 def utcnow() -> datetime:

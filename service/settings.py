@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from service.clock import is_key_text
 from service.schemas.sweeps import SWEEP_TRIALS_CEILING
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -31,9 +32,8 @@ OUTAGE_BUFFER_STEPS = 100_000
 MIN_API_KEY_CHARS = 16
 REFUSED_EXIT_STATUS = 2  # a process refuses its configuration (systemd: RestartPreventExitStatus)
 DAY_S = 24 * 3600.0
-# MNIST_MAX_DECODES's default is the core count up to this: each decode of a large image holds
-# tens of MB while it runs, and a burst of them must stay well under the API's memory goal on
-# a machine with many cores (more decoding throughput: more API processes).
+# MNIST_MAX_DECODES's default is the core count up to this: a large image's decode holds tens
+# of MB, and a burst must stay well under the API's memory goal on many cores.
 MAX_DEFAULT_DECODES = 8
 MIB = 1024 * 1024
 # MNIST_MAX_JOB_STEPS: a step row costs about 110 bytes in SQLite, so the default caps one job
@@ -321,7 +321,7 @@ class Settings(BaseSettings):
         value = key.get_secret_value()
         if len(value) < MIN_API_KEY_CHARS:
             raise ValueError(f"API keys must be at least {MIN_API_KEY_CHARS} characters long")
-        if not all("!" <= ch <= "~" for ch in value):
+        if not is_key_text(value):
             raise ValueError("API keys must be printable ASCII without spaces")
         return key
 

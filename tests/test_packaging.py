@@ -94,7 +94,7 @@ def test_the_installed_service_migrates_a_database_anywhere(wheel: Path, tmp_pat
         "import sys, service, service.store.migrations as m\n"
         f"assert service.__file__.startswith({str(target)!r}), service.__file__\n"
         f"assert str(m.script_location()).startswith({str(target)!r}), m.script_location()\n"
-        "from service.cli.commands import main\n"
+        "from service.cli import main\n"
         "sys.exit(main(['migrate']))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}

@@ -21,23 +21,21 @@ Rather than another server (and another deployment, process model and metrics sh
   the answer's buffer and its place among the capped connections were held for good);
 - a cap on open connections per process, checked as a connection is accepted: beyond it 503
   with ``Retry-After``, before a byte is parsed;
-- the service's JSON envelope on the protocol's own answers (400 for a malformed request too).
+- the service's JSON envelope on the protocol's own answers (400 for a malformed request, or
+  an HTTP/1.1 one without its one ``Host``, too); an ``Upgrade`` is a plain request.
 
 A refused connection is answered, then half-closed: what the client still sends is read and
 dropped for a moment (closing with unread data would reset the connection, and the client
 could lose the answer), then closed. Requests pipelined before the refused one are answered
 first, in order, as a client pairs answers with its requests.
 
-A client's half-close (it shuts down its sending side after its requests, as conformance
-probes and some command-line clients do) is not a disconnect (RFC 9112, section 9.6): the
-requests read whole are answered, in order, then the connection is closed (uvicorn closed it
-at once, and every answer not yet written in full was lost); a request the end of data cut
-short is answered nothing. A connection that holds an event stream (running, or waiting its
-turn) ends there: a browser closing a stream sends the same, and the socket is no longer read
-afterwards, so the stream would hold its place among the capped ones until its next write.
-That bound remains where a request is pipelined behind a running stream: uvicorn stops
-reading the connection then, so the client's end of data, or its reset, is seen at the
-stream's next write at the latest.
+A client's half-close (as conformance probes and some command-line clients do after their
+requests) is not a disconnect (RFC 9112, section 9.6): the requests read whole are answered,
+in order, then the connection is closed (uvicorn closed it at once, losing every answer not
+yet written in full); a request the end of data cut short is answered nothing. A connection
+holding an event stream (running, or waiting its turn) ends there: a browser closing a stream
+sends the same, and the stream would hold its capped place until its next write. That bound
+remains for a request pipelined behind a running stream: uvicorn stops reading then.
 """
 
 from __future__ import annotations
@@ -51,10 +49,7 @@ import httptools
 from starlette.types import Scope
 from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import (
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from service.api.quick import behind_proxies, front_of, send_whole
@@ -109,9 +104,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
         self.answering = False  # while a quick answer is being given
         self.read_closed = False  # the client half-closed: it sends nothing more
-        # The request whose app task was started last: uvicorn tells only the latest request
-        # read (``cycle``) that the client has gone, and one pipelined behind this one would
-        # leave it writing to a closed connection, and an event stream holding its place.
+        # The request whose app task started last: uvicorn tells only the latest one read
+        # (``cycle``) that the client has gone, and this one would write on to a closed socket.
         self.running: RequestResponseCycle | None = None
         self.is_event_stream = getattr(behind_proxies(self.app)[1], "is_event_stream", None)
 
@@ -216,6 +210,10 @@ class EdgeProtocol(HttpToolsProtocol):
             self.refuse(self._malformed())
         return not self.refused
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """An ``Upgrade`` (WebSocket, h2c) is served as the plain request it also is."""
+        log.debug("an Upgrade request answered as plain HTTP")
+
     def _malformed(self) -> ServiceError:
         log.warning("Invalid HTTP request received.")
         return BadRequest("the request is not valid HTTP/1.1")
@@ -235,8 +233,12 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_headers_complete(self) -> None:
-        """The header deadline is met; the body's (if any) begins."""
+        """The header deadline is met; the body's (if any) begins. An HTTP/1.1 request names
+        its host once (RFC 9112, section 3.2: 400 otherwise)."""
         self._disarm()
+        hosts = sum(name == b"host" for name, _ in self.headers)
+        if hosts != 1 and (hosts or self.parser.get_http_version() == "1.1"):
+            raise Refused(BadRequest("a request names one Host at most, an HTTP/1.1 one exactly"))
         self.phase = BODY
         super().on_headers_complete()
 
@@ -251,14 +253,12 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         """Answer here what the app answers at once (:mod:`service.api.quick`); start the app's
-        task for anything else.
-
-        A request starts here as it is parsed, or as the previous response ends (a pipelined
-        one). Once a response has closed the connection, what was pipelined after it is
-        dropped, as uvicorn drops it; a keep-alive timer a quick answer armed in this read is
-        stopped, as uvicorn stops it when data arrives; a request started by a quick answer's
-        own end goes the app's way (answering it here would nest one call in the other for
-        every request pipelined). Bytes the parser refuses after a poll get their 400 after the
+        task for anything else. A request starts here as it is parsed, or as the previous
+        response ends (pipelined). What was pipelined after a response that closed the
+        connection is dropped, as uvicorn drops it; a keep-alive timer a quick answer armed in
+        this read is stopped, as uvicorn stops it when data arrives; a request started by a
+        quick answer's own end goes the app's way (not nesting one call in the other for every
+        request pipelined). Bytes the parser refuses after a poll get their 400 after the
         poll's answer, either way (:meth:`refuse`)."""
         if self.transport.is_closing():
             return

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from service.cli import EXIT_INTERRUPTED
 from service.cli.client import URL_ENV, ApiError, Client
 from service.cli.parser import (
     EXIT_API_ERROR,
     EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_USAGE,

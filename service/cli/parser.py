@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 
+from service.cli import EXIT_INTERRUPTED
 from service.cli.client import API_KEY_ENV, DEFAULT_URL, URL_ENV
-from service.clock import MAX_PAGE, is_job_id
+from service.clock import MAX_PAGE, is_job_id, is_key_text
 from service.schemas import JobCreate
 from service.schemas.sweeps import DISTRIBUTIONS
 from service.status import JobStatus
@@ -25,7 +26,6 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1  # the watched job (or sweep) failed or was cancelled
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_API_ERROR = 3  # the API refused the request or could not be reached
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away, as a shell reports SIGPIPE
 
 DESCRIPTION = """\
@@ -73,7 +73,7 @@ def page_limit(value: str) -> int:
 def api_key(value: str) -> str:
     """An API key as a header can carry it (printable ASCII without spaces, as the service's
     keys are), else a bad command line: another made a traceback, or a header cut short."""
-    if not value.isascii() or not value.isprintable() or " " in value:
+    if not is_key_text(value):
         raise argparse.ArgumentTypeError("an API key is printable ASCII without spaces")
     return value
 

@@ -13,8 +13,9 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from service.cli import EXIT_INTERRUPTED
 from service.cli.client import Client
-from service.cli.parser import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, UsageError
+from service.cli.parser import EXIT_JOB_FAILED, EXIT_OK, UsageError
 from service.errors import InvalidInput
 from service.schemas.sweeps import SWEEP_TRIALS_CEILING, SweepCreate, expand
 from service.status import SweepStatus

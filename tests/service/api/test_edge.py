@@ -284,6 +284,39 @@ def test_a_malformed_request_gets_400_in_the_envelope(small_server: int) -> None
     assert envelope(response)["code"] == "bad_request"
 
 
+def test_a_request_without_its_one_host_gets_400(small_server: int) -> None:
+    """RFC 9112, section 3.2: an HTTP/1.1 request names one Host, any request at most one; on a
+    kept-alive connection, after the answers owed before it."""
+    refused = [
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    ]
+    for data in refused:
+        response, _ = exchange(small_server, data)
+        assert status_of(response) == 400, (data, response)
+        assert "Host" in envelope(response)["message"]
+    response, _ = exchange(small_server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert status_of(response) == 200, response
+    response, _ = exchange(small_server, get("/healthz") + refused[0])
+    first, _, second = response.partition(b"HTTP/1.1 400 ")
+    assert status_of(first) == 200 and second, response
+
+
+def test_a_websocket_handshake_is_answered_as_the_plain_request_it_also_is(
+    small_server: int,
+) -> None:
+    """No WebSocket routes: the handshake is a GET the app answers (uvicorn refused it with a
+    bare 403 of its own, before the app or its envelope)."""
+    upgrade = ["Upgrade: websocket", "Connection: Upgrade, close", "Sec-WebSocket-Version: 13"]
+    handshake = get("/no-such-path", *upgrade, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+    response, _ = exchange(small_server, handshake)
+    assert status_of(response) == 404, response
+    assert envelope(response)["code"] == "http_404"
+    response, _ = exchange(small_server, get("/healthz", *upgrade))
+    assert status_of(response) == 200, response
+
+
 def kept_open(port: int) -> socket.socket | None:
     """A connection that has been answered 200 and stays open; None if refused (503)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
