@@ -168,26 +168,20 @@ def strip_rows(width: int) -> int:
 def _strip_converter(image: Image.Image) -> Callable[[Image.Image], Gray]:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG
         clear = image.info.get("transparency")  # tRNS: the one 16-bit level that is see-through
-        if isinstance(clear, int):
-            return functools.partial(_sixteen_bit_over_white, clear=clear)
-        return _sixteen_bit
+        return functools.partial(_sixteen_bit, clear=clear if isinstance(clear, int) else None)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return _luma
     return _over_white
 
 
-def _sixteen_bit(strip: Image.Image) -> Gray:
+def _sixteen_bit(strip: Image.Image, *, clear: int | None) -> Gray:
     # round(v / 257) (the nearest 8-bit level), clipped to 0–255, in integers: v / 257 is never
     # exactly halfway between two levels, so (v + 128) // 257 is that rounding.
     wide = np.asarray(strip, dtype=np.int32)
-    return ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
-
-
-def _sixteen_bit_over_white(strip: Image.Image, *, clear: int) -> Gray:
-    # Composited on white as every other image with alpha is: the transparent level is white.
-    gray = _sixteen_bit(strip)
-    gray[np.asarray(strip, dtype=np.int32) == clear] = 255
+    gray = ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
+    if clear is not None:  # composited on white as any image with alpha: that level is white
+        gray[wide == clear] = 255
     return gray
 
 
