@@ -7,7 +7,6 @@ import gc
 import logging
 import secrets
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,7 +30,7 @@ from service.api.deps import forbid_unknown_query
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.lanes.streams import StreamLane, is_event_stream
-from service.api.limits import BodyLimitMiddleware
+from service.api.limits import BodyLimitMiddleware, unreadable_body
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.quick import QuickAnswers
 from service.api.routes import (
@@ -102,20 +101,6 @@ def _in_context(request: Request, error: dict[str, Any]) -> str:
     return str(error["msg"])
 
 
-def _unreadable_body(exc: BaseException | None) -> str | None:
-    """What FastAPI's "There was an error parsing the body" (a 400 for a JSON body that
-    ``json.loads`` fails on other than by syntax) was, in our words; None for any other 400."""
-    if isinstance(exc, UnicodeDecodeError):
-        return "the JSON body is not UTF-8 text"
-    if isinstance(exc, RecursionError):
-        return "the JSON body nests too deeply to read"
-    if isinstance(exc, ValueError) and "digits" in str(exc):
-        return f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits"
-    if isinstance(exc, ValueError):
-        return "the body could not be read as JSON"
-    return None
-
-
 def all_routes(app: FastAPI) -> list[BaseRoute]:
     """Every route of the app, flat: newer FastAPI nests included routers in ``app.routes``."""
     iterate = getattr(fastapi.routing, "iter_route_contexts", None)
@@ -145,7 +130,7 @@ def _allowed_methods(request: Request) -> str:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    message = _unreadable_body(exc.__cause__) if exc.status_code == 400 else None
+    message = unreadable_body(exc.__cause__) if exc.status_code == 400 else None
     response = _error(exc.status_code, f"http_{exc.status_code}", message or str(exc.detail))
     if exc.headers:
         response.headers.update(exc.headers)

@@ -100,8 +100,14 @@ def check_steps(params: JobCreate, *, max_steps: int) -> None:
 def check_queue_room(session: Session, *, adding: int, max_queued: int) -> None:
     """429 (``Retry-After``) when ``adding`` more queued jobs would make more than
     ``max_queued`` (``MNIST_MAX_QUEUED_JOBS``) wait: the one queue cap, of jobs and sweeps'
-    trials alike. Run in the transaction that inserts them (see :func:`submit`)."""
-    queued = job_repo.count_jobs(session, status=JobStatus.QUEUED)
+    trials alike. Run in the transaction that inserts them (see :func:`submit`). More than the
+    cap at once can never wait, however long the client waits: 422."""
+    if adding > max_queued:
+        raise InvalidInput(
+            f"{adding} jobs at once can never wait in the queue, which holds at most "
+            f"{max_queued} (MNIST_MAX_QUEUED_JOBS): submit fewer trials"
+        )
+    queued = job_repo.count_queued_for_adding(session)
     if queued + adding > max_queued:
         waiting = "" if adding == 1 else f"; these {adding} would make {queued + adding}"
         raise TooManyRequests(
@@ -117,8 +123,8 @@ def submit(
     """Queue a training job; 422 over the steps budget (:func:`check_steps`), 429 while
     ``max_queued`` jobs are already waiting.
 
-    The count and the insert share the write transaction: on SQLite (IMMEDIATE) the cap is
-    exact; on PostgreSQL concurrent submits may pass it by the few that race.
+    The count and the insert share the write transaction, which queues one at a time (on
+    SQLite as any write, on PostgreSQL behind a lock): the cap is exact on both.
     """
     check_steps(params, max_steps=max_steps)
     check_queue_room(session, adding=1, max_queued=max_queued)

@@ -198,9 +198,12 @@ def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deleti
             f"sweep {sweep_id} is running: cancel it first (POST /sweeps/{sweep_id}/cancel), "
             "then delete it once it has ended"
         )
-    deleted = [
-        deletion.deletable(session, job_id) for job_id in sweep_repo.trial_ids(session, sweep_id)
-    ]
+    deleted = []
+    for job_id in sweep_repo.trial_ids(session, sweep_id):
+        try:
+            deleted.append(deletion.deletable(session, job_id))
+        except NotFound:  # deleted by itself since it was listed (DELETE /jobs/{id}): gone
+            continue
     for trial in deleted:
         job_repo.delete_job(session, trial.job_id)
     sweep_repo.delete_sweep(session, sweep_id)

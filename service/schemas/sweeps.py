@@ -15,7 +15,7 @@ import random
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
 
 from service.errors import InvalidInput
 from service.schemas import ALIAS_PATTERN, MAX_SEED, JobCreate, JsonInt, StrictModel
@@ -35,17 +35,21 @@ SweepField = Literal[
     "max_runtime_s",
 ]
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
+# A distribution's ends, as strict as the job's fields ("2" and true are no numbers); the model
+# itself cannot be strict: in strict mode a tuple must be one, and JSON sends lists.
+Bound = Annotated[float, Strict()]
+IntBound = Annotated[JsonInt, Strict()]
 _JOB_FIELDS = JobCreate.model_json_schema()["properties"]
 
 
 class Distribution(StrictModel):
     """Where a random search draws one field from: exactly one of the four."""
 
-    log_uniform: tuple[float, float] | None = Field(
+    log_uniform: tuple[Bound, Bound] | None = Field(
         default=None, description="[lo, hi], 0 < lo ≤ hi: uniform in log space."
     )
-    uniform: tuple[float, float] | None = Field(default=None, description="[lo, hi], lo ≤ hi.")
-    int_uniform: tuple[JsonInt, JsonInt] | None = Field(
+    uniform: tuple[Bound, Bound] | None = Field(default=None, description="[lo, hi], lo ≤ hi.")
+    int_uniform: tuple[IntBound, IntBound] | None = Field(
         default=None, description="[lo, hi]: a whole number, both ends included."
     )
     choice: list[Any] | None = Field(default=None, min_length=1, description="One of these.")
@@ -79,6 +83,8 @@ class Distribution(StrictModel):
 class RandomSearch(StrictModel):
     """``trials`` draws from ``space``, the same ones for the same seed."""
 
+    model_config = ConfigDict(strict=True)  # as the job's fields: "2" and true are no counts
+
     trials: JsonInt = Field(ge=1, le=SWEEP_TRIALS_CEILING, description="How many trials.")
     seed: JsonInt = Field(default=0, ge=0, le=MAX_SEED, description="The draws' seed.")
     space: dict[SweepField, Distribution] = Field(
@@ -90,6 +96,7 @@ class SweepCreate(StrictModel):
     """The body of ``POST /sweeps``: a base job and a grid or a random search over its fields."""
 
     model_config = ConfigDict(
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -98,7 +105,7 @@ class SweepCreate(StrictModel):
                     "promote": "production",
                 }
             ]
-        }
+        },
     )
 
     params: JobCreate = Field(

@@ -54,6 +54,8 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+# The PostgreSQL advisory lock that queues jobs one transaction at a time (ASCII "mnistq").
+QUEUE_LOCK_KEY = 0x6D6E69737471
 _JOB_ROW = select(*Job.__table__.columns).where(Job.__table__.c.id == bindparam("job_id"))
 
 
@@ -123,6 +125,16 @@ def list_jobs(
 def count_jobs(session: Session, *, status: JobStatus) -> int:
     """How many jobs are in ``status``."""
     return session.scalar(select(func.count()).select_from(Job).where(Job.status == status)) or 0
+
+
+def count_queued_for_adding(session: Session) -> int:
+    """How many jobs wait, counted by a transaction that will queue more: on PostgreSQL after a
+    transaction-scoped lock that the next such count waits for (two that counted at once, under
+    READ COMMITTED, both passed the queue cap); on SQLite the write transaction holds the whole
+    database already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
+    return count_jobs(session, status=JobStatus.QUEUED)
 
 
 def count_jobs_by_status(session: Session) -> dict[JobStatus, int]:

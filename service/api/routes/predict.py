@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.api.deps import PredictorDep, SettingsDep
+from service.api.limits import read_json
 from service.clock import JOB_ID_PATTERN
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import NUM_CLASSES
@@ -195,8 +196,9 @@ async def _read_body(request: Request, cap: int, what: str) -> bytes:
 
 
 def _parse_pixels(body: bytes) -> PixelsInput:
+    pixels = read_json(body)  # as every route's JSON body is read, refusals and all
     try:
-        return PixelsInput.model_validate_json(body)
+        return PixelsInput.model_validate(pixels)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError(

@@ -12,7 +12,7 @@ import functools
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.status import JobStatus
@@ -20,16 +20,21 @@ from service.store import wakeups
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 
+
 # The fence of a worker's writes to the job it holds: this attempt, this worker, still running.
 # Its values are bound at execution (:func:`fence_values`), so a statement built with it once
 # serves every job (``queue_repo._lease_update``). The names are shared: a statement holding
 # two fences would bind one job's values to both, so none holds more than one.
-FENCE = and_(
-    Job.id == bindparam("fence_id"),
-    Job.attempt == bindparam("fence_attempt"),
-    Job.worker_id == bindparam("fence_worker"),
-    Job.status == JobStatus.RUNNING,
-)
+def _fence_of(job_id: Any, attempt: Any, worker_id: Any) -> ColumnElement[bool]:
+    return and_(
+        Job.id == job_id,
+        Job.attempt == attempt,
+        Job.worker_id == worker_id,
+        Job.status == JobStatus.RUNNING,
+    )
+
+
+FENCE = _fence_of(bindparam("fence_id"), bindparam("fence_attempt"), bindparam("fence_worker"))
 
 
 def fence_values(job_id: str, attempt: int, worker_id: str) -> dict[str, Any]:
@@ -37,9 +42,9 @@ def fence_values(job_id: str, attempt: int, worker_id: str) -> dict[str, Any]:
     return {"fence_id": job_id, "fence_attempt": attempt, "fence_worker": worker_id}
 
 
-def fence(job_id: str, attempt: int, worker_id: str) -> Any:
-    """:data:`FENCE` with these values bound, for statements built per call."""
-    return FENCE.params(fence_values(job_id, attempt, worker_id))
+def fence(job_id: str, attempt: int, worker_id: str) -> ColumnElement[bool]:
+    """:data:`FENCE`'s clause with these values, for statements built per call."""
+    return _fence_of(job_id, attempt, worker_id)
 
 
 def cancel_asked(session: Session, job_id: str, attempt: int, worker_id: str) -> bool | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,9 +152,9 @@ def test_a_body_json_cannot_read_is_told_what_is_wrong(client: TestClient) -> No
         b'{"epochs": "\xff\xfe"}': "the JSON body is not UTF-8 text",
         b"[" * 100_000 + b"]" * 100_000: "the JSON body nests too deeply to read",
     }
-    for body, message in unreadable.items():
-        answer = client.post("/jobs", content=body, headers=json_type)
-        assert answer.status_code == 400, answer.text
+    for (body, message), route in itertools.product(unreadable.items(), ("/jobs", "/predict")):
+        answer = client.post(route, content=body, headers=json_type)  # predict reads its own
+        assert answer.status_code == 400, (route, answer.text)
         assert answer.json()["error"]["message"] == message
     # A number just under the limit is read, and judged as any other.
     under = client.post("/jobs", content=b'{"epochs": 1' + b"0" * 4000 + b"}", headers=json_type)

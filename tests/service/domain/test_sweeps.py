@@ -16,6 +16,7 @@ from service.errors import Conflict, InvalidInput, TooManyRequests
 from service.schemas import JobCreate
 from service.schemas.sweeps import SweepCreate, SweepField, expand
 from service.status import JobStatus, SweepStatus
+from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 
 LIMITS: dict[str, int] = {
@@ -185,6 +186,27 @@ def test_cancel_and_delete_follow_the_jobs_rules(
         with pytest.raises(Conflict, match="already ended"):
             sweeps.cancel(session, made.id)
         session.rollback()
+        deleted = sweeps.delete(session, tmp_path, made.id)
+    assert sorted(d.job_id for d in deleted) == sorted(t.job_id for t in made.trials)
+    assert trial_rows(sessions, made.id) == []
+
+
+def test_a_trial_deleted_since_it_was_listed_is_skipped(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``DELETE /jobs/{trial}`` that commits between the sweep's listing of its trials and
+    the lock of that trial leaves nothing to delete there (it answered 404 naming the trial,
+    on PostgreSQL, for a sweep that was still there)."""
+    with sessions() as session:
+        made = sweeps.create(session, spec(grid={"seed": [1, 2]}), **LIMITS)
+        sweeps.cancel(session, made.id)
+    listed = sweep_repo.trial_ids
+
+    def listed_then_one_gone(session: Session, sweep_id: str) -> list[str]:
+        return [*listed(session, sweep_id), "0" * 32]  # a trial that is no more
+
+    monkeypatch.setattr(sweep_repo, "trial_ids", listed_then_one_gone)
+    with sessions() as session:
         deleted = sweeps.delete(session, tmp_path, made.id)
     assert sorted(d.job_id for d in deleted) == sorted(t.job_id for t in made.trials)
     assert trial_rows(sessions, made.id) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -169,6 +170,23 @@ def test_request_shapes_that_are_not_understood_are_4xx(client: TestClient, trai
         headers={"content-type": "image/png"},
     )
     refused(422, "model", params={"model": "no spaces"}, content=data)
+
+
+def test_pixels_are_read_as_every_json_body_is(client: TestClient, trained: str) -> None:
+    """``POST /predict`` reads its own body; its JSON is read, and refused, as FastAPI reads
+    ``POST /jobs``'s (it was pydantic's own parser: UTF-16 and a BOM were "Invalid JSON")."""
+    json_type = {"content-type": "application/json"}
+    text = json.dumps({"pixels": [[0] * 28] * 28})
+    utf8 = client.post("/predict", content=text.encode(), headers=json_type)
+    assert utf8.status_code == 200, utf8.text
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):
+        other = client.post("/predict", content=text.encode(encoding), headers=json_type)
+        assert (other.status_code, other.json()) == (200, utf8.json()), encoding
+    for broken in (b'{"pixels": [', b'{"pixels": "\\ud800', b"{pixels}"):
+        jobs = client.post("/jobs", content=broken, headers=json_type)
+        predict = client.post("/predict", content=broken, headers=json_type)
+        assert jobs.status_code == predict.status_code == 422, (broken, predict.text)
+        assert jobs.json()["error"] == predict.json()["error"], broken
 
 
 def test_pixels_of_the_wrong_shape_range_or_type_are_422(client: TestClient, trained: str) -> None:

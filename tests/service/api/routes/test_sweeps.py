@@ -68,6 +68,21 @@ def test_a_sweep_trains_its_trials_as_jobs_and_promotes_the_best(
         ({"grid": {"seed": list(range(300))}}, "grid"),
         ({"grid": {"seed": [1]}, "params": {"epochs": 0}}, "params.epochs"),
         ({"grid": {"seed": [1]}, "promote": "a b"}, "promote"),
+        # Strings and booleans are no numbers, as in a job's fields (they were converted).
+        ({"random": {"trials": "2", "space": {"seed": {"int_uniform": [1, 2]}}}}, "trials"),
+        ({"random": {"trials": 2, "seed": True, "space": {"seed": {"choice": [1]}}}}, "seed"),
+        (
+            {"random": {"trials": 2, "space": {"learning_rate": {"uniform": ["0.001", 0.002]}}}},
+            "random.space.learning_rate.uniform.0",
+        ),
+        (
+            {"random": {"trials": 2, "space": {"learning_rate": {"log_uniform": [True, True]}}}},
+            "random.space.learning_rate.log_uniform.0",
+        ),
+        (
+            {"random": {"trials": 2, "space": {"epochs": {"int_uniform": [1, True]}}}},
+            "random.space.epochs.int_uniform.1",
+        ),
         (
             {"grid": {"epochs": [1, 100]}, "params": {"trainset_size": 60_000, "batch_size": 1}},
             "grid: trial 1",
