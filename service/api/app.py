@@ -25,7 +25,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import openapi
-from service.api.asgi import REQUEST_ID_HEADER, RequestIdMiddleware, error_response, request_id
+from service.api.asgi import (
+    REQUEST_ID_HEADER,
+    HeadAsGet,
+    RequestIdMiddleware,
+    error_response,
+    request_id,
+)
 from service.api.deps import forbid_unknown_query
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
@@ -125,6 +131,8 @@ def _allowed_methods(request: Request) -> str:
     for route in all_routes(request.app):
         if isinstance(route, Route) and route.methods and route.path_regex.match(path):
             methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")  # HeadAsGet: wherever GET is answered
     return ", ".join(sorted(methods))
 
 
@@ -301,6 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             job_route=_route(app, "GET", "/jobs/{job_id}"),
         )
         edge = StreamLane(edge, route=stream_route)
+    edge = HeadAsGet(edge)  # a HEAD meets the lanes and the routes as the GET it asks about
     edge = limits = BodyLimitMiddleware(
         edge,
         max_body_bytes=settings.max_request_bytes,

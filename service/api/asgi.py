@@ -159,3 +159,38 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, tagged_send)
+
+
+class HeadAsGet:
+    """``HEAD`` wherever ``GET`` is answered (RFC 9110, section 9.3.2: the GET's status and
+    headers, no body). FastAPI's routes answer HEAD only where one declares it, so most of the
+    API answered 405. The GET's answer ends with its headers: an event stream's too (it sees
+    its response complete, as when its client leaves), rather than run unseen to the job's end.
+
+    The layers inside see a GET in a scope of their own (the server's scope must still say
+    HEAD: uvicorn then writes no body and keeps the GET's ``Content-Length``); what they name
+    the request by (its route) is handed out, for the metrics outside.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A HEAD as the GET, answered without its body; anything else passed on."""
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        inner = {**scope, "method": "GET"}
+        ended = False
+
+        async def head_only(message: Message) -> None:
+            nonlocal ended
+            if ended or message["type"] != "http.response.start":
+                return
+            scope.update({k: inner[k] for k in ("route", "endpoint") if k in inner})
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ended = True
+
+        await self.app(inner, receive, head_only)
+        scope.update({k: inner[k] for k in ("route", "endpoint") if k in inner})

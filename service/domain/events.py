@@ -71,6 +71,7 @@ FINAL_MARK = "end"
 # than any stream sends, and every id the pattern admits fits the columns (2**31 - 1), so none
 # is refused after validation. ``attempt:step:epoch`` alone is an id sent before the count was.
 _NUMBER = "[0-9]{1,9}"
+SENT_WRAP = 10**9  # the count of events sent goes on from 0 past nine digits (a client's id)
 EVENT_ID_PATTERN = f"^({_NUMBER}:{_NUMBER}:{_NUMBER}(:{_NUMBER}(:{FINAL_MARK})?)?)?$"
 
 
@@ -143,7 +144,8 @@ class StreamState:
 
     def emit(self, poll: Poll, event: str, data: Any, *, final: bool = False) -> None:
         """Append an event; its id is the cursor, which counts it."""
-        self.cursor = replace(self.cursor, sent=self.cursor.sent + 1, final=final)
+        sent = (self.cursor.sent + 1) % SENT_WRAP  # never an id the route refuses
+        self.cursor = replace(self.cursor, sent=sent, final=final)
         poll.events.append(
             ServerSentEvent(event=event, raw_data=json_data(data), id=self.cursor.encode())
         )

@@ -82,6 +82,16 @@ class ProgressBuffer:
         return list(self._unsynced)
 
     @property
+    def newest_loss(self) -> float | None:
+        """The loss of the latest step taken, written or not (an epoch's log line shows its
+        last step's: the last one written may be an earlier epoch's, or none yet)."""
+        if self._losses:
+            return float(self._losses[-1].item())  # once an epoch: its evaluation synced already
+        if self._host_losses:
+            return self._host_losses[-1]
+        return self.last_loss
+
+    @property
     def has_epochs(self) -> bool:
         """Whether an epoch's row (or a resume point) waits to be written."""
         return bool(self._epoch_rows) or self._resume_due is not None

@@ -106,6 +106,7 @@ class Reporter:
         self.last_renewal = now  # read by the heartbeat, which renews the lease when flushes don't
         self.flush_seconds = 0.0  # time spent in flushes' writes: what persistence costs
         self._writing: tuple[Future[bool], Batch, float] | None = None  # in flight, since
+        self._epoch_due = False  # an epoch ended during a write: it goes with the next, at once
 
     @property
     def tuner(self) -> ThreadTuner | None:
@@ -162,12 +163,14 @@ class Reporter:
 
     def _write_behind_due(self) -> bool:
         """Act on a write that has ended, and hand over the next one when it is due (or when a
-        state was just written: named at once, not at the job's end); whether anything was done."""
+        state was just written: named at once, not at the job's end; or an epoch waits for its
+        write); whether anything was done."""
         acted = False
         if self._writing is not None and self._writing[0].done():
             self._settle()
             acted = True
-        if self._writing is None and (self._clock() >= self._next_flush or self._states.ready):
+        due = self._clock() >= self._next_flush or self._states.ready or self._epoch_due
+        if self._writing is None and due:
             self._write_behind()
             acted = True
         return acted
@@ -183,17 +186,22 @@ class Reporter:
         else:  # the last epoch's flush names what the previous one left (long written by now)
             self._record_written_state(wait=True)
         self._buffer.add_epoch(epoch, accuracy)
-        if not self._stop.is_set():
-            self._settle()  # the previous write, if still in flight; this one goes behind
-            self._write_behind()
-        else:
+        if self._stop.is_set():
             self.flush()
+        elif self._writing is not None and not self._writing[0].done():
+            # The previous write is still in flight (SQLite's busy wait, an outage): the epoch
+            # goes with the next write, handed over at the first step after that one ends.
+            # Waiting for it here held training for as long as the database was locked.
+            self._epoch_due = True
+        else:
+            self._settle()
+            self._write_behind()
         if self._stop.is_set() and self._states.in_flight:
             # The stop came during that flush, after it looked: name this epoch's state now,
             # so the job goes back with the epoch kept, as the policy below promises.
             self.flush()
         self._timing = False
-        self._display.epoch_done(epoch, self._buffer.last_loss, accuracy)
+        self._display.epoch_done(epoch, self._buffer.newest_loss, accuracy)
         self._policy.at_epoch_end(epoch, self._params.epochs)
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -224,6 +232,7 @@ class Reporter:
 
     def _write_behind(self) -> None:
         """Hand what is buffered to the writing thread; training goes on meanwhile."""
+        self._epoch_due = False
         self._record_written_state(wait=False)
         batch = self._buffer.take()
         self._writing = (self._writers.flushes.submit(self._write, batch), batch, self._clock())

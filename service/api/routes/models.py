@@ -136,13 +136,3 @@ async def download_checkpoint(
             "Accept-Ranges": "none",
         },
     )
-
-
-# HEAD, as HTTP asks of every GET (download managers ask it first); not documented twice.
-router.add_api_route(
-    CHECKPOINT_PATH,
-    download_checkpoint,
-    methods=["HEAD"],
-    response_class=Response,
-    include_in_schema=False,
-)

@@ -317,6 +317,18 @@ def test_a_websocket_handshake_is_answered_as_the_plain_request_it_also_is(
     assert status_of(response) == 200, response
 
 
+def test_a_head_on_a_kept_alive_connection_sends_no_body(small_server: int) -> None:
+    """The GET's headers (its Content-Length too), not a byte of its body: the next answer on
+    the connection starts right after them."""
+    got, _ = exchange(small_server, get("/jobs", "Connection: close"))
+    head = b"HEAD /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answered, _ = exchange(small_server, head + get("/healthz", "Connection: close"))
+    first, _, rest = answered.partition(b"\r\n\r\n")
+    assert status_of(first) == 200 and rest.startswith(b"HTTP/1.1 200 "), answered
+    length = re.search(rb"content-length: (\d+)", first.lower())
+    assert length is not None and length.group(0) in got.lower(), (first, got)
+
+
 def kept_open(port: int) -> socket.socket | None:
     """A connection that has been answered 200 and stays open; None if refused (503)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

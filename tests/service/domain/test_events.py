@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -187,6 +188,23 @@ def test_resuming_from_an_id_sends_only_what_came_after(
     # An id from an attempt that is gone: everything again, for the current attempt.
     stale, _ = poll(sessions, StreamState(cursor=Cursor(7, 99, 9), job_id=training.job_id))
     assert steps_of(stale) == list(range(1, 11))
+
+
+def test_every_id_a_stream_sends_is_one_it_takes_back(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    """The count of events sent goes on from a client's id; past nine digits it starts again
+    from 0 (it went on to ten digits, an id the route then refused with 422)."""
+    training.claim()
+    training.run_epoch(0.5)
+    training.finish()
+    last = Cursor(attempt=1, sent=events.SENT_WRAP - 2)
+    sent, done = poll(sessions, StreamState(cursor=last, job_id=training.job_id))
+    ids = [str(e.id) for e in sent]
+    assert done and [i.split(":")[3] for i in ids][:3] == ["999999999", "0", "1"]
+    for event_id in ids:
+        assert re.fullmatch(events.EVENT_ID_PATTERN, event_id), event_id
+        Cursor.parse(event_id)  # taken back, no 422
 
 
 def test_a_retried_job_starts_the_stream_over(

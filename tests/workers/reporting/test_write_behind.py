@@ -4,6 +4,7 @@ stored again by the next synchronous write."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.errors import CancelRequested, LeaseLost
+from service.ml import SimpleMLP
 from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
@@ -32,6 +34,7 @@ from workers.endings import Endings
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.buffer import ProgressBuffer
 from workers.reporting.writers import Activity, Writers
+from workers.resume import TrainingState
 from workers.tuning.threads import ThreadTuner
 
 T = TypeVar("T")
@@ -105,6 +108,37 @@ def test_a_due_flush_is_written_by_another_thread_while_training_goes_on(
     assert db.writers and all(name.startswith("flush") for name in db.writers)
     reporter.drain()
     assert stored_steps(sessions, job_id) == list(range(1, 10))
+    reporter.close()
+
+
+def test_an_epoch_ended_during_a_write_goes_with_the_next_one_without_waiting(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An epoch's end does not wait for the write in flight (another process holding SQLite's
+    write lock held training for the whole lock, an epoch at a time); its row goes with the
+    write handed over at the first step after that one ends. Its log line gives its own last
+    step's loss, written or not (it gave the last written, or nan)."""
+    db, clock = GatedDatabase(sessions), Clock()
+    reporter, job_id = reporter_on(sessions, db, tmp_path, clock)
+    reporter.step(torch.tensor(1.0))
+    clock.now = 2.0
+    reporter.step(torch.tensor(0.25))  # steps 1–2 handed over: the write waits at the gate
+    assert db.entered.wait(timeout=30)
+    model = SimpleMLP()
+    state = TrainingState(model, torch.optim.Adam(model.parameters()), torch.Generator())
+    with caplog.at_level(logging.INFO, logger="workers"):
+        reporter.epoch(1, 0.5, state)  # returns with the gate still shut
+    assert "epoch 1/2: loss 0.2500, test accuracy 0.5000" in caplog.text
+    reporter.step(torch.tensor(0.5))  # the write is still in flight: nothing more handed over
+    assert read_job(sessions, job_id).epoch == 0
+    db.gate.set()
+    wait_for(
+        lambda: stored_steps(sessions, job_id) == [1, 2] or None, timeout_s=30, what="the write"
+    )
+    reporter.step(torch.tensor(0.5))  # that write has ended: the epoch's goes at once
+    wait_for(lambda: read_job(sessions, job_id).epoch == 1 or None, timeout_s=30, what="the epoch")
+    assert stored_steps(sessions, job_id) == [1, 2, 3, 4]
+    reporter.drain()
     reporter.close()
 
 
