@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.asgi import header, send_error
-from service.errors import BadRequest, PayloadTooLarge, ServiceError
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 MULTIPART_GUARD_SCOPE_KEY = "mnist.multipart_guard"
 UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's words; explained below
@@ -54,6 +54,18 @@ def read_json(body: bytes) -> Any:
         raise RequestValidationError([{**at, "input": {}, "ctx": {"error": exc.msg}}]) from exc
     except (ValueError, RecursionError) as exc:
         raise HTTPException(400, UNPARSED_BODY) from exc
+
+
+def _check_not_encoded(scope: Scope) -> None:
+    """415 for a body sent compressed (``Content-Encoding``: RFC 9110, section 15.5.16): no
+    route decodes one, and each read the compressed bytes as the body (a gzipped JSON body was
+    "not UTF-8 text"; a JSON body labelled ``br`` was taken as it was)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            coding = value.decode("latin-1").strip()
+            raise UnsupportedMediaType(
+                f"bodies are read as sent: Content-Encoding {coding!r} is not accepted"
+            )
 
 
 def unreadable_body(exc: BaseException | None) -> str | None:
@@ -234,6 +246,7 @@ class BodyLimitMiddleware:
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise self._too_large()  # not a byte of it read
+        _check_not_encoded(scope)
         return multipart_guard(
             scope, max_parts=self.max_form_parts, max_field_bytes=self.max_form_field_bytes
         )

@@ -31,8 +31,8 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.asgi import header, send_error
-from service.errors import Forbidden, ServiceError, Unauthorized
+from service.api.asgi import send_error
+from service.errors import BadRequest, Forbidden, ServiceError, Unauthorized
 from service.settings import Settings
 
 REALM = "mnist"
@@ -123,8 +123,8 @@ QUERY_TOKEN = b"access_token"
 EVENTS_PATH = re.compile(r"^/jobs/[^/]+/events$")
 
 
-def _take_query_token(scope: Scope) -> bytes | None:
-    """Remove ``access_token`` from the scope's query string (in place); its value, if any.
+def _take_query_tokens(scope: Scope) -> list[bytes]:
+    """Remove ``access_token`` from the scope's query string (in place); its values.
 
     Matched by its decoded name, as the app would read it (``access%5Ftoken`` is the same
     parameter), and cut from every request, whether it is honoured or not, so that neither
@@ -132,28 +132,36 @@ def _take_query_token(scope: Scope) -> bytes | None:
     """
     query: bytes = scope.get("query_string", b"")
     if QUERY_TOKEN not in query.lower() and b"%" not in query:
-        return None
-    kept, token = [], None
+        return []
+    kept, tokens = [], []
     for pair in query.split(b"&"):
         name, _, value = pair.partition(b"=")
         if unquote_to_bytes(name.replace(b"+", b" ")) == QUERY_TOKEN:
-            token = unquote_to_bytes(value.replace(b"+", b" "))
+            tokens.append(unquote_to_bytes(value.replace(b"+", b" ")))
         else:
             kept.append(pair)
     # Mutated, not replaced: uvicorn logs the request from this very scope.
     scope["query_string"] = b"&".join(kept)
-    return token
+    return tokens
 
 
 def request_token(scope: Scope) -> bytes | None:
     """The key a request presents: its bearer header, or on ``GET /jobs/{id}/events`` only,
-    its ``access_token`` query parameter."""
-    query_token = _take_query_token(scope)
-    token = bearer_token(header(scope, b"authorization"))
-    if token is not None:
-        return token
-    if scope.get("method") == "GET" and EVENTS_PATH.match(app_path(scope)):
-        return query_token or None
+    its ``access_token`` query parameter. A request that presents more than one (headers,
+    parameters, or both ways: RFC 6750, section 2) gets 400: which one counted was a matter of
+    position (the first header, the last parameter)."""
+    query_tokens = _take_query_tokens(scope)
+    headers = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+    if len(headers) + len(query_tokens) > 1:
+        raise BadRequest(
+            "the request presents more than one key (Authorization headers or access_token "
+            "parameters): send one",
+            headers=_challenge("invalid_request"),
+        )
+    if headers:
+        return bearer_token(headers[0])
+    if query_tokens and scope.get("method") == "GET" and EVENTS_PATH.match(app_path(scope)):
+        return query_tokens[0] or None
     return None
 
 
@@ -200,7 +208,11 @@ class ApiKeyMiddleware:
         needed = required_access(
             scope.get("method", "GET"), app_path(scope), docs_public=self.docs_public
         )
-        return check(self.keys, needed, request_token(scope))
+        try:
+            token = request_token(scope)
+        except BadRequest as ambiguous:  # no key is read: none is needed on a public path
+            return None if needed is Access.PUBLIC else ambiguous
+        return check(self.keys, needed, token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check, then pass the request on untouched."""

@@ -130,6 +130,7 @@ def cancel_job(job: JobForUpdateDep, session: WriteSessionDep) -> JobRead:
 @router.delete(
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # no content, no Content-Type (FastAPI names JSON)
     responses={
         **NOT_FOUND,
         409: {

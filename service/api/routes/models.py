@@ -83,7 +83,12 @@ def put_alias(
     return alias
 
 
-@router.delete("/aliases/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
+@router.delete(
+    "/aliases/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # no content, no Content-Type (FastAPI names JSON)
+    responses=NOT_FOUND,
+)
 def delete_alias(name: AliasName, session: WriteSessionDep, predictor: PredictorDep) -> None:
     """Remove an alias. Without ``production``, predict falls back to the newest model."""
     model_registry.delete_alias(session, name)

@@ -111,6 +111,7 @@ def cancel_sweep(sweep_id: SweepIdPath, session: WriteSessionDep) -> SweepRead:
 @router.delete(
     "/{sweep_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # no content, no Content-Type (FastAPI names JSON)
     responses={
         **NOT_FOUND,
         409: {

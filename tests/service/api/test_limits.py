@@ -3,6 +3,7 @@ the queue cap, the page sizes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,3 +264,21 @@ def test_any_well_formed_cursor_is_a_position(limited_client: TestClient) -> Non
     assert [j["id"] for j in rest["jobs"]] == ids[:1] and rest["next"] is None
     # A cursor no page returned still names a place in the list: before everything here.
     assert limited_client.get(f"/jobs?cursor=1-{'f' * 32}").json()["jobs"] == []
+
+
+def test_a_compressed_body_is_415(limited_client: TestClient) -> None:
+    """No route decodes a body; each read the compressed bytes as the body itself."""
+    body = json.dumps({"epochs": 1}).encode()
+    sent = [
+        (gzip.compress(body), "gzip"),
+        (body, "br"),  # labelled, not compressed: taken as it was
+        (body, "identity, gzip"),
+    ]
+    for content, coding in sent:
+        headers = {"content-type": "application/json", "content-encoding": coding}
+        answer = limited_client.post("/jobs", content=content, headers=headers)
+        assert answer.status_code == 415, (coding, answer.text)
+        assert f"Content-Encoding {coding!r} is not accepted" in answer.json()["error"]["message"]
+    assert limited_client.get("/jobs").json()["jobs"] == []  # none was queued
+    plain = {"content-type": "application/json", "content-encoding": "identity"}
+    assert limited_client.post("/jobs", content=body, headers=plain).status_code == 202

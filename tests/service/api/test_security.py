@@ -369,3 +369,32 @@ def test_only_the_event_stream_may_carry_the_key_in_the_query() -> None:
         assert status("GET", query, path=path) == 401, path
         assert status("GET", b"access%5Ftoken=" + FULL_KEY.encode(), path=path) == 401, path
     assert all(b"access_token" not in q and b"5Ftoken" not in q.upper() for q in seen)
+
+
+def test_a_request_presenting_more_than_one_key_is_400() -> None:
+    """RFC 6750, section 2: one way, once. Which key counted was a matter of position (the
+    first header, the last parameter): a full key then a wrong one passed."""
+    guarded = ApiKeyMiddleware(ok, keys=KeyRing(FULL_KEY, READONLY_KEY), docs_public=True)
+    full, readonly = (f"Bearer {k}".encode() for k in (FULL_KEY, READONLY_KEY))
+    events = f"/jobs/{VALID_JOB_ID}/events"
+
+    def answer(path: str, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> Any:
+        scope = {"type": "http", "method": "GET", "path": path, "headers": headers}
+        return call(guarded, {**scope, "query_string": query})
+
+    twice = [
+        ("/jobs", [(b"authorization", full), (b"authorization", b"Bearer not-a-key")], b""),
+        ("/jobs", [(b"authorization", readonly), (b"authorization", full)], b""),
+        (events, [], f"access_token=x&access_token={FULL_KEY}".encode()),
+        (events, [(b"authorization", full)], f"access_token={FULL_KEY}".encode()),
+    ]
+    for path, headers, query in twice:
+        start, body = answer(path, headers, query)
+        assert start["status"] == 400, (path, headers, query)
+        assert b"more than one key" in body["body"]
+        assert (b"www-authenticate", b'Bearer realm="mnist", error="invalid_request"') in start[
+            "headers"
+        ]
+    # A public path reads no key: two are no reason to refuse it.
+    assert answer("/healthz", twice[0][1])[0]["status"] == 200
+    assert answer("/jobs", [(b"authorization", full)])[0]["status"] == 200

@@ -143,7 +143,8 @@ def test_cancel_then_delete(
     cancelled = client.post(f"/sweeps/{sweep['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert client.post(f"/sweeps/{sweep['id']}/cancel").status_code == 409
-    assert client.delete(f"/sweeps/{sweep['id']}").status_code == 204
+    deleted = client.delete(f"/sweeps/{sweep['id']}")
+    assert deleted.status_code == 204 and "content-type" not in deleted.headers
     assert client.get(f"/sweeps/{sweep['id']}").status_code == 404
     for trial in sweep["trials"]:
         assert client.get(f"/jobs/{trial['job_id']}").status_code == 404
