@@ -90,10 +90,10 @@ def is_event_stream(route: Route, scope: Scope) -> bool:
 
 async def read_cursor(scope: Scope) -> Cursor | None:
     """Where the stream starts, read as the route reads it; None when the route must judge the
-    request (an undeclared or repeated query parameter, an id it refuses)."""
+    request (an undeclared or repeated query parameter or id, an id it refuses)."""
     query = QUERY.read(scope.get("query_string", b""))
-    if query is None:
-        return None
+    if query is None or sum(k == b"last-event-id" for k, _ in scope["headers"]) > 1:
+        return None  # the route refuses a repeated id (single_last_event_id)
     given = header(scope, b"last-event-id")
     try:
         last_event_id = LAST_EVENT_ID.validate_python(

@@ -25,6 +25,7 @@ from starlette.types import Send
 from service.api.deps import JobIdPath, ReadSessionsDep, SettingsDep
 from service.api.openapi import error_response
 from service.domain import event_reads, events, stream_slots
+from service.errors import InvalidInput
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -81,6 +82,17 @@ class EventsQuery(BaseModel):
         pattern=events.EVENT_ID_PATTERN,
         description="The same as the Last-Event-ID header, for clients that cannot set it.",
     )
+
+
+def single_last_event_id(request: Request) -> None:
+    """422 for a ``Last-Event-ID`` given more than once (which one counted was a matter of
+    position), as for a query parameter given twice. The streams' lane leaves such a request
+    to the route."""
+    if len(request.headers.getlist("last-event-id")) > 1:
+        raise InvalidInput(
+            "header 'Last-Event-ID' is given more than once",
+            details=[{"loc": ["header", "last-event-id"], "msg": "given more than once"}],
+        )
 
 
 async def stream_start(
@@ -213,6 +225,7 @@ async def job_events(
     job_id: JobIdPath,
     sessions: ReadSessionsDep,
     settings: SettingsDep,
+    _once: Annotated[None, Depends(single_last_event_id)],
     cursor: Annotated[events.Cursor, Depends(stream_start)],
 ) -> Response:
     """Follow a job as it trains: events as they are recorded, until the job has ended."""

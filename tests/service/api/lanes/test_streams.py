@@ -100,10 +100,10 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
             True,
         ),
         (
-            "two headers: the first counts",
+            "two headers: 422 from the route",
             base,
-            [("last-event-id", middle), ("last-event-id", "x")],
-            True,
+            [("last-event-id", middle), ("last-event-id", middle)],
+            False,
         ),
         (
             "two headers, the first refused",
@@ -143,8 +143,12 @@ def test_the_lane_starts_what_the_route_starts_and_leaves_it_the_rest(
         statuses.add(by_route[0])
     assert differences == [], "\n".join(differences)
     assert {200, 204, 404, 422} <= statuses, statuses
-    # Other methods are the route's, and the lane never answers them.
-    for method in ("HEAD", "POST", "DELETE"):
+    twice = answer(apps[True], base, [("last-event-id", middle), ("last-event-id", "x")])
+    assert twice[0] == 422 and b"given more than once" in twice[2]
+    # A HEAD is the GET's, without its body; other methods are the route's, never the lane's.
+    heads = [apps[lanes].head(base) for lanes in (True, False)]
+    assert [h.status_code for h in heads] == [200, 200] and heads[0].content == b""
+    for method in ("POST", "DELETE"):
         before = lane.answered
         answers = [apps[lanes].request(method, base) for lanes in (True, False)]
         assert answers[0].status_code == answers[1].status_code == 405, method
