@@ -201,18 +201,14 @@ class EdgeProtocol(HttpToolsProtocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self.refuse(cause.error if isinstance(cause, Refused) else self._malformed())
-        except httptools.HttpParserUpgrade:  # as uvicorn's own protocol does
+        except httptools.HttpParserUpgrade as upgrade:  # as uvicorn's own protocol does
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+            elif rest := data[upgrade.args[0] :]:  # a plain request (ws="none"): the next one's
+                return self._feed(rest)
         except httptools.HttpParserError:
             self.refuse(self._malformed())
         return not self.refused
-
-    def _unsupported_upgrade_warning(self) -> None:
-        """An ``Upgrade`` (WebSocket, h2c) is served as the plain request it also is."""
-        log.debug("an Upgrade request answered as plain HTTP")
 
     def _malformed(self) -> ServiceError:
         log.warning("Invalid HTTP request received.")

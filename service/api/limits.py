@@ -47,6 +47,9 @@ def read_json(body: bytes) -> Any:
     refusals: a syntax error is its 422 (``json_invalid``, and where), any other failure its
     400, which :func:`unreadable_body` explains. For a route that reads its own body
     (``POST /predict``): its refusals are the other routes' to the byte."""
+    if not body:  # FastAPI reads none: a body its route requires is missing
+        missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+        raise RequestValidationError([missing])
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:

@@ -146,12 +146,15 @@ def _take_query_tokens(scope: Scope) -> list[bytes]:
 
 
 def request_token(scope: Scope) -> bytes | None:
-    """The key a request presents: its bearer header, or on ``GET /jobs/{id}/events`` only,
-    its ``access_token`` query parameter. A request that presents more than one (headers,
+    """The key a request presents: its bearer header, or on ``GET``/``HEAD /jobs/{id}/events``
+    only, its ``access_token`` query parameter. A request that presents more than one (headers,
     parameters, or both ways: RFC 6750, section 2) gets 400: which one counted was a matter of
     position (the first header, the last parameter)."""
-    query_tokens = _take_query_tokens(scope)
-    headers = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+    query_tokens = [token for token in _take_query_tokens(scope) if token]
+    if scope.get("method") not in ("GET", "HEAD") or not EVENTS_PATH.match(app_path(scope)):
+        query_tokens = []  # taken out of the query, and no key there
+    bearers = [bearer_token(v) for k, v in scope.get("headers", ()) if k == b"authorization"]
+    headers = [token for token in bearers if token is not None]  # a proxy's Basic is no key
     if len(headers) + len(query_tokens) > 1:
         raise BadRequest(
             "the request presents more than one key (Authorization headers or access_token "
@@ -159,10 +162,8 @@ def request_token(scope: Scope) -> bytes | None:
             headers=_challenge("invalid_request"),
         )
     if headers:
-        return bearer_token(headers[0])
-    if query_tokens and scope.get("method") == "GET" and EVENTS_PATH.match(app_path(scope)):
-        return query_tokens[0] or None
-    return None
+        return headers[0]
+    return query_tokens[0] if query_tokens else None
 
 
 def check(keys: KeyRing, needed: Access, token: bytes | None) -> ServiceError | None:

@@ -130,8 +130,9 @@ def count_jobs(session: Session, *, status: JobStatus) -> int:
 def count_queued_for_adding(session: Session) -> int:
     """How many jobs wait, counted by a transaction that will queue more: on PostgreSQL after a
     transaction-scoped lock that the next such count waits for (two that counted at once, under
-    READ COMMITTED, both passed the queue cap); on SQLite the write transaction holds the whole
-    database already."""
+    READ COMMITTED, both passed the queue cap; the count after the lock sees what the previous
+    holder committed only under READ COMMITTED, the write engine's level); on SQLite the write
+    transaction holds the whole database already."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
     return count_jobs(session, status=JobStatus.QUEUED)

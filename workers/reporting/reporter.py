@@ -169,7 +169,8 @@ class Reporter:
         if self._writing is not None and self._writing[0].done():
             self._settle()
             acted = True
-        due = self._clock() >= self._next_flush or self._states.ready or self._epoch_due
+        epoch_due = self._epoch_due and self._buffer.has_epochs  # not written by a flush since
+        due = self._clock() >= self._next_flush or self._states.ready or epoch_due
         if self._writing is None and due:
             self._write_behind()
             acted = True

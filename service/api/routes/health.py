@@ -9,7 +9,7 @@ from service.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-# HEAD answers as GET without the body; left out of the schema (the same operation again).
+# HEAD is the GET's without the body (asgi.HeadAsGet).
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Health:
     """The API process is up. Never touches the database (it answers through an outage),

@@ -19,9 +19,7 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger("service.ops")
 
 
-# HEAD (a load balancer's cheap probe) answers as GET without the body; left out of the
-# schema, where it would repeat GET's operation under the same id.
-@router.head("/readyz", include_in_schema=False)
+# HEAD (a load balancer's cheap probe) is the GET's without the body (asgi.HeadAsGet).
 @router.get(
     "/readyz",
     response_model=Readiness,

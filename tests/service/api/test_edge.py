@@ -315,6 +315,13 @@ def test_a_websocket_handshake_is_answered_as_the_plain_request_it_also_is(
     assert envelope(response)["code"] == "http_404"
     response, _ = exchange(small_server, get("/healthz", *upgrade))
     assert status_of(response) == 200, response
+    # A request pipelined behind a handshake (in the same read) is answered too.
+    kept = ["Upgrade: websocket", "Connection: Upgrade"]
+    both, _ = exchange(
+        small_server, get("/no-such-path", *kept) + get("/healthz", "Connection: close")
+    )
+    first, _, second = both.partition(b"HTTP/1.1 200 ")
+    assert status_of(first) == 404 and second, both
 
 
 def test_a_head_on_a_kept_alive_connection_sends_no_body(small_server: int) -> None:

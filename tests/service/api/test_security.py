@@ -398,3 +398,14 @@ def test_a_request_presenting_more_than_one_key_is_400() -> None:
     # A public path reads no key: two are no reason to refuse it.
     assert answer("/healthz", twice[0][1])[0]["status"] == 200
     assert answer("/jobs", [(b"authorization", full)])[0]["status"] == 200
+    # What is no key does not count: a proxy's Basic header beside the stream's parameter (a
+    # browser's EventSource behind HTTP auth), an empty parameter, one where none is read.
+    basic = [(b"authorization", b"Basic dXNlcjpwYXNz")]
+    assert answer(events, basic, f"access_token={FULL_KEY}".encode())[0]["status"] == 200
+    assert answer(events, [(b"authorization", full)], b"access_token=")[0]["status"] == 200
+    assert answer("/jobs", [(b"authorization", full)], b"access_token=x")[0]["status"] == 200
+    head = {"type": "http", "method": "HEAD", "path": events, "headers": []}
+    assert (
+        call(guarded, {**head, "query_string": f"access_token={FULL_KEY}".encode()})[0]["status"]
+        == 200
+    )  # a HEAD is the GET's (HeadAsGet sits inside this check)

@@ -174,7 +174,7 @@ def test_request_shapes_that_are_not_understood_are_4xx(client: TestClient, trai
 
 def test_pixels_are_read_as_every_json_body_is(client: TestClient, trained: str) -> None:
     """``POST /predict`` reads its own body; its JSON is read, and refused, as FastAPI reads
-    ``POST /jobs``'s (it was pydantic's own parser: UTF-16 and a BOM were "Invalid JSON")."""
+    ``POST /sweeps``'s (it was pydantic's own parser: UTF-16 and a BOM were "Invalid JSON")."""
     json_type = {"content-type": "application/json"}
     text = json.dumps({"pixels": [[0] * 28] * 28})
     utf8 = client.post("/predict", content=text.encode(), headers=json_type)
@@ -182,8 +182,8 @@ def test_pixels_are_read_as_every_json_body_is(client: TestClient, trained: str)
     for encoding in ("utf-8-sig", "utf-16", "utf-32"):
         other = client.post("/predict", content=text.encode(encoding), headers=json_type)
         assert (other.status_code, other.json()) == (200, utf8.json()), encoding
-    for broken in (b'{"pixels": [', b'{"pixels": "\\ud800', b"{pixels}"):
-        jobs = client.post("/jobs", content=broken, headers=json_type)
+    for broken in (b'{"pixels": [', b'{"pixels": "\\ud800', b"{pixels}", b""):
+        jobs = client.post("/sweeps", content=broken, headers=json_type)  # its body is required
         predict = client.post("/predict", content=broken, headers=json_type)
         assert jobs.status_code == predict.status_code == 422, (broken, predict.text)
         assert jobs.json()["error"] == predict.json()["error"], broken
