@@ -84,10 +84,10 @@ class EventsQuery(BaseModel):
     )
 
 
-def single_last_event_id(request: Request) -> None:
+async def single_last_event_id(request: Request) -> None:
     """422 for a ``Last-Event-ID`` given more than once (which one counted was a matter of
     position), as for a query parameter given twice. The streams' lane leaves such a request
-    to the route."""
+    to the route. Async: it only reads headers (no thread hand-off)."""
     if len(request.headers.getlist("last-event-id")) > 1:
         raise InvalidInput(
             "header 'Last-Event-ID' is given more than once",
