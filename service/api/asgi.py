@@ -183,14 +183,17 @@ class HeadAsGet:
         inner = {**scope, "method": "GET"}
         ended = False
 
+        def hand_out_route() -> None:
+            scope.update({k: inner[k] for k in ("route", "endpoint") if k in inner})
+
         async def head_only(message: Message) -> None:
             nonlocal ended
             if ended or message["type"] != "http.response.start":
                 return
-            scope.update({k: inner[k] for k in ("route", "endpoint") if k in inner})
+            hand_out_route()  # the latency is observed at the start
             await send(message)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ended = True
 
         await self.app(inner, receive, head_only)
-        scope.update({k: inner[k] for k in ("route", "endpoint") if k in inner})
+        hand_out_route()  # the count at the call's end, whether an answer started or not

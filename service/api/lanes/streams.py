@@ -33,6 +33,7 @@ from service.api.routes.events import (
     EventsQuery,
     LastEventIdHeader,
     open_stream,
+    repeats_last_event_id,
     stream_start,
 )
 from service.api.security import app_path
@@ -92,7 +93,7 @@ async def read_cursor(scope: Scope) -> Cursor | None:
     """Where the stream starts, read as the route reads it; None when the route must judge the
     request (an undeclared or repeated query parameter or id, an id it refuses)."""
     query = QUERY.read(scope.get("query_string", b""))
-    if query is None or sum(k == b"last-event-id" for k, _ in scope["headers"]) > 1:
+    if query is None or repeats_last_event_id(scope["headers"]):
         return None  # the route refuses a repeated id (single_last_event_id)
     given = header(scope, b"last-event-id")
     try:

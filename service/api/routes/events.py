@@ -10,7 +10,7 @@ comment line alone, which every client ignores, and a reconnection after the fin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from cachetools import TTLCache
@@ -84,11 +84,16 @@ class EventsQuery(BaseModel):
     )
 
 
+def repeats_last_event_id(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's raw headers give ``Last-Event-ID`` more than once."""
+    return sum(name == b"last-event-id" for name, _ in headers) > 1
+
+
 async def single_last_event_id(request: Request) -> None:
     """422 for a ``Last-Event-ID`` given more than once (which one counted was a matter of
     position), as for a query parameter given twice. The streams' lane leaves such a request
     to the route. Async: it only reads headers (no thread hand-off)."""
-    if len(request.headers.getlist("last-event-id")) > 1:
+    if repeats_last_event_id(request.headers.raw):
         raise InvalidInput(
             "header 'Last-Event-ID' is given more than once",
             details=[{"loc": ["header", "last-event-id"], "msg": "given more than once"}],
