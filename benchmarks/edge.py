@@ -1,4 +1,4 @@
-"""The HTTP edge: what service/api/edge.py costs per request, and what it saves.
+"""The HTTP edge: what service/api/edge/protocol.py costs per request, and what it saves.
 
 Two servers of the same service in the same run: ``python -m service`` (the edge's protocol)
 and :mod:`benchmarks.plain_uvicorn` (the same, on uvicorn's own httptools protocol). wrk loads

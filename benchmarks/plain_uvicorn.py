@@ -1,7 +1,7 @@
 """``python -m benchmarks.plain_uvicorn``: ``python -m service`` on uvicorn's own httptools
-protocol, without the service's edge (service/api/edge.py): the baseline the edge is measured
-against. Everything else (settings, app, logging, descriptor limit, the quiet server) is the
-service's."""
+protocol, without the service's edge (service/api/edge/protocol.py): the baseline the edge is
+measured against. Everything else (settings, app, logging, descriptor limit, the quiet server)
+is the service's."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from uvicorn import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import __main__ as service_main
-from service.api import server
+from service.api.edge import server
 
 _serve = server.serve
 
 
 class PlainProtocol(HttpToolsProtocol):
     """uvicorn's protocol, with the ``Date`` header the quiet server leaves to the protocol
-    (:func:`service.api.server.fresh_headers`, as the edge calls it)."""
+    (:func:`service.api.edge.server.fresh_headers`, as the edge calls it)."""
 
     def data_received(self, data: bytes) -> None:
         """The Date of what this may answer, then uvicorn's own parsing."""

@@ -9,9 +9,9 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import server
 from service.api.app import create_app
-from service.api.edge import EdgeProtocol
+from service.api.edge import server
+from service.api.edge.protocol import EdgeProtocol
 from service.api.metrics import shared_counts
 from service.api.security import exposure_problem
 from service.logs import configure_logging
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             log_config=None,
             log_level=settings.log_level.lower(),
             server_header=False,  # no need to tell every client which server version to probe
-            # The limits at the edge (service/api/edge.py): header block, deadlines, connections.
+            # The edge's limits (service/api/edge/): header block, deadlines, connections.
             http=EdgeProtocol,
             ws="none",  # no WebSocket routes: a handshake is an HTTP request like any other
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]

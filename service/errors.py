@@ -126,6 +126,14 @@ class HeaderTooLarge(ServiceError):
     code = "header_too_large"
 
 
+class NotImplementedHere(ServiceError):
+    """The request asks for what this server does not do: a method it does not know, or a
+    transfer coding other than chunked (RFC 9110, section 15.6.2)."""
+
+    status_code = 501
+    code = "not_implemented"
+
+
 class AtCapacity(ServiceError):
     """The server holds as many connections or streams as it accepts; give ``retry_after_s``."""
 

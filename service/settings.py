@@ -168,8 +168,8 @@ class Settings(BaseSettings):
         description=(
             "Answer plain predictions, metrics polls and job polls, and start event streams, in "
             "plain ASGI ahead of FastAPI (service/api/lanes/), and on SQLite let the HTTP "
-            "protocol answer job and metrics polls itself (service/api/quick.py); false leaves "
-            "every request to the routes."
+            "protocol answer job and metrics polls itself (service/api/edge/quick.py); false "
+            "leaves every request to the routes."
         ),
     )
     ready_write_probe_s: float = Field(
@@ -260,7 +260,7 @@ class Settings(BaseSettings):
         "older than this many days; aliased models are kept. Unset: keep everything.",
     )
 
-    # The HTTP edge (service/api/edge.py): what uvicorn's protocol enforces before the app.
+    # The HTTP edge (service/api/edge/protocol.py): what uvicorn's protocol enforces before the app.
     max_header_bytes: int = Field(
         default=32 * 1024,
         ge=1024,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from service.api.server import TICK_S
+from service.api.edge.server import TICK_S
 from tests.support import api_process, children_of, local_env, process, wait_for, wakes_over
 
 WINDOW_S = 4.0

@@ -33,12 +33,12 @@ from service.api.asgi import (
     request_id,
 )
 from service.api.deps import forbid_unknown_query
+from service.api.edge.quick import QuickAnswers
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.lanes.streams import StreamLane, is_event_stream
 from service.api.limits import BodyLimitMiddleware, unreadable_body
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.api.quick import QuickAnswers
 from service.api.routes import (
     dashboard,
     events,
@@ -189,8 +189,8 @@ class ServiceApp(FastAPI):
     """
 
     edge: ASGIApp | None = None
-    quick: QuickAnswers | None = None  # answers the edge protocol gives (service/api/quick.py)
-    # Whether a request (its scope) is for an event stream (service/api/edge.py).
+    quick: QuickAnswers | None = None  # answers the edge protocol gives (service/api/edge/quick.py)
+    # Whether a request (its scope) is for an event stream (service/api/edge/protocol.py).
     is_event_stream: Callable[[Scope], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

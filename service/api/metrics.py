@@ -252,7 +252,7 @@ class RequestMetricsMiddleware:
 
     def answered(self, scope: Scope, status: int, started: float) -> None:
         """Count a request answered whole without passing through the middleware (the edge's
-        quick answers, :mod:`service.api.quick`), timed from ``started`` (``perf_counter``)."""
+        quick answers, :mod:`service.api.edge.quick`), timed from ``started`` (``perf_counter``)."""
         self._latency_of(scope).observe(time.perf_counter() - started)
         self._count(scope, status)
 

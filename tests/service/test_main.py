@@ -24,7 +24,7 @@ def test_the_api_serves_from_several_processes(sqlite_url: str, tmp_path: Path) 
         # Any process answers: they share the database, not memory.
         for _ in range(4):
             assert client.get(created.headers["location"]).json()["id"] == created.json()["id"]
-        # Each process has the edge's limits (service/api/edge.py), not uvicorn's bare protocol.
+        # Each process has the edge's limits (service/api/edge/), not uvicorn's bare protocol.
         assert client.get("/healthz", headers={"X-Big": "b" * 40_000}).status_code == 431
     text = log.read_text()
     assert text.count("Started server process") >= 2, text

@@ -25,7 +25,7 @@ On SQLite a poll's answer is kept until the database changes (:meth:`PollReads.a
 a chart's pollers ask for the same steps again and again between two of the worker's flushes,
 and SQLite says exactly when any connection has committed since (``PRAGMA data_version``), so
 a kept answer is the answer a read would give, for one statement instead of a transaction of
-three. The edge protocol answers such polls itself (:mod:`service.api.quick`).
+three. The edge protocol answers such polls itself (:mod:`service.api.edge.quick`).
 
 The routes (:mod:`service.api.routes.jobs`) stay the reference, and the lane re-states none of
 their rules: it matches the path with each route's own pattern, checks the job id with the type

@@ -251,7 +251,7 @@ def test_without_the_lanes_every_stream_is_the_routes(settings: Settings) -> Non
 
 @pytest.mark.parametrize("lanes", [True, False])
 def test_the_app_says_which_requests_are_event_streams(settings: Settings, lanes: bool) -> None:
-    """What the edge ends at a client's end of data (service/api/edge.py), as the router
+    """What the edge ends at a client's end of data (service/api/edge/protocol.py), as the router
     matches: the path inside the app, under a root path too, and only a GET of a valid id."""
     app = create_app(settings.model_copy(update={"fast_lanes": lanes}))
     assert isinstance(app, ServiceApp) and app.is_event_stream is not None

@@ -1,4 +1,4 @@
-"""What the edge asks of a connection's socket (service/api/server.py)."""
+"""What the edge asks of a connection's socket (service/api/edge/server.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Any
 
-from service.api.server import SendDeadline, unsent_bytes
+from service.api.edge.server import SendDeadline, unsent_bytes
 from tests.support import wait_for, wait_until
 
 
@@ -32,7 +32,7 @@ class Unsent(asyncio.WriteTransport):
 
 def test_what_a_client_has_yet_to_take_counts_the_sockets_queue() -> None:
     """A slow reader empties the kernel's send queue before asyncio's buffer moves: the send
-    deadline (service/api/edge.py) sees the reader's progress there."""
+    deadline (service/api/edge/protocol.py) sees the reader's progress there."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -5,15 +5,16 @@ header every tenth time. On a host where an idle process's memory goes cold, eac
 cost milliseconds of CPU: an idle API took 1.7–4.4% of a core where the goal is 1%
 (docs/benchmarks.md, Time to result). :class:`QuietServer` is the same server whose main loop
 sleeps until it is asked to exit; the header is refreshed as requests come instead
-(:func:`fresh_headers`, called by the service's protocol, :mod:`service.api.edge`, and by the
-benchmarks' baseline protocol). With several
-processes, uvicorn's own supervisor runs :class:`QuietProcess` children, which serve with it;
-the supervisor still pings each child every 0.5 s, as uvicorn does.
+(:func:`fresh_headers`, called by the service's protocol, :mod:`.protocol`, and by the
+benchmarks' baseline protocol). With several processes, uvicorn's own supervisor runs
+:class:`QuietProcess` children, which serve with it; the supervisor still pings each child
+every 0.5 s, as uvicorn does.
 
 How many client connections a process accepts is worked out here too:
 ``MNIST_MAX_CONNECTIONS``, under the process's descriptor limit (the edge refuses beyond it);
 and what the edge needs of a connection below HTTP: its own answers' bytes, what its client
-has yet to take, and the deadline for taking it (:class:`SendDeadline`).
+has yet to take, and the deadline for taking it (:class:`SendDeadline`); the framing of an
+answer to an HTTP/1.0 client (:func:`close_delimited`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import weakref
 from email.utils import formatdate
 from functools import lru_cache
 
+from starlette.types import Message, Send
 from uvicorn.config import STARTUP_FAILURE, Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 from uvicorn.server import Server, ServerState
 from uvicorn.supervisors import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess
@@ -184,6 +186,28 @@ def error_response(error: ServiceError, default_headers: list[tuple[bytes, bytes
     ]
     lines.extend(name + b": " + value + b"\r\n" for name, value in headers)
     return b"".join([*lines, b"\r\n", body])
+
+
+def close_delimited(cycle: RequestResponseCycle, send: Send) -> Send:
+    """``send`` of ``cycle``, for an HTTP/1.0 client: an answer without a length (an event
+    stream) ends with the connection (RFC 9112, section 6.3), where uvicorn chunks it, which
+    must not be sent to a 1.0 client (section 6.1) and which a strict one or its proxy would
+    hand on as the body. uvicorn closes a 1.0 connection after each answer already."""
+    delimited = False
+
+    async def framed(message: Message) -> None:
+        nonlocal delimited
+        if message["type"] == "http.response.start":
+            named = {name.lower() for name, _ in message.get("headers", ())}
+            if not named & {b"content-length", b"transfer-encoding"}:
+                delimited = True
+                cycle.chunked_encoding = False  # uvicorn's own length check, made moot
+                cycle.expected_content_length = sys.maxsize
+        elif delimited and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # the last: all of it
+        await send(message)
+
+    return framed
 
 
 def unsent_bytes(transport: asyncio.WriteTransport) -> int:

@@ -16,26 +16,21 @@ Rather than another server (and another deployment, process model and metrics sh
   to the end of its headers, and a body deadline, the longest silence while a body is read
   (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
   408, or a plain close for a connection that never sent a byte;
-- a send deadline (:class:`~service.api.server.SendDeadline`): a client that takes none of
+- a send deadline (:class:`~service.api.edge.server.SendDeadline`): a client that takes none of
   its answer for ``send_timeout_s`` while some of it waits to be sent is reset (its app task,
   the answer's buffer and its place among the capped connections were held for good);
 - a cap on open connections per process, checked as a connection is accepted: beyond it 503
   with ``Retry-After``, before a byte is parsed;
-- the service's JSON envelope on the protocol's own answers (400 for a malformed request, or
-  an HTTP/1.1 one without its one ``Host``, too); an ``Upgrade`` is a plain request.
+- the service's JSON envelope on the protocol's own answers (400 for a malformed request,
+  and the refusals of a request's head, :mod:`.heads`); an ``Upgrade`` is a plain request;
+- an answer of no length to an HTTP/1.0 client ended by the close, not chunked;
+- a client's half-close taken as the end of its requests, not as its leaving
+  (:meth:`EdgeProtocol.eof_received`).
 
 A refused connection is answered, then half-closed: what the client still sends is read and
 dropped for a moment (closing with unread data would reset the connection, and the client
 could lose the answer), then closed. Requests pipelined before the refused one are answered
 first, in order, as a client pairs answers with its requests.
-
-A client's half-close (as conformance probes and some command-line clients do after their
-requests) is not a disconnect (RFC 9112, section 9.6): the requests read whole are answered,
-in order, then the connection is closed (uvicorn closed it at once, losing every answer not
-yet written in full); a request the end of data cut short is answered nothing. A connection
-holding an event stream (running, or waiting its turn) ends there: a browser closing a stream
-sends the same, and the stream would hold its capped place until its next write. That bound
-remains for a request pipelined behind a running stream: uvicorn stops reading then.
 """
 
 from __future__ import annotations
@@ -47,13 +42,20 @@ from typing import Any, cast
 
 import httptools
 from starlette.types import Scope
-from uvicorn._types import ASGI3Application
+from uvicorn._types import ASGI3Application as ASGI3App
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from service.api.quick import behind_proxies, front_of, send_whole
-from service.api.server import SendDeadline, error_response, fresh_headers, process_limits
+from service.api.edge import heads
+from service.api.edge.quick import behind_proxies, front_of, send_whole
+from service.api.edge.server import (
+    SendDeadline,
+    close_delimited,
+    error_response,
+    fresh_headers,
+    process_limits,
+)
 from service.errors import (
     AtCapacity,
     BadRequest,
@@ -70,14 +72,6 @@ AT_CAPACITY = "the server has as many connections open as it accepts; retry shor
 LINGER_S = 1.0  # how long a refused connection's further bytes are read and dropped
 
 HEAD, BODY = 0, 1  # what the parser reads now: a header block (or nothing yet), or a body
-
-
-class Refused(Exception):
-    """Raised from a parser callback to stop parsing and answer ``error``."""
-
-    def __init__(self, error: ServiceError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -101,7 +95,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.sending = SendDeadline(self.loop, self.settings.send_timeout_s)
         self.refused = False
         self.owed: ServiceError | None = None  # a refusal waiting for earlier answers
-        self.front = front_of(self.app)  # the app's quick answers (service/api/quick.py)
+        self.front = front_of(self.app)  # the app's quick answers (service/api/edge/quick.py)
         self.answering = False  # while a quick answer is being given
         self.read_closed = False  # the client half-closed: it sends nothing more
         # The request whose app task started last: uvicorn tells only the latest one read
@@ -133,8 +127,15 @@ class EdgeProtocol(HttpToolsProtocol):
             running.message_event.set()
 
     def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's signature
-        """The client sends nothing more (a half-close): answer what was read whole, in order,
-        then close (see the module's docstring). True keeps the connection open for that."""
+        """The client sends nothing more (a half-close, as conformance probes and some
+        command-line clients send after their requests), which is not a disconnect (RFC 9112,
+        section 9.6): the requests read whole are answered, in order, then the connection is
+        closed (uvicorn closed it at once, losing every answer not yet written in full); a
+        request the end of data cut short is answered nothing. True keeps the connection open
+        for that. A connection holding an event stream (running, or waiting its turn) ends
+        here: a browser closing a stream sends the same, and the stream would hold its capped
+        place until its next write. That bound remains for a request pipelined behind a
+        running stream: uvicorn stops reading then."""
         self.read_closed = True
         self._disarm()  # no byte can arrive now: the header and body deadlines are moot
         if self.refused and self.owed is None:
@@ -143,7 +144,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete:
             return None  # nothing owed (a header block cut short gets nothing): close now
         if self._holds_event_stream():
-            return None  # the client is taken to have left (see the module's docstring)
+            return None  # the client is taken to have left (above)
         if self.phase == BODY and not self.refused:  # its body can never be whole
             if self.pipeline and self.pipeline[0][0] is cycle:  # while it waits: never to run
                 self.pipeline.popleft()
@@ -200,19 +201,18 @@ class EdgeProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self.refuse(cause.error if isinstance(cause, Refused) else self._malformed())
+            self.refuse(cause.error if isinstance(cause, heads.Refused) else heads.malformed(b""))
         except httptools.HttpParserUpgrade as upgrade:  # as uvicorn's own protocol does
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             elif rest := data[upgrade.args[0] :]:  # a plain request (ws="none"): the next one's
                 return self._feed(rest)
-        except httptools.HttpParserError:
-            self.refuse(self._malformed())
+        except httptools.HttpParserError as exc:
+            # Its request line can be told where the refused request began this read.
+            began = self.phase == HEAD and self.head_bytes == len(data)
+            method = began and isinstance(exc, httptools.HttpParserInvalidMethodError)
+            self.refuse(heads.malformed(data if method else b""))
         return not self.refused
-
-    def _malformed(self) -> ServiceError:
-        log.warning("Invalid HTTP request received.")
-        return BadRequest("the request is not valid HTTP/1.1")
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's own 400, in the service's envelope."""
@@ -225,16 +225,15 @@ class EdgeProtocol(HttpToolsProtocol):
         self.url_bytes += len(url)
         if self.url_bytes > self.settings.max_request_line_bytes:
             limit = self.settings.max_request_line_bytes
-            raise Refused(UriTooLong(f"the request target is longer than {limit} bytes"))
+            raise heads.Refused(UriTooLong(f"the request target is longer than {limit} bytes"))
         super().on_url(url)
 
     def on_headers_complete(self) -> None:
-        """The header deadline is met; the body's (if any) begins. An HTTP/1.1 request names
-        its host once (RFC 9112, section 3.2: 400 otherwise)."""
+        """The header deadline is met; the body's (if any) begins, unless the head is refused
+        (:mod:`.heads`)."""
         self._disarm()
-        hosts = sum(name == b"host" for name, _ in self.headers)
-        if hosts != 1 and (hosts or self.parser.get_http_version() == "1.1"):
-            raise Refused(BadRequest("a request names one Host at most, an HTTP/1.1 one exactly"))
+        if error := heads.refusal(self.headers, self.parser.get_http_version()):
+            raise heads.Refused(error)
         self.phase = BODY
         super().on_headers_complete()
 
@@ -247,8 +246,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- answering --------------------------------------------------------------------------
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        """Answer here what the app answers at once (:mod:`service.api.quick`); start the app's
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3App) -> None:
+        """Answer here what the app answers at once (:mod:`service.api.edge.quick`); start the app's
         task for anything else. A request starts here as it is parsed, or as the previous
         response ends (pipelined). What was pipelined after a response that closed the
         connection is dropped, as uvicorn drops it; a keep-alive timer a quick answer armed in
@@ -274,11 +273,16 @@ class EdgeProtocol(HttpToolsProtocol):
             finally:
                 self.answering = False
         self.running = cycle
-        super()._start_asgi_task(cycle, partial(self._watched, app))
+        super()._start_asgi_task(cycle, partial(self._watched, app, cycle))
 
-    async def _watched(self, app: ASGI3Application, scope: Any, receive: Any, send: Any) -> None:
-        """The app; where it fails mid-answer, uvicorn closes the connection, and a close waits
-        for what was written to be sent: the send deadline watches that."""
+    async def _watched(
+        self, app: ASGI3App, cycle: RequestResponseCycle, scope: Any, receive: Any, send: Any
+    ) -> None:
+        """The app, its answers framed for the client's version; where it fails mid-answer,
+        uvicorn closes the connection, and a close waits for what was written to be sent: the
+        send deadline watches that."""
+        if scope["http_version"] == "1.0":
+            send = close_delimited(cycle, send)
         try:
             await app(scope, receive, send)
         except BaseException:

@@ -1,4 +1,4 @@
-"""The edge's send deadline on a connection whose client takes nothing (service/api/edge.py).
+"""The edge's send deadline on a connection whose client takes nothing (the edge protocol).
 
 A transport that keeps every byte written, as a client that never reads leaves them: where an
 answer's last bytes sit below asyncio's high-water mark, no write ever waits, and a close would
@@ -17,8 +17,8 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
-from service.api import edge
-from service.api.edge import EdgeProtocol
+from service.api.edge import protocol as edge
+from service.api.edge.protocol import EdgeProtocol
 from service.settings import Settings
 from tests.support import wait_until
 

@@ -26,7 +26,7 @@ import pytest
 
 from benchmarks.stalls import reap, stalled
 from service.api.dashboard import PLOTLY_FILE, plotly_js
-from service.api.server import FD_HEADROOM, connection_cap
+from service.api.edge.server import FD_HEADROOM, connection_cap
 from service.settings import Settings
 from tests.support import api_process, free_port, process, service_env, wait_for
 
@@ -322,6 +322,99 @@ def test_a_websocket_handshake_is_answered_as_the_plain_request_it_also_is(
     )
     first, _, second = both.partition(b"HTTP/1.1 200 ")
     assert status_of(first) == 404 and second, both
+
+
+def posted_job(version: str, *headers: str) -> bytes:
+    """``POST /jobs`` of ``{}`` in one chunk, with ``headers`` (a ``Transfer-Encoding``)."""
+    head = [f"POST /jobs HTTP/{version}", "Host: x", "Content-Type: application/json", *headers]
+    return "\r\n".join([*head, "", "2", "{}", "0", "", ""]).encode()
+
+
+def test_a_transfer_coding_but_chunked_gets_501_and_none_in_http_10_400(
+    small_server: int,
+) -> None:
+    """llhttp reads ``gzip, chunked`` as chunked, and the app would take the compressed body
+    for the plain one (RFC 9112, section 6.1: 501); an HTTP/1.0 message with a transfer coding
+    has faulty framing (400). Nothing is created."""
+    url = f"http://127.0.0.1:{small_server}/jobs"
+    before = httpx.get(url).json()
+    for codings in (["gzip, chunked"], ["br", "chunked"]):
+        headers = [f"Transfer-Encoding: {coding}" for coding in codings]
+        response, _ = exchange(small_server, posted_job("1.1", *headers))
+        assert status_of(response) == 501, (codings, response)
+        assert envelope(response)["code"] == "not_implemented"
+    response, _ = exchange(small_server, posted_job("1.0", "Transfer-Encoding: chunked"))
+    assert status_of(response) == 400, response
+    assert "Transfer-Encoding" in envelope(response)["message"]
+    assert httpx.get(url).json() == before
+    # chunked alone is read as ever
+    chunked = posted_job("1.1", "Transfer-Encoding: chunked", "Connection: close")
+    response, _ = exchange(small_server, chunked)
+    assert status_of(response) == 202, response
+    created = json.loads(response.partition(b"\r\n\r\n")[2])["id"]
+    assert httpx.post(f"{url}/{created}/cancel").status_code == 200
+
+
+def test_a_method_the_parser_does_not_know_gets_501(small_server: int) -> None:
+    """RFC 9110, section 9.1: 501 for a method not implemented; bytes that are no request line
+    (a TLS handshake to the plain port) stay a 400, and a method llhttp knows but no route
+    takes is the app's 405."""
+    for method in (b"FOO", b"get", b"BREW"):
+        response, _ = exchange(small_server, method + b" /jobs HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(response) == 501, (method, response)
+        assert (
+            envelope(response)["message"]
+            == f"the method {method.decode()!r} is not implemented here"
+        )
+    tls_hello = bytes.fromhex("160301020001000001fc0303") + bytes(32)
+    response, _ = exchange(small_server, tls_hello)
+    assert status_of(response) == 400 and envelope(response)["code"] == "bad_request", response
+    response, _ = exchange(small_server, b"PROPFIND /jobs HTTP/1.0\r\n\r\n")
+    assert status_of(response) == 405, response
+
+
+def dechunked(body: bytes) -> bytes:
+    """A chunked body's content, to its last chunk (which must be there)."""
+    content = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        if int(size, 16) == 0:
+            assert body == b"\r\n", body
+            return content
+        content, body = content + body[: int(size, 16)], body[int(size, 16) + 2 :]
+
+
+def test_an_event_stream_to_an_http_10_client_ends_with_the_connection(
+    small_server: int,
+) -> None:
+    """RFC 9112, section 6.1: no chunked answer to an HTTP/1.0 client (uvicorn chunked it); an
+    answer of no length ends with the connection (section 6.3). The same events as HTTP/1.1's,
+    a stream that ends (a canceled job's) and one that goes on (a queued job's) alike."""
+    url = f"http://127.0.0.1:{small_server}/jobs"
+    ended = httpx.post(url, json={"epochs": 1}).json()["id"]
+    assert httpx.post(f"{url}/{ended}/cancel").status_code == 200
+    events = f"/jobs/{ended}/events"
+    old, _ = exchange(small_server, f"GET {events} HTTP/1.0\r\n\r\n".encode())
+    new, _ = exchange(small_server, get(events, "Connection: close"))
+    old_head, _, old_body = old.partition(b"\r\n\r\n")
+    new_head, _, new_body = new.partition(b"\r\n\r\n")
+    assert status_of(old) == status_of(new) == 200, (old, new)
+    assert (
+        b"transfer-encoding" not in old_head.lower() and b"content-length" not in old_head.lower()
+    )
+    assert b"transfer-encoding: chunked" in new_head.lower(), new_head
+    assert old_body == dechunked(new_body) and b'"status":"cancelled"' in old_body, old_body
+
+    queued = httpx.post(url, json={"epochs": 1}).json()["id"]  # no worker: it goes on
+    with socket.create_connection(("127.0.0.1", small_server), timeout=10) as sock:
+        sock.sendall(f"GET /jobs/{queued}/events HTTP/1.0\r\n\r\n".encode())
+        received = b""
+        while b"\n\n" not in received.partition(b"\r\n\r\n")[2]:
+            received += sock.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower(), head
+        assert body.startswith(b"event: status\ndata: {"), body
+    assert httpx.post(f"{url}/{queued}/cancel").status_code == 200
 
 
 def test_a_head_on_a_kept_alive_connection_sends_no_body(small_server: int) -> None:

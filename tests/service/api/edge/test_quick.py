@@ -26,10 +26,10 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api import quick
 from service.api.app import create_app
-from service.api.edge import EdgeProtocol
-from service.api.quick import QuickAnswers
+from service.api.edge import quick
+from service.api.edge.protocol import EdgeProtocol
+from service.api.edge.quick import QuickAnswers
 from service.schemas import JobCreate
 from service.status import JobStatus
 from tests.records import FakeTraining

@@ -1,0 +1,58 @@
+"""What the edge refuses in a request's head before the app sees it, by the HTTP/1.1 rules
+that neither llhttp nor uvicorn applies: one ``Host`` (RFC 9112, section 3.2), no transfer
+coding but chunked, and none in HTTP/1.0 (section 6.1); and 501 rather than 400 for a method
+llhttp does not know (RFC 9110, section 9.1)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from service.errors import BadRequest, NotImplementedHere, ServiceError
+
+log = logging.getLogger("service.edge")
+
+# A request line whose method is a token: one llhttp does not know is a method not implemented
+# here, where other bytes (a TLS handshake sent to the plain port, say) are no HTTP at all.
+REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
+NO_CODING = (b"", b"chunked")  # the transfer codings read: chunked (an empty one is no coding)
+
+
+class Refused(Exception):
+    """Raised from a parser callback to stop parsing and answer ``error``."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def refusal(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> ServiceError | None:
+    """What a request of ``headers`` (names lowercased, as uvicorn keeps them) is refused
+    with, if anything: 400 where an HTTP/1.1 request names no ``Host`` or any names two, or an
+    HTTP/1.0 one has a ``Transfer-Encoding`` (its framing is then faulty: section 6.1); 501 for
+    a transfer coding but chunked, which llhttp reads as chunked all the same (``gzip,
+    chunked``), so the app would take a compressed body for the plain one."""
+    hosts = 0
+    for name, value in headers:
+        hosts += name == b"host"
+        if name != b"transfer-encoding":
+            continue
+        if http_version == "1.0":
+            return BadRequest("an HTTP/1.0 request has no Transfer-Encoding: send its length")
+        if other := [c.strip() for c in value.lower().split(b",") if c.strip() not in NO_CODING]:
+            coding = other[0].decode("latin-1")
+            return NotImplementedHere(f"the transfer coding {coding!r} is not read here")
+    if hosts > 1 or (hosts == 0 and http_version == "1.1"):
+        return BadRequest("a request names one Host at most, an HTTP/1.1 one exactly")
+    return None
+
+
+def malformed(request: bytes) -> ServiceError:
+    """What bytes llhttp refused are answered: 501 where ``request`` (given where they are
+    known to begin a request refused for its method) begins with a request line, 400 else."""
+    if line := REQUEST_LINE.match(request):
+        method = line.group(1).decode("ascii")
+        return NotImplementedHere(f"the method {method!r} is not implemented here")
+    log.warning("Invalid HTTP request received.")
+    return BadRequest("the request is not valid HTTP/1.1")

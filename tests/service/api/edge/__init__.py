@@ -1,0 +1,1 @@
+"""tests/service/api/edge."""
