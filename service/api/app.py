@@ -34,10 +34,11 @@ from service.api.asgi import (
 )
 from service.api.deps import forbid_unknown_query
 from service.api.edge.quick import QuickAnswers
+from service.api.json_bodies import unreadable_body
 from service.api.lanes.polls import PollLane, PollReads
 from service.api.lanes.predict import PREDICT_PATH, PredictLane
 from service.api.lanes.streams import StreamLane, is_event_stream
-from service.api.limits import BodyLimitMiddleware, unreadable_body
+from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.api.routes import (
     dashboard,

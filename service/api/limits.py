@@ -1,5 +1,5 @@
-"""How much a client may send: the body cap and the multipart limits, enforced as bytes arrive;
-and how a JSON body is read (:func:`read_json`), by every route that takes one.
+"""How much a client may send: the body cap and the multipart limits, enforced as bytes arrive
+(how a JSON body is read is :mod:`service.api.json_bodies`).
 
 ``BodyLimitMiddleware`` counts the body as it streams in, whatever ``Content-Length`` says
 (and for chunked uploads, which have none): a declared length over the cap is refused before
@@ -23,40 +23,17 @@ of a small form (:meth:`MultipartGuard.collect`) instead of parsing the body a s
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
-from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, parse_options_header
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.asgi import header, send_error
 from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 MULTIPART_GUARD_SCOPE_KEY = "mnist.multipart_guard"
-UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's words; explained below
-
-
-def read_json(body: bytes) -> Any:
-    """``body`` read as FastAPI reads a route's JSON body (Starlette's ``json.loads``), with its
-    refusals: a syntax error is its 422 (``json_invalid``, and where), any other failure its
-    400, which :func:`unreadable_body` explains. For a route that reads its own body
-    (``POST /predict``): its refusals are the other routes' to the byte."""
-    if not body:  # FastAPI reads none: a body its route requires is missing
-        missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
-        raise RequestValidationError([missing])
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError as exc:
-        at = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
-        raise RequestValidationError([{**at, "input": {}, "ctx": {"error": exc.msg}}]) from exc
-    except (ValueError, RecursionError) as exc:
-        raise HTTPException(400, UNPARSED_BODY) from exc
 
 
 def _check_not_encoded(scope: Scope) -> None:
@@ -69,20 +46,6 @@ def _check_not_encoded(scope: Scope) -> None:
             raise UnsupportedMediaType(
                 f"bodies are read as sent: Content-Encoding {coding!r} is not accepted"
             )
-
-
-def unreadable_body(exc: BaseException | None) -> str | None:
-    """What FastAPI's "There was an error parsing the body" (a 400 for a JSON body that
-    ``json.loads`` fails on other than by syntax) was, in our words; None for any other 400."""
-    if isinstance(exc, UnicodeDecodeError):
-        return "the JSON body is not UTF-8 text"
-    if isinstance(exc, RecursionError):
-        return "the JSON body nests too deeply to read"
-    if isinstance(exc, ValueError) and "digits" in str(exc):
-        return f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits"
-    if isinstance(exc, ValueError):
-        return "the body could not be read as JSON"
-    return None
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from service.api.deps import (
     SettingsDep,
     WriteSessionDep,
 )
+from service.api.json_bodies import JsonBodyRoute
 from service.domain import deletion, jobs
 from service.errors import NotFound
 from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
@@ -27,7 +28,7 @@ from service.serving.predictor import Predictor
 from service.status import JobStatus
 from service.store.tables import MAX_INTEGER
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonBodyRoute)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorEnvelope, "description": "No job with this id."}

@@ -18,6 +18,7 @@ from service.api.deps import (
     SettingsDep,
     WriteSessionDep,
 )
+from service.api.json_bodies import JsonBodyRoute
 from service.schemas import (
     ALIAS_PATTERN,
     AliasList,
@@ -29,7 +30,7 @@ from service.schemas import (
 )
 from service.serving import registry as model_registry
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=JsonBodyRoute)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorEnvelope, "description": "No such model or alias."}

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.api.deps import PredictorDep, SettingsDep
-from service.api.limits import read_json
+from service.api.json_bodies import read_json
 from service.clock import JOB_ID_PATTERN
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import NUM_CLASSES

@@ -15,6 +15,7 @@ from service.api.deps import (
     SettingsDep,
     WriteSessionDep,
 )
+from service.api.json_bodies import JsonBodyRoute
 from service.api.routes.jobs import forget_models
 from service.clock import JOB_ID_PATTERN
 from service.domain import sweeps
@@ -22,7 +23,7 @@ from service.schemas import ErrorEnvelope
 from service.schemas.sweeps import SweepCreate, SweepList, SweepRead
 from service.status import SweepStatus
 
-router = APIRouter(prefix="/sweeps", tags=["sweeps"])
+router = APIRouter(prefix="/sweeps", tags=["sweeps"], route_class=JsonBodyRoute)
 
 SweepIdPath = Annotated[
     str, Path(pattern=JOB_ID_PATTERN, description="A sweep id: 32 lowercase hex digits.")
