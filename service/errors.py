@@ -134,6 +134,13 @@ class NotImplementedHere(ServiceError):
     code = "not_implemented"
 
 
+class VersionNotSupported(ServiceError):
+    """The request's HTTP version is not served (RFC 9110, section 15.6.6)."""
+
+    status_code = 505
+    code = "version_not_supported"
+
+
 class AtCapacity(ServiceError):
     """The server holds as many connections or streams as it accepts; give ``retry_after_s``."""
 

@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's words, explained below
+KEY_SHOWN = 64  # the characters of a repeated key an answer repeats (a key may be megabytes)
 
 
 class RepeatedKey(ValueError):
@@ -68,7 +69,8 @@ def unreadable_body(exc: BaseException | None) -> str | None:
     """What FastAPI's "There was an error parsing the body" (a 400 for a JSON body that
     :func:`loads` fails on other than by syntax) was, in our words; None for any other 400."""
     if isinstance(exc, RepeatedKey):
-        return f"the JSON body names {exc.key!r} twice in one object"
+        key = exc.key if len(exc.key) <= KEY_SHOWN else exc.key[:KEY_SHOWN] + "…"
+        return f"the JSON body names {key!r} twice in one object"
     if isinstance(exc, UnicodeDecodeError):
         return "the JSON body is not UTF-8 text"
     if isinstance(exc, RecursionError):

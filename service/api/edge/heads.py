@@ -1,7 +1,8 @@
 """What the edge refuses in a request's head before the app sees it, by the HTTP/1.1 rules
 that neither llhttp nor uvicorn applies: one ``Host`` (RFC 9112, section 3.2), no transfer
-coding but chunked, and none in HTTP/1.0 (section 6.1); and 501 rather than 400 for a method
-llhttp does not know (RFC 9110, section 9.1)."""
+coding but chunked, and none in HTTP/1.0 (section 6.1); HTTP/1.1 and 1.0 only (llhttp takes
+``HTTP/0.9`` with headers); and 501 rather than 400 for a method llhttp does not know (RFC 9110,
+section 9.1)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import logging
 import re
 from collections.abc import Iterable
 
-from service.errors import BadRequest, NotImplementedHere, ServiceError
+import httptools
+
+from service.errors import BadRequest, NotImplementedHere, ServiceError, VersionNotSupported
 
 log = logging.getLogger("service.edge")
 
 # A request line whose method is a token: one llhttp does not know is a method not implemented
 # here, where other bytes (a TLS handshake sent to the plain port, say) are no HTTP at all.
 REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
+SERVED_VERSIONS = ("1.1", "1.0")
 NO_CODING = (b"", b"chunked")  # the transfer codings read: chunked (an empty one is no coding)
 
 
@@ -29,10 +33,13 @@ class Refused(Exception):
 
 def refusal(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> ServiceError | None:
     """What a request of ``headers`` (names lowercased, as uvicorn keeps them) is refused
-    with, if anything: 400 where an HTTP/1.1 request names no ``Host`` or any names two, or an
-    HTTP/1.0 one has a ``Transfer-Encoding`` (its framing is then faulty: section 6.1); 501 for
-    a transfer coding but chunked, which llhttp reads as chunked all the same (``gzip,
+    with, if anything: 505 for a version but 1.1 and 1.0 (the rules below, and the framing of
+    the answer, are theirs); 400 where an HTTP/1.1 request names no ``Host`` or any names two,
+    or an HTTP/1.0 one has a ``Transfer-Encoding`` (its framing is then faulty: section 6.1);
+    501 for a transfer coding but chunked, which llhttp reads as chunked all the same (``gzip,
     chunked``), so the app would take a compressed body for the plain one."""
+    if http_version not in SERVED_VERSIONS:
+        return VersionNotSupported(f"HTTP/{http_version} is not served: send HTTP/1.1")
     hosts = 0
     for name, value in headers:
         hosts += name == b"host"
@@ -48,11 +55,20 @@ def refusal(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> Servic
     return None
 
 
+def of_method(error: Exception) -> bool:
+    """Whether llhttp refused a request for its method: one it does not know, or one of RTSP's
+    (``DESCRIBE``, ``SETUP``…), which it knows but not in HTTP."""
+    invalid = isinstance(error, httptools.HttpParserInvalidMethodError)
+    return invalid or str(error).startswith("Invalid method")
+
+
 def malformed(request: bytes) -> ServiceError:
     """What bytes llhttp refused are answered: 501 where ``request`` (given where they are
-    known to begin a request refused for its method) begins with a request line, 400 else."""
+    known to begin a request refused for its method, the line whole in the block's first read,
+    as clients send it) begins with a request line, 400 else (a line that came in pieces
+    included: only a wait for its end could tell)."""
     if line := REQUEST_LINE.match(request):
         method = line.group(1).decode("ascii")
-        return NotImplementedHere(f"the method {method!r} is not implemented here")
+        return NotImplementedHere(f"the method {method[:64]!r} is not implemented here")
     log.warning("Invalid HTTP request received.")
     return BadRequest("the request is not valid HTTP/1.1")

@@ -89,6 +89,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.settings, self.max_connections = process_limits()
         self.phase = HEAD
         self.head_bytes = 0  # of the header block being read
+        self.block_at_start = False  # whether that block began at the read's first byte
         self.url_bytes = 0
         self.body_seen = 0.0  # loop time of the body's last bytes
         self.deadline: asyncio.TimerHandle | None = None
@@ -166,13 +167,15 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        """Feed the parser, a header block at most ``max_header_bytes`` at a time."""
+    def data_received(self, data: bytes, *, cut: bool = False) -> None:
+        """Feed the parser, a header block at most ``max_header_bytes`` at a time (``cut``:
+        ``data`` is the rest of a read past that, a request may have begun anywhere before)."""
         if self.refused:
             return  # read and dropped until the connection closes
         fresh_headers(self.server_state, self.config)  # the Date of what this may answer
         self._unset_keepalive_if_required()
         if self.phase == HEAD:
+            self.block_at_start = not (cut or self.head_bytes)
             room = self.settings.max_header_bytes - self.head_bytes
             if len(data) > room:
                 self.head_bytes += room
@@ -182,7 +185,7 @@ class EdgeProtocol(HttpToolsProtocol):
                     limit = self.settings.max_header_bytes
                     self.refuse(HeaderTooLarge(f"the request's header block is over {limit} bytes"))
                     return
-                self.data_received(data[room:])  # a body, or the next request's block, counted
+                self.data_received(data[room:], cut=True)  # a body, or the next block, counted
                 return
             self.head_bytes += len(data)
         if not self._feed(data) or self.deadline is not None:
@@ -208,10 +211,8 @@ class EdgeProtocol(HttpToolsProtocol):
             elif rest := data[upgrade.args[0] :]:  # a plain request (ws="none"): the next one's
                 return self._feed(rest)
         except httptools.HttpParserError as exc:
-            # Its request line can be told where the refused request began this read.
-            began = self.phase == HEAD and self.head_bytes == len(data)
-            method = began and isinstance(exc, httptools.HttpParserInvalidMethodError)
-            self.refuse(heads.malformed(data if method else b""))
+            began = self.phase == HEAD and self.block_at_start  # its line is this read's start
+            self.refuse(heads.malformed(data if began and heads.of_method(exc) else b""))
         return not self.refused
 
     def send_400_response(self, msg: str) -> None:
@@ -242,6 +243,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._disarm()
         self.phase = HEAD
         self.head_bytes = self.url_bytes = 0
+        self.block_at_start = False  # the next block begins further in the read, if in it
         super().on_message_complete()
 
     # -- answering --------------------------------------------------------------------------

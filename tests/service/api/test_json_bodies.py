@@ -4,6 +4,7 @@ one object refused, nothing stored from such a body."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+import service.api
 from service.api.app import all_routes, create_app
 from service.api.json_bodies import JsonBodyRoute, RepeatedKey, loads
 from tests.support import app_settings
@@ -36,6 +38,21 @@ def test_every_route_with_a_json_body_reads_it_as_one_place_says(
     with_body = [r for r in routes if isinstance(r, APIRoute) and r.body_field is not None]
     assert {r.path for r in with_body} >= {"/jobs", "/sweeps", "/models/aliases/{name}"}
     assert [r.path for r in with_body if not isinstance(r, JsonBodyRoute)] == []
+
+
+def test_no_other_module_of_the_api_reads_json() -> None:
+    """A route reading ``await request.json()`` on its own, or a lane with ``json.loads``,
+    would take a repeated key's last value: the API's Python reads JSON only here."""
+    api = Path(service.api.__file__).parent
+    readers = re.compile(r"json\.loads\(|\.json\(\)|model_validate_json\(|orjson")
+    found = [
+        f"{path.relative_to(api)}:{number}"
+        for path in sorted(api.rglob("*.py"))
+        if path.name != "json_bodies.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if readers.search(line.split("#")[0])
+    ]
+    assert found == []
 
 
 @pytest.mark.parametrize(
@@ -76,3 +93,12 @@ def test_a_repeated_key_gets_400_on_every_route_and_stores_nothing(client: TestC
     assert [j["id"] for j in client.get("/jobs").json()["jobs"]] == [job]
     assert client.get("/sweeps").json()["sweeps"] == []
     assert client.get("/models/aliases").json()["aliases"] == []
+
+
+def test_a_long_repeated_key_is_named_in_part(client: TestClient) -> None:
+    key = "k" * 100_000
+    body = json.dumps({key: 1})[:-1] + f', "{key}": 2}}'
+    answer = client.post("/jobs", content=body.encode(), headers=JSON_TYPE)
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+    assert message == f"the JSON body names {'k' * 64 + '…'!r} twice in one object"

@@ -3,9 +3,10 @@ answers on the wire are the edge's tests' (test_protocol.py)."""
 
 from __future__ import annotations
 
+import httptools
 import pytest
 
-from service.api.edge.heads import malformed, refusal
+from service.api.edge.heads import malformed, of_method, refusal
 
 HOST = (b"host", b"x")
 
@@ -26,6 +27,8 @@ HOST = (b"host", b"x")
         ([HOST, (b"transfer-encoding", b"br"), (b"transfer-encoding", b"chunked")], "1.1", 501),
         ([(b"transfer-encoding", b"chunked")], "1.0", 400),
         ([HOST, (b"content-length", b"2")], "1.0", None),
+        ([HOST], "0.9", 505),  # llhttp takes it, with headers: neither 1.0's rules nor 1.1's
+        ([HOST, (b"transfer-encoding", b"chunked")], "0.9", 505),
     ],
 )
 def test_a_head_is_refused_by_its_host_and_transfer_codings(
@@ -50,3 +53,32 @@ def test_a_head_is_refused_by_its_host_and_transfer_codings(
 )
 def test_refused_bytes_are_501_only_as_a_request_line(request_bytes: bytes, status: int) -> None:
     assert malformed(request_bytes).status_code == status
+
+
+def parser_error(data: bytes) -> Exception:
+    try:
+        httptools.HttpRequestParser(object()).feed_data(data)
+    except httptools.HttpParserError as error:
+        return error
+    raise AssertionError(f"llhttp took {data!r}")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "for_its_method"),
+    [
+        (b"FOO / HTTP/1.1\r\n", True),
+        (b"DESCRIBE / HTTP/1.1\r\n", True),  # RTSP's: llhttp knows it, but not in HTTP
+        (b"GET_PARAMETER / HTTP/1.1\r\n", True),
+        (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", False),
+        (b"GET / HTTP/1.2\r\n\r\n", False),
+    ],
+)
+def test_what_llhttp_refuses_for_its_method_is_told_apart(
+    request_bytes: bytes, for_its_method: bool
+) -> None:
+    assert of_method(parser_error(request_bytes)) is for_its_method
+
+
+def test_a_long_method_is_named_in_part() -> None:
+    error = malformed(b"X" * 5000 + b" / HTTP/1.1\r\n")
+    assert error.status_code == 501 and len(error.message) < 200
