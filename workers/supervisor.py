@@ -166,23 +166,30 @@ def supervise(
         kill.set()
 
     on_signals(first, again)
-    children = [Child(name, args, news) for name, args in commands.items()]
+    children: list[Child] = []
     gave_up: int | None = None
-    while gave_up is None and not stop.is_set():
-        # Until news, or the next restart is due; cleared before the look, so that an exit
-        # after it sets it again and is looked at next time round.
-        now = time.monotonic()
-        waits = [w for w in (c.wait_s(now) for c in children) if w is not None]
-        news.wait(min(waits, default=None))
-        news.clear()
-        if stop.is_set():
-            break
-        for child in children:
-            gave_up = child.tend(backoff, refused)
-            if gave_up is not None:
+    try:
+        for name, args in commands.items():
+            children.append(Child(name, args, news))
+        while gave_up is None and not stop.is_set():
+            # Until news, or the next restart is due; cleared before the look, so that an exit
+            # after it sets it again and is looked at next time round.
+            now = time.monotonic()
+            waits = [w for w in (c.wait_s(now) for c in children) if w is not None]
+            news.wait(min(waits, default=None))
+            news.clear()
+            if stop.is_set():
                 break
-    running = [c.proc for c in children if c.proc.poll() is None]
-    clean = stop_all(running, signals[0] if signals else signal.SIGTERM, kill)
+            for child in children:
+                gave_up = child.tend(backoff, refused)
+                if gave_up is not None:
+                    break
+    except OSError as exc:  # a process could not be started (its interpreter gone, no memory)
+        log.error("a process could not be started (%s); stopping everything", exc)
+        gave_up = CRASH_LOOP_STATUS
+    finally:  # whatever ends the loop, no child outlives it (the API would hold its port)
+        running = [c.proc for c in children if c.proc.poll() is None]
+        clean = stop_all(running, signals[0] if signals else signal.SIGTERM, kill)
     if gave_up is not None:
         return gave_up
     return 0 if clean else 1

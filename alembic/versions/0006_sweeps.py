@@ -49,9 +49,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Revert this revision (trials stay, as ordinary jobs; the sweeps go).
 
-    On SQLite the column can only go with its reference by copying the table (batch mode):
-    run it with foreign keys off (``PRAGMA foreign_keys=OFF``, outside a transaction) on a
-    database that has steps to keep.
+    On SQLite the column can only go with its reference by copying the table (batch mode),
+    which env.py runs with foreign keys off, so that the old table's drop cascades to no step.
     """
     op.drop_index(op.f("ix_jobs_sweep_id"), table_name="jobs")
     if op.get_bind().dialect.name == "sqlite":

@@ -31,9 +31,12 @@ class DeletedJob:
     checkpoint: str | None
 
 
-def deletable(session: Session, job_id: str) -> DeletedJob:
+def deletable(session: Session, job_id: str, *, sweep_id: str | None = None) -> DeletedJob:
     """Lock an ended job's row for deleting it in this transaction: 404 unknown, 409 while it
-    is queued or running (cancel it first) or while an alias names it (the alias is named).
+    is queued or running (cancel it first), while an alias names it (the alias is named), or
+    where it is a trial of a sweep other than ``sweep_id``, the sweep being deleted: a trial
+    goes only with its sweep, whose record (its trials, their counts, its best) it is part of
+    (a trial deleted from a running sweep turned a succeeded grid ``failed``, its best gone).
 
     The check and the delete are one transaction over the locked row
     (:func:`job_repo.lock_job`): a worker cannot claim or finish the job between them (it
@@ -43,6 +46,11 @@ def deletable(session: Session, job_id: str) -> DeletedJob:
     job = job_repo.lock_job(session, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id}")
+    if job.sweep_id is not None and job.sweep_id != sweep_id:
+        raise Conflict(
+            f"job {job_id} is a trial of sweep {job.sweep_id}: it goes with its sweep "
+            f"(DELETE /sweeps/{job.sweep_id}, once the sweep has ended)"
+        )
     if job.status not in TERMINAL:
         raise Conflict(
             f"job {job_id} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel), "

@@ -201,7 +201,7 @@ def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deleti
     deleted = []
     for job_id in sweep_repo.trial_ids(session, sweep_id):
         try:
-            deleted.append(deletion.deletable(session, job_id))
+            deleted.append(deletion.deletable(session, job_id, sweep_id=sweep_id))
         except NotFound:  # deleted by itself since it was listed (DELETE /jobs/{id}): gone
             continue
     for trial in deleted:

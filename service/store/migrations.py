@@ -19,6 +19,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
+# PostgreSQL's advisory lock a migration run holds (alembic/env.py): runs at once take turns.
+MIGRATION_LOCK_KEY = 0x6D6E6973_7400
 
 
 def script_location() -> Path:

@@ -105,8 +105,11 @@ class Supervised:
         self.log = folder / "supervisor.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, children: dict[str, list[str]], **backoff: float) -> subprocess.Popen[bytes]:
-        """Supervise ``python -c code <pid file> args…`` for each ``name: [code, *args]``."""
+    def start(
+        self, children: dict[str, list[str]], python: str = sys.executable, **backoff: float
+    ) -> subprocess.Popen[bytes]:
+        """Supervise ``python -c code <pid file> args…`` for each ``name: [code, *args]``
+        (``python``: the supervisor's interpreter, and so its children's)."""
         commands = {
             name: ["-c", code, str(self.folder / f"{name}.pids"), *args]
             for name, (code, *args) in children.items()
@@ -114,7 +117,7 @@ class Supervised:
         rule = json.dumps({**FAST, **backoff})
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SUPERVISOR, json.dumps(commands), rule],
+                [python, "-c", SUPERVISOR, json.dumps(commands), rule],
                 cwd=REPO_ROOT,
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                 stdout=out,
@@ -208,6 +211,28 @@ def test_a_child_that_cannot_start_stops_everything_after_a_few_tries(
     assert len(supervised.pids("broken")) == FAST["give_up_after"]
     assert "4 times in a row without staying up 5 s: it cannot start" in supervised.text()
     assert not any(alive(p) for p in supervised.pids("steady"))
+
+
+def test_a_child_that_cannot_be_started_again_stops_everything(
+    supervised: Supervised, tmp_path: Path
+) -> None:
+    """Its interpreter gone (a venv replaced under a running service): the restart's spawn
+    failed, the supervisor died with a traceback and left the others running, the API holding
+    its port. Now one line, everything stopped."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(Path(sys.prefix, "pyvenv.cfg").read_text())
+    (venv / "lib").symlink_to(Path(sys.prefix, "lib"))
+    python = venv / "bin" / "python"
+    python.symlink_to(Path(sys.executable).resolve())
+    proc = supervised.start({"steady": [STEADY], "killed": [STEADY]}, python=str(python))
+    steady, killed = supervised.wait_started("steady", 1), supervised.wait_started("killed", 1)
+    python.unlink()
+    os.kill(killed, signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1
+    assert "a process could not be started" in supervised.text()
+    assert "Traceback" not in supervised.text()
+    assert not alive(steady)
 
 
 def test_a_child_that_once_stayed_up_is_restarted_however_often_it_fails(

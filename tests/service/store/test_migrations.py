@@ -3,6 +3,9 @@ service's own configuration (no alembic.ini) finds them in a checkout from any d
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -52,6 +55,54 @@ def test_downgrade_to_base_and_back(sqlite_url: str) -> None:
         assert "resume_checkpoint" in {c["name"] for c in inspector.get_columns("jobs")}
     finally:
         engine.dispose()
+
+
+def counts(url: str, tables: tuple[str, ...]) -> dict[str, int]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}
+    finally:
+        engine.dispose()
+
+
+def test_a_sqlite_downgrade_keeps_the_rows_of_every_table_it_keeps(sqlite_url: str) -> None:
+    """Batch mode copies ``jobs`` and drops the old table (0006's and 0002's downgrades): with
+    the service's foreign keys on, that drop cascaded to every step, epoch, alias and artifact.
+    The migrations run with them off, their references checked before committing."""
+    engine = make_engine(sqlite_url)
+    now = datetime(2026, 1, 1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, status, epochs, batch_size, learning_rate, "
+                    "trainset_size, testset_size, created_at, epoch, step, total_steps, "
+                    "attempt, max_attempts, cancel_requested, resume_epoch) VALUES "
+                    "(:id, 'succeeded', 1, 64, 0.001, 64, 10, :now, 1, 1, 1, 1, 1, false, 0)"
+                ),
+                {"id": "a" * 32, "now": now},
+            )
+            for statement in (
+                "INSERT INTO train_steps (job_id, step, epoch, loss, examples_seen) "
+                "VALUES (:id, 1, 1, 0.5, 64)",
+                "INSERT INTO epoch_metrics (job_id, epoch, accuracy, examples_seen) "
+                "VALUES (:id, 1, 0.9, 64)",
+                "INSERT INTO model_aliases (name, job_id, updated_at) VALUES ('prod', :id, :now)",
+                "INSERT INTO artifacts (name, job_id, kind, attempt, size_bytes, data, "
+                "created_at) VALUES ('w', :id, 'weights', 1, 1, x'00', :now)",
+            ):
+                conn.execute(text(statement), {"id": "a" * 32, "now": now})
+    finally:
+        engine.dispose()
+    kept = ("jobs", "train_steps", "epoch_metrics", "model_aliases", "artifacts")
+    config = config_for(sqlite_url)
+    command.downgrade(config, "0005")
+    assert counts(sqlite_url, kept) == dict.fromkeys(kept, 1)
+    command.downgrade(config, "0001")  # aliases and artifacts go with their tables
+    assert counts(sqlite_url, kept[:3]) == dict.fromkeys(kept[:3], 1)
+    command.upgrade(config, "head")
+    assert counts(sqlite_url, kept[:3]) == dict.fromkeys(kept[:3], 1)
 
 
 def test_the_service_migrates_from_a_checkout_without_alembic_ini(
@@ -181,5 +232,31 @@ def test_workers_lose_their_unread_job_id_and_keep_their_rows(
         with engine.connect() as conn:
             assert conn.execute(text("SELECT job_id FROM workers")).all() == [(None,)]
         command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def test_migrations_run_at_once_on_postgresql_take_turns(own_postgres: OwnPostgres) -> None:
+    """Two hosts' start-up scripts migrating one database at once: each created the same types
+    and tables, and one failed (UniqueViolation). An advisory lock makes them take turns: the
+    second finds nothing to do."""
+    command.downgrade(config_for(own_postgres.url), "base")
+    code = "import sys; from service.store import migrations; migrations.upgrade(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, own_postgres.url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
+    outputs = [run.communicate(timeout=120)[0].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    engine = make_engine(own_postgres.url)
+    try:
+        with engine.connect() as conn:
+            assert migrations.current_revisions(conn) == migrations.head_revisions()
     finally:
         engine.dispose()

@@ -126,6 +126,27 @@ def test_sweeps_are_paged_newest_first(client: TestClient) -> None:
     assert client.get("/sweeps", params={"cursor": "nope"}).status_code == 422
 
 
+def test_a_trial_goes_only_with_its_sweep(
+    client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
+) -> None:
+    """Deleting a trial alone rewrote its sweep's record: a running grid whose succeeded trial
+    was deleted ended ``failed``, its best gone. ``DELETE /jobs/{trial}`` is 409 whatever the
+    trial's state, naming the sweep; the sweep's own delete takes its trials."""
+    sweep = start(client, {"params": TINY, "grid": {"seed": [1, 2]}})
+    Worker(api_settings, sessions, show_progress=False).run(max_jobs=1)  # one trial ends
+    trials = [t["job_id"] for t in sweep["trials"]]
+    for trial in trials:  # one succeeded, one queued
+        refused = client.delete(f"/jobs/{trial}")
+        assert refused.status_code == 409, refused.text
+        assert f"DELETE /sweeps/{sweep['id']}" in refused.json()["error"]["message"]
+    assert client.post(f"/sweeps/{sweep['id']}/cancel").status_code == 200
+    assert client.delete(f"/jobs/{trials[0]}").status_code == 409  # the sweep has ended
+    read = client.get(f"/sweeps/{sweep['id']}").json()
+    assert [t["job_id"] for t in read["trials"]] == trials and read["best"] is not None
+    assert client.delete(f"/sweeps/{sweep['id']}").status_code == 204
+    assert [client.get(f"/jobs/{trial}").status_code for trial in trials] == [404, 404]
+
+
 def test_cancel_then_delete(
     client: TestClient, sessions: sessionmaker[Session], api_settings: Settings
 ) -> None:
