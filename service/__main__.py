@@ -16,6 +16,7 @@ from service.api.metrics import shared_counts
 from service.api.security import exposure_problem
 from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, get_settings
+from service.store import migrations
 
 APP_FACTORY = "service.__main__:serving_app"
 
@@ -48,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the API on MNIST_HOST:MNIST_PORT until interrupted.
 
     Refuses (exit status 2, with how to fix it) to serve without an API key on an address
-    other machines can reach, unless MNIST_ALLOW_NO_AUTH=true.
+    other machines can reach, unless MNIST_ALLOW_NO_AUTH=true, or on a database whose schema
+    is not this code's (every route would fail).
     """
     settings = get_settings()
     configure_logging(settings)
-    problem = exposure_problem(settings)
+    problem = exposure_problem(settings) or migrations.startup_problem(settings.database_url)
     if problem is not None:
         print(f"mnist-service: {problem}", file=sys.stderr)
         return REFUSED_EXIT_STATUS

@@ -13,8 +13,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.clock import utcnow
 from service.logs import configure_logging
-from service.settings import Settings, get_settings
-from service.store import wakeups, worker_repo
+from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
+from service.store import migrations, wakeups, worker_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.signals import on_signals
 from workers.supervisor import supervise
@@ -59,7 +59,8 @@ def check(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until signalled, or ``--concurrency N`` worker processes (restarted when
-    one dies, see :func:`workers.supervisor.supervise`), or ``--check`` the workers' health."""
+    one dies, see :func:`workers.supervisor.supervise`), or ``--check`` the workers' health.
+    Refuses (exit status 2) a database whose schema is not this code's."""
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     parser.add_argument(
         "--concurrency",
@@ -80,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(settings)
     configure_logging(settings)
+    problem = migrations.startup_problem(settings.database_url)
+    if problem is not None:  # its first query would fail, and its supervisor restart it
+        print(f"python -m workers: {problem}", file=sys.stderr)
+        return REFUSED_EXIT_STATUS
     if args.concurrency > 1:
         n = args.concurrency
-        return supervise({f"worker-{i}": ["-m", "workers"] for i in range(1, n + 1)})
+        children = {f"worker-{i}": ["-m", "workers"] for i in range(1, n + 1)}
+        return supervise(children, refused=(REFUSED_EXIT_STATUS,))
     from workers.worker import Worker  # torch: not for --check or the supervisor
 
     engine = make_engine(settings.database_url)

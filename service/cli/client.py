@@ -18,8 +18,9 @@ URL_ENV = "MNIST_URL"
 API_KEY_ENV = "MNIST_API_KEY"
 TIMEOUT_S = 30.0
 STREAM_READ_TIMEOUT_S = 60.0  # the server sends a keep-alive every 15 s
-RECONNECTS = 5  # a dropped event stream is resumed this many times in a row
-RECONNECT_DELAY_S = 1.0
+PATIENCE_S = 60.0  # how long a watch waits out an API that is away (a restart takes seconds)
+RETRY_FIRST_S = 0.5  # the first pause before trying again; each next one doubles ...
+RETRY_MAX_S = 5.0  # ... up to this
 METRICS_PAGE = 10_000
 TITLE_CHARS = 80  # of an HTML page's <title>, quoted when another server answers
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -29,13 +30,77 @@ class ApiError(Exception):
     """The API answered with an error, or could not be reached (status 0)."""
 
     def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        *,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
+        self.retry_after_s = retry_after_s  # a 503's Retry-After: when to ask again
+
+    @property
+    def passing(self) -> bool:
+        """Whether asking again later may succeed: the API could not be reached (restarting),
+        or answered 503 (busy, or its database away): states the service expects to leave."""
+        return self.status in (0, 503)
+
+
+class Patience:
+    """The one retry policy of the watches (a job's events, a sweep's polls): they wait out an
+    API that is away, with growing pauses (or a 503's ``Retry-After``), for up to ``limit_s``
+    since it last answered. ``mnist-service run`` restarts a dead API within seconds, and the
+    jobs train on meanwhile: a watch that gave up at the first refused connection gave up on a
+    job that then succeeded."""
+
+    def __init__(
+        self,
+        limit_s: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.limit_s = PATIENCE_S if limit_s is None else limit_s
+        self._clock, self._sleep = clock, sleep
+        self._since: float | None = None  # when the API stopped answering
+        self._pause = RETRY_FIRST_S
+
+    def answered(self) -> None:
+        """The API answered: the next outage gets the whole patience again."""
+        self._since, self._pause = None, RETRY_FIRST_S
+
+    def wait_out(self, exc: ApiError, what: str, see: str) -> None:
+        """Pause before asking again after ``exc``; re-raise it if it will not pass, or give up
+        once the API has been away for ``limit_s``, saying that ``what`` goes on on the server
+        and where to ``see`` it."""
+        if not exc.passing:
+            raise exc
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        left = self._since + self.limit_s - now
+        if left <= 0:
+            raise ApiError(
+                exc.status,
+                "unreachable",
+                f"gave up watching {what} after {self.limit_s:g} s without the API "
+                f"({exc.message}); {what} goes on on the server: see {see}",
+            ) from exc
+        pause = exc.retry_after_s if exc.retry_after_s is not None else self._pause
+        self._pause = min(2 * self._pause, RETRY_MAX_S)
+        self._sleep(max(0.0, min(pause, left)))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (the service sends seconds; an HTTP date is not read)."""
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdigit() else None
 
 
 def _title(html: str) -> str | None:
@@ -80,7 +145,10 @@ def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
     error = _envelope(response)
     if error is None:
         raise ApiError(
-            status, f"http_{status}", f"{_summary(response)}: this is not the MNIST service's API"
+            status,
+            f"http_{status}",
+            f"{_summary(response)}: this is not the MNIST service's API",
+            retry_after_s=_retry_after(response),
         )
     # The service's own answer for a path or method it has no route for: FastAPI's 404/405
     # (code http_404/http_405), not a resource's "no job with id ...".
@@ -96,7 +164,13 @@ def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
             f"the API at {base} does not offer this (an older version?)"
         )
         raise ApiError(status, error["code"], message)
-    raise ApiError(status, error["code"], error["message"], error.get("details"))
+    raise ApiError(
+        status,
+        error["code"],
+        error["message"],
+        error.get("details"),
+        retry_after_s=_retry_after(response),
+    )
 
 
 def _not_the_api(response: httpx.Response) -> ApiError:
@@ -239,22 +313,22 @@ class Client:
         return answer
 
     def events(self, job_id: str) -> Iterator[sse.Event]:
-        """A job's events until its final status; a dropped stream is resumed where it was."""
+        """A job's events until its final status; a dropped stream is resumed where it was,
+        through an API restart or a busy 503 (:class:`Patience`)."""
         last_id: str | None = None
-        failures = 0
+        patience = Patience()
+        path = f"/jobs/{job_id}/events"
         # (connect, read, write, pool) as a tuple: an httpx.Timeout is refused by httpx2's
         # clients (Starlette's TestClient, from 1.10 on), a tuple is taken by both.
         timeout = (TIMEOUT_S, STREAM_READ_TIMEOUT_S, TIMEOUT_S, TIMEOUT_S)
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
-            problem = "the stream ended before the job did"
+            problem = ApiError(0, "unreachable", "the stream ended before the job did")
             try:
-                with self._http.stream(
-                    "GET", f"/jobs/{job_id}/events", headers=headers, timeout=timeout
-                ) as response:
+                with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                     if not response.is_success:
                         response.read()
-                        _raise_for_error(response, self.url, f"/jobs/{job_id}/events")
+                        _raise_for_error(response, self.url, path)
                     if response.status_code == 204:
                         # The SSE standard's "stop reconnecting": the stream had ended (its
                         # final status was lost with the connection). The job says how.
@@ -262,17 +336,17 @@ class Client:
                         yield sse.Event("status", json.dumps(final), last_id)
                         return
                     for event in sse.parse(response.iter_lines()):
-                        failures = 0
+                        patience.answered()
                         last_id = event.id
                         yield event
                         if event.event == "status" and event.json().get("final"):
                             return
             except (httpx.TransportError, httpx.StreamError) as exc:
-                problem = str(exc) or type(exc).__name__
-            failures += 1
-            if failures > RECONNECTS:
-                raise ApiError(0, "unreachable", f"lost the events of job {job_id}: {problem}")
-            time.sleep(RECONNECT_DELAY_S)
+                reason = f"cannot reach the API at {self.url}: {str(exc) or type(exc).__name__}"
+                problem = ApiError(0, "unreachable", reason)
+            except ApiError as exc:
+                problem = exc
+            patience.wait_out(problem, f"job {job_id}", f"mnist-service metrics {job_id}")
 
 
 def _a_job(answer: Any, job_id: str | None = None) -> dict[str, Any]:

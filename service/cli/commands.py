@@ -30,6 +30,7 @@ from service.cli.parser import (
     EXIT_USAGE,
     UsageError,
     build_parser,
+    check_client_options,
     option_name,
 )
 from service.cli.sweeps import cmd_sweep, cmd_sweeps
@@ -283,9 +284,11 @@ def _run_client(
 
 
 def _run(argv: Sequence[str] | None, http: httpx.Client | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     handler = CLIENT_COMMANDS.get(args.command)
     if handler is not None:
+        check_client_options(parser, args)
         return _run_client(handler, args, http)
     if args.command == "api":
         from service.__main__ import main as api_main

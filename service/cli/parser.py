@@ -79,8 +79,8 @@ def api_key(value: str) -> str:
 
 
 def api_url(value: str) -> str:
-    """The API's address: http(s) with a host, else a bad command line (from ${URL_ENV} too,
-    as argparse converts a default with the option's type)."""
+    """The API's address: http(s) with a host, and no query or fragment (the paths are put
+    after it: ``?x=1`` would swallow them), else a bad command line."""
     try:
         url = httpx.URL(value)
     except httpx.InvalidURL as exc:
@@ -89,7 +89,37 @@ def api_url(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not an http:// or https:// address with a host (e.g. {DEFAULT_URL})"
         )
+    if url.query or url.fragment or "?" in value or "#" in value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has a query or fragment (?…, #…): give the API's base address only"
+        )
     return value
+
+
+def count(value: str) -> int:
+    """A number of processes: at least 1, else a bad command line (``run --workers -5``
+    started the API with no worker and no word)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def check_client_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check ``--url`` and ``--api-key`` (or ${URL_ENV}, ${API_KEY_ENV}) for a client command
+    only, exiting 2 as argparse does: a server command (migrate, api, worker, run) uses neither,
+    and an ${URL_ENV} meant for the clients on the same host stopped it."""
+    for option, check in (("url", api_url), ("api_key", api_key)):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --{option.replace('_', '-')}: {exc}")
 
 
 def _number_type(annotation: Any) -> Callable[[str], Any]:
@@ -158,14 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-service", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
     )
     parser.add_argument(
-        "--url",
-        type=api_url,
+        "--url",  # checked for the client commands only (check_client_options)
         default=os.environ.get(URL_ENV) or DEFAULT_URL,
         help=f"the API (default ${URL_ENV} or {DEFAULT_URL})",
     )
     parser.add_argument(
         "--api-key",
-        type=api_key,
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"sent as 'Authorization: Bearer KEY' (default ${API_KEY_ENV})",
     )
@@ -222,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("api", "serve the API and the dashboard (python -m service)")
     worker = command("worker", "run workers (python -m workers)")
     worker.add_argument(
-        "--concurrency", type=int, default=1, metavar="N", help="worker processes (default 1)"
+        "--concurrency", type=count, default=1, metavar="N", help="worker processes (default 1)"
     )
     command("migrate", "bring the database to the newest schema (alembic upgrade head)")
     run = command("run", "the API and workers together (what `make run` starts)")
-    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument(
+        "--workers", type=count, default=1, metavar="N", help="worker processes (default 1)"
+    )
     return parser

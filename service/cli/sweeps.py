@@ -14,13 +14,14 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from service.cli import EXIT_INTERRUPTED
-from service.cli.client import Client
+from service.cli.client import ApiError, Client, Patience
 from service.cli.parser import EXIT_JOB_FAILED, EXIT_OK, UsageError
 from service.errors import InvalidInput
 from service.schemas.sweeps import SWEEP_TRIALS_CEILING, SweepCreate, expand
 from service.status import SweepStatus
 
 POLL_S = 0.5  # how often --watch reads the sweep
+_GATHERED = ("--param", "--grid", "--space")  # the options that name fields
 
 
 def _value(text: str) -> Any:
@@ -38,16 +39,31 @@ def _pair(option: str, item: str) -> tuple[str, str]:
     return field, rest
 
 
+def _fields(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
+    """Each option's ``FIELD=VALUE`` pairs, a field named once in all of them: a second
+    ``--grid seed=...`` (or a ``--param`` and a ``--grid`` of one field) was silently dropped
+    but for one, so the sweep ran other trials than the command line asked for."""
+    pairs = {o: [_pair(o, item) for item in getattr(args, o[2:])] for o in _GATHERED}
+    first: dict[str, str] = {}
+    for option, items in pairs.items():
+        for field, value in items:
+            if field in first:
+                raise UsageError(
+                    f"argument {option}: field {field!r} is named twice "
+                    f"({first[field]} and {option} {field}={value}): give it once"
+                )
+            first[field] = f"{option} {field}={value}"
+    return pairs
+
+
 def _body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "params": {f: _value(v) for f, v in (_pair("--param", p) for p in args.param)}
-    }
+    pairs = _fields(args)
+    body: dict[str, Any] = {"params": {f: _value(v) for f, v in pairs["--param"]}}
     if args.grid:
-        grid = (_pair("--grid", g) for g in args.grid)
-        body["grid"] = {f: [_value(v) for v in values.split(",")] for f, values in grid}
+        body["grid"] = {f: [_value(v) for v in values.split(",")] for f, values in pairs["--grid"]}
     if args.random_trials is not None or args.space:
         space: dict[str, Any] = {}
-        for field, spec in (_pair("--space", s) for s in args.space):
+        for field, spec in pairs["--space"]:
             kind, _, rest = spec.partition(":")
             values = [_value(v) for v in rest.split(":")] if rest else []
             space[field] = {kind: values}
@@ -134,14 +150,25 @@ def trial_table(sweep: dict[str, Any]) -> list[str]:
 
 
 def watch_sweep(
-    client: Client, sweep_id: str, out: TextIO, sleep: Callable[[float], None] = time.sleep
+    client: Client,
+    sweep_id: str,
+    out: TextIO,
+    sleep: Callable[[float], None] = time.sleep,
+    patience: Patience | None = None,
 ) -> dict[str, Any]:
     """Redraw the trial table whenever it changes (in place on a terminal) until the sweep
-    ends; the sweep as it ended."""
+    ends; the sweep as it ended. An API that is away (restarting) is waited out as a job's
+    watch waits it out (:class:`Patience`): the sweep's trials train on meanwhile."""
     shown: list[str] = []
     live = out.isatty()
+    patience = patience or Patience(sleep=sleep)
     while True:
-        sweep = client.sweep(sweep_id)
+        try:
+            sweep = client.sweep(sweep_id)
+        except ApiError as exc:
+            patience.wait_out(exc, f"sweep {sweep_id}", "mnist-service sweeps")
+            continue
+        patience.answered()
         lines = trial_table(sweep)
         if lines != shown:
             if live and shown:

@@ -17,6 +17,9 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.store.engines import make_engine
 
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 # PostgreSQL's advisory lock a migration run holds (alembic/env.py): runs at once take turns.
@@ -61,3 +64,48 @@ def head_revisions() -> frozenset[str]:
 def current_revisions(connection: Connection) -> frozenset[str]:
     """The revisions the database is at (empty when it was never migrated)."""
     return frozenset(MigrationContext.configure(connection).get_current_heads())
+
+
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    """Every revision the migration scripts hold."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
+def revisions_text(revisions: frozenset[str]) -> str:
+    """Revisions as a message names them."""
+    return ", ".join(sorted(revisions)) or "no revision"
+
+
+def schema_problem(connection: Connection) -> str | None:
+    """Why the database's schema is not the one this code expects, and what to run; None at
+    the head. The one wording of it: ``/readyz`` and a process refusing to start say it."""
+    heads, current = head_revisions(), current_revisions(connection)
+    if current == heads:
+        return None
+    if not current:
+        return "the database has no schema yet: run `mnist-service migrate`"
+    if current - known_revisions():
+        return (
+            f"the database is at {revisions_text(current)}, which this code does not know "
+            "(newer code migrated it): run the newer code"
+        )
+    return (
+        f"database at {revisions_text(current)}, code expects {revisions_text(heads)}: "
+        "run `mnist-service migrate`"
+    )
+
+
+def startup_problem(url: str) -> str | None:
+    """:func:`schema_problem` of the database at ``url``, for a process about to start: it
+    refuses rather than fail at its first query with a traceback, restarted again and again.
+    None where the database cannot be reached: a process starts through an outage."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return schema_problem(connection)
+    except (SQLAlchemyError, OSError):
+        return None
+    finally:
+        engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,18 @@ def test_a_process_refuses_settings_it_cannot_use_with_exit_2_and_no_value(
     assert "MNIST_API_KEY: Value error, API keys must be printable ASCII" in result.stderr
     assert "MNIST_LEASE_S: Input should be a finite number" in result.stderr
     assert "secret" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("program", [["-m", "service"], ["-m", "workers"]], ids=["api", "worker"])
+def test_a_process_refuses_a_database_whose_schema_is_not_its_own(
+    program: list[str], tmp_path: Path
+) -> None:
+    """The API served 500 on every route and a worker died at its first query with a traceback,
+    restarted forever by its supervisor; neither said to migrate. Exit 2 (not retried by
+    systemd), one line saying what to run; a database it cannot reach is no refusal (an
+    outage is ridden out)."""
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run_python(program, service_env(database_url=empty), timeout_s=STARTUP_TIMEOUT_S)
+    assert result.returncode == 2, result.stderr
+    assert "the database has no schema yet: run `mnist-service migrate`" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -113,3 +113,20 @@ def stub_url() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+# A job as the API reads it while it runs: what a watch starts from.
+RUNNING_JOB = {
+    "id": JOB_ID,
+    "status": "running",
+    "attempt": 1,
+    "max_attempts": 3,
+    "step": 0,
+    "epoch": 0,
+    "params": {"epochs": 1},
+    "steps_per_epoch": 2,
+    "started_at": "2026-01-01T00:00:00+00:00",
+    "finished_at": None,
+    "accuracy": None,
+    "error": None,
+}

@@ -14,7 +14,7 @@ from service.api.app import create_app
 from service.cli import client as client_module
 from service.cli import commands as cli
 from service.settings import Settings
-from tests.service.cli.conftest import HTML_404, HTML_PAGE, JOB_ID
+from tests.service.cli.conftest import HTML_404, HTML_PAGE, JOB_ID, RUNNING_JOB
 
 
 def test_a_wrong_path_says_what_it_found(
@@ -123,21 +123,8 @@ def test_a_validation_errors_fields_are_printed_once(capsys: pytest.CaptureFixtu
 def test_a_watch_whose_final_event_was_lost_ends_on_the_204_of_an_ended_stream(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_module, "RECONNECT_DELAY_S", 0.0)
-    job = {
-        "id": JOB_ID,
-        "status": "running",
-        "attempt": 1,
-        "max_attempts": 3,
-        "step": 0,
-        "epoch": 0,
-        "params": {"epochs": 1},
-        "steps_per_epoch": 2,
-        "started_at": "2026-01-01T00:00:00+00:00",
-        "finished_at": None,
-        "accuracy": None,
-        "error": None,
-    }
+    monkeypatch.setattr(client_module, "RETRY_FIRST_S", 0.0)
+    job = RUNNING_JOB
     opened: list[str | None] = []
 
     def answer(request: httpx.Request) -> httpx.Response:

@@ -67,6 +67,34 @@ def test_bad_values_are_a_bad_command_line_naming_the_option(
     assert client.get("/sweeps").json()["sweeps"] == []  # nothing was sent
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (("--grid", "seed=0,1", "--grid", "seed=2,3"), "--grid: field 'seed' is named twice"),
+        (
+            ("--param", "epochs=1", "--param", "epochs=2", "--grid", "seed=0"),
+            "--param: field 'epochs'",
+        ),
+        (("--param", "seed=1", "--grid", "seed=2,3"), "--grid: field 'seed' is named twice"),
+        (
+            ("--random-trials", "2", "--space", "seed=choice:1:2", "--space", "seed=choice:3"),
+            "--space: field 'seed' is named twice (--space seed=choice:1:2 and",
+        ),
+        (
+            ("--param", "seed=1", "--random-trials", "2", "--space", "seed=choice:1:2"),
+            "--space: field 'seed' is named twice (--param seed=1 and",
+        ),
+    ],
+)
+def test_a_field_named_twice_is_a_bad_command_line_not_the_last_one_kept(
+    client: TestClient, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], named: str
+) -> None:
+    code, out, err = run(client, capsys, "sweep", *argv)
+    assert (code, out) == (cli.EXIT_USAGE, "")
+    assert f"mnist-service sweep: error: argument {named}" in err
+    assert client.get("/sweeps").json()["sweeps"] == []  # nothing was sent
+
+
 def test_watch_shows_the_trials_until_success_and_the_listing_has_it(
     client: TestClient, capsys: pytest.CaptureFixture[str], two_jobs_worker: threading.Thread
 ) -> None:

@@ -260,3 +260,30 @@ def test_migrations_run_at_once_on_postgresql_take_turns(own_postgres: OwnPostgr
             assert migrations.current_revisions(conn) == migrations.head_revisions()
     finally:
         engine.dispose()
+
+
+def test_a_schema_not_at_the_head_is_named_with_what_to_run(sqlite_url: str) -> None:
+    config = config_for(sqlite_url)
+    assert migrations.startup_problem(sqlite_url) is None
+    command.downgrade(config, "0005")
+    assert migrations.startup_problem(sqlite_url) == (
+        f"database at 0005, code expects {', '.join(sorted(migrations.head_revisions()))}: "
+        "run `mnist-service migrate`"
+    )
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    finally:
+        engine.dispose()
+    problem = migrations.startup_problem(sqlite_url)
+    assert problem is not None and "0099, which this code does not know" in problem
+    command.stamp(config, "base", purge=True)
+    assert migrations.startup_problem(sqlite_url) == (
+        "the database has no schema yet: run `mnist-service migrate`"
+    )
+
+
+def test_a_database_out_of_reach_is_no_schema_problem() -> None:
+    """A process starting through an outage starts (and waits for the database)."""
+    assert migrations.startup_problem("postgresql+psycopg://postgres@127.0.0.1:1/x") is None

@@ -146,18 +146,37 @@ def test_the_write_probe_runs_at_most_once_per_interval(
             assert session.scalars(select(ReadinessProbe.written_at)).one() == first
 
 
-def test_not_ready_when_the_schema_is_behind(sqlite_url: str, api_settings: Settings) -> None:
+def readyz_at(revision: str, sqlite_url: str, api_settings: Settings) -> dict[str, Any]:
+    """The 503 error of ``/readyz`` of an app on ``sqlite_url`` downgraded to ``revision``."""
     config = migrations.alembic_config(sqlite_url)
     config.attributes["configure_logger"] = False
-    command.downgrade(config, "0001")
+    command.downgrade(config, revision)
     settings = api_settings.model_copy(update={"database_url": sqlite_url})
     with TestClient(create_app(settings)) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
-    error = response.json()["error"]
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+def test_not_ready_when_the_schema_is_behind(sqlite_url: str, api_settings: Settings) -> None:
+    error = readyz_at("0001", sqlite_url, api_settings)
     assert error["code"] == "not_ready"
     assert "database at 0001" in error["message"] and "mnist-service migrate" in error["message"]
     assert {d["name"]: d["ok"] for d in error["details"]}["migrations"] is False
+
+
+def test_an_empty_database_is_not_ready_for_its_schema_alone(
+    sqlite_url: str, api_settings: Settings
+) -> None:
+    """The workers' check read a table that is not there, and /readyz said the database was
+    both reachable and unreachable."""
+    error = readyz_at("base", sqlite_url, api_settings)
+    checks = {d["name"]: (d["ok"], d["detail"]) for d in error["details"]}
+    assert checks == {
+        "database": (True, "reachable"),
+        "migrations": (False, "the database has no schema yet: run `mnist-service migrate`"),
+    }
 
 
 def test_not_ready_when_the_database_cannot_be_opened(

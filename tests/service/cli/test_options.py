@@ -1,0 +1,48 @@
+"""Options checked where they matter: process counts at least 1, and ``--url``/``--api-key``
+(or their environment variables) only for the client commands that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.cli import commands as cli
+from tests.support import run_python, service_env
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--workers", "-5"], ["run", "--workers", "0"], ["worker", "--concurrency", "0"]],
+)
+def test_a_process_count_below_one_is_a_bad_command_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert (
+        f"error: argument {argv[1]}: must be at least 1, not {argv[2]}" in capsys.readouterr().err
+    )
+
+
+def test_a_server_command_ignores_the_clients_url(tmp_path: Path) -> None:
+    """MNIST_URL is the clients'; a migrate on a host whose environment sets it for them (to
+    ``api:8000``, which no client takes) runs, where a client command is refused as before."""
+    env = service_env(database_url=f"sqlite:///{tmp_path / 'm.db'}", url="api:8000")
+    migrated = run_python(["-m", "service.cli", "migrate"], env, timeout_s=120)
+    assert migrated.returncode == cli.EXIT_OK, migrated.stderr
+    assert (tmp_path / "m.db").exists()
+    listed = run_python(["-m", "service.cli", "jobs"], env)
+    assert listed.returncode == cli.EXIT_USAGE
+    assert "error: argument --url: 'api:8000' is not an http:// or https://" in listed.stderr
+
+
+@pytest.mark.parametrize("url", ["http://api:8000/?x=1", "http://api:8000#top", "http://api:8000?"])
+def test_a_url_with_a_query_or_fragment_is_a_bad_command_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", url, "jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert "has a query or fragment" in capsys.readouterr().err
