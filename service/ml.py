@@ -61,6 +61,11 @@ def normalization_table() -> NDArray[np.float32]:
     return table
 
 
+class DeviceUnavailable(RuntimeError):
+    """The device a setting names is not on this machine: a configuration to fix, which no
+    restart cures."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit name must be available."""
     if name == "auto":
@@ -70,9 +75,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("MNIST_DEVICE=cuda but no CUDA device is available")
+        raise DeviceUnavailable("MNIST_DEVICE=cuda but no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("MNIST_DEVICE=mps but MPS is not available")
+        raise DeviceUnavailable("MNIST_DEVICE=mps but MPS is not available")
     if name == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)

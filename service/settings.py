@@ -372,11 +372,11 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_backend(cls, url: str) -> str:
-        try:
-            backend = make_url(url).get_backend_name()
+        try:  # and the drivers installed (an async one passed here, then failed at start)
+            driver = ((parsed := make_url(url)).get_backend_name(), parsed.get_driver_name())
         except ArgumentError:
-            backend = None
-        if backend not in ("sqlite", "postgresql"):
+            driver = None
+        if driver not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
             raise ValueError("MNIST_DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return url
 

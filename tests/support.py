@@ -20,10 +20,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
 from service.store.artifacts.backends import ArtifactSource
+from service.store.engines import make_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -343,3 +345,14 @@ def promtool_problems(scrape: str) -> str:
         check=False,
     )
     return "" if checked.returncode == 0 else checked.stdout + checked.stderr or "failed"
+
+
+def stamp_revision(url: str, revision: str) -> None:
+    """Mark the database at ``url`` as at ``revision`` (one the scripts may not know: a newer
+    code's), its schema untouched."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        engine.dispose()

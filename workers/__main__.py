@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.concurrency
         children = {f"worker-{i}": ["-m", "workers"] for i in range(1, n + 1)}
         return supervise(children, refused=(REFUSED_EXIT_STATUS,))
-    from workers.worker import Worker  # torch: not for --check or the supervisor
+    from service.ml import DeviceUnavailable  # torch: not for --check or the supervisor
+    from workers.worker import Worker
 
     engine = make_engine(settings.database_url)
     stop = wakeups.StopEvent()
@@ -97,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # tqdm bars would break one-JSON-object-per-line logs: JSON logs get a line per epoch.
         show_progress = settings.log_format == "text"
-        Worker(settings, make_sessionmaker(engine), stop=stop, show_progress=show_progress).run()
+        try:
+            sessions = make_sessionmaker(engine)
+            worker = Worker(settings, sessions, stop=stop, show_progress=show_progress)
+        except DeviceUnavailable as exc:  # a traceback, and a restart that could not help
+            print(f"python -m workers: {exc}", file=sys.stderr)
+            return REFUSED_EXIT_STATUS
+        worker.run()
     finally:
         engine.dispose()
     return 0

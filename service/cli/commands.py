@@ -49,6 +49,7 @@ __all__ = [  # the command line's entry point, and what its callers compare exit
 ]
 
 BAR_WIDTH = 30  # characters of a probability bar
+OUT_CHUNK = 65536  # characters of output a write takes at most (a pipe's buffer on Linux)
 
 
 def _percent(value: float | None, digits: int = 2) -> str:
@@ -137,10 +138,20 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def write_out(text: str) -> None:
+    """``text`` to standard output a pipe's buffer at a time. One large write whose reader
+    left part-way (``| head -1``) was taken whole by CPython when unbuffered
+    (``PYTHONUNBUFFERED=1``), the rest dropped silently and the command ending 0, where a
+    pipeline expects the SIGPIPE status (141)."""
+    for start in range(0, len(text), OUT_CHUNK):
+        sys.stdout.write(text[start : start + OUT_CHUNK])
+        sys.stdout.flush()
+
+
 def cmd_metrics(client: Client, args: argparse.Namespace) -> int:
     """A job's steps and epochs: a summary, or every step as CSV."""
     if args.csv:  # the API's CSV: one row per step, an epoch's accuracy on its last step
-        sys.stdout.write(client.metrics_csv(args.job_id))
+        write_out(client.metrics_csv(args.job_id))
         return EXIT_OK
     metrics = client.metrics(args.job_id)
     steps, epochs = metrics["steps"], metrics["epochs"]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import sys
 
+from alembic.util import CommandError
+from sqlalchemy.exc import SQLAlchemyError
+
 from service.api.security import exposure_problem
 from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, get_settings
@@ -16,9 +19,25 @@ from service.store import migrations
 
 def migrate() -> int:
     """Bring the database to the newest schema (``alembic upgrade head``), logging each step
-    as the service logs (there is no alembic.ini to configure alembic's logging)."""
+    as the service logs (there is no alembic.ini to configure alembic's logging).
+
+    A failure is one line, not alembic's traceback: exit 2 (not retried: systemd's
+    ``RestartPreventExitStatus``) for a database at a revision this code does not know, 1 for
+    one it cannot reach or change (which a later try may)."""
     configure_logging(get_settings())
-    migrations.upgrade()
+    try:
+        migrations.upgrade()
+    except CommandError as exc:
+        print(
+            f"mnist-service migrate: {exc}: the database was migrated by newer code, or is "
+            "another application's; nothing was changed",
+            file=sys.stderr,
+        )
+        return REFUSED_EXIT_STATUS
+    except (SQLAlchemyError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"mnist-service migrate: the database was not migrated: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

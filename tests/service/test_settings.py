@@ -72,6 +72,8 @@ def test_artifacts_auto_picks_by_the_database(
         ("MNIST_MAX_SWEEP_TRIALS", "10001", "max_sweep_trials"),
         # Values that passed, then failed at run time (dates out of range, floats to ints).
         ("MNIST_DATABASE_URL", "sqlite-nonsense", "sqlite:// or postgresql://"),
+        ("MNIST_DATABASE_URL", "postgresql+asyncpg://x/y", "sqlite:// or postgresql://"),
+        ("MNIST_DATABASE_URL", "sqlite+aiosqlite:///x.db", "sqlite:// or postgresql://"),
         ("MNIST_RETENTION_DAYS", "1000000000", "retention_days"),
         ("MNIST_LEASE_S", "1e12", "lease_s"),
         ("MNIST_LEASE_S", "inf", "lease_s"),

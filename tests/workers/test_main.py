@@ -7,6 +7,8 @@ import subprocess
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -55,4 +57,16 @@ def test_check_is_unhealthy_when_the_database_is_unreachable(tmp_path: Path) -> 
     result = check(f"sqlite:///{tmp_path}/missing/folder/mnist.db")
     assert result.returncode == 1
     assert "unhealthy: the database is unreachable: OperationalError" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the device asked for")
+def test_a_worker_asked_for_a_device_this_machine_lacks_refuses_in_one_line(
+    sqlite_url: str,
+) -> None:
+    """A traceback and exit 1, which ``run`` and systemd restarted again and again."""
+    env = service_env(database_url=sqlite_url, device="cuda")
+    result = run_python(["-m", "workers"], env, timeout_s=120)
+    assert result.returncode == 2, result.stderr
+    assert "MNIST_DEVICE=cuda but no CUDA device is available" in result.stderr
     assert "Traceback" not in result.stderr

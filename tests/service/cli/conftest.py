@@ -14,6 +14,8 @@ import pytest
 JOB_ID = "0192a3b4c5d6e7f8091a2b3c4d5e6f70"
 MANY_JOBS = 2000  # a table far longer than a pipe's buffer (64 KiB)
 MANY_STEPS = 5000
+LONG_JOB_ID = "0192a3b4c5d6e7f8091a2b3c4d5e6f71"  # a job of LONG_STEPS steps (a CSV of 0.75 MB)
+LONG_STEPS = 20_000
 HTML_404 = (
     "<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>"
     "<h1>Not Found</h1><p>The requested URL was not found on this server.</p>"
@@ -70,8 +72,9 @@ class StubHandler(BaseHTTPRequestHandler):
             ]
             body = {"job_id": JOB_ID, "status": "succeeded", "steps": steps, "epochs": []}
             self._send(200, "application/json", json.dumps({**body, "next_after_step": 0}))
-        elif path == f"/jobs/{JOB_ID}/metrics.csv":
-            rows = (f"{s},1,{64 * s},{1.0 / s!r}," for s in range(1, MANY_STEPS + 1))
+        elif path in (f"/jobs/{JOB_ID}/metrics.csv", f"/jobs/{LONG_JOB_ID}/metrics.csv"):
+            count = MANY_STEPS if path.startswith(f"/jobs/{JOB_ID}") else LONG_STEPS
+            rows = (f"{s},1,{64 * s},{1.0 / s!r}," for s in range(1, count + 1))
             header = "step,epoch,examples_seen,loss,test_accuracy"
             self._send(200, "text/csv; charset=utf-8", "\n".join([header, *rows]) + "\n")
         else:

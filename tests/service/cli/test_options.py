@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import commands as cli
-from tests.support import run_python, service_env
+from tests.support import run_python, service_env, stamp_revision
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,22 @@ def test_a_url_with_a_query_or_fragment_is_a_bad_command_line(
         cli.main(["--url", url, "jobs"])
     assert exit_.value.code == cli.EXIT_USAGE
     assert "has a query or fragment" in capsys.readouterr().err
+
+
+def test_a_migration_that_cannot_run_says_why_in_one_line(tmp_path: Path) -> None:
+    """Alembic's traceback (50 to 130 lines, exit 1) for a database newer than the code, one it
+    cannot open: one line each, exit 2 where no retry helps."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrated = run_python(["-m", "service.cli", "migrate"], service_env(database_url=url))
+    assert migrated.returncode == 0, migrated.stderr
+    stamp_revision(url, "0099")
+    newer = run_python(["-m", "service.cli", "migrate"], service_env(database_url=url))
+    assert newer.returncode == 2, newer.stderr
+    assert "Can't locate revision identified by '0099'" in newer.stderr
+    assert "migrated by newer code" in newer.stderr and "Traceback" not in newer.stderr
+    (tmp_path / "folder.db").mkdir()  # a folder is no database file
+    folder = service_env(database_url=f"sqlite:///{tmp_path / 'folder.db'}")
+    failed = run_python(["-m", "service.cli", "migrate"], folder)
+    assert failed.returncode == 1, failed.stderr
+    assert "the database was not migrated: " in failed.stderr
+    assert "Traceback" not in failed.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from service.cli.parser import EXIT_BROKEN_PIPE
-from tests.service.cli.conftest import JOB_ID
+from tests.service.cli.conftest import JOB_ID, LONG_JOB_ID
 from tests.support import REPO_ROOT
 
 TIMEOUT_S = 60
@@ -27,11 +27,11 @@ def cli_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO_ROOT)}
 
 
-def cli(*argv: str, stdout: int) -> subprocess.Popen[bytes]:
+def cli(*argv: str, stdout: int, unbuffered: bool = False) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", *argv],
         cwd=REPO_ROOT,
-        env=cli_env(),
+        env={**cli_env(), "PYTHONUNBUFFERED": "1"} if unbuffered else cli_env(),
         stdout=stdout,
         stderr=subprocess.PIPE,
     )
@@ -50,6 +50,23 @@ def test_jobs_piped_into_head_ends_quietly(stub_url: str) -> None:
         f"{0:032x}",
         "succeeded",
     ]
+    assert err.decode() == ""
+    assert proc.returncode == EXIT_BROKEN_PIPE
+
+
+def test_a_csv_piped_into_head_ends_with_the_sigpipe_status(stub_url: str) -> None:
+    """The CSV (0.75 MB here) was one write: unbuffered (``PYTHONUNBUFFERED=1``, as the
+    service's own processes run), CPython took it whole though its reader had left after 64
+    KiB, and the command ended 0."""
+    argv = ("--url", stub_url, "metrics", LONG_JOB_ID, "--csv")
+    proc = cli(*argv, stdout=subprocess.PIPE, unbuffered=True)
+    assert proc.stdout is not None
+    head = subprocess.run(
+        ["head", "-1"], stdin=proc.stdout, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert head.stdout == "step,epoch,examples_seen,loss,test_accuracy\n"
     assert err.decode() == ""
     assert proc.returncode == EXIT_BROKEN_PIPE
 

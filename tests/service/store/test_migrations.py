@@ -21,7 +21,7 @@ from service.store import migrations
 from service.store.engines import make_engine
 from service.store.tables import Base
 from tests.conftest import OwnPostgres
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, stamp_revision
 
 
 def config_for(url: str) -> Config:
@@ -270,12 +270,7 @@ def test_a_schema_not_at_the_head_is_named_with_what_to_run(sqlite_url: str) -> 
         f"database at 0005, code expects {', '.join(sorted(migrations.head_revisions()))}: "
         "run `mnist-service migrate`"
     )
-    engine = make_engine(sqlite_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
-    finally:
-        engine.dispose()
+    stamp_revision(sqlite_url, "0099")
     problem = migrations.startup_problem(sqlite_url)
     assert problem is not None and "0099, which this code does not know" in problem
     command.stamp(config, "base", purge=True)
