@@ -23,6 +23,14 @@ from service.store.tables import Base
 from tests.conftest import OwnPostgres
 from tests.support import REPO_ROOT, stamp_revision
 
+# A succeeded job's row in the columns every revision from 0002 on has.
+INSERT_ENDED_JOB = text(
+    "INSERT INTO jobs (id, status, epochs, batch_size, learning_rate, trainset_size, "
+    "testset_size, created_at, epoch, step, total_steps, attempt, max_attempts, "
+    "cancel_requested, resume_epoch) VALUES "
+    "(:id, 'succeeded', 1, 64, 0.001, 64, 10, :now, 1, 1, 1, 1, 1, false, 0)"
+)
+
 
 def config_for(url: str) -> Config:
     config = Config(str(REPO_ROOT / "alembic.ini"))
@@ -75,12 +83,7 @@ def test_a_sqlite_downgrade_keeps_the_rows_of_every_table_it_keeps(sqlite_url: s
     try:
         with engine.begin() as conn:
             conn.execute(
-                text(
-                    "INSERT INTO jobs (id, status, epochs, batch_size, learning_rate, "
-                    "trainset_size, testset_size, created_at, epoch, step, total_steps, "
-                    "attempt, max_attempts, cancel_requested, resume_epoch) VALUES "
-                    "(:id, 'succeeded', 1, 64, 0.001, 64, 10, :now, 1, 1, 1, 1, 1, false, 0)"
-                ),
+                INSERT_ENDED_JOB,
                 {"id": "a" * 32, "now": now},
             )
             for statement in (
@@ -141,12 +144,7 @@ def test_the_sweeps_migration_keeps_every_job_and_its_steps(
     try:
         with engine.begin() as conn:
             conn.execute(
-                text(
-                    "INSERT INTO jobs (id, status, epochs, batch_size, learning_rate, "
-                    "trainset_size, testset_size, created_at, epoch, step, total_steps, "
-                    "attempt, max_attempts, cancel_requested, resume_epoch) VALUES "
-                    "(:id, 'succeeded', 1, 64, 0.001, 64, 10, :now, 1, 1, 1, 1, 1, false, 0)"
-                ),
+                INSERT_ENDED_JOB,
                 {"id": "a" * 32, "now": datetime(2026, 1, 1)},
             )
             conn.execute(
