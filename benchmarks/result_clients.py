@@ -26,6 +26,7 @@ from service.store.tables import Job, TrainStep
 POLL_EVERY_S = 0.010  # the client's pause between two GET /jobs/{id}
 CHECK_BACK_S = 0.25  # ...of a client that leaves its job alone and checks back now and then
 WATCH_EVERY_S = 0.002  # the database watcher's longest pause between two reads
+WATCHER_READY_S = 10.0  # the longest a follow waits for its watcher's first read
 
 
 class KeptAlive:
@@ -178,6 +179,10 @@ def follow_to_result(
     )
     if watcher is not None:
         watcher.start()
+        # Watching before the stream is followed: a job shorter than the watcher's start (a
+        # test's 0.1-s job on a busy machine) was over before its first read, and no flush
+        # was seen at all. Seen late, a flush's delay is long, never missing.
+        watcher.ready.wait(WATCHER_READY_S)
     arrivals: list[tuple[int, float]] = []
     try:
         with client.stream("GET", f"/jobs/{job_id}/events", timeout=timeout_s) as r:
@@ -221,6 +226,7 @@ class Watcher(threading.Thread):
         self._heard = heard or wakeups.Listener()  # the base listener wakes nobody: polling
         self._halt = wakeups.StopEvent()
         self.seen: list[tuple[int, float]] = []
+        self.ready = threading.Event()  # set once its first read is done
         self.left_queue: float | None = None  # perf_counter
         self.left_queue_wall: float | None = None  # time.time(), to set against created_at
 
@@ -242,6 +248,7 @@ class Watcher(threading.Thread):
                 if step > last:
                     self.seen.append((step, time.perf_counter()))
                     last = step
+                self.ready.set()
                 if self.left_queue is not None and not self._steps:
                     return
                 news.wait(WATCH_EVERY_S, stop=self._halt)
