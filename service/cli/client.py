@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from service import sse
+from service.backoff import capped_exponential
 from service.clock import is_job_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -69,11 +70,11 @@ class Patience:
         self.limit_s = PATIENCE_S if limit_s is None else limit_s
         self._clock, self._sleep = clock, sleep
         self._since: float | None = None  # when the API stopped answering
-        self._pause = RETRY_FIRST_S
+        self._tries = 0  # pauses since it last answered
 
     def answered(self) -> None:
         """The API answered: the next outage gets the whole patience again."""
-        self._since, self._pause = None, RETRY_FIRST_S
+        self._since, self._tries = None, 0
 
     def wait_out(self, exc: ApiError, what: str, see: str) -> None:
         """Pause before asking again after ``exc``; re-raise it if it will not pass, or give up
@@ -92,8 +93,9 @@ class Patience:
                 f"gave up watching {what} after {self.limit_s:g} s without the API "
                 f"({exc.message}); {what} goes on on the server: see {see}",
             ) from exc
-        pause = exc.retry_after_s if exc.retry_after_s is not None else self._pause
-        self._pause = min(2 * self._pause, RETRY_MAX_S)
+        backoff = capped_exponential(RETRY_FIRST_S, RETRY_MAX_S, self._tries)
+        pause = exc.retry_after_s if exc.retry_after_s is not None else backoff
+        self._tries += 1
         self._sleep(max(0.0, min(pause, left)))
 
 
