@@ -356,3 +356,19 @@ def stamp_revision(url: str, revision: str) -> None:
             conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
     finally:
         engine.dispose()
+
+
+class FakeClock:
+    """A clock that moves only when the code under test sleeps (or a test sets ``now``): call
+    it for the time; ``sleep`` records each pause asked for in ``pauses`` and moves on by it."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.pauses: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.asgi import query_names
 from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN, MAX_PAGE
 from service.errors import InvalidInput, NotFound
+from service.schemas import QueryInt
 from service.serving.predictor import Predictor
 from service.settings import Settings
 from service.store import availability, job_repo
@@ -86,7 +87,7 @@ WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 # The paging of every listing (GET /jobs, /models, /sweeps): how many at most, and where from.
-PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+PageLimit = Annotated[QueryInt, Query(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[
     str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
 ]

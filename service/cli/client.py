@@ -23,7 +23,9 @@ PATIENCE_S = 60.0  # how long a watch waits out an API that is away (a restart t
 RETRY_FIRST_S = 0.5  # the first pause before trying again; each next one doubles ...
 RETRY_MAX_S = 5.0  # ... up to this
 METRICS_PAGE = 10_000
+PASSING_STATUSES = (0, 502, 503, 504)  # unreachable; a proxy's bad gateway; busy; gateway timeout
 TITLE_CHARS = 80  # of an HTML page's <title>, quoted when another server answers
+NOT_THE_API = "this is not the MNIST service's API"
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
@@ -49,8 +51,9 @@ class ApiError(Exception):
     @property
     def passing(self) -> bool:
         """Whether asking again later may succeed: the API could not be reached (restarting),
-        or answered 503 (busy, or its database away): states the service expects to leave."""
-        return self.status in (0, 503)
+        answered 503 (busy, or its database away), or a proxy in front of it answered 502 or
+        504 (the API behind it restarting or stalled): states the service expects to leave."""
+        return self.status in PASSING_STATUSES
 
 
 class Patience:
@@ -146,10 +149,13 @@ def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
     status, request = response.status_code, response.request
     error = _envelope(response)
     if error is None:
+        # A proxy's 502/504 speaks for the API behind it (restarting, stalled); any other
+        # answer without the service's envelope came from another server.
+        said = "the API behind it did not answer" if status in (502, 504) else NOT_THE_API
         raise ApiError(
             status,
             f"http_{status}",
-            f"{_summary(response)}: this is not the MNIST service's API",
+            f"{_summary(response)}: {said}",
             retry_after_s=_retry_after(response),
         )
     # The service's own answer for a path or method it has no route for: FastAPI's 404/405
@@ -180,7 +186,7 @@ def _not_the_api(response: httpx.Response) -> ApiError:
     return ApiError(
         response.status_code,
         "not_the_api",
-        f"{_summary(response)}: this is not the MNIST service's API",
+        f"{_summary(response)}: {NOT_THE_API}",
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from service.clock import JOB_ID_PATTERN
 from service.status import JobStatus
@@ -24,6 +26,19 @@ def _integral(value: object) -> object:
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def _decimal(value: object) -> object:
+    # A query string's integer as people write it: pydantic's lax mode also took "1_0", " 10 ",
+    # "+10" and "10.0", each a different string for the same answer.
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "must be a whole number in decimal digits")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_decimal)]
 
 
 class StrictModel(BaseModel):

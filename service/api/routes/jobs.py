@@ -23,7 +23,7 @@ from service.api.deps import (
 from service.api.json_bodies import JsonBodyRoute
 from service.domain import deletion, jobs
 from service.errors import NotFound
-from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead
+from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead, QueryInt
 from service.serving.predictor import Predictor
 from service.status import JobStatus
 from service.store.tables import MAX_INTEGER
@@ -45,10 +45,10 @@ class MetricsQuery(BaseModel):
     """The query parameters of a metrics poll: the route declares them, and the polls' fast lane
     reads a query string with this same model (:mod:`service.api.lanes.polls`)."""
 
-    after_step: int = Field(
+    after_step: QueryInt = Field(
         default=0, ge=0, le=MAX_STEP, description="Only steps numbered above this."
     )
-    limit: int = Field(default=DEFAULT_STEPS_PAGE, ge=1, le=MAX_STEPS_PAGE)
+    limit: QueryInt = Field(default=DEFAULT_STEPS_PAGE, ge=1, le=MAX_STEPS_PAGE)
 
 
 @router.post(

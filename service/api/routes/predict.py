@@ -23,6 +23,7 @@ from service.schemas import (
     PixelsInput,
     Prediction,
     PredictionBatch,
+    QueryInt,
 )
 from service.serving import predictor as predict_service
 from service.serving.registry import ModelChoice
@@ -84,7 +85,7 @@ class PredictQuery(BaseModel):
     model: str | None = Field(
         default=None, pattern=ALIAS_PATTERN, description="The model this alias points at."
     )
-    top_k: int | None = Field(
+    top_k: QueryInt | None = Field(
         default=None, ge=1, le=NUM_CLASSES, description="Also list the k best digits."
     )
 

@@ -1,6 +1,7 @@
 """The watches (``submit --watch``, ``sweep --watch``) wait out an API that is away: a restart
-under ``mnist-service run`` (connections refused for seconds), a busy 503 with Retry-After; and
-give up after :data:`PATIENCE_S`, saying the job goes on."""
+under ``mnist-service run`` (connections refused for seconds), a proxy's 502 or 504 while the API
+behind it is away, a busy 503 with Retry-After; and give up after :data:`PATIENCE_S`, saying the
+job goes on."""
 
 from __future__ import annotations
 
@@ -22,22 +23,7 @@ from service.cli.client import ApiError, Client, Patience
 from service.cli.sweeps import watch_sweep
 from tests.service.cli.conftest import JOB_ID, RUNNING_JOB
 from tests.service.cli.test_client import run_against
-from tests.support import free_port, local_env, process, wait_for
-
-
-class FakeTime:
-    """A clock that moves only when the code under test sleeps: the pauses it asked for."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.pauses: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-        self.now += seconds
+from tests.support import FakeClock, free_port, local_env, process, wait_for
 
 
 def stream(*events: tuple[str, str, dict[str, Any]]) -> httpx.Response:
@@ -45,14 +31,12 @@ def stream(*events: tuple[str, str, dict[str, Any]]) -> httpx.Response:
     return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
 
-def test_a_job_watch_waits_out_a_restart_and_a_busy_503_and_resumes_where_it_was(
+def test_a_job_watch_waits_out_a_restart_a_proxy_and_a_busy_503_and_resumes_where_it_was(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = FakeTime()
-    monkeypatch.setattr(
-        client_module, "Patience", partial(Patience, clock=fake.clock, sleep=fake.sleep)
-    )
-    refusals = 12  # ~45 s of a restarting API: more than a handful of tries
+    fake = FakeClock()
+    monkeypatch.setattr(client_module, "Patience", partial(Patience, clock=fake, sleep=fake.sleep))
+    refusals = 10  # ~38 s of a restarting API: more than a handful of tries
     opened: list[str | None] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -63,7 +47,12 @@ def test_a_job_watch_waits_out_a_restart_and_a_busy_503_and_resumes_where_it_was
             return stream(("1:0:0", "status", RUNNING_JOB))
         if len(opened) <= 1 + refusals:
             raise httpx.ConnectError("Connection refused", request=request)
-        if len(opened) == 2 + refusals:  # back, but its event streams are all taken
+        if len(opened) == 2 + refusals:  # a proxy in front: the API behind it still away
+            page = "<html><head><title>502 Bad Gateway</title></head></html>"
+            return httpx.Response(502, text=page, headers={"content-type": "text/html"})
+        if len(opened) == 3 + refusals:  # ... or stalled
+            return httpx.Response(504, text="upstream timed out")
+        if len(opened) == 4 + refusals:  # back, but its event streams are all taken
             error = {"error": {"code": "busy", "message": "too many event streams"}}
             return httpx.Response(503, json=error, headers={"Retry-After": "7"})
         final = {**RUNNING_JOB, "status": "succeeded", "accuracy": 0.5, "final": True}
@@ -72,7 +61,7 @@ def test_a_job_watch_waits_out_a_restart_and_a_busy_503_and_resumes_where_it_was
     code, out, err = run_against(httpx.MockTransport(answer), capsys, "submit", "--watch")
     assert code == cli.EXIT_OK, err
     assert out.splitlines()[-1] == f"job {JOB_ID} succeeded: test accuracy 50.00%"
-    assert opened[1:] == ["1:0:0"] * (refusals + 2)  # every try resumed where it was
+    assert opened[1:] == ["1:0:0"] * (refusals + 4)  # every try resumed where it was
     assert fake.pauses[-1] == 7.0  # the 503's Retry-After
     assert max(fake.pauses[:-1]) == client_module.RETRY_MAX_S  # backing off, within bounds
     assert fake.now < client_module.PATIENCE_S
@@ -81,10 +70,8 @@ def test_a_job_watch_waits_out_a_restart_and_a_busy_503_and_resumes_where_it_was
 def test_a_job_watch_gives_up_after_its_patience_saying_the_job_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fake = FakeTime()
-    monkeypatch.setattr(
-        client_module, "Patience", partial(Patience, clock=fake.clock, sleep=fake.sleep)
-    )
+    fake = FakeClock()
+    monkeypatch.setattr(client_module, "Patience", partial(Patience, clock=fake, sleep=fake.sleep))
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("Connection refused", request=request)
@@ -102,12 +89,36 @@ def test_a_job_watch_gives_up_after_its_patience_saying_the_job_goes_on(
 
 
 def test_a_refusal_that_will_not_pass_is_not_waited_out() -> None:
-    fake = FakeTime()
-    patience = Patience(clock=fake.clock, sleep=fake.sleep)
+    fake = FakeClock()
+    patience = Patience(clock=fake, sleep=fake.sleep)
     refused = ApiError(404, "not_found", "no sweep")
     with pytest.raises(ApiError) as raised:
         patience.wait_out(refused, "sweep x", "mnist-service sweeps")
     assert raised.value is refused and fake.pauses == []
+
+
+@pytest.mark.parametrize(
+    ("status", "passing", "says"),
+    [
+        (502, True, "the API behind it did not answer"),
+        (504, True, "the API behind it did not answer"),
+        (500, False, client_module.NOT_THE_API),
+        (404, False, client_module.NOT_THE_API),
+    ],
+)
+def test_a_proxys_bad_gateway_is_waited_out_and_another_servers_error_is_not(
+    status: int, passing: bool, says: str
+) -> None:
+    page = "<html><head><title>Error</title></head></html>"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, text=page, headers={"content-type": "text/html"})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer), base_url="http://stub")
+    with pytest.raises(ApiError) as raised:
+        Client("http://stub", http=http).job(JOB_ID)
+    assert raised.value.passing is passing
+    assert raised.value.message.endswith(f"titled 'Error'): {says}")
 
 
 class Counted(Patience):

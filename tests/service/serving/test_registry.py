@@ -21,7 +21,7 @@ from service.status import TERMINAL, JobStatus
 from service.store import job_repo
 from service.store.artifacts import backends as artifacts
 from service.store.tables import Job
-from tests.support import wait_until
+from tests.support import FakeClock, wait_until
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -202,14 +202,6 @@ def test_deleting_a_job_deletes_its_aliases(sessions: sessionmaker[Session]) -> 
 
 
 # --- remembering resolutions -----------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def cached_job(

@@ -21,6 +21,7 @@ from service.store.outage import (
     is_storage_full,
     retry,
 )
+from tests.support import FakeClock
 
 
 def wrapped(error: Exception) -> sa_exc.DBAPIError:
@@ -164,19 +165,6 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_within_half_a_step() -> None:
     assert highest.next_delay() == pytest.approx(0.1, rel=1e-5)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.waits: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-
-
 def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
 
@@ -184,7 +172,7 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_retry_rides_out_an_outage_with_one_line_at_each_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     outage = Outage(logging.getLogger("test.outage"), clock=clock)
     failures = iter([wrapped(sqlite_coded("disk I/O error", 10))] * 6)
 
@@ -196,10 +184,10 @@ def test_retry_rides_out_an_outage_with_one_line_at_each_end(
 
     with caplog.at_level(logging.WARNING):
         result = retry(
-            write, outage=outage, what="flush", wait=clock.wait, backoff=Backoff(rng=lambda: 1.0)
+            write, outage=outage, what="flush", wait=clock.sleep, backoff=Backoff(rng=lambda: 1.0)
         )
     assert result == "written"
-    assert clock.waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
+    assert clock.pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
     lines = outage_lines(caplog)
     assert len(lines) == 2
     assert lines[0] == (
@@ -211,19 +199,19 @@ def test_retry_rides_out_an_outage_with_one_line_at_each_end(
 
 
 def test_other_errors_are_raised_at_once_without_waiting() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     outage = Outage(logging.getLogger("test.outage"), clock=clock)
 
     def lost() -> None:
         raise LeaseLost("job x attempt 1 is no longer this worker's")
 
     with pytest.raises(LeaseLost):
-        retry(lost, outage=outage, what="flush", wait=clock.wait)
-    assert clock.waits == [] and not outage.down
+        retry(lost, outage=outage, what="flush", wait=clock.sleep)
+    assert clock.pauses == [] and not outage.down
 
 
 def test_give_up_lets_the_outage_error_through() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     outage = Outage(logging.getLogger("test.outage"), clock=clock)
 
     def down() -> None:
@@ -234,14 +222,14 @@ def test_give_up_lets_the_outage_error_through() -> None:
             down,
             outage=outage,
             what="claim",
-            wait=clock.wait,
-            give_up=lambda: len(clock.waits) >= 3,
+            wait=clock.sleep,
+            give_up=lambda: len(clock.pauses) >= 3,
         )
-    assert len(clock.waits) == 3 and outage.down
+    assert len(clock.pauses) == 3 and outage.down
 
 
 def test_threads_sharing_an_outage_log_it_once(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     outage = Outage(logging.getLogger("test.outage"), clock=clock)
     error = wrapped(psycopg.OperationalError("connection refused"))
     start = threading.Barrier(8)

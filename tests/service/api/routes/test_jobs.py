@@ -32,6 +32,7 @@ DEFAULTS = {
     "seed": None,
     "max_runtime_s": None,
 }
+RAW_PNG = {"content-type": "image/png"}
 
 
 def test_submit_fills_in_defaults_and_points_to_the_job(client: TestClient) -> None:
@@ -386,6 +387,30 @@ def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
     workers = client.get("/workers").json()["workers"]
     assert [(w["id"], w["job_id"]) for w in workers] == [("fenced", None), ("thief", job_id)]
     assert [w["job_ids"] for w in workers] == [[], [job_id]]
+
+
+@pytest.mark.parametrize("spelt", ["1_0", "+10", "%2B10", "10.0", "1e1", "%2010", "0x10"])
+def test_a_query_integer_in_other_than_decimal_digits_is_a_422_naming_it(
+    client: TestClient, spelt: str
+) -> None:
+    """Every integer of a query string, on every route (metrics, the listings, predict): the
+    lax reading took "1_0" and "+10" as 10, a different string for the same answer."""
+    job_id = client.post("/jobs", json={}).json()["id"]
+    for path, name in [
+        (f"/jobs/{job_id}/metrics", "after_step"),
+        (f"/jobs/{job_id}/metrics", "limit"),
+        ("/jobs", "limit"),
+        ("/models", "limit"),
+        ("/sweeps", "limit"),
+    ]:
+        response = client.get(f"{path}?{name}={spelt}")
+        assert response.status_code == 422, (path, name)
+        error = response.json()["error"]
+        assert error["message"] == f"query.{name}: must be a whole number in decimal digits"
+        assert client.get(f"{path}?{name}=010").status_code == 200  # leading zeros: still 10
+    predict = client.post(f"/predict?top_k={spelt}", content=b"x", headers=RAW_PNG)
+    assert predict.status_code == 422
+    assert predict.json()["error"]["message"].startswith("query.top_k: must be a whole number")
 
 
 def test_unknown_query_parameters_are_named_in_a_422(client: TestClient) -> None:
