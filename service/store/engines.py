@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     "database is locked" when it turns from reading to writing: it waits (busy_timeout) instead.
     Readers are not blocked by it in WAL mode.
     """
-    ensure_sqlite_dir(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
@@ -60,6 +59,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return create_engine(url, **{"pool_pre_ping": True, **kwargs})
 
     engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+
+    @event.listens_for(engine, "do_connect")
+    def _make_folder(*_args: Any) -> None:
+        # Before each connection, not once: a folder that cannot be made yet (a permission, a
+        # mount still to come) is an outage like a database server that is down. SQLite's
+        # "unable to open database file" follows, which the outage handling retries and /readyz
+        # reports, rather than a traceback at start and a process restarted forever.
+        with suppress(OSError):
+            ensure_sqlite_dir(url)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -86,3 +86,24 @@ def test_a_driver_read_is_a_snapshot_beside_a_writer_and_ends_with_its_block(
             reader.close()
     finally:
         engine.dispose()
+
+
+def test_a_sqlite_folder_that_cannot_be_made_is_an_outage_until_it_can(tmp_path: Path) -> None:
+    """A file where the folder should be (as a permission or a mount still to come would):
+    the engine is built, each connection is an outage, and the first after the cause is gone
+    makes the folder and opens the database. It used to raise at start, a traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    database = blocker / "data" / "db.sqlite"
+    engine = engines.make_engine(f"sqlite:///{database}")
+    try:
+        for _ in range(2):  # each try makes the folder again, not just the first
+            with pytest.raises(sa_exc.OperationalError) as raised, engine.connect():
+                pass
+            assert is_outage(raised.value)
+        blocker.unlink()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+        assert database.exists()
+    finally:
+        engine.dispose()
