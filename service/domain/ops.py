@@ -181,7 +181,11 @@ class Throughput:
 
     Each running attempt's newest step (its examples seen) and the time the worker wrote it
     form a sample; the rate is the difference to the previous scrape's sample, so it covers
-    the interval between scrapes. An attempt seen for the first time is rated from its start.
+    the interval between scrapes. An attempt seen for the first time is rated from its start
+    where it began from nothing; one that resumed (or kept) finished epochs is rated from the
+    next scrape: its examples seen count the earlier attempts' images, which rated from its
+    start came out many times the true rate. A job whose lease expired is not sampled (no
+    worker trains it), so a dead worker's last rate does not stand.
     """
 
     def __init__(self) -> None:
@@ -200,6 +204,9 @@ class Throughput:
                 previous = self._last.get(key)
                 if previous is not None and s.heartbeat_at <= previous[1]:
                     current[key] = previous  # nothing written since: the last rate stands
+                    continue
+                if previous is None and s.resume_epoch > 0:
+                    current[key] = (s.examples_seen, s.heartbeat_at, 0.0)  # rated from here
                     continue
                 base_examples, base_time = (
                     (previous[0], previous[1]) if previous else (0, s.started_at or s.heartbeat_at)
@@ -225,6 +232,6 @@ def store_figures(
         jobs_by_status=by_status,
         queue_depth=by_status[JobStatus.QUEUED],
         live_workers=len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s)),
-        images_per_second=throughput.update(job_repo.running_samples(session)),
+        images_per_second=throughput.update(job_repo.running_samples(session, now=now)),
         store_bytes=None if size is None else size.read(session)[0],
     )

@@ -7,7 +7,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, not_, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
@@ -19,6 +19,7 @@ from service.store.cursors import newest_first
 from service.store.engines import Reader
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
+from service.store.upkeep.leases import lease_expired
 
 
 def create_job(
@@ -207,10 +208,13 @@ class RunningSample:
     examples_seen: int
     started_at: datetime | None
     heartbeat_at: datetime | None
+    resume_epoch: int  # 0: no epoch of the job was finished before (or during) this attempt
 
 
-def running_samples(session: Session) -> list[RunningSample]:
-    """Each running job's examples seen at its latest recorded step, with its write times."""
+def running_samples(session: Session, *, now: datetime) -> list[RunningSample]:
+    """Each running job's examples seen at its latest recorded step, with its write times;
+    not a job whose lease expired before ``now``: no worker trains it (it died or stalled)
+    until one claims it again."""
     stmt = (
         select(
             Job.id,
@@ -218,8 +222,9 @@ def running_samples(session: Session) -> list[RunningSample]:
             func.coalesce(TrainStep.examples_seen, 0),
             Job.started_at,
             Job.heartbeat_at,
+            Job.resume_epoch,
         )
         .outerjoin(TrainStep, and_(TrainStep.job_id == Job.id, TrainStep.step == Job.step))
-        .where(Job.status == JobStatus.RUNNING)
+        .where(Job.status == JobStatus.RUNNING, not_(lease_expired(now)))
     )
     return [RunningSample(*row) for row in session.execute(stmt)]

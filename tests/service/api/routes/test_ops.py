@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
@@ -18,8 +18,8 @@ from service.clock import utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import migrations
-from service.store.tables import ReadinessProbe, WorkerRow
-from tests.records import FakeTraining
+from service.store.tables import Job, ReadinessProbe, WorkerRow
+from tests.records import LEASE_S, FakeTraining
 from tests.support import NEEDS_PROMTOOL, promtool_problems
 
 
@@ -295,3 +295,51 @@ def test_metrics_report_jobs_queue_workers_and_throughput(
     third = client.get("/metrics").text
     assert sample(third, "mnist_training_images_per_second") == 0
     assert sample(third, "mnist_jobs", status="succeeded") == 1
+
+
+def test_a_resumed_attempt_is_rated_from_its_next_scrape_not_from_its_start(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    """The retried attempt's newest step counts the first attempt's epoch too: rated from its
+    own start, 0.5 s before, that came out a hundred times the true rate."""
+    params = JobCreate(epochs=2, batch_size=10, trainset_size=100)
+    training = FakeTraining(sessions, params, clock=utcnow() - timedelta(seconds=LEASE_S + 5))
+    training.submit()
+    training.claim()
+    training.run_epoch(0.5)  # 100 images and a training state to resume from ...
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == training.job_id)
+            .values(resume_epoch=1, resume_checkpoint="s")
+        )
+    # ... then the worker dies
+    training.clock += timedelta(seconds=LEASE_S + 1)  # its lease runs out
+    training.claim()  # attempt 2 resumes after epoch 1, its steps kept
+    training.step, training.epoch = training.steps_per_epoch, 1
+    training.advance(1, seconds=0.5)
+    first = client.get("/metrics").text
+    assert sample(first, "mnist_jobs", status="running") == 1
+    assert sample(first, "mnist_training_images_per_second") == 0  # rated from here on
+    training.advance(5, seconds=0.25)  # 50 images in a quarter second
+    second = client.get("/metrics").text
+    assert sample(second, "mnist_training_images_per_second") == pytest.approx(200.0)
+
+
+def test_a_job_whose_lease_ran_out_trains_no_images(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    """Its worker died (or stalls): the job stays running until another claims it, and the
+    last rate it was seen at used to stand all that while."""
+    training = FakeTraining(sessions, JobCreate(epochs=2, batch_size=10, trainset_size=100))
+    training.submit()
+    training.claim()
+    training.advance(5, seconds=1.0)
+    assert sample(client.get("/metrics").text, "mnist_training_images_per_second") == 50.0
+    with sessions.begin() as session:
+        job = session.get(Job, training.job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    later = client.get("/metrics").text
+    assert sample(later, "mnist_jobs", status="running") == 1
+    assert sample(later, "mnist_training_images_per_second") == 0
