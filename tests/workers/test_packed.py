@@ -205,7 +205,8 @@ def test_a_stop_mid_pack_releases_every_job_and_they_resume_as_a_pack(
     Worker(packing(settings), sessions, stop=stop, show_progress=False).run()
     for job_id in ids:  # each finished the epoch it was in, and went back with it kept
         job = read_job(sessions, job_id)
-        assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+        assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 1, None)
+        assert job.max_attempts == 4  # one more: the attempt was not spent
         assert (job.resume_epoch, job.step) == (1, STEPS // 2)
     Worker(packing(settings), sessions, show_progress=False).run(max_jobs=3)
     rows = [read_job(sessions, j) for j in ids]
@@ -213,7 +214,7 @@ def test_a_stop_mid_pack_releases_every_job_and_they_resume_as_a_pack(
     alone = [submit(sessions, **trial) for trial in TRIALS]
     Worker(packing(settings, 1), sessions, show_progress=False).run(max_jobs=3)
     for job, reference in zip(rows, alone, strict=True):
-        assert (job.status, job.step, job.attempt) == (JobStatus.SUCCEEDED, STEPS, 1), job.error
+        assert (job.status, job.step, job.attempt) == (JobStatus.SUCCEEDED, STEPS, 2), job.error
         torch.testing.assert_close(
             torch.tensor(losses(sessions, job.id)),
             torch.tensor(losses(sessions, reference)),
@@ -279,7 +280,8 @@ def test_sigterm_mid_pack_releases_every_job_of_the_pack(
         assert proc.wait(timeout=90) == 0
     for job_id in ids:  # each went back with the epoch it was in kept, its attempt not spent
         job = read_job(sessions, job_id)
-        assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+        assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 1, None)
+        assert job.max_attempts == 4
         assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 1000
     assert "(a pack of 3)" in (tmp_path / "worker.log").read_text()
 

@@ -131,7 +131,8 @@ def test_a_stopping_worker_hands_its_job_back(
     thread.join(timeout=30)
     assert not thread.is_alive()
     job = read(sessions, job_id)
-    assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 0, None)
+    assert (job.status, job.attempt, job.worker_id) == (JobStatus.QUEUED, 1, None)
+    assert job.max_attempts == 4  # the attempt was not spent: one more
     # It finished the epoch it was in, so a later attempt resumes after it.
     assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 80
     assert stored(settings, sessions, job.resume_checkpoint)

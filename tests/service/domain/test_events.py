@@ -26,7 +26,7 @@ from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
 from service.schemas import JobCreate
 from service.status import JobStatus
-from service.store import metric_repo, wakeups
+from service.store import metric_repo, queue_repo, wakeups
 from service.store.tables import Job
 from tests.records import FakeTraining
 
@@ -224,6 +224,35 @@ def test_a_retried_job_starts_the_stream_over(
     assert kinds(evs) == ["status", "step"]
     assert evs[0].json()["attempt"] == 2 and steps_of(evs) == [1, 2]
     assert evs[-1].id == "2:2:0:4"
+
+
+def test_a_stream_resumed_from_a_released_run_gets_the_next_runs_steps_again(
+    sessions: sessionmaker[Session], training: FakeTraining
+) -> None:
+    """A worker that shuts down gives its job back; the next run rewinds to the last finished
+    epoch (here the start) and trains those steps again. A client that reconnects with the
+    released run's last id must get them: the run's number was once reused, and the stream
+    took the id for a position in the new run."""
+    training.claim()
+    training.advance(4)
+    first, _ = poll(sessions, StreamState(cursor=Cursor(), job_id=training.job_id))
+    assert steps_of(first) == [1, 2, 3, 4]
+    with sessions.begin() as session:
+        queue_repo.release_job(
+            session,
+            job_id=training.job_id,
+            attempt=training.attempt,
+            worker_id=training.worker_id,
+            now=training.clock,
+        )
+    training.worker_id = "second-worker"
+    training.claim()
+    training.advance(3)
+    resumed, _ = poll(
+        sessions, StreamState(cursor=Cursor.parse(first[-1].id), job_id=training.job_id)
+    )
+    assert kinds(resumed) == ["status", "step"]
+    assert resumed[0].json()["attempt"] == 2 and steps_of(resumed) == [1, 2, 3]
 
 
 def test_the_step_limit_holds_back_epochs_and_the_end(
