@@ -41,6 +41,11 @@ class FakeTraining:
         return StepPlan.of(self.params)
 
     @property
+    def fence(self) -> dict[str, Any]:
+        """What names this attempt in every write (the store's fence)."""
+        return {"job_id": self.job_id, "attempt": self.attempt, "worker_id": self.worker_id}
+
+    @property
     def steps_per_epoch(self) -> int:
         """Optimiser steps per epoch."""
         return self.plan.steps_per_epoch
@@ -83,9 +88,7 @@ class FakeTraining:
         with self.sessions.begin() as session:
             queue_repo.record_progress(
                 session,
-                job_id=self.job_id,
-                attempt=self.attempt,
-                worker_id=self.worker_id,
+                **self.fence,
                 progress=queue_repo.Progress(
                     steps=rows,
                     epochs=epochs,
@@ -96,6 +99,11 @@ class FakeTraining:
                 lease_s=LEASE_S,
                 now=self.clock,
             )
+
+    def release(self) -> None:
+        """Give the job back to the queue, as a worker shutting down does."""
+        with self.sessions.begin() as session:
+            queue_repo.release_job(session, **self.fence, now=self.clock)
 
     def run_epoch(self, accuracy: float) -> None:
         """Record one whole epoch in two flushes."""
@@ -125,9 +133,7 @@ class FakeTraining:
         """End the job in ``session``, uncommitted."""
         queue_repo.finish_job(
             session,
-            job_id=self.job_id,
-            attempt=self.attempt,
-            worker_id=self.worker_id,
+            **self.fence,
             status=status,
             now=self.clock,
             error=error,

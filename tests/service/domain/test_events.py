@@ -26,7 +26,7 @@ from service.domain.events import Cursor, StreamState
 from service.errors import InvalidInput
 from service.schemas import JobCreate
 from service.status import JobStatus
-from service.store import metric_repo, queue_repo, wakeups
+from service.store import metric_repo, wakeups
 from service.store.tables import Job
 from tests.records import FakeTraining
 
@@ -237,14 +237,7 @@ def test_a_stream_resumed_from_a_released_run_gets_the_next_runs_steps_again(
     training.advance(4)
     first, _ = poll(sessions, StreamState(cursor=Cursor(), job_id=training.job_id))
     assert steps_of(first) == [1, 2, 3, 4]
-    with sessions.begin() as session:
-        queue_repo.release_job(
-            session,
-            job_id=training.job_id,
-            attempt=training.attempt,
-            worker_id=training.worker_id,
-            now=training.clock,
-        )
+    training.release()
     training.worker_id = "second-worker"
     training.claim()
     training.advance(3)
