@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,15 @@ MAX_SIDE_PX = 65_535
 # JPEG photos decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this long:
 # a digit needs far fewer pixels than a phone camera gives, and a reduced decode is much cheaper.
 JPEG_DRAFT_MIN_SIDE_PX = 256
+# A JPEG of more scans than this is refused before decoding. Each scan of a progressive JPEG
+# passes over the whole image again, its reduced draft included, so a few bytes per repeated
+# scan bought a decode of minutes (1,000 scans of 16 Mpx in 126 kB: 14 s). Encoders write
+# about 10 (libjpeg's progression 10 in colour, 6 in gray), and baseline JPEGs 1 to 3.
+MAX_JPEG_SCANS = 64
+# A JPEG marker: 0xFF then a byte that is not 0x00 (a stuffed 0xFF in entropy-coded data),
+# not a restart marker (0xD0-0xD7, which sit inside a scan) and not 0xFF (a fill byte).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SOS, _JPEG_EOI, _JPEG_TEM = 0xDA, 0xD9, 0x01
 # Light background ↔ the border's median is at least this bright.
 LIGHT_BACKGROUND_MIN = 128
 # A field whose brightest pixel is within this of the background holds no digit.
@@ -106,6 +116,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"the image is {width}×{height} pixels: nothing to read")
+    if image.format == "JPEG" and jpeg_scans(data, most=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise PayloadTooLarge(
+            f"the JPEG image has more than {MAX_JPEG_SCANS} scans (encoders write about 10)"
+        )
     try:
         if image.format == "JPEG":
             image.draft("L", (JPEG_DRAFT_MIN_SIDE_PX, JPEG_DRAFT_MIN_SIDE_PX))
@@ -115,6 +129,23 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
     # ValueError, zlib.error, struct.error…): all of them mean the bytes are not a valid image.
     except Exception as exc:
         raise InvalidInput("the image could not be decoded (truncated or corrupt)") from exc
+
+
+def jpeg_scans(data: bytes, *, most: int) -> int:
+    """How many scans (start-of-scan markers) a JPEG's bytes hold, counted up to ``most`` + 1.
+
+    Segments are skipped by their length (an EXIF thumbnail's markers inside an APP1 segment
+    are not the image's); a scan's entropy-coded data is searched for the next marker."""
+    scans, at = 0, 2  # after the start-of-image marker
+    while scans <= most and (found := _JPEG_MARKER.search(data, at)) is not None:
+        marker, at = data[found.start() + 1], found.end()
+        if marker == _JPEG_EOI:
+            break
+        if marker == _JPEG_TEM:  # the one other marker without a length
+            continue
+        scans += marker == _JPEG_SOS
+        at += int.from_bytes(data[at : at + 2], "big")
+    return scans
 
 
 def claimed_format(data: bytes) -> str | None:

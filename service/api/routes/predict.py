@@ -113,7 +113,7 @@ def multipart_cap(settings: Settings) -> int:
     responses={
         404: {"model": ErrorEnvelope, "description": "No such job or alias."},
         409: {"model": ErrorEnvelope, "description": "No trained model (yet)."},
-        413: {"model": ErrorEnvelope, "description": "Too many bytes, pixels or images."},
+        413: {"model": ErrorEnvelope, "description": "Too many bytes, pixels, JPEG scans or images."},
         415: {"model": ErrorEnvelope, "description": "Not an image in an accepted format."},
         422: {"model": ErrorEnvelope, "description": "Empty, corrupt or invalid input."},
         429: {

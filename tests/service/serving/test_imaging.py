@@ -306,3 +306,42 @@ def test_an_image_longer_than_a_side_allows_is_413_before_decoding() -> None:
         1,
         imaging.MAX_SIDE_PX,
     )
+
+
+def jpeg_bytes(image: Image.Image, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "progressive", "scans"),
+    [("L", False, 1), ("RGB", False, 1), ("L", True, 6), ("RGB", True, 10)],
+)
+def test_a_jpegs_scans_are_counted_from_its_markers(
+    mode: str, progressive: bool, scans: int
+) -> None:
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), np.uint8))
+    data = jpeg_bytes(photo.convert(mode), progressive=progressive, restart_marker_blocks=4)
+    assert b"\xff\xd0" in data  # restart markers inside the scans: not counted
+    assert imaging.jpeg_scans(data, most=imaging.MAX_JPEG_SCANS) == scans
+    # Another JPEG inside an APP1 segment (as an EXIF thumbnail is): not the image's scans.
+    inner = jpeg_bytes(photo, progressive=True)
+    app1 = b"\xff\xe1" + (len(inner) + 2).to_bytes(2, "big") + inner
+    assert imaging.jpeg_scans(data[:2] + app1 + data[2:], most=imaging.MAX_JPEG_SCANS) == scans
+
+
+def test_a_jpeg_of_too_many_scans_is_413_before_decoding() -> None:
+    """A progressive JPEG's last scan repeated: each repeat a few bytes, each a pass over the
+    whole image; 1,000 of them at 16 Mpx took 14 s of a decode slot."""
+    data = jpeg_bytes(Image.new("L", (64, 64), 255), progressive=True)
+    last_scan = data[data.rfind(b"\xff\xda") : -2]  # to the end-of-image marker
+
+    def with_scans(total: int) -> bytes:
+        return data[:-2] + last_scan * (total - 6) + data[-2:]
+
+    most = imaging.MAX_JPEG_SCANS
+    assert imaging.decode(with_scans(most)).shape == (64, 64)  # still decoded
+    with pytest.raises(PayloadTooLarge, match=f"more than {most} scans"):
+        imaging.decode(with_scans(most + 1))
+    assert imaging.jpeg_scans(with_scans(10_000), most=most) == most + 1  # counting stops
