@@ -5,7 +5,8 @@
 (and for chunked uploads, which have none): a declared length over the cap is refused before
 a byte of the body is read, and a body that grows past it is cut off at the first chunk too
 many. Either way the client gets 413 in the service's envelope and the connection is closed,
-so memory stays flat however much a client sends.
+so memory stays flat however much a client sends. Any other answer given before the body's end
+(a route's own cap, a refusal before reading) closes the connection too (:func:`closing`).
 
 Multipart bodies are also read by a :class:`MultipartGuard` as they pass: at most
 ``max_form_parts`` parts, text fields of at most ``max_form_field_bytes``, and python-multipart's
@@ -242,16 +243,18 @@ class BodyLimitMiddleware:
         received = 0
         refusal: ServiceError | None = None
         response_started = False
+        body_unread = announces_body(scope)
 
         # A refusal is raised from ``receive`` to stop the app reading: as a ServiceError, which
         # the app's own handlers answer (into ``guarded_send``) instead of taking it for a fault.
         async def counting_receive() -> Message:
-            nonlocal received, refusal
+            nonlocal received, refusal, body_unread
             if refusal is not None:
                 raise refusal
             message = await receive()
             if message["type"] != "http.request":
                 return message
+            body_unread = body_unread and message.get("more_body", False)
             chunk: bytes = message.get("body", b"")
             received += len(chunk)
             if received > self.max_body_bytes:
@@ -273,6 +276,8 @@ class BodyLimitMiddleware:
                 return  # whatever the app makes of the aborted read, the answer is ours
             if message["type"] == "http.response.start":
                 response_started = True
+                if body_unread:  # answered before the body's end (a route's own 413, say)
+                    message = closing(message)
             await send(message)
 
         try:
@@ -284,6 +289,23 @@ class BodyLimitMiddleware:
                 raise
         if refusal is not None and not response_started:
             await send_error(send, refusal, close=True)
+
+
+def announces_body(scope: Scope) -> bool:
+    """Whether a request's head says a body follows: a length above 0, or a transfer coding."""
+    declared = header(scope, b"content-length")
+    if declared is not None:
+        return not declared.isdigit() or int(declared) > 0
+    return header(scope, b"transfer-encoding") is not None
+
+
+def closing(start: Message) -> Message:
+    """A response's start that ends the connection after it. For an answer given before the
+    request's body was read to its end: uvicorn would otherwise read and drop the rest of it
+    to keep the connection, however long it goes on (a route's 413 at 10 MiB was followed by
+    2 GiB read, past the body cap that only counts what the app reads)."""
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"connection"]
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 def guard_of(scope: Scope) -> MultipartGuard | None:

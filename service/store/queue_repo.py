@@ -328,18 +328,14 @@ def finish_job(
 def release_job(
     session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime
 ) -> None:
-    """Give a running job back to the queue (a worker shutting down). Fenced.
-
-    The run is not counted against ``max_attempts``: the worker left on purpose, so the job
-    gets one attempt more. Its number is not taken back: event ids, training states and the
-    fence name a run by it, and a stream resumed from the released run's last id under a
-    reused number skipped the steps the next run trained again after its rewind.
-    """
-    if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
-        return
-    one_more = {**_REQUEUED, "max_attempts": Job.max_attempts + 1}
-    _update_fenced(session, job_id, attempt, worker_id, one_more)
-    _requeued(session, job_id)
+    """Give a running job back to the queue (a worker shutting down), fenced, with one attempt
+    more: the worker left on purpose. Its number is not taken back: event ids, training states
+    and the fence name a run by it (a stream resumed from the released run's last id under a
+    reused number skipped the steps the next run trained again after its rewind)."""
+    if not _cancelled_if_asked(session, job_id, attempt, worker_id, now):
+        one_more = {**_REQUEUED, "max_attempts": Job.max_attempts + 1}
+        _update_fenced(session, job_id, attempt, worker_id, one_more)
+        _requeued(session, job_id)
 
 
 def hand_back(

@@ -11,11 +11,12 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.api.deps import PredictorDep, SettingsDep
 from service.api.json_bodies import read_json
 from service.clock import JOB_ID_PATTERN
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import NUM_CLASSES
 from service.schemas import (
     ALIAS_PATTERN,
@@ -113,7 +114,10 @@ def multipart_cap(settings: Settings) -> int:
     responses={
         404: {"model": ErrorEnvelope, "description": "No such job or alias."},
         409: {"model": ErrorEnvelope, "description": "No trained model (yet)."},
-        413: {"model": ErrorEnvelope, "description": "Too many bytes, pixels, JPEG scans or images."},
+        413: {
+            "model": ErrorEnvelope,
+            "description": "Too many bytes, pixels, JPEG scans or images.",
+        },
         415: {"model": ErrorEnvelope, "description": "Not an image in an accepted format."},
         422: {"model": ErrorEnvelope, "description": "Empty, corrupt or invalid input."},
         429: {
@@ -185,11 +189,14 @@ async def _capped(request: Request, cap: int, what: str) -> AsyncGenerator[bytes
     if _declared_over(request, cap):
         raise PayloadTooLarge(f"{what} is larger than {cap} bytes")
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cap:
-            raise PayloadTooLarge(f"{what} is larger than {cap} bytes")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cap:
+                raise PayloadTooLarge(f"{what} is larger than {cap} bytes")
+            yield chunk
+    except ClientDisconnect as exc:  # the client's doing, not a fault: no 500, no traceback
+        raise BadRequest(f"the client left before {what} had been sent") from exc
 
 
 async def _read_body(request: Request, cap: int, what: str) -> bytes:

@@ -282,3 +282,38 @@ def test_a_compressed_body_is_415(limited_client: TestClient) -> None:
     assert limited_client.get("/jobs").json()["jobs"] == []  # none was queued
     plain = {"content-type": "application/json", "content-encoding": "identity"}
     assert limited_client.post("/jobs", content=body, headers=plain).status_code == 202
+
+
+class EarlyAnswer:
+    """An inner app that reads ``reads`` messages of the body, then answers 413 itself (as a
+    route that caps its own body does)."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(self.reads):
+            await receive()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"keep-alive")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize(
+    ("chunks", "headers", "reads", "closes"),
+    [
+        ([b"x" * 10] * 3, [(b"content-length", b"30")], 1, True),  # answered mid-body
+        ([b"x" * 10] * 3, [(b"transfer-encoding", b"chunked")], 0, True),  # before a byte
+        ([b"x" * 10] * 3, [(b"content-length", b"30")], 3, False),  # read to its end
+        ([b""], [(b"content-length", b"0")], 0, False),  # no body to read
+        ([b""], [], 0, False),
+    ],
+)
+def test_an_answer_before_the_bodys_end_closes_the_connection(
+    chunks: list[bytes], headers: list[tuple[bytes, bytes]], reads: int, closes: bool
+) -> None:
+    """uvicorn reads and drops the rest of a body the app did not read, to keep the connection,
+    however long it goes on: the body cap counts only what the app reads."""
+    status, response_headers, _, pulled = run(limited(EarlyAnswer(reads)), chunks, headers)
+    assert (status, pulled) == (413, reads)
+    assert response_headers.get(b"connection") == (b"close" if closes else b"keep-alive")
