@@ -143,8 +143,12 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
 
 def load_model(path: Path | BinaryIO, device: torch.device | str = "cpu") -> SimpleMLP:
     """A SimpleMLP in eval mode with the weights at ``path`` (a file, or a stored artifact's
-    bytes), loaded without unpickling code."""
+    bytes), loaded without unpickling code; ValueError for weights that are not finite."""
     state = torch.load(path, map_location=device, weights_only=True)
     model = SimpleMLP().to(device)
     model.load_state_dict(state)
+    # Training never stores a weight that is not finite (a loss that is not stops the job), so
+    # one here is damage: it answered every image with null probabilities.
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise ValueError("the weights are not all finite numbers")
     return model.eval()

@@ -175,6 +175,11 @@ def test_a_job_that_is_not_a_model_is_404_under_models(
         (tmp_path / f"{model}-1.pt").write_bytes(b"weights")
         with pytest.raises(Conflict, match="missing or unreadable"):  # does not load
             model_registry.checkpoint_bytes(session, tmp_path, model)
+        damaged = SimpleMLP().state_dict()
+        damaged["net.3.bias"][4] = float("nan")  # loads, and answered null probabilities
+        torch.save(damaged, tmp_path / f"{model}-1.pt")
+        with pytest.raises(Conflict, match="missing or unreadable"):
+            model_registry.checkpoint_bytes(session, tmp_path, model)
         weights = io.BytesIO()
         torch.save(SimpleMLP().state_dict(), weights)
         (tmp_path / f"{model}-1.pt").write_bytes(weights.getvalue())
