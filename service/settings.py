@@ -204,8 +204,8 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description=(
-            "Predict requests whose images decode at the same time (default: the core count, "
-            "at most 8); the others wait for a slot without holding a thread."
+            "Images predict decodes at the same time, each request's in turn (default: the "
+            "core count, at most 8); the others wait for a slot without holding a thread."
         ),
     )
     max_decode_queue: int = Field(

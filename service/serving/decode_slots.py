@@ -3,12 +3,14 @@
 Decoding a large upload takes a core and tens of MB for a while; with nothing but the thread
 pool to bound them, a burst of large images multiplied both by the pool's size. Every predict
 path decodes through :meth:`DecodeSlots.run` (``Predictor.images_tensor``), which lets at most
-``slots`` requests decode at once. The wait is an ``anyio.CapacityLimiter``: a waiting request
-is a suspended task, neither a blocked event loop nor a held thread, and decodes run on
-threads of their own limiter, so they never take the threads that the rest of the API uses.
-Past ``max_waiting`` waiting requests a new one is refused at once with 429 and
-``Retry-After`` (as ``POST /jobs`` is past its queue), so waits stay short and the bodies held
-by waiting requests stay bounded.
+``slots`` images decode at once, each request's images one at a time in their turn (a form of
+16 large images held a slot through all of them, and a small request waited for the form).
+The wait is an ``anyio.CapacityLimiter`` (first come, first served): a waiting request is a
+suspended task, neither a blocked event loop nor a held thread, and decodes run on threads of
+their own limiter, so they never take the threads that the rest of the API uses. Past
+``max_waiting`` waiting requests a new one is refused at once with 429 and ``Retry-After`` (as
+``POST /jobs`` is past its queue), so waits stay short and the bodies held by waiting requests
+stay bounded.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ class DecodeSlots:
         """Requests waiting for a slot."""
         return self._limiter.statistics().tasks_waiting
 
-    async def run(self, decode: Callable[[], T], *, inline: bool = False) -> T:
+    async def run(
+        self, decode: Callable[[], T], *, inline: bool = False, admitted: bool = False
+    ) -> T:
         """``decode()`` in a slot: on a thread, or on the event loop when ``inline`` (images so
         small that a thread hand-off costs more than the decode: the fast lane's).
 
-        Raises 429 when all slots are busy and ``max_waiting`` requests already wait.
+        Raises 429 when all slots are busy and ``max_waiting`` requests already wait, unless
+        ``admitted``: a later image of a request let in with its first waits its turn.
         """
-        if self._limiter.available_tokens == 0 and self.waiting >= self.max_waiting:
+        busy = self._limiter.available_tokens == 0
+        if busy and not admitted and self.waiting >= self.max_waiting:
             raise TooManyRequests(
                 f"{self.busy} images are being decoded and {self.waiting} more wait; "
                 f"retry in {RETRY_AFTER_S} s",

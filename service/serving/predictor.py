@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -11,11 +12,11 @@ import numpy as np
 import orjson
 import torch
 from cachetools import LRUCache
+from numpy.typing import NDArray
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import ServiceError
 from service.ml import (
-    IMAGE_SIDE_PX,
     SimpleMLP,
     normalization_table,
     normalize_uint8,
@@ -56,23 +57,35 @@ def images_to_tensor(
 ) -> torch.Tensor:
     """Several images → one N×1×28×28 batch; an error names the image (``files[i]``) when
     there are several, or when ``named`` (sent as ``files``, even one)."""
-    fields = np.empty((len(images), IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
-    largest = 0
+    names = image_names(len(images), named=named)
+    pairs = zip(images, names, strict=True)
+    return fields_to_tensor([image_field(d, max_pixels=max_pixels, name=n) for d, n in pairs])
+
+
+def image_names(count: int, *, named: bool) -> list[str | None]:
+    """What an error calls each of ``count`` images: ``files[i]``, or nothing for one sent alone."""
+    return [None] if count == 1 and not named else [f"files[{i}]" for i in range(count)]
+
+
+def image_field(data: bytes, *, max_pixels: int, name: str | None) -> NDArray[np.uint8]:
+    """One image → its 28×28 uint8 field in MNIST's layout; an error is prefixed with ``name``."""
+    gray: NDArray[np.uint8] | None = None
     try:
-        for i, data in enumerate(images):
-            try:
-                gray = imaging.decode(data, max_pixels=max_pixels)
-                largest = max(largest, gray.size)
-                fields[i] = imaging.mnist_layout(gray)
-                del gray
-            except ServiceError as exc:
-                if len(images) == 1 and not named:
-                    raise
-                raise type(exc)(f"files[{i}]: {exc.message}", exc.details) from exc
+        gray = imaging.decode(data, max_pixels=max_pixels)
+        return imaging.mnist_layout(gray)
+    except ServiceError as exc:
+        if name is None:
+            raise
+        raise type(exc)(f"{name}: {exc.message}", exc.details) from exc
     finally:
-        if largest >= RELEASE_MIN_PIXELS:
+        if gray is not None and gray.size >= RELEASE_MIN_PIXELS:
+            del gray
             release_freed_memory()
-    return torch.from_numpy(normalization_table()[fields]).unsqueeze(1)
+
+
+def fields_to_tensor(fields: Sequence[NDArray[np.uint8]]) -> torch.Tensor:
+    """28×28 uint8 fields → an N×1×28×28 batch in the tutorial's normalisation."""
+    return torch.from_numpy(normalization_table()[np.stack(fields)]).unsqueeze(1)
 
 
 def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
@@ -168,12 +181,16 @@ class Predictor:
     async def images_tensor(
         self, images: Sequence[bytes], *, max_pixels: int, inline: bool = False, named: bool = False
     ) -> torch.Tensor:
-        """:func:`images_to_tensor` in one of the decode slots, the one way every predict path
-        decodes (the route on a thread, the fast lane ``inline`` on the loop); 429 when too
-        many requests already wait for a slot (:class:`DecodeSlots`)."""
-        return await self.decodes.run(
-            lambda: images_to_tensor(images, max_pixels=max_pixels, named=named), inline=inline
-        )
+        """:func:`images_to_tensor` in the decode slots, the one way every predict path decodes
+        (the route on a thread, the fast lane ``inline`` on the loop): each image in a slot of
+        its own, in its turn, so that a form of many large images does not hold a slot while
+        others wait; 429 when too many requests already wait for a slot (:class:`DecodeSlots`)."""
+        fields = []
+        names = image_names(len(images), named=named)
+        for i, (data, name) in enumerate(zip(images, names, strict=True)):
+            decode = partial(image_field, data, max_pixels=max_pixels, name=name)
+            fields.append(await self.decodes.run(decode, inline=inline, admitted=i > 0))
+        return fields_to_tensor(fields)
 
     async def resolve(self, choice: model_registry.ModelChoice) -> model_registry.ResolvedModel:
         """The job and weights file that answer ``choice`` (404/409 as :func:`resolve`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import anyio
 import pytest
@@ -95,6 +96,33 @@ def test_beyond_the_waiting_bound_requests_get_429_with_retry_after() -> None:
     assert fake.done == 5 and len(refused) == 2
     assert refused[0].status_code == 429 and refused[0].headers == {"Retry-After": "1"}
     assert "2 images are being decoded and 3 more wait" in refused[0].message
+
+
+def test_a_later_image_of_a_request_let_in_waits_its_turn_past_the_bound() -> None:
+    """A form's second image queues again behind those that came meanwhile: refusing it 429
+    would throw away the request whose first image was already decoded."""
+    fake = InFlight(0.2)
+    refused: list[TooManyRequests] = []
+
+    async def main() -> None:
+        decodes = DecodeSlots(1, max_waiting=1)
+
+        async def one(*, admitted: bool) -> None:
+            try:
+                await decodes.run(fake.decode, admitted=admitted)
+            except TooManyRequests as exc:
+                refused.append(exc)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(partial(one, admitted=False))
+            tasks.start_soon(partial(one, admitted=False))
+            await wait_until(lambda: decodes.waiting == 1, timeout_s=5, what="one waiting")
+            tasks.start_soon(partial(one, admitted=True))  # past the bound, and waits
+            await wait_until(lambda: decodes.waiting == 2, timeout_s=5, what="two waiting")
+            tasks.start_soon(partial(one, admitted=False))  # a new request: refused
+
+    anyio.run(main)
+    assert fake.done == 3 and len(refused) == 1
 
 
 def test_freed_memory_is_released_without_error() -> None:

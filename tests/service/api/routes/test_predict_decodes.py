@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from typing import Any, cast
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.serving import imaging
 from service.settings import Settings
@@ -170,3 +172,64 @@ def test_past_the_waiting_bound_predict_answers_429_with_retry_after(
     assert refused.json()["error"]["code"] == "too_many_requests"
     assert answers == [200, 200]  # the one decoding and the one waiting were answered
     assert held.peak == 1
+
+
+class OneAtATime:
+    """Every decode on a thread waits for a turn the test gives (:meth:`allow`), and says which
+    image it is (its bytes' length) as it starts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.turns = threading.Semaphore(0)
+        self.started: list[int] = []
+        self._decode = imaging.decode
+        monkeypatch.setattr(imaging, "decode", self.decode)
+
+    def decode(self, data: bytes, **options: Any) -> np.ndarray:
+        self.started.append(len(data))
+        assert self.turns.acquire(timeout=30), "the test never gave this decode its turn"
+        return self._decode(data, **options)
+
+    def allow(self) -> None:
+        self.turns.release()
+
+
+def form_of(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
+
+
+@limits(max_decodes=1, fast_lanes=False)
+def test_a_form_of_many_images_takes_its_turns_one_image_at_a_time(
+    client: TestClient, trained: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that comes while a form's first image decodes is decoded before the form's
+    second: the form held its slot through all of its images, and small requests waited for
+    the whole form (16 large images: tens of seconds here)."""
+    turns = OneAtATime(monkeypatch)
+    slots = cast(Any, client.app).state.predictor.decodes
+    small, large = images()
+    bigger = png(np.pad(np.asarray(Image.open(io.BytesIO(large))), 20))
+    answers: dict[str, int] = {}
+
+    def post_form() -> None:
+        answers["form"] = client.post("/predict", files=form_of(large, bigger)).status_code
+
+    def post_one() -> None:
+        answers["one"] = client.post("/predict", content=small, headers=RAW).status_code
+
+    form, one = threading.Thread(target=post_form), threading.Thread(target=post_one)
+    try:
+        form.start()
+        wait_for(lambda: turns.started == [len(large)], timeout_s=30, what="the form's first")
+        one.start()
+        wait_for(lambda: slots.waiting == 1, timeout_s=30, what="the other request to wait")
+        turns.allow()  # the form's first image ends
+        wait_for(lambda: len(turns.started) == 2, timeout_s=30, what="the next decode")
+        assert turns.started[1] == len(small)  # its turn came before the form's second image
+    finally:
+        for _ in range(3):
+            turns.allow()
+        for thread in (form, one):
+            if thread.ident is not None:
+                thread.join(timeout=60)
+    assert answers == {"form": 200, "one": 200}
+    assert turns.started == [len(large), len(small), len(bigger)]
