@@ -471,7 +471,7 @@ def test_a_cancel_that_comes_as_a_job_is_given_back_is_never_lost(
     canceller = threading.Thread(target=cancel)
 
     def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        requeues = statement.startswith("UPDATE jobs SET") and "attempt=" in statement
+        requeues = statement.startswith("UPDATE jobs SET") and "max_attempts=" in statement
         if requeues and canceller.ident is None:  # once
             canceller.start()
             canceller.join(timeout=1)  # done at once unless the release holds the row
