@@ -20,12 +20,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
-from service.store.artifacts.backends import ArtifactSource
+from service.store.artifacts.backends import DATABASE_PREFIX, ArtifactSource, in_database
 from service.store.engines import make_engine
+from service.store.tables import Artifact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -92,6 +93,19 @@ def stored(settings: Settings, sessions: sessionmaker[Session], ref: str | None)
     return (
         ref is not None and ArtifactSource(settings.checkpoint_dir, sessions).open(ref) is not None
     )
+
+
+def overwrite_artifact(
+    settings: Settings, sessions: sessionmaker[Session], ref: str, data: bytes
+) -> None:
+    """Replace the bytes of the artifact a job's row names (``ref``), wherever it is: damage
+    done to a file on disk, or to a row."""
+    if in_database(ref):
+        name = ref.removeprefix(DATABASE_PREFIX)
+        with sessions.begin() as session:
+            session.execute(update(Artifact).where(Artifact.name == name).values(data=data))
+    else:
+        (settings.checkpoint_dir / Path(ref).name).write_bytes(data)
 
 
 def files_only(folder: Path) -> ArtifactSource:

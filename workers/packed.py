@@ -24,11 +24,10 @@ import torch
 from service.logs import log_context
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
-from service.store.artifacts.backends import Source
 from service.store.tables import Job
 from workers.endings import Outcome, raises, returns
 from workers.reporting import Claim, Reporter, Shutdown
-from workers.resume import TrainingState
+from workers.resume import SavedState, TrainingState
 from workers.training.graphs import GraphBackend, graph_backend
 from workers.training.packing import PackedJob, Unpackable, train_packed
 from workers.training.train import train
@@ -53,7 +52,7 @@ class _Member:
     params: JobCreate
     seed: int
     reporter: Reporter
-    resume_from: Source | None = None
+    resume_from: SavedState | None = None
     done_epochs: int = 0
     outcome: Outcome | None = None
 

@@ -22,6 +22,40 @@ from service.store.artifacts.backends import Artifacts, Saved, Source, resume_na
 
 log = logging.getLogger("workers")
 
+SavedState = dict[str, Any]  # what a state file holds: plain tensors and containers
+STATE_KEYS = ("epoch", "model", "optimizer", "shuffle_rng", "torch_rng")
+
+
+class UnusableState(Exception):
+    """A saved state that does not load as this code's state after the epoch it should be."""
+
+
+def load_state(source: Source) -> SavedState:
+    """The training state ``source`` holds, read without unpickling code."""
+    saved: SavedState = torch.load(source, map_location="cpu", weights_only=True)
+    return saved
+
+
+def usable_state(source: Source, *, epoch: int) -> SavedState:
+    """:func:`load_state`, checked to be a state of this code saved after ``epoch``; else
+    :class:`UnusableState`. A retry finds a damaged state (truncated, overwritten, another
+    torch's) here, and starts over as it does when the state is missing: found later, as
+    :meth:`TrainingState.restore` loads it, it failed the job for good, and every job of its
+    pack with it."""
+    try:
+        saved = load_state(source)
+        if not isinstance(saved, dict) or any(key not in saved for key in STATE_KEYS):
+            raise UnusableState("not a training state")
+        SimpleMLP().load_state_dict(saved["model"])  # the shapes are this code's
+        if int(saved["epoch"]) != epoch:
+            raise UnusableState(f"saved after epoch {saved['epoch']}, not {epoch}")
+    except UnusableState:
+        raise
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UnusableState(f"{type(exc).__name__}: {exc}") from exc
+    return saved
+
+
 # How the optimizer computes, not what it has learned: a state saved on one device (or in
 # eager mode) resumes with the implementation chosen for this run (fused, capturable for a
 # CUDA graph), not the saved one.
@@ -52,9 +86,9 @@ class TrainingState:
         """Write the state after ``epoch`` to ``path`` atomically."""
         atomic_torch_save(self.snapshot(epoch), path)
 
-    def restore(self, source: Source) -> int:
-        """Load the state ``source`` holds into this run; returns the epoch it was saved after."""
-        saved = torch.load(source, map_location="cpu", weights_only=True)
+    def restore(self, saved: SavedState) -> int:
+        """Load ``saved`` (:func:`usable_state`) into this run; returns the epoch it was saved
+        after."""
         self.model.load_state_dict(saved["model"])
         groups = saved["optimizer"]["param_groups"]
         for group, live in zip(groups, self.optimizer.param_groups, strict=True):

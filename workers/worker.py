@@ -27,7 +27,7 @@ from service.ml import SimpleMLP, resolve_device
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import queue_repo, wakeups, worker_repo
-from service.store.artifacts.backends import ArtifactSource, Source, artifacts_for
+from service.store.artifacts.backends import ArtifactSource, artifacts_for
 from service.store.outage import Outage, is_outage, retry
 from service.store.packs import claim_more
 from service.store.tables import Job
@@ -38,6 +38,7 @@ from workers.host import new_worker_id, pid_alive
 from workers.packed import packs_on, run_pack
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.writers import Writers
+from workers.resume import SavedState, UnusableState, usable_state
 from workers.training.graphs import graph_backend
 from workers.training.packing import PACK_FIELDS
 from workers.training.train import train
@@ -354,17 +355,24 @@ class Worker:
             self.settings.data_dir, device=self.device, download=self.settings.download
         )
 
-    def resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> Source | None:
+    def resume_point(self, job: Job, claim: Claim, reporter: Reporter) -> SavedState | None:
         """The saved state a retried job continues from (whichever worker saved it, when it
-        is in the database); None to start at epoch 1."""
+        is in the database); None to start at epoch 1, also where it is missing or damaged."""
         ref = job.resume_checkpoint
         if job.resume_epoch == 0 or ref is None:
             return None
         source = self._retry(lambda: self.source.open(ref), "read the training state")
-        if source is not None:
-            reporter.resume_at(job.resume_epoch, job.accuracy)
-            return source
-        log.warning("job %s: %s is missing, starting over", job.id, self.source.where(ref))
+        where = self.source.where(ref)
+        if source is None:
+            log.warning("job %s: %s is missing, starting over", job.id, where)
+        else:
+            try:
+                saved = usable_state(source, epoch=job.resume_epoch)
+            except UnusableState as exc:
+                log.warning("job %s: %s cannot be used (%s), starting over", job.id, where, exc)
+            else:
+                reporter.resume_at(job.resume_epoch, job.accuracy)
+                return saved
 
         def forget() -> None:
             with self.sessions.begin() as session:

@@ -13,6 +13,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,14 @@ from service.store import job_repo, metric_repo
 from service.store.tables import Job
 from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
-from tests.support import SMALL_TEST, SMALL_TRAIN, local_env, process, wait_for
+from tests.support import (
+    SMALL_TEST,
+    SMALL_TRAIN,
+    local_env,
+    overwrite_artifact,
+    process,
+    wait_for,
+)
 from tests.workers.training.test_packing import LOSS_ATOL, LOSS_RTOL
 from tests.workers.tuning.test_threads import Counting
 from workers.reporting import Reporter
@@ -221,6 +229,42 @@ def test_a_stop_mid_pack_releases_every_job_and_they_resume_as_a_pack(
             rtol=LOSS_RTOL,
             atol=LOSS_ATOL,
         )
+
+
+def test_a_packed_job_whose_state_cannot_be_used_starts_over_and_the_others_resume(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    at_step: Callable[[str, int, Callable[[], None]], None],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One damaged state among a pack's: the pack's first setup failed on it, and every job of
+    the pack ended failed for good."""
+    resumed: list[str] = []
+    resume_at = Reporter.resume_at
+
+    def noted(self: Reporter, *args: Any) -> None:
+        resumed.append(self.claim.job_id)
+        resume_at(self, *args)
+
+    monkeypatch.setattr(Reporter, "resume_at", noted)
+    ids = [submit(sessions, **trial) for trial in TRIALS]
+    stop = StopEvent()
+    at_step(ids[2], 3, stop.set)
+    Worker(packing(settings), sessions, stop=stop, show_progress=False).run()
+    damaged = read_job(sessions, ids[1])
+    assert damaged.status == JobStatus.QUEUED and damaged.resume_checkpoint is not None
+    overwrite_artifact(settings, sessions, damaged.resume_checkpoint, bytes(100))
+    with caplog.at_level("WARNING", logger="workers"):
+        Worker(packing(settings), sessions, show_progress=False).run(max_jobs=3)
+    for job_id in ids:
+        job = read_job(sessions, job_id)
+        assert (job.status, job.step, job.attempt) == (JobStatus.SUCCEEDED, STEPS, 2), job.error
+        with sessions() as session:
+            steps = metric_repo.read_steps(session, job_id, after_step=0, limit=10_000)
+        assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert f"job {ids[1]}: " in caplog.text and "cannot be used" in caplog.text
+    assert sorted(resumed) == sorted([ids[0], ids[2]])  # the others went on from their states
 
 
 def test_with_pack_max_1_a_worker_takes_one_job_at_a_time(

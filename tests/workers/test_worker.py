@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +23,12 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import job_repo, metric_repo, queue_repo, worker_repo
+from service.store.artifacts.backends import ArtifactSource
 from service.store.engines import make_sessionmaker
 from service.store.tables import Job
 from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
-from tests.support import SMALL_TEST, SMALL_TRAIN, stored, wait_for
+from tests.support import SMALL_TEST, SMALL_TRAIN, overwrite_artifact, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
@@ -136,6 +138,55 @@ def test_a_stopping_worker_hands_its_job_back(
     # It finished the epoch it was in, so a later attempt resumes after it.
     assert job.resume_epoch >= 1 and job.step == job.resume_epoch * 80
     assert stored(settings, sessions, job.resume_checkpoint)
+
+
+def saved_after_another_epoch(state: bytes) -> bytes:
+    saved = torch.load(io.BytesIO(state), weights_only=True)
+    out = io.BytesIO()
+    torch.save({**saved, "epoch": saved["epoch"] + 5}, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: bytes(100),  # overwritten
+        lambda state: state[: len(state) // 2],  # truncated
+        saved_after_another_epoch,  # a state, but not of the epoch the row names
+    ],
+    ids=["zeros", "truncated", "another-epoch"],
+)
+def test_a_job_whose_training_state_cannot_be_used_starts_over_and_succeeds(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """As where the state is missing: it failed the job for good (UnpicklingError), and
+    deleted the state, so nothing was left to tell why."""
+    job_id = submit(sessions, epochs=20, batch_size=8)  # many epochs left when it stops
+    stop = StopEvent()
+    worker = Worker(settings, sessions, stop=stop, show_progress=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_for(lambda: read(sessions, job_id).resume_epoch >= 1, timeout_s=60, what="a state")
+    stop.set()
+    thread.join(timeout=60)
+    job = read(sessions, job_id)
+    assert job.status == JobStatus.QUEUED and job.resume_checkpoint is not None
+    source = ArtifactSource(settings.checkpoint_dir, sessions).open(job.resume_checkpoint)
+    assert source is not None
+    state = source.read_bytes() if isinstance(source, Path) else source.getvalue()
+    overwrite_artifact(settings, sessions, job.resume_checkpoint, damage(state))
+
+    with caplog.at_level("WARNING", logger="workers"):
+        Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt, job.error) == (JobStatus.SUCCEEDED, 2, None)
+    assert "cannot be used" in caplog.text and "starting over" in caplog.text
+    with sessions() as session:
+        steps = metric_repo.read_steps(session, job_id, after_step=0, limit=10_000)
+    assert [s["step"] for s in steps] == list(range(1, job.total_steps + 1))
 
 
 def make_reporter(

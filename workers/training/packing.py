@@ -34,9 +34,8 @@ from torch.profiler import record_function
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
-from service.store.artifacts.backends import Source
 from workers.data import Mnist
-from workers.resume import TrainingState
+from workers.resume import SavedState, TrainingState
 from workers.training.graphs import GraphBackend, Step, graphed
 from workers.training.train import TrainingReport, make_optimizer
 
@@ -61,7 +60,7 @@ class PackedJob:
     params: JobCreate
     seed: int
     report: TrainingReport
-    resume_from: Source | None = None
+    resume_from: SavedState | None = None
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from service.ml import SimpleMLP
 from service.schemas import JobCreate
-from service.store.artifacts.backends import Source
 from workers.data import Mnist, Split
-from workers.resume import TrainingState
+from workers.resume import SavedState, TrainingState
 from workers.training.graphs import GraphBackend, graphed
 
 
@@ -68,7 +67,7 @@ def train(
     device: torch.device,
     seed: int,
     report: TrainingReport,
-    resume_from: Source | None = None,
+    resume_from: SavedState | None = None,
     graphs: GraphBackend | None = None,
 ) -> SimpleMLP:
     """Train a SimpleMLP as the tutorial does and return it; ``resume_from`` continues a run.

@@ -22,7 +22,7 @@ from service.schemas import JobCreate
 from tests.support import NEEDS_CUDA
 from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
-from workers.resume import TrainingState
+from workers.resume import TrainingState, load_state
 from workers.training.graphs import WARMUP_STEPS, CudaGraphs, GraphedStep, graph_backend
 from workers.training.packing import PackedJob, train_packed
 from workers.training.train import make_optimizer, train, train_step
@@ -117,7 +117,9 @@ def test_resumed_graphed_training_continues_the_eager_run(
     with pytest.raises(KeyboardInterrupt):
         train(params, data, CPU, seed=6, report=first)
     rest = Recorder()
-    train(params, data, CPU, seed=0, report=rest, resume_from=path, graphs=RerunOnReplay())
+    train(
+        params, data, CPU, seed=0, report=rest, resume_from=load_state(path), graphs=RerunOnReplay()
+    )
     assert first.losses + rest.losses == whole.losses
 
 
@@ -187,7 +189,12 @@ def test_resuming_keeps_this_runs_optimizer_implementation(tmp_path: Path) -> No
     TrainingState(model, saved_by, torch.Generator()).save(tmp_path / "state.pt", 1)
 
     resumed_by = make_optimizer(model, 1e-3, CPU)
-    assert TrainingState(model, resumed_by, torch.Generator()).restore(tmp_path / "state.pt") == 1
+    assert (
+        TrainingState(model, resumed_by, torch.Generator()).restore(
+            load_state(tmp_path / "state.pt")
+        )
+        == 1
+    )
     assert resumed_by.param_groups[0]["fused"] is True  # not the saved False
     first = next(iter(model.parameters()))
     assert torch.equal(resumed_by.state[first]["exp_avg"], saved_by.state[first]["exp_avg"])
@@ -234,7 +241,15 @@ def test_a_graphed_run_on_the_card_resumes_an_eager_one(
         train(params, data, cuda, seed=8, report=first)
     rest = Recorder()
     with caplog.at_level(logging.WARNING, logger="workers"):
-        train(params, data, cuda, seed=0, report=rest, resume_from=path, graphs=CudaGraphs())
+        train(
+            params,
+            data,
+            cuda,
+            seed=0,
+            report=rest,
+            resume_from=load_state(path),
+            graphs=CudaGraphs(),
+        )
     assert "could not capture" not in caplog.text
     torch.testing.assert_close(
         torch.tensor(first.losses + rest.losses), torch.tensor(whole.losses), rtol=1e-4, atol=1e-5

@@ -27,7 +27,7 @@ from service.schemas import JobCreate
 from tests.support import make_small_mnist
 from tests.workers.reports import Recorder
 from workers.data import Mnist, load_mnist
-from workers.resume import TrainingState
+from workers.resume import TrainingState, load_state
 from workers.training.packing import PackedJob, Unpackable, pack_key, train_packed
 from workers.training.train import train
 
@@ -207,14 +207,14 @@ def test_a_solo_run_resumes_from_a_packed_jobs_state(data: Mnist, packed: Run) -
     rest = Recorder()
     torch.manual_seed(999)  # as a new process: the state restores the global RNG
     seed, lr = SEEDS_AND_RATES[3]
-    solo(data, seed, lr, rest, resume_from=packed.reports[3].path)
+    solo(data, seed, lr, rest, resume_from=load_state(packed.reports[3].path))
     assert_same_run(rest, epochs_after_the_first(packed.reports[3]))
 
 
 def test_a_pack_resumes_from_solo_runs_states(data: Mnist, alone: Run) -> None:
     reports = [Recorder(), Recorder()]
     resumed = [
-        job(s, lr, r, resume_from=saved.path)
+        job(s, lr, r, resume_from=load_state(saved.path))
         for (s, lr), r, saved in zip(SEEDS_AND_RATES[:2], reports, alone.reports, strict=False)
     ]
     train_packed(resumed, data, CPU)

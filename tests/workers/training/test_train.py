@@ -10,6 +10,7 @@ import torch
 from service.schemas import JobCreate
 from tests.workers.reports import DiesAfterFirstEpoch, Recorder
 from workers.data import load_mnist
+from workers.resume import load_state
 from workers.training.train import evaluate, make_optimizer, train
 
 CPU = torch.device("cpu")
@@ -94,7 +95,7 @@ def test_resuming_from_a_saved_epoch_continues_the_run_exactly(
         train(params, data, CPU, seed=5, report=first)
     rest = Recorder()
     torch.manual_seed(999)  # a new process: the global RNG is elsewhere; the state restores it
-    train(params, data, CPU, seed=77, report=rest, resume_from=tmp_path / "state.pt")
+    train(params, data, CPU, seed=77, report=rest, resume_from=load_state(tmp_path / "state.pt"))
 
     assert first.losses + rest.losses == whole.losses
     assert first.accuracies + rest.accuracies == whole.accuracies
