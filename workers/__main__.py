@@ -16,6 +16,7 @@ from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 from service.store import migrations, wakeups, worker_repo
 from service.store.engines import make_engine, make_sessionmaker
+from workers.host import pid_space
 from workers.signals import on_signals
 from workers.supervisor import supervise
 
@@ -49,7 +50,8 @@ def check(settings: Settings) -> int:
         return 1
     finally:
         engine.dispose()
-    mine = [w.id for w, _ in live if w.host == host]
+    here = pid_space()  # this container's or machine's, not every one of its hostname
+    mine = [w.id for w, _ in live if w.pid_space == here]
     if not mine:
         print(f"unhealthy: no worker on {host} was heard from in {settings.lease_s:g} s")
         return 1

@@ -34,7 +34,7 @@ from service.store.tables import Job
 from workers.data import Mnist, load_mnist, preload_mnist
 from workers.endings import Endings, Outcome
 from workers.heartbeat import Heartbeat
-from workers.host import new_worker_id, pid_alive
+from workers.host import new_worker_id, pid_alive, pid_space
 from workers.packed import packs_on, run_pack
 from workers.reporting import Claim, Limits, Reporter
 from workers.reporting.writers import Writers
@@ -86,6 +86,7 @@ class Worker:
         self.stop = stop or wakeups.StopEvent()
         self.show_progress = show_progress
         self.host = socket.gethostname()
+        self.pid_space = pid_space()
         self.worker_id = new_worker_id()
         self.artifacts = artifacts_for(settings)  # where this worker writes
         self.source = ArtifactSource(settings.checkpoint_dir, sessions)  # what rows name
@@ -214,10 +215,10 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
 
     def register(self) -> None:
-        """Record this worker, and recover the jobs of workers on this host that died."""
+        """Record this worker, and recover the jobs of workers of its pid space that died."""
         now = utcnow()
         with self.sessions.begin() as session:
-            for row in worker_repo.workers_on_host(session, self.host):
+            for row in worker_repo.workers_in_pid_space(session, self.pid_space):
                 if not pid_alive(row.pid) or row.pid == os.getpid():
                     jobs = worker_repo.recover_dead_worker(session, worker_id=row.id, now=now)
                     log.info("worker %s is gone; %d of its jobs are claimable again", row.id, jobs)
@@ -225,6 +226,7 @@ class Worker:
                 session,
                 worker_id=self.worker_id,
                 host=self.host,
+                pid_space=self.pid_space,
                 pid=os.getpid(),
                 device=str(self.device),
                 now=now,

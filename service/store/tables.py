@@ -180,6 +180,8 @@ class WorkerRow(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     host: Mapped[str] = mapped_column(String(255))
+    # Where ``pid`` names a process: its kernel's boot and PID namespace (workers.host).
+    pid_space: Mapped[str | None] = mapped_column(String(64), nullable=True)
     pid: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())

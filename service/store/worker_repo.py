@@ -13,12 +13,19 @@ from service.store.tables import Job, WorkerRow
 
 
 def register_worker(
-    session: Session, *, worker_id: str, host: str, pid: int, device: str, now: datetime
+    session: Session,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    device: str,
+    now: datetime,
+    pid_space: str | None = None,
 ) -> None:
     """Record a worker process that has started (again, if a retried write did already)."""
-    session.merge(
-        WorkerRow(id=worker_id, host=host, pid=pid, device=device, started_at=now, heartbeat_at=now)
-    )
+    row = WorkerRow(id=worker_id, host=host, pid=pid, device=device, pid_space=pid_space)
+    row.started_at = row.heartbeat_at = now
+    session.merge(row)
 
 
 def worker_heartbeat(session: Session, *, worker_id: str, now: datetime) -> None:
@@ -41,9 +48,10 @@ def worker_stopped(session: Session, *, worker_id: str, now: datetime) -> None:
     )
 
 
-def workers_on_host(session: Session, host: str) -> list[WorkerRow]:
-    """Workers on ``host`` that never said they stopped."""
-    stmt = select(WorkerRow).where(WorkerRow.host == host, WorkerRow.stopped_at.is_(None))
+def workers_in_pid_space(session: Session, pid_space: str) -> list[WorkerRow]:
+    """Workers whose pids are processes of ``pid_space`` (``workers.host.pid_space``) that
+    never said they stopped: those whose pids a process there can look up."""
+    stmt = select(WorkerRow).where(WorkerRow.pid_space == pid_space, WorkerRow.stopped_at.is_(None))
     return list(session.scalars(stmt))
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.store import worker_repo
 from tests.support import run_python, service_env
+from workers.host import pid_space
 
 LEASE_S = 30.0
 
@@ -23,7 +24,9 @@ def check(database_url: str) -> subprocess.CompletedProcess[str]:
     return run_python(["-m", "workers", "--check"], env)
 
 
-def register(sessions: sessionmaker[Session], worker_id: str, host: str, age_s: float) -> None:
+def register(
+    sessions: sessionmaker[Session], worker_id: str, host: str, age_s: float, space: str
+) -> None:
     with sessions.begin() as session:
         worker_repo.register_worker(
             session,
@@ -32,19 +35,22 @@ def register(sessions: sessionmaker[Session], worker_id: str, host: str, age_s: 
             pid=1,
             device="cpu",
             now=utcnow() - timedelta(seconds=age_s),
+            pid_space=space,
         )
 
 
 def test_check_is_healthy_only_with_a_fresh_heartbeat_on_this_host(
     db_url: str, sessions: sessionmaker[Session]
 ) -> None:
-    host = socket.gethostname()
-    register(sessions, "elsewhere:1:a", "elsewhere", age_s=0)  # another machine's worker
-    register(sessions, f"{host}:1:old", host, age_s=LEASE_S + 5)  # silent for over a lease
+    host, here = socket.gethostname(), pid_space()
+    register(sessions, "elsewhere:1:a", "elsewhere", age_s=0, space="other")  # another machine
+    # A container of this hostname with a PID namespace of its own (the host's network).
+    register(sessions, f"{host}:1:box", host, age_s=0, space=f"{here}0")
+    register(sessions, f"{host}:1:old", host, age_s=LEASE_S + 5, space=here)  # silent too long
     result = check(db_url)
     assert result.returncode == 1
     assert f"no worker on {host} was heard from in 30 s" in result.stdout
-    register(sessions, f"{host}:1:new", host, age_s=1)
+    register(sessions, f"{host}:1:new", host, age_s=1, space=here)
     result = check(db_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"healthy: {host}:1:new"

@@ -30,6 +30,7 @@ from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, overwrite_artifact, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
+from workers.host import pid_space
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
 
@@ -257,32 +258,41 @@ def test_a_job_past_its_runtime_limit_fails_with_the_reason(
     assert 0 < job.step < job.total_steps
 
 
-def test_a_starting_worker_recovers_the_jobs_of_dead_workers_on_its_host(
+def test_a_starting_worker_recovers_the_jobs_of_dead_workers_of_its_pid_space(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
-    job_id = submit(sessions, epochs=1)
+    """Only its own pid space's: a worker of the same hostname in another PID namespace (a
+    container on the host's network) was taken for dead, its pid not running here, and its
+    live job handed on."""
+    job_id, neighbours = submit(sessions, epochs=1), submit(sessions, epochs=1)
     dead_pid = int(subprocess.check_output(["sh", "-c", "echo $$"]).strip())  # exited already
     now = utcnow()
-    with sessions.begin() as session:
-        worker_repo.register_worker(
-            session,
-            worker_id="ghost",
-            host=socket.gethostname(),
-            pid=dead_pid,
-            device="cpu",
-            now=now,
-        )
-    with sessions.begin() as session:
-        job = queue_repo.claim_job(session, worker_id="ghost", lease_s=3600, device="cpu", now=now)
-        assert job is not None and job.id == job_id
+    for worker_id, space, job in (("ghost", pid_space(), job_id), ("box", "other", neighbours)):
+        with sessions.begin() as session:
+            worker_repo.register_worker(
+                session,
+                worker_id=worker_id,
+                host=socket.gethostname(),
+                pid=dead_pid,
+                device="cpu",
+                now=now,
+                pid_space=space,
+            )
+        with sessions.begin() as session:
+            claimed = queue_repo.claim_job(
+                session, worker_id=worker_id, lease_s=3600, device="cpu", now=now
+            )
+            assert claimed is not None and claimed.id == job
 
     worker = Worker(settings, sessions, show_progress=False)
     worker.register()  # long before the ghost's hour-long lease ends
     retried = worker.claim()
     assert retried is not None and (retried.id, retried.attempt) == (job_id, 2)
+    assert worker.claim() is None  # the other namespace's job is left to its worker
+    assert (read(sessions, neighbours).worker_id, read(sessions, neighbours).attempt) == ("box", 1)
     with sessions() as session:
-        (live, _), *_ = worker_repo.live_workers(session, now=utcnow(), lease_s=30)
-        assert live.id == worker.worker_id
+        live = [row.id for row, _ in worker_repo.live_workers(session, now=utcnow(), lease_s=30)]
+        assert sorted(live) == sorted(["box", worker.worker_id])
 
 
 def unwritable_checkpoints(settings: Settings, tmp_path: Path) -> Settings:
