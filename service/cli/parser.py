@@ -27,6 +27,7 @@ EXIT_JOB_FAILED = 1  # the watched job (or sweep) failed or was cancelled
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_API_ERROR = 3  # the API refused the request or could not be reached
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away, as a shell reports SIGPIPE
+MAX_PORT = 65_535
 
 DESCRIPTION = """\
 mnist-service: train and use models through the API, or run the server side.
@@ -93,6 +94,9 @@ def api_url(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{value!r} has a query or fragment (?…, #…): give the API's base address only"
         )
+    if url.port is not None and not 0 < url.port <= MAX_PORT:
+        # httpx takes it, and the connection went to the port modulo 65536, key and all.
+        raise argparse.ArgumentTypeError(f"{value!r} names port {url.port}: ports are 1–{MAX_PORT}")
     return value
 
 

@@ -48,6 +48,17 @@ def test_a_url_with_a_query_or_fragment_is_a_bad_command_line(
     assert "has a query or fragment" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["83937", "99999", "0"])
+def test_a_url_with_a_port_out_of_range_is_a_bad_command_line(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """httpx takes 83937, and the connection went to 83937 - 65536, the API key with it."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", f"http://127.0.0.1:{port}", "jobs"])
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert f"names port {port}: ports are 1–65535" in capsys.readouterr().err
+
+
 def test_a_migration_that_cannot_run_says_why_in_one_line(tmp_path: Path) -> None:
     """Alembic's traceback (50 to 130 lines, exit 1) for a database newer than the code, one it
     cannot open: one line each, exit 2 where no retry helps."""
