@@ -23,6 +23,10 @@ from service.status import JobStatus, SweepStatus
 
 # The ceiling of MNIST_MAX_SWEEP_TRIALS, and what the CLI checks before it knows the server's.
 SWEEP_TRIALS_CEILING = 10_000
+# The most values one field's list may hold, a grid's or a choice's: a grid of more could not
+# run, and an unbounded choice (7 million values, each validated as a job's field and stored
+# in the sweep's row) took 19 s to answer and made every listing of sweeps 34 MB.
+MAX_FIELD_VALUES = SWEEP_TRIALS_CEILING
 
 # The fields a sweep may vary: JobCreate's own (tests check that the two lists agree).
 SweepField = Literal[
@@ -52,7 +56,9 @@ class Distribution(StrictModel):
     int_uniform: tuple[IntBound, IntBound] | None = Field(
         default=None, description="[lo, hi]: a whole number, both ends included."
     )
-    choice: list[Any] | None = Field(default=None, min_length=1, description="One of these.")
+    choice: list[Any] | None = Field(
+        default=None, min_length=1, max_length=MAX_FIELD_VALUES, description="One of these."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Distribution:
@@ -111,7 +117,10 @@ class SweepCreate(StrictModel):
     params: JobCreate = Field(
         default_factory=JobCreate, description="The fields every trial shares (JobCreate)."
     )
-    grid: dict[SweepField, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+    grid: (
+        dict[SweepField, Annotated[list[Any], Field(min_length=1, max_length=MAX_FIELD_VALUES)]]
+        | None
+    ) = Field(
         default=None,
         min_length=1,
         description="Values to try per field; the trials are every combination.",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.domain import sweeps
 from service.errors import Conflict, InvalidInput, TooManyRequests
 from service.schemas import JobCreate
-from service.schemas.sweeps import SweepCreate, SweepField, expand
+from service.schemas.sweeps import MAX_FIELD_VALUES, SweepCreate, SweepField, expand
 from service.status import JobStatus, SweepStatus
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
@@ -124,6 +124,12 @@ def test_too_many_trials_are_refused_before_any_is_made() -> None:
         ({}, ()),
         ({"grid": {"seed": [1]}, "random": {"trials": 1, "space": {"seed": {}}}}, None),
         ({"grid": {"seed": [1]}, "promote": "no spaces"}, ("promote",)),
+        # A field's values are bounded: a choice of millions took 19 s and filled every listing.
+        (
+            {"random": {"trials": 1, "space": {"seed": {"choice": [1] * (MAX_FIELD_VALUES + 1)}}}},
+            ("random", "space", "seed", "choice"),
+        ),
+        ({"grid": {"seed": list(range(MAX_FIELD_VALUES + 1))}}, ("grid", "seed")),
     ],
 )
 def test_the_shape_of_a_sweep_is_checked_by_its_model(
