@@ -171,9 +171,10 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
 
     Run in the transaction that ended a trial, after that write: the sweep's row is locked
     first, so of two trials ending at once the second to commit sees the first ended, and
-    exactly one of them ends the sweep. It ends ``cancelled`` if it was cancelled, else
-    ``succeeded`` when a trial succeeded, ``failed`` when none did. A succeeded sweep with
-    ``promote`` points that alias at its best trial, as ``PUT /models/aliases/{name}`` does:
+    exactly one of them ends the sweep. It ends ``cancelled`` if it was cancelled or every
+    trial was, else ``succeeded`` when a trial succeeded, ``failed`` when none did. A
+    succeeded sweep with ``promote`` points that alias at its best trial, as
+    ``PUT /models/aliases/{name}`` does:
     the model's row locked (shared) and the alias upserted (:func:`model_repo.set_alias`).
     """
     sweep = lock_sweep(session, sweep_id)
@@ -183,7 +184,9 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
     counts = tally(rows)
     if any(counts[status] for status in UNFINISHED):
         return
-    if sweep.cancel_requested:
+    # Every trial cancelled (one by one, as their jobs) is a cancelled sweep: "failed" with
+    # no trial failed said what did not happen.
+    if sweep.cancel_requested or counts[JobStatus.CANCELLED] == len(rows):
         status = SweepStatus.CANCELLED
     elif counts[JobStatus.SUCCEEDED]:
         status = SweepStatus.SUCCEEDED

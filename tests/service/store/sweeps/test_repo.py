@@ -144,6 +144,19 @@ def test_cancelling_the_last_queued_trial_ends_it(sessions: sessionmaker[Session
     assert sweep_row(sessions, sweep_id).status == SweepStatus.SUCCEEDED
 
 
+def test_a_sweep_whose_trials_were_all_cancelled_one_by_one_ends_cancelled(
+    sessions: sessionmaker[Session],
+) -> None:
+    """It ended "failed", with no trial failed."""
+    sweep_id = new_sweep(sessions, 2, promote="production")
+    finish(sessions, claim(sessions, "w1"), JobStatus.CANCELLED)
+    with sessions.begin() as session:
+        queued = session.query(Job).filter(Job.status == JobStatus.QUEUED).one()
+        job_repo.request_cancel(session, queued, now=utcnow())
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.CANCELLED
+    assert alias_target(sessions, "production") is None
+
+
 def test_a_cancelled_sweep_ends_when_its_running_trial_stops(
     sessions: sessionmaker[Session],
 ) -> None:
@@ -217,7 +230,7 @@ def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
         ended = session.get(Job, job.id)
         assert ended is not None
         assert (ended.status, ended.finished_at is not None) == (JobStatus.CANCELLED, True)
-    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED  # no trial succeeded
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.CANCELLED  # as its one trial
 
 
 def test_a_sweep_is_tallied_alike_in_its_answer_and_in_a_page_of_sweeps(
