@@ -317,16 +317,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_form_parts=settings.max_form_parts,
         max_form_field_bytes=settings.max_form_field_bytes,
     )
-    key_check = None
-    if keys is not None:
-        edge = key_check = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)
+    edge = key_check = ApiKeyMiddleware(edge, keys=keys, docs_public=settings.docs_public)
     edge = RequestIdMiddleware(edge)
     edge = counted = RequestMetricsMiddleware(edge, metrics=app.state.metrics)
     app.edge = ServerErrorMiddleware(edge, handler=_unexpected_error)
     # What the HTTP protocol may answer itself, through these layers' own rules.
     if polls is not None:
         app.quick = QuickAnswers(
-            app.state, polls=polls, metrics=counted, keys=key_check, limits=limits
+            app.state,
+            polls=polls,
+            metrics=counted,
+            keys=key_check if keys is not None else None,
+            limits=limits,
         )
 
     def complete_openapi() -> dict[str, Any]:

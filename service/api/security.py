@@ -196,9 +196,13 @@ def app_path(scope: Scope) -> str:
 
 
 class ApiKeyMiddleware:
-    """Refuses requests without the key their method and path need (401, or 403 read-only)."""
+    """Refuses requests without the key their method and path need (401, or 403 read-only).
 
-    def __init__(self, app: ASGIApp, *, keys: KeyRing, docs_public: bool) -> None:
+    With no ``keys`` (an open API) it refuses nothing, but still cuts ``access_token`` out of
+    every query: a browser that kept a key from another deployment sends it, and it got 422
+    as an unknown parameter on every route, and was written to the access log."""
+
+    def __init__(self, app: ASGIApp, *, keys: KeyRing | None, docs_public: bool) -> None:
         self.app = app
         self.keys = keys
         self.docs_public = docs_public
@@ -206,6 +210,9 @@ class ApiKeyMiddleware:
     def refusal(self, scope: Scope) -> ServiceError | None:
         """Why this request may not pass (None: it may). Takes any ``access_token`` out of the
         query (:func:`request_token`)."""
+        if self.keys is None:
+            _take_query_tokens(scope)
+            return None
         needed = required_access(
             scope.get("method", "GET"), app_path(scope), docs_public=self.docs_public
         )
