@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidationInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -97,9 +98,8 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0, le=DAY_S)  # a date this far on must be in range
     heartbeat_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
-    # "auto": the worker times its own steps at 1, 2, 4… threads and keeps the fastest
-    # (workers/tuning/threads.py). Two threads win on idle cores and lose badly when another
-    # process wants a core; a fixed count is right only some of the time.
+    # "auto": the worker times its steps at 1, 2, 4… threads and keeps the fastest (workers/
+    # tuning/threads.py): two win on idle cores and lose badly when another process wants one.
     torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = "auto"
     cuda_graphs: bool = Field(
         default=True,
@@ -309,8 +309,7 @@ class Settings(BaseSettings):
     @field_validator("api_key", "readonly_api_key", "retention_days", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:
-        # `MNIST_API_KEY=` (e.g. compose's ${MNIST_API_KEY:-}) means "not set", not "the empty
-        # key"; `MNIST_RETENTION_DAYS=` likewise means "keep forever".
+        # `MNIST_API_KEY=` (compose's ${MNIST_API_KEY:-}) is no key; MNIST_RETENTION_DAYS= forever.
         return None if value == "" else value
 
     @field_validator("api_key", "readonly_api_key")
@@ -359,11 +358,9 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _resolve_artifacts(cls, data: Any) -> Any:
-        """``auto`` picks by the database (the settings are frozen: resolved before they are
-        built). A SQLite file is one machine's, so its folder is as shared as the file, and
-        files keep a state's bytes out of the training thread's flushes (docs/benchmarks.md,
-        the worker's own time). PostgreSQL may serve workers on many machines: the database
-        is the one thing they share."""
+        """``auto`` picks by the database, before the frozen settings are built: a SQLite file
+        is one machine's, its folder as shared, and files keep a state's bytes out of the
+        flushes (docs/benchmarks.md); PostgreSQL's workers may share only the database."""
         if isinstance(data, dict) and data.get("artifacts", "auto") == "auto":
             url = str(data.get("database_url", cls.model_fields["database_url"].default))
             data = {**data, "artifacts": "folder" if url.startswith("sqlite") else "database"}
@@ -380,10 +377,13 @@ class Settings(BaseSettings):
             raise ValueError("MNIST_DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return url
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "host", mode="before")
     @classmethod
-    def _upper_level(cls, level: object) -> object:
-        return level.upper() if isinstance(level, str) else level
+    def _as_meant(cls, value: object, info: ValidationInfo) -> object:
+        # A level in any case; "[::1]" as a URL writes an IPv6 address (uvicorn binds it bare).
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.strip("[]")
 
 
 @lru_cache

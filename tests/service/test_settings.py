@@ -165,6 +165,19 @@ def test_serving_and_thread_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+@pytest.mark.parametrize(
+    ("written", "bound"), [("[::1]", "::1"), ("::1", "::1"), ("0.0.0.0", "0.0.0.0")]
+)
+def test_an_ipv6_host_written_as_in_a_url_is_bound_bare(
+    monkeypatch: pytest.MonkeyPatch, written: str, bound: str
+) -> None:
+    """uvicorn could not resolve "[::1]" (exit 3), which the exposure check took for loopback."""
+    monkeypatch.setenv("MNIST_HOST", written)
+    monkeypatch.setenv("MNIST_LOG_LEVEL", "debug")
+    settings = Settings()
+    assert (settings.host, settings.log_level) == (bound, "DEBUG")
+
+
 def test_decodes_default_to_the_cores_at_most_8_and_16_mpx_are_accepted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
