@@ -19,6 +19,7 @@ from service.store.cursors import newest_first
 from service.store.engines import Reader
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
+from service.store.upkeep import leases
 from service.store.upkeep.leases import lease_expired
 
 
@@ -183,11 +184,14 @@ def _cancel(session: Session, which: Any, *, now: datetime) -> list[str | None]:
 
 
 def request_cancel(session: Session, job: Job, *, now: datetime) -> Job:
-    """Cancel a queued job at once, or flag a running one for its worker to stop.
+    """Cancel a queued job at once, or flag a running one for its worker to stop; one whose
+    lease ran out (its worker is gone, and only a worker's claim settled it: with none left
+    it stayed running, cancel and all) ends ``cancelled`` now.
 
     Returns the job as it now is; the caller checks that it was not already finished.
     """
     sweep_repo.settle_all(session, _cancel(session, Job.id == job.id, now=now), now)
+    leases.expire_lost_jobs(session, now=now, job_id=job.id)
     session.refresh(job)
     return job
 

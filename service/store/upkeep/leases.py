@@ -119,8 +119,9 @@ def claim_statement() -> Any:
     )
 
 
-def expire_lost_jobs(session: Session, *, now: datetime) -> int:
-    """Settle the jobs whose worker vanished (their lease ran out); returns how many.
+def expire_lost_jobs(session: Session, *, now: datetime, job_id: str | None = None) -> int:
+    """Settle the jobs whose worker vanished (their lease ran out), or only ``job_id`` when
+    given (a cancel of it, whose row the caller holds); returns how many.
 
     One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
     that has used up its attempts ends ``failed``, the others go back to the queue for their
@@ -129,7 +130,8 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
     or any other host, the change publishes its wake-ups: idle workers learn that a job is
     claimable again, and the jobs' event streams that their status moved.
     """
-    rows = session.execute(_expire_statement(), {"now": now}).all()
+    one = {} if job_id is None else {"job_id": job_id}
+    rows = session.execute(_expire_statement(bool(one)), {"now": now, **one}).all()
     for job_id, status, _ in rows:
         wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
         if status == JobStatus.QUEUED:
@@ -140,15 +142,16 @@ def expire_lost_jobs(session: Session, *, now: datetime) -> int:
 
 
 @functools.cache
-def _expire_statement() -> Any:
-    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` as a parameter: a
-    worker's settling claims run it, and building and hashing it anew took about a third of
-    its time."""
+def _expire_statement(one: bool) -> Any:
+    """The UPDATE of :func:`expire_lost_jobs`, built once with ``now`` (and the ``job_id`` of
+    ``one``) as parameters: a worker's settling claims run it, and building and hashing it
+    anew took about a third of its time."""
     now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
+    only = [Job.id == bindparam("job_id", type_=Job.id.type)] if one else []
     return (
         update(Job)
-        .where(lease_expired(now))
+        .where(lease_expired(now), *only)
         .values(
             status=case(
                 (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),

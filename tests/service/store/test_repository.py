@@ -193,6 +193,25 @@ def test_an_expired_lease_of_a_cancelled_job_ends_it(sessions: sessionmaker[Sess
     assert claim(sessions, "next") is None
 
 
+def test_a_cancel_of_a_job_whose_lease_ran_out_ends_it_at_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Its worker is gone, and only a worker's claim settled a lost lease: with no worker
+    left the job stayed running, the cancel answered with it running, for good."""
+    job_id, other_id = add_job(sessions), add_job(sessions)
+    start = utcnow()
+    assert claim(sessions, "lost", now=start) is not None
+    assert claim(sessions, "lost too", now=start) is not None
+    later = start + timedelta(seconds=LEASE_S + 1)
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        ended = job_repo.request_cancel(session, job, now=later)
+        assert (ended.status, ended.finished_at) == (JobStatus.CANCELLED, later)
+    with sessions() as session:  # the other lost job is the next claim's to settle, not this
+        assert session.get_one(Job, other_id).status == JobStatus.RUNNING
+
+
 def test_a_claim_that_does_not_settle_still_takes_an_expired_job_and_ends_none(
     sessions: sessionmaker[Session],
 ) -> None:
