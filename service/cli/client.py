@@ -281,9 +281,16 @@ class Client:
         """Cancel a job."""
         return _a_job(self._request("POST", f"/jobs/{job_id}/cancel"), job_id)
 
-    def delete(self, job_id: str) -> None:
-        """Delete a job that has ended, with its metrics and checkpoint (204, no body)."""
-        if self._request("DELETE", f"/jobs/{job_id}") is not None:
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        """Cancel a sweep: its queued trials now, its running ones at their next flush."""
+        sweep: dict[str, Any] = self._request("POST", f"/sweeps/{sweep_id}/cancel")
+        return sweep
+
+    def delete(self, job_id: str, *, sweep: bool = False) -> None:
+        """Delete a job that has ended, with its metrics and checkpoint, or a sweep with all
+        its trials (204, no body)."""
+        path = f"/sweeps/{job_id}" if sweep else f"/jobs/{job_id}"
+        if self._request("DELETE", path) is not None:
             raise ValueError("a body where the service answers 204")
 
     def metrics(self, job_id: str) -> dict[str, Any]:

@@ -223,7 +223,11 @@ def cmd_predict(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    """Cancel a job."""
+    """Cancel a job, or a sweep (``--sweep``)."""
+    if args.sweep:
+        sweep = client.cancel_sweep(args.job_id)
+        print(f"sweep {sweep['id']} is {sweep['status']}: its running trials stop shortly")
+        return EXIT_OK
     job = client.cancel(args.job_id)
     if job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
@@ -233,9 +237,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(client: Client, args: argparse.Namespace) -> int:
-    """Delete a job that has ended (its metrics and checkpoint go with it)."""
-    client.delete(args.job_id)
-    print(f"deleted {args.job_id}")
+    """Delete a job that has ended (its metrics and checkpoint go with it), or a sweep with
+    its trials (``--sweep``)."""
+    client.delete(args.job_id, sweep=args.sweep)
+    print(f"deleted {'sweep ' if args.sweep else ''}{args.job_id}")
     return EXIT_OK
 
 

@@ -246,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--json", action="store_true", help="the API's JSON answer")
     _add_sweep_commands(command)
-    cancel = command("cancel", "cancel a queued or running job")
+    cancel = command("cancel", "cancel a queued or running job (or sweep)")
     cancel.add_argument("job_id", type=job_id, metavar="ID")
+    cancel.add_argument("--sweep", action="store_true", help="ID is a sweep's: all its trials")
     delete = command("delete", "delete a job that has ended, with its metrics and checkpoint")
     delete.add_argument("job_id", type=job_id, metavar="ID")
+    delete.add_argument("--sweep", action="store_true", help="ID is a sweep's: with its trials")
 
     command("api", "serve the API and the dashboard (python -m service)")
     worker = command("worker", "run workers (python -m workers)")

@@ -192,7 +192,7 @@ def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(
             f"stopped watching; sweep {sweep['id']} goes on "
-            f"(stop it with: POST /sweeps/{sweep['id']}/cancel)",
+            f"(stop it with: mnist-service cancel --sweep {sweep['id']})",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

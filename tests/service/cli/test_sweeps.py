@@ -142,3 +142,25 @@ def test_the_listing_says_when_there_is_none(
     assert (code, out.strip()) == (cli.EXIT_OK, "[]")
     code, _, err = run(client, capsys, "sweeps")
     assert "no sweeps yet" in err
+
+
+def test_a_sweep_is_cancelled_and_deleted_from_the_command_line(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There was no way: `cancel` took the id for a job's (404), and a trial's `delete` was
+    told to DELETE /sweeps/{id}, which no command did."""
+    code, out, _ = run(client, capsys, "sweep", "--grid", "seed=0,1")
+    sweep_id = out.strip()
+    trial = client.get(f"/sweeps/{sweep_id}").json()["trials"][0]["job_id"]
+    code, out, _ = run(client, capsys, "cancel", "--sweep", sweep_id)
+    assert (code, out.strip()) == (
+        cli.EXIT_OK,
+        f"sweep {sweep_id} is cancelled: its running trials stop shortly",
+    )
+    assert client.get(f"/jobs/{trial}").json()["status"] == "cancelled"
+    code, _, err = run(client, capsys, "delete", trial)
+    assert code == cli.EXIT_API_ERROR and sweep_id in err  # a trial goes with its sweep
+    code, out, _ = run(client, capsys, "delete", "--sweep", sweep_id)
+    assert (code, out.strip()) == (cli.EXIT_OK, f"deleted sweep {sweep_id}")
+    assert client.get(f"/sweeps/{sweep_id}").status_code == 404
+    assert client.get(f"/jobs/{trial}").status_code == 404
