@@ -40,7 +40,8 @@ class Outcome:
     """How one claimed job ended, as far as this worker knows."""
 
     job_id: str
-    status: JobStatus | Literal["released", "lost"]
+    # "handed back": for a fault of this worker's host (its storage), not of the job.
+    status: JobStatus | Literal["released", "handed back", "lost"]
     flush_seconds: float = 0.0
 
 
@@ -210,4 +211,4 @@ class Endings:
             log.info("job %s failed: %s on its last attempt", claim.job_id, reason)
             return Outcome(claim.job_id, JobStatus.FAILED, reporter.flush_seconds)
         log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)
-        return Outcome(claim.job_id, "released", reporter.flush_seconds)
+        return Outcome(claim.job_id, "handed back", reporter.flush_seconds)

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.backoff import capped_exponential
 from service.clock import utcnow
 from service.domain.jobs import params_of
 from service.logs import log_context
@@ -49,14 +50,14 @@ __all__ = ["Outcome", "Worker"]
 log = logging.getLogger("workers")
 
 T = TypeVar("T")
+HOST_FAULT_FIRST_S = 2.0  # the pause after a job handed back for this host's fault, doubling
+HOST_FAULT_MAX_S = 60.0  # ... up to this while the faults go on
 
 
 def log_claims(jobs: list[Job]) -> None:
     """Log each job just claimed (the claim has committed); a first attempt with how long it
     waited since it was created, the operator's figure of claim latency (docs/benchmarks.md
-    times it so). It reads the API's clock against this worker's: across machines it holds
-    their offset too. A job a stopping worker released goes back as the same attempt: its
-    figure then holds its earlier run as well."""
+    times it so), by the API's clock against this worker's (across machines, their offset)."""
     pack = f" (a pack of {len(jobs)})" if len(jobs) > 1 else ""
     now = utcnow()
     for job in jobs:
@@ -99,8 +100,8 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         self.outage = Outage(log)
         self._leases_settled_at = -float("inf")  # time.monotonic() of this worker's last settle
-        # The writing threads of every job it trains (each reporter waits for its own writes
-        # as its job ends); shut down when run() ends.
+        self._host_faults = 0  # jobs handed back in a row for this host's faults
+        # Every job's writing threads (a reporter waits for its own); shut down as run() ends.
         self.writers = Writers()
         self.endings = Endings(
             sessions, self.artifacts, self._retry, shutdown_grace_s=settings.shutdown_grace_s
@@ -173,6 +174,7 @@ class Worker:
         done, s = 0, self.settings
         with wakeups.waiting(s.database_url, wakeups.JOB_QUEUED, enabled=s.wakeups) as queued:
             while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
+                self._wait_out_host_faults()
                 size = self.pack_max if max_jobs is None else min(self.pack_max, max_jobs - done)
                 try:
                     jobs = self._retry(functools.partial(self._claim, size), "claim", within_s=0)
@@ -184,11 +186,23 @@ class Worker:
                     queued.wait(s.poll_interval_s, self.stop)
                     continue
                 if len(jobs) > 1:
-                    run_pack(self, jobs)
+                    outcomes = run_pack(self, jobs)
                 else:
                     with log_context(job_id=jobs[0].id, attempt=jobs[0].attempt):
-                        self.run_job(jobs[0])
+                        outcomes = [self.run_job(jobs[0])]
                 done += len(jobs)
+                faulted = any(o.status == "handed back" for o in outcomes)
+                self._host_faults = self._host_faults + 1 if faulted else 0
+
+    def _wait_out_host_faults(self) -> None:
+        """After jobs handed back for faults of this host (its storage), wait before the next
+        claim, longer at each in a row: other workers take the job meanwhile, and a fault of a
+        few seconds no longer spends a job's every attempt at once (three in 2 s, the same
+        worker claiming it straight back)."""
+        if self._host_faults:
+            pause = capped_exponential(HOST_FAULT_FIRST_S, HOST_FAULT_MAX_S, self._host_faults - 1)
+            log.warning("pausing %.0f s before the next claim: this host's fault", pause)
+            self._pause(pause)
 
     def _claim(self, size: int) -> list[Job]:
         """Up to ``size`` jobs: with packing off, today's one-job claim, exactly."""

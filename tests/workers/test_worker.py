@@ -30,6 +30,7 @@ from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, overwrite_artifact, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
+from workers import worker as worker_module
 from workers.host import pid_space
 from workers.reporting import Claim, Diverged, Limits, Reporter, Shutdown
 from workers.worker import Worker
@@ -325,6 +326,26 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(
     assert job.error == "could not write the checkpoint; gave up after 3 attempts"
     with sessions() as session:
         assert worker_repo.live_workers(session, now=utcnow(), lease_s=30) == []
+
+
+def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It claimed the job straight back: a folder away for 3 s spent all 3 attempts in 2 s.
+    Its pauses are recorded, not slept: each with the attempt the job was then at."""
+    job_id = submit(sessions, epochs=1, batch_size=64)
+    worker = Worker(unwritable_checkpoints(settings, tmp_path), sessions, show_progress=False)
+    pauses: list[tuple[float, int]] = []
+    monkeypatch.setattr(
+        worker, "_pause", lambda s: pauses.append((s, read(sessions, job_id).attempt))
+    )
+    worker.run(max_jobs=3)
+    assert (read(sessions, job_id).status, read(sessions, job_id).attempt) == (JobStatus.FAILED, 3)
+    first = worker_module.HOST_FAULT_FIRST_S
+    assert pauses == [(first, 1), (2 * first, 2)]  # before the 2nd and 3rd claims; not after
 
 
 def test_a_resume_state_that_cannot_be_written_resumes_on_a_healthy_worker(
