@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import fastapi.routing
 import psycopg
@@ -21,7 +22,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.routing import BaseRoute, Route
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import openapi
@@ -137,8 +139,24 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+def _without_slash(request: Request) -> str | None:
+    """Where a path with a trailing slash is answered, if a route takes it without one: a
+    relative ``Location`` (RFC 9110, section 10.2.2), its query kept. Starlette's own redirect
+    wrote the Location from the Host header, whatever name a client put there."""
+    path: str = request.scope.get("path", "")
+    if path == "/" or not path.endswith("/"):
+        return None
+    bare = {**request.scope, "path": path.rstrip("/")}
+    if not any(route.matches(bare)[0] is not Match.NONE for route in request.app.router.routes):
+        return None
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return quote(request.scope.get("root_path", "") + bare["path"]) + (f"?{query}" if query else "")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and (location := _without_slash(request)) is not None:
+        return RedirectResponse(location, status_code=307)
     message = unreadable_body(exc.__cause__) if exc.status_code == 400 else None
     response = _error(exc.status_code, f"http_{exc.status_code}", message or str(exc.detail))
     if exc.headers:
@@ -259,6 +277,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine.dispose()
 
     app = ServiceApp(
+        redirect_slashes=False,  # as _without_slash answers
         title="MNIST training service",
         version="0.1.0",
         description=(

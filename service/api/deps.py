@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.asgi import query_names
 from service.clock import CURSOR_PATTERN, JOB_ID_PATTERN, MAX_PAGE
 from service.errors import InvalidInput, NotFound
-from service.schemas import QueryInt
+from service.schemas import IN_DECIMAL_DIGITS
 from service.serving.predictor import Predictor
 from service.settings import Settings
 from service.store import availability, job_repo
@@ -87,7 +87,7 @@ WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 # The paging of every listing (GET /jobs, /models, /sweeps): how many at most, and where from.
-PageLimit = Annotated[QueryInt, Query(ge=1, le=MAX_PAGE)]
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE), IN_DECIMAL_DIGITS]
 PageCursor = Annotated[
     str | None, Query(pattern=CURSOR_PATTERN, description="The `next` of the previous page.")
 ]

@@ -38,7 +38,9 @@ def _decimal(value: object) -> object:
     return value
 
 
-QueryInt = Annotated[int, BeforeValidator(_decimal)]
+# Put after a query integer's bounds (``Annotated[int, Field(ge=..), IN_DECIMAL_DIGITS]``):
+# before them, the bounds went to the validator and the schema lost its minimum and maximum.
+IN_DECIMAL_DIGITS = BeforeValidator(_decimal)
 
 
 class StrictModel(BaseModel):

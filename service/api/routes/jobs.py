@@ -23,7 +23,14 @@ from service.api.deps import (
 from service.api.json_bodies import JsonBodyRoute
 from service.domain import deletion, jobs
 from service.errors import NotFound
-from service.schemas import ErrorEnvelope, JobCreate, JobList, JobRead, MetricsRead, QueryInt
+from service.schemas import (
+    IN_DECIMAL_DIGITS,
+    ErrorEnvelope,
+    JobCreate,
+    JobList,
+    JobRead,
+    MetricsRead,
+)
 from service.serving.predictor import Predictor
 from service.status import JobStatus
 from service.store.tables import MAX_INTEGER
@@ -45,10 +52,10 @@ class MetricsQuery(BaseModel):
     """The query parameters of a metrics poll: the route declares them, and the polls' fast lane
     reads a query string with this same model (:mod:`service.api.lanes.polls`)."""
 
-    after_step: QueryInt = Field(
-        default=0, ge=0, le=MAX_STEP, description="Only steps numbered above this."
+    after_step: Annotated[int, Field(ge=0, le=MAX_STEP), IN_DECIMAL_DIGITS] = Field(
+        default=0, description="Only steps numbered above this."
     )
-    limit: QueryInt = Field(default=DEFAULT_STEPS_PAGE, ge=1, le=MAX_STEPS_PAGE)
+    limit: Annotated[int, Field(ge=1, le=MAX_STEPS_PAGE), IN_DECIMAL_DIGITS] = DEFAULT_STEPS_PAGE
 
 
 @router.post(

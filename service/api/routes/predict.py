@@ -20,11 +20,11 @@ from service.errors import BadRequest, InvalidInput, PayloadTooLarge, Unsupporte
 from service.ml import NUM_CLASSES
 from service.schemas import (
     ALIAS_PATTERN,
+    IN_DECIMAL_DIGITS,
     ErrorEnvelope,
     PixelsInput,
     Prediction,
     PredictionBatch,
-    QueryInt,
 )
 from service.serving import predictor as predict_service
 from service.serving.registry import ModelChoice
@@ -86,8 +86,8 @@ class PredictQuery(BaseModel):
     model: str | None = Field(
         default=None, pattern=ALIAS_PATTERN, description="The model this alias points at."
     )
-    top_k: QueryInt | None = Field(
-        default=None, ge=1, le=NUM_CLASSES, description="Also list the k best digits."
+    top_k: Annotated[int, Field(ge=1, le=NUM_CLASSES), IN_DECIMAL_DIGITS] | None = Field(
+        default=None, description="Also list the k best digits."
     )
 
 

@@ -95,6 +95,24 @@ def test_bodies_are_named_schemas_and_the_odd_answers_are_declared(
     assert "final" in ended["description"]
 
 
+def test_every_integer_in_a_query_has_its_bounds_in_json_schema_words(
+    document: dict[str, Any],
+) -> None:
+    """A validator placed before a query integer's bounds turned ``minimum``/``maximum`` into
+    pydantic's own ``ge``/``le``, which no client reads: a generated client sent limit=4011."""
+    found = []
+    for _, _, operation in operations(document):
+        for parameter in operation.get("parameters", []):
+            schema = parameter["schema"]
+            integers = [s for s in schema.get("anyOf", []) if s.get("type") == "integer"]
+            schema = integers[0] if integers else schema
+            if parameter["in"] == "query" and schema.get("type") == "integer":
+                found.append(parameter["name"])
+                assert {"minimum", "maximum"} <= schema.keys(), (parameter["name"], schema)
+                assert not {"ge", "le"} & schema.keys(), (parameter["name"], schema)
+    assert {"limit", "after_step", "top_k"} <= set(found)
+
+
 def test_a_route_without_a_chosen_id_stops_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(openapi.OPERATION_IDS, ("GET", "/workers"))
     with pytest.raises(LookupError, match="GET /workers has no operationId"):

@@ -343,3 +343,20 @@ def test_a_job_whose_lease_ran_out_trains_no_images(
     later = client.get("/metrics").text
     assert sample(later, "mnist_jobs", status="running") == 1
     assert sample(later, "mnist_training_images_per_second") == 0
+
+
+def test_a_trailing_slash_is_redirected_relative_whatever_the_host(client: TestClient) -> None:
+    """Starlette wrote Location from the Host header: `Host: evil.example` sent a client (or
+    a cache in front) to http://evil.example/jobs."""
+    job_id = client.post("/jobs", json={}).json()["id"]
+    for path, where in [
+        ("/jobs/", "/jobs"),
+        ("/jobs/?limit=2", "/jobs?limit=2"),
+        (f"/jobs/{job_id}/", f"/jobs/{job_id}"),
+        ("/sweeps/", "/sweeps"),
+    ]:
+        answer = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert (answer.status_code, answer.headers["location"]) == (307, where), path
+    assert client.post("/sweeps/", json={}, follow_redirects=False).headers["location"] == "/sweeps"
+    unknown = client.get("/nothing/here/", follow_redirects=False)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "http_404"
