@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,21 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # (rather than refusing) holds a request's thread, or a worker's flush, for the system's TCP
 # timeout (minutes) before anything can retry; with it, that is an outage like any other.
 POSTGRES_CONNECT_TIMEOUT_S = 10
+# A connection that was up and went dead: the peer gone without a word (a partition, a NAT's
+# flows dropped, a killed host). Without these a pooled connection's next query, and a LISTEN,
+# waited for the system's TCP timeouts (15 min with data unacknowledged, 2 h idle), and the
+# server kept a vanished worker's transaction, and its row locks, as long.
+POSTGRES_LIVENESS: dict[str, Any] = {
+    "keepalives": 1,  # probe an idle connection after 10 s, every 5 s, 3 times: dead in 25 s
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms: data unacknowledged this long ends the connection
+}
+# On the server: a transaction left idle this long (its client gone) ends, its locks with it
+# (added to the URL's own ``options``). The service's transactions wait milliseconds between
+# their statements; a vanished worker's held the rows every claim's settling then waited on.
+IDLE_TRANSACTION_OPTION = "-c idle_in_transaction_session_timeout=60s"
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 # How reading transactions begin on SQLite: a WAL snapshot that never waits for a writer.
 SQLITE_READ_BEGIN = "DEFERRED"
@@ -44,6 +59,18 @@ def ensure_sqlite_dir(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+def postgres_connect_args(given: Mapping[str, Any]) -> dict[str, Any]:
+    """What every PostgreSQL connection of the service is opened with (the pool's and the
+    wake-ups' listener's) but what the URL's query ``given`` sets itself: a bounded connect,
+    and a connection that dies when its peer does (:data:`POSTGRES_LIVENESS`)."""
+    wanted = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **POSTGRES_LIVENESS}
+    args = {name: value for name, value in wanted.items() if name not in given}
+    options = str(given.get("options", ""))
+    if "idle_in_transaction_session_timeout" not in options:
+        args["options"] = f"{options} {IDLE_TRANSACTION_OPTION}".strip()
+    return args
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Build an engine; on SQLite every transaction begins IMMEDIATE in WAL mode.
 
@@ -53,8 +80,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-            connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args = postgres_connect_args(parsed.query)
             kwargs["connect_args"] = connect_args | kwargs.get("connect_args", {})
         return create_engine(url, **{"pool_pre_ping": True, **kwargs})
 

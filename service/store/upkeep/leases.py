@@ -148,10 +148,16 @@ def _expire_statement(one: bool) -> Any:
     anew took about a third of its time."""
     now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
-    only = [Job.id == bindparam("job_id", type_=Job.id.type)] if one else []
+    expired = [lease_expired(now)]
+    if one:
+        expired.append(Job.id == bindparam("job_id", type_=Job.id.type))
+    # A row another transaction holds is skipped, not waited for (PostgreSQL; SQLite locks
+    # the file): a vanished worker's transaction held one, and every claim's settling waited
+    # on it, the queue's other jobs unclaimed, until the server ended that transaction.
+    free = select(Job.id).where(*expired).with_for_update(skip_locked=True)
     return (
         update(Job)
-        .where(lease_expired(now), *only)
+        .where(*expired, Job.id.in_(free))
         .values(
             status=case(
                 (Job.cancel_requested.is_(True), JobStatus.CANCELLED.value),

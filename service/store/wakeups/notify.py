@@ -19,9 +19,11 @@ from collections.abc import Sequence
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from service.store.engines import POSTGRES_CONNECT_TIMEOUT_S, postgres_connect_args
 from service.store.outage import Backoff, is_outage
 from service.store.wakeups import stage_after_commit, staged_in
 from service.store.wakeups.waiters import Listener
@@ -29,7 +31,6 @@ from service.store.wakeups.waiters import Listener
 log = logging.getLogger("service.wakeups")
 
 CHANNEL_PREFIX = "mnist_"  # the channel of topic T is mnist_T
-CONNECT_TIMEOUT_S = 10
 
 
 class NotifyPublisher:
@@ -77,6 +78,8 @@ class NotifyListener(Listener):
     def __init__(self, conninfo: str, topics: Sequence[str]) -> None:
         super().__init__()
         self._conninfo = conninfo
+        # The pool's own bounds: a LISTEN on a connection gone dead waited for 2 h of TCP.
+        self._connect_args = postgres_connect_args(conninfo_to_dict(conninfo))
         self._topics = list(topics)
         self._closed = threading.Event()
         self._bell, self._ring = socket.socketpair()  # close() rings: the thread wakes
@@ -103,9 +106,7 @@ class NotifyListener(Listener):
 
     def _listen(self, backoff: Backoff) -> None:
         with (
-            psycopg.connect(
-                self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-            ) as conn,
+            psycopg.connect(self._conninfo, autocommit=True, **self._connect_args) as conn,
             selectors.DefaultSelector() as selector,
         ):
             for topic in self._topics:
@@ -132,6 +133,6 @@ class NotifyListener(Listener):
         self._closed.set()
         with contextlib.suppress(OSError):  # closed already
             self._ring.send(b"x")
-        self._thread.join(timeout=CONNECT_TIMEOUT_S + 1)
+        self._thread.join(timeout=POSTGRES_CONNECT_TIMEOUT_S + 1)
         self._ring.close()
         self.connected.clear()
