@@ -174,7 +174,8 @@ class Worker:
         done, s = 0, self.settings
         with wakeups.waiting(s.database_url, wakeups.JOB_QUEUED, enabled=s.wakeups) as queued:
             while not self.stop.is_set() and (max_jobs is None or done < max_jobs):
-                self._wait_out_host_faults()
+                if self._waited_out_host_faults():
+                    break  # asked to stop meanwhile
                 size = self.pack_max if max_jobs is None else min(self.pack_max, max_jobs - done)
                 try:
                     jobs = self._retry(functools.partial(self._claim, size), "claim", within_s=0)
@@ -194,15 +195,16 @@ class Worker:
                 faulted = any(o.status == "handed back" for o in outcomes)
                 self._host_faults = self._host_faults + 1 if faulted else 0
 
-    def _wait_out_host_faults(self) -> None:
+    def _waited_out_host_faults(self) -> bool:
         """After jobs handed back for faults of this host (its storage), wait before the next
         claim, longer at each in a row: other workers take the job meanwhile, and a fault of a
         few seconds no longer spends a job's every attempt at once (three in 2 s, the same
-        worker claiming it straight back)."""
+        worker claiming it straight back). Whether a stop came meanwhile."""
         if self._host_faults:
             pause = capped_exponential(HOST_FAULT_FIRST_S, HOST_FAULT_MAX_S, self._host_faults - 1)
             log.warning("pausing %.0f s before the next claim: this host's fault", pause)
             self._pause(pause)
+        return self.stop.is_set()
 
     def _claim(self, size: int) -> list[Job]:
         """Up to ``size`` jobs: with packing off, today's one-job claim, exactly."""
@@ -247,15 +249,12 @@ class Worker:
             )
 
     def _settles(self) -> bool:
-        """Whether the next claim settles the leases that ran out (``claim_job(settle_leases=)``).
-
-        At most once per poll interval, the rate at which an idle worker looks anyway: a claim
-        takes an expired job either way. Those that can no longer run end at an idle worker's
-        next look, or at a busy one's first claim past the interval (with a job between, as
-        before at its next claim). Settling in every claim was a third of a claim's time on
-        PostgreSQL (0.8 of 2.4 ms), paid again by every job a user waits for. (A claim that
-        fails in an outage still counts: the next settles a poll interval later.)
-        """
+        """Whether the next claim settles the leases that ran out (``claim_job(settle_leases=)``):
+        at most once per poll interval, the rate at which an idle worker looks anyway (a claim
+        takes an expired job either way; those that can no longer run end at an idle worker's
+        next look, or a busy one's first claim past the interval). Settling in every claim was a
+        third of a claim's time on PostgreSQL (0.8 of 2.4 ms), paid again by every job a user
+        waits for. (A claim that fails in an outage still counts.)"""
         now = time.monotonic()
         if now - self._leases_settled_at < self.settings.poll_interval_s:
             return False

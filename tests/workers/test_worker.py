@@ -347,6 +347,13 @@ def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(
     first = worker_module.HOST_FAULT_FIRST_S
     assert pauses == [(first, 1), (2 * first, 2)]  # before the 2nd and 3rd claims; not after
 
+    # A stop during the pause: no claim after it.
+    again = submit(sessions, epochs=1, batch_size=64)
+    stopping = Worker(unwritable_checkpoints(settings, tmp_path), sessions, show_progress=False)
+    monkeypatch.setattr(stopping, "_pause", lambda _seconds: stopping.stop.set())
+    stopping.run(max_jobs=3)
+    assert (read(sessions, again).status, read(sessions, again).attempt) == (JobStatus.QUEUED, 1)
+
 
 def test_a_resume_state_that_cannot_be_written_resumes_on_a_healthy_worker(
     settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
