@@ -20,7 +20,6 @@ from service.store.engines import Reader
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, ModelAlias, TrainStep
 from service.store.upkeep import leases
-from service.store.upkeep.leases import lease_expired
 
 
 def create_job(
@@ -229,6 +228,6 @@ def running_samples(session: Session, *, now: datetime) -> list[RunningSample]:
             Job.resume_epoch,
         )
         .outerjoin(TrainStep, and_(TrainStep.job_id == Job.id, TrainStep.step == Job.step))
-        .where(Job.status == JobStatus.RUNNING, not_(lease_expired(now)))
+        .where(Job.status == JobStatus.RUNNING, not_(leases.lease_expired(now)))
     )
     return [RunningSample(*row) for row in session.execute(stmt)]
