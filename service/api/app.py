@@ -147,7 +147,7 @@ def _without_slash(request: Request) -> str | None:
     if path == "/" or not path.endswith("/"):
         return None
     bare = {**request.scope, "path": path.rstrip("/")}
-    if not any(route.matches(bare)[0] is not Match.NONE for route in request.app.router.routes):
+    if not any(route.matches(bare)[0] is not Match.NONE for route in all_routes(request.app)):
         return None
     query = request.scope.get("query_string", b"").decode("latin-1")
     return quote(request.scope.get("root_path", "") + bare["path"]) + (f"?{query}" if query else "")
