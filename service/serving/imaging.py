@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import IMAGE_SIDE_PX
@@ -116,12 +116,14 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"the image is {width}×{height} pixels: nothing to read")
-    if image.format == "JPEG" and jpeg_scans(data, most=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+    # A camera's MPO (several JPEGs in one file, the first shown) opens as a JPEG of its own.
+    is_jpeg = isinstance(image, JpegImagePlugin.JpegImageFile)
+    if is_jpeg and jpeg_scans(data, most=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise PayloadTooLarge(
             f"the JPEG image has more than {MAX_JPEG_SCANS} scans (encoders write about 10)"
         )
     try:
-        if image.format == "JPEG":
+        if is_jpeg:
             image.draft("L", (JPEG_DRAFT_MIN_SIDE_PX, JPEG_DRAFT_MIN_SIDE_PX))
         image.load()  # the first frame of a GIF or animated WebP
         return _grayscale(_upright(image))

@@ -345,3 +345,15 @@ def test_a_jpeg_of_too_many_scans_is_413_before_decoding() -> None:
     with pytest.raises(PayloadTooLarge, match=f"more than {most} scans"):
         imaging.decode(with_scans(most + 1))
     assert imaging.jpeg_scans(with_scans(10_000), most=most) == most + 1  # counting stops
+
+    # The same as a camera's MPO (Pillow opens it as format "MPO"): its first image counted.
+    mpo = io.BytesIO()
+    white = Image.new("L", (64, 64), 255)
+    white.save(mpo, "MPO", save_all=True, append_images=[white.copy()], progressive=True)
+    first_end = mpo.getvalue().index(b"\xff\xd9") + 2
+    first, rest = mpo.getvalue()[:first_end], mpo.getvalue()[first_end:]
+    scan = first[first.rfind(b"\xff\xda") : -2]
+    bomb = first[:-2] + scan * most + first[-2:] + rest
+    assert Image.open(io.BytesIO(bomb)).format == "MPO"
+    with pytest.raises(PayloadTooLarge, match=f"more than {most} scans"):
+        imaging.decode(bomb)
