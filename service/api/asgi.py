@@ -101,10 +101,16 @@ async def send_error(
         (b"content-length", str(len(body)).encode()),
         *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()),
     ]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    start = {"type": "http.response.start", "status": error.status_code, "headers": headers}
+    await send(closing(start) if close else start)
     await send({"type": "http.response.body", "body": body})
+
+
+def closing(start: Message) -> Message:
+    """A response's start that ends the connection after it (any ``Connection`` it named
+    replaced): for an answer given before the request's body was read to its end."""
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"connection"]
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 def json_headers(payload: bytes) -> list[tuple[bytes, bytes]]:

@@ -6,7 +6,9 @@
 a byte of the body is read, and a body that grows past it is cut off at the first chunk too
 many. Either way the client gets 413 in the service's envelope and the connection is closed,
 so memory stays flat however much a client sends. Any other answer given before the body's end
-(a route's own cap, a refusal before reading) closes the connection too (:func:`closing`).
+(a route's own cap, a refusal before reading) closes the connection too
+(:func:`service.api.asgi.closing`: uvicorn would otherwise read and drop the rest of it to keep
+the connection, however long it goes on; a route's 413 at 10 MiB was followed by 2 GiB read).
 
 Multipart bodies are also read by a :class:`MultipartGuard` as they pass: at most
 ``max_form_parts`` parts, text fields of at most ``max_form_field_bytes``, and python-multipart's
@@ -31,7 +33,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.asgi import header, send_error
+from service.api.asgi import closing, header, send_error
 from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 MULTIPART_GUARD_SCOPE_KEY = "mnist.multipart_guard"
@@ -297,15 +299,6 @@ def announces_body(scope: Scope) -> bool:
     if declared is not None:
         return not declared.isdigit() or int(declared) > 0
     return header(scope, b"transfer-encoding") is not None
-
-
-def closing(start: Message) -> Message:
-    """A response's start that ends the connection after it. For an answer given before the
-    request's body was read to its end: uvicorn would otherwise read and drop the rest of it
-    to keep the connection, however long it goes on (a route's 413 at 10 MiB was followed by
-    2 GiB read, past the body cap that only counts what the app reads)."""
-    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"connection"]
-    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 def guard_of(scope: Scope) -> MultipartGuard | None:

@@ -23,7 +23,8 @@ PATIENCE_S = 60.0  # how long a watch waits out an API that is away (a restart t
 RETRY_FIRST_S = 0.5  # the first pause before trying again; each next one doubles ...
 RETRY_MAX_S = 5.0  # ... up to this
 METRICS_PAGE = 10_000
-PASSING_STATUSES = (0, 502, 503, 504)  # unreachable; a proxy's bad gateway; busy; gateway timeout
+PROXY_STATUSES = (502, 504)  # a proxy's bad gateway and gateway timeout: the API behind it
+PASSING_STATUSES = (0, 503, *PROXY_STATUSES)  # unreachable; busy; the API behind a proxy away
 TITLE_CHARS = 80  # of an HTML page's <title>, quoted when another server answers
 NOT_THE_API = "this is not the MNIST service's API"
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -151,7 +152,7 @@ def _raise_for_error(response: httpx.Response, base: str, path: str) -> None:
     if error is None:
         # A proxy's 502/504 speaks for the API behind it (restarting, stalled); any other
         # answer without the service's envelope came from another server.
-        said = "the API behind it did not answer" if status in (502, 504) else NOT_THE_API
+        said = "the API behind it did not answer" if status in PROXY_STATUSES else NOT_THE_API
         raise ApiError(
             status,
             f"http_{status}",
