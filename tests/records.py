@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -15,10 +16,22 @@ from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
 from service.store.tables import Job
+from service.store.upkeep import leases
 
 LEASE_S = 30.0
 # A small job: 4 steps an epoch.
 PARAMS = JobCreate(epochs=2, batch_size=64, trainset_size=256, testset_size=10)
+
+
+def lapse_leases(sessions: sessionmaker[Session], *job_ids: str) -> None:
+    """End the leases of these running jobs (of all, when none is named) a second ago, as if
+    their workers had fallen silent a lease ago: a lease is on the database's clock
+    (:mod:`service.store.upkeep.leases`), which no clock a test passes in moves."""
+    stmt = update(Job).where(Job.status == JobStatus.RUNNING)
+    if job_ids:
+        stmt = stmt.where(Job.id.in_(job_ids))
+    with sessions.begin() as session:
+        session.execute(stmt.values(lease_expires_at=leases.lease_until(-1)))
 
 
 @dataclass

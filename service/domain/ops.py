@@ -232,6 +232,6 @@ def store_figures(
         jobs_by_status=by_status,
         queue_depth=by_status[JobStatus.QUEUED],
         live_workers=len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s)),
-        images_per_second=throughput.update(job_repo.running_samples(session, now=now)),
+        images_per_second=throughput.update(job_repo.running_samples(session)),
         store_bytes=None if size is None else size.read(session)[0],
     )

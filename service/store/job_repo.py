@@ -214,10 +214,10 @@ class RunningSample:
     resume_epoch: int  # 0: no epoch of the job was finished before (or during) this attempt
 
 
-def running_samples(session: Session, *, now: datetime) -> list[RunningSample]:
+def running_samples(session: Session) -> list[RunningSample]:
     """Each running job's examples seen at its latest recorded step, with its write times;
-    not a job whose lease expired before ``now``: no worker trains it (it died or stalled)
-    until one claims it again."""
+    not a job whose lease ran out: no worker trains it (it died or stalled) until one claims
+    it again."""
     stmt = (
         select(
             Job.id,
@@ -228,6 +228,6 @@ def running_samples(session: Session, *, now: datetime) -> list[RunningSample]:
             Job.resume_epoch,
         )
         .outerjoin(TrainStep, and_(TrainStep.job_id == Job.id, TrainStep.step == Job.step))
-        .where(Job.status == JobStatus.RUNNING, not_(leases.lease_expired(now)))
+        .where(Job.status == JobStatus.RUNNING, not_(leases.lease_expired()))
     )
     return [RunningSample(*row) for row in session.execute(stmt)]

@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Update, and_, bindparam, case, delete, insert, select, text, update
+from sqlalchemy import Float, Update, and_, bindparam, case, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -92,8 +92,7 @@ def claim_job(
     """
     if settle_leases:
         leases.expire_lost_jobs(session, now=now)
-    until = now + timedelta(seconds=lease_s)
-    params = {"now": now, "lease_until": until, "worker_id": worker_id, "device": device}
+    params = {"now": now, "lease_s": lease_s, "worker_id": worker_id, "device": device}
     job: Job | None = session.scalars(leases.claim_statement(), params).one_or_none()
     if job is None:
         return None
@@ -180,8 +179,7 @@ def record_progress(
     """
     if not progress.epochs and progress.resume_checkpoint is None:
         _commit_without_flush(session)
-    values: dict[str, Any] = {"step": progress.step, "epoch": progress.epoch}
-    values.update(_lease(now, lease_s))
+    values: dict[str, Any] = {"step": progress.step, "epoch": progress.epoch, "heartbeat_at": now}
     if progress.accuracy is not None:
         values["accuracy"] = progress.accuracy
     if progress.resume_checkpoint is not None:
@@ -189,7 +187,7 @@ def record_progress(
         values["resume_epoch"] = (
             progress.epoch if progress.resume_epoch is None else progress.resume_epoch
         )
-    cancel_asked = _renew_lease(session, job_id, attempt, worker_id, values)
+    cancel_asked = _renew_lease(session, job_id, attempt, worker_id, lease_s, values)
     if progress.unsynced:
         metric_repo.store_missing_steps(session, job_id, progress.unsynced)
     if progress.replace:
@@ -206,16 +204,18 @@ def record_progress(
     return cancel_asked
 
 
-def _lease(now: datetime, lease_s: float) -> dict[str, Any]:
-    return {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_s)}
-
-
 def _renew_lease(
-    session: Session, job_id: str, attempt: int, worker_id: str, values: dict[str, Any]
+    session: Session,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    lease_s: float,
+    values: dict[str, Any],
 ) -> bool:
-    """The fenced UPDATE of a flush or a heartbeat (the lease, and ``values``' other columns);
-    True if cancel was asked, :class:`LeaseLost` when this attempt no longer holds the job."""
-    params = {**leases.fence_values(job_id, attempt, worker_id), **values}
+    """The fenced UPDATE of a flush or a heartbeat (a lease of ``lease_s`` from now, and
+    ``values``' columns); True if cancel was asked, :class:`LeaseLost` when this attempt no
+    longer holds the job."""
+    params = {**leases.fence_values(job_id, attempt, worker_id), "lease_s": lease_s, **values}
     row = session.connection().execute(_lease_update(tuple(values)), params).first()
     if row is None:
         raise _lost(job_id, attempt)
@@ -232,6 +232,7 @@ def _lease_update(columns: tuple[str, ...]) -> Update:
         update(Job)
         .where(leases.FENCE)
         .values({c: bindparam(c) for c in columns})
+        .values(lease_expires_at=leases.lease_until(bindparam("lease_s", type_=Float())))
         .returning(Job.cancel_requested)
     )
 
@@ -274,7 +275,7 @@ def heartbeat(
     session: Session, *, job_id: str, attempt: int, worker_id: str, lease_s: float, now: datetime
 ) -> bool:
     """Renew the lease without other progress; True if cancel was asked. Fenced."""
-    return _renew_lease(session, job_id, attempt, worker_id, _lease(now, lease_s))
+    return _renew_lease(session, job_id, attempt, worker_id, lease_s, {"heartbeat_at": now})
 
 
 def finish_job(

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from service.status import JobStatus
 from service.store import wakeups
 from service.store.tables import Job, WorkerRow
+from service.store.upkeep import leases
 
 
 def register_worker(
@@ -64,7 +65,7 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
     result = session.execute(
         update(Job)
         .where(Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
-        .values(lease_expires_at=now)
+        .values(lease_expires_at=leases.lease_until(0))
         .execution_options(synchronize_session=False)
     )
     jobs = int(result.rowcount or 0)  # type: ignore[attr-defined]

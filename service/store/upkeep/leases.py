@@ -1,6 +1,13 @@
 """Leases: which jobs a claim may take and the lease it writes, and leases that ran out (the
 jobs of workers that vanished), settled in one statement.
 
+A lease is written and judged on one clock, the database's (:func:`lease_until`,
+:func:`lease_expired`), at the moment the statement runs: a claim that waited for a lock or a
+slow round trip is not handed a lease already spent, and workers whose clocks disagree (on
+several hosts) never take a healthy job from one another. Other times (``started_at``,
+``heartbeat_at``, ``finished_at``) stay the writer's own, as its rate and its job's duration
+are read from them.
+
 The settling is run by the claims (:func:`service.store.queue_repo.claim_job`), on whichever
 host claims, each worker at most once per poll interval; what it changes publishes its
 wake-ups, so idle workers and the jobs' streams hear of it at once.
@@ -12,13 +19,16 @@ import functools
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, or_, select, update
+from sqlalchemy import ColumnElement, Float, and_, bindparam, case, or_, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from service.status import JobStatus
 from service.store import wakeups
 from service.store.sweeps import repo as sweep_repo
-from service.store.tables import Job
+from service.store.tables import Job, UTCDateTime
 
 
 # The fence of a worker's writes to the job it holds: this attempt, this worker, still running.
@@ -59,25 +69,55 @@ def cancel_asked(session: Session, job_id: str, attempt: int, worker_id: str) ->
     return asked
 
 
-def lease_expired(now: Any) -> Any:
-    """Running, with its lease past ``now``: its worker stopped renewing it."""
-    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+class _DatabaseTime(FunctionElement[datetime]):
+    """The database's clock ``seconds`` from now, as a lease column stores it (naive UTC)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "lease_time"
 
 
-def claimable(now: Any) -> Any:
+@compiles(_DatabaseTime, "postgresql")
+def _postgres_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> str:
+    # clock_timestamp(): the time the row is written, after any lock the statement waited on
+    # (now() would be the transaction's start).
+    seconds = compiler.process(element.clauses, **kw)
+    return f"((clock_timestamp() AT TIME ZONE 'UTC') + make_interval(secs => {seconds}))"
+
+
+@compiles(_DatabaseTime, "sqlite")
+def _sqlite_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> str:
+    # 'now' is read once per statement, once its lock is held; in milliseconds, padded to the
+    # six digits of the timestamps SQLAlchemy writes, so the two compare as text.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', julianday('now') + ({seconds}) / 86400.0) || '000')"
+
+
+def lease_until(seconds: Any) -> ColumnElement[datetime]:
+    """The end of a lease of ``seconds`` (a value or a bound parameter) taken now, on the
+    database's clock; 0: a lease that ends now (:func:`lease_expired` at once)."""
+    return _DatabaseTime(seconds if isinstance(seconds, ColumnElement) else float(seconds))
+
+
+def lease_expired() -> ColumnElement[bool]:
+    """Running, with its lease over on the database's clock: its worker stopped renewing it."""
+    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at <= lease_until(0))
+
+
+def claimable() -> ColumnElement[bool]:
     """A job a worker may take: queued, or running with an expired lease, with attempts left
     and no cancel asked: the rule of :func:`service.store.queue_repo.claim_job`, and of the
     other jobs of a pack (:mod:`service.store.packs`)."""
     return and_(
-        or_(Job.status == JobStatus.QUEUED, lease_expired(now)),
+        or_(Job.status == JobStatus.QUEUED, lease_expired()),
         Job.attempt < Job.max_attempts,
         Job.cancel_requested.is_(False),
     )
 
 
-def claimed(*, worker_id: Any, device: Any, now: Any, lease_until: Any) -> dict[str, Any]:
-    """What a claim writes: the job runs as its next attempt, held by ``worker_id`` until
-    ``lease_until`` (values, or bound parameters of a statement built once)."""
+def claimed(*, worker_id: Any, device: Any, now: Any, lease_s: Any) -> dict[str, Any]:
+    """What a claim writes: the job runs as its next attempt, held by ``worker_id`` for
+    ``lease_s`` seconds from now (values, or bound parameters of a statement built once)."""
     return {
         "status": JobStatus.RUNNING,
         "attempt": Job.attempt + 1,
@@ -85,7 +125,7 @@ def claimed(*, worker_id: Any, device: Any, now: Any, lease_until: Any) -> dict[
         "device": device,
         "started_at": now,
         "heartbeat_at": now,
-        "lease_expires_at": lease_until,
+        "lease_expires_at": lease_until(lease_s),
         "error": None,
     }
 
@@ -97,7 +137,7 @@ def claim_statement() -> Any:
     now = bindparam("now", type_=Job.started_at.type)
     pick = (
         select(Job.id)
-        .where(claimable(now))
+        .where(claimable())
         .order_by(Job.created_at, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -105,13 +145,13 @@ def claim_statement() -> Any:
     )
     return (
         update(Job)
-        .where(Job.id == pick, claimable(now))
+        .where(Job.id == pick, claimable())
         .values(
             claimed(
                 worker_id=bindparam("worker_id"),
                 device=bindparam("device"),
                 now=now,
-                lease_until=bindparam("lease_until", type_=Job.lease_expires_at.type),
+                lease_s=bindparam("lease_s", type_=Float()),
             )
         )
         .returning(Job)
@@ -121,7 +161,8 @@ def claim_statement() -> Any:
 
 def expire_lost_jobs(session: Session, *, now: datetime, job_id: str | None = None) -> int:
     """Settle the jobs whose worker vanished (their lease ran out), or only ``job_id`` when
-    given (a cancel of it, whose row the caller holds); returns how many.
+    given (a cancel of it, whose row the caller holds); returns how many. ``now`` is the end
+    time of those that end; whether a lease ran out is the database clock's to say.
 
     One UPDATE for all three outcomes: a cancelled-while-running job ends ``cancelled``, one
     that has used up its attempts ends ``failed``, the others go back to the queue for their
@@ -148,7 +189,7 @@ def _expire_statement(one: bool) -> Any:
     anew took about a third of its time."""
     now = bindparam("now", type_=Job.finished_at.type)
     ending = or_(Job.cancel_requested.is_(True), Job.attempt >= Job.max_attempts)
-    expired = [lease_expired(now)]
+    expired = [lease_expired()]
     if one:
         expired.append(Job.id == bindparam("job_id", type_=Job.id.type))
     # A row another transaction holds is skipped, not waited for (PostgreSQL; SQLite locks

@@ -28,7 +28,7 @@ from service.schemas import JobCreate
 from service.status import JobStatus
 from service.store import metric_repo, wakeups
 from service.store.tables import Job
-from tests.records import FakeTraining
+from tests.records import FakeTraining, lapse_leases
 
 PARAMS = JobCreate(epochs=2, batch_size=10, trainset_size=50, testset_size=10)  # 5 steps/epoch
 
@@ -210,13 +210,13 @@ def test_every_id_a_stream_sends_is_one_it_takes_back(
 def test_a_retried_job_starts_the_stream_over(
     sessions: sessionmaker[Session], training: FakeTraining
 ) -> None:
-    training.claim(lease_s=0.001)
+    training.claim()
     training.advance(4)
     state = StreamState(cursor=Cursor(), job_id=training.job_id)
     evs, _ = poll(sessions, state)
     assert steps_of(evs) == [1, 2, 3, 4]
 
-    training.clock = training.clock.replace(year=training.clock.year + 1)  # the lease expired
+    lapse_leases(sessions)
     training.worker_id = "second-worker"
     training.claim()
     training.advance(2)

@@ -21,6 +21,7 @@ from service.steps import StepPlan
 from service.store import job_repo, metric_repo, queue_repo
 from service.store.tables import Job, TrainStep
 from service.store.upkeep import leases
+from tests.records import lapse_leases
 
 LEASE_S = 30.0
 
@@ -110,8 +111,8 @@ def test_fenced_writes_refuse_a_worker_that_lost_the_job(sessions: sessionmaker[
     flush(sessions, job, "old", range(1, 4))
 
     # The lease expires; another worker takes the job over as attempt 2 and starts over.
-    later = start + timedelta(seconds=LEASE_S + 1)
-    retry = claim(sessions, "new", now=later)
+    lapse_leases(sessions)
+    retry = claim(sessions, "new")
     assert retry is not None and retry.id == job.id and retry.attempt == 2
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(TrainStep)) == 0
@@ -146,12 +147,11 @@ def test_duplicate_steps_are_rejected_by_the_schema(sessions: sessionmaker[Sessi
 
 def test_a_job_out_of_attempts_fails_with_the_reason(sessions: sessionmaker[Session]) -> None:
     job_id = add_job(sessions)
-    now = utcnow()
     for attempt in (1, 2, 3):
-        job = claim(sessions, f"w{attempt}", now=now)
+        job = claim(sessions, f"w{attempt}")
         assert job is not None and job.attempt == attempt
-        now += timedelta(seconds=LEASE_S + 1)
-    assert claim(sessions, "w4", now=now) is None
+        lapse_leases(sessions)
+    assert claim(sessions, "w4") is None
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -163,11 +163,11 @@ def test_an_expired_lease_sends_the_job_back_to_the_queue(sessions: sessionmaker
     job_id = add_job(sessions)
     start = utcnow()
     assert claim(sessions, "lost", now=start) is not None
+    with sessions.begin() as session:  # the lease still holds, whatever the settler's clock
+        assert leases.expire_lost_jobs(session, now=start + timedelta(hours=1)) == 0
+    lapse_leases(sessions)
     with sessions.begin() as session:
-        assert leases.expire_lost_jobs(session, now=start) == 0  # the lease still holds
-    with sessions.begin() as session:
-        later = start + timedelta(seconds=LEASE_S + 1)
-        assert leases.expire_lost_jobs(session, now=later) == 1
+        assert leases.expire_lost_jobs(session, now=utcnow()) == 1
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.QUEUED
@@ -184,9 +184,9 @@ def test_an_expired_lease_of_a_cancelled_job_ends_it(sessions: sessionmaker[Sess
         job = session.get(Job, job_id)
         assert job is not None
         job_repo.request_cancel(session, job, now=start)
+    lapse_leases(sessions)
     with sessions.begin() as session:
-        later = start + timedelta(seconds=LEASE_S + 1)
-        assert leases.expire_lost_jobs(session, now=later) == 1
+        assert leases.expire_lost_jobs(session, now=utcnow()) == 1
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at
@@ -202,7 +202,8 @@ def test_a_cancel_of_a_job_whose_lease_ran_out_ends_it_at_once(
     start = utcnow()
     assert claim(sessions, "lost", now=start) is not None
     assert claim(sessions, "lost too", now=start) is not None
-    later = start + timedelta(seconds=LEASE_S + 1)
+    lapse_leases(sessions)
+    later = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -226,7 +227,8 @@ def test_a_claim_that_does_not_settle_still_takes_an_expired_job_and_ends_none(
         job = session.get(Job, cancelled)
         assert job is not None
         job_repo.request_cancel(session, job, now=start)
-    later = start + timedelta(seconds=LEASE_S + 1)
+    lapse_leases(sessions)
+    later = utcnow()
     with sessions.begin() as session:
         taken = queue_repo.claim_job(
             session, worker_id="next", lease_s=LEASE_S, device="cpu", now=later, settle_leases=False

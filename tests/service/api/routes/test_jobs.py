@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,6 +21,7 @@ from service.status import JobStatus
 from service.store import queue_repo, worker_repo
 from service.store.packs import claim_more
 from service.store.tables import Job
+from tests.records import lapse_leases
 from tests.service.api.routes.conftest import BOTH_WAYS
 
 DEFAULTS = {
@@ -375,11 +376,10 @@ def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
     job_id = client.post("/jobs", json={}).json()["id"]
     now = utcnow()
     register_workers(sessions, ("fenced", "thief"), now)
-    with sessions.begin() as session:  # a lease that ran out a second ago
-        assert queue_repo.claim_job(
-            session, worker_id="fenced", lease_s=1, device="cpu", now=now - timedelta(seconds=2)
-        )
+    with sessions.begin() as session:
+        assert queue_repo.claim_job(session, worker_id="fenced", lease_s=30, device="cpu", now=now)
         worker_repo.worker_heartbeat(session, worker_id="fenced", now=now)  # alive, but silent
+    lapse_leases(sessions)  # its lease ran out a second ago
     before = client.get("/workers").json()["workers"]
     assert [(w["id"], w["job_id"]) for w in before] == [("fenced", job_id), ("thief", None)]
     with sessions.begin() as session:

@@ -19,7 +19,7 @@ from service.schemas import JobCreate
 from service.settings import Settings
 from service.store import migrations
 from service.store.tables import Job, ReadinessProbe, WorkerRow
-from tests.records import LEASE_S, FakeTraining
+from tests.records import LEASE_S, FakeTraining, lapse_leases
 from tests.support import NEEDS_PROMTOOL, promtool_problems
 
 
@@ -314,7 +314,7 @@ def test_a_resumed_attempt_is_rated_from_its_next_scrape_not_from_its_start(
             .values(resume_epoch=1, resume_checkpoint="s")
         )
     # ... then the worker dies
-    training.clock += timedelta(seconds=LEASE_S + 1)  # its lease runs out
+    lapse_leases(sessions)
     training.claim()  # attempt 2 resumes after epoch 1, its steps kept
     training.step, training.epoch = training.steps_per_epoch, 1
     training.advance(1, seconds=0.5)
@@ -336,10 +336,7 @@ def test_a_job_whose_lease_ran_out_trains_no_images(
     training.claim()
     training.advance(5, seconds=1.0)
     assert sample(client.get("/metrics").text, "mnist_training_images_per_second") == 50.0
-    with sessions.begin() as session:
-        job = session.get(Job, training.job_id)
-        assert job is not None
-        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    lapse_leases(sessions)
     later = client.get("/metrics").text
     assert sample(later, "mnist_jobs", status="running") == 1
     assert sample(later, "mnist_training_images_per_second") == 0

@@ -3,8 +3,6 @@ the others stay queued, and a lone job is claimed alone."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -12,16 +10,15 @@ from service.status import JobStatus
 from service.store import queue_repo
 from service.store.packs import claim_more
 from tests.jobs import queue_job, read_job
+from tests.records import lapse_leases
 
 FIELDS = ("epochs", "batch_size", "trainset_size", "testset_size")
 SMALL = {"epochs": 2, "batch_size": 32, "trainset_size": 256, "testset_size": 10}
 
 
-def claim_pack(
-    sessions: sessionmaker[Session], limit: int, lease_s: float = 30.0, at_s: float = 0.0
-) -> list[str]:
+def claim_pack(sessions: sessionmaker[Session], limit: int, lease_s: float = 30.0) -> list[str]:
     """A worker's packed claim: the oldest claimable job and up to ``limit`` more."""
-    now = utcnow() + timedelta(seconds=at_s)
+    now = utcnow()
     with sessions.begin() as session:
         first = queue_repo.claim_job(session, worker_id="w", lease_s=lease_s, device="cpu", now=now)
         assert first is not None
@@ -59,8 +56,9 @@ def test_a_job_whose_lease_ran_out_is_claimable_into_a_pack(
     sessions: sessionmaker[Session],
 ) -> None:
     lost = queue_job(sessions, {**SMALL, "seed": 1})
-    assert claim_pack(sessions, limit=7, lease_s=1) == [lost]  # its worker then went silent
+    assert claim_pack(sessions, limit=7) == [lost]
+    lapse_leases(sessions)  # its worker then went silent
     fresh = queue_job(sessions, {**SMALL, "seed": 2})
-    packed = claim_pack(sessions, limit=7, at_s=5)
+    packed = claim_pack(sessions, limit=7)
     assert sorted(packed) == sorted([lost, fresh])
     assert read_job(sessions, lost).attempt == 2

@@ -20,6 +20,7 @@ from service.store import job_repo, model_repo, queue_repo
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job, Sweep
 from service.store.upkeep import leases
+from tests.records import lapse_leases
 from tests.support import together
 
 LIMITS = {"max_trials": 256, "max_attempts": 1, "max_queued": 1000, "max_steps": 1_000_000}
@@ -125,10 +126,11 @@ def test_a_last_attempt_handed_back_ends_it(sessions: sessionmaker[Session]) -> 
 def test_a_lost_last_attempt_ends_it(sessions: sessionmaker[Session]) -> None:
     sweep_id = new_sweep(sessions, 2)
     kept = claim(sessions, "w2")
-    lost = claim(sessions, "w1", lease_s=0.001)
+    lost = claim(sessions, "w1")
     finish(sessions, kept, JobStatus.SUCCEEDED, accuracy=0.8)
+    lapse_leases(sessions, lost.id)
     with sessions.begin() as session:
-        assert leases.expire_lost_jobs(session, now=utcnow() + timedelta(seconds=1)) == 1
+        assert leases.expire_lost_jobs(session, now=utcnow()) == 1
     with sessions() as session:
         assert session.get(Job, lost.id).status == JobStatus.FAILED  # type: ignore[union-attr]
     assert sweep_row(sessions, sweep_id).status == SweepStatus.SUCCEEDED

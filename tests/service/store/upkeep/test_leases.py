@@ -1,5 +1,6 @@
-"""Lost leases on PostgreSQL when a worker vanishes mid-transaction: its rows stay locked until
-the server ends its session, and nothing else may wait on them meanwhile."""
+"""Leases on the database's clock, whatever the workers' clocks say; and lost leases on
+PostgreSQL when a worker vanishes mid-transaction: its rows stay locked until the server ends
+its session, and nothing else may wait on them meanwhile."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.schemas import JobCreate
@@ -19,6 +21,54 @@ from service.store.engines import make_engine, make_sessionmaker
 from service.store.tables import Job
 from service.store.upkeep import leases
 from tests.conftest import OwnPostgres
+from tests.records import LEASE_S
+
+# SQLite's clock reads whole milliseconds: a lease may end up to 1 ms before the same lease
+# measured from the test's clock.
+CLOCK_GRAIN = timedelta(milliseconds=2)
+
+
+def _claim(sessions: sessionmaker[Session], worker: str, now: Any) -> Job | None:
+    with sessions.begin() as session:
+        return queue_repo.claim_job(
+            session, worker_id=worker, lease_s=LEASE_S, device="cpu", now=now
+        )
+
+
+def test_a_lease_is_on_the_database_clock_whatever_the_workers_clocks(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Workers on several hosts disagree on the time, and a claim may wait (a lock, a slow
+    round trip) after its worker read its clock. A lease taken from the worker's clock was
+    over before it began for a worker an hour behind (the next claim took its job), and a
+    worker an hour ahead took every healthy job of the others."""
+    with sessions.begin() as session:
+        first, second = (
+            job_repo.create_job(session, JobCreate(), max_attempts=3, now=utcnow()).id
+            for _ in range(2)
+        )
+    behind, ahead = utcnow() - timedelta(hours=1), utcnow() + timedelta(hours=1)
+    before = utcnow()
+    held = _claim(sessions, "behind", now=behind)
+    after = utcnow()
+    assert held is not None and held.id == first and held.started_at == behind
+    lease = timedelta(seconds=LEASE_S)
+    assert held.lease_expires_at is not None
+    assert before + lease - CLOCK_GRAIN <= held.lease_expires_at <= after + lease
+    with sessions.begin() as session:  # the worker ahead settles nothing, takes the next job
+        assert leases.expire_lost_jobs(session, now=ahead) == 0
+    taken = _claim(sessions, "ahead", now=ahead)
+    assert taken is not None and taken.id == second
+    assert _claim(sessions, "ahead", now=ahead) is None
+    with sessions.begin() as session:  # a renewal from behind runs from the database's now
+        before = utcnow()
+        queue_repo.heartbeat(
+            session, job_id=first, attempt=1, worker_id="behind", lease_s=LEASE_S, now=behind
+        )
+        renewed = session.get_one(Job, first)
+        session.refresh(renewed)
+        assert renewed.lease_expires_at is not None
+        assert renewed.lease_expires_at >= before + lease - CLOCK_GRAIN
 
 
 def test_a_claim_takes_the_next_job_past_a_lost_one_whose_row_is_held(

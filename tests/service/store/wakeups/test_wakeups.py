@@ -4,7 +4,6 @@ to the waiters of that topic and key; off, or without a transport, waiters only 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 
 import anyio
 import anyio.to_thread
@@ -17,6 +16,7 @@ from service.store import job_repo, queue_repo, wakeups
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.upkeep import leases
 from service.store.wakeups import JOB_PROGRESS, JOB_QUEUED
+from tests.records import lapse_leases
 
 WOKEN_WITHIN_S = 10.0  # generous: a wake-up arrives in milliseconds; polling is not involved
 QUIET_S = 0.3  # how long a waiter that must not be woken is watched
@@ -142,9 +142,9 @@ def test_an_expired_lease_wakes_idle_workers_and_the_job_s_streams(
         assert setup_done.wait(WOKEN_WITHIN_S)
         queued.wait(0)
         with listener.subscribe(JOB_PROGRESS, job.id) as progressed:
+            lapse_leases(publishing, job.id)
             with publishing.begin() as session:  # any host's transaction, not only a claim
-                later = start + timedelta(seconds=2)
-                assert leases.expire_lost_jobs(session, now=later) == 1
+                assert leases.expire_lost_jobs(session, now=utcnow()) == 1
             assert progressed.wait(WOKEN_WITHIN_S), "the job's streams were not told"
         if cancelled:  # it ended: nothing for a worker to claim
             assert not queued.wait(QUIET_S)
