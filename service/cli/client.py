@@ -12,12 +12,16 @@ import httpx
 
 from service import sse
 from service.backoff import capped_exponential
+from service.cli.deadline import DeadlinePassed, deadline
 from service.clock import is_job_id
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "MNIST_URL"
 API_KEY_ENV = "MNIST_API_KEY"
-TIMEOUT_S = 30.0
+TIMEOUT_S = 30.0  # each connect, read and write of a call
+# A call's whole answer, however slowly its bytes come: TIMEOUT_S bounds each read, and a
+# server that sent a byte every few seconds held a call for good. Not a stream's (it lasts).
+DEADLINE_S = 120.0
 STREAM_READ_TIMEOUT_S = 60.0  # the server sends a keep-alive every 15 s
 PATIENCE_S = 60.0  # how long a watch waits out an API that is away (a restart takes seconds)
 RETRY_FIRST_S = 0.5  # the first pause before trying again; each next one doubles ...
@@ -236,9 +240,13 @@ class Client:
         **kwargs: Any,
     ) -> Any:
         try:
-            response = self._http.request(method, path, **kwargs)
+            with deadline(DEADLINE_S):
+                response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"cannot reach the API at {self.url}: {exc}") from exc
+        except DeadlinePassed:
+            reason = f"the API at {self.url} took over {DEADLINE_S:g} s to answer"
+            raise ApiError(0, "unreachable", reason) from None
         _raise_for_error(response, self.url, path)
         if response.status_code == 204:  # done, nothing to say (DELETE)
             return None
