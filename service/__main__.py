@@ -9,9 +9,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from service.api.app import create_app
 from service.api.edge import server
-from service.api.edge.protocol import EdgeProtocol
 from service.api.metrics import shared_counts
 from service.api.security import exposure_problem
 from service.logs import configure_logging
@@ -19,6 +17,11 @@ from service.settings import REFUSED_EXIT_STATUS, get_settings
 from service.store import migrations
 
 APP_FACTORY = "service.__main__:serving_app"
+# By import string, as the app: each server process imports it (and torch, with the app) once
+# its supervisor's health check is answered. A process made by spawn imports this module and
+# what its Config names before that; with torch among them, a loaded host's child took more
+# than the check's 5 s, was killed as hung, and its replacement too, for good.
+EDGE_PROTOCOL = "service.api.edge.protocol:EdgeProtocol"
 
 
 def serving_app() -> FastAPI:
@@ -27,6 +30,8 @@ def serving_app() -> FastAPI:
     uvicorn's worker processes start afresh and build their own app through this factory:
     without it their log records (and uvicorn's) would have no handler.
     """
+    from service.api.app import create_app  # here, not above: EDGE_PROTOCOL says why
+
     settings = get_settings()
     configure_logging(settings)
     app = create_app(settings)
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=settings.log_level.lower(),
             server_header=False,  # no need to tell every client which server version to probe
             # The edge's limits (service/api/edge/): header block, deadlines, connections.
-            http=EdgeProtocol,
+            http=EDGE_PROTOCOL,
             ws="none",  # no WebSocket routes: a handshake is an HTTP request like any other
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         )

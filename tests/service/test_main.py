@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +30,43 @@ def test_the_api_serves_from_several_processes(sqlite_url: str, tmp_path: Path) 
     text = log.read_text()
     assert text.count("Started server process") >= 2, text
     assert "GET /jobs/" not in text  # no access log
+
+
+# Imported by every process the test starts: the first import of torch there takes 7 s more,
+# as it may on a loaded host, past the 5 s in which uvicorn's supervisor wants its new child
+# to answer a health check.
+SLOW_TORCH = """
+import sys, time
+
+class SlowTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            time.sleep(7)
+        return None
+
+sys.meta_path.insert(0, SlowTorch())
+"""
+
+
+def test_server_processes_slow_to_import_torch_are_not_killed_as_hung(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Each child imported the app, and torch with it, before it could answer the health
+    check: on a loaded host it was killed as hung, and each replacement too, for good (seen
+    in the suite with other work on the machine)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_TORCH)
+    env = service_env(
+        database_url=sqlite_url, checkpoint_dir=str(tmp_path / "models"), api_workers="2"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))
+    log = tmp_path / "api.log"
+    with api_server(env, log) as client:
+        assert client.get("/healthz").status_code == 200
+    text = log.read_text()
+    assert text.count("Started server process") == 2 and "died" not in text, text
 
 
 def _total(text: str, name: str, **labels: str) -> float:
