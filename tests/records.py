@@ -15,8 +15,8 @@ from service.schemas import JobCreate
 from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
+from service.store.db_clock import database_time
 from service.store.tables import Job
-from service.store.upkeep import leases
 
 LEASE_S = 30.0
 # A small job: 4 steps an epoch.
@@ -31,7 +31,7 @@ def lapse_leases(sessions: sessionmaker[Session], *job_ids: str) -> None:
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
     with sessions.begin() as session:
-        session.execute(stmt.values(lease_expires_at=leases.lease_until(-1)))
+        session.execute(stmt.values(lease_expires_at=database_time(-1)))
 
 
 @dataclass

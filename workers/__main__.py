@@ -11,7 +11,6 @@ import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.clock import utcnow
 from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 from service.store import migrations, wakeups, worker_repo
@@ -44,7 +43,7 @@ def check(settings: Settings) -> int:
     engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
-            live = worker_repo.live_workers(session, now=utcnow(), lease_s=settings.lease_s)
+            live = worker_repo.live_workers(session, lease_s=settings.lease_s)
     except SQLAlchemyError as exc:
         print(f"unhealthy: the database is unreachable: {type(exc).__name__}", file=sys.stderr)
         return 1

@@ -66,7 +66,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         """One heartbeat."""
         with self._sessions.begin() as session:
-            worker_repo.worker_heartbeat(session, worker_id=self._worker_id, now=utcnow())
+            worker_repo.worker_heartbeat(session, worker_id=self._worker_id)
         for reporter in self.reporters:
             if time.monotonic() - reporter.last_renewal >= self._heartbeat_s:
                 self._renew(reporter)

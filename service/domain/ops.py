@@ -134,7 +134,7 @@ def readiness(
         # The tables read below are the head's: on an empty database a missing one was
         # reported as the database being unreachable, beside "reachable".
         if checks[-1].ok:
-            live = len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s))
+            live = len(worker_repo.live_workers(session, lease_s=settings.lease_s))
             required = settings.ready_requires_worker
             checks.append(
                 ReadinessCheck(
@@ -231,7 +231,7 @@ def store_figures(
     return StoreFigures(
         jobs_by_status=by_status,
         queue_depth=by_status[JobStatus.QUEUED],
-        live_workers=len(worker_repo.live_workers(session, now=now, lease_s=settings.lease_s)),
+        live_workers=len(worker_repo.live_workers(session, lease_s=settings.lease_s)),
         images_per_second=throughput.update(job_repo.running_samples(session)),
         store_bytes=None if size is None else size.read(session)[0],
     )

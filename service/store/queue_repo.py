@@ -27,6 +27,7 @@ from service.steps import StepPlan
 from service.store import metric_repo, wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
+from service.store.db_clock import database_time
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep
 from service.store.upkeep import leases
@@ -232,7 +233,7 @@ def _lease_update(columns: tuple[str, ...]) -> Update:
         update(Job)
         .where(leases.FENCE)
         .values({c: bindparam(c) for c in columns})
-        .values(lease_expires_at=leases.lease_until(bindparam("lease_s", type_=Float())))
+        .values(lease_expires_at=database_time(bindparam("lease_s", type_=Float())))
         .returning(Job.cancel_requested)
     )
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.status import JobStatus
 from service.store import wakeups
+from service.store.db_clock import database_time
 from service.store.tables import Job, WorkerRow
-from service.store.upkeep import leases
 
 
 def register_worker(
@@ -23,18 +23,22 @@ def register_worker(
     now: datetime,
     pid_space: str | None = None,
 ) -> None:
-    """Record a worker process that has started (again, if a retried write did already)."""
+    """Record a worker process that has started (again, if a retried write did already),
+    heard from now."""
     row = WorkerRow(id=worker_id, host=host, pid=pid, device=device, pid_space=pid_space)
     row.started_at = row.heartbeat_at = now
     session.merge(row)
+    session.flush()
+    worker_heartbeat(session, worker_id=worker_id)
 
 
-def worker_heartbeat(session: Session, *, worker_id: str, now: datetime) -> None:
-    """The worker process is alive."""
+def worker_heartbeat(session: Session, *, worker_id: str) -> None:
+    """The worker process is alive, now by the database's clock (:mod:`.db_clock`), on which
+    :func:`live_workers` judges it."""
     session.execute(
         update(WorkerRow)
         .where(WorkerRow.id == worker_id)
-        .values(heartbeat_at=now)
+        .values(heartbeat_at=database_time())
         .execution_options(synchronize_session=False)
     )
 
@@ -65,7 +69,7 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
     result = session.execute(
         update(Job)
         .where(Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
-        .values(lease_expires_at=leases.lease_until(0))
+        .values(lease_expires_at=database_time())
         .execution_options(synchronize_session=False)
     )
     jobs = int(result.rowcount or 0)  # type: ignore[attr-defined]
@@ -74,11 +78,9 @@ def recover_dead_worker(session: Session, *, worker_id: str, now: datetime) -> i
     return jobs
 
 
-def live_workers(
-    session: Session, *, now: datetime, lease_s: float
-) -> list[tuple[WorkerRow, list[str]]]:
-    """Workers that have not stopped and were heard from within one lease, each with the jobs
-    it holds, in the order it claimed them (a pack's several).
+def live_workers(session: Session, *, lease_s: float) -> list[tuple[WorkerRow, list[str]]]:
+    """Workers that have not stopped and were heard from within one lease (on the database's
+    clock), each with the jobs it holds, in the order it claimed them (a pack's several).
 
     A worker holds a job while the job runs under its name: a worker fenced off (its lease
     taken by another, or the job ended without it) holds none of it, whatever its own row
@@ -88,7 +90,7 @@ def live_workers(
         select(WorkerRow)
         .where(
             WorkerRow.stopped_at.is_(None),
-            WorkerRow.heartbeat_at >= now - timedelta(seconds=lease_s),
+            WorkerRow.heartbeat_at >= database_time(-lease_s),
         )
         .order_by(WorkerRow.started_at, WorkerRow.id)
     )

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.store import worker_repo
+from service.store.db_clock import database_time
+from service.store.tables import WorkerRow
 from tests.support import run_python, service_env
 from workers.host import pid_space
 
@@ -34,8 +36,12 @@ def register(
             host=host,
             pid=1,
             device="cpu",
-            now=utcnow() - timedelta(seconds=age_s),
+            now=utcnow(),
             pid_space=space,
+        )
+        heard = database_time(-age_s)  # its last heartbeat, on the clock liveness is judged by
+        session.execute(
+            update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=heard)
         )
 
 

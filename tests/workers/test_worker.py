@@ -292,7 +292,7 @@ def test_a_starting_worker_recovers_the_jobs_of_dead_workers_of_its_pid_space(
     assert worker.claim() is None  # the other namespace's job is left to its worker
     assert (read(sessions, neighbours).worker_id, read(sessions, neighbours).attempt) == ("box", 1)
     with sessions() as session:
-        live = [row.id for row, _ in worker_repo.live_workers(session, now=utcnow(), lease_s=30)]
+        live = [row.id for row, _ in worker_repo.live_workers(session, lease_s=30)]
         assert sorted(live) == sorted(["box", worker.worker_id])
 
 
@@ -325,7 +325,7 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(
     assert (job.status, job.attempt) == (JobStatus.FAILED, 3)
     assert job.error == "could not write the checkpoint; gave up after 3 attempts"
     with sessions() as session:
-        assert worker_repo.live_workers(session, now=utcnow(), lease_s=30) == []
+        assert worker_repo.live_workers(session, lease_s=30) == []
 
 
 def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(

@@ -1,8 +1,8 @@
 """Leases: which jobs a claim may take and the lease it writes, and leases that ran out (the
 jobs of workers that vanished), settled in one statement.
 
-A lease is written and judged on one clock, the database's (:func:`lease_until`,
-:func:`lease_expired`), at the moment the statement runs: a claim that waited for a lock or a
+A lease is written and judged on one clock, the database's (:mod:`service.store.db_clock`),
+at the moment the statement runs: a claim that waited for a lock or a
 slow round trip is not handed a lease already spent, and workers whose clocks disagree (on
 several hosts) never take a healthy job from one another. Other times (``started_at``,
 ``heartbeat_at``, ``finished_at``) stay the writer's own, as its rate and its job's duration
@@ -20,15 +20,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Float, and_, bindparam, case, or_, select, update
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from service.status import JobStatus
 from service.store import wakeups
+from service.store.db_clock import database_time
 from service.store.sweeps import repo as sweep_repo
-from service.store.tables import Job, UTCDateTime
+from service.store.tables import Job
 
 
 # The fence of a worker's writes to the job it holds: this attempt, this worker, still running.
@@ -69,39 +67,9 @@ def cancel_asked(session: Session, job_id: str, attempt: int, worker_id: str) ->
     return asked
 
 
-class _DatabaseTime(FunctionElement[datetime]):
-    """The database's clock ``seconds`` from now, as a lease column stores it (naive UTC)."""
-
-    type = UTCDateTime()
-    inherit_cache = True
-    name = "lease_time"
-
-
-@compiles(_DatabaseTime, "postgresql")
-def _postgres_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> str:
-    # clock_timestamp(): the time the row is written, after any lock the statement waited on
-    # (now() would be the transaction's start).
-    seconds = compiler.process(element.clauses, **kw)
-    return f"((clock_timestamp() AT TIME ZONE 'UTC') + make_interval(secs => {seconds}))"
-
-
-@compiles(_DatabaseTime, "sqlite")
-def _sqlite_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> str:
-    # 'now' is read once per statement, once its lock is held; in milliseconds, padded to the
-    # six digits of the timestamps SQLAlchemy writes, so the two compare as text.
-    seconds = compiler.process(element.clauses, **kw)
-    return f"(strftime('%Y-%m-%d %H:%M:%f', julianday('now') + ({seconds}) / 86400.0) || '000')"
-
-
-def lease_until(seconds: Any) -> ColumnElement[datetime]:
-    """The end of a lease of ``seconds`` (a value or a bound parameter) taken now, on the
-    database's clock; 0: a lease that ends now (:func:`lease_expired` at once)."""
-    return _DatabaseTime(seconds if isinstance(seconds, ColumnElement) else float(seconds))
-
-
 def lease_expired() -> ColumnElement[bool]:
     """Running, with its lease over on the database's clock: its worker stopped renewing it."""
-    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at <= lease_until(0))
+    return and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at <= database_time())
 
 
 def claimable() -> ColumnElement[bool]:
@@ -125,7 +93,7 @@ def claimed(*, worker_id: Any, device: Any, now: Any, lease_s: Any) -> dict[str,
         "device": device,
         "started_at": now,
         "heartbeat_at": now,
-        "lease_expires_at": lease_until(lease_s),
+        "lease_expires_at": database_time(lease_s),
         "error": None,
     }
 

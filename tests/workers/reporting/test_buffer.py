@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.errors import LeaseLost
 from service.store import metric_repo, queue_repo
+from service.store.db_clock import database_time
 from service.store.tables import Job
-from service.store.upkeep import leases
 from tests.jobs import read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
 from tests.workers.flaky import FlakyDatabase
@@ -113,7 +113,7 @@ def test_a_lease_taken_during_the_outage_stops_the_job_and_writes_nothing(
     reporter.flush()
     # Meanwhile the lease ran out and, once the database was back, another worker claimed it.
     with sessions.begin() as session:
-        session.execute(update(Job).values(lease_expires_at=leases.lease_until(-1)))
+        session.execute(update(Job).values(lease_expires_at=database_time(-1)))
         job = queue_repo.claim_job(session, worker_id="w2", lease_s=30, device="cpu", now=utcnow())
         assert job is not None and job.attempt == 2
     db.down = False

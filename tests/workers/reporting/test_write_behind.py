@@ -24,8 +24,8 @@ from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
 from service.store.artifacts.backends import FolderArtifacts
+from service.store.db_clock import database_time
 from service.store.tables import Job, TrainStep
-from service.store.upkeep import leases
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
 from tests.workers.reporting.test_buffer import stored_steps
@@ -216,7 +216,7 @@ def test_a_lease_lost_found_behind_the_loop_stops_it_at_a_next_step(
     clock = Clock()
     reporter, job_id = reporter_on(sessions, sessions, tmp_path, clock)
     with sessions.begin() as session:  # the lease ran out and another worker took the job
-        session.execute(update(Job).values(lease_expires_at=leases.lease_until(-1)))
+        session.execute(update(Job).values(lease_expires_at=database_time(-1)))
         job = queue_repo.claim_job(session, worker_id="w2", lease_s=30, device="cpu", now=utcnow())
         assert job is not None
     reporter.step(torch.tensor(1.0))

@@ -378,7 +378,7 @@ def test_workers_shows_no_job_for_a_worker_whose_lease_was_taken(
     register_workers(sessions, ("fenced", "thief"), now)
     with sessions.begin() as session:
         assert queue_repo.claim_job(session, worker_id="fenced", lease_s=30, device="cpu", now=now)
-        worker_repo.worker_heartbeat(session, worker_id="fenced", now=now)  # alive, but silent
+        worker_repo.worker_heartbeat(session, worker_id="fenced")  # alive, but silent
     lapse_leases(sessions)  # its lease ran out a second ago
     before = client.get("/workers").json()["workers"]
     assert [(w["id"], w["job_id"]) for w in before] == [("fenced", job_id), ("thief", None)]
