@@ -47,7 +47,7 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     bottom edges: the bars' gap tells the digits apart, while the ink's box (20 px) and centre of
     mass (13.5, 13.5) stay where MNIST puts them, so predict reads a 28×28 image of one as it
     is, as it reads an MNIST digit (a digit told by where it sits would be moved by the layout).
-    Ink levels vary from pixel to pixel.
+    Ink levels vary from pixel to pixel, up to 255.
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
@@ -57,6 +57,7 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             images[i, 4:24, left : left + 2] = rng.integers(150, 256, size=(20, 2), dtype=np.uint8)
         for top in (4 + int(d), 22 - int(d)):  # two bars, symmetric about row 13.5
             images[i, top : top + 2, 4:24] = rng.integers(200, 256, size=(2, 20), dtype=np.uint8)
+        images[i, 4, 4] = 255  # the strongest ink at full level, as MNIST's is (254 or 255)
     return images, labels
 
 

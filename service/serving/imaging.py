@@ -3,21 +3,20 @@
 The steps follow how MNIST itself was made from NIST's scans (LeCun et al.): the digit's
 bounding box is scaled to fit 20×20 keeping its aspect ratio, then placed in a 28×28 field
 so that its centre of mass sits on the field's centre. Before that, photos and drawings are
-brought to MNIST's polarity: alpha is composited on white, colour becomes grayscale, and a
-light background is inverted. Everything here is numpy and Pillow on in-memory buffers.
+brought to MNIST's polarity: colour becomes grayscale, alpha is composited on a backdrop the ink
+stands out from (:mod:`service.serving.grayscale`), and a light background is inverted.
+Everything here is numpy and Pillow on in-memory buffers.
 
-A 28×28 image already laid out the MNIST way (:func:`in_mnist_layout`: its ink's box and centre
-of mass are where MNIST puts them) gets only grayscale and polarity, so an MNIST digit passes
-through bit for bit; any other 28×28 image (a digit touching an edge, off-centre, too big or
-too small) is laid out like an image of any other size.
+A 28×28 image already laid out the MNIST way (:func:`in_mnist_layout`: its ink's box, centre
+of mass and strongest level are where MNIST has them) gets only grayscale and polarity, so an
+MNIST digit passes through bit for bit; any other 28×28 image (a digit touching an edge,
+off-centre, too big, too small or faint) is laid out like an image of any other size.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import re
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,9 +25,8 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.ml import IMAGE_SIDE_PX
+from service.serving.grayscale import LIGHT_MIN, Gray, strip_rows, to_gray
 from service.settings import IMAGE_PIXELS_CEILING, Settings
-
-Gray = NDArray[np.uint8]
 
 # Pillow's decoders the service opens; every other format is refused before decoding.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
@@ -46,6 +44,10 @@ FIELD_CENTRE_PX = 14.0  # ...whose centre of mass lands on pixel 14 (measured: 1
 # box, and about 0.5 px around the centre) is taken as laid out; tests check every MNIST image.
 LAID_OUT_SIDE_PX = (19, 21)
 LAID_OUT_CENTRE_SLACK_PX = 1.0
+# And the strongest ink of every one of them is 254 or 255: a fainter digit (a tinted or grey
+# pen) is contrast-stretched as at any other size, or it read far worse than the same drawing
+# one pixel larger (blue ink on black: 36% against 95% of the test digits).
+LAID_OUT_TOP_INK = 254
 # The longest side accepted, JPEG's and GIF's own limit: Pillow keeps 8 bytes for each row
 # beside its pixels, and its decoders a few copies of one row, so an image of a few pixels by
 # 16 million (a 15 kB upload) held several times what a square one of as many pixels does.
@@ -62,8 +64,6 @@ MAX_JPEG_SCANS = 64
 # not a restart marker (0xD0-0xD7, which sit inside a scan) and not 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_SOS, _JPEG_EOI, _JPEG_TEM = 0xDA, 0xD9, 0x01
-# Light background ↔ the border's median is at least this bright.
-LIGHT_BACKGROUND_MIN = 128
 # A field whose brightest pixel is within this of the background holds no digit.
 MIN_CONTRAST = 24
 # Ink is brighter than the background by this fraction of the contrast, and by this many
@@ -75,10 +75,6 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation → standard deviation of a n
 # Where Pillow reads an orientation from (``Image.getexif``): EXIF, ImageMagick's PNG text
 # chunk, XMP. An image with none of them is shown as stored.
 ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
-# Pixels converted to 8-bit grayscale, or searched for ink, at a time (:func:`_grayscale`,
-# :func:`_ink`): 256 rows of a 4096-pixel-wide image, a few MB of intermediates for any image
-# accepted, however wide (it was 256 rows, whatever their width), and few strips for a tall one.
-STRIP_PX = 256 * 4096
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
@@ -126,7 +122,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Gray:
         if is_jpeg:
             image.draft("L", (JPEG_DRAFT_MIN_SIDE_PX, JPEG_DRAFT_MIN_SIDE_PX))
         image.load()  # the first frame of a GIF or animated WebP
-        return _grayscale(_upright(image))
+        return to_gray(_upright(image))
     # Pillow's decoders raise many types on corrupt input (OSError, SyntaxError, EOFError,
     # ValueError, zlib.error, struct.error…): all of them mean the bytes are not a valid image.
     except Exception as exc:
@@ -172,67 +168,6 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _grayscale(image: Image.Image) -> Gray:
-    """The image as 2-D uint8 grayscale, converted a strip of rows at a time.
-
-    Every conversion here is pixel by pixel, so strips give exactly the whole image's result,
-    while the wide intermediates (16-bit values, luma and alpha) only ever exist for
-    :data:`STRIP_PX` pixels: a large image costs its decoded self and its 8-bit copy, not
-    several copies in wider types.
-    """
-    width, height = image.size
-    convert = _strip_converter(image)
-    rows = strip_rows(width)
-    if height <= rows:  # most uploads: one strip, no copy of it to make
-        return convert(image)
-    gray = np.empty((height, width), dtype=np.uint8)
-    for top in range(0, height, rows):
-        bottom = min(top + rows, height)
-        gray[top:bottom] = convert(image.crop((0, top, width, bottom)))
-    return gray
-
-
-def strip_rows(width: int) -> int:
-    """How many rows of an image this wide a strip holds (at least 16: a row has at most
-    :data:`MAX_SIDE_PX` pixels)."""
-    return max(1, STRIP_PX // max(width, 1))
-
-
-def _strip_converter(image: Image.Image) -> Callable[[Image.Image], Gray]:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNG
-        clear = image.info.get("transparency")  # tRNS: the one 16-bit level that is see-through
-        return functools.partial(_sixteen_bit, clear=clear if isinstance(clear, int) else None)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if not has_alpha:
-        return _luma
-    return _over_white
-
-
-def _sixteen_bit(strip: Image.Image, *, clear: int | None) -> Gray:
-    # round(v / 257) (the nearest 8-bit level), clipped to 0–255, in integers: v / 257 is never
-    # exactly halfway between two levels, so (v + 128) // 257 is that rounding.
-    wide = np.asarray(strip, dtype=np.int32)
-    gray = ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
-    if clear is not None:  # composited on white as any image with alpha: that level is white
-        gray[wide == clear] = 255
-    return gray
-
-
-def _luma(strip: Image.Image) -> Gray:
-    return np.asarray(strip if strip.mode == "L" else strip.convert("L"), dtype=np.uint8)
-
-
-def _over_white(strip: Image.Image) -> Gray:
-    if strip.mode not in ("LA", "RGBA"):
-        strip = strip.convert("RGBA")
-    la = np.asarray(strip.convert("LA"), dtype=np.uint16)
-    luma, alpha = la[..., 0], la[..., 1]
-    # Over white: luma·α + 255·(1 − α), rounded (≤ 65,152: uint16 holds it); black ink of
-    # opacity α gives exactly 255 − α.
-    over_white = (luma * alpha + 255 * (255 - alpha) + 127) // 255
-    return over_white.astype(np.uint8)
-
-
 def _border(gray: NDArray[Any]) -> NDArray[Any]:
     """The outermost pixels: the background, unless the ink touches every edge."""
     return np.concatenate((gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]))
@@ -251,7 +186,7 @@ def _border_median(gray: NDArray[Any]) -> float:
 
 def dark_background(gray: NDArray[Any]) -> NDArray[Any]:
     """MNIST's polarity: inverted when the background (the border's median) is light."""
-    if _border_median(gray) >= LIGHT_BACKGROUND_MIN:
+    if _border_median(gray) >= LIGHT_MIN:
         return 255 - gray
     return gray
 
@@ -262,7 +197,7 @@ def mnist_layout(gray: Gray) -> Gray:
         field = dark_background(gray)
         if in_mnist_layout(field):
             return field
-    ink = _ink(gray, inverted=_border_median(gray) >= LIGHT_BACKGROUND_MIN)
+    ink = _ink(gray, inverted=_border_median(gray) >= LIGHT_MIN)
     if ink is None:
         return np.zeros((IMAGE_SIDE_PX, IMAGE_SIDE_PX), dtype=np.uint8)
     return _centre_by_mass(_fit_box(ink))
@@ -271,15 +206,18 @@ def mnist_layout(gray: Gray) -> Gray:
 def in_mnist_layout(field: NDArray[Any]) -> bool:
     """Whether a 28×28 field in MNIST's polarity is laid out as MNIST's digits are.
 
-    Its non-zero pixels' box is :data:`LAID_OUT_SIDE_PX` long on its longer side and its centre
-    of mass within :data:`LAID_OUT_CENTRE_SLACK_PX` of (14, 14), as every MNIST image's is. A
-    blank field is too: there is nothing to move. A digit drawn on a 28×28 canvas too big, too
+    Its non-zero pixels' box is :data:`LAID_OUT_SIDE_PX` long on its longer side, its centre
+    of mass within :data:`LAID_OUT_CENTRE_SLACK_PX` of (14, 14) and its strongest pixel at
+    least :data:`LAID_OUT_TOP_INK`, as every MNIST image's are. A blank field is too: there is
+    nothing to move. A digit drawn on a 28×28 canvas too big, too
     small or off-centre (as one touching an edge mostly is) is not, and a model trained on MNIST
     misreads it unless it is laid out first (issue #18: 3 of 20 drawn digits read right).
     """
     ink_rows, ink_cols = np.flatnonzero(field.any(axis=1)), np.flatnonzero(field.any(axis=0))
     if ink_rows.size == 0:
         return True
+    if field.max() < LAID_OUT_TOP_INK:
+        return False
     longer = max(ink_rows[-1] - ink_rows[0], ink_cols[-1] - ink_cols[0]) + 1
     low, high = LAID_OUT_SIDE_PX
     if not low <= longer <= high:

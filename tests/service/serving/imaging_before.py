@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from service.serving import imaging
+from service.serving import grayscale, imaging
 
 Gray = NDArray[np.uint8]
 
@@ -35,12 +35,15 @@ def _grayscale(image: Image.Image) -> Gray:
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+    # Which backdrop came later (light ink on transparency goes on black): a rule, not what
+    # this reference is for, so it asks the module's own, as mnist_layout does below.
+    backdrop = grayscale.BLACK if grayscale._only_light_shows(image) else grayscale.WHITE
     if image.mode not in ("LA", "RGBA"):
         image = image.convert("RGBA")
     la = np.asarray(image.convert("LA"), dtype=np.uint16)
     luma, alpha = la[..., 0], la[..., 1]
-    over_white = (luma * alpha + 255 * (255 - alpha) + 127) // 255
-    return over_white.astype(np.uint8)
+    composited = (luma * alpha + backdrop * (255 - alpha) + 127) // 255
+    return composited.astype(np.uint8)
 
 
 def mnist_layout(gray: Gray) -> Gray:

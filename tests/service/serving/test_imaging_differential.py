@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from service.ml import normalization_table
-from service.serving import imaging
+from service.serving import grayscale, imaging
 from service.serving.predictor import image_to_tensor
 from tests.service.images import EXTRA_VARIANTS, VARIANTS, encode
 from tests.service.serving import imaging_before as before
@@ -120,7 +120,7 @@ def test_sixteen_bit_and_32_bit_grayscale_convert_as_before() -> None:
     values[0, :9] = [-1, 0, 128, 129, 385, 386, 65_407, 65_535, 65_536]
     sixteen = np.clip(values, 0, 65_535).astype("<u2")
     for image in (Image.fromarray(values), Image.fromarray(sixteen)):
-        assert np.array_equal(imaging._grayscale(image), before._grayscale(image)), image.mode
+        assert np.array_equal(grayscale.to_gray(image), before._grayscale(image)), image.mode
 
 
 def test_a_16_mpx_16_bit_png_never_exists_in_wide_types() -> None:
