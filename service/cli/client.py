@@ -303,12 +303,16 @@ class Client:
             raise ValueError("a body where the service answers 204")
 
     def metrics(self, job_id: str) -> dict[str, Any]:
-        """Every step and epoch of a job (all pages), with its status."""
+        """Every step and epoch of a job (all pages, of one run), with its status."""
         steps: list[dict[str, Any]] = []
-        after = 0
+        after, attempt = 0, None
         while True:
             params = {"after_step": after, "limit": METRICS_PAGE}
             page = self._request("GET", f"/jobs/{job_id}/metrics", params=params)
+            if attempt is not None and page.get("attempt") != attempt:  # a retry: start over
+                steps, after, attempt = [], 0, None
+                continue
+            attempt = page.get("attempt")
             steps.extend(page["steps"])
             if len(page["steps"]) < METRICS_PAGE:
                 return {**page, "steps": steps}

@@ -146,18 +146,23 @@ def metrics_page(db: Reader, job_id: str, *, after_step: int, limit: int) -> dic
     when there is no such job.
 
     The status is read first: if it says the job has ended, the steps read after it are all
-    there are, so a client that stops polling on a terminal status misses none. Built straight
+    there are, so a client that stops polling on a terminal status misses none. The attempt
+    is read with it: a client that pages with ``after_step`` starts over from 0 when it
+    changes (a retry records a new run's steps, from its resume point or the first), or it
+    would splice two runs into one series. Built straight
     from the driver's rows: on a 10,000-step page, building and validating the Pydantic models
     took most of the request's time (docs/benchmarks.md). Tests check the body against
     :class:`MetricsRead`.
     """
-    status = metric_repo.job_status(db, job_id)
-    if status is None:
+    state = metric_repo.job_state(db, job_id)
+    if state is None:
         return None
+    status, attempt = state
     steps = metric_repo.read_steps(db, job_id, after_step=after_step, limit=limit)
     return {
         "job_id": job_id,
         "status": status,
+        "attempt": attempt,
         "steps": steps,
         "epochs": metric_repo.read_epochs(db, job_id),
         "next_after_step": steps[-1]["step"] if steps else after_step,
@@ -185,7 +190,7 @@ def metrics_csv(db: Reader, job_id: str) -> str | None:
     The dashboard links to it: a spreadsheet or pandas reads a whole run in one download,
     without paging through the JSON. Losses are written exactly (Python's shortest repr).
     """
-    if metric_repo.job_status(db, job_id) is None:
+    if metric_repo.job_state(db, job_id) is None:
         return None
     steps: list[dict[str, Any]] = []
     while True:

@@ -132,6 +132,10 @@ class MetricsRead(StrictModel):
 
     job_id: str
     status: JobStatus
+    attempt: int = Field(
+        description="The run whose steps these are (0: none yet). When it changes between "
+        "polls, a retry recorded a new run: read again from after_step=0."
+    )
     steps: list[StepRead]
     epochs: list[EpochRead]
     next_after_step: int = Field(description="Pass as after_step to get only newer steps.")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from service.store.engines import Reader, driver_rows
 from service.store.tables import EpochMetric, Job, TrainStep
 
-_JOB_STATUS = select(Job.status).where(Job.id == bindparam("job_id"))
+_JOB_STATE = select(Job.status, Job.attempt).where(Job.id == bindparam("job_id"))
 _STEPS_PAGE = (
     select(TrainStep.step, TrainStep.epoch, TrainStep.loss, TrainStep.examples_seen)
     .where(TrainStep.job_id == bindparam("job_id"), TrainStep.step > bindparam("after_step"))
@@ -48,10 +48,11 @@ _STEPS_SQLITE = (
 )
 
 
-def job_status(db: Reader, job_id: str) -> str | None:
-    """A job's status, or None when there is no such job."""
-    rows = driver_rows(db, _JOB_STATUS, {"job_id": job_id})
-    return str(rows[0][0]) if rows else None
+def job_state(db: Reader, job_id: str) -> tuple[str, int] | None:
+    """A job's status and attempt (the run its steps are of), or None when there is no such
+    job."""
+    rows = driver_rows(db, _JOB_STATE, {"job_id": job_id})
+    return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 def read_steps(db: Reader, job_id: str, *, after_step: int, limit: int) -> list[dict[str, Any]]:

@@ -189,17 +189,24 @@ async function readMetrics(current) {
     .sort((a, b) => a.readIn - b.readIn || a.index - b.index)
     .slice(0, METRICS_PER_ROUND);
   const fresh = new Map(); // trace index → new steps
+  const restarted = []; // trace indices of trials retried since drawn: their curves start over
   let next = 0;
   const reader = async () => {
     while (next < due.length) {
       const trial = due[next++];
-      const steps = await readTrial(trial);
+      const { steps, restart } = await readTrial(trial);
+      if (restart) restarted.push(trial.index);
       if (steps.length) fresh.set(trial.index, steps);
       trial.readIn = current.round;
     }
   };
   await Promise.all(Array.from({ length: Math.min(METRICS_AT_ONCE, due.length) }, reader));
-  if (view !== current || !fresh.size) return;
+  if (view !== current) return;
+  if (restarted.length) {
+    const empty = restarted.map(() => []);
+    Plotly.restyle("sweep-loss", { x: empty, y: empty }, restarted);
+  }
+  if (!fresh.size) return;
   const indices = [...fresh.keys()];
   const series = indices.map((i) => fresh.get(i));
   Plotly.extendTraces("sweep-loss", {
@@ -211,12 +218,23 @@ async function readMetrics(current) {
 // One trial's steps after those already drawn (pages until a short one), and all its epochs.
 // The metrics read the job's status before its steps: a terminal status with a short page
 // means every step is in hand, and the trial is not read again. A failed read ends the trial's
-// turn with the steps read so far: after_step has moved past those only.
+// turn with the steps read so far: after_step has moved past those only. A page of another
+// attempt than the one drawn is a retry's new run: its curve is read again from the start
+// (`restart`), or two runs were drawn as one.
 async function readTrial(trial) {
-  const steps = [];
+  let steps = [];
+  let restart = false;
   try {
     for (;;) {
       const page = await api(`/jobs/${trial.job_id}/metrics?after_step=${trial.afterStep}&limit=${STEPS_PAGE}`);
+      if (trial.attempt !== undefined && page.attempt !== trial.attempt) {
+        trial.attempt = undefined;
+        trial.afterStep = 0;
+        steps = [];
+        restart = true;
+        continue;
+      }
+      trial.attempt = page.attempt;
       steps.push(...page.steps);
       trial.afterStep = page.next_after_step;
       trial.epochs = page.epochs;
@@ -228,7 +246,7 @@ async function readTrial(trial) {
   } catch {
     // Read again in a later round, from where this one stopped.
   }
-  return steps;
+  return { steps, restart };
 }
 
 function renderAccuracy(current) {

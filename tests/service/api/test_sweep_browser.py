@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from service.schemas import JobCreate
+from service.store.engines import make_engine, make_sessionmaker
 from tests import test_browser
+from tests.records import FakeTraining, lapse_leases
 from tests.support import api_server, local_env, process, wait_for
 
 if TYPE_CHECKING:
@@ -168,3 +171,36 @@ def test_a_sweep_is_cancelled_from_its_page(page: Page, dashboard: str) -> None:
     assert statuses == ["cancelled"] * TRIALS
     assert page.is_disabled("#cancel-sweep") and page.is_visible("#sweep-parcoords-empty")
     test_browser.shot(page, "sweep-03-cancelled")
+
+
+def test_a_retried_trials_curve_starts_over_with_its_new_run(
+    page: Page, dashboard: str, sqlite_url: str
+) -> None:
+    """The page reads each trial's steps after those drawn: a retry that trained again from
+    the first step was drawn as the lost run's steps and nothing after them (or the two runs
+    joined into one curve). The steps are written as a worker writes them."""
+    created = httpx.post(
+        f"{dashboard}sweeps", json={"params": BASE, "grid": {"seed": [7]}}, timeout=30
+    )
+    sweep_id = created.json()["id"]
+    engine = make_engine(sqlite_url)
+    training = FakeTraining(make_sessionmaker(engine), JobCreate(**BASE, seed=7))
+    training.job_id = created.json()["trials"][0]["job_id"]
+
+    def drawn() -> list[float]:
+        state = page_state(page)
+        return list(state["loss"][0]["x"]) if state["loss"] else []
+
+    try:
+        page.goto(f"{dashboard}#/sweeps/{sweep_id}")
+        training.claim()
+        training.advance(3)
+        wait_for(lambda: len(drawn()) == 3, timeout_s=TIMEOUT_S, what="the first run's steps")
+        lapse_leases(training.sessions)  # its worker died; the retry trains from step 1
+        training.worker_id = "second"
+        training.claim()
+        training.advance(2)
+        new_run = [training.plan.examples_seen(step) for step in (1, 2)]
+        wait_for(lambda: drawn() == new_run, timeout_s=TIMEOUT_S, what="the new run's steps")
+    finally:
+        engine.dispose()

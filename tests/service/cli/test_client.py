@@ -182,3 +182,31 @@ def test_a_jobs_events_are_read_with_the_streams_own_read_timeout() -> None:
             "pool": client_module.TIMEOUT_S,
         }
     ]
+
+
+def test_metrics_read_across_a_retry_are_the_new_runs_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Paged with after_step, the pages of a run that a retry replaced meanwhile were joined
+    to the new run's: the attempt changes, and the reading starts over."""
+    monkeypatch.setattr(client_module, "METRICS_PAGE", 2)
+    runs = {1: [1.0, 0.9, 0.8], 2: [2.0, 1.5, 1.2]}
+    asked: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        after = int(request.url.params["after_step"])
+        asked.append(after)
+        attempt = 1 if len(asked) == 1 else 2  # the job is retried after the first page
+        steps = [
+            {"step": n, "epoch": 1, "loss": loss, "examples_seen": 64 * n}
+            for n, loss in enumerate(runs[attempt], start=1)
+            if n > after
+        ][:2]
+        body = {"job_id": JOB_ID, "status": "running", "attempt": attempt, "steps": steps}
+        next_after = steps[-1]["step"] if steps else after
+        return httpx.Response(200, json={**body, "epochs": [], "next_after_step": next_after})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer), base_url="http://testserver")
+    page = client_module.Client("http://testserver", http=http).metrics(JOB_ID)
+    assert [s["loss"] for s in page["steps"]] == runs[2] and page["attempt"] == 2
+    assert asked == [0, 2, 0, 2]

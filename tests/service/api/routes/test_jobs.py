@@ -21,7 +21,7 @@ from service.status import JobStatus
 from service.store import queue_repo, worker_repo
 from service.store.packs import claim_more
 from service.store.tables import Job
-from tests.records import lapse_leases
+from tests.records import PARAMS, FakeTraining, lapse_leases
 from tests.service.api.routes.conftest import BOTH_WAYS
 
 DEFAULTS = {
@@ -185,6 +185,7 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     assert empty == {
         "job_id": job_id,
         "status": "queued",
+        "attempt": 0,
         "steps": [],
         "epochs": [],
         "next_after_step": 0,
@@ -213,6 +214,29 @@ def test_metrics_page_by_after_step(client: TestClient, sessions: sessionmaker[S
     assert "after_step" in past.json()["error"]["message"]
     last = client.get(f"/jobs/{job_id}/metrics?after_step={jobs_routes.MAX_STEP}").json()
     assert last["steps"] == [] and last["next_after_step"] == jobs_routes.MAX_STEP
+
+
+@BOTH_WAYS
+def test_a_metrics_page_names_the_run_its_steps_are_of(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    """A poller paging with after_step spliced a retry's new run onto the lost one's steps,
+    with nothing in the answer to tell it (a review: every step polled before a kill held the
+    lost run's losses); the attempt tells it to read again from 0."""
+    training = FakeTraining(sessions, PARAMS)
+    job_id = training.submit()
+    training.claim()
+    training.advance(3)
+    page = client.get(f"/jobs/{job_id}/metrics?after_step=0").json()
+    assert (page["attempt"], page["next_after_step"]) == (1, 3)
+    lapse_leases(sessions)  # its worker died; another runs the job again from its first step
+    training.worker_id = "second"
+    training.claim()
+    training.advance(2)
+    later = client.get(f"/jobs/{job_id}/metrics?after_step=3").json()
+    assert (later["attempt"], later["steps"]) == (2, [])  # nothing new after 3: but a new run
+    again = client.get(f"/jobs/{job_id}/metrics?after_step=0").json()
+    assert [s["step"] for s in again["steps"]] == [1, 2] and again["attempt"] == 2
 
 
 @BOTH_WAYS
