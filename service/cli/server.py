@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 
 from alembic.util import CommandError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.security import exposure_problem
 from service.logs import configure_logging
-from service.settings import REFUSED_EXIT_STATUS, get_settings
+from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 from service.store import migrations
 
 
@@ -41,6 +42,19 @@ def migrate() -> int:
     return 0
 
 
+def banner(settings: Settings) -> str:
+    """Where to look, as ``mnist-service run`` starts: the database without its password
+    (the systemd unit's journal keeps what this prints)."""
+    base = f"http://{settings.host}:{settings.port}"
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
+    return (
+        f"\nMNIST service: dashboard {base}/  API docs {base}/docs  "
+        f"database {database}  checkpoints {settings.checkpoint_dir}\n"
+        f"  try: mnist-service submit --epochs 1 --watch\n"
+        "  A process that dies is started again; Ctrl-C stops the API and the workers.\n"
+    )
+
+
 def run_all(workers: int) -> int:
     """Start the API and ``workers`` worker processes, start again any that dies; Ctrl-C stops
     them all cleanly (:func:`workers.supervisor.supervise` says when it gives up instead)."""
@@ -52,14 +66,7 @@ def run_all(workers: int) -> int:
         return REFUSED_EXIT_STATUS
     from workers.supervisor import supervise
 
-    base = f"http://{settings.host}:{settings.port}"
-    print(
-        f"\nMNIST service: dashboard {base}/  API docs {base}/docs  "
-        f"database {settings.database_url}  checkpoints {settings.checkpoint_dir}\n"
-        f"  try: mnist-service submit --epochs 1 --watch\n"
-        "  A process that dies is started again; Ctrl-C stops the API and the workers.\n",
-        flush=True,
-    )
+    print(banner(settings), flush=True)
     children = {"api": ["-m", "service"]}
     children.update({f"worker-{i}": ["-m", "workers"] for i in range(1, workers + 1)})
     return supervise(children, refused=(REFUSED_EXIT_STATUS,))
