@@ -101,14 +101,16 @@ class StoreGauges:
     """
 
     def __init__(self) -> None:
-        self.figures: StoreFigures | None = None  # the last figures read
+        self.figures: StoreFigures | None = None  # this scrape's figures
         self.database_up = False
 
     def observe(self, figures: StoreFigures | None) -> None:
-        """This scrape's figures; None when the database could not be read (the last stand)."""
+        """This scrape's figures; None when the database could not be read: then the gauges
+        read from it are left out, and Prometheus marks them stale. Shown as they last stood,
+        they said a worker lived and trained at full speed through an outage in which it
+        had died, and no alert on them could fire."""
         self.database_up = figures is not None
-        if figures is not None:
-            self.figures = figures
+        self.figures = figures
 
     def collect(self) -> Iterable[Metric]:
         """The gauges (prometheus_client's collector protocol)."""

@@ -121,6 +121,8 @@ def check_outage(client: httpx.Client, job_id: str) -> None:
     assert_unavailable(predict)  # predict's lane, then the route
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "mnist_database_up 0.0" in metrics.text
+    for stale in ("mnist_jobs", "mnist_queue_depth", "mnist_workers_live", "mnist_store_bytes"):
+        assert f"\n{stale}" not in metrics.text, stale  # not as they stood before the outage
 
 
 def check_log(log: Path, outages: int = 1) -> None:
@@ -158,6 +160,7 @@ def test_postgres_refusing_connections_then_read_only(
         terminate_backends(admin, name)
         assert_recovered(client, job_id)
 
+        assert "\nmnist_queue_depth " in client.get("/metrics").text  # read while it is up
         # Down: no new connection, and every open one cut.
         with refused(admin, name):
             check_outage(client, job_id)
