@@ -28,6 +28,7 @@ from service.store.engines import make_sessionmaker
 from service.store.tables import Job
 from service.store.wakeups import StopEvent
 from tests.jobs import queue_job, read_job
+from tests.records import lapse_leases
 from tests.support import SMALL_TEST, SMALL_TRAIN, overwrite_artifact, stored, wait_for
 from tests.workers.flaky import FlakyDatabase
 from workers import worker as worker_module
@@ -474,6 +475,7 @@ def lost_and_cancelled(sessions: sessionmaker[Session], settings: Settings) -> s
         )
         assert job is not None and job.id == job_id
         job_repo.request_cancel(session, job, now=then)
+    lapse_leases(sessions, job_id)
     return job_id
 
 
