@@ -22,6 +22,10 @@ APP_FACTORY = "service.__main__:serving_app"
 # what its Config names before that; with torch among them, a loaded host's child took more
 # than the check's 5 s, was killed as hung, and its replacement too, for good.
 EDGE_PROTOCOL = "service.api.edge.protocol:EdgeProtocol"
+# On SIGTERM, how long the requests in flight may take: an event stream lasts as long as its
+# job, and one open dashboard tab held the stop until its supervisor killed the API (60 s).
+# A stream cut then is resumed by its client (Last-Event-ID) on the API that answers next.
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def serving_app() -> FastAPI:
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             http=EDGE_PROTOCOL,
             ws="none",  # no WebSocket routes: a handshake is an HTTP request like any other
             timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         server.serve(config)  # uvicorn.run's, with servers that sleep while idle
     return 0

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency > 1:
         n = args.concurrency
         children = {f"worker-{i}": ["-m", "workers"] for i in range(1, n + 1)}
-        return supervise(children, refused=(REFUSED_EXIT_STATUS,))
+        return supervise(
+            children, refused=(REFUSED_EXIT_STATUS,), grace_s=settings.shutdown_grace_s
+        )
     from service.ml import DeviceUnavailable  # torch: not for --check or the supervisor
     from workers.worker import Worker
 

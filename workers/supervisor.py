@@ -22,7 +22,9 @@ from workers.signals import on_signals
 
 log = logging.getLogger("workers.supervisor")
 
-SHUTDOWN_WAIT_S = 60.0  # after our first signal, how long the children may take to stop
+# After our first signal, how long the children may take to stop beyond a worker's grace
+# (MNIST_SHUTDOWN_GRACE_S, to end its epoch): its job's release, the API's close, the exits.
+SHUTDOWN_MARGIN_S = 30.0
 POLL_S = 0.2  # while stopping: how often the children still running are looked at
 CRASH_LOOP_STATUS = 1  # what the supervisor returns when a child cannot start
 CLEAN = (0, -signal.SIGINT, -signal.SIGTERM)
@@ -143,6 +145,7 @@ def supervise(
     *,
     backoff: Backoff = DEFAULT_BACKOFF,
     refused: Collection[int] = (),
+    grace_s: float,
 ) -> int:
     """Run ``python <args>`` for each named command, restarting any that dies, until signalled.
 
@@ -150,7 +153,9 @@ def supervise(
     again after :class:`Backoff`'s wait. Exit statuses in ``refused`` mean the child refuses
     its configuration, and a child that keeps failing at start cannot start: either stops
     everything, and that status (or 1) is returned. The first SIGINT/SIGTERM is passed on to
-    every child, which stops gracefully within ``SHUTDOWN_WAIT_S``; a second one kills them.
+    every child, which stops gracefully within ``grace_s`` (a worker's MNIST_SHUTDOWN_GRACE_S)
+    and :data:`SHUTDOWN_MARGIN_S`: a fixed 60 s cut a longer grace short, the job left running
+    under a lease; a second signal kills them.
     Returns 0 when every child stopped cleanly on our signal, else 1.
     """
     signals: list[int] = []
@@ -188,25 +193,34 @@ def supervise(
         log.error("a process could not be started (%s); stopping everything", exc)
         gave_up = CRASH_LOOP_STATUS
     finally:  # whatever ends the loop, no child outlives it (the API would hold its port)
-        running = [c.proc for c in children if c.proc.poll() is None]
-        clean = stop_all(running, signals[0] if signals else signal.SIGTERM, kill)
+        running = {c.name: c.proc for c in children if c.proc.poll() is None}
+        signum = signals[0] if signals else signal.SIGTERM
+        clean = stop_all(running, signum, kill, wait_s=grace_s + SHUTDOWN_MARGIN_S)
     if gave_up is not None:
         return gave_up
     return 0 if clean else 1
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]], signum: int, kill: threading.Event) -> bool:
-    """Pass ``signum`` to each process and wait for them all; kill what is left when ``kill``
-    is set or after ``SHUTDOWN_WAIT_S``. Returns whether every one stopped cleanly."""
-    for p in procs:
+def stop_all(
+    procs: Mapping[str, subprocess.Popen[bytes]],
+    signum: int,
+    kill: threading.Event,
+    *,
+    wait_s: float,
+) -> bool:
+    """Pass ``signum`` to each named process and wait for them all; kill what is left when
+    ``kill`` is set or after ``wait_s``, saying so. Returns whether every one stopped cleanly."""
+    for p in procs.values():
         p.send_signal(signum)
-    deadline = time.monotonic() + SHUTDOWN_WAIT_S
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    deadline = time.monotonic() + wait_s
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
         kill.wait(POLL_S)
         if kill.is_set():
             break
-    for p in procs:
+    for name, p in procs.items():
         if p.poll() is None:
+            why = "a second signal" if kill.is_set() else f"{wait_s:g} s"
+            log.warning("%s had not stopped after %s; killed", name, why)
             p.kill()
             p.wait()
-    return all(p.returncode in CLEAN for p in procs)
+    return all(p.returncode in CLEAN for p in procs.values())

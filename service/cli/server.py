@@ -69,4 +69,4 @@ def run_all(workers: int) -> int:
     print(banner(settings), flush=True)
     children = {"api": ["-m", "service"]}
     children.update({f"worker-{i}": ["-m", "workers"] for i in range(1, workers + 1)})
-    return supervise(children, refused=(REFUSED_EXIT_STATUS,))
+    return supervise(children, refused=(REFUSED_EXIT_STATUS,), grace_s=settings.shutdown_grace_s)

@@ -17,8 +17,10 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from service.__main__ import GRACEFUL_SHUTDOWN_S
 from service.settings import Settings
 from tests.support import REPO_ROOT
+from workers.supervisor import SHUTDOWN_MARGIN_S
 
 DOCKER = REPO_ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -159,3 +161,21 @@ def test_long_running_services_restart_and_have_health_checks(
     worker_check = ["CMD", "python", "-m", "workers", "--check"]  # tests/workers/test_main.py
     for name in ("worker", "worker-cpu"):
         assert services[name]["healthcheck"]["test"] == worker_check
+
+
+def test_docker_waits_for_a_stop_as_long_as_the_service_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Docker's default 10 s killed a busy worker before it had ended its epoch and handed its
+    job back (lost to its lease, an attempt spent), and an API holding a stream open."""
+    services = compose()["services"]
+
+    def seconds(text: str) -> float:
+        assert text.endswith("s") and text[:-1].isdigit(), text
+        return float(text[:-1])
+
+    for name in ("worker", "worker-cpu"):
+        env = {**dockerfile_env(), **services[name]["environment"]}
+        grace_s = settings_from(env, monkeypatch).shutdown_grace_s
+        assert seconds(services[name]["stop_grace_period"]) >= grace_s + SHUTDOWN_MARGIN_S, name
+    assert seconds(services["api"]["stop_grace_period"]) > GRACEFUL_SHUTDOWN_S

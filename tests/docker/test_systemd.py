@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import REFUSED_EXIT_STATUS
+from service.settings import REFUSED_EXIT_STATUS, Settings
 from tests.support import REPO_ROOT
-from workers.supervisor import SHUTDOWN_WAIT_S
+from workers.supervisor import SHUTDOWN_MARGIN_S
 
 UNIT = REPO_ROOT / "docker" / "mnist-service.service"
 INSTALLED = "/opt/mnist-service/venv/bin/mnist-service"
@@ -47,5 +47,6 @@ def test_the_unit_runs_the_supervisor_and_restarts_it_unless_refused() -> None:
     assert service["RestartPreventExitStatus"] == str(REFUSED_EXIT_STATUS)
     # SIGTERM to the supervisor alone, which forwards it once; time for the children's stop.
     assert (service["KillMode"], service["KillSignal"]) == ("mixed", "SIGTERM")
-    assert float(service["TimeoutStopSec"]) > SHUTDOWN_WAIT_S
+    default_grace_s = Settings.model_fields["shutdown_grace_s"].default
+    assert float(service["TimeoutStopSec"]) > default_grace_s + SHUTDOWN_MARGIN_S
     assert service["WorkingDirectory"] == f"/var/lib/{service['StateDirectory']}"

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import httpx
 
-from tests.support import PROMTOOL, api_server, promtool_problems, service_env
+from service.__main__ import GRACEFUL_SHUTDOWN_S
+from service.store.engines import make_engine, make_sessionmaker
+from tests.records import PARAMS, FakeTraining
+from tests.support import (
+    PROMTOOL,
+    api_process,
+    api_server,
+    promtool_problems,
+    service_env,
+    wait_for,
+)
 
 
 def test_the_api_serves_from_several_processes(sqlite_url: str, tmp_path: Path) -> None:
@@ -121,3 +133,34 @@ def test_every_scrape_counts_the_requests_of_every_process(sqlite_url: str, tmp_
             assert "_created" not in text
             if PROMTOOL is not None:  # where it is installed (CI installs it)
                 assert promtool_problems(text) == ""
+
+
+def test_an_open_event_stream_does_not_hold_the_apis_stop(sqlite_url: str, tmp_path: Path) -> None:
+    """A stream lasts as long as its job: uvicorn waited for it to close, for good (one open
+    dashboard tab on a running job), until the supervisor killed the API."""
+    env = service_env(database_url=sqlite_url, checkpoint_dir=str(tmp_path / "models"))
+    log = tmp_path / "api.log"
+    engine = make_engine(sqlite_url)
+    training = FakeTraining(make_sessionmaker(engine), PARAMS.model_copy(update={"epochs": 100}))
+    stop = threading.Event()
+
+    def train() -> None:  # steps keep coming, as from a worker, until the test ends
+        while not stop.wait(0.05):
+            training.advance(1)
+
+    trainer = threading.Thread(target=train, daemon=True)
+    try:
+        with api_process(env, log) as (proc, client):
+            training.submit()
+            training.claim()
+            trainer.start()
+            with client.stream("GET", f"/jobs/{training.job_id}/events", timeout=60) as stream:
+                lines = stream.iter_lines()
+                wait_for(lambda: '"steps"' in next(lines), timeout_s=30, what="a step event")
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(timeout=GRACEFUL_SHUTDOWN_S + 20)
+    finally:
+        stop.set()
+        trainer.join(timeout=10)
+        engine.dispose()
+    assert code in (0, -signal.SIGTERM), log.read_text()  # uvicorn re-raises the signal

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -32,7 +33,7 @@ from tests.support import (
     wait_for,
     wakes_over,
 )
-from workers.supervisor import Backoff, describe
+from workers.supervisor import Backoff, describe, stop_all
 
 # Children that record their pid, then behave as their run's number says.
 STEADY = "import os,sys,time; open(sys.argv[1],'a').write(f'{os.getpid()}\\n'); time.sleep(120)"
@@ -65,7 +66,7 @@ import json, logging, sys
 from workers.supervisor import Backoff, supervise
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 sys.exit(supervise(json.loads(sys.argv[1]), backoff=Backoff(**json.loads(sys.argv[2])),
-                   refused=(2,)))
+                   refused=(2,), grace_s=0.0))
 """
 FAST = {"first_s": 0.1, "max_s": 0.3, "stable_s": 5.0, "give_up_after": 4}
 WINDOW_S = 3.0  # an idle supervisor is watched this long
@@ -406,3 +407,27 @@ def test_workers_concurrency_restarts_a_killed_worker(
     finally:
         stop_for_good(sup)
     assert f"(pid {killed}) was killed by SIGKILL" in log.read_text()
+
+
+def test_a_stop_waits_as_long_as_it_is_given_and_says_whom_it_kills(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fixed 60 s wait cut short a worker given a longer grace for its epoch (its job left
+    running under a lease), and the kill said nothing."""
+    slow = "lambda *_: (time.sleep(1), sys.exit(0))"  # stops a second after the signal
+    stubborn = "signal.SIG_IGN"
+    code = (
+        "import signal,sys,time; signal.signal(signal.SIGTERM, {}); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    procs = {
+        name: subprocess.Popen([sys.executable, "-c", code.format(handler)], stdout=subprocess.PIPE)
+        for name, handler in (("slow", slow), ("stubborn", stubborn))
+    }
+    for proc in procs.values():  # their handlers are set
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    with caplog.at_level("WARNING", logger="workers.supervisor"):
+        clean = stop_all(procs, signal.SIGTERM, threading.Event(), wait_s=3.0)
+    assert not clean and procs["slow"].returncode == 0  # it had the second it asked for
+    assert procs["stubborn"].returncode == -signal.SIGKILL
+    assert caplog.messages == ["stubborn had not stopped after 3 s; killed"]
