@@ -47,11 +47,16 @@ def _note_failure(what: str, error: SQLAlchemyError) -> None:
         log.warning("%s: database error: %s", what, error)
 
 
+UNDER_WAY = ReadinessCheck(name="writes", ok=False, detail="the first probe is under way")
+
+
 class WriteProbe:
     """Whether the database takes writes, learnt by writing (:func:`availability.probe_write`)
     at most every ``every_s`` seconds: a balancer polling /readyz costs a write a second at
-    most, whatever the number of callers. Callers that come while a probe runs wait for it and
-    share its answer."""
+    most, whatever the number of callers. Callers that come while a probe runs do not wait for
+    it: they get the last answer, or "under way" before the first. A probe waits as long as
+    the database's lock does (SQLite's busy timeout, 30 s); callers that queued behind it each
+    held a thread of the pool, and a hundred /readyz (no key needed) stalled every route."""
 
     def __init__(
         self,
@@ -67,13 +72,22 @@ class WriteProbe:
         self._last: tuple[float, ReadinessCheck] | None = None
 
     def check(self, now: datetime) -> ReadinessCheck:
-        """The last probe's answer while it is fresh, else a new probe's."""
-        with self._lock:
-            if self._last is not None and self._clock() - self._last[0] < self._every_s:
-                return self._last[1]
+        """The last probe's answer while it is fresh, else a new probe's; while another
+        caller's probe runs, the last answer, whatever its age."""
+        last = self._last
+        if last is not None and self._clock() - last[0] < self._every_s:
+            return last[1]
+        if not self._lock.acquire(blocking=False):
+            return last[1] if last is not None else UNDER_WAY
+        try:
+            last = self._last  # a probe that ended as this caller came
+            if last is not None and self._clock() - last[0] < self._every_s:
+                return last[1]
             result = self._probe(now)
             self._last = (self._clock(), result)
             return result
+        finally:
+            self._lock.release()
 
     def _probe(self, now: datetime) -> ReadinessCheck:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from service.settings import Settings
 from service.store import migrations
 from service.store.tables import Job, ReadinessProbe, WorkerRow
 from tests.records import LEASE_S, FakeTraining, lapse_leases
-from tests.support import NEEDS_PROMTOOL, promtool_problems
+from tests.support import NEEDS_PROMTOOL, promtool_problems, wait_for
 
 
 def add_worker(sessions: sessionmaker[Session], *, age_s: float, stopped: bool = False) -> None:
@@ -357,3 +359,35 @@ def test_a_trailing_slash_is_redirected_relative_whatever_the_host(client: TestC
     assert client.post("/sweeps/", json={}, follow_redirects=False).headers["location"] == "/sweeps"
     unknown = client.get("/nothing/here/", follow_redirects=False)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "http_404"
+
+
+def test_callers_of_readyz_do_not_queue_behind_a_probe_that_waits(
+    sqlite_url: str, api_settings: Settings
+) -> None:
+    """Another process holds the write lock: the one probe waits for it (SQLite's 30 s busy
+    timeout). Callers used to queue behind that probe, each holding a thread of the pool, and
+    a hundred of them (no key needed) stalled every other route for as long."""
+    settings = api_settings.model_copy(update={"database_url": sqlite_url})
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    holder.execute("BEGIN IMMEDIATE")
+    answers: list[int] = []
+    try:
+        with TestClient(create_app(settings)) as client:
+
+            def ready() -> None:
+                answers.append(client.get("/readyz").status_code)
+
+            callers = [threading.Thread(target=ready, daemon=True) for _ in range(8)]
+            for caller in callers:
+                caller.start()
+            # All but the one probing answer while the lock is still held, well within the
+            # busy timeout (before, each of them waited it out).
+            wait_for(lambda: len(answers) >= 7, timeout_s=20, what="the callers' answers")
+            assert client.get("/jobs").status_code == 200  # the other routes are served
+            holder.rollback()
+            for caller in callers:
+                caller.join(timeout=40)
+            assert answers.count(503) >= 7  # "the first probe is under way"
+            assert client.get("/readyz").status_code == 200  # the lock gone, a new probe
+    finally:
+        holder.close()
