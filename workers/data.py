@@ -41,14 +41,29 @@ _cache: dict[tuple[str, bool, str], Split] = {}
 _cache_lock = threading.Lock()
 
 
+class DataUnavailable(Exception):
+    """This host cannot read the data set: a fault of the host, not of the job, handed back
+    as a storage fault is (``workers.endings``). The message is the one clients read, so it
+    names no path; the detail is chained."""
+
+
 def _read_split(root: Path, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's tensors; :class:`DataUnavailable` when this host cannot read them: a fault of
+    the host, not of the job, which goes back to the queue for a worker that can (it failed
+    every job a misconfigured worker claimed, a queue drained into ``failed`` in seconds)."""
     try:
         ds = MNIST(root=str(root), train=train, download=download)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"MNIST not found under {root}/MNIST/raw; set MNIST_DATA_DIR to the folder holding "
-            "MNIST/raw, or MNIST_DOWNLOAD=true to fetch it"
-        ) from exc
+    except (RuntimeError, OSError) as exc:  # missing files; a download that failed
+        if download:
+            detail = f"MNIST could not be downloaded to {root}/MNIST/raw ({exc})"
+        else:
+            detail = (
+                f"MNIST not found under {root}/MNIST/raw; set MNIST_DATA_DIR to the folder "
+                "holding MNIST/raw, or MNIST_DOWNLOAD=true to fetch it"
+            )
+        raise DataUnavailable("the worker's host could not read the MNIST data") from OSError(
+            detail
+        )
     return ds.data, ds.targets
 
 
@@ -81,8 +96,8 @@ def load_mnist(root: Path, *, device: torch.device, download: bool) -> Mnist:
 
 def preload_mnist(root: Path, *, device: torch.device, download: bool) -> None:
     """Read MNIST into the cache before a worker's first claim, so that no job waits for it;
-    if it cannot be read now, each job tries again and fails with the reason."""
+    if it cannot be read now, each job tries again, and goes back to the queue if it cannot."""
     try:
         load_mnist(root, device=device, download=download)
     except Exception as exc:  # noqa: BLE001 - the job that needs the data reports it
-        log.warning("could not load MNIST yet: %s", exc)
+        log.warning("could not load MNIST yet: %s", exc.__cause__ or exc)

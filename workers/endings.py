@@ -21,6 +21,7 @@ from service.status import JobStatus
 from service.store import queue_repo
 from service.store.artifacts.backends import Artifacts, Saved
 from service.store.outage import is_outage
+from workers.data import DataUnavailable
 from workers.reporting import (
     Claim,
     Diverged,
@@ -105,7 +106,7 @@ class Endings:
         except Shutdown as exc:
             log.info("job %s: %s", job_id, exc)
             return self.release(claim, reporter)
-        except StorageFailed as exc:
+        except (StorageFailed, DataUnavailable) as exc:
             # The detail (the path, the errno) is the operator's; clients read the message.
             log.error("job %s: %s", job_id, exc, exc_info=exc.__cause__)
             return self.hand_back(claim, str(exc), reporter)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workers import data
-from workers.data import load_mnist, preload_mnist
+from workers.data import DataUnavailable, load_mnist, preload_mnist
 
 CPU = torch.device("cpu")
 
@@ -33,5 +33,8 @@ def test_data_that_cannot_be_read_yet_is_logged_not_raised(
     with caplog.at_level("WARNING", logger="workers"):
         preload_mnist(tmp_path / "nowhere", device=CPU, download=False)
     assert "could not load MNIST yet" in caplog.text
-    with pytest.raises(RuntimeError, match="MNIST not found"):  # the job still says why
+    assert "MNIST not found under" in caplog.text  # where it looked, and what to set
+    with pytest.raises(DataUnavailable) as raised:  # a host's fault: the job goes back
         load_mnist(tmp_path / "nowhere", device=CPU, download=False)
+    assert str(raised.value) == "the worker's host could not read the MNIST data"  # no path
+    assert "MNIST not found under" in str(raised.value.__cause__)

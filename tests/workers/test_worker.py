@@ -329,6 +329,26 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(
         assert worker_repo.live_workers(session, lease_s=30) == []
 
 
+def test_a_worker_that_cannot_read_mnist_hands_its_job_back_for_a_worker_that_can(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One worker with a wrong MNIST_DATA_DIR (or no network to download) failed every job it
+    claimed, a queue drained into ``failed`` within seconds, while it reported healthy."""
+    job_id = submit(sessions, epochs=1, batch_size=64)
+    nowhere = settings.model_copy(update={"data_dir": tmp_path / "nowhere", "download": False})
+    with caplog.at_level("ERROR", logger="workers"):
+        Worker(nowhere, sessions, show_progress=False).run(max_jobs=1)
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt) == (JobStatus.QUEUED, 1)
+    assert job.error == "the worker's host could not read the MNIST data; retrying"  # no path
+    assert "MNIST not found under" in caplog.text  # the operator's log says where it looked
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)
+    assert read(sessions, job_id).status == JobStatus.SUCCEEDED
+
+
 def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(
     settings: Settings,
     sessions: sessionmaker[Session],
