@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 
 from service.clock import is_key_text
 from service.schemas.sweeps import SWEEP_TRIALS_CEILING
+from service.setting_names import say_misspelt
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 LogFormat = Literal["text", "json"]
@@ -30,13 +31,11 @@ IMAGE_PIXELS_CEILING = 32_000_000
 # a few MB of host memory, minutes of training at the default batch size.
 OUTAGE_BUFFER_STEPS = 100_000
 
-MIN_API_KEY_CHARS = 16
+MIN_API_KEY_CHARS, DAY_S, MIB = 16, 24 * 3600.0, 1024 * 1024
 REFUSED_EXIT_STATUS = 2  # a process refuses its configuration (systemd: RestartPreventExitStatus)
-DAY_S = 24 * 3600.0
 # MNIST_MAX_DECODES's default is the core count up to this: a large image's decode holds tens
 # of MB, and a burst must stay well under the API's memory goal on many cores.
 MAX_DEFAULT_DECODES = 8
-MIB = 1024 * 1024
 # MNIST_MAX_JOB_STEPS: a step row costs about 110 bytes in SQLite, so the default caps one job
 # near 110 MB; the tutorial's jobs (471 steps), 16 epochs of all 60,000 images one at a time
 # and every test's job fit. The largest job the fields allow is 6,000,000 steps (~660 MB).
@@ -389,8 +388,9 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment. A refused environment ends
-    the process: exit status 2, and each setting's fault on stderr, never the value given (a
-    key may be among them; a traceback printed it, and a restart loop retried it)."""
+    the process: exit status 2, each setting's fault on stderr, never its value (a key may be
+    among them); a name like a setting's misspelt is named too."""
+    say_misspelt(os.environ, Settings.model_fields)
     try:
         return Settings()
     except ValidationError as exc:
