@@ -1,4 +1,7 @@
-"""SIGINT and SIGTERM handled on a thread of their own, never inside the interrupted code."""
+"""SIGINT, SIGTERM and SIGHUP handled on a thread of their own, never inside the interrupted
+code. SIGHUP (the terminal or ssh session closed) stops as SIGTERM does: by default it ended the
+process at once, and `mnist-service run`'s children (process groups of their own, which the
+hangup does not reach) lived on, holding the port, with no parent."""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def on_signals(first: Callable[[int], None], again: Callable[[int], None]) -> None:
-    """Call ``first`` for the first SIGINT/SIGTERM and ``again`` for every later one.
+    """Call ``first`` for the first of :data:`SIGNALS` and ``again`` for every later one.
 
     Python runs a signal handler in the main thread between two bytecodes, possibly while
     that thread holds a lock the handler would need: ``Event.set()`` from a handler that

@@ -6,6 +6,8 @@ configuration, for what here is a short list of commands and one backoff rule.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -28,6 +30,9 @@ SHUTDOWN_MARGIN_S = 30.0
 POLL_S = 0.2  # while stopping: how often the children still running are looked at
 CRASH_LOOP_STATUS = 1  # what the supervisor returns when a child cannot start
 CLEAN = (0, -signal.SIGINT, -signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # prctl(2)
+# Looked up here, not in the forked child, where only async-signal-safe work belongs.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,11 @@ class Child:
         supervisor alone, which passes it on once (a second signal makes a child exit at once).
         A thread waits for its exit (without reaping it: :meth:`tend` does) and sets
         :attr:`exited`, so the supervisor sleeps until then rather than looking every 0.2 s."""
-        self.proc = subprocess.Popen([sys.executable, *self.args], process_group=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args],
+            process_group=0,
+            preexec_fn=functools.partial(die_with, os.getpid()),
+        )
         self.started = time.monotonic()
         self.restart_at = None
         log.info("%s started (pid %d)", self.name, self.proc.pid)
@@ -194,11 +203,25 @@ def supervise(
         gave_up = CRASH_LOOP_STATUS
     finally:  # whatever ends the loop, no child outlives it (the API would hold its port)
         running = {c.name: c.proc for c in children if c.proc.poll() is None}
-        signum = signals[0] if signals else signal.SIGTERM
+        # A hangup is passed on as SIGTERM: the children's graceful stop (uvicorn would read
+        # SIGHUP as a reload, and a plain process dies of it).
+        signum = signals[0] if signals and signals[0] != signal.SIGHUP else signal.SIGTERM
         clean = stop_all(running, signum, kill, wait_s=grace_s + SHUTDOWN_MARGIN_S)
     if gave_up is not None:
         return gave_up
     return 0 if clean else 1
+
+
+def die_with(parent: int) -> None:
+    """In a child, before it runs its command: SIGTERM when its supervisor ``parent`` dies,
+    however it dies (SIGKILL, the OOM killer): the children lived on without it, the API
+    holding its port, and the next ``run`` could not start. Linux only (elsewhere, nothing);
+    a supervisor already gone by now ends the child at once."""
+    if _prctl is None:
+        return
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def stop_all(

@@ -431,3 +431,22 @@ def test_a_stop_waits_as_long_as_it_is_given_and_says_whom_it_kills(
     assert not clean and procs["slow"].returncode == 0  # it had the second it asked for
     assert procs["stubborn"].returncode == -signal.SIGKILL
     assert caplog.messages == ["stubborn had not stopped after 3 s; killed"]
+
+
+def test_the_children_stop_when_the_supervisor_is_killed(supervised: Supervised) -> None:
+    """SIGKILL (or the OOM killer) of `run`: its children, in process groups of their own,
+    lived on without it, the API holding its port."""
+    proc = supervised.start({"steady": [STEADY]})
+    steady = supervised.wait_started("steady", 1)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not alive(steady), timeout_s=10, what="the orphaned child to stop")
+
+
+def test_a_hangup_stops_the_supervisor_and_its_children_cleanly(supervised: Supervised) -> None:
+    """A closed terminal or ssh session (SIGHUP) ended the supervisor alone."""
+    proc = supervised.start({"steady": [STEADY]})
+    steady = supervised.wait_started("steady", 1)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=20) == 0
+    assert not alive(steady)
