@@ -143,7 +143,11 @@ def readiness(
     checks: list[ReadinessCheck] = []
     try:
         engines.ping(session)
-        checks.append(ReadinessCheck(name="database", ok=True, detail="reachable"))
+        if engines.opened_file_gone(session):  # SQLite: its writes go where none will read
+            gone = "its file was removed or replaced since this process opened it"
+            checks.append(ReadinessCheck(name="database", ok=False, detail=gone))
+        else:
+            checks.append(ReadinessCheck(name="database", ok=True, detail="reachable"))
         checks.append(_check_migrations(session))
         # The tables read below are the head's: on an empty database a missing one was
         # reported as the database being unreachable, beside "reachable".

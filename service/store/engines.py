@@ -14,6 +14,7 @@ read alike.
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -28,6 +29,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_FILE = "sqlite_file"  # a connection's info: (device, inode) of the file it opened
 # How long a new PostgreSQL connection may take. Without it a database host that drops packets
 # (rather than refusing) holds a request's thread, or a worker's flush, for the system's TCP
 # timeout (minutes) before anything can retry; with it, that is an outage like any other.
@@ -97,7 +99,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             ensure_sqlite_dir(url)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Hand transaction control to SQLAlchemy's "begin" event below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -106,6 +108,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        if parsed.database not in (None, "", ":memory:"):
+            record.info[SQLITE_FILE] = _file_identity(str(parsed.database))
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -155,6 +159,24 @@ def sqlite_read_transaction(dbapi_connection: sqlite3.Connection) -> Iterator[No
 def ping(session: Session) -> None:
     """One round trip to the database; raises when it cannot be reached."""
     session.execute(text("SELECT 1"))
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def opened_file_gone(session: Session) -> bool:
+    """Whether the SQLite file that ``session``'s connection opened is no longer at its path
+    (deleted, or another file put there): its reads and writes still succeed, on a file no
+    other process will open again, and the writes are lost when the process ends."""
+    connection = session.connection()
+    opened = connection.connection.info.get(SQLITE_FILE)
+    database = connection.engine.url.database
+    return opened is not None and database is not None and _file_identity(database) != opened
 
 
 @dataclass(frozen=True)

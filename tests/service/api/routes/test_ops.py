@@ -391,3 +391,19 @@ def test_callers_of_readyz_do_not_queue_behind_a_probe_that_waits(
             assert client.get("/readyz").status_code == 200  # the lock gone, a new probe
     finally:
         holder.close()
+
+
+def test_not_ready_once_the_sqlite_file_is_removed_under_it(
+    sqlite_url: str, api_settings: Settings
+) -> None:
+    """The pooled connections read and write the removed file on: /readyz said ready and jobs
+    were accepted into a file gone with the process (a review, twice)."""
+    settings = api_settings.model_copy(update={"database_url": sqlite_url})
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            (path.parent / name).unlink(missing_ok=True)
+        answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert "database: its file was removed or replaced" in answer.json()["error"]["message"]
