@@ -32,6 +32,12 @@ DEFAULT_ALIAS = "production"
 CHECKPOINT_UNUSABLE = "the checkpoint of this model is missing or unreadable"
 log = logging.getLogger("service.models")
 RESOLUTION_CACHE_ENTRIES = 1024  # distinct (job_id, alias) choices remembered per process
+# A checkpoint that does not load is logged once a minute, not at each request for it: a client
+# repeating one (the read-only key is enough) wrote an ERROR line each time, two with the fast
+# lane's try before the route's. Each request still tries, so a file put back serves at once.
+FAILURE_LOGGED_S = 60.0
+_failures_logged: TTLCache[str, None] = TTLCache(maxsize=1024, ttl=FAILURE_LOGGED_S)
+_failures_lock = threading.Lock()  # loads run in threads
 
 
 @dataclass(frozen=True)
@@ -149,13 +155,23 @@ def loaded(source: artifacts.Source | None, where: str) -> SimpleMLP:
     gone or does not load (damaged on disk), and where and why in the log: what predict's loads
     and the checkpoint's downloads tell alike."""
     if source is None:
-        log.error("cannot load a model: no checkpoint in %s", where)
+        _log_failure(where, "cannot load a model: no checkpoint in %s", where)
         raise Conflict(CHECKPOINT_UNUSABLE)
     try:
         return load_model(source)
     except Exception as exc:  # torch raises many types for a damaged file
-        log.error("cannot load a model from %s: %s", where, exc)
+        _log_failure(where, "cannot load a model from %s: %s", where, exc)
         raise Conflict(CHECKPOINT_UNUSABLE) from exc
+
+
+def _log_failure(where: str, message: str, *args: object) -> None:
+    """``log.error`` unless a failure to load from ``where`` was logged within
+    :data:`FAILURE_LOGGED_S`."""
+    with _failures_lock:
+        if where in _failures_logged:
+            return
+        _failures_logged[where] = None
+    log.error(message, *args)
 
 
 def _whole(source: artifacts.Source) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -316,3 +317,21 @@ def test_concurrent_misses_read_the_database_once(
     anyio.run(main)
     assert answers == [job_id] * 8
     assert reads == ["read"]
+
+
+def test_a_checkpoint_that_does_not_load_is_logged_once_a_while_and_retried_each_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client repeating a predict of a model whose file is gone wrote two ERROR lines a
+    request (the fast lane's try, then the route's)."""
+    where = str(tmp_path / f"gone-{uuid.uuid4().hex}.pt")  # not logged by an earlier test
+    with caplog.at_level("ERROR", logger="service.models"):
+        for _ in range(5):
+            with pytest.raises(Conflict):
+                model_registry.loaded(None, where)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot load a model: no checkpoint in {where}"
+    ]
+    path = tmp_path / "back.pt"  # each request still tries: a file put back serves at once
+    torch.save(SimpleMLP().state_dict(), path)
+    assert isinstance(model_registry.loaded(path, where), SimpleMLP)
