@@ -37,6 +37,10 @@ from starlette.types import Receive, Scope, Send
 from service.domain.ops import StoreFigures, Throughput
 
 UNMATCHED_ROUTE = "<unmatched>"  # one label for every unknown path: bounded cardinality
+# The route label of the requests the edge protocol refused before any app saw them (a header
+# block too large, a deadline, the connection cap, bytes that are not HTTP): a flood of them
+# (a slowloris, the cap reached) showed nowhere.
+EDGE_ROUTE = "<edge>"
 # The method label, bounded the same way: any other token a client sends counts as "other".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER_METHOD = "other"

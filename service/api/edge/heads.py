@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import httptools
 
+from service.api.metrics import EDGE_ROUTE, OTHER_METHOD
 from service.errors import BadRequest, NotImplementedHere, ServiceError, VersionNotSupported
 
 log = logging.getLogger("service.edge")
@@ -70,5 +72,13 @@ def malformed(request: bytes) -> ServiceError:
     if line := REQUEST_LINE.match(request):
         method = line.group(1).decode("ascii")
         return NotImplementedHere(f"the method {method[:64]!r} is not implemented here")
-    log.warning("Invalid HTTP request received.")
     return BadRequest("the request is not valid HTTP/1.1")
+
+
+def note_refusal(metrics: Any, peer: object, error: ServiceError) -> None:
+    """Count a refusal of the edge (``metrics``: the app's ``ServiceMetrics``, if it has one)
+    under the route ``<edge>``, and log it with the peer: each refusal closes its connection,
+    so the log grows by one line a connection at most."""
+    if metrics is not None:
+        metrics.requests.labels(OTHER_METHOD, EDGE_ROUTE, str(error.status_code)).inc()
+    log.warning("refused %s: %d %s", peer, error.status_code, error.message)

@@ -48,7 +48,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from service.api.edge import heads
-from service.api.edge.quick import behind_proxies, front_of, send_whole
+from service.api.edge.quick import front_of, send_whole, service_hooks
 from service.api.edge.server import (
     SendDeadline,
     close_delimited,
@@ -102,7 +102,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # The request whose app task started last: uvicorn tells only the latest one read
         # (``cycle``) that the client has gone, and this one would write on to a closed socket.
         self.running: RequestResponseCycle | None = None
-        self.is_event_stream = getattr(behind_proxies(self.app)[1], "is_event_stream", None)
+        self.is_event_stream, self.metrics = service_hooks(self.app)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -110,7 +110,6 @@ class EdgeProtocol(HttpToolsProtocol):
         """Refuse beyond the connection cap; otherwise start the header deadline."""
         if len(self.connections) >= self.max_connections:
             self.transport = transport
-            log.warning("connection refused: %d connections open", len(self.connections))
             self.refuse(AtCapacity(AT_CAPACITY, retry_after_s=RETRY_AFTER_S))
             return
         super().connection_made(transport)
@@ -368,6 +367,7 @@ class EdgeProtocol(HttpToolsProtocol):
         as it was being answered (only close, once its response has begun)."""
         self.refused = True
         self._disarm()
+        heads.note_refusal(self.metrics, self.transport.get_extra_info("peername"), error)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if self.phase == HEAD:  # read whole, and owed its answer (and the ones before it)

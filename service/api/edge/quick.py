@@ -112,6 +112,14 @@ def behind_proxies(app: Any) -> tuple[list[Any], Any]:
     return proxies, app
 
 
+def service_hooks(app: Any) -> tuple[Any, Any]:
+    """What the edge protocol asks of the service's app behind uvicorn's layers (None for
+    another app): whether a scope is an event stream's, and the metrics that count refusals."""
+    _, service = behind_proxies(app)
+    metrics = getattr(getattr(service, "state", None), "metrics", None)
+    return getattr(service, "is_event_stream", None), metrics
+
+
 def front_of(app: Any) -> Front | None:
     """How uvicorn's app ``app`` answers a request at once, or None where it cannot: the app's
     :class:`QuickAnswers` behind uvicorn's proxy headers, which rewrite the scope's client and
