@@ -11,10 +11,18 @@ from service.api import dashboard
 
 router = APIRouter(include_in_schema=False)
 
+# Another site may not frame the dashboard (a page on another port framed it, its buttons
+# under the attacker's), and a browser takes each file as the type it is sent as. No stricter
+# policy: plotly's WebGL plots (the sweep's parallel coordinates) compile code at run time.
+GUARDED = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
 # The page and its scripts change with the code: revalidate each time (ETag makes it cheap).
-REVALIDATE = {"Cache-Control": "no-cache"}
+REVALIDATE = {"Cache-Control": "no-cache", **GUARDED}
 # plotly.js changes only with the installed package.
-CACHE_A_DAY = {"Cache-Control": "public, max-age=86400"}
+CACHE_A_DAY = {"Cache-Control": "public, max-age=86400", **GUARDED}
 
 
 @router.get("/")

@@ -64,3 +64,12 @@ def test_the_dashboard_is_not_in_the_api_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "/" not in paths and not any(p.startswith("/static") for p in paths)
     assert "/jobs/{job_id}/events" in paths and "/readyz" in paths and "/metrics" in paths
+
+
+def test_no_other_site_may_frame_the_dashboard(client: TestClient) -> None:
+    """A page on another port framed it in Chromium (a review): its buttons under another's."""
+    for path in ("/", "/static/app.js", "/static/vendor/plotly.min.js"):
+        headers = client.get(path).headers
+        assert headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["x-content-type-options"] == "nosniff", path
