@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run migrate test lint lock bench bench-gpu clean
+.PHONY: install run migrate test lint lock bench bench-gpu clean clean-data
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: install
 bench-gpu: install
 	$(PY) -m benchmarks.gpu
 
+# What the build and the tools made; not ./var, which holds `make run`'s database and every
+# trained model (`make clean-data` removes those, on purpose only).
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) constraints.txt.new var .pytest_cache .mypy_cache .ruff_cache \
+	rm -rf $(VENV) $(LOCK_VENV) constraints.txt.new .pytest_cache .mypy_cache .ruff_cache \
 	  tests/artifacts
+
+clean-data:
+	rm -rf var
