@@ -180,13 +180,14 @@ def test_watch_exits_non_zero_when_the_job_fails(
     capsys: pytest.CaptureFixture[str],
     api_settings: Settings,
     sessions: sessionmaker[Session],
-    tmp_path: Path,
 ) -> None:
-    no_data = api_settings.model_copy(update={"data_dir": tmp_path / "empty"})
-    worker = Worker(no_data, sessions, show_progress=False)
+    worker = Worker(api_settings, sessions, show_progress=False)
     thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1}, daemon=True)
     thread.start()
-    code, _, err = run(client, capsys, "submit", "--epochs", "1", "--watch")
+    # More training images than the suite's data set holds: the job fails (a missing data set
+    # would be the worker's fault, and the job handed back).
+    too_many = str(SMALL_TRAIN + 1)
+    code, _, err = run(client, capsys, "submit", "--trainset-size", too_many, "--watch")
     thread.join(timeout=30)
     assert code == cli.EXIT_JOB_FAILED
     assert "failed:" in err
