@@ -15,7 +15,7 @@ from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 from service.store import migrations, wakeups, worker_repo
 from service.store.engines import make_engine, make_sessionmaker
-from workers.host import pid_space
+from workers.host import host_problems, pid_space
 from workers.signals import on_signals
 from workers.supervisor import supervise
 
@@ -34,7 +34,8 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 def check(settings: Settings) -> int:
-    """0 when a worker on this host was heard from within one lease, else 1 and why.
+    """0 when a worker on this host was heard from within one lease and the host can serve
+    its jobs (:func:`host_problems`), else 1 and why.
 
     A container's health check: the heartbeat row is what says a worker is alive and reaches
     the database. Imports no torch, so it costs a query and an interpreter's start.
@@ -53,6 +54,11 @@ def check(settings: Settings) -> int:
     mine = [w.id for w, _ in live if w.pid_space == here]
     if not mine:
         print(f"unhealthy: no worker on {host} was heard from in {settings.lease_s:g} s")
+        return 1
+    problems = host_problems(settings)
+    for problem in problems:
+        print(f"unhealthy: {problem}")
+    if problems:
         return 1
     print(f"healthy: {', '.join(mine)}")
     return 0

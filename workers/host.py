@@ -1,15 +1,25 @@
 """Which process a worker is, and whether a process of its pid space still runs: what lets a
-restarted worker recover the jobs of the dead ones beside it."""
+restarted worker recover the jobs of the dead ones beside it; and what on its host would make
+it hand back every job it claims (its health check's concern)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+import tempfile
 from pathlib import Path
+
+from service.settings import Settings
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot of the kernel
 PID_NAMESPACE = "/proc/self/ns/pid"  # the namespace's inode: one per PID namespace
+MNIST_FILES = (  # what torchvision reads from <MNIST_DATA_DIR>/MNIST/raw
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def new_worker_id() -> str:
@@ -38,3 +48,23 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def host_problems(settings: Settings) -> list[str]:
+    """What on this host would make its workers hand back every job they claim: checkpoints
+    that cannot be written (``MNIST_ARTIFACTS=folder``), MNIST missing with downloads off.
+    The worker's heartbeat said healthy while every job failed or went back for them."""
+    problems = []
+    if settings.artifacts == "folder":
+        folder = settings.checkpoint_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            problems.append(f"checkpoints cannot be written to {folder}: {exc.strerror or exc}")
+    raw = settings.data_dir / "MNIST" / "raw"
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing and not settings.download:
+        problems.append(f"MNIST is not under {raw} ({', '.join(missing)}), downloads off")
+    return problems

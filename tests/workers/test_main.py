@@ -21,8 +21,8 @@ from workers.host import pid_space
 LEASE_S = 30.0
 
 
-def check(database_url: str) -> subprocess.CompletedProcess[str]:
-    env = service_env(database_url=database_url, lease_s=str(LEASE_S), heartbeat_s="5")
+def check(database_url: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = service_env(database_url=database_url, lease_s=str(LEASE_S), heartbeat_s="5", **settings)
     return run_python(["-m", "workers", "--check"], env)
 
 
@@ -46,23 +46,46 @@ def register(
 
 
 def test_check_is_healthy_only_with_a_fresh_heartbeat_on_this_host(
-    db_url: str, sessions: sessionmaker[Session]
+    db_url: str, sessions: sessionmaker[Session], small_mnist: Path, tmp_path: Path
 ) -> None:
     host, here = socket.gethostname(), pid_space()
+    serving = {"data_dir": str(small_mnist), "checkpoint_dir": str(tmp_path / "models")}
     register(sessions, "elsewhere:1:a", "elsewhere", age_s=0, space="other")  # another machine
     # A container of this hostname with a PID namespace of its own (the host's network).
     register(sessions, f"{host}:1:box", host, age_s=0, space=f"{here}0")
     register(sessions, f"{host}:1:old", host, age_s=LEASE_S + 5, space=here)  # silent too long
-    result = check(db_url)
+    result = check(db_url, **serving)
     assert result.returncode == 1
     assert f"no worker on {host} was heard from in 30 s" in result.stdout
     register(sessions, f"{host}:1:new", host, age_s=1, space=here)
-    result = check(db_url)
+    result = check(db_url, **serving)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"healthy: {host}:1:new"
     with sessions.begin() as session:
         worker_repo.worker_stopped(session, worker_id=f"{host}:1:new", now=utcnow())
-    assert check(db_url).returncode == 1
+    assert check(db_url, **serving).returncode == 1
+
+
+def test_check_is_unhealthy_when_its_host_cannot_serve_a_job(
+    db_url: str, sessions: sessionmaker[Session], small_mnist: Path, tmp_path: Path
+) -> None:
+    """Every job was handed back (or failed) for a checkpoint folder it could not write or a
+    data set it could not read, while the heartbeat said healthy (a review)."""
+    register(sessions, f"{socket.gethostname()}:1:w", "h", age_s=0, space=pid_space())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = check(
+        db_url,
+        artifacts="folder",
+        checkpoint_dir=str(blocker / "models"),
+        data_dir=str(tmp_path / "nowhere"),
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"unhealthy: checkpoints cannot be written to {blocker}/models")
+    assert lines[1].startswith(f"unhealthy: MNIST is not under {tmp_path}/nowhere/MNIST/raw")
+    healthy = check(db_url, data_dir=str(small_mnist), checkpoint_dir=str(tmp_path / "m"))
+    assert healthy.returncode == 0, healthy.stdout
 
 
 def test_check_is_unhealthy_when_the_database_is_unreachable(tmp_path: Path) -> None:
