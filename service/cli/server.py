@@ -6,6 +6,7 @@ API's security module just to list jobs.
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from alembic.util import CommandError
@@ -55,6 +56,20 @@ def banner(settings: Settings) -> str:
     )
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the API could not listen on ``host``:``port``, tried as uvicorn binds; None if it
+    can. A second ``run`` started its workers (which claimed jobs) while its API failed to
+    bind, restarted five times over half a minute."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def run_all(workers: int) -> int:
     """Start the API and ``workers`` worker processes, start again any that dies; Ctrl-C stops
     them all cleanly (:func:`workers.supervisor.supervise` says when it gives up instead)."""
@@ -64,6 +79,10 @@ def run_all(workers: int) -> int:
     if problem is not None:  # before any worker starts, not when the API exits early
         print(f"mnist-service: {problem}", file=sys.stderr)
         return REFUSED_EXIT_STATUS
+    if (taken := port_taken(settings.host, settings.port)) is not None:
+        # 1, not 2: the port of a stop still under way frees itself, and systemd tries again.
+        print(f"mnist-service: {taken} (another `run`?); nothing started", file=sys.stderr)
+        return 1
     from workers.supervisor import supervise
 
     print(banner(settings), flush=True)
