@@ -317,7 +317,7 @@ def _run(argv: Sequence[str] | None, http: httpx.Client | None) -> int:
     from service.cli import server
 
     if args.command == "migrate":
-        return server.migrate()
+        return server.migrate(force=args.force)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return server.run_all(args.workers)
 

@@ -258,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--concurrency", type=count, default=1, metavar="N", help="worker processes (default 1)"
     )
-    command("migrate", "bring the database to the newest schema (alembic upgrade head)")
+    migrate = command("migrate", "bring the database to the newest schema (alembic upgrade head)")
+    migrate.add_argument(
+        "--force", action="store_true", help="even while workers are heard from (older code)"
+    )
     run = command("run", "the API and workers together (what `make run` starts)")
     run.add_argument(
         "--workers", type=count, default=1, metavar="N", help="worker processes (default 1)"

@@ -19,14 +19,28 @@ from service.settings import REFUSED_EXIT_STATUS, Settings, get_settings
 from service.store import migrations
 
 
-def migrate() -> int:
+def migrate(*, force: bool = False) -> int:
     """Bring the database to the newest schema (``alembic upgrade head``), logging each step
     as the service logs (there is no alembic.ini to configure alembic's logging).
 
     A failure is one line, not alembic's traceback: exit 2 (not retried: systemd's
     ``RestartPreventExitStatus``) for a database at a revision this code does not know, 1 for
-    one it cannot reach or change (which a later try may)."""
-    configure_logging(get_settings())
+    one it cannot reach or change (which a later try may), 1 while workers are heard from and
+    the schema would change under them (unless ``force``): the systemd unit's migrate of one
+    upgraded host then waits, retried, for the others to stop."""
+    settings = get_settings()
+    configure_logging(settings)
+    in_the_way = (
+        [] if force else migrations.workers_in_the_way(settings.database_url, settings.lease_s)
+    )
+    if in_the_way:
+        print(
+            f"mnist-service migrate: {len(in_the_way)} worker(s) heard from within "
+            f"MNIST_LEASE_S ({', '.join(in_the_way[:3])}): the upgrade would change the schema "
+            "under their code; stop every worker and API first (or --force); nothing was changed",
+            file=sys.stderr,
+        )
+        return 1
     try:
         migrations.upgrade()
     except CommandError as exc:

@@ -16,10 +16,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import Connection, column, select, table
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.store.db_clock import database_time
 from service.store.engines import make_engine
+from service.store.tables import UTCDateTime
 
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 # PostgreSQL's advisory lock a migration run holds (alembic/env.py): runs at once take turns.
@@ -107,5 +109,29 @@ def startup_problem(url: str) -> str | None:
             return schema_problem(connection)
     except (SQLAlchemyError, OSError):
         return None
+    finally:
+        engine.dispose()
+
+
+def workers_in_the_way(url: str, lease_s: float) -> list[str]:
+    """The workers heard from within ``lease_s`` while the database is behind the head: an
+    upgrade would change the schema under their code (an older worker trained 15,000 steps,
+    then failed on a column gone, its job left running). Empty at the head, on a database
+    never migrated, or one that cannot be read (:func:`upgrade` then says why)."""
+    workers = table(
+        "workers", column("id"), column("heartbeat_at", UTCDateTime()), column("stopped_at")
+    )
+    live = select(workers.c.id).where(
+        workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= database_time(-lease_s)
+    )
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            current = current_revisions(connection)
+            if not current or current == head_revisions():
+                return []
+            return [str(worker_id) for worker_id in connection.scalars(live)]
+    except SQLAlchemyError:
+        return []
     finally:
         engine.dispose()

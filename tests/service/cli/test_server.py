@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
+
+from alembic import command
+from sqlalchemy import text
 
 from service.cli.server import banner
 from service.settings import Settings
+from service.store import migrations
+from service.store.engines import make_engine
 from tests.support import run_python, service_env
 
 
@@ -33,3 +39,39 @@ def test_run_with_its_port_taken_starts_nothing(sqlite_url: str, tmp_path: Path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "worker-1 started" not in result.stdout + result.stderr
+
+
+def test_migrate_waits_for_the_workers_whose_schema_it_would_change(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A worker of the older code trained on while the upgrade ran, then failed on a column
+    that had changed, its job left running (a review: the systemd unit migrates at every
+    start, so upgrading one host did that to the others)."""
+    config = migrations.alembic_config(sqlite_url)
+    config.attributes["configure_logger"] = False
+    command.downgrade(config, "0008")  # the older code's schema
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.begin() as connection:
+            heard = datetime.now(UTC).replace(tzinfo=None)
+            connection.execute(
+                text(
+                    "INSERT INTO workers (id, host, pid, device, started_at, heartbeat_at)"
+                    " VALUES ('old:1:a', 'old', 1, 'cpu', :at, :at)"
+                ),
+                {"at": heard},
+            )
+        env = service_env(database_url=sqlite_url, checkpoint_dir=str(tmp_path / "m"))
+        refused = run_python(["-m", "service.cli", "migrate"], env)
+        assert refused.returncode == 1
+        assert "1 worker(s) heard from within MNIST_LEASE_S (old:1:a)" in refused.stderr
+        with engine.connect() as connection:
+            assert migrations.current_revisions(connection) == {"0008"}  # nothing changed
+        forced = run_python(["-m", "service.cli", "migrate", "--force"], env)
+        assert forced.returncode == 0, forced.stderr
+        with engine.connect() as connection:
+            assert migrations.current_revisions(connection) == migrations.head_revisions()
+        again = run_python(["-m", "service.cli", "migrate"], env)  # at the head: no question
+        assert again.returncode == 0, again.stderr
+    finally:
+        engine.dispose()
