@@ -170,8 +170,12 @@ def _grid(
     if count > max_trials:
         raise _too_many(["grid"], count, max_trials)
     for name, values in grid.items():  # each value alone, so a refusal says which
+        seen: dict[Any, int] = {}  # as the job takes it: 0.001 and 1e-3 are one value
         for i, value in enumerate(values):
-            _job(base, {name: value}, ["grid", name, i])
+            taken = getattr(_job(base, {name: value}, ["grid", name, i]), name)
+            if taken in seen:  # its trials would be the ones of the first, trained again
+                raise _invalid(["grid", name, i], f"the same value as item {seen[taken]}")
+            seen[taken] = i
     names = list(grid)
     return [
         _job(base, dict(zip(names, combo, strict=True)), ["grid"])

@@ -80,6 +80,9 @@ def test_a_random_search_is_reproducible_by_its_seed() -> None:
         ({"grid": {"learning_rate": [0.001, 2]}}, ["grid", "learning_rate", 1]),
         ({"grid": {"epochs": [1, 0]}}, ["grid", "epochs", 1]),
         ({"grid": {"seed": [1, "2"]}}, ["grid", "seed", 1]),
+        # The same value twice: its trials trained twice (0.001 and 1e-3 are one value).
+        ({"grid": {"learning_rate": [0.001, 0.002, 1e-3]}}, ["grid", "learning_rate", 2]),
+        ({"grid": {"epochs": [2, 2.0]}}, ["grid", "epochs", 1]),
         (
             {"random": {"trials": 2, "space": {"batch_size": {"choice": [64, 10_000]}}}},
             ["random", "space", "batch_size", "choice", 1],
