@@ -65,6 +65,9 @@ def host_problems(settings: Settings) -> list[str]:
             problems.append(f"checkpoints cannot be written to {folder}: {exc.strerror or exc}")
     raw = settings.data_dir / "MNIST" / "raw"
     missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    legacy = settings.data_dir / "MNIST" / "processed"  # torchvision reads these first
+    if all((legacy / name).is_file() for name in ("training.pt", "test.pt")):
+        missing = []
     if missing and not settings.download:
         problems.append(f"MNIST is not under {raw} ({', '.join(missing)}), downloads off")
     return problems

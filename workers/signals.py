@@ -1,7 +1,8 @@
 """SIGINT, SIGTERM and SIGHUP handled on a thread of their own, never inside the interrupted
-code. SIGHUP (the terminal or ssh session closed) stops as SIGTERM does: by default it ended the
+code. SIGHUP (the terminal or ssh session closed) stops as SIGTERM does: unhandled it ended the
 process at once, and `mnist-service run`'s children (process groups of their own, which the
-hangup does not reach) lived on, holding the port, with no parent."""
+hangup does not reach) lived on, holding the port, with no parent. A process started with
+SIGHUP ignored (``nohup``) keeps ignoring it."""
 
 from __future__ import annotations
 
@@ -36,4 +37,6 @@ def on_signals(first: Callable[[int], None], again: Callable[[int], None]) -> No
 
     threading.Thread(target=watch, name="signals", daemon=True).start()
     for signum in SIGNALS:
+        if signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # started under nohup: a hangup is meant to pass unnoticed
         signal.signal(signum, handler)

@@ -147,9 +147,10 @@ def metrics_page(db: Reader, job_id: str, *, after_step: int, limit: int) -> dic
 
     The status is read first: if it says the job has ended, the steps read after it are all
     there are, so a client that stops polling on a terminal status misses none. The attempt
-    is read with it: a client that pages with ``after_step`` starts over from 0 when it
-    changes (a retry records a new run's steps, from its resume point or the first), or it
-    would splice two runs into one series. Built straight
+    is read with it, and again after the steps when there are any (attempts only grow, so the
+    later one names the run of the steps read before it): a client that pages with
+    ``after_step`` starts over from 0 when it changes (a retry records a new run's steps, from
+    its resume point or the first), or it would splice two runs into one series. Built straight
     from the driver's rows: on a 10,000-step page, building and validating the Pydantic models
     took most of the request's time (docs/benchmarks.md). Tests check the body against
     :class:`MetricsRead`.
@@ -159,6 +160,9 @@ def metrics_page(db: Reader, job_id: str, *, after_step: int, limit: int) -> dic
         return None
     status, attempt = state
     steps = metric_repo.read_steps(db, job_id, after_step=after_step, limit=limit)
+    if steps:  # named by the run they are of: a claim (its rewind and its attempt are one
+        # commit) may land between two reads, each its own snapshot on PostgreSQL
+        attempt = (metric_repo.job_state(db, job_id) or state)[1]
     return {
         "job_id": job_id,
         "status": status,

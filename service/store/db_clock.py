@@ -40,8 +40,9 @@ def _postgres_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> 
 
 @compiles(_DatabaseTime, "sqlite")
 def _sqlite_time(element: _DatabaseTime, compiler: SQLCompiler, **kw: Any) -> str:
-    # 'now' is read once per statement, once its lock is held; in milliseconds, padded to the
-    # six digits of the timestamps SQLAlchemy writes, so the two compare as text.
+    # 'now' is one value through a step of the statement (sqlite3_step), read once its lock is
+    # held; in milliseconds, padded to the six digits of the timestamps SQLAlchemy writes, so
+    # the two compare as text.
     seconds = compiler.process(element.clauses, **kw)
     return f"(strftime('%Y-%m-%d %H:%M:%f', julianday('now') + ({seconds}) / 86400.0) || '000')"
 

@@ -128,8 +128,8 @@ def workers_in_the_way(url: str, lease_s: float) -> list[str]:
     try:
         with engine.connect() as connection:
             current = current_revisions(connection)
-            if not current or current == head_revisions():
-                return []
+            if not current or current == head_revisions() or current - known_revisions():
+                return []  # nothing to upgrade; or newer code's schema, which upgrade refuses
             return [str(worker_id) for worker_id in connection.scalars(live)]
     except SQLAlchemyError:
         return []

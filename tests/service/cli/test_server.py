@@ -75,3 +75,27 @@ def test_migrate_waits_for_the_workers_whose_schema_it_would_change(
         assert again.returncode == 0, again.stderr
     finally:
         engine.dispose()
+
+
+def test_migrate_under_newer_code_still_says_so_with_its_workers_live(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Its workers are newer code's, on newer code's schema: the refusal is that one (exit 2,
+    not retried), not a wait for workers to stop (1, retried for good by systemd)."""
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999_newer'"))
+            connection.execute(
+                text(
+                    "INSERT INTO workers (id, host, pid, device, started_at, heartbeat_at)"
+                    " VALUES ('new:1:a', 'new', 1, 'cpu', :at, :at)"
+                ),
+                {"at": datetime.now(UTC).replace(tzinfo=None)},
+            )
+    finally:
+        engine.dispose()
+    env = service_env(database_url=sqlite_url, checkpoint_dir=str(tmp_path / "m"))
+    refused = run_python(["-m", "service.cli", "migrate"], env)
+    assert refused.returncode == 2
+    assert "migrated by newer code" in refused.stderr and "worker(s)" not in refused.stderr

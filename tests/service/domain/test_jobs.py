@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain import jobs
 from service.errors import InvalidInput, TooManyRequests
 from service.schemas import JobCreate
+from service.store import metric_repo
+from service.store.engines import make_sessionmaker
 from service.store.tables import Job
+from tests.records import PARAMS, FakeTraining, lapse_leases
 
 CAP = 4
 SUBMITTERS = 10
@@ -48,3 +52,30 @@ def test_more_jobs_at_once_than_the_queue_holds_are_refused_for_good(
     assert "at most 4 (MNIST_MAX_QUEUED_JOBS)" in caught.value.message
     with sessions() as session:
         jobs.check_queue_room(session, adding=CAP, max_queued=CAP)  # exactly the cap: room
+
+
+def test_a_page_is_named_by_the_run_its_steps_are_of_whatever_commits_between_its_reads(
+    engine: Engine, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL each statement of a read sees what committed before it: a retry's claim
+    that landed between the attempt's read and the steps' labelled the new run's steps with
+    the old run's attempt, and a reader paging on kept them as the old run's."""
+    training = FakeTraining(sessions, PARAMS)
+    training.submit()
+    training.claim()
+    training.advance(3)
+    read_steps = metric_repo.read_steps
+
+    def retried_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        lapse_leases(sessions)  # its worker died; another claims the job and trains anew
+        training.worker_id = "second"
+        training.claim()
+        training.advance(2)
+        return read_steps(*args, **kwargs)
+
+    monkeypatch.setattr(metric_repo, "read_steps", retried_meanwhile)
+    with make_sessionmaker(engine, read_only=True)() as db:  # as the API reads a page
+        page = jobs.metrics_page(db, training.job_id, after_step=0, limit=100)
+    assert page is not None
+    steps = [s["step"] for s in page["steps"]]
+    assert page["attempt"] == (2 if steps == [1, 2] else 1)  # the run the steps are of
