@@ -15,8 +15,8 @@ from service.schemas import JobCreate
 from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
-from service.store.db_clock import database_time
 from service.store.tables import Job
+from service.store.upkeep.db_clock import database_time
 
 LEASE_S = 30.0
 # A small job: 4 steps an epoch.

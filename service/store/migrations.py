@@ -19,9 +19,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, column, select, table
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.store.db_clock import database_time
 from service.store.engines import make_engine
 from service.store.tables import UTCDateTime
+from service.store.upkeep.db_clock import database_time
 
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 # PostgreSQL's advisory lock a migration run holds (alembic/env.py): runs at once take turns.

@@ -27,10 +27,10 @@ from service.steps import StepPlan
 from service.store import metric_repo, wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
-from service.store.db_clock import database_time
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import EpochMetric, Job, TrainStep
 from service.store.upkeep import leases
+from service.store.upkeep.db_clock import database_time
 
 # What a running job given back to the queue becomes: queued, held by no worker.
 _REQUEUED: dict[str, Any] = {

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from service.status import JobStatus
 from service.store import wakeups
-from service.store.db_clock import database_time
 from service.store.tables import Job, WorkerRow
+from service.store.upkeep.db_clock import database_time
 
 
 def register_worker(
@@ -33,7 +33,7 @@ def register_worker(
 
 
 def worker_heartbeat(session: Session, *, worker_id: str) -> None:
-    """The worker process is alive, now by the database's clock (:mod:`.db_clock`), on which
+    """The worker process is alive, now by the database's clock (:mod:`.upkeep.db_clock`), on which
     :func:`live_workers` judges it."""
     session.execute(
         update(WorkerRow)

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.store import worker_repo
-from service.store.db_clock import database_time
 from service.store.tables import WorkerRow
+from service.store.upkeep.db_clock import database_time
 from tests.support import run_python, service_env
 from workers.host import pid_space
 

@@ -1,10 +1,10 @@
 """Leases: which jobs a claim may take and the lease it writes, and leases that ran out (the
 jobs of workers that vanished), settled in one statement.
 
-A lease is written and judged on one clock, the database's (:mod:`service.store.db_clock`),
-at the moment the statement runs: a claim that waited for a lock or a
-slow round trip is not handed a lease already spent, and workers whose clocks disagree (on
-several hosts) never take a healthy job from one another. Other times (``started_at``,
+A lease is written and judged on one clock, the database's (:mod:`.db_clock`), at the moment
+the statement runs: a claim that waited for a lock or a slow round trip is not handed a lease
+already spent, and workers whose clocks disagree (on several hosts) never take a healthy job
+from one another. Other times (``started_at``,
 ``heartbeat_at``, ``finished_at``) stay the writer's own, as its rate and its job's duration
 are read from them.
 
@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from service.status import JobStatus
 from service.store import wakeups
-from service.store.db_clock import database_time
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
+from service.store.upkeep.db_clock import database_time
 
 
 # The fence of a worker's writes to the job it holds: this attempt, this worker, still running.

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.store import worker_repo
-from service.store.db_clock import database_time
 from service.store.tables import WorkerRow
+from service.store.upkeep.db_clock import database_time
 from tests.records import LEASE_S
 
 

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.clock import utcnow
 from service.errors import LeaseLost
 from service.store import metric_repo, queue_repo
-from service.store.db_clock import database_time
 from service.store.tables import Job
+from service.store.upkeep.db_clock import database_time
 from tests.jobs import read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN
 from tests.workers.flaky import FlakyDatabase

@@ -24,8 +24,8 @@ from service.status import JobStatus
 from service.steps import StepPlan
 from service.store import job_repo, queue_repo
 from service.store.artifacts.backends import FolderArtifacts
-from service.store.db_clock import database_time
 from service.store.tables import Job, TrainStep
+from service.store.upkeep.db_clock import database_time
 from tests.jobs import queue_job, read_job
 from tests.support import SMALL_TEST, SMALL_TRAIN, wait_for
 from tests.workers.reporting.test_buffer import stored_steps
