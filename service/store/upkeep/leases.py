@@ -4,9 +4,8 @@ jobs of workers that vanished), settled in one statement.
 A lease is written and judged on one clock, the database's (:mod:`.db_clock`), at the moment
 the statement runs: a claim that waited for a lock or a slow round trip is not handed a lease
 already spent, and workers whose clocks disagree (on several hosts) never take a healthy job
-from one another. Other times (``started_at``,
-``heartbeat_at``, ``finished_at``) stay the writer's own, as its rate and its job's duration
-are read from them.
+from one another. Other times (``started_at``, ``heartbeat_at``, ``finished_at``) stay the
+writer's own, as its rate and its job's duration are read from them.
 
 The settling is run by the claims (:func:`service.store.queue_repo.claim_job`), on whichever
 host claims, each worker at most once per poll interval; what it changes publishes its
