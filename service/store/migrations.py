@@ -17,6 +17,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, column, select, table
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.store.engines import make_engine
@@ -80,6 +81,9 @@ def revisions_text(revisions: frozenset[str]) -> str:
     return ", ".join(sorted(revisions)) or "no revision"
 
 
+NO_SCHEMA = "the database has no schema yet: run `mnist-service migrate`"
+
+
 def schema_problem(connection: Connection) -> str | None:
     """Why the database's schema is not the one this code expects, and what to run; None at
     the head. The one wording of it: ``/readyz`` and a process refusing to start say it."""
@@ -87,7 +91,7 @@ def schema_problem(connection: Connection) -> str | None:
     if current == heads:
         return None
     if not current:
-        return "the database has no schema yet: run `mnist-service migrate`"
+        return NO_SCHEMA
     if current - known_revisions():
         return (
             f"the database is at {revisions_text(current)}, which this code does not know "
@@ -102,7 +106,14 @@ def schema_problem(connection: Connection) -> str | None:
 def startup_problem(url: str) -> str | None:
     """:func:`schema_problem` of the database at ``url``, for a process about to start: it
     refuses rather than fail at its first query with a traceback, restarted again and again.
-    None where the database cannot be reached: a process starts through an outage."""
+    None where the database cannot be reached: a process starts through an outage.
+
+    A SQLite file that is not there has no schema either: said without opening it, which made
+    an empty file, and its folders wherever the path pointed, on every refused start."""
+    parsed = make_url(url)
+    sqlite_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if sqlite_file not in (None, "", ":memory:") and not Path(str(sqlite_file)).exists():
+        return NO_SCHEMA
     engine = make_engine(url)
     try:
         with engine.connect() as connection:

@@ -280,3 +280,11 @@ def test_a_schema_not_at_the_head_is_named_with_what_to_run(sqlite_url: str) -> 
 def test_a_database_out_of_reach_is_no_schema_problem() -> None:
     """A process starting through an outage starts (and waits for the database)."""
     assert migrations.startup_problem("postgresql+psycopg://postgres@127.0.0.1:1/x") is None
+
+
+def test_a_start_refused_for_a_missing_sqlite_file_makes_nothing(tmp_path: Path) -> None:
+    """It opened the file to find no schema: an empty file, and its folders wherever a typo
+    pointed (as root, under /), on every refused start."""
+    database = tmp_path / "typo" / "deep" / "mnist.db"
+    assert migrations.startup_problem(f"sqlite:///{database}") == migrations.NO_SCHEMA
+    assert not (tmp_path / "typo").exists()
