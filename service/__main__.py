@@ -15,6 +15,7 @@ from service.api.security import exposure_problem
 from service.logs import configure_logging
 from service.settings import REFUSED_EXIT_STATUS, get_settings
 from service.store import migrations
+from workers.supervisor import follow_supervisor
 
 APP_FACTORY = "service.__main__:serving_app"
 # By import string, as the app: each server process imports it (and torch, with the app) once
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     other machines can reach, unless MNIST_ALLOW_NO_AUTH=true, or on a database whose schema
     is not this code's (every route would fail).
     """
+    follow_supervisor()
     settings = get_settings()
     configure_logging(settings)
     problem = exposure_problem(settings) or migrations.startup_problem(settings.database_url)

@@ -17,7 +17,7 @@ from service.store import migrations, wakeups, worker_repo
 from service.store.engines import make_engine, make_sessionmaker
 from workers.host import host_problems, pid_space
 from workers.signals import on_signals
-from workers.supervisor import supervise
+from workers.supervisor import follow_supervisor, supervise
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    follow_supervisor()
     settings = get_settings()
     if args.check:
         return check(settings)

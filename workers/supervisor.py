@@ -7,7 +7,6 @@ configuration, for what here is a short list of commands and one backoff rule.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import signal
@@ -31,8 +30,7 @@ POLL_S = 0.2  # while stopping: how often the children still running are looked 
 CRASH_LOOP_STATUS = 1  # what the supervisor returns when a child cannot start
 CLEAN = (0, -signal.SIGINT, -signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # prctl(2)
-# Looked up here, not in the forked child, where only async-signal-safe work belongs.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+SUPERVISOR_ENV = "_MNIST_SUPERVISOR_PID"  # a child's supervisor, told by it (not a setting)
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class Child:
         self.proc = subprocess.Popen(
             [sys.executable, *self.args],
             process_group=0,
-            preexec_fn=functools.partial(die_with, os.getpid()),
+            env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},  # see follow_supervisor
         )
         self.started = time.monotonic()
         self.restart_at = None
@@ -212,16 +210,18 @@ def supervise(
     return 0 if clean else 1
 
 
-def die_with(parent: int) -> None:
-    """In a child, before it runs its command: SIGTERM when its supervisor ``parent`` dies,
-    however it dies (SIGKILL, the OOM killer): the children lived on without it, the API
-    holding its port, and the next ``run`` could not start. Linux only (elsewhere, nothing);
-    a supervisor already gone by now ends the child at once."""
-    if _prctl is None:
+def follow_supervisor() -> None:
+    """In a supervised child (the API, a worker), as it starts: SIGTERM, its graceful stop,
+    when its supervisor dies, however it dies (SIGKILL, the OOM killer). The children lived on
+    without it, the API holding its port, and the next ``run`` could not start. Asked of the
+    kernel by the child itself (a ``preexec_fn`` would run Python between fork and exec, which
+    a threaded supervisor may deadlock). Linux only; a supervisor gone already ends it now."""
+    parent = os.environ.pop(SUPERVISOR_ENV, None)
+    if parent is None or sys.platform != "linux":
         return
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_all(

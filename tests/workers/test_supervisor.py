@@ -29,6 +29,7 @@ from tests.support import (
     children_of,
     free_port,
     local_env,
+    process,
     service_env,
     wait_for,
     wakes_over,
@@ -433,14 +434,37 @@ def test_a_stop_waits_as_long_as_it_is_given_and_says_whom_it_kills(
     assert caplog.messages == ["stubborn had not stopped after 3 s; killed"]
 
 
+FOLLOWING = "from workers.supervisor import follow_supervisor; follow_supervisor()\n" + STEADY
+
+
 def test_the_children_stop_when_the_supervisor_is_killed(supervised: Supervised) -> None:
     """SIGKILL (or the OOM killer) of `run`: its children, in process groups of their own,
     lived on without it, the API holding its port."""
-    proc = supervised.start({"steady": [STEADY]})
-    steady = supervised.wait_started("steady", 1)
+    proc = supervised.start({"following": [FOLLOWING]})
+    following = supervised.wait_started("following", 1)
     proc.kill()
     proc.wait(timeout=10)
-    wait_for(lambda: not alive(steady), timeout_s=10, what="the orphaned child to stop")
+    wait_for(lambda: not alive(following), timeout_s=10, what="the orphaned child to stop")
+
+
+def test_run_s_api_and_worker_stop_when_run_is_killed(
+    sqlite_url: str, small_mnist: Path, tmp_path: Path
+) -> None:
+    """The real children, which ask the kernel for the signal as they start."""
+    env = local_env(sqlite_url, small_mnist, tmp_path, port=str(free_port()))
+    with process(["-m", "service.cli", "run", "--workers", "1"], env, tmp_path / "run.log") as sup:
+
+        def both() -> dict[str, int] | None:
+            assert sup.poll() is None, (tmp_path / "run.log").read_text()
+            found = {role(cmd): pid for pid, cmd in children_of(sup.pid).items()}
+            named = {name: pid for name, pid in found.items() if name is not None}
+            return named if {"api", "worker"} <= named.keys() else None
+
+        pids = wait_for(both, timeout_s=60, what="the API and a worker")
+        sup.kill()
+        sup.wait(timeout=10)
+        orphans = set(pids.values())
+        wait_for(lambda: not any(alive(p) for p in orphans), timeout_s=40, what="orphans to stop")
 
 
 def test_a_hangup_stops_the_supervisor_and_its_children_cleanly(supervised: Supervised) -> None:
