@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Select, create_engine, event, text
-from sqlalchemy.engine import Connection, Dialect, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -54,11 +54,18 @@ SQLITE_BEGIN_OPTION = "sqlite_begin"
 SQLITE_READ_BEGIN = "DEFERRED"
 
 
+def sqlite_file(url: str | URL) -> Path | None:
+    """The file of a SQLite URL; None for another database, or SQLite in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(str(parsed.database))
+
+
 def ensure_sqlite_dir(url: str) -> None:
     """Create the folder of a SQLite file URL so a fresh checkout can migrate at once."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if (path := sqlite_file(url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def postgres_connect_args(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,8 +115,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-        if parsed.database not in (None, "", ":memory:"):
-            record.info[SQLITE_FILE] = _file_identity(str(parsed.database))
+        if (path := sqlite_file(parsed)) is not None:
+            record.info[SQLITE_FILE] = _file_identity(path)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -161,7 +168,7 @@ def ping(session: Session) -> None:
     session.execute(text("SELECT 1"))
 
 
-def _file_identity(path: str) -> tuple[int, int] | None:
+def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         found = os.stat(path)
     except OSError:
@@ -175,8 +182,8 @@ def opened_file_gone(session: Session) -> bool:
     other process will open again, and the writes are lost when the process ends."""
     connection = session.connection()
     opened = connection.connection.info.get(SQLITE_FILE)
-    database = connection.engine.url.database
-    return opened is not None and database is not None and _file_identity(database) != opened
+    path = sqlite_file(connection.engine.url)
+    return opened is not None and path is not None and _file_identity(path) != opened
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,9 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, column, select, table
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.store.engines import make_engine
+from service.store.engines import make_engine, sqlite_file
 from service.store.tables import UTCDateTime
 from service.store.upkeep.db_clock import database_time
 
@@ -110,9 +109,8 @@ def startup_problem(url: str) -> str | None:
 
     A SQLite file that is not there has no schema either: said without opening it, which made
     an empty file, and its folders wherever the path pointed, on every refused start."""
-    parsed = make_url(url)
-    sqlite_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if sqlite_file not in (None, "", ":memory:") and not Path(str(sqlite_file)).exists():
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
         return NO_SCHEMA
     engine = make_engine(url)
     try:

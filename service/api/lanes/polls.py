@@ -63,6 +63,7 @@ from service.store.engines import (
     Reader,
     make_engine,
     read_engine,
+    sqlite_file,
     sqlite_read_transaction,
 )
 
@@ -134,7 +135,7 @@ class PollReads:
     def __init__(self, database_url: str) -> None:
         url = make_url(database_url)
         sqlite = url.get_backend_name() == "sqlite"  # no server: polls read on the event loop
-        in_memory = sqlite and url.database in (None, "", ":memory:")
+        in_memory = sqlite and sqlite_file(url) is None
         # An in-memory SQLite database is one per connection: its engine has no pool to size.
         pool = {} if in_memory else {"pool_size": THREAD_READERS, "max_overflow": 0}
         unpinged: dict[str, Any] = {} if sqlite else {"pool_pre_ping": False}

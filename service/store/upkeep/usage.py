@@ -7,6 +7,8 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from service.store.engines import sqlite_file
+
 
 def _file_bytes(path: Path) -> int:
     try:
@@ -22,10 +24,9 @@ def store_bytes(session: Session) -> int:
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         return int(session.scalar(text("SELECT pg_database_size(current_database())")) or 0)
-    database = bind.engine.url.database
-    if not database or database == ":memory:":
+    path = sqlite_file(bind.engine.url)
+    if path is None:
         return 0
-    path = Path(database)
     return _file_bytes(path) + _file_bytes(path.with_name(path.name + "-wal"))
 
 
