@@ -74,20 +74,23 @@ class WriteProbe:
     def check(self, now: datetime) -> ReadinessCheck:
         """The last probe's answer while it is fresh, else a new probe's; while another
         caller's probe runs, the last answer, whatever its age."""
-        last = self._last
-        if last is not None and self._clock() - last[0] < self._every_s:
-            return last[1]
+        if (fresh := self._fresh()) is not None:
+            return fresh
         if not self._lock.acquire(blocking=False):
-            return last[1] if last is not None else UNDER_WAY
+            return UNDER_WAY if self._last is None else self._last[1]
         try:
-            last = self._last  # a probe that ended as this caller came
-            if last is not None and self._clock() - last[0] < self._every_s:
-                return last[1]
+            if (fresh := self._fresh()) is not None:  # a probe that ended as this caller came
+                return fresh
             result = self._probe(now)
             self._last = (self._clock(), result)
             return result
         finally:
             self._lock.release()
+
+    def _fresh(self) -> ReadinessCheck | None:
+        """The last answer while it is younger than ``every_s``, else None."""
+        last = self._last
+        return last[1] if last is not None and self._clock() - last[0] < self._every_s else None
 
     def _probe(self, now: datetime) -> ReadinessCheck:
         try:
