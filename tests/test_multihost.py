@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,8 +29,9 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.status import JobStatus
-from service.store import metric_repo
+from service.clock import utcnow
+from service.status import TERMINAL, JobStatus
+from service.store import job_repo, metric_repo
 from service.store.engines import make_engine, make_sessionmaker
 from service.store.tables import Job
 from tests.conftest import migrate
@@ -87,6 +89,12 @@ class Host:
     netns: str
     address: str
     root: Path
+    link: str  # its veth's end on the bridge: off the bridge, the host is cut off
+
+    @property
+    def device(self) -> str:
+        """Its veth's end inside the host."""
+        return self.link.removesuffix("p")
 
     def command(self, *args: str) -> list[str]:
         """``args`` run inside this host's network namespace."""
@@ -138,7 +146,29 @@ class Network:
         self._plug(netns, f"mnv{self.count}{self.tag}", address)
         root = self.tmp / name
         root.mkdir()
-        return Host(netns, address, root)
+        return Host(netns, address, root, f"mnv{self.count}{self.tag}p")
+
+    def cut(self, host: Host, *, off: bool) -> None:
+        """A partition: ``host``'s packets are lost on the way, without a word to either side,
+        until it is joined again: its link leaves the bridge, and stays up. (A link set down
+        would tell the host's own TCP, which then tries every half second, not ever later.)"""
+        joined = ("nomaster",) if off else ("master", "br0")
+        _run("ip", "netns", "exec", self.switch, "ip", "link", "set", host.link, *joined)
+
+    def pin_neighbours(self, one: Host, other: Host) -> None:
+        """Each host knows the other's hardware address for good: a partition then loses IP
+        packets alone. (Else an address the kernel no longer knows fails TCP's sends at home,
+        which it retries every half second, and whether that happens within a partition
+        depends on a timer drawn at random.)"""
+        for here, there in ((one, other), (other, one)):
+            mac = subprocess.run(
+                [*there.command("cat", f"/sys/class/net/{there.device}/address")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            neighbour = ("neigh", "replace", there.address, "lladdr", mac, "dev", here.device)
+            _run(*here.command("ip", *neighbour, "nud", "permanent"))
 
     def remove(self) -> None:
         """Delete every namespace (their veth pairs go with them); the test's veth too."""
@@ -292,3 +322,79 @@ def test_a_job_killed_on_one_host_resumes_on_another_and_is_served_by_a_third(
         assert answer.json()["job_id"] == job_id
         for host in (api_host, host_a, host_b):  # no machine wrote a file of the model
             assert not (host.root / "models").exists() or not any((host.root / "models").iterdir())
+
+
+def test_a_partition_shorter_than_the_lease_leaves_the_job_with_its_worker(
+    network: Network, tmp_path: Path
+) -> None:
+    """Worker A is cut off from the database for 14 s of its 24-s lease while it trains, then
+    joined again: it writes on within seconds, keeping its job (attempt 1), and worker B, ready
+    to take any lease that runs out, takes nothing.
+
+    TCP retries a lost send about 0.2 s after it, then twice as late each time: A's write
+    begun as the partition began went again about 13 s and 26 s after it (`ss -ti`), and the
+    server's answer to a statement cut off mid-transaction likewise, holding that
+    transaction's row locks till then. Before both ends of a worker's connections gave up a
+    stall within a sixth of the lease (:func:`service.store.engines.stall_limits`), A wrote
+    again only 27 s after the cut, or B had taken the job over (attempt 2)."""
+    db_host, host_a, host_b = network.host("db"), network.host("a"), network.host("b")
+    with ExitStack() as stack:
+        url = stack.enter_context(postgres_on(db_host))
+        migrate(url)
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        sessions = make_sessionmaker(engine)
+        worker_settings = {
+            "lease_s": "24",
+            "heartbeat_s": "1",
+            "flush_interval_s": "0.1",
+            "poll_interval_s": "0.2",  # B looks for a lease run out five times a second
+            "torch_threads": "1",
+            "outage_buffer_steps": "1000",  # A trains on only so far while its writes wait
+        }
+        # Long enough to train on until well after the lease would have run out.
+        params = {"epochs": 20, "batch_size": 1, "trainset_size": 2000, "testset_size": 200}
+        job_id = queue_job(sessions, params)
+        env_a = host_env(host_a, url, **worker_settings)
+        command = [sys.executable, "-m", "workers"]
+        stack.enter_context(process_cmd(host_a.command(*command), env_a, tmp_path / "worker-a.log"))
+
+        def training() -> bool:
+            job = read_job(sessions, job_id)
+            return job.status == JobStatus.RUNNING and job.step > 0
+
+        wait_for(training, timeout_s=TIMEOUT_S, what="worker A to train the job")
+        env_b = host_env(host_b, url, **worker_settings)
+        log_b = tmp_path / "worker-b.log"
+        stack.enter_context(process_cmd(host_b.command(*command), env_b, log_b))
+        wait_for(
+            lambda: "ready" in log_b.read_text(), timeout_s=TIMEOUT_S, what="worker B to be ready"
+        )
+        network.pin_neighbours(host_a, db_host)
+        network.cut(host_a, off=True)
+        stack.callback(network.cut, host_a, off=False)
+        cut_off = read_job(sessions, job_id)  # A's last write: nothing of A's comes in now
+        began = time.monotonic()
+        time.sleep(14)  # the partition simulated
+        network.cut(host_a, off=False)
+
+        def written_on() -> Job | None:
+            job = read_job(sessions, job_id)
+            return job if job.step > cut_off.step else None
+
+        job = wait_for(written_on, timeout_s=TIMEOUT_S, what="A's steps to be written again")
+        back_after_s = time.monotonic() - began
+        assert (job.status, job.attempt, job.worker_id) == (JobStatus.RUNNING, 1, cut_off.worker_id)
+        # Before the lease would have run out: not at TCP's next try of the stalled write.
+        assert back_after_s < 24, f"A's writes came back {back_after_s:.1f} s after the cut"
+        with sessions.begin() as session:
+            job_repo.request_cancel(session, session.get_one(Job, job_id), now=utcnow())
+
+        def ended() -> Job | None:
+            job = read_job(sessions, job_id)
+            return job if job.status in TERMINAL else None
+
+        job = wait_for(ended, timeout_s=TIMEOUT_S, what="the job to end")
+        assert (job.status, job.attempt) == (JobStatus.CANCELLED, 1), job.error
+        assert job_id not in log_b.read_text()
+        assert steps_of(sessions, job_id) == list(range(1, job.step + 1))

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.ml import DeviceUnavailable  # torch: not for --check or the supervisor
     from workers.worker import Worker
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, lease_s=settings.lease_s)
     stop = wakeups.StopEvent()
     install_signal_handlers(stop)
     try:

@@ -14,6 +14,7 @@ read alike.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,14 @@ POSTGRES_LIVENESS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 30_000,  # ms: data unacknowledged this long ends the connection
 }
+# A worker's connections give up a stalled send, or a connect, within this share of its job's
+# lease (no less than libpq's least connect_timeout, no more than the defaults above). TCP
+# retries a lost send ever later (0.2 s, then twice as long each time): after a partition of
+# half the lease its next try could come after the lease had run out, the job was another
+# worker's, and the training since its last write was lost. A fresh connection once the
+# network is back renews the lease while it still runs.
+LEASE_SHARE_FOR_A_STALL = 1 / 6
+LEAST_STALL_S = 2
 # On the server: a transaction left idle this long (its client gone) ends, its locks with it
 # (added to the URL's own ``options``). The service's transactions wait milliseconds between
 # their statements; a vanished worker's held the rows every claim's settling then waited on.
@@ -68,20 +77,43 @@ def ensure_sqlite_dir(url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def postgres_connect_args(given: Mapping[str, Any]) -> dict[str, Any]:
+def stall_limits(lease_s: float) -> dict[str, int]:
+    """How long a connection of a process that holds leases of ``lease_s`` waits on a send or a
+    connect before it gives up (:data:`LEASE_SHARE_FOR_A_STALL`), as libpq takes them."""
+    stall_s = lease_s * LEASE_SHARE_FOR_A_STALL
+    connect_s = min(POSTGRES_CONNECT_TIMEOUT_S, max(LEAST_STALL_S, math.floor(stall_s)))
+    unacknowledged_ms = int(POSTGRES_LIVENESS["tcp_user_timeout"])
+    send_ms = min(unacknowledged_ms, max(LEAST_STALL_S * 1000, math.floor(stall_s * 1000)))
+    return {"connect_timeout": connect_s, "tcp_user_timeout": send_ms}
+
+
+def postgres_connect_args(
+    given: Mapping[str, Any], *, lease_s: float | None = None
+) -> dict[str, Any]:
     """What every PostgreSQL connection of the service is opened with (the pool's and the
     wake-ups' listener's) but what the URL's query ``given`` sets itself: a bounded connect,
-    and a connection that dies when its peer does (:data:`POSTGRES_LIVENESS`)."""
-    wanted = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **POSTGRES_LIVENESS}
+    and a connection that dies when its peer does (:data:`POSTGRES_LIVENESS`); for a process
+    holding leases of ``lease_s``, sooner (:func:`stall_limits`)."""
+    wanted: dict[str, Any] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **POSTGRES_LIVENESS}
+    if lease_s is not None:
+        wanted |= stall_limits(lease_s)
     args = {name: value for name, value in wanted.items() if name not in given}
     options = str(given.get("options", ""))
-    if "idle_in_transaction_session_timeout" not in options:
-        args["options"] = f"{options} {IDLE_TRANSACTION_OPTION}".strip()
+    added = [] if "idle_in_transaction_session_timeout" in options else [IDLE_TRANSACTION_OPTION]
+    if "tcp_user_timeout" not in options:
+        # The server's end gives up as soon: a client cut off in the middle of a transaction
+        # (its answer unacknowledged) releases its row locks then, not when the server's TCP
+        # at last gives up; the client's next connection would wait on them till then.
+        unacknowledged_ms = given.get("tcp_user_timeout", wanted["tcp_user_timeout"])
+        added.append(f"-c tcp_user_timeout={int(unacknowledged_ms)}")
+    if added:
+        args["options"] = " ".join([options, *added]).strip()
     return args
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Build an engine; on SQLite every transaction begins IMMEDIATE in WAL mode.
+def make_engine(url: str, *, lease_s: float | None = None, **kwargs: Any) -> Engine:
+    """Build an engine; on SQLite every transaction begins IMMEDIATE in WAL mode. On PostgreSQL,
+    ``lease_s`` (a worker's) bounds its connections' stalls (:func:`postgres_connect_args`).
 
     IMMEDIATE takes the write lock up front, so a transaction never fails half way with
     "database is locked" when it turns from reading to writing: it waits (busy_timeout) instead.
@@ -90,7 +122,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_backend_name() == "postgresql":
-            connect_args = postgres_connect_args(parsed.query)
+            connect_args = postgres_connect_args(parsed.query, lease_s=lease_s)
             kwargs["connect_args"] = connect_args | kwargs.get("connect_args", {})
         return create_engine(url, **{"pool_pre_ping": True, **kwargs})
 

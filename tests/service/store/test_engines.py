@@ -9,9 +9,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from service.store import engines
 from service.store.outage import is_outage
@@ -52,6 +54,49 @@ def test_a_connect_timeout_in_the_url_wins(
     monkeypatch.setattr(engines, "POSTGRES_CONNECT_TIMEOUT_S", 3600)
     url = f"postgresql+psycopg://postgres@127.0.0.1:{silent_server}/x?connect_timeout=1"
     _fails_as_an_outage_soon(url)
+
+
+@pytest.mark.parametrize(
+    ("lease_s", "connect_s", "unacknowledged_ms"),
+    [(30.0, 5, 5000), (12.0, 2, 2000), (3.0, 2, 2000), (90.0, 10, 15000), (3600.0, 10, 30000)],
+)
+def test_a_lease_holders_connections_give_up_a_stall_in_a_sixth_of_the_lease_or_2_s(
+    lease_s: float, connect_s: int, unacknowledged_ms: int
+) -> None:
+    assert engines.stall_limits(lease_s) == {
+        "connect_timeout": connect_s,
+        "tcp_user_timeout": unacknowledged_ms,
+    }
+
+
+def test_a_workers_connections_are_opened_with_its_leases_stall_limits(postgres_url: str) -> None:
+    """What the driver was given, read back from the open connection: the worker's engine
+    (``lease_s``) gives up sooner than the API's; the URL's own value still wins."""
+
+    def given(url: str, **kwargs: float) -> dict[str, str]:
+        engine = engines.make_engine(url, **kwargs)
+        try:
+            with engine.connect() as connection:
+                driver = connection.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                return driver.info.get_parameters()
+        finally:
+            engine.dispose()
+
+    assert given(postgres_url, lease_s=12)["tcp_user_timeout"] == "2000"
+    assert given(postgres_url, lease_s=12)["connect_timeout"] == "2"
+    # The server's end of the connection too: a client cut off mid-transaction frees its locks.
+    engine = engines.make_engine(postgres_url, lease_s=12)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW tcp_user_timeout")).scalar() == "2000"
+    finally:
+        engine.dispose()
+    assert given(postgres_url)["tcp_user_timeout"] == "30000"
+    own = make_url(postgres_url).update_query_dict({"tcp_user_timeout": "7000"})
+    assert (
+        given(own.render_as_string(hide_password=False), lease_s=12)["tcp_user_timeout"] == "7000"
+    )
 
 
 def test_a_driver_read_is_a_snapshot_beside_a_writer_and_ends_with_its_block(

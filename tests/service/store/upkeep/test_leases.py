@@ -139,7 +139,8 @@ def test_every_postgresql_connection_dies_with_its_peer(own_postgres: OwnPostgre
         {"options": "-c idle_in_transaction_session_timeout=7s", "keepalives_idle": "3"}
     )
     args = engines.postgres_connect_args(own.query)
-    assert "options" not in args and "keepalives_idle" not in args  # the URL's win
+    assert "keepalives_idle" not in args  # the URL's win
+    assert args["options"] == "-c idle_in_transaction_session_timeout=7s -c tcp_user_timeout=30000"
     listener = engines.postgres_connect_args(conninfo_to_dict("host=db dbname=x"))
     assert listener["keepalives"] == 1 and listener["tcp_user_timeout"] > 0
-    assert listener["options"] == engines.IDLE_TRANSACTION_OPTION
+    assert listener["options"] == f"{engines.IDLE_TRANSACTION_OPTION} -c tcp_user_timeout=30000"
