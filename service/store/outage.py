@@ -125,11 +125,20 @@ class Backoff:
         self.failures = 0
 
 
+# A database that fails some calls and answers others (a full disk under reads, a server out
+# of connections beside a pool's live ones) would log a start and an end line every few
+# seconds. Within this long of an end line, a failure is logged only once it has lasted
+# BLIP_S; shorter ones are counted and told with the next line.
+FLAPPING_WINDOW_S = 30.0
+BLIP_S = 5.0
+
+
 class Outage:
     """Whether the database is unreachable now, as a process's threads have found it.
 
     Logs one line when the first failure is seen (what failed, why, and ``while_down``: what
-    the process does meanwhile) and one, with the duration, when a call succeeds again.
+    the process does meanwhile) and one, with the duration, when a call succeeds again; while
+    it flaps, a line per :data:`FLAPPING_WINDOW_S` at most, with the blips counted.
     """
 
     def __init__(
@@ -144,6 +153,9 @@ class Outage:
         self._clock = clock
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._told = False  # whether this outage's start was logged
+        self._last_end_told: float | None = None
+        self._blips = 0  # short failures not logged since the last line
 
     @property
     def down(self) -> bool:
@@ -152,18 +164,27 @@ class Outage:
 
     def failed(self, exc: BaseException, what: str) -> None:
         """A call (``what``) failed with an outage error."""
-        if self._since is not None:  # the common case during an outage: no lock
+        if self._since is not None and self._told:  # the common case during an outage: no lock
             return
         with self._lock:  # logged under the lock: a start line never follows its end line
-            if self._since is not None:
+            now = self._clock()
+            if self._since is None:
+                self._since = now
+                ended = self._last_end_told
+                self._told = ended is None or now - ended >= FLAPPING_WINDOW_S
+            elif not self._told and now - self._since >= BLIP_S:
+                self._told = True  # no blip: it lasts
+            else:
                 return
-            self._since = self._clock()
+            if not self._told:
+                return
             # The detail (a server address, a file name) is for the log, which is the operator's.
             self._log.warning(
-                "database unreachable (%s: %s); %s until it is back",
+                "database unreachable (%s: %s); %s until it is back%s",
                 what,
                 _first_line(exc),
                 self._while_down,
+                self._take_blips(),
             )
 
     def ok(self) -> None:
@@ -174,7 +195,16 @@ class Outage:
             if self._since is None:
                 return
             since, self._since = self._since, None
-            self._log.warning("database is back after %.1f s", self._clock() - since)
+            if not self._told:
+                self._blips += 1
+                return
+            now = self._clock()
+            self._last_end_told = now
+            self._log.warning("database is back after %.1f s%s", now - since, self._take_blips())
+
+    def _take_blips(self) -> str:
+        blips, self._blips = self._blips, 0
+        return f" (and {blips} shorter failures since the last line)" if blips else ""
 
 
 def _first_line(exc: BaseException) -> str:

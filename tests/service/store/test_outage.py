@@ -252,3 +252,51 @@ def test_threads_sharing_an_outage_log_it_once(caplog: pytest.LogCaptureFixture)
         "database unreachable",
         "database is back after 2.0 s",
     ]
+
+
+def test_a_flapping_database_logs_a_pair_of_lines_a_window_and_counts_the_blips(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Calls that fail and succeed by turns (a pool's live connections beside refused new
+    ones) logged a start and an end line every few seconds: 30 lines in a minute here."""
+    clock = FakeClock(0.0)
+    outage = Outage(logging.getLogger("test.outage"), clock=clock)
+    error = wrapped(psycopg.OperationalError("sorry, too many clients already"))
+    with caplog.at_level(logging.WARNING):
+        for k in range(15):  # down for 0.1 s every 4 s, for a minute
+            clock.now = 4.0 * k
+            outage.failed(error, "flush")
+            clock.now += 0.1
+            outage.ok()
+    assert [line.split(" (")[0] for line in outage_lines(caplog)] == [
+        "database unreachable",
+        "database is back after 0.1 s",
+        "database unreachable",  # at 32 s: the window after the end line at 0.1 s is over
+        "database is back after 0.1 s",
+    ]
+    assert "(and 7 shorter failures since the last line)" in outage_lines(caplog)[2]
+
+
+def test_a_failure_within_the_window_is_logged_once_it_lasts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(0.0)
+    outage = Outage(logging.getLogger("test.outage"), clock=clock)
+    error = wrapped(psycopg.OperationalError("connection refused"))
+    with caplog.at_level(logging.WARNING):
+        outage.failed(error, "claim")
+        clock.now = 1.0
+        outage.ok()
+        for clock.now in (5.0, 7.0, 9.9):  # a new outage: a blip so far
+            outage.failed(error, "claim")
+        assert len(outage_lines(caplog)) == 2 and outage.down
+        clock.now = 10.0  # it has lasted BLIP_S
+        outage.failed(error, "claim")
+        clock.now = 12.0
+        outage.ok()
+    assert [line.split(" (")[0] for line in outage_lines(caplog)] == [
+        "database unreachable",
+        "database is back after 1.0 s",
+        "database unreachable",
+        "database is back after 7.0 s",
+    ]
