@@ -65,7 +65,7 @@ from service.serving.registry import ResolutionCache
 from service.settings import Settings, get_settings
 from service.store import availability, wakeups
 from service.store.artifacts.backends import ArtifactSource
-from service.store.engines import make_engine, make_sessionmaker
+from service.store.engines import REQUEST_LOCK_WAIT_S, make_engine, make_sessionmaker
 from service.store.outage import is_outage
 
 log = logging.getLogger("service")
@@ -229,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One small MLP per request: extra intra-op threads only contend with the server's.
         torch.set_num_threads(1)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, lock_wait_s=REQUEST_LOCK_WAIT_S)
         app.state.settings = settings
         # Polls (the fast lane's) and event streams read through connections of their own,
         # never the shared pool.

@@ -169,8 +169,14 @@ def readiness(
                 checks.append(size.check(session))
     except SQLAlchemyError as exc:
         _note_failure("readiness", exc)
-        checks.append(
-            ReadinessCheck(name="database", ok=False, detail=f"unreachable: {type(exc).__name__}")
+        # Reached, and a read after the ping failed (a statement cancelled, a lock not had):
+        # one "database" check, which says so, not "reachable" beside "unreachable".
+        reached = any(c.name == "database" and c.ok for c in checks)
+        checks = [c for c in checks if c.name != "database"]
+        failure = "a read failed" if reached else "unreachable"
+        checks.insert(
+            0,
+            ReadinessCheck(name="database", ok=False, detail=f"{failure}: {type(exc).__name__}"),
         )
     else:
         session.rollback()  # the read snapshot ends here: the probe writes in its own session

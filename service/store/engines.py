@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Select, create_engine, event, text
-from sqlalchemy.engine import URL, Connection, Dialect, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
+
+from service.store.outage import POSTGRES_READ_ONLY
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_FILE = "sqlite_file"  # a connection's info: (device, inode) of the file it opened
@@ -58,6 +60,10 @@ LEAST_STALL_S = 2
 # (added to the URL's own ``options``). The service's transactions wait milliseconds between
 # their statements; a vanished worker's held the rows every claim's settling then waited on.
 IDLE_TRANSACTION_OPTION = "-c idle_in_transaction_session_timeout=60s"
+# How long a request's statement waits for a lock on PostgreSQL (the API's engines): behind
+# another session's lock on a table (a DBA's LOCK TABLE, a migration), every route that read
+# it waited as long, answering nothing; now it fails as an outage, a 503 with Retry-After.
+REQUEST_LOCK_WAIT_S = 5.0
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 # How reading transactions begin on SQLite: a WAL snapshot that never waits for a writer.
 SQLITE_READ_BEGIN = "DEFERRED"
@@ -88,12 +94,13 @@ def stall_limits(lease_s: float) -> dict[str, int]:
 
 
 def postgres_connect_args(
-    given: Mapping[str, Any], *, lease_s: float | None = None
+    given: Mapping[str, Any], *, lease_s: float | None = None, lock_wait_s: float | None = None
 ) -> dict[str, Any]:
     """What every PostgreSQL connection of the service is opened with (the pool's and the
     wake-ups' listener's) but what the URL's query ``given`` sets itself: a bounded connect,
     and a connection that dies when its peer does (:data:`POSTGRES_LIVENESS`); for a process
-    holding leases of ``lease_s``, sooner (:func:`stall_limits`)."""
+    holding leases of ``lease_s``, sooner (:func:`stall_limits`); with ``lock_wait_s``, a
+    statement that waits longer for a lock fails (``lock_timeout``: an outage)."""
     wanted: dict[str, Any] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **POSTGRES_LIVENESS}
     if lease_s is not None:
         wanted |= stall_limits(lease_s)
@@ -106,14 +113,29 @@ def postgres_connect_args(
         # at last gives up; the client's next connection would wait on them till then.
         unacknowledged_ms = given.get("tcp_user_timeout", wanted["tcp_user_timeout"])
         added.append(f"-c tcp_user_timeout={int(unacknowledged_ms)}")
+    if lock_wait_s is not None and "lock_timeout" not in options:
+        added.append(f"-c lock_timeout={round(lock_wait_s * 1000)}")
     if added:
         args["options"] = " ".join([options, *added]).strip()
     return args
 
 
-def make_engine(url: str, *, lease_s: float | None = None, **kwargs: Any) -> Engine:
+def _renew_read_only(context: ExceptionContext) -> None:
+    """A write refused as read-only (a replica, ``default_transaction_read_only``) discards its
+    connection, and the pool's others: a session's read-only default is fixed as it connects,
+    and the pool's ping passes on it, so once the database took writes again the service's
+    connections went on refusing them until they were cut."""
+    if getattr(context.original_exception, "sqlstate", None) == POSTGRES_READ_ONLY:
+        context.is_disconnect = True
+
+
+def make_engine(
+    url: str, *, lease_s: float | None = None, lock_wait_s: float | None = None, **kwargs: Any
+) -> Engine:
     """Build an engine; on SQLite every transaction begins IMMEDIATE in WAL mode. On PostgreSQL,
-    ``lease_s`` (a worker's) bounds its connections' stalls (:func:`postgres_connect_args`).
+    ``lease_s`` (a worker's) bounds its connections' stalls, and ``lock_wait_s`` (the API's)
+    its statements' waits for a lock (:func:`postgres_connect_args`); a connection found
+    read-only is discarded (:func:`_renew_read_only`).
 
     IMMEDIATE takes the write lock up front, so a transaction never fails half way with
     "database is locked" when it turns from reading to writing: it waits (busy_timeout) instead.
@@ -122,8 +144,13 @@ def make_engine(url: str, *, lease_s: float | None = None, **kwargs: Any) -> Eng
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_backend_name() == "postgresql":
-            connect_args = postgres_connect_args(parsed.query, lease_s=lease_s)
+            connect_args = postgres_connect_args(
+                parsed.query, lease_s=lease_s, lock_wait_s=lock_wait_s
+            )
             kwargs["connect_args"] = connect_args | kwargs.get("connect_args", {})
+            engine = create_engine(url, **{"pool_pre_ping": True, **kwargs})
+            event.listen(engine, "handle_error", _renew_read_only)
+            return engine
         return create_engine(url, **{"pool_pre_ping": True, **kwargs})
 
     engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)

@@ -52,9 +52,13 @@ SQLITE_OUTAGE_CODES = frozenset(
 )
 # PostgreSQL SQLSTATE classes and codes of the same kind: connection exception (08),
 # insufficient resources (53: disk full, too many connections), operator intervention
-# (57P: shut down, terminated, starting up), system error (58: I/O), and a read-only
-# transaction (25006: a replica, or default_transaction_read_only).
-POSTGRES_OUTAGE_SQLSTATES = ("08", "53", "57P", "58", "25006")
+# (57P: shut down, terminated, starting up; 57014: a statement cancelled, by an operator or a
+# statement_timeout the database was given), system error (58: I/O), a read-only transaction
+# (25006: a replica, or default_transaction_read_only), and a lock not had in time (55P03:
+# lock_timeout, behind another session's lock on a table). A statement_timeout of 1 ms failed
+# every job, and a worker whose job's end was cancelled exited.
+POSTGRES_READ_ONLY = "25006"
+POSTGRES_OUTAGE_SQLSTATES = ("08", "53", "57P", "57014", "58", POSTGRES_READ_ONLY, "55P03")
 
 
 def _driver_outage(error: BaseException | None) -> bool:

@@ -59,6 +59,7 @@ from service.api.routes.jobs import MetricsQuery
 from service.domain import jobs
 from service.domain.event_reads import SessionReads, StreamReads
 from service.store.engines import (
+    REQUEST_LOCK_WAIT_S,
     DriverConnection,
     Reader,
     make_engine,
@@ -138,7 +139,9 @@ class PollReads:
         in_memory = sqlite and sqlite_file(url) is None
         # An in-memory SQLite database is one per connection: its engine has no pool to size.
         pool = {} if in_memory else {"pool_size": THREAD_READERS, "max_overflow": 0}
-        unpinged: dict[str, Any] = {} if sqlite else {"pool_pre_ping": False}
+        unpinged: dict[str, Any] = (
+            {} if sqlite else {"pool_pre_ping": False, "lock_wait_s": REQUEST_LOCK_WAIT_S}
+        )
         self._threads_base = make_engine(database_url, **pool, **unpinged)
         self.threads = read_engine(self._threads_base)
         # A single statement is a snapshot of its own: no transaction around it.

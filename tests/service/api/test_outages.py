@@ -5,7 +5,9 @@ request that needs the database get 503 with ``Retry-After`` in the service's en
 a 500); an open event stream stays open; and all of it recovers without a restart.
 
 - PostgreSQL: the test's own database refuses connections (``ALLOW_CONNECTIONS false`` and
-  every backend terminated, as a restart or a failover does), then turns read-only.
+  every backend terminated, as a restart or a failover does), then turns read-only and back
+  (its open connections left as they are), then another session locks the jobs table, with
+  and without a ``statement_timeout``.
 - SQLite, unwritable: the API process may no longer write a byte to any file (its
   ``RLIMIT_FSIZE`` set to 0 from outside: what a full disk or an exceeded quota looks like to
   it); reads go on.
@@ -30,6 +32,7 @@ from sqlalchemy import text
 
 from service import sse
 from service.errors import RETRY_AFTER_S
+from service.store.engines import make_engine
 from tests.conftest import OwnPostgres, refused, terminate_backends
 from tests.support import api_process, service_env, wait_for
 
@@ -168,7 +171,8 @@ def test_postgres_refusing_connections_then_read_only(
         assert_recovered(client, job_id)
 
         # Read-only (a replica, or default_transaction_read_only): reads go on, writes and
-        # readiness fail; then writable again. Each change reaches new connections only.
+        # readiness fail; then writable again. Each change reaches new connections only: the
+        # API's connections found read-only are replaced (they refused writes for good).
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
         terminate_backends(admin, name)
@@ -178,8 +182,40 @@ def test_postgres_refusing_connections_then_read_only(
         assert_unavailable(client.post("/jobs", json={}))
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
-        terminate_backends(admin, name)
         wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 when writable")
+        wait_for(
+            lambda: client.post("/jobs", json={}).status_code == 202,
+            timeout_s=DEADLINE_S,
+            what="writes when writable",
+        )
+        assert_recovered(client, job_id)
+
+        # Another session holds the jobs table (a DBA's LOCK TABLE, a migration): requests that
+        # read it answer 503 once they have waited REQUEST_LOCK_WAIT_S, rather than wait as
+        # long as the lock; then all is well again.
+        def behind_a_lock_on_jobs() -> None:
+            locking = make_engine(url)
+            try:
+                with locking.begin() as conn:
+                    conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '40s'"))
+                    conn.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+                    assert_unavailable(client.get(f"/jobs/{job_id}"))
+                    assert_unavailable(client.get("/jobs"))
+            finally:
+                locking.dispose()
+            assert_recovered(client, job_id)
+
+        behind_a_lock_on_jobs()
+        # The same with a statement_timeout the database was given: the statements are
+        # cancelled (57014) before the lock's wait is over, and that too is a 503, not a 500.
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET statement_timeout = '100ms'"))
+        terminate_backends(admin, name)
+        behind_a_lock_on_jobs()
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" RESET statement_timeout'))
+        terminate_backends(admin, name)
+        wait_for(lambda: ready(client), timeout_s=DEADLINE_S, what="/readyz 200 after it")
         assert_recovered(client, job_id)
 
         # The stream opened before it all is still there, and still follows the job.

@@ -18,16 +18,20 @@ from service.errors import DatabaseUnavailable
 from service.store import availability
 from service.store.availability import API_OUTAGE, unavailable_as_503
 from service.store.engines import make_engine, make_sessionmaker
-from service.store.outage import is_outage
+from service.store.outage import Outage, is_outage
 from service.store.tables import ReadinessProbe
 from tests.service.store.test_outage import sqlite_error, wrapped
 
 
 @pytest.fixture(autouse=True)
 def api_outage_over() -> Iterator[None]:
-    """The process-wide outage state is left as it was found: up."""
+    """The process-wide outage state is left as it was found: up; and each test starts with
+    no outage logged before it (a failure soon after one that ended is logged once it lasts)."""
     API_OUTAGE.ok()
-    yield
+    fresh = Outage(API_OUTAGE._log, while_down="answering 503 with Retry-After")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(API_OUTAGE, "__dict__", fresh.__dict__)
+        yield
     API_OUTAGE.ok()
 
 

@@ -98,6 +98,11 @@ OUTAGES: dict[str, Make] = {
     "pg starting up": lambda _: psycopg.errors.CannotConnectNow("the system is starting up"),
     "pg read-only": lambda _: psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE"),
     "pg disk full": lambda _: psycopg.errors.DiskFull("could not extend file"),
+    # ...and 57014, 55P03: the service sets neither statement_timeout nor (but in the API's
+    # connections, where it answers 503) lock_timeout, so these come from the database's own
+    # settings or another session's locks, not from a statement of ours
+    "pg statement timeout": lambda _: psycopg.errors.QueryCanceled("canceling statement"),
+    "pg lock timeout": lambda _: psycopg.errors.LockNotAvailable("canceling statement"),
     # SQLAlchemy: the pool could not hand out a live connection, or one broke
     "sa disconnection": lambda _: sa_exc.DisconnectionError("the pool's ping failed"),
     "sa pool timeout": lambda _: sa_exc.TimeoutError("QueuePool limit reached"),
@@ -115,7 +120,6 @@ NOT_OUTAGES: dict[str, Make] = {
     ),
     "pg undefined table": lambda _: psycopg.errors.UndefinedTable('relation "jobs" does not exist'),
     "pg out of range": lambda _: psycopg.errors.NumericValueOutOfRange("integer out of range"),
-    "pg statement timeout": lambda _: psycopg.errors.QueryCanceled("canceling statement"),
     "pg unique": lambda _: psycopg.errors.UniqueViolation("duplicate key"),
     "lease lost": lambda _: LeaseLost("job x attempt 1 is no longer this worker's"),
     "a bug": lambda _: ValueError("a bug"),

@@ -13,13 +13,14 @@ import pytest
 from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
 from service.clock import utcnow
 from service.schemas import JobCreate
 from service.settings import Settings
-from service.store import migrations
+from service.store import migrations, worker_repo
 from service.store.tables import Job, ReadinessProbe, WorkerRow
 from tests.records import LEASE_S, FakeTraining, lapse_leases
 from tests.support import NEEDS_PROMTOOL, promtool_problems, wait_for
@@ -179,6 +180,25 @@ def test_an_empty_database_is_not_ready_for_its_schema_alone(
         "database": (True, "reachable"),
         "migrations": (False, "the database has no schema yet: run `mnist-service migrate`"),
     }
+
+
+def test_a_read_that_fails_after_the_ping_is_one_failed_database_check(
+    api_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement cancelled after the ping (a statement_timeout, a lock not had) was
+    reported as the database both "reachable" and "unreachable"."""
+
+    def cancelled(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("SELECT ...", {}, sqlite3.OperationalError("interrupted"))
+
+    monkeypatch.setattr(worker_repo, "live_workers", cancelled)
+    with TestClient(create_app(api_settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = [(d["name"], d["ok"], d["detail"]) for d in response.json()["error"]["details"]]
+    assert [c for c in checks if c[0] == "database"] == [
+        ("database", False, "a read failed: OperationalError")
+    ]
 
 
 def test_not_ready_when_the_database_cannot_be_opened(
