@@ -186,7 +186,7 @@ class Outage:
             self._log.warning(
                 "database unreachable (%s: %s); %s until it is back%s",
                 what,
-                _first_line(exc),
+                first_line(exc),
                 self._while_down,
                 self._take_blips(),
             )
@@ -211,7 +211,8 @@ class Outage:
         return f" (and {blips} shorter failures since the last line)" if blips else ""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The error's type and the first line of its text: libpq's run to three lines."""
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     text = str(orig).strip().splitlines()
     return f"{type(orig).__name__}: {text[0] if text else ''}"

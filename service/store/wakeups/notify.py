@@ -24,7 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service.store.engines import POSTGRES_CONNECT_TIMEOUT_S, postgres_connect_args
-from service.store.outage import Backoff, is_outage
+from service.store.outage import Backoff, first_line, is_outage
 from service.store.wakeups import stage_after_commit, staged_in
 from service.store.wakeups.waiters import Listener
 
@@ -98,7 +98,8 @@ class NotifyListener(Listener):
                     self.backend_pid = None
                     level = logging.INFO if is_outage(exc) else logging.WARNING
                     if backoff.failures == 0 and not self._closed.is_set():
-                        log.log(level, "wake-ups: listening failed (%s); polling until back", exc)
+                        why = first_line(exc)
+                        log.log(level, "wake-ups: listening failed (%s); polling until back", why)
                 self._closed.wait(backoff.next_delay())
         finally:
             self.connected.clear()  # however the thread ends

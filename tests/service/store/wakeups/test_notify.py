@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,8 +34,9 @@ def backend_pids(own_postgres: OwnPostgres) -> set[int]:
 
 
 def test_a_cut_listening_connection_reconnects_and_wakes_its_waiters(
-    own_postgres: OwnPostgres,
+    own_postgres: OwnPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service.wakeups")
     url = own_postgres.url
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
@@ -58,6 +62,12 @@ def test_a_cut_listening_connection_reconnects_and_wakes_its_waiters(
         assert not listener.connected.is_set()
     finally:
         engine.dispose()
+    said = [r.getMessage() for r in caplog.records if "listening" in r.getMessage()]
+    assert [line.split(" (")[0] for line in said] == [
+        "wake-ups: listening failed",
+        "wake-ups: listening again",
+    ]
+    assert "\n" not in said[0], said[0]  # libpq's message runs to three lines: its first
 
 
 def test_while_the_database_refuses_waiters_time_out_and_wake_when_it_is_back(
