@@ -13,9 +13,10 @@ Rather than another server (and another deployment, process model and metrics sh
   block that begins in the read where the request before it ends may pass the cap by the
   rest of that read: the parser does not say where in a read a request ends);
 - a header deadline, from a connection's first moment (or a keep-alive request's first byte)
-  to the end of its headers, and a body deadline, the longest silence while a body is read
-  (not counted while the server itself has stopped reading, or owes a ``100 Continue``):
-  408, or a plain close for a connection that never sent a byte;
+  to the end of its headers, and a body deadline, the longest silence while a body is read,
+  and its least pace (:class:`~service.api.edge.server.BodyPace`; neither counted while the
+  server itself has stopped reading, or owes a ``100 Continue``): 408, or a plain close for a
+  connection that never sent a byte;
 - a send deadline (:class:`~service.api.edge.server.SendDeadline`): a client that takes none of
   its answer for ``send_timeout_s`` while some of it waits to be sent is reset (its app task,
   the answer's buffer and its place among the capped connections were held for good);
@@ -50,6 +51,7 @@ from uvicorn.server import ServerState
 from service.api.edge import heads
 from service.api.edge.quick import front_of, send_whole, service_hooks
 from service.api.edge.server import (
+    BodyPace,
     SendDeadline,
     close_delimited,
     error_response,
@@ -91,7 +93,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # of the header block being read
         self.block_at_start = False  # whether that block began at the read's first byte
         self.url_bytes = 0
-        self.body_seen = 0.0  # loop time of the body's last bytes
+        self.body = BodyPace(self.settings.body_timeout_s)
         self.deadline: asyncio.TimerHandle | None = None
         self.sending = SendDeadline(self.loop, self.settings.send_timeout_s)
         self.refused = False
@@ -190,15 +192,14 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self._feed(data) or self.deadline is not None:
             return
         if self.phase == BODY:
-            self.body_seen = self.loop.time()
-            self._arm(self.settings.body_timeout_s, self._body_timed_out)
+            self._arm(self.body.left(self.loop.time()), self._body_timed_out)
         elif self.head_bytes:  # a keep-alive connection's next request has begun
             self._arm(self.settings.header_timeout_s, self._header_timed_out)
 
     def _feed(self, data: bytes) -> bool:
         """Parse ``data``; False when the connection was answered (refused) meanwhile."""
         if self.phase == BODY:
-            self.body_seen = self.loop.time()
+            self.body.came(self.loop.time(), len(data))
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -235,6 +236,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if error := heads.refusal(self.headers, self.parser.get_http_version()):
             raise heads.Refused(error)
         self.phase = BODY
+        self.body.begin(self.loop.time())
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -332,15 +334,12 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.phase != BODY or self.refused:
             return
         now = self.loop.time()
-        waiting = self.flow.read_paused or self.cycle.waiting_for_100_continue
-        if waiting:  # the server is not reading, or owes a 100 Continue: not the client's fault
-            self.body_seen = now
-        left = self.body_seen + self.settings.body_timeout_s - now
-        if left > 0:
+        if self.flow.read_paused or self.cycle.waiting_for_100_continue:
+            self.body.excuse(now)
+        if (left := self.body.left(now)) > 0:
             self._arm(left, self._body_timed_out)
             return
-        limit = self.settings.body_timeout_s
-        self.refuse(RequestTimeout(f"the request body stalled for {limit:g} s"))
+        self.refuse(RequestTimeout(self.body.why(now)))
 
     def pause_writing(self) -> None:
         """The client takes its answer slower than it is written (asyncio's buffer is past its

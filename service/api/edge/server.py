@@ -14,7 +14,8 @@ How many client connections a process accepts is worked out here too:
 ``MNIST_MAX_CONNECTIONS``, under the process's descriptor limit (the edge refuses beyond it);
 and what the edge needs of a connection below HTTP: its own answers' bytes, what its client
 has yet to take, and the deadline for taking it (:class:`SendDeadline`); the framing of an
-answer to an HTTP/1.0 client (:func:`close_delimited`).
+answer to an HTTP/1.0 client (:func:`close_delimited`); when a request's body is late
+(:class:`BodyPace`).
 """
 
 from __future__ import annotations
@@ -221,6 +222,45 @@ def unsent_bytes(transport: asyncio.WriteTransport) -> int:
             queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
             unsent += int(struct.unpack("i", queued)[0])
     return unsent
+
+
+# A body's least bytes a second past its first body_timeout_s (as Apache's mod_reqtimeout's
+# MinRate): a byte every few seconds held a connection, and its place under the cap, as long as
+# its client liked; 60 such clients shut every other one out.
+MIN_BODY_RATE = 500
+
+
+class BodyPace:
+    """When a request's body is late: silent for ``limit_s``, or behind :data:`MIN_BODY_RATE`
+    on average once ``limit_s`` have passed since it began (times of the event loop)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.seen = 0.0  # its last bytes
+        self.due = 0.0  # when it is late, less what its bytes have earned
+
+    def begin(self, now: float) -> None:
+        """The headers are read: the body begins."""
+        self.seen, self.due = now, now + self.limit_s
+
+    def came(self, now: float, size: int) -> None:
+        """``size`` more bytes."""
+        self.seen = now
+        self.due += size / MIN_BODY_RATE
+
+    def excuse(self, now: float) -> None:
+        """The server is not reading, or owes a ``100 Continue``: not the client's fault."""
+        self.seen, self.due = now, max(self.due, now + self.limit_s)
+
+    def left(self, now: float) -> float:
+        """Seconds before it is late; 0 or less once it is."""
+        return min(self.seen + self.limit_s, self.due) - now
+
+    def why(self, now: float) -> str:
+        """What the client is told once it is late."""
+        if self.seen + self.limit_s > now:  # not silent: too slow
+            return f"the request body came slower than {MIN_BODY_RATE} bytes/s"
+        return f"the request body stalled for {self.limit_s:g} s"
 
 
 class SendDeadline:

@@ -272,6 +272,25 @@ def test_a_body_that_stalls_gets_408_after_the_body_timeout(small_server: int) -
     assert 0.9 <= seconds < 5
 
 
+def test_a_body_that_drips_gets_408_once_it_falls_behind_the_least_pace(small_server: int) -> None:
+    """A byte every 0.3 s is never silent for the body timeout (1 s here): it held its
+    connection, and its place under the cap, until its 1,000 bytes were in (5 minutes)."""
+    head = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", small_server), timeout=0.3) as sock:
+        sock.sendall(head + b"Content-Length: 1000\r\n\r\n")
+        response = b""
+        for _ in range(40):  # 12 s of drips at most
+            sock.sendall(b" ")
+            try:
+                if chunk := sock.recv(65536):
+                    response += chunk
+                    break
+            except TimeoutError:
+                continue
+    assert status_of(response) == 408, response
+    assert envelope(response)["message"] == "the request body came slower than 500 bytes/s"
+
+
 def test_a_silent_connection_is_closed_after_the_header_timeout(small_server: int) -> None:
     response, seconds = exchange(small_server, b"")
     assert response == b""

@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Any
 
-from service.api.edge.server import SendDeadline, unsent_bytes
+from service.api.edge.server import MIN_BODY_RATE, BodyPace, SendDeadline, unsent_bytes
 from tests.support import wait_for, wait_until
 
 
@@ -104,3 +104,20 @@ def test_a_look_that_finds_more_waiting_judges_the_client_at_the_next() -> None:
         await wait_until(lambda: transport.aborted, timeout_s=10, what="the reset")
 
     asyncio.run(main())
+
+
+def test_a_body_is_late_when_silent_or_once_behind_the_least_pace() -> None:
+    pace = BodyPace(limit_s=10.0)
+    pace.begin(now=0.0)
+    for second in range(1, 60):  # twice the least pace: never late
+        pace.came(now=float(second), size=2 * MIN_BODY_RATE)
+        assert pace.left(now=second + 0.5) > 0
+    pace.begin(now=100.0)
+    for second in range(101, 110):  # a byte a second: early on, the first limit_s is its own
+        pace.came(now=float(second), size=1)
+        assert pace.left(now=float(second)) > 0
+    assert pace.left(now=110.1) <= 0  # behind the pace, though never silent for limit_s
+    assert pace.why(now=110.1) == f"the request body came slower than {MIN_BODY_RATE} bytes/s"
+    pace.excuse(now=110.1)  # the server stopped reading: the client is given the time again
+    assert pace.left(now=115.0) > 0
+    assert pace.why(now=125.0) == "the request body stalled for 10 s"
