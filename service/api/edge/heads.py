@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,10 +76,26 @@ def malformed(request: bytes) -> ServiceError:
     return BadRequest("the request is not valid HTTP/1.1")
 
 
+# Refusals of one status are logged once a second at most, with a count of those left out: a
+# crowd of 3,000 slow clients, each refused, logged 6,560 lines in 40 s. (The event loop's
+# thread alone calls this: no lock.)
+REFUSALS_LOGGED_EVERY_S = 1.0
+_refusal_logged_at: dict[int, float] = {}
+_refusals_left_out: dict[int, int] = {}
+
+
 def note_refusal(metrics: Any, peer: object, error: ServiceError) -> None:
     """Count a refusal of the edge (``metrics``: the app's ``ServiceMetrics``, if it has one)
     under the route ``<edge>``, and log it with the peer: each refusal closes its connection,
-    so the log grows by one line a connection at most."""
+    so the log grows by one line a connection at most, and one a second for each status."""
+    code = error.status_code
     if metrics is not None:
-        metrics.requests.labels(OTHER_METHOD, EDGE_ROUTE, str(error.status_code)).inc()
-    log.warning("refused %s: %d %s", peer, error.status_code, error.message)
+        metrics.requests.labels(OTHER_METHOD, EDGE_ROUTE, str(code)).inc()
+    now = time.monotonic()
+    if now - _refusal_logged_at.get(code, -REFUSALS_LOGGED_EVERY_S) < REFUSALS_LOGGED_EVERY_S:
+        _refusals_left_out[code] = _refusals_left_out.get(code, 0) + 1
+        return
+    _refusal_logged_at[code] = now
+    left_out = _refusals_left_out.pop(code, 0)
+    more = f" (and {left_out} more refused {code} since the last such line)" if left_out else ""
+    log.warning("refused %s: %d %s%s", peer, code, error.message, more)

@@ -3,10 +3,15 @@ answers on the wire are the edge's tests' (test_protocol.py)."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import httptools
 import pytest
 
+from service.api.edge import heads
 from service.api.edge.heads import malformed, of_method, refusal
+from service.errors import BadRequest, RequestTimeout
 
 HOST = (b"host", b"x")
 
@@ -82,3 +87,26 @@ def test_what_llhttp_refuses_for_its_method_is_told_apart(
 def test_a_long_method_is_named_in_part() -> None:
     error = malformed(b"X" * 5000 + b" / HTTP/1.1\r\n")
     assert error.status_code == 501 and len(error.message) < 200
+
+
+def test_refusals_of_one_status_are_logged_once_a_second_and_counted_in_full(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crowd of slow clients, each refused, logged 6,560 lines in 40 s."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(heads, "_refusal_logged_at", {})
+    monkeypatch.setattr(heads, "_refusals_left_out", {})
+    late, bad = RequestTimeout("the request body stalled for 10 s"), BadRequest("not HTTP")
+    with caplog.at_level(logging.WARNING, logger="service.edge"):
+        for i in range(100):
+            heads.note_refusal(None, ("10.0.0.1", i), late)
+        heads.note_refusal(None, ("10.0.0.2", 1), bad)  # another status: a line of its own
+        now[0] += heads.REFUSALS_LOGGED_EVERY_S
+        heads.note_refusal(None, ("10.0.0.1", 100), late)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused ('10.0.0.1', 0): 408 the request body stalled for 10 s",
+        "refused ('10.0.0.2', 1): 400 not HTTP",
+        "refused ('10.0.0.1', 100): 408 the request body stalled for 10 s"
+        " (and 99 more refused 408 since the last such line)",
+    ]
