@@ -85,14 +85,14 @@ def create(
         promote=spec.promote,
         now=now,
     )
-    for i, params in enumerate(trials):
-        job_repo.create_job(
-            session,
-            params,
-            max_attempts=max_attempts,
-            now=now + i * TRIAL_SPACING,
-            sweep_id=sweep.id,
-        )
+    job_repo.create_trials(
+        session,
+        trials,
+        sweep_id=sweep.id,
+        max_attempts=max_attempts,
+        now=now,
+        spacing=TRIAL_SPACING,
+    )
     session.commit()
     log.info("sweep %s queued with %d trials", sweep.id, len(trials))
     return read(session, sweep.id)
