@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,7 @@ from service.errors import Conflict, NotFound
 from service.status import TERMINAL
 from service.store import job_repo, model_repo
 from service.store.artifacts.backends import remove_job_files
+from service.store.sweeps import repo as sweep_repo
 
 log = logging.getLogger("service.jobs")
 
@@ -29,6 +31,30 @@ class DeletedJob:
     job_id: str
     # The weights file its row named: an API process may hold that model in its cache.
     checkpoint: str | None
+
+
+def _check_ended(job: Any, sweep_id: str | None) -> None:
+    """409 for a job that may not go yet (:func:`deletable`'s rules but the aliases')."""
+    if job.sweep_id is not None and job.sweep_id != sweep_id:
+        raise Conflict(
+            f"job {job.id} is a trial of sweep {job.sweep_id}: it goes with its sweep "
+            f"(DELETE /sweeps/{job.sweep_id}, once the sweep has ended)"
+        )
+    if job.status not in TERMINAL:
+        raise Conflict(
+            f"job {job.id} is {job.status}: cancel it first (POST /jobs/{job.id}/cancel), "
+            "then delete it once it has ended"
+        )
+
+
+def _check_unaliased(job_id: str, aliases: list[str]) -> None:
+    """409 naming the first alias that points at the job, if one does."""
+    if aliases:
+        raise Conflict(
+            f"model alias {aliases[0]!r} points at job {job_id}: point it at another model "
+            "or delete it first",
+            details=[{"aliases": aliases}],
+        )
 
 
 def deletable(session: Session, job_id: str, *, sweep_id: str | None = None) -> DeletedJob:
@@ -46,24 +72,24 @@ def deletable(session: Session, job_id: str, *, sweep_id: str | None = None) -> 
     job = job_repo.lock_job(session, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id}")
-    if job.sweep_id is not None and job.sweep_id != sweep_id:
-        raise Conflict(
-            f"job {job_id} is a trial of sweep {job.sweep_id}: it goes with its sweep "
-            f"(DELETE /sweeps/{job.sweep_id}, once the sweep has ended)"
-        )
-    if job.status not in TERMINAL:
-        raise Conflict(
-            f"job {job_id} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel), "
-            "then delete it once it has ended"
-        )
-    aliases = model_repo.aliases_of(session, [job_id]).get(job_id, [])
-    if aliases:
-        raise Conflict(
-            f"model alias {aliases[0]!r} points at job {job_id}: point it at another model "
-            "or delete it first",
-            details=[{"aliases": aliases}],
-        )
+    _check_ended(job, sweep_id)
+    _check_unaliased(job_id, model_repo.aliases_of(session, [job_id]).get(job_id, []))
     return DeletedJob(job_id=job.id, checkpoint=job.checkpoint)
+
+
+def deletable_trials(session: Session, sweep_id: str) -> list[DeletedJob]:
+    """:func:`deletable` for every trial of a sweep at once, in the order they were queued:
+    their rows locked and their aliases read in one statement each, whatever their number
+    (a lock and an alias query per trial took 24 s for 10,000), then each checked by the
+    same rules in that order, so a refusal names what the checks one by one named. Every
+    row is locked before the aliases are read, so an alias pointed at a trial meanwhile has
+    either committed (and refuses) or waits for this transaction, as with one job."""
+    trials = job_repo.lock_trials(session, sweep_id)
+    aliases = sweep_repo.trial_aliases(session, sweep_id)
+    for trial in trials:
+        _check_ended(trial, sweep_id)
+        _check_unaliased(trial.id, aliases.get(trial.id, []))
+    return [DeletedJob(job_id=trial.id, checkpoint=trial.checkpoint) for trial in trials]
 
 
 def delete_job(session: Session, job_id: str) -> DeletedJob:

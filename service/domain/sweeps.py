@@ -188,8 +188,9 @@ def cancel(session: Session, sweep_id: str) -> SweepRead:
 
 def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deletion.DeletedJob]:
     """Delete an ended sweep with its trials, their metrics and artifacts: the rows in one
-    transaction, each trial as ``DELETE /jobs/{id}`` would (:func:`deletion.deletable`: 409
-    while an alias names one), then the files. 404 unknown; 409 while it runs."""
+    transaction, each trial checked as ``DELETE /jobs/{id}`` checks a job, all at once
+    (:func:`deletion.deletable_trials`: 409 while an alias names one), then the files. 404
+    unknown; 409 while it runs."""
     sweep = sweep_repo.lock_sweep(session, sweep_id)
     if sweep is None:
         raise NotFound(f"no sweep with id {sweep_id}")
@@ -198,14 +199,8 @@ def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deleti
             f"sweep {sweep_id} is running: cancel it first (POST /sweeps/{sweep_id}/cancel), "
             "then delete it once it has ended"
         )
-    deleted = []
-    for job_id in sweep_repo.trial_ids(session, sweep_id):
-        try:
-            deleted.append(deletion.deletable(session, job_id, sweep_id=sweep_id))
-        except NotFound:  # deleted by itself since it was listed (DELETE /jobs/{id}): gone
-            continue
-    for trial in deleted:
-        job_repo.delete_job(session, trial.job_id)
+    deleted = deletion.deletable_trials(session, sweep_id)
+    job_repo.delete_trials(session, sweep_id)
     sweep_repo.delete_sweep(session, sweep_id)
     session.commit()
     for trial in deleted:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, not_, select, update
+from sqlalchemy import Row, and_, bindparam, delete, func, insert, not_, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
@@ -121,6 +121,25 @@ def delete_job(session: Session, job_id: str) -> None:
     The caller has locked the row (:func:`lock_job`) and checked that it may go.
     """
     session.execute(delete(Job).where(Job.id == job_id))
+
+
+def lock_trials(session: Session, sweep_id: str) -> list[Row[Any]]:
+    """A sweep's trials (``id``, ``sweep_id``, ``status``, ``checkpoint``) in the order they
+    were queued, read afresh and locked until the transaction ends, as :func:`lock_job` locks
+    one (in that order, on PostgreSQL): for deleting them all."""
+    stmt = (
+        select(Job.id, Job.sweep_id, Job.status, Job.checkpoint)
+        .where(Job.sweep_id == sweep_id)
+        .order_by(Job.created_at, Job.id)
+        .with_for_update()
+    )
+    return list(session.execute(stmt))
+
+
+def delete_trials(session: Session, sweep_id: str) -> None:
+    """:func:`delete_job` for every trial of a sweep, in one statement; the caller has locked
+    them (:func:`lock_trials`) and checked that they may go."""
+    session.execute(delete(Job).where(Job.sweep_id == sweep_id))
 
 
 def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:

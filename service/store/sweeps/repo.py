@@ -155,6 +155,21 @@ def trial_ids(session: Session, sweep_id: str) -> list[str]:
     return list(session.scalars(stmt))
 
 
+def trial_aliases(session: Session, sweep_id: str) -> dict[str, list[str]]:
+    """The alias names pointing at each trial of the sweep (trials without one left out), as
+    :func:`model_repo.aliases_of` answers for a list of jobs; one query, whatever the trials."""
+    stmt = (
+        select(ModelAlias.job_id, ModelAlias.name)
+        .join(Job, Job.id == ModelAlias.job_id)
+        .where(Job.sweep_id == sweep_id)
+        .order_by(ModelAlias.name)
+    )
+    found: dict[str, list[str]] = {}
+    for job_id, name in session.execute(stmt):
+        found.setdefault(job_id, []).append(name)
+    return found
+
+
 def request_cancel(session: Session, sweep: Sweep) -> None:
     """Remember that the sweep was cancelled: it ends ``cancelled`` once its trials have."""
     sweep.cancel_requested = True
