@@ -9,6 +9,7 @@ files finds nothing to do), never a row that names a file already gone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict, NotFound
 from service.status import TERMINAL
 from service.store import job_repo, model_repo
-from service.store.artifacts.backends import remove_job_files
+from service.store.artifacts.backends import remove_jobs_files
 from service.store.sweeps import repo as sweep_repo
 
 log = logging.getLogger("service.jobs")
@@ -100,17 +101,18 @@ def delete_job(session: Session, job_id: str) -> DeletedJob:
     return deleted
 
 
-def remove_artifacts(checkpoint_dir: Path, deleted: DeletedJob) -> None:
-    """Remove the files of a job whose rows are gone (its artifact rows went with them, by
+def remove_artifacts(checkpoint_dir: Path, deleted: Iterable[DeletedJob]) -> None:
+    """Remove the files of jobs whose rows are gone (their artifact rows went with them, by
     cascade): the one place a deleted job's stored artifacts go away. What its files are
-    called is the artifacts store's to say (:func:`remove_job_files`)."""
-    remove_job_files(checkpoint_dir, deleted.job_id, deleted.checkpoint)
+    called is the artifacts store's to say (:func:`remove_jobs_files`), which lists the
+    folder once for all of ``deleted``: pass a batch's jobs together, not one by one."""
+    remove_jobs_files(checkpoint_dir, {job.job_id: job.checkpoint for job in deleted})
 
 
 def delete_job_and_artifacts(session: Session, checkpoint_dir: Path, job_id: str) -> DeletedJob:
-    """:func:`delete_job`, then (committed) :func:`remove_artifacts`: the one delete path of
-    the API and of retention."""
+    """:func:`delete_job`, then (committed) :func:`remove_artifacts`: the API's delete path
+    (retention runs the same two, a batch's files removed together)."""
     deleted = delete_job(session, job_id)
-    remove_artifacts(checkpoint_dir, deleted)
+    remove_artifacts(checkpoint_dir, [deleted])
     log.info("job %s deleted", job_id)
     return deleted
