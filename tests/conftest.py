@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import pytest
 from alembic import command
@@ -272,3 +272,18 @@ def fill_disk(folder: Path) -> Path:
             except OSError:
                 chunk = chunk[: len(chunk) // 2]
     return filler
+
+
+@pytest.fixture
+def folder_scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders listed (``os.scandir``, which ``Path.glob`` lists through too) from here
+    to the test's end: how many times deleting jobs read the checkpoint folder."""
+    listed: list[str] = []
+    scandir = os.scandir
+
+    def counted(path: Any = ".") -> Any:
+        listed.append(os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    return listed

@@ -7,12 +7,14 @@ looks every :data:`CHECK_EVERY_S`; but only the one that claims the period in th
 per :data:`PERIOD` across every API process and machine, on PostgreSQL and SQLite alike. The
 API rather than the workers: a worker's job is training, an idle one may never be idle on a
 busy cluster, and there is always an API. Jobs go by the one delete path
-(:func:`deletion.delete_job_and_artifacts`), each in its own transaction, listed in batches:
+(:func:`deletion.delete_job`), each in its own transaction, listed in batches, the files of a
+batch's removed together once their rows are gone (:func:`deletion.remove_artifacts`):
 a job an alias names is kept, and one aliased between the listing and its delete is refused
 by that delete's own check and kept too. A sweep's trials are never deleted alone (a running
 sweep would lose trials from its record): an ended sweep goes whole, in one transaction, by
-``DELETE /sweeps/{id}``'s path (:func:`service.domain.sweeps.delete`), once it finished before
-the cutoff, and is kept while an alias names one of its trials (its promoted best, usually).
+``DELETE /sweeps/{id}``'s path (:func:`service.domain.sweeps.delete_rows`), once it finished
+before the cutoff, and is kept while an alias names one of its trials (its promoted best,
+usually); its files go with its batch's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
 from service.domain import sweeps
-from service.domain.deletion import delete_job_and_artifacts
+from service.domain.deletion import DeletedJob, delete_job, remove_artifacts
 from service.errors import Conflict, NotFound
 from service.store import availability, job_repo
 from service.store.outage import is_outage
@@ -89,34 +91,42 @@ class Retention:
         self,
         cutoff: datetime,
         listed: Callable[..., list[str]],
-        delete: Callable[[str], bool],
+        delete: Callable[[Session, str], list[DeletedJob]],
     ) -> int:
-        """Delete what ``listed`` lists as ended before ``cutoff``, batch after batch."""
+        """Delete what ``listed`` lists as ended before ``cutoff``, batch after batch: each
+        item's rows in a transaction of its own (``delete``), then the files of the batch's,
+        the folder listed once for them all (once per job made a pass cost the jobs times
+        the folder's files); those of the rows already gone even when a later item fails."""
         deleted = 0
         while True:
             with self._sessions() as session:
                 batch = listed(session, cutoff, limit=self._batch)
-            gone = sum(delete(item) for item in batch)
+            gone = 0
+            files: list[DeletedJob] = []
+            try:
+                for item in batch:
+                    with self._sessions() as session:
+                        try:
+                            files.extend(delete(session, item))
+                        except (NotFound, Conflict):  # deleted or aliased since listed: kept
+                            continue
+                    gone += 1
+            finally:
+                remove_artifacts(self._checkpoint_dir, files)
             deleted += gone
             # A short batch was the last; a batch of refusals only (aliased since) is left.
             if len(batch) < self._batch or gone == 0:
                 return deleted
 
-    def _delete(self, job_id: str) -> bool:
-        with self._sessions() as session:
-            try:
-                delete_job_and_artifacts(session, self._checkpoint_dir, job_id)
-            except (NotFound, Conflict):  # deleted or aliased since it was listed: kept
-                return False
-        return True
+    @staticmethod
+    def _delete(session: Session, job_id: str) -> list[DeletedJob]:
+        deleted = delete_job(session, job_id)
+        log.info("job %s deleted", job_id)
+        return [deleted]
 
-    def _delete_sweep(self, sweep_id: str) -> bool:
-        with self._sessions() as session:
-            try:
-                sweeps.delete(session, self._checkpoint_dir, sweep_id)
-            except (NotFound, Conflict):  # deleted, or a trial aliased: kept
-                return False
-        return True
+    @staticmethod
+    def _delete_sweep(session: Session, sweep_id: str) -> list[DeletedJob]:
+        return sweeps.delete_rows(session, sweep_id)
 
 
 class RetentionThread:

@@ -85,14 +85,14 @@ def create(
         promote=spec.promote,
         now=now,
     )
-    for i, params in enumerate(trials):
-        job_repo.create_job(
-            session,
-            params,
-            max_attempts=max_attempts,
-            now=now + i * TRIAL_SPACING,
-            sweep_id=sweep.id,
-        )
+    job_repo.create_trials(
+        session,
+        trials,
+        sweep_id=sweep.id,
+        max_attempts=max_attempts,
+        now=now,
+        spacing=TRIAL_SPACING,
+    )
     session.commit()
     log.info("sweep %s queued with %d trials", sweep.id, len(trials))
     return read(session, sweep.id)
@@ -186,10 +186,12 @@ def cancel(session: Session, sweep_id: str) -> SweepRead:
     return read(session, sweep_id)
 
 
-def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deletion.DeletedJob]:
-    """Delete an ended sweep with its trials, their metrics and artifacts: the rows in one
-    transaction, each trial as ``DELETE /jobs/{id}`` would (:func:`deletion.deletable`: 409
-    while an alias names one), then the files. 404 unknown; 409 while it runs."""
+def delete_rows(session: Session, sweep_id: str) -> list[deletion.DeletedJob]:
+    """Delete an ended sweep's rows and its trials', each trial checked as ``DELETE
+    /jobs/{id}`` checks a job, all at once (:func:`deletion.deletable_trials`: 409 while an
+    alias names one), in one transaction, and commit; its files are left to the caller
+    (:func:`deletion.remove_artifacts`, once the rows are gone). 404 unknown; 409 while it
+    runs."""
     sweep = sweep_repo.lock_sweep(session, sweep_id)
     if sweep is None:
         raise NotFound(f"no sweep with id {sweep_id}")
@@ -198,17 +200,17 @@ def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deleti
             f"sweep {sweep_id} is running: cancel it first (POST /sweeps/{sweep_id}/cancel), "
             "then delete it once it has ended"
         )
-    deleted = []
-    for job_id in sweep_repo.trial_ids(session, sweep_id):
-        try:
-            deleted.append(deletion.deletable(session, job_id, sweep_id=sweep_id))
-        except NotFound:  # deleted by itself since it was listed (DELETE /jobs/{id}): gone
-            continue
-    for trial in deleted:
-        job_repo.delete_job(session, trial.job_id)
+    deleted = deletion.deletable_trials(session, sweep_id)
+    job_repo.delete_trials(session, sweep_id)
     sweep_repo.delete_sweep(session, sweep_id)
     session.commit()
-    for trial in deleted:
-        deletion.remove_artifacts(checkpoint_dir, trial)
     log.info("sweep %s deleted with %d trials", sweep_id, len(deleted))
+    return deleted
+
+
+def delete(session: Session, checkpoint_dir: Path, sweep_id: str) -> list[deletion.DeletedJob]:
+    """Delete an ended sweep with its trials, their metrics and artifacts: the rows
+    (:func:`delete_rows`), then the files, the folder listed once for all the trials."""
+    deleted = delete_rows(session, sweep_id)
+    deletion.remove_artifacts(checkpoint_dir, deleted)
     return deleted

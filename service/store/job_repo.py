@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, not_, select, update
+from sqlalchemy import Row, and_, bindparam, delete, func, insert, not_, select, update
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
@@ -22,6 +23,26 @@ from service.store.tables import Job, ModelAlias, TrainStep
 from service.store.upkeep import leases
 
 
+def _queued(
+    params: JobCreate, *, max_attempts: int, now: datetime, sweep_id: str | None
+) -> dict[str, Any]:
+    """A queued job's columns, every one the ORM would not default: one job and a sweep's
+    trials inserted in bulk are the same rows."""
+    return {
+        "id": new_job_id(),
+        "status": JobStatus.QUEUED,
+        "created_at": now,
+        "total_steps": StepPlan.of(params).total_steps,
+        "max_attempts": max_attempts,
+        "epoch": 0,
+        "step": 0,
+        "attempt": 0,
+        "cancel_requested": False,
+        "sweep_id": sweep_id,
+        **params.model_dump(),
+    }
+
+
 def create_job(
     session: Session,
     params: JobCreate,
@@ -31,23 +52,32 @@ def create_job(
     sweep_id: str | None = None,
 ) -> Job:
     """Insert a queued job (a trial of ``sweep_id``, if given)."""
-    job = Job(
-        id=new_job_id(),
-        status=JobStatus.QUEUED,
-        created_at=now,
-        total_steps=StepPlan.of(params).total_steps,
-        max_attempts=max_attempts,
-        epoch=0,
-        step=0,
-        attempt=0,
-        cancel_requested=False,
-        sweep_id=sweep_id,
-        **params.model_dump(),
-    )
+    job = Job(**_queued(params, max_attempts=max_attempts, now=now, sweep_id=sweep_id))
     session.add(job)
     session.flush()
     wakeups.publish(session, wakeups.JOB_QUEUED)
     return job
+
+
+def create_trials(
+    session: Session,
+    trials: Sequence[JobCreate],
+    *,
+    sweep_id: str,
+    max_attempts: int,
+    now: datetime,
+    spacing: timedelta,
+) -> None:
+    """Insert a sweep's trials, queued, ``spacing`` apart from ``now`` in their order, as
+    :func:`create_job` inserts one, in one statement of many rows (a few for the largest
+    sweeps): a flush per trial held the write lock 7-10 s for 10,000 trials."""
+    rows = [
+        _queued(params, max_attempts=max_attempts, now=now + i * spacing, sweep_id=sweep_id)
+        for i, params in enumerate(trials)
+    ]
+    if rows:
+        session.execute(insert(Job), rows)
+        wakeups.publish(session, wakeups.JOB_QUEUED)
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
@@ -91,6 +121,25 @@ def delete_job(session: Session, job_id: str) -> None:
     The caller has locked the row (:func:`lock_job`) and checked that it may go.
     """
     session.execute(delete(Job).where(Job.id == job_id))
+
+
+def lock_trials(session: Session, sweep_id: str) -> list[Row[Any]]:
+    """A sweep's trials (``id``, ``sweep_id``, ``status``, ``checkpoint``) in the order they
+    were queued, read afresh and locked until the transaction ends, as :func:`lock_job` locks
+    one (in that order, on PostgreSQL): for deleting them all."""
+    stmt = (
+        select(Job.id, Job.sweep_id, Job.status, Job.checkpoint)
+        .where(Job.sweep_id == sweep_id)
+        .order_by(Job.created_at, Job.id)
+        .with_for_update()
+    )
+    return list(session.execute(stmt))
+
+
+def delete_trials(session: Session, sweep_id: str) -> None:
+    """:func:`delete_job` for every trial of a sweep, in one statement; the caller has locked
+    them (:func:`lock_trials`) and checked that they may go."""
+    session.execute(delete(Job).where(Job.sweep_id == sweep_id))
 
 
 def ended_before(session: Session, cutoff: datetime, *, limit: int) -> list[str]:

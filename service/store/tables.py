@@ -120,12 +120,14 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # The sweep this job is a trial of; None for a job submitted alone.
-    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id"), nullable=True, index=True)
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id"), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_finished_at", "finished_at"),
+        # A sweep's trials, and whether any is unfinished in one probe (its settling).
+        Index("ix_jobs_sweep_id_status", "sweep_id", "status"),
     )
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Collection, Iterable
+import os
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -63,25 +64,61 @@ def _file_name(ref: str) -> str:
 
 
 def remove_job_files(folder: Path, job_id: str, checkpoint: str | None) -> None:
-    """Remove every file of a deleted job in ``folder``: its weights (the name its row gave, and
-    the oldest layout's ``<id>.pt``), every attempt's training state, and any temporary file a
-    write left behind (:func:`service.ml.atomic_torch_save`'s ``.<name>.*.tmp``).
+    """:func:`remove_jobs_files` for one job."""
+    remove_jobs_files(folder, {job_id: checkpoint})
 
-    Names are built from the job id (32 hex digits, checked before it reached the database)
+
+def remove_jobs_files(folder: Path, jobs: Mapping[str, str | None]) -> None:
+    """Remove every file in ``folder`` of these deleted jobs (each id → the checkpoint its row
+    named): their weights (the name the row gave, and the oldest layout's ``<id>.pt``), every
+    attempt's training state, and any temporary file a write left behind
+    (:func:`service.ml.atomic_torch_save`'s ``.<name>.*.tmp``).
+
+    The folder is listed once for all of them: two globs per job made deleting many jobs (a
+    sweep, retention's batch) cost their number times the folder's files (a 256-trial sweep
+    took 16 s beside 14,000 files, 0.9 s in an empty folder).
+
+    Names are built from the job ids (32 hex digits, checked before they reached the database)
     and base names only, so nothing outside ``folder`` is touched. A file that cannot be
     removed is logged, not raised: the job is already gone, and an orphan costs only disk.
     """
-    names = {f"{job_id}.pt"}
-    if checkpoint is not None and not in_database(checkpoint):
-        names.add(_file_name(checkpoint))
-    paths = [folder / name for name in names]
-    for pattern in (f"{job_id}-*.pt", f".{job_id}*.tmp"):
-        paths.extend(folder.glob(pattern))
-    for path in paths:
+    owners: dict[str, str] = {}  # file name → the job whose file it is
+    for job_id, checkpoint in jobs.items():
+        owners[f"{job_id}.pt"] = job_id
+        if checkpoint is not None and not in_database(checkpoint):
+            owners[_file_name(checkpoint)] = job_id
+    if jobs:
+        owners.update(_listed_files_of(folder, jobs.keys()))
+    for name, job_id in owners.items():
+        path = folder / name
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("job %s deleted, but its file %s stays: %s", job_id, path, exc)
+
+
+def _listed_files_of(folder: Path, job_ids: Iterable[str]) -> dict[str, str]:
+    """The files in ``folder`` named as the jobs' attempts (``<id>-*.pt``) and temporary
+    files (``.<id>*.tmp``) are, each with its job: one listing, each name matched by its
+    prefix (the id's length, whatever it is) against the set of ids."""
+    ids = set(job_ids)
+    lengths = {len(job_id) for job_id in ids}
+    found: dict[str, str] = {}
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries]
+    except OSError:  # no folder (nothing was ever written there), as a glob finds nothing
+        return found
+    for name in names:
+        for n in lengths:
+            attempt = name.endswith(".pt") and name[n : n + 1] == "-"
+            if attempt and name[:n] in ids:
+                found[name] = name[:n]
+            # ".tmp" after the id, not over it: the shortest is ".<id>.tmp"
+            temporary = name[:1] == "." and name.endswith(".tmp") and len(name) >= n + 5
+            if temporary and name[1 : n + 1] in ids:
+                found[name] = name[1 : n + 1]
+    return found
 
 
 def _row_name(ref: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, select
+from sqlalchemy import Row, delete, func, select
 from sqlalchemy.orm import Session
 
 from service.clock import new_job_id
@@ -155,6 +155,21 @@ def trial_ids(session: Session, sweep_id: str) -> list[str]:
     return list(session.scalars(stmt))
 
 
+def trial_aliases(session: Session, sweep_id: str) -> dict[str, list[str]]:
+    """The alias names pointing at each trial of the sweep (trials without one left out), as
+    :func:`model_repo.aliases_of` answers for a list of jobs; one query, whatever the trials."""
+    stmt = (
+        select(ModelAlias.job_id, ModelAlias.name)
+        .join(Job, Job.id == ModelAlias.job_id)
+        .where(Job.sweep_id == sweep_id)
+        .order_by(ModelAlias.name)
+    )
+    found: dict[str, list[str]] = {}
+    for job_id, name in session.execute(stmt):
+        found.setdefault(job_id, []).append(name)
+    return found
+
+
 def request_cancel(session: Session, sweep: Sweep) -> None:
     """Remember that the sweep was cancelled: it ends ``cancelled`` once its trials have."""
     sweep.cancel_requested = True
@@ -164,6 +179,23 @@ def request_cancel(session: Session, sweep: Sweep) -> None:
 def delete_sweep(session: Session, sweep_id: str) -> None:
     """Delete a sweep's row; the caller has deleted its trials (a reference keeps it else)."""
     session.execute(delete(Sweep).where(Sweep.id == sweep_id))
+
+
+def unfinished(session: Session, sweep_id: str) -> bool:
+    """Whether any trial of the sweep is queued or running: one probe of the index of
+    ``(sweep_id, status)``, whatever the sweep's size (:func:`settle` asks it at every
+    trial's end)."""
+    trial = select(Job.id).where(Job.sweep_id == sweep_id, Job.status.in_(UNFINISHED))
+    return bool(session.scalar(select(trial.exists())))
+
+
+def count_by_status(session: Session, sweep_id: str) -> dict[JobStatus, int]:
+    """:func:`tally` of the sweep's trials counted by the database, no trial read."""
+    counts = dict.fromkeys(JobStatus, 0)
+    stmt = select(Job.status, func.count()).where(Job.sweep_id == sweep_id).group_by(Job.status)
+    for status, count in session.execute(stmt):
+        counts[JobStatus(status)] = count
+    return counts
 
 
 def settle(session: Session, sweep_id: str, now: datetime) -> None:
@@ -176,17 +208,21 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
     succeeded sweep with ``promote`` points that alias at its best trial, as
     ``PUT /models/aliases/{name}`` does:
     the model's row locked (shared) and the alias upserted (:func:`model_repo.set_alias`).
+
+    Only the end of a sweep's last trial reads more than one index probe
+    (:func:`unfinished`): reading every trial at every trial's end made a sweep's cost grow
+    with the square of its trials (61% of a worker's time in a 10,000-trial sweep). The last
+    counts them in the database, and reads them only to choose the trial it promotes.
     """
     sweep = lock_sweep(session, sweep_id)
     if sweep is None or sweep.status != SweepStatus.RUNNING:
         return
-    rows = trials(session, sweep_id)
-    counts = tally(rows)
-    if any(counts[status] for status in UNFINISHED):
+    if unfinished(session, sweep_id):
         return
+    counts = count_by_status(session, sweep_id)
     # Every trial cancelled (one by one, as their jobs) is a cancelled sweep: "failed" with
     # no trial failed said what did not happen.
-    if sweep.cancel_requested or counts[JobStatus.CANCELLED] == len(rows):
+    if sweep.cancel_requested or counts[JobStatus.CANCELLED] == sum(counts.values()):
         status = SweepStatus.CANCELLED
     elif counts[JobStatus.SUCCEEDED]:
         status = SweepStatus.SUCCEEDED
@@ -196,7 +232,7 @@ def settle(session: Session, sweep_id: str, now: datetime) -> None:
     session.flush()
     if status is not SweepStatus.SUCCEEDED or sweep.promote is None:
         return
-    best = best_of(rows)
+    best = best_of(trials(session, sweep_id))
     if best is None or best.checkpoint is None:
         return
     locked = select(Job.id).where(Job.id == best.id).with_for_update(read=True)

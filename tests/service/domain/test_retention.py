@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
@@ -63,6 +64,34 @@ def test_ended_jobs_older_than_the_retention_go_and_the_rest_stay(
     assert not [p for p in tmp_path.iterdir() if any(j in p.name for j in expired)]
     for job_id in (aliased, recent, running.job_id, queued.job_id):
         assert exists(sessions, job_id)
+
+
+def test_a_pass_lists_the_checkpoint_folder_once_per_batch(
+    sessions: sessionmaker[Session], tmp_path: Path, folder_scans: list[str]
+) -> None:
+    """Two globs per job deleted: a pass cost its jobs times the folder's files. Here one
+    listing for the batch of jobs and one for the batch of sweeps."""
+    old = NOW - timedelta(days=8)
+    folder = tmp_path / "checkpoints"
+    for _ in range(4):
+        ended_job(sessions, folder, at=old)
+    body = SweepCreate.model_validate({"grid": {"seed": [1, 2, 3]}})
+    with sessions() as session:
+        sweep = sweeps.create(
+            session, body, max_trials=8, max_attempts=1, max_queued=99, max_steps=10**6
+        )
+        sweeps.cancel(session, sweep.id)
+    with sessions.begin() as session:
+        session.execute(update(Sweep).where(Sweep.id == sweep.id).values(finished_at=old))
+    for trial in sweep.trials:
+        (folder / f"{trial.job_id}-1-e1.resume.pt").write_bytes(b"")
+    folder_scans.clear()
+
+    deleted = Retention(sessions, folder, days=7, clock=Clock(NOW)).run_once()
+
+    assert deleted == 5
+    assert folder_scans == [str(folder)] * 2
+    assert not list(folder.iterdir())
 
 
 def test_it_runs_once_per_period_whoever_asks(
