@@ -66,6 +66,16 @@ def test_ready_when_the_database_is_migrated(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
+def test_readiness_logs_nothing_of_alembics(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every /readyz wrote alembic's "Context impl SQLiteImpl." and "Will assume
+    non-transactional DDL." to the log: reading the revision configured a MigrationContext."""
+    with caplog.at_level("DEBUG"):
+        assert client.get("/readyz").status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
+
+
 def test_readiness_and_metrics_report_the_store_size_read_once(client: TestClient) -> None:
     checks = {c["name"]: c for c in client.get("/readyz").json()["checks"]}
     match = re.fullmatch(r"(\d+) bytes \((.+)\)", checks["storage"]["detail"])
