@@ -196,9 +196,12 @@ class StorageFull(DatabaseUnavailable):
     code = "storage_full"
     retry_after_s = 30
 
+    # It told clients to delete ended jobs, which is a write too (507 again on SQLite) and frees
+    # none of the disk (deleted rows' pages are reused, the file does not shrink): only room
+    # made on the disk by whoever runs the service brings writes back.
     def __init__(
         self,
-        message: str = "the database's storage is full: nothing can be written until space "
-        "is freed (delete ended jobs with DELETE /jobs/{id}, or set MNIST_RETENTION_DAYS)",
+        message: str = "the database's storage is full: nothing can be written until the "
+        "service's operator frees space on the database's disk; retry later",
     ) -> None:
         super().__init__(message)

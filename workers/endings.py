@@ -190,7 +190,8 @@ class Endings:
         return Outcome(claim.job_id, "released", reporter.flush_seconds)
 
     def hand_back(self, claim: Claim, reason: str, reporter: Reporter) -> Outcome:
-        """The job goes on as its next attempt (or fails, past the last), as a lost worker's."""
+        """The job goes on as its next attempt, not counted against its attempts (the fault
+        is this host's), or ends cancelled when a cancel was asked meanwhile."""
 
         def hand_back() -> bool:
             with self._sessions.begin() as session:
@@ -209,7 +210,7 @@ class Endings:
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
         if not again:
             self._artifacts.keep_resume(claim.job_id, keep=())
-            log.info("job %s failed: %s on its last attempt", claim.job_id, reason)
-            return Outcome(claim.job_id, JobStatus.FAILED, reporter.flush_seconds)
+            log.info("job %s cancelled (asked while it ran): %s", claim.job_id, reason)
+            return Outcome(claim.job_id, JobStatus.CANCELLED, reporter.flush_seconds)
         log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)
         return Outcome(claim.job_id, "handed back", reporter.flush_seconds)

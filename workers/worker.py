@@ -100,7 +100,7 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         self.outage = Outage(log)
         self._leases_settled_at = -float("inf")  # time.monotonic() of this worker's last settle
-        self._host_faults = 0  # jobs handed back in a row for this host's faults
+        self._host_faults, self._pause_due = 0, False  # hand-backs in a row; pause once after
         # Every job's writing threads (a reporter waits for its own); shut down as run() ends.
         self.writers = Writers()
         self.endings = Endings(
@@ -192,15 +192,16 @@ class Worker:
                     with log_context(job_id=jobs[0].id, attempt=jobs[0].attempt):
                         outcomes = [self.run_job(jobs[0])]
                 done += len(jobs)
-                faulted = any(o.status == "handed back" for o in outcomes)
-                self._host_faults = self._host_faults + 1 if faulted else 0
+                self._pause_due = any(o.status == "handed back" for o in outcomes)
+                self._host_faults = self._host_faults + 1 if self._pause_due else 0
 
     def _waited_out_host_faults(self) -> bool:
-        """After jobs handed back for faults of this host (its storage), wait before the next
-        claim, longer at each in a row: other workers take the job meanwhile, and a fault of a
-        few seconds no longer spends a job's every attempt at once (three in 2 s, the same
-        worker claiming it straight back). Whether a stop came meanwhile."""
-        if self._host_faults:
+        """After jobs handed back for faults of this host (its storage), wait once before the
+        next claim, longer at each in a row, so that other workers take the job rather than
+        this host straight back; not again while idle (it paused and logged before every look
+        at the queue, for good, its host fine again). Whether a stop came meanwhile."""
+        if self._pause_due:
+            self._pause_due = False
             pause = capped_exponential(HOST_FAULT_FIRST_S, HOST_FAULT_MAX_S, self._host_faults - 1)
             log.warning("pausing %.0f s before the next claim: this host's fault", pause)
             self._pause(pause)

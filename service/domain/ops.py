@@ -38,6 +38,19 @@ def _check_migrations(session: Session) -> ReadinessCheck:
     return ReadinessCheck(name="migrations", ok=problem is None, detail=problem or at_head)
 
 
+def _check_file(session: Session) -> ReadinessCheck:
+    """SQLite: whether the file this process opened is still the one at its path."""
+    try:
+        gone = engines.opened_file_gone(session)  # its writes would go where none will read
+    except OSError as exc:  # its folder out of reach (its permissions): no answer either way
+        detail = f"its file cannot be read ({type(exc).__name__})"
+        return ReadinessCheck(name="database", ok=False, detail=detail)
+    if gone:
+        detail = "its file was removed or replaced since this process opened it"
+        return ReadinessCheck(name="database", ok=False, detail=detail)
+    return ReadinessCheck(name="database", ok=True, detail="reachable")
+
+
 def _note_failure(what: str, error: SQLAlchemyError) -> None:
     # An outage is logged as it starts and ends (not at every poll of a balancer); anything
     # else is logged as it happens.
@@ -115,17 +128,22 @@ class StoreSize:
         self._lock = threading.Lock()
         self._last: tuple[float, int, str] | None = None
 
-    def read(self, session: Session) -> tuple[int, str]:
-        """The size and what it counts (see :func:`usage.describe`), fresh within ``ttl_s``."""
+    def read(self, session: Session) -> tuple[int | None, str]:
+        """The size and what it counts (see :func:`usage.describe`), fresh within ``ttl_s``;
+        None while the files cannot be looked at (not kept: it is asked again next time)."""
         with self._lock:
             if self._last is None or self._clock() - self._last[0] >= self._ttl_s:
-                self._last = (self._clock(), usage.store_bytes(session), usage.describe(session))
+                if (size := usage.store_bytes(session)) is None:
+                    return None, usage.describe(session)
+                self._last = (self._clock(), size, usage.describe(session))
             return self._last[1], self._last[2]
 
     def check(self, session: Session) -> ReadinessCheck:
         """The size as a readiness check: it informs, and fails nothing (a full disk fails the
-        write probe)."""
+        write probe) but files out of reach."""
         size, what = self.read(session)
+        if size is None:
+            return ReadinessCheck(name="storage", ok=False, detail=f"{what} cannot be read")
         return ReadinessCheck(name="storage", ok=True, detail=f"{size} bytes ({what})")
 
 
@@ -146,11 +164,7 @@ def readiness(
     checks: list[ReadinessCheck] = []
     try:
         engines.ping(session)
-        if engines.opened_file_gone(session):  # SQLite: its writes go where none will read
-            gone = "its file was removed or replaced since this process opened it"
-            checks.append(ReadinessCheck(name="database", ok=False, detail=gone))
-        else:
-            checks.append(ReadinessCheck(name="database", ok=True, detail="reachable"))
+        checks.append(_check_file(session))
         checks.append(_check_migrations(session))
         # The tables read below are the head's: on an empty database a missing one was
         # reported as the database being unreachable, beside "reachable".

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, column, select, table
+from sqlalchemy import Connection, column, inspect, select, table
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.store.engines import make_engine, sqlite_file
@@ -26,6 +25,8 @@ from service.store.upkeep.db_clock import database_time
 SCRIPTS = "alembic"  # the scripts' folder: in this package (a wheel) or at the checkout's root
 # PostgreSQL's advisory lock a migration run holds (alembic/env.py): runs at once take turns.
 MIGRATION_LOCK_KEY = 0x6D6E6973_7400
+# Where alembic records the revision (its default name and schema: alembic/env.py sets neither).
+VERSION_TABLE = table("alembic_version", column("version_num"))
 
 
 def script_location() -> Path:
@@ -64,8 +65,12 @@ def head_revisions() -> frozenset[str]:
 
 
 def current_revisions(connection: Connection) -> frozenset[str]:
-    """The revisions the database is at (empty when it was never migrated)."""
-    return frozenset(MigrationContext.configure(connection).get_current_heads())
+    """The revisions the database is at (empty when it was never migrated), read from the
+    version table as alembic reads it, without alembic's MigrationContext: configuring one
+    logs two INFO lines (its dialect, its DDL), which every /readyz wrote to the API's log."""
+    if not inspect(connection).has_table(VERSION_TABLE.name):
+        return frozenset()
+    return frozenset(connection.scalars(select(VERSION_TABLE.c.version_num)))
 
 
 @lru_cache(maxsize=1)

@@ -320,13 +320,18 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_as_the_next_attempt(
     assert job.error == "could not write the checkpoint; retrying"  # no path, no advice
     assert str(broken.checkpoint_dir) in caplog.text  # the operator's log has the detail
 
-    for _ in range(2):  # the disk stays broken: the job fails once its attempts are used up
+    # The host's fault spends none of the job's attempts: it failed for good once two more
+    # workers met the folder (its 3 attempts spent in seconds by a fault of seconds).
+    for _ in range(2):
         Worker(broken, sessions, show_progress=False).run(max_jobs=1)
     job = read(sessions, job_id)
-    assert (job.status, job.attempt) == (JobStatus.FAILED, 3)
-    assert job.error == "could not write the checkpoint; gave up after 3 attempts"
+    assert (job.status, job.attempt, job.max_attempts) == (JobStatus.QUEUED, 3, 3 + 3)
+    assert job.error == "could not write the checkpoint; retrying"
     with sessions() as session:
         assert worker_repo.live_workers(session, lease_s=30) == []
+    Worker(settings, sessions, show_progress=False).run(max_jobs=1)  # the folder is back
+    job = read(sessions, job_id)
+    assert (job.status, job.attempt, job.error) == (JobStatus.SUCCEEDED, 4, None)
 
 
 def test_a_worker_that_cannot_read_mnist_hands_its_job_back_for_a_worker_that_can(
@@ -364,7 +369,7 @@ def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(
         worker, "_pause", lambda s: pauses.append((s, read(sessions, job_id).attempt))
     )
     worker.run(max_jobs=3)
-    assert (read(sessions, job_id).status, read(sessions, job_id).attempt) == (JobStatus.FAILED, 3)
+    assert (read(sessions, job_id).status, read(sessions, job_id).attempt) == (JobStatus.QUEUED, 3)
     first = worker_module.HOST_FAULT_FIRST_S
     assert pauses == [(first, 1), (2 * first, 2)]  # before the 2nd and 3rd claims; not after
 
@@ -374,6 +379,44 @@ def test_a_worker_waits_longer_before_each_claim_after_its_host_faults(
     monkeypatch.setattr(stopping, "_pause", lambda _seconds: stopping.stop.set())
     stopping.run(max_jobs=3)
     assert (read(sessions, again).status, read(sessions, again).attempt) == (JobStatus.QUEUED, 1)
+
+
+def test_an_idle_worker_pauses_once_after_a_host_fault_not_before_every_look(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its count of faults in a row was reset only by a job it ran: idle after handing its
+    job back, it logged "pausing 2 s … this host's fault" and paused before every look at the
+    queue, for good, its host fine again. Pauses are recorded, not slept."""
+    job_id = submit(sessions, epochs=1, batch_size=64)
+    worker = Worker(unwritable_checkpoints(settings, tmp_path), sessions, show_progress=False)
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # meanwhile another worker takes the job
+        pauses.append(seconds)
+        with sessions.begin() as session:
+            queue_repo.claim_job(
+                session, worker_id="other", lease_s=3600, device="cpu", now=utcnow()
+            )
+
+    looks: list[int] = []
+    claim = worker._claim
+
+    def counted(size: int) -> list[Job]:
+        jobs = claim(size)
+        looks.append(len(jobs))
+        if looks.count(0) == 3:
+            worker.stop.set()
+        return jobs
+
+    monkeypatch.setattr(worker, "_pause", pause)
+    monkeypatch.setattr(worker, "_claim", counted)
+    worker.run()
+    assert looks == [1, 0, 0, 0]
+    assert pauses == [worker_module.HOST_FAULT_FIRST_S]  # once, not before each empty look
+    assert read(sessions, job_id).worker_id == "other"
 
 
 def test_a_resume_state_that_cannot_be_written_resumes_on_a_healthy_worker(

@@ -105,6 +105,7 @@ class SocketListener(Listener):
         self.folder = folder
         self.name = f"{'+'.join(topics)}-{os.getpid()}-{secrets.token_hex(4)}.sock"
         self._closed = False
+        self._unreachable = False  # the folder could not be searched at the last check
         self._sock = self._bind()
         self._thread = threading.Thread(target=self._run, name="wakeups", daemon=True)
         self._thread.start()
@@ -138,8 +139,23 @@ class SocketListener(Listener):
 
     def _rebind_if_gone(self) -> None:
         """A socket file removed under a running listener is rebound (wake-ups sent while it
-        was gone were lost: the waiters are woken to look again)."""
-        if (self.folder / self.name).exists() or self._closed:
+        was gone were lost: the waiters are woken to look again). A folder that cannot be
+        searched (its permissions) is looked at again at the next check, and its waiters woken
+        once it can: the error ended the thread, and wake-ups never came back with the folder."""
+        try:
+            there = (self.folder / self.name).exists()
+        except OSError as exc:  # no publisher can reach the socket either
+            if not self._unreachable:
+                log.warning("wake-ups: cannot look in %s (%s); polling", self.folder, exc)
+                self.connected.clear()
+            self._unreachable = True
+            return
+        was_unreachable, self._unreachable = self._unreachable, False
+        if there and was_unreachable:
+            log.info("wake-ups: %s can be reached again", self.folder)
+            self.connected.set()
+            self.deliver_all()
+        if there or self._closed:
             return
         self.connected.clear()
         try:

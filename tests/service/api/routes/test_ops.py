@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -64,6 +65,16 @@ def test_ready_when_the_database_is_migrated(client: TestClient) -> None:
         "storage": True,
     }
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readiness_logs_nothing_of_alembics(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every /readyz wrote alembic's "Context impl SQLiteImpl." and "Will assume
+    non-transactional DDL." to the log: reading the revision configured a MigrationContext."""
+    with caplog.at_level("DEBUG"):
+        assert client.get("/readyz").status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
 
 
 def test_readiness_and_metrics_report_the_store_size_read_once(client: TestClient) -> None:
@@ -427,3 +438,33 @@ def test_not_ready_once_the_sqlite_file_is_removed_under_it(
         answer = client.get("/readyz")
     assert answer.status_code == 503
     assert "database: its file was removed or replaced" in answer.json()["error"]["message"]
+
+
+def test_not_ready_and_no_size_while_the_sqlite_folder_cannot_be_searched(
+    sqlite_url: str, api_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its folder at mode 000 (root without CAP_DAC_OVERRIDE): the size's stat raised
+    PermissionError, /readyz and /metrics answered 500, and /readyz said the file was "removed
+    or replaced". The stat is made to fail rather than the mode changed (root passes it)."""
+    settings = api_settings.model_copy(update={"database_url": sqlite_url})
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    real_stat = os.stat
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if isinstance(target, str | Path) and Path(target).name.startswith(path.name):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_stat(target, *args, **kwargs)
+
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/jobs").status_code == 200  # its connections are open
+        monkeypatch.setattr(os, "stat", stat)
+        answer = client.get("/readyz")
+        metrics = client.get("/metrics")
+        monkeypatch.undo()
+        assert client.get("/readyz").status_code == 200  # the folder back
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert "database: its file cannot be read (PermissionError)" in message
+    assert "storage: SQLite file and WAL cannot be read" in message
+    assert metrics.status_code == 200
+    assert "\nmnist_store_bytes" not in metrics.text and "\nmnist_jobs" in metrics.text

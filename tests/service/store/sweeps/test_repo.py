@@ -1,5 +1,5 @@
 """A sweep ends with its last trial, whichever path ends it (a worker's finish, a cancel, a
-last attempt handed back or lost), on both backends; its best trial and its alias."""
+last attempt lost; not one handed back), on both backends; its best trial and its alias."""
 
 from __future__ import annotations
 
@@ -107,9 +107,11 @@ def test_no_success_fails_it_and_moves_no_alias(sessions: sessionmaker[Session])
     assert alias_target(sessions, "production") is None
 
 
-def test_a_last_attempt_handed_back_ends_it(sessions: sessionmaker[Session]) -> None:
+def test_a_last_attempt_handed_back_runs_again(sessions: sessionmaker[Session]) -> None:
+    """A host's fault (its checkpoint folder full) spends none of the trial's attempts: it
+    failed the trial, and the sweep, for a fault of seconds."""
     sweep_id = new_sweep(sessions, 1)
-    job = claim(sessions, "w1")
+    job = claim(sessions, "w1")  # its last attempt (LIMITS)
     with sessions.begin() as session:
         again = queue_repo.hand_back(
             session,
@@ -119,8 +121,14 @@ def test_a_last_attempt_handed_back_ends_it(sessions: sessionmaker[Session]) -> 
             now=utcnow(),
             reason="disk gone",
         )
-    assert again is False
-    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED
+    assert again is True
+    with sessions() as session:
+        queued = session.get_one(Job, job.id)
+        assert (queued.status, queued.error) == (JobStatus.QUEUED, "disk gone; retrying")
+        assert queued.max_attempts == job.attempt + 1
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.RUNNING
+    retried = claim(sessions, "w2")
+    assert (retried.id, retried.attempt) == (job.id, job.attempt + 1)  # a new fence
 
 
 def test_a_lost_last_attempt_ends_it(sessions: sessionmaker[Session]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +54,35 @@ def test_a_removed_folder_is_made_again_and_its_waiters_woken(
         # Rebound, the listener wakes its waiters once: they look at the database again.
         assert w.wait(WOKEN_WITHIN_S)
         assert (folder / listener.name).exists()
+        SocketPublisher(folder).send({(JOB_QUEUED, "")})
+        assert w.wait(WOKEN_WITHIN_S)
+
+
+def test_a_folder_that_cannot_be_searched_for_a_while_keeps_the_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its folder at mode 000 (root without CAP_DAC_OVERRIDE): the check's PermissionError
+    ended the thread, and wake-ups never came back once the folder did. The look is made to
+    fail rather than the mode changed (root passes it)."""
+    monkeypatch.setattr(sockets, "CHECK_S", 0.1)
+    folder = tmp_path / "mnist.db.wake"
+    real_exists = Path.exists
+    blocked = threading.Event()
+
+    def exists(self: Path, **kwargs: Any) -> bool:
+        if blocked.is_set() and self.parent == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with SocketListener(folder, [JOB_QUEUED]) as listener, listener.subscribe(JOB_QUEUED) as w:
+        blocked.set()
+        wait_for(lambda: not listener.connected.is_set(), timeout_s=10, what="a failed look")
+        blocked.clear()
+        # Reachable again, the listener wakes its waiters once (wake-ups sent meanwhile were
+        # lost), and the next wake-up arrives.
+        assert w.wait(WOKEN_WITHIN_S)
+        assert listener.connected.is_set()
         SocketPublisher(folder).send({(JOB_QUEUED, "")})
         assert w.wait(WOKEN_WITHIN_S)
 
