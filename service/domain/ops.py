@@ -46,7 +46,7 @@ def _check_file(session: Session) -> ReadinessCheck:
         detail = f"its file cannot be read ({type(exc).__name__})"
         return ReadinessCheck(name="database", ok=False, detail=detail)
     if gone:
-        detail = "its file was removed or replaced since this process opened it"
+        detail = "its file (or its -wal) was removed or replaced since this process opened it"
         return ReadinessCheck(name="database", ok=False, detail=detail)
     return ReadinessCheck(name="database", ok=True, detail="reachable")
 

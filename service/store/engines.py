@@ -32,7 +32,9 @@ from sqlalchemy.sql.elements import ClauseElement
 from service.store.outage import POSTGRES_READ_ONLY
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-SQLITE_FILE = "sqlite_file"  # a connection's info: (device, inode) of the file it opened
+# A connection's info: (device, inode) of the file it opened, and of its -wal file (None where
+# either was not there).
+SQLITE_FILE = "sqlite_file"
 # How long a new PostgreSQL connection may take. Without it a database host that drops packets
 # (rather than refusing) holds a request's thread, or a worker's flush, for the system's TCP
 # timeout (minutes) before anything can retry; with it, that is an outage like any other.
@@ -179,7 +181,7 @@ def make_engine(
         cursor.execute("PRAGMA journal_size_limit=16777216")
         cursor.close()
         if (path := sqlite_file(parsed)) is not None:
-            record.info[SQLITE_FILE] = _file_identity(path)
+            record.info[SQLITE_FILE] = (_file_identity(path), _file_identity(_wal_of(path)))
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -239,22 +241,34 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+def _wal_of(path: Path) -> Path:
+    return path.with_name(f"{path.name}-wal")
+
+
 def opened_file_gone(session: Session) -> bool:
-    """Whether the SQLite file that ``session``'s connection opened is no longer at its path
-    (deleted, or another file put there): its reads and writes still succeed, on a file no
-    other process will open again, and the writes are lost when the process ends. Raises
-    :class:`OSError` where the path cannot be looked at (its folder's permissions), which
-    said "removed or replaced"."""
+    """Whether the SQLite file that ``session``'s connection opened, or its -wal file, is no
+    longer at its path (deleted, or another file put there): its reads and writes still
+    succeed, on a file no other process will open again, and the writes are lost when the
+    process ends. A -wal deleted under running processes split the database in two: a new
+    process saw a job that had succeeded as running, and its own new jobs were never seen by
+    the old ones. (SQLite removes a -wal only as the last connection to it closes: not while
+    this one is open.) Raises :class:`OSError` where a path cannot be looked at (its folder's
+    permissions), which said "removed or replaced"."""
     connection = session.connection()
     opened = connection.connection.info.get(SQLITE_FILE)
     path = sqlite_file(connection.engine.url)
     if opened is None or path is None:
         return False
-    try:
-        found = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    return bool((found.st_dev, found.st_ino) != opened)
+    for was, now_at in zip(opened, (path, _wal_of(path)), strict=True):
+        if was is None:
+            continue
+        try:
+            found = os.stat(now_at)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        if (found.st_dev, found.st_ino) != was:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -437,7 +437,26 @@ def test_not_ready_once_the_sqlite_file_is_removed_under_it(
             (path.parent / name).unlink(missing_ok=True)
         answer = client.get("/readyz")
     assert answer.status_code == 503
-    assert "database: its file was removed or replaced" in answer.json()["error"]["message"]
+    assert "database: its file (or its -wal) was removed" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("removed", ["-wal", "-wal and -shm"])
+def test_not_ready_once_the_sqlite_wal_is_removed_under_it(
+    sqlite_url: str, api_settings: Settings, removed: str
+) -> None:
+    """Deleting the -wal (and -shm) split the database: these processes wrote on to the
+    removed -wal, a new one read the file without it (a job that had succeeded was running
+    there) and its own new jobs went unseen here, and /readyz said ready (a review, twice)."""
+    settings = api_settings.model_copy(update={"database_url": sqlite_url})
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/jobs", json={}).status_code == 202  # the -wal holds something
+        assert client.get("/readyz").status_code == 200
+        for suffix in removed.split(" and "):
+            (path.parent / f"{path.name}{suffix}").unlink()
+        answer = client.get("/readyz")
+    assert answer.status_code == 503
+    assert "database: its file (or its -wal) was removed" in answer.json()["error"]["message"]
 
 
 def test_not_ready_and_no_size_while_the_sqlite_folder_cannot_be_searched(
