@@ -91,8 +91,8 @@ class Endings:
         job_id, attempt = claim.job_id, claim.attempt
         try:
             model = train()
+            weights = to_host(model.state_dict())  # the job's own: a fault here is not the disk's
             try:
-                weights = to_host(model.state_dict())
                 saved = self._artifacts.save(weights, job_id=job_id, attempt=attempt)
             except (OSError, RuntimeError) as exc:  # torch reports a failed write as either
                 raise StorageFailed("could not write the checkpoint") from exc
@@ -190,10 +190,11 @@ class Endings:
         return Outcome(claim.job_id, "released", reporter.flush_seconds)
 
     def hand_back(self, claim: Claim, reason: str, reporter: Reporter) -> Outcome:
-        """The job goes on as its next attempt, not counted against its attempts (the fault
-        is this host's), or ends cancelled when a cancel was asked meanwhile."""
+        """The job goes on as its next attempt, at first not counted against its attempts
+        (the fault is this host's: :func:`queue_repo.hand_back`), or ends cancelled when a
+        cancel was asked meanwhile, or failed once the faults have spent its attempts."""
 
-        def hand_back() -> bool:
+        def hand_back() -> JobStatus | None:
             with self._sessions.begin() as session:
                 return queue_repo.hand_back(
                     session,
@@ -205,12 +206,12 @@ class Endings:
                 )
 
         try:
-            again = self._retry(hand_back, "hand the job back")
+            ended = self._retry(hand_back, "hand the job back")
         except LeaseLost:
             return Outcome(claim.job_id, "lost", reporter.flush_seconds)
-        if not again:
+        if ended is not None:
             self._artifacts.keep_resume(claim.job_id, keep=())
-            log.info("job %s cancelled (asked while it ran): %s", claim.job_id, reason)
-            return Outcome(claim.job_id, JobStatus.CANCELLED, reporter.flush_seconds)
+            log.info("job %s %s: %s", claim.job_id, ended.value, reason)
+            return Outcome(claim.job_id, ended, reporter.flush_seconds)
         log.info("job %s handed back for its next attempt: %s", claim.job_id, reason)
         return Outcome(claim.job_id, "handed back", reporter.flush_seconds)

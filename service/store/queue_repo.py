@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Update, bindparam, case, delete, insert, select, text, update
+from sqlalchemy import Float, Update, and_, bindparam, case, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -340,22 +340,50 @@ def release_job(
         _requeued(session, job_id)
 
 
+# A job's hand-backs for its worker's host's faults that spend none of its attempts: enough to
+# ride out a disk full or read-only for a while (the workers pause 2 s, then twice as long at
+# each fault), not a fault that lasts on every host, which then fails it as its attempts run out.
+FREE_HOST_FAULTS = 10
+
+
 def hand_back(
     session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime, reason: str
-) -> bool:
+) -> JobStatus | None:
     """Give a running job back to the queue for a fault of the worker's host rather than of
-    the job (its checkpoint folder cannot be written, MNIST cannot be read), fenced, with one
-    attempt more, as a released job (:func:`release_job`): a folder full for a few seconds
-    spent every attempt of the jobs that met it (two workers, or one after its pauses, took
-    them all within 12 s) and failed them for good. The next run is the next attempt number,
-    as the fence and event ids need. ``reason`` is what clients read in ``error``: no server
-    paths. Returns whether the job will run again (not when it ended cancelled)."""
+    the job (its checkpoint folder cannot be written, MNIST cannot be read), fenced. The first
+    :data:`FREE_HOST_FAULTS` add an attempt, as a released job (:func:`release_job`): a folder
+    full for a few seconds spent every attempt of the jobs that met it (two workers, or one
+    after its pauses, took them all within 12 s) and failed them for good. Past those, each
+    counts, and past its last attempt the job fails with ``reason``. The next run is the next
+    attempt number, as the fence and event ids need. ``reason`` is what clients read in
+    ``error``: no server paths. Returns None when the job will run again, else how it ended
+    (cancelled when asked meanwhile, or failed)."""
     if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
-        return False
-    one_more = {**_REQUEUED, "max_attempts": Job.max_attempts + 1, "error": f"{reason}; retrying"}
-    _update_fenced(session, job_id, attempt, worker_id, one_more)
+        return JobStatus.CANCELLED
+    spent = and_(Job.host_faults >= FREE_HOST_FAULTS, Job.attempt >= Job.max_attempts)
+    error = f"{reason}; gave up after {attempt} attempts"
+    gave_up = {"status": JobStatus.FAILED, "finished_at": now, "lease_expires_at": None}
+    ended = {
+        **gave_up,
+        "resume_checkpoint": None,
+        "error": error,
+        "host_faults": Job.host_faults + 1,
+    }
+    if _update_jobs(session, and_(leases.fence(job_id, attempt, worker_id), spent), ended):
+        artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
+        sweep_repo.job_ended(session, job_id, now)
+        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        return JobStatus.FAILED
+    free = case((Job.host_faults < FREE_HOST_FAULTS, 1), else_=0)
+    again = {
+        **_REQUEUED,
+        "max_attempts": Job.max_attempts + free,
+        "host_faults": Job.host_faults + 1,
+        "error": f"{reason}; retrying",
+    }
+    _update_fenced(session, job_id, attempt, worker_id, again)
     _requeued(session, job_id)
-    return True
+    return None
 
 
 def _cancelled_if_asked(

@@ -115,6 +115,9 @@ class Job(Base):
     # The queue: who holds the job, for which attempt, until when.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
+    # How often a worker's host gave the job back (queue_repo.hand_back): the first
+    # FREE_HOST_FAULTS of them spend none of its attempts.
+    host_faults: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -121,7 +121,7 @@ def test_a_last_attempt_handed_back_runs_again(sessions: sessionmaker[Session]) 
             now=utcnow(),
             reason="disk gone",
         )
-    assert again is True
+    assert again is None  # it runs again
     with sessions() as session:
         queued = session.get_one(Job, job.id)
         assert (queued.status, queued.error) == (JobStatus.QUEUED, "disk gone; retrying")
@@ -129,6 +129,34 @@ def test_a_last_attempt_handed_back_runs_again(sessions: sessionmaker[Session]) 
     assert sweep_row(sessions, sweep_id).status == SweepStatus.RUNNING
     retried = claim(sessions, "w2")
     assert (retried.id, retried.attempt) == (job.id, job.attempt + 1)  # a new fence
+
+
+def test_a_host_fault_that_lasts_fails_the_trial_once_its_free_hand_backs_are_spent(
+    sessions: sessionmaker[Session],
+) -> None:
+    """With no bound, a fault that lasted on every host gave the job back for good: never
+    failed, its sweep never ended, its attempts counting up without end."""
+    sweep_id = new_sweep(sessions, 1)
+    for fault in range(queue_repo.FREE_HOST_FAULTS + 1):
+        job = claim(sessions, f"w{fault}")
+        with sessions.begin() as session:
+            ended = queue_repo.hand_back(
+                session,
+                job_id=job.id,
+                attempt=job.attempt,
+                worker_id=f"w{fault}",
+                now=utcnow(),
+                reason="disk gone",
+            )
+        if fault < queue_repo.FREE_HOST_FAULTS:
+            assert ended is None and sweep_row(sessions, sweep_id).status == SweepStatus.RUNNING
+    assert ended is JobStatus.FAILED
+    with sessions() as session:
+        failed = session.get_one(Job, job.id)
+    last = queue_repo.FREE_HOST_FAULTS + 1
+    assert (failed.status, failed.attempt, failed.host_faults) == (JobStatus.FAILED, last, last)
+    assert failed.error == f"disk gone; gave up after {last} attempts"
+    assert sweep_row(sessions, sweep_id).status == SweepStatus.FAILED
 
 
 def test_a_lost_last_attempt_ends_it(sessions: sessionmaker[Session]) -> None:
@@ -235,7 +263,7 @@ def test_a_trial_given_back_after_a_cancel_ends_cancelled_and_ends_it(
             again = queue_repo.hand_back(
                 session, job_id=job.id, attempt=job.attempt, worker_id="w1", now=now, reason="x"
             )
-            assert again is False
+            assert again is JobStatus.CANCELLED
     with sessions() as session:
         ended = session.get(Job, job.id)
         assert ended is not None
