@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter
 from sqlalchemy import Row
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow
@@ -18,8 +20,9 @@ from service.errors import Conflict, InvalidInput, TooManyRequests
 from service.schemas import JobCreate, JobList, JobRead
 from service.status import TERMINAL, JobStatus
 from service.steps import StepPlan
-from service.store import job_repo, metric_repo
+from service.store import availability, job_repo, metric_repo
 from service.store.engines import Reader
+from service.store.outage import is_outage, retry
 from service.store.tables import Job
 
 # The columns of a job's metrics as CSV, as `mnist-service metrics --csv` writes them too.
@@ -27,6 +30,8 @@ CSV_COLUMNS = ("step", "epoch", "examples_seen", "loss", "test_accuracy")
 # Steps read at a time for the CSV: every step of a job goes out, in pages this long (each
 # about 4 MB of rows in memory while it is written).
 CSV_READ_STEPS = 10_000
+# How long a CSV download waits out an outage between its pages before it is cut short.
+CSV_OUTAGE_WAIT_S = 60.0
 
 # A full queue drains at the pace of training; a client should not come back at once.
 QUEUE_FULL_RETRY_AFTER_S = 30
@@ -189,6 +194,12 @@ def encode_metrics(page: dict[str, Any]) -> bytes:
     return orjson.dumps(page)
 
 
+class DownloadCutShort(Exception):
+    """A job's CSV could not be written whole: the job was deleted, or began another run (its
+    steps start over), or the database stayed away, while it went out. The download must end
+    unfinished, not as if the rows sent were all there are."""
+
+
 def metrics_csv(sessions: sessionmaker[Session], job_id: str) -> Iterator[str] | None:
     """Every recorded step as CSV (:data:`CSV_COLUMNS`), an epoch's test accuracy on the row of
     its last step, in pieces; None when there is no such job.
@@ -197,41 +208,75 @@ def metrics_csv(sessions: sessionmaker[Session], job_id: str) -> Iterator[str] |
     without paging through the JSON. Losses are written exactly (Python's shortest repr).
     Written a page of :data:`CSV_READ_STEPS` at a time, each read in a session of its own: the
     whole CSV built at once took 330 MB of the API's memory for a job of 960,000 steps, for
-    each download at once. The job is looked for now, so that an outage is still a 503.
+    each download at once. The job and its first page are read now, so that an outage then is
+    still a 503; a later page waits out an outage for :data:`CSV_OUTAGE_WAIT_S`, and raises
+    :class:`DownloadCutShort` where the rest is not to be had.
     """
     with sessions() as db:
-        if metric_repo.job_state(db, job_id) is None:
+        state = metric_repo.job_state(db, job_id)
+        if state is None:
             return None
-    return _csv_pieces(sessions, job_id)
+        first = _csv_page(db, job_id, after=0)
+    return _csv_pieces(sessions, job_id, state[1], first)
 
 
-def _csv_pieces(sessions: sessionmaker[Session], job_id: str) -> Iterator[str]:
+_CsvPage = tuple[list[dict[str, Any]], dict[int, float]]
+
+
+def _csv_page(db: Reader, job_id: str, *, after: int) -> _CsvPage:
+    page = metric_repo.read_steps(db, job_id, after_step=after, limit=CSV_READ_STEPS)
+    # After the page: an epoch whose steps it holds has its accuracy, if it has one.
+    return page, {e["epoch"]: e["accuracy"] for e in metric_repo.read_epochs(db, job_id)}
+
+
+def _next_csv_page(
+    sessions: sessionmaker[Session], job_id: str, attempt: int, *, after: int
+) -> _CsvPage:
+    def read() -> _CsvPage:
+        with sessions() as db:
+            state = metric_repo.job_state(db, job_id)
+            if state is None or state[1] != attempt:
+                raise DownloadCutShort(f"job {job_id} was deleted or ran again meanwhile")
+            return _csv_page(db, job_id, after=after)
+
+    began = time.monotonic()
+    try:
+        return retry(
+            read,
+            outage=availability.API_OUTAGE,
+            what="a CSV download",
+            give_up=lambda: time.monotonic() - began > CSV_OUTAGE_WAIT_S,
+        )
+    except SQLAlchemyError as exc:
+        if not is_outage(exc):
+            raise
+        raise DownloadCutShort(f"the database was away for {CSV_OUTAGE_WAIT_S:g} s") from exc
+
+
+def _csv_pieces(
+    sessions: sessionmaker[Session], job_id: str, attempt: int, first: _CsvPage
+) -> Iterator[str]:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     held: dict[str, Any] | None = None  # a row is written once the next says if it ends its epoch
-    accuracy: dict[int, float] = {}
+    page, accuracy = first
 
     def write(row: dict[str, Any], *, last_of_epoch: bool) -> None:
         shown = accuracy.get(row["epoch"], "") if last_of_epoch else ""
         writer.writerow([row["step"], row["epoch"], row["examples_seen"], repr(row["loss"]), shown])
 
-    after = 0
     while True:
-        with sessions() as db:
-            page = metric_repo.read_steps(db, job_id, after_step=after, limit=CSV_READ_STEPS)
-            # After the page: an epoch whose steps it holds has its accuracy, if it has one.
-            accuracy = {e["epoch"]: e["accuracy"] for e in metric_repo.read_epochs(db, job_id)}
         for row in page:
             if held is not None:
                 write(held, last_of_epoch=row["epoch"] != held["epoch"])
             held = row
         if len(page) < CSV_READ_STEPS:
             break
-        after = page[-1]["step"]
         yield out.getvalue()
         out.seek(0)
         out.truncate()
+        page, accuracy = _next_csv_page(sessions, job_id, attempt, after=page[-1]["step"])
     if held is not None:
         write(held, last_of_epoch=True)
     yield out.getvalue()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.domain import jobs
@@ -105,3 +106,56 @@ def test_the_metrics_csv_goes_out_a_page_at_a_time_each_epochs_accuracy_on_its_l
     shown = {int(r[0]): r[4] for r in rows[1:] if r[4]}
     assert shown == {10: "0.5", 20: "0.75", 30: "0.875"}
     assert jobs.metrics_csv(sessions, "0" * 32) is None
+
+
+def _three_epochs(sessions: sessionmaker[Session]) -> FakeTraining:
+    params = PARAMS.model_copy(update={"trainset_size": 640, "batch_size": 64, "epochs": 3})
+    training = FakeTraining(sessions, params)
+    training.submit()
+    training.claim()
+    for accuracy in (0.5, 0.75, 0.875):
+        training.run_epoch(accuracy)  # 10 steps each
+    return training
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "ran again"])
+def test_a_csv_whose_job_is_deleted_or_runs_again_as_it_goes_out_is_cut_short(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """Each page is read in a session of its own: a job deleted meanwhile ended the CSV at
+    once, as if its first rows were all there were; one that ran again mixed two runs."""
+    training = _three_epochs(sessions)
+    monkeypatch.setattr(jobs, "CSV_READ_STEPS", 5)
+    pieces = jobs.metrics_csv(sessions, training.job_id)
+    assert pieces is not None
+    assert next(pieces).count("\n") == 1 + 4  # the header, and rows held for their next
+    if meanwhile == "deleted":
+        with sessions.begin() as session:
+            session.delete(session.get_one(Job, training.job_id))
+    else:
+        lapse_leases(sessions, training.job_id)
+        training.worker_id = "another"
+        training.claim()
+    with pytest.raises(jobs.DownloadCutShort):
+        list(pieces)
+
+
+def test_a_csv_waits_out_an_outage_between_its_pages(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    training = _three_epochs(sessions)
+    monkeypatch.setattr(jobs, "CSV_READ_STEPS", 7)
+    real = metric_repo.read_steps
+    failures = iter([True, True])  # the second page's read fails twice, then works
+
+    def flaky(db: Any, job_id: str, *, after_step: int, limit: int) -> list[dict[str, Any]]:
+        if after_step and next(failures, False):
+            raise DisconnectionError("the server closed the connection")
+        return real(db, job_id, after_step=after_step, limit=limit)
+
+    monkeypatch.setattr(metric_repo, "read_steps", flaky)
+    pieces = jobs.metrics_csv(sessions, training.job_id)
+    assert pieces is not None
+    rows = "".join(pieces).splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))
+    assert next(failures, None) is None  # both failures met

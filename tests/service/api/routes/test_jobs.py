@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import sqlite3
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import Message, Scope
 
 from service.api.routes import jobs as jobs_routes
 from service.clock import utcnow
@@ -470,3 +474,46 @@ def test_a_driver_error_in_a_route_is_answered_and_raised_no_further(
         assert answer.json()["error"]["code"] == "database_unavailable"
     else:
         assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+
+
+def test_a_csv_download_cut_short_ends_unfinished(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its rest not to be had (the job deleted meanwhile, say): raised on, it was logged as a
+    bug; ended as complete, its first rows would pass for the whole CSV."""
+    job_id = client.post("/jobs", json={}).json()["id"]
+
+    def cut_short(*_args: object) -> Iterator[str]:
+        yield "step,epoch,examples_seen,loss,test_accuracy\n1,1,64,2.0,\n"
+        raise jobs_domain.DownloadCutShort("job x was deleted or ran again meanwhile")
+
+    monkeypatch.setattr(jobs_domain, "metrics_csv", cut_short)
+    with caplog.at_level(logging.WARNING):
+        answer = client.get(f"/jobs/{job_id}/metrics.csv")
+    assert answer.status_code == 200  # (the test client passes an unfinished body on)
+    assert "unhandled error" not in caplog.text
+    assert "a CSV download cut short: job x was deleted or ran again meanwhile" in caplog.text
+
+
+def test_a_stream_cut_short_sends_no_last_chunk() -> None:
+    """What a server then closes without the body's end: the client sees it cut off."""
+
+    def pieces() -> Iterator[str]:
+        yield "a\n"
+        raise jobs_domain.DownloadCutShort("gone")
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET"}
+    response = jobs_routes._UnfinishedIfCutShort(pieces(), media_type="text/csv")
+    anyio.run(response.__call__, scope, receive, send)
+    assert [(m["type"], m.get("body"), m.get("more_body")) for m in sent] == [
+        ("http.response.start", None, None),
+        ("http.response.body", b"a\n", True),
+    ]
