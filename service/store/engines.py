@@ -181,7 +181,7 @@ def make_engine(
         cursor.execute("PRAGMA journal_size_limit=16777216")
         cursor.close()
         if (path := sqlite_file(parsed)) is not None:
-            record.info[SQLITE_FILE] = (_file_identity(path), _file_identity(_wal_of(path)))
+            record.info[SQLITE_FILE] = (_file_identity(path), _file_identity(wal_of(path)))
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -241,7 +241,8 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _wal_of(path: Path) -> Path:
+def wal_of(path: Path) -> Path:
+    """A SQLite file's write-ahead log."""
     return path.with_name(f"{path.name}-wal")
 
 
@@ -259,7 +260,7 @@ def opened_file_gone(session: Session) -> bool:
     path = sqlite_file(connection.engine.url)
     if opened is None or path is None:
         return False
-    for was, now_at in zip(opened, (path, _wal_of(path)), strict=True):
+    for was, now_at in zip(opened, (path, wal_of(path)), strict=True):
         if was is None:
             continue
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from service.store.engines import sqlite_file
+from service.store.engines import sqlite_file, wal_of
 
 
 def _file_bytes(path: Path) -> int | None:
@@ -31,7 +31,7 @@ def store_bytes(session: Session) -> int | None:
     path = sqlite_file(bind.engine.url)
     if path is None:
         return 0
-    sizes = [_file_bytes(path), _file_bytes(path.with_name(path.name + "-wal"))]
+    sizes = [_file_bytes(path), _file_bytes(wal_of(path))]
     return None if None in sizes else sum(s for s in sizes if s is not None)
 
 

@@ -82,6 +82,16 @@ def test_a_page_is_named_by_the_run_its_steps_are_of_whatever_commits_between_it
     assert page["attempt"] == (2 if steps == [1, 2] else 1)  # the run the steps are of
 
 
+def _three_epochs(sessions: sessionmaker[Session]) -> FakeTraining:
+    params = PARAMS.model_copy(update={"trainset_size": 640, "batch_size": 64, "epochs": 3})
+    training = FakeTraining(sessions, params)
+    training.submit()
+    training.claim()
+    for accuracy in (0.5, 0.75, 0.875):
+        training.run_epoch(accuracy)  # 10 steps each
+    return training
+
+
 @pytest.mark.parametrize("page", [5, 7, 10, 1000])
 def test_the_metrics_csv_goes_out_a_page_at_a_time_each_epochs_accuracy_on_its_last_step(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, page: int
@@ -89,12 +99,7 @@ def test_the_metrics_csv_goes_out_a_page_at_a_time_each_epochs_accuracy_on_its_l
     """Pages that end on an epoch's last step, past it and before it: each row once, in order,
     and no piece holds more than a page of rows (the whole CSV was built at once: 330 MB of
     the API's memory a download of 960,000 steps)."""
-    params = PARAMS.model_copy(update={"trainset_size": 640, "batch_size": 64, "epochs": 3})
-    training = FakeTraining(sessions, params)
-    training.submit()
-    training.claim()
-    for accuracy in (0.5, 0.75, 0.875):
-        training.run_epoch(accuracy)  # 10 steps each
+    training = _three_epochs(sessions)
     monkeypatch.setattr(jobs, "CSV_READ_STEPS", page)
     pieces = jobs.metrics_csv(sessions, training.job_id)
     assert pieces is not None
@@ -106,16 +111,6 @@ def test_the_metrics_csv_goes_out_a_page_at_a_time_each_epochs_accuracy_on_its_l
     shown = {int(r[0]): r[4] for r in rows[1:] if r[4]}
     assert shown == {10: "0.5", 20: "0.75", 30: "0.875"}
     assert jobs.metrics_csv(sessions, "0" * 32) is None
-
-
-def _three_epochs(sessions: sessionmaker[Session]) -> FakeTraining:
-    params = PARAMS.model_copy(update={"trainset_size": 640, "batch_size": 64, "epochs": 3})
-    training = FakeTraining(sessions, params)
-    training.submit()
-    training.claim()
-    for accuracy in (0.5, 0.75, 0.875):
-        training.run_epoch(accuracy)  # 10 steps each
-    return training
 
 
 @pytest.mark.parametrize("meanwhile", ["deleted", "ran again"])

@@ -4,7 +4,7 @@ trial of its sweep to count them, which made a sweep's cost grow with the square
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +16,6 @@ from service.domain import sweeps
 from service.schemas.sweeps import SweepCreate
 from service.status import JobStatus, SweepStatus
 from service.store import job_repo
-from service.store.engines import make_engine, make_sessionmaker
 from service.store.sweeps import repo as sweep_repo
 from service.store.tables import Job
 from tests.service.store.sweeps.test_repo import LIMITS, claim, finish, sweep_row
@@ -25,16 +24,10 @@ SMALL, LARGE = 20, 400
 
 
 @pytest.fixture
-def engine(sqlite_url: str) -> Iterator[Engine]:
-    """SQLite's own: its steps are what is counted (PostgreSQL's plans are not counted here)."""
-    engine = make_engine(sqlite_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(engine)
+def db_url(sqlite_url: str) -> str:
+    """SQLite's own: its steps are what is counted (PostgreSQL's plans are not counted here);
+    the suite's engine and sessions fixtures are built on it."""
+    return sqlite_url
 
 
 def vm_steps(engine: Engine, work: Callable[[], object]) -> int:
