@@ -204,6 +204,16 @@ def postgres_on(host: Host) -> Iterator[str]:
         shutil.rmtree(cluster, ignore_errors=True)
 
 
+def database_on(stack: ExitStack, host: Host) -> tuple[str, sessionmaker[Session]]:
+    """The service's database on ``host`` (:func:`postgres_on`), migrated: its URL, and this
+    test's sessions on it, closed with ``stack``."""
+    url = stack.enter_context(postgres_on(host))
+    migrate(url)
+    engine = make_engine(url)
+    stack.callback(engine.dispose)
+    return url, make_sessionmaker(engine)
+
+
 def host_env(machine: Host, database_url: str, **settings: str) -> dict[str, str]:
     """What a machine of the service needs: the database's URL, artifacts in the database, the
     data set, and folders of its own."""
@@ -239,11 +249,7 @@ def test_a_job_killed_on_one_host_resumes_on_another_and_is_served_by_a_third(
     db_host, api_host = network.host("db"), network.host("api")
     host_a, host_b = network.host("a"), network.host("b")
     with ExitStack() as stack:
-        url = stack.enter_context(postgres_on(db_host))
-        migrate(url)
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        sessions = make_sessionmaker(engine)
+        url, sessions = database_on(stack, db_host)
         worker_settings = {
             "lease_s": "2",
             "heartbeat_s": "0.5",
@@ -339,11 +345,7 @@ def test_a_partition_shorter_than_the_lease_leaves_the_job_with_its_worker(
     again only 27 s after the cut, or B had taken the job over (attempt 2)."""
     db_host, host_a, host_b = network.host("db"), network.host("a"), network.host("b")
     with ExitStack() as stack:
-        url = stack.enter_context(postgres_on(db_host))
-        migrate(url)
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        sessions = make_sessionmaker(engine)
+        url, sessions = database_on(stack, db_host)
         worker_settings = {
             "lease_s": "24",
             "heartbeat_s": "1",

@@ -191,6 +191,26 @@ def make_engine(
     return engine
 
 
+def commit_without_waiting_for_disk(session: Session) -> None:
+    """On PostgreSQL, let this transaction's commit return before its WAL is on disk.
+
+    For a job's flushes of steps only (:func:`~service.store.queue_repo.record_progress`),
+    which come every ``flush_interval_s``: waiting for the disk is most of their cost. Claims,
+    lease changes (release, hand back) and a job's end keep synchronous commit: what they say
+    is promised to another process (a worker told it holds a job, a client told the job ended,
+    a checkpoint named) and must survive a crash of the server once the caller has been told.
+    A crash of the PostgreSQL server (a clean restart or shutdown writes the WAL first) may
+    lose the last ~0.6 s of such flushes (3 × ``wal_writer_delay``): the worker keeps their
+    steps until its next synchronous write (the epoch's, or the job's end), which stores again
+    any that are missing (``Progress.unsynced``). A job that ends otherwise before it keeps
+    the gap: handed back or released into ``cancelled`` (a cancel asked meanwhile), failed on
+    handing back its last attempt, or settled as a lost worker's.
+    SQLite's WAL with ``synchronous=NORMAL`` risks the same on a power loss of its host.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
 def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
     """Sessions that keep loaded objects readable after commit.
 

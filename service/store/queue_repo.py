@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Update, and_, bindparam, case, delete, insert, select, text, update
+from sqlalchemy import Float, Update, and_, bindparam, case, delete, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import LeaseLost
 from service.status import JobStatus
 from service.steps import StepPlan
-from service.store import metric_repo, wakeups
+from service.store import engines, metric_repo, wakeups
 from service.store.artifacts import repo as artifacts_repo
 from service.store.artifacts.repo import Blob
 from service.store.sweeps import repo as sweep_repo
@@ -61,10 +61,22 @@ def _update_fenced(
         raise _lost(job_id, attempt)
 
 
-def _requeued(session: Session, job_id: str) -> None:
-    """Wake the idle workers (the job is claimable again) and the job's streams."""
+def _requeue(
+    session: Session, job_id: str, attempt: int, worker_id: str, values: dict[str, Any]
+) -> None:
+    """Queue the job this worker runs as ``attempt`` again (fenced), with ``values``; wake the
+    idle workers (the job is claimable again) and the job's streams."""
+    _update_fenced(session, job_id, attempt, worker_id, {**_REQUEUED, **values})
     wakeups.publish(session, wakeups.JOB_QUEUED)
     wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+
+
+def _ended(session: Session, job_id: str, now: datetime) -> None:
+    """What follows a job's end, whichever: its training state dropped, its streams woken, its
+    sweep told."""
+    artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
+    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+    sweep_repo.job_ended(session, job_id, now)
 
 
 def claim_job(
@@ -171,15 +183,16 @@ def record_progress(
     Raises :class:`LeaseLost` (writing nothing) when this attempt no longer owns the job.
 
     A flush of steps alone does not wait, on PostgreSQL, for its WAL to reach the disk
-    (:func:`_commit_without_flush`): a crash of the database server may lose its last fraction
-    of a second, never make it inconsistent. That is the durability the SQLite store gives
-    every write (WAL, ``synchronous=NORMAL``), and all such a flush needs: steps lost that way
-    are steps a retry trains again from its last resume point. A flush that records an epoch
-    or names a resume point waits: the worker deletes older training states once it returns.
-    It stores again the steps a crash lost since the last such write (``unsynced``).
+    (:func:`engines.commit_without_waiting_for_disk`): a crash of the database server may lose
+    its last fraction of a second, never make it inconsistent. That is the durability the
+    SQLite store gives every write (WAL, ``synchronous=NORMAL``), and all such a flush needs:
+    steps lost that way are steps a retry trains again from its last resume point. A flush
+    that records an epoch or names a resume point waits: the worker deletes older training
+    states once it returns. It stores again the steps a crash lost since the last such write
+    (``unsynced``).
     """
     if not progress.epochs and progress.resume_checkpoint is None:
-        _commit_without_flush(session)
+        engines.commit_without_waiting_for_disk(session)
     values: dict[str, Any] = {"step": progress.step, "epoch": progress.epoch, "heartbeat_at": now}
     if progress.accuracy is not None:
         values["accuracy"] = progress.accuracy
@@ -236,26 +249,6 @@ def _lease_update(columns: tuple[str, ...]) -> Update:
         .values(lease_expires_at=database_time(bindparam("lease_s", type_=Float())))
         .returning(Job.cancel_requested)
     )
-
-
-def _commit_without_flush(session: Session) -> None:
-    """On PostgreSQL, let this transaction's commit return before its WAL is on disk.
-
-    For flushes of steps only, which a job makes every ``flush_interval_s``: waiting for the
-    disk is most of their cost. Claims, lease changes (release, hand back) and the final
-    ``finish_job`` keep synchronous commit: what they say is promised to another process (a
-    worker told it holds a job, a client told the job ended, a checkpoint named) and must
-    survive a crash of the server once the caller has been told. A crash of the PostgreSQL
-    server (a clean restart or shutdown writes the WAL first) may lose the last ~0.6 s of
-    such flushes (3 × ``wal_writer_delay``): the worker keeps their steps until its next
-    synchronous write (the epoch's, or the job's end in :func:`finish_job`), which stores again
-    any that are missing (``Progress.unsynced``). A job that ends otherwise before it keeps
-    the gap: handed back or released into ``cancelled`` (a cancel asked meanwhile), failed on
-    handing back its last attempt, or settled as a lost worker's.
-    SQLite's WAL with ``synchronous=NORMAL`` risks the same on a power loss of its host.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def _forget_rows(session: Session, job_id: str, progress: Progress) -> None:
@@ -319,11 +312,9 @@ def finish_job(
     _update_fenced(session, job_id, attempt, worker_id, values)
     if unsynced:
         metric_repo.store_missing_steps(session, job_id, unsynced)
-    artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
     if checkpoint_blob is not None:
         artifacts_repo.put(session, checkpoint_blob, now=now)
-    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-    sweep_repo.job_ended(session, job_id, now)
+    _ended(session, job_id, now)
     return status
 
 
@@ -335,14 +326,12 @@ def release_job(
     and the fence name a run by it (a stream resumed from the released run's last id under a
     reused number skipped the steps the next run trained again after its rewind)."""
     if not _cancelled_if_asked(session, job_id, attempt, worker_id, now):
-        one_more = {**_REQUEUED, "max_attempts": Job.max_attempts + 1}
-        _update_fenced(session, job_id, attempt, worker_id, one_more)
-        _requeued(session, job_id)
+        _requeue(session, job_id, attempt, worker_id, {"max_attempts": Job.max_attempts + 1})
 
 
-# A job's hand-backs for its worker's host's faults that spend none of its attempts: enough to
-# ride out a disk full or read-only for a while (the workers pause 2 s, then twice as long at
-# each fault), not a fault that lasts on every host, which then fails it as its attempts run out.
+# Hand-backs for a fault of the worker's host that spend none of a job's attempts: enough to
+# ride out a disk full or read-only for a while (each worker pauses 2 s, then twice as long),
+# not a fault that lasts on every host, which then fails the job as its attempts run out.
 FREE_HOST_FAULTS = 10
 
 
@@ -350,39 +339,24 @@ def hand_back(
     session: Session, *, job_id: str, attempt: int, worker_id: str, now: datetime, reason: str
 ) -> JobStatus | None:
     """Give a running job back to the queue for a fault of the worker's host rather than of
-    the job (its checkpoint folder cannot be written, MNIST cannot be read), fenced. The first
-    :data:`FREE_HOST_FAULTS` add an attempt, as a released job (:func:`release_job`): a folder
-    full for a few seconds spent every attempt of the jobs that met it (two workers, or one
-    after its pauses, took them all within 12 s) and failed them for good. Past those, each
-    counts, and past its last attempt the job fails with ``reason``. The next run is the next
-    attempt number, as the fence and event ids need. ``reason`` is what clients read in
-    ``error``: no server paths. Returns None when the job will run again, else how it ended
-    (cancelled when asked meanwhile, or failed)."""
+    the job (its checkpoint folder cannot be written, MNIST cannot be read), fenced, as its
+    next attempt. The first :data:`FREE_HOST_FAULTS` add an attempt, as a release does: a
+    folder full for a few seconds spent every attempt of the jobs that met it within 12 s.
+    Past those, past its last attempt it fails with ``reason`` (what clients read: no server
+    paths). None when the job runs again, else how it ended (cancelled: asked meanwhile)."""
     if _cancelled_if_asked(session, job_id, attempt, worker_id, now):
         return JobStatus.CANCELLED
+    faults = Job.host_faults + 1
     spent = and_(Job.host_faults >= FREE_HOST_FAULTS, Job.attempt >= Job.max_attempts)
     error = f"{reason}; gave up after {attempt} attempts"
     gave_up = {"status": JobStatus.FAILED, "finished_at": now, "lease_expires_at": None}
-    ended = {
-        **gave_up,
-        "resume_checkpoint": None,
-        "error": error,
-        "host_faults": Job.host_faults + 1,
-    }
+    ended = {**gave_up, "resume_checkpoint": None, "error": error, "host_faults": faults}
     if _update_jobs(session, and_(leases.fence(job_id, attempt, worker_id), spent), ended):
-        artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
-        sweep_repo.job_ended(session, job_id, now)
-        wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
+        _ended(session, job_id, now)
         return JobStatus.FAILED
     free = case((Job.host_faults < FREE_HOST_FAULTS, 1), else_=0)
-    again = {
-        **_REQUEUED,
-        "max_attempts": Job.max_attempts + free,
-        "host_faults": Job.host_faults + 1,
-        "error": f"{reason}; retrying",
-    }
-    _update_fenced(session, job_id, attempt, worker_id, again)
-    _requeued(session, job_id)
+    again = {"max_attempts": Job.max_attempts + free, "host_faults": faults}
+    _requeue(session, job_id, attempt, worker_id, {**again, "error": f"{reason}; retrying"})
     return None
 
 
@@ -399,9 +373,7 @@ def _cancelled_if_asked(
         return False
     ended = {"status": JobStatus.CANCELLED, "finished_at": now, "lease_expires_at": None}
     _update_fenced(session, job_id, attempt, worker_id, {**ended, "resume_checkpoint": None})
-    artifacts_repo.drop(session, job_id, kind=artifacts_repo.RESUME)
-    wakeups.publish(session, wakeups.JOB_PROGRESS, job_id)
-    sweep_repo.job_ended(session, job_id, now)
+    _ended(session, job_id, now)
     return True
 
 
